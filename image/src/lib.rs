@@ -4,4 +4,10 @@
 //!
 //! Nothing here runs build steps or parses Dockerfiles; the worker and coordinator call in.
 
+pub mod export;
 pub mod layer;
+pub mod oci;
+pub mod registry;
+pub mod store;
+
+pub use oci_client::Reference;

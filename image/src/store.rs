@@ -1,0 +1,207 @@
+//! The content-addressed blob store: `<root>/blobs/sha256/<hex>`, verified on write, atomic.
+//!
+//! A blob is written to a temporary file in the store's own `tmp/` (same filesystem), hashed
+//! as it is written, and renamed into place only when its digest is what was expected. Two
+//! writers of the same blob race harmlessly: both produce identical bytes and the rename is
+//! atomic, so a reader never sees a partial blob.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use ossb_protocol::{Digest, Sha256Writer};
+use tempfile::NamedTempFile;
+
+/// Errors of the blob store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Bytes arrived whose digest is not the one they were fetched or declared as.
+    #[error("blob verification failed: expected {expected}, got {actual} ({size} bytes); the bytes were discarded")]
+    DigestMismatch {
+        /// What the blob should have been.
+        expected: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+        /// How many bytes arrived.
+        size: u64,
+    },
+    /// A filesystem operation on the store failed.
+    #[error("blob store {path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The blob is not in the store.
+    #[error("blob {0} is not in the local store")]
+    Missing(Digest),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// A directory of blobs named by digest.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the store under `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<BlobStore, StoreError> {
+        let root = root.into();
+        for dir in [root.join("blobs/sha256"), root.join("tmp")] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(BlobStore { root })
+    }
+
+    /// Where the blob `digest` lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// Whether the blob is present.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// The blob's size, if present.
+    pub fn size(&self, digest: &Digest) -> Option<u64> {
+        fs::metadata(self.path(digest)).ok().map(|m| m.len())
+    }
+
+    /// Opens the blob for reading.
+    pub fn open_blob(&self, digest: &Digest) -> Result<File, StoreError> {
+        let path = self.path(digest);
+        File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::Missing(*digest),
+            _ => StoreError::Io { path, source: e },
+        })
+    }
+
+    /// Reads a whole (small) blob, such as a manifest or config.
+    pub fn read(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        let path = self.path(digest);
+        self.open_blob(digest)?.read_to_end(&mut out).map_err(io_err(&path))?;
+        Ok(out)
+    }
+
+    /// Stores `bytes` and returns their digest.
+    pub fn put(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let mut w = self.writer()?;
+        let tmp = self.root.join("tmp");
+        w.write_all(bytes).map_err(io_err(&tmp))?;
+        Ok(w.commit(None)?.0)
+    }
+
+    /// A writer for a new blob; nothing is visible in the store until [`BlobWriter::commit`].
+    pub fn writer(&self) -> Result<BlobWriter, StoreError> {
+        let tmp_dir = self.root.join("tmp");
+        let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        Ok(BlobWriter { store: self.clone(), inner: Sha256Writer::new(BufWriter::new(file)) })
+    }
+
+    /// The directory for temporary files on the store's filesystem.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Moves an already written file into the store after checking that it hashes to
+    /// `expected`; on a mismatch the file is deleted.
+    pub fn adopt(&self, file: NamedTempFile, expected: &Digest) -> Result<u64, StoreError> {
+        let path = file.path().to_path_buf();
+        let mut reader = io::BufReader::new(File::open(&path).map_err(io_err(&path))?);
+        let mut hasher = Sha256Writer::new(io::sink());
+        io::copy(&mut reader, &mut hasher).map_err(io_err(&path))?;
+        let (actual, size, _) = hasher.finish();
+        if actual != *expected {
+            return Err(StoreError::DigestMismatch { expected: *expected, actual, size });
+        }
+        self.persist(file, expected)?;
+        Ok(size)
+    }
+
+    fn persist(&self, file: NamedTempFile, digest: &Digest) -> Result<(), StoreError> {
+        let dest = self.path(digest);
+        file.as_file().sync_all().map_err(io_err(&dest))?;
+        file.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
+        Ok(())
+    }
+}
+
+/// A blob being written; hashed as it goes.
+pub struct BlobWriter {
+    store: BlobStore,
+    inner: Sha256Writer<BufWriter<NamedTempFile>>,
+}
+
+impl BlobWriter {
+    /// Finishes the blob: verifies it against `expected` when given, then moves it into the
+    /// store. Returns its digest and size. On a mismatch the bytes are discarded.
+    pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
+        let (actual, size, buffered) = self.inner.finish();
+        let tmp = self.store.tmp_dir();
+        let file = buffered.into_inner().map_err(|e| StoreError::Io { path: tmp, source: e.into_error() })?;
+        if let Some(expected) = expected {
+            if *expected != actual {
+                return Err(StoreError::DigestMismatch { expected: *expected, actual, size });
+            }
+        }
+        self.store.persist(file, &actual)?;
+        Ok((actual, size))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_by_digest_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let d = store.put(b"hello").unwrap();
+        assert_eq!(d, Digest::of(b"hello"));
+        assert!(store.contains(&d));
+        assert_eq!(store.read(&d).unwrap(), b"hello");
+        assert_eq!(store.size(&d), Some(5));
+        // Storing the same bytes again is harmless.
+        assert_eq!(store.put(b"hello").unwrap(), d);
+    }
+
+    #[test]
+    fn wrong_bytes_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let expected = Digest::of(b"right");
+        let mut w = store.writer().unwrap();
+        w.write_all(b"wrong").unwrap();
+        let err = w.commit(Some(&expected)).unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(!store.contains(&expected));
+        assert!(!store.contains(&Digest::of(b"wrong")));
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "temporary file left behind");
+    }
+
+    #[test]
+    fn missing_blob_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let d = Digest::of(b"absent");
+        assert!(store.read(&d).unwrap_err().to_string().contains(&d.to_string()));
+    }
+}
