@@ -1,0 +1,2083 @@
+//! From a parsed [`Dockerfile`] to a [`BuildPlan`]: stages, ARG scoping, expansion of every
+//! word, typed instructions and the history text BuildKit writes for each step.
+//!
+//! Planning has two phases because expansion needs the base images' configs:
+//! [`base_images`] names the images to fetch, [`plan`] takes what was fetched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use ossb_protocol::Platform;
+
+use crate::error::{closest, Error};
+use crate::flags::Flags;
+use crate::shell::{Env, Lexer};
+use crate::syntax::{parse, parse_heredoc, Dockerfile, Node, INSTRUCTIONS};
+
+/// The default shell of Linux stages.
+pub const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
+
+/// The PATH BuildKit sets when a stage's image has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Build arguments that are passed to RUN without an ARG declaration and never persisted.
+pub const PROXY_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// What the caller decides about a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// `--build-arg K=V` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`: the stage to export; the last stage when `None`.
+    pub target: Option<String>,
+    /// The platform being built for (TARGETPLATFORM).
+    pub target_platform: Platform,
+    /// The platform doing the build (BUILDPLATFORM).
+    pub build_platform: Platform,
+}
+
+impl Default for PlanOptions {
+    /// No build args, the last stage, host platform for both.
+    fn default() -> Self {
+        PlanOptions {
+            build_args: BTreeMap::new(),
+            target: None,
+            target_platform: Platform::host(),
+            build_platform: Platform::host(),
+        }
+    }
+}
+
+/// What planning needs to know of a base image's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BaseImageInfo {
+    /// `Config.Env`, split at the first `=`.
+    pub env: Vec<(String, String)>,
+    /// `Config.OnBuild`: triggers run first in a stage built on this image.
+    pub onbuild: Vec<String>,
+    /// `Config.WorkingDir` (empty = `/`).
+    pub working_dir: String,
+    /// `Config.User`.
+    pub user: String,
+    /// `Config.Shell` (empty = `/bin/sh -c`).
+    pub shell: Vec<String>,
+}
+
+/// Where a step comes from in the Dockerfile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The Dockerfile name given to [`parse`](crate::parse); for ONBUILD triggers of a base
+    /// image, the location is the stage's FROM line.
+    pub file: String,
+    /// 1-based first line.
+    pub start_line: usize,
+    /// 1-based last line.
+    pub end_line: usize,
+}
+
+/// The whole build: the stages the target needs, in an order where every stage comes
+/// after the stages it uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildPlan {
+    /// The stages to build. Stages the target does not need are pruned.
+    pub stages: Vec<Stage>,
+    /// Position in `stages` of the stage to export.
+    pub target: usize,
+}
+
+/// One stage (`FROM ... [AS name]` and its steps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// The stage's index in the Dockerfile (what `--from=0` means). References between
+    /// stages in the plan ([`Base::Stage`], [`Source::Stage`]) are positions in
+    /// [`BuildPlan::stages`] instead.
+    pub index: usize,
+    /// `AS name`, lower-cased.
+    pub name: Option<String>,
+    /// What the stage starts from.
+    pub base: Base,
+    /// `FROM --platform=...`, expanded.
+    pub platform: Option<Platform>,
+    /// The steps in order: base-image ONBUILD triggers first, then the stage's instructions.
+    pub steps: Vec<Step>,
+    /// The stage's environment after its last step (base env, PATH default, ENV steps):
+    /// what the image config's `Env` should be.
+    pub env: Vec<(String, String)>,
+    /// The working directory after the last step.
+    pub working_dir: String,
+    /// The user after the last step.
+    pub user: String,
+    /// FROM's location.
+    pub location: Location,
+}
+
+/// What a stage starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// `FROM scratch`.
+    Scratch,
+    /// An image reference, expanded, as written (not normalized).
+    Image(String),
+    /// Another stage: a position in [`BuildPlan::stages`].
+    Stage(usize),
+}
+
+/// Where `COPY --from` or `RUN --mount from=` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A stage: a position in [`BuildPlan::stages`].
+    Stage(usize),
+    /// An image reference.
+    Image(String),
+}
+
+/// One step of a stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Where the step was written.
+    pub location: Location,
+    /// What to do, every word expanded.
+    pub instruction: Instruction,
+    /// The image history text BuildKit writes, e.g. `RUN /bin/sh -c make # buildkit`;
+    /// empty for instructions BuildKit writes no history for (ONBUILD).
+    pub created_by: String,
+}
+
+/// A typed, expanded instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Instruction {
+    /// RUN.
+    Run(Run),
+    /// COPY.
+    Copy(Copy),
+    /// ADD (same fields as COPY; `from` is always `None`).
+    Add(Copy),
+    /// ENV pairs in order.
+    Env(Vec<(String, String)>),
+    /// WORKDIR, absolute and cleaned.
+    Workdir(String),
+    /// USER.
+    User(String),
+    /// LABEL pairs; also MAINTAINER, as the label `maintainer`.
+    Label(Vec<(String, String)>),
+    /// EXPOSE, as `port/proto` (`80/tcp`), ranges spelled out.
+    Expose(Vec<String>),
+    /// CMD; shell form already wrapped with the stage's SHELL.
+    Cmd(Vec<String>),
+    /// ENTRYPOINT; shell form already wrapped with the stage's SHELL; empty = reset.
+    Entrypoint(Vec<String>),
+    /// VOLUME paths.
+    Volume(Vec<String>),
+    /// STOPSIGNAL as written (expanded).
+    StopSignal(String),
+    /// HEALTHCHECK.
+    Healthcheck(Healthcheck),
+    /// SHELL.
+    Shell(Vec<String>),
+    /// ONBUILD: the trigger text to store in the image config.
+    OnBuild(String),
+    /// ARG: names and the values they got (build arg, default, or global); no value when
+    /// none. Kept as a step because BuildKit writes a history entry for it.
+    Arg(Vec<(String, Option<String>)>),
+}
+
+/// A RUN step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// The command: shell form is SHELL + the command line; exec form as written.
+    pub argv: Vec<String>,
+    /// Written in shell form.
+    pub shell_form: bool,
+    /// Variables set by ARG (and proxy build args) for this step only; put them over the
+    /// stage's persisted environment. Never persisted into the image.
+    pub build_env: Vec<(String, String)>,
+    /// The working directory the command runs in.
+    pub working_dir: String,
+    /// The user it runs as (empty = root / image default).
+    pub user: String,
+    /// `--mount`s.
+    pub mounts: Vec<Mount>,
+    /// `--network`.
+    pub network: Network,
+    /// `--security`.
+    pub security: Security,
+    /// Files to provide read-only while the command runs (a heredoc script with a shebang
+    /// is mounted at `/dev/pipes/NAME` with mode 0755 and run from there).
+    pub heredocs: Vec<InlineFile>,
+}
+
+/// A file made from a heredoc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InlineFile {
+    /// For COPY/ADD: the file name (the heredoc word); for RUN: the absolute path.
+    pub name: String,
+    /// The content, chomped and (when the delimiter was unquoted, for COPY/ADD) expanded.
+    pub content: String,
+    /// The mode to create it with (0644 for COPY, 0755 for RUN scripts).
+    pub mode: u32,
+}
+
+/// `RUN --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// The default (sandboxed, with network).
+    #[default]
+    Default,
+    /// No network.
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// `RUN --security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Security {
+    /// The default sandbox.
+    #[default]
+    Sandbox,
+    /// Privileged.
+    Insecure,
+}
+
+/// The kind of a `RUN --mount`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountType {
+    /// A read-only (by default) view of the context, a stage or an image.
+    Bind,
+    /// A persistent cache directory.
+    Cache,
+    /// A secret file.
+    Secret,
+    /// An SSH agent socket.
+    Ssh,
+    /// An empty tmpfs.
+    Tmpfs,
+}
+
+/// `cache` mount sharing mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Concurrent writers share it (default).
+    Shared,
+    /// Each concurrent writer gets its own.
+    Private,
+    /// Writers wait for each other.
+    Locked,
+}
+
+/// One `RUN --mount=...`, expanded and with BuildKit's defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The type.
+    pub kind: MountType,
+    /// Where it appears (absolute; relative targets are joined to the working directory).
+    pub target: String,
+    /// `source=`: path inside `from` (or the context).
+    pub source: Option<String>,
+    /// `from=`: a stage or an image; `None` = the build context (bind) or empty (cache).
+    pub from: Option<Source>,
+    /// Read-only.
+    pub read_only: bool,
+    /// `id=`: the cache id or secret/ssh id.
+    pub id: Option<String>,
+    /// `sharing=` for cache mounts.
+    pub sharing: Sharing,
+    /// `mode=` (octal in the Dockerfile).
+    pub mode: Option<u32>,
+    /// `uid=`.
+    pub uid: Option<u32>,
+    /// `gid=`.
+    pub gid: Option<u32>,
+    /// `required` (secret, ssh).
+    pub required: bool,
+    /// `size=` for tmpfs, in bytes.
+    pub size: Option<u64>,
+    /// `env=`: a secret exposed as this environment variable.
+    pub env: Option<String>,
+}
+
+/// A COPY or ADD step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copy {
+    /// Source paths (or URLs for ADD), expanded; heredoc sources are in `heredocs`.
+    pub sources: Vec<String>,
+    /// Destination, absolute (a relative one is joined to the working directory); a
+    /// trailing `/` is kept.
+    pub dest: String,
+    /// `--from`.
+    pub from: Option<Source>,
+    /// `--chown`.
+    pub chown: Option<String>,
+    /// `--chmod`.
+    pub chmod: Option<String>,
+    /// `--link`.
+    pub link: bool,
+    /// `--parents`.
+    pub parents: bool,
+    /// `--exclude` patterns.
+    pub exclude: Vec<String>,
+    /// Heredoc sources, in order.
+    pub heredocs: Vec<InlineFile>,
+    /// ADD `--checksum`.
+    pub checksum: Option<String>,
+    /// ADD `--keep-git-dir` when given.
+    pub keep_git_dir: Option<bool>,
+    /// ADD `--unpack` when given.
+    pub unpack: Option<bool>,
+    /// The user files are owned by when there is no `--chown`.
+    pub user: String,
+}
+
+/// A HEALTHCHECK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healthcheck {
+    /// `["NONE"]`, `["CMD", args...]` or `["CMD-SHELL", command]`.
+    pub test: Vec<String>,
+    /// `--interval`.
+    pub interval: Option<Duration>,
+    /// `--timeout`.
+    pub timeout: Option<Duration>,
+    /// `--start-period`.
+    pub start_period: Option<Duration>,
+    /// `--start-interval`.
+    pub start_interval: Option<Duration>,
+    /// `--retries`.
+    pub retries: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 0: check every instruction and split into stages.
+
+struct Command<'a> {
+    node: &'a Node,
+    name: String,
+    flags: Flags,
+}
+
+struct RawStage<'a> {
+    index: usize,
+    name: Option<String>,
+    from: Command<'a>,
+    commands: Vec<Command<'a>>,
+}
+
+struct Checked<'a> {
+    meta_args: Vec<Command<'a>>,
+    stages: Vec<RawStage<'a>>,
+}
+
+struct Ctx<'a> {
+    df: &'a Dockerfile,
+}
+
+impl Ctx<'_> {
+    fn err(&self, node: &Node, message: impl Into<String>) -> Error {
+        Error::at(
+            &self.df.file_name,
+            node.start_line,
+            &self.df.source_lines,
+            message,
+        )
+    }
+}
+
+fn check_node<'a>(ctx: &Ctx, node: &'a Node) -> Result<Command<'a>, Error> {
+    let name = node.name();
+    if !INSTRUCTIONS.contains(&name.as_str()) {
+        let mut e = ctx.err(node, format!("unknown instruction: {}", node.keyword));
+        if let Some(c) = closest(&name, INSTRUCTIONS) {
+            e = e.with_hint(format!("did you mean {c}?"));
+        }
+        return Err(e);
+    }
+    let flags = Flags::parse(&name, &node.flags).map_err(|f| {
+        let mut e = ctx.err(node, f.message).pointing_at(&f.flag);
+        e.hint = f.hint;
+        e
+    })?;
+    let n = node.args.len();
+    let bad = |m: String| Err(ctx.err(node, m));
+    match name.as_str() {
+        "ENV" | "LABEL" => {
+            if n == 0 {
+                return bad(format!("{name} requires at least one argument"));
+            }
+            if n % 3 != 0 {
+                return bad(format!("Bad input to {name}, too many arguments"));
+            }
+            if node.args.chunks(3).any(|c| c[0].is_empty()) {
+                return bad(format!("{name} names can not be blank"));
+            }
+        }
+        "MAINTAINER" | "WORKDIR" | "USER" | "STOPSIGNAL" if n != 1 => {
+            return bad(format!("{name} requires exactly one argument"));
+        }
+        "COPY" | "ADD" if n < 2 => {
+            return Err(ctx.err(
+                node,
+                format!(
+                    "{name} requires at least two arguments, but only one was provided. Destination could not be determined"
+                ),
+            )
+            .with_hint(format!("write {name} SOURCE... DEST")));
+        }
+        "COPY" | "ADD" => {
+            if parse_heredoc(&node.args[n - 1]).is_some() {
+                return bad(format!("{name} cannot accept a heredoc as a destination"));
+            }
+        }
+        "FROM" => {
+            let ok = n == 1 || (n == 3 && node.args[1].eq_ignore_ascii_case("as"));
+            if !ok {
+                return Err(ctx
+                    .err(node, "FROM requires either one or three arguments")
+                    .with_hint("write FROM IMAGE [AS NAME]"));
+            }
+            if n == 3 {
+                let stage = node.args[2].to_lowercase();
+                if !valid_stage_name(&stage) {
+                    return bad(format!(
+                        "invalid name for build stage: {}, name can't start with a number or contain symbols",
+                        crate::dump::go_quote(&node.args[2])
+                    ));
+                }
+            }
+        }
+        "ARG" | "EXPOSE" | "VOLUME" | "HEALTHCHECK" | "ONBUILD"
+            if n == 0 && node.child.is_none() =>
+        {
+            return bad(format!("{name} requires at least one argument"));
+        }
+        "ARG" => {
+            if node.args.iter().any(|a| a.starts_with('=')) {
+                return bad("ARG names can not be blank".to_string());
+            }
+        }
+        "SHELL" => {
+            if n == 0 {
+                return bad("SHELL requires at least one argument".to_string());
+            }
+            if !node.json {
+                return Err(ctx
+                    .err(
+                        node,
+                        format!(
+                            "SHELL requires the arguments to be in JSON form: {}",
+                            node.original.trim()
+                        ),
+                    )
+                    .with_hint("write SHELL [\"/bin/bash\", \"-c\"]"));
+            }
+        }
+        "ONBUILD" => {
+            if let Some(child) = &node.child {
+                let trigger = child.name();
+                match trigger.as_str() {
+                    "ONBUILD" => {
+                        return bad(
+                            "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".to_string()
+                        )
+                    }
+                    "MAINTAINER" | "FROM" => {
+                        return bad(format!("{trigger} isn't allowed as an ONBUILD trigger"))
+                    }
+                    _ => {
+                        check_node(ctx, child)?;
+                    }
+                }
+            }
+        }
+        "HEALTHCHECK" => {
+            let typ = node.args[0].to_uppercase();
+            if typ == "NONE" && n > 1 {
+                return bad("HEALTHCHECK NONE takes no arguments".to_string());
+            }
+            if typ != "NONE" && typ != "CMD" {
+                return Err(ctx
+                    .err(
+                        node,
+                        format!(
+                            "Unknown type {} in HEALTHCHECK (try CMD)",
+                            crate::dump::go_quote(&typ)
+                        ),
+                    )
+                    .with_hint("write HEALTHCHECK CMD command or HEALTHCHECK NONE"));
+            }
+            if typ == "CMD" && (n == 1 || (node.json && n == 1)) {
+                return bad("Missing command after HEALTHCHECK CMD".to_string());
+            }
+        }
+        _ => {}
+    }
+    Ok(Command { node, name, flags })
+}
+
+fn valid_stage_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-' | '_' | '.'))
+}
+
+fn check<'a>(ctx: &Ctx, df: &'a Dockerfile) -> Result<Checked<'a>, Error> {
+    let mut meta_args = Vec::new();
+    let mut stages: Vec<RawStage> = Vec::new();
+    for node in &df.instructions {
+        let cmd = check_node(ctx, node)?;
+        if cmd.name == "FROM" {
+            let name = (node.args.len() == 3).then(|| node.args[2].to_lowercase());
+            if let Some(n) = &name {
+                if stages.iter().any(|s| s.name.as_deref() == Some(n)) {
+                    return Err(ctx.err(
+                        node,
+                        format!("duplicate stage name {}", crate::dump::go_quote(n)),
+                    ));
+                }
+            }
+            stages.push(RawStage {
+                index: stages.len(),
+                name,
+                from: cmd,
+                commands: Vec::new(),
+            });
+        } else if let Some(stage) = stages.last_mut() {
+            stage.commands.push(cmd);
+        } else if cmd.name == "ARG" {
+            meta_args.push(cmd);
+        } else {
+            return Err(ctx
+                .err(node, "no build stage in current context")
+                .with_hint("only ARG can come before the first FROM"));
+        }
+    }
+    if stages.is_empty() {
+        return Err(
+            Error::new(&df.file_name, "no build stage in current context")
+                .with_hint("a Dockerfile needs at least one FROM"),
+        );
+    }
+    Ok(Checked { meta_args, stages })
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 1: the global scope, FROM lines and the stages the target needs.
+
+/// Variables with an ordering; later entries win. Entries set by ARG are marked.
+#[derive(Debug, Clone, Default)]
+struct Vars {
+    vars: Vec<(String, String, bool)>,
+}
+
+impl Vars {
+    fn set(&mut self, k: &str, v: &str, from_arg: bool) {
+        if let Some(e) = self.vars.iter_mut().find(|e| e.0 == k) {
+            e.1 = v.to_string();
+            e.2 = from_arg;
+        } else {
+            self.vars.push((k.to_string(), v.to_string(), from_arg));
+        }
+    }
+    fn pairs(&self, args: bool) -> Vec<(String, String)> {
+        self.vars
+            .iter()
+            .filter(|e| e.2 == args)
+            .map(|e| (e.0.clone(), e.1.clone()))
+            .collect()
+    }
+}
+
+impl Env for Vars {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.vars.iter().find(|e| e.0 == name).map(|e| e.1.as_str())
+    }
+}
+
+struct Resolved {
+    /// Global ARGs with values, predefined platform ARGs included.
+    globals: Vars,
+    /// Per Dockerfile stage: base, platform.
+    froms: Vec<(FromBase, Option<Platform>)>,
+    /// Dockerfile stage indexes needed by the target, ascending.
+    needed: Vec<usize>,
+    target: usize,
+}
+
+#[derive(Clone)]
+enum FromBase {
+    Scratch,
+    Image(String),
+    Stage(usize),
+}
+
+fn platform_args(opts: &PlanOptions) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for (prefix, p) in [
+        ("TARGET", &opts.target_platform),
+        ("BUILD", &opts.build_platform),
+    ] {
+        v.push((format!("{prefix}PLATFORM"), p.to_string()));
+        v.push((format!("{prefix}OS"), p.os.clone()));
+        v.push((format!("{prefix}ARCH"), p.architecture.clone()));
+        v.push((
+            format!("{prefix}VARIANT"),
+            p.variant.clone().unwrap_or_default(),
+        ));
+    }
+    v
+}
+
+fn lexer(df: &Dockerfile) -> Lexer {
+    Lexer::new(df.escape)
+}
+
+fn expand_in(ctx: &Ctx, node: &Node, word: &str, env: &dyn Env) -> Result<String, Error> {
+    lexer(ctx.df)
+        .process_word(word, env)
+        .map_err(|e| ctx.err(node, e.message))
+}
+
+fn arg_pairs(node: &Node) -> Vec<(String, Option<String>)> {
+    node.args
+        .iter()
+        .map(|a| match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        })
+        .collect()
+}
+
+fn resolve(ctx: &Ctx, checked: &Checked, opts: &PlanOptions) -> Result<Resolved, Error> {
+    let mut globals = Vars::default();
+    for (k, v) in platform_args(opts) {
+        globals.set(&k, &v, true);
+    }
+    for cmd in &checked.meta_args {
+        for (k, default) in arg_pairs(cmd.node) {
+            if let Some(v) = opts.build_args.get(&k) {
+                globals.set(&k, v, true);
+            } else if let Some(d) = default {
+                let v = expand_in(ctx, cmd.node, &d, &globals)?;
+                globals.set(&k, &v, true);
+            }
+        }
+    }
+    let mut froms = Vec::new();
+    for stage in &checked.stages {
+        let node = stage.from.node;
+        let base = expand_in(ctx, node, &node.args[0], &globals)?;
+        if base.is_empty() {
+            return Err(ctx
+                .err(
+                    node,
+                    format!("base name ({}) should not be blank", node.args[0]),
+                )
+                .with_hint("pass the ARG it uses with --build-arg or give the ARG a default"));
+        }
+        let lower = base.to_lowercase();
+        let from_stage = checked.stages[..stage.index]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()));
+        let fb = match from_stage {
+            Some(i) => FromBase::Stage(i),
+            None if lower == "scratch" => FromBase::Scratch,
+            None => FromBase::Image(base),
+        };
+        let platform = match stage.from.flags.get("platform") {
+            None => None,
+            Some(p) => {
+                let p = expand_in(ctx, node, p, &globals)?;
+                Some(p.parse::<Platform>().map_err(|e| {
+                    ctx.err(node, format!("failed to parse platform {p}: {e}"))
+                        .pointing_at("--platform")
+                })?)
+            }
+        };
+        froms.push((fb, platform));
+    }
+    let target = match &opts.target {
+        None => checked.stages.len() - 1,
+        Some(t) => {
+            let lower = t.to_lowercase();
+            match checked
+                .stages
+                .iter()
+                .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            {
+                Some(i) => i,
+                None => {
+                    let names: Vec<&str> = checked
+                        .stages
+                        .iter()
+                        .filter_map(|s| s.name.as_deref())
+                        .collect();
+                    let mut e = Error::new(
+                        &ctx.df.file_name,
+                        format!("target stage '{t}' could not be found"),
+                    );
+                    e.hint = Some(match closest(t, names.iter().copied()) {
+                        Some(c) => format!("did you mean {c}?"),
+                        None if names.is_empty() => {
+                            "the Dockerfile names no stage (FROM image AS name)".into()
+                        }
+                        None => format!("stages are: {}", names.join(", ")),
+                    });
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let mut needed = vec![false; checked.stages.len()];
+    let mut todo = vec![target];
+    while let Some(i) = todo.pop() {
+        if needed[i] {
+            continue;
+        }
+        needed[i] = true;
+        if let FromBase::Stage(j) = froms[i].0 {
+            todo.push(j);
+        }
+        for cmd in &checked.stages[i].commands {
+            for dep in stage_refs(ctx, checked, i, cmd, &globals)? {
+                todo.push(dep);
+            }
+        }
+    }
+    let needed = (0..needed.len()).filter(|i| needed[*i]).collect();
+    Ok(Resolved {
+        globals,
+        froms,
+        needed,
+        target,
+    })
+}
+
+/// The `--from` values (COPY, and RUN mounts) of a command, unexpanded.
+fn from_words(cmd: &Command) -> Vec<String> {
+    let mut out = Vec::new();
+    let (name, flags) = match (&cmd.name[..], &cmd.node.child) {
+        ("ONBUILD", _) => return out,
+        (n, _) => (n, &cmd.flags),
+    };
+    if name == "COPY" {
+        out.extend(flags.get("from").map(str::to_string));
+    }
+    if name == "RUN" {
+        for m in flags.all("mount") {
+            for field in split_csv(&m) {
+                if let Some((k, v)) = field.split_once('=') {
+                    if k.eq_ignore_ascii_case("from") {
+                        out.push(v.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Resolves a `--from` value to a Dockerfile stage index, if it names one.
+fn stage_by_ref(checked: &Checked, current: usize, word: &str) -> Option<usize> {
+    let lower = word.to_lowercase();
+    if let Some(i) = checked
+        .stages
+        .iter()
+        .position(|s| s.name.as_deref() == Some(lower.as_str()))
+    {
+        return Some(i);
+    }
+    match word.parse::<usize>() {
+        Ok(i) if i < current => Some(i),
+        _ => None,
+    }
+}
+
+fn stage_refs(
+    ctx: &Ctx,
+    checked: &Checked,
+    current: usize,
+    cmd: &Command,
+    globals: &Vars,
+) -> Result<Vec<usize>, Error> {
+    let mut out = Vec::new();
+    for w in from_words(cmd) {
+        let v = expand_in(ctx, cmd.node, &w, globals)?;
+        match stage_by_ref(checked, current, &v) {
+            Some(i) if i == current => {
+                return Err(ctx.err(
+                    cmd.node,
+                    format!("circular dependency detected on stage: {v}"),
+                ))
+            }
+            Some(i) => out.push(i),
+            None => check_not_a_typo(ctx, checked, cmd.node, &v)?,
+        }
+    }
+    Ok(out)
+}
+
+/// A `--from` that is no stage but is one typo away from a stage name is most likely a
+/// mistake, not an image on Docker Hub: say so instead of pulling `biulder`.
+fn check_not_a_typo(ctx: &Ctx, checked: &Checked, node: &Node, v: &str) -> Result<(), Error> {
+    if v.contains([':', '/', '@']) {
+        return Ok(());
+    }
+    if let Ok(i) = v.parse::<usize>() {
+        return Err(ctx
+            .err(
+                node,
+                format!("invalid stage index {i}: a stage can only use stages before it"),
+            )
+            .pointing_at(v));
+    }
+    let names = checked.stages.iter().filter_map(|s| s.name.as_deref());
+    if let Some(c) = closest(v, names) {
+        return Err(ctx
+            .err(node, format!("stage '{v}' not found"))
+            .pointing_at(v)
+            .with_hint(format!("did you mean {c}?")));
+    }
+    Ok(())
+}
+
+/// Image references of the stages the target needs, after ARG expansion, in order and
+/// without duplicates: fetch their configs and pass them to [`plan`]. `scratch` and
+/// stage names are not included.
+pub fn base_images(df: &Dockerfile, opts: &PlanOptions) -> Result<Vec<String>, Error> {
+    let ctx = Ctx { df };
+    let checked = check(&ctx, df)?;
+    let r = resolve(&ctx, &checked, opts)?;
+    let mut out: Vec<String> = Vec::new();
+    for &i in &r.needed {
+        if let FromBase::Image(img) = &r.froms[i].0 {
+            if !out.contains(img) {
+                out.push(img.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks every instruction (unknown instructions and flags, argument counts, stage
+/// names) without planning.
+pub fn validate(df: &Dockerfile) -> Result<(), Error> {
+    let ctx = Ctx { df };
+    check(&ctx, df).map(|_| ())
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 2: dispatch.
+
+struct State {
+    vars: Vars,
+    persisted: Vec<(String, String)>,
+    declared_args: Vec<(String, Option<String>)>,
+    shell: Vec<String>,
+    workdir: String,
+    user: String,
+    onbuild: Vec<String>,
+}
+
+struct Planner<'a> {
+    ctx: Ctx<'a>,
+    checked: &'a Checked<'a>,
+    opts: &'a PlanOptions,
+    resolved: &'a Resolved,
+    /// Dockerfile stage index -> position in the plan.
+    position: Vec<Option<usize>>,
+    /// Final state per Dockerfile stage, for stages built on other stages.
+    finals: Vec<Option<State>>,
+}
+
+/// Plans the build: every stage the target needs, every step typed and expanded.
+/// `bases` holds the configs of the images [`base_images`] named; a missing entry is
+/// taken as an empty config.
+pub fn plan(
+    df: &Dockerfile,
+    opts: &PlanOptions,
+    bases: &HashMap<String, BaseImageInfo>,
+) -> Result<BuildPlan, Error> {
+    let ctx = Ctx { df };
+    let checked = check(&ctx, df)?;
+    let resolved = resolve(&ctx, &checked, opts)?;
+    let n = checked.stages.len();
+    let mut position = vec![None; n];
+    for (p, &i) in resolved.needed.iter().enumerate() {
+        position[i] = Some(p);
+    }
+    let mut planner = Planner {
+        ctx: Ctx { df },
+        checked: &checked,
+        opts,
+        resolved: &resolved,
+        position,
+        finals: (0..n).map(|_| None).collect(),
+    };
+    let mut stages = Vec::new();
+    for &i in &resolved.needed {
+        stages.push(planner.stage(i, bases)?);
+    }
+    let target = planner.position[resolved.target].unwrap_or(0);
+    Ok(BuildPlan { stages, target })
+}
+
+fn location(df: &Dockerfile, node: &Node) -> Location {
+    Location {
+        file: df.file_name.clone(),
+        start_line: node.start_line,
+        end_line: node.end_line,
+    }
+}
+
+fn set_env(env: &mut Vec<(String, String)>, k: &str, v: &str) {
+    match env.iter_mut().find(|e| e.0 == k) {
+        Some(e) => e.1 = v.to_string(),
+        None => env.push((k.to_string(), v.to_string())),
+    }
+}
+
+impl Planner<'_> {
+    fn err(&self, node: &Node, m: impl Into<String>) -> Error {
+        self.ctx.err(node, m)
+    }
+
+    fn stage(&mut self, i: usize, bases: &HashMap<String, BaseImageInfo>) -> Result<Stage, Error> {
+        let raw = &self.checked.stages[i];
+        let df = self.ctx.df;
+        let (fb, platform) = self.resolved.froms[i].clone();
+        let (base, mut state) = match fb {
+            FromBase::Scratch => (Base::Scratch, self.initial_state(&BaseImageInfo::default())),
+            FromBase::Image(r) => {
+                let info = bases.get(&r).cloned().unwrap_or_default();
+                (Base::Image(r), self.initial_state(&info))
+            }
+            FromBase::Stage(j) => {
+                let parent = self.finals[j].as_ref().map(|s| State {
+                    vars: Vars {
+                        vars: s
+                            .persisted
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone(), false))
+                            .collect(),
+                    },
+                    persisted: s.persisted.clone(),
+                    declared_args: Vec::new(),
+                    shell: s.shell.clone(),
+                    workdir: s.workdir.clone(),
+                    user: s.user.clone(),
+                    onbuild: s.onbuild.clone(),
+                });
+                let state = parent.unwrap_or_else(|| self.initial_state(&BaseImageInfo::default()));
+                (Base::Stage(self.position[j].unwrap_or(0)), state)
+            }
+        };
+        let from_loc = location(df, raw.from.node);
+        let mut steps = Vec::new();
+        // The base's ONBUILD triggers run first and are not inherited further.
+        let triggers = std::mem::take(&mut state.onbuild);
+        for trigger in triggers {
+            let tdf = parse(&trigger, &df.file_name).map_err(|e| {
+                self.err(
+                    raw.from.node,
+                    format!(
+                        "failed to parse ONBUILD trigger {trigger:?} of the base image: {}",
+                        e.message
+                    ),
+                )
+            })?;
+            let tctx = Ctx { df: &tdf };
+            for node in &tdf.instructions {
+                let cmd = check_node(&tctx, node).map_err(|e| {
+                    self.err(
+                        raw.from.node,
+                        format!(
+                            "ONBUILD trigger {trigger:?} of the base image: {}",
+                            e.message
+                        ),
+                    )
+                })?;
+                if matches!(cmd.name.as_str(), "FROM" | "ONBUILD" | "MAINTAINER") {
+                    return Err(self.err(
+                        raw.from.node,
+                        format!("{} isn't allowed as an ONBUILD trigger", cmd.name),
+                    ));
+                }
+                let step = self.dispatcher(&tdf).dispatch(i, &cmd, &mut state);
+                let mut step = step.map_err(|e| {
+                    let mut e2 = self.err(
+                        raw.from.node,
+                        format!("ONBUILD trigger {trigger:?}: {}", e.message),
+                    );
+                    e2.hint = e.hint;
+                    e2
+                })?;
+                step.location = from_loc.clone();
+                steps.push(step);
+            }
+        }
+        let d = self.dispatcher(df);
+        for cmd in &raw.commands {
+            steps.push(d.dispatch(i, cmd, &mut state)?);
+        }
+        let stage = Stage {
+            index: i,
+            name: raw.name.clone(),
+            base,
+            platform,
+            steps,
+            env: state.persisted.clone(),
+            working_dir: state.workdir.clone(),
+            user: state.user.clone(),
+            location: from_loc,
+        };
+        self.finals[i] = Some(state);
+        Ok(stage)
+    }
+
+    fn dispatcher<'b>(&'b self, df: &'b Dockerfile) -> Dispatcher<'b> {
+        Dispatcher {
+            ctx: Ctx { df },
+            checked: self.checked,
+            opts: self.opts,
+            resolved: self.resolved,
+            position: &self.position,
+        }
+    }
+
+    fn initial_state(&self, info: &BaseImageInfo) -> State {
+        let mut persisted = info.env.clone();
+        if !persisted.iter().any(|(k, _)| k == "PATH") {
+            persisted.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        State {
+            vars: Vars {
+                vars: persisted
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone(), false))
+                    .collect(),
+            },
+            persisted,
+            declared_args: Vec::new(),
+            shell: if info.shell.is_empty() {
+                DEFAULT_SHELL.iter().map(|s| s.to_string()).collect()
+            } else {
+                info.shell.clone()
+            },
+            workdir: if info.working_dir.is_empty() {
+                "/".into()
+            } else {
+                info.working_dir.clone()
+            },
+            user: info.user.clone(),
+            onbuild: info.onbuild.clone(),
+        }
+    }
+}
+
+/// Expands and types one instruction of a stage; borrows what planning knows.
+struct Dispatcher<'b> {
+    ctx: Ctx<'b>,
+    checked: &'b Checked<'b>,
+    opts: &'b PlanOptions,
+    resolved: &'b Resolved,
+    position: &'b [Option<usize>],
+}
+
+impl Dispatcher<'_> {
+    fn err(&self, node: &Node, m: impl Into<String>) -> Error {
+        self.ctx.err(node, m)
+    }
+
+    fn expand(&self, node: &Node, word: &str, st: &State) -> Result<String, Error> {
+        expand_in(&self.ctx, node, word, &st.vars)
+    }
+
+    fn source(&self, node: &Node, stage: usize, word: &str) -> Result<Source, Error> {
+        let v = expand_in(&self.ctx, node, word, &self.resolved.globals)?;
+        match stage_by_ref(self.checked, stage, &v) {
+            Some(j) => match self.position[j] {
+                Some(p) => Ok(Source::Stage(p)),
+                None => Err(self.err(node, format!("stage {v} is not part of the build"))),
+            },
+            None => {
+                check_not_a_typo(&self.ctx, self.checked, node, &v)?;
+                Ok(Source::Image(v))
+            }
+        }
+    }
+
+    fn dispatch(&self, stage: usize, cmd: &Command, st: &mut State) -> Result<Step, Error> {
+        let node = cmd.node;
+        let df = self.ctx.df;
+        let loc = location(df, node);
+        let args = &node.args;
+        let (instruction, created_by) = match cmd.name.as_str() {
+            "ENV" | "LABEL" => {
+                let mut pairs = Vec::new();
+                for c in args.chunks(3) {
+                    let k = self.expand(node, &c[0], st)?;
+                    let v = self.expand(node, &c[1], st)?;
+                    if cmd.name == "ENV" {
+                        st.vars.set(&k, &v, false);
+                        set_env(&mut st.persisted, &k, &v);
+                    }
+                    pairs.push((k, v));
+                }
+                let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let created = format!("{} {}", cmd.name, text.join(" "));
+                if cmd.name == "ENV" {
+                    (Instruction::Env(pairs), created)
+                } else {
+                    (Instruction::Label(pairs), created)
+                }
+            }
+            "MAINTAINER" => {
+                let m = args[0].clone();
+                (
+                    Instruction::Label(vec![("maintainer".into(), m.clone())]),
+                    format!("MAINTAINER {m}"),
+                )
+            }
+            "WORKDIR" => {
+                let p = self.expand(node, &args[0], st)?;
+                let wd = if p.starts_with('/') {
+                    clean_path(&p)
+                } else {
+                    clean_path(&format!("{}/{p}", st.workdir))
+                };
+                st.workdir = wd.clone();
+                (Instruction::Workdir(wd.clone()), format!("WORKDIR {wd}"))
+            }
+            "USER" => {
+                let u = self.expand(node, &args[0], st)?;
+                st.user = u.clone();
+                (Instruction::User(u.clone()), format!("USER {u}"))
+            }
+            "EXPOSE" => {
+                let mut raw = args.clone();
+                raw.sort();
+                let mut ports = Vec::new();
+                for p in &raw {
+                    let words = lexer(df)
+                        .process_words(p, &st.vars)
+                        .map_err(|e| self.err(node, e.message))?;
+                    for w in words {
+                        ports.extend(parse_port(&w).map_err(|m| self.err(node, m).pointing_at(p))?);
+                    }
+                }
+                let created = format!("EXPOSE [{}]", ports.join(" "));
+                (Instruction::Expose(ports), created)
+            }
+            "VOLUME" => {
+                let mut vols = Vec::new();
+                for v in args {
+                    let v = self.expand(node, v, st)?;
+                    let v = v.trim_matches(char::is_whitespace).to_string();
+                    if v.is_empty() {
+                        return Err(self.err(node, "VOLUME specified can not be an empty string"));
+                    }
+                    vols.push(v);
+                }
+                let created = format!("VOLUME [{}]", vols.join(" "));
+                (Instruction::Volume(vols), created)
+            }
+            "STOPSIGNAL" => {
+                let s = self.expand(node, &args[0], st)?;
+                if !valid_signal(&s) {
+                    return Err(self
+                        .err(node, format!("Invalid signal: {s}"))
+                        .with_hint("use a signal name such as SIGTERM or a number"));
+                }
+                (
+                    Instruction::StopSignal(s.clone()),
+                    format!("STOPSIGNAL {s}"),
+                )
+            }
+            "SHELL" => {
+                st.shell = args.clone();
+                (
+                    Instruction::Shell(args.clone()),
+                    format!("SHELL [{}]", args.join(" ")),
+                )
+            }
+            "CMD" | "ENTRYPOINT" => {
+                let argv = if node.json {
+                    args.clone()
+                } else if args.is_empty() && cmd.name == "ENTRYPOINT" {
+                    Vec::new()
+                } else {
+                    let mut v = st.shell.clone();
+                    v.push(args.join(" "));
+                    v
+                };
+                let created = format!("{} {}", cmd.name, go_quote_list(&argv));
+                if cmd.name == "CMD" {
+                    (Instruction::Cmd(argv), created)
+                } else {
+                    (Instruction::Entrypoint(argv), created)
+                }
+            }
+            "HEALTHCHECK" => {
+                let h = self.healthcheck(cmd, st)?;
+                let created = format!("HEALTHCHECK {}", healthcheck_text(&h));
+                (Instruction::Healthcheck(h), created)
+            }
+            "ONBUILD" => {
+                let expr = onbuild_expression(node);
+                st.onbuild.push(expr.clone());
+                (Instruction::OnBuild(expr), String::new())
+            }
+            "ARG" => self.arg(node, st)?,
+            "RUN" => self.run(stage, cmd, st)?,
+            "COPY" | "ADD" => self.copy(stage, cmd, st)?,
+            other => return Err(self.err(node, format!("unknown instruction: {other}"))),
+        };
+        Ok(Step {
+            location: loc,
+            instruction,
+            created_by,
+        })
+    }
+
+    fn arg(&self, node: &Node, st: &mut State) -> Result<(Instruction, String), Error> {
+        let mut out = Vec::new();
+        let mut texts = Vec::new();
+        for (k, default) in arg_pairs(node) {
+            let value = if let Some(v) = self.opts.build_args.get(&k) {
+                Some(v.clone())
+            } else if let Some(d) = default {
+                Some(self.expand(node, &d, st)?)
+            } else {
+                self.resolved.globals.get(&k).map(str::to_string)
+            };
+            if let Some(v) = &value {
+                st.vars.set(&k, v, true);
+            }
+            st.declared_args.push((k.clone(), value.clone()));
+            texts.push(match &value {
+                Some(v) => format!("{k}={v}"),
+                None => k.clone(),
+            });
+            out.push((k, value));
+        }
+        Ok((Instruction::Arg(out), format!("ARG {}", texts.join(" "))))
+    }
+
+    fn run(&self, stage: usize, cmd: &Command, st: &State) -> Result<(Instruction, String), Error> {
+        let node = cmd.node;
+        let mut argv: Vec<String> = node.args.clone();
+        let mut heredocs = Vec::new();
+        if !node.heredocs.is_empty() && !node.json {
+            let first = &node.heredocs[0];
+            if argv.len() == 1 && parse_heredoc(&argv[0]).is_some() {
+                let data = if first.chomp {
+                    chomp(&first.content)
+                } else {
+                    first.content.clone()
+                };
+                if data.starts_with("#!") {
+                    let path = format!("/dev/pipes/{}", first.name);
+                    heredocs.push(InlineFile {
+                        name: path.clone(),
+                        content: data,
+                        mode: 0o755,
+                    });
+                    argv = vec![path];
+                } else {
+                    argv = vec![data];
+                }
+            } else {
+                let mut b = argv.join(" ");
+                for h in &node.heredocs {
+                    b.push('\n');
+                    b.push_str(&h.content);
+                    b.push_str(&h.name);
+                }
+                argv = vec![b];
+            }
+        }
+        let shell_form = !node.json;
+        if shell_form {
+            let mut v = st.shell.clone();
+            v.push(argv.join(" "));
+            argv = v;
+        }
+        let mut mounts = Vec::new();
+        for m in cmd.flags.all("mount") {
+            mounts.push(self.mount(stage, node, &m, st)?);
+        }
+        let network = match cmd.flags.get("network").map(str::to_lowercase).as_deref() {
+            None | Some("default") | Some("sandbox") => Network::Default,
+            Some("none") => Network::None,
+            Some("host") => Network::Host,
+            Some(other) => {
+                return Err(self
+                    .err(node, format!("unsupported network mode {other:?}"))
+                    .pointing_at("--network")
+                    .with_hint("use --network=default, none or host"))
+            }
+        };
+        let security = match cmd.flags.get("security").map(str::to_lowercase).as_deref() {
+            None | Some("sandbox") => Security::Sandbox,
+            Some("insecure") => Security::Insecure,
+            Some(other) => {
+                return Err(self
+                    .err(node, format!("unsupported security mode {other:?}"))
+                    .pointing_at("--security")
+                    .with_hint("use --security=sandbox or insecure"))
+            }
+        };
+        let mut build_env = st.vars.pairs(true);
+        for p in PROXY_ARGS {
+            if let Some(v) = self.opts.build_args.get(p) {
+                if !build_env.iter().any(|(k, _)| k == p) {
+                    build_env.push((p.to_string(), v.clone()));
+                }
+            }
+        }
+        // History: `RUN |N K=V ... argv # buildkit`, the declared ARGs with their values.
+        let mut hist: Vec<(String, String)> = Vec::new();
+        for (k, v) in &st.declared_args {
+            let val = st
+                .vars
+                .get(k)
+                .map(str::to_string)
+                .or_else(|| v.clone())
+                .unwrap_or_default();
+            match hist.iter_mut().find(|e| &e.0 == k) {
+                Some(e) => e.1 = val,
+                None => hist.push((k.clone(), val)),
+            }
+        }
+        let mut parts: Vec<String> = Vec::new();
+        if !hist.is_empty() {
+            parts.push(format!("|{}", hist.len()));
+            parts.extend(hist.iter().map(|(k, v)| format!("{k}={v}")));
+        }
+        parts.extend(argv.iter().cloned());
+        let created = format!("RUN {} # buildkit", parts.join(" "));
+        let run = Run {
+            argv,
+            shell_form,
+            build_env,
+            working_dir: st.workdir.clone(),
+            user: st.user.clone(),
+            mounts,
+            network,
+            security,
+            heredocs,
+        };
+        Ok((Instruction::Run(run), created))
+    }
+
+    fn mount(&self, stage: usize, node: &Node, spec: &str, st: &State) -> Result<Mount, Error> {
+        let bad = |m: String| self.err(node, m).pointing_at("--mount");
+        let mut m = Mount {
+            kind: MountType::Bind,
+            target: String::new(),
+            source: None,
+            from: None,
+            read_only: true,
+            id: None,
+            sharing: Sharing::Shared,
+            mode: None,
+            uid: None,
+            gid: None,
+            required: false,
+            size: None,
+            env: None,
+        };
+        let mut ro_auto = true;
+        let mut read_only = false;
+        let parse_bool = |key: &str, v: &str| match v.to_lowercase().as_str() {
+            "1" | "t" | "true" => Ok(true),
+            "0" | "f" | "false" => Ok(false),
+            _ => Err(bad(format!("invalid value for {key}: {v}"))),
+        };
+        for field in split_csv(spec) {
+            let (key, value) = match field.split_once('=') {
+                Some((k, v)) => (k.to_lowercase(), Some(v)),
+                None => (field.to_lowercase(), None),
+            };
+            let Some(value) = value else {
+                match key.as_str() {
+                    "readonly" | "ro" => {
+                        read_only = true;
+                        ro_auto = false;
+                    }
+                    "readwrite" | "rw" => {
+                        read_only = false;
+                        ro_auto = false;
+                    }
+                    "required" if matches!(m.kind, MountType::Secret | MountType::Ssh) => {
+                        m.required = true
+                    }
+                    "required" => {
+                        return Err(bad(format!(
+                            "unexpected key 'required' for mount type '{}'",
+                            mount_name(m.kind)
+                        )))
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "invalid field '{field}' must be a key=value pair"
+                        )))
+                    }
+                }
+                continue;
+            };
+            let value = if key == "from" {
+                value.to_string()
+            } else {
+                self.expand(node, value, st)?
+            };
+            match key.as_str() {
+                "type" => {
+                    m.kind = match value.to_lowercase().as_str() {
+                        "bind" => MountType::Bind,
+                        "cache" => MountType::Cache,
+                        "secret" => MountType::Secret,
+                        "ssh" => MountType::Ssh,
+                        "tmpfs" => MountType::Tmpfs,
+                        _ => {
+                            let mut e = bad(format!("unsupported mount type {value:?}"));
+                            if let Some(c) =
+                                closest(&value, ["bind", "cache", "secret", "ssh", "tmpfs"])
+                            {
+                                e = e.with_hint(format!("did you mean {c}?"));
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                "from" => m.from = Some(self.source(node, stage, &value)?),
+                "source" | "src" => m.source = Some(value),
+                "target" | "dst" | "destination" => m.target = value,
+                "readonly" | "ro" => {
+                    read_only = parse_bool(&key, &value)?;
+                    ro_auto = false;
+                }
+                "readwrite" | "rw" => {
+                    read_only = !parse_bool(&key, &value)?;
+                    ro_auto = false;
+                }
+                "required" => {
+                    if !matches!(m.kind, MountType::Secret | MountType::Ssh) {
+                        return Err(bad(format!(
+                            "unexpected key 'required' for mount type '{}'",
+                            mount_name(m.kind)
+                        )));
+                    }
+                    m.required = parse_bool(&key, &value)?;
+                }
+                "size" => {
+                    if m.kind != MountType::Tmpfs {
+                        return Err(bad(format!(
+                            "unexpected key 'size' for mount type '{}'",
+                            mount_name(m.kind)
+                        )));
+                    }
+                    m.size = Some(
+                        parse_size(&value)
+                            .ok_or_else(|| bad(format!("invalid value for size: {value}")))?,
+                    );
+                }
+                "id" => m.id = Some(value),
+                "sharing" => {
+                    m.sharing = match value.to_lowercase().as_str() {
+                        "shared" => Sharing::Shared,
+                        "private" => Sharing::Private,
+                        "locked" => Sharing::Locked,
+                        _ => return Err(bad(format!("unsupported sharing value {value:?}"))),
+                    }
+                }
+                "mode" => {
+                    m.mode = Some(
+                        u32::from_str_radix(&value, 8)
+                            .map_err(|_| bad(format!("invalid value {value} for mode")))?,
+                    )
+                }
+                "uid" => {
+                    m.uid = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad(format!("invalid value {value} for uid")))?,
+                    )
+                }
+                "gid" => {
+                    m.gid = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad(format!("invalid value {value} for gid")))?,
+                    )
+                }
+                "env" => m.env = Some(value),
+                _ => {
+                    let keys = [
+                        "type",
+                        "from",
+                        "source",
+                        "target",
+                        "readonly",
+                        "id",
+                        "sharing",
+                        "required",
+                        "size",
+                        "mode",
+                        "uid",
+                        "gid",
+                        "src",
+                        "dst",
+                        "destination",
+                        "ro",
+                        "rw",
+                        "readwrite",
+                        "env",
+                    ];
+                    let mut e = bad(format!("unexpected key '{key}' in '{field}'"));
+                    if let Some(c) = closest(&key, keys) {
+                        e = e.with_hint(format!("did you mean {c}?"));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let file_info = matches!(
+            m.kind,
+            MountType::Secret | MountType::Ssh | MountType::Cache
+        );
+        if !file_info {
+            for (set, what) in [
+                (m.mode.is_some(), "mode"),
+                (m.uid.is_some(), "uid"),
+                (m.gid.is_some(), "gid"),
+            ] {
+                if set {
+                    return Err(bad(format!(
+                        "{what} not allowed for {:?} type mounts",
+                        mount_name(m.kind)
+                    )));
+                }
+            }
+        }
+        m.read_only = if ro_auto {
+            !matches!(m.kind, MountType::Cache | MountType::Tmpfs)
+        } else {
+            read_only
+        };
+        match m.kind {
+            MountType::Secret => {
+                if m.target.is_empty() && m.env.is_none() {
+                    let id = m.id.clone().unwrap_or_default();
+                    if id.is_empty() {
+                        return Err(bad("one of target or id required for secret mount".into()));
+                    }
+                    m.target = format!("/run/secrets/{id}");
+                }
+                if m.id.as_deref().unwrap_or("").is_empty() && !m.target.is_empty() {
+                    m.id = Some(m.target.rsplit('/').next().unwrap_or("").to_string());
+                }
+            }
+            MountType::Ssh => {
+                if m.id.as_deref().unwrap_or("").is_empty() {
+                    m.id = Some("default".into());
+                }
+                if m.target.is_empty() {
+                    m.target = "/run/buildkit/ssh_agent.0".into();
+                }
+            }
+            _ => {
+                if m.target.is_empty() {
+                    return Err(bad("mount target is required: write target=/path".into()));
+                }
+            }
+        }
+        if m.kind == MountType::Cache && m.id.as_deref().unwrap_or("").is_empty() {
+            m.id = Some(m.target.clone());
+        }
+        if !m.target.is_empty() && !m.target.starts_with('/') {
+            m.target = clean_path(&format!("{}/{}", st.workdir, m.target));
+        }
+        Ok(m)
+    }
+
+    fn copy(
+        &self,
+        stage: usize,
+        cmd: &Command,
+        st: &State,
+    ) -> Result<(Instruction, String), Error> {
+        let node = cmd.node;
+        let f = &cmd.flags;
+        let opt = |name: &str| -> Result<Option<String>, Error> {
+            match f.get(name) {
+                None => Ok(None),
+                Some(v) => {
+                    let v = self.expand(node, v, st)?;
+                    Ok((!v.is_empty()).then_some(v))
+                }
+            }
+        };
+        let chown = opt("chown")?;
+        let chmod = opt("chmod")?;
+        if let Some(c) = &chmod {
+            if u32::from_str_radix(c, 8).is_err() && !c.contains(['+', '-', '=']) {
+                return Err(self
+                    .err(node, format!("invalid chmod parameter {c:?}"))
+                    .pointing_at("--chmod")
+                    .with_hint("use an octal mode such as 0755 or a symbolic one such as u+x"));
+            }
+        }
+        let checksum = opt("checksum")?;
+        let from = match f.get("from") {
+            Some(w) => Some(self.source(node, stage, w)?),
+            None => None,
+        };
+        let mut exclude = Vec::new();
+        for e in f.all("exclude") {
+            exclude.push(self.expand(node, &e, st)?);
+        }
+        let args = &node.args;
+        let n = args.len();
+        let mut sources = Vec::new();
+        let mut heredocs = Vec::new();
+        let mut hist_sources = Vec::new();
+        let mut hist_docs = Vec::new();
+        for src in &args[..n - 1] {
+            if let Some(h) = parse_heredoc(src) {
+                let doc = node.heredocs.iter().find(|d| d.name == h.name);
+                let mut content = doc.map(|d| d.content.clone()).unwrap_or_default();
+                if h.chomp {
+                    content = chomp(&content);
+                }
+                if h.expand {
+                    let lex = Lexer {
+                        skip_process_quotes: true,
+                        ..lexer(self.ctx.df)
+                    };
+                    content = lex
+                        .process_word(&content, &st.vars)
+                        .map_err(|e| self.err(node, e.message))?;
+                }
+                hist_docs.push(format!("<<{}", h.name));
+                heredocs.push(InlineFile {
+                    name: h.name,
+                    content,
+                    mode: 0o644,
+                });
+            } else {
+                let s = self.expand(node, src, st)?;
+                hist_sources.push(s.clone());
+                sources.push(s);
+            }
+        }
+        let dest_raw = self.expand(node, &args[n - 1], st)?;
+        let dest = resolve_dest(&st.workdir, &dest_raw);
+        let is_add = cmd.name == "ADD";
+        let mut created = cmd.name.clone();
+        if f.bool("parents") {
+            created.push_str(" --parents");
+        }
+        if let Some(c) = &chown {
+            created.push_str(&format!(" --chown={c}"));
+        }
+        if let Some(c) = &chmod {
+            created.push_str(&format!(" --chmod={c}"));
+        }
+        for s in hist_sources.iter().chain(hist_docs.iter()) {
+            created.push(' ');
+            created.push_str(s);
+        }
+        created.push(' ');
+        created.push_str(&dest_raw);
+        created.push_str(" # buildkit");
+        let copy = Copy {
+            sources,
+            dest,
+            from,
+            chown,
+            chmod,
+            link: f.bool("link"),
+            parents: f.bool("parents"),
+            exclude,
+            heredocs,
+            checksum,
+            keep_git_dir: f.opt_bool("keep-git-dir"),
+            unpack: f.opt_bool("unpack"),
+            user: st.user.clone(),
+        };
+        Ok((
+            if is_add {
+                Instruction::Add(copy)
+            } else {
+                Instruction::Copy(copy)
+            },
+            created,
+        ))
+    }
+
+    fn healthcheck(&self, cmd: &Command, st: &State) -> Result<Healthcheck, Error> {
+        let node = cmd.node;
+        let typ = node.args[0].to_uppercase();
+        if typ == "NONE" {
+            return Ok(Healthcheck {
+                test: vec!["NONE".into()],
+                interval: None,
+                timeout: None,
+                start_period: None,
+                start_interval: None,
+                retries: None,
+            });
+        }
+        let rest = &node.args[1..];
+        let test = if node.json {
+            let mut t = vec!["CMD".to_string()];
+            t.extend(rest.iter().cloned());
+            t
+        } else {
+            vec!["CMD-SHELL".to_string(), rest.join(" ")]
+        };
+        let _ = st;
+        let dur = |name: &str| -> Result<Option<Duration>, Error> {
+            match cmd.flags.get(name) {
+                None | Some("") => Ok(None),
+                Some(v) => {
+                    let d = parse_go_duration(v).ok_or_else(|| {
+                        self.err(
+                            node,
+                            format!("time: invalid duration {}", crate::dump::go_quote(v)),
+                        )
+                        .pointing_at(&format!("--{name}"))
+                        .with_hint("write a duration such as 30s, 1m30s or 500ms")
+                    })?;
+                    if d.is_zero() {
+                        return Ok(None);
+                    }
+                    if d < Duration::from_millis(1) {
+                        return Err(
+                            self.err(node, format!("Interval {name:?} cannot be less than 1ms"))
+                        );
+                    }
+                    Ok(Some(d))
+                }
+            }
+        };
+        let retries = match cmd.flags.get("retries") {
+            None | Some("") => None,
+            Some(v) => {
+                let r: i64 = v.parse().map_err(|_| {
+                    self.err(
+                        node,
+                        format!(
+                            "strconv.ParseInt: parsing {}: invalid syntax",
+                            crate::dump::go_quote(v)
+                        ),
+                    )
+                })?;
+                if r < 0 {
+                    return Err(self.err(node, format!("--retries cannot be negative ({r})")));
+                }
+                Some(
+                    u32::try_from(r)
+                        .map_err(|_| self.err(node, format!("--retries out of range ({r})")))?,
+                )
+            }
+        };
+        Ok(Healthcheck {
+            test,
+            interval: dur("interval")?,
+            timeout: dur("timeout")?,
+            start_period: dur("start-period")?,
+            start_interval: dur("start-interval")?,
+            retries,
+        })
+    }
+}
+
+fn mount_name(k: MountType) -> &'static str {
+    match k {
+        MountType::Bind => "bind",
+        MountType::Cache => "cache",
+        MountType::Secret => "secret",
+        MountType::Ssh => "ssh",
+        MountType::Tmpfs => "tmpfs",
+    }
+}
+
+/// Splits a mount spec on commas, honouring double quotes (Go's csv reader, simplified).
+fn split_csv(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_q = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if in_q && chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            '"' => in_q = !in_q,
+            ',' if !in_q => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.into_iter().filter(|f| !f.is_empty()).collect()
+}
+
+/// `10m`, `1g`, `512k`, `100` (bytes), binary units as docker's `RAMInBytes`.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().to_lowercase();
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let num: f64 = s[..digits_end].parse().ok()?;
+    let mul: u64 = match s[digits_end..].trim_end_matches(['b', 'i']) {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        "p" => 1 << 50,
+        _ => return None,
+    };
+    Some((num * mul as f64) as u64)
+}
+
+/// Removes the leading tabs of every line (`<<-`).
+fn chomp(s: &str) -> String {
+    s.split_inclusive('\n')
+        .map(|l| l.trim_start_matches('\t'))
+        .collect()
+}
+
+/// What ONBUILD stores in the image config: the trigger text, heredocs re-attached.
+fn onbuild_expression(node: &Node) -> String {
+    let orig = node.original.trim_start_matches(char::is_whitespace);
+    let mut expr = if orig.len() >= 7 && orig[..7].eq_ignore_ascii_case("onbuild") {
+        orig[7..]
+            .trim_start_matches(char::is_whitespace)
+            .to_string()
+    } else {
+        orig.to_string()
+    };
+    for h in &node.heredocs {
+        expr.push('\n');
+        expr.push_str(&h.content);
+        expr.push_str(&h.name);
+    }
+    expr
+}
+
+/// Go's `path.Clean` for absolute paths.
+pub(crate) fn clean_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// BuildKit's destination rule: relative to the working directory, trailing `/` kept.
+fn resolve_dest(workdir: &str, dest: &str) -> String {
+    let d = if dest.is_empty() || dest == "." {
+        "./"
+    } else {
+        dest
+    };
+    let joined = if d.starts_with('/') {
+        d.to_string()
+    } else {
+        format!("{workdir}/{d}")
+    };
+    let mut c = clean_path(&joined);
+    if (d.ends_with('/') || d.ends_with("/.")) && c != "/" {
+        c.push('/');
+    }
+    c
+}
+
+fn go_quote_list(v: &[String]) -> String {
+    let q: Vec<String> = v.iter().map(|s| crate::dump::go_quote(s)).collect();
+    format!("[{}]", q.join(" "))
+}
+
+/// `EXPOSE` words: `80`, `80/udp`, `8000-8002/tcp`, `[ip:][host:]container[/proto]`.
+fn parse_port(w: &str) -> Result<Vec<String>, String> {
+    let (spec, proto) = match w.rsplit_once('/') {
+        Some((s, p)) => (s, p.to_lowercase()),
+        None => (w, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid proto: {proto}"));
+    }
+    let container = spec.rsplit(':').next().unwrap_or(spec);
+    let bad = || format!("invalid containerPort: {container}");
+    let (a, b) = match container.split_once('-') {
+        Some((a, b)) => (
+            a.parse::<u16>().map_err(|_| bad())?,
+            b.parse::<u16>().map_err(|_| bad())?,
+        ),
+        None => {
+            let p = container.parse::<u16>().map_err(|_| bad())?;
+            (p, p)
+        }
+    };
+    if b < a {
+        return Err(format!(
+            "invalid range specified for container port: {container}"
+        ));
+    }
+    Ok((a..=b).map(|p| format!("{p}/{proto}")).collect())
+}
+
+fn valid_signal(s: &str) -> bool {
+    if let Ok(n) = s.parse::<u32>() {
+        return n > 0 && n < 65;
+    }
+    let name = s.to_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    if let Some(rt) = name
+        .strip_prefix("RTMIN")
+        .or_else(|| name.strip_prefix("RTMAX"))
+    {
+        return rt.is_empty() || rt.trim_start_matches(['+', '-']).parse::<u32>().is_ok();
+    }
+    const NAMES: [&str; 31] = [
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM",
+    ];
+    NAMES.contains(&name) || matches!(name, "WINCH" | "XCPU" | "XFSZ" | "UNUSED")
+}
+
+/// Go's `time.ParseDuration` for non-negative durations.
+pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if s.is_empty() || s.starts_with('-') {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if n == 0 {
+            return None;
+        }
+        let num: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..u] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[u..];
+        total += num * unit;
+    }
+    if !total.is_finite() || total > 9.2e9 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// Go's `time.Duration.String` for whole milliseconds and up.
+fn go_duration(d: Option<Duration>) -> String {
+    let Some(d) = d else { return "0s".into() };
+    let total_ns = d.as_nanos();
+    if total_ns == 0 {
+        return "0s".into();
+    }
+    if total_ns < 1_000_000_000 {
+        let (v, unit) = if total_ns < 1_000 {
+            (total_ns as f64, "ns")
+        } else if total_ns < 1_000_000 {
+            (total_ns as f64 / 1e3, "µs")
+        } else {
+            (total_ns as f64 / 1e6, "ms")
+        };
+        return format!("{}{unit}", trim_float(v));
+    }
+    let secs = d.as_secs();
+    let frac = d.subsec_nanos();
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if h > 0 || m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    let sv = s as f64 + frac as f64 / 1e9;
+    out.push_str(&format!("{}s", trim_float(sv)));
+    out
+}
+
+fn trim_float(v: f64) -> String {
+    let s = format!("{v:.9}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
+/// `%+v` of BuildKit's HealthcheckConfig, as its history text.
+fn healthcheck_text(h: &Healthcheck) -> String {
+    format!(
+        "{{Test:[{}] Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
+        h.test.join(" "),
+        go_duration(h.interval),
+        go_duration(h.timeout),
+        go_duration(h.start_period),
+        go_duration(h.start_interval),
+        h.retries.unwrap_or(0)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleans_paths_and_destinations() {
+        assert_eq!(clean_path("/a/./b/../c//"), "/a/c");
+        assert_eq!(resolve_dest("/app", "."), "/app/");
+        assert_eq!(resolve_dest("/app", "x/"), "/app/x/");
+        assert_eq!(resolve_dest("/app", "/x"), "/x");
+    }
+
+    #[test]
+    fn parses_ports_and_durations() {
+        assert_eq!(parse_port("80").unwrap(), vec!["80/tcp"]);
+        assert_eq!(parse_port("53/UDP").unwrap(), vec!["53/udp"]);
+        assert_eq!(parse_port("8000-8002").unwrap().len(), 3);
+        assert!(parse_port("http").is_err());
+        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(go_duration(Some(Duration::from_secs(90))), "1m30s");
+        assert_eq!(go_duration(Some(Duration::from_millis(500))), "500ms");
+    }
+}
