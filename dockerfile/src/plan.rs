@@ -432,10 +432,8 @@ fn check_node<'a>(ctx: &Ctx, node: &'a Node) -> Result<Command<'a>, Error> {
             )
             .with_hint(format!("write {name} SOURCE... DEST")));
         }
-        "COPY" | "ADD" => {
-            if parse_heredoc(&node.args[n - 1]).is_some() {
-                return bad(format!("{name} cannot accept a heredoc as a destination"));
-            }
+        "COPY" | "ADD" if parse_heredoc(&node.args[n - 1]).is_some() => {
+            return bad(format!("{name} cannot accept a heredoc as a destination"));
         }
         "FROM" => {
             let ok = n == 1 || (n == 3 && node.args[1].eq_ignore_ascii_case("as"));
@@ -459,10 +457,8 @@ fn check_node<'a>(ctx: &Ctx, node: &'a Node) -> Result<Command<'a>, Error> {
         {
             return bad(format!("{name} requires at least one argument"));
         }
-        "ARG" => {
-            if node.args.iter().any(|a| a.starts_with('=')) {
-                return bad("ARG names can not be blank".to_string());
-            }
+        "ARG" if node.args.iter().any(|a| a.starts_with('=')) => {
+            return bad("ARG names can not be blank".to_string());
         }
         "SHELL" => {
             if n == 0 {
@@ -514,7 +510,7 @@ fn check_node<'a>(ctx: &Ctx, node: &'a Node) -> Result<Command<'a>, Error> {
                     )
                     .with_hint("write HEALTHCHECK CMD command or HEALTHCHECK NONE"));
             }
-            if typ == "CMD" && (n == 1 || (node.json && n == 1)) {
+            if typ == "CMD" && n == 1 {
                 return bad("Missing command after HEALTHCHECK CMD".to_string());
             }
         }

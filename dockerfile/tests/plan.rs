@@ -1,0 +1,271 @@
+//! Planning: stages, ARG scoping, expansion, history text, pruning, ONBUILD, errors.
+
+use std::collections::HashMap;
+
+use ossb_dockerfile::*;
+
+fn plan_of(src: &str, args: &[(&str, &str)], target: Option<&str>) -> Result<BuildPlan, Error> {
+    let df = parse(src, "Dockerfile")?;
+    let mut opts = PlanOptions {
+        target_platform: "linux/arm64".parse().unwrap(),
+        build_platform: "linux/amd64".parse().unwrap(),
+        ..PlanOptions::default()
+    };
+    opts.target = target.map(str::to_string);
+    for (k, v) in args {
+        opts.build_args.insert(k.to_string(), v.to_string());
+    }
+    plan(&df, &opts, &HashMap::new())
+}
+
+fn history(p: &BuildPlan, stage: usize) -> Vec<String> {
+    p.stages[stage]
+        .steps
+        .iter()
+        .map(|s| s.created_by.clone())
+        .collect()
+}
+
+#[test]
+fn plans_a_simple_stage_with_buildkit_history() {
+    let p = plan_of(
+        "FROM alpine:3.20\nARG V=1\nENV A=b C=\"$V x\"\nWORKDIR app\nUSER nobody\nLABEL k=v\nEXPOSE 80 53/udp\n\
+         COPY --chown=nobody f g ./\nRUN echo $A\nCMD echo hi\nENTRYPOINT [\"/bin/x\"]\n",
+        &[("V", "2")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(p.stages.len(), 1);
+    assert_eq!(p.stages[0].base, Base::Image("alpine:3.20".into()));
+    assert_eq!(
+        history(&p, 0),
+        vec![
+            "ARG V=2",
+            "ENV A=b C=2 x",
+            "WORKDIR /app",
+            "USER nobody",
+            "LABEL k=v",
+            "EXPOSE [53/udp 80/tcp]",
+            "COPY --chown=nobody f g ./ # buildkit",
+            "RUN |1 V=2 /bin/sh -c echo $A # buildkit",
+            "CMD [\"/bin/sh\" \"-c\" \"echo hi\"]",
+            "ENTRYPOINT [\"/bin/x\"]",
+        ]
+    );
+    let Instruction::Run(run) = &p.stages[0].steps[7].instruction else {
+        panic!()
+    };
+    assert_eq!(run.argv, vec!["/bin/sh", "-c", "echo $A"]);
+    assert_eq!(run.build_env, vec![("V".to_string(), "2".to_string())]);
+    assert_eq!(run.working_dir, "/app");
+    let Instruction::Copy(c) = &p.stages[0].steps[6].instruction else {
+        panic!()
+    };
+    assert_eq!(c.sources, vec!["f", "g"]);
+    assert_eq!(c.dest, "/app/");
+    assert!(p.stages[0]
+        .env
+        .contains(&("C".to_string(), "2 x".to_string())));
+}
+
+#[test]
+fn global_args_reach_from_but_not_stages_unless_redeclared() {
+    let src = "ARG BASE=debian\nARG TAG=12\nFROM ${BASE}:${TAG} AS one\nRUN echo $TAG\nARG TAG\nRUN echo x\n";
+    let p = plan_of(src, &[("TAG", "11")], None).unwrap();
+    assert_eq!(p.stages[0].base, Base::Image("debian:11".into()));
+    let h = history(&p, 0);
+    assert_eq!(h[0], "RUN /bin/sh -c echo $TAG # buildkit");
+    assert_eq!(h[1], "ARG TAG=11");
+    assert_eq!(h[2], "RUN |1 TAG=11 /bin/sh -c echo x # buildkit");
+}
+
+#[test]
+fn predefined_platform_args() {
+    let src = "FROM --platform=$BUILDPLATFORM golang AS build\nARG TARGETARCH\nARG BUILDOS\nRUN echo $TARGETARCH\n\
+               FROM alpine\nCOPY --from=build /out /out\n";
+    let p = plan_of(src, &[], None).unwrap();
+    assert_eq!(p.stages[0].platform, Some("linux/amd64".parse().unwrap()));
+    assert_eq!(history(&p, 0)[0], "ARG TARGETARCH=arm64");
+    assert_eq!(history(&p, 0)[1], "ARG BUILDOS=linux");
+    let Instruction::Copy(c) = &p.stages[1].steps[0].instruction else {
+        panic!()
+    };
+    assert_eq!(c.from, Some(Source::Stage(0)));
+}
+
+#[test]
+fn prunes_stages_the_target_does_not_need() {
+    let src =
+        "FROM alpine AS a\nRUN a\nFROM alpine AS b\nRUN b\nFROM a AS c\nCOPY --from=1 /x /x\n\
+               FROM busybox AS d\nRUN d\n";
+    let p = plan_of(src, &[], Some("c")).unwrap();
+    let idx: Vec<usize> = p.stages.iter().map(|s| s.index).collect();
+    assert_eq!(idx, vec![0, 1, 2]);
+    assert_eq!(p.target, 2);
+    assert_eq!(p.stages[2].base, Base::Stage(0));
+    let p = plan_of(src, &[], None).unwrap();
+    assert_eq!(p.stages.len(), 1);
+    assert_eq!(p.stages[0].name.as_deref(), Some("d"));
+    let df = parse(src, "Dockerfile").unwrap();
+    let opts = PlanOptions {
+        target: Some("c".into()),
+        ..PlanOptions::default()
+    };
+    assert_eq!(base_images(&df, &opts).unwrap(), vec!["alpine"]);
+}
+
+#[test]
+fn unknown_target_names_the_closest_stage() {
+    let e = plan_of("FROM a AS builder\nFROM b\n", &[], Some("biulder")).unwrap_err();
+    assert_eq!(e.message, "target stage 'biulder' could not be found");
+    assert_eq!(e.hint.as_deref(), Some("did you mean builder?"));
+}
+
+#[test]
+fn copy_from_a_misspelt_stage_is_an_error() {
+    let e = plan_of(
+        "FROM a AS builder\nFROM b\nCOPY --from=biulder /x /y\n",
+        &[],
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(e.message, "stage 'biulder' not found");
+    assert_eq!(e.line, 3);
+    assert_eq!(e.hint.as_deref(), Some("did you mean builder?"));
+    let p = plan_of("FROM b\nCOPY --from=nginx:1 /x /y\n", &[], None).unwrap();
+    let Instruction::Copy(c) = &p.stages[0].steps[0].instruction else {
+        panic!()
+    };
+    assert_eq!(c.from, Some(Source::Image("nginx:1".into())));
+}
+
+#[test]
+fn errors_point_at_the_line_with_a_hint() {
+    let e = plan_of("FROM a\nCOPPY . /app\n", &[], None).unwrap_err();
+    assert_eq!(e.to_string(), "Dockerfile:2:1: unknown instruction: COPPY\n 2 | COPPY . /app\n   | ^\n hint: did you mean COPY?");
+    let e = plan_of("FROM a\nCOPY --chwon=1 . /app\n", &[], None).unwrap_err();
+    assert_eq!(e.message, "unknown flag --chwon for COPY");
+    assert_eq!(e.column, 6);
+    assert_eq!(e.hint.as_deref(), Some("did you mean --chown?"));
+    assert!(plan_of("RUN x\nFROM a\n", &[], None).is_err());
+    assert!(plan_of(
+        "FROM a\nRUN ${X:?must be set}\nENV Y=${X:?must be set}\n",
+        &[],
+        None
+    )
+    .is_err());
+}
+
+#[test]
+fn onbuild_triggers_of_the_base_run_first() {
+    let df = parse("FROM base\nRUN after\n", "Dockerfile").unwrap();
+    let mut bases = HashMap::new();
+    bases.insert(
+        "base".to_string(),
+        BaseImageInfo {
+            env: vec![
+                ("PATH".into(), "/bin".into()),
+                ("HOME".into(), "/root".into()),
+            ],
+            onbuild: vec!["COPY . /src".into(), "RUN make -C $HOME".into()],
+            working_dir: "/w".into(),
+            ..BaseImageInfo::default()
+        },
+    );
+    let p = plan(&df, &PlanOptions::default(), &bases).unwrap();
+    let h = history(&p, 0);
+    assert_eq!(
+        h,
+        vec![
+            "COPY . /src # buildkit",
+            "RUN /bin/sh -c make -C $HOME # buildkit",
+            "RUN /bin/sh -c after # buildkit"
+        ]
+    );
+    assert_eq!(p.stages[0].steps[0].location.start_line, 1);
+}
+
+#[test]
+fn heredocs_become_files_and_scripts() {
+    let src = "FROM a\nENV N=x\nCOPY <<EOF <<'RAW' /d/\nhello $N\nEOF\nraw $N\nRAW\nRUN <<EOT\n#!/bin/bash\necho hi\nEOT\n\
+               RUN <<-EOT\n\techo $N\n\tEOT\nRUN cat <<A > f\nline\nA\n";
+    let p = plan_of(src, &[], None).unwrap();
+    let steps = &p.stages[0].steps;
+    let Instruction::Copy(c) = &steps[1].instruction else {
+        panic!()
+    };
+    assert_eq!(c.heredocs[0].name, "EOF");
+    assert_eq!(c.heredocs[0].content, "hello x\n");
+    assert_eq!(c.heredocs[1].content, "raw $N\n");
+    assert_eq!(steps[1].created_by, "COPY <<EOF <<RAW /d/ # buildkit");
+    let Instruction::Run(r) = &steps[2].instruction else {
+        panic!()
+    };
+    assert_eq!(r.argv, vec!["/bin/sh", "-c", "/dev/pipes/EOT"]);
+    assert_eq!(r.heredocs[0].content, "#!/bin/bash\necho hi\n");
+    let Instruction::Run(r) = &steps[3].instruction else {
+        panic!()
+    };
+    assert_eq!(r.argv, vec!["/bin/sh", "-c", "echo $N\n"]);
+    let Instruction::Run(r) = &steps[4].instruction else {
+        panic!()
+    };
+    assert_eq!(r.argv, vec!["/bin/sh", "-c", "cat <<A > f\nline\nA"]);
+}
+
+#[test]
+fn run_mounts_network_and_security() {
+    let src = "FROM a AS deps\nFROM a\nWORKDIR /src\nRUN --mount=type=cache,target=/root/.cache,sharing=locked \
+               --mount=type=bind,from=deps,source=/x,target=x --mount=type=secret,id=tok --network=none \
+               --security=insecure make\n";
+    let p = plan_of(src, &[], None).unwrap();
+    let Instruction::Run(r) = &p.stages[1].steps[1].instruction else {
+        panic!()
+    };
+    assert_eq!(r.mounts.len(), 3);
+    assert_eq!(r.mounts[0].kind, MountType::Cache);
+    assert_eq!(r.mounts[0].sharing, Sharing::Locked);
+    assert!(!r.mounts[0].read_only);
+    assert_eq!(r.mounts[1].from, Some(Source::Stage(0)));
+    assert_eq!(r.mounts[1].target, "/src/x");
+    assert!(r.mounts[1].read_only);
+    assert_eq!(r.mounts[2].target, "/run/secrets/tok");
+    assert_eq!(r.network, Network::None);
+    assert_eq!(r.security, Security::Insecure);
+    let e = plan_of("FROM a\nRUN --mount=type=cahce,target=/x make\n", &[], None).unwrap_err();
+    assert_eq!(e.hint.as_deref(), Some("did you mean cache?"));
+}
+
+#[test]
+fn every_other_instruction() {
+    let src = "FROM a\nMAINTAINER me\nSHELL [\"/bin/bash\", \"-c\"]\nRUN x\nVOLUME /data\nSTOPSIGNAL SIGKILL\n\
+               HEALTHCHECK --interval=30s --retries=3 CMD curl -f http://x/\nONBUILD RUN y\n\
+               ADD --checksum=sha256:abc --keep-git-dir https://x/y.tgz /y\nARG D=/d2\nVOLUME [\"$D\"]\n";
+    let p = plan_of(src, &[], None).unwrap();
+    let h = history(&p, 0);
+    assert_eq!(h[0], "MAINTAINER me");
+    assert_eq!(h[1], "SHELL [/bin/bash -c]");
+    assert_eq!(h[2], "RUN /bin/bash -c x # buildkit");
+    assert_eq!(h[3], "VOLUME [/data]");
+    assert_eq!(h[4], "STOPSIGNAL SIGKILL");
+    assert_eq!(
+        h[5],
+        "HEALTHCHECK {Test:[CMD-SHELL curl -f http://x/] Interval:30s Timeout:0s StartPeriod:0s StartInterval:0s Retries:3}"
+    );
+    assert_eq!(h[6], "");
+    assert_eq!(h[7], "ADD https://x/y.tgz /y # buildkit");
+    assert_eq!(h[9], "VOLUME [/d2]");
+    let Instruction::OnBuild(t) = &p.stages[0].steps[6].instruction else {
+        panic!()
+    };
+    assert_eq!(t, "RUN y");
+    let Instruction::Add(a) = &p.stages[0].steps[7].instruction else {
+        panic!()
+    };
+    assert_eq!(a.checksum.as_deref(), Some("sha256:abc"));
+    assert_eq!(a.keep_git_dir, Some(true));
+    let Instruction::Label(l) = &p.stages[0].steps[0].instruction else {
+        panic!()
+    };
+    assert_eq!(l, &vec![("maintainer".to_string(), "me".to_string())]);
+}
