@@ -1,1 +1,244 @@
-//! (being written)
+//! OCI layer tars: writing them from a rootfs change list, and applying them safely onto a rootfs.
+//!
+//! [`write_layer`] turns the [`Change`]s of a build step (from the worker's snapshot diff) into a
+//! deterministic layer blob in one streaming pass, returning its digest, diff ID and size.
+//! [`apply_layer`] unpacks a layer (gzip, zstd or plain tar) onto a rootfs, honouring OCI
+//! whiteouts, and never creates, modifies or removes anything outside that rootfs, whatever the
+//! layer contains.
+//!
+//! # How hostile entries are treated
+//! Names are interpreted relative to the rootfs, which is `/` to the image:
+//! - a leading `/` is stripped (neutralized: it is how every consumer reads such names);
+//! - a name whose `..` components would climb above the rootfs (`../x`, `a/../../x`, `/../x`)
+//!   refuses the whole layer with [`LayerError::Escape`]. Docker has always refused these, so no
+//!   image in circulation has them; containerd instead clamps them at the root. `..` that stays
+//!   inside (`a/../b`) is cleaned lexically, as both do;
+//! - symlinks met in parent components (`/x` or `../../x` targets) are followed *inside* the
+//!   rootfs, as `openat2(RESOLVE_IN_ROOT)` would (neutralized, as containerd's `fs.RootPath`);
+//! - the final component is never followed: an existing symlink there is replaced, never written
+//!   through, chmod-ed or chown-ed; regular files are always created afresh (`O_EXCL`), so a
+//!   hardlink from an earlier entry or layer is never written through either;
+//! - hardlink targets are names in the same namespace: `/etc/passwd` means `<rootfs>/etc/passwd`
+//!   (neutralized, as containerd), `../../etc/shadow` refuses the layer (as entry names); the
+//!   target's parents resolve inside the rootfs and its final component is linked itself (a
+//!   hardlink to a symlink links the symlink, as containerd);
+//! - a whiteout naming `.`, `..` or nothing (`.wh..`, `.wh...`, `.wh.`) refuses the layer (as
+//!   containerd's "invalid whiteout name"); a whiteout or opaque marker whose directory does not
+//!   exist is a no-op;
+//! - extended attributes `trusted.overlay.*` / `user.overlay.*` are never applied (they would
+//!   steer an overlay mount that uses this rootfs as a layer) and are reported as skipped.
+//!
+//! # Writing
+//! Entries are sorted by path (component-wise, so parents come before children); every parent
+//! directory of a change is included with its metadata (as containerd's diff writer does);
+//! ownership and modes are kept; mtimes are clamped to `SOURCE_DATE_EPOCH`; user and group
+//! names are empty; long names, long link targets, large ids and sizes, and extended attributes
+//! go in PAX records; hardlinks within the layer become hardlink entries.
+
+mod apply;
+mod root;
+mod write;
+
+#[cfg(test)]
+mod escape_tests;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ossb_protocol::Digest;
+
+pub use apply::apply_layer;
+pub use write::write_layer;
+
+/// Media type of a gzip-compressed layer.
+pub const MEDIA_TYPE_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Media type of a zstd-compressed layer.
+pub const MEDIA_TYPE_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// Media type of an uncompressed layer.
+pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// How a written layer is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Compression {
+    /// gzip (level 6), the format every registry and runtime accepts.
+    #[default]
+    Gzip,
+    /// zstd (level 3): faster and smaller, needs a recent consumer.
+    Zstd,
+    /// A plain tar.
+    None,
+}
+
+impl Compression {
+    /// The OCI media type of a layer compressed this way.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => MEDIA_TYPE_GZIP,
+            Compression::Zstd => MEDIA_TYPE_ZSTD,
+            Compression::None => MEDIA_TYPE_TAR,
+        }
+    }
+}
+
+/// What happened to a path between two snapshots of a rootfs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChangeKind {
+    /// The path did not exist before.
+    Added,
+    /// The path existed before and its metadata or content (or its type) changed.
+    Modified,
+    /// The path existed before and does not any more (written as a whiteout).
+    Deleted,
+}
+
+/// One changed path of a rootfs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Change {
+    /// Relative to the rootfs: no leading `/`, no `.` or `..` components, not empty.
+    pub path: PathBuf,
+    /// What happened to it.
+    pub kind: ChangeKind,
+}
+
+/// How [`write_layer`] writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerOptions {
+    /// The compression of the blob.
+    pub compression: Compression,
+    /// When set, every mtime later than this (seconds since the epoch) is written as this.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// What [`write_layer`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenLayer {
+    /// The digest of the blob (the compressed bytes): its name in the blob store and manifest.
+    pub digest: Digest,
+    /// The digest of the uncompressed tar: the image config's `rootfs.diff_ids` entry.
+    pub diff_id: Digest,
+    /// The size of the blob in bytes.
+    pub size: u64,
+    /// The OCI media type of the blob.
+    pub media_type: &'static str,
+}
+
+/// A callback told about each thing [`apply_layer`] skips, as it happens.
+pub type WarningHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How [`apply_layer`] applies.
+#[derive(Clone)]
+pub struct ApplyOptions {
+    /// Whether to give entries the owners recorded in the layer (`lchown`). When the process
+    /// may not (unprivileged, no id mapping), the first failure is reported once and the rest
+    /// of the layer keeps the applier's ids. Default: true.
+    pub chown: bool,
+    /// Whether to apply extended attributes recorded in the layer (best effort). Default: true.
+    pub xattrs: bool,
+    /// Called with each line added to [`ApplyReport::skipped`].
+    pub on_warning: Option<WarningHook>,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            chown: true,
+            xattrs: true,
+            on_warning: None,
+        }
+    }
+}
+
+impl fmt::Debug for ApplyOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApplyOptions")
+            .field("chown", &self.chown)
+            .field("xattrs", &self.xattrs)
+            .field("on_warning", &self.on_warning.as_ref().map(|_| "<hook>"))
+            .finish()
+    }
+}
+
+/// What [`apply_layer`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// How many tar entries were read (whiteouts and skipped entries included).
+    pub entries: u64,
+    /// What was not applied and why, one line each (device nodes without permission, ownership
+    /// without permission, unsupported extended attributes, unknown entry types).
+    pub skipped: Vec<String>,
+}
+
+/// Why a layer could not be written or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    /// The rootfs directory could not be opened.
+    #[error("cannot open rootfs {path:?}: {source}")]
+    Rootfs {
+        /// The rootfs path.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// An entry would reach outside the rootfs; the whole layer is refused (the rootfs may
+    /// hold the entries applied before it and should be discarded).
+    #[error("layer refused: entry {entry:?} {reason}")]
+    Escape {
+        /// The entry name as it appears in the tar.
+        entry: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An entry is malformed (bad header field, NUL byte in a name, missing link target).
+    #[error("layer entry {entry:?} is invalid: {reason}")]
+    InvalidEntry {
+        /// The entry name as it appears in the tar.
+        entry: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A filesystem operation for an entry or a changed path failed.
+    #[error("{op} {entry:?}: {source}")]
+    Io {
+        /// The entry (or changed path) being handled.
+        entry: String,
+        /// What was being done, e.g. "creating file".
+        op: &'static str,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// The layer stream is corrupt, truncated or not a tar (after decompression).
+    #[error("cannot read the layer stream {}: {source} (corrupt or truncated blob?)", after_entry(.after))]
+    Read {
+        /// The last entry read successfully, if any.
+        after: Option<String>,
+        /// What the decompressor or tar reader said.
+        source: io::Error,
+    },
+    /// A change given to [`write_layer`] cannot be written.
+    #[error("cannot write change {path:?}: {reason}")]
+    InvalidChange {
+        /// The changed path.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Writing the layer blob to its destination failed.
+    #[error("writing the layer blob failed at entry {entry:?}: {source}")]
+    Write {
+        /// The entry being written (or "end of archive").
+        entry: String,
+        /// What the destination said.
+        source: io::Error,
+    },
+}
+
+fn after_entry(after: &Option<String>) -> String {
+    match after {
+        Some(e) => format!("after entry {e:?}"),
+        None => "before the first entry".to_string(),
+    }
+}

@@ -1,0 +1,429 @@
+//! Hostile layers: each test applies an evil tar onto `<tmp>/rootfs` and checks that nothing
+//! beside the rootfs (`<tmp>/sentinel/...`, `<tmp>/victim`) was created, changed or removed,
+//! and what became of the entry inside the rootfs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use tar::EntryType;
+
+use super::tests::{apply, describe, is_root, RawTar, Summary};
+use super::LayerError;
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+    before: BTreeMap<PathBuf, Summary>,
+    before_inodes: Vec<(u64, u64)>,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path();
+        fs::create_dir_all(t.join("rootfs")).unwrap();
+        fs::create_dir_all(t.join("sentinel/dir")).unwrap();
+        fs::write(t.join("sentinel/secret"), b"untouched").unwrap();
+        fs::write(t.join("sentinel/dir/file"), b"untouched").unwrap();
+        fs::write(t.join("victim"), b"untouched").unwrap();
+        let mut sb = Sandbox {
+            dir,
+            before: BTreeMap::new(),
+            before_inodes: Vec::new(),
+        };
+        (sb.before, sb.before_inodes) = sb.outside();
+        sb
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
+    /// Absolute host path of something beside the rootfs, as an evil layer would name it.
+    fn host(&self, rel: &str) -> String {
+        self.dir.path().join(rel).to_str().unwrap().to_string()
+    }
+
+    /// Everything beside the rootfs, and the (inode, link count) of each of its files.
+    fn outside(&self) -> (BTreeMap<PathBuf, Summary>, Vec<(u64, u64)>) {
+        let mut all = describe(self.dir.path());
+        all.retain(|p, _| !p.starts_with("rootfs") || p == Path::new("rootfs"));
+        // The rootfs directory's own mtime changes, of course.
+        all.remove(Path::new("rootfs"));
+        let inodes = all
+            .keys()
+            .map(|p| {
+                let md = fs::symlink_metadata(self.dir.path().join(p)).unwrap();
+                (md.ino(), md.nlink())
+            })
+            .collect();
+        (all, inodes)
+    }
+
+    fn apply(&self, layer: &[u8]) -> Result<super::ApplyReport, LayerError> {
+        let result = apply(layer, &self.root());
+        self.assert_outside_untouched();
+        result
+    }
+
+    fn assert_outside_untouched(&self) {
+        let (now, inodes) = self.outside();
+        assert_eq!(now, self.before, "something outside the rootfs changed");
+        assert_eq!(
+            inodes, self.before_inodes,
+            "a file outside the rootfs gained a link"
+        );
+        let top: Vec<_> = fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(top.len(), 3, "{top:?}");
+    }
+}
+
+fn assert_escape(result: Result<super::ApplyReport, LayerError>, entry: &str) {
+    match result {
+        Err(LayerError::Escape { entry: e, .. }) => assert_eq!(e, entry),
+        other => panic!("expected the layer to be refused for {entry:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn names_climbing_with_dotdot_refuse_the_layer() {
+    for name in [
+        "../escape",
+        "a/../../escape",
+        "/../escape",
+        "./../escape",
+        "a/b/../../../escape",
+        "../",
+    ] {
+        let sb = Sandbox::new();
+        let layer = RawTar::default()
+            .file("fine", b"")
+            .file(name, b"pwned")
+            .finish();
+        assert_escape(sb.apply(&layer), name);
+    }
+    // The same through a PAX path and a GNU long name.
+    let sb = Sandbox::new();
+    let name = format!("{}/../../../pax-escape", "a".repeat(120));
+    let mut layer = RawTar::default();
+    layer
+        .pax(&[("path", name.as_bytes())])
+        .file("placeholder", b"pwned");
+    assert_escape(sb.apply(&layer.finish()), &name);
+}
+
+#[test]
+fn dotdot_inside_the_rootfs_and_absolute_names_are_neutralized() {
+    let sb = Sandbox::new();
+    let layer = RawTar::default()
+        .file("/abs/file", b"1")
+        .file("//double", b"2")
+        .file("a/../inside", b"3")
+        .dir("/")
+        .dir("./")
+        .file("x/..", b"the root itself: ignored")
+        .finish();
+    sb.apply(&layer).unwrap();
+    let r = sb.root();
+    assert_eq!(fs::read(r.join("abs/file")).unwrap(), b"1");
+    assert_eq!(fs::read(r.join("double")).unwrap(), b"2");
+    assert_eq!(fs::read(r.join("inside")).unwrap(), b"3");
+}
+
+#[test]
+fn absolute_symlinks_in_parents_resolve_inside_the_rootfs() {
+    let sb = Sandbox::new();
+    let sentinel = sb.host("sentinel");
+    let layer = RawTar::default()
+        .symlink("l", "/")
+        .file("l/escape", b"x")
+        .symlink("s", &sentinel)
+        .file("s/pwned", b"x")
+        .file("s/secret", b"overwritten?")
+        .symlink("a", "/b")
+        .symlink("b", &sentinel)
+        .file("a/chained", b"x")
+        .finish();
+    sb.apply(&layer).unwrap();
+    let r = sb.root();
+    let inside = r.join(sentinel.trim_start_matches('/'));
+    assert!(r.join("escape").is_file());
+    assert!(inside.join("pwned").is_file());
+    assert_eq!(fs::read(inside.join("secret")).unwrap(), b"overwritten?");
+    assert!(inside.join("chained").is_file());
+}
+
+#[test]
+fn relative_symlinks_in_parents_cannot_climb_out() {
+    let sb = Sandbox::new();
+    let layer = RawTar::default()
+        .symlink("r", "../../../../../../../..")
+        .file("r/escape", b"x")
+        .dir("a/")
+        .symlink("a/up", "../../sentinel")
+        .file("a/up/pwned", b"x")
+        .symlink("c1", "c2/..")
+        .symlink("c2", "../..")
+        .file("c1/x", b"x")
+        .finish();
+    sb.apply(&layer).unwrap();
+    let r = sb.root();
+    assert!(r.join("escape").is_file());
+    assert!(r.join("sentinel/pwned").is_file());
+    assert!(r.join("x").is_file());
+}
+
+#[test]
+fn symlink_loops_are_an_error() {
+    let sb = Sandbox::new();
+    let layer = RawTar::default()
+        .symlink("a", "b")
+        .symlink("b", "a")
+        .file("a/x", b"")
+        .finish();
+    let err = sb.apply(&layer).unwrap_err();
+    assert!(
+        matches!(err, LayerError::Io { ref entry, .. } if entry == "a/x"),
+        "{err}"
+    );
+}
+
+#[test]
+fn symlinks_at_the_final_component_are_replaced_not_followed() {
+    let sb = Sandbox::new();
+    let r = sb.root();
+    symlink(sb.host("victim"), r.join("f")).unwrap();
+    symlink(sb.host("sentinel"), r.join("d")).unwrap();
+    symlink("../victim", r.join("rel")).unwrap();
+    symlink(sb.host("victim"), r.join("fifo")).unwrap();
+    symlink(sb.host("victim"), r.join("sym")).unwrap();
+    let mut layer = RawTar::default();
+    layer
+        .entry_with(b"f", EntryType::Regular, b"", b"pwned", 0o777)
+        .entry_with(b"d/", EntryType::Directory, b"", b"", 0o777)
+        .file("rel", b"pwned")
+        .entry_with(b"fifo", EntryType::Fifo, b"", b"", 0o777)
+        .symlink("sym", "elsewhere")
+        .symlink("g", &sb.host("victim"))
+        .entry_with(b"g", EntryType::Regular, b"", b"pwned", 0o777);
+    layer
+        .pax(&[("SCHILY.xattr.user.evil", b"1"), ("uid", b"0")])
+        .symlink("xl", &sb.host("victim"));
+    sb.apply(&layer.finish()).unwrap();
+    for name in ["f", "rel", "g"] {
+        assert_eq!(fs::read(r.join(name)).unwrap(), b"pwned", "{name}");
+        assert!(fs::symlink_metadata(r.join(name)).unwrap().is_file());
+    }
+    assert!(fs::symlink_metadata(r.join("d")).unwrap().is_dir());
+    assert_eq!(
+        fs::read_link(r.join("sym")).unwrap(),
+        Path::new("elsewhere")
+    );
+    assert!(fs::symlink_metadata(r.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+}
+
+#[test]
+fn hardlinks_cannot_reach_outside() {
+    // Climbing targets refuse the layer.
+    for target in ["../victim", "a/../../victim", "s/../../victim"] {
+        let sb = Sandbox::new();
+        let layer = RawTar::default().hardlink("h", target).finish();
+        assert_escape(sb.apply(&layer), "h");
+    }
+    // Absolute host paths and symlinked parents resolve inside the rootfs, where nothing is.
+    let sb = Sandbox::new();
+    let layer = RawTar::default().hardlink("h", &sb.host("victim")).finish();
+    assert!(matches!(sb.apply(&layer), Err(LayerError::Io { .. })));
+    let sb = Sandbox::new();
+    let layer = RawTar::default()
+        .symlink("s", &sb.host("sentinel"))
+        .hardlink("h", "s/secret")
+        .finish();
+    assert!(matches!(sb.apply(&layer), Err(LayerError::Io { .. })));
+    // An absolute target that exists inside links the rootfs' file, not the host's.
+    let sb = Sandbox::new();
+    let layer = RawTar::default()
+        .dir("etc/")
+        .file("etc/passwd", b"image")
+        .hardlink("h", "/etc/passwd")
+        .finish();
+    sb.apply(&layer).unwrap();
+    let h = fs::metadata(sb.root().join("h")).unwrap();
+    assert_eq!(
+        h.ino(),
+        fs::metadata(sb.root().join("etc/passwd")).unwrap().ino()
+    );
+    assert_eq!(h.nlink(), 2);
+    // A hardlink to itself is an error, not a deletion.
+    let sb = Sandbox::new();
+    let layer = RawTar::default()
+        .file("self", b"x")
+        .hardlink("self", "self")
+        .finish();
+    assert!(matches!(
+        sb.apply(&layer),
+        Err(LayerError::InvalidEntry { .. })
+    ));
+    assert_eq!(fs::read(sb.root().join("self")).unwrap(), b"x");
+}
+
+#[test]
+fn files_replace_hardlinks_instead_of_writing_through_them() {
+    let sb = Sandbox::new();
+    let r = sb.root();
+    fs::create_dir(r.join("etc")).unwrap();
+    fs::write(r.join("etc/shadow"), b"orig").unwrap();
+    // A link to a file outside the rootfs (same filesystem), as a hostile lower layer or a
+    // careless caller could leave: rewriting it must not reach the victim.
+    fs::hard_link(sb.dir.path().join("victim"), r.join("outside-link")).unwrap();
+    // The victim's link count drops back to 1 when the layer replaces the rootfs' link.
+    let layer = RawTar::default()
+        .hardlink("x", "etc/shadow")
+        .file("x", b"pwned")
+        .entry_with(b"outside-link", EntryType::Regular, b"", b"pwned", 0o777)
+        .finish();
+    sb.apply(&layer).unwrap();
+    assert_eq!(fs::read(r.join("etc/shadow")).unwrap(), b"orig");
+    assert_eq!(fs::read(r.join("x")).unwrap(), b"pwned");
+    assert_eq!(
+        fs::read(sb.dir.path().join("victim")).unwrap(),
+        b"untouched"
+    );
+}
+
+#[test]
+fn whiteouts_cannot_reach_outside() {
+    for name in [".wh..", ".wh...", ".wh.", "a/.wh..."] {
+        let sb = Sandbox::new();
+        let layer = RawTar::default().file(name, b"").finish();
+        assert_escape(sb.apply(&layer), name);
+    }
+    let sb = Sandbox::new();
+    let r = sb.root();
+    fs::create_dir(r.join("d")).unwrap();
+    symlink(sb.host("sentinel"), r.join("d/link-to-sentinel")).unwrap();
+    symlink(sb.host("sentinel"), r.join("w")).unwrap();
+    let layer = RawTar::default()
+        .symlink("s", &sb.host(""))
+        .file("s/.wh.victim", b"")
+        .file("s/sentinel/.wh..wh..opq", b"")
+        .symlink("up", "..")
+        .file("up/.wh.victim", b"")
+        .file("up/.wh.sentinel", b"")
+        .file(".wh.w", b"")
+        .file("d/.wh..wh..opq", b"")
+        .finish();
+    sb.apply(&layer).unwrap();
+    assert!(
+        fs::symlink_metadata(r.join("w")).is_err(),
+        "the symlink itself is whited out"
+    );
+    assert!(fs::symlink_metadata(r.join("d/link-to-sentinel")).is_err());
+    assert!(r.join("d").is_dir());
+}
+
+#[test]
+fn opaque_marker_through_a_root_symlink_stays_inside() {
+    let sb = Sandbox::new();
+    let r = sb.root();
+    fs::write(r.join("lower"), b"").unwrap();
+    let layer = RawTar::default()
+        .symlink("o", "/")
+        .file("o/.wh..wh..opq", b"")
+        .file("kept", b"")
+        .finish();
+    sb.apply(&layer).unwrap();
+    let names: Vec<_> = fs::read_dir(&r)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "{names:?}: the layer's own o and kept survive"
+    );
+}
+
+#[test]
+fn directories_over_symlinks_do_not_chmod_their_targets() {
+    let sb = Sandbox::new();
+    let r = sb.root();
+    symlink(sb.host("sentinel"), r.join("d")).unwrap();
+    let mut layer = RawTar::default();
+    layer.pax(&[("uid", b"4321"), ("gid", b"4321")]).entry_with(
+        b"d/",
+        EntryType::Directory,
+        b"",
+        b"",
+        0o777,
+    );
+    layer.file("d/inside", b"x");
+    sb.apply(&layer.finish()).unwrap();
+    assert!(fs::symlink_metadata(r.join("d")).unwrap().is_dir());
+    assert!(r.join("d/inside").is_file());
+}
+
+#[test]
+fn nul_bytes_in_names_and_targets_are_refused() {
+    let sb = Sandbox::new();
+    let mut layer = RawTar::default();
+    layer
+        .pax(&[("path", b"a\0/../../x")])
+        .file("placeholder", b"");
+    assert!(matches!(
+        sb.apply(&layer.finish()),
+        Err(LayerError::Escape { .. })
+    ));
+    let sb = Sandbox::new();
+    let mut layer = RawTar::default();
+    layer
+        .pax(&[("linkpath", b"/etc\0passwd")])
+        .symlink("l", "placeholder");
+    assert!(matches!(
+        sb.apply(&layer.finish()),
+        Err(LayerError::InvalidEntry { .. })
+    ));
+}
+
+#[test]
+fn device_nodes_are_created_inside_or_reported() {
+    let sb = Sandbox::new();
+    let mut layer = RawTar::default();
+    let mut h = tar::Header::new_ustar();
+    h.as_old_mut().name[..7].copy_from_slice(b"dev/nul");
+    h.set_entry_type(EntryType::Char);
+    h.set_mode(0o666);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    h.set_size(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    layer.0.extend_from_slice(h.as_bytes());
+    layer.symlink("dev2", &sb.host("sentinel"));
+    layer.entry(b"dev2/fifo", EntryType::Fifo, b"", b"");
+    let report = sb.apply(&layer.finish()).unwrap();
+    let md = fs::symlink_metadata(sb.root().join("dev/nul")).ok();
+    if is_root() {
+        assert_eq!(md.unwrap().rdev(), nix::sys::stat::makedev(1, 3));
+    } else {
+        assert!(
+            md.is_none() && report.skipped.len() == 1,
+            "{:?}",
+            report.skipped
+        );
+    }
+    let inside = sb.root().join(sb.host("sentinel").trim_start_matches('/'));
+    assert!(fs::symlink_metadata(inside.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+}
