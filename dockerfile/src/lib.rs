@@ -28,9 +28,9 @@ mod syntax;
 pub use dump::{dump, dump_node, go_quote};
 pub use error::Error;
 pub use plan::{
-    base_images, plan, validate, Base, BaseImageInfo, BuildPlan, Copy, Healthcheck, InlineFile,
-    Instruction, Location, Mount, MountType, Network, PlanOptions, Run, Security, Sharing, Source,
-    Stage, Step, DEFAULT_PATH, DEFAULT_SHELL, PROXY_ARGS,
+    base_images, base_images_with_platforms, plan, validate, Base, BaseImageInfo, BuildPlan, Copy,
+    Healthcheck, InlineFile, Instruction, Location, Mount, MountType, Network, PlanOptions, Run,
+    Security, Sharing, Source, Stage, Step, DEFAULT_PATH, DEFAULT_SHELL, PROXY_ARGS,
 };
 pub use syntax::{
     parse, parse_heredoc, Directive, Dockerfile, Heredoc, Node, Warning, INSTRUCTIONS,

@@ -863,6 +863,32 @@ pub fn base_images(df: &Dockerfile, opts: &PlanOptions) -> Result<Vec<String>, E
     Ok(out)
 }
 
+/// Like [`base_images`], with the platform each image is needed for: the stage's
+/// `FROM --platform` when given, else the target platform. One entry per distinct pair.
+pub fn base_images_with_platforms(
+    df: &Dockerfile,
+    opts: &PlanOptions,
+) -> Result<Vec<(String, Platform)>, Error> {
+    let ctx = Ctx { df };
+    let checked = check(&ctx, df)?;
+    let r = resolve(&ctx, &checked, opts)?;
+    let mut out: Vec<(String, Platform)> = Vec::new();
+    for &i in &r.needed {
+        if let (FromBase::Image(img), platform) = &r.froms[i] {
+            let entry = (
+                img.clone(),
+                platform
+                    .clone()
+                    .unwrap_or_else(|| opts.target_platform.clone()),
+            );
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Checks every instruction (unknown instructions and flags, argument counts, stage
 /// names) without planning.
 pub fn validate(df: &Dockerfile) -> Result<(), Error> {

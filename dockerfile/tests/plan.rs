@@ -269,3 +269,25 @@ fn every_other_instruction() {
     };
     assert_eq!(l, &vec![("maintainer".to_string(), "me".to_string())]);
 }
+
+#[test]
+fn base_images_come_with_their_platform() {
+    let df = parse(
+        "FROM --platform=$BUILDPLATFORM golang AS b\nFROM alpine\nCOPY --from=b /x /x\n",
+        "D",
+    )
+    .unwrap();
+    let opts = PlanOptions {
+        target_platform: "linux/arm64".parse().unwrap(),
+        build_platform: "linux/amd64".parse().unwrap(),
+        ..PlanOptions::default()
+    };
+    let b = base_images_with_platforms(&df, &opts).unwrap();
+    assert_eq!(
+        b,
+        vec![
+            ("golang".to_string(), "linux/amd64".parse().unwrap()),
+            ("alpine".to_string(), "linux/arm64".parse().unwrap())
+        ]
+    );
+}
