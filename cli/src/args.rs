@@ -1,0 +1,289 @@
+//! The command line, as DESIGN.md fixes it (docker build / buildx conventions).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ossb_coordinator::{BuildRequest, BuildResult, Output};
+use ossb_image::registry::RegistryOptions;
+use ossb_protocol::Platform;
+
+/// ossb: build OCI images from Dockerfiles, without a daemon and without privileges.
+#[derive(Parser, Debug)]
+#[command(name = "ossb", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build an image from a Dockerfile and a context directory.
+    Build(Box<BuildArgs>),
+    /// Tools for looking inside ossb.
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DebugCommand {
+    /// Print a Dockerfile's parse tree in BuildKit's dump format.
+    Parse {
+        /// The Dockerfile (`-` for stdin).
+        file: String,
+    },
+}
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// tty on a terminal, plain otherwise.
+    Auto,
+    /// Interactive display (for now the same as plain).
+    Tty,
+    /// One line per event.
+    Plain,
+    /// One JSON object per event.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Isolation {
+    /// Rootless if user namespaces work.
+    Auto,
+    /// A user namespace with mount, pid, uts and ipc namespaces per RUN.
+    Rootless,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The build context directory.
+    pub context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads it from stdin).
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub file: Option<String>,
+    /// Name and tag of the image, e.g. registry:5000/app:1.0 (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "REF")]
+    pub tags: Vec<String>,
+    /// Target platform, e.g. linux/amd64 (default: this machine's).
+    #[arg(long, value_name = "PLATFORMS")]
+    pub platform: Option<String>,
+    /// A build argument, KEY=VALUE (or KEY to take it from the environment; repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// The stage to build (default: the last).
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// Push the image to the registry of each tag (same as --output type=registry).
+    #[arg(long)]
+    pub push: bool,
+    /// Where the image goes: type=registry | type=oci,dest=PATH[,tar=false].
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    pub outputs: Vec<String>,
+    /// Run every step, using no cached result.
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+    /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// How progress is shown.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// A label for the image, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// A registry spoken to over plain HTTP, HOST:PORT (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// A CA certificate to trust for a registry, HOST:PORT=CAFILE (repeatable).
+    #[arg(long = "registry-certificate", value_name = "HOST:PORT=CAFILE")]
+    pub registry_certificates: Vec<String>,
+    /// How RUN steps are isolated.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub isolation: Isolation,
+    /// Write build metadata (containerimage.digest, ...) as JSON to this file.
+    #[arg(long = "metadata-file", value_name = "PATH")]
+    pub metadata_file: Option<PathBuf>,
+    /// Write the image ID (the config digest) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub iidfile: Option<PathBuf>,
+}
+
+/// What the CLI does itself after the build.
+pub struct Extras {
+    pub progress: ProgressMode,
+    metadata_file: Option<PathBuf>,
+    iidfile: Option<PathBuf>,
+}
+
+impl Extras {
+    /// Writes --metadata-file and --iidfile.
+    pub fn write_files(&self, req: &BuildRequest, result: &BuildResult) -> Result<(), String> {
+        if let Some(path) = &self.iidfile {
+            ossb_image::export::write_file_atomically(path, result.config_digest.to_string().as_bytes()).map_err(|e| e.to_string())?;
+        }
+        if let Some(path) = &self.metadata_file {
+            let mut meta = serde_json::Map::new();
+            meta.insert("containerimage.digest".into(), result.manifest.digest.to_string().into());
+            meta.insert("containerimage.config.digest".into(), result.config_digest.to_string().into());
+            meta.insert("containerimage.descriptor".into(), serde_json::to_value(&result.manifest).unwrap_or_default());
+            if !req.tags.is_empty() {
+                meta.insert("image.name".into(), req.tags.join(",").into());
+            }
+            let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
+            ossb_image::export::write_file_atomically(path, text.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn key_values(flag: &str, values: &[String], from_env: bool) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for v in values {
+        match v.split_once('=') {
+            Some((k, val)) if !k.is_empty() => {
+                out.insert(k.to_string(), val.to_string());
+            }
+            None if from_env && !v.is_empty() => {
+                // As docker: `--build-arg NAME` takes NAME from the environment, if set.
+                if let Ok(val) = std::env::var(v) {
+                    out.insert(v.clone(), val);
+                }
+            }
+            _ => return Err(format!("{flag} {v:?}: expected KEY=VALUE")),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_output(spec: &str) -> Result<Output, String> {
+    let mut fields = BTreeMap::new();
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some((k, v)) => {
+                fields.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            None => return Err(format!("--output {spec:?}: expected type=...,key=value (e.g. type=oci,dest=image.tar)")),
+        }
+    }
+    let bool_field = |name: &str, default: bool| -> Result<bool, String> {
+        match fields.get(name).map(String::as_str) {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(other) => Err(format!("--output {spec:?}: {name}={other} must be true or false")),
+        }
+    };
+    match fields.get("type").map(String::as_str) {
+        Some("registry") => Ok(Output::Registry),
+        Some("image") if bool_field("push", false)? => Ok(Output::Registry),
+        Some("oci") => {
+            let dest = fields.get("dest").ok_or_else(|| format!("--output {spec:?}: type=oci needs dest=PATH"))?;
+            Ok(Output::Oci { dest: PathBuf::from(dest), tar: bool_field("tar", true)? })
+        }
+        Some(other @ ("docker" | "local" | "tar" | "image")) => {
+            Err(format!("--output type={other} is not supported yet; use type=registry or type=oci,dest=PATH"))
+        }
+        Some(other) => Err(format!("--output {spec:?}: unknown type {other:?} (expected registry or oci)")),
+        None => Err(format!("--output {spec:?}: missing type= (e.g. type=registry)")),
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("OSSB_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("ossb");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache/ossb")
+}
+
+impl BuildArgs {
+    /// Validates the flags and turns them into a build request.
+    pub fn into_request(self) -> Result<(BuildRequest, Extras), String> {
+        let platform = match self.platform.as_deref() {
+            None => Platform::host(),
+            Some(list) => {
+                let platforms: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                if platforms.len() != 1 {
+                    return Err(format!("--platform {list}: building several platforms at once is not supported yet; build one platform per run"));
+                }
+                platforms[0].parse::<Platform>().map_err(|e| format!("--platform: {e}"))?
+            }
+        };
+        let (dockerfile, dockerfile_name) = match self.file.as_deref() {
+            Some("-") => {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| format!("reading the Dockerfile from stdin: {e}"))?;
+                (s, "Dockerfile".to_string())
+            }
+            file => {
+                let path = file.map(PathBuf::from).unwrap_or_else(|| self.context.join("Dockerfile"));
+                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read the Dockerfile {}: {e}", path.display()))?;
+                let text = String::from_utf8(bytes).map_err(|_| format!("the Dockerfile {} is not valid UTF-8", path.display()))?;
+                (text, path.display().to_string())
+            }
+        };
+        let mut outputs = self.outputs.iter().map(|o| parse_output(o)).collect::<Result<Vec<_>, _>>()?;
+        if self.push && !outputs.contains(&Output::Registry) {
+            outputs.push(Output::Registry);
+        }
+        if outputs.contains(&Output::Registry) && self.tags.is_empty() {
+            return Err("--push needs at least one --tag naming the registry and repository".into());
+        }
+        let mut certificates = Vec::new();
+        for spec in &self.registry_certificates {
+            let (host, file) = spec.split_once('=').ok_or_else(|| format!("--registry-certificate {spec:?}: expected HOST:PORT=CAFILE"))?;
+            certificates.push((host.to_string(), PathBuf::from(file)));
+        }
+        let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))?),
+            _ => None,
+        };
+        let context = self.context.clone();
+        let request = BuildRequest {
+            context,
+            dockerfile,
+            dockerfile_name,
+            tags: self.tags.clone(),
+            platform,
+            build_args: key_values("--build-arg", &self.build_args, true)?,
+            target: self.target.clone(),
+            labels: key_values("--label", &self.labels, false)?,
+            outputs,
+            cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+            registry: RegistryOptions { insecure: self.insecure_registries.clone(), certificates },
+            source_date_epoch,
+            sandbox_exe: std::env::current_exe().map_err(|e| format!("cannot find the ossb binary: {e}"))?,
+        };
+        let _ = self.no_cache; // No step cache exists yet: every build runs every step.
+        let _ = self.isolation;
+        Ok((request, Extras { progress: self.progress, metadata_file: self.metadata_file, iidfile: self.iidfile }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_outputs() {
+        assert_eq!(parse_output("type=registry").unwrap(), Output::Registry);
+        assert_eq!(parse_output("type=oci,dest=x.tar").unwrap(), Output::Oci { dest: "x.tar".into(), tar: true });
+        assert_eq!(parse_output("type=oci,dest=dir,tar=false").unwrap(), Output::Oci { dest: "dir".into(), tar: false });
+        assert!(parse_output("type=oci").is_err());
+        assert!(parse_output("type=bogus").is_err());
+        assert!(parse_output("oci").is_err());
+    }
+
+    #[test]
+    fn parses_key_values() {
+        let kv = key_values("--label", &["a=1".into(), "b=x=y".into()], false).unwrap();
+        assert_eq!(kv["b"], "x=y");
+        assert!(key_values("--label", &["=1".into()], false).is_err());
+    }
+}

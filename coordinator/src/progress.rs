@@ -1,0 +1,48 @@
+//! Progress events of a build. The coordinator emits them; the CLI renders them.
+
+use std::time::Duration;
+
+/// Something that happened during a build.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A vertex (a step, a pull, an export) started.
+    Started {
+        /// Sequence number, as in BuildKit's `#N`.
+        id: usize,
+        /// What it is, e.g. `[1/4] RUN make`.
+        name: String,
+    },
+    /// A line of output from a running vertex.
+    Output {
+        /// The vertex.
+        id: usize,
+        /// Time since the vertex started.
+        elapsed: Duration,
+        /// The line.
+        line: String,
+    },
+    /// A vertex finished.
+    Done {
+        /// The vertex.
+        id: usize,
+        /// How long it took.
+        elapsed: Duration,
+    },
+    /// A vertex failed; the build error follows.
+    Failed {
+        /// The vertex.
+        id: usize,
+        /// How long it ran.
+        elapsed: Duration,
+        /// The error, one line.
+        message: String,
+    },
+    /// A message about the build as a whole.
+    Info(String),
+}
+
+/// Receives the events of a build.
+pub trait Progress: Send + Sync {
+    /// Handles one event; must not block for long.
+    fn event(&self, event: Event);
+}
