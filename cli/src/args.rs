@@ -122,24 +122,42 @@ impl Extras {
     /// Writes --metadata-file and --iidfile.
     pub fn write_files(&self, req: &BuildRequest, result: &BuildResult) -> Result<(), String> {
         if let Some(path) = &self.iidfile {
-            ossb_image::export::write_file_atomically(path, result.config_digest.to_string().as_bytes()).map_err(|e| e.to_string())?;
+            ossb_image::export::write_file_atomically(
+                path,
+                result.config_digest.to_string().as_bytes(),
+            )
+            .map_err(|e| e.to_string())?;
         }
         if let Some(path) = &self.metadata_file {
             let mut meta = serde_json::Map::new();
-            meta.insert("containerimage.digest".into(), result.manifest.digest.to_string().into());
-            meta.insert("containerimage.config.digest".into(), result.config_digest.to_string().into());
-            meta.insert("containerimage.descriptor".into(), serde_json::to_value(&result.manifest).unwrap_or_default());
+            meta.insert(
+                "containerimage.digest".into(),
+                result.manifest.digest.to_string().into(),
+            );
+            meta.insert(
+                "containerimage.config.digest".into(),
+                result.config_digest.to_string().into(),
+            );
+            meta.insert(
+                "containerimage.descriptor".into(),
+                serde_json::to_value(&result.manifest).unwrap_or_default(),
+            );
             if !req.tags.is_empty() {
                 meta.insert("image.name".into(), req.tags.join(",").into());
             }
             let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
-            ossb_image::export::write_file_atomically(path, text.as_bytes()).map_err(|e| e.to_string())?;
+            ossb_image::export::write_file_atomically(path, text.as_bytes())
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 }
 
-fn key_values(flag: &str, values: &[String], from_env: bool) -> Result<BTreeMap<String, String>, String> {
+fn key_values(
+    flag: &str,
+    values: &[String],
+    from_env: bool,
+) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for v in values {
         match v.split_once('=') {
@@ -165,7 +183,11 @@ fn parse_output(spec: &str) -> Result<Output, String> {
             Some((k, v)) => {
                 fields.insert(k.trim().to_string(), v.trim().to_string());
             }
-            None => return Err(format!("--output {spec:?}: expected type=...,key=value (e.g. type=oci,dest=image.tar)")),
+            None => {
+                return Err(format!(
+                    "--output {spec:?}: expected type=...,key=value (e.g. type=oci,dest=image.tar)"
+                ))
+            }
         }
     }
     let bool_field = |name: &str, default: bool| -> Result<bool, String> {
@@ -173,21 +195,32 @@ fn parse_output(spec: &str) -> Result<Output, String> {
             None => Ok(default),
             Some("true") => Ok(true),
             Some("false") => Ok(false),
-            Some(other) => Err(format!("--output {spec:?}: {name}={other} must be true or false")),
+            Some(other) => Err(format!(
+                "--output {spec:?}: {name}={other} must be true or false"
+            )),
         }
     };
     match fields.get("type").map(String::as_str) {
         Some("registry") => Ok(Output::Registry),
         Some("image") if bool_field("push", false)? => Ok(Output::Registry),
         Some("oci") => {
-            let dest = fields.get("dest").ok_or_else(|| format!("--output {spec:?}: type=oci needs dest=PATH"))?;
-            Ok(Output::Oci { dest: PathBuf::from(dest), tar: bool_field("tar", true)? })
+            let dest = fields
+                .get("dest")
+                .ok_or_else(|| format!("--output {spec:?}: type=oci needs dest=PATH"))?;
+            Ok(Output::Oci {
+                dest: PathBuf::from(dest),
+                tar: bool_field("tar", true)?,
+            })
         }
-        Some(other @ ("docker" | "local" | "tar" | "image")) => {
-            Err(format!("--output type={other} is not supported yet; use type=registry or type=oci,dest=PATH"))
-        }
-        Some(other) => Err(format!("--output {spec:?}: unknown type {other:?} (expected registry or oci)")),
-        None => Err(format!("--output {spec:?}: missing type= (e.g. type=registry)")),
+        Some(other @ ("docker" | "local" | "tar" | "image")) => Err(format!(
+            "--output type={other} is not supported yet; use type=registry or type=oci,dest=PATH"
+        )),
+        Some(other) => Err(format!(
+            "--output {spec:?}: unknown type {other:?} (expected registry or oci)"
+        )),
+        None => Err(format!(
+            "--output {spec:?}: missing type= (e.g. type=registry)"
+        )),
     }
 }
 
@@ -198,7 +231,9 @@ fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("ossb");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache/ossb")
 }
 
@@ -208,40 +243,62 @@ impl BuildArgs {
         let platform = match self.platform.as_deref() {
             None => Platform::host(),
             Some(list) => {
-                let platforms: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                let platforms: Vec<&str> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
                 if platforms.len() != 1 {
                     return Err(format!("--platform {list}: building several platforms at once is not supported yet; build one platform per run"));
                 }
-                platforms[0].parse::<Platform>().map_err(|e| format!("--platform: {e}"))?
+                platforms[0]
+                    .parse::<Platform>()
+                    .map_err(|e| format!("--platform: {e}"))?
             }
         };
         let (dockerfile, dockerfile_name) = match self.file.as_deref() {
             Some("-") => {
                 let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| format!("reading the Dockerfile from stdin: {e}"))?;
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .map_err(|e| format!("reading the Dockerfile from stdin: {e}"))?;
                 (s, "Dockerfile".to_string())
             }
             file => {
-                let path = file.map(PathBuf::from).unwrap_or_else(|| self.context.join("Dockerfile"));
-                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read the Dockerfile {}: {e}", path.display()))?;
-                let text = String::from_utf8(bytes).map_err(|_| format!("the Dockerfile {} is not valid UTF-8", path.display()))?;
+                let path = file
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| self.context.join("Dockerfile"));
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read the Dockerfile {}: {e}", path.display()))?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| format!("the Dockerfile {} is not valid UTF-8", path.display()))?;
                 (text, path.display().to_string())
             }
         };
-        let mut outputs = self.outputs.iter().map(|o| parse_output(o)).collect::<Result<Vec<_>, _>>()?;
+        let mut outputs = self
+            .outputs
+            .iter()
+            .map(|o| parse_output(o))
+            .collect::<Result<Vec<_>, _>>()?;
         if self.push && !outputs.contains(&Output::Registry) {
             outputs.push(Output::Registry);
         }
         if outputs.contains(&Output::Registry) && self.tags.is_empty() {
-            return Err("--push needs at least one --tag naming the registry and repository".into());
+            return Err(
+                "--push needs at least one --tag naming the registry and repository".into(),
+            );
         }
         let mut certificates = Vec::new();
         for spec in &self.registry_certificates {
-            let (host, file) = spec.split_once('=').ok_or_else(|| format!("--registry-certificate {spec:?}: expected HOST:PORT=CAFILE"))?;
+            let (host, file) = spec.split_once('=').ok_or_else(|| {
+                format!("--registry-certificate {spec:?}: expected HOST:PORT=CAFILE")
+            })?;
             certificates.push((host.to_string(), PathBuf::from(file)));
         }
         let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))?),
+            Ok(v) if !v.is_empty() => Some(
+                v.parse::<i64>()
+                    .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))?,
+            ),
             _ => None,
         };
         let context = self.context.clone();
@@ -256,13 +313,24 @@ impl BuildArgs {
             labels: key_values("--label", &self.labels, false)?,
             outputs,
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
-            registry: RegistryOptions { insecure: self.insecure_registries.clone(), certificates },
+            registry: RegistryOptions {
+                insecure: self.insecure_registries.clone(),
+                certificates,
+            },
             source_date_epoch,
-            sandbox_exe: std::env::current_exe().map_err(|e| format!("cannot find the ossb binary: {e}"))?,
+            sandbox_exe: std::env::current_exe()
+                .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
         };
         let _ = self.no_cache; // No step cache exists yet: every build runs every step.
         let _ = self.isolation;
-        Ok((request, Extras { progress: self.progress, metadata_file: self.metadata_file, iidfile: self.iidfile }))
+        Ok((
+            request,
+            Extras {
+                progress: self.progress,
+                metadata_file: self.metadata_file,
+                iidfile: self.iidfile,
+            },
+        ))
     }
 }
 
@@ -273,8 +341,20 @@ mod tests {
     #[test]
     fn parses_outputs() {
         assert_eq!(parse_output("type=registry").unwrap(), Output::Registry);
-        assert_eq!(parse_output("type=oci,dest=x.tar").unwrap(), Output::Oci { dest: "x.tar".into(), tar: true });
-        assert_eq!(parse_output("type=oci,dest=dir,tar=false").unwrap(), Output::Oci { dest: "dir".into(), tar: false });
+        assert_eq!(
+            parse_output("type=oci,dest=x.tar").unwrap(),
+            Output::Oci {
+                dest: "x.tar".into(),
+                tar: true
+            }
+        );
+        assert_eq!(
+            parse_output("type=oci,dest=dir,tar=false").unwrap(),
+            Output::Oci {
+                dest: "dir".into(),
+                tar: false
+            }
+        );
         assert!(parse_output("type=oci").is_err());
         assert!(parse_output("type=bogus").is_err());
         assert!(parse_output("oci").is_err());

@@ -20,7 +20,9 @@ pub fn for_mode(mode: ProgressMode) -> Box<dyn Display> {
         ProgressMode::Json => Box::new(Json),
         ProgressMode::Auto | ProgressMode::Tty | ProgressMode::Plain => {
             let _ = std::io::stderr().is_terminal();
-            Box::new(Plain { last: Mutex::new(None) })
+            Box::new(Plain {
+                last: Mutex::new(None),
+            })
         }
     }
 }
@@ -46,11 +48,24 @@ impl Progress for Plain {
     fn event(&self, event: Event) {
         match event {
             Event::Started { id, name } => self.print(Some(id), &format!("#{id} {name}")),
-            Event::Output { id, elapsed, line } => self.print(Some(id), &format!("#{id} {:.3} {line}", elapsed.as_secs_f64())),
-            Event::Done { id, elapsed } => self.print(Some(id), &format!("#{id} DONE {:.1}s", elapsed.as_secs_f64())),
-            Event::Failed { id, elapsed, message } => {
+            Event::Output { id, elapsed, line } => self.print(
+                Some(id),
+                &format!("#{id} {:.3} {line}", elapsed.as_secs_f64()),
+            ),
+            Event::Done { id, elapsed } => self.print(
+                Some(id),
+                &format!("#{id} DONE {:.1}s", elapsed.as_secs_f64()),
+            ),
+            Event::Failed {
+                id,
+                elapsed,
+                message,
+            } => {
                 let first = message.lines().next().unwrap_or_default();
-                self.print(Some(id), &format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64()))
+                self.print(
+                    Some(id),
+                    &format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64()),
+                )
             }
             Event::Info(text) => self.print(None, &text),
         }
@@ -59,7 +74,13 @@ impl Progress for Plain {
 
 impl Display for Plain {
     fn summary(&self, result: &BuildResult) {
-        self.print(None, &format!("built {} (config {})", result.manifest.digest, result.config_digest));
+        self.print(
+            None,
+            &format!(
+                "built {} (config {})",
+                result.manifest.digest, result.config_digest
+            ),
+        );
         for p in &result.pushed {
             self.print(None, &format!("pushed {p}"));
         }

@@ -17,7 +17,9 @@ fn main() -> ExitCode {
     // The sandbox child must stay single-threaded: dispatch to it before anything else runs.
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if raw.get(1).is_some_and(|a| a == sandbox::SUBCOMMAND) {
-        let Some(spec) = raw.get(2) else { return ExitCode::from(2) };
+        let Some(spec) = raw.get(2) else {
+            return ExitCode::from(2);
+        };
         return exit(sandbox::child_main(std::path::Path::new(spec)));
     }
     let cli = Cli::parse();
@@ -35,7 +37,9 @@ fn main() -> ExitCode {
             }
             run_build(*build)
         }
-        Command::Debug { command: DebugCommand::Parse { file } } => debug_parse(&file),
+        Command::Debug {
+            command: DebugCommand::Parse { file },
+        } => debug_parse(&file),
     }
 }
 
@@ -44,8 +48,13 @@ fn exit(code: i32) -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn run_build(args: BuildArgs) -> ExitCode {
@@ -61,7 +70,10 @@ fn run_build(args: BuildArgs) -> ExitCode {
     };
     let (request, extras) = request;
     let display = display::for_mode(extras.progress);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

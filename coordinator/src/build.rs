@@ -6,11 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ossb_dockerfile::{self as dockerfile, Base, BaseImageInfo, Instruction, PlanOptions, Source, Step};
+use ossb_dockerfile::{
+    self as dockerfile, Base, BaseImageInfo, Instruction, PlanOptions, Source, Step,
+};
 use ossb_image::export::{self, NamedImage};
 use ossb_image::layer::{self, ApplyOptions, Change, Compression, LayerOptions};
-use ossb_image::oci::{self, media_type, Descriptor, DescriptorPlatform, History, ImageConfig, Manifest};
-use ossb_image::registry::{parse_reference, PulledImage, Registry, RegistryError, RegistryOptions};
+use ossb_image::oci::{
+    self, media_type, Descriptor, DescriptorPlatform, History, ImageConfig, Manifest,
+};
+use ossb_image::registry::{
+    parse_reference, PulledImage, Registry, RegistryError, RegistryOptions,
+};
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::fs::{self as wfs, Ownership};
@@ -142,12 +148,18 @@ struct Engine<'a> {
 pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildResult, BuildError> {
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
     if !req.context.is_dir() {
-        return Err(BuildError::Usage(format!("build context {} is not a directory", req.context.display())));
+        return Err(BuildError::Usage(format!(
+            "build context {} is not a directory",
+            req.context.display()
+        )));
     }
     let store = BlobStore::open(&req.cache_dir).map_err(local("opening the cache"))?;
     let work_root = req.cache_dir.join("work");
     std::fs::create_dir_all(&work_root).map_err(local("creating the work directory"))?;
-    let work = tempfile::Builder::new().prefix("build-").tempdir_in(&work_root).map_err(local("creating the work directory"))?;
+    let work = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&work_root)
+        .map_err(local("creating the work directory"))?;
     let mut engine = Engine {
         req,
         progress,
@@ -176,14 +188,24 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         let state = engine.run_stage(&plan, index, &done).await?;
         done.insert(index, state);
     }
-    let mut final_state = done.remove(&plan.target).ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
+    let mut final_state = done
+        .remove(&plan.target)
+        .ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
     if !req.labels.is_empty() {
-        let labels = final_state.config.config.labels.get_or_insert_with(BTreeMap::new);
+        let labels = final_state
+            .config
+            .config
+            .labels
+            .get_or_insert_with(BTreeMap::new);
         labels.extend(req.labels.clone());
     }
     let (manifest, config_digest) = engine.write_image(&final_state)?;
     let pushed = engine.export(&final_state, &manifest).await?;
-    Ok(BuildResult { manifest, config_digest, pushed })
+    Ok(BuildResult {
+        manifest,
+        config_digest,
+        pushed,
+    })
 }
 
 /// The stages `target` depends on (through FROM and COPY --from / RUN --mount from), in order.
@@ -222,7 +244,10 @@ fn base_info(config: &ImageConfig) -> BaseImageInfo {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`).
@@ -239,7 +264,12 @@ fn rfc3339(secs: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 impl Engine<'_> {
@@ -249,23 +279,43 @@ impl Engine<'_> {
         (id, Instant::now())
     }
 
-    fn finish<T, E: std::fmt::Display>(&self, id: usize, started: Instant, result: Result<T, E>) -> Result<T, E> {
+    fn finish<T, E: std::fmt::Display>(
+        &self,
+        id: usize,
+        started: Instant,
+        result: Result<T, E>,
+    ) -> Result<T, E> {
         let elapsed = started.elapsed();
         match &result {
             Ok(_) => self.progress.event(Event::Done { id, elapsed }),
-            Err(e) => self.progress.event(Event::Failed { id, elapsed, message: e.to_string() }),
+            Err(e) => self.progress.event(Event::Failed {
+                id,
+                elapsed,
+                message: e.to_string(),
+            }),
         }
         result
     }
 
     async fn pull(&self, reference: &str) -> Result<PulledImage, BuildError> {
         let parsed = parse_reference(reference)?;
-        let (id, t) = self.start(format!("[internal] load metadata and layers for {}", parsed.whole()));
-        let result = self.registry.pull(&parsed, &self.req.platform, &self.store).await;
+        let (id, t) = self.start(format!(
+            "[internal] load metadata and layers for {}",
+            parsed.whole()
+        ));
+        let result = self
+            .registry
+            .pull(&parsed, &self.req.platform, &self.store)
+            .await;
         Ok(self.finish(id, t, result)?)
     }
 
-    async fn run_stage(&mut self, plan: &dockerfile::BuildPlan, index: usize, done: &HashMap<usize, StageState>) -> Result<StageState, BuildError> {
+    async fn run_stage(
+        &mut self,
+        plan: &dockerfile::BuildPlan,
+        index: usize,
+        done: &HashMap<usize, StageState>,
+    ) -> Result<StageState, BuildError> {
         let stage = &plan.stages[index];
         let rootfs = self.work.path().join(format!("stage-{index}"));
         std::fs::create_dir_all(&rootfs).map_err(local("creating the rootfs"))?;
@@ -280,31 +330,46 @@ impl Engine<'_> {
                 Vec::new(),
             ),
             Base::Image(reference) => {
-                let pulled = self.pulled.get(reference).ok_or_else(|| BuildError::Local(format!("base image {reference} was not pulled")))?;
+                let pulled = self.pulled.get(reference).ok_or_else(|| {
+                    BuildError::Local(format!("base image {reference} was not pulled"))
+                })?;
                 (pulled.config.clone(), pulled.manifest.layers.clone())
             }
             Base::Stage(dep) => {
-                let dep = done.get(dep).ok_or_else(|| BuildError::Local(format!("stage {dep} has not run")))?;
+                let dep = done
+                    .get(dep)
+                    .ok_or_else(|| BuildError::Local(format!("stage {dep} has not run")))?;
                 (dep.config.clone(), dep.layers.clone())
             }
         };
-        let name = stage.name.clone().unwrap_or_else(|| format!("stage-{index}"));
+        let name = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{index}"));
         let (id, t) = self.start(format!("[{name}] unpack {} layers", layers.len()));
         let unpacked = self.unpack(&layers, &rootfs).await;
         self.finish(id, t, unpacked)?;
-        let mut state = StageState { config, layers, rootfs };
+        let mut state = StageState {
+            config,
+            layers,
+            rootfs,
+        };
         // A new stage's history starts from its base's; ONBUILD triggers are consumed.
         state.config.config.on_build = None;
         let total = stage.steps.len();
         for (n, step) in stage.steps.iter().enumerate() {
-            let label = format!("[{name} {}/{total}] {}", n + 1, step.created_by.trim_end_matches(" # buildkit"));
+            let label = format!("[{name} {}/{total}] {}", n + 1, step_title(step));
             let (id, t) = self.start(label);
             let result = self.run_step(step, &mut state, done, id, t).await;
-            self.finish(id, t, result.map_err(|message| BuildError::Step {
-                location: format!("{}:{}", self.req.dockerfile_name, step.location.start_line),
-                instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
-                message,
-            }))?;
+            self.finish(
+                id,
+                t,
+                result.map_err(|message| BuildError::Step {
+                    location: format!("{}:{}", self.req.dockerfile_name, step.location.start_line),
+                    instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
+                    message,
+                }),
+            )?;
         }
         Ok(state)
     }
@@ -317,8 +382,12 @@ impl Engine<'_> {
             let mut notes = Vec::new();
             for layer in &layers {
                 let blob = store.open_blob(&layer.digest).map_err(|e| e.to_string())?;
-                let report = layer::apply_layer(std::io::BufReader::new(blob), &rootfs, &ApplyOptions::default())
-                    .map_err(|e| format!("layer {}: {e}", layer.digest))?;
+                let report = layer::apply_layer(
+                    std::io::BufReader::new(blob),
+                    &rootfs,
+                    &ApplyOptions::default(),
+                )
+                .map_err(|e| format!("layer {}: {e}", layer.digest))?;
                 notes.extend(report.skipped);
             }
             Ok(notes)
@@ -350,7 +419,9 @@ impl Engine<'_> {
                 false
             }
             Instruction::Label(pairs) => {
-                cfg.labels.get_or_insert_with(BTreeMap::new).extend(pairs.iter().cloned());
+                cfg.labels
+                    .get_or_insert_with(BTreeMap::new)
+                    .extend(pairs.iter().cloned());
                 false
             }
             Instruction::User(user) => {
@@ -360,7 +431,11 @@ impl Engine<'_> {
             Instruction::Expose(ports) => {
                 let exposed = cfg.exposed_ports.get_or_insert_with(BTreeMap::new);
                 for p in ports {
-                    let p = if p.contains('/') { p.clone() } else { format!("{p}/tcp") };
+                    let p = if p.contains('/') {
+                        p.clone()
+                    } else {
+                        format!("{p}/tcp")
+                    };
                     exposed.insert(p, serde_json::json!({}));
                 }
                 false
@@ -391,7 +466,9 @@ impl Engine<'_> {
                 false
             }
             Instruction::OnBuild(trigger) => {
-                cfg.on_build.get_or_insert_with(Vec::new).push(trigger.clone());
+                cfg.on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(trigger.clone());
                 false
             }
             Instruction::Healthcheck(h) => {
@@ -408,13 +485,17 @@ impl Engine<'_> {
             }
             // ARG only changes what later steps see, and the planner has already applied it.
             Instruction::Arg(_) => false,
-            Instruction::Workdir(_) | Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) => true,
+            Instruction::Workdir(_)
+            | Instruction::Run(_)
+            | Instruction::Copy(_)
+            | Instruction::Add(_) => true,
         };
         let mut empty_layer = true;
         if changes_fs {
             let before = snapshot(&state.rootfs).await?;
             let mount_points = match &step.instruction {
-                Instruction::Run(_) => sandbox::prepare_mount_points(&state.rootfs).map_err(|e| format!("preparing the sandbox: {e}"))?,
+                Instruction::Run(_) => sandbox::prepare_mount_points(&state.rootfs)
+                    .map_err(|e| format!("preparing the sandbox: {e}"))?,
                 _ => Vec::new(),
             };
             let result = self.apply_fs_step(step, state, done, id, started).await;
@@ -451,31 +532,54 @@ impl Engine<'_> {
         started: Instant,
     ) -> Result<(), String> {
         let cfg = &mut state.config.config;
-        let cwd = cfg.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
-        let user = cfg.user.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "0".into());
+        let cwd = cfg
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        let user = cfg
+            .user
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "0".into());
         match &step.instruction {
             Instruction::Workdir(dir) => {
                 let dir = absolute_in(&cwd, dir);
                 let owner = wfs::lookup_user(&state.rootfs, &user).map_err(|e| e.to_string())?;
-                wfs::make_workdir(&state.rootfs, &dir, (owner.uid, owner.gid)).map_err(|e| e.to_string())?;
+                wfs::make_workdir(&state.rootfs, &dir, (owner.uid, owner.gid))
+                    .map_err(|e| e.to_string())?;
                 cfg.working_dir = Some(dir);
                 Ok(())
             }
             Instruction::Run(run) => {
-                let user = if run.user.is_empty() { user } else { run.user.clone() };
-                let cwd = if run.working_dir.is_empty() { cwd } else { run.working_dir.clone() };
+                let user = if run.user.is_empty() {
+                    user
+                } else {
+                    run.user.clone()
+                };
+                let cwd = if run.working_dir.is_empty() {
+                    cwd
+                } else {
+                    run.working_dir.clone()
+                };
                 let u = wfs::lookup_user(&state.rootfs, &user).map_err(|e| e.to_string())?;
-                wfs::make_workdir(&state.rootfs, &cwd, (u.uid, u.gid)).map_err(|e| e.to_string())?;
+                wfs::make_workdir(&state.rootfs, &cwd, (u.uid, u.gid))
+                    .map_err(|e| e.to_string())?;
                 let mut env = cfg.env.clone().unwrap_or_default();
                 if !env.iter().any(|kv| kv.starts_with("PATH=")) {
-                    env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+                    env.push(
+                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                    );
                 }
                 if !env.iter().any(|kv| kv.starts_with("HOME=")) {
                     env.push(format!("HOME={}", u.home));
                 }
                 for (k, v) in &run.build_env {
                     // Build args do not override the image's ENV of the same name.
-                    if !env.iter().any(|kv| kv.split_once('=').is_some_and(|(name, _)| name == k)) {
+                    if !env
+                        .iter()
+                        .any(|kv| kv.split_once('=').is_some_and(|(name, _)| name == k))
+                    {
                         env.push(format!("{k}={v}"));
                     }
                 }
@@ -489,9 +593,17 @@ impl Engine<'_> {
                     groups: u.groups,
                     hostname: "ossb".into(),
                 };
-                let display = step.created_by.trim_start_matches("RUN ").trim_end_matches(" # buildkit").to_string();
+                let display = step
+                    .created_by
+                    .trim_start_matches("RUN ")
+                    .trim_end_matches(" # buildkit")
+                    .to_string();
                 sandbox::run(&self.req.sandbox_exe, &spec, &display, |line| {
-                    self.progress.event(Event::Output { id, elapsed: started.elapsed(), line: line.to_string() })
+                    self.progress.event(Event::Output {
+                        id,
+                        elapsed: started.elapsed(),
+                        line: line.to_string(),
+                    })
                 })
                 .await
                 .map_err(|e| e.to_string())
@@ -503,12 +615,21 @@ impl Engine<'_> {
                         Some(s) => s.rootfs.clone(),
                         None => return Err(format!("COPY --from: stage {i} has not been built")),
                     },
-                    Some(Source::Image(image)) => return Err(format!("COPY --from={image}: copying from an image is not supported yet")),
+                    Some(Source::Image(image)) => {
+                        return Err(format!(
+                            "COPY --from={image}: copying from an image is not supported yet"
+                        ))
+                    }
                 };
                 if !copy.heredocs.is_empty() {
                     return Err("COPY/ADD with heredoc sources is not supported yet".into());
                 }
-                if matches!(step.instruction, Instruction::Add(_)) && copy.sources.iter().any(|s| s.contains("://") || is_archive(s)) {
+                if matches!(step.instruction, Instruction::Add(_))
+                    && copy
+                        .sources
+                        .iter()
+                        .any(|s| s.contains("://") || is_archive(s))
+                {
                     return Err("ADD of URLs and archives is not supported yet; use COPY".into());
                 }
                 let owner = match &copy.chown {
@@ -519,32 +640,62 @@ impl Engine<'_> {
                     None => (0, 0),
                 };
                 let mode = match &copy.chmod {
-                    Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| format!("--chmod={m}: only octal modes are supported so far"))?),
+                    Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| {
+                        format!("--chmod={m}: only octal modes are supported so far")
+                    })?),
                     None => None,
                 };
                 let dest = absolute_in(&cwd, &copy.dest);
                 // Keep the trailing slash: it means "a directory".
-                let dest = if copy.dest.ends_with('/') && !dest.ends_with('/') { format!("{dest}/") } else { dest };
+                let dest = if copy.dest.ends_with('/') && !dest.ends_with('/') {
+                    format!("{dest}/")
+                } else {
+                    dest
+                };
                 let rootfs = state.rootfs.clone();
                 let sources = copy.sources.clone();
-                tokio::task::spawn_blocking(move || wfs::copy_into(&source_root, &sources, &rootfs, &dest, Ownership { owner, mode }))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
+                tokio::task::spawn_blocking(move || {
+                    wfs::copy_into(
+                        &source_root,
+                        &sources,
+                        &rootfs,
+                        &dest,
+                        Ownership { owner, mode },
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
             }
             _ => Ok(()),
         }
     }
 
-    async fn write_layer(&self, rootfs: &Path, changes: Vec<Change>) -> Result<(Descriptor, Digest), String> {
+    async fn write_layer(
+        &self,
+        rootfs: &Path,
+        changes: Vec<Change>,
+    ) -> Result<(Descriptor, Digest), String> {
         let store = self.store.clone();
         let rootfs = rootfs.to_path_buf();
-        let opts = LayerOptions { compression: Compression::Gzip, source_date_epoch: self.req.source_date_epoch };
+        let opts = LayerOptions {
+            compression: Compression::Gzip,
+            source_date_epoch: self.req.source_date_epoch,
+        };
         tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), String> {
             let mut writer = store.writer().map_err(|e| e.to_string())?;
-            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts).map_err(|e| e.to_string())?;
-            writer.commit(Some(&written.digest)).map_err(|e| e.to_string())?;
-            let desc = Descriptor { media_type: written.media_type.to_string(), digest: written.digest, size: written.size, platform: None, annotations: None };
+            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts)
+                .map_err(|e| e.to_string())?;
+            writer
+                .commit(Some(&written.digest))
+                .map_err(|e| e.to_string())?;
+            let desc = Descriptor {
+                media_type: written.media_type.to_string(),
+                digest: written.digest,
+                size: written.size,
+                platform: None,
+                annotations: None,
+            };
             Ok((desc, written.diff_id))
         })
         .await
@@ -555,7 +706,10 @@ impl Engine<'_> {
         let mut config = state.config.clone();
         config.created = Some(self.created.clone());
         let config_bytes = oci::to_canonical_json(&config);
-        let config_digest = self.store.put(&config_bytes).map_err(local("storing the config"))?;
+        let config_digest = self
+            .store
+            .put(&config_bytes)
+            .map_err(local("storing the config"))?;
         let layers = state
             .layers
             .iter()
@@ -580,7 +734,10 @@ impl Engine<'_> {
             annotations: None,
         };
         let bytes = oci::to_canonical_json(&manifest);
-        let digest = self.store.put(&bytes).map_err(local("storing the manifest"))?;
+        let digest = self
+            .store
+            .put(&bytes)
+            .map_err(local("storing the manifest"))?;
         let platform = config.platform();
         Ok((
             Descriptor {
@@ -594,29 +751,60 @@ impl Engine<'_> {
         ))
     }
 
-    async fn export(&self, state: &StageState, manifest: &Descriptor) -> Result<Vec<String>, BuildError> {
+    async fn export(
+        &self,
+        state: &StageState,
+        manifest: &Descriptor,
+    ) -> Result<Vec<String>, BuildError> {
         let mut pushed = Vec::new();
         for output in &self.req.outputs {
             match output {
                 Output::Registry => {
                     if self.req.tags.is_empty() {
-                        return Err(BuildError::Usage("--push / --output type=registry needs at least one --tag".into()));
+                        return Err(BuildError::Usage(
+                            "--push / --output type=registry needs at least one --tag".into(),
+                        ));
                     }
-                    let bytes = self.store.read(&manifest.digest).map_err(local("reading the manifest"))?;
-                    let blobs: Vec<Descriptor> = state.layers.iter().cloned().chain(std::iter::once(self.config_descriptor(&bytes)?)).collect();
+                    let bytes = self
+                        .store
+                        .read(&manifest.digest)
+                        .map_err(local("reading the manifest"))?;
+                    let blobs: Vec<Descriptor> = state
+                        .layers
+                        .iter()
+                        .cloned()
+                        .chain(std::iter::once(self.config_descriptor(&bytes)?))
+                        .collect();
                     for tag in &self.req.tags {
                         let reference = parse_reference(tag)?;
                         let (id, t) = self.start(format!("pushing {}", reference.whole()));
-                        let result = self.registry.push(&reference, &self.store, &blobs, &bytes, media_type::OCI_MANIFEST).await;
+                        let result = self
+                            .registry
+                            .push(
+                                &reference,
+                                &self.store,
+                                &blobs,
+                                &bytes,
+                                media_type::OCI_MANIFEST,
+                            )
+                            .await;
                         self.finish(id, t, result)?;
                         pushed.push(format!("{}@{}", reference.whole(), manifest.digest));
                     }
                 }
                 Output::Oci { dest, tar } => {
                     let (id, t) = self.start(format!("exporting OCI layout to {}", dest.display()));
-                    let images = [NamedImage { descriptor: manifest.clone(), names: self.req.tags.clone() }];
-                    let result = if *tar { export::write_oci_tar(&self.store, &images, dest) } else { export::write_oci_dir(&self.store, &images, dest) };
-                    self.finish(id, t, result).map_err(|e| BuildError::Export(e.to_string()))?;
+                    let images = [NamedImage {
+                        descriptor: manifest.clone(),
+                        names: self.req.tags.clone(),
+                    }];
+                    let result = if *tar {
+                        export::write_oci_tar(&self.store, &images, dest)
+                    } else {
+                        export::write_oci_dir(&self.store, &images, dest)
+                    };
+                    self.finish(id, t, result)
+                        .map_err(|e| BuildError::Export(e.to_string()))?;
                 }
             }
         }
@@ -624,7 +812,8 @@ impl Engine<'_> {
     }
 
     fn config_descriptor(&self, manifest_bytes: &[u8]) -> Result<Descriptor, BuildError> {
-        let m: Manifest = serde_json::from_slice(manifest_bytes).map_err(local("reading the manifest"))?;
+        let m: Manifest =
+            serde_json::from_slice(manifest_bytes).map_err(local("reading the manifest"))?;
         Ok(m.config)
     }
 }
@@ -632,7 +821,10 @@ impl Engine<'_> {
 async fn snapshot(rootfs: &Path) -> Result<Snapshot, String> {
     let rootfs = rootfs.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let exclude: Vec<PathBuf> = sandbox::MOUNT_POINTS.iter().map(|(p, _)| PathBuf::from(p)).collect();
+        let exclude: Vec<PathBuf> = sandbox::MOUNT_POINTS
+            .iter()
+            .map(|(p, _)| PathBuf::from(p))
+            .collect();
         Snapshot::take(&rootfs, &exclude)
     })
     .await
@@ -651,7 +843,11 @@ fn oci_layer_type(mt: &str) -> &str {
 
 /// `path` made absolute against the working directory `cwd`, normalized.
 fn absolute_in(cwd: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') { path.to_string() } else { format!("{}/{path}", cwd.trim_end_matches('/')) };
+    let joined = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", cwd.trim_end_matches('/'))
+    };
     let mut parts: Vec<&str> = Vec::new();
     for part in joined.split('/') {
         match part {
@@ -665,9 +861,21 @@ fn absolute_in(cwd: &str, path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
+/// How a step is shown in progress: as written, for RUN without the SHELL prefix.
+fn step_title(step: &Step) -> String {
+    match &step.instruction {
+        Instruction::Run(run) if run.shell_form => {
+            format!("RUN {}", run.argv.last().map(String::as_str).unwrap_or_default())
+        }
+        _ => step.created_by.trim_end_matches(" # buildkit").to_string(),
+    }
+}
+
 /// Whether ADD would unpack `source` (Docker unpacks local tar archives).
 fn is_archive(source: &str) -> bool {
-    [".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"].iter().any(|ext| source.ends_with(ext))
+    [".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"]
+        .iter()
+        .any(|ext| source.ends_with(ext))
 }
 
 #[cfg(test)]

@@ -69,21 +69,8 @@ pub enum RegistryError {
         available: Vec<String>,
     },
     /// A transfer or protocol failure.
-    #[error("{action} {what} for {reference} at registry {registry} failed: {detail}{hint}")]
-    Transfer {
-        /// `pull` or `push`.
-        action: &'static str,
-        /// The blob or manifest involved.
-        what: String,
-        /// The image reference.
-        reference: String,
-        /// The registry host.
-        registry: String,
-        /// The registry's answer or the transport error.
-        detail: String,
-        /// What to try, with a leading newline, or empty.
-        hint: String,
-    },
+    #[error("{0}")]
+    Transfer(Box<TransferFailure>),
     /// The registry sent something that is not a valid manifest or config.
     #[error("registry {registry} sent an invalid {what} for {reference}: {detail}")]
     Invalid {
@@ -109,6 +96,40 @@ pub enum RegistryError {
     /// The local blob store failed, or the bytes did not verify.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A pull or push that failed for a reason other than authentication or absence.
+#[derive(Debug)]
+pub struct TransferFailure {
+    /// `pull` or `push`.
+    pub action: &'static str,
+    /// The blob or manifest involved.
+    pub what: String,
+    /// The image reference.
+    pub reference: String,
+    /// The registry host.
+    pub registry: String,
+    /// The registry's answer or the transport error.
+    pub detail: String,
+    /// What to try, with a leading newline, or empty.
+    pub hint: String,
+}
+
+impl std::fmt::Display for TransferFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let TransferFailure {
+            action,
+            what,
+            reference,
+            registry,
+            detail,
+            hint,
+        } = self;
+        write!(
+            f,
+            "{action} {what} for {reference} at registry {registry} failed: {detail}{hint}"
+        )
+    }
 }
 
 /// An image resolved for one platform, with its config and layers in the blob store.
@@ -137,7 +158,11 @@ const MANIFEST_TYPES: &[&str] = &[
 /// Parses a user's image reference with docker.io normalization (`busybox` is
 /// `docker.io/library/busybox:latest`).
 pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
-    s.parse::<Reference>().map_err(|e| RegistryError::BadReference { reference: s.to_string(), detail: e.to_string() })
+    s.parse::<Reference>()
+        .map_err(|e| RegistryError::BadReference {
+            reference: s.to_string(),
+            detail: e.to_string(),
+        })
 }
 
 impl Registry {
@@ -150,7 +175,10 @@ impl Registry {
                 path: path.clone(),
                 source,
             })?;
-            extra_root_certificates.push(Certificate { encoding: CertificateEncoding::Pem, data });
+            extra_root_certificates.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
         }
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(options.insecure.clone()),
@@ -160,21 +188,35 @@ impl Registry {
             user_agent: concat!("ossb/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
-        Ok(Registry { client: Client::new(config) })
+        Ok(Registry {
+            client: Client::new(config),
+        })
     }
 
     /// Authenticates for `action` on `reference` with the credentials from the Docker config.
-    async fn authenticate(&self, reference: &Reference, op: RegistryOperation) -> Result<(), RegistryError> {
+    async fn authenticate(
+        &self,
+        reference: &Reference,
+        op: RegistryOperation,
+    ) -> Result<(), RegistryError> {
         let auth = credentials_for(reference.resolve_registry());
-        self.client.auth(reference, &auth, op).await.map(|_| ()).map_err(|e| {
-            self.classify(e, reference, action_name(op), "authentication".into())
-        })
+        self.client
+            .auth(reference, &auth, op)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify(e, reference, action_name(op), "authentication".into()))
     }
 
     /// Resolves `reference` for `platform` and brings its manifest, config and layers into the
     /// store. Blobs already in the store are not fetched again.
-    pub async fn pull(&self, reference: &Reference, platform: &Platform, store: &BlobStore) -> Result<PulledImage, RegistryError> {
-        self.authenticate(reference, RegistryOperation::Pull).await?;
+    pub async fn pull(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+        store: &BlobStore,
+    ) -> Result<PulledImage, RegistryError> {
+        self.authenticate(reference, RegistryOperation::Pull)
+            .await?;
         let (bytes, digest) = self.fetch_manifest(reference, reference).await?;
         let (manifest_digest, manifest) = match serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
@@ -182,19 +224,31 @@ impl Registry {
         {
             Some(()) => {
                 let index: Index = self.parse(reference, "index", &bytes)?;
-                let entry = index.find(platform).ok_or_else(|| RegistryError::PlatformMissing {
-                    reference: reference.whole(),
-                    wanted: platform.clone(),
-                    available: index.platforms(),
-                })?;
+                let entry = index
+                    .find(platform)
+                    .ok_or_else(|| RegistryError::PlatformMissing {
+                        reference: reference.whole(),
+                        wanted: platform.clone(),
+                        available: index.platforms(),
+                    })?;
                 let by_digest = reference.clone_with_digest(entry.digest.to_string());
                 let (bytes, digest) = self.fetch_manifest(reference, &by_digest).await?;
-                (digest, self.parse::<Manifest>(reference, "manifest", &bytes)?)
+                (
+                    digest,
+                    self.parse::<Manifest>(reference, "manifest", &bytes)?,
+                )
             }
-            None => (digest, self.parse::<Manifest>(reference, "manifest", &bytes)?),
+            None => (
+                digest,
+                self.parse::<Manifest>(reference, "manifest", &bytes)?,
+            ),
         };
         self.fetch_blob(reference, &manifest.config, store).await?;
-        let config: ImageConfig = self.parse(reference, "image config", &store.read(&manifest.config.digest)?)?;
+        let config: ImageConfig = self.parse(
+            reference,
+            "image config",
+            &store.read(&manifest.config.digest)?,
+        )?;
         if config.platform() != *platform {
             return Err(RegistryError::PlatformMissing {
                 reference: reference.whole(),
@@ -205,10 +259,18 @@ impl Registry {
         for layer in &manifest.layers {
             self.fetch_blob(reference, layer, store).await?;
         }
-        Ok(PulledImage { manifest_digest, manifest, config })
+        Ok(PulledImage {
+            manifest_digest,
+            manifest,
+            config,
+        })
     }
 
-    async fn fetch_manifest(&self, image: &Reference, at: &Reference) -> Result<(Vec<u8>, Digest), RegistryError> {
+    async fn fetch_manifest(
+        &self,
+        image: &Reference,
+        at: &Reference,
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
         let auth = credentials_for(image.resolve_registry());
         let (bytes, _) = retry(|| self.client.pull_manifest_raw(at, &auth, MANIFEST_TYPES))
             .await
@@ -228,21 +290,35 @@ impl Registry {
         Ok((bytes.to_vec(), digest))
     }
 
-    async fn fetch_blob(&self, reference: &Reference, desc: &Descriptor, store: &BlobStore) -> Result<(), RegistryError> {
+    async fn fetch_blob(
+        &self,
+        reference: &Reference,
+        desc: &Descriptor,
+        store: &BlobStore,
+    ) -> Result<(), RegistryError> {
         if store.contains(&desc.digest) {
             return Ok(());
         }
         let what = format!("blob {}", desc.digest);
-        let tmp = tempfile::NamedTempFile::new_in(store.tmp_dir())
-            .map_err(|source| StoreError::Io { path: store.tmp_dir(), source })?;
-        let file = tokio::fs::File::from_std(tmp.reopen().map_err(|source| StoreError::Io { path: tmp.path().into(), source })?);
+        let tmp =
+            tempfile::NamedTempFile::new_in(store.tmp_dir()).map_err(|source| StoreError::Io {
+                path: store.tmp_dir(),
+                source,
+            })?;
+        let file = tokio::fs::File::from_std(tmp.reopen().map_err(|source| StoreError::Io {
+            path: tmp.path().into(),
+            source,
+        })?);
         let mut out = tokio::io::BufWriter::new(file);
         let digest = desc.digest.to_string();
         self.client
             .pull_blob(reference, digest.as_str(), &mut out)
             .await
             .map_err(|e| self.classify(e, reference, "pull", what.clone()))?;
-        out.flush().await.map_err(|source| StoreError::Io { path: tmp.path().into(), source })?;
+        out.flush().await.map_err(|source| StoreError::Io {
+            path: tmp.path().into(),
+            source,
+        })?;
         // Verified again here: the store never holds bytes it has not hashed itself.
         store.adopt(tmp, &desc.digest)?;
         Ok(())
@@ -258,7 +334,8 @@ impl Registry {
         manifest: &[u8],
         manifest_media_type: &str,
     ) -> Result<Digest, RegistryError> {
-        self.authenticate(reference, RegistryOperation::Push).await?;
+        self.authenticate(reference, RegistryOperation::Push)
+            .await?;
         for desc in blobs {
             let digest = desc.digest.to_string();
             let what = format!("blob {}", desc.digest);
@@ -271,20 +348,30 @@ impl Registry {
                 continue;
             }
             let path = store.path(&desc.digest);
-            let data = tokio::fs::read(&path).await.map_err(|source| StoreError::Io { path, source })?;
+            let data = tokio::fs::read(&path)
+                .await
+                .map_err(|source| StoreError::Io { path, source })?;
             retry(|| self.client.push_blob(reference, data.clone(), &digest))
                 .await
                 .map_err(|e| self.classify(e, reference, "push", what.clone()))?;
         }
         let digest = Digest::of(manifest);
         let content_type = http_header(manifest_media_type);
-        retry(|| self.client.push_manifest_raw(reference, manifest.to_vec(), content_type.clone()))
-            .await
-            .map_err(|e| self.classify(e, reference, "push", format!("manifest {digest}")))?;
+        retry(|| {
+            self.client
+                .push_manifest_raw(reference, manifest.to_vec(), content_type.clone())
+        })
+        .await
+        .map_err(|e| self.classify(e, reference, "push", format!("manifest {digest}")))?;
         Ok(digest)
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(&self, reference: &Reference, what: &str, bytes: &[u8]) -> Result<T, RegistryError> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        reference: &Reference,
+        what: &str,
+        bytes: &[u8],
+    ) -> Result<T, RegistryError> {
         serde_json::from_slice(bytes).map_err(|e| RegistryError::Invalid {
             registry: reference.resolve_registry().into(),
             reference: reference.whole(),
@@ -293,7 +380,13 @@ impl Registry {
         })
     }
 
-    fn classify(&self, err: OciDistributionError, reference: &Reference, action: &'static str, what: String) -> RegistryError {
+    fn classify(
+        &self,
+        err: OciDistributionError,
+        reference: &Reference,
+        action: &'static str,
+        what: String,
+    ) -> RegistryError {
         let registry = reference.resolve_registry().to_string();
         let reference_s = reference.whole();
         match err {
@@ -303,33 +396,67 @@ impl Registry {
                 reference: reference_s,
                 detail: format!("401 Unauthorized from {url}"),
             },
-            OciDistributionError::AuthenticationFailure(detail) => {
-                RegistryError::Auth { registry, action, reference: reference_s, detail }
+            OciDistributionError::AuthenticationFailure(detail) => RegistryError::Auth {
+                registry,
+                action,
+                reference: reference_s,
+                detail,
+            },
+            OciDistributionError::ImageManifestNotFoundError(detail) => RegistryError::NotFound {
+                registry,
+                reference: reference_s,
+                detail,
+            },
+            OciDistributionError::ServerError {
+                code: 404, message, ..
+            } if action == "pull" => RegistryError::NotFound {
+                registry,
+                reference: reference_s,
+                detail: message,
+            },
+            OciDistributionError::RegistryError { envelope, url }
+                if envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        oci_client::errors::OciErrorCode::Unauthorized
+                            | oci_client::errors::OciErrorCode::Denied
+                    )
+                }) =>
+            {
+                RegistryError::Auth {
+                    registry,
+                    action,
+                    reference: reference_s,
+                    detail: format!("{url}: {envelope}"),
+                }
             }
-            OciDistributionError::ImageManifestNotFoundError(detail) => {
-                RegistryError::NotFound { registry, reference: reference_s, detail }
-            }
-            OciDistributionError::ServerError { code: 404, message, .. } if action == "pull" => {
-                RegistryError::NotFound { registry, reference: reference_s, detail: message }
-            }
-            OciDistributionError::RegistryError { envelope, url } if envelope.errors.iter().any(|e| {
-                matches!(e.code, oci_client::errors::OciErrorCode::Unauthorized | oci_client::errors::OciErrorCode::Denied)
-            }) => RegistryError::Auth { registry, action, reference: reference_s, detail: format!("{url}: {envelope}") },
             OciDistributionError::RegistryError { envelope, url }
                 if action == "pull"
                     && envelope.errors.iter().any(|e| {
                         matches!(
                             e.code,
-                            oci_client::errors::OciErrorCode::ManifestUnknown | oci_client::errors::OciErrorCode::NameUnknown
+                            oci_client::errors::OciErrorCode::ManifestUnknown
+                                | oci_client::errors::OciErrorCode::NameUnknown
                         )
                     }) =>
             {
-                RegistryError::NotFound { registry, reference: reference_s, detail: format!("{url}: {envelope}") }
+                RegistryError::NotFound {
+                    registry,
+                    reference: reference_s,
+                    detail: format!("{url}: {envelope}"),
+                }
             }
             other => {
                 let detail = describe(&other);
                 let hint = transport_hint(&detail, &registry);
-                RegistryError::Transfer { action, what, reference: reference_s, registry, detail, hint }
+                RegistryError::Transfer(Box::new(TransferFailure {
+                    action,
+                    what,
+                    reference: reference_s,
+                    registry,
+                    detail,
+                    hint,
+                }))
             }
         }
     }
@@ -355,9 +482,14 @@ fn transport_hint(detail: &str, registry: &str) -> String {
     let d = detail.to_ascii_lowercase();
     if d.contains("certificate") || d.contains("unknownissuer") || d.contains("tls") {
         format!("\n  hint: the TLS certificate of {registry} is not trusted: pass --registry-certificate {registry}=CA.pem, or --insecure-registry {registry} if it speaks plain HTTP")
-    } else if d.contains("http2") || d.contains("invalid http version") || d.contains("wrong version number") || d.contains("invalid content type") {
+    } else if d.contains("http2")
+        || d.contains("invalid http version")
+        || d.contains("wrong version number")
+        || d.contains("invalid content type")
+    {
         format!("\n  hint: {registry} may speak plain HTTP: pass --insecure-registry {registry}")
-    } else if d.contains("connection refused") || d.contains("dns error") || d.contains("timed out") {
+    } else if d.contains("connection refused") || d.contains("dns error") || d.contains("timed out")
+    {
         format!("\n  hint: check that {registry} is reachable from here and retry")
     } else {
         String::new()
@@ -378,8 +510,16 @@ where
             Ok(v) => return Ok(v),
             Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
                 let base = 250u64 << attempt;
-                let jitter = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) as u64) % base;
-                tracing::warn!("registry request failed ({}), retrying in {} ms", describe(&e), base + jitter);
+                let jitter = (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0) as u64)
+                    % base;
+                tracing::warn!(
+                    "registry request failed ({}), retrying in {} ms",
+                    describe(&e),
+                    base + jitter
+                );
                 tokio::time::sleep(Duration::from_millis(base + jitter)).await;
             }
             Err(e) => return Err(e),
@@ -390,7 +530,9 @@ where
 fn is_transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
-        OciDistributionError::RequestError(r) => r.is_connect() || r.is_timeout() || r.status().is_some_and(|s| s.is_server_error()),
+        OciDistributionError::RequestError(r) => {
+            r.is_connect() || r.is_timeout() || r.status().is_some_and(|s| s.is_server_error())
+        }
         _ => false,
     }
 }
@@ -403,7 +545,8 @@ fn action_name(op: RegistryOperation) -> &'static str {
 }
 
 fn http_header(media_type: &str) -> http::HeaderValue {
-    http::HeaderValue::from_str(media_type).unwrap_or(http::HeaderValue::from_static(media_type::OCI_MANIFEST))
+    http::HeaderValue::from_str(media_type)
+        .unwrap_or(http::HeaderValue::from_static(media_type::OCI_MANIFEST))
 }
 
 /// The credentials for `registry` from `$DOCKER_CONFIG/config.json` (auths, credHelpers,
@@ -415,9 +558,13 @@ pub fn credentials_for(registry: &str) -> RegistryAuth {
         other => other,
     };
     match docker_credential::get_credential(server) {
-        Ok(docker_credential::DockerCredential::UsernamePassword(user, pass)) => RegistryAuth::Basic(user, pass),
+        Ok(docker_credential::DockerCredential::UsernamePassword(user, pass)) => {
+            RegistryAuth::Basic(user, pass)
+        }
         Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
-            tracing::warn!("identity tokens for {registry} are not supported yet; pulling anonymously");
+            tracing::warn!(
+                "identity tokens for {registry} are not supported yet; pulling anonymously"
+            );
             RegistryAuth::Anonymous
         }
         Err(_) => RegistryAuth::Anonymous,

@@ -57,7 +57,11 @@ impl FromStr for Digest {
         let hex_part = s.strip_prefix("sha256:").ok_or_else(malformed)?;
         // Upper-case hex would name the same bytes with a different string; refuse it so
         // that a digest has exactly one spelling.
-        if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex_part.len() != 64
+            || !hex_part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(malformed());
         }
         let mut out = [0u8; 32];
@@ -89,12 +93,20 @@ pub struct Sha256Writer<W> {
 impl<W: Write> Sha256Writer<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        Sha256Writer { inner, hasher: Sha256::new(), written: 0 }
+        Sha256Writer {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
     }
 
     /// The digest and length of everything written, and the inner writer.
     pub fn finish(self) -> (Digest, u64, W) {
-        (Digest(self.hasher.finalize().into()), self.written, self.inner)
+        (
+            Digest(self.hasher.finalize().into()),
+            self.written,
+            self.inner,
+        )
     }
 
     /// The inner writer.
@@ -124,7 +136,10 @@ mod tests {
     fn round_trips_through_its_string_form() {
         let d = Digest::of(b"hello");
         let s = d.to_string();
-        assert_eq!(s, "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+        assert_eq!(
+            s,
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
         assert_eq!(s.parse::<Digest>().unwrap(), d);
         assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{s}\""));
     }

@@ -29,7 +29,11 @@ impl Platform {
     pub fn new(os: &str, architecture: &str, variant: Option<&str>) -> Platform {
         let os = os.to_ascii_lowercase();
         let (architecture, variant) = normalize_arch(&architecture.to_ascii_lowercase(), variant);
-        Platform { os, architecture, variant }
+        Platform {
+            os,
+            architecture,
+            variant,
+        }
     }
 
     /// The platform this binary runs on.
@@ -56,13 +60,18 @@ impl Platform {
 /// Maps the aliases users and images write (`x86_64`, `aarch64`, `arm64/v8`) to one spelling,
 /// so that `linux/arm64` and `linux/arm64/v8` compare equal, as containerd's normalization does.
 fn normalize_arch(arch: &str, variant: Option<&str>) -> (String, Option<String>) {
-    let variant = variant.filter(|v| !v.is_empty()).map(str::to_ascii_lowercase);
+    let variant = variant
+        .filter(|v| !v.is_empty())
+        .map(str::to_ascii_lowercase);
     match arch {
         "x86_64" | "x86-64" | "amd64" => ("amd64".into(), variant.filter(|v| v != "v1")),
         "aarch64" | "arm64" => ("arm64".into(), variant.filter(|v| v != "v8")),
         "armhf" | "armel" | "arm" => {
             let default = if arch == "armel" { "v6" } else { "v7" };
-            ("arm".into(), Some(variant.unwrap_or_else(|| default.into())))
+            (
+                "arm".into(),
+                Some(variant.unwrap_or_else(|| default.into())),
+            )
         }
         "i386" | "i686" | "386" => ("386".into(), None),
         other => (other.to_string(), variant),
@@ -84,7 +93,10 @@ impl FromStr for Platform {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.trim().split('/').collect();
-        if parts.iter().any(|p| p.is_empty() || p.chars().any(char::is_whitespace)) {
+        if parts
+            .iter()
+            .any(|p| p.is_empty() || p.chars().any(char::is_whitespace))
+        {
             return Err(PlatformError::Malformed(s.to_string()));
         }
         match parts.as_slice() {
@@ -111,7 +123,14 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "linux", "linux/", "/amd64", "linux/amd64/v1/x", "linux/am d64"] {
+        for bad in [
+            "",
+            "linux",
+            "linux/",
+            "/amd64",
+            "linux/amd64/v1/x",
+            "linux/am d64",
+        ] {
             assert!(bad.parse::<Platform>().is_err(), "{bad:?}");
         }
     }

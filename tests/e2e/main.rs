@@ -20,36 +20,101 @@ fn example_image_is_pushed_and_runs_in_podman() {
         &env,
         cache.path(),
         &[
-            "build", "--progress", "plain", "--build-arg", &base, "--insecure-registry", &reg, "-t", &image, "--push",
-            "--metadata-file", meta.to_str().unwrap(), "--iidfile", iid.to_str().unwrap(), example.to_str().unwrap(),
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            &base,
+            "--insecure-registry",
+            &reg,
+            "-t",
+            &image,
+            "--push",
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            "--iidfile",
+            iid.to_str().unwrap(),
+            example.to_str().unwrap(),
         ],
     )
     .success("ossb build of examples/hello");
-    assert!(build.stderr.contains("RUN echo"), "plain progress names the RUN step:\n{}", build.stderr);
+    assert!(
+        build.stderr.contains("RUN echo"),
+        "plain progress names the RUN step:\n{}",
+        build.stderr
+    );
 
     let run = podman_run(&image, &[]).success("podman run of the built image");
-    assert!(run.stdout.contains("message.txt was copied into the image by COPY"), "COPY'd file missing:\n{}", run.stdout);
-    assert!(run.stdout.contains("RUN ran as uid 0 in /app"), "RUN output file missing:\n{}", run.stdout);
-    assert!(run.stdout.contains("hello from ossb, workdir /app, user app"), "ENV, WORKDIR or USER wrong:\n{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("message.txt was copied into the image by COPY"),
+        "COPY'd file missing:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("RUN ran as uid 0 in /app"),
+        "RUN output file missing:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("hello from ossb, workdir /app, user app"),
+        "ENV, WORKDIR or USER wrong:\n{}",
+        run.stdout
+    );
 
     // skopeo reads the pushed manifest and config.
-    let inspect = tool("skopeo", &["inspect", "--tls-verify=false", &format!("docker://{image}")]).success("skopeo inspect");
+    let inspect = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect");
     let info: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
     assert_eq!(info["Architecture"], "amd64");
     assert_eq!(info["Labels"]["org.opencontainers.image.title"], "hello");
-    assert!(info["Env"].as_array().unwrap().iter().any(|e| e == "GREETING=hello from ossb"));
+    assert!(info["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "GREETING=hello from ossb"));
 
     // The metadata file names the pushed manifest; the iidfile names the config.
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
     assert_eq!(meta["containerimage.digest"], info["Digest"]);
-    let config = tool("skopeo", &["inspect", "--config", "--raw", "--tls-verify=false", &format!("docker://{image}")]).success("skopeo inspect --config");
+    let config = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --config");
     let config_digest = format!("sha256:{}", sha256_hex(config.stdout.as_bytes()));
     assert_eq!(std::fs::read_to_string(&iid).unwrap(), config_digest);
     let config: serde_json::Value = serde_json::from_str(&config.stdout).unwrap();
     let history = config["history"].as_array().unwrap();
-    assert!(history.iter().any(|h| h["created_by"].as_str().is_some_and(|c| c.starts_with("RUN /bin/sh -c echo"))), "history: {history:?}");
-    assert_eq!(config["config"]["ExposedPorts"]["8080/tcp"], serde_json::json!({}));
-    assert_eq!(config["config"]["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    assert!(
+        history.iter().any(|h| h["created_by"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("RUN /bin/sh -c echo"))),
+        "history: {history:?}"
+    );
+    assert_eq!(
+        config["config"]["ExposedPorts"]["8080/tcp"],
+        serde_json::json!({})
+    );
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c"])
+    );
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -63,7 +128,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
             child.wait_with_output()
         })
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// The OCI layout output is valid for oci-image-tool, unpacks with umoci, and loads in podman.
@@ -82,21 +151,59 @@ fn oci_layout_output_is_valid_and_consumable() {
     ossb(
         &env,
         &cache,
-        &["build", "--insecure-registry", &reg, "-t", "ossb-test/layout:v1", "--output", &format!("type=oci,dest={},tar=false", layout.display()), ctx.to_str().unwrap()],
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            "ossb-test/layout:v1",
+            "--output",
+            &format!("type=oci,dest={},tar=false", layout.display()),
+            ctx.to_str().unwrap(),
+        ],
     )
     .success("ossb build --output type=oci,tar=false");
     assert!(layout.join("oci-layout").is_file() && layout.join("index.json").is_file());
 
     // oci-image-tool 1.0.0-rc1 does not implement --type imageLayout; --type image recognizes a
     // layout and validates its index, manifest and config against the schemas.
-    tool("oci-image-tool", &["validate", "--type", "image", "--ref", "v1", layout.to_str().unwrap()]).success("oci-image-tool validate");
+    tool(
+        "oci-image-tool",
+        &[
+            "validate",
+            "--type",
+            "image",
+            "--ref",
+            "name=v1",
+            layout.to_str().unwrap(),
+        ],
+    )
+    .success("oci-image-tool validate");
 
     let bundle = dir.path().join("bundle");
-    tool("umoci", &["unpack", "--image", &format!("{}:v1", layout.display()), bundle.to_str().unwrap()]).success("umoci unpack");
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:v1", layout.display()),
+            bundle.to_str().unwrap(),
+        ],
+    )
+    .success("umoci unpack");
     let rootfs = bundle.join("rootfs");
-    assert_eq!(std::fs::read_to_string(rootfs.join("hello.txt")).unwrap(), "hello from an OCI layout\n");
-    assert_eq!(std::fs::read_to_string(rootfs.join("data/file")).unwrap(), "layered\n");
-    assert!(!rootfs.join("etc/group").exists(), "the whiteout for /etc/group was not applied");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("hello.txt")).unwrap(),
+        "hello from an OCI layout\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("data/file")).unwrap(),
+        "layered\n"
+    );
+    assert!(
+        !rootfs.join("etc/group").exists(),
+        "the whiteout for /etc/group was not applied"
+    );
     assert!(rootfs.join("etc/passwd").exists());
 
     // The tar form loads into podman and runs.
@@ -104,11 +211,26 @@ fn oci_layout_output_is_valid_and_consumable() {
     ossb(
         &env,
         &cache,
-        &["build", "--insecure-registry", &reg, "-t", "localhost/ossb-test/layout:v1", "--output", &format!("type=oci,dest={}", archive.display()), ctx.to_str().unwrap()],
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            "localhost/ossb-test/layout:v1",
+            "--output",
+            &format!("type=oci,dest={}", archive.display()),
+            ctx.to_str().unwrap(),
+        ],
     )
     .success("ossb build --output type=oci (tar)");
     let load = tool("podman", &["load", "-i", archive.to_str().unwrap()]).success("podman load");
-    let loaded = load.stdout.lines().find_map(|l| l.strip_prefix("Loaded image: ")).unwrap_or("localhost/ossb-test/layout:v1").trim().to_string();
+    let loaded = load
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Loaded image: "))
+        .unwrap_or("localhost/ossb-test/layout:v1")
+        .trim()
+        .to_string();
     let run = podman_run(&loaded, &[]).success("podman run of the loaded image");
     assert_eq!(run.stdout, "hello from an OCI layout\n");
 }
@@ -121,23 +243,88 @@ fn tls_registry_with_credentials_and_a_wrong_password() {
     let dir = tempfile::tempdir().unwrap();
     let tls = env.tls_registry();
     let ca = format!("{tls}={}", env.var("OSSB_TEST_CA"));
-    let ctx = context(dir.path(), &format!("FROM {tls}/{}\nRUN echo private > /private.txt\n", env.var("OSSB_TEST_BUSYBOX")), &[]);
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {tls}/{}\nRUN echo private > /private.txt\n",
+            env.var("OSSB_TEST_BUSYBOX")
+        ),
+        &[],
+    );
     let image = format!("{tls}/private/{}:1.0", unique("app"));
     let cache = dir.path().join("cache");
-    ossb(&env, &cache, &["build", "--registry-certificate", &ca, "-t", &image, "--push", ctx.to_str().unwrap()]).success("ossb build via the TLS registry");
-    let creds = format!("{}:{}", env.var("OSSB_TEST_USER"), env.var("OSSB_TEST_PASSWORD"));
-    tool("skopeo", &["inspect", "--creds", &creds, "--cert-dir", &env.var("OSSB_TEST_CERT_DIR"), &format!("docker://{image}")]).success("skopeo inspect of the pushed image");
+    ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--registry-certificate",
+            &ca,
+            "-t",
+            &image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("ossb build via the TLS registry");
+    let creds = format!(
+        "{}:{}",
+        env.var("OSSB_TEST_USER"),
+        env.var("OSSB_TEST_PASSWORD")
+    );
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--creds",
+            &creds,
+            "--cert-dir",
+            &env.var("OSSB_TEST_CERT_DIR"),
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect of the pushed image");
 
     // The same build with a wrong password.
     let bad_config = dir.path().join("bad-docker-config");
     std::fs::create_dir_all(&bad_config).unwrap();
     let auth = base64(&format!("{}:wrong-password", env.var("OSSB_TEST_USER")));
-    std::fs::write(bad_config.join("config.json"), format!(r#"{{"auths":{{"{tls}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
-    let run = ossb_with(&env, &cache, &["build", "--no-cache", "--registry-certificate", &ca, "-t", &image, "--push", ctx.to_str().unwrap()], &[("DOCKER_CONFIG", bad_config.to_str().unwrap())]);
+    std::fs::write(
+        bad_config.join("config.json"),
+        format!(r#"{{"auths":{{"{tls}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    let run = ossb_with(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--no-cache",
+            "--registry-certificate",
+            &ca,
+            "-t",
+            &image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
+        &[("DOCKER_CONFIG", bad_config.to_str().unwrap())],
+    );
     assert_eq!(run.code, 1, "a wrong password must exit 1:\n{}", run.stderr);
-    assert!(run.stderr.contains(&tls), "the error names the registry:\n{}", run.stderr);
-    assert!(run.stderr.to_lowercase().contains("authentication failed"), "the error says authentication failed:\n{}", run.stderr);
-    assert!(!run.stderr.contains("wrong-password"), "the password must never be printed:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains(&tls),
+        "the error names the registry:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.to_lowercase().contains("authentication failed"),
+        "the error says authentication failed:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("wrong-password"),
+        "the password must never be printed:\n{}",
+        run.stderr
+    );
 }
 
 fn base64(s: &str) -> String {
@@ -145,7 +332,11 @@ fn base64(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -166,22 +357,68 @@ fn escaping_layers_never_write_outside_the_rootfs() {
     let Some(env) = TestEnv::get() else { return };
     let reg = env.registry();
     let passwd_before = std::fs::read("/etc/passwd").unwrap();
-    for var in ["OSSB_TEST_EVIL", "OSSB_TEST_EVIL_HARDLINK", "OSSB_TEST_EVIL_DOTDOT", "OSSB_TEST_EVIL_SYMLINK", "OSSB_TEST_EVIL_SYMLINK_UP"] {
+    for var in [
+        "OSSB_TEST_EVIL",
+        "OSSB_TEST_EVIL_HARDLINK",
+        "OSSB_TEST_EVIL_DOTDOT",
+        "OSSB_TEST_EVIL_SYMLINK",
+        "OSSB_TEST_EVIL_SYMLINK_UP",
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = context(dir.path(), &format!("FROM {reg}/{}\nRUN echo pwned >> /etc/hl 2>/dev/null; true\n", env.var(var)), &[]);
+        let ctx = context(
+            dir.path(),
+            &format!(
+                "FROM {reg}/{}\nRUN echo pwned >> /etc/hl 2>/dev/null; true\n",
+                env.var(var)
+            ),
+            &[],
+        );
         let cache = dir.path().join("cache");
-        let run = ossb(&env, &cache, &["build", "--insecure-registry", &reg, "--output", &format!("type=oci,dest={}", dir.path().join("out.tar").display()), ctx.to_str().unwrap()]);
-        assert!(run.code == 0 || run.code == 1, "{var}: unexpected exit {}:\n{}", run.code, run.stderr);
+        let run = ossb(
+            &env,
+            &cache,
+            &[
+                "build",
+                "--insecure-registry",
+                &reg,
+                "--output",
+                &format!("type=oci,dest={}", dir.path().join("out.tar").display()),
+                ctx.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            run.code == 0 || run.code == 1,
+            "{var}: unexpected exit {}:\n{}",
+            run.code,
+            run.stderr
+        );
         if run.code == 1 {
-            assert!(run.stderr.contains("layer"), "{var}: a refusal names the layer:\n{}", run.stderr);
+            assert!(
+                run.stderr.contains("layer"),
+                "{var}: a refusal names the layer:\n{}",
+                run.stderr
+            );
         }
         for outside in ["/tmp/ossb-evil-file", "/tmp/ossb-evil-file2", "/escape"] {
-            assert!(!std::path::Path::new(outside).exists(), "{var}: {outside} was written outside the rootfs");
+            assert!(
+                !std::path::Path::new(outside).exists(),
+                "{var}: {outside} was written outside the rootfs"
+            );
         }
         // `../escape` from the stage's rootfs would land in the build's work directory.
-        let escaped = walk(&cache).into_iter().filter(|p| p.file_name().is_some_and(|n| n == "escape")).collect::<Vec<_>>();
-        assert!(escaped.is_empty(), "{var}: escaped files in the cache: {escaped:?}");
-        assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd_before, "{var}: /etc/passwd of the host changed");
+        let escaped = walk(&cache)
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|n| n == "escape"))
+            .collect::<Vec<_>>();
+        assert!(
+            escaped.is_empty(),
+            "{var}: escaped files in the cache: {escaped:?}"
+        );
+        assert_eq!(
+            std::fs::read("/etc/passwd").unwrap(),
+            passwd_before,
+            "{var}: /etc/passwd of the host changed"
+        );
     }
 }
 
@@ -205,14 +442,48 @@ fn failing_run_reports_the_command_and_its_exit_code() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
     let reg = env.registry();
-    let ctx = context(dir.path(), &format!("FROM {reg}/{}\nRUN echo about to fail && exit 3\n", env.var("OSSB_TEST_BUSYBOX")), &[]);
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {reg}/{}\nRUN echo about to fail && exit 3\n",
+            env.var("OSSB_TEST_BUSYBOX")
+        ),
+        &[],
+    );
     let out = dir.path().join("never.tar");
-    let run = ossb(&env, &dir.path().join("cache"), &["build", "--insecure-registry", &reg, "--output", &format!("type=oci,dest={}", out.display()), ctx.to_str().unwrap()]);
+    let run = ossb(
+        &env,
+        &dir.path().join("cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "--output",
+            &format!("type=oci,dest={}", out.display()),
+            ctx.to_str().unwrap(),
+        ],
+    );
     assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(run.stderr.contains("echo about to fail && exit 3"), "names the command:\n{}", run.stderr);
-    assert!(run.stderr.contains("exit code: 3"), "names the exit code:\n{}", run.stderr);
-    assert!(run.stderr.contains("about to fail"), "shows the last output lines:\n{}", run.stderr);
-    assert!(run.stderr.contains("Dockerfile:2"), "names the Dockerfile line:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("echo about to fail && exit 3"),
+        "names the command:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("exit code: 3"),
+        "names the exit code:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("about to fail"),
+        "shows the last output lines:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("Dockerfile:2"),
+        "names the Dockerfile line:\n{}",
+        run.stderr
+    );
     assert!(!out.exists(), "a failed build must not write its output");
 }
 
@@ -220,11 +491,22 @@ fn failing_run_reports_the_command_and_its_exit_code() {
 #[test]
 fn invalid_dockerfiles_exit_2_with_file_and_line() {
     let Some(env) = TestEnv::get() else { return };
-    for (text, line) in [("FROM busybox\nFORM busybox\n", "Dockerfile:2"), ("# no base\nRUN echo hi\n", "Dockerfile:2")] {
+    for (text, line) in [
+        ("FROM busybox\nFORM busybox\n", "Dockerfile:2"),
+        ("# no base\nRUN echo hi\n", "Dockerfile:2"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path(), text, &[]);
-        let run = ossb(&env, &dir.path().join("cache"), &["build", ctx.to_str().unwrap()]);
+        let run = ossb(
+            &env,
+            &dir.path().join("cache"),
+            &["build", ctx.to_str().unwrap()],
+        );
         assert_eq!(run.code, 2, "{text:?}: {}", run.stderr);
-        assert!(run.stderr.contains(line), "{text:?}: the error names {line}:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(line),
+            "{text:?}: the error names {line}:\n{}",
+            run.stderr
+        );
     }
 }

@@ -15,13 +15,22 @@ impl TestEnv {
     /// `None` (the test then skips) only outside CI: under CI=true a missing environment fails
     /// the test, because a test that does not run must not pass there.
     pub fn get() -> Option<TestEnv> {
-        let mut vars: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("OSSB_TEST") || k == "DOCKER_CONFIG").collect();
+        let mut vars: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("OSSB_TEST") || k == "DOCKER_CONFIG")
+            .collect();
         if !vars.contains_key("OSSB_TEST_REGISTRY") {
             let file = workspace().join(".testenv/env");
             if let Ok(text) = std::fs::read_to_string(&file) {
                 for line in text.lines() {
-                    if let Some((k, v)) = line.trim().strip_prefix("export ").and_then(|l| l.split_once('=')) {
-                        vars.insert(k.to_string(), v.trim_matches('"').trim_matches('\'').to_string());
+                    if let Some((k, v)) = line
+                        .trim()
+                        .strip_prefix("export ")
+                        .and_then(|l| l.split_once('='))
+                    {
+                        vars.insert(
+                            k.to_string(),
+                            v.trim_matches('"').trim_matches('\'').to_string(),
+                        );
                     }
                 }
             }
@@ -39,7 +48,10 @@ impl TestEnv {
 
     /// A variable of the environment; panics with its name when missing.
     pub fn var(&self, name: &str) -> String {
-        self.vars.get(name).cloned().unwrap_or_else(|| panic!("{name} is not set by scripts/testenv.sh"))
+        self.vars
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} is not set by scripts/testenv.sh"))
     }
 
     /// The plain-HTTP registry, `127.0.0.1:PORT`.
@@ -55,12 +67,18 @@ impl TestEnv {
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ has a parent")
+        .to_path_buf()
 }
 
 /// A unique repository name per test run, so reruns never see an earlier push.
 pub fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{name}-{}-{nanos}", std::process::id())
 }
 
@@ -82,7 +100,11 @@ impl Run {
 
     /// Panics with the whole output unless the command succeeded.
     pub fn success(self, what: &str) -> Run {
-        assert_eq!(self.code, 0, "{what} failed with exit code {}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "{what} failed with exit code {}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
         self
     }
 }
@@ -95,7 +117,9 @@ pub fn ossb(env: &TestEnv, cache: &Path, args: &[&str]) -> Run {
 /// As [`ossb`], with extra environment variables.
 pub fn ossb_with(env: &TestEnv, cache: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ossb"));
-    cmd.args(args).env("OSSB_CACHE_DIR", cache).env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"));
+    cmd.args(args)
+        .env("OSSB_CACHE_DIR", cache)
+        .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"));
     for (k, v) in extra_env {
         cmd.env(k, v);
     }

@@ -108,7 +108,10 @@ pub fn reexec_in_user_namespace() -> Result<i32, UsernsError> {
             CString::new(kv).ok()
         })
         .collect();
-    env.push(CString::new(format!("{MARKER}={}", mapping.as_str())).map_err(|e| UsernsError::Sys(e.to_string()))?);
+    env.push(
+        CString::new(format!("{MARKER}={}", mapping.as_str()))
+            .map_err(|e| UsernsError::Sys(e.to_string()))?,
+    );
 
     let sys = |what: &str| {
         let what = what.to_string();
@@ -133,14 +136,20 @@ pub fn reexec_in_user_namespace() -> Result<i32, UsernsError> {
     }
 }
 
-fn child(to_parent: OwnedFd, to_child: OwnedFd, exe: &CString, args: &[CString], env: &[CString]) -> ! {
+fn child(
+    to_parent: OwnedFd,
+    to_child: OwnedFd,
+    exe: &CString,
+    args: &[CString],
+    env: &[CString],
+) -> ! {
     let mut to_parent = std::fs::File::from(to_parent);
     match unshare(CloneFlags::CLONE_NEWUSER) {
         Ok(()) => {
             let _ = to_parent.write_all(b"u");
         }
         Err(e) => {
-            let _ = to_parent.write_all(&[b'e']);
+            let _ = to_parent.write_all(b"e");
             let _ = to_parent.write_all(&(e as i32).to_ne_bytes());
             // SAFETY: _exit is always safe; nothing needs unwinding in a forked child.
             unsafe { libc::_exit(125) };
@@ -158,7 +167,12 @@ fn child(to_parent: OwnedFd, to_child: OwnedFd, exe: &CString, args: &[CString],
     unsafe { libc::_exit(127) }
 }
 
-fn parent(child: Pid, mapping: IdMapping, from_child: OwnedFd, to_child: OwnedFd) -> Result<i32, UsernsError> {
+fn parent(
+    child: Pid,
+    mapping: IdMapping,
+    from_child: OwnedFd,
+    to_child: OwnedFd,
+) -> Result<i32, UsernsError> {
     let mut from_child = std::fs::File::from(from_child);
     let mut first = [0u8; 1];
     let refused = match from_child.read(&mut first) {
@@ -172,7 +186,10 @@ fn parent(child: Pid, mapping: IdMapping, from_child: OwnedFd, to_child: OwnedFd
     };
     if let Some(errno) = refused {
         let _ = waitpid(child, None);
-        return Err(UsernsError::Refused { errno, hint: refusal_hint(errno) });
+        return Err(UsernsError::Refused {
+            errno,
+            hint: refusal_hint(errno),
+        });
     }
     if let Err(e) = write_maps(child, mapping) {
         let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
@@ -187,12 +204,20 @@ fn parent(child: Pid, mapping: IdMapping, from_child: OwnedFd, to_child: OwnedFd
         );
     }
     CHILD.store(child.as_raw(), Ordering::SeqCst);
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-        unsafe { signal::signal(sig, SigHandler::Handler(forward_signal)) }.map_err(|e| UsernsError::Sys(e.to_string()))?;
+        unsafe { signal::signal(sig, SigHandler::Handler(forward_signal)) }
+            .map_err(|e| UsernsError::Sys(e.to_string()))?;
     }
     let mut to_child = std::fs::File::from(to_child);
-    to_child.write_all(b"g").map_err(|e| UsernsError::Sys(format!("releasing the child: {e}")))?;
+    to_child
+        .write_all(b"g")
+        .map_err(|e| UsernsError::Sys(format!("releasing the child: {e}")))?;
     drop(to_child);
     loop {
         match waitpid(child, None) {
@@ -200,7 +225,11 @@ fn parent(child: Pid, mapping: IdMapping, from_child: OwnedFd, to_child: OwnedFd
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
             Ok(_) => continue,
             Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(UsernsError::Sys(format!("waiting for the build process: {e}"))),
+            Err(e) => {
+                return Err(UsernsError::Sys(format!(
+                    "waiting for the build process: {e}"
+                )))
+            }
         }
     }
 }
@@ -223,7 +252,8 @@ fn write_maps(child: Pid, mapping: IdMapping) -> Result<(), UsernsError> {
     let gid = nix::unistd::getgid().as_raw();
     let proc_file = |name: &str| format!("/proc/{}/{name}", child.as_raw());
     let write = |name: &str, content: &str| {
-        std::fs::write(proc_file(name), content).map_err(|e| UsernsError::Mapping(format!("writing {}: {e}", proc_file(name))))
+        std::fs::write(proc_file(name), content)
+            .map_err(|e| UsernsError::Mapping(format!("writing {}: {e}", proc_file(name))))
     };
     match mapping {
         IdMapping::Identity => {
@@ -231,10 +261,33 @@ fn write_maps(child: Pid, mapping: IdMapping) -> Result<(), UsernsError> {
             write("gid_map", "0 0 4294967295\n")?;
         }
         IdMapping::Subordinate => {
-            let ((us, uc), (gs, gc)) = subordinate_ranges().ok_or_else(|| UsernsError::Mapping("no subordinate ids".into()))?;
+            let ((us, uc), (gs, gc)) = subordinate_ranges()
+                .ok_or_else(|| UsernsError::Mapping("no subordinate ids".into()))?;
             let pid = child.as_raw().to_string();
-            run_map_tool("newuidmap", &[&pid, "0", &uid.to_string(), "1", "1", &us.to_string(), &uc.to_string()])?;
-            run_map_tool("newgidmap", &[&pid, "0", &gid.to_string(), "1", "1", &gs.to_string(), &gc.to_string()])?;
+            run_map_tool(
+                "newuidmap",
+                &[
+                    &pid,
+                    "0",
+                    &uid.to_string(),
+                    "1",
+                    "1",
+                    &us.to_string(),
+                    &uc.to_string(),
+                ],
+            )?;
+            run_map_tool(
+                "newgidmap",
+                &[
+                    &pid,
+                    "0",
+                    &gid.to_string(),
+                    "1",
+                    "1",
+                    &gs.to_string(),
+                    &gc.to_string(),
+                ],
+            )?;
         }
         IdMapping::Single => {
             write("setgroups", "deny")?;
@@ -246,7 +299,10 @@ fn write_maps(child: Pid, mapping: IdMapping) -> Result<(), UsernsError> {
 }
 
 fn run_map_tool(tool: &str, args: &[&str]) -> Result<(), UsernsError> {
-    let out = Command::new(tool).args(args).output().map_err(|e| UsernsError::Mapping(format!("running {tool}: {e}")))?;
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| UsernsError::Mapping(format!("running {tool}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -268,7 +324,10 @@ fn has_tool(name: &str) -> bool {
 /// The user's `(start, count)` ranges in /etc/subuid and /etc/subgid, if both exist.
 fn subordinate_ranges() -> Option<((u64, u64), (u64, u64))> {
     let uid = nix::unistd::getuid();
-    let name = nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name);
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
     let find = |file: &str| -> Option<(u64, u64)> {
         let text = std::fs::read_to_string(file).ok()?;
         text.lines().find_map(|line| {
