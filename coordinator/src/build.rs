@@ -387,7 +387,12 @@ impl Engine<'_> {
                     &rootfs,
                     &ApplyOptions::default(),
                 )
-                .map_err(|e| format!("layer {}: {e}", layer.digest))?;
+                .map_err(|e| {
+                        format!(
+                            "cannot unpack layer {}: {e}\n  hint: the image is malformed or hostile; ossb never writes outside the rootfs, so use an image whose layers stay inside it",
+                            layer.digest
+                        )
+                    })?;
                 notes.extend(report.skipped);
             }
             Ok(notes)
@@ -865,7 +870,10 @@ fn absolute_in(cwd: &str, path: &str) -> String {
 fn step_title(step: &Step) -> String {
     match &step.instruction {
         Instruction::Run(run) if run.shell_form => {
-            format!("RUN {}", run.argv.last().map(String::as_str).unwrap_or_default())
+            format!(
+                "RUN {}",
+                run.argv.last().map(String::as_str).unwrap_or_default()
+            )
         }
         _ => step.created_by.trim_end_matches(" # buildkit").to_string(),
     }
