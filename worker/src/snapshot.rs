@@ -426,6 +426,9 @@ mod tests {
 
     use super::*;
 
+    /// (path, type, mode, uid, size, mtime, symlink target) of one path.
+    type View = (PathBuf, FileKind, u32, u32, u64, i64, Option<OsString>);
+
     fn snap(root: &Path) -> Snapshot {
         Snapshot::take(root, &[]).unwrap()
     }
@@ -647,7 +650,12 @@ mod tests {
     fn snapshot_of_ten_thousand_files_is_fast() {
         // On tmpfs when there is one: creating 10k files on a busy disk is the slow part.
         let shm = Path::new("/dev/shm");
-        let t = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+        let t = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .unwrap();
         for d in 0..100 {
             let dir = t.path().join(format!("usr/share/d{d}"));
             fs::create_dir_all(&dir).unwrap();
@@ -697,23 +705,22 @@ mod tests {
         write_layer(&src, &changes, &mut blob, &opts).unwrap();
         apply_layer(Cursor::new(blob), &copy, &ApplyOptions::default()).unwrap();
         let (a, b) = (snap(&src), snap(&copy));
-        let view =
-            |s: &Snapshot| -> Vec<(PathBuf, FileKind, u32, u32, u64, i64, Option<OsString>)> {
-                s.iter()
-                    .filter(|(p, _)| !p.starts_with("proc"))
-                    .map(|(p, m)| {
-                        (
-                            p.to_path_buf(),
-                            m.kind,
-                            m.mode,
-                            m.uid,
-                            m.size,
-                            m.mtime.secs,
-                            m.symlink_target.clone(),
-                        )
-                    })
-                    .collect()
-            };
+        let view = |s: &Snapshot| -> Vec<View> {
+            s.iter()
+                .filter(|(p, _)| !p.starts_with("proc"))
+                .map(|(p, m)| {
+                    (
+                        p.to_path_buf(),
+                        m.kind,
+                        m.mode,
+                        m.uid,
+                        m.size,
+                        m.mtime.secs,
+                        m.symlink_target.clone(),
+                    )
+                })
+                .collect()
+        };
         assert_eq!(view(&a), view(&b));
         let (sh, ash) = (
             b.get(Path::new("bin/sh")).unwrap(),

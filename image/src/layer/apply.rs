@@ -213,6 +213,11 @@ impl<'r> Applier<'r> {
             self.whiteout(&parent_rel, &base, &shown)?;
             return Ok(shown);
         }
+        if rel.as_os_str().as_bytes().starts_with(WHITEOUT_META_PREFIX) {
+            // Inside AUFS' own directories (`.wh..wh.plnk/...`), as containerd skips them.
+            self.warn(format!("entry {shown:?} skipped: AUFS metadata"));
+            return Ok(shown);
+        }
         let meta = entry_meta(&mut entry).map_err(|reason| LayerError::InvalidEntry {
             entry: shown.clone(),
             reason,

@@ -917,3 +917,35 @@ fn writer_refuses_to_read_through_symlinked_parents() {
     let err = write_layer(t.path(), &[change], Vec::new(), &LayerOptions::default()).unwrap_err();
     assert!(err.to_string().contains("link"), "{err}");
 }
+
+#[test]
+fn ownership_without_privilege_is_reported_once() {
+    let t = tempfile::tempdir().unwrap();
+    let mut layer = RawTar::default();
+    for name in ["a", "b"] {
+        layer
+            .pax(&[("uid", b"4242"), ("gid", b"4343")])
+            .file(name, b"");
+    }
+    let report = apply(&layer.finish(), t.path()).unwrap();
+    if is_root() {
+        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    } else {
+        assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
+        assert!(report.skipped[0].starts_with("ownership not applied from entry \"a\""));
+        assert!(t.path().join("b").exists());
+    }
+}
+
+#[test]
+fn aufs_metadata_is_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let layer = RawTar::default()
+        .dir(".wh..wh.plnk/")
+        .file(".wh..wh.plnk/123.456", b"x")
+        .file("kept", b"")
+        .finish();
+    let report = apply(&layer, t.path()).unwrap();
+    assert_eq!(report.skipped.len(), 2, "{:?}", report.skipped);
+    assert!(!t.path().join(".wh..wh.plnk").exists());
+}
