@@ -427,3 +427,87 @@ fn device_nodes_are_created_inside_or_reported() {
         .file_type()
         .is_fifo());
 }
+
+/// A small deterministic PRNG (xorshift), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        items[(self.0 % items.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn random_hostile_layers_never_touch_the_outside() {
+    let names = [
+        "a",
+        "a/b",
+        "a/b/c",
+        "l",
+        "l/x",
+        "l/l/y",
+        "up",
+        "up/z",
+        "up/up/w",
+        "/abs/f",
+        "d/",
+        "d/e",
+        ".wh.a",
+        ".wh.l",
+        "a/.wh.b",
+        "a/.wh..wh..opq",
+        ".wh..wh..opq",
+        "l/.wh..wh..opq",
+        "up/.wh.victim",
+        "x/../a/n",
+        "../x",
+        ".wh..",
+        "s",
+        "s/secret",
+        "s/.wh.secret",
+        "s/dir/file",
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..500 {
+        let sb = Sandbox::new();
+        let sentinel = sb.host("sentinel");
+        let victim = sb.host("victim");
+        let targets = [
+            "/",
+            "..",
+            "../..",
+            "../../..",
+            "a",
+            "l",
+            "up",
+            "/a/b",
+            sentinel.as_str(),
+            victim.as_str(),
+        ];
+        let mut layer = RawTar::default();
+        let count = 1 + rng.0 % 12;
+        let mut log = Vec::new();
+        for _ in 0..count {
+            let name = rng.pick(&names);
+            let kind = rng.pick(&["file", "dir", "symlink", "hardlink", "fifo"]);
+            let target = rng.pick(&targets);
+            log.push(format!("{kind} {name} {target}"));
+            match kind {
+                "file" => layer.file(name, b"pwned"),
+                "dir" => layer.dir(name),
+                "symlink" => layer.symlink(name, target),
+                "hardlink" => layer.hardlink(name, target),
+                _ => layer.entry(name.as_bytes(), EntryType::Fifo, b"", b""),
+            };
+        }
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sb.apply(&layer.finish())));
+        assert!(
+            result.is_ok(),
+            "round {round} panicked or touched the outside: {log:#?}"
+        );
+    }
+}

@@ -949,3 +949,53 @@ fn aufs_metadata_is_skipped() {
     assert_eq!(report.skipped.len(), 2, "{:?}", report.skipped);
     assert!(!t.path().join(".wh..wh.plnk").exists());
 }
+
+#[test]
+fn file_capabilities_survive_a_round_trip_with_ownership() {
+    if !is_root() {
+        eprintln!("setting security.capability needs root; skipping");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::create_dir(&dst).unwrap();
+    let ping = src.join("bin/ping");
+    fs::write(&ping, b"binary").unwrap();
+    chown(&ping, 0, 4242);
+    // VFS_CAP_REVISION_2 with the effective flag; permitted = CAP_NET_RAW (13).
+    let cap: [u8; 20] = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let c = CString::new(ping.as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated strings and a valid slice.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            c"security.capability".as_ptr(),
+            cap.as_ptr().cast(),
+            cap.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        eprintln!("security.capability unsupported here; skipping");
+        return;
+    }
+    let (blob, _) = write(&src, &all_added(&src), &LayerOptions::default());
+    apply(&blob, &dst).unwrap();
+    let out = CString::new(dst.join("bin/ping").as_os_str().as_bytes()).unwrap();
+    let mut got = [0u8; 64];
+    // SAFETY: as above; `got` is writable for its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            out.as_ptr(),
+            c"security.capability".as_ptr(),
+            got.as_mut_ptr().cast(),
+            got.len(),
+        )
+    };
+    assert_eq!(n, 20, "capability lost (set before chown?)");
+    assert_eq!(got[..20], cap);
+    assert_eq!(fs::metadata(dst.join("bin/ping")).unwrap().gid(), 4242);
+}
