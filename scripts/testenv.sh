@@ -590,7 +590,21 @@ write_env() {
     q OSSB_TEST_REGISTRIES_CONF "$STATE/containers/registries.conf"
     q OSSB_TEST_BUSYBOX_LAYOUT "$IMAGES/busybox"
     q OSSB_TEST_ARM64 "$ARM64"
+    q OSSB_TEST_ROOTLESS_USER "$ROOTLESS_USER"
   } | put "$STATE/env" 644
+}
+
+# ---------------------------------------------------------------- an unprivileged build user
+
+# The rootless tests run ossb as this ordinary user, with a subordinate id range so that the
+# build's user namespace maps 65536 ids (as a real rootless user's would).
+ROOTLESS_USER=ossb-builder
+ensure_rootless_user() {
+  id -u "$ROOTLESS_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$ROOTLESS_USER"
+  local f
+  for f in /etc/subuid /etc/subgid; do
+    grep -q "^$ROOTLESS_USER:" "$f" 2>/dev/null || echo "$ROOTLESS_USER:400000:65536" >>"$f"
+  done
 }
 
 # ---------------------------------------------------------------- commands
@@ -616,6 +630,7 @@ cmd_start() {
   write_client_config
   step push ensure_pushed
   step emulation ensure_emulation
+  step rootless-user ensure_rootless_user
   write_env
   local total=$(($(now_us) - T0))
   cat <<EOF

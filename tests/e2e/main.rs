@@ -510,3 +510,74 @@ fn invalid_dockerfiles_exit_2_with_file_and_line() {
         );
     }
 }
+
+/// Rootless for real: an ordinary user (with an /etc/subuid range) builds the example, whose
+/// RUN uses chown, and gets the same image, byte for byte, as root does.
+#[test]
+fn rootless_build_by_an_ordinary_user_matches_the_root_build() {
+    let Some(env) = TestEnv::get() else { return };
+    let user = env.var("OSSB_TEST_ROOTLESS_USER");
+    let reg = env.registry();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    for f in ["Dockerfile", "message.txt"] {
+        std::fs::copy(workspace().join("examples/hello").join(f), ctx.join(f)).unwrap();
+    }
+    let empty_config = dir.path().join("docker-config");
+    std::fs::create_dir(&empty_config).unwrap();
+    let base = format!("BASE={reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    let build = |who: Option<&str>| -> String {
+        let meta = dir
+            .path()
+            .join(format!("meta-{}.json", who.unwrap_or("root")));
+        let out = dir
+            .path()
+            .join(format!("out-{}.tar", who.unwrap_or("root")));
+        let cache = dir.path().join(format!("cache-{}", who.unwrap_or("root")));
+        let ossb_args = [
+            "build",
+            "--build-arg",
+            &base,
+            "--insecure-registry",
+            &reg,
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            "--output",
+            &format!("type=oci,dest={}", out.display()),
+            ctx.to_str().unwrap(),
+        ];
+        let mut cmd = match who {
+            Some(user) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", user, "--", env!("CARGO_BIN_EXE_ossb")]);
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_ossb")),
+        };
+        let out = cmd
+            .args(ossb_args)
+            .env("OSSB_CACHE_DIR", &cache)
+            .env("DOCKER_CONFIG", &empty_config)
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "build as {who:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+        meta["containerimage.digest"].as_str().unwrap().to_string()
+    };
+    let as_root = build(None);
+    let as_user = build(Some(&user));
+    assert_eq!(
+        as_root, as_user,
+        "the rootless image differs from the root one"
+    );
+}
