@@ -153,7 +153,7 @@ struct Applier<'r> {
     /// Entries skipped for want of permission, so hardlinks to them are skipped too.
     skipped_paths: HashSet<PathBuf>,
     dirs: Vec<DirFixup>,
-    /// Set once ownership could not be applied (reported once).
+    /// Set once ownership could not be applied, so that it is reported once.
     chown_failed: bool,
     /// (xattr name, errno) pairs already reported.
     xattr_failures: HashMap<(Vec<u8>, i32), ()>,
@@ -626,23 +626,25 @@ impl<'r> Applier<'r> {
         Ok(())
     }
 
-    /// Runs a chown; the first refusal for want of privilege is reported and chown is not tried
-    /// again.
+    /// Runs a chown. A refusal for want of privilege (EPERM) or of an id mapping (EINVAL) is
+    /// reported the first time only and is not an error; chown is still tried for later entries,
+    /// whose ids may be mapped.
     fn chown(
         &mut self,
         shown: &str,
         f: impl FnOnce() -> nix::Result<()>,
     ) -> Result<(), LayerError> {
-        if !self.opts.chown || self.chown_failed {
+        if !self.opts.chown {
             return Ok(());
         }
         match f() {
             Ok(()) => Ok(()),
+            Err(Errno::EPERM | Errno::EINVAL) if self.chown_failed => Ok(()),
             Err(e @ (Errno::EPERM | Errno::EINVAL)) => {
                 self.chown_failed = true;
                 self.warn(format!(
                     "ownership not applied from entry {shown:?} on: {e} (no privilege to chown or no id mapping); \
-                     files keep the applier's user and group"
+                     those files keep the applier's user and group"
                 ));
                 Ok(())
             }

@@ -133,8 +133,8 @@ pub type WarningHook = Arc<dyn Fn(&str) + Send + Sync>;
 #[derive(Clone)]
 pub struct ApplyOptions {
     /// Whether to give entries the owners recorded in the layer (`lchown`). When the process
-    /// may not (unprivileged, no id mapping), the first failure is reported once and the rest
-    /// of the layer keeps the applier's ids. Default: true.
+    /// may not (unprivileged, or an id without mapping in its user namespace), the entry keeps
+    /// the applier's ids and the first such failure is reported once. Default: true.
     pub chown: bool,
     /// Whether to apply extended attributes recorded in the layer (best effort). Default: true.
     pub xattrs: bool,
