@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use ossb_dockerfile::dockerignore::{self, Dockerignore};
 use ossb_dockerfile::{
     self as dockerfile, Base, BaseImageInfo, Instruction, PlanOptions, Source, Step,
 };
@@ -19,7 +20,7 @@ use ossb_image::registry::{
 };
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
-use ossb_worker::fs::{self as wfs, Ownership};
+use ossb_worker::fs::{self as wfs, CopyFilter, Ownership};
 use ossb_worker::sandbox::{self, RunSpec};
 use ossb_worker::snapshot::Snapshot;
 
@@ -142,6 +143,8 @@ struct Engine<'a> {
     next_id: AtomicUsize,
     created: String,
     pulled: HashMap<String, PulledImage>,
+    /// The context's `.dockerignore` rules.
+    ignore: Option<Dockerignore>,
 }
 
 /// Runs the build described by `req`, reporting to `progress`.
@@ -169,6 +172,7 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         next_id: AtomicUsize::new(1),
         created: rfc3339(req.source_date_epoch.unwrap_or_else(now)),
         pulled: HashMap::new(),
+        ignore: load_dockerignore(req)?,
     };
     let opts = PlanOptions {
         build_args: req.build_args.clone(),
@@ -206,6 +210,20 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         config_digest,
         pushed,
     })
+}
+
+/// The `.dockerignore` of the build: `<Dockerfile>.dockerignore` beside the Dockerfile, else
+/// the context's `.dockerignore`.
+fn load_dockerignore(req: &BuildRequest) -> Result<Option<Dockerignore>, BuildError> {
+    let Some(path) = dockerignore::ignore_file(&req.context, Path::new(&req.dockerfile_name))
+    else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BuildError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    Dockerignore::parse(&text)
+        .map(Some)
+        .map_err(|e| BuildError::Usage(format!("{}: {e}", path.display())))
 }
 
 /// The stages `target` depends on (through FROM and COPY --from / RUN --mount from), in order.
@@ -557,6 +575,11 @@ impl Engine<'_> {
                 Ok(())
             }
             Instruction::Run(run) => {
+                if !run.heredocs.is_empty() || !run.mounts.is_empty() {
+                    return Err(
+                        "RUN --mount and RUN heredocs with a #! line are not supported yet".into(),
+                    );
+                }
                 let user = if run.user.is_empty() {
                     user
                 } else {
@@ -614,6 +637,7 @@ impl Engine<'_> {
                 .map_err(|e| e.to_string())
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
+                let from_context = copy.from.is_none();
                 let source_root = match &copy.from {
                     None => self.req.context.clone(),
                     Some(Source::Stage(i)) => match done.get(i) {
@@ -659,13 +683,23 @@ impl Engine<'_> {
                 };
                 let rootfs = state.rootfs.clone();
                 let sources = copy.sources.clone();
+                let ignore = if from_context {
+                    self.ignore.clone()
+                } else {
+                    None
+                };
                 tokio::task::spawn_blocking(move || {
+                    let filter = match &ignore {
+                        Some(rules) => CopyFilter::dockerignore(rules),
+                        None => CopyFilter::none(),
+                    };
                     wfs::copy_into(
                         &source_root,
                         &sources,
                         &rootfs,
                         &dest,
                         Ownership { owner, mode },
+                        filter,
                     )
                 })
                 .await

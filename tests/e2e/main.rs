@@ -581,3 +581,63 @@ fn rootless_build_by_an_ordinary_user_matches_the_root_build() {
         "the rootless image differs from the root one"
     );
 }
+
+/// Two stages, COPY --from the first, wildcards and .dockerignore: only the final stage is
+/// exported, and ignored files never reach it.
+#[test]
+fn multi_stage_build_copies_from_a_stage_and_honours_dockerignore() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let busybox = format!("{reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    let dockerfile = format!(
+        "FROM {busybox} AS builder\nWORKDIR /src\nCOPY *.txt ./\nRUN cat *.txt > /combined && echo built-in-builder > /marker\n\
+         FROM {busybox}\nCOPY --from=builder /combined /out/combined\nCOPY . /ctx/\nCMD [\"sh\", \"-c\", \"cat /out/combined; ls /ctx; test -e /marker && echo LEAKED; true\"]\n"
+    );
+    let ctx = context(
+        dir.path(),
+        &dockerfile,
+        &[
+            ("a.txt", "alpha\n"),
+            ("b.txt", "beta\n"),
+            ("secret.env", "TOKEN=x\n"),
+            (".dockerignore", "*.env\n"),
+        ],
+    );
+    let image = format!("{reg}/tests/{}:latest", unique("multistage"));
+    ossb(
+        &env,
+        &dir.path().join("cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            &image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("multi-stage build");
+    let run = podman_run(&image, &[]).success("podman run");
+    assert!(
+        run.stdout.starts_with("alpha\nbeta\n"),
+        "COPY --from a stage:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("a.txt") && run.stdout.contains("Dockerfile"),
+        "COPY . copies the context:\n{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("secret.env"),
+        ".dockerignore'd file was copied:\n{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("LEAKED"),
+        "the builder stage's files leaked into the final image:\n{}",
+        run.stdout
+    );
+}

@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use ossb_dockerfile::dockerignore::Dockerignore;
+
 /// Errors of file steps.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -22,10 +24,12 @@ pub enum FsError {
         source: io::Error,
     },
     /// A COPY source does not exist in the build context.
-    #[error("COPY source {0:?} not found in the build context (paths are relative to the context directory; check .dockerignore)")]
+    #[error("COPY source {0:?} not found: no such file in the build context, or excluded by .dockerignore (paths are relative to the context directory)")]
     SourceMissing(String),
     /// Several sources were copied to a destination that is not a directory.
-    #[error("when copying several sources, the destination {0:?} must be a directory and end with a /")]
+    #[error(
+        "when copying several sources, the destination {0:?} must be a directory and end with a /"
+    )]
     DestNotDir(String),
     /// A symlink loop or a chain longer than the kernel's limit.
     #[error("too many levels of symbolic links resolving {0}")]
@@ -39,7 +43,10 @@ pub enum FsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FsError + '_ {
-    move |source| FsError::Io { path: path.to_path_buf(), source }
+    move |source| FsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Resolves `path` (absolute or relative, interpreted from `/` of the rootfs) to a host path
@@ -98,22 +105,62 @@ pub struct Ownership {
     pub mode: Option<u32>,
 }
 
-/// Copies `sources` (paths relative to the context, as written in the Dockerfile) from
-/// `context` to `dest` (an absolute path in the rootfs), with Docker's rules: a directory's
-/// contents are copied, not the directory; a destination ending in `/`, or several sources,
-/// means a directory; missing parents are created.
-pub fn copy_into(context: &Path, sources: &[String], rootfs: &Path, dest: &str, own: Ownership) -> Result<(), FsError> {
-    let dest_is_dir = dest.ends_with('/') || sources.len() > 1;
+/// Which paths of a COPY source tree may be read: the context's `.dockerignore` rules.
+/// Stages and images have no ignore rules: use [`CopyFilter::none`].
+#[derive(Clone, Copy)]
+pub struct CopyFilter<'a> {
+    ignore: Option<&'a Dockerignore>,
+}
+
+impl<'a> CopyFilter<'a> {
+    /// Everything may be read.
+    pub fn none() -> CopyFilter<'static> {
+        CopyFilter { ignore: None }
+    }
+
+    /// The rules of a `.dockerignore` file.
+    pub fn dockerignore(ignore: &'a Dockerignore) -> CopyFilter<'a> {
+        CopyFilter {
+            ignore: Some(ignore),
+        }
+    }
+
+    fn excluded(&self, rel: &str) -> bool {
+        !rel.is_empty() && self.ignore.is_some_and(|i| i.is_excluded(rel))
+    }
+
+    fn must_descend(&self, rel: &str) -> bool {
+        self.ignore.is_some_and(|i| i.may_include_below(rel))
+    }
+}
+
+/// Copies `sources` (paths relative to `source_root`, as written in the Dockerfile, with
+/// `*`, `?` and `[...]` wildcards) to `dest` (an absolute path in the rootfs), with Docker's
+/// rules: a directory's contents are copied, not the directory; a destination ending in `/`,
+/// or several sources, means a directory; missing parents are created; what `filter` excludes
+/// is neither copied nor named.
+pub fn copy_into(
+    source_root: &Path,
+    sources: &[String],
+    rootfs: &Path,
+    dest: &str,
+    own: Ownership,
+    filter: CopyFilter<'_>,
+) -> Result<(), FsError> {
+    let mut matched = Vec::new();
+    for source in sources {
+        matched.extend(expand_source(source_root, source, filter)?);
+    }
+    let dest_is_dir = dest.ends_with('/') || matched.len() > 1 || sources.len() > 1;
     let target = resolve_in_root(rootfs, dest, true)?;
-    if sources.len() > 1 && target.exists() && !target.is_dir() {
+    if dest_is_dir && target.exists() && !target.is_dir() {
         return Err(FsError::DestNotDir(dest.to_string()));
     }
-    for source in sources {
-        let from = resolve_in_root(context, source, true)?;
-        let meta = fs::symlink_metadata(&from).map_err(|_| FsError::SourceMissing(source.clone()))?;
+    for (rel, from) in matched {
+        let meta = fs::symlink_metadata(&from).map_err(io_err(&from))?;
         if meta.is_dir() {
             make_dirs(rootfs, &target)?;
-            copy_tree(&from, &target, own)?;
+            copy_tree(&from, &rel, &target, own, filter)?;
         } else {
             let to = if dest_is_dir || target.is_dir() {
                 make_dirs(rootfs, &target)?;
@@ -130,6 +177,127 @@ pub fn copy_into(context: &Path, sources: &[String], rootfs: &Path, dest: &str, 
     Ok(())
 }
 
+fn has_wildcard(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// The context paths one COPY source names: `(relative path, host path)`, in sorted order.
+fn expand_source(
+    root: &Path,
+    source: &str,
+    filter: CopyFilter<'_>,
+) -> Result<Vec<(String, PathBuf)>, FsError> {
+    let clean: Vec<&str> = source
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if !has_wildcard(source) {
+        let rel = clean.join("/");
+        let from = resolve_in_root(root, &rel, true)?;
+        if filter.excluded(&rel) || fs::symlink_metadata(&from).is_err() {
+            return Err(FsError::SourceMissing(source.to_string()));
+        }
+        return Ok(vec![(rel, from)]);
+    }
+    // Walk the pattern one segment at a time, as filepath.Match does per component.
+    let mut found: Vec<String> = vec![String::new()];
+    for segment in &clean {
+        let mut next = Vec::new();
+        for dir in &found {
+            let host = resolve_in_root(root, dir, true)?;
+            if !has_wildcard(segment) {
+                let rel = join_rel(dir, segment);
+                if fs::symlink_metadata(host.join(segment)).is_ok() {
+                    next.push(rel);
+                }
+                continue;
+            }
+            let Ok(entries) = fs::read_dir(&host) else {
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            next.extend(
+                names
+                    .into_iter()
+                    .filter(|n| wildcard_match(segment, n))
+                    .map(|n| join_rel(dir, &n)),
+            );
+        }
+        found = next;
+    }
+    found.retain(|rel| !filter.excluded(rel));
+    if found.is_empty() {
+        return Err(FsError::SourceMissing(source.to_string()));
+    }
+    found
+        .into_iter()
+        .map(|rel| Ok((rel.clone(), resolve_in_root(root, &rel, true)?)))
+        .collect()
+}
+
+fn join_rel(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// Shell-style matching of one path segment: `*`, `?`, `[abc]`, `[a-z]`, `[^a]`, `\x`.
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    match_from(&p, &n)
+}
+
+fn match_from(p: &[char], n: &[char]) -> bool {
+    match p.first() {
+        None => n.is_empty(),
+        Some('*') => (0..=n.len()).any(|i| match_from(&p[1..], &n[i..])),
+        Some('?') => !n.is_empty() && match_from(&p[1..], &n[1..]),
+        Some('[') => {
+            let Some(c) = n.first() else { return false };
+            match class_match(&p[1..], *c) {
+                Some((true, rest)) => match_from(rest, &n[1..]),
+                Some((false, _)) => false,
+                // An unterminated class matches a literal '['.
+                None => *c == '[' && match_from(&p[1..], &n[1..]),
+            }
+        }
+        Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && match_from(&p[2..], &n[1..]),
+        Some(c) => n.first() == Some(c) && match_from(&p[1..], &n[1..]),
+    }
+}
+
+/// Matches `c` against the class starting after `[`; returns the result and the pattern after `]`.
+fn class_match(p: &[char], c: char) -> Option<(bool, &[char])> {
+    let (negated, mut i) = match p.first() {
+        Some('^') | Some('!') => (true, 1),
+        _ => (false, 0),
+    };
+    let mut hit = false;
+    let mut first = true;
+    while i < p.len() {
+        if p[i] == ']' && !first {
+            return Some((hit != negated, &p[i + 1..]));
+        }
+        first = false;
+        let lo = p[i];
+        if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+            hit |= lo <= c && c <= p[i + 2];
+            i += 3;
+        } else {
+            hit |= lo == c;
+            i += 1;
+        }
+    }
+    None
+}
+
 /// Creates `dir` (a host path inside `rootfs`) and its missing parents, root-owned 0755.
 fn make_dirs(rootfs: &Path, dir: &Path) -> Result<(), FsError> {
     if dir.is_dir() || dir == rootfs {
@@ -141,23 +309,40 @@ fn make_dirs(rootfs: &Path, dir: &Path) -> Result<(), FsError> {
     match fs::create_dir(dir) {
         Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(FsError::Io { path: dir.to_path_buf(), source: e }),
+        Err(e) => Err(FsError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
-fn copy_tree(from: &Path, to: &Path, own: Ownership) -> Result<(), FsError> {
-    let mut entries: Vec<_> = fs::read_dir(from).map_err(io_err(from))?.collect::<Result<_, _>>().map_err(io_err(from))?;
+fn copy_tree(
+    from: &Path,
+    rel: &str,
+    to: &Path,
+    own: Ownership,
+    filter: CopyFilter<'_>,
+) -> Result<(), FsError> {
+    let mut entries: Vec<_> = fs::read_dir(from)
+        .map_err(io_err(from))?
+        .collect::<Result<_, _>>()
+        .map_err(io_err(from))?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let src = entry.path();
-        let dst = to.join(entry.file_name());
+        let child_rel = join_rel(rel, &entry.file_name().to_string_lossy());
         let meta = fs::symlink_metadata(&src).map_err(io_err(&src))?;
+        let excluded = filter.excluded(&child_rel);
+        if excluded && !(meta.is_dir() && filter.must_descend(&child_rel)) {
+            continue;
+        }
+        let dst = to.join(entry.file_name());
         if meta.is_dir() {
             if !dst.is_dir() {
                 remove_existing(&dst)?;
                 fs::create_dir(&dst).map_err(io_err(&dst))?;
             }
-            copy_tree(&src, &dst, own)?;
+            copy_tree(&src, &child_rel, &dst, own, filter)?;
             apply_metadata(&dst, &meta, own)?;
         } else {
             copy_entry(&src, &dst, &meta, own)?;
@@ -177,8 +362,17 @@ fn remove_existing(path: &Path) -> Result<(), FsError> {
 
 /// Copies one non-directory entry; symlinks are copied as links, never followed.
 fn copy_entry(from: &Path, to: &Path, meta: &fs::Metadata, own: Ownership) -> Result<(), FsError> {
-    if to.is_dir() && !fs::symlink_metadata(to).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
-        return copy_entry(from, &to.join(from.file_name().unwrap_or_default()), meta, own);
+    if to.is_dir()
+        && !fs::symlink_metadata(to)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false)
+    {
+        return copy_entry(
+            from,
+            &to.join(from.file_name().unwrap_or_default()),
+            meta,
+            own,
+        );
     }
     remove_existing(to)?;
     if meta.file_type().is_symlink() {
@@ -200,7 +394,10 @@ fn apply_metadata(path: &Path, meta: &fs::Metadata, own: Ownership) -> Result<()
 }
 
 fn filetime_of(meta: &fs::Metadata) -> libc::timespec {
-    libc::timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() }
+    libc::timespec {
+        tv_sec: meta.mtime(),
+        tv_nsec: meta.mtime_nsec(),
+    }
 }
 
 fn set_mtime(path: &Path, mtime: libc::timespec) -> io::Result<()> {
@@ -208,7 +405,14 @@ fn set_mtime(path: &Path, mtime: libc::timespec) -> io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     let times = [mtime, mtime];
     // SAFETY: c is a valid NUL-terminated path and times points to two timespecs.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -261,7 +465,10 @@ pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
     };
     let passwd = read_db(rootfs, "/etc/passwd");
     let groups_db = read_db(rootfs, "/etc/group");
-    let entry = passwd.iter().find(|f| f.first().map(String::as_str) == Some(user_part) || (user_part.parse::<u32>().is_ok() && f.get(2).map(String::as_str) == Some(user_part)));
+    let entry = passwd.iter().find(|f| {
+        f.first().map(String::as_str) == Some(user_part)
+            || (user_part.parse::<u32>().is_ok() && f.get(2).map(String::as_str) == Some(user_part))
+    });
     let (uid, mut gid, name, home) = match (entry, user_part.parse::<u32>()) {
         (Some(f), _) => (
             f.get(2).and_then(|s| s.parse().ok()).unwrap_or(0),
@@ -273,9 +480,14 @@ pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
         (None, Err(_)) => return Err(FsError::UnknownUser(user_part.to_string())),
     };
     if let Some(g) = group_part {
-        gid = match groups_db.iter().find(|f| f.first().map(String::as_str) == Some(g)) {
+        gid = match groups_db
+            .iter()
+            .find(|f| f.first().map(String::as_str) == Some(g))
+        {
             Some(f) => f.get(2).and_then(|s| s.parse().ok()).unwrap_or(0),
-            None => g.parse().map_err(|_| FsError::UnknownGroup(g.to_string()))?,
+            None => g
+                .parse()
+                .map_err(|_| FsError::UnknownGroup(g.to_string()))?,
         };
     }
     let mut groups = vec![gid];
@@ -291,11 +503,18 @@ pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
             }
         }
     }
-    Ok(User { uid, gid, groups, home })
+    Ok(User {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 fn read_db(rootfs: &Path, path: &str) -> Vec<Vec<String>> {
-    let Ok(file) = resolve_in_root(rootfs, path, true) else { return Vec::new() };
+    let Ok(file) = resolve_in_root(rootfs, path, true) else {
+        return Vec::new();
+    };
     fs::read_to_string(file)
         .unwrap_or_default()
         .lines()
@@ -317,11 +536,26 @@ mod tests {
         symlink("/tmp", root.join("abs")).unwrap();
         symlink("../../../../..", root.join("etc/up")).unwrap();
         symlink("loop", root.join("loop")).unwrap();
-        assert_eq!(resolve_in_root(&root, "/abs/x", true).unwrap(), root.join("tmp/x"));
-        assert_eq!(resolve_in_root(&root, "etc/up/etc/passwd", true).unwrap(), root.join("etc/passwd"));
-        assert_eq!(resolve_in_root(&root, "/../../x", true).unwrap(), root.join("x"));
-        assert_eq!(resolve_in_root(&root, "/abs", false).unwrap(), root.join("abs"));
-        assert!(matches!(resolve_in_root(&root, "/loop/x", true), Err(FsError::SymlinkLoop(_))));
+        assert_eq!(
+            resolve_in_root(&root, "/abs/x", true).unwrap(),
+            root.join("tmp/x")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "etc/up/etc/passwd", true).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "/../../x", true).unwrap(),
+            root.join("x")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "/abs", false).unwrap(),
+            root.join("abs")
+        );
+        assert!(matches!(
+            resolve_in_root(&root, "/loop/x", true),
+            Err(FsError::SymlinkLoop(_))
+        ));
     }
 
     #[test]
@@ -333,14 +567,44 @@ mod tests {
         fs::create_dir_all(&root).unwrap();
         fs::write(ctx.join("a.txt"), "a").unwrap();
         fs::write(ctx.join("src/sub/b.txt"), "b").unwrap();
-        let own = Ownership { owner: (0, 0), mode: None };
-        copy_into(&ctx, &["a.txt".into()], &root, "/app/", own).unwrap();
-        copy_into(&ctx, &["a.txt".into()], &root, "/renamed.txt", own).unwrap();
-        copy_into(&ctx, &["src".into()], &root, "/dst", own).unwrap();
+        let own = Ownership {
+            owner: (0, 0),
+            mode: None,
+        };
+        copy_into(
+            &ctx,
+            &["a.txt".into()],
+            &root,
+            "/app/",
+            own,
+            CopyFilter::none(),
+        )
+        .unwrap();
+        copy_into(
+            &ctx,
+            &["a.txt".into()],
+            &root,
+            "/renamed.txt",
+            own,
+            CopyFilter::none(),
+        )
+        .unwrap();
+        copy_into(
+            &ctx,
+            &["src".into()],
+            &root,
+            "/dst",
+            own,
+            CopyFilter::none(),
+        )
+        .unwrap();
         assert_eq!(fs::read_to_string(root.join("app/a.txt")).unwrap(), "a");
         assert_eq!(fs::read_to_string(root.join("renamed.txt")).unwrap(), "a");
         assert_eq!(fs::read_to_string(root.join("dst/sub/b.txt")).unwrap(), "b");
-        assert!(matches!(copy_into(&ctx, &["nope".into()], &root, "/x", own), Err(FsError::SourceMissing(_))));
+        assert!(matches!(
+            copy_into(&ctx, &["nope".into()], &root, "/x", own, CopyFilter::none()),
+            Err(FsError::SourceMissing(_))
+        ));
     }
 
     #[test]
@@ -354,9 +618,87 @@ mod tests {
         fs::create_dir_all(&outside).unwrap();
         fs::write(ctx.join("f"), "x").unwrap();
         symlink(&outside, root.join("evil")).unwrap();
-        copy_into(&ctx, &["f".into()], &root, "/evil/", Ownership::default()).unwrap();
-        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote outside the rootfs");
-        assert!(root.join(outside.strip_prefix("/").unwrap()).join("f").exists());
+        copy_into(
+            &ctx,
+            &["f".into()],
+            &root,
+            "/evil/",
+            Ownership::default(),
+            CopyFilter::none(),
+        )
+        .unwrap();
+        assert!(
+            fs::read_dir(&outside).unwrap().next().is_none(),
+            "wrote outside the rootfs"
+        );
+        assert!(root
+            .join(outside.strip_prefix("/").unwrap())
+            .join("f")
+            .exists());
+    }
+
+    #[test]
+    fn wildcards_and_dockerignore_choose_the_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        let root = dir.path().join("root");
+        fs::create_dir_all(ctx.join("src/keep")).unwrap();
+        fs::create_dir_all(ctx.join("node_modules/x")).unwrap();
+        fs::create_dir_all(&root).unwrap();
+        for f in [
+            "a.json",
+            "b.json",
+            "c.txt",
+            "src/main.rs",
+            "src/keep/k.rs",
+            "node_modules/x/y.js",
+            "secret.env",
+        ] {
+            fs::write(ctx.join(f), f).unwrap();
+        }
+        let ignore = Dockerignore::parse("node_modules\n*.env\nsrc\n!src/keep\n").unwrap();
+        let filter = CopyFilter::dockerignore(&ignore);
+        let own = Ownership::default();
+        copy_into(&ctx, &["*.json".into()], &root, "/j/", own, filter).unwrap();
+        assert!(
+            root.join("j/a.json").exists()
+                && root.join("j/b.json").exists()
+                && !root.join("j/c.txt").exists()
+        );
+        copy_into(&ctx, &[".".into()], &root, "/all", own, filter).unwrap();
+        assert!(root.join("all/c.txt").exists());
+        assert!(!root.join("all/node_modules").exists());
+        assert!(!root.join("all/secret.env").exists());
+        assert!(!root.join("all/src/main.rs").exists());
+        assert!(
+            root.join("all/src/keep/k.rs").exists(),
+            "an exception re-includes below an excluded folder"
+        );
+        assert!(matches!(
+            copy_into(&ctx, &["secret.env".into()], &root, "/s", own, filter),
+            Err(FsError::SourceMissing(_))
+        ));
+        assert!(matches!(
+            copy_into(&ctx, &["*.none".into()], &root, "/s/", own, filter),
+            Err(FsError::SourceMissing(_))
+        ));
+    }
+
+    #[test]
+    fn wildcard_matching_follows_filepath_match() {
+        for (p, n, want) in [
+            ("*.json", "a.json", true),
+            ("*.json", "a.jsonx", false),
+            ("?.txt", "a.txt", true),
+            ("[a-c]*", "banana", true),
+            ("[^a-c]*", "banana", false),
+            ("[!a]x", "bx", true),
+            ("\\*", "*", true),
+            ("\\*", "a", false),
+            ("[", "[", true),
+        ] {
+            assert_eq!(wildcard_match(p, n), want, "{p} vs {n}");
+        }
     }
 
     #[test]
@@ -364,11 +706,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         fs::create_dir_all(root.join("etc")).unwrap();
-        fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n").unwrap();
-        fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\nwheel:x:10:app\n").unwrap();
-        assert_eq!(lookup_user(root, "app").unwrap(), User { uid: 1000, gid: 1000, groups: vec![1000, 10], home: "/home/app".into() });
+        fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            root.join("etc/group"),
+            "root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lookup_user(root, "app").unwrap(),
+            User {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000, 10],
+                home: "/home/app".into()
+            }
+        );
         assert_eq!(lookup_user(root, "4242").unwrap().gid, 0);
         assert_eq!(lookup_user(root, "app:wheel").unwrap().gid, 10);
-        assert!(matches!(lookup_user(root, "ghost"), Err(FsError::UnknownUser(_))));
+        assert!(matches!(
+            lookup_user(root, "ghost"),
+            Err(FsError::UnknownUser(_))
+        ));
     }
 }

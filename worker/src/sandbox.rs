@@ -34,7 +34,13 @@ const SETUP_FAILED: i32 = 125;
 const SETUP_PREFIX: &str = "ossb-sandbox: ";
 
 /// Mount points the sandbox needs in the rootfs; see [`prepare_mount_points`].
-pub const MOUNT_POINTS: &[(&str, bool)] = &[("proc", true), ("dev", true), ("sys", true), ("etc/hosts", false), ("etc/resolv.conf", false)];
+pub const MOUNT_POINTS: &[(&str, bool)] = &[
+    ("proc", true),
+    ("dev", true),
+    ("sys", true),
+    ("etc/hosts", false),
+    ("etc/resolv.conf", false),
+];
 
 /// What one RUN executes, passed to the sandbox process as a JSON file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,8 +106,14 @@ pub fn prepare_mount_points(rootfs: &Path) -> std::io::Result<Vec<PathBuf>> {
         }
         // Parents that are symlinks (an image's /etc -> elsewhere) are left alone: the mount
         // is then skipped by the sandbox, which refuses symlinked targets.
-        let Some(parent) = path.parent() else { continue };
-        if !parent.is_dir() || fs::symlink_metadata(parent).map(|m| m.file_type().is_symlink()).unwrap_or(true) {
+        let Some(parent) = path.parent() else {
+            continue;
+        };
+        if !parent.is_dir()
+            || fs::symlink_metadata(parent)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(true)
+        {
             continue;
         }
         if *is_dir {
@@ -129,13 +141,20 @@ pub fn remove_mount_points(created: &[PathBuf]) {
 /// Runs `spec` in a sandbox: `exe` is the ossb binary (which implements [`SUBCOMMAND`]).
 /// Each output line is passed to `on_line` as it arrives; on failure the error holds the last
 /// lines. `display` is the command as the user wrote it, for messages.
-pub async fn run(exe: &Path, spec: &RunSpec, display: &str, mut on_line: impl FnMut(&str)) -> Result<(), RunError> {
+pub async fn run(
+    exe: &Path,
+    spec: &RunSpec,
+    display: &str,
+    mut on_line: impl FnMut(&str),
+) -> Result<(), RunError> {
     let mut spec_file = tempfile::Builder::new()
         .prefix(".ossb-run-")
         .tempfile()
         .map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
     let json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
-    spec_file.write_all(&json).map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
+    spec_file
+        .write_all(&json)
+        .map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
 
     let mut child = tokio::process::Command::new(exe)
         .arg(SUBCOMMAND)
@@ -170,11 +189,16 @@ pub async fn run(exe: &Path, spec: &RunSpec, display: &str, mut on_line: impl Fn
         }
         tail.push_back(line);
     }
-    let status = child.wait().await.map_err(|e| RunError::Setup(format!("waiting for the sandbox: {e}")))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| RunError::Setup(format!("waiting for the sandbox: {e}")))?;
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(0), _) => Ok(()),
-        (Some(SETUP_FAILED), _) if setup_error.is_some() => Err(RunError::Setup(setup_error.unwrap_or_default())),
+        (Some(SETUP_FAILED), _) if setup_error.is_some() => {
+            Err(RunError::Setup(setup_error.unwrap_or_default()))
+        }
         (Some(code), _) if code > 128 && code < 160 => Err(RunError::Failed {
             command: display.to_string(),
             status: format!("killed by signal {}", code - 128),
@@ -210,13 +234,18 @@ pub fn child_main(spec_path: &Path) -> i32 {
 
 fn sandbox(spec_path: &Path) -> Result<i32, String> {
     let bytes = fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
-    let spec: RunSpec = serde_json::from_slice(&bytes).map_err(|e| format!("parsing {}: {e}", spec_path.display()))?;
-    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    let spec: RunSpec = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("parsing {}: {e}", spec_path.display()))?;
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
     unshare(flags).map_err(|e| {
         format!("unshare(mount, pid, uts, ipc namespaces): {e} (is ossb running in its user namespace? run `ossb build` directly, not the internal {SUBCOMMAND} command)")
     })?;
     // A status pipe: pid 1 reports set-up failures through it; a successful exec closes it.
-    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: this process is single-threaded (a fresh exec of the binary that has not started
     // any runtime), so the child may allocate and run ordinary code before exec.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
@@ -263,27 +292,61 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
     let none: Option<&str> = None;
     let sys = |what: String| move |e: nix::Error| format!("{what}: {e}");
     // Mounts made here must not propagate back to the host's namespace.
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(sys("making / private".into()))?;
-    mount(Some(root), root, none, MsFlags::MS_BIND | MsFlags::MS_REC, none).map_err(sys(format!("bind-mounting {}", root.display())))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(sys("making / private".into()))?;
+    mount(
+        Some(root),
+        root,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(sys(format!("bind-mounting {}", root.display())))?;
 
     if let Some(proc_dir) = mount_target(root, "proc", true) {
-        mount(Some("proc"), &proc_dir, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, none)
-            .map_err(sys("mounting /proc".into()))?;
+        mount(
+            Some("proc"),
+            &proc_dir,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            none,
+        )
+        .map_err(sys("mounting /proc".into()))?;
     }
     if let Some(dev) = mount_target(root, "dev", true) {
         setup_dev(&dev)?;
     }
     if let Some(sys_dir) = mount_target(root, "sys", true) {
         // Best effort: a locked-down host may refuse it, and few build steps need /sys.
-        if mount(Some("/sys"), &sys_dir, none, MsFlags::MS_BIND | MsFlags::MS_REC, none).is_ok() {
-            let _ = mount(none, &sys_dir, none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, none);
+        if mount(
+            Some("/sys"),
+            &sys_dir,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .is_ok()
+        {
+            let _ = mount(
+                none,
+                &sys_dir,
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                none,
+            );
         }
     }
     for file in ["etc/hosts", "etc/resolv.conf"] {
         let host = Path::new("/").join(file);
         if let Some(target) = mount_target(root, file, false) {
             if host.is_file() && mount(Some(&host), &target, none, MsFlags::MS_BIND, none).is_ok() {
-                let _ = mount(none, &target, none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, none);
+                let _ = mount(
+                    none,
+                    &target,
+                    none,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    none,
+                );
             }
         }
     }
@@ -295,7 +358,8 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
     umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root".into()))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     nix::unistd::sethostname(&spec.hostname).map_err(sys("sethostname".into()))?;
-    std::env::set_current_dir(&spec.cwd).map_err(|e| format!("cannot enter the working directory {}: {e}", spec.cwd))?;
+    std::env::set_current_dir(&spec.cwd)
+        .map_err(|e| format!("cannot enter the working directory {}: {e}", spec.cwd))?;
     Ok(())
 }
 
@@ -317,27 +381,59 @@ fn mount_target(root: &Path, rel: &str, dir: bool) -> Option<PathBuf> {
 
 fn setup_dev(dev: &Path) -> Result<(), String> {
     let none: Option<&str> = None;
-    mount(Some("tmpfs"), dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some("mode=755,size=65536k"))
-        .map_err(|e| format!("mounting /dev: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| format!("mounting /dev: {e}"))?;
     // Device nodes cannot be created in a user namespace; bind the host's instead.
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
         fs::write(&target, b"").map_err(|e| format!("creating /dev/{name}: {e}"))?;
-        mount(Some(&Path::new("/dev").join(name)), &target, none, MsFlags::MS_BIND, none)
-            .map_err(|e| format!("binding /dev/{name}: {e}"))?;
+        mount(
+            Some(&Path::new("/dev").join(name)),
+            &target,
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )
+        .map_err(|e| format!("binding /dev/{name}: {e}"))?;
     }
     let pts = dev.join("pts");
     fs::create_dir(&pts).map_err(|e| format!("creating /dev/pts: {e}"))?;
     // Best effort: a pty is rarely needed by a build step.
-    if mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620")).is_ok() {
+    if mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .is_ok()
+    {
         let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
     }
     let shm = dev.join("shm");
     fs::create_dir(&shm).map_err(|e| format!("creating /dev/shm: {e}"))?;
-    mount(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some("mode=1777,size=65536k"))
-        .map_err(|e| format!("mounting /dev/shm: {e}"))?;
-    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
-        std::os::unix::fs::symlink(target, dev.join(name)).map_err(|e| format!("creating /dev/{name}: {e}"))?;
+    mount(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| format!("mounting /dev/shm: {e}"))?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))
+            .map_err(|e| format!("creating /dev/{name}: {e}"))?;
     }
     Ok(())
 }
@@ -350,19 +446,42 @@ fn become_user(spec: &RunSpec) -> Result<(), String> {
             return Err(format!("setgroups: {e}"));
         }
     }
-    nix::unistd::setresgid(Gid::from_raw(spec.gid), Gid::from_raw(spec.gid), Gid::from_raw(spec.gid))
-        .map_err(|e| format!("setgid {}: {e} (is gid {} mapped into the user namespace?)", spec.gid, spec.gid))?;
-    nix::unistd::setresuid(Uid::from_raw(spec.uid), Uid::from_raw(spec.uid), Uid::from_raw(spec.uid))
-        .map_err(|e| format!("setuid {}: {e} (is uid {} mapped into the user namespace?)", spec.uid, spec.uid))?;
+    nix::unistd::setresgid(
+        Gid::from_raw(spec.gid),
+        Gid::from_raw(spec.gid),
+        Gid::from_raw(spec.gid),
+    )
+    .map_err(|e| {
+        format!(
+            "setgid {}: {e} (is gid {} mapped into the user namespace?)",
+            spec.gid, spec.gid
+        )
+    })?;
+    nix::unistd::setresuid(
+        Uid::from_raw(spec.uid),
+        Uid::from_raw(spec.uid),
+        Uid::from_raw(spec.uid),
+    )
+    .map_err(|e| {
+        format!(
+            "setuid {}: {e} (is uid {} mapped into the user namespace?)",
+            spec.uid, spec.uid
+        )
+    })?;
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("prctl(NO_NEW_PRIVS): {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "prctl(NO_NEW_PRIVS): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
 fn exec(spec: &RunSpec) -> String {
-    let Some(program) = spec.argv.first() else { return "empty command".into() };
+    let Some(program) = spec.argv.first() else {
+        return "empty command".into();
+    };
     let path = match lookup_program(program, &spec.env) {
         Some(p) => p,
         None => return format!("exec: \"{program}\": executable file not found in $PATH"),
@@ -385,7 +504,11 @@ fn lookup_program(program: &str, env: &[String]) -> Option<PathBuf> {
         .iter()
         .find_map(|kv| kv.strip_prefix("PATH="))
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    path.split(':').map(|dir| Path::new(dir).join(program)).find(|p| {
-        fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    path.split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| {
+            fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
 }
