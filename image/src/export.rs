@@ -45,7 +45,10 @@ pub enum ExportError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io { path: path.to_path_buf(), source }
+    move |source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One image (a manifest or an index, already in the store) and the names it is tagged with.
@@ -58,13 +61,19 @@ pub struct NamedImage {
 }
 
 /// Every blob reachable from `top` (manifests, indexes, configs, layers), in a stable order.
-pub fn reachable_blobs(store: &BlobStore, top: &Descriptor) -> Result<Vec<Descriptor>, ExportError> {
+pub fn reachable_blobs(
+    store: &BlobStore,
+    top: &Descriptor,
+) -> Result<Vec<Descriptor>, ExportError> {
     let mut out = vec![top.clone()];
     let mut i = 0;
     while i < out.len() {
         let d = out[i].clone();
         i += 1;
-        let invalid = |e: serde_json::Error| ExportError::InvalidManifest { digest: d.digest.to_string(), detail: e.to_string() };
+        let invalid = |e: serde_json::Error| ExportError::InvalidManifest {
+            digest: d.digest.to_string(),
+            detail: e.to_string(),
+        };
         if media_type::is_index(&d.media_type) {
             let index: Index = serde_json::from_slice(&store.read(&d.digest)?).map_err(invalid)?;
             out.extend(index.manifests);
@@ -103,16 +112,28 @@ fn layout_index(images: &[NamedImage]) -> Index {
             manifests.push(d);
         }
     }
-    Index { schema_version: 2, media_type: Some(media_type::OCI_INDEX.into()), manifests, annotations: None }
+    Index {
+        schema_version: 2,
+        media_type: Some(media_type::OCI_INDEX.into()),
+        manifests,
+        annotations: None,
+    }
 }
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// Writes an OCI image layout directory at `dest`.
-pub fn write_oci_dir(store: &BlobStore, images: &[NamedImage], dest: &Path) -> Result<(), ExportError> {
+pub fn write_oci_dir(
+    store: &BlobStore,
+    images: &[NamedImage],
+    dest: &Path,
+) -> Result<(), ExportError> {
     let parent = parent_of(dest);
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let staging = tempfile::Builder::new().prefix(".ossb-oci-").tempdir_in(&parent).map_err(io_err(&parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".ossb-oci-")
+        .tempdir_in(&parent)
+        .map_err(io_err(&parent))?;
     let blobs_dir = staging.path().join("blobs/sha256");
     fs::create_dir_all(&blobs_dir).map_err(io_err(&blobs_dir))?;
     for image in images {
@@ -138,10 +159,17 @@ pub fn write_oci_dir(store: &BlobStore, images: &[NamedImage], dest: &Path) -> R
 }
 
 /// Writes an OCI image layout as a tar archive at `dest`.
-pub fn write_oci_tar(store: &BlobStore, images: &[NamedImage], dest: &Path) -> Result<(), ExportError> {
+pub fn write_oci_tar(
+    store: &BlobStore,
+    images: &[NamedImage],
+    dest: &Path,
+) -> Result<(), ExportError> {
     let parent = parent_of(dest);
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let tmp = tempfile::Builder::new().prefix(".ossb-oci-").tempfile_in(&parent).map_err(io_err(&parent))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".ossb-oci-")
+        .tempfile_in(&parent)
+        .map_err(io_err(&parent))?;
     {
         let mut tar = tar::Builder::new(BufWriter::new(tmp.as_file()));
         let mut add = |name: &str, size: u64, data: &mut dyn io::Read| -> io::Result<()> {
@@ -161,14 +189,20 @@ pub fn write_oci_tar(store: &BlobStore, images: &[NamedImage], dest: &Path) -> R
                 if written.insert(d.digest) {
                     let mut f = store.open_blob(&d.digest)?;
                     let size = f.metadata().map_err(io_err(dest))?.len();
-                    add(&format!("blobs/sha256/{}", d.digest.hex()), size, &mut f).map_err(io_err(dest))?;
+                    add(&format!("blobs/sha256/{}", d.digest.hex()), size, &mut f)
+                        .map_err(io_err(dest))?;
                 }
             }
         }
-        tar.into_inner().and_then(|mut w| w.flush()).map_err(io_err(dest))?;
+        tar.into_inner()
+            .and_then(|mut w| w.flush())
+            .map_err(io_err(dest))?;
     }
     tmp.as_file().sync_all().map_err(io_err(dest))?;
-    tmp.persist(dest).map_err(|e| ExportError::Io { path: dest.to_path_buf(), source: e.error })?;
+    tmp.persist(dest).map_err(|e| ExportError::Io {
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
     Ok(())
 }
 
@@ -183,7 +217,10 @@ fn parent_of(dest: &Path) -> PathBuf {
 fn clear_destination(dest: &Path) -> Result<(), ExportError> {
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ExportError::Io { path: dest.to_path_buf(), source: e }),
+        Err(e) => Err(ExportError::Io {
+            path: dest.to_path_buf(),
+            source: e,
+        }),
         Ok(m) if m.is_dir() => {
             let empty = fs::read_dir(dest).map_err(io_err(dest))?.next().is_none();
             if empty || dest.join("oci-layout").is_file() {
@@ -199,9 +236,15 @@ fn clear_destination(dest: &Path) -> Result<(), ExportError> {
 /// Opens `path` for writing a small metadata file (iidfile, metadata file) atomically.
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     let parent = parent_of(path);
-    let mut tmp = tempfile::Builder::new().prefix(".ossb-").tempfile_in(&parent).map_err(io_err(&parent))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ossb-")
+        .tempfile_in(&parent)
+        .map_err(io_err(&parent))?;
     tmp.write_all(bytes).map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| ExportError::Io { path: path.to_path_buf(), source: e.error })?;
+    tmp.persist(path).map_err(|e| ExportError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
     Ok(())
 }
 
@@ -213,8 +256,16 @@ mod tests {
 
     fn sample(store: &BlobStore) -> Descriptor {
         let layer = store.put(b"layer").unwrap();
-        let config = store.put(br#"{"architecture":"amd64","os":"linux"}"#).unwrap();
-        let d = |mt: &str, digest: Digest, size| Descriptor { media_type: mt.into(), digest, size, platform: None, annotations: None };
+        let config = store
+            .put(br#"{"architecture":"amd64","os":"linux"}"#)
+            .unwrap();
+        let d = |mt: &str, digest: Digest, size| Descriptor {
+            media_type: mt.into(),
+            digest,
+            size,
+            platform: None,
+            annotations: None,
+        };
         let m = Manifest {
             schema_version: 2,
             media_type: Some(media_type::OCI_MANIFEST.into()),
@@ -223,7 +274,11 @@ mod tests {
             annotations: None,
         };
         let bytes = to_canonical_json(&m);
-        d(media_type::OCI_MANIFEST, store.put(&bytes).unwrap(), bytes.len() as u64)
+        d(
+            media_type::OCI_MANIFEST,
+            store.put(&bytes).unwrap(),
+            bytes.len() as u64,
+        )
     }
 
     #[test]
@@ -232,12 +287,19 @@ mod tests {
         let store = BlobStore::open(dir.path().join("store")).unwrap();
         let top = sample(&store);
         let dest = dir.path().join("out");
-        let images = [NamedImage { descriptor: top.clone(), names: vec!["example.com/app:1.0".into()] }];
+        let images = [NamedImage {
+            descriptor: top.clone(),
+            names: vec!["example.com/app:1.0".into()],
+        }];
         write_oci_dir(&store, &images, &dest).unwrap();
         assert_eq!(fs::read(dest.join("oci-layout")).unwrap(), OCI_LAYOUT);
-        let index: Index = serde_json::from_slice(&fs::read(dest.join("index.json")).unwrap()).unwrap();
+        let index: Index =
+            serde_json::from_slice(&fs::read(dest.join("index.json")).unwrap()).unwrap();
         assert_eq!(index.manifests[0].digest, top.digest);
-        assert_eq!(index.manifests[0].annotations.as_ref().unwrap()[REF_NAME], "1.0");
+        assert_eq!(
+            index.manifests[0].annotations.as_ref().unwrap()[REF_NAME],
+            "1.0"
+        );
         assert_eq!(fs::read_dir(dest.join("blobs/sha256")).unwrap().count(), 3);
         // Writing again replaces the earlier layout.
         write_oci_dir(&store, &images, &dest).unwrap();
@@ -251,7 +313,15 @@ mod tests {
         let dest = dir.path().join("precious");
         fs::create_dir(&dest).unwrap();
         fs::write(dest.join("thesis.txt"), "x").unwrap();
-        let err = write_oci_dir(&store, &[NamedImage { descriptor: top, names: vec![] }], &dest).unwrap_err();
+        let err = write_oci_dir(
+            &store,
+            &[NamedImage {
+                descriptor: top,
+                names: vec![],
+            }],
+            &dest,
+        )
+        .unwrap_err();
         assert!(matches!(err, ExportError::Occupied(_)));
         assert!(dest.join("thesis.txt").exists());
     }
@@ -262,7 +332,15 @@ mod tests {
         let store = BlobStore::open(dir.path().join("store")).unwrap();
         let top = sample(&store);
         let dest = dir.path().join("image.tar");
-        write_oci_tar(&store, &[NamedImage { descriptor: top, names: vec!["app".into()] }], &dest).unwrap();
+        write_oci_tar(
+            &store,
+            &[NamedImage {
+                descriptor: top,
+                names: vec!["app".into()],
+            }],
+            &dest,
+        )
+        .unwrap();
         let mut names: Vec<String> = tar::Archive::new(File::open(&dest).unwrap())
             .entries()
             .unwrap()

@@ -28,7 +28,8 @@ pub mod media_type {
     /// Docker schema 2 manifest.
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     /// Docker manifest list.
-    pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_MANIFEST_LIST: &str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
     /// Docker image config.
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
     /// Docker gzip layer.
@@ -74,7 +75,11 @@ pub struct DescriptorPlatform {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub variant: Option<String>,
     /// OS version (Windows).
-    #[serde(rename = "os.version", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "os.version",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub os_version: Option<String>,
 }
 
@@ -133,9 +138,11 @@ pub struct Index {
 impl Index {
     /// The entry for `platform`, or `None`. Entries without a platform are skipped.
     pub fn find(&self, platform: &Platform) -> Option<&Descriptor> {
-        self.manifests
-            .iter()
-            .find(|d| d.platform.as_ref().is_some_and(|p| p.platform() == *platform))
+        self.manifests.iter().find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.platform() == *platform)
+        })
     }
 
     /// The platforms the index offers, for error messages.
@@ -237,7 +244,10 @@ impl RuntimeConfig {
     pub fn set_env(&mut self, name: &str, value: &str) {
         let env = self.env.get_or_insert_with(Vec::new);
         let entry = format!("{name}={value}");
-        match env.iter_mut().find(|kv| kv.split_once('=').map_or(kv.as_str(), |(k, _)| k) == name) {
+        match env
+            .iter_mut()
+            .find(|kv| kv.split_once('=').map_or(kv.as_str(), |(k, _)| k) == name)
+        {
             Some(slot) => *slot = entry,
             None => env.push(entry),
         }
@@ -276,7 +286,10 @@ pub struct RootFs {
 
 impl Default for RootFs {
     fn default() -> Self {
-        RootFs { kind: "layers".into(), diff_ids: Vec::new() }
+        RootFs {
+            kind: "layers".into(),
+            diff_ids: Vec::new(),
+        }
     }
 }
 
@@ -332,26 +345,43 @@ mod tests {
     fn config_keeps_docker_extensions_and_unknown_fields() {
         let json = r#"{"architecture":"amd64","os":"linux","config":{"Env":["A=1"],"Healthcheck":{"Test":["CMD","true"],"Interval":1000},"Shell":["/bin/bash","-c"],"OnBuild":["RUN x"],"Custom":7},"rootfs":{"type":"layers","diff_ids":[]},"container":"abc"}"#;
         let cfg: ImageConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(cfg.config.shell.as_deref(), Some(&["/bin/bash".to_string(), "-c".to_string()][..]));
+        assert_eq!(
+            cfg.config.shell.as_deref(),
+            Some(&["/bin/bash".to_string(), "-c".to_string()][..])
+        );
         let back = String::from_utf8(to_canonical_json(&cfg)).unwrap();
-        for needle in ["\"Healthcheck\"", "\"OnBuild\"", "\"Custom\":7", "\"container\":\"abc\""] {
+        for needle in [
+            "\"Healthcheck\"",
+            "\"OnBuild\"",
+            "\"Custom\":7",
+            "\"container\":\"abc\"",
+        ] {
             assert!(back.contains(needle), "{needle} missing from {back}");
         }
     }
 
     #[test]
     fn serialization_is_stable() {
-        let mut cfg = ImageConfig { architecture: "amd64".into(), os: "linux".into(), ..Default::default() };
+        let mut cfg = ImageConfig {
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            ..Default::default()
+        };
         cfg.config.labels = Some([("b".into(), "2".into()), ("a".into(), "1".into())].into());
         let a = to_canonical_json(&cfg);
         let b = to_canonical_json(&cfg.clone());
         assert_eq!(a, b);
-        assert!(String::from_utf8(a).unwrap().contains(r#""Labels":{"a":"1","b":"2"}"#));
+        assert!(String::from_utf8(a)
+            .unwrap()
+            .contains(r#""Labels":{"a":"1","b":"2"}"#));
     }
 
     #[test]
     fn set_env_replaces_in_place() {
-        let mut rc = RuntimeConfig { env: Some(vec!["PATH=/bin".into(), "A=1".into()]), ..Default::default() };
+        let mut rc = RuntimeConfig {
+            env: Some(vec!["PATH=/bin".into(), "A=1".into()]),
+            ..Default::default()
+        };
         rc.set_env("PATH", "/usr/bin:/bin");
         rc.set_env("B", "2");
         assert_eq!(rc.env.unwrap(), vec!["PATH=/usr/bin:/bin", "A=1", "B=2"]);

@@ -39,7 +39,10 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A directory of blobs named by digest.
@@ -86,7 +89,9 @@ impl BlobStore {
     pub fn read(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
         let path = self.path(digest);
-        self.open_blob(digest)?.read_to_end(&mut out).map_err(io_err(&path))?;
+        self.open_blob(digest)?
+            .read_to_end(&mut out)
+            .map_err(io_err(&path))?;
         Ok(out)
     }
 
@@ -102,7 +107,10 @@ impl BlobStore {
     pub fn writer(&self) -> Result<BlobWriter, StoreError> {
         let tmp_dir = self.root.join("tmp");
         let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
-        Ok(BlobWriter { store: self.clone(), inner: Sha256Writer::new(BufWriter::new(file)) })
+        Ok(BlobWriter {
+            store: self.clone(),
+            inner: Sha256Writer::new(BufWriter::new(file)),
+        })
     }
 
     /// The directory for temporary files on the store's filesystem.
@@ -119,7 +127,11 @@ impl BlobStore {
         io::copy(&mut reader, &mut hasher).map_err(io_err(&path))?;
         let (actual, size, _) = hasher.finish();
         if actual != *expected {
-            return Err(StoreError::DigestMismatch { expected: *expected, actual, size });
+            return Err(StoreError::DigestMismatch {
+                expected: *expected,
+                actual,
+                size,
+            });
         }
         self.persist(file, expected)?;
         Ok(size)
@@ -128,7 +140,10 @@ impl BlobStore {
     fn persist(&self, file: NamedTempFile, digest: &Digest) -> Result<(), StoreError> {
         let dest = self.path(digest);
         file.as_file().sync_all().map_err(io_err(&dest))?;
-        file.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
+        file.persist(&dest).map_err(|e| StoreError::Io {
+            path: dest.clone(),
+            source: e.error,
+        })?;
         Ok(())
     }
 }
@@ -145,10 +160,17 @@ impl BlobWriter {
     pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let (actual, size, buffered) = self.inner.finish();
         let tmp = self.store.tmp_dir();
-        let file = buffered.into_inner().map_err(|e| StoreError::Io { path: tmp, source: e.into_error() })?;
+        let file = buffered.into_inner().map_err(|e| StoreError::Io {
+            path: tmp,
+            source: e.into_error(),
+        })?;
         if let Some(expected) = expected {
             if *expected != actual {
-                return Err(StoreError::DigestMismatch { expected: *expected, actual, size });
+                return Err(StoreError::DigestMismatch {
+                    expected: *expected,
+                    actual,
+                    size,
+                });
             }
         }
         self.store.persist(file, &actual)?;
@@ -194,7 +216,11 @@ mod tests {
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
         assert!(!store.contains(&expected));
         assert!(!store.contains(&Digest::of(b"wrong")));
-        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "temporary file left behind");
+        assert_eq!(
+            fs::read_dir(store.tmp_dir()).unwrap().count(),
+            0,
+            "temporary file left behind"
+        );
     }
 
     #[test]
@@ -202,6 +228,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let d = Digest::of(b"absent");
-        assert!(store.read(&d).unwrap_err().to_string().contains(&d.to_string()));
+        assert!(store
+            .read(&d)
+            .unwrap_err()
+            .to_string()
+            .contains(&d.to_string()));
     }
 }
