@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of ossb: starts the test environment (registries, base images; installs what
-# is missing), then the unit and end-to-end tests of the whole workspace.
+# is missing), then the unit and end-to-end tests of the whole workspace, and prints the total.
 #
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -11,4 +11,11 @@ scripts/testenv.sh start
 . .testenv/env
 
 echo "== cargo test --workspace"
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# cargo prints one summary per test binary; the last one is often an empty doc-test run, so
+# close with the total.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
