@@ -21,7 +21,9 @@ use ossb_image::registry::{
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::fs::{self as wfs, CopyFilter, Ownership};
-use ossb_worker::sandbox::{self, RunSpec};
+use ossb_worker::sandbox;
+
+use crate::run::{self, RunContext};
 use ossb_worker::snapshot::Snapshot;
 
 use crate::progress::{Event, Progress};
@@ -575,58 +577,19 @@ impl Engine<'_> {
                 Ok(())
             }
             Instruction::Run(run) => {
-                if !run.heredocs.is_empty() || !run.mounts.is_empty() {
-                    return Err(
-                        "RUN --mount and RUN heredocs with a #! line are not supported yet".into(),
-                    );
-                }
-                let user = if run.user.is_empty() {
-                    user
-                } else {
-                    run.user.clone()
+                let stages: HashMap<usize, PathBuf> =
+                    done.iter().map(|(i, s)| (*i, s.rootfs.clone())).collect();
+                let ctx = RunContext {
+                    rootfs: &state.rootfs,
+                    config: cfg,
+                    default_user: &user,
+                    default_cwd: &cwd,
+                    sandbox_exe: &self.req.sandbox_exe,
+                    context: &self.req.context,
+                    stages: &stages,
+                    cache_dir: &self.req.cache_dir,
                 };
-                let cwd = if run.working_dir.is_empty() {
-                    cwd
-                } else {
-                    run.working_dir.clone()
-                };
-                let u = wfs::lookup_user(&state.rootfs, &user).map_err(|e| e.to_string())?;
-                wfs::make_workdir(&state.rootfs, &cwd, (u.uid, u.gid))
-                    .map_err(|e| e.to_string())?;
-                let mut env = cfg.env.clone().unwrap_or_default();
-                if !env.iter().any(|kv| kv.starts_with("PATH=")) {
-                    env.push(
-                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                    );
-                }
-                if !env.iter().any(|kv| kv.starts_with("HOME=")) {
-                    env.push(format!("HOME={}", u.home));
-                }
-                for (k, v) in &run.build_env {
-                    // Build args do not override the image's ENV of the same name.
-                    if !env
-                        .iter()
-                        .any(|kv| kv.split_once('=').is_some_and(|(name, _)| name == k))
-                    {
-                        env.push(format!("{k}={v}"));
-                    }
-                }
-                let spec = RunSpec {
-                    rootfs: state.rootfs.clone(),
-                    argv: run.argv.clone(),
-                    env,
-                    cwd,
-                    uid: u.uid,
-                    gid: u.gid,
-                    groups: u.groups,
-                    hostname: "ossb".into(),
-                };
-                let display = step
-                    .created_by
-                    .trim_start_matches("RUN ")
-                    .trim_end_matches(" # buildkit")
-                    .to_string();
-                sandbox::run(&self.req.sandbox_exe, &spec, &display, |line| {
+                run::execute(&ctx, run, |line| {
                     self.progress.event(Event::Output {
                         id,
                         elapsed: started.elapsed(),
@@ -634,7 +597,6 @@ impl Engine<'_> {
                     })
                 })
                 .await
-                .map_err(|e| e.to_string())
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let from_context = copy.from.is_none();

@@ -7,6 +7,7 @@
 
 pub mod build;
 pub mod progress;
+mod run;
 
 pub use build::{build, BuildError, BuildRequest, BuildResult, Output};
 pub use progress::{Event, Progress};
