@@ -51,10 +51,22 @@ pub enum ProgressMode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Isolation {
-    /// Rootless if user namespaces work.
+    /// Rootless if user namespaces work, else chroot.
     Auto,
     /// A user namespace with mount, pid, uts and ipc namespaces per RUN.
     Rootless,
+    /// chroot only, for pods that refuse namespaces (needs root in the container).
+    Chroot,
+}
+
+impl From<Isolation> for ossb_worker::sandbox::Isolation {
+    fn from(i: Isolation) -> Self {
+        match i {
+            Isolation::Auto => Self::Auto,
+            Isolation::Rootless => Self::Rootless,
+            Isolation::Chroot => Self::Chroot,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +115,9 @@ pub struct BuildArgs {
     /// How RUN steps are isolated.
     #[arg(long, value_enum, default_value = "auto")]
     pub isolation: Isolation,
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable). Never stored in the image.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    pub secrets: Vec<String>,
     /// Write build metadata (containerimage.digest, ...) as JSON to this file.
     #[arg(long = "metadata-file", value_name = "PATH")]
     pub metadata_file: Option<PathBuf>,
@@ -224,6 +239,35 @@ fn parse_output(spec: &str) -> Result<Output, String> {
     }
 }
 
+/// `--secret id=ID,src=PATH` (also `source=`, and `type=file`, the only type so far).
+fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let (mut id, mut src) = (None, None);
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+                Some(("type", "file")) => {}
+                _ => return Err(format!("--secret {spec:?}: expected id=ID,src=PATH")),
+            }
+        }
+        match (id, src) {
+            (Some(id), Some(src)) if !id.is_empty() => {
+                if !src.is_file() {
+                    return Err(format!(
+                        "--secret id={id}: {} is not a readable file",
+                        src.display()
+                    ));
+                }
+                out.insert(id, src);
+            }
+            _ => return Err(format!("--secret {spec:?}: expected id=ID,src=PATH")),
+        }
+    }
+    Ok(out)
+}
+
 fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("OSSB_CACHE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
@@ -320,9 +364,10 @@ impl BuildArgs {
             source_date_epoch,
             sandbox_exe: std::env::current_exe()
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
+            isolation: self.isolation.into(),
+            secrets: parse_secrets(&self.secrets)?,
         };
         let _ = self.no_cache; // No step cache exists yet: every build runs every step.
-        let _ = self.isolation;
         Ok((
             request,
             Extras {

@@ -21,7 +21,7 @@ use ossb_image::registry::{
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::fs::{self as wfs, CopyFilter, Ownership};
-use ossb_worker::sandbox;
+use ossb_worker::sandbox::{self, Isolation};
 
 use crate::run::{self, RunContext};
 use ossb_worker::snapshot::Snapshot;
@@ -71,6 +71,10 @@ pub struct BuildRequest {
     pub source_date_epoch: Option<i64>,
     /// The ossb binary, which implements the sandbox subcommand.
     pub sandbox_exe: PathBuf,
+    /// How RUN steps are isolated.
+    pub isolation: Isolation,
+    /// `--secret id=ID,src=PATH`: secret files by id, for `RUN --mount=type=secret`.
+    pub secrets: BTreeMap<String, PathBuf>,
 }
 
 /// What a successful build produced.
@@ -588,6 +592,8 @@ impl Engine<'_> {
                     context: &self.req.context,
                     stages: &stages,
                     cache_dir: &self.req.cache_dir,
+                    isolation: self.req.isolation,
+                    secrets: &self.req.secrets,
                 };
                 run::execute(&ctx, run, |line| {
                     self.progress.event(Event::Output {

@@ -1,12 +1,12 @@
 //! A RUN step: from the planned instruction and the stage's state to a sandboxed process.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use ossb_dockerfile::Run;
 use ossb_image::oci::RuntimeConfig;
 use ossb_worker::fs as wfs;
-use ossb_worker::sandbox::{self, RunSpec};
+use ossb_worker::sandbox::{self, Isolation, RunSpec};
 
 /// What a RUN needs to know of the build around it.
 pub(crate) struct RunContext<'a> {
@@ -29,6 +29,12 @@ pub(crate) struct RunContext<'a> {
     /// The cache directory (for `--mount=type=cache`).
     #[allow(dead_code)]
     pub cache_dir: &'a Path,
+    /// How the step is isolated.
+    #[allow(dead_code)]
+    pub isolation: Isolation,
+    /// Secret files by id (`--secret`), for `--mount=type=secret`.
+    #[allow(dead_code)]
+    pub secrets: &'a BTreeMap<String, PathBuf>,
 }
 
 /// Runs `run` in the sandbox; each output line goes to `on_line`. The error is the message

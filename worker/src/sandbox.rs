@@ -42,6 +42,18 @@ pub const MOUNT_POINTS: &[(&str, bool)] = &[
     ("etc/resolv.conf", false),
 ];
 
+/// How RUN steps are isolated (`--isolation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Isolation {
+    /// Rootless when user namespaces work, else chroot.
+    #[default]
+    Auto,
+    /// A user namespace, with mount, pid, uts and ipc namespaces per step.
+    Rootless,
+    /// chroot only, for pods that refuse namespaces (needs root in the container).
+    Chroot,
+}
+
 /// What one RUN executes, passed to the sandbox process as a JSON file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunSpec {
