@@ -13,32 +13,41 @@ pub struct Sample {
     pub max_rss_kib: u64,
 }
 
-/// Runs `cmd` to completion and measures it; panics with its output if it fails, because a
+/// Runs `cmd` to completion and measures it: wall time, and the peak RSS of the command's
+/// own process tree as wait4(2) reports it. Panics with its stderr if it fails, because a
 /// benchmark of a failing command measures nothing.
 pub fn measure(cmd: &mut Command) -> Sample {
+    let stderr = tempfile_path();
+    let err_file = std::fs::File::create(&stderr).expect("creating a temporary file");
     let start = Instant::now();
-    let out = cmd
-        .output()
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(err_file)
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut status = 0;
+    // SAFETY: rusage is a plain struct that wait4 fills; the pid is our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
     let wall = start.elapsed();
+    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr);
     assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed (wait status {status}):\n{text}"
     );
     Sample {
         wall,
-        max_rss_kib: children_max_rss_kib(),
+        max_rss_kib: usage.ru_maxrss.max(0) as u64,
     }
 }
 
-/// The peak RSS of the largest child waited for so far (getrusage(RUSAGE_CHILDREN)).
-fn children_max_rss_kib() -> u64 {
-    // SAFETY: getrusage writes into the zeroed struct we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    usage.ru_maxrss.max(0) as u64
+fn tempfile_path() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("ossb-bench-{}-{nanos}.stderr", std::process::id()))
 }
 
 /// The median of `samples` by wall time.
