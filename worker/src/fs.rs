@@ -125,11 +125,11 @@ impl<'a> CopyFilter<'a> {
         }
     }
 
-    fn excluded(&self, rel: &str) -> bool {
+    pub(crate) fn excluded(&self, rel: &str) -> bool {
         !rel.is_empty() && self.ignore.is_some_and(|i| i.is_excluded(rel))
     }
 
-    fn must_descend(&self, rel: &str) -> bool {
+    pub(crate) fn must_descend(&self, rel: &str) -> bool {
         self.ignore.is_some_and(|i| i.may_include_below(rel))
     }
 }
@@ -182,7 +182,7 @@ fn has_wildcard(s: &str) -> bool {
 }
 
 /// The context paths one COPY source names: `(relative path, host path)`, in sorted order.
-fn expand_source(
+pub(crate) fn expand_source(
     root: &Path,
     source: &str,
     filter: CopyFilter<'_>,
@@ -239,7 +239,7 @@ fn expand_source(
         .collect()
 }
 
-fn join_rel(dir: &str, name: &str) -> String {
+pub(crate) fn join_rel(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
     } else {

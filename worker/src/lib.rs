@@ -2,6 +2,7 @@
 //! single-threaded child process, copies files for COPY, and turns each step's filesystem change
 //! into a layer through snapshots.
 
+pub mod checksum;
 pub mod fs;
 pub mod sandbox;
 pub mod snapshot;
