@@ -20,10 +20,40 @@ pub struct Cli {
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(Box<BuildArgs>),
+    /// Inspect or prune the build cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Tools for looking inside ossb.
     Debug {
         #[command(subcommand)]
         command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Size, entries and hit rate of recent builds.
+    Info {
+        /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
+        #[arg(long = "cache-dir", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Remove cached steps and blobs (waits for running builds on the same cache to finish).
+    Prune {
+        /// Remove everything, cache mounts included.
+        #[arg(long)]
+        all: bool,
+        /// Remove the least recently used until the cache is at most this size (e.g. 10GB).
+        #[arg(long = "keep-storage", value_name = "SIZE")]
+        keep_storage: Option<String>,
+        /// Only what matches: until=DURATION (unused for that long, e.g. 24h).
+        #[arg(long, value_name = "until=DURATION")]
+        filter: Vec<String>,
+        /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
+        #[arg(long = "cache-dir", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
     },
 }
 
@@ -79,7 +109,8 @@ pub struct BuildArgs {
     /// Name and tag of the image, e.g. registry:5000/app:1.0 (repeatable).
     #[arg(short = 't', long = "tag", value_name = "REF")]
     pub tags: Vec<String>,
-    /// Target platform, e.g. linux/amd64 (default: this machine's).
+    /// Target platforms, comma-separated, e.g. linux/amd64,linux/arm64 (default: this
+    /// machine's). Several platforms give one image per platform and an index over them.
     #[arg(long, value_name = "PLATFORMS")]
     pub platform: Option<String>,
     /// A build argument, KEY=VALUE (or KEY to take it from the environment; repeatable).
@@ -137,25 +168,20 @@ impl Extras {
     /// Writes --metadata-file and --iidfile.
     pub fn write_files(&self, req: &BuildRequest, result: &BuildResult) -> Result<(), String> {
         if let Some(path) = &self.iidfile {
-            ossb_image::export::write_file_atomically(
-                path,
-                result.config_digest.to_string().as_bytes(),
-            )
+            // As BuildKit: the config digest for one platform, the index digest for several.
+            let id = result.config_digest.unwrap_or(result.image.digest);
+            ossb_image::export::write_file_atomically(path, id.to_string().as_bytes())
             .map_err(|e| e.to_string())?;
         }
         if let Some(path) = &self.metadata_file {
             let mut meta = serde_json::Map::new();
-            meta.insert(
-                "containerimage.digest".into(),
-                result.manifest.digest.to_string().into(),
-            );
-            meta.insert(
-                "containerimage.config.digest".into(),
-                result.config_digest.to_string().into(),
-            );
+            meta.insert("containerimage.digest".into(), result.image.digest.to_string().into());
+            if let Some(config) = &result.config_digest {
+                meta.insert("containerimage.config.digest".into(), config.to_string().into());
+            }
             meta.insert(
                 "containerimage.descriptor".into(),
-                serde_json::to_value(&result.manifest).unwrap_or_default(),
+                serde_json::to_value(&result.image).unwrap_or_default(),
             );
             if !req.tags.is_empty() {
                 meta.insert("image.name".into(), req.tags.join(",").into());
@@ -239,6 +265,25 @@ fn parse_output(spec: &str) -> Result<Output, String> {
     }
 }
 
+/// `--platform a,b`: each platform once, in the order given; the host's when absent.
+fn parse_platforms(list: Option<&str>) -> Result<Vec<Platform>, String> {
+    let Some(list) = list else { return Ok(vec![Platform::host()]) };
+    let mut out: Vec<Platform> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let p: Platform = item.parse().map_err(|e| format!("--platform: {e}"))?;
+        if p.os != "linux" {
+            return Err(format!("--platform {item}: only linux images can be built (the RUN sandbox runs Linux processes)"));
+        }
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("--platform {list:?}: no platform given"));
+    }
+    Ok(out)
+}
+
 /// `--secret id=ID,src=PATH` (also `source=`, and `type=file`, the only type so far).
 fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
     let mut out = BTreeMap::new();
@@ -268,7 +313,8 @@ fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> 
     Ok(out)
 }
 
-fn default_cache_dir() -> PathBuf {
+/// The cache directory when `--cache-dir` is not given.
+pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("OSSB_CACHE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
@@ -284,22 +330,7 @@ fn default_cache_dir() -> PathBuf {
 impl BuildArgs {
     /// Validates the flags and turns them into a build request.
     pub fn into_request(self) -> Result<(BuildRequest, Extras), String> {
-        let platform = match self.platform.as_deref() {
-            None => Platform::host(),
-            Some(list) => {
-                let platforms: Vec<&str> = list
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                if platforms.len() != 1 {
-                    return Err(format!("--platform {list}: building several platforms at once is not supported yet; build one platform per run"));
-                }
-                platforms[0]
-                    .parse::<Platform>()
-                    .map_err(|e| format!("--platform: {e}"))?
-            }
-        };
+        let platforms = parse_platforms(self.platform.as_deref())?;
         let (dockerfile, dockerfile_name) = match self.file.as_deref() {
             Some("-") => {
                 let mut s = String::new();
@@ -351,7 +382,8 @@ impl BuildArgs {
             dockerfile,
             dockerfile_name,
             tags: self.tags.clone(),
-            platform,
+            platforms,
+            no_cache: self.no_cache,
             build_args: key_values("--build-arg", &self.build_args, true)?,
             target: self.target.clone(),
             labels: key_values("--label", &self.labels, false)?,
@@ -367,7 +399,6 @@ impl BuildArgs {
             isolation: self.isolation.into(),
             secrets: parse_secrets(&self.secrets)?,
         };
-        let _ = self.no_cache; // No step cache exists yet: every build runs every step.
         Ok((
             request,
             Extras {
@@ -403,6 +434,15 @@ mod tests {
         assert!(parse_output("type=oci").is_err());
         assert!(parse_output("type=bogus").is_err());
         assert!(parse_output("oci").is_err());
+    }
+
+    #[test]
+    fn parses_platform_lists() {
+        let p = parse_platforms(Some("linux/amd64, linux/arm64,linux/amd64")).unwrap();
+        assert_eq!(p.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["linux/amd64", "linux/arm64"]);
+        assert!(parse_platforms(Some("windows/amd64")).is_err());
+        assert!(parse_platforms(Some("linux")).is_err());
+        assert_eq!(parse_platforms(None).unwrap(), vec![Platform::host()]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use ossb_coordinator::{BuildResult, Event, Progress};
 
@@ -11,7 +12,7 @@ use crate::args::ProgressMode;
 /// A progress sink that can also print the closing summary.
 pub trait Display: Progress {
     /// Prints what was built.
-    fn summary(&self, result: &BuildResult);
+    fn summary(&self, result: &BuildResult, elapsed: Duration);
 }
 
 /// The display for `mode`. The interactive display is not written yet: tty uses plain.
@@ -67,18 +68,26 @@ impl Progress for Plain {
                     &format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64()),
                 )
             }
+            Event::Cached { id } => self.print(Some(id), &format!("#{id} CACHED")),
             Event::Info(text) => self.print(None, &text),
         }
     }
 }
 
 impl Display for Plain {
-    fn summary(&self, result: &BuildResult) {
+    fn summary(&self, result: &BuildResult, elapsed: Duration) {
+        let id = result.config_digest.map(|c| format!(" (config {c})")).unwrap_or_default();
+        let s = result.stats;
+        self.print(None, &format!("built {}{id}", result.image.digest));
         self.print(
             None,
             &format!(
-                "built {} (config {})",
-                result.manifest.digest, result.config_digest
+                "{} in {:.1}s: {} steps run, {} cached, {:.1} MiB",
+                if result.config_digest.is_some() { "image" } else { "index" },
+                elapsed.as_secs_f64(),
+                s.run,
+                s.cached,
+                result.size as f64 / 1048576.0
             ),
         );
         for p in &result.pushed {
@@ -104,17 +113,23 @@ impl Progress for Json {
             Event::Output { id, elapsed, line } => json!({"event": "output", "id": id, "elapsed": elapsed.as_secs_f64(), "line": line}),
             Event::Done { id, elapsed } => json!({"event": "done", "id": id, "elapsed": elapsed.as_secs_f64()}),
             Event::Failed { id, elapsed, message } => json!({"event": "failed", "id": id, "elapsed": elapsed.as_secs_f64(), "message": message}),
+            Event::Cached { id } => json!({"event": "cached", "id": id}),
             Event::Info(text) => json!({"event": "info", "message": text}),
         })
     }
 }
 
 impl Display for Json {
-    fn summary(&self, result: &BuildResult) {
+    fn summary(&self, result: &BuildResult, elapsed: Duration) {
         self.emit(serde_json::json!({
             "event": "result",
-            "digest": result.manifest.digest.to_string(),
-            "config": result.config_digest.to_string(),
+            "digest": result.image.digest.to_string(),
+            "mediaType": result.image.media_type,
+            "config": result.config_digest.map(|c| c.to_string()),
+            "size": result.size,
+            "steps_run": result.stats.run,
+            "steps_cached": result.stats.cached,
+            "seconds": elapsed.as_secs_f64(),
             "pushed": result.pushed,
         }))
     }

@@ -11,7 +11,7 @@ use clap::Parser;
 use ossb_coordinator::BuildError;
 use ossb_worker::{sandbox, userns};
 
-use crate::args::{BuildArgs, Cli, Command, DebugCommand};
+use crate::args::{default_cache_dir, BuildArgs, CacheCommand, Cli, Command, DebugCommand};
 
 fn main() -> ExitCode {
     // The sandbox child must stay single-threaded: dispatch to it before anything else runs.
@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Debug {
             command: DebugCommand::Parse { file },
         } => debug_parse(&file),
+        Command::Cache { command } => cache_command(command),
     }
 }
 
@@ -80,6 +81,7 @@ fn run_build(args: BuildArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let started = std::time::Instant::now();
     let result = runtime.block_on(ossb_coordinator::build(&request, display.as_ref()));
     match result {
         Ok(result) => {
@@ -87,7 +89,7 @@ fn run_build(args: BuildArgs) -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(1);
             }
-            display.summary(&result);
+            display.summary(&result, started.elapsed());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -126,6 +128,73 @@ fn debug_parse(file: &str) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn cache_command(command: CacheCommand) -> ExitCode {
+    use ossb_coordinator::cache;
+    match command {
+        CacheCommand::Info { cache_dir } => {
+            let dir = cache_dir.unwrap_or_else(default_cache_dir);
+            match cache::info(&dir) {
+                Ok(info) => {
+                    println!("cache directory: {}", dir.display());
+                    println!("blobs:           {} ({:.1} MiB)", info.blobs, info.bytes as f64 / 1048576.0);
+                    println!("cached steps:    {}", info.records);
+                    let (run, cached) = info.recent.iter().fold((0, 0), |(r, c), b| (r + b.run, c + b.cached));
+                    if run + cached > 0 {
+                        println!(
+                            "hit rate:        {:.0}% of {} steps over the last {} builds",
+                            100.0 * cached as f64 / (run + cached) as f64,
+                            run + cached,
+                            info.recent.len()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot read the cache in {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+        CacheCommand::Prune { all, keep_storage, filter, cache_dir } => {
+            let dir = cache_dir.unwrap_or_else(default_cache_dir);
+            let mut opts = cache::PruneOptions { all, ..Default::default() };
+            if let Some(size) = keep_storage {
+                match cache::parse_size(&size) {
+                    Some(n) => opts.keep_bytes = Some(n),
+                    None => {
+                        eprintln!("error: --keep-storage {size:?}: expected a size such as 10GB or 512MiB");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            for f in filter {
+                match f.strip_prefix("until=").and_then(cache::parse_duration) {
+                    Some(d) => opts.older_than = Some(d),
+                    None => {
+                        eprintln!("error: --filter {f:?}: expected until=DURATION, e.g. until=24h");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            match cache::prune(&dir, &opts) {
+                Ok(r) => {
+                    println!(
+                        "removed {} cached steps and {} blobs, {:.1} MiB freed",
+                        r.records,
+                        r.blobs,
+                        r.bytes as f64 / 1048576.0
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: pruning the cache in {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            }
         }
     }
 }

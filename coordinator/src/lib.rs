@@ -6,8 +6,11 @@
 //! rootfs directly (that is `ossb-image`'s and `ossb-worker`'s).
 
 pub mod build;
+pub mod cache;
 pub mod progress;
 mod run;
+mod stage;
 
 pub use build::{build, BuildError, BuildRequest, BuildResult, Output};
 pub use progress::{Event, Progress};
+pub use stage::Stats;

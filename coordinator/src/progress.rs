@@ -37,6 +37,11 @@ pub enum Event {
         /// The error, one line.
         message: String,
     },
+    /// A step whose result came from the cache.
+    Cached {
+        /// The vertex.
+        id: usize,
+    },
     /// A message about the build as a whole.
     Info(String),
 }

@@ -3,10 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use ossb_dockerfile::Run;
+use ossb_dockerfile::{Network, Run, Security};
 use ossb_image::oci::RuntimeConfig;
 use ossb_worker::fs as wfs;
-use ossb_worker::sandbox::{self, Isolation, RunSpec};
+use ossb_worker::mounts::{self, MountSources};
+use ossb_worker::sandbox::{self, DevFile, Isolation, RunSpec};
+use ossb_worker::userns::IdMapping;
 
 /// What a RUN needs to know of the build around it.
 pub(crate) struct RunContext<'a> {
@@ -21,31 +23,26 @@ pub(crate) struct RunContext<'a> {
     /// The ossb binary, which implements the sandbox subcommand.
     pub sandbox_exe: &'a Path,
     /// The build context (for `--mount=type=bind` without `from`).
-    #[allow(dead_code)]
     pub context: &'a Path,
     /// Rootfs of the finished stages, by plan position (for `--mount from=`).
-    #[allow(dead_code)]
     pub stages: &'a HashMap<usize, PathBuf>,
     /// The cache directory (for `--mount=type=cache`).
-    #[allow(dead_code)]
     pub cache_dir: &'a Path,
     /// How the step is isolated.
-    #[allow(dead_code)]
     pub isolation: Isolation,
     /// Secret files by id (`--secret`), for `--mount=type=secret`.
-    #[allow(dead_code)]
     pub secrets: &'a BTreeMap<String, PathBuf>,
 }
 
 /// Runs `run` in the sandbox; each output line goes to `on_line`. The error is the message
-/// for the user.
+/// for the user. Secret values never reach `on_line` or the error: they are masked.
 pub(crate) async fn execute(
     ctx: &RunContext<'_>,
     run: &Run,
-    on_line: impl FnMut(&str),
+    mut on_line: impl FnMut(&str),
 ) -> Result<(), String> {
-    if !run.heredocs.is_empty() || !run.mounts.is_empty() {
-        return Err("RUN --mount and RUN heredocs with a #! line are not supported yet".into());
+    if run.security == Security::Insecure {
+        return Err("RUN --security=insecure is not allowed: ossb runs every step unprivileged in its sandbox and has no entitlement to grant more; remove --security=insecure (a step that needs privileges, e.g. to mount filesystems, cannot be built by ossb)".into());
     }
     let user = if run.user.is_empty() {
         ctx.default_user
@@ -75,6 +72,42 @@ pub(crate) async fn execute(
             env.push(format!("{k}={v}"));
         }
     }
+    let dev_files = run
+        .heredocs
+        .iter()
+        .map(|f| match f.name.strip_prefix("/dev/") {
+            Some(name) => Ok(DevFile {
+                name: name.to_string(),
+                content: f.content.clone(),
+                mode: f.mode,
+            }),
+            None => Err(format!(
+                "RUN heredoc file {} is not under /dev (a bug in the planner)",
+                f.name
+            )),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+
+    let sources = MountSources {
+        context: ctx.context.to_path_buf(),
+        stages: ctx.stages.clone(),
+        cache_dir: ctx.cache_dir.to_path_buf(),
+        secrets: ctx.secrets.clone(),
+    };
+    let (rootfs, wanted) = (ctx.rootfs.to_path_buf(), run.mounts.clone());
+    // May wait for another build's lock on a cache mount.
+    let prepared = tokio::task::spawn_blocking(move || mounts::prepare(&rootfs, &wanted, &sources))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    for kv in &prepared.env {
+        // A secret exposed as a variable wins over ENV and ARG of the same name.
+        let name = kv.split('=').next().unwrap_or_default();
+        env.retain(|e| e.split('=').next() != Some(name));
+        env.push(kv.clone());
+    }
+    let secrets = prepared.secret_values.clone();
+
     let spec = RunSpec {
         rootfs: ctx.rootfs.to_path_buf(),
         argv: run.argv.clone(),
@@ -84,10 +117,52 @@ pub(crate) async fn execute(
         gid: u.gid,
         groups: u.groups,
         hostname: "ossb".into(),
+        isolation: effective_isolation(ctx.isolation),
+        network: match run.network {
+            Network::None => sandbox::Network::None,
+            Network::Default | Network::Host => sandbox::Network::Host,
+        },
+        mounts: prepared.mounts.clone(),
+        dev_files,
     };
     // As BuildKit's message: the command as the process saw it.
     let display = run.argv.join(" ");
-    sandbox::run(ctx.sandbox_exe, &spec, &display, on_line)
-        .await
-        .map_err(|e| e.to_string())
+    let result = sandbox::run(ctx.sandbox_exe, &spec, &display, |line| {
+        on_line(&mask(line, &secrets))
+    })
+    .await;
+    let _ = tokio::task::spawn_blocking(move || prepared.cleanup()).await;
+    result.map_err(|e| mask(&e.to_string(), &secrets))
+}
+
+/// The isolation a step runs with: `auto` is rootless when the build runs in its user
+/// namespace (the CLI entered it), chroot otherwise (it fell back).
+fn effective_isolation(asked: Isolation) -> Isolation {
+    match asked {
+        Isolation::Auto if IdMapping::current().is_some() => Isolation::Rootless,
+        Isolation::Auto => Isolation::Chroot,
+        other => other,
+    }
+}
+
+/// `text` with every secret value replaced by `****`.
+fn mask(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if s.len() >= 3 {
+            out = out.replace(s.as_str(), "****");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_secret_values() {
+        let secrets = vec!["hunter2".to_string(), "ab".to_string()];
+        assert_eq!(mask("pw=hunter2 ab", &secrets), "pw=**** ab");
+    }
 }

@@ -1,0 +1,400 @@
+//! The step cache: content-based keys (BuildKit style) and the local record of what each key
+//! produced.
+//!
+//! A key is blake3(parent key, the step's expanded instruction, the checksums of what it
+//! reads). The chain starts from the base image's manifest digest (or `scratch`), the platform
+//! and the layer settings, so the same Dockerfile, context and bases give the same keys on any
+//! machine. A record (`<cache>/cache/keys/<key>.json`) names the layer blob the step produced,
+//! or none for a step that changed nothing; the blob lives in the blob store.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use ossb_image::oci::Descriptor;
+use ossb_protocol::{Digest, Platform};
+use serde::{Deserialize, Serialize};
+
+/// A step's cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// The key of a stage's starting point: a base image (by manifest digest) or scratch, for a
+    /// platform, with the settings that change layer bytes.
+    pub fn root(base: Option<&Digest>, platform: &Platform, settings: &str) -> CacheKey {
+        let mut h = blake3::Hasher::new();
+        h.update(b"ossb-cache-v1\0");
+        match base {
+            Some(d) => h.update(d.to_string().as_bytes()),
+            None => h.update(b"scratch"),
+        };
+        h.update(b"\0");
+        h.update(platform.to_string().as_bytes());
+        h.update(b"\0");
+        h.update(settings.as_bytes());
+        CacheKey(*h.finalize().as_bytes())
+    }
+
+    /// The key of a step after `self`: its instruction and the checksums of its inputs.
+    pub fn child(&self, instruction: &str, inputs: &[&[u8]]) -> CacheKey {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.0);
+        h.update(instruction.as_bytes());
+        for input in inputs {
+            h.update(b"\0input\0");
+            h.update(input);
+        }
+        CacheKey(*h.finalize().as_bytes())
+    }
+
+    /// The raw bytes, to feed into another key.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// What a cached step produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// The layer, or `None` when the step changed no file.
+    pub layer: Option<Descriptor>,
+    /// The layer's uncompressed digest.
+    pub diff_id: Option<Digest>,
+    /// How long the step took when it ran, for estimates.
+    pub duration_ms: u64,
+    /// When the record was written (seconds since the epoch).
+    pub created: i64,
+}
+
+/// The records of one cache directory.
+#[derive(Clone, Debug)]
+pub struct LocalCache {
+    dir: PathBuf,
+}
+
+impl LocalCache {
+    /// The cache under `cache_dir`.
+    pub fn open(cache_dir: &Path) -> io::Result<LocalCache> {
+        let dir = cache_dir.join("cache/keys");
+        fs::create_dir_all(&dir)?;
+        Ok(LocalCache { dir })
+    }
+
+    fn path(&self, key: &CacheKey) -> PathBuf {
+        self.dir.join(format!("{}.json", key.hex()))
+    }
+
+    /// The record of `key`, if any. Reading it marks it used (its mtime), for pruning.
+    pub fn get(&self, key: &CacheKey) -> Option<CacheRecord> {
+        let path = self.path(key);
+        let record = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
+        let _ = fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        Some(record)
+    }
+
+    /// Records what `key` produced (atomically: a reader sees the old record or the new one).
+    pub fn put(&self, key: &CacheKey, record: &CacheRecord) -> io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        serde_json::to_writer(&mut tmp, record)?;
+        tmp.persist(self.path(key)).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// Every record with its key file's path, last use time and record.
+    pub fn entries(&self) -> io::Result<Vec<(PathBuf, std::time::SystemTime, CacheRecord)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(bytes) = fs::read(&path) else { continue };
+            let Ok(record) = serde_json::from_slice::<CacheRecord>(&bytes) else { continue };
+            let used = entry.metadata()?.modified()?;
+            out.push((path, used, record));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_chain_and_depend_on_everything_they_name() {
+        let p: Platform = "linux/amd64".parse().unwrap();
+        let base = Digest::of(b"manifest");
+        let root = CacheKey::root(Some(&base), &p, "gzip");
+        assert_eq!(root, CacheKey::root(Some(&base), &p, "gzip"));
+        assert_ne!(root, CacheKey::root(None, &p, "gzip"));
+        assert_ne!(root, CacheKey::root(Some(&base), &"linux/arm64".parse().unwrap(), "gzip"));
+        assert_ne!(root, CacheKey::root(Some(&base), &p, "zstd"));
+        let a = root.child("RUN make", &[]);
+        assert_eq!(a, root.child("RUN make", &[]));
+        assert_ne!(a, root.child("RUN make install", &[]));
+        assert_ne!(a, root.child("RUN make", &[b"x"]));
+        assert_eq!(a.hex().len(), 64);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(dir.path()).unwrap();
+        let key = CacheKey::root(None, &"linux/amd64".parse().unwrap(), "");
+        assert!(cache.get(&key).is_none());
+        let record = CacheRecord { layer: None, diff_id: None, duration_ms: 5, created: 1 };
+        cache.put(&key, &record).unwrap();
+        assert_eq!(cache.get(&key).unwrap().duration_ms, 5);
+        assert_eq!(cache.entries().unwrap().len(), 1);
+    }
+}
+
+/// Marks a blob used now (its mtime), so that pruning by age keeps it.
+pub fn touch(path: &Path) {
+    let _ = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+}
+
+/// A shared lock held by every running build on its cache directory; `prune` takes it
+/// exclusively, so it never deletes what a running build uses.
+pub struct CacheLock {
+    _file: fs::File,
+}
+
+impl CacheLock {
+    /// Takes the lock on `cache_dir`, shared (a build) or exclusive (prune); waits for it.
+    pub fn acquire(cache_dir: &Path, exclusive: bool) -> io::Result<CacheLock> {
+        fs::create_dir_all(cache_dir)?;
+        let file = fs::File::options().create(true).truncate(false).write(true).open(cache_dir.join("lock"))?;
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: flock on a file descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(CacheLock { _file: file });
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// What `ossb cache info` reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CacheInfo {
+    /// Blobs in the store.
+    pub blobs: usize,
+    /// Their total size.
+    pub bytes: u64,
+    /// Step records.
+    pub records: usize,
+    /// Recent builds: `(steps run, steps cached)`.
+    pub recent: Vec<BuildStats>,
+}
+
+/// One build's cache use, appended to `<cache>/cache/builds.jsonl`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct BuildStats {
+    /// When it finished.
+    pub time: i64,
+    /// Steps executed.
+    pub run: usize,
+    /// Steps taken from the cache.
+    pub cached: usize,
+}
+
+/// Appends a build's statistics (kept to the last 100).
+pub fn record_build(cache_dir: &Path, stats: BuildStats) -> io::Result<()> {
+    let path = cache_dir.join("cache/builds.jsonl");
+    let mut lines: Vec<String> = fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
+    lines.push(serde_json::to_string(&stats)?);
+    let keep = lines.len().saturating_sub(100);
+    let mut tmp = tempfile::NamedTempFile::new_in(cache_dir.join("cache"))?;
+    io::Write::write_all(&mut tmp, (lines[keep..].join("\n") + "\n").as_bytes())?;
+    tmp.persist(&path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// The size and use of the cache in `cache_dir`.
+pub fn info(cache_dir: &Path) -> io::Result<CacheInfo> {
+    let mut out = CacheInfo::default();
+    for (_, size, _) in blobs(cache_dir)? {
+        out.blobs += 1;
+        out.bytes += size;
+    }
+    out.records = LocalCache::open(cache_dir)?.entries()?.len();
+    out.recent = fs::read_to_string(cache_dir.join("cache/builds.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let skip = out.recent.len().saturating_sub(10);
+    out.recent.drain(..skip);
+    Ok(out)
+}
+
+/// What to prune.
+#[derive(Clone, Debug, Default)]
+pub struct PruneOptions {
+    /// Everything.
+    pub all: bool,
+    /// Only what has not been used for this long.
+    pub older_than: Option<std::time::Duration>,
+    /// Delete the least recently used until the store is at most this size.
+    pub keep_bytes: Option<u64>,
+}
+
+/// What `prune` removed.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// Records removed.
+    pub records: usize,
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
+fn blobs(cache_dir: &Path) -> io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
+    let dir = cache_dir.join("blobs/sha256");
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(&dir) else { return Ok(out) };
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        out.push((entry.path(), meta.len(), meta.modified()?));
+    }
+    Ok(out)
+}
+
+/// Removes cache records and blobs: all of them, those unused for `older_than`, or the least
+/// recently used beyond `keep_bytes`. With no option, what has not been used for 48 hours (as
+/// BuildKit's default garbage collection keeps). Waits for running builds to finish first.
+pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
+    let _lock = CacheLock::acquire(cache_dir, true)?;
+    let now = std::time::SystemTime::now();
+    let older_than = match (opts.all, opts.older_than, opts.keep_bytes) {
+        (true, _, _) => Some(std::time::Duration::ZERO),
+        (false, Some(d), _) => Some(d),
+        (false, None, Some(_)) => None,
+        (false, None, None) => Some(std::time::Duration::from_secs(48 * 3600)),
+    };
+    let stale = |t: std::time::SystemTime| older_than.is_some_and(|d| now.duration_since(t).unwrap_or_default() >= d);
+    let mut report = PruneReport::default();
+    let mut blobs = blobs(cache_dir)?;
+    // Oldest first, for keep-storage.
+    blobs.sort_by_key(|(_, _, t)| *t);
+    let mut total: u64 = blobs.iter().map(|(_, s, _)| s).sum();
+    let mut removed = std::collections::HashSet::new();
+    for (path, size, used) in &blobs {
+        let over = opts.keep_bytes.is_some_and(|k| total > k);
+        if stale(*used) || over {
+            fs::remove_file(path)?;
+            total -= size;
+            report.blobs += 1;
+            report.bytes += size;
+            removed.insert(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        }
+    }
+    let cache = LocalCache::open(cache_dir)?;
+    for (path, used, record) in cache.entries()? {
+        let blob_gone = record.layer.as_ref().is_some_and(|l| removed.contains(&l.digest.hex()));
+        if stale(used) || blob_gone {
+            fs::remove_file(path)?;
+            report.records += 1;
+        }
+    }
+    if opts.all {
+        let mounts = cache_dir.join("mounts");
+        if mounts.exists() {
+            fs::remove_dir_all(&mounts)?;
+        }
+    }
+    Ok(report)
+}
+
+/// Parses `10GB`, `512MiB`, `1.5g`, `1000` (bytes) for `--keep-storage`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0_f64.powi(4),
+        _ => return None,
+    };
+    Some((n * mult) as u64)
+}
+
+/// Parses Go-style durations as `--filter until=` takes them: `24h`, `90m`, `1h30m`, `10s`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let n: f64 = num.parse().ok()?;
+        num.clear();
+        total += n * match c {
+            'd' => 86_400.0,
+            'h' => 3600.0,
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return None,
+        };
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return None;
+    }
+    Some(std::time::Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_and_durations() {
+        assert_eq!(parse_size("10GB"), Some(10 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("512mib"), Some(512 * 1024 * 1024));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_duration("1h30m"), Some(std::time::Duration::from_secs(5400)));
+        assert_eq!(parse_duration("24h"), Some(std::time::Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("5x"), None);
+    }
+
+    #[test]
+    fn prune_all_empties_the_cache_and_keep_storage_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ossb_image::store::BlobStore::open(dir.path()).unwrap();
+        let old = store.put(&vec![1u8; 1000]).unwrap();
+        let new = store.put(&vec![2u8; 1000]).unwrap();
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options().write(true).open(store.path(&old)).unwrap().set_modified(past).unwrap();
+        let report = prune(dir.path(), &PruneOptions { keep_bytes: Some(1500), ..Default::default() }).unwrap();
+        assert_eq!(report.blobs, 1);
+        assert!(!store.contains(&old) && store.contains(&new));
+        prune(dir.path(), &PruneOptions { all: true, ..Default::default() }).unwrap();
+        assert!(!store.contains(&new));
+        assert_eq!(info(dir.path()).unwrap().blobs, 0);
+    }
+}

@@ -1,0 +1,690 @@
+//! Building one platform's image: pull the bases, plan, run the needed stages' steps with the
+//! step cache, and assemble config and manifest.
+//!
+//! A stage's rootfs is made lazily: while every step hits the cache only layer descriptors are
+//! chained; the first step that must run unpacks the layers so far, and later cache hits are
+//! applied to it, so a fully cached build unpacks nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ossb_dockerfile::dockerignore::Dockerignore;
+use ossb_dockerfile::{self as dockerfile, Base, BaseImageInfo, BuildPlan, Instruction, PlanOptions, Source, Step};
+use ossb_image::layer::{self, ApplyOptions, Change, Compression, LayerOptions};
+use ossb_image::oci::{self, media_type, Descriptor, DescriptorPlatform, History, ImageConfig, Manifest};
+use ossb_image::registry::{parse_reference, PulledImage, Registry};
+use ossb_image::store::BlobStore;
+use ossb_protocol::{Digest, Platform};
+use ossb_worker::checksum::sources_checksum;
+use ossb_worker::fs::{self as wfs, CopyFilter, Ownership};
+use ossb_worker::sandbox;
+use ossb_worker::snapshot::Snapshot;
+
+use crate::build::{local, BuildError, BuildRequest};
+use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
+use crate::progress::{Event, Progress};
+use crate::run::{self, RunContext};
+
+/// What every platform's build shares.
+pub(crate) struct Shared<'a> {
+    pub req: &'a BuildRequest,
+    pub progress: &'a dyn Progress,
+    pub store: BlobStore,
+    pub cache: LocalCache,
+    pub registry: Registry,
+    pub work: PathBuf,
+    pub created: String,
+    pub ignore: Option<Dockerignore>,
+    pub next_id: std::sync::atomic::AtomicUsize,
+    pub stats: std::sync::Mutex<Stats>,
+}
+
+/// Steps run and cached in a build.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Steps that changed files and were executed.
+    pub run: usize,
+    /// Steps that changed files and came from the cache.
+    pub cached: usize,
+}
+
+impl Shared<'_> {
+    pub(crate) fn start(&self, name: String) -> (usize, Instant) {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.progress.event(Event::Started { id, name });
+        (id, Instant::now())
+    }
+
+    pub(crate) fn finish<T, E: std::fmt::Display>(&self, id: usize, started: Instant, result: Result<T, E>) -> Result<T, E> {
+        let elapsed = started.elapsed();
+        match &result {
+            Ok(_) => self.progress.event(Event::Done { id, elapsed }),
+            Err(e) => self.progress.event(Event::Failed { id, elapsed, message: e.to_string() }),
+        }
+        result
+    }
+}
+
+/// A built image for one platform.
+pub(crate) struct PlatformImage {
+    /// The manifest, with its platform.
+    pub manifest: Descriptor,
+    /// The config digest.
+    pub config: Digest,
+    /// Config and layers, for pushing.
+    pub blobs: Vec<Descriptor>,
+}
+
+/// The state of a stage as its steps run.
+struct StageState {
+    config: ImageConfig,
+    /// Layers of the image so far (base first).
+    layers: Vec<Descriptor>,
+    /// The cache key of the last step.
+    key: CacheKey,
+    /// Where the rootfs is (or will be) unpacked.
+    rootfs: PathBuf,
+    /// Whether `rootfs` holds `layers` now.
+    materialized: bool,
+}
+
+/// One platform's build.
+pub(crate) struct PlatformBuild<'a> {
+    shared: &'a Shared<'a>,
+    platform: Platform,
+    pulled: HashMap<String, PulledImage>,
+}
+
+fn pulled_key(reference: &str, platform: &Platform) -> String {
+    format!("{reference}@{platform}")
+}
+
+/// The layer settings that change layer bytes, part of every cache key.
+fn layer_settings(req: &BuildRequest) -> String {
+    format!("gzip;epoch={:?}", req.source_date_epoch)
+}
+
+impl<'a> PlatformBuild<'a> {
+    pub(crate) fn new(shared: &'a Shared<'a>, platform: Platform) -> Self {
+        PlatformBuild { shared, platform, pulled: HashMap::new() }
+    }
+
+    fn req(&self) -> &BuildRequest {
+        self.shared.req
+    }
+
+    /// Plans and builds the image for this platform.
+    pub(crate) async fn run(mut self, df: &dockerfile::Dockerfile) -> Result<PlatformImage, BuildError> {
+        let req = self.shared.req;
+        let opts = PlanOptions {
+            build_args: req.build_args.clone(),
+            target: req.target.clone(),
+            target_platform: self.platform.clone(),
+            build_platform: Platform::host(),
+        };
+        let mut bases = HashMap::new();
+        for (reference, platform) in dockerfile::base_images_with_platforms(df, &opts)? {
+            let pulled = self.pull(&reference, &platform).await?;
+            bases.insert(reference.clone(), base_info(&pulled.config));
+            self.pulled.insert(pulled_key(&reference, &platform), pulled);
+        }
+        let plan = dockerfile::plan(df, &opts, &bases)?;
+        let sources = copy_sources(&plan);
+        let mut done: HashMap<usize, StageState> = HashMap::new();
+        for index in 0..plan.stages.len() {
+            let mut state = self.run_stage(&plan, index, &done).await?;
+            if sources.contains(&index) {
+                self.materialize(&mut state).await?;
+            }
+            done.insert(index, state);
+        }
+        let mut final_state = done.remove(&plan.target).ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
+        if !req.labels.is_empty() {
+            let labels = final_state.config.config.labels.get_or_insert_with(BTreeMap::new);
+            labels.extend(req.labels.clone());
+        }
+        self.write_image(&final_state)
+    }
+
+    async fn pull(&self, reference: &str, platform: &Platform) -> Result<PulledImage, BuildError> {
+        let parsed = parse_reference(reference)?;
+        let (id, t) = self.shared.start(format!("[{platform}] load metadata and layers for {}", parsed.whole()));
+        let result = self.shared.registry.pull(&parsed, platform, &self.shared.store).await;
+        let pulled = self.shared.finish(id, t, result)?;
+        for blob in pulled.manifest.layers.iter().chain(std::iter::once(&pulled.manifest.config)) {
+            cache::touch(&self.shared.store.path(&blob.digest));
+        }
+        Ok(pulled)
+    }
+
+    async fn run_stage(&self, plan: &BuildPlan, index: usize, done: &HashMap<usize, StageState>) -> Result<StageState, BuildError> {
+        let stage = &plan.stages[index];
+        let rootfs = self.shared.work.join(format!("{}-stage-{index}", self.platform.to_string().replace('/', "-")));
+        let settings = layer_settings(self.req());
+        let (config, layers, key) = match &stage.base {
+            Base::Scratch => {
+                let platform = stage.platform.clone().unwrap_or_else(|| self.platform.clone());
+                let config = ImageConfig {
+                    architecture: platform.architecture.clone(),
+                    os: platform.os.clone(),
+                    variant: platform.variant.clone(),
+                    ..Default::default()
+                };
+                (config, Vec::new(), CacheKey::root(None, &platform, &settings))
+            }
+            Base::Image(reference) => {
+                let platform = stage.platform.clone().unwrap_or_else(|| self.platform.clone());
+                let pulled = self
+                    .pulled
+                    .get(&pulled_key(reference, &platform))
+                    .ok_or_else(|| BuildError::Local(format!("base image {reference} was not pulled")))?;
+                let key = CacheKey::root(Some(&pulled.manifest_digest), &pulled.config.platform(), &settings);
+                (pulled.config.clone(), pulled.manifest.layers.clone(), key)
+            }
+            Base::Stage(dep) => {
+                let dep = done.get(dep).ok_or_else(|| BuildError::Local(format!("stage {dep} has not run")))?;
+                (dep.config.clone(), dep.layers.clone(), dep.key)
+            }
+        };
+        let mut state = StageState { config, layers, key, rootfs, materialized: false };
+        // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
+        state.config.config.on_build = None;
+        let name = stage.name.clone().unwrap_or_else(|| format!("stage-{index}"));
+        let prefix = if self.req().platforms.len() > 1 { format!("{} {name}", self.platform) } else { name };
+        let total = stage.steps.len();
+        for (n, step) in stage.steps.iter().enumerate() {
+            let label = format!("[{prefix} {}/{total}] {}", n + 1, step_title(step));
+            let (id, t) = self.shared.start(label);
+            let result = self.run_step(step, &mut state, done, id, t).await.map_err(|message| BuildError::Step {
+                location: format!("{}:{}", self.req().dockerfile_name, step.location.start_line),
+                instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
+                message,
+            });
+            match result {
+                Ok(true) => self.shared.progress.event(Event::Cached { id }),
+                other => {
+                    self.shared.finish(id, t, other)?;
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// Unpacks the stage's layers into its rootfs, if not done yet.
+    async fn materialize(&self, state: &mut StageState) -> Result<(), BuildError> {
+        if state.materialized {
+            return Ok(());
+        }
+        if state.rootfs.exists() {
+            std::fs::remove_dir_all(&state.rootfs).map_err(local("clearing a rootfs"))?;
+        }
+        std::fs::create_dir_all(&state.rootfs).map_err(local("creating the rootfs"))?;
+        let (id, t) = self.shared.start(format!("unpacking {} layers", state.layers.len()));
+        let result = unpack(&self.shared.store, &state.layers, &state.rootfs).await;
+        let notes = self.shared.finish(id, t, result).map_err(BuildError::Local)?;
+        for note in notes {
+            self.shared.progress.event(Event::Info(format!("warning: {note}")));
+        }
+        state.materialized = true;
+        Ok(())
+    }
+
+    /// Runs one step. Returns whether it came from the cache; the error is the user's message.
+    async fn run_step(
+        &self,
+        step: &Step,
+        state: &mut StageState,
+        done: &HashMap<usize, StageState>,
+        id: usize,
+        started: Instant,
+    ) -> Result<bool, String> {
+        let changes_fs = apply_metadata(&step.instruction, &mut state.config.config);
+        let inputs = self.step_inputs(step, done)?;
+        let input_refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+        let key = state.key.child(&format!("{:?}", step.instruction), &input_refs);
+        state.key = key;
+        let mut cached = false;
+        let mut empty_layer = true;
+        if changes_fs {
+            let hit = if self.req().no_cache { None } else { self.lookup(&key) };
+            let record = match hit {
+                Some(record) => {
+                    cached = true;
+                    if let (true, Some(layer)) = (state.materialized, &record.layer) {
+                        // Keep an unpacked rootfs in step with the layers.
+                        unpack(&self.shared.store, std::slice::from_ref(layer), &state.rootfs).await?;
+                    }
+                    record
+                }
+                None => {
+                    self.materialize(state).await.map_err(|e| e.to_string())?;
+                    let record = self.execute(step, state, done, id, started).await?;
+                    let _ = self.shared.cache.put(&key, &record);
+                    record
+                }
+            };
+            if let (Some(layer), Some(diff_id)) = (record.layer, record.diff_id) {
+                state.config.rootfs.diff_ids.push(diff_id);
+                state.layers.push(layer);
+                empty_layer = false;
+            }
+            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            if cached {
+                stats.cached += 1;
+            } else {
+                stats.run += 1;
+            }
+        }
+        if !step.created_by.is_empty() {
+            state.config.history.push(History {
+                created: Some(self.shared.created.clone()),
+                created_by: Some(step.created_by.clone()),
+                comment: Some("buildkit.dockerfile.v0".into()),
+                empty_layer: empty_layer.then_some(true),
+                ..Default::default()
+            });
+        }
+        Ok(cached)
+    }
+
+    /// A usable cache record of `key`: its layer blob must still be in the store.
+    fn lookup(&self, key: &CacheKey) -> Option<CacheRecord> {
+        let record = self.shared.cache.get(key)?;
+        match &record.layer {
+            Some(layer) if !self.shared.store.contains(&layer.digest) => None,
+            Some(layer) => {
+                cache::touch(&self.shared.store.path(&layer.digest));
+                Some(record)
+            }
+            None => Some(record),
+        }
+    }
+
+    /// What a step reads besides its instruction, for its cache key: the checksums of COPY's
+    /// context files, the key of a stage it copies from.
+    fn step_inputs(&self, step: &Step, done: &HashMap<usize, StageState>) -> Result<Vec<Vec<u8>>, String> {
+        let (Instruction::Copy(copy) | Instruction::Add(copy)) = &step.instruction else {
+            return Ok(Vec::new());
+        };
+        match &copy.from {
+            None => {
+                let filter = match &self.shared.ignore {
+                    Some(rules) => CopyFilter::dockerignore(rules),
+                    None => CopyFilter::none(),
+                };
+                let sum = sources_checksum(&self.req().context, &copy.sources, filter).map_err(|e| e.to_string())?;
+                Ok(vec![sum.to_vec()])
+            }
+            Some(Source::Stage(i)) => match done.get(i) {
+                Some(s) => Ok(vec![s.key.as_bytes().to_vec()]),
+                None => Err(format!("COPY --from: stage {i} has not been built")),
+            },
+            Some(Source::Image(image)) => Err(format!("COPY --from={image}: copying from an image is not supported yet")),
+        }
+    }
+
+    /// Executes a step that changes files and records its layer.
+    async fn execute(
+        &self,
+        step: &Step,
+        state: &mut StageState,
+        done: &HashMap<usize, StageState>,
+        id: usize,
+        started: Instant,
+    ) -> Result<CacheRecord, String> {
+        let before = snapshot(&state.rootfs).await?;
+        let mount_points = match &step.instruction {
+            Instruction::Run(_) => {
+                sandbox::prepare_mount_points(&state.rootfs).map_err(|e| format!("preparing the sandbox: {e}"))?
+            }
+            _ => Vec::new(),
+        };
+        let result = self.apply_fs_step(step, state, done, id, started).await;
+        sandbox::remove_mount_points(&mount_points);
+        result?;
+        let after = snapshot(&state.rootfs).await?;
+        let changes = before.diff(&after);
+        let (layer, diff_id) = if changes.is_empty() {
+            (None, None)
+        } else {
+            let (layer, diff_id) = self.write_layer(&state.rootfs, changes).await?;
+            (Some(layer), Some(diff_id))
+        };
+        Ok(CacheRecord { layer, diff_id, duration_ms: started.elapsed().as_millis() as u64, created: crate::build::now() })
+    }
+
+    async fn apply_fs_step(
+        &self,
+        step: &Step,
+        state: &mut StageState,
+        done: &HashMap<usize, StageState>,
+        id: usize,
+        started: Instant,
+    ) -> Result<(), String> {
+        let req = self.req();
+        let cfg = &mut state.config.config;
+        let cwd = cfg.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
+        let user = cfg.user.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "0".into());
+        match &step.instruction {
+            Instruction::Workdir(dir) => {
+                let owner = wfs::lookup_user(&state.rootfs, &user).map_err(|e| e.to_string())?;
+                wfs::make_workdir(&state.rootfs, dir, (owner.uid, owner.gid)).map_err(|e| e.to_string())
+            }
+            Instruction::Run(run) => {
+                let stages: HashMap<usize, PathBuf> = done.iter().map(|(i, s)| (*i, s.rootfs.clone())).collect();
+                let ctx = RunContext {
+                    rootfs: &state.rootfs,
+                    config: cfg,
+                    default_user: &user,
+                    default_cwd: &cwd,
+                    sandbox_exe: &req.sandbox_exe,
+                    context: &req.context,
+                    stages: &stages,
+                    cache_dir: &req.cache_dir,
+                    isolation: req.isolation,
+                    secrets: &req.secrets,
+                };
+                run::execute(&ctx, run, |line| {
+                    self.shared.progress.event(Event::Output { id, elapsed: started.elapsed(), line: line.to_string() })
+                })
+                .await
+            }
+            Instruction::Copy(copy) | Instruction::Add(copy) => {
+                let from_context = copy.from.is_none();
+                let source_root = match &copy.from {
+                    None => req.context.clone(),
+                    Some(Source::Stage(i)) => match done.get(i) {
+                        Some(s) => s.rootfs.clone(),
+                        None => return Err(format!("COPY --from: stage {i} has not been built")),
+                    },
+                    Some(Source::Image(image)) => {
+                        return Err(format!("COPY --from={image}: copying from an image is not supported yet"))
+                    }
+                };
+                if !copy.heredocs.is_empty() {
+                    return Err("COPY/ADD with heredoc sources is not supported yet".into());
+                }
+                if matches!(step.instruction, Instruction::Add(_)) && copy.sources.iter().any(|s| s.contains("://") || is_archive(s)) {
+                    return Err("ADD of URLs and archives is not supported yet; use COPY".into());
+                }
+                let owner = match &copy.chown {
+                    Some(spec) => {
+                        let u = wfs::lookup_user(&state.rootfs, spec).map_err(|e| e.to_string())?;
+                        (u.uid, u.gid)
+                    }
+                    None => (0, 0),
+                };
+                let mode = match &copy.chmod {
+                    Some(m) => Some(
+                        u32::from_str_radix(m, 8).map_err(|_| format!("--chmod={m}: only octal modes are supported so far"))?,
+                    ),
+                    None => None,
+                };
+                let dest = absolute_in(&cwd, &copy.dest);
+                // Keep the trailing slash: it means "a directory".
+                let dest = if copy.dest.ends_with('/') && !dest.ends_with('/') { format!("{dest}/") } else { dest };
+                let rootfs = state.rootfs.clone();
+                let sources = copy.sources.clone();
+                let ignore = if from_context { self.shared.ignore.clone() } else { None };
+                tokio::task::spawn_blocking(move || {
+                    let filter = match &ignore {
+                        Some(rules) => CopyFilter::dockerignore(rules),
+                        None => CopyFilter::none(),
+                    };
+                    wfs::copy_into(&source_root, &sources, &rootfs, &dest, Ownership { owner, mode }, filter)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn write_layer(&self, rootfs: &Path, changes: Vec<Change>) -> Result<(Descriptor, Digest), String> {
+        let store = self.shared.store.clone();
+        let rootfs = rootfs.to_path_buf();
+        let opts = LayerOptions { compression: Compression::Gzip, source_date_epoch: self.req().source_date_epoch };
+        tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), String> {
+            let mut writer = store.writer().map_err(|e| e.to_string())?;
+            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts).map_err(|e| e.to_string())?;
+            writer.commit(Some(&written.digest)).map_err(|e| e.to_string())?;
+            let desc = Descriptor {
+                media_type: written.media_type.to_string(),
+                digest: written.digest,
+                size: written.size,
+                platform: None,
+                annotations: None,
+            };
+            Ok((desc, written.diff_id))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    fn write_image(&self, state: &StageState) -> Result<PlatformImage, BuildError> {
+        let store = &self.shared.store;
+        let mut config = state.config.clone();
+        config.created = Some(self.shared.created.clone());
+        let config_bytes = oci::to_canonical_json(&config);
+        let config_digest = store.put(&config_bytes).map_err(local("storing the config"))?;
+        let layers: Vec<Descriptor> = state
+            .layers
+            .iter()
+            .map(|l| Descriptor {
+                media_type: oci_layer_type(&l.media_type).to_string(),
+                annotations: None,
+                platform: None,
+                ..l.clone()
+            })
+            .collect();
+        let config_desc = Descriptor {
+            media_type: media_type::OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config_bytes.len() as u64,
+            platform: None,
+            annotations: None,
+        };
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: Some(media_type::OCI_MANIFEST.into()),
+            config: config_desc.clone(),
+            layers: layers.clone(),
+            annotations: None,
+        };
+        let bytes = oci::to_canonical_json(&manifest);
+        let digest = store.put(&bytes).map_err(local("storing the manifest"))?;
+        let mut blobs = layers;
+        blobs.push(config_desc);
+        Ok(PlatformImage {
+            manifest: Descriptor {
+                media_type: media_type::OCI_MANIFEST.into(),
+                digest,
+                size: bytes.len() as u64,
+                platform: Some(DescriptorPlatform::from(&config.platform())),
+                annotations: None,
+            },
+            config: config_digest,
+            blobs,
+        })
+    }
+}
+
+/// Applies a step that only changes the config; returns whether the step changes files instead.
+fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bool {
+    match instruction {
+        Instruction::Env(pairs) => {
+            for (k, v) in pairs {
+                cfg.set_env(k, v);
+            }
+        }
+        Instruction::Label(pairs) => cfg.labels.get_or_insert_with(BTreeMap::new).extend(pairs.iter().cloned()),
+        Instruction::User(user) => cfg.user = Some(user.clone()),
+        Instruction::Expose(ports) => {
+            let exposed = cfg.exposed_ports.get_or_insert_with(BTreeMap::new);
+            for p in ports {
+                let p = if p.contains('/') { p.clone() } else { format!("{p}/tcp") };
+                exposed.insert(p, serde_json::json!({}));
+            }
+        }
+        Instruction::Cmd(argv) => cfg.cmd = Some(argv.clone()),
+        Instruction::Entrypoint(argv) => {
+            cfg.entrypoint = (!argv.is_empty()).then(|| argv.clone());
+            // As Docker: an ENTRYPOINT drops the CMD inherited from the base.
+            cfg.cmd = None;
+        }
+        Instruction::Volume(vols) => {
+            let v = cfg.volumes.get_or_insert_with(BTreeMap::new);
+            for vol in vols {
+                v.insert(vol.clone(), serde_json::json!({}));
+            }
+        }
+        Instruction::StopSignal(sig) => cfg.stop_signal = Some(sig.clone()),
+        Instruction::Shell(shell) => cfg.shell = Some(shell.clone()),
+        Instruction::OnBuild(trigger) => cfg.on_build.get_or_insert_with(Vec::new).push(trigger.clone()),
+        Instruction::Healthcheck(h) => {
+            let nanos = |d: Option<std::time::Duration>| d.map(|d| d.as_nanos() as i64);
+            cfg.healthcheck = Some(oci::Healthcheck {
+                test: Some(h.test.clone()),
+                interval: nanos(h.interval),
+                timeout: nanos(h.timeout),
+                start_period: nanos(h.start_period),
+                start_interval: nanos(h.start_interval),
+                retries: h.retries.map(i64::from),
+            });
+        }
+        // ARG only changes what later steps see, and the planner has already applied it.
+        Instruction::Arg(_) => {}
+        Instruction::Workdir(dir) => {
+            // The planner made it absolute; the directory itself is made by the fs step.
+            cfg.working_dir = Some(dir.clone());
+            return true;
+        }
+        Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) => return true,
+    }
+    false
+}
+
+/// Stages whose rootfs another stage reads (COPY --from, RUN --mount from=).
+fn copy_sources(plan: &BuildPlan) -> Vec<usize> {
+    let mut out = Vec::new();
+    for stage in &plan.stages {
+        for step in &stage.steps {
+            match &step.instruction {
+                Instruction::Copy(c) | Instruction::Add(c) => {
+                    if let Some(Source::Stage(i)) = c.from {
+                        out.push(i);
+                    }
+                }
+                Instruction::Run(r) => {
+                    for m in &r.mounts {
+                        if let Some(Source::Stage(i)) = m.from {
+                            out.push(i);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn base_info(config: &ImageConfig) -> BaseImageInfo {
+    let rc = &config.config;
+    BaseImageInfo {
+        env: rc.env_pairs(),
+        onbuild: rc.on_build.clone().unwrap_or_default(),
+        working_dir: rc.working_dir.clone().unwrap_or_default(),
+        user: rc.user.clone().unwrap_or_default(),
+        shell: rc.shell.clone().unwrap_or_default(),
+    }
+}
+
+/// Applies `layers` onto `rootfs`; returns the warnings (entries skipped).
+async fn unpack(store: &BlobStore, layers: &[Descriptor], rootfs: &Path) -> Result<Vec<String>, String> {
+    let store = store.clone();
+    let layers = layers.to_vec();
+    let rootfs = rootfs.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut notes = Vec::new();
+        for layer in &layers {
+            let blob = store.open_blob(&layer.digest).map_err(|e| e.to_string())?;
+            let report = layer::apply_layer(std::io::BufReader::new(blob), &rootfs, &ApplyOptions::default()).map_err(|e| {
+                format!(
+                    "cannot unpack layer {}: {e}\n  hint: the image is malformed or hostile; ossb never writes outside the rootfs, so use an image whose layers stay inside it",
+                    layer.digest
+                )
+            })?;
+            notes.extend(report.skipped);
+        }
+        Ok(notes)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn snapshot(rootfs: &Path) -> Result<Snapshot, String> {
+    let rootfs = rootfs.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let exclude: Vec<PathBuf> = sandbox::MOUNT_POINTS.iter().map(|(p, _)| PathBuf::from(p)).collect();
+        Snapshot::take(&rootfs, &exclude)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("snapshot of the rootfs: {e}"))
+}
+
+/// The OCI media type for a layer that may carry a Docker media type (same bytes).
+fn oci_layer_type(mt: &str) -> &str {
+    match mt {
+        media_type::DOCKER_LAYER_GZIP => media_type::OCI_LAYER_GZIP,
+        "application/vnd.docker.image.rootfs.diff.tar" => media_type::OCI_LAYER_TAR,
+        other => other,
+    }
+}
+
+/// `path` made absolute against the working directory `cwd`, normalized.
+fn absolute_in(cwd: &str, path: &str) -> String {
+    let joined = if path.starts_with('/') { path.to_string() } else { format!("{}/{path}", cwd.trim_end_matches('/')) };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// How a step is shown in progress: as written, for RUN without the SHELL prefix.
+fn step_title(step: &Step) -> String {
+    match &step.instruction {
+        Instruction::Run(run) if run.shell_form => {
+            format!("RUN {}", run.argv.last().map(String::as_str).unwrap_or_default())
+        }
+        _ => step.created_by.trim_end_matches(" # buildkit").to_string(),
+    }
+}
+
+/// Whether ADD would unpack `source` (Docker unpacks local tar archives).
+fn is_archive(source: &str) -> bool {
+    [".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"].iter().any(|ext| source.ends_with(ext))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_paths_against_the_workdir() {
+        assert_eq!(absolute_in("/app", "src"), "/app/src");
+        assert_eq!(absolute_in("/app", "/etc"), "/etc");
+        assert_eq!(absolute_in("/app/", "../x/./y"), "/x/y");
+        assert_eq!(absolute_in("/", "."), "/");
+    }
+}
