@@ -113,6 +113,19 @@ impl BlobStore {
         })
     }
 
+    /// A blob being downloaded: written and hashed as bytes arrive, resumable (a transfer
+    /// that broke off continues where it stopped), and discarded unless it verifies.
+    pub fn partial(&self) -> Result<PartialBlob, StoreError> {
+        let tmp_dir = self.root.join("tmp");
+        let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        Ok(PartialBlob {
+            store: self.clone(),
+            out: BufWriter::with_capacity(256 * 1024, file),
+            hasher: sha2::Sha256::default(),
+            len: 0,
+        })
+    }
+
     /// The directory for temporary files on the store's filesystem.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
@@ -188,6 +201,84 @@ impl Write for BlobWriter {
     }
 }
 
+/// A blob arriving in pieces (see [`BlobStore::partial`]).
+pub struct PartialBlob {
+    store: BlobStore,
+    out: BufWriter<NamedTempFile>,
+    hasher: sha2::Sha256,
+    len: u64,
+}
+
+impl PartialBlob {
+    /// How many bytes have arrived.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing has arrived yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        use sha2::Digest as _;
+        self.out
+            .write_all(bytes)
+            .map_err(io_err(&self.store.tmp_dir()))?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Forgets everything written, to start again from the first byte.
+    pub fn reset(&mut self) -> Result<(), StoreError> {
+        use io::Seek;
+        let tmp = self.store.tmp_dir();
+        self.out.flush().map_err(io_err(&tmp))?;
+        let f = self.out.get_mut().as_file_mut();
+        f.set_len(0).map_err(io_err(&tmp))?;
+        f.seek(io::SeekFrom::Start(0)).map_err(io_err(&tmp))?;
+        self.hasher = sha2::Sha256::default();
+        self.len = 0;
+        Ok(())
+    }
+
+    /// The digest of what has arrived so far.
+    pub fn digest(&self) -> Digest {
+        use sha2::Digest as _;
+        let bytes: [u8; 32] = self.hasher.clone().finalize().into();
+        bytes_to_digest(bytes)
+    }
+
+    /// Moves the blob into the store if it hashes to `expected`; otherwise discards it and
+    /// says so. Returns its size.
+    pub fn commit(self, expected: &Digest) -> Result<u64, StoreError> {
+        let actual = self.digest();
+        if actual != *expected {
+            return Err(StoreError::DigestMismatch {
+                expected: *expected,
+                actual,
+                size: self.len,
+            });
+        }
+        let tmp = self.store.tmp_dir();
+        let file = self.out.into_inner().map_err(|e| StoreError::Io {
+            path: tmp,
+            source: e.into_error(),
+        })?;
+        self.store.persist(file, expected)?;
+        Ok(self.len)
+    }
+}
+
+fn bytes_to_digest(bytes: [u8; 32]) -> Digest {
+    // Digest's only constructors hash or parse; parse its canonical spelling.
+    format!("sha256:{}", hex::encode(bytes))
+        .parse()
+        .unwrap_or_else(|_| Digest::of(b""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +312,31 @@ mod tests {
             0,
             "temporary file left behind"
         );
+    }
+
+    #[test]
+    fn partial_blobs_resume_reset_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let want = Digest::of(b"hello world");
+        let mut p = store.partial().unwrap();
+        p.write(b"hello").unwrap();
+        p.write(b" world").unwrap();
+        assert_eq!(p.digest(), want);
+        p.reset().unwrap();
+        p.write(b"hello wor1d").unwrap();
+        assert!(matches!(
+            p.commit(&want),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert!(!store.contains(&want));
+        let mut p = store.partial().unwrap();
+        p.write(b"xx").unwrap();
+        p.reset().unwrap();
+        p.write(b"hello world").unwrap();
+        assert_eq!(p.commit(&want).unwrap(), 11);
+        assert_eq!(store.read(&want).unwrap(), b"hello world");
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
     }
 
     #[test]
