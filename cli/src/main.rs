@@ -26,14 +26,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Build(build) => {
             // Enter the user namespace while this process still has a single thread.
-            if userns::IdMapping::current().is_none() {
-                return match userns::reexec_in_user_namespace() {
-                    Ok(code) => exit(code),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(1)
-                    }
-                };
+            if let Err(code) = enter_isolation(build.isolation.into()) {
+                return code;
             }
             run_build(*build)
         }
@@ -41,6 +35,49 @@ fn main() -> ExitCode {
             command: DebugCommand::Parse { file },
         } => debug_parse(&file),
         Command::Cache { command } => cache_command(command),
+    }
+}
+
+/// Sets the process up for the isolation asked for with `--isolation`: rootless re-executes
+/// the build in a user namespace (the `Err` is then the exit code of that build); chroot stays
+/// in this process as root; auto is rootless when the kernel allows a user namespace, else
+/// chroot when running as root, else an error saying what is missing.
+fn enter_isolation(isolation: sandbox::Isolation) -> Result<(), ExitCode> {
+    use sandbox::Isolation;
+    if let Some(mapping) = userns::IdMapping::current() {
+        // The re-executed build, inside its namespace.
+        if isolation == Isolation::Auto {
+            eprintln!(
+                "isolation: rootless (auto; user namespace with {})",
+                mapping.describe()
+            );
+        }
+        return Ok(());
+    }
+    let root = userns::running_as_root();
+    if isolation == Isolation::Chroot {
+        if !root {
+            eprintln!("error: --isolation chroot needs root in the container (it chroots into each step's rootfs and switches to the step's user): run as uid 0, or use --isolation rootless");
+            return Err(ExitCode::from(1));
+        }
+        return Ok(());
+    }
+    match userns::reexec_in_user_namespace() {
+        Ok(code) => Err(exit(code)),
+        Err(userns::UsernsError::Refused { errno, .. }) if isolation == Isolation::Auto && root => {
+            eprintln!(
+                "isolation: chroot (auto; user namespaces are refused here: {errno}). RUN steps are chrooted as root; see --isolation in README.md for what that does not isolate"
+            );
+            Ok(())
+        }
+        Err(userns::UsernsError::Refused { errno, .. }) if isolation == Isolation::Auto => {
+            eprintln!("error: cannot isolate RUN steps: unprivileged user namespaces are disabled ({errno}) and ossb is not root, so chroot isolation is not possible either\n  hint: sysctl kernel.unprivileged_userns_clone=1 (or kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), or run with --isolation chroot as root in the container, or set hostUsers: false in the pod spec (with a seccomp/AppArmor profile that allows unshare)");
+            Err(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(1))
+        }
     }
 }
 
@@ -140,9 +177,16 @@ fn cache_command(command: CacheCommand) -> ExitCode {
             match cache::info(&dir) {
                 Ok(info) => {
                     println!("cache directory: {}", dir.display());
-                    println!("blobs:           {} ({:.1} MiB)", info.blobs, info.bytes as f64 / 1048576.0);
+                    println!(
+                        "blobs:           {} ({:.1} MiB)",
+                        info.blobs,
+                        info.bytes as f64 / 1048576.0
+                    );
                     println!("cached steps:    {}", info.records);
-                    let (run, cached) = info.recent.iter().fold((0, 0), |(r, c), b| (r + b.run, c + b.cached));
+                    let (run, cached) = info
+                        .recent
+                        .iter()
+                        .fold((0, 0), |(r, c), b| (r + b.run, c + b.cached));
                     if run + cached > 0 {
                         println!(
                             "hit rate:        {:.0}% of {} steps over the last {} builds",
@@ -159,9 +203,17 @@ fn cache_command(command: CacheCommand) -> ExitCode {
                 }
             }
         }
-        CacheCommand::Prune { all, keep_storage, filter, cache_dir } => {
+        CacheCommand::Prune {
+            all,
+            keep_storage,
+            filter,
+            cache_dir,
+        } => {
             let dir = cache_dir.unwrap_or_else(default_cache_dir);
-            let mut opts = cache::PruneOptions { all, ..Default::default() };
+            let mut opts = cache::PruneOptions {
+                all,
+                ..Default::default()
+            };
             if let Some(size) = keep_storage {
                 match cache::parse_size(&size) {
                     Some(n) => opts.keep_bytes = Some(n),

@@ -2,6 +2,7 @@
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
 mod build;
+mod sandbox;
 mod support;
 
 use support::*;

@@ -3,7 +3,9 @@
 //! into a layer through snapshots.
 
 pub mod checksum;
+pub mod emulation;
 pub mod fs;
+pub mod mounts;
 pub mod sandbox;
 pub mod snapshot;
 pub mod userns;

@@ -8,6 +8,12 @@
 //! step's user and execs the command. When pid 1 exits the kernel kills every other process
 //! of the pid namespace, so nothing a step started outlives it.
 //!
+//! With [`Isolation::Chroot`] there is no user namespace: the build runs as the container's
+//! root. The sandbox then still takes mount, pid, uts and ipc namespaces when the container
+//! allows it (CAP_SYS_ADMIN), and otherwise degrades to a plain `chroot` (see
+//! [`Isolation::Chroot`] for what that loses). In every mode the sandbox process is a child
+//! subreaper and kills whatever the step left running when it ends.
+//!
 //! Every `unsafe` block and syscall of the sandbox is in this file.
 
 use std::collections::VecDeque;
@@ -50,8 +56,87 @@ pub enum Isolation {
     Auto,
     /// A user namespace, with mount, pid, uts and ipc namespaces per step.
     Rootless,
-    /// chroot only, for pods that refuse namespaces (needs root in the container).
+    /// No user namespace: for pods that refuse them (as buildah's `--isolation chroot`). Needs
+    /// root in the container. With CAP_SYS_ADMIN the step still gets its own mount, pid, uts
+    /// and ipc namespaces and the same mounts as rootless. Without it (an ordinary container),
+    /// the step is only `chroot`ed: it has no `/proc`, `/dev` holds device nodes made with
+    /// mknod (CAP_MKNOD), it shares the pod's pid, uts, ipc and network namespaces (it can see
+    /// and signal the pod's processes and change its hostname), `RUN --mount` and
+    /// `--network=none` are refused, and it runs as real root of the container, so only the
+    /// container's own isolation protects the node.
     Chroot,
+}
+
+impl Isolation {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Auto => "auto",
+            Isolation::Rootless => "rootless",
+            Isolation::Chroot => "chroot",
+        }
+    }
+}
+
+/// `RUN --network` as the sandbox applies it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Network {
+    /// The build's own network (the host's, or the pod's).
+    #[default]
+    Host,
+    /// A new network namespace with only the loopback interface, up.
+    None,
+}
+
+/// A mount the sandbox makes in the rootfs before the step starts (`RUN --mount`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxMount {
+    /// Where, relative to the rootfs, already resolved inside it (no symlink components).
+    /// Missing components are created as directories (the last one as a file for
+    /// [`MountSource::Secret`] and file binds); the caller removes them after the step.
+    pub target: PathBuf,
+    /// What is mounted there.
+    pub source: MountSource,
+}
+
+/// What a [`SandboxMount`] mounts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountSource {
+    /// A host file or directory, bound.
+    Bind {
+        /// The host path.
+        path: PathBuf,
+        /// Mounted read-only.
+        read_only: bool,
+    },
+    /// An empty tmpfs.
+    Tmpfs {
+        /// Its size limit in bytes.
+        size: Option<u64>,
+    },
+    /// A secret: the content of a host file, copied to a tmpfs file of the given owner and
+    /// mode (never onto a disk the layer is read from) and bound read-only on the target.
+    Secret {
+        /// The host file (`--secret src=`).
+        path: PathBuf,
+        /// Owner uid.
+        uid: u32,
+        /// Owner gid.
+        gid: u32,
+        /// Permission bits.
+        mode: u32,
+    },
+}
+
+/// A file the sandbox writes into its `/dev` tmpfs before exec (a RUN heredoc script).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevFile {
+    /// The path below `/dev`, e.g. `pipes/EOF`.
+    pub name: String,
+    /// The content.
+    pub content: String,
+    /// Permission bits.
+    pub mode: u32,
 }
 
 /// What one RUN executes, passed to the sandbox process as a JSON file.
@@ -73,6 +158,18 @@ pub struct RunSpec {
     pub groups: Vec<u32>,
     /// The sandbox's hostname.
     pub hostname: String,
+    /// Rootless or chroot ([`Isolation::Auto`] is resolved by the caller; it means rootless).
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// The network.
+    #[serde(default)]
+    pub network: Network,
+    /// `RUN --mount`s, in order.
+    #[serde(default)]
+    pub mounts: Vec<SandboxMount>,
+    /// Files to create under `/dev`.
+    #[serde(default)]
+    pub dev_files: Vec<DevFile>,
 }
 
 /// Why a RUN failed.
@@ -248,22 +345,29 @@ fn sandbox(spec_path: &Path) -> Result<i32, String> {
     let bytes = fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
     let spec: RunSpec = serde_json::from_slice(&bytes)
         .map_err(|e| format!("parsing {}: {e}", spec_path.display()))?;
-    let flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
-    unshare(flags).map_err(|e| {
-        format!("unshare(mount, pid, uts, ipc namespaces): {e} (is ossb running in its user namespace? run `ossb build` directly, not the internal {SUBCOMMAND} command)")
-    })?;
+    // Orphaned descendants of the step are re-parented to this process, so that
+    // kill_leftovers finds them even without a pid namespace.
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "prctl(CHILD_SUBREAPER): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let namespaces = enter_namespaces(&spec)?;
+    let mut plain = PlainChroot::default();
+    if !namespaces {
+        plain = prepare_plain_chroot(&spec)?;
+    }
     // A status pipe: pid 1 reports set-up failures through it; a successful exec closes it.
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: this process is single-threaded (a fresh exec of the binary that has not started
     // any runtime), so the child may allocate and run ordinary code before exec.
-    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+    let result = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(status_r);
-            let err = enter_and_exec(&spec);
+            let err = enter_and_exec(&spec, namespaces);
             let mut w = fs::File::from(status_w);
             let _ = w.write_all(err.as_bytes());
             // SAFETY: _exit is always safe in a forked child.
@@ -279,21 +383,106 @@ fn sandbox(spec_path: &Path) -> Result<i32, String> {
                     other => break other,
                 }
             };
+            kill_leftovers();
             if !msg.is_empty() {
-                return Err(msg);
+                Err(msg)
+            } else {
+                match status {
+                    Ok(WaitStatus::Exited(_, code)) => Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
+                    other => Err(format!("waiting for the step: {other:?}")),
+                }
             }
-            match status {
-                Ok(WaitStatus::Exited(_, code)) => Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
-                other => Err(format!("waiting for the step: {other:?}")),
+        }
+    };
+    undo_plain_chroot(&plain);
+    result
+}
+
+/// Unshares the step's namespaces. Returns false when, in chroot mode, the container does not
+/// allow them: the step then runs in a plain chroot.
+fn enter_namespaces(spec: &RunSpec) -> Result<bool, String> {
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    if spec.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    match unshare(flags) {
+        Ok(()) => Ok(true),
+        Err(nix::Error::EPERM) if spec.isolation == Isolation::Chroot => {
+            if spec.network == Network::None {
+                return Err("RUN --network=none needs a network namespace, which this container does not allow (no CAP_SYS_ADMIN) in chroot isolation: drop --network=none, or give the container CAP_SYS_ADMIN, or use --isolation rootless where user namespaces work".into());
+            }
+            if !spec.mounts.is_empty() {
+                return Err("RUN --mount needs a mount namespace, which this container does not allow (no CAP_SYS_ADMIN) in chroot isolation: give the container CAP_SYS_ADMIN, or use --isolation rootless where user namespaces work".into());
+            }
+            Ok(false)
+        }
+        Err(e) => Err(format!(
+            "unshare(mount, pid, uts, ipc namespaces): {e} (is ossb running in its user namespace? run `ossb build` directly, not the internal {SUBCOMMAND} command)"
+        )),
+    }
+}
+
+/// Kills every process the step left behind: the sandbox is their subreaper, so each of them
+/// is (or becomes, when its parent dies) a child of this process. In a pid namespace they are
+/// already dead when pid 1 has exited; this matters for the plain chroot.
+fn kill_leftovers() {
+    let me = std::process::id().to_string();
+    for _ in 0..100 {
+        let mut found = false;
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                    continue;
+                };
+                // The fields after the command name, which is in parentheses and may hold
+                // spaces: state, ppid, ...
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+                if ppid == Some(me.as_str()) {
+                    found = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        // Reap what was killed (and anything re-parented meanwhile).
+        loop {
+            match waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) => continue,
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        if !found {
+            match waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Err(nix::Error::ECHILD) => return,
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         }
     }
 }
 
-/// In the step's pid 1: mounts, pivot_root, identity, exec. Returns only on failure.
-fn enter_and_exec(spec: &RunSpec) -> String {
-    match setup_root(spec).and_then(|()| become_user(spec)) {
+/// In pid 1 (or the chroot'ed child): mounts, pivot_root, identity, exec. Returns only on
+/// failure.
+fn enter_and_exec(spec: &RunSpec, namespaces: bool) -> String {
+    let root = if namespaces {
+        setup_root(spec)
+    } else {
+        enter_plain_chroot(spec)
+    };
+    match root.and_then(|()| become_user(spec)) {
         Ok(()) => exec(spec),
         Err(e) => e,
     }
@@ -314,6 +503,9 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
         none,
     )
     .map_err(sys(format!("bind-mounting {}", root.display())))?;
+    if spec.network == Network::None {
+        loopback_up()?;
+    }
 
     if let Some(proc_dir) = mount_target(root, "proc", true) {
         mount(
@@ -325,8 +517,12 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
         )
         .map_err(sys("mounting /proc".into()))?;
     }
-    if let Some(dev) = mount_target(root, "dev", true) {
-        setup_dev(&dev)?;
+    let dev = mount_target(root, "dev", true);
+    if let Some(dev) = &dev {
+        setup_dev(dev)?;
+        write_dev_files(dev, &spec.dev_files)?;
+    } else if !spec.dev_files.is_empty() {
+        return Err("the rootfs has no /dev directory to hold the RUN heredoc script".into());
     }
     if let Some(sys_dir) = mount_target(root, "sys", true) {
         // Best effort: a locked-down host may refuse it, and few build steps need /sys.
@@ -339,28 +535,19 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
         )
         .is_ok()
         {
-            let _ = mount(
-                none,
-                &sys_dir,
-                none,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                none,
-            );
+            let _ = remount_read_only(&sys_dir);
         }
     }
     for file in ["etc/hosts", "etc/resolv.conf"] {
         let host = Path::new("/").join(file);
         if let Some(target) = mount_target(root, file, false) {
             if host.is_file() && mount(Some(&host), &target, none, MsFlags::MS_BIND, none).is_ok() {
-                let _ = mount(
-                    none,
-                    &target,
-                    none,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    none,
-                );
+                let _ = remount_read_only(&target);
             }
         }
+    }
+    for (i, m) in spec.mounts.iter().enumerate() {
+        run_mount(root, dev.as_deref(), i, m)?;
     }
 
     std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
@@ -370,6 +557,300 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
     umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root".into()))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     nix::unistd::sethostname(&spec.hostname).map_err(sys("sethostname".into()))?;
+    std::env::set_current_dir(&spec.cwd)
+        .map_err(|e| format!("cannot enter the working directory {}: {e}", spec.cwd))?;
+    Ok(())
+}
+
+/// Makes one `RUN --mount` under `root`; `dev` is the sandbox's `/dev` tmpfs (where secrets
+/// are staged).
+fn run_mount(
+    root: &Path,
+    dev: Option<&Path>,
+    index: usize,
+    m: &SandboxMount,
+) -> Result<(), String> {
+    let none: Option<&str> = None;
+    let is_file = match &m.source {
+        MountSource::Bind { path, .. } => !path.is_dir(),
+        MountSource::Tmpfs { .. } => false,
+        MountSource::Secret { .. } => true,
+    };
+    let target = make_mount_point(root, &m.target, !is_file)?;
+    let shown = Path::new("/").join(&m.target);
+    match &m.source {
+        MountSource::Bind { path, read_only } => {
+            mount(
+                Some(path),
+                &target,
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                none,
+            )
+            .map_err(|e| format!("binding {} on {}: {e}", path.display(), shown.display()))?;
+            if *read_only {
+                remount_read_only(&target)
+                    .map_err(|e| format!("making {} read-only: {e}", shown.display()))?;
+            }
+        }
+        MountSource::Tmpfs { size } => {
+            let opts = size.map(|s| format!("size={s}"));
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                opts.as_deref(),
+            )
+            .map_err(|e| format!("mounting a tmpfs on {}: {e}", shown.display()))?;
+        }
+        MountSource::Secret {
+            path,
+            uid,
+            gid,
+            mode,
+        } => {
+            let Some(dev) = dev else {
+                return Err("the rootfs has no /dev directory to stage the secret in".into());
+            };
+            let content =
+                fs::read(path).map_err(|e| format!("reading secret {}: {e}", path.display()))?;
+            // Staged on the /dev tmpfs, bound on the target, then unlinked: the bind mount
+            // keeps the file alive, and no other path in the sandbox names it.
+            let staged = dev.join(format!(".ossb-secret-{index}"));
+            fs::write(&staged, &content).map_err(|e| format!("staging a secret: {e}"))?;
+            fs::set_permissions(&staged, fs::Permissions::from_mode(*mode))
+                .map_err(|e| format!("staging a secret: {e}"))?;
+            nix::unistd::chown(
+                &staged,
+                Some(Uid::from_raw(*uid)),
+                Some(Gid::from_raw(*gid)),
+            )
+            .map_err(|e| format!("secret owner {uid}:{gid}: {e}"))?;
+            mount(Some(&staged), &target, none, MsFlags::MS_BIND, none)
+                .map_err(|e| format!("mounting the secret on {}: {e}", shown.display()))?;
+            let _ = remount_read_only(&target);
+            fs::remove_file(&staged).map_err(|e| format!("staging a secret: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the missing components of `rel` under `root` (directories; the last one a file
+/// when `dir` is false) without following symlinks, and returns the host path.
+fn make_mount_point(root: &Path, rel: &Path, dir: bool) -> Result<PathBuf, String> {
+    let mut cur = root.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(format!(
+                "mount target {} is not a plain path",
+                rel.display()
+            ));
+        };
+        cur.push(name);
+        let last = i + 1 == parts.len();
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "mount target /{} goes through a symbolic link",
+                    rel.display()
+                ))
+            }
+            Ok(m) if last && m.is_dir() != dir => {
+                return Err(format!(
+                    "mount target /{} is a {} but the mount is a {}",
+                    rel.display(),
+                    if m.is_dir() { "directory" } else { "file" },
+                    if dir { "directory" } else { "file" }
+                ))
+            }
+            Ok(_) => {}
+            Err(_) if last && !dir => {
+                fs::write(&cur, b"").map_err(|e| format!("creating /{}: {e}", rel.display()))?
+            }
+            Err(_) => {
+                fs::create_dir(&cur).map_err(|e| format!("creating /{}: {e}", rel.display()))?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| format!("creating /{}: {e}", rel.display()))?;
+            }
+        }
+    }
+    Ok(cur)
+}
+
+/// Remounts a bind mount read-only. In a user namespace the flags the mount inherited from a
+/// more privileged namespace (nosuid, nodev, noexec) are locked and must be repeated.
+fn remount_read_only(target: &Path) -> Result<(), nix::Error> {
+    let none: Option<&str> = None;
+    let base = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    if mount(none, target, none, base, none).is_ok() {
+        return Ok(());
+    }
+    let st = nix::sys::statvfs::statvfs(target)?;
+    let f = st.flags();
+    use nix::sys::statvfs::FsFlags;
+    let mut flags = base;
+    for (have, add) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(have) {
+            flags |= add;
+        }
+    }
+    mount(none, target, none, flags, none)
+}
+
+/// Sets the loopback interface of a new network namespace up (`--network=none`).
+fn loopback_up() -> Result<(), String> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data (names and a union of integers); all zeros is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass, which lives across
+    // the calls; the flags member of its union is the one these requests use.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(format!(
+                "reading the loopback flags: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(format!(
+                "setting the loopback interface up: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the heredoc scripts into the sandbox's `/dev` (a tmpfs: they never reach a layer).
+fn write_dev_files(dev: &Path, files: &[DevFile]) -> Result<Vec<PathBuf>, String> {
+    let mut created = Vec::new();
+    for f in files {
+        let rel = Path::new(&f.name);
+        if rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(format!("invalid heredoc file name /dev/{}", f.name));
+        }
+        let path = dev.join(rel);
+        if let Some(parent) = path.parent() {
+            if !parent.exists() {
+                fs::create_dir_all(parent)
+                    .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                created.push(parent.to_path_buf());
+            }
+        }
+        fs::write(&path, &f.content).map_err(|e| format!("writing /dev/{}: {e}", f.name))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(f.mode))
+            .map_err(|e| format!("writing /dev/{}: {e}", f.name))?;
+        created.push(path);
+    }
+    Ok(created)
+}
+
+/// The device nodes of a plain chroot's `/dev`.
+const PLAIN_DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Before a plain chroot (no mount namespace): device nodes and heredoc files in the rootfs's
+/// `/dev` (excluded from snapshots), and the host's hosts/resolv.conf in the empty files made
+/// for them. Returns what it created, for [`undo_plain_chroot`].
+fn prepare_plain_chroot(spec: &RunSpec) -> Result<PlainChroot, String> {
+    let mut created = Vec::new();
+    let mut filled = Vec::new();
+    if let Some(dev) = mount_target(&spec.rootfs, "dev", true) {
+        for (name, major, minor) in PLAIN_DEVICES {
+            let path = dev.join(name);
+            if fs::symlink_metadata(&path).is_ok() {
+                continue;
+            }
+            // Best effort: without CAP_MKNOD the step has no device nodes.
+            if nix::sys::stat::mknod(
+                &path,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(*major, *minor),
+            )
+            .is_ok()
+            {
+                let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o666));
+                created.push(path);
+            }
+        }
+        created.extend(write_dev_files(&dev, &spec.dev_files)?);
+    } else if !spec.dev_files.is_empty() {
+        return Err("the rootfs has no /dev directory to hold the RUN heredoc script".into());
+    }
+    for file in ["etc/hosts", "etc/resolv.conf"] {
+        if let Some(target) = mount_target(&spec.rootfs, file, false) {
+            let empty = fs::metadata(&target).map(|m| m.len() == 0).unwrap_or(false);
+            if empty {
+                if let Ok(content) = fs::read(Path::new("/").join(file)) {
+                    if fs::write(&target, content).is_ok() {
+                        filled.push(target);
+                    }
+                }
+            }
+        }
+    }
+    Ok(PlainChroot { created, filled })
+}
+
+/// What [`prepare_plain_chroot`] changed in the rootfs.
+#[derive(Default)]
+struct PlainChroot {
+    /// Device nodes, heredoc files and their directories.
+    created: Vec<PathBuf>,
+    /// Empty files it filled with the host's content.
+    filled: Vec<PathBuf>,
+}
+
+/// Removes what [`prepare_plain_chroot`] created and empties the files it filled, so that the
+/// mount points are found empty again (and removed) by [`remove_mount_points`].
+fn undo_plain_chroot(changed: &PlainChroot) {
+    for path in changed.created.iter().rev() {
+        let _ = fs::remove_file(path).or_else(|_| fs::remove_dir(path));
+    }
+    for path in &changed.filled {
+        let _ = fs::write(path, b"");
+    }
+}
+
+/// In the child of a plain chroot: chroot, chdir.
+fn enter_plain_chroot(spec: &RunSpec) -> Result<(), String> {
+    nix::unistd::chroot(&spec.rootfs).map_err(|e| {
+        format!(
+            "chroot {}: {e} (chroot isolation needs root with CAP_SYS_CHROOT in the container)",
+            spec.rootfs.display()
+        )
+    })?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| format!("cannot enter the working directory {}: {e}", spec.cwd))?;
     Ok(())

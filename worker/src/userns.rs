@@ -44,6 +44,15 @@ impl IdMapping {
         }
     }
 
+    /// How the mapping is described to users.
+    pub fn describe(self) -> &'static str {
+        match self {
+            IdMapping::Identity => "the host's ids (running as root)",
+            IdMapping::Subordinate => "65536 subordinate ids",
+            IdMapping::Single => "a single id",
+        }
+    }
+
     /// The mapping this process runs under, if it was re-executed in a user namespace.
     pub fn current() -> Option<IdMapping> {
         match std::env::var(MARKER).ok()?.as_str() {
@@ -53,6 +62,11 @@ impl IdMapping {
             _ => None,
         }
     }
+}
+
+/// Whether the process runs as root (effective uid 0) in its current user namespace.
+pub fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// Why the user namespace could not be set up.
