@@ -197,3 +197,231 @@ fn run_is_pid_1_and_its_background_processes_die_with_it() {
     .stdout;
     assert_eq!(hostname.trim(), "ossb");
 }
+
+const SECRET: &str = "s3cr3t-value-42";
+
+/// A secret is readable in the step (as a file, with its uid and mode, and as a variable) and
+/// is in no layer, not in the config or history, and not in ossb's output.
+#[test]
+fn secrets_are_readable_in_the_step_and_nowhere_else() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("token.txt");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let dockerfile = format!(
+        "ARG BASE\nFROM $BASE\n\
+         RUN --mount=type=secret,id=tok test \"$(cut -c1-6 /run/secrets/tok)\" = s3cr3t && echo file-ok\n\
+         RUN --mount=type=secret,id=tok,env=TOKEN test \"${{TOKEN%%-42*}}\" = s3cr3t-value && echo env-ok\n\
+         RUN --mount=type=secret,id=tok,target=/root/tok,uid=1000,mode=0440 echo \"owner $(stat -c '%u %a' /root/tok)\" && cat /root/tok\n\
+         RUN --mount=type=secret,id=absent echo optional-absent-ok\n\
+         RUN test ! -e /run/secrets && test ! -e /root/tok && echo gone > /gone\n"
+    );
+    let ctx = dockerfile_context(dir.path(), "secret", &dockerfile, &[]);
+    let spec = format!("id=tok,src={}", secret.display());
+    let built = build(&env, dir.path(), "secret", &ctx, &["--secret", &spec]).ok("secret build");
+    let out = format!("{}{}", built.run.stdout, built.run.stderr);
+    for want in [
+        "file-ok",
+        "env-ok",
+        "owner 1000 440",
+        "optional-absent-ok",
+        "****",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    assert!(
+        !out.contains(SECRET),
+        "the secret is in ossb's output:\n{out}"
+    );
+    assert!(!in_any_layer(&built, SECRET), "the secret is in a layer");
+    assert!(
+        !built.config_text().contains(SECRET),
+        "the secret is in the config"
+    );
+    for layer in built.layers() {
+        for entry in listing(&layer) {
+            assert!(
+                !entry.contains("run/secrets") && !entry.contains("root/tok"),
+                "a secret mount point is in a layer: {entry}"
+            );
+        }
+    }
+
+    // required: a missing secret fails the build and says how to pass it.
+    let ctx = dockerfile_context(
+        dir.path(),
+        "required",
+        "ARG BASE\nFROM $BASE\nRUN --mount=type=secret,id=nope,required true\n",
+        &[],
+    );
+    let failed = build(&env, dir.path(), "required", &ctx, &[]);
+    assert_eq!(failed.run.code, 1, "{}", failed.run.stderr);
+    assert!(
+        failed.run.stderr.contains("--secret id=nope"),
+        "{}",
+        failed.run.stderr
+    );
+}
+
+/// A cache mount keeps its content from one build to the next, and never reaches a layer.
+#[test]
+fn cache_mounts_persist_between_builds() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\n\
+        RUN --mount=type=cache,target=/var/cache/thing,uid=1000,mode=0750 echo run >> /var/cache/thing/log && echo \"runs=$(wc -l < /var/cache/thing/log) owner=$(stat -c '%u %a' /var/cache/thing)\"\n";
+    let ctx = dockerfile_context(dir.path(), "cache", dockerfile, &[]);
+    let first = build(&env, dir.path(), "c1", &ctx, &[]).ok("first cache build");
+    assert!(
+        first.run.stderr.contains("runs=1 owner=1000 750"),
+        "{}",
+        first.run.stderr
+    );
+    let second = build(&env, dir.path(), "c2", &ctx, &["--no-cache"]).ok("second cache build");
+    assert!(
+        second.run.stderr.contains("runs=2"),
+        "{}",
+        second.run.stderr
+    );
+    for entry in second.last_layer_listing() {
+        assert!(
+            !entry.contains("var/cache/thing"),
+            "cache mount in the layer: {entry}"
+        );
+    }
+}
+
+/// Two builds at once with `sharing=locked` on the same cache: one step waits for the other.
+#[test]
+fn locked_cache_mounts_serialize_concurrent_builds() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\nARG WHO\n\
+        RUN --mount=type=cache,target=/c,id=serial,sharing=locked echo start-$WHO >> /c/log && sleep 2 && echo end-$WHO >> /c/log\n";
+    let ctx = dockerfile_context(dir.path(), "locked", dockerfile, &[]);
+    let threads: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|who| {
+            let (ctx, d) = (ctx.clone(), dir.path().to_path_buf());
+            let env = TestEnv::get().unwrap();
+            std::thread::spawn(move || {
+                let arg = format!("WHO={who}");
+                build(&env, &d, who, &ctx, &["--no-cache", "--build-arg", &arg]).ok("locked build")
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let ctx = dockerfile_context(
+        dir.path(),
+        "show",
+        "ARG BASE\nFROM $BASE\nRUN --mount=type=cache,target=/c,id=serial,sharing=locked tr '\\n' ' ' < /c/log\n",
+        &[],
+    );
+    let shown = build(&env, dir.path(), "show", &ctx, &[]).ok("reading the cache");
+    let serial = ["start-a end-a start-b end-b", "start-b end-b start-a end-a"];
+    assert!(
+        serial.iter().any(|s| shown.run.stderr.contains(s)),
+        "the two steps overlapped:\n{}",
+        shown.run.stderr
+    );
+}
+
+/// tmpfs and bind mounts (the context, a stage, read-only by default, rw as a discarded copy)
+/// work, and none of their targets reaches the layer.
+#[test]
+fn tmpfs_and_bind_mounts_leave_no_trace() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE AS src\nRUN echo from-stage > /made\n\
+        FROM $BASE\n\
+        RUN --mount=type=tmpfs,target=/scratch,size=1m touch /scratch/x && grep -q ' /scratch tmpfs' /proc/mounts && echo tmpfs-ok\n\
+        RUN --mount=type=bind,source=data.txt,target=/data.txt cat /data.txt\n\
+        RUN --mount=type=bind,from=src,target=/s cat /s/made\n\
+        RUN --mount=type=bind,target=/ctx sh -c '! touch /ctx/ro 2>/dev/null && echo ro-ok'\n\
+        RUN --mount=type=bind,target=/ctx,rw echo new > /ctx/new && cat /ctx/new && echo rw-ok\n\
+        RUN touch /after\n";
+    let ctx = dockerfile_context(
+        dir.path(),
+        "binds",
+        dockerfile,
+        &[("data.txt", "from-context\n")],
+    );
+    let built = build(&env, dir.path(), "binds", &ctx, &[]).ok("mounts build");
+    for want in ["tmpfs-ok", "from-context", "from-stage", "ro-ok", "rw-ok"] {
+        assert!(
+            built.run.stderr.contains(want),
+            "{want}:\n{}",
+            built.run.stderr
+        );
+    }
+    assert!(
+        !ctx.join("new").exists() && !ctx.join("ro").exists(),
+        "the context was written"
+    );
+    for layer in built.layers().iter().skip(2) {
+        for entry in listing(layer) {
+            for t in ["scratch", "data.txt", " s/", "ctx"] {
+                assert!(!entry.contains(t), "mount target {t} in a layer: {entry}");
+            }
+        }
+    }
+}
+
+/// `--network=none` has only a loopback interface, up; `--security=insecure` is refused.
+#[test]
+fn network_none_and_insecure_security() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\n\
+        RUN --network=none echo \"ifaces=$(grep -c : /proc/net/dev) lo=$(cat /sys/class/net/lo/operstate 2>/dev/null || ip link show lo | grep -c UP)\"\n";
+    let ctx = dockerfile_context(dir.path(), "net", dockerfile, &[]);
+    let built = build(&env, dir.path(), "net", &ctx, &[]).ok("network none");
+    assert!(
+        built.run.stderr.contains("ifaces=1"),
+        "{}",
+        built.run.stderr
+    );
+
+    let ctx = dockerfile_context(
+        dir.path(),
+        "insecure",
+        "ARG BASE\nFROM $BASE\nRUN --security=insecure true\n",
+        &[],
+    );
+    let refused = build(&env, dir.path(), "insecure", &ctx, &[]);
+    assert_eq!(refused.run.code, 1, "{}", refused.run.stderr);
+    assert!(
+        refused
+            .run
+            .stderr
+            .contains("--security=insecure is not allowed"),
+        "{}",
+        refused.run.stderr
+    );
+}
+
+/// A RUN heredoc with a `#!` line runs as a script from the sandbox's /dev.
+#[test]
+fn heredoc_scripts_run_from_dev_pipes() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "# syntax=docker/dockerfile:1\nARG BASE\nFROM $BASE\n\
+        RUN <<EOF\n#!/bin/sh\necho \"script $0 ran\" > /script-out\ncat /script-out\nEOF\n";
+    let ctx = dockerfile_context(dir.path(), "heredoc", dockerfile, &[]);
+    let built = build(&env, dir.path(), "heredoc", &ctx, &[]).ok("heredoc build");
+    assert!(
+        built.run.stderr.contains("script /dev/pipes/EOF ran"),
+        "{}",
+        built.run.stderr
+    );
+    assert_eq!(
+        built.last_layer_file("script-out"),
+        "script /dev/pipes/EOF ran\n"
+    );
+    assert!(!built
+        .last_layer_listing()
+        .iter()
+        .any(|e| e.contains("dev/")));
+}
