@@ -171,13 +171,19 @@ impl Extras {
             // As BuildKit: the config digest for one platform, the index digest for several.
             let id = result.config_digest.unwrap_or(result.image.digest);
             ossb_image::export::write_file_atomically(path, id.to_string().as_bytes())
-            .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?;
         }
         if let Some(path) = &self.metadata_file {
             let mut meta = serde_json::Map::new();
-            meta.insert("containerimage.digest".into(), result.image.digest.to_string().into());
+            meta.insert(
+                "containerimage.digest".into(),
+                result.image.digest.to_string().into(),
+            );
             if let Some(config) = &result.config_digest {
-                meta.insert("containerimage.config.digest".into(), config.to_string().into());
+                meta.insert(
+                    "containerimage.config.digest".into(),
+                    config.to_string().into(),
+                );
             }
             meta.insert(
                 "containerimage.descriptor".into(),
@@ -267,7 +273,9 @@ fn parse_output(spec: &str) -> Result<Output, String> {
 
 /// `--platform a,b`: each platform once, in the order given; the host's when absent.
 fn parse_platforms(list: Option<&str>) -> Result<Vec<Platform>, String> {
-    let Some(list) = list else { return Ok(vec![Platform::host()]) };
+    let Some(list) = list else {
+        return Ok(vec![Platform::host()]);
+    };
     let mut out: Vec<Platform> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let p: Platform = item.parse().map_err(|e| format!("--platform: {e}"))?;
@@ -439,7 +447,10 @@ mod tests {
     #[test]
     fn parses_platform_lists() {
         let p = parse_platforms(Some("linux/amd64, linux/arm64,linux/amd64")).unwrap();
-        assert_eq!(p.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["linux/amd64", "linux/arm64"]);
+        assert_eq!(
+            p.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            ["linux/amd64", "linux/arm64"]
+        );
         assert!(parse_platforms(Some("windows/amd64")).is_err());
         assert!(parse_platforms(Some("linux")).is_err());
         assert_eq!(parse_platforms(None).unwrap(), vec![Platform::host()]);

@@ -76,14 +76,21 @@ impl Progress for Plain {
 
 impl Display for Plain {
     fn summary(&self, result: &BuildResult, elapsed: Duration) {
-        let id = result.config_digest.map(|c| format!(" (config {c})")).unwrap_or_default();
+        let id = result
+            .config_digest
+            .map(|c| format!(" (config {c})"))
+            .unwrap_or_default();
         let s = result.stats;
         self.print(None, &format!("built {}{id}", result.image.digest));
         self.print(
             None,
             &format!(
                 "{} in {:.1}s: {} steps run, {} cached, {:.1} MiB",
-                if result.config_digest.is_some() { "image" } else { "index" },
+                if result.config_digest.is_some() {
+                    "image"
+                } else {
+                    "index"
+                },
                 elapsed.as_secs_f64(),
                 s.run,
                 s.cached,

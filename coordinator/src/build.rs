@@ -132,18 +132,25 @@ pub(crate) fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Build
 pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildResult, BuildError> {
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
     if !req.context.is_dir() {
-        return Err(BuildError::Usage(format!("build context {} is not a directory", req.context.display())));
+        return Err(BuildError::Usage(format!(
+            "build context {} is not a directory",
+            req.context.display()
+        )));
     }
     if req.platforms.is_empty() {
         return Err(BuildError::Usage("no platform to build for".into()));
     }
     // Held until the build ends: `ossb cache prune` waits for it.
-    let _lock = CacheLock::acquire(&req.cache_dir, false).map_err(local("locking the cache directory"))?;
+    let _lock =
+        CacheLock::acquire(&req.cache_dir, false).map_err(local("locking the cache directory"))?;
     let store = BlobStore::open(&req.cache_dir).map_err(local("opening the cache"))?;
     let cache = LocalCache::open(&req.cache_dir).map_err(local("opening the cache"))?;
     let work_root = req.cache_dir.join("work");
     std::fs::create_dir_all(&work_root).map_err(local("creating the work directory"))?;
-    let work = tempfile::Builder::new().prefix("build-").tempdir_in(&work_root).map_err(local("creating the work directory"))?;
+    let work = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&work_root)
+        .map_err(local("creating the work directory"))?;
     let shared = Shared {
         req,
         progress,
@@ -158,7 +165,11 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
     };
     let mut images = Vec::new();
     for platform in &req.platforms {
-        images.push(PlatformBuild::new(&shared, platform.clone()).run(&df).await?);
+        images.push(
+            PlatformBuild::new(&shared, platform.clone())
+                .run(&df)
+                .await?,
+        );
     }
     let (image, config_digest) = match images.as_slice() {
         [one] => (one.manifest.clone(), Some(one.config)),
@@ -166,9 +177,22 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
     };
     let pushed = export(&shared, &images, &image).await?;
     let stats = *shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = record_build(&req.cache_dir, BuildStats { time: now(), run: stats.run, cached: stats.cached });
+    let _ = record_build(
+        &req.cache_dir,
+        BuildStats {
+            time: now(),
+            run: stats.run,
+            cached: stats.cached,
+        },
+    );
     let size = images.iter().flat_map(|i| &i.blobs).map(|b| b.size).sum();
-    Ok(BuildResult { image, config_digest, pushed, stats, size })
+    Ok(BuildResult {
+        image,
+        config_digest,
+        pushed,
+        stats,
+        size,
+    })
 }
 
 /// Stores the index of several platforms' manifests.
@@ -181,18 +205,30 @@ fn write_index(store: &BlobStore, images: &[PlatformImage]) -> Result<Descriptor
     };
     let bytes = oci::to_canonical_json(&index);
     let digest = store.put(&bytes).map_err(local("storing the index"))?;
-    Ok(Descriptor { media_type: media_type::OCI_INDEX.into(), digest, size: bytes.len() as u64, platform: None, annotations: None })
+    Ok(Descriptor {
+        media_type: media_type::OCI_INDEX.into(),
+        digest,
+        size: bytes.len() as u64,
+        platform: None,
+        annotations: None,
+    })
 }
 
 /// Sends the image to every requested output. Returns the references pushed.
-async fn export(shared: &Shared<'_>, images: &[PlatformImage], image: &Descriptor) -> Result<Vec<String>, BuildError> {
+async fn export(
+    shared: &Shared<'_>,
+    images: &[PlatformImage],
+    image: &Descriptor,
+) -> Result<Vec<String>, BuildError> {
     let req = shared.req;
     let mut pushed = Vec::new();
     for output in &req.outputs {
         match output {
             Output::Registry => {
                 if req.tags.is_empty() {
-                    return Err(BuildError::Usage("--push / --output type=registry needs at least one --tag".into()));
+                    return Err(BuildError::Usage(
+                        "--push / --output type=registry needs at least one --tag".into(),
+                    ));
                 }
                 for tag in &req.tags {
                     let reference = parse_reference(tag)?;
@@ -204,13 +240,18 @@ async fn export(shared: &Shared<'_>, images: &[PlatformImage], image: &Descripto
             }
             Output::Oci { dest, tar } => {
                 let (id, t) = shared.start(format!("exporting OCI layout to {}", dest.display()));
-                let named = [NamedImage { descriptor: image.clone(), names: req.tags.clone() }];
+                let named = [NamedImage {
+                    descriptor: image.clone(),
+                    names: req.tags.clone(),
+                }];
                 let result = if *tar {
                     export::write_oci_tar(&shared.store, &named, dest)
                 } else {
                     export::write_oci_dir(&shared.store, &named, dest)
                 };
-                shared.finish(id, t, result).map_err(|e| BuildError::Export(e.to_string()))?;
+                shared
+                    .finish(id, t, result)
+                    .map_err(|e| BuildError::Export(e.to_string()))?;
             }
         }
     }
@@ -219,36 +260,69 @@ async fn export(shared: &Shared<'_>, images: &[PlatformImage], image: &Descripto
 
 /// Pushes every platform's blobs and manifest (by digest when there are several), then the
 /// index or the single manifest under the tag.
-async fn push(shared: &Shared<'_>, reference: &ossb_image::Reference, images: &[PlatformImage], image: &Descriptor) -> Result<(), RegistryError> {
+async fn push(
+    shared: &Shared<'_>,
+    reference: &ossb_image::Reference,
+    images: &[PlatformImage],
+    image: &Descriptor,
+) -> Result<(), RegistryError> {
     let store = &shared.store;
     let read = |d: &Digest| store.read(d).map_err(RegistryError::from);
     if let [one] = images {
         let manifest = read(&one.manifest.digest)?;
-        shared.registry.push(reference, store, &one.blobs, &manifest, media_type::OCI_MANIFEST).await?;
+        shared
+            .registry
+            .push(
+                reference,
+                store,
+                &one.blobs,
+                &manifest,
+                media_type::OCI_MANIFEST,
+            )
+            .await?;
         return Ok(());
     }
     for one in images {
         let manifest = read(&one.manifest.digest)?;
         let by_digest = reference.clone_with_digest(one.manifest.digest.to_string());
-        shared.registry.push(&by_digest, store, &one.blobs, &manifest, media_type::OCI_MANIFEST).await?;
+        shared
+            .registry
+            .push(
+                &by_digest,
+                store,
+                &one.blobs,
+                &manifest,
+                media_type::OCI_MANIFEST,
+            )
+            .await?;
     }
     let index = read(&image.digest)?;
-    shared.registry.push(reference, store, &[], &index, media_type::OCI_INDEX).await?;
+    shared
+        .registry
+        .push(reference, store, &[], &index, media_type::OCI_INDEX)
+        .await?;
     Ok(())
 }
 
 /// The `.dockerignore` of the build: `<Dockerfile>.dockerignore` beside the Dockerfile, else
 /// the context's `.dockerignore`.
 fn load_dockerignore(req: &BuildRequest) -> Result<Option<Dockerignore>, BuildError> {
-    let Some(path) = dockerignore::ignore_file(&req.context, Path::new(&req.dockerfile_name)) else {
+    let Some(path) = dockerignore::ignore_file(&req.context, Path::new(&req.dockerfile_name))
+    else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| BuildError::Usage(format!("cannot read {}: {e}", path.display())))?;
-    Dockerignore::parse(&text).map(Some).map_err(|e| BuildError::Usage(format!("{}: {e}", path.display())))
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BuildError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    Dockerignore::parse(&text)
+        .map(Some)
+        .map_err(|e| BuildError::Usage(format!("{}: {e}", path.display())))
 }
 
 pub(crate) fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`).
@@ -265,7 +339,12 @@ fn rfc3339(secs: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -94,7 +94,10 @@ impl LocalCache {
     pub fn get(&self, key: &CacheKey) -> Option<CacheRecord> {
         let path = self.path(key);
         let record = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
-        let _ = fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        let _ = fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         Some(record)
     }
 
@@ -116,7 +119,9 @@ impl LocalCache {
                 continue;
             }
             let Ok(bytes) = fs::read(&path) else { continue };
-            let Ok(record) = serde_json::from_slice::<CacheRecord>(&bytes) else { continue };
+            let Ok(record) = serde_json::from_slice::<CacheRecord>(&bytes) else {
+                continue;
+            };
             let used = entry.metadata()?.modified()?;
             out.push((path, used, record));
         }
@@ -135,7 +140,10 @@ mod tests {
         let root = CacheKey::root(Some(&base), &p, "gzip");
         assert_eq!(root, CacheKey::root(Some(&base), &p, "gzip"));
         assert_ne!(root, CacheKey::root(None, &p, "gzip"));
-        assert_ne!(root, CacheKey::root(Some(&base), &"linux/arm64".parse().unwrap(), "gzip"));
+        assert_ne!(
+            root,
+            CacheKey::root(Some(&base), &"linux/arm64".parse().unwrap(), "gzip")
+        );
         assert_ne!(root, CacheKey::root(Some(&base), &p, "zstd"));
         let a = root.child("RUN make", &[]);
         assert_eq!(a, root.child("RUN make", &[]));
@@ -150,7 +158,12 @@ mod tests {
         let cache = LocalCache::open(dir.path()).unwrap();
         let key = CacheKey::root(None, &"linux/amd64".parse().unwrap(), "");
         assert!(cache.get(&key).is_none());
-        let record = CacheRecord { layer: None, diff_id: None, duration_ms: 5, created: 1 };
+        let record = CacheRecord {
+            layer: None,
+            diff_id: None,
+            duration_ms: 5,
+            created: 1,
+        };
         cache.put(&key, &record).unwrap();
         assert_eq!(cache.get(&key).unwrap().duration_ms, 5);
         assert_eq!(cache.entries().unwrap().len(), 1);
@@ -159,7 +172,10 @@ mod tests {
 
 /// Marks a blob used now (its mtime), so that pruning by age keeps it.
 pub fn touch(path: &Path) {
-    let _ = fs::File::options().write(true).open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    let _ = fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
 }
 
 /// A shared lock held by every running build on its cache directory; `prune` takes it
@@ -172,8 +188,16 @@ impl CacheLock {
     /// Takes the lock on `cache_dir`, shared (a build) or exclusive (prune); waits for it.
     pub fn acquire(cache_dir: &Path, exclusive: bool) -> io::Result<CacheLock> {
         fs::create_dir_all(cache_dir)?;
-        let file = fs::File::options().create(true).truncate(false).write(true).open(cache_dir.join("lock"))?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        let file = fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(cache_dir.join("lock"))?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
         use std::os::fd::AsRawFd;
         loop {
             // SAFETY: flock on a file descriptor we own.
@@ -215,7 +239,11 @@ pub struct BuildStats {
 /// Appends a build's statistics (kept to the last 100).
 pub fn record_build(cache_dir: &Path, stats: BuildStats) -> io::Result<()> {
     let path = cache_dir.join("cache/builds.jsonl");
-    let mut lines: Vec<String> = fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
+    let mut lines: Vec<String> = fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
     lines.push(serde_json::to_string(&stats)?);
     let keep = lines.len().saturating_sub(100);
     let mut tmp = tempfile::NamedTempFile::new_in(cache_dir.join("cache"))?;
@@ -267,7 +295,9 @@ pub struct PruneReport {
 fn blobs(cache_dir: &Path) -> io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
     let dir = cache_dir.join("blobs/sha256");
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(&dir) else { return Ok(out) };
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(out);
+    };
     for entry in entries {
         let entry = entry?;
         let meta = entry.metadata()?;
@@ -288,7 +318,9 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         (false, None, Some(_)) => None,
         (false, None, None) => Some(std::time::Duration::from_secs(48 * 3600)),
     };
-    let stale = |t: std::time::SystemTime| older_than.is_some_and(|d| now.duration_since(t).unwrap_or_default() >= d);
+    let stale = |t: std::time::SystemTime| {
+        older_than.is_some_and(|d| now.duration_since(t).unwrap_or_default() >= d)
+    };
     let mut report = PruneReport::default();
     let mut blobs = blobs(cache_dir)?;
     // Oldest first, for keep-storage.
@@ -302,12 +334,19 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
             total -= size;
             report.blobs += 1;
             report.bytes += size;
-            removed.insert(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            removed.insert(
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
         }
     }
     let cache = LocalCache::open(cache_dir)?;
     for (path, used, record) in cache.entries()? {
-        let blob_gone = record.layer.as_ref().is_some_and(|l| removed.contains(&l.digest.hex()));
+        let blob_gone = record
+            .layer
+            .as_ref()
+            .is_some_and(|l| removed.contains(&l.digest.hex()));
         if stale(used) || blob_gone {
             fs::remove_file(path)?;
             report.records += 1;
@@ -325,7 +364,9 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
 /// Parses `10GB`, `512MiB`, `1.5g`, `1000` (bytes) for `--keep-storage`.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -376,8 +417,14 @@ mod prune_tests {
         assert_eq!(parse_size("512mib"), Some(512 * 1024 * 1024));
         assert_eq!(parse_size("1000"), Some(1000));
         assert_eq!(parse_size("ten"), None);
-        assert_eq!(parse_duration("1h30m"), Some(std::time::Duration::from_secs(5400)));
-        assert_eq!(parse_duration("24h"), Some(std::time::Duration::from_secs(86_400)));
+        assert_eq!(
+            parse_duration("1h30m"),
+            Some(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_duration("24h"),
+            Some(std::time::Duration::from_secs(86_400))
+        );
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("5x"), None);
     }
@@ -389,11 +436,30 @@ mod prune_tests {
         let old = store.put(&vec![1u8; 1000]).unwrap();
         let new = store.put(&vec![2u8; 1000]).unwrap();
         let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        fs::File::options().write(true).open(store.path(&old)).unwrap().set_modified(past).unwrap();
-        let report = prune(dir.path(), &PruneOptions { keep_bytes: Some(1500), ..Default::default() }).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(store.path(&old))
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        let report = prune(
+            dir.path(),
+            &PruneOptions {
+                keep_bytes: Some(1500),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(report.blobs, 1);
         assert!(!store.contains(&old) && store.contains(&new));
-        prune(dir.path(), &PruneOptions { all: true, ..Default::default() }).unwrap();
+        prune(
+            dir.path(),
+            &PruneOptions {
+                all: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(!store.contains(&new));
         assert_eq!(info(dir.path()).unwrap().blobs, 0);
     }

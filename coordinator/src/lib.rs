@@ -5,6 +5,7 @@
 //! Dockerfile text itself (that is `ossb-dockerfile`'s job) and never touches a registry or a
 //! rootfs directly (that is `ossb-image`'s and `ossb-worker`'s).
 
+mod add;
 pub mod build;
 pub mod cache;
 pub mod progress;

@@ -10,17 +10,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ossb_dockerfile::dockerignore::Dockerignore;
-use ossb_dockerfile::{self as dockerfile, Base, BaseImageInfo, BuildPlan, Instruction, PlanOptions, Source, Step};
+use ossb_dockerfile::{
+    self as dockerfile, Base, BaseImageInfo, BuildPlan, Instruction, PlanOptions, Source, Step,
+};
 use ossb_image::layer::{self, ApplyOptions, Change, Compression, LayerOptions};
-use ossb_image::oci::{self, media_type, Descriptor, DescriptorPlatform, History, ImageConfig, Manifest};
+use ossb_image::oci::{
+    self, media_type, Descriptor, DescriptorPlatform, History, ImageConfig, Manifest,
+};
 use ossb_image::registry::{parse_reference, PulledImage, Registry};
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::checksum::sources_checksum;
-use ossb_worker::fs::{self as wfs, CopyFilter, Ownership};
+use ossb_worker::fs::{self as wfs, CopyFilter, CopyOptions, Mode};
 use ossb_worker::sandbox;
 use ossb_worker::snapshot::Snapshot;
 
+use crate::add;
 use crate::build::{local, BuildError, BuildRequest};
 use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
 use crate::progress::{Event, Progress};
@@ -51,16 +56,27 @@ pub struct Stats {
 
 impl Shared<'_> {
     pub(crate) fn start(&self, name: String) -> (usize, Instant) {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.progress.event(Event::Started { id, name });
         (id, Instant::now())
     }
 
-    pub(crate) fn finish<T, E: std::fmt::Display>(&self, id: usize, started: Instant, result: Result<T, E>) -> Result<T, E> {
+    pub(crate) fn finish<T, E: std::fmt::Display>(
+        &self,
+        id: usize,
+        started: Instant,
+        result: Result<T, E>,
+    ) -> Result<T, E> {
         let elapsed = started.elapsed();
         match &result {
             Ok(_) => self.progress.event(Event::Done { id, elapsed }),
-            Err(e) => self.progress.event(Event::Failed { id, elapsed, message: e.to_string() }),
+            Err(e) => self.progress.event(Event::Failed {
+                id,
+                elapsed,
+                message: e.to_string(),
+            }),
         }
         result
     }
@@ -107,7 +123,11 @@ fn layer_settings(req: &BuildRequest) -> String {
 
 impl<'a> PlatformBuild<'a> {
     pub(crate) fn new(shared: &'a Shared<'a>, platform: Platform) -> Self {
-        PlatformBuild { shared, platform, pulled: HashMap::new() }
+        PlatformBuild {
+            shared,
+            platform,
+            pulled: HashMap::new(),
+        }
     }
 
     fn req(&self) -> &BuildRequest {
@@ -115,7 +135,10 @@ impl<'a> PlatformBuild<'a> {
     }
 
     /// Plans and builds the image for this platform.
-    pub(crate) async fn run(mut self, df: &dockerfile::Dockerfile) -> Result<PlatformImage, BuildError> {
+    pub(crate) async fn run(
+        mut self,
+        df: &dockerfile::Dockerfile,
+    ) -> Result<PlatformImage, BuildError> {
         let req = self.shared.req;
         let opts = PlanOptions {
             build_args: req.build_args.clone(),
@@ -127,7 +150,8 @@ impl<'a> PlatformBuild<'a> {
         for (reference, platform) in dockerfile::base_images_with_platforms(df, &opts)? {
             let pulled = self.pull(&reference, &platform).await?;
             bases.insert(reference.clone(), base_info(&pulled.config));
-            self.pulled.insert(pulled_key(&reference, &platform), pulled);
+            self.pulled
+                .insert(pulled_key(&reference, &platform), pulled);
         }
         let plan = dockerfile::plan(df, &opts, &bases)?;
         let sources = copy_sources(&plan);
@@ -139,9 +163,15 @@ impl<'a> PlatformBuild<'a> {
             }
             done.insert(index, state);
         }
-        let mut final_state = done.remove(&plan.target).ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
+        let mut final_state = done
+            .remove(&plan.target)
+            .ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
         if !req.labels.is_empty() {
-            let labels = final_state.config.config.labels.get_or_insert_with(BTreeMap::new);
+            let labels = final_state
+                .config
+                .config
+                .labels
+                .get_or_insert_with(BTreeMap::new);
             labels.extend(req.labels.clone());
         }
         self.write_image(&final_state)
@@ -149,58 +179,116 @@ impl<'a> PlatformBuild<'a> {
 
     async fn pull(&self, reference: &str, platform: &Platform) -> Result<PulledImage, BuildError> {
         let parsed = parse_reference(reference)?;
-        let (id, t) = self.shared.start(format!("[{platform}] load metadata and layers for {}", parsed.whole()));
-        let result = self.shared.registry.pull(&parsed, platform, &self.shared.store).await;
+        let (id, t) = self.shared.start(format!(
+            "[{platform}] load metadata and layers for {}",
+            parsed.whole()
+        ));
+        let result = self
+            .shared
+            .registry
+            .pull(&parsed, platform, &self.shared.store)
+            .await;
         let pulled = self.shared.finish(id, t, result)?;
-        for blob in pulled.manifest.layers.iter().chain(std::iter::once(&pulled.manifest.config)) {
+        for blob in pulled
+            .manifest
+            .layers
+            .iter()
+            .chain(std::iter::once(&pulled.manifest.config))
+        {
             cache::touch(&self.shared.store.path(&blob.digest));
         }
         Ok(pulled)
     }
 
-    async fn run_stage(&self, plan: &BuildPlan, index: usize, done: &HashMap<usize, StageState>) -> Result<StageState, BuildError> {
+    async fn run_stage(
+        &self,
+        plan: &BuildPlan,
+        index: usize,
+        done: &HashMap<usize, StageState>,
+    ) -> Result<StageState, BuildError> {
         let stage = &plan.stages[index];
-        let rootfs = self.shared.work.join(format!("{}-stage-{index}", self.platform.to_string().replace('/', "-")));
+        let rootfs = self.shared.work.join(format!(
+            "{}-stage-{index}",
+            self.platform.to_string().replace('/', "-")
+        ));
         let settings = layer_settings(self.req());
         let (config, layers, key) = match &stage.base {
             Base::Scratch => {
-                let platform = stage.platform.clone().unwrap_or_else(|| self.platform.clone());
+                let platform = stage
+                    .platform
+                    .clone()
+                    .unwrap_or_else(|| self.platform.clone());
                 let config = ImageConfig {
                     architecture: platform.architecture.clone(),
                     os: platform.os.clone(),
                     variant: platform.variant.clone(),
                     ..Default::default()
                 };
-                (config, Vec::new(), CacheKey::root(None, &platform, &settings))
+                (
+                    config,
+                    Vec::new(),
+                    CacheKey::root(None, &platform, &settings),
+                )
             }
             Base::Image(reference) => {
-                let platform = stage.platform.clone().unwrap_or_else(|| self.platform.clone());
+                let platform = stage
+                    .platform
+                    .clone()
+                    .unwrap_or_else(|| self.platform.clone());
                 let pulled = self
                     .pulled
                     .get(&pulled_key(reference, &platform))
-                    .ok_or_else(|| BuildError::Local(format!("base image {reference} was not pulled")))?;
-                let key = CacheKey::root(Some(&pulled.manifest_digest), &pulled.config.platform(), &settings);
+                    .ok_or_else(|| {
+                        BuildError::Local(format!("base image {reference} was not pulled"))
+                    })?;
+                let key = CacheKey::root(
+                    Some(&pulled.manifest_digest),
+                    &pulled.config.platform(),
+                    &settings,
+                );
                 (pulled.config.clone(), pulled.manifest.layers.clone(), key)
             }
             Base::Stage(dep) => {
-                let dep = done.get(dep).ok_or_else(|| BuildError::Local(format!("stage {dep} has not run")))?;
+                let dep = done
+                    .get(dep)
+                    .ok_or_else(|| BuildError::Local(format!("stage {dep} has not run")))?;
                 (dep.config.clone(), dep.layers.clone(), dep.key)
             }
         };
-        let mut state = StageState { config, layers, key, rootfs, materialized: false };
+        let mut state = StageState {
+            config,
+            layers,
+            key,
+            rootfs,
+            materialized: false,
+        };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
         state.config.config.on_build = None;
-        let name = stage.name.clone().unwrap_or_else(|| format!("stage-{index}"));
-        let prefix = if self.req().platforms.len() > 1 { format!("{} {name}", self.platform) } else { name };
+        let name = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{index}"));
+        let prefix = if self.req().platforms.len() > 1 {
+            format!("{} {name}", self.platform)
+        } else {
+            name
+        };
         let total = stage.steps.len();
         for (n, step) in stage.steps.iter().enumerate() {
             let label = format!("[{prefix} {}/{total}] {}", n + 1, step_title(step));
             let (id, t) = self.shared.start(label);
-            let result = self.run_step(step, &mut state, done, id, t).await.map_err(|message| BuildError::Step {
-                location: format!("{}:{}", self.req().dockerfile_name, step.location.start_line),
-                instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
-                message,
-            });
+            let result = self
+                .run_step(step, &mut state, done, id, t)
+                .await
+                .map_err(|message| BuildError::Step {
+                    location: format!(
+                        "{}:{}",
+                        self.req().dockerfile_name,
+                        step.location.start_line
+                    ),
+                    instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
+                    message,
+                });
             match result {
                 Ok(true) => self.shared.progress.event(Event::Cached { id }),
                 other => {
@@ -220,11 +308,18 @@ impl<'a> PlatformBuild<'a> {
             std::fs::remove_dir_all(&state.rootfs).map_err(local("clearing a rootfs"))?;
         }
         std::fs::create_dir_all(&state.rootfs).map_err(local("creating the rootfs"))?;
-        let (id, t) = self.shared.start(format!("unpacking {} layers", state.layers.len()));
+        let (id, t) = self
+            .shared
+            .start(format!("unpacking {} layers", state.layers.len()));
         let result = unpack(&self.shared.store, &state.layers, &state.rootfs).await;
-        let notes = self.shared.finish(id, t, result).map_err(BuildError::Local)?;
+        let notes = self
+            .shared
+            .finish(id, t, result)
+            .map_err(BuildError::Local)?;
         for note in notes {
-            self.shared.progress.event(Event::Info(format!("warning: {note}")));
+            self.shared
+                .progress
+                .event(Event::Info(format!("warning: {note}")));
         }
         state.materialized = true;
         Ok(())
@@ -240,20 +335,31 @@ impl<'a> PlatformBuild<'a> {
         started: Instant,
     ) -> Result<bool, String> {
         let changes_fs = apply_metadata(&step.instruction, &mut state.config.config);
-        let inputs = self.step_inputs(step, done)?;
+        let inputs = self.step_inputs(step, done).await?;
         let input_refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
-        let key = state.key.child(&format!("{:?}", step.instruction), &input_refs);
+        let key = state
+            .key
+            .child(&format!("{:?}", step.instruction), &input_refs);
         state.key = key;
         let mut cached = false;
         let mut empty_layer = true;
         if changes_fs {
-            let hit = if self.req().no_cache { None } else { self.lookup(&key) };
+            let hit = if self.req().no_cache {
+                None
+            } else {
+                self.lookup(&key)
+            };
             let record = match hit {
                 Some(record) => {
                     cached = true;
                     if let (true, Some(layer)) = (state.materialized, &record.layer) {
                         // Keep an unpacked rootfs in step with the layers.
-                        unpack(&self.shared.store, std::slice::from_ref(layer), &state.rootfs).await?;
+                        unpack(
+                            &self.shared.store,
+                            std::slice::from_ref(layer),
+                            &state.rootfs,
+                        )
+                        .await?;
                     }
                     record
                 }
@@ -303,25 +409,56 @@ impl<'a> PlatformBuild<'a> {
 
     /// What a step reads besides its instruction, for its cache key: the checksums of COPY's
     /// context files, the key of a stage it copies from.
-    fn step_inputs(&self, step: &Step, done: &HashMap<usize, StageState>) -> Result<Vec<Vec<u8>>, String> {
+    async fn step_inputs(
+        &self,
+        step: &Step,
+        done: &HashMap<usize, StageState>,
+    ) -> Result<Vec<Vec<u8>>, String> {
         let (Instruction::Copy(copy) | Instruction::Add(copy)) = &step.instruction else {
             return Ok(Vec::new());
         };
+        let is_add = matches!(step.instruction, Instruction::Add(_));
+        let mut inputs = Vec::new();
+        let (urls, local): (Vec<&String>, Vec<&String>) =
+            copy.sources.iter().partition(|s| is_add && add::is_url(s));
+        for url in urls {
+            // A download is keyed by its content: fetched now (once per build), reused by the step.
+            let file = add::download(
+                url,
+                copy.checksum.as_deref(),
+                &self.shared.work.join("downloads"),
+            )
+            .await?;
+            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            inputs.push(blake3::hash(&bytes).as_bytes().to_vec());
+        }
+        let local: Vec<String> = local.into_iter().cloned().collect();
         match &copy.from {
+            None if local.is_empty() => {}
             None => {
-                let filter = match &self.shared.ignore {
+                let mut filter = match &self.shared.ignore {
                     Some(rules) => CopyFilter::dockerignore(rules),
                     None => CopyFilter::none(),
                 };
-                let sum = sources_checksum(&self.req().context, &copy.sources, filter).map_err(|e| e.to_string())?;
-                Ok(vec![sum.to_vec()])
+                let exclude = exclude_rules(copy)?;
+                if let Some(ex) = &exclude {
+                    filter = filter.with_exclude(ex);
+                }
+                let sum = sources_checksum(&self.req().context, &local, filter)
+                    .map_err(|e| e.to_string())?;
+                inputs.push(sum.to_vec());
             }
             Some(Source::Stage(i)) => match done.get(i) {
-                Some(s) => Ok(vec![s.key.as_bytes().to_vec()]),
-                None => Err(format!("COPY --from: stage {i} has not been built")),
+                Some(s) => inputs.push(s.key.as_bytes().to_vec()),
+                None => return Err(format!("COPY --from: stage {i} has not been built")),
             },
-            Some(Source::Image(image)) => Err(format!("COPY --from={image}: copying from an image is not supported yet")),
+            Some(Source::Image(image)) => {
+                return Err(format!(
+                    "COPY --from={image}: copying from an image is not supported yet"
+                ))
+            }
         }
+        Ok(inputs)
     }
 
     /// Executes a step that changes files and records its layer.
@@ -335,9 +472,8 @@ impl<'a> PlatformBuild<'a> {
     ) -> Result<CacheRecord, String> {
         let before = snapshot(&state.rootfs).await?;
         let mount_points = match &step.instruction {
-            Instruction::Run(_) => {
-                sandbox::prepare_mount_points(&state.rootfs).map_err(|e| format!("preparing the sandbox: {e}"))?
-            }
+            Instruction::Run(_) => sandbox::prepare_mount_points(&state.rootfs)
+                .map_err(|e| format!("preparing the sandbox: {e}"))?,
             _ => Vec::new(),
         };
         let result = self.apply_fs_step(step, state, done, id, started).await;
@@ -351,7 +487,12 @@ impl<'a> PlatformBuild<'a> {
             let (layer, diff_id) = self.write_layer(&state.rootfs, changes).await?;
             (Some(layer), Some(diff_id))
         };
-        Ok(CacheRecord { layer, diff_id, duration_ms: started.elapsed().as_millis() as u64, created: crate::build::now() })
+        Ok(CacheRecord {
+            layer,
+            diff_id,
+            duration_ms: started.elapsed().as_millis() as u64,
+            created: crate::build::now(),
+        })
     }
 
     async fn apply_fs_step(
@@ -364,15 +505,25 @@ impl<'a> PlatformBuild<'a> {
     ) -> Result<(), String> {
         let req = self.req();
         let cfg = &mut state.config.config;
-        let cwd = cfg.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
-        let user = cfg.user.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "0".into());
+        let cwd = cfg
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        let user = cfg
+            .user
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "0".into());
         match &step.instruction {
             Instruction::Workdir(dir) => {
                 let owner = wfs::lookup_user(&state.rootfs, &user).map_err(|e| e.to_string())?;
-                wfs::make_workdir(&state.rootfs, dir, (owner.uid, owner.gid)).map_err(|e| e.to_string())
+                wfs::make_workdir(&state.rootfs, dir, (owner.uid, owner.gid))
+                    .map_err(|e| e.to_string())
             }
             Instruction::Run(run) => {
-                let stages: HashMap<usize, PathBuf> = done.iter().map(|(i, s)| (*i, s.rootfs.clone())).collect();
+                let stages: HashMap<usize, PathBuf> =
+                    done.iter().map(|(i, s)| (*i, s.rootfs.clone())).collect();
                 let ctx = RunContext {
                     rootfs: &state.rootfs,
                     config: cfg,
@@ -386,11 +537,16 @@ impl<'a> PlatformBuild<'a> {
                     secrets: &req.secrets,
                 };
                 run::execute(&ctx, run, |line| {
-                    self.shared.progress.event(Event::Output { id, elapsed: started.elapsed(), line: line.to_string() })
+                    self.shared.progress.event(Event::Output {
+                        id,
+                        elapsed: started.elapsed(),
+                        line: line.to_string(),
+                    })
                 })
                 .await
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
+                let is_add = matches!(step.instruction, Instruction::Add(_));
                 let from_context = copy.from.is_none();
                 let source_root = match &copy.from {
                     None => req.context.clone(),
@@ -399,14 +555,13 @@ impl<'a> PlatformBuild<'a> {
                         None => return Err(format!("COPY --from: stage {i} has not been built")),
                     },
                     Some(Source::Image(image)) => {
-                        return Err(format!("COPY --from={image}: copying from an image is not supported yet"))
+                        return Err(format!(
+                            "COPY --from={image}: copying from an image is not supported yet"
+                        ))
                     }
                 };
-                if !copy.heredocs.is_empty() {
-                    return Err("COPY/ADD with heredoc sources is not supported yet".into());
-                }
-                if matches!(step.instruction, Instruction::Add(_)) && copy.sources.iter().any(|s| s.contains("://") || is_archive(s)) {
-                    return Err("ADD of URLs and archives is not supported yet; use COPY".into());
+                if let Some(git) = copy.sources.iter().find(|s| is_add && add::is_git(s)) {
+                    return Err(format!("ADD {git}: adding a git repository is not supported yet; clone it in a RUN step or in the context"));
                 }
                 let owner = match &copy.chown {
                     Some(spec) => {
@@ -416,40 +571,127 @@ impl<'a> PlatformBuild<'a> {
                     None => (0, 0),
                 };
                 let mode = match &copy.chmod {
-                    Some(m) => Some(
-                        u32::from_str_radix(m, 8).map_err(|_| format!("--chmod={m}: only octal modes are supported so far"))?,
-                    ),
+                    Some(m) => Some(Mode::parse(m).ok_or_else(|| {
+                        format!("--chmod={m}: expected an octal mode (755) or a symbolic one (u+x,go-w)")
+                    })?),
                     None => None,
                 };
+                let exclude = exclude_rules(copy)?;
+                // Files that do not come from the source root: downloads and heredocs.
+                let mut extra: Vec<(PathBuf, String)> = Vec::new();
+                let mut local = Vec::new();
+                for source in &copy.sources {
+                    if is_add && add::is_url(source) {
+                        let file = add::download(
+                            source,
+                            copy.checksum.as_deref(),
+                            &self.shared.work.join("downloads"),
+                        )
+                        .await?;
+                        let name = file
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        extra.push((
+                            file.parent().map(Path::to_path_buf).unwrap_or_default(),
+                            name,
+                        ));
+                    } else {
+                        local.push(source.clone());
+                    }
+                }
+                if !copy.heredocs.is_empty() {
+                    let dir = self.shared.work.join(format!("heredocs-{id}"));
+                    for doc in &copy.heredocs {
+                        write_inline_file(&dir, &doc.name, &doc.content, doc.mode)?;
+                        extra.push((dir.clone(), doc.name.clone()));
+                    }
+                }
                 let dest = absolute_in(&cwd, &copy.dest);
-                // Keep the trailing slash: it means "a directory".
-                let dest = if copy.dest.ends_with('/') && !dest.ends_with('/') { format!("{dest}/") } else { dest };
+                // Keep the trailing slash: it means "a directory"; several sources mean one too.
+                let dest = if (copy.dest.ends_with('/') || local.len() + extra.len() > 1)
+                    && !dest.ends_with('/')
+                {
+                    format!("{dest}/")
+                } else {
+                    dest
+                };
                 let rootfs = state.rootfs.clone();
-                let sources = copy.sources.clone();
-                let ignore = if from_context { self.shared.ignore.clone() } else { None };
-                tokio::task::spawn_blocking(move || {
-                    let filter = match &ignore {
+                let ignore = if from_context {
+                    self.shared.ignore.clone()
+                } else {
+                    None
+                };
+                let opts = CopyOptions {
+                    owner,
+                    mode,
+                    parents: copy.parents,
+                };
+                let unpack = is_add && from_context && copy.unpack != Some(false);
+                tokio::task::spawn_blocking(move || -> Result<(), String> {
+                    let mut filter = match &ignore {
                         Some(rules) => CopyFilter::dockerignore(rules),
                         None => CopyFilter::none(),
                     };
-                    wfs::copy_into(&source_root, &sources, &rootfs, &dest, Ownership { owner, mode }, filter)
+                    if let Some(exclude) = &exclude {
+                        filter = filter.with_exclude(exclude);
+                    }
+                    let mut plain = Vec::new();
+                    for source in local {
+                        let path = wfs::resolve_in_root(&source_root, &source, true)
+                            .map_err(|e| e.to_string())?;
+                        match (unpack && path.is_file(), add::archive_kind(&path)) {
+                            (true, Some(add::Archive::Tar)) => add::extract(&path, &rootfs, &dest)?,
+                            (true, Some(add::Archive::Unsupported(kind))) => {
+                                return Err(format!(
+                                    "ADD {source}: unpacking {kind} archives is not supported yet"
+                                ))
+                            }
+                            _ => plain.push(source),
+                        }
+                    }
+                    if !plain.is_empty() {
+                        wfs::copy_into(&source_root, &plain, &rootfs, &dest, opts.clone(), filter)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    for (dir, name) in extra {
+                        wfs::copy_into(
+                            &dir,
+                            &[name],
+                            &rootfs,
+                            &dest,
+                            opts.clone(),
+                            CopyFilter::none(),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
                 })
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
             }
             _ => Ok(()),
         }
     }
 
-    async fn write_layer(&self, rootfs: &Path, changes: Vec<Change>) -> Result<(Descriptor, Digest), String> {
+    async fn write_layer(
+        &self,
+        rootfs: &Path,
+        changes: Vec<Change>,
+    ) -> Result<(Descriptor, Digest), String> {
         let store = self.shared.store.clone();
         let rootfs = rootfs.to_path_buf();
-        let opts = LayerOptions { compression: Compression::Gzip, source_date_epoch: self.req().source_date_epoch };
+        let opts = LayerOptions {
+            compression: Compression::Gzip,
+            source_date_epoch: self.req().source_date_epoch,
+        };
         tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), String> {
             let mut writer = store.writer().map_err(|e| e.to_string())?;
-            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts).map_err(|e| e.to_string())?;
-            writer.commit(Some(&written.digest)).map_err(|e| e.to_string())?;
+            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts)
+                .map_err(|e| e.to_string())?;
+            writer
+                .commit(Some(&written.digest))
+                .map_err(|e| e.to_string())?;
             let desc = Descriptor {
                 media_type: written.media_type.to_string(),
                 digest: written.digest,
@@ -468,7 +710,9 @@ impl<'a> PlatformBuild<'a> {
         let mut config = state.config.clone();
         config.created = Some(self.shared.created.clone());
         let config_bytes = oci::to_canonical_json(&config);
-        let config_digest = store.put(&config_bytes).map_err(local("storing the config"))?;
+        let config_digest = store
+            .put(&config_bytes)
+            .map_err(local("storing the config"))?;
         let layers: Vec<Descriptor> = state
             .layers
             .iter()
@@ -511,6 +755,29 @@ impl<'a> PlatformBuild<'a> {
     }
 }
 
+/// The `--exclude` patterns of a COPY/ADD, as ignore rules.
+fn exclude_rules(copy: &ossb_dockerfile::Copy) -> Result<Option<Dockerignore>, String> {
+    if copy.exclude.is_empty() {
+        return Ok(None);
+    }
+    Dockerignore::parse(&copy.exclude.join("\n"))
+        .map(Some)
+        .map_err(|e| format!("--exclude: {e}"))
+}
+
+/// Writes a heredoc's file for COPY/ADD.
+fn write_inline_file(dir: &Path, name: &str, content: &str, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if name.contains('/') || name == ".." || name.is_empty() {
+        return Err(format!("heredoc name {name:?} cannot be a file name"));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, content).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Applies a step that only changes the config; returns whether the step changes files instead.
 fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bool {
     match instruction {
@@ -519,12 +786,19 @@ fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bo
                 cfg.set_env(k, v);
             }
         }
-        Instruction::Label(pairs) => cfg.labels.get_or_insert_with(BTreeMap::new).extend(pairs.iter().cloned()),
+        Instruction::Label(pairs) => cfg
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .extend(pairs.iter().cloned()),
         Instruction::User(user) => cfg.user = Some(user.clone()),
         Instruction::Expose(ports) => {
             let exposed = cfg.exposed_ports.get_or_insert_with(BTreeMap::new);
             for p in ports {
-                let p = if p.contains('/') { p.clone() } else { format!("{p}/tcp") };
+                let p = if p.contains('/') {
+                    p.clone()
+                } else {
+                    format!("{p}/tcp")
+                };
                 exposed.insert(p, serde_json::json!({}));
             }
         }
@@ -542,7 +816,10 @@ fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bo
         }
         Instruction::StopSignal(sig) => cfg.stop_signal = Some(sig.clone()),
         Instruction::Shell(shell) => cfg.shell = Some(shell.clone()),
-        Instruction::OnBuild(trigger) => cfg.on_build.get_or_insert_with(Vec::new).push(trigger.clone()),
+        Instruction::OnBuild(trigger) => cfg
+            .on_build
+            .get_or_insert_with(Vec::new)
+            .push(trigger.clone()),
         Instruction::Healthcheck(h) => {
             let nanos = |d: Option<std::time::Duration>| d.map(|d| d.as_nanos() as i64);
             cfg.healthcheck = Some(oci::Healthcheck {
@@ -603,7 +880,11 @@ fn base_info(config: &ImageConfig) -> BaseImageInfo {
 }
 
 /// Applies `layers` onto `rootfs`; returns the warnings (entries skipped).
-async fn unpack(store: &BlobStore, layers: &[Descriptor], rootfs: &Path) -> Result<Vec<String>, String> {
+async fn unpack(
+    store: &BlobStore,
+    layers: &[Descriptor],
+    rootfs: &Path,
+) -> Result<Vec<String>, String> {
     let store = store.clone();
     let layers = layers.to_vec();
     let rootfs = rootfs.to_path_buf();
@@ -628,7 +909,10 @@ async fn unpack(store: &BlobStore, layers: &[Descriptor], rootfs: &Path) -> Resu
 async fn snapshot(rootfs: &Path) -> Result<Snapshot, String> {
     let rootfs = rootfs.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let exclude: Vec<PathBuf> = sandbox::MOUNT_POINTS.iter().map(|(p, _)| PathBuf::from(p)).collect();
+        let exclude: Vec<PathBuf> = sandbox::MOUNT_POINTS
+            .iter()
+            .map(|(p, _)| PathBuf::from(p))
+            .collect();
         Snapshot::take(&rootfs, &exclude)
     })
     .await
@@ -647,7 +931,11 @@ fn oci_layer_type(mt: &str) -> &str {
 
 /// `path` made absolute against the working directory `cwd`, normalized.
 fn absolute_in(cwd: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') { path.to_string() } else { format!("{}/{path}", cwd.trim_end_matches('/')) };
+    let joined = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", cwd.trim_end_matches('/'))
+    };
     let mut parts: Vec<&str> = Vec::new();
     for part in joined.split('/') {
         match part {
@@ -665,15 +953,13 @@ fn absolute_in(cwd: &str, path: &str) -> String {
 fn step_title(step: &Step) -> String {
     match &step.instruction {
         Instruction::Run(run) if run.shell_form => {
-            format!("RUN {}", run.argv.last().map(String::as_str).unwrap_or_default())
+            format!(
+                "RUN {}",
+                run.argv.last().map(String::as_str).unwrap_or_default()
+            )
         }
         _ => step.created_by.trim_end_matches(" # buildkit").to_string(),
     }
-}
-
-/// Whether ADD would unpack `source` (Docker unpacks local tar archives).
-fn is_archive(source: &str) -> bool {
-    [".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"].iter().any(|ext| source.ends_with(ext))
 }
 
 #[cfg(test)]

@@ -8,7 +8,12 @@ fn busybox(env: &TestEnv) -> String {
 }
 
 /// Builds `ctx` into an OCI tar with `--progress json` and returns the JSON events.
-fn build_json(env: &TestEnv, cache: &std::path::Path, ctx: &std::path::Path, extra: &[&str]) -> Vec<serde_json::Value> {
+fn build_json(
+    env: &TestEnv,
+    cache: &std::path::Path,
+    ctx: &std::path::Path,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
     let reg = env.registry();
     let out = cache.join("out.tar");
     let mut args = vec!["build", "--progress", "json", "--insecure-registry", &reg];
@@ -19,12 +24,18 @@ fn build_json(env: &TestEnv, cache: &std::path::Path, ctx: &std::path::Path, ext
     let run = ossb(env, cache, &args).success("ossb build --progress json");
     run.stdout
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("progress line is not JSON ({e}): {l}")))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("progress line is not JSON ({e}): {l}"))
+        })
         .collect()
 }
 
 fn result_of(events: &[serde_json::Value]) -> &serde_json::Value {
-    events.iter().find(|e| e["event"] == "result").expect("a result event")
+    events
+        .iter()
+        .find(|e| e["event"] == "result")
+        .expect("a result event")
 }
 
 /// A second build of the same context runs nothing; changing one file reruns only what
@@ -37,32 +48,73 @@ fn second_build_is_fully_cached_and_no_cache_and_prune_work() {
         "FROM {}\nRUN echo one > /one\nCOPY a.txt /a.txt\nRUN cat /a.txt > /copy\nCOPY b.txt /b.txt\n",
         busybox(&env)
     );
-    let ctx = context(dir.path(), &dockerfile, &[("a.txt", "a\n"), ("b.txt", "b\n")]);
+    let ctx = context(
+        dir.path(),
+        &dockerfile,
+        &[("a.txt", "a\n"), ("b.txt", "b\n")],
+    );
     let cache = dir.path().join("cache");
     let first = build_json(&env, &cache, &ctx, &[]);
     assert_eq!(result_of(&first)["steps_run"], 4);
     assert_eq!(result_of(&first)["steps_cached"], 0);
 
     let second = build_json(&env, &cache, &ctx, &[]);
-    assert_eq!(result_of(&second)["steps_run"], 0, "a repeated build runs nothing");
+    assert_eq!(
+        result_of(&second)["steps_run"],
+        0,
+        "a repeated build runs nothing"
+    );
     assert_eq!(result_of(&second)["steps_cached"], 4);
     assert_eq!(second.iter().filter(|e| e["event"] == "cached").count(), 4);
 
     // mtime alone does not invalidate; content does, and only from that step on.
-    std::process::Command::new("touch").arg(ctx.join("a.txt")).status().unwrap();
-    assert_eq!(result_of(&build_json(&env, &cache, &ctx, &[]))["steps_run"], 0, "touch must not invalidate the cache");
+    std::process::Command::new("touch")
+        .arg(ctx.join("a.txt"))
+        .status()
+        .unwrap();
+    assert_eq!(
+        result_of(&build_json(&env, &cache, &ctx, &[]))["steps_run"],
+        0,
+        "touch must not invalidate the cache"
+    );
     std::fs::write(ctx.join("b.txt"), "changed\n").unwrap();
     let third = build_json(&env, &cache, &ctx, &[]);
-    assert_eq!(result_of(&third)["steps_run"], 1, "only the COPY of b.txt reruns");
+    assert_eq!(
+        result_of(&third)["steps_run"],
+        1,
+        "only the COPY of b.txt reruns"
+    );
 
     let forced = build_json(&env, &cache, &ctx, &["--no-cache"]);
-    assert_eq!(result_of(&forced)["steps_run"], 4, "--no-cache runs every step");
+    assert_eq!(
+        result_of(&forced)["steps_run"],
+        4,
+        "--no-cache runs every step"
+    );
 
-    let info = tool(env!("CARGO_BIN_EXE_ossb"), &["cache", "info", "--cache-dir", cache.to_str().unwrap()]).success("ossb cache info");
+    let info = tool(
+        env!("CARGO_BIN_EXE_ossb"),
+        &["cache", "info", "--cache-dir", cache.to_str().unwrap()],
+    )
+    .success("ossb cache info");
     assert!(info.stdout.contains("cached steps"), "{}", info.stdout);
-    tool(env!("CARGO_BIN_EXE_ossb"), &["cache", "prune", "--all", "--cache-dir", cache.to_str().unwrap()]).success("ossb cache prune --all");
+    tool(
+        env!("CARGO_BIN_EXE_ossb"),
+        &[
+            "cache",
+            "prune",
+            "--all",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+    )
+    .success("ossb cache prune --all");
     let after = build_json(&env, &cache, &ctx, &[]);
-    assert_eq!(result_of(&after)["steps_run"], 4, "after prune --all everything runs again");
+    assert_eq!(
+        result_of(&after)["steps_run"],
+        4,
+        "after prune --all everything runs again"
+    );
 }
 
 /// One build for two platforms pushes an index; podman runs each platform and RUN saw its own
@@ -81,15 +133,45 @@ fn multi_platform_index_is_pushed_and_each_platform_runs() {
     ossb(
         &env,
         &dir.path().join("cache"),
-        &["build", "--platform", "linux/amd64,linux/arm64", "--insecure-registry", &reg, "-t", &image, "--push", ctx.to_str().unwrap()],
+        &[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            &image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
     )
     .success("multi-platform build");
-    let raw = tool("skopeo", &["inspect", "--raw", "--tls-verify=false", &format!("docker://{image}")]).success("skopeo inspect --raw");
+    let raw = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --raw");
     let index: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
-    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
-    let archs: Vec<&str> = index["manifests"].as_array().unwrap().iter().map(|m| m["platform"]["architecture"].as_str().unwrap()).collect();
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let archs: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
     assert_eq!(archs, ["amd64", "arm64"]);
-    for (platform, want) in [("linux/amd64", "amd64 x86_64\n"), ("linux/arm64", "arm64 aarch64\n")] {
+    for (platform, want) in [
+        ("linux/amd64", "amd64 x86_64\n"),
+        ("linux/arm64", "arm64 aarch64\n"),
+    ] {
         let run = podman_run(&image, &["--platform", platform]).success("podman run --platform");
         assert_eq!(run.stdout, want, "{platform}");
     }
@@ -100,7 +182,10 @@ fn multi_platform_index_is_pushed_and_each_platform_runs() {
 fn builds_are_reproducible_across_cache_dirs() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let dockerfile = format!("FROM {}\nCOPY a.txt /a.txt\nRUN echo built > /built && mkdir /d\n", busybox(&env));
+    let dockerfile = format!(
+        "FROM {}\nCOPY a.txt /a.txt\nRUN echo built > /built && mkdir /d\n",
+        busybox(&env)
+    );
     let ctx = context(dir.path(), &dockerfile, &[("a.txt", "a\n")]);
     let digests: Vec<String> = ["one", "two"]
         .iter()
@@ -113,15 +198,217 @@ fn builds_are_reproducible_across_cache_dirs() {
                 &env,
                 &cache,
                 &[
-                    "build", "--platform", "linux/amd64,linux/arm64", "--insecure-registry", &reg, "--output", &out,
-                    "--metadata-file", meta.to_str().unwrap(), ctx.to_str().unwrap(),
+                    "build",
+                    "--platform",
+                    "linux/amd64,linux/arm64",
+                    "--insecure-registry",
+                    &reg,
+                    "--output",
+                    &out,
+                    "--metadata-file",
+                    meta.to_str().unwrap(),
+                    ctx.to_str().unwrap(),
                 ],
                 &[("SOURCE_DATE_EPOCH", "1700000000")],
             )
             .success("reproducible build");
-            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(meta).unwrap()).unwrap();
+            let meta: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(meta).unwrap()).unwrap();
             meta["containerimage.digest"].as_str().unwrap().to_string()
         })
         .collect();
     assert_eq!(digests[0], digests[1]);
+}
+
+/// Builds `ctx` into an OCI layout and unpacks it with umoci; returns the rootfs.
+fn build_and_unpack(
+    env: &TestEnv,
+    dir: &std::path::Path,
+    ctx: &std::path::Path,
+) -> std::path::PathBuf {
+    let reg = env.registry();
+    let layout = dir.join("layout");
+    ossb(
+        env,
+        &dir.join("cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            "t:v1",
+            "--output",
+            &format!("type=oci,dest={},tar=false", layout.display()),
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("ossb build");
+    let bundle = dir.join("bundle");
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:v1", layout.display()),
+            bundle.to_str().unwrap(),
+        ],
+    )
+    .success("umoci unpack");
+    bundle.join("rootfs")
+}
+
+/// ADD unpacks local archives and fetches URLs (checked with --checksum); COPY takes heredocs,
+/// symbolic --chmod, --parents and --exclude.
+#[test]
+fn add_and_copy_options_do_what_buildkit_does() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A tar.gz in the context and a file served over HTTP from the test.
+    let served = dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::write(served.join("tool.sh"), "#!/bin/sh\necho tool\n").unwrap();
+    let checksum = format!("sha256:{}", sha256_hex(b"#!/bin/sh\necho tool\n"));
+    let port = free_port();
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&served)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let payload = dir.path().join("payload");
+    std::fs::create_dir_all(payload.join("inner")).unwrap();
+    std::fs::write(payload.join("inner/data.txt"), "from the archive\n").unwrap();
+    let dockerfile = format!(
+        "FROM {}\n\
+         ADD bundle.tar.gz /opt/bundle/\n\
+         ADD --checksum={checksum} http://127.0.0.1:{port}/tool.sh /usr/local/bin/\n\
+         COPY --chmod=u+x,go-w <<EOF /usr/local/bin/hello\n#!/bin/sh\necho hello\nEOF\n\
+         COPY --parents src/a/*.txt /p/\n\
+         COPY --exclude=**/*.log src /ex/\n",
+        busybox(&env)
+    );
+    let ctx = context(
+        dir.path(),
+        &dockerfile,
+        &[("src/a/keep.txt", "k\n"), ("src/a/skip.log", "s\n")],
+    );
+    let status = std::process::Command::new("tar")
+        .args([
+            "-czf",
+            ctx.join("bundle.tar.gz").to_str().unwrap(),
+            "-C",
+            payload.to_str().unwrap(),
+            "inner",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rootfs = build_and_unpack(&env, dir.path(), &ctx);
+    let _ = server.kill();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("opt/bundle/inner/data.txt")).unwrap(),
+        "from the archive\n"
+    );
+    let tool_meta = std::fs::metadata(rootfs.join("usr/local/bin/tool.sh")).unwrap();
+    assert_eq!(
+        tool_meta.permissions().mode() & 0o7777,
+        0o600,
+        "ADD from a URL gives mode 600"
+    );
+    let hello = std::fs::metadata(rootfs.join("usr/local/bin/hello")).unwrap();
+    assert_eq!(
+        hello.permissions().mode() & 0o7777,
+        0o744,
+        "heredoc 0644 with u+x,go-w"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("usr/local/bin/hello")).unwrap(),
+        "#!/bin/sh\necho hello\n"
+    );
+    assert!(
+        rootfs.join("p/src/a/keep.txt").exists(),
+        "--parents keeps the path"
+    );
+    assert!(rootfs.join("ex/a/keep.txt").exists());
+    assert!(
+        !rootfs.join("ex/a/skip.log").exists(),
+        "--exclude leaves the file out"
+    );
+
+    // A wrong checksum fails the build and names both digests.
+    let bad = context(
+        &dir.path().join("bad"),
+        &format!(
+            "FROM {}\nADD --checksum=sha256:{} http://127.0.0.1:{port}/tool.sh /t\n",
+            busybox(&env),
+            "0".repeat(64)
+        ),
+        &[],
+    );
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&served)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let reg = env.registry();
+    let run = ossb(
+        &env,
+        &dir.path().join("cache2"),
+        &["build", "--insecure-registry", &reg, bad.to_str().unwrap()],
+    );
+    let _ = server.kill();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("checksum mismatch"), "{}", run.stderr);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("nothing listens on 127.0.0.1:{port}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

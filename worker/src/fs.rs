@@ -96,13 +96,111 @@ fn components(path: &Path) -> Vec<std::ffi::OsString> {
         .collect()
 }
 
-/// Ownership and mode to give copied files.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Ownership {
+/// How COPY writes what it copies.
+#[derive(Clone, Debug, Default)]
+pub struct CopyOptions {
     /// uid and gid for every copied file; Docker's default is 0:0.
     pub owner: (u32, u32),
-    /// When set, the mode of every copied file and directory.
-    pub mode: Option<u32>,
+    /// When set (`--chmod`), the mode of every copied file and directory.
+    pub mode: Option<Mode>,
+    /// `--parents`: keep each source's path (relative to the source root) under the destination.
+    pub parents: bool,
+}
+
+/// A `--chmod` value: octal (`755`) or symbolic (`u+x,go-w`, `a=rX`), as chmod(1) reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Set exactly these bits.
+    Octal(u32),
+    /// Change the source's bits clause by clause.
+    Symbolic(Vec<ModeClause>),
+}
+
+/// One clause of a symbolic mode: who, how, what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModeClause {
+    who: u32,
+    op: char,
+    perm: u32,
+    /// `X`: execute only for directories or files already executable by someone.
+    exec_if: bool,
+}
+
+impl Mode {
+    /// Parses a `--chmod` value; `None` when it is neither octal nor symbolic.
+    pub fn parse(s: &str) -> Option<Mode> {
+        if !s.is_empty() && s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            return u32::from_str_radix(s, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .map(Mode::Octal);
+        }
+        let mut clauses = Vec::new();
+        for clause in s.split(',') {
+            let op_at = clause.find(['+', '-', '='])?;
+            let (who_s, rest) = clause.split_at(op_at);
+            let mut who = 0;
+            for c in who_s.chars() {
+                who |= match c {
+                    'u' => 0o4700,
+                    'g' => 0o2070,
+                    'o' => 0o1007,
+                    'a' => 0o7777,
+                    _ => return None,
+                };
+            }
+            if who == 0 {
+                who = 0o7777;
+            }
+            let mut chars = rest.chars();
+            let op = chars.next()?;
+            let (mut perm, mut exec_if) = (0, false);
+            for c in chars {
+                perm |= match c {
+                    'r' => 0o444,
+                    'w' => 0o222,
+                    'x' => 0o111,
+                    'X' => {
+                        exec_if = true;
+                        0
+                    }
+                    's' => 0o6000,
+                    't' => 0o1000,
+                    _ => return None,
+                };
+            }
+            clauses.push(ModeClause {
+                who,
+                op,
+                perm,
+                exec_if,
+            });
+        }
+        (!clauses.is_empty()).then_some(Mode::Symbolic(clauses))
+    }
+
+    /// The mode for a file whose current permission bits are `current`.
+    pub fn apply(&self, current: u32, is_dir: bool) -> u32 {
+        match self {
+            Mode::Octal(m) => *m,
+            Mode::Symbolic(clauses) => {
+                let mut mode = current & 0o7777;
+                for c in clauses {
+                    let mut perm = c.perm;
+                    if c.exec_if && (is_dir || mode & 0o111 != 0) {
+                        perm |= 0o111;
+                    }
+                    let bits = perm & c.who;
+                    match c.op {
+                        '+' => mode |= bits,
+                        '-' => mode &= !bits,
+                        _ => mode = (mode & !(c.who & 0o7777)) | bits,
+                    }
+                }
+                mode
+            }
+        }
+    }
 }
 
 /// Which paths of a COPY source tree may be read: the context's `.dockerignore` rules.
@@ -110,27 +208,48 @@ pub struct Ownership {
 #[derive(Clone, Copy)]
 pub struct CopyFilter<'a> {
     ignore: Option<&'a Dockerignore>,
+    /// `COPY --exclude` patterns, same syntax.
+    exclude: Option<&'a Dockerignore>,
 }
 
 impl<'a> CopyFilter<'a> {
     /// Everything may be read.
     pub fn none() -> CopyFilter<'static> {
-        CopyFilter { ignore: None }
+        CopyFilter {
+            ignore: None,
+            exclude: None,
+        }
+    }
+
+    /// These rules and also the `--exclude` patterns `exclude`.
+    pub fn with_exclude(self, exclude: &'a Dockerignore) -> CopyFilter<'a> {
+        CopyFilter {
+            exclude: Some(exclude),
+            ..self
+        }
     }
 
     /// The rules of a `.dockerignore` file.
     pub fn dockerignore(ignore: &'a Dockerignore) -> CopyFilter<'a> {
         CopyFilter {
             ignore: Some(ignore),
+            exclude: None,
         }
     }
 
     pub(crate) fn excluded(&self, rel: &str) -> bool {
-        !rel.is_empty() && self.ignore.is_some_and(|i| i.is_excluded(rel))
+        !rel.is_empty()
+            && [self.ignore, self.exclude]
+                .into_iter()
+                .flatten()
+                .any(|i| i.is_excluded(rel))
     }
 
     pub(crate) fn must_descend(&self, rel: &str) -> bool {
-        self.ignore.is_some_and(|i| i.may_include_below(rel))
+        [self.ignore, self.exclude]
+            .into_iter()
+            .flatten()
+            .any(|i| i.may_include_below(rel))
     }
 }
 
@@ -144,21 +263,32 @@ pub fn copy_into(
     sources: &[String],
     rootfs: &Path,
     dest: &str,
-    own: Ownership,
+    opts: CopyOptions,
     filter: CopyFilter<'_>,
 ) -> Result<(), FsError> {
+    let own = &opts;
     let mut matched = Vec::new();
     for source in sources {
         matched.extend(expand_source(source_root, source, filter)?);
     }
-    let dest_is_dir = dest.ends_with('/') || matched.len() > 1 || sources.len() > 1;
+    let dest_is_dir = dest.ends_with('/') || matched.len() > 1 || sources.len() > 1 || opts.parents;
     let target = resolve_in_root(rootfs, dest, true)?;
     if dest_is_dir && target.exists() && !target.is_dir() {
         return Err(FsError::DestNotDir(dest.to_string()));
     }
     for (rel, from) in matched {
         let meta = fs::symlink_metadata(&from).map_err(io_err(&from))?;
-        if meta.is_dir() {
+        if opts.parents {
+            // The source's own path is kept below the destination.
+            let to = target.join(&rel);
+            if meta.is_dir() {
+                make_dirs(rootfs, &to)?;
+                copy_tree(&from, &rel, &to, own, filter)?;
+            } else {
+                make_dirs(rootfs, to.parent().unwrap_or(&target))?;
+                copy_entry(&from, &to, &meta, own)?;
+            }
+        } else if meta.is_dir() {
             make_dirs(rootfs, &target)?;
             copy_tree(&from, &rel, &target, own, filter)?;
         } else {
@@ -320,7 +450,7 @@ fn copy_tree(
     from: &Path,
     rel: &str,
     to: &Path,
-    own: Ownership,
+    own: &CopyOptions,
     filter: CopyFilter<'_>,
 ) -> Result<(), FsError> {
     let mut entries: Vec<_> = fs::read_dir(from)
@@ -361,7 +491,12 @@ fn remove_existing(path: &Path) -> Result<(), FsError> {
 }
 
 /// Copies one non-directory entry; symlinks are copied as links, never followed.
-fn copy_entry(from: &Path, to: &Path, meta: &fs::Metadata, own: Ownership) -> Result<(), FsError> {
+fn copy_entry(
+    from: &Path,
+    to: &Path,
+    meta: &fs::Metadata,
+    own: &CopyOptions,
+) -> Result<(), FsError> {
     if to.is_dir()
         && !fs::symlink_metadata(to)
             .map(|m| m.file_type().is_symlink())
@@ -385,9 +520,12 @@ fn copy_entry(from: &Path, to: &Path, meta: &fs::Metadata, own: Ownership) -> Re
     apply_metadata(to, meta, own)
 }
 
-fn apply_metadata(path: &Path, meta: &fs::Metadata, own: Ownership) -> Result<(), FsError> {
+fn apply_metadata(path: &Path, meta: &fs::Metadata, own: &CopyOptions) -> Result<(), FsError> {
     lchown(path, Some(own.owner.0), Some(own.owner.1)).map_err(io_err(path))?;
-    let mode = own.mode.unwrap_or(meta.mode() & 0o7777);
+    let mode = match &own.mode {
+        Some(m) => m.apply(meta.mode(), meta.is_dir()),
+        None => meta.mode() & 0o7777,
+    };
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))?;
     let mtime = filetime_of(meta);
     set_mtime(path, mtime).map_err(io_err(path))
@@ -567,16 +705,13 @@ mod tests {
         fs::create_dir_all(&root).unwrap();
         fs::write(ctx.join("a.txt"), "a").unwrap();
         fs::write(ctx.join("src/sub/b.txt"), "b").unwrap();
-        let own = Ownership {
-            owner: (0, 0),
-            mode: None,
-        };
+        let own = CopyOptions::default();
         copy_into(
             &ctx,
             &["a.txt".into()],
             &root,
             "/app/",
-            own,
+            own.clone(),
             CopyFilter::none(),
         )
         .unwrap();
@@ -585,7 +720,7 @@ mod tests {
             &["a.txt".into()],
             &root,
             "/renamed.txt",
-            own,
+            own.clone(),
             CopyFilter::none(),
         )
         .unwrap();
@@ -594,7 +729,7 @@ mod tests {
             &["src".into()],
             &root,
             "/dst",
-            own,
+            own.clone(),
             CopyFilter::none(),
         )
         .unwrap();
@@ -602,7 +737,14 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("renamed.txt")).unwrap(), "a");
         assert_eq!(fs::read_to_string(root.join("dst/sub/b.txt")).unwrap(), "b");
         assert!(matches!(
-            copy_into(&ctx, &["nope".into()], &root, "/x", own, CopyFilter::none()),
+            copy_into(
+                &ctx,
+                &["nope".into()],
+                &root,
+                "/x",
+                own.clone(),
+                CopyFilter::none()
+            ),
             Err(FsError::SourceMissing(_))
         ));
     }
@@ -623,7 +765,7 @@ mod tests {
             &["f".into()],
             &root,
             "/evil/",
-            Ownership::default(),
+            CopyOptions::default(),
             CopyFilter::none(),
         )
         .unwrap();
@@ -658,14 +800,14 @@ mod tests {
         }
         let ignore = Dockerignore::parse("node_modules\n*.env\nsrc\n!src/keep\n").unwrap();
         let filter = CopyFilter::dockerignore(&ignore);
-        let own = Ownership::default();
-        copy_into(&ctx, &["*.json".into()], &root, "/j/", own, filter).unwrap();
+        let own = CopyOptions::default();
+        copy_into(&ctx, &["*.json".into()], &root, "/j/", own.clone(), filter).unwrap();
         assert!(
             root.join("j/a.json").exists()
                 && root.join("j/b.json").exists()
                 && !root.join("j/c.txt").exists()
         );
-        copy_into(&ctx, &[".".into()], &root, "/all", own, filter).unwrap();
+        copy_into(&ctx, &[".".into()], &root, "/all", own.clone(), filter).unwrap();
         assert!(root.join("all/c.txt").exists());
         assert!(!root.join("all/node_modules").exists());
         assert!(!root.join("all/secret.env").exists());
@@ -675,13 +817,75 @@ mod tests {
             "an exception re-includes below an excluded folder"
         );
         assert!(matches!(
-            copy_into(&ctx, &["secret.env".into()], &root, "/s", own, filter),
+            copy_into(
+                &ctx,
+                &["secret.env".into()],
+                &root,
+                "/s",
+                own.clone(),
+                filter
+            ),
             Err(FsError::SourceMissing(_))
         ));
         assert!(matches!(
-            copy_into(&ctx, &["*.none".into()], &root, "/s/", own, filter),
+            copy_into(&ctx, &["*.none".into()], &root, "/s/", own.clone(), filter),
             Err(FsError::SourceMissing(_))
         ));
+    }
+
+    #[test]
+    fn chmod_modes_parse_and_apply_like_chmod() {
+        assert_eq!(Mode::parse("755").unwrap().apply(0o600, false), 0o755);
+        assert_eq!(Mode::parse("u+x").unwrap().apply(0o644, false), 0o744);
+        assert_eq!(Mode::parse("go-w").unwrap().apply(0o666, false), 0o644);
+        assert_eq!(Mode::parse("a=rX").unwrap().apply(0o640, false), 0o444);
+        assert_eq!(Mode::parse("a=rX").unwrap().apply(0o750, true), 0o555);
+        assert_eq!(
+            Mode::parse("u=rwx,g=rx,o=").unwrap().apply(0o777, false),
+            0o750
+        );
+        assert_eq!(Mode::parse("+x").unwrap().apply(0o644, false), 0o755);
+        for bad in ["", "9", "u+q", "z=r", "u"] {
+            assert!(Mode::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parents_keep_paths_and_exclude_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        let root = dir.path().join("root");
+        fs::create_dir_all(ctx.join("a/b")).unwrap();
+        fs::create_dir_all(&root).unwrap();
+        fs::write(ctx.join("a/b/one.txt"), "1").unwrap();
+        fs::write(ctx.join("a/b/two.log"), "2").unwrap();
+        let opts = CopyOptions {
+            parents: true,
+            ..Default::default()
+        };
+        copy_into(
+            &ctx,
+            &["a/b/*.txt".into()],
+            &root,
+            "/out/",
+            opts,
+            CopyFilter::none(),
+        )
+        .unwrap();
+        assert!(root.join("out/a/b/one.txt").exists());
+        assert!(!root.join("out/a/b/two.log").exists());
+        let exclude = Dockerignore::parse("**/*.log").unwrap();
+        copy_into(
+            &ctx,
+            &["a".into()],
+            &root,
+            "/ex/",
+            CopyOptions::default(),
+            CopyFilter::none().with_exclude(&exclude),
+        )
+        .unwrap();
+        assert!(root.join("ex/b/one.txt").exists());
+        assert!(!root.join("ex/b/two.log").exists());
     }
 
     #[test]

@@ -1,0 +1,175 @@
+//! What ADD does beyond COPY: remote files by URL (verified with `--checksum`) and local tar
+//! archives unpacked into the destination.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use ossb_image::layer::{self, ApplyOptions};
+use ossb_worker::fs as wfs;
+
+/// Whether an ADD source is a URL rather than a context path.
+pub(crate) fn is_url(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://")
+}
+
+/// Whether an ADD source names a git repository (not supported yet).
+pub(crate) fn is_git(source: &str) -> bool {
+    source.starts_with("git@")
+        || source.starts_with("git://")
+        || (is_url(source)
+            && source
+                .split('#')
+                .next()
+                .is_some_and(|u| u.ends_with(".git")))
+}
+
+/// The file name ADD gives a download: the last segment of the URL's path.
+fn url_file_name(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let after_host = path.splitn(4, '/').nth(3).unwrap_or("");
+    match after_host.rsplit('/').next() {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => "index.html".to_string(),
+    }
+}
+
+/// Downloads `url` into `dir` (once per build: a second call returns the same file), checks
+/// `checksum` (`sha256:<hex>`) when given. The file has mode 0600, as Docker gives downloads.
+pub(crate) async fn download(
+    url: &str,
+    checksum: Option<&str>,
+    dir: &Path,
+) -> Result<PathBuf, String> {
+    let slot = dir.join(blake3::hash(url.as_bytes()).to_hex().as_str());
+    let file = slot.join(url_file_name(url));
+    if file.is_file() {
+        return Ok(file);
+    }
+    fs::create_dir_all(&slot).map_err(|e| format!("ADD {url}: {e}"))?;
+    let response = reqwest::get(url)
+        .await
+        .map_err(|e| format!("ADD {url}: {}", describe(&e)))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("ADD {url}: the server answered {status}"));
+    }
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| format!("ADD {url}: {}", describe(&e)))?;
+    if let Some(expected) = checksum {
+        let actual = ossb_protocol::Digest::of(&bytes).to_string();
+        if actual != expected {
+            return Err(format!(
+                "ADD {url}: checksum mismatch: --checksum={expected}, the download is {actual}"
+            ));
+        }
+    }
+    let mut tmp = tempfile::NamedTempFile::new_in(&slot).map_err(|e| format!("ADD {url}: {e}"))?;
+    tmp.write_all(&bytes)
+        .map_err(|e| format!("ADD {url}: {e}"))?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("ADD {url}: {e}"))?;
+    tmp.persist(&file)
+        .map_err(|e| format!("ADD {url}: {}", e.error))?;
+    Ok(file)
+}
+
+fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The kind of archive a file is, by its first bytes (as Docker decides, not by its name).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Archive {
+    /// tar, plain or gzip/zstd compressed: unpacked.
+    Tar,
+    /// bzip2 or xz: recognized but not unpacked yet.
+    Unsupported(&'static str),
+}
+
+/// What kind of archive `path` is, if any.
+pub(crate) fn archive_kind(path: &Path) -> Option<Archive> {
+    let mut head = [0u8; 512];
+    let n = fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let head = &head[..n];
+    if head.starts_with(&[0x1f, 0x8b]) || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        // Compressed: only an archive if a tar is inside; the layer reader checks that.
+        return Some(Archive::Tar);
+    }
+    if n >= 262 && &head[257..262] == b"ustar" {
+        return Some(Archive::Tar);
+    }
+    if head.starts_with(b"BZh") {
+        return Some(Archive::Unsupported("bzip2"));
+    }
+    if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        return Some(Archive::Unsupported("xz"));
+    }
+    None
+}
+
+/// Unpacks the tar archive `archive` into the directory `dest` (absolute, in the rootfs),
+/// creating it. Entries cannot leave `dest`.
+pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), String> {
+    wfs::make_workdir(rootfs, dest, (0, 0)).map_err(|e| e.to_string())?;
+    let target = wfs::resolve_in_root(rootfs, dest, true).map_err(|e| e.to_string())?;
+    let file = fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+    layer::apply_layer(
+        std::io::BufReader::new(file),
+        &target,
+        &ApplyOptions::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| format!("unpacking {}: {e}", archive.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_downloads_like_docker() {
+        assert_eq!(
+            url_file_name("https://example.com/a/b/tool.tar.gz?x=1"),
+            "tool.tar.gz"
+        );
+        assert_eq!(url_file_name("http://example.com/"), "index.html");
+        assert_eq!(url_file_name("http://example.com"), "index.html");
+        assert!(is_git("https://github.com/moby/buildkit.git#v0.12"));
+        assert!(is_git("git@github.com:moby/buildkit.git"));
+        assert!(!is_git("https://example.com/file.tar"));
+    }
+
+    #[test]
+    fn recognizes_archives_by_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("x.bin");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, "f.txt", &b"hi"[..]).unwrap();
+        fs::write(&tar_path, b.into_inner().unwrap()).unwrap();
+        assert_eq!(archive_kind(&tar_path), Some(Archive::Tar));
+        fs::write(dir.path().join("t.txt"), "just text").unwrap();
+        assert_eq!(archive_kind(&dir.path().join("t.txt")), None);
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        extract(&tar_path, &root, "/opt/x").unwrap();
+        assert_eq!(fs::read_to_string(root.join("opt/x/f.txt")).unwrap(), "hi");
+    }
+}
