@@ -425,3 +425,135 @@ fn heredoc_scripts_run_from_dev_pipes() {
         .iter()
         .any(|e| e.contains("dev/")));
 }
+
+/// Runs `ossb build` of examples/hello behind `wrapper` (e.g. `setpriv ...`), with a fixed
+/// SOURCE_DATE_EPOCH; returns the result and the image digest (empty on failure).
+fn build_example(
+    env: &TestEnv,
+    dir: &Path,
+    name: &str,
+    wrapper: &[&str],
+    extra: &[&str],
+) -> (Run, String) {
+    let reg = env.registry();
+    let meta = dir.join(format!("meta-{name}.json"));
+    let base = format!("BASE={reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    let out = format!(
+        "type=oci,dest={}",
+        dir.join(format!("{name}.tar")).display()
+    );
+    let example = workspace().join("examples/hello");
+    let mut cmd = std::process::Command::new(
+        wrapper
+            .first()
+            .copied()
+            .unwrap_or(env!("CARGO_BIN_EXE_ossb")),
+    );
+    if !wrapper.is_empty() {
+        cmd.args(&wrapper[1..]).arg(env!("CARGO_BIN_EXE_ossb"));
+    }
+    cmd.args([
+        "build",
+        "--progress",
+        "plain",
+        "--insecure-registry",
+        &reg,
+        "--build-arg",
+        &base,
+    ])
+    .args(["--metadata-file", meta.to_str().unwrap(), "--output", &out])
+    .args(extra)
+    .arg(example.to_str().unwrap())
+    .env("OSSB_CACHE_DIR", dir.join(format!("cache-{name}")))
+    .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"))
+    .env("SOURCE_DATE_EPOCH", "1700000000");
+    let out = cmd.output().unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let digest = std::fs::read(&meta)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m["containerimage.digest"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (run, digest)
+}
+
+/// rootless, chroot (with the namespaces root may create, and as a plain chroot in a container
+/// without CAP_SYS_ADMIN) and auto all build the example, to the same image; auto says it
+/// picked rootless.
+#[test]
+fn every_isolation_mode_builds_the_example_to_the_same_image() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut digests = Vec::new();
+    for (name, wrapper, isolation) in [
+        ("rootless", &[][..], "rootless"),
+        ("chroot", &[][..], "chroot"),
+        (
+            "plain-chroot",
+            &["setpriv", "--bounding-set", "-sys_admin"][..],
+            "chroot",
+        ),
+        ("auto", &[][..], "auto"),
+    ] {
+        let (run, digest) =
+            build_example(&env, dir.path(), name, wrapper, &["--isolation", isolation]);
+        let run = run.success(name);
+        if name == "auto" {
+            assert!(
+                run.stderr.contains("isolation: rootless"),
+                "auto did not say what it chose:\n{}",
+                run.stderr
+            );
+        }
+        digests.push((name, digest));
+    }
+    assert!(
+        digests.iter().all(|(_, d)| *d == digests[0].1),
+        "isolation modes built different images: {digests:?}"
+    );
+}
+
+/// Where user namespaces are refused (here: inside a chroot, where the kernel refuses
+/// CLONE_NEWUSER), auto falls back to chroot and says so, and rootless fails with the fixes.
+#[test]
+fn auto_falls_back_to_chroot_where_user_namespaces_are_refused() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    std::fs::create_dir(&root).unwrap();
+    // A new mount namespace in which the host's / is bound at `root`, then chroot into it:
+    // the same files, but the process's root is no longer its mount namespace's root.
+    let script = format!(
+        "mount --rbind / {0} && exec chroot {0} \"$@\"",
+        root.display()
+    );
+    let wrapper = ["unshare", "-m", "sh", "-c", &script, "sh"];
+    let (run, digest) = build_example(&env, dir.path(), "auto", &wrapper, &[]);
+    let run = run.success("auto where user namespaces are refused");
+    assert!(
+        run.stderr
+            .contains("isolation: chroot (auto; user namespaces are refused"),
+        "{}",
+        run.stderr
+    );
+    assert!(!digest.is_empty());
+
+    let (run, _) = build_example(
+        &env,
+        dir.path(),
+        "rootless",
+        &wrapper,
+        &["--isolation", "rootless"],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot create a user namespace"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("--isolation chroot"), "{}", run.stderr);
+}

@@ -253,7 +253,7 @@ fn refusal_hint(errno: nix::Error) -> &'static str {
         nix::Error::EPERM | nix::Error::EACCES => {
             "unprivileged user namespaces are refused here: enable them (sysctl kernel.unprivileged_userns_clone=1, \
              or kernel.apparmor_restrict_unprivileged_userns=0), or in Kubernetes set hostUsers: false in the pod spec \
-             or a seccomp/AppArmor profile that allows unshare"
+             or a seccomp/AppArmor profile that allows unshare; or, as root in the container, use --isolation chroot"
         }
         nix::Error::ENOSPC => "the limit of user namespaces is reached: raise sysctl user.max_user_namespaces",
         nix::Error::EINVAL => "the process was multi-threaded when it tried to unshare (a bug in ossb: please report it)",
