@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ossb_coordinator::remote_cache::parse_cache_ref;
 use ossb_coordinator::{BuildRequest, BuildResult, Output};
 use ossb_image::registry::RegistryOptions;
 use ossb_protocol::Platform;
@@ -131,6 +132,12 @@ pub struct BuildArgs {
     /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
     #[arg(long = "cache-dir", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Read cached steps from a registry repository: REF or type=registry,ref=REF (repeatable).
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+    /// Store every step's result in a registry repository: REF or type=registry,ref=REF.
+    #[arg(long = "cache-to", value_name = "REF")]
+    pub cache_to: Option<String>,
     /// How progress is shown.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
@@ -392,6 +399,15 @@ impl BuildArgs {
             tags: self.tags.clone(),
             platforms,
             no_cache: self.no_cache,
+            cache_from: self
+                .cache_from
+                .iter()
+                .map(|c| parse_cache_ref(c).map_err(|e| format!("--cache-from: {e}")))
+                .collect::<Result<_, _>>()?,
+            cache_to: match &self.cache_to {
+                Some(c) => Some(parse_cache_ref(c).map_err(|e| format!("--cache-to: {e}"))?),
+                None => None,
+            },
             build_args: key_values("--build-arg", &self.build_args, true)?,
             target: self.target.clone(),
             labels: key_values("--label", &self.labels, false)?,

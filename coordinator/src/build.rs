@@ -16,6 +16,7 @@ use ossb_worker::sandbox::Isolation;
 
 use crate::cache::{record_build, BuildStats, CacheLock, LocalCache};
 use crate::progress::Progress;
+use crate::remote_cache;
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
 
 /// Where a built image goes.
@@ -57,6 +58,10 @@ pub struct BuildRequest {
     pub cache_dir: PathBuf,
     /// Run every step, ignoring cached results (results are still recorded).
     pub no_cache: bool,
+    /// `--cache-from`: registry repositories to read cached steps from.
+    pub cache_from: Vec<String>,
+    /// `--cache-to`: the registry repository to store cached steps in.
+    pub cache_to: Option<String>,
     /// How to reach registries.
     pub registry: RegistryOptions,
     /// SOURCE_DATE_EPOCH, for reproducible timestamps.
@@ -162,6 +167,7 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         ignore: load_dockerignore(req)?,
         next_id: std::sync::atomic::AtomicUsize::new(1),
         stats: std::sync::Mutex::new(Stats::default()),
+        cache_exports: std::sync::Mutex::new(Vec::new()),
     };
     let mut images = Vec::new();
     for platform in &req.platforms {
@@ -176,6 +182,20 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         many => (write_index(&shared.store, many)?, None),
     };
     let pushed = export(&shared, &images, &image).await?;
+    if let Some(repo) = &req.cache_to {
+        let records = std::mem::take(
+            &mut *shared
+                .cache_exports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let (id, t) = shared.start(format!(
+            "exporting {} cached steps to {repo}",
+            records.len()
+        ));
+        let result = remote_cache::export(&shared, &records).await;
+        shared.finish(id, t, result)?;
+    }
     let stats = *shared.stats.lock().unwrap_or_else(|e| e.into_inner());
     let _ = record_build(
         &req.cache_dir,

@@ -9,6 +9,7 @@ mod add;
 pub mod build;
 pub mod cache;
 pub mod progress;
+pub mod remote_cache;
 mod run;
 mod stage;
 

@@ -29,6 +29,7 @@ use crate::add;
 use crate::build::{local, BuildError, BuildRequest};
 use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
 use crate::progress::{Event, Progress};
+use crate::remote_cache;
 use crate::run::{self, RunContext};
 
 /// What every platform's build shares.
@@ -43,6 +44,8 @@ pub(crate) struct Shared<'a> {
     pub ignore: Option<Dockerignore>,
     pub next_id: std::sync::atomic::AtomicUsize,
     pub stats: std::sync::Mutex<Stats>,
+    /// Steps to store in the `--cache-to` repository at the end of the build.
+    pub cache_exports: std::sync::Mutex<Vec<(CacheKey, CacheRecord, Platform)>>,
 }
 
 /// Steps run and cached in a build.
@@ -347,7 +350,7 @@ impl<'a> PlatformBuild<'a> {
             let hit = if self.req().no_cache {
                 None
             } else {
-                self.lookup(&key)
+                self.lookup(&key).await
             };
             let record = match hit {
                 Some(record) => {
@@ -370,6 +373,14 @@ impl<'a> PlatformBuild<'a> {
                     record
                 }
             };
+            if self.req().cache_to.is_some() {
+                let mut exports = self
+                    .shared
+                    .cache_exports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                exports.push((key, record.clone(), self.platform.clone()));
+            }
             if let (Some(layer), Some(diff_id)) = (record.layer, record.diff_id) {
                 state.config.rootfs.diff_ids.push(diff_id);
                 state.layers.push(layer);
@@ -394,17 +405,22 @@ impl<'a> PlatformBuild<'a> {
         Ok(cached)
     }
 
-    /// A usable cache record of `key`: its layer blob must still be in the store.
-    fn lookup(&self, key: &CacheKey) -> Option<CacheRecord> {
-        let record = self.shared.cache.get(key)?;
-        match &record.layer {
-            Some(layer) if !self.shared.store.contains(&layer.digest) => None,
-            Some(layer) => {
-                cache::touch(&self.shared.store.path(&layer.digest));
-                Some(record)
+    /// A usable cache record of `key`: local (its layer blob still in the store), else from a
+    /// `--cache-from` repository (then recorded locally too).
+    async fn lookup(&self, key: &CacheKey) -> Option<CacheRecord> {
+        if let Some(record) = self.shared.cache.get(key) {
+            match &record.layer {
+                Some(layer) if self.shared.store.contains(&layer.digest) => {
+                    cache::touch(&self.shared.store.path(&layer.digest));
+                    return Some(record);
+                }
+                None => return Some(record),
+                Some(_) => {}
             }
-            None => Some(record),
         }
+        let record = remote_cache::fetch(self.shared, key, &self.platform).await?;
+        let _ = self.shared.cache.put(key, &record);
+        Some(record)
     }
 
     /// What a step reads besides its instruction, for its cache key: the checksums of COPY's

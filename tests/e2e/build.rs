@@ -412,3 +412,37 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .unwrap()
         .to_string()
 }
+
+/// --cache-to stores every step in a registry repository; a build in an empty cache directory
+/// with --cache-from runs nothing (as ephemeral CI pods would share the cache).
+#[test]
+fn registry_cache_is_shared_between_empty_cache_dirs() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let dockerfile = format!(
+        "FROM {}\nCOPY a.txt /a.txt\nRUN echo built > /built\nRUN true\n",
+        busybox(&env)
+    );
+    let ctx = context(dir.path(), &dockerfile, &[("a.txt", "a\n")]);
+    let repo = format!("{reg}/cache/{}", unique("shared"));
+    let first = build_json(
+        &env,
+        &dir.path().join("pod-1"),
+        &ctx,
+        &["--cache-to", &format!("type=registry,ref={repo}")],
+    );
+    assert_eq!(result_of(&first)["steps_run"], 3);
+    let second = build_json(
+        &env,
+        &dir.path().join("pod-2"),
+        &ctx,
+        &["--cache-from", &repo],
+    );
+    assert_eq!(
+        result_of(&second)["steps_run"],
+        0,
+        "every step comes from the registry cache"
+    );
+    assert_eq!(result_of(&second)["steps_cached"], 3);
+}
