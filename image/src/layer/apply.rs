@@ -80,7 +80,7 @@ pub fn apply_layer(
 
 /// The decompressed layer, detected by its first bytes: gzip `1f 8b`, zstd `28 b5 2f fd`, else
 /// a plain tar.
-fn decompressed<'a>(mut reader: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompressed<'a>(mut reader: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
     let mut magic = [0u8; 4];
     let mut n = 0;
     while n < magic.len() {

@@ -52,6 +52,7 @@ use std::sync::Arc;
 use ossb_protocol::Digest;
 
 pub use apply::apply_layer;
+pub(crate) use apply::decompressed;
 pub use write::write_layer;
 
 /// Media type of a gzip-compressed layer.
