@@ -34,6 +34,8 @@ pub mod media_type {
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
     /// Docker gzip layer.
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+    /// Docker uncompressed layer.
+    pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
     /// Whether `mt` is a single-image manifest (OCI or Docker).
     pub fn is_manifest(mt: &str) -> bool {
@@ -330,6 +332,141 @@ impl ImageConfig {
     }
 }
 
+/// Which family of media types an image is written with (`oci-mediatypes=true|false`).
+/// Both are read; OCI is written by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MediaTypes {
+    /// `application/vnd.oci.image.*`.
+    #[default]
+    Oci,
+    /// Docker schema 2: `application/vnd.docker.distribution.manifest.v2+json` and friends,
+    /// for consumers that predate OCI. Has no zstd layer type.
+    Docker,
+}
+
+/// Why an image cannot be written with the media types asked for.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MediaTypeError {
+    /// Docker schema 2 has no media type for this layer.
+    #[error("layer {digest} is {media_type}, which has no Docker media type: use OCI media types (oci-mediatypes=true) or gzip compression")]
+    NoDockerType {
+        /// The layer.
+        digest: Digest,
+        /// Its media type.
+        media_type: String,
+    },
+}
+
+impl MediaTypes {
+    /// The media type of an image manifest.
+    pub fn manifest(self) -> &'static str {
+        match self {
+            MediaTypes::Oci => media_type::OCI_MANIFEST,
+            MediaTypes::Docker => media_type::DOCKER_MANIFEST,
+        }
+    }
+
+    /// The media type of an index / manifest list.
+    pub fn index(self) -> &'static str {
+        match self {
+            MediaTypes::Oci => media_type::OCI_INDEX,
+            MediaTypes::Docker => media_type::DOCKER_MANIFEST_LIST,
+        }
+    }
+
+    /// The media type of the image config.
+    pub fn config(self) -> &'static str {
+        match self {
+            MediaTypes::Oci => media_type::OCI_CONFIG,
+            MediaTypes::Docker => media_type::DOCKER_CONFIG,
+        }
+    }
+
+    /// The media type of a layer of `layer_type` (either family) in this family.
+    pub fn layer(self, layer: &Descriptor) -> Result<String, MediaTypeError> {
+        use media_type::*;
+        let gzip = [OCI_LAYER_GZIP, DOCKER_LAYER_GZIP].contains(&layer.media_type.as_str());
+        let tar = [OCI_LAYER_TAR, DOCKER_LAYER_TAR].contains(&layer.media_type.as_str());
+        Ok(match self {
+            MediaTypes::Oci if gzip => OCI_LAYER_GZIP.into(),
+            MediaTypes::Oci if tar => OCI_LAYER_TAR.into(),
+            MediaTypes::Docker if gzip => DOCKER_LAYER_GZIP.into(),
+            MediaTypes::Docker if tar => DOCKER_LAYER_TAR.into(),
+            MediaTypes::Docker
+                if layer
+                    .media_type
+                    .starts_with("application/vnd.oci.image.layer.") =>
+            {
+                return Err(MediaTypeError::NoDockerType {
+                    digest: layer.digest,
+                    media_type: layer.media_type.clone(),
+                })
+            }
+            // zstd in OCI, and foreign or unknown types, stay as they are.
+            _ => layer.media_type.clone(),
+        })
+    }
+}
+
+impl Manifest {
+    /// A manifest of `config` and `layers` with the media types of `types` (descriptors'
+    /// media types are converted; digests and sizes are kept, blobs are the same bytes).
+    pub fn new(
+        config: &Descriptor,
+        layers: &[Descriptor],
+        types: MediaTypes,
+    ) -> Result<Manifest, MediaTypeError> {
+        let mut config = config.clone();
+        config.media_type = types.config().into();
+        let layers = layers
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                l.media_type = types.layer(&l)?;
+                Ok(l)
+            })
+            .collect::<Result<Vec<_>, MediaTypeError>>()?;
+        Ok(Manifest {
+            schema_version: 2,
+            media_type: Some(types.manifest().into()),
+            config,
+            layers,
+            annotations: None,
+        })
+    }
+
+    /// This manifest with the media types of `types`; its annotations are kept for OCI and
+    /// dropped for Docker (schema 2 has none).
+    pub fn with_media_types(&self, types: MediaTypes) -> Result<Manifest, MediaTypeError> {
+        let mut m = Manifest::new(&self.config, &self.layers, types)?;
+        if types == MediaTypes::Oci {
+            m.annotations = self.annotations.clone();
+        }
+        Ok(m)
+    }
+}
+
+impl Index {
+    /// An index (or Docker manifest list) of per-platform `manifests` (descriptors with
+    /// their platform set), whose media types are set to the family of `types`.
+    pub fn new(manifests: &[Descriptor], types: MediaTypes) -> Index {
+        let manifests = manifests
+            .iter()
+            .map(|d| {
+                let mut d = d.clone();
+                d.media_type = types.manifest().into();
+                d
+            })
+            .collect();
+        Index {
+            schema_version: 2,
+            media_type: Some(types.index().into()),
+            manifests,
+            annotations: None,
+        }
+    }
+}
+
 /// Serializes `value` as compact JSON; with fixed field order and ordered maps the bytes (and
 /// so the digest) depend only on the value.
 pub fn to_canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -374,6 +511,55 @@ mod tests {
         assert!(String::from_utf8(a)
             .unwrap()
             .contains(r#""Labels":{"a":"1","b":"2"}"#));
+    }
+
+    #[test]
+    fn manifests_convert_between_oci_and_docker_media_types() {
+        let d = |mt: &str, s: &[u8]| Descriptor {
+            media_type: mt.into(),
+            digest: Digest::of(s),
+            size: s.len() as u64,
+            platform: None,
+            annotations: None,
+        };
+        let oci = Manifest::new(
+            &d(media_type::OCI_CONFIG, b"c"),
+            &[d(media_type::OCI_LAYER_GZIP, b"l")],
+            MediaTypes::Oci,
+        )
+        .unwrap();
+        let docker = oci.with_media_types(MediaTypes::Docker).unwrap();
+        assert_eq!(
+            docker.media_type.as_deref(),
+            Some(media_type::DOCKER_MANIFEST)
+        );
+        assert_eq!(docker.config.media_type, media_type::DOCKER_CONFIG);
+        assert_eq!(docker.layers[0].media_type, media_type::DOCKER_LAYER_GZIP);
+        assert_eq!(docker.layers[0].digest, oci.layers[0].digest);
+        assert_eq!(docker.with_media_types(MediaTypes::Oci).unwrap(), oci);
+        let zstd = Manifest::new(
+            &d(media_type::OCI_CONFIG, b"c"),
+            &[d(media_type::OCI_LAYER_ZSTD, b"z")],
+            MediaTypes::Docker,
+        );
+        assert!(matches!(zstd, Err(MediaTypeError::NoDockerType { .. })));
+        let list = Index::new(&[d(media_type::OCI_MANIFEST, b"m")], MediaTypes::Docker);
+        assert_eq!(
+            list.media_type.as_deref(),
+            Some(media_type::DOCKER_MANIFEST_LIST)
+        );
+        assert_eq!(list.manifests[0].media_type, media_type::DOCKER_MANIFEST);
+    }
+
+    #[test]
+    fn reads_a_docker_schema2_manifest() {
+        let json = r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{"mediaType":"application/vnd.docker.container.image.v1+json","size":7023,"digest":"sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7"},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":32654,"digest":"sha256:e692418e4cbaf90ca69d05a66403747baa33ee08806650b51fab815ad7fc331f"}]}"#;
+        let m: Manifest = serde_json::from_str(json).unwrap();
+        assert_eq!(m.layers[0].size, 32654);
+        assert_eq!(
+            m.with_media_types(MediaTypes::Oci).unwrap().layers[0].media_type,
+            media_type::OCI_LAYER_GZIP
+        );
     }
 
     #[test]

@@ -115,10 +115,10 @@ impl Registry {
         manifest_media_type: &str,
     ) -> Result<Digest, RegistryError> {
         let repo = Repo::of(reference);
-        let (configs, layers): (Vec<Descriptor>, Vec<Descriptor>) = blobs
-            .iter()
-            .cloned()
-            .partition(|d| d.media_type.contains("config"));
+        let (configs, layers): (Vec<Descriptor>, Vec<Descriptor>) =
+            blobs.iter().cloned().partition(|d| {
+                d.media_type == media_type::OCI_CONFIG || d.media_type == media_type::DOCKER_CONFIG
+            });
         self.push_blobs(&repo, reference, store, &layers, &[])
             .await?;
         self.push_blobs(&repo, reference, store, &configs, &[])
