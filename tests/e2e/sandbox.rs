@@ -557,3 +557,60 @@ fn auto_falls_back_to_chroot_where_user_namespaces_are_refused() {
     );
     assert!(run.stderr.contains("--isolation chroot"), "{}", run.stderr);
 }
+
+/// One Dockerfile built for amd64 and arm64: each platform's RUN reports its own machine
+/// (arm64 through the QEMU binfmt handler the test environment registers).
+#[test]
+fn arm64_and_amd64_steps_report_their_own_machine() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\nRUN echo \"machine=$(uname -m)\" | tee /machine\n";
+    let ctx = dockerfile_context(dir.path(), "arch", dockerfile, &[]);
+    for (platform, machine) in [("linux/arm64", "aarch64"), ("linux/amd64", "x86_64")] {
+        let built = build(
+            &env,
+            dir.path(),
+            &platform.replace('/', "-"),
+            &ctx,
+            &["--platform", platform],
+        )
+        .ok(platform);
+        assert!(
+            built.run.stderr.contains(&format!("machine={machine}")),
+            "{platform}:\n{}",
+            built.run.stderr
+        );
+        assert_eq!(
+            built.last_layer_file("machine"),
+            format!("machine={machine}\n")
+        );
+    }
+}
+
+/// A step that creates 100 000 files, then one that changes one of them: the second layer
+/// holds that one file.
+#[test]
+fn a_step_after_a_huge_one_records_only_its_own_change() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\n\
+        RUN mkdir /many && cd /many && seq 1 100000 | xargs touch\n\
+        RUN echo changed > /many/50000\n";
+    let ctx = dockerfile_context(dir.path(), "many", dockerfile, &[]);
+    let built = build(&env, dir.path(), "many", &ctx, &[]).ok("100k files");
+    let layers = built.layers();
+    let big = listing(&layers[layers.len() - 2]);
+    assert!(
+        big.len() > 100_000,
+        "the first step's layer has {} entries",
+        big.len()
+    );
+    let last = built.last_layer_listing();
+    let files: Vec<_> = last.iter().filter(|e| !e.starts_with('d')).collect();
+    assert_eq!(files.len(), 1, "{last:#?}");
+    assert!(files[0].ends_with("many/50000"), "{last:#?}");
+    assert!(
+        last.len() <= 2,
+        "more than the file and its directory: {last:#?}"
+    );
+}

@@ -82,18 +82,16 @@ pub struct Prepared {
     locks: Vec<fs::File>,
     /// Copies for `rw` binds, deleted when dropped.
     copies: Vec<tempfile::TempDir>,
-    /// Mount points the sandbox will create: (first missing path, the existing directory that
-    /// will hold it, that directory's times before the step).
-    created: Vec<(PathBuf, PathBuf, (libc::timespec, libc::timespec))>,
+    /// Every path of the mount points [`prepare`] created, parents first.
+    created: Vec<PathBuf>,
 }
 
 impl Prepared {
     /// After the step: removes the mount points the sandbox created (when still empty) and
     /// restores the times of their parent directory, then releases locks and copies.
     pub fn cleanup(mut self) {
-        for (first, parent, times) in self.created.iter().rev() {
-            remove_empty_tree(first);
-            let _ = set_times(parent, *times);
+        for path in self.created.iter().rev() {
+            remove_mount_point(path);
         }
         self.created.clear();
     }
@@ -121,7 +119,16 @@ pub fn prepare(
             path: rootfs.join(m.target.trim_start_matches('/')),
             source: io::Error::other(e.to_string()),
         })?;
-        note_created(rootfs, &target, &mut p);
+        let dir = match &source {
+            MountSource::Bind { path, .. } => path.is_dir(),
+            MountSource::Tmpfs { .. } => true,
+            MountSource::Secret { .. } => false,
+        };
+        create_mount_point(rootfs, &target, dir, &mut p).map_err(|e| MountError::Io {
+            target: m.target.clone(),
+            path: target.clone(),
+            source: e,
+        })?;
         let rel = target.strip_prefix(rootfs).unwrap_or(&target).to_path_buf();
         p.mounts.push(SandboxMount {
             target: rel,
@@ -131,34 +138,69 @@ pub fn prepare(
     Ok(p)
 }
 
-/// Records the first missing component of `target` (which the sandbox will create) and the
-/// times of the directory that will hold it.
-fn note_created(rootfs: &Path, target: &Path, p: &mut Prepared) {
-    let mut first_missing = None;
+/// Creates the missing components of `target` (directories; the last one a file when `dir` is
+/// false) and records the first one for [`Prepared::cleanup`]. The times of the directory
+/// that holds it are put back, so that the creation is not a change of the step.
+fn create_mount_point(rootfs: &Path, target: &Path, dir: bool, p: &mut Prepared) -> io::Result<()> {
+    let mut missing = Vec::new();
     let mut cur = target;
     while cur != rootfs && fs::symlink_metadata(cur).is_err() {
-        first_missing = Some(cur);
+        missing.push(cur.to_path_buf());
         match cur.parent() {
             Some(parent) => cur = parent,
             None => break,
         }
     }
-    let Some(first) = first_missing else { return };
-    if p.created.iter().any(|(f, _, _)| first.starts_with(f)) {
-        return;
+    let Some(first) = missing.last().cloned() else {
+        return Ok(());
+    };
+    let parent = first.parent().unwrap_or(rootfs).to_path_buf();
+    let times = times_of(&parent);
+    for path in missing.iter().rev() {
+        p.created.push(path.clone());
+        if path == target && !dir {
+            fs::write(path, b"")?;
+        } else {
+            fs::create_dir(path)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+        }
     }
-    let Some(parent) = first.parent() else { return };
-    if let Ok(meta) = fs::symlink_metadata(parent) {
-        let ts = |s: i64, ns: i64| libc::timespec {
-            tv_sec: s as libc::time_t,
-            tv_nsec: ns as _,
-        };
-        let times = (
-            ts(meta.atime(), meta.atime_nsec()),
-            ts(meta.mtime(), meta.mtime_nsec()),
-        );
-        p.created
-            .push((first.to_path_buf(), parent.to_path_buf(), times));
+    if let Some(t) = times {
+        let _ = set_times(&parent, t);
+    }
+    Ok(())
+}
+
+/// The access and modification times of `path`.
+pub(crate) fn times_of(path: &Path) -> Option<(libc::timespec, libc::timespec)> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    let ts = |s: i64, ns: i64| libc::timespec {
+        tv_sec: s as libc::time_t,
+        tv_nsec: ns as _,
+    };
+    Some((
+        ts(meta.atime(), meta.atime_nsec()),
+        ts(meta.mtime(), meta.mtime_nsec()),
+    ))
+}
+
+/// Removes `path` if it is an empty directory or an empty file (what the step put there
+/// stays), keeping the times of the directory that holds it (so a removed mount point is not a
+/// change of the step).
+pub(crate) fn remove_mount_point(path: &Path) {
+    let parent = path.parent().map(Path::to_path_buf);
+    let times = parent.as_deref().and_then(times_of);
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = fs::remove_dir(path);
+        }
+        Ok(m) if m.is_file() && m.len() == 0 => {
+            let _ = fs::remove_file(path);
+        }
+        _ => return,
+    }
+    if let (Some(parent), Some(t)) = (parent, times) {
+        let _ = set_times(&parent, t);
     }
 }
 
@@ -400,25 +442,10 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes `path` and the empty directories and empty files below it, deepest first; anything
-/// with content (the step wrote there without a mount) is kept.
-fn remove_empty_tree(path: &Path) {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return;
-    };
-    if meta.is_dir() {
-        if let Ok(entries) = fs::read_dir(path) {
-            for e in entries.flatten() {
-                remove_empty_tree(&e.path());
-            }
-        }
-        let _ = fs::remove_dir(path);
-    } else if meta.is_file() && meta.len() == 0 {
-        let _ = fs::remove_file(path);
-    }
-}
-
-fn set_times(path: &Path, (atime, mtime): (libc::timespec, libc::timespec)) -> io::Result<()> {
+pub(crate) fn set_times(
+    path: &Path,
+    (atime, mtime): (libc::timespec, libc::timespec),
+) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     let times = [atime, mtime];
@@ -485,8 +512,7 @@ mod tests {
         m.id = None;
         let p = prepare(&rootfs, &[m], &sources(dir.path())).unwrap();
         assert_eq!(p.mounts[0].target, Path::new("run/a/b"));
-        // What the sandbox does.
-        fs::create_dir_all(rootfs.join("run/a/b")).unwrap();
+        assert!(rootfs.join("run/a/b").is_dir());
         p.cleanup();
         assert!(!rootfs.join("run/a").exists());
         assert_eq!(

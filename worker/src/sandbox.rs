@@ -206,6 +206,8 @@ fn last_lines(lines: &[String]) -> String {
 
 /// Creates the missing mount points of [`MOUNT_POINTS`] in `rootfs` and returns those it
 /// created, so the caller can remove them after the step: they must not end up in a layer.
+/// The times of the directories that hold them are kept, so neither their creation nor their
+/// removal is a change of the step.
 pub fn prepare_mount_points(rootfs: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut created = Vec::new();
     for (rel, is_dir) in MOUNT_POINTS {
@@ -225,11 +227,15 @@ pub fn prepare_mount_points(rootfs: &Path) -> std::io::Result<Vec<PathBuf>> {
         {
             continue;
         }
+        let times = crate::mounts::times_of(parent);
         if *is_dir {
             fs::create_dir(&path)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
         } else {
             fs::write(&path, b"")?;
+        }
+        if let Some(t) = times {
+            let _ = crate::mounts::set_times(parent, t);
         }
         created.push(path);
     }
@@ -239,11 +245,7 @@ pub fn prepare_mount_points(rootfs: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// Removes the mount points [`prepare_mount_points`] created, if they are still empty.
 pub fn remove_mount_points(created: &[PathBuf]) {
     for path in created.iter().rev() {
-        let _ = match fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => fs::remove_dir(path),
-            Ok(m) if m.len() == 0 => fs::remove_file(path),
-            _ => Ok(()),
-        };
+        crate::mounts::remove_mount_point(path);
     }
 }
 

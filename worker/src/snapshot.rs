@@ -9,6 +9,11 @@
 //! `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`): symlinks are recorded, never followed, and excluded
 //! subtrees (mount points such as `proc`, `sys`, `dev`) are never entered.
 //!
+//! Directories are compared without their ctime: adding and removing entries shows in the
+//! entries themselves and in the mtime, and the sandbox's own mount points are created and
+//! removed with the directory's times restored, which leaves only the ctime changed. (A
+//! directory whose only change is an xattr is therefore not seen.)
+//!
 //! Timestamp granularity: a file changed in the same clock tick as the snapshot that recorded
 //! it could keep the same ctime. [`Snapshot::take`] therefore waits, when the newest ctime it saw
 //! is that recent, until the clock has moved past it, so that any later change gets a strictly
@@ -179,7 +184,7 @@ impl Snapshot {
                     let new = &after[j].1;
                     i += 1;
                     j += 1;
-                    if old != new {
+                    if !same(old, new) {
                         out.push(Change {
                             path: path.clone(),
                             kind: ChangeKind::Modified,
@@ -239,6 +244,18 @@ impl Snapshot {
                 _ => return,
             }
         }
+    }
+}
+
+/// Whether a path is unchanged between two snapshots (see the module docs on directories).
+fn same(old: &EntryMeta, new: &EntryMeta) -> bool {
+    if old.kind == FileKind::Directory && new.kind == FileKind::Directory {
+        EntryMeta {
+            ctime: new.ctime,
+            ..old.clone()
+        } == *new
+    } else {
+        old == new
     }
 }
 
