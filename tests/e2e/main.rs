@@ -2,8 +2,12 @@
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
 mod build;
+mod conformance;
+mod fault_proxy;
+mod registry;
 mod sandbox;
 mod support;
+mod token_server;
 
 use support::*;
 

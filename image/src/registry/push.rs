@@ -344,7 +344,16 @@ impl Registry {
                 .send(&repo.host, scopes, &|c| c.get(&url))
                 .await?;
             if resp.status() != StatusCode::NO_CONTENT {
-                return Err(status_error(resp).await);
+                // Many registries drop an upload whose chunk broke off: start it over
+                // (transient, so the caller's retry does).
+                let answer = status_error(resp).await.detail();
+                return Err(HttpError::Transport {
+                    detail: format!(
+                        "a chunk upload broke off ({}) and the registry cannot resume it ({answer})",
+                        err.detail()
+                    ),
+                    url: String::new(),
+                });
             }
             offset = resp
                 .headers()
