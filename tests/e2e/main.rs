@@ -2,7 +2,6 @@
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
 mod build;
-mod conformance;
 mod fault_proxy;
 mod registry;
 mod sandbox;
