@@ -72,7 +72,7 @@ pub enum DebugCommand {
 pub enum ProgressMode {
     /// tty on a terminal, plain otherwise.
     Auto,
-    /// Interactive display (for now the same as plain).
+    /// Plain lines with a live status line (running step, elapsed time, estimate).
     Tty,
     /// One line per event.
     Plain,

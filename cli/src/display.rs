@@ -1,5 +1,6 @@
-//! Progress display: BuildKit's plain format (`#N name`, `#N 0.123 output`, `#N DONE 0.4s`) or
-//! one JSON object per event.
+//! Progress display: BuildKit's plain format (`#N name`, `#N 0.123 output`, `#N DONE 0.4s`),
+//! the same lines with a live status line at the bottom on a terminal (running steps, elapsed
+//! time, steps done, the estimate from earlier builds), or one JSON object per event.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
@@ -15,16 +16,202 @@ pub trait Display: Progress {
     fn summary(&self, result: &BuildResult, elapsed: Duration);
 }
 
-/// The display for `mode`. The interactive display is not written yet: tty uses plain.
+/// The display for `mode`: `auto` is tty on a terminal and plain otherwise (so `kubectl logs`
+/// reads well).
 pub fn for_mode(mode: ProgressMode) -> Box<dyn Display> {
+    let plain = || Plain {
+        last: Mutex::new(None),
+    };
     match mode {
         ProgressMode::Json => Box::new(Json),
-        ProgressMode::Auto | ProgressMode::Tty | ProgressMode::Plain => {
-            let _ = std::io::stderr().is_terminal();
-            Box::new(Plain {
-                last: Mutex::new(None),
-            })
+        ProgressMode::Plain => Box::new(plain()),
+        ProgressMode::Auto if !std::io::stderr().is_terminal() => Box::new(plain()),
+        ProgressMode::Auto | ProgressMode::Tty => Box::new(Tty::start(plain())),
+    }
+}
+
+/// Plain lines above a status line that is redrawn in place.
+struct Tty {
+    inner: std::sync::Arc<TtyInner>,
+}
+
+struct TtyInner {
+    plain: Plain,
+    state: Mutex<TtyState>,
+}
+
+struct TtyState {
+    started: std::time::Instant,
+    running: std::collections::BTreeMap<usize, (String, std::time::Instant)>,
+    steps: usize,
+    finished: usize,
+    /// The estimate and when it was made.
+    remaining: Option<(Duration, std::time::Instant)>,
+    done: bool,
+}
+
+impl Tty {
+    fn start(plain: Plain) -> Tty {
+        let inner = std::sync::Arc::new(TtyInner {
+            plain,
+            state: Mutex::new(TtyState {
+                started: std::time::Instant::now(),
+                running: Default::default(),
+                steps: 0,
+                finished: 0,
+                remaining: None,
+                done: false,
+            }),
+        });
+        let weak = std::sync::Arc::downgrade(&inner);
+        // Redraws the status line so elapsed times move while a step is quiet.
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(200));
+            match weak.upgrade() {
+                Some(inner) if !inner.lock().done => inner.redraw(None),
+                _ => return,
+            }
+        });
+        Tty { inner }
+    }
+}
+
+impl TtyInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TtyState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Prints `line` (if any) above the status line, then redraws the status line.
+    fn redraw(&self, line: Option<(Option<usize>, String)>) {
+        let state = self.lock();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[K");
+        drop(err);
+        if let Some((id, text)) = line {
+            self.plain.print(id, &text);
         }
+        if state.done {
+            return;
+        }
+        let mut status = format!(
+            "[+] Building {:.1}s ({}/{})",
+            state.started.elapsed().as_secs_f64(),
+            state.finished,
+            state.steps
+        );
+        if let Some((remaining, at)) = state.remaining {
+            let left = remaining.saturating_sub(at.elapsed());
+            status.push_str(&format!(" ETA {:.0}s", left.as_secs_f64().ceil()));
+        }
+        if let Some((name, since)) = state.running.values().next_back() {
+            status.push_str(&format!("  {name} {:.1}s", since.elapsed().as_secs_f64()));
+        }
+        let width = terminal_width();
+        let status: String = status.chars().take(width.saturating_sub(1)).collect();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "{status}");
+        let _ = err.flush();
+    }
+}
+
+/// The terminal's width in columns (80 when it cannot be told).
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills the winsize struct we own.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 {
+        ws.ws_col as usize
+    } else {
+        80
+    }
+}
+
+impl Progress for Tty {
+    fn event(&self, event: Event) {
+        let line = {
+            let mut state = self.inner.lock();
+            match &event {
+                Event::Started { id, name } => {
+                    state
+                        .running
+                        .insert(*id, (name.clone(), std::time::Instant::now()));
+                }
+                Event::Done { id, .. } | Event::Failed { id, .. } | Event::Cached { id } => {
+                    state.running.remove(id);
+                }
+                Event::Estimate {
+                    steps,
+                    finished,
+                    remaining,
+                } => {
+                    state.steps = *steps;
+                    state.finished = *finished;
+                    state.remaining = remaining.map(|r| (r, std::time::Instant::now()));
+                }
+                _ => {}
+            }
+            match event {
+                Event::Estimate { .. } => None,
+                other => Some(other),
+            }
+        };
+        match line {
+            Some(event) => {
+                // The plain text of the event, printed above the status line.
+                let text = plain_text(&event);
+                let id = event_id(&event);
+                self.inner.redraw(Some((id, text)));
+            }
+            None => self.inner.redraw(None),
+        }
+    }
+}
+
+impl Display for Tty {
+    fn summary(&self, result: &BuildResult, elapsed: Duration) {
+        self.inner.lock().done = true;
+        self.inner.redraw(None);
+        self.inner.plain.summary(result, elapsed);
+    }
+}
+
+impl Drop for Tty {
+    fn drop(&mut self) {
+        self.inner.lock().done = true;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[K");
+        let _ = err.flush();
+    }
+}
+
+fn event_id(event: &Event) -> Option<usize> {
+    match event {
+        Event::Started { id, .. }
+        | Event::Output { id, .. }
+        | Event::Done { id, .. }
+        | Event::Failed { id, .. }
+        | Event::Cached { id } => Some(*id),
+        Event::Estimate { .. } | Event::Info(_) => None,
+    }
+}
+
+/// An event as a plain line (BuildKit's plain format).
+fn plain_text(event: &Event) -> String {
+    match event {
+        Event::Started { id, name } => format!("#{id} {name}"),
+        Event::Output { id, elapsed, line } => format!("#{id} {:.3} {line}", elapsed.as_secs_f64()),
+        Event::Done { id, elapsed } => format!("#{id} DONE {:.1}s", elapsed.as_secs_f64()),
+        Event::Failed {
+            id,
+            elapsed,
+            message,
+        } => {
+            let first = message.lines().next().unwrap_or_default();
+            format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64())
+        }
+        Event::Cached { id } => format!("#{id} CACHED"),
+        Event::Estimate { .. } => String::new(),
+        Event::Info(text) => text.clone(),
     }
 }
 
@@ -47,30 +234,10 @@ impl Plain {
 
 impl Progress for Plain {
     fn event(&self, event: Event) {
-        match event {
-            Event::Started { id, name } => self.print(Some(id), &format!("#{id} {name}")),
-            Event::Output { id, elapsed, line } => self.print(
-                Some(id),
-                &format!("#{id} {:.3} {line}", elapsed.as_secs_f64()),
-            ),
-            Event::Done { id, elapsed } => self.print(
-                Some(id),
-                &format!("#{id} DONE {:.1}s", elapsed.as_secs_f64()),
-            ),
-            Event::Failed {
-                id,
-                elapsed,
-                message,
-            } => {
-                let first = message.lines().next().unwrap_or_default();
-                self.print(
-                    Some(id),
-                    &format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64()),
-                )
-            }
-            Event::Cached { id } => self.print(Some(id), &format!("#{id} CACHED")),
-            Event::Info(text) => self.print(None, &text),
+        if let Event::Estimate { .. } = event {
+            return;
         }
+        self.print(event_id(&event), &plain_text(&event));
     }
 }
 
@@ -121,6 +288,7 @@ impl Progress for Json {
             Event::Done { id, elapsed } => json!({"event": "done", "id": id, "elapsed": elapsed.as_secs_f64()}),
             Event::Failed { id, elapsed, message } => json!({"event": "failed", "id": id, "elapsed": elapsed.as_secs_f64(), "message": message}),
             Event::Cached { id } => json!({"event": "cached", "id": id}),
+            Event::Estimate { steps, finished, remaining } => json!({"event": "estimate", "steps": steps, "finished": finished, "remaining": remaining.map(|r| r.as_secs_f64())}),
             Event::Info(text) => json!({"event": "info", "message": text}),
         })
     }

@@ -168,14 +168,17 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         next_id: std::sync::atomic::AtomicUsize::new(1),
         stats: std::sync::Mutex::new(Stats::default()),
         cache_exports: std::sync::Mutex::new(Vec::new()),
+        durations: std::sync::Mutex::new(crate::cache::Durations::load(&req.cache_dir)),
+        eta: std::sync::Mutex::new(Default::default()),
     };
     let mut images = Vec::new();
-    for platform in &req.platforms {
-        images.push(
-            PlatformBuild::new(&shared, platform.clone())
-                .run(&df)
-                .await?,
-        );
+    // Every platform builds at once; a platform's stages run in dependency waves.
+    let builds = req
+        .platforms
+        .iter()
+        .map(|p| PlatformBuild::new(&shared, p.clone()).run(&df));
+    for result in futures_util::future::join_all(builds).await {
+        images.push(result?);
     }
     let (image, config_digest) = match images.as_slice() {
         [one] => (one.manifest.clone(), Some(one.config)),
@@ -196,6 +199,11 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         let result = remote_cache::export(&shared, &records).await;
         shared.finish(id, t, result)?;
     }
+    shared
+        .durations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .save();
     let stats = *shared.stats.lock().unwrap_or_else(|e| e.into_inner());
     let _ = record_build(
         &req.cache_dir,

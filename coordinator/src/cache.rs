@@ -464,3 +464,48 @@ mod prune_tests {
         assert_eq!(info(dir.path()).unwrap().blobs, 0);
     }
 }
+
+/// How long steps took in earlier builds, by the step's history text, for time estimates:
+/// `<cache>/cache/durations.json`.
+#[derive(Debug, Default)]
+pub struct Durations {
+    path: PathBuf,
+    by_step: std::collections::HashMap<String, u64>,
+}
+
+impl Durations {
+    fn key(step: &str) -> String {
+        blake3::hash(step.as_bytes()).to_hex()[..32].to_string()
+    }
+
+    /// The durations recorded in `cache_dir` (none when the file is missing or unreadable).
+    pub fn load(cache_dir: &Path) -> Durations {
+        let path = cache_dir.join("cache/durations.json");
+        let by_step = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Durations { path, by_step }
+    }
+
+    /// The last duration of `step`, in milliseconds.
+    pub fn get(&self, step: &str) -> Option<u64> {
+        self.by_step.get(&Self::key(step)).copied()
+    }
+
+    /// Records a duration.
+    pub fn set(&mut self, step: &str, ms: u64) {
+        self.by_step.insert(Self::key(step), ms);
+    }
+
+    /// Writes the file (best effort: estimates are a convenience).
+    pub fn save(&self) {
+        if let Ok(mut tmp) =
+            tempfile::NamedTempFile::new_in(self.path.parent().unwrap_or(Path::new(".")))
+        {
+            if serde_json::to_writer(&mut tmp, &self.by_step).is_ok() {
+                let _ = tmp.persist(&self.path);
+            }
+        }
+    }
+}

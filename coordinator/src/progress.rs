@@ -42,6 +42,16 @@ pub enum Event {
         /// The vertex.
         id: usize,
     },
+    /// The estimated time until the build is done, from the durations of the same steps in
+    /// earlier builds; sent at the start and after every step.
+    Estimate {
+        /// Steps that change files, in all.
+        steps: usize,
+        /// Those finished (run or cached).
+        finished: usize,
+        /// Time still expected, when every remaining step ran before.
+        remaining: Option<Duration>,
+    },
     /// A message about the build as a whole.
     Info(String),
 }

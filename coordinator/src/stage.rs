@@ -44,8 +44,22 @@ pub(crate) struct Shared<'a> {
     pub ignore: Option<Dockerignore>,
     pub next_id: std::sync::atomic::AtomicUsize,
     pub stats: std::sync::Mutex<Stats>,
+    /// Durations of steps in earlier builds, updated by this one.
+    pub durations: std::sync::Mutex<cache::Durations>,
+    /// Progress toward the estimate: (fs steps planned, finished, ms remaining, steps without
+    /// a recorded duration still to run).
+    pub eta: std::sync::Mutex<Eta>,
     /// Steps to store in the `--cache-to` repository at the end of the build.
     pub cache_exports: std::sync::Mutex<Vec<(CacheKey, CacheRecord, Platform)>>,
+}
+
+/// The running estimate of a build's remaining time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Eta {
+    steps: usize,
+    finished: usize,
+    remaining_ms: u64,
+    unknown: usize,
 }
 
 /// Steps run and cached in a build.
@@ -58,6 +72,49 @@ pub struct Stats {
 }
 
 impl Shared<'_> {
+    /// Adds planned steps (their history texts) to the estimate.
+    fn plan_estimate<'s>(&self, steps: impl Iterator<Item = &'s str>) {
+        let durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        let mut eta = self.eta.lock().unwrap_or_else(|e| e.into_inner());
+        for step in steps {
+            eta.steps += 1;
+            match durations.get(step) {
+                Some(ms) => eta.remaining_ms += ms,
+                None => eta.unknown += 1,
+            }
+        }
+        drop(durations);
+        self.send_estimate(&eta);
+    }
+
+    /// Marks a planned step finished: `ran` is how long it took, `None` when cached.
+    fn step_finished(&self, step: &str, ran: Option<u64>) {
+        let expected = {
+            let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+            let expected = durations.get(step);
+            if let Some(ms) = ran {
+                durations.set(step, ms);
+            }
+            expected
+        };
+        let mut eta = self.eta.lock().unwrap_or_else(|e| e.into_inner());
+        eta.finished += 1;
+        match expected {
+            Some(ms) => eta.remaining_ms = eta.remaining_ms.saturating_sub(ms),
+            None => eta.unknown = eta.unknown.saturating_sub(1),
+        }
+        self.send_estimate(&eta);
+    }
+
+    fn send_estimate(&self, eta: &Eta) {
+        self.progress.event(Event::Estimate {
+            steps: eta.steps,
+            finished: eta.finished,
+            remaining: (eta.unknown == 0)
+                .then(|| std::time::Duration::from_millis(eta.remaining_ms)),
+        });
+    }
+
     pub(crate) fn start(&self, name: String) -> (usize, Instant) {
         let id = self
             .next_id
@@ -157,14 +214,31 @@ impl<'a> PlatformBuild<'a> {
                 .insert(pulled_key(&reference, &platform), pulled);
         }
         let plan = dockerfile::plan(df, &opts, &bases)?;
+        self.shared.plan_estimate(
+            plan.stages
+                .iter()
+                .flat_map(|s| &s.steps)
+                .filter(|s| changes_files(&s.instruction))
+                .map(|s| s.created_by.as_str()),
+        );
         let sources = copy_sources(&plan);
         let mut done: HashMap<usize, StageState> = HashMap::new();
-        for index in 0..plan.stages.len() {
-            let mut state = self.run_stage(&plan, index, &done).await?;
-            if sources.contains(&index) {
-                self.materialize(&mut state).await?;
+        // Stages whose inputs are all built run together: a wave at a time.
+        for wave in waves(&plan) {
+            let this = &self;
+            let (plan, done_ref, sources) = (&plan, &done, &sources);
+            let results = futures_util::future::join_all(wave.iter().map(|&index| async move {
+                let mut state = this.run_stage(plan, index, done_ref).await?;
+                if sources.contains(&index) {
+                    this.materialize(&mut state).await?;
+                }
+                Ok::<_, BuildError>((index, state))
+            }))
+            .await;
+            for result in results {
+                let (index, state) = result?;
+                done.insert(index, state);
             }
-            done.insert(index, state);
         }
         let mut final_state = done
             .remove(&plan.target)
@@ -386,12 +460,16 @@ impl<'a> PlatformBuild<'a> {
                 state.layers.push(layer);
                 empty_layer = false;
             }
-            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            if cached {
-                stats.cached += 1;
-            } else {
-                stats.run += 1;
+            {
+                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                if cached {
+                    stats.cached += 1;
+                } else {
+                    stats.run += 1;
+                }
             }
+            let ran = (!cached).then(|| started.elapsed().as_millis() as u64);
+            self.shared.step_finished(&step.created_by, ran);
         }
         if !step.created_by.is_empty() {
             state.config.history.push(History {
@@ -794,6 +872,14 @@ fn write_inline_file(dir: &Path, name: &str, content: &str, mode: u32) -> Result
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Whether a step changes files (and so makes a layer and takes time).
+fn changes_files(instruction: &Instruction) -> bool {
+    matches!(
+        instruction,
+        Instruction::Workdir(_) | Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_)
+    )
+}
+
 /// Applies a step that only changes the config; returns whether the step changes files instead.
 fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bool {
     match instruction {
@@ -857,6 +943,54 @@ fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bo
         Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) => return true,
     }
     false
+}
+
+/// The stages in waves: each wave's stages depend only on earlier waves (FROM a stage,
+/// COPY --from, RUN --mount from=).
+fn waves(plan: &BuildPlan) -> Vec<Vec<usize>> {
+    let deps: Vec<Vec<usize>> = plan
+        .stages
+        .iter()
+        .map(|stage| {
+            let mut d = Vec::new();
+            if let Base::Stage(i) = stage.base {
+                d.push(i);
+            }
+            for step in &stage.steps {
+                match &step.instruction {
+                    Instruction::Copy(c) | Instruction::Add(c) => {
+                        if let Some(Source::Stage(i)) = c.from {
+                            d.push(i);
+                        }
+                    }
+                    Instruction::Run(r) => d.extend(r.mounts.iter().filter_map(|m| match m.from {
+                        Some(Source::Stage(i)) => Some(i),
+                        _ => None,
+                    })),
+                    _ => {}
+                }
+            }
+            d
+        })
+        .collect();
+    let mut level = vec![usize::MAX; plan.stages.len()];
+    // Stages only refer to earlier stages, so one pass in order settles every level.
+    for i in 0..plan.stages.len() {
+        level[i] = deps[i]
+            .iter()
+            .filter(|&&d| d < i)
+            .map(|&d| level[d] + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, l) in level.into_iter().enumerate() {
+        if out.len() <= l {
+            out.resize(l + 1, Vec::new());
+        }
+        out[l].push(i);
+    }
+    out
 }
 
 /// Stages whose rootfs another stage reads (COPY --from, RUN --mount from=).
@@ -981,6 +1115,14 @@ fn step_title(step: &Step) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn independent_stages_share_a_wave() {
+        let text = "FROM scratch AS a\nFROM scratch AS b\nFROM a AS c\nCOPY --from=b /x /x\nFROM scratch\nCOPY --from=c /x /x\nCOPY --from=a /y /y\n";
+        let df = ossb_dockerfile::parse(text, "Dockerfile").unwrap();
+        let plan = ossb_dockerfile::plan(&df, &PlanOptions::default(), &HashMap::new()).unwrap();
+        assert_eq!(waves(&plan), vec![vec![0, 1], vec![2], vec![3]]);
+    }
 
     #[test]
     fn resolves_paths_against_the_workdir() {

@@ -313,6 +313,7 @@ fn add_and_copy_options_do_what_buildkit_does() {
     assert!(status.success());
     let rootfs = build_and_unpack(&env, dir.path(), &ctx);
     let _ = server.kill();
+    let _ = server.wait();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::read_to_string(rootfs.join("opt/bundle/inner/data.txt")).unwrap(),
@@ -375,6 +376,7 @@ fn add_and_copy_options_do_what_buildkit_does() {
         &["build", "--insecure-registry", &reg, bad.to_str().unwrap()],
     );
     let _ = server.kill();
+    let _ = server.wait();
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("checksum mismatch"), "{}", run.stderr);
 }
