@@ -56,7 +56,8 @@ pub fn apply_layer(
         after: None,
         source,
     })?;
-    let mut archive = tar::Archive::new(stream);
+    // The guard refuses extension headers the tar reader would read whole into memory.
+    let mut archive = tar::Archive::new(super::guard::HeaderGuard::new(stream));
     let mut applier = Applier::new(&root, opts);
     let mut last: Option<String> = None;
     let read_err = |after: &Option<String>, source| LayerError::Read {

@@ -25,6 +25,9 @@
 //! - a whiteout naming `.`, `..` or nothing (`.wh..`, `.wh...`, `.wh.`) refuses the layer (as
 //!   containerd's "invalid whiteout name"); a whiteout or opaque marker whose directory does not
 //!   exist is a no-op;
+//! - a GNU long name/link or PAX header larger than 1 MiB refuses the layer before it is read
+//!   (the tar reader would hold it in memory: a decompression bomb could claim gigabytes);
+//!   file contents are streamed to disk, so memory stays bounded whatever the layer holds;
 //! - extended attributes `trusted.overlay.*` / `user.overlay.*` are never applied (they would
 //!   steer an overlay mount that uses this rootfs as a layer) and are reported as skipped.
 //!
@@ -36,6 +39,7 @@
 //! go in PAX records; hardlinks within the layer become hardlink entries.
 
 mod apply;
+mod guard;
 mod root;
 mod write;
 
