@@ -3,7 +3,20 @@
 //! A blob is written to a temporary file in the store's own `tmp/` (same filesystem), hashed
 //! as it is written, and renamed into place only when its digest is what was expected. Two
 //! writers of the same blob race harmlessly: both produce identical bytes and the rename is
-//! atomic, so a reader never sees a partial blob.
+//! atomic, so a reader never sees a partial blob. This holds across processes too: two builds
+//! sharing a cache directory each write their own temporary file and the last rename wins
+//! with identical bytes.
+//!
+//! # Accounting and pruning
+//! - Size: [`BlobStore::usage`] and [`BlobStore::blobs`] list what is stored (size and last
+//!   use).
+//! - Last use is the blob file's mtime: a new blob has it fresh, and [`BlobStore::touch`]
+//!   renews it whenever a build uses a blob that was already there (the registry client does
+//!   for every blob it finds present). Pruning "unused for 48 h" compares against it.
+//! - Leases: a running build holds a [`Lease`], a shared `flock` on `<root>/lock`; a prune
+//!   takes the same lock exclusively ([`Lease::exclusive`]), so it waits for running builds
+//!   and no build starts while it deletes. It is the kernel's lock: a build that dies releases
+//!   it, so a crash never wedges the cache. (The coordinator's `CacheLock` uses the same file.)
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -113,6 +126,61 @@ impl BlobStore {
         })
     }
 
+    /// Marks the blob used now (its mtime), so pruning by age keeps it. Best effort.
+    pub fn touch(&self, digest: &Digest) {
+        let _ = File::options()
+            .write(true)
+            .open(self.path(digest))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    }
+
+    /// Every blob in the store, with its size and last use.
+    pub fn blobs(&self) -> Result<Vec<BlobInfo>, StoreError> {
+        let dir = self.root.join("blobs/sha256");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let Ok(digest) = format!("sha256:{}", entry.file_name().to_string_lossy()).parse()
+            else {
+                continue;
+            };
+            let meta = entry.metadata().map_err(io_err(&entry.path()))?;
+            out.push(BlobInfo {
+                digest,
+                size: meta.len(),
+                last_used: meta.modified().map_err(io_err(&entry.path()))?,
+            });
+        }
+        out.sort_by_key(|b| b.digest);
+        Ok(out)
+    }
+
+    /// How many blobs and bytes the store holds.
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        let blobs = self.blobs()?;
+        Ok(Usage {
+            blobs: blobs.len() as u64,
+            bytes: blobs.iter().map(|b| b.size).sum(),
+        })
+    }
+
+    /// Removes a blob (for prune, under an exclusive [`Lease`]). Absent blobs are fine.
+    pub fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A shared lease for a running build (see the module documentation); waits while a
+    /// prune runs.
+    pub fn lease(&self) -> Result<Lease, StoreError> {
+        Lease::take(&self.root, false)
+    }
+
     /// A blob being downloaded: written and hashed as bytes arrive, resumable (a transfer
     /// that broke off continues where it stopped), and discarded unless it verifies.
     pub fn partial(&self) -> Result<PartialBlob, StoreError> {
@@ -198,6 +266,67 @@ impl Write for BlobWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// One stored blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When a build last used it.
+    pub last_used: std::time::SystemTime,
+}
+
+/// The store's size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Number of blobs.
+    pub blobs: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+}
+
+/// A lock on the store: shared by running builds, exclusive for a prune. Released on drop
+/// (or when the process dies).
+pub struct Lease {
+    _file: File,
+}
+
+impl Lease {
+    /// The exclusive lease a prune takes: waits for every running build to finish.
+    pub fn exclusive(store: &BlobStore) -> Result<Lease, StoreError> {
+        Lease::take(&store.root, true)
+    }
+
+    fn take(root: &Path, exclusive: bool) -> Result<Lease, StoreError> {
+        let path = root.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        loop {
+            #[allow(deprecated)]
+            match nix::fcntl::flock(std::os::fd::AsRawFd::as_raw_fd(&file), arg) {
+                Ok(()) => return Ok(Lease { _file: file }),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path,
+                        source: e.into(),
+                    })
+                }
+            }
+        }
     }
 }
 
@@ -337,6 +466,51 @@ mod tests {
         assert_eq!(p.commit(&want).unwrap(), 11);
         assert_eq!(store.read(&want).unwrap(), b"hello world");
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn accounting_touch_and_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let a = store.put(b"aaaa").unwrap();
+        let b = store.put(b"bb").unwrap();
+        assert_eq!(store.usage().unwrap(), Usage { blobs: 2, bytes: 6 });
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        File::options()
+            .write(true)
+            .open(store.path(&a))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(
+            store
+                .blobs()
+                .unwrap()
+                .iter()
+                .find(|x| x.digest == a)
+                .unwrap()
+                .last_used,
+            old
+        );
+        store.touch(&a);
+        assert!(store.blobs().unwrap().iter().all(|x| x.last_used > old));
+        // Two builds share; a prune waits for both.
+        let l1 = store.lease().unwrap();
+        let l2 = store.lease().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = store.clone();
+        let pruner = std::thread::spawn(move || {
+            let _x = Lease::exclusive(&s2).unwrap();
+            tx.send(()).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(rx.try_recv().is_err(), "prune ran during a build");
+        drop((l1, l2));
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        pruner.join().unwrap();
+        store.remove(&b).unwrap();
+        store.remove(&b).unwrap();
+        assert_eq!(store.usage().unwrap().blobs, 1);
     }
 
     #[test]

@@ -235,6 +235,7 @@ impl Registry {
         store: &BlobStore,
     ) -> Result<(), RegistryError> {
         if store.contains(&desc.digest) {
+            store.touch(&desc.digest);
             return Ok(());
         }
         let ctx = Context {
