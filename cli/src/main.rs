@@ -66,7 +66,7 @@ fn enter_isolation(isolation: sandbox::Isolation) -> Result<(), ExitCode> {
         Ok(code) => Err(exit(code)),
         Err(userns::UsernsError::Refused { errno, .. }) if isolation == Isolation::Auto && root => {
             eprintln!(
-                "isolation: chroot (auto; user namespaces are refused here: {errno}). RUN steps are chrooted as root; see --isolation in README.md for what that does not isolate"
+                "isolation: chroot (auto; user namespaces are refused here: {errno}). RUN steps run as the container's root in a chroot, in their own mount and pid namespaces only if the container has CAP_SYS_ADMIN; use --isolation rootless where user namespaces work"
             );
             Ok(())
         }

@@ -692,6 +692,28 @@ mod tests {
     }
 
     #[test]
+    fn a_mount_point_created_and_removed_leaves_its_directory_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        fs::create_dir(r.join("etc")).unwrap();
+        let before = snap(r);
+        let created = crate::sandbox::prepare_mount_points(r).unwrap();
+        assert!(r.join("etc/hosts").exists());
+        crate::sandbox::remove_mount_points(&created);
+        assert!(!r.join("etc/hosts").exists());
+        assert_eq!(listed(&before.diff(&snap(r))), expect(&[]));
+        // A real change of the directory still shows.
+        fs::write(r.join("etc/new"), "x").unwrap();
+        assert_eq!(
+            listed(&before.diff(&snap(r))),
+            expect(&[
+                ("etc", ChangeKind::Modified),
+                ("etc/new", ChangeKind::Added)
+            ])
+        );
+    }
+
+    #[test]
     fn diff_written_as_a_layer_reproduces_the_change() {
         let t = tempfile::tempdir().unwrap();
         let (src, copy) = (t.path().join("src"), t.path().join("copy"));
