@@ -111,6 +111,9 @@ pub enum BuildError {
     /// A registry refused or failed.
     #[error("{0}")]
     Registry(#[from] RegistryError),
+    /// A requested platform cannot run here.
+    #[error("{0}")]
+    Platform(String),
     /// Writing an output failed.
     #[error("{0}")]
     Export(String),

@@ -214,6 +214,19 @@ impl<'a> PlatformBuild<'a> {
                 .insert(pulled_key(&reference, &platform), pulled);
         }
         let plan = dockerfile::plan(df, &opts, &bases)?;
+        // RUN needs the platform's CPU: natively or through a registered emulator. Refused
+        // before any step runs, with the fixes in the message.
+        for stage in &plan.stages {
+            if stage
+                .steps
+                .iter()
+                .any(|s| matches!(s.instruction, Instruction::Run(_)))
+            {
+                let platform = stage.platform.as_ref().unwrap_or(&self.platform);
+                ossb_worker::emulation::check(platform)
+                    .map_err(|e| BuildError::Platform(e.to_string()))?;
+            }
+        }
         self.shared.plan_estimate(
             plan.stages
                 .iter()
