@@ -65,7 +65,9 @@ fn ossb_binary() -> std::path::PathBuf {
     if let Ok(p) = std::env::var("OSSB_BIN") {
         return p.into();
     }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     for profile in ["release", "debug"] {
         let p = target.join(profile).join("ossb");
         if p.is_file() {

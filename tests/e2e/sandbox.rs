@@ -208,15 +208,13 @@ fn secrets_are_readable_in_the_step_and_nowhere_else() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("token.txt");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let dockerfile = format!(
-        "ARG BASE\nFROM $BASE\n\
+    let dockerfile = "ARG BASE\nFROM $BASE\n\
          RUN --mount=type=secret,id=tok test \"$(cut -c1-6 /run/secrets/tok)\" = s3cr3t && echo file-ok\n\
-         RUN --mount=type=secret,id=tok,env=TOKEN test \"${{TOKEN%%-42*}}\" = s3cr3t-value && echo env-ok\n\
+         RUN --mount=type=secret,id=tok,env=TOKEN test \"${TOKEN%%-42*}\" = s3cr3t-value && echo env-ok\n\
          RUN --mount=type=secret,id=tok,target=/root/tok,uid=1000,mode=0440 echo \"owner $(stat -c '%u %a' /root/tok)\" && cat /root/tok\n\
          RUN --mount=type=secret,id=absent echo optional-absent-ok\n\
-         RUN test ! -e /run/secrets && test ! -e /root/tok && echo gone > /gone\n"
-    );
-    let ctx = dockerfile_context(dir.path(), "secret", &dockerfile, &[]);
+         RUN test ! -e /run/secrets && test ! -e /root/tok && echo gone > /gone\n";
+    let ctx = dockerfile_context(dir.path(), "secret", dockerfile, &[]);
     let spec = format!("id=tok,src={}", secret.display());
     let built = build(&env, dir.path(), "secret", &ctx, &["--secret", &spec]).ok("secret build");
     let out = format!("{}{}", built.run.stdout, built.run.stderr);
