@@ -353,7 +353,8 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         }
     }
     if opts.all {
-        let mounts = cache_dir.join("mounts");
+        // RUN --mount=type=cache directories.
+        let mounts = cache_dir.join("run-mounts");
         if mounts.exists() {
             fs::remove_dir_all(&mounts)?;
         }

@@ -521,6 +521,9 @@ impl<'a> PlatformBuild<'a> {
         step: &Step,
         done: &HashMap<usize, StageState>,
     ) -> Result<Vec<Vec<u8>>, String> {
+        if let Instruction::Run(run) = &step.instruction {
+            return self.bind_mount_inputs(run, done);
+        }
         let (Instruction::Copy(copy) | Instruction::Add(copy)) = &step.instruction else {
             return Ok(Vec::new());
         };
@@ -563,6 +566,36 @@ impl<'a> PlatformBuild<'a> {
                 return Err(format!(
                     "COPY --from={image}: copying from an image is not supported yet"
                 ))
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// What a RUN's bind mounts read, for its cache key: the checksum of a context source,
+    /// the key of a stage. Secrets and cache mounts stay out of the key, as in BuildKit.
+    fn bind_mount_inputs(
+        &self,
+        run: &ossb_dockerfile::Run,
+        done: &HashMap<usize, StageState>,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let mut inputs = Vec::new();
+        for mount in run
+            .mounts
+            .iter()
+            .filter(|m| m.kind == ossb_dockerfile::MountType::Bind)
+        {
+            let source = mount.source.clone().unwrap_or_else(|| ".".into());
+            match &mount.from {
+                None => {
+                    let sum = sources_checksum(&self.req().context, &[source], CopyFilter::none())
+                        .map_err(|e| e.to_string())?;
+                    inputs.push(sum.to_vec());
+                }
+                Some(Source::Stage(i)) => match done.get(i) {
+                    Some(s) => inputs.push(s.key.as_bytes().to_vec()),
+                    None => return Err(format!("RUN --mount from: stage {i} has not been built")),
+                },
+                Some(Source::Image(_)) => {}
             }
         }
         Ok(inputs)
