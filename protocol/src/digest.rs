@@ -35,6 +35,11 @@ impl Digest {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// The digest whose raw bytes are `bytes` (a sha256 output computed elsewhere).
+    pub fn from_bytes(bytes: [u8; 32]) -> Digest {
+        Digest(bytes)
+    }
 }
 
 impl fmt::Display for Digest {
@@ -70,16 +75,26 @@ impl FromStr for Digest {
     }
 }
 
+// Human-readable formats (JSON) get the `sha256:<hex>` spelling; binary formats (the
+// cluster's postcard messages) get the 32 raw bytes, less than half the size on the wire.
 impl Serialize for Digest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(d).map(Digest)
+        }
     }
 }
 

@@ -1,10 +1,15 @@
-//! Types shared by every ossb node: content digests and platforms.
+//! Types shared by every ossb node: content digests, platforms, and the cluster's wire
+//! protocol.
 //!
-//! This crate holds plain data and its parsing, never I/O. Everything else in the
-//! workspace names blobs with [`Digest`] and architectures with [`Platform`].
+//! This crate holds plain data, its parsing and its encoding, never I/O. Everything else in
+//! the workspace names blobs with [`Digest`] and architectures with [`Platform`]; the cluster's
+//! nodes exchange [`wire::Envelope`]s, framed by [`frame`] (the transport that moves them is
+//! `ossb-net`).
 
 mod digest;
+pub mod frame;
 mod platform;
+pub mod wire;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use platform::{Platform, PlatformError};

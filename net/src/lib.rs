@@ -1,0 +1,167 @@
+//! The cluster's transport: QUIC endpoints with mutual TLS from the cluster CA, and the
+//! framing of [`ossb_protocol::wire`] messages on QUIC streams.
+//!
+//! Every node of the cluster (cache nodes now; the coordinator and workers later) talks
+//! through this crate:
+//! - [`certs::init`] writes a cluster CA and the certificates of nodes and clients (the
+//!   `--tls-dir` layout, described there); [`Identity::load`] reads them back.
+//! - [`server`] binds an endpoint that accepts only peers whose certificate the cluster CA
+//!   signed, and can dial other nodes with its own certificate; [`client`] binds an endpoint
+//!   that only dials. [`connect`] resolves `host:port` and connects with a timeout.
+//! - [`write_message`] / [`read_message`] move one [`Envelope`] frame on a stream; blob bytes
+//!   travel raw on the same stream after it.
+//! - [`http`] serves `/metrics` and `/healthz` as plain HTTP for Prometheus and Kubernetes.
+//!
+//! TLS uses the process's rustls `CryptoProvider` (the `ossb` binary installs aws-lc-rs at
+//! start-up), or aws-lc-rs when none is installed: quinn is built with aws-lc-rs only, so a
+//! process never has two providers.
+
+pub mod certs;
+mod endpoint;
+pub mod http;
+mod tls;
+
+pub use endpoint::{client, connect, server, transport_config, ALPN};
+pub use tls::{Identity, Role};
+
+use ossb_protocol::frame::{self, FrameError, HEADER_LEN};
+use ossb_protocol::wire::{Envelope, Message};
+use std::path::PathBuf;
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A certificate or key file could not be read or used.
+    #[error("TLS material {path}: {reason} (create it with `ossb certs init DIR` and pass that DIR as --tls-dir)")]
+    Tls {
+        /// The file involved.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The endpoint could not be created (the address is in use, for instance).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A peer could not be reached or refused the handshake.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The `host:port` dialled.
+        addr: String,
+        /// Why (a refused certificate, a timeout, an unresolvable name).
+        reason: String,
+    },
+    /// The connection broke while a stream was in use.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Reading a stream failed.
+    #[error("reading from the peer: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Writing a stream failed.
+    #[error("writing to the peer: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The stream ended before a whole message arrived.
+    #[error("the peer closed the stream before a whole message arrived")]
+    Truncated,
+    /// A message was not a valid frame.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Writes one message (in this build's protocol version) as a frame.
+pub async fn write_message(send: &mut quinn::SendStream, message: Message) -> Result<(), NetError> {
+    let bytes = frame::encode(&Envelope::new(message))?;
+    send.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Reads one frame and returns its message. Reads exactly the frame, so raw bytes that follow
+/// it stay on the stream for the caller.
+pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, NetError> {
+    let mut header = [0u8; HEADER_LEN];
+    read_exact(recv, &mut header).await?;
+    let mut body = vec![0u8; frame::body_len(header)?];
+    read_exact(recv, &mut body).await?;
+    Ok(frame::decode(&body)?.message)
+}
+
+async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), NetError> {
+    recv.read_exact(buf).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => NetError::Truncated,
+        quinn::ReadExactError::ReadError(e) => NetError::Read(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ossb_protocol::wire::CacheRequest;
+    use std::time::Duration;
+
+    fn cluster(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let d = dir.join(name);
+        certs::init(&d, &[]).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_admits_the_cluster_and_refuses_strangers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = cluster(dir.path(), "ours");
+        let theirs = cluster(dir.path(), "theirs");
+        let node = Identity::load(&ours, Role::Node).unwrap();
+        let endpoint = server("127.0.0.1:0".parse().unwrap(), &node).unwrap();
+        let addr = format!("127.0.0.1:{}", endpoint.local_addr().unwrap().port());
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let m = read_message(&mut recv).await.unwrap();
+                        write_message(&mut send, m).await.unwrap();
+                        send.finish().unwrap();
+                    }
+                });
+            }
+        });
+        let t = Duration::from_secs(5);
+
+        let member = client(&Identity::load(&ours, Role::Client).unwrap()).unwrap();
+        let conn = connect(&member, &addr, t).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let stat = Message::CacheRequest(CacheRequest::Stat);
+        write_message(&mut send, stat.clone()).await.unwrap();
+        assert_eq!(read_message(&mut recv).await.unwrap(), stat);
+
+        // A client whose certificate another CA signed: the server refuses the handshake (the
+        // client may only notice when it first uses the connection).
+        let stranger = client(&Identity::load(&theirs, Role::Client).unwrap()).unwrap();
+        let refused = async {
+            let conn = connect(&stranger, &addr, t).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_message(&mut send, Message::CacheRequest(CacheRequest::Stat)).await?;
+            read_message(&mut recv).await
+        };
+        assert!(refused.await.is_err(), "a stranger's client was served");
+
+        // A server that the cluster CA did not sign is refused by our client.
+        let fake = server(
+            "127.0.0.1:0".parse().unwrap(),
+            &Identity::load(&theirs, Role::Node).unwrap(),
+        )
+        .unwrap();
+        let fake_addr = format!("127.0.0.1:{}", fake.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            while let Some(incoming) = fake.accept().await {
+                let _ = incoming.await;
+            }
+        });
+        let err = connect(&member, &fake_addr, t).await.unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
+    }
+}

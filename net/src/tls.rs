@@ -1,0 +1,134 @@
+//! The certificates a process presents and trusts, read from a `--tls-dir`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::endpoint::ALPN;
+use crate::NetError;
+
+/// Which certificate of a `--tls-dir` a process presents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A server of the cluster (cache node, coordinator): `node.crt` / `node.key`, valid for
+    /// serving and for dialling other nodes.
+    Node,
+    /// A process that only dials (worker, `ossb-submit`, tests): `client.crt` / `client.key`.
+    Client,
+}
+
+impl Role {
+    fn file_stem(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// A certificate chain and key to present, and the cluster CA that peers must be signed by.
+#[derive(Debug)]
+pub struct Identity {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// Reads `ca.crt` and the role's certificate and key from `dir` (the layout
+    /// [`crate::certs::init`] writes).
+    pub fn load(dir: &Path, role: Role) -> Result<Identity, NetError> {
+        let stem = role.file_stem();
+        let ca = read_certs(&dir.join("ca.crt"))?;
+        let chain = read_certs(&dir.join(format!("{stem}.crt")))?;
+        let key_path = dir.join(format!("{stem}.key"));
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| NetError::Tls {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Identity { ca, chain, key })
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, NetError> {
+        let mut roots = RootCertStore::empty();
+        for cert in &self.ca {
+            roots.add(cert.clone()).map_err(|e| self.err(e))?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> NetError {
+        NetError::Tls {
+            path: PathBuf::from("ca.crt"),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The TLS configuration of a server: presents this identity and requires a client
+    /// certificate signed by the cluster CA.
+    pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig, NetError> {
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
+            .build()
+            .map_err(|e| self.err(e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| self.err(e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| self.err(e))?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(config)
+    }
+
+    /// The TLS configuration of a client: trusts only servers signed by the cluster CA and
+    /// presents this identity.
+    pub(crate) fn client_config(&self) -> Result<rustls::ClientConfig, NetError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| self.err(e))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| self.err(e))?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, NetError> {
+    let err = |reason: String| NetError::Tls {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// The process's provider, so that quinn and every other TLS user share it; aws-lc-rs when
+/// the process installed none (a library user, a test).
+fn provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+}

@@ -1,0 +1,201 @@
+//! The cluster's control messages: what nodes say to each other over QUIC streams.
+//!
+//! # Conversations
+//! Every request opens its own bidirectional stream. The requester writes one [`Envelope`]
+//! frame (see [`crate::frame`]), the answerer writes one back; blob bytes travel raw on the same
+//! stream after the header that announces them, never inside a frame:
+//!
+//! | request | reply | then |
+//! |---|---|---|
+//! | [`CacheRequest::Has`] | [`CacheReply::Has`] | — |
+//! | [`CacheRequest::Get`] | [`CacheReply::Blob`] or [`CacheReply::Missing`] | after `Blob`: bytes `offset..size`, then the stream finishes |
+//! | [`CacheRequest::Put`] | [`CacheReply::PutReady`] or [`CacheReply::PutPresent`] | after `PutReady`: the requester sends `size` bytes, finishes its side, and reads [`CacheReply::Stored`] or an error |
+//! | [`CacheRequest::Stat`] | [`CacheReply::Stats`] | — |
+//!
+//! Any request may be answered with [`Message::Error`] instead.
+//!
+//! A node streaming a blob hashes it as it reads it from disk; if the bytes do not match the
+//! digest (a flipped bit on disk), it discards the blob and resets the stream with
+//! [`StreamReset::BlobCorrupt`]: the requester throws away what it received and treats the
+//! blob as missing on that node. Requesters verify every byte themselves too.
+//!
+//! # Versions and extension
+//! [`VERSION`] is written first in every frame. postcard is not self-describing: a message
+//! layout that changes (a field added, a variant reordered) is a new version. New kinds of
+//! messages (the coordinator and workers of the build cluster) are new variants appended at the
+//! end of [`Message`]: postcard numbers variants by position, so existing variants keep their
+//! encoding and a node that does not know a variant answers [`ErrorCode::Unsupported`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::Digest;
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+
+/// One control message as it travels: the sender's protocol version, then the message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The protocol version of the sender ([`VERSION`]).
+    pub version: u16,
+    /// What is said.
+    pub message: Message,
+}
+
+impl Envelope {
+    /// `message` in this build's protocol version.
+    pub fn new(message: Message) -> Envelope {
+        Envelope {
+            version: VERSION,
+            message,
+        }
+    }
+}
+
+/// Every message of the cluster protocol. New variants go at the end (see the module
+/// documentation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// A request to a cache node (from a worker, a client, or another cache node).
+    CacheRequest(CacheRequest),
+    /// A cache node's answer.
+    CacheReply(CacheReply),
+    /// A request that could not be served.
+    Error(ErrorReply),
+}
+
+/// Requests to the peer cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheRequest {
+    /// Which of these blobs the node holds.
+    Has {
+        /// The blobs asked about (at most [`MAX_HAS_DIGESTS`]).
+        digests: Vec<Digest>,
+    },
+    /// Send the blob's bytes from `offset` on (0 for all of it; more to resume a transfer).
+    Get {
+        /// The blob.
+        digest: Digest,
+        /// The first byte wanted.
+        offset: u64,
+        /// Answer from this node's disk only. Without it, a node that is one of the blob's home
+        /// nodes and misses it first fetches it from its peers (and keeps it); nodes set it
+        /// when they ask each other, so a miss never travels further than one hop.
+        local_only: bool,
+    },
+    /// Store a blob of `size` bytes whose sha256 is `digest`.
+    Put {
+        /// What the bytes must hash to.
+        digest: Digest,
+        /// How many bytes will follow.
+        size: u64,
+    },
+    /// The node's counters.
+    Stat,
+}
+
+/// The most digests one [`CacheRequest::Has`] may carry (it must fit in a frame).
+pub const MAX_HAS_DIGESTS: usize = 65_536;
+
+/// Answers of the peer cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheReply {
+    /// For each digest of the request, in order: its size if the node holds it.
+    Has {
+        /// `Some(size)` for a blob that is present.
+        sizes: Vec<Option<u64>>,
+    },
+    /// The blob follows: bytes `offset..size` come raw on the stream, then it finishes.
+    Blob {
+        /// The whole blob's size.
+        size: u64,
+        /// Where the bytes that follow start (the request's offset).
+        offset: u64,
+    },
+    /// The node does not have the blob.
+    Missing,
+    /// Send the blob's bytes.
+    PutReady,
+    /// The node already has the blob: send nothing.
+    PutPresent,
+    /// The bytes were verified against the digest and stored.
+    Stored,
+    /// The node's counters.
+    Stats(CacheStats),
+}
+
+/// A cache node's counters, as `ossb cache-node` also exports them in Prometheus form.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    /// Blobs stored.
+    pub blobs: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// The size limit (`--max-size`); 0 when unlimited.
+    pub max_bytes: u64,
+    /// Gets answered with the blob.
+    pub hits: u64,
+    /// Gets answered with [`CacheReply::Missing`].
+    pub misses: u64,
+    /// Blob bytes received and stored.
+    pub bytes_in: u64,
+    /// Blob bytes sent.
+    pub bytes_out: u64,
+    /// Blobs evicted to stay under the size limit.
+    pub evictions: u64,
+    /// Blobs whose bytes did not match their digest (received, or read back from disk).
+    pub verification_failures: u64,
+}
+
+/// Why a request was not served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The kind of failure, for the requester's logic.
+    pub code: ErrorCode,
+    /// What failed, for a human.
+    pub message: String,
+}
+
+/// Kinds of [`ErrorReply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The requester speaks a protocol version this node does not.
+    UnsupportedVersion,
+    /// A message this node does not serve (e.g. a coordinator message sent to a cache node).
+    Unsupported,
+    /// The request could not be decoded.
+    Malformed,
+    /// The bytes of a put did not match its digest or size; nothing was stored.
+    DigestMismatch,
+    /// The blob is larger than the node's size limit.
+    TooLarge,
+    /// The node failed (its disk); the requester should try another node.
+    Internal,
+}
+
+/// QUIC stream reset codes of this protocol (the application error code of
+/// `RESET_STREAM`/`STOP_SENDING`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum StreamReset {
+    /// The blob being sent failed verification at its source and was discarded there.
+    BlobCorrupt = 1,
+    /// The sender gave up (it is shutting down, or its source failed).
+    Aborted = 2,
+}
+
+impl StreamReset {
+    /// The code on the wire.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The reset a code stands for, if it is one of ours.
+    pub fn from_code(code: u64) -> Option<StreamReset> {
+        match code {
+            1 => Some(StreamReset::BlobCorrupt),
+            2 => Some(StreamReset::Aborted),
+            _ => None,
+        }
+    }
+}
