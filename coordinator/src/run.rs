@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use ossb_dockerfile::{Network, Run, Security};
+use ossb_image::layer::Change;
 use ossb_image::oci::RuntimeConfig;
 use ossb_worker::fs as wfs;
 use ossb_worker::mounts::{self, MountSources};
+use ossb_worker::overlay::OverlayDirs;
 use ossb_worker::sandbox::{self, DevFile, Isolation, RunSpec};
 use ossb_worker::userns::IdMapping;
 
@@ -32,15 +34,19 @@ pub(crate) struct RunContext<'a> {
     pub isolation: Isolation,
     /// Secret files by id (`--secret`), for `--mount=type=secret`.
     pub secrets: &'a BTreeMap<String, PathBuf>,
+    /// When set, the step runs on this overlay of the rootfs (see `ossb_worker::overlay`).
+    pub overlay: Option<&'a OverlayDirs>,
 }
 
 /// Runs `run` in the sandbox; each output line goes to `on_line`. The error is the message
-/// for the user. Secret values never reach `on_line` or the error: they are masked.
+/// for the user. Secret values never reach `on_line` or the error: they are masked. Returns the
+/// directories made in the rootfs for the working directory before the step ran (on overlayfs
+/// they are not in the upper directory).
 pub(crate) async fn execute(
     ctx: &RunContext<'_>,
     run: &Run,
     mut on_line: impl FnMut(&str),
-) -> Result<(), String> {
+) -> Result<Vec<Change>, String> {
     if run.security == Security::Insecure {
         return Err("RUN --security=insecure is not allowed: ossb runs every step unprivileged in its sandbox and has no entitlement to grant more; remove --security=insecure (a step that needs privileges, e.g. to mount filesystems, cannot be built by ossb)".into());
     }
@@ -55,7 +61,7 @@ pub(crate) async fn execute(
         &run.working_dir
     };
     let u = wfs::lookup_user(ctx.rootfs, user).map_err(|e| e.to_string())?;
-    wfs::make_workdir(ctx.rootfs, cwd, (u.uid, u.gid)).map_err(|e| e.to_string())?;
+    let workdir = wfs::make_workdir(ctx.rootfs, cwd, (u.uid, u.gid)).map_err(|e| e.to_string())?;
     let mut env = ctx.config.env.clone().unwrap_or_default();
     if !env.iter().any(|kv| kv.starts_with("PATH=")) {
         env.push(format!("PATH={}", ossb_dockerfile::DEFAULT_PATH));
@@ -124,6 +130,7 @@ pub(crate) async fn execute(
         },
         mounts: prepared.mounts.clone(),
         dev_files,
+        overlay: ctx.overlay.cloned(),
     };
     // As BuildKit's message: the command as the process saw it.
     let display = run.argv.join(" ");
@@ -132,7 +139,8 @@ pub(crate) async fn execute(
     })
     .await;
     let _ = tokio::task::spawn_blocking(move || prepared.cleanup()).await;
-    result.map_err(|e| mask(&e.to_string(), &secrets))
+    result.map_err(|e| mask(&e.to_string(), &secrets))?;
+    Ok(workdir)
 }
 
 /// The isolation a step runs with: `auto` is rootless when the build runs in its user

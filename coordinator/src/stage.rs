@@ -601,7 +601,10 @@ impl<'a> PlatformBuild<'a> {
         Ok(inputs)
     }
 
-    /// Executes a step that changes files and records its layer.
+    /// Executes a step that changes files and records its layer. The change list comes from
+    /// what the step touched, never from a walk of the whole rootfs, except where that cannot
+    /// be known (see [`ChangeSource`]); every source gives the same layer bytes for the same
+    /// change.
     async fn execute(
         &self,
         step: &Step,
@@ -610,17 +613,49 @@ impl<'a> PlatformBuild<'a> {
         id: usize,
         started: Instant,
     ) -> Result<CacheRecord, String> {
-        let before = snapshot(&state.rootfs).await?;
+        let is_run = matches!(step.instruction, Instruction::Run(_));
+        let source = self.change_source(step, &state.rootfs).await;
+        let upper = match source {
+            ChangeSource::Overlay => ossb_worker::overlay::Upper::create(&state.rootfs)
+                .map_err(|e| tracing::debug!("no overlay for this step: {e}"))
+                .ok(),
+            _ => None,
+        };
+        tracing::debug!(
+            step = %step.created_by,
+            source = ?source,
+            overlay = upper.is_some(),
+            "finding the step's changes"
+        );
+        let before = match (source, &upper) {
+            (ChangeSource::Recorded, _) | (_, Some(_)) => None,
+            _ => Some(snapshot(&state.rootfs, is_run).await?),
+        };
         let mount_points = match &step.instruction {
             Instruction::Run(_) => sandbox::prepare_mount_points(&state.rootfs)
                 .map_err(|e| format!("preparing the sandbox: {e}"))?,
             _ => Vec::new(),
         };
-        let result = self.apply_fs_step(step, state, done, id, started).await;
+        let overlay = upper.as_ref().map(|u| u.dirs());
+        let result = self
+            .apply_fs_step(step, state, done, id, started, overlay)
+            .await;
         sandbox::remove_mount_points(&mount_points);
-        result?;
-        let after = snapshot(&state.rootfs).await?;
-        let changes = before.diff(&after);
+        let written = result?;
+        let changes = match (before, upper) {
+            (Some(before), _) => before.diff(&snapshot(&state.rootfs, is_run).await?),
+            (None, Some(upper)) => {
+                let rootfs = state.rootfs.clone();
+                tokio::task::spawn_blocking(move || {
+                    let created: Vec<PathBuf> = written.into_iter().map(|c| c.path).collect();
+                    upper.merge(&rootfs, &mount_point_paths(), &created)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("merging the step's overlay into the rootfs: {e}"))?
+            }
+            (None, None) => written,
+        };
         let (layer, diff_id) = if changes.is_empty() {
             (None, None)
         } else {
@@ -635,6 +670,36 @@ impl<'a> PlatformBuild<'a> {
         })
     }
 
+    /// Where a step's change list comes from (see [`ChangeSource`]).
+    async fn change_source(&self, step: &Step, rootfs: &Path) -> ChangeSource {
+        if ossb_worker::overlay::fallback_forced() {
+            return ChangeSource::Snapshots;
+        }
+        match &step.instruction {
+            Instruction::Run(_) => {
+                let exe = self.req().sandbox_exe.clone();
+                let dir = rootfs.parent().unwrap_or(Path::new("/")).to_path_buf();
+                let usable = tokio::task::spawn_blocking(move || {
+                    ossb_worker::overlay::supported(&exe, &dir)
+                })
+                .await
+                .unwrap_or(false);
+                if usable {
+                    ChangeSource::Overlay
+                } else {
+                    ChangeSource::Snapshots
+                }
+            }
+            Instruction::Add(copy) if add_unpacks_archive(copy, &self.req().context) => {
+                ChangeSource::Snapshots
+            }
+            _ => ChangeSource::Recorded,
+        }
+    }
+
+    /// Applies a file-changing step; returns the changes the engine made itself (COPY, ADD,
+    /// WORKDIR, and RUN's working directory), which are complete for all but RUN and archive
+    /// ADD. A RUN runs on `overlay` when given.
     async fn apply_fs_step(
         &self,
         step: &Step,
@@ -642,7 +707,8 @@ impl<'a> PlatformBuild<'a> {
         done: &HashMap<usize, StageState>,
         id: usize,
         started: Instant,
-    ) -> Result<(), String> {
+        overlay: Option<&ossb_worker::overlay::OverlayDirs>,
+    ) -> Result<Vec<Change>, String> {
         let req = self.req();
         let cfg = &mut state.config.config;
         let cwd = cfg
@@ -675,6 +741,7 @@ impl<'a> PlatformBuild<'a> {
                     cache_dir: &req.cache_dir,
                     isolation: req.isolation,
                     secrets: &req.secrets,
+                    overlay,
                 };
                 run::execute(&ctx, run, |line| {
                     self.shared.progress.event(Event::Output {
@@ -768,7 +835,8 @@ impl<'a> PlatformBuild<'a> {
                     parents: copy.parents,
                 };
                 let unpack = is_add && from_context && copy.unpack != Some(false);
-                tokio::task::spawn_blocking(move || -> Result<(), String> {
+                tokio::task::spawn_blocking(move || -> Result<Vec<Change>, String> {
+                    let mut changes = Vec::new();
                     let mut filter = match &ignore {
                         Some(rules) => CopyFilter::dockerignore(rules),
                         None => CopyFilter::none(),
@@ -791,26 +859,37 @@ impl<'a> PlatformBuild<'a> {
                         }
                     }
                     if !plain.is_empty() {
-                        wfs::copy_into(&source_root, &plain, &rootfs, &dest, opts.clone(), filter)
-                            .map_err(|e| e.to_string())?;
+                        changes.extend(
+                            wfs::copy_into(
+                                &source_root,
+                                &plain,
+                                &rootfs,
+                                &dest,
+                                opts.clone(),
+                                filter,
+                            )
+                            .map_err(|e| e.to_string())?,
+                        );
                     }
                     for (dir, name) in extra {
-                        wfs::copy_into(
-                            &dir,
-                            &[name],
-                            &rootfs,
-                            &dest,
-                            opts.clone(),
-                            CopyFilter::none(),
-                        )
-                        .map_err(|e| e.to_string())?;
+                        changes.extend(
+                            wfs::copy_into(
+                                &dir,
+                                &[name],
+                                &rootfs,
+                                &dest,
+                                opts.clone(),
+                                CopyFilter::none(),
+                            )
+                            .map_err(|e| e.to_string())?,
+                        );
                     }
-                    Ok(())
+                    Ok(changes)
                 })
                 .await
                 .map_err(|e| e.to_string())?
             }
-            _ => Ok(()),
+            _ => Ok(Vec::new()),
         }
     }
 
@@ -1102,13 +1181,48 @@ async fn unpack(
     .map_err(|e| e.to_string())?
 }
 
-async fn snapshot(rootfs: &Path) -> Result<Snapshot, String> {
+/// Where the change list of a step comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChangeSource {
+    /// RUN on overlayfs: the upper directory (`ossb_worker::overlay`).
+    Overlay,
+    /// COPY, ADD and WORKDIR: what the engine wrote (`ossb_worker::fs`).
+    Recorded,
+    /// Metadata snapshots of the whole rootfs before and after: RUN where overlayfs is not
+    /// available, ADD of a local archive (what the archive holds is not listed in advance), and
+    /// every step under `OSSB_SNAPSHOT=metadata`.
+    Snapshots,
+}
+
+/// Whether an ADD unpacks a local archive (the same test `apply_fs_step` makes).
+fn add_unpacks_archive(copy: &ossb_dockerfile::Copy, context: &Path) -> bool {
+    copy.from.is_none()
+        && copy.unpack != Some(false)
+        && copy.sources.iter().any(|s| {
+            !add::is_url(s)
+                && wfs::resolve_in_root(context, s, true)
+                    .is_ok_and(|p| p.is_file() && add::archive_kind(&p).is_some())
+        })
+}
+
+/// The sandbox's mount points, relative to the rootfs: left out of RUN steps' changes.
+fn mount_point_paths() -> Vec<PathBuf> {
+    sandbox::MOUNT_POINTS
+        .iter()
+        .map(|(p, _)| PathBuf::from(p))
+        .collect()
+}
+
+/// A metadata snapshot of the rootfs; for a RUN step without the sandbox's mount points (COPY
+/// and WORKDIR write real files there).
+async fn snapshot(rootfs: &Path, is_run: bool) -> Result<Snapshot, String> {
     let rootfs = rootfs.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let exclude: Vec<PathBuf> = sandbox::MOUNT_POINTS
-            .iter()
-            .map(|(p, _)| PathBuf::from(p))
-            .collect();
+        let exclude = if is_run {
+            mount_point_paths()
+        } else {
+            Vec::new()
+        };
         Snapshot::take(&rootfs, &exclude)
     })
     .await

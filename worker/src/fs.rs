@@ -2,15 +2,23 @@
 //! `/` (symlinks followed inside it, `..` clamped at its top), COPY from the build context,
 //! WORKDIR creation and user lookup in the rootfs's own `/etc/passwd` and `/etc/group`.
 //!
+//! COPY and WORKDIR return the [`Change`]s they made (every path they created or replaced, every
+//! existing directory whose owner, mode or mtime they changed), so that their layer is written
+//! without comparing snapshots of the whole rootfs. The list names each path by where it really
+//! is in the rootfs (symlinks resolved inside it), as a metadata diff would, and gives the same
+//! layer bytes.
+//!
 //! Resolution and use are not atomic, which is sound here because nothing else runs in the
 //! rootfs while a step's files are written: RUN processes have exited before COPY begins.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use ossb_dockerfile::dockerignore::Dockerignore;
+use ossb_image::layer::{Change, ChangeKind};
 
 /// Errors of file steps.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +62,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FsError + '_ {
 /// `follow_last` is false a symlink in the final component is not followed. Components that do
 /// not exist are kept as they are.
 pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> Result<PathBuf, FsError> {
+    resolve_path_in_root(root, Path::new(path), follow_last)
+}
+
+/// [`resolve_in_root`] for a path that need not be UTF-8.
+fn resolve_path_in_root(root: &Path, path: &Path, follow_last: bool) -> Result<PathBuf, FsError> {
     let mut resolved: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: Vec<std::ffi::OsString> = components(Path::new(path));
+    let mut pending: Vec<std::ffi::OsString> = components(path);
     pending.reverse();
     let mut links = 0;
     while let Some(part) = pending.pop() {
@@ -69,7 +82,7 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> Result<Pat
             Ok(m) if m.file_type().is_symlink() && (follow_last || !is_last) => {
                 links += 1;
                 if links > 40 {
-                    return Err(FsError::SymlinkLoop(path.to_string()));
+                    return Err(FsError::SymlinkLoop(path.display().to_string()));
                 }
                 let target = fs::read_link(&candidate).map_err(io_err(&candidate))?;
                 if target.is_absolute() {
@@ -257,7 +270,7 @@ impl<'a> CopyFilter<'a> {
 /// `*`, `?` and `[...]` wildcards) to `dest` (an absolute path in the rootfs), with Docker's
 /// rules: a directory's contents are copied, not the directory; a destination ending in `/`,
 /// or several sources, means a directory; missing parents are created; what `filter` excludes
-/// is neither copied nor named.
+/// is neither copied nor named. Returns the changes it made (see the module docs).
 pub fn copy_into(
     source_root: &Path,
     sources: &[String],
@@ -265,8 +278,10 @@ pub fn copy_into(
     dest: &str,
     opts: CopyOptions,
     filter: CopyFilter<'_>,
-) -> Result<(), FsError> {
+) -> Result<Vec<Change>, FsError> {
     let own = &opts;
+    let mut w = Written::new(rootfs);
+    let w = &mut w;
     let mut matched = Vec::new();
     for source in sources {
         matched.extend(expand_source(source_root, source, filter)?);
@@ -279,32 +294,100 @@ pub fn copy_into(
     for (rel, from) in matched {
         let meta = fs::symlink_metadata(&from).map_err(io_err(&from))?;
         if opts.parents {
-            // The source's own path is kept below the destination.
-            let to = target.join(&rel);
+            // The source's own path is kept below the destination, resolved inside the rootfs
+            // (it may go through the rootfs's symlinks).
+            let kept = target
+                .strip_prefix(rootfs)
+                .unwrap_or(Path::new(""))
+                .join(&rel);
             if meta.is_dir() {
-                make_dirs(rootfs, &to)?;
-                copy_tree(&from, &rel, &to, own, filter)?;
+                let to = resolve_path_in_root(rootfs, &kept, true)?;
+                make_dirs(rootfs, &to, w)?;
+                copy_tree(&from, &rel, &to, own, filter, w)?;
             } else {
-                make_dirs(rootfs, to.parent().unwrap_or(&target))?;
-                copy_entry(&from, &to, &meta, own)?;
+                let parent = kept.parent().unwrap_or(Path::new(""));
+                let parent = resolve_path_in_root(rootfs, parent, true)?;
+                make_dirs(rootfs, &parent, w)?;
+                let to = parent.join(kept.file_name().unwrap_or_default());
+                copy_entry(&from, &to, &meta, own, w)?;
             }
         } else if meta.is_dir() {
-            make_dirs(rootfs, &target)?;
-            copy_tree(&from, &rel, &target, own, filter)?;
+            make_dirs(rootfs, &target, w)?;
+            copy_tree(&from, &rel, &target, own, filter, w)?;
         } else {
             let to = if dest_is_dir || target.is_dir() {
-                make_dirs(rootfs, &target)?;
+                make_dirs(rootfs, &target, w)?;
                 target.join(from.file_name().unwrap_or_default())
             } else {
                 if let Some(parent) = target.parent() {
-                    make_dirs(rootfs, parent)?;
+                    make_dirs(rootfs, parent, w)?;
                 }
                 target.clone()
             };
-            copy_entry(&from, &to, &meta, own)?;
+            copy_entry(&from, &to, &meta, own, w)?;
         }
     }
-    Ok(())
+    Ok(w.changes())
+}
+
+/// The changes of one file step, by path relative to the rootfs. Paths are recorded where
+/// they are in the rootfs: callers pass host paths whose directories are resolved inside it.
+struct Written<'a> {
+    rootfs: &'a Path,
+    changes: BTreeMap<PathBuf, ChangeKind>,
+}
+
+impl<'a> Written<'a> {
+    fn new(rootfs: &'a Path) -> Self {
+        Written {
+            rootfs,
+            changes: BTreeMap::new(),
+        }
+    }
+
+    /// Records `path` (a host path in the rootfs); the first kind recorded for a path stays
+    /// (added and modified are written alike).
+    fn record(&mut self, path: &Path, kind: ChangeKind) {
+        match path.strip_prefix(self.rootfs) {
+            Ok(rel) if !rel.as_os_str().is_empty() => {
+                self.changes.entry(rel.to_path_buf()).or_insert(kind);
+            }
+            // The rootfs itself is never a change; nothing is written outside it.
+            _ => {}
+        }
+    }
+
+    /// Records the directory `path` as modified if its owner, mode or mtime differ from
+    /// `before` (what a metadata diff compares for a directory).
+    fn record_dir(&mut self, path: &Path, before: &fs::Metadata) -> Result<(), FsError> {
+        let after = fs::symlink_metadata(path).map_err(io_err(path))?;
+        if (
+            after.mode(),
+            after.uid(),
+            after.gid(),
+            after.mtime(),
+            after.mtime_nsec(),
+        ) != (
+            before.mode(),
+            before.uid(),
+            before.gid(),
+            before.mtime(),
+            before.mtime_nsec(),
+        ) {
+            self.record(path, ChangeKind::Modified);
+        }
+        Ok(())
+    }
+
+    fn changes(&self) -> Vec<Change> {
+        self.changes
+            .iter()
+            .map(|(path, kind)| Change {
+                path: path.clone(),
+                kind: *kind,
+            })
+            .collect()
+    }
 }
 
 fn has_wildcard(s: &str) -> bool {
@@ -428,16 +511,20 @@ fn class_match(p: &[char], c: char) -> Option<(bool, &[char])> {
     None
 }
 
-/// Creates `dir` (a host path inside `rootfs`) and its missing parents, root-owned 0755.
-fn make_dirs(rootfs: &Path, dir: &Path) -> Result<(), FsError> {
+/// Creates `dir` (a host path inside `rootfs`, resolved inside it) and its missing parents,
+/// root-owned 0755.
+fn make_dirs(rootfs: &Path, dir: &Path, w: &mut Written<'_>) -> Result<(), FsError> {
     if dir.is_dir() || dir == rootfs {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
-        make_dirs(rootfs, parent)?;
+        make_dirs(rootfs, parent, w)?;
     }
     match fs::create_dir(dir) {
-        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir)),
+        Ok(()) => {
+            w.record(dir, ChangeKind::Added);
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(FsError::Io {
             path: dir.to_path_buf(),
@@ -446,13 +533,17 @@ fn make_dirs(rootfs: &Path, dir: &Path) -> Result<(), FsError> {
     }
 }
 
+/// Copies the contents of the directory `from` into the directory `to` (resolved inside the
+/// rootfs), then gives `to` the metadata of `from`.
 fn copy_tree(
     from: &Path,
     rel: &str,
     to: &Path,
     own: &CopyOptions,
     filter: CopyFilter<'_>,
+    w: &mut Written<'_>,
 ) -> Result<(), FsError> {
+    let before = fs::symlink_metadata(to).map_err(io_err(to))?;
     let mut entries: Vec<_> = fs::read_dir(from)
         .map_err(io_err(from))?
         .collect::<Result<_, _>>()
@@ -468,18 +559,38 @@ fn copy_tree(
         }
         let dst = to.join(entry.file_name());
         if meta.is_dir() {
-            if !dst.is_dir() {
-                remove_existing(&dst)?;
-                fs::create_dir(&dst).map_err(io_err(&dst))?;
-            }
-            copy_tree(&src, &child_rel, &dst, own, filter)?;
-            apply_metadata(&dst, &meta, own)?;
+            let dst = dest_dir(w, &dst)?;
+            copy_tree(&src, &child_rel, &dst, own, filter, w)?;
         } else {
-            copy_entry(&src, &dst, &meta, own)?;
+            copy_entry(&src, &dst, &meta, own, w)?;
         }
     }
     let meta = fs::symlink_metadata(from).map_err(io_err(from))?;
-    apply_metadata(to, &meta, own)
+    apply_metadata(to, &meta, own)?;
+    w.record_dir(to, &before)
+}
+
+/// The directory a source directory is copied into at `dst`: an existing directory, or where
+/// a symlink there leads *inside the rootfs* when that is a directory (never a host path),
+/// or a new directory replacing whatever else is there.
+fn dest_dir(w: &mut Written<'_>, dst: &Path) -> Result<PathBuf, FsError> {
+    let kind = match fs::symlink_metadata(dst) {
+        Ok(m) if m.is_dir() => return Ok(dst.to_path_buf()),
+        Ok(m) if m.file_type().is_symlink() => {
+            let rel = dst.strip_prefix(w.rootfs).unwrap_or(dst);
+            let real = resolve_path_in_root(w.rootfs, rel, true)?;
+            if fs::symlink_metadata(&real).is_ok_and(|m| m.is_dir()) {
+                return Ok(real);
+            }
+            ChangeKind::Modified
+        }
+        Ok(_) => ChangeKind::Modified,
+        Err(_) => ChangeKind::Added,
+    };
+    remove_existing(dst)?;
+    fs::create_dir(dst).map_err(io_err(dst))?;
+    w.record(dst, kind);
+    Ok(dst.to_path_buf())
 }
 
 fn remove_existing(path: &Path) -> Result<(), FsError> {
@@ -496,6 +607,7 @@ fn copy_entry(
     to: &Path,
     meta: &fs::Metadata,
     own: &CopyOptions,
+    w: &mut Written<'_>,
 ) -> Result<(), FsError> {
     if to.is_dir()
         && !fs::symlink_metadata(to)
@@ -507,8 +619,14 @@ fn copy_entry(
             &to.join(from.file_name().unwrap_or_default()),
             meta,
             own,
+            w,
         );
     }
+    let kind = match fs::symlink_metadata(to) {
+        Ok(_) => ChangeKind::Modified,
+        Err(_) => ChangeKind::Added,
+    };
+    w.record(to, kind);
     remove_existing(to)?;
     if meta.file_type().is_symlink() {
         let target = fs::read_link(from).map_err(io_err(from))?;
@@ -558,11 +676,12 @@ fn set_mtime(path: &Path, mtime: libc::timespec) -> io::Result<()> {
     }
 }
 
-/// Creates the WORKDIR `dir` (absolute, in the rootfs) if missing, owned by `owner`.
-pub fn make_workdir(rootfs: &Path, dir: &str, owner: (u32, u32)) -> Result<(), FsError> {
+/// Creates the WORKDIR `dir` (absolute, in the rootfs) if missing, owned by `owner`. Returns
+/// the directories it created, as changes (parents first).
+pub fn make_workdir(rootfs: &Path, dir: &str, owner: (u32, u32)) -> Result<Vec<Change>, FsError> {
     let target = resolve_in_root(rootfs, dir, true)?;
     if target.is_dir() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut missing = Vec::new();
     let mut cur = target.as_path();
@@ -573,12 +692,14 @@ pub fn make_workdir(rootfs: &Path, dir: &str, owner: (u32, u32)) -> Result<(), F
             None => break,
         };
     }
+    let mut w = Written::new(rootfs);
     for d in missing.iter().rev() {
         fs::create_dir(d).map_err(io_err(d))?;
+        w.record(d, ChangeKind::Added);
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(io_err(d))?;
         lchown(d, Some(owner.0), Some(owner.1)).map_err(io_err(d))?;
     }
-    Ok(())
+    Ok(w.changes())
 }
 
 /// A user resolved in the rootfs.

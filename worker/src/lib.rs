@@ -1,11 +1,14 @@
 //! Executes build steps on a rootfs: unpacks base layers, runs RUN in a sandbox entered from a
 //! single-threaded child process, copies files for COPY, and turns each step's filesystem change
-//! into a layer through snapshots.
+//! into a layer: read from an overlayfs upper directory for RUN ([`overlay`]), recorded as written
+//! for COPY and WORKDIR ([`fs`]), or found by comparing metadata snapshots where overlayfs is not
+//! available ([`snapshot`]).
 
 pub mod checksum;
 pub mod emulation;
 pub mod fs;
 pub mod mounts;
+pub mod overlay;
 pub mod sandbox;
 pub mod snapshot;
 pub mod userns;

@@ -32,6 +32,8 @@ use nix::unistd::{fork, ForkResult, Gid, Uid};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::overlay::OverlayDirs;
+
 /// The subcommand of the ossb binary that runs [`child_main`].
 pub const SUBCOMMAND: &str = "__sandbox";
 
@@ -170,6 +172,25 @@ pub struct RunSpec {
     /// Files to create under `/dev`.
     #[serde(default)]
     pub dev_files: Vec<DevFile>,
+    /// When set, the step runs on an overlay of `rootfs` (the lower directory, left unchanged)
+    /// and writes into its upper directory; see [`crate::overlay`]. Needs the mount namespace:
+    /// the sandbox fails rather than fall back to a plain chroot.
+    #[serde(default)]
+    pub overlay: Option<OverlayDirs>,
+}
+
+/// What an `ossb __sandbox FILE` is asked to do: run a step, or probe overlayfs.
+#[derive(Deserialize, Serialize)]
+#[serde(untagged)]
+enum Request {
+    /// See [`probe_overlay`].
+    Probe {
+        /// The overlay to try.
+        overlay_probe: OverlayDirs,
+        /// Its lower directory.
+        lower: PathBuf,
+    },
+    Run(Box<RunSpec>),
 }
 
 /// Why a RUN failed.
@@ -345,8 +366,15 @@ pub fn child_main(spec_path: &Path) -> i32 {
 
 fn sandbox(spec_path: &Path) -> Result<i32, String> {
     let bytes = fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
-    let spec: RunSpec = serde_json::from_slice(&bytes)
+    let request: Request = serde_json::from_slice(&bytes)
         .map_err(|e| format!("parsing {}: {e}", spec_path.display()))?;
+    let spec = match request {
+        Request::Run(spec) => spec,
+        Request::Probe {
+            overlay_probe,
+            lower,
+        } => return probe_child(&lower, &overlay_probe).map(|()| 0),
+    };
     // Orphaned descendants of the step are re-parented to this process, so that
     // kill_leftovers finds them even without a pid namespace.
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only.
@@ -414,6 +442,9 @@ fn enter_namespaces(spec: &RunSpec) -> Result<bool, String> {
     match unshare(flags) {
         Ok(()) => Ok(true),
         Err(nix::Error::EPERM) if spec.isolation == Isolation::Chroot => {
+            if spec.overlay.is_some() {
+                return Err("the step was to run on overlayfs, which needs a mount namespace this container does not allow (no CAP_SYS_ADMIN); a bug: the overlayfs probe should have refused".into());
+            }
             if spec.network == Network::None {
                 return Err("RUN --network=none needs a network namespace, which this container does not allow (no CAP_SYS_ADMIN) in chroot isolation: drop --network=none, or give the container CAP_SYS_ADMIN, or use --isolation rootless where user namespaces work".into());
             }
@@ -491,12 +522,20 @@ fn enter_and_exec(spec: &RunSpec, namespaces: bool) -> String {
 }
 
 fn setup_root(spec: &RunSpec) -> Result<(), String> {
-    let root = &spec.rootfs;
     let none: Option<&str> = None;
     let sys = |what: String| move |e: nix::Error| format!("{what}: {e}");
     // Mounts made here must not propagate back to the host's namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(sys("making / private".into()))?;
+    // On overlayfs the step's `/` is the merged directory; every mount below goes on top of it,
+    // never into the upper directory, so none of them reaches the step's changes.
+    let root = match &spec.overlay {
+        Some(dirs) => {
+            mount_overlay(&spec.rootfs, dirs)?;
+            &dirs.merged
+        }
+        None => &spec.rootfs,
+    };
     mount(
         Some(root),
         root,
@@ -561,6 +600,68 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
     nix::unistd::sethostname(&spec.hostname).map_err(sys("sethostname".into()))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| format!("cannot enter the working directory {}: {e}", spec.cwd))?;
+    Ok(())
+}
+
+/// Mounts the overlay of `dirs` with `lower` as its lower directory on `dirs.merged`. Called in
+/// a mount namespace of the sandbox.
+fn mount_overlay(lower: &Path, dirs: &OverlayDirs) -> Result<(), String> {
+    let options = dirs.mount_options(lower);
+    mount(
+        Some("overlay"),
+        &dirs.merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|e| {
+        format!(
+            "mounting overlayfs on {} ({options}): {e}",
+            dirs.merged.display()
+        )
+    })
+}
+
+/// Runs `exe __sandbox` (a fresh, single-threaded process, as namespaces need) to mount the
+/// overlay of `dirs` on `lower`, delete `g` and replace the directory `d` through it, and
+/// unmount it. The caller checks what the upper directory recorded.
+pub(crate) fn probe_overlay(exe: &Path, lower: &Path, dirs: &OverlayDirs) -> Result<(), String> {
+    let request = Request::Probe {
+        overlay_probe: dirs.clone(),
+        lower: lower.to_path_buf(),
+    };
+    let file = lower.parent().unwrap_or(Path::new("/")).join("probe.json");
+    let json = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    fs::write(&file, json).map_err(|e| format!("{}: {e}", file.display()))?;
+    let out = std::process::Command::new(exe)
+        .arg(SUBCOMMAND)
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(stderr.trim().trim_start_matches(SETUP_PREFIX).to_string())
+}
+
+/// The probe's child side: see [`probe_overlay`].
+fn probe_child(lower: &Path, dirs: &OverlayDirs) -> Result<(), String> {
+    let none: Option<&str> = None;
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(mount namespace): {e}"))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| format!("making / private: {e}"))?;
+    mount_overlay(lower, dirs)?;
+    let merged = &dirs.merged;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| format!("{what} through overlayfs: {e}")
+    };
+    fs::remove_file(merged.join("g")).map_err(io("deleting a file"))?;
+    fs::remove_dir_all(merged.join("d")).map_err(io("deleting a directory"))?;
+    fs::create_dir(merged.join("d")).map_err(io("creating a directory"))?;
+    umount2(merged, MntFlags::empty()).map_err(|e| format!("unmounting the probe: {e}"))?;
     Ok(())
 }
 
