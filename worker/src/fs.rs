@@ -1057,4 +1057,138 @@ mod tests {
             Err(FsError::UnknownUser(_))
         ));
     }
+
+    /// Sets the mtime of every path under `root` (deepest first) to `secs`.
+    fn age(root: &Path, secs: i64) {
+        let mut all = vec![root.to_path_buf()];
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    dirs.push(p.clone());
+                }
+                all.push(p);
+            }
+        }
+        all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in all {
+            let t = nix::sys::time::TimeSpec::new(secs, 0);
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &p,
+                &t,
+                &t,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn recorded_changes_give_the_layer_a_metadata_diff_gives() {
+        use crate::snapshot::Snapshot;
+        use ossb_image::layer::{write_layer, Compression, LayerOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        for d in ["src/sub", "dirsrc/inner"] {
+            fs::create_dir_all(ctx.join(d)).unwrap();
+        }
+        for (f, c) in [
+            ("a.txt", "a"),
+            ("src/sub/b.txt", "b"),
+            ("src/c.txt", "c"),
+            ("src/over", "a file where a directory was"),
+            ("dirsrc/inner/x", "x"),
+        ] {
+            fs::write(ctx.join(f), c).unwrap();
+        }
+        symlink("c.txt", ctx.join("src/lnk")).unwrap();
+        age(&ctx, 1_500_000);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for r in [&a, &b] {
+            for d in ["app/over/deep", "realsub", "etc"] {
+                fs::create_dir_all(r.join(d)).unwrap();
+            }
+            fs::write(r.join("app/a.txt"), "old").unwrap();
+            fs::write(r.join("app/keep"), "k").unwrap();
+            fs::write(r.join("etc/hosts"), "h").unwrap();
+            fs::write(r.join("inner"), "a file where a directory goes").unwrap();
+            symlink("/realsub", r.join("app/sub")).unwrap();
+            age(r, 1_000_000);
+        }
+        let owner = if nix::unistd::geteuid().is_root() {
+            (1000, 1000)
+        } else {
+            (0, 0)
+        };
+        let steps = |r: &Path| -> Vec<Change> {
+            let opts = CopyOptions {
+                owner,
+                ..Default::default()
+            };
+            let none = CopyFilter::none();
+            let mut changes = Vec::new();
+            for (sources, dest) in [
+                (vec!["a.txt"], "/app/"),
+                (vec!["src"], "/app/"),
+                (vec!["src"], "/new/deep/"),
+                (vec!["dirsrc"], "/"),
+                (vec!["a.txt"], "/etc/hosts"),
+            ] {
+                let sources: Vec<String> = sources.into_iter().map(String::from).collect();
+                changes.extend(copy_into(&ctx, &sources, r, dest, opts.clone(), none).unwrap());
+            }
+            let parents = CopyOptions {
+                parents: true,
+                ..opts.clone()
+            };
+            changes.extend(
+                copy_into(&ctx, &["src/sub/b.txt".into()], r, "/p/", parents, none).unwrap(),
+            );
+            changes.extend(make_workdir(r, "/w/x", owner).unwrap());
+            changes.extend(make_workdir(r, "/app", owner).unwrap());
+            changes
+        };
+        let before = Snapshot::take(&a, &[]).unwrap();
+        steps(&a);
+        let diffed = before.diff(&Snapshot::take(&a, &[]).unwrap());
+        let recorded = steps(&b);
+        let layer = |r: &Path, changes: &[Change]| {
+            let mut blob = Vec::new();
+            let opts = LayerOptions {
+                compression: Compression::None,
+                source_date_epoch: Some(2_000_000),
+            };
+            write_layer(r, changes, &mut blob, &opts).unwrap();
+            blob
+        };
+        let paths = |c: &[Change]| {
+            let mut p: Vec<PathBuf> = c.iter().map(|c| c.path.clone()).collect();
+            p.sort();
+            p.dedup();
+            p
+        };
+        let (la, lb) = (layer(&a, &diffed), layer(&b, &recorded));
+        assert!(
+            la == lb,
+            "diff {:#?}\nrecorded {:#?}",
+            paths(&diffed),
+            paths(&recorded)
+        );
+        let listed = paths(&recorded);
+        for p in [
+            "realsub/b.txt",
+            "app/over/over",
+            "inner/x",
+            "etc/hosts",
+            "w/x",
+        ] {
+            assert!(listed.contains(&PathBuf::from(p)), "{p}: {listed:#?}");
+        }
+        assert!(
+            !listed.iter().any(|p| p.starts_with("app/sub")),
+            "{listed:#?}"
+        );
+    }
 }

@@ -234,8 +234,9 @@ struct Frame {
     next: usize,
     /// Its rootfs contents are hidden (it or an ancestor is opaque).
     hidden: bool,
-    /// The rootfs directory's metadata before the merge (`None` for the top).
-    before: Option<fs::Metadata>,
+    /// The metadata of the upper and the rootfs directory before the merge, which moves
+    /// entries out of one into the other and so changes both (`None` for the top).
+    before: Option<(fs::Metadata, fs::Metadata)>,
 }
 
 struct Merge<'a> {
@@ -266,8 +267,8 @@ impl Merge<'_> {
         while let Some(frame) = stack.last_mut() {
             let Some(name) = frame.names.get(frame.next).cloned() else {
                 let done = stack.pop().expect("a frame is on the stack");
-                if let Some(before) = &done.before {
-                    self.finish_dir(&done.rel, before, done.hidden)?;
+                if let Some((upper, lower)) = &done.before {
+                    self.finish_dir(&done.rel, upper, lower, done.hidden)?;
                 }
                 continue;
             };
@@ -289,7 +290,7 @@ impl Merge<'_> {
             match (ust.is_dir(), lst) {
                 (true, Some(l)) if l.is_dir() => {
                     let opaque = hidden || is_opaque(&up).map_err(context(&up))?;
-                    let frame = self.frame(rel, opaque, Some(l))?;
+                    let frame = self.frame(rel, opaque, Some((ust, l)))?;
                     stack.push(frame);
                 }
                 (true, lower) => {
@@ -336,7 +337,7 @@ impl Merge<'_> {
         &mut self,
         rel: PathBuf,
         hidden: bool,
-        before: Option<fs::Metadata>,
+        before: Option<(fs::Metadata, fs::Metadata)>,
     ) -> io::Result<Frame> {
         let names = sorted_names(&self.upper.join(&rel))?;
         if hidden {
@@ -385,10 +386,15 @@ impl Merge<'_> {
 
     /// Gives the rootfs directory `rel` the upper one's owner, mode, xattrs and times, and lists
     /// it when they changed (always when it was opaque: the step made it anew).
-    fn finish_dir(&mut self, rel: &Path, before: &fs::Metadata, hidden: bool) -> io::Result<()> {
+    fn finish_dir(
+        &mut self,
+        rel: &Path,
+        u: &fs::Metadata,
+        before: &fs::Metadata,
+        hidden: bool,
+    ) -> io::Result<()> {
         let up = self.upper.join(rel);
         let low = self.rootfs.join(rel);
-        let u = fs::symlink_metadata(&up).map_err(context(&up))?;
         let up_xattrs = kept_xattrs(&up)?;
         let low_xattrs = kept_xattrs(&low)?;
         let changed = hidden
@@ -411,7 +417,7 @@ impl Merge<'_> {
                 set_xattr(&low, name, value).map_err(context(&low))?;
             }
         }
-        set_times(&low, &u).map_err(context(&low))?;
+        set_times(&low, u).map_err(context(&low))?;
         if changed {
             self.list(rel, ChangeKind::Modified);
         }
@@ -648,5 +654,297 @@ fn remove_xattr(path: &Path, name: &[u8]) -> io::Result<()> {
         Ok(())
     } else {
         Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+    use std::process::Command;
+
+    use ossb_image::layer::{write_layer, Compression, LayerOptions};
+
+    use super::*;
+    use crate::snapshot::Snapshot;
+
+    /// Every entry of the test trees gets this mtime; changes made by a step are later and
+    /// are clamped to [`EPOCH`], so that two runs at different times give the same bytes.
+    const OLD: i64 = 1_000_000;
+    const EPOCH: i64 = 2_000_000;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// A rootfs with something for every kind of change.
+    fn populate(r: &Path) {
+        for d in ["dir/b", "repl", "opq/sub", "deep/er", "etc", "proc", "keep"] {
+            fs::create_dir_all(r.join(d)).unwrap();
+        }
+        for (f, c) in [
+            ("mod", "old"),
+            ("chmod", "c"),
+            ("chown", "o"),
+            ("del", "d"),
+            ("dir/a", "a"),
+            ("dir/b/c", "c"),
+            ("repl/x", "x"),
+            ("link_src", "l"),
+            ("ren", "r"),
+            ("opq/old1", "1"),
+            ("opq/sub/old2", "2"),
+            ("deep/er/file", "f"),
+            ("etc/passwd", "root:x:0:0"),
+            ("keep/same", "s"),
+            ("keep/touched", "t"),
+        ] {
+            fs::write(r.join(f), c).unwrap();
+        }
+        symlink("mod", r.join("oldlink")).unwrap();
+        let mut all = Vec::new();
+        let mut dirs = vec![r.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    dirs.push(p.clone());
+                }
+                all.push(p);
+            }
+        }
+        // Deepest first: setting a child's time leaves its directory's alone.
+        all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in all {
+            let t = nix::sys::time::TimeSpec::new(OLD, 0);
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &p,
+                &t,
+                &t,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+    }
+
+    /// The step: create, modify, chmod, chown, delete a file and a directory, replace a
+    /// directory by a file and a file by a directory, hardlink, symlink, rename, recreate a
+    /// directory, write deep inside the tree, open a file for writing without changing it.
+    fn script() -> String {
+        let chown = if is_root() {
+            "chown 1000:1000 chown"
+        } else {
+            "true"
+        };
+        format!(
+            "set -e
+            echo new > new; mkdir -p nd/x; echo f > nd/x/f
+            echo more >> mod
+            chmod 700 chmod
+            {chown}
+            rm del
+            rm -rf dir
+            rm -rf repl; echo now-a-file > repl
+            rm link_src.x 2>/dev/null || true; ln link_src hl
+            ln -s target sym; rm oldlink; ln -s chmod oldlink
+            mv ren renamed
+            rm -rf opq; mkdir -p opq/sub; echo n > opq/sub/new
+            echo changed > deep/er/file
+            : >> keep/touched
+            rm chown.x 2>/dev/null || true
+            rm -f del2; mkdir -p ren2; rmdir ren2"
+        )
+    }
+
+    /// `sh -c script` in `dir`, in a new mount namespace (and a user namespace when not
+    /// root), after `mount` if given. None when namespaces cannot be made here.
+    fn run_in_namespace(dir: &Path, mount: Option<&str>, script: &str) -> Option<()> {
+        let mut full = String::new();
+        if let Some(m) = mount {
+            full.push_str(m);
+            full.push_str(" && ");
+        }
+        full.push_str(&format!("cd '{}' && {{ {script}\n}}", dir.display()));
+        let mut cmd = Command::new("unshare");
+        if !is_root() {
+            cmd.args(["--user", "--map-root-user"]);
+        }
+        let out = cmd.args(["--mount", "sh", "-c", &full]).output().ok()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("unshare") || err.contains("mount") {
+                return None;
+            }
+            panic!("the step failed: {err}");
+        }
+        Some(())
+    }
+
+    fn layer(rootfs: &Path, changes: &[Change]) -> Vec<u8> {
+        let mut blob = Vec::new();
+        let opts = LayerOptions {
+            compression: Compression::None,
+            source_date_epoch: Some(EPOCH),
+        };
+        write_layer(rootfs, changes, &mut blob, &opts).unwrap();
+        blob
+    }
+
+    /// "type name mode uid:gid size" of each entry of a plain tar (short names only).
+    fn names(tar: &[u8]) -> Vec<String> {
+        let field = |h: &[u8], r: std::ops::Range<usize>| {
+            let raw = &h[r];
+            let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).trim().to_string()
+        };
+        let octal = |s: String| u64::from_str_radix(&s, 8).unwrap_or(0);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 512 <= tar.len() && tar[at..at + 512].iter().any(|b| *b != 0) {
+            let h = &tar[at..at + 512];
+            let size = octal(field(h, 124..136));
+            let kind = match h[156] {
+                b'0' | 0 => "Regular",
+                b'1' => "Link",
+                b'2' => "Symlink",
+                b'5' => "Directory",
+                b'x' => "Pax",
+                _ => "Other",
+            };
+            out.push(format!(
+                "{kind} {}{} {:o} {}:{} {size} {} {}",
+                field(h, 345..500),
+                field(h, 0..100),
+                octal(field(h, 100..108)),
+                octal(field(h, 108..116)),
+                octal(field(h, 116..124)),
+                octal(field(h, 136..148)),
+                field(h, 157..257),
+            ));
+            at += 512 + size.div_ceil(512) as usize * 512;
+        }
+        out
+    }
+
+    fn skip(what: &str) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{what} must work under CI"
+        );
+        eprintln!("skipped: {what} is not available here");
+    }
+
+    #[test]
+    fn overlay_and_metadata_snapshots_give_the_same_layer_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a/rootfs"), t.path().join("b/rootfs"));
+        for r in [&a, &b] {
+            fs::create_dir_all(r).unwrap();
+            populate(r);
+        }
+        let exclude = [PathBuf::from("proc")];
+
+        // The fallback: snapshots around the step run in place.
+        let before = Snapshot::take(&a, &exclude).unwrap();
+        if run_in_namespace(&a, None, &script()).is_none() {
+            return skip("a mount namespace");
+        }
+        let fallback = before.diff(&Snapshot::take(&a, &exclude).unwrap());
+
+        // Overlay: the step runs on the merged directory, the changes come from the upper one.
+        let upper = Upper::create(&b).unwrap();
+        let d = upper.dirs();
+        let mount = format!(
+            "mount -t overlay overlay -o '{}' '{}'",
+            d.mount_options(&b),
+            d.merged.display()
+        );
+        if run_in_namespace(&d.merged, Some(&mount), &script()).is_none() {
+            return skip("overlayfs in a mount namespace");
+        }
+        let from_upper = upper.merge(&b, &exclude, &[]).unwrap();
+
+        let (la, lb) = (layer(&a, &fallback), layer(&b, &from_upper));
+        assert_eq!(names(&la), names(&lb), "{fallback:#?}\n{from_upper:#?}");
+        assert!(la == lb, "same entries, different bytes");
+        let listed = names(&lb).join("\n");
+        for expected in [
+            "opq/.wh.old1",
+            "opq/sub/.wh.old2",
+            ".wh.dir",
+            ".wh.del",
+            ".wh.ren",
+            "Regular repl ",
+            "Link link_src",
+            "Symlink sym",
+            "Regular deep/er/file",
+        ] {
+            assert!(listed.contains(expected), "{expected} missing:\n{listed}");
+        }
+        assert!(
+            !listed.contains("keep/touched"),
+            "a file opened for writing and left unchanged is no change:\n{listed}"
+        );
+        // The rootfs holds the new state, without overlay's xattrs.
+        assert_eq!(fs::read_to_string(b.join("repl")).unwrap(), "now-a-file\n");
+        assert!(!b.join("dir").exists() && !b.join("opq/old1").exists());
+        assert!(
+            fs::metadata(b.join("hl")).unwrap().ino()
+                == fs::metadata(b.join("link_src")).unwrap().ino()
+        );
+        for p in ["opq", "deep", "nd"] {
+            assert!(
+                list_xattrs(&b.join(p))
+                    .unwrap()
+                    .iter()
+                    .all(|n| !is_overlay_xattr(n)),
+                "{p} kept an overlay xattr"
+            );
+        }
+        // What is left beside the rootfs is only its own directory.
+        let beside: Vec<_> = fs::read_dir(b.parent().unwrap()).unwrap().collect();
+        assert_eq!(beside.len(), 1);
+    }
+
+    #[test]
+    fn a_workdir_made_before_the_step_is_listed_unless_the_step_removed_it() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("rootfs");
+        fs::create_dir_all(&r).unwrap();
+        populate(&r);
+        for (script, listed) in [("true", true), ("rm -rf /work/app", false)] {
+            let created = crate::fs::make_workdir(&r, "/work/app", (0, 0)).unwrap();
+            let created: Vec<PathBuf> = created.into_iter().map(|c| c.path).collect();
+            assert_eq!(created, [PathBuf::from("work"), PathBuf::from("work/app")]);
+            let upper = Upper::create(&r).unwrap();
+            let d = upper.dirs();
+            let mount = format!(
+                "mount -t overlay overlay -o '{}' '{}'",
+                d.mount_options(&r),
+                d.merged.display()
+            );
+            let script = script.replace("/work", &format!("{}/work", d.merged.display()));
+            if run_in_namespace(&d.merged, Some(&mount), &script).is_none() {
+                return skip("overlayfs in a mount namespace");
+            }
+            let changes = upper.merge(&r, &[], &created).unwrap();
+            let paths: Vec<_> = changes.iter().map(|c| (c.path.clone(), c.kind)).collect();
+            if listed {
+                assert_eq!(
+                    paths,
+                    [
+                        (PathBuf::from("work"), ChangeKind::Added),
+                        (PathBuf::from("work/app"), ChangeKind::Added)
+                    ]
+                );
+            } else {
+                // The step removed what did not exist before it: no whiteout, only `work`.
+                assert!(
+                    paths.iter().all(|(_, k)| *k != ChangeKind::Deleted),
+                    "{paths:?}"
+                );
+            }
+            let _ = fs::remove_dir_all(r.join("work"));
+        }
     }
 }
