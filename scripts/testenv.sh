@@ -4,6 +4,11 @@
 # tests, and qemu-aarch64 through binfmt_misc. Everything it makes lives in <repo>/.testenv/.
 #
 #   scripts/testenv.sh [start]   install what is missing, start what is not running (idempotent)
+#   scripts/testenv.sh start --debian
+#                                also a Debian bookworm base (debootstrap --variant=minbase, made
+#                                once and cached in .testenv/debian, about two minutes, needs
+#                                Debian's archive) pushed as library/debian:bookworm; the benches
+#                                use it for apt workloads
 #   scripts/testenv.sh stop      stop the registries it started; state stays on disk
 #   scripts/testenv.sh env       print the exports (also in .testenv/env: `. .testenv/env`)
 #   scripts/testenv.sh status    show what runs
@@ -30,6 +35,8 @@ PACKAGES=(
   qemu-user-static binfmt-support busybox-static apache2-utils openssl jq python3 iproute2 tar gzip
   # not asked for by name but needed by podman/buildah without their recommends:
   fuse-overlayfs slirp4netns catatonit
+  # getfattr/setfattr: the conformance test compares and sets xattrs
+  attr
 )
 REGISTRIES=(plain tls)
 EVIL_IMAGES=(evil evil-dotdot evil-symlink evil-symlink-up evil-hardlink)
@@ -532,6 +539,57 @@ ensure_pushed() {
   NOTE="${#missing[@]} pushed, $((${#want[@]} - ${#missing[@]})) already there; busybox:latest is an index of linux/amd64 + linux/arm64 on both"
 }
 
+# ---------------------------------------------------------------- a Debian base (start --debian)
+
+DEBIAN_SUITE=bookworm
+DEBIAN_RECIPE=1
+# The mirror apt itself uses here (deb822 sources first, then sources.list).
+debian_mirror() {
+  local m
+  m=$(sed -n 's/^URIs: *\(http[^ ]*debian\)\/\{0,1\} *$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
+  [[ -n $m ]] || m=$(sed -n 's/^deb \(\[[^]]*\] \)\{0,1\}\(http[^ ]*debian\)\/\{0,1\} .*/\2/p' /etc/apt/sources.list 2>/dev/null | head -n1)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+ensure_debian_image() {
+  # beside, not in, .testenv/images: a new busybox recipe remakes that directory
+  local layout=$STATE/debian tmp key
+  key="recipe $DEBIAN_RECIPE $DEBIAN_SUITE minbase"
+  if ! [[ -s $layout.key && $(<"$layout.key") == "$key" && -f $layout/index.json ]]; then
+    command -v debootstrap >/dev/null || {
+      apt_update
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >>"$LOGS/apt.log" 2>&1 ||
+        die "apt-get install debootstrap failed (log: $LOGS/apt.log)"
+    }
+    tmp=$STATE/debian.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    debootstrap --variant=minbase "$DEBIAN_SUITE" "$tmp/rootfs" "$(debian_mirror)" >>"$LOGS/debootstrap.log" 2>&1 ||
+      die "debootstrap $DEBIAN_SUITE from $(debian_mirror) failed (log: $LOGS/debootstrap.log)"
+    rm -rf "$tmp"/rootfs/var/cache/apt/archives/*.deb "$tmp"/rootfs/var/lib/apt/lists/*_* "$tmp"/rootfs/etc/resolv.conf
+    make_layer "$tmp/rootfs" "$tmp/layer.tar.gz"
+    gunzip "$tmp/layer.tar.gz"
+    umoci init --layout "$tmp/layout"
+    umoci new --image "$tmp/layout:$DEBIAN_SUITE"
+    umoci raw add-layer --no-history --image "$tmp/layout:$DEBIAN_SUITE" "$tmp/layer.tar"
+    umoci config --no-history --image "$tmp/layout:$DEBIAN_SUITE" --os linux --architecture amd64 \
+      --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --config.cmd bash
+    rm -rf "$layout"
+    mv "$tmp/layout" "$layout"
+    echo "$key" >"$layout.key"
+    rm -rf "$tmp"
+    NOTE="made debian:$DEBIAN_SUITE with debootstrap; "
+  fi
+  if printf '%s\n' "$(reg_url plain) library/debian $DEBIAN_SUITE $layout $DEBIAN_SUITE" | check_images | grep -q .; then
+    skopeo copy -q --dest-tls-verify=false "oci:$layout:$DEBIAN_SUITE" \
+      "docker://127.0.0.1:$(reg_port plain)/library/debian:$DEBIAN_SUITE" >>"$LOGS/skopeo.log" 2>&1 ||
+      die "skopeo copy of debian:$DEBIAN_SUITE failed (log: $LOGS/skopeo.log)"
+    NOTE+="pushed library/debian:$DEBIAN_SUITE to the plain registry"
+  else
+    NOTE+="library/debian:$DEBIAN_SUITE already on the plain registry"
+  fi
+}
+
 # ---------------------------------------------------------------- client configuration and env
 
 write_client_config() {
@@ -591,6 +649,7 @@ write_env() {
     q OSSB_TEST_BUSYBOX_LAYOUT "$IMAGES/busybox"
     q OSSB_TEST_ARM64 "$ARM64"
     q OSSB_TEST_ROOTLESS_USER "$ROOTLESS_USER"
+    if [[ -f $STATE/debian/index.json ]]; then q OSSB_TEST_DEBIAN "library/debian:$DEBIAN_SUITE"; fi
   } | put "$STATE/env" 644
 }
 
@@ -631,6 +690,7 @@ cmd_start() {
   step push ensure_pushed
   step emulation ensure_emulation
   step rootless-user ensure_rootless_user
+  if ((WANT_DEBIAN)); then step debian ensure_debian_image; fi
   write_env
   local total=$(($(now_us) - T0))
   cat <<EOF
@@ -674,8 +734,12 @@ cmd_status() {
   return "$rc"
 }
 
+WANT_DEBIAN=0
 case ${1:-start} in
-  start) cmd_start ;;
+  start)
+    [[ ${2:-} != --debian ]] || WANT_DEBIAN=1
+    cmd_start
+    ;;
   stop) cmd_stop ;;
   env) cmd_env ;;
   status) cmd_status ;;
