@@ -31,6 +31,13 @@ pub enum Command {
         #[command(subcommand)]
         command: DebugCommand,
     },
+    /// Certificates of a build cluster (every connection is mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        command: crate::cluster::CertsCommand,
+    },
+    /// Serve the peer cache of a build cluster.
+    CacheNode(crate::cluster::CacheNodeArgs),
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,6 +2,7 @@
 //! here; it calls the coordinator.
 
 mod args;
+mod cluster;
 mod display;
 
 use std::io::Read;
@@ -35,6 +36,8 @@ fn main() -> ExitCode {
             command: DebugCommand::Parse { file },
         } => debug_parse(&file),
         Command::Cache { command } => cache_command(command),
+        Command::Certs { command } => cluster::certs(command),
+        Command::CacheNode(args) => cluster::cache_node(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
 mod build;
+mod cluster_cache;
 mod conformance;
 mod fault_proxy;
 mod registry;

@@ -1,0 +1,492 @@
+//! [`PeerCache`]: the client of the cache nodes that workers (and nodes filling themselves)
+//! use, with placement and failover built in.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ossb_image::store::{BlobStore, PartialBlob, StoreError};
+use ossb_net::{read_message, write_message, Identity, NetError, Role};
+use ossb_protocol::wire::{CacheReply, CacheRequest, CacheStats, Message, StreamReset};
+use ossb_protocol::Digest;
+use quinn::{Connection, Endpoint};
+
+use crate::placement::{Placement, REPLICAS};
+
+/// Size of the chunks blobs are read and sent in.
+pub(crate) const CHUNK: usize = 1 << 20;
+
+/// How long a node that could not be reached is tried last instead of first.
+const DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// Errors of [`PeerCache`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No node could serve the blob; says what each answered.
+    #[error("blob {digest} is not in the peer cache ({tried})")]
+    NotFound {
+        /// The blob.
+        digest: Digest,
+        /// Each node tried and its answer.
+        tried: String,
+    },
+    /// No node stored the blob; says why for each.
+    #[error("no cache node stored blob {digest} ({tried})")]
+    PutFailed {
+        /// The blob.
+        digest: Digest,
+        /// Each node tried and its answer.
+        tried: String,
+    },
+    /// One node failed a request made to it alone.
+    #[error("cache node {node}: {reason}")]
+    Node {
+        /// The node.
+        node: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The local blob store failed (or lacks the blob to put).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The TLS material or the local endpoint is unusable.
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+/// The outcome of one node's attempt at a get.
+pub(crate) enum Attempt {
+    /// All bytes arrived (not yet verified).
+    Complete,
+    /// The node does not have it.
+    Missing,
+    /// The node found its copy corrupt and discarded it: what arrived is worthless.
+    Corrupt,
+    /// The transfer broke off; the bytes that arrived are good to resume from (they are
+    /// verified with the rest at the end).
+    Failed(String),
+}
+
+/// The cache nodes of the cluster as one blob cache.
+///
+/// - [`PeerCache::get_to_store`] asks the blob's home nodes first, then the others, in
+///   rendezvous order; a transfer that breaks off resumes from the bytes already received on
+///   the next node; every byte is verified against the digest before the blob enters the
+///   local store.
+/// - [`PeerCache::put_from_store`] sends a blob to its [`REPLICAS`] home nodes (the next nodes
+///   in order stand in for unreachable ones).
+/// - [`PeerCache::has`] asks the home nodes which blobs they hold.
+///
+/// Connections are opened on first use and kept; a node that cannot be reached is tried last
+/// for a while. Cloning is cheap and shares the connections.
+#[derive(Clone)]
+pub struct PeerCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    placement: Placement,
+    connections: tokio::sync::Mutex<HashMap<String, Connection>>,
+    down: Mutex<HashMap<String, Instant>>,
+    timeout: Duration,
+    local_only: bool,
+}
+
+impl PeerCache {
+    /// A client of `nodes` (`host:port`, the same list the nodes get as `--peers`) presenting
+    /// the client certificate of `tls_dir`. Call it within a tokio runtime (the endpoint's
+    /// socket is registered with it).
+    pub fn connect(tls_dir: &Path, nodes: &[String]) -> Result<PeerCache, ClientError> {
+        let identity = Identity::load(tls_dir, Role::Client)?;
+        Ok(PeerCache::new(ossb_net::client(&identity)?, nodes))
+    }
+
+    /// A client of `nodes` dialling from `endpoint` (a node uses its own server endpoint).
+    pub fn new(endpoint: Endpoint, nodes: &[String]) -> PeerCache {
+        PeerCache {
+            inner: Arc::new(Inner {
+                endpoint,
+                placement: Placement::new(nodes),
+                connections: Default::default(),
+                down: Default::default(),
+                timeout: Duration::from_secs(3),
+                local_only: false,
+            }),
+        }
+    }
+
+    /// A client of `nodes` that asks them to answer from their own disks only (what a node
+    /// filling itself uses, so that a miss never travels further than one hop).
+    pub(crate) fn local_only(endpoint: Endpoint, nodes: &[String]) -> PeerCache {
+        let mut cache = PeerCache::new(endpoint, nodes);
+        if let Some(inner) = Arc::get_mut(&mut cache.inner) {
+            inner.local_only = true;
+        }
+        cache
+    }
+
+    /// The placement of blobs over the nodes.
+    pub fn placement(&self) -> &Placement {
+        &self.inner.placement
+    }
+
+    /// For each digest, whether one of its home nodes holds it.
+    pub async fn has(&self, digests: &[Digest]) -> Vec<bool> {
+        let mut present = vec![false; digests.len()];
+        for replica in 0..REPLICAS {
+            let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
+            for (i, d) in digests.iter().enumerate() {
+                if !present[i] {
+                    if let Some(node) = self.ranked(d).get(replica) {
+                        by_node.entry(node.clone()).or_default().push(i);
+                    }
+                }
+            }
+            for (node, indexes) in by_node {
+                let asked: Vec<Digest> = indexes.iter().map(|&i| digests[i]).collect();
+                if let Ok(sizes) = self.has_on(&node, asked).await {
+                    for (i, size) in indexes.into_iter().zip(sizes) {
+                        present[i] |= size.is_some();
+                    }
+                }
+            }
+        }
+        present
+    }
+
+    /// Which of `digests` one node holds, with their sizes.
+    pub async fn has_on(
+        &self,
+        node: &str,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<Option<u64>>, ClientError> {
+        let n = digests.len();
+        match self
+            .request(node, CacheRequest::Has { digests })
+            .await
+            .map_err(|reason| node_err(node, reason))?
+        {
+            CacheReply::Has { sizes } if sizes.len() == n => Ok(sizes),
+            other => Err(node_err(node, format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// One node's counters.
+    pub async fn stats(&self, node: &str) -> Result<CacheStats, ClientError> {
+        match self
+            .request(node, CacheRequest::Stat)
+            .await
+            .map_err(|reason| node_err(node, reason))?
+        {
+            CacheReply::Stats(s) => Ok(s),
+            other => Err(node_err(node, format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Fetches the blob into `store` (nothing to do if it is there already) and returns its
+    /// size. Tries the nodes in rendezvous order; verified before it is stored.
+    pub async fn get_to_store(
+        &self,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<u64, ClientError> {
+        if let Some(size) = store.size(digest) {
+            return Ok(size);
+        }
+        self.get_from_nodes(digest, store, &self.ranked(digest))
+            .await
+    }
+
+    /// As [`PeerCache::get_to_store`], asking only `node`.
+    pub async fn get_from_node(
+        &self,
+        node: &str,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<u64, ClientError> {
+        self.get_from_nodes(digest, store, &[node.to_string()])
+            .await
+    }
+
+    async fn get_from_nodes(
+        &self,
+        digest: &Digest,
+        store: &BlobStore,
+        nodes: &[String],
+    ) -> Result<u64, ClientError> {
+        let mut partial = store.partial()?;
+        let mut tried = Vec::new();
+        for node in nodes {
+            let outcome = self.get_once(node, digest, &mut partial).await;
+            let note = match outcome {
+                Attempt::Complete => match partial.commit(digest) {
+                    Ok(size) => return Ok(size),
+                    Err(StoreError::DigestMismatch { actual, .. }) => {
+                        partial = store.partial()?;
+                        format!("sent bytes hashing to {actual}")
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                Attempt::Missing => "missing".to_string(),
+                Attempt::Corrupt => {
+                    partial.reset()?;
+                    "its copy was corrupt and discarded".to_string()
+                }
+                Attempt::Failed(reason) => reason,
+            };
+            tracing::debug!(%digest, node, note, "peer cache get attempt");
+            tried.push(format!("{node}: {note}"));
+        }
+        Err(ClientError::NotFound {
+            digest: *digest,
+            tried: tried_text(tried),
+        })
+    }
+
+    pub(crate) async fn get_once(
+        &self,
+        node: &str,
+        digest: &Digest,
+        partial: &mut PartialBlob,
+    ) -> Attempt {
+        let offset = partial.len();
+        let request = CacheRequest::Get {
+            digest: *digest,
+            offset,
+            local_only: self.inner.local_only,
+        };
+        let (mut recv, size) = match self.open(node, request).await {
+            Ok((_, mut recv)) => match read_message(&mut recv).await {
+                Ok(Message::CacheReply(CacheReply::Blob { size, offset: o })) if o == offset => {
+                    (recv, size)
+                }
+                Ok(Message::CacheReply(CacheReply::Missing)) => return Attempt::Missing,
+                Ok(Message::Error(e)) => return Attempt::Failed(e.message),
+                Ok(other) => return Attempt::Failed(format!("unexpected answer {other:?}")),
+                Err(e) => return Attempt::Failed(e.to_string()),
+            },
+            Err(reason) => return Attempt::Failed(reason),
+        };
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    if partial.len() + chunk.bytes.len() as u64 > size {
+                        return Attempt::Failed(format!(
+                            "sent more than the {size} bytes announced"
+                        ));
+                    }
+                    if let Err(e) = partial.write(&chunk.bytes) {
+                        return Attempt::Failed(e.to_string());
+                    }
+                }
+                Ok(None) if partial.len() == size => return Attempt::Complete,
+                Ok(None) => {
+                    return Attempt::Failed(format!("sent {} of {size} bytes", partial.len()))
+                }
+                Err(quinn::ReadError::Reset(code))
+                    if StreamReset::from_code(code.into_inner())
+                        == Some(StreamReset::BlobCorrupt) =>
+                {
+                    return Attempt::Corrupt
+                }
+                Err(e) => {
+                    self.forget(node).await;
+                    return Attempt::Failed(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Sends the blob from `store` to its home nodes (standing in: the next nodes in order
+    /// for unreachable ones) and returns how many nodes now hold it (at most [`REPLICAS`]).
+    pub async fn put_from_store(
+        &self,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<usize, ClientError> {
+        let size = store.size(digest).ok_or(StoreError::Missing(*digest))?;
+        let ranked = self.ranked(digest);
+        let (mut copies, mut next, mut tried) = (0, 0, Vec::new());
+        while copies < REPLICAS && next < ranked.len() {
+            let results = match &ranked[next..ranked.len().min(next + REPLICAS - copies)] {
+                [a, b] => {
+                    let (ra, rb) = tokio::join!(
+                        self.put_to(a, digest, size, store),
+                        self.put_to(b, digest, size, store)
+                    );
+                    vec![(a, ra), (b, rb)]
+                }
+                [a] => vec![(a, self.put_to(a, digest, size, store).await)],
+                _ => Vec::new(),
+            };
+            next += results.len();
+            for (node, r) in results {
+                match r {
+                    Ok(()) => copies += 1,
+                    Err(reason) => tried.push(format!("{node}: {reason}")),
+                }
+            }
+        }
+        if copies == 0 {
+            return Err(ClientError::PutFailed {
+                digest: *digest,
+                tried: tried_text(tried),
+            });
+        }
+        Ok(copies)
+    }
+
+    /// Sends the blob to one node; `Ok` once it holds a verified copy.
+    pub async fn put_to_node(
+        &self,
+        node: &str,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<(), ClientError> {
+        let size = store.size(digest).ok_or(StoreError::Missing(*digest))?;
+        self.put_to(node, digest, size, store)
+            .await
+            .map_err(|reason| node_err(node, reason))
+    }
+
+    async fn put_to(
+        &self,
+        node: &str,
+        digest: &Digest,
+        size: u64,
+        store: &BlobStore,
+    ) -> Result<(), String> {
+        let (mut send, mut recv) = self
+            .open(
+                node,
+                CacheRequest::Put {
+                    digest: *digest,
+                    size,
+                },
+            )
+            .await?;
+        match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+            Message::CacheReply(CacheReply::PutPresent) => return Ok(()),
+            Message::CacheReply(CacheReply::PutReady) => {}
+            Message::Error(e) => return Err(e.message),
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+        let mut file = store.open_blob(digest).map_err(|e| e.to_string())?;
+        let mut sent = 0u64;
+        while sent < size {
+            let mut buf = BytesMut::zeroed(CHUNK.min((size - sent) as usize));
+            let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                let _ = send.reset(quinn::VarInt::from_u32(StreamReset::Aborted.code()));
+                return Err(format!("the local blob ended after {sent} of {size} bytes"));
+            }
+            buf.truncate(n);
+            send.write_chunk(buf.freeze())
+                .await
+                .map_err(|e| e.to_string())?;
+            sent += n as u64;
+        }
+        send.finish().map_err(|e| e.to_string())?;
+        match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+            Message::CacheReply(CacheReply::Stored) => Ok(()),
+            Message::Error(e) => Err(e.message),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// A request whose reply is one message.
+    async fn request(&self, node: &str, request: CacheRequest) -> Result<CacheReply, String> {
+        let (_, mut recv) = self.open(node, request).await?;
+        match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+            Message::CacheReply(r) => Ok(r),
+            Message::Error(e) => Err(e.message),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// Opens a stream to `node` and sends `request` on it.
+    async fn open(
+        &self,
+        node: &str,
+        request: CacheRequest,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+        let conn = self.connection(node).await?;
+        let opened = async {
+            let (mut send, recv) = conn.open_bi().await?;
+            write_message(&mut send, Message::CacheRequest(request)).await?;
+            Ok::<_, NetError>((send, recv))
+        };
+        match opened.await {
+            Ok(streams) => Ok(streams),
+            Err(e) => {
+                self.forget(node).await;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn connection(&self, node: &str) -> Result<Connection, String> {
+        let mut conns = self.inner.connections.lock().await;
+        if let Some(c) = conns.get(node) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        match ossb_net::connect(&self.inner.endpoint, node, self.inner.timeout).await {
+            Ok(c) => {
+                conns.insert(node.to_string(), c.clone());
+                self.lock_down().remove(node);
+                Ok(c)
+            }
+            Err(e) => {
+                conns.remove(node);
+                self.lock_down()
+                    .insert(node.to_string(), Instant::now() + DOWN_FOR);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn forget(&self, node: &str) {
+        self.inner.connections.lock().await.remove(node);
+    }
+
+    fn lock_down(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.inner
+            .down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The nodes in rendezvous order for `digest`, those recently unreachable moved last.
+    fn ranked(&self, digest: &Digest) -> Vec<String> {
+        let now = Instant::now();
+        let down = self.lock_down();
+        let (up, late): (Vec<&str>, Vec<&str>) = self
+            .inner
+            .placement
+            .rank(digest)
+            .into_iter()
+            .partition(|n| down.get(*n).is_none_or(|until| *until < now));
+        up.into_iter().chain(late).map(str::to_string).collect()
+    }
+}
+
+fn node_err(node: &str, reason: String) -> ClientError {
+    ClientError::Node {
+        node: node.to_string(),
+        reason,
+    }
+}
+
+fn tried_text(tried: Vec<String>) -> String {
+    if tried.is_empty() {
+        "no cache nodes configured".into()
+    } else {
+        tried.join("; ")
+    }
+}

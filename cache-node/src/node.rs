@@ -1,0 +1,538 @@
+//! The cache node server: a verified blob store served over QUIC.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::BytesMut;
+use ossb_image::store::{BlobStore, StoreError};
+use ossb_net::{read_message, write_message, Identity, NetError, Role};
+use ossb_protocol::frame::FrameError;
+use ossb_protocol::wire::{
+    CacheReply, CacheRequest, CacheStats, ErrorCode, ErrorReply, Message, StreamReset,
+    MAX_HAS_DIGESTS,
+};
+use ossb_protocol::Digest;
+use quinn::{Endpoint, RecvStream, SendStream, VarInt};
+use sha2::{Digest as _, Sha256};
+
+use crate::client::{PeerCache, CHUNK};
+use crate::lru::Lru;
+use crate::metrics::{add, Metrics};
+use crate::placement::Placement;
+
+/// What `ossb cache-node` is given.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The UDP address to serve QUIC on.
+    pub listen: SocketAddr,
+    /// Where blobs are stored (a blob store: `blobs/sha256/<hex>`, `tmp/`).
+    pub data_dir: PathBuf,
+    /// The `--tls-dir` (`ca.crt`, `node.crt`, `node.key`).
+    pub tls_dir: PathBuf,
+    /// Every cache node of the cluster, this one included, as clients name them.
+    pub peers: Vec<String>,
+    /// Evict least recently used blobs above this many bytes.
+    pub max_size: Option<u64>,
+    /// Where to serve `/metrics` and `/healthz` over HTTP.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// TLS material or the QUIC endpoint.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The data directory.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The metrics listener.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running cache node.
+pub struct Node {
+    endpoint: Endpoint,
+    state: Arc<State>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+struct State {
+    store: BlobStore,
+    lru: Mutex<Lru>,
+    metrics: Metrics,
+    endpoint: Endpoint,
+    listen: SocketAddr,
+    placement: Placement,
+    /// This node's own entry of `--peers`, once found (see [`State::own_name`]).
+    own_name: OnceLock<String>,
+    /// The other nodes, asked (local only) when a blob this node is home for is missing.
+    fill_from: OnceLock<PeerCache>,
+}
+
+impl Node {
+    /// Opens the store, binds the endpoint and the metrics listener, and starts serving.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let store = BlobStore::open(&config.data_dir)?;
+        clear_leftovers(&store);
+        let identity = Identity::load(&config.tls_dir, Role::Node)?;
+        let endpoint = ossb_net::server(config.listen, &identity)?;
+        let listen = endpoint.local_addr().map_err(|source| NetError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        let blobs = store
+            .blobs()?
+            .into_iter()
+            .map(|b| (b.digest, b.size, b.last_used))
+            .collect();
+        let state = Arc::new(State {
+            store,
+            lru: Mutex::new(Lru::load(config.max_size, blobs)),
+            metrics: Metrics::default(),
+            endpoint: endpoint.clone(),
+            listen,
+            placement: Placement::new(&config.peers),
+            own_name: OnceLock::new(),
+            fill_from: OnceLock::new(),
+        });
+        let evicted = state.lock_lru().over_limit(&Digest::of(b""));
+        state.evict(evicted);
+        let metrics_addr = match config.metrics {
+            Some(addr) => Some(serve_metrics(addr, state.clone()).await?),
+            None => None,
+        };
+        tokio::spawn(accept(endpoint.clone(), state.clone()));
+        let stats = state.stats();
+        tracing::info!(
+            listen = %listen,
+            blobs = stats.blobs,
+            bytes = stats.bytes,
+            peers = ?config.peers,
+            "cache node serving"
+        );
+        Ok(Node {
+            endpoint,
+            state,
+            metrics_addr,
+        })
+    }
+
+    /// The address QUIC is served on (the actual port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.state.listen
+    }
+
+    /// The address of `/metrics`, if served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> CacheStats {
+        self.state.stats()
+    }
+
+    /// Stops accepting, closes every connection, and waits (a few seconds at most) for the
+    /// peers to be told.
+    pub async fn close(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"shutting down");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle())
+            .await;
+    }
+}
+
+/// `ossb cache-node`: starts a node and serves until SIGTERM or SIGINT.
+pub async fn serve(config: NodeConfig) -> Result<(), NodeError> {
+    let node = Node::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| {
+            NodeError::Net(NetError::Bind {
+                addr: "SIGTERM handler".into(),
+                source: e,
+            })
+        })?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    node.close().await;
+    Ok(())
+}
+
+/// Temporary files of transfers that a crash interrupted.
+fn clear_leftovers(store: &BlobStore) {
+    if let Ok(entries) = std::fs::read_dir(store.tmp_dir()) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+async fn serve_metrics(addr: SocketAddr, state: Arc<State>) -> Result<SocketAddr, NodeError> {
+    let err = |source| NodeError::Metrics { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    let routes: ossb_net::http::Routes = Arc::new(move |path| match path {
+        "/metrics" => Some(ossb_net::http::Response {
+            content_type: ossb_net::http::PROMETHEUS_TEXT,
+            body: crate::metrics::prometheus(&state.stats()),
+        }),
+        "/healthz" => Some(ossb_net::http::Response {
+            content_type: "text/plain",
+            body: "ok\n".into(),
+        }),
+        _ => None,
+    });
+    tokio::spawn(ossb_net::http::serve(listener, routes));
+    Ok(bound)
+}
+
+async fn accept(endpoint: Endpoint, state: Arc<State>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a connection");
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(serve_stream(state.clone(), send, recv));
+            }
+        });
+    }
+}
+
+async fn serve_stream(state: Arc<State>, mut send: SendStream, mut recv: RecvStream) {
+    let request = match read_message(&mut recv).await {
+        Ok(Message::CacheRequest(r)) => r,
+        Ok(_) => {
+            return reply_error(
+                &mut send,
+                ErrorCode::Unsupported,
+                "a cache node serves only cache requests".into(),
+            )
+            .await
+        }
+        Err(NetError::Frame(e @ FrameError::Version { .. })) => {
+            return reply_error(&mut send, ErrorCode::UnsupportedVersion, e.to_string()).await
+        }
+        Err(NetError::Frame(e)) => {
+            return reply_error(&mut send, ErrorCode::Malformed, e.to_string()).await
+        }
+        Err(_) => return,
+    };
+    let result = match request {
+        CacheRequest::Has { digests } => state.has(&mut send, digests).await,
+        CacheRequest::Get {
+            digest,
+            offset,
+            local_only,
+        } => state.get(&mut send, digest, offset, local_only).await,
+        CacheRequest::Put { digest, size } => state.put(&mut send, &mut recv, digest, size).await,
+        CacheRequest::Stat => reply(&mut send, CacheReply::Stats(state.stats())).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "request failed");
+    }
+}
+
+async fn reply(send: &mut SendStream, reply: CacheReply) -> Result<(), NetError> {
+    write_message(send, Message::CacheReply(reply)).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn reply_error(send: &mut SendStream, code: ErrorCode, message: String) {
+    let _ = write_message(send, Message::Error(ErrorReply { code, message })).await;
+    let _ = send.finish();
+}
+
+impl State {
+    fn lock_lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.lru
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> CacheStats {
+        let (blobs, bytes, limit) = {
+            let lru = self.lock_lru();
+            (lru.len() as u64, lru.bytes(), lru.limit())
+        };
+        self.metrics.stats(blobs, bytes, limit)
+    }
+
+    fn size(&self, digest: &Digest) -> Option<u64> {
+        if !self.lock_lru().contains(digest) {
+            return None;
+        }
+        self.store.size(digest)
+    }
+
+    fn evict(&self, digests: Vec<Digest>) {
+        for d in digests {
+            if let Err(e) = self.store.remove(&d) {
+                tracing::warn!(digest = %d, error = %e, "eviction failed");
+            }
+            add(&self.metrics.evictions, 1);
+            tracing::info!(digest = %d, "evicted");
+        }
+    }
+
+    /// Records a blob just stored, evicting what no longer fits.
+    fn stored(&self, digest: Digest, size: u64) {
+        let evicted = self.lock_lru().insert(digest, size);
+        self.evict(evicted);
+    }
+
+    /// Forgets and deletes a blob whose bytes on disk do not match its digest.
+    fn discard_corrupt(&self, digest: &Digest, actual: &Digest) {
+        self.lock_lru().remove(digest);
+        let _ = self.store.remove(digest);
+        add(&self.metrics.verification_failures, 1);
+        tracing::error!(%digest, %actual, "blob on disk failed verification: discarded");
+    }
+
+    async fn has(&self, send: &mut SendStream, digests: Vec<Digest>) -> Result<(), NetError> {
+        if digests.len() > MAX_HAS_DIGESTS {
+            reply_error(
+                send,
+                ErrorCode::Malformed,
+                format!("at most {MAX_HAS_DIGESTS} digests per has"),
+            )
+            .await;
+            return Ok(());
+        }
+        let sizes = digests.iter().map(|d| self.size(d)).collect();
+        reply(send, CacheReply::Has { sizes }).await
+    }
+
+    async fn get(
+        &self,
+        send: &mut SendStream,
+        digest: Digest,
+        offset: u64,
+        local_only: bool,
+    ) -> Result<(), NetError> {
+        if self.size(&digest).is_none() && (local_only || !self.fill(&digest).await) {
+            add(&self.metrics.misses, 1);
+            return reply(send, CacheReply::Missing).await;
+        }
+        let mut file = match self.store.open_blob(&digest) {
+            Ok(f) => f,
+            Err(_) => {
+                // Evicted (or removed by hand) since it was looked up.
+                self.lock_lru().remove(&digest);
+                add(&self.metrics.misses, 1);
+                return reply(send, CacheReply::Missing).await;
+            }
+        };
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if offset > size {
+            reply_error(
+                send,
+                ErrorCode::Malformed,
+                format!("offset {offset} is past the end of {digest} ({size} bytes)"),
+            )
+            .await;
+            return Ok(());
+        }
+        self.lock_lru().touch(&digest);
+        self.store.touch(&digest);
+        write_message(send, Message::CacheReply(CacheReply::Blob { size, offset })).await?;
+        // Hash every byte from the first (also those before `offset`, which are not sent);
+        // the verdict decides whether the stream finishes or is reset as corrupt.
+        let mut hasher = Sha256::new();
+        let mut pos = 0u64;
+        loop {
+            let mut buf = BytesMut::zeroed(CHUNK);
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(%digest, error = %e, "reading a blob failed");
+                    let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                    return Ok(());
+                }
+            };
+            buf.truncate(n);
+            hasher.update(&buf);
+            let end = pos + n as u64;
+            if end > offset {
+                let skip = offset.saturating_sub(pos) as usize;
+                let chunk = buf.freeze().slice(skip..);
+                add(&self.metrics.bytes_out, chunk.len() as u64);
+                send.write_chunk(chunk).await?;
+            }
+            pos = end;
+        }
+        let actual = Digest::from_bytes(hasher.finalize().into());
+        if actual != digest || pos != size {
+            let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
+            self.discard_corrupt(&digest, &actual);
+            return Ok(());
+        }
+        add(&self.metrics.hits, 1);
+        let _ = send.finish();
+        Ok(())
+    }
+
+    /// Fetches a blob this node is a home of from the other nodes (local only, one hop).
+    async fn fill(&self, digest: &Digest) -> bool {
+        let Some(own) = self.own_name().await else {
+            return false;
+        };
+        if !self.placement.homes(digest).contains(&own.as_str()) {
+            return false;
+        }
+        let peers = self.fill_from.get_or_init(|| {
+            let others: Vec<String> = self
+                .placement
+                .nodes()
+                .iter()
+                .filter(|n| **n != own)
+                .cloned()
+                .collect();
+            PeerCache::local_only(self.endpoint.clone(), &others)
+        });
+        match peers.get_to_store(digest, &self.store).await {
+            Ok(size) => {
+                tracing::info!(%digest, size, "filled from a peer");
+                add(&self.metrics.bytes_in, size);
+                self.stored(*digest, size);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "fill from peers failed");
+                false
+            }
+        }
+    }
+
+    /// This node's entry of `--peers`: the one whose port is the listening port and whose
+    /// host resolves to an address of this machine (the one listened on, when it is not the
+    /// unspecified address). Looked up until found: names of a StatefulSet resolve only once
+    /// its pods are ready.
+    async fn own_name(&self) -> Option<String> {
+        if let Some(n) = self.own_name.get() {
+            return Some(n.clone());
+        }
+        for node in self.placement.nodes() {
+            let Ok(addrs) = tokio::net::lookup_host(node.as_str()).await else {
+                continue;
+            };
+            let mine = addrs.into_iter().any(|a| {
+                a.port() == self.listen.port()
+                    && if self.listen.ip().is_unspecified() {
+                        std::net::UdpSocket::bind((a.ip(), 0)).is_ok()
+                    } else {
+                        a.ip() == self.listen.ip()
+                    }
+            });
+            if mine {
+                return Some(self.own_name.get_or_init(|| node.clone()).clone());
+            }
+        }
+        None
+    }
+
+    async fn put(
+        &self,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(), NetError> {
+        let limit = self.lock_lru().limit();
+        if let Some(limit) = limit.filter(|l| size > *l) {
+            recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
+                .ok();
+            reply_error(
+                send,
+                ErrorCode::TooLarge,
+                format!("{digest} is {size} bytes, more than this node's limit of {limit}"),
+            )
+            .await;
+            return Ok(());
+        }
+        if self.size(&digest).is_some() {
+            self.lock_lru().touch(&digest);
+            self.store.touch(&digest);
+            return reply(send, CacheReply::PutPresent).await;
+        }
+        write_message(send, Message::CacheReply(CacheReply::PutReady)).await?;
+        match self.receive(recv, &digest, size).await? {
+            Ok(()) => {
+                add(&self.metrics.bytes_in, size);
+                self.stored(digest, size);
+                reply(send, CacheReply::Stored).await
+            }
+            Err((code, message)) => {
+                if code == ErrorCode::DigestMismatch {
+                    add(&self.metrics.verification_failures, 1);
+                }
+                tracing::warn!(%digest, message, "put refused");
+                reply_error(send, code, message).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Receives a put's bytes into the store, verified; the inner error is the refusal to
+    /// send back (nothing was stored).
+    async fn receive(
+        &self,
+        recv: &mut RecvStream,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Result<(), (ErrorCode, String)>, NetError> {
+        let internal = |e: StoreError| Ok(Err((ErrorCode::Internal, e.to_string())));
+        let mut partial = match self.store.partial() {
+            Ok(p) => p,
+            Err(e) => return internal(e),
+        };
+        while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
+            if partial.len() + chunk.bytes.len() as u64 > size {
+                recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
+                    .ok();
+                return Ok(Err((
+                    ErrorCode::DigestMismatch,
+                    format!("more than the {size} bytes announced for {digest} arrived; nothing was stored"),
+                )));
+            }
+            if let Err(e) = partial.write(&chunk.bytes) {
+                return internal(e);
+            }
+        }
+        if partial.len() != size {
+            return Ok(Err((
+                ErrorCode::DigestMismatch,
+                format!(
+                    "{} of the {size} bytes announced for {digest} arrived; nothing was stored",
+                    partial.len()
+                ),
+            )));
+        }
+        match partial.commit(digest) {
+            Ok(_) => Ok(Ok(())),
+            Err(e @ StoreError::DigestMismatch { .. }) => {
+                Ok(Err((ErrorCode::DigestMismatch, e.to_string())))
+            }
+            Err(e) => internal(e),
+        }
+    }
+}
