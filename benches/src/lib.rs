@@ -1,6 +1,8 @@
 //! What every benchmark needs: timing a command several times with its peak memory, medians,
 //! and a table printed with the ratio to the peer measured in the same run.
 
+pub mod workload;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

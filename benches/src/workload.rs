@@ -1,0 +1,313 @@
+//! Build workloads timed against buildah in the same run: each workload is a Dockerfile and a
+//! generated context, built cold (empty cache), fully cached (the same build again) and after
+//! one source file changed, by ossb (release build) and by `buildah bud`.
+//!
+//! ossb: `ossb build --cache-dir DIR` with no output (the image stays in its blob store), a
+//! fresh cache directory for every cold run. buildah: `buildah bud --layers` with the overlay
+//! storage driver and chroot isolation (the fastest set-up that runs here, see
+//! ../shared/ENVIRONMENT.md), a fresh `--root`/`--runroot` for every cold run; the image stays in
+//! its storage. Both pull their base image from the local registry of scripts/testenv.sh in a
+//! cold run.
+
+use crate::{median, measure, Sample};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// How many times each scenario runs; the median is reported.
+pub fn runs() -> usize {
+    std::env::var("OSSB_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// The test environment (registries and base images) of scripts/testenv.sh.
+pub struct Env {
+    vars: HashMap<String, String>,
+    /// The release `ossb` binary.
+    pub ossb: PathBuf,
+}
+
+impl Env {
+    /// Reads `.testenv/env`; panics with what to do when the environment or the binary is
+    /// missing (scripts/bench.sh prepares both).
+    pub fn get() -> Env {
+        let root = workspace();
+        let text = std::fs::read_to_string(root.join(".testenv/env")).unwrap_or_else(|e| {
+            panic!("no .testenv/env ({e}): run scripts/testenv.sh start --debian (scripts/bench.sh does)")
+        });
+        let vars = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').trim_matches('"').to_string()))
+            .collect();
+        let ossb = std::env::var_os("OSSB_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let target = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| root.join("target"));
+                target.join("release/ossb")
+            });
+        assert!(
+            ossb.is_file(),
+            "{} is missing: cargo build --release -p ossb-cli (scripts/bench.sh does)",
+            ossb.display()
+        );
+        Env { vars, ossb }
+    }
+
+    /// A variable of `.testenv/env`.
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
+    /// The plain-HTTP registry.
+    pub fn registry(&self) -> &str {
+        self.var("OSSB_TEST_REGISTRY")
+            .expect("OSSB_TEST_REGISTRY in .testenv/env")
+    }
+
+    /// The multi-arch busybox on the plain registry.
+    pub fn busybox(&self) -> String {
+        format!(
+            "{}/{}",
+            self.registry(),
+            self.var("OSSB_TEST_BUSYBOX").unwrap_or("library/busybox:latest")
+        )
+    }
+
+    /// Debian bookworm on the plain registry, when `scripts/testenv.sh start --debian` made it.
+    pub fn debian(&self) -> Option<String> {
+        self.var("OSSB_TEST_DEBIAN")
+            .map(|d| format!("{}/{d}", self.registry()))
+    }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ has a parent")
+        .to_path_buf()
+}
+
+/// One build to time.
+pub struct Workload {
+    /// The name in the results table.
+    pub name: String,
+    /// The context directory (the Dockerfile is `Dockerfile` in it).
+    pub context: PathBuf,
+    /// `--platform`, when not the host's.
+    pub platforms: Option<String>,
+    /// The file rewritten before each "one file changed" run.
+    pub changed_file: PathBuf,
+}
+
+/// The two builders.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Builder {
+    Ossb,
+    Buildah,
+}
+
+/// Where a builder keeps its cache between runs; a fresh one makes a cold build.
+struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    fn fresh(scratch: &Path, builder: Builder, n: usize) -> Store {
+        let dir = scratch.join(format!("{builder:?}-store-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Store { dir }
+    }
+
+    fn remove(self, builder: Builder) {
+        if builder == Builder::Buildah {
+            // Unmounts and deletes its overlay layers before the directory goes.
+            let _ = buildah(&self.dir).args(["rmi", "--all", "--force"]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn buildah(store: &Path) -> Command {
+    let mut cmd = Command::new("buildah");
+    cmd.arg("--root")
+        .arg(store.join("root"))
+        .arg("--runroot")
+        .arg(store.join("runroot"))
+        .args(["--storage-driver", "overlay"]);
+    cmd
+}
+
+fn build_command(env: &Env, builder: Builder, w: &Workload, store: &Store) -> Command {
+    match builder {
+        Builder::Ossb => {
+            let mut cmd = Command::new(&env.ossb);
+            cmd.args(["build", "--progress", "plain", "--insecure-registry"])
+                .arg(env.registry())
+                .arg("--cache-dir")
+                .arg(&store.dir);
+            if let Some(p) = &w.platforms {
+                cmd.args(["--platform", p]);
+            }
+            cmd.arg(&w.context);
+            if let Some(dc) = env.var("DOCKER_CONFIG") {
+                cmd.env("DOCKER_CONFIG", dc);
+            }
+            cmd
+        }
+        Builder::Buildah => {
+            let mut cmd = buildah(&store.dir);
+            cmd.args([
+                "bud",
+                "--isolation",
+                "chroot",
+                "--tls-verify=false",
+                "--layers",
+            ]);
+            let repo: String = w
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+                .collect();
+            let image = format!("localhost/bench/{repo}:latest");
+            match &w.platforms {
+                Some(p) => cmd.args(["--platform", p, "--manifest", &image]),
+                None => cmd.args(["-t", &image]),
+            };
+            cmd.arg(&w.context);
+            cmd
+        }
+    }
+}
+
+/// The medians of one workload's three scenarios for one builder, and the peak memory seen.
+pub struct Timings {
+    pub cold: Sample,
+    pub cached: Sample,
+    pub changed: Sample,
+    /// The largest peak RSS over every run, in KiB.
+    pub peak_rss_kib: u64,
+}
+
+/// Runs the three scenarios `runs()` times each with one builder.
+pub fn time_builder(env: &Env, builder: Builder, w: &Workload, scratch: &Path) -> Timings {
+    let n = runs();
+    let mut cold = Vec::new();
+    let mut store = None;
+    for i in 0..n {
+        if let Some(s) = store.take() {
+            Store::remove(s, builder);
+        }
+        let s = Store::fresh(scratch, builder, i);
+        cold.push(measure(&mut build_command(env, builder, w, &s)));
+        store = Some(s);
+    }
+    let store = store.expect("at least one run");
+    let cached: Vec<Sample> = (0..n)
+        .map(|_| measure(&mut build_command(env, builder, w, &store)))
+        .collect();
+    let original = std::fs::read(&w.changed_file).unwrap();
+    let mut changed = Vec::new();
+    for i in 0..n {
+        let mut content = original.clone();
+        content.extend_from_slice(format!("\n// change {builder:?} {i}\n").as_bytes());
+        std::fs::write(&w.changed_file, content).unwrap();
+        changed.push(measure(&mut build_command(env, builder, w, &store)));
+    }
+    std::fs::write(&w.changed_file, original).unwrap();
+    store.remove(builder);
+    let peak_rss_kib = cold
+        .iter()
+        .chain(&cached)
+        .chain(&changed)
+        .map(|s| s.max_rss_kib)
+        .max()
+        .unwrap_or(0);
+    Timings {
+        cold: median(&mut cold),
+        cached: median(&mut cached.clone()),
+        changed: median(&mut changed),
+        peak_rss_kib,
+    }
+}
+
+/// Times a workload with both builders and prints its rows (Markdown, one per scenario), and
+/// appends them to `$OSSB_BENCH_RESULTS` when set (scripts/bench.sh collects them there).
+pub fn bench(env: &Env, w: &Workload) {
+    let scratch = std::env::temp_dir().join(format!("ossb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    eprintln!("{}: ossb ...", w.name);
+    let ossb = time_builder(env, Builder::Ossb, w, &scratch);
+    eprintln!("{}: buildah ...", w.name);
+    let peer = time_builder(env, Builder::Buildah, w, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut rows = String::new();
+    for (scenario, o, b, target) in [
+        ("cold", ossb.cold, peer.cold, 0.7),
+        ("fully cached", ossb.cached, peer.cached, 0.2),
+        ("one file changed", ossb.changed, peer.changed, f64::NAN),
+    ] {
+        crate::report(&format!("{} / {scenario}", w.name), o, "buildah", b);
+        let ratio = o.wall.as_secs_f64() / b.wall.as_secs_f64().max(1e-9);
+        let verdict = if target.is_nan() {
+            "-".to_string()
+        } else if ratio <= target {
+            format!("<= {target}x: met")
+        } else {
+            format!("<= {target}x: MISSED")
+        };
+        rows.push_str(&format!(
+            "| {} | {scenario} | {:.2} | {:.2} | {ratio:.2}x | {verdict} | {} |\n",
+            w.name,
+            o.wall.as_secs_f64(),
+            b.wall.as_secs_f64(),
+            o.max_rss_kib / 1024,
+        ));
+    }
+    let mem = ossb.peak_rss_kib / 1024;
+    rows.push_str(&format!(
+        "| {} | ossb peak RSS over all runs | | | | < 200 MiB: {} | {mem} |\n",
+        w.name,
+        if mem < 200 { "met" } else { "MISSED" }
+    ));
+    print!("{rows}");
+    if let Some(path) = std::env::var_os("OSSB_BENCH_RESULTS") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(rows.as_bytes()).unwrap();
+    }
+}
+
+/// A fresh context directory for a workload, under the system temp dir.
+pub fn context_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ossb-bench-ctx-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible for gzip and zstd, so that a
+/// big COPY measures copying and compressing real data rather than zeros.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
