@@ -14,7 +14,7 @@ use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
 
-use crate::cache::{record_build, BuildStats, CacheLock, LocalCache};
+use crate::cache::{record_build, BuildStats, LocalCache};
 use crate::progress::Progress;
 use crate::remote_cache;
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
@@ -148,10 +148,9 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
     if req.platforms.is_empty() {
         return Err(BuildError::Usage("no platform to build for".into()));
     }
-    // Held until the build ends: `ossb cache prune` waits for it.
-    let _lock =
-        CacheLock::acquire(&req.cache_dir, false).map_err(local("locking the cache directory"))?;
     let store = BlobStore::open(&req.cache_dir).map_err(local("opening the cache"))?;
+    // Held until the build ends: `ossb cache prune` waits for it.
+    let _lease = store.lease().map_err(local("locking the cache directory"))?;
     let cache = LocalCache::open(&req.cache_dir).map_err(local("opening the cache"))?;
     let work_root = req.cache_dir.join("work");
     std::fs::create_dir_all(&work_root).map_err(local("creating the work directory"))?;

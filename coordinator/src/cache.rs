@@ -12,6 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use ossb_image::oci::Descriptor;
+use ossb_image::store::{BlobStore, Lease};
 use ossb_protocol::{Digest, Platform};
 use serde::{Deserialize, Serialize};
 
@@ -170,48 +171,6 @@ mod tests {
     }
 }
 
-/// Marks a blob used now (its mtime), so that pruning by age keeps it.
-pub fn touch(path: &Path) {
-    let _ = fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-}
-
-/// A shared lock held by every running build on its cache directory; `prune` takes it
-/// exclusively, so it never deletes what a running build uses.
-pub struct CacheLock {
-    _file: fs::File,
-}
-
-impl CacheLock {
-    /// Takes the lock on `cache_dir`, shared (a build) or exclusive (prune); waits for it.
-    pub fn acquire(cache_dir: &Path, exclusive: bool) -> io::Result<CacheLock> {
-        fs::create_dir_all(cache_dir)?;
-        let file = fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(cache_dir.join("lock"))?;
-        let op = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        };
-        use std::os::fd::AsRawFd;
-        loop {
-            // SAFETY: flock on a file descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(CacheLock { _file: file });
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
-    }
-}
-
 /// What `ossb cache info` reports.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CacheInfo {
@@ -255,10 +214,9 @@ pub fn record_build(cache_dir: &Path, stats: BuildStats) -> io::Result<()> {
 /// The size and use of the cache in `cache_dir`.
 pub fn info(cache_dir: &Path) -> io::Result<CacheInfo> {
     let mut out = CacheInfo::default();
-    for (_, size, _) in blobs(cache_dir)? {
-        out.blobs += 1;
-        out.bytes += size;
-    }
+    let usage = BlobStore::open(cache_dir).and_then(|s| s.usage()).map_err(io::Error::other)?;
+    out.blobs = usage.blobs as usize;
+    out.bytes = usage.bytes;
     out.records = LocalCache::open(cache_dir)?.entries()?.len();
     out.recent = fs::read_to_string(cache_dir.join("cache/builds.jsonl"))
         .unwrap_or_default()
@@ -292,25 +250,12 @@ pub struct PruneReport {
     pub bytes: u64,
 }
 
-fn blobs(cache_dir: &Path) -> io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
-    let dir = cache_dir.join("blobs/sha256");
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Ok(out);
-    };
-    for entry in entries {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        out.push((entry.path(), meta.len(), meta.modified()?));
-    }
-    Ok(out)
-}
-
 /// Removes cache records and blobs: all of them, those unused for `older_than`, or the least
 /// recently used beyond `keep_bytes`. With no option, what has not been used for 48 hours (as
 /// BuildKit's default garbage collection keeps). Waits for running builds to finish first.
 pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
-    let _lock = CacheLock::acquire(cache_dir, true)?;
+    let store = BlobStore::open(cache_dir).map_err(io::Error::other)?;
+    let _lease = Lease::exclusive(&store).map_err(io::Error::other)?;
     let now = std::time::SystemTime::now();
     let older_than = match (opts.all, opts.older_than, opts.keep_bytes) {
         (true, _, _) => Some(std::time::Duration::ZERO),
@@ -322,23 +267,19 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         older_than.is_some_and(|d| now.duration_since(t).unwrap_or_default() >= d)
     };
     let mut report = PruneReport::default();
-    let mut blobs = blobs(cache_dir)?;
+    let mut blobs = store.blobs().map_err(io::Error::other)?;
     // Oldest first, for keep-storage.
-    blobs.sort_by_key(|(_, _, t)| *t);
-    let mut total: u64 = blobs.iter().map(|(_, s, _)| s).sum();
+    blobs.sort_by_key(|b| b.last_used);
+    let mut total: u64 = blobs.iter().map(|b| b.size).sum();
     let mut removed = std::collections::HashSet::new();
-    for (path, size, used) in &blobs {
+    for blob in &blobs {
         let over = opts.keep_bytes.is_some_and(|k| total > k);
-        if stale(*used) || over {
-            fs::remove_file(path)?;
-            total -= size;
+        if stale(blob.last_used) || over {
+            store.remove(&blob.digest).map_err(io::Error::other)?;
+            total -= blob.size;
             report.blobs += 1;
-            report.bytes += size;
-            removed.insert(
-                path.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            );
+            report.bytes += blob.size;
+            removed.insert(blob.digest);
         }
     }
     let cache = LocalCache::open(cache_dir)?;
@@ -346,7 +287,7 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         let blob_gone = record
             .layer
             .as_ref()
-            .is_some_and(|l| removed.contains(&l.digest.hex()));
+            .is_some_and(|l| removed.contains(&l.digest));
         if stale(used) || blob_gone {
             fs::remove_file(path)?;
             report.records += 1;

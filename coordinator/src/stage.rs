@@ -285,7 +285,7 @@ impl<'a> PlatformBuild<'a> {
             .iter()
             .chain(std::iter::once(&pulled.manifest.config))
         {
-            cache::touch(&self.shared.store.path(&blob.digest));
+            self.shared.store.touch(&blob.digest);
         }
         Ok(pulled)
     }
@@ -502,7 +502,7 @@ impl<'a> PlatformBuild<'a> {
         if let Some(record) = self.shared.cache.get(key) {
             match &record.layer {
                 Some(layer) if self.shared.store.contains(&layer.digest) => {
-                    cache::touch(&self.shared.store.path(&layer.digest));
+                    self.shared.store.touch(&layer.digest);
                     return Some(record);
                 }
                 None => return Some(record),
