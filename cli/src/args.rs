@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ossb_coordinator::remote_cache::parse_cache_ref;
 use ossb_coordinator::{BuildRequest, BuildResult, Output};
-use ossb_image::registry::RegistryOptions;
+use ossb_image::layer::Compression;
+use ossb_image::oci::MediaTypes;
+use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_protocol::Platform;
 
 /// ossb: build OCI images from Dockerfiles, without a daemon and without privileges.
@@ -130,7 +132,9 @@ pub struct BuildArgs {
     /// Push the image to the registry of each tag (same as --output type=registry).
     #[arg(long)]
     pub push: bool,
-    /// Where the image goes: type=registry | type=oci,dest=PATH[,tar=false].
+    /// Where the image goes: type=registry | type=oci,dest=PATH[,tar=false] |
+    /// type=docker,dest=PATH | type=local,dest=DIR (or a bare DIR); any may add
+    /// compression=gzip|zstd|uncompressed and oci-mediatypes=true|false.
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     pub outputs: Vec<String>,
     /// Run every step, using no cached result.
@@ -154,6 +158,10 @@ pub struct BuildArgs {
     /// A registry spoken to over plain HTTP, HOST:PORT (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// A pull-through mirror, REGISTRY=HOST:PORT (repeatable), e.g. docker.io=mirror:5000: tried
+    /// first for pulls from REGISTRY, which is used when the mirror fails.
+    #[arg(long = "registry-mirror", value_name = "REGISTRY=HOST:PORT")]
+    pub registry_mirrors: Vec<String>,
     /// A CA certificate to trust for a registry, HOST:PORT=CAFILE (repeatable).
     #[arg(long = "registry-certificate", value_name = "HOST:PORT=CAFILE")]
     pub registry_certificates: Vec<String>,
@@ -237,7 +245,25 @@ fn key_values(
     Ok(out)
 }
 
-fn parse_output(spec: &str) -> Result<Output, String> {
+/// Layer settings an `--output` may carry (`compression=`, `oci-mediatypes=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct LayerSettings {
+    compression: Option<Compression>,
+    media_types: Option<MediaTypes>,
+}
+
+/// One `--output` value: `type=registry`, `type=image,push=true`, `type=oci,dest=PATH[,tar=false]`,
+/// `type=docker,dest=PATH`, `type=local,dest=DIR`, or a bare path (`type=local`, as buildx);
+/// each may add `compression=gzip|zstd|uncompressed` and `oci-mediatypes=true|false`.
+fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
+    if !spec.contains('=') && !spec.is_empty() {
+        return Ok((
+            Output::Local {
+                dest: PathBuf::from(spec),
+            },
+            LayerSettings::default(),
+        ));
+    }
     let mut fields = BTreeMap::new();
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -261,28 +287,43 @@ fn parse_output(spec: &str) -> Result<Output, String> {
             )),
         }
     };
-    match fields.get("type").map(String::as_str) {
-        Some("registry") => Ok(Output::Registry),
-        Some("image") if bool_field("push", false)? => Ok(Output::Registry),
-        Some("oci") => {
-            let dest = fields
-                .get("dest")
-                .ok_or_else(|| format!("--output {spec:?}: type=oci needs dest=PATH"))?;
-            Ok(Output::Oci {
-                dest: PathBuf::from(dest),
-                tar: bool_field("tar", true)?,
-            })
-        }
-        Some(other @ ("docker" | "local" | "tar" | "image")) => Err(format!(
-            "--output type={other} is not supported yet; use type=registry or type=oci,dest=PATH"
-        )),
-        Some(other) => Err(format!(
-            "--output {spec:?}: unknown type {other:?} (expected registry or oci)"
-        )),
-        None => Err(format!(
-            "--output {spec:?}: missing type= (e.g. type=registry)"
-        )),
-    }
+    let dest = |kind: &str| -> Result<PathBuf, String> {
+        fields
+            .get("dest")
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"))
+    };
+    let settings =
+        LayerSettings {
+            compression: match fields.get("compression").map(String::as_str) {
+                None => None,
+                Some("gzip") => Some(Compression::Gzip),
+                Some("zstd") => Some(Compression::Zstd),
+                Some("uncompressed") => Some(Compression::None),
+                Some(other) => return Err(format!(
+                    "--output {spec:?}: compression={other} (expected gzip, zstd or uncompressed)"
+                )),
+            },
+            media_types: match fields.get("oci-mediatypes") {
+                None => None,
+                Some(_) => Some(if bool_field("oci-mediatypes", true)? {
+                    MediaTypes::Oci
+                } else {
+                    MediaTypes::Docker
+                }),
+            },
+        };
+    let output = match fields.get("type").map(String::as_str) {
+        Some("registry") => Output::Registry,
+        Some("image") if bool_field("push", false)? => Output::Registry,
+        Some("image") => return Err(format!("--output {spec:?}: type=image without push=true has no image store to go to here (there is no daemon); use type=registry, oci or docker")),
+        Some("oci") => Output::Oci { dest: dest("oci")?, tar: bool_field("tar", true)? },
+        Some("docker") => Output::Docker { dest: dest("docker")? },
+        Some("local") => Output::Local { dest: dest("local")? },
+        Some(other) => return Err(format!("--output {spec:?}: unknown type {other:?} (expected registry, oci, docker or local)")),
+        None => return Err(format!("--output {spec:?}: missing type= (e.g. type=registry)")),
+    };
+    Ok((output, settings))
 }
 
 /// `--platform a,b`: each platform once, in the order given; the host's when absent.
@@ -371,11 +412,35 @@ impl BuildArgs {
                 (text, path.display().to_string())
             }
         };
-        let mut outputs = self
+        let parsed = self
             .outputs
             .iter()
             .map(|o| parse_output(o))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut settings = LayerSettings::default();
+        for (_, s) in &parsed {
+            for (mine, theirs, name) in [
+                (
+                    settings.compression.map(|c| format!("{c:?}")),
+                    s.compression.map(|c| format!("{c:?}")),
+                    "compression",
+                ),
+                (
+                    settings.media_types.map(|m| format!("{m:?}")),
+                    s.media_types.map(|m| format!("{m:?}")),
+                    "oci-mediatypes",
+                ),
+            ] {
+                if let (Some(a), Some(b)) = (mine, theirs) {
+                    if a != b {
+                        return Err(format!("--output: the outputs disagree on {name}; one build writes one set of layers"));
+                    }
+                }
+            }
+            settings.compression = settings.compression.or(s.compression);
+            settings.media_types = settings.media_types.or(s.media_types);
+        }
+        let mut outputs: Vec<Output> = parsed.into_iter().map(|(o, _)| o).collect();
         if self.push && !outputs.contains(&Output::Registry) {
             outputs.push(Output::Registry);
         }
@@ -424,6 +489,19 @@ impl BuildArgs {
                 insecure: self.insecure_registries.clone(),
                 certificates,
             },
+            registry_config: RegistryConfig {
+                mirrors: self
+                    .registry_mirrors
+                    .iter()
+                    .map(|m| {
+                        m.parse::<Mirror>()
+                            .map_err(|e| format!("--registry-mirror {m:?}: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                ..Default::default()
+            },
+            compression: settings.compression.unwrap_or(Compression::Gzip),
+            media_types: settings.media_types.unwrap_or_default(),
             source_date_epoch,
             sandbox_exe: std::env::current_exe()
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
@@ -447,16 +525,32 @@ mod tests {
 
     #[test]
     fn parses_outputs() {
-        assert_eq!(parse_output("type=registry").unwrap(), Output::Registry);
+        assert_eq!(parse_output("type=registry").unwrap().0, Output::Registry);
         assert_eq!(
-            parse_output("type=oci,dest=x.tar").unwrap(),
+            parse_output("type=docker,dest=a.tar").unwrap().0,
+            Output::Docker {
+                dest: "a.tar".into()
+            }
+        );
+        assert_eq!(
+            parse_output("out").unwrap().0,
+            Output::Local { dest: "out".into() }
+        );
+        let (_, s) = parse_output("type=registry,compression=zstd,oci-mediatypes=false").unwrap();
+        assert_eq!(
+            (s.compression, s.media_types),
+            (Some(Compression::Zstd), Some(MediaTypes::Docker))
+        );
+        assert!(parse_output("type=registry,compression=lz4").is_err());
+        assert_eq!(
+            parse_output("type=oci,dest=x.tar").unwrap().0,
             Output::Oci {
                 dest: "x.tar".into(),
                 tar: true
             }
         );
         assert_eq!(
-            parse_output("type=oci,dest=dir,tar=false").unwrap(),
+            parse_output("type=oci,dest=dir,tar=false").unwrap().0,
             Output::Oci {
                 dest: "dir".into(),
                 tar: false
@@ -464,7 +558,7 @@ mod tests {
         );
         assert!(parse_output("type=oci").is_err());
         assert!(parse_output("type=bogus").is_err());
-        assert!(parse_output("oci").is_err());
+        assert!(parse_output("").is_err());
     }
 
     #[test]

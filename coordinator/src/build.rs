@@ -8,8 +8,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ossb_dockerfile::dockerignore::{self, Dockerignore};
 use ossb_dockerfile::{self as dockerfile};
 use ossb_image::export::{self, NamedImage};
-use ossb_image::oci::{self, media_type, Descriptor, Index};
-use ossb_image::registry::{parse_reference, Registry, RegistryError, RegistryOptions};
+use ossb_image::layer::{ApplyOptions, Compression};
+use ossb_image::oci::MediaTypes;
+use ossb_image::oci::{self, Descriptor, Index};
+use ossb_image::registry::{
+    parse_reference, PushOptions, Registry, RegistryConfig, RegistryError, RegistryOptions,
+};
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
@@ -30,6 +34,16 @@ pub enum Output {
         dest: PathBuf,
         /// Whether to write a tar archive.
         tar: bool,
+    },
+    /// A `docker load` / `podman load` archive (one platform).
+    Docker {
+        /// Destination path.
+        dest: PathBuf,
+    },
+    /// The image's filesystem in a directory (one subdirectory per platform for several).
+    Local {
+        /// Destination directory (missing or empty).
+        dest: PathBuf,
     },
 }
 
@@ -64,6 +78,12 @@ pub struct BuildRequest {
     pub cache_to: Option<String>,
     /// How to reach registries.
     pub registry: RegistryOptions,
+    /// Mirrors and other registry client settings.
+    pub registry_config: RegistryConfig,
+    /// Compression of the layers the build writes.
+    pub compression: Compression,
+    /// OCI (default) or Docker schema 2 media types for the manifests written.
+    pub media_types: MediaTypes,
     /// SOURCE_DATE_EPOCH, for reproducible timestamps.
     pub source_date_epoch: Option<i64>,
     /// The ossb binary, which implements the sandbox subcommand.
@@ -150,7 +170,9 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
     }
     let store = BlobStore::open(&req.cache_dir).map_err(local("opening the cache"))?;
     // Held until the build ends: `ossb cache prune` waits for it.
-    let _lease = store.lease().map_err(local("locking the cache directory"))?;
+    let _lease = store
+        .lease()
+        .map_err(local("locking the cache directory"))?;
     let cache = LocalCache::open(&req.cache_dir).map_err(local("opening the cache"))?;
     let work_root = req.cache_dir.join("work");
     std::fs::create_dir_all(&work_root).map_err(local("creating the work directory"))?;
@@ -163,13 +185,14 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         progress,
         store,
         cache,
-        registry: Registry::new(&req.registry)?,
+        registry: Registry::with_config(&req.registry, &req.registry_config)?,
         work: work.path().to_path_buf(),
         created: rfc3339(req.source_date_epoch.unwrap_or_else(now)),
         ignore: load_dockerignore(req)?,
         next_id: std::sync::atomic::AtomicUsize::new(1),
         stats: std::sync::Mutex::new(Stats::default()),
         cache_exports: std::sync::Mutex::new(Vec::new()),
+        base_images: Default::default(),
         durations: std::sync::Mutex::new(crate::cache::Durations::load(&req.cache_dir)),
         eta: std::sync::Mutex::new(Default::default()),
     };
@@ -184,7 +207,7 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
     }
     let (image, config_digest) = match images.as_slice() {
         [one] => (one.manifest.clone(), Some(one.config)),
-        many => (write_index(&shared.store, many)?, None),
+        many => (write_index(&shared.store, many, req.media_types)?, None),
     };
     let pushed = export(&shared, &images, &image).await?;
     if let Some(repo) = &req.cache_to {
@@ -226,17 +249,17 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
 }
 
 /// Stores the index of several platforms' manifests.
-fn write_index(store: &BlobStore, images: &[PlatformImage]) -> Result<Descriptor, BuildError> {
-    let index = Index {
-        schema_version: 2,
-        media_type: Some(media_type::OCI_INDEX.into()),
-        manifests: images.iter().map(|i| i.manifest.clone()).collect(),
-        annotations: None,
-    };
+fn write_index(
+    store: &BlobStore,
+    images: &[PlatformImage],
+    types: MediaTypes,
+) -> Result<Descriptor, BuildError> {
+    let manifests: Vec<Descriptor> = images.iter().map(|i| i.manifest.clone()).collect();
+    let index = Index::new(&manifests, types);
     let bytes = oci::to_canonical_json(&index);
     let digest = store.put(&bytes).map_err(local("storing the index"))?;
     Ok(Descriptor {
-        media_type: media_type::OCI_INDEX.into(),
+        media_type: types.index().into(),
         digest,
         size: bytes.len() as u64,
         platform: None,
@@ -263,7 +286,7 @@ async fn export(
                 for tag in &req.tags {
                     let reference = parse_reference(tag)?;
                     let (id, t) = shared.start(format!("pushing {}", reference.whole()));
-                    let result = push(shared, &reference, images, image).await;
+                    let result = push(shared, &reference, image).await;
                     shared.finish(id, t, result)?;
                     pushed.push(format!("{}@{}", reference.whole(), image.digest));
                 }
@@ -283,55 +306,72 @@ async fn export(
                     .finish(id, t, result)
                     .map_err(|e| BuildError::Export(e.to_string()))?;
             }
+            Output::Docker { dest } => {
+                let [one] = images else {
+                    return Err(BuildError::Usage(
+                        "--output type=docker holds one platform; build one --platform, or use type=oci or type=registry for several".into(),
+                    ));
+                };
+                let (id, t) =
+                    shared.start(format!("exporting docker archive to {}", dest.display()));
+                let platform = one
+                    .manifest
+                    .platform
+                    .as_ref()
+                    .map(|p| p.platform())
+                    .unwrap_or_else(|| req.platforms[0].clone());
+                let named = [NamedImage {
+                    descriptor: image.clone(),
+                    names: req.tags.clone(),
+                }];
+                let result = export::write_docker_archive(&shared.store, &named, dest, &platform);
+                shared
+                    .finish(id, t, result)
+                    .map_err(|e| BuildError::Export(e.to_string()))?;
+            }
+            Output::Local { dest } => {
+                let (id, t) =
+                    shared.start(format!("exporting the filesystem to {}", dest.display()));
+                let result =
+                    export::write_local(&shared.store, image, dest, &ApplyOptions::default());
+                let warnings = shared
+                    .finish(id, t, result)
+                    .map_err(|e| BuildError::Export(e.to_string()))?;
+                for w in warnings {
+                    shared
+                        .progress
+                        .event(crate::progress::Event::Info(format!("warning: {w}")));
+                }
+            }
         }
     }
     Ok(pushed)
 }
 
-/// Pushes every platform's blobs and manifest (by digest when there are several), then the
-/// index or the single manifest under the tag.
+/// Pushes the image: layers (skipped when present, mounted from the base images' repositories
+/// on the same registry, else streamed several at once), configs, per-platform manifests by
+/// digest, and the index or manifest under the tag last.
 async fn push(
     shared: &Shared<'_>,
     reference: &ossb_image::Reference,
-    images: &[PlatformImage],
     image: &Descriptor,
 ) -> Result<(), RegistryError> {
-    let store = &shared.store;
-    let read = |d: &Digest| store.read(d).map_err(RegistryError::from);
-    if let [one] = images {
-        let manifest = read(&one.manifest.digest)?;
-        shared
-            .registry
-            .push(
-                reference,
-                store,
-                &one.blobs,
-                &manifest,
-                media_type::OCI_MANIFEST,
-            )
-            .await?;
-        return Ok(());
-    }
-    for one in images {
-        let manifest = read(&one.manifest.digest)?;
-        let by_digest = reference.clone_with_digest(one.manifest.digest.to_string());
-        shared
-            .registry
-            .push(
-                &by_digest,
-                store,
-                &one.blobs,
-                &manifest,
-                media_type::OCI_MANIFEST,
-            )
-            .await?;
-    }
-    let index = read(&image.digest)?;
+    let bases = shared
+        .base_images
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mount_from = bases
+        .iter()
+        .filter_map(|b| parse_reference(b).ok())
+        .filter(|b| b.resolve_registry() == reference.resolve_registry())
+        .map(|b| b.repository().to_string())
+        .collect();
     shared
         .registry
-        .push(reference, store, &[], &index, media_type::OCI_INDEX)
-        .await?;
-    Ok(())
+        .push_image(reference, &shared.store, image, &PushOptions { mount_from })
+        .await
+        .map(|_| ())
 }
 
 /// The `.dockerignore` of the build: `<Dockerfile>.dockerignore` beside the Dockerfile, else

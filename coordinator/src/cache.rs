@@ -214,7 +214,9 @@ pub fn record_build(cache_dir: &Path, stats: BuildStats) -> io::Result<()> {
 /// The size and use of the cache in `cache_dir`.
 pub fn info(cache_dir: &Path) -> io::Result<CacheInfo> {
     let mut out = CacheInfo::default();
-    let usage = BlobStore::open(cache_dir).and_then(|s| s.usage()).map_err(io::Error::other)?;
+    let usage = BlobStore::open(cache_dir)
+        .and_then(|s| s.usage())
+        .map_err(io::Error::other)?;
     out.blobs = usage.blobs as usize;
     out.bytes = usage.bytes;
     out.records = LocalCache::open(cache_dir)?.entries()?.len();

@@ -13,7 +13,7 @@ use ossb_dockerfile::dockerignore::Dockerignore;
 use ossb_dockerfile::{
     self as dockerfile, Base, BaseImageInfo, BuildPlan, Instruction, PlanOptions, Source, Step,
 };
-use ossb_image::layer::{self, ApplyOptions, Change, Compression, LayerOptions};
+use ossb_image::layer::{self, ApplyOptions, Change, LayerOptions};
 use ossb_image::oci::{
     self, media_type, Descriptor, DescriptorPlatform, History, ImageConfig, Manifest,
 };
@@ -44,6 +44,8 @@ pub(crate) struct Shared<'a> {
     pub ignore: Option<Dockerignore>,
     pub next_id: std::sync::atomic::AtomicUsize,
     pub stats: std::sync::Mutex<Stats>,
+    /// The base images pulled (full references), as sources of cross-repository mounts.
+    pub base_images: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Durations of steps in earlier builds, updated by this one.
     pub durations: std::sync::Mutex<cache::Durations>,
     /// Progress toward the estimate: (fs steps planned, finished, ms remaining, steps without
@@ -178,7 +180,7 @@ fn pulled_key(reference: &str, platform: &Platform) -> String {
 
 /// The layer settings that change layer bytes, part of every cache key.
 fn layer_settings(req: &BuildRequest) -> String {
-    format!("gzip;epoch={:?}", req.source_date_epoch)
+    format!("{:?};epoch={:?}", req.compression, req.source_date_epoch)
 }
 
 impl<'a> PlatformBuild<'a> {
@@ -269,6 +271,11 @@ impl<'a> PlatformBuild<'a> {
 
     async fn pull(&self, reference: &str, platform: &Platform) -> Result<PulledImage, BuildError> {
         let parsed = parse_reference(reference)?;
+        self.shared
+            .base_images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(parsed.whole());
         let (id, t) = self.shared.start(format!(
             "[{platform}] load metadata and layers for {}",
             parsed.whole()
@@ -901,7 +908,7 @@ impl<'a> PlatformBuild<'a> {
         let store = self.shared.store.clone();
         let rootfs = rootfs.to_path_buf();
         let opts = LayerOptions {
-            compression: Compression::Gzip,
+            compression: self.req().compression,
             source_date_epoch: self.req().source_date_epoch,
         };
         tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), String> {
@@ -949,20 +956,16 @@ impl<'a> PlatformBuild<'a> {
             platform: None,
             annotations: None,
         };
-        let manifest = Manifest {
-            schema_version: 2,
-            media_type: Some(media_type::OCI_MANIFEST.into()),
-            config: config_desc.clone(),
-            layers: layers.clone(),
-            annotations: None,
-        };
+        let types = self.req().media_types;
+        let manifest = Manifest::new(&config_desc, &layers, types)
+            .map_err(|e| BuildError::Export(e.to_string()))?;
         let bytes = oci::to_canonical_json(&manifest);
         let digest = store.put(&bytes).map_err(local("storing the manifest"))?;
-        let mut blobs = layers;
-        blobs.push(config_desc);
+        let mut blobs = manifest.layers.clone();
+        blobs.push(manifest.config.clone());
         Ok(PlatformImage {
             manifest: Descriptor {
-                media_type: media_type::OCI_MANIFEST.into(),
+                media_type: types.manifest().into(),
                 digest,
                 size: bytes.len() as u64,
                 platform: Some(DescriptorPlatform::from(&config.platform())),

@@ -448,3 +448,100 @@ fn registry_cache_is_shared_between_empty_cache_dirs() {
     );
     assert_eq!(result_of(&second)["steps_cached"], 3);
 }
+
+/// The other outputs and layer settings: a docker archive that podman loads and runs, the
+/// filesystem in a directory, zstd layers, Docker media types, and `FROM busybox` resolved
+/// through a docker.io mirror (the only way it resolves on this offline machine).
+#[test]
+fn outputs_layer_settings_and_a_docker_io_mirror() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let mirror = format!("docker.io={reg}");
+    let ctx = context(
+        dir.path(),
+        "FROM busybox\nRUN echo from-a-mirror > /m\nCMD [\"cat\", \"/m\"]\n",
+        &[],
+    );
+    let cache = dir.path().join("cache");
+    let archive = dir.path().join("image.tar");
+    let local = dir.path().join("rootfs");
+    ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--registry-mirror",
+            &mirror,
+            "--insecure-registry",
+            &reg,
+            "-t",
+            "localhost/ossb-test/docker-out:1",
+            "--output",
+            &format!("type=docker,dest={}", archive.display()),
+            "--output",
+            &format!("type=local,dest={}", local.display()),
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("build with a docker.io mirror to docker and local outputs");
+    assert_eq!(
+        std::fs::read_to_string(local.join("m")).unwrap(),
+        "from-a-mirror\n"
+    );
+    assert!(local.join("bin/busybox").exists());
+    tool("podman", &["load", "-i", archive.to_str().unwrap()])
+        .success("podman load of the docker archive");
+    let run = podman_run("localhost/ossb-test/docker-out:1", &[])
+        .success("podman run of the loaded image");
+    assert_eq!(run.stdout, "from-a-mirror\n");
+
+    // zstd layers with OCI media types, and Docker schema 2 media types with gzip.
+    for (settings, layer_type, manifest_type) in [
+        (
+            "compression=zstd",
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            "application/vnd.oci.image.manifest.v1+json",
+        ),
+        (
+            "oci-mediatypes=false",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ),
+    ] {
+        let image = format!("{reg}/tests/{}:latest", unique("settings"));
+        ossb(
+            &env,
+            &cache,
+            &[
+                "build",
+                "--registry-mirror",
+                &mirror,
+                "--insecure-registry",
+                &reg,
+                "-t",
+                &image,
+                "--output",
+                &format!("type=registry,{settings}"),
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .success(settings);
+        let raw = tool(
+            "skopeo",
+            &[
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{image}"),
+            ],
+        )
+        .success("skopeo inspect --raw");
+        let manifest: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
+        assert_eq!(manifest["mediaType"], manifest_type, "{settings}");
+        let last = manifest["layers"].as_array().unwrap().last().unwrap();
+        assert_eq!(last["mediaType"], layer_type, "{settings}");
+        let run = podman_run(&image, &[]).success("podman run");
+        assert_eq!(run.stdout, "from-a-mirror\n", "{settings}");
+    }
+}
