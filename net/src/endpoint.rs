@@ -19,6 +19,11 @@ const STREAM_WINDOW: u32 = 16 << 20;
 /// Per-connection window (a few streams in flight at full speed).
 const CONNECTION_WINDOW: u32 = 64 << 20;
 
+/// The largest UDP payload path MTU discovery may reach: jumbo frames (9000-byte MTU, less
+/// the IP and UDP headers). Fewer, larger packets cost less per byte; discovery falls back to
+/// what the path carries (1200 bytes at least).
+const MAX_UDP_PAYLOAD: u16 = 8952;
+
 /// The transport settings of every ossb endpoint: large flow-control windows (quinn's
 /// defaults cap one stream far below a gigabyte per second), path MTU discovery up to jumbo
 /// frames, keep-alives so that an idle connection between nodes survives, and an idle timeout
@@ -33,7 +38,7 @@ pub fn transport_config() -> TransportConfig {
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .max_idle_timeout(Some(VarInt::from_u32(20_000).into()));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(9000);
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     t
 }
@@ -49,25 +54,49 @@ pub fn server(addr: SocketAddr, identity: &Identity) -> Result<Endpoint, NetErro
         })?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
-    let mut endpoint = Endpoint::server(config, addr).map_err(|source| NetError::Bind {
-        addr: addr.to_string(),
-        source,
-    })?;
+    let mut endpoint = bind(addr, Some(config))?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
 }
 
 /// An endpoint that only dials, presenting `identity`.
 pub fn client(identity: &Identity) -> Result<Endpoint, NetError> {
-    let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
-    let mut endpoint = Endpoint::client(addr)
-        .or_else(|_| Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
-        .map_err(|source| NetError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let mut endpoint = bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into(), None)
+        .or_else(|_| bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), None))?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
+}
+
+/// The UDP socket buffers asked for. The kernel's default (about 200 KiB) overflows at a
+/// gigabyte per second and the dropped datagrams throttle QUIC's congestion control; the
+/// kernel caps the request at `net.core.rmem_max` / `wmem_max` without failing.
+const UDP_BUFFER: usize = 8 << 20;
+
+/// Binds the endpoint's socket (dual-stack for `[::]`) with large buffers.
+fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoint, NetError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| NetError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).map_err(err)?;
+    }
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into()).map_err(err)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        err(std::io::Error::other(
+            "no tokio runtime: endpoints must be created within one",
+        ))
+    })?;
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    Endpoint::new(config, server, socket.into(), runtime).map_err(err)
 }
 
 fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, NetError> {
