@@ -612,3 +612,107 @@ fn a_step_after_a_huge_one_records_only_its_own_change() {
         "more than the file and its directory: {last:#?}"
     );
 }
+
+/// The same Dockerfile built with overlayfs snapshots (RUN) and recorded writes (COPY,
+/// WORKDIR), and again with `OSSB_SNAPSHOT=metadata` (every step compares metadata snapshots
+/// of the whole rootfs), gives the same image, byte for byte. The RUN creates, modifies,
+/// chmods, chowns, deletes a file and a directory, replaces a directory by a file, hardlinks,
+/// symlinks, renames and recreates a directory.
+#[test]
+fn overlay_and_metadata_snapshots_build_the_same_image() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\n\
+        COPY a.txt /app/\n\
+        COPY tree /app/\n\
+        WORKDIR /work/here\n\
+        RUN set -e; echo new > /new; mkdir -p /nd/x; echo f > /nd/x/f; \
+            echo more >> /etc/passwd; chmod 600 /etc/group; chown 1000:1000 /app/a.txt; \
+            rm /app/gone; rm -rf /app/sub; rm -rf /app/repl; echo now-a-file > /app/repl; \
+            ln /app/a.txt /app/hl; ln -s /new /sym; mv /app/ren /app/renamed; \
+            rm -rf /app/opq; mkdir /app/opq; echo n > /app/opq/n; touch here.txt\n\
+        RUN echo second > /app/keep\n\
+        COPY a.txt /app/opq/\n";
+    let ctx = dockerfile_context(
+        dir.path(),
+        "same",
+        dockerfile,
+        &[
+            ("a.txt", "a\n"),
+            ("tree/gone", "g\n"),
+            ("tree/keep", "k\n"),
+            ("tree/ren", "r\n"),
+            ("tree/sub/x", "x\n"),
+            ("tree/repl/y", "y\n"),
+            ("tree/opq/old", "o\n"),
+        ],
+    );
+    let reg = env.registry();
+    let base = format!("BASE={reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    let build = |name: &str, extra: &[(&str, &str)]| {
+        let meta = dir.path().join(format!("meta-{name}.json"));
+        let layout = dir.path().join(format!("layout-{name}"));
+        let output = format!("type=oci,dest={},tar=false", layout.display());
+        let mut vars = vec![
+            ("SOURCE_DATE_EPOCH", "1700000000"),
+            ("OSSB_LOG", "ossb_coordinator=debug"),
+        ];
+        vars.extend_from_slice(extra);
+        let run = ossb_with(
+            &env,
+            &dir.path().join(format!("cache-{name}")),
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--insecure-registry",
+                &reg,
+                "--build-arg",
+                &base,
+                "--metadata-file",
+                meta.to_str().unwrap(),
+                "--output",
+                &output,
+                ctx.to_str().unwrap(),
+            ],
+            &vars,
+        )
+        .success(name);
+        let meta = read_json(&meta);
+        let digest = meta["containerimage.digest"].as_str().unwrap().to_string();
+        (digest, Built { run, layout })
+    };
+    let (overlay, built) = build("overlay", &[]);
+    let log = &built.run.stderr;
+    if !log.contains("source=Overlay overlay=true") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "RUN did not use overlayfs:\n{log}"
+        );
+        eprintln!("skipped: overlayfs is not usable here");
+        return;
+    }
+    assert!(log.contains("source=Recorded"), "{log}");
+    let (metadata, fallback) = build("metadata", &[("OSSB_SNAPSHOT", "metadata")]);
+    let log = &fallback.run.stderr;
+    assert!(
+        log.contains("source=Snapshots") && !log.contains("source=Overlay"),
+        "{log}"
+    );
+    assert_eq!(overlay, metadata, "the two ways give different images");
+    let layers = built.layers();
+    let run = listing(&layers[layers.len() - 3]);
+    for entry in [
+        "app/.wh.gone",
+        "app/.wh.sub",
+        "app/opq/.wh.old",
+        "app/renamed",
+        "sym",
+    ] {
+        assert!(
+            run.iter()
+                .any(|l| l.ends_with(entry) || l.contains(&format!("{entry} "))),
+            "{entry} missing from the RUN layer:\n{run:#?}"
+        );
+    }
+}
