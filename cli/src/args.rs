@@ -40,6 +40,11 @@ pub enum Command {
     },
     /// Serve the peer cache of a build cluster.
     CacheNode(crate::cluster::CacheNodeArgs),
+    /// Run a build cluster's coordinator: accepts builds from ossb-submit, schedules them on
+    /// workers, pushes the merged index.
+    Coordinator(crate::cluster::CoordinatorArgs),
+    /// Run a build cluster's worker: builds what the coordinator gives it.
+    Worker(Box<crate::cluster::WorkerArgs>),
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,5 +1,6 @@
-//! The build cluster's subcommands: `ossb certs init` and `ossb cache-node`. Their arguments
-//! and the calls into `ossb-net` and `ossb-cache-node`; no logic of their own.
+//! The build cluster's subcommands: `ossb certs init`, `ossb cache-node`, `ossb coordinator`
+//! and `ossb worker`. Their arguments and the calls into `ossb-net`, `ossb-cache-node` and
+//! `ossb_coordinator::cluster`; no logic of their own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,4 +105,144 @@ pub fn cache_node(args: CacheNodeArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The UDP address to serve QUIC on, e.g. 0.0.0.0:7100.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Build records and the context files received.
+    #[arg(long = "state-dir", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// The certificates (`ossb certs init`): ca.crt, node.crt, node.key.
+    #[arg(long = "tls-dir", value_name = "DIR")]
+    tls_dir: PathBuf,
+    /// Serve /metrics (Prometheus) and /healthz over HTTP on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The coordinator, HOST:PORT (the name its certificate carries).
+    #[arg(long, value_name = "ADDR")]
+    coordinator: String,
+    /// The platform this worker runs natively, e.g. linux/amd64 (default: this machine's).
+    #[arg(long, value_name = "PLATFORM")]
+    platform: Option<ossb_protocol::Platform>,
+    /// Platforms this worker also builds through QEMU (binfmt_misc), comma-separated; used only
+    /// when the cluster has no native worker for them.
+    #[arg(long, value_name = "PLATFORM,...", value_delimiter = ',')]
+    emulate: Vec<ossb_protocol::Platform>,
+    /// Its step cache and the tasks' contexts.
+    #[arg(long = "work-dir", value_name = "DIR")]
+    work_dir: PathBuf,
+    /// The certificates (`ossb certs init`): ca.crt, client.crt, client.key.
+    #[arg(long = "tls-dir", value_name = "DIR")]
+    tls_dir: PathBuf,
+    /// Every cache node (host:port,...), the same list the nodes get as --peers.
+    #[arg(long = "cache-peers", value_name = "ADDR,...", value_delimiter = ',')]
+    cache_peers: Vec<String>,
+    /// Tasks run at once (default: the number of CPUs).
+    #[arg(long, value_name = "N")]
+    slots: Option<u32>,
+    /// The name it goes by in logs and metrics (default: HOSTNAME-PID).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// How RUN steps are isolated.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub isolation: crate::args::Isolation,
+    /// Serve /metrics (Prometheus) and /healthz over HTTP on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// JSON log lines to stdout and the one CryptoProvider: what every cluster node starts with.
+fn node_setup() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .try_init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn run_node<F: std::future::Future<Output = Result<(), E>>, E: std::fmt::Display>(
+    what: &str,
+    node: F,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(node) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{what} failed");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `ossb coordinator`: JSON log lines to stdout, serves until SIGTERM/SIGINT.
+pub fn coordinator(args: CoordinatorArgs) -> ExitCode {
+    node_setup();
+    let config = ossb_coordinator::cluster::server::CoordinatorConfig {
+        listen: args.listen,
+        state_dir: args.state_dir,
+        tls_dir: args.tls_dir,
+        metrics: args.metrics,
+    };
+    run_node(
+        "coordinator",
+        ossb_coordinator::cluster::server::serve(config),
+    )
+}
+
+/// `ossb worker` (already inside its user namespace, entered by `main`): JSON log lines to
+/// stdout, serves until SIGTERM/SIGINT.
+pub fn worker(args: WorkerArgs) -> ExitCode {
+    node_setup();
+    let sandbox_exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot find the ossb binary: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let slots = args.slots.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let config = ossb_coordinator::cluster::worker::WorkerConfig {
+        coordinator: args.coordinator,
+        name,
+        platform: args.platform.unwrap_or_else(ossb_protocol::Platform::host),
+        emulates: args.emulate,
+        slots: slots.max(1),
+        work_dir: args.work_dir,
+        tls_dir: args.tls_dir,
+        cache_peers: args.cache_peers,
+        isolation: args.isolation.into(),
+        sandbox_exe,
+        metrics: args.metrics,
+    };
+    run_node("worker", ossb_coordinator::cluster::worker::serve(config))
 }

@@ -38,6 +38,14 @@ fn main() -> ExitCode {
         Command::Cache { command } => cache_command(command),
         Command::Certs { command } => cluster::certs(command),
         Command::CacheNode(args) => cluster::cache_node(args),
+        Command::Coordinator(args) => cluster::coordinator(args),
+        Command::Worker(args) => {
+            // As for build: the user namespace is entered while the process has one thread.
+            if let Err(code) = enter_isolation(args.isolation.into()) {
+                return code;
+            }
+            cluster::worker(*args)
+        }
     }
 }
 

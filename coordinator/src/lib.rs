@@ -8,6 +8,7 @@
 mod add;
 pub mod build;
 pub mod cache;
+pub mod cluster;
 pub mod progress;
 pub mod remote_cache;
 mod run;

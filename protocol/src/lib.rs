@@ -6,6 +6,7 @@
 //! nodes exchange [`wire::Envelope`]s, framed by [`frame`] (the transport that moves them is
 //! `ossb-net`).
 
+pub mod cluster;
 mod digest;
 pub mod frame;
 mod platform;

@@ -62,6 +62,8 @@ pub enum Message {
     CacheReply(CacheReply),
     /// A request that could not be served.
     Error(ErrorReply),
+    /// A message of the build cluster (client, coordinator, workers): see [`crate::cluster`].
+    Cluster(Box<crate::cluster::ClusterMessage>),
 }
 
 /// Requests to the peer cache.

@@ -1,0 +1,1066 @@
+//! `ossb coordinator`: accepts builds, schedules one task per platform on the workers, merges
+//! and pushes the result.
+//!
+//! Every QUIC stream starts with one message that says what it is for (see
+//! [`ossb_protocol::cluster`]): a build submission, a context upload, a status question, a
+//! worker's registration (the stream then stays open as the worker's control channel), or a
+//! worker fetching a context file.
+//!
+//! Scheduling: a task goes to a worker whose native platform is the task's; only when no
+//! native worker of that platform is registered does it go to one that emulates it. Among the
+//! candidates with a free slot, the one that already fetched most of the build's context files
+//! wins. A worker silent for [`super::WORKER_TIMEOUT`] is dropped and its tasks are queued
+//! again at the front.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ossb_image::oci::{self, Descriptor, Index};
+use ossb_image::registry::{parse_reference, Registry};
+use ossb_image::store::BlobStore;
+use ossb_net::{Identity, Role};
+use ossb_protocol::cluster::{
+    BuildEvent, BuildOutcome, BuildSpec, BuiltImage, ClusterMessage, Failure, PlatformOutcome,
+    TaskSpec, WorkerInfo,
+};
+use ossb_protocol::{Digest, Platform};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::context::{file_digests, media_types, registry_config, registry_options};
+use super::records::{Record, Records, Status};
+use super::{local_err, recv, recv_blob_bytes, send, send_blob_bytes, send_error, ClusterError};
+
+/// How `ossb coordinator` is set up.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// The UDP address to serve QUIC on.
+    pub listen: SocketAddr,
+    /// Build records and received context files.
+    pub state_dir: PathBuf,
+    /// The certificates (`ossb certs init`).
+    pub tls_dir: PathBuf,
+    /// Where to serve `/metrics` and `/healthz`.
+    pub metrics: Option<SocketAddr>,
+}
+
+type TaskResult = (Result<PlatformOutcome, Failure>, Vec<String>);
+
+struct Task {
+    spec: TaskSpec,
+    worker: Option<u64>,
+    /// Where events go: the build's handler, which renumbers them.
+    events: mpsc::UnboundedSender<(u64, BuildEvent)>,
+    done: Option<oneshot::Sender<TaskResult>>,
+    /// The build's context files (for placement by locality).
+    context: Vec<Digest>,
+}
+
+struct Worker {
+    info: WorkerInfo,
+    tasks: mpsc::UnboundedSender<ClusterMessage>,
+    last_seen: Instant,
+    running: HashSet<u64>,
+    /// Context files it fetched from here: it holds them.
+    holds: HashSet<Digest>,
+}
+
+#[derive(Default)]
+struct Counters {
+    succeeded: u64,
+    failed: u64,
+    queued: u64,
+    running: u64,
+    /// Steps by the worker that ran them: (run, cached).
+    steps: BTreeMap<String, (u64, u64)>,
+    context_bytes_received: u64,
+    context_bytes_served: u64,
+    tasks_rescheduled: u64,
+    workers_lost: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    workers: HashMap<u64, Worker>,
+    queue: VecDeque<u64>,
+    tasks: HashMap<u64, Task>,
+    next_id: u64,
+    counters: Counters,
+}
+
+struct State {
+    inner: Mutex<Inner>,
+    wake: Notify,
+    store: BlobStore,
+    records: Records,
+}
+
+impl State {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        inner.next_id
+    }
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    endpoint: quinn::Endpoint,
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+}
+
+impl Coordinator {
+    /// Opens the state dir (failing the builds a previous run lost), binds, and serves.
+    pub async fn start(config: CoordinatorConfig) -> Result<Coordinator, ClusterError> {
+        let store = BlobStore::open(config.state_dir.join("context"))
+            .map_err(local_err("opening the state dir"))?;
+        let records =
+            Records::open(&config.state_dir).map_err(local_err("opening the state dir"))?;
+        let lost = records
+            .fail_unfinished()
+            .map_err(local_err("reading the build records"))?;
+        if !lost.is_empty() {
+            tracing::warn!(builds = ?lost, "builds lost in a restart are marked failed");
+        }
+        let identity = Identity::load(&config.tls_dir, Role::Node)?;
+        let endpoint = ossb_net::server(config.listen, &identity)?;
+        let listen = endpoint
+            .local_addr()
+            .map_err(local_err("reading the bound address"))?;
+        let state = Arc::new(State {
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+            store,
+            records,
+        });
+        let metrics = match config.metrics {
+            Some(addr) => Some(serve_metrics(addr, state.clone()).await?),
+            None => None,
+        };
+        tokio::spawn(accept(endpoint.clone(), state.clone()));
+        tokio::spawn(schedule_loop(state.clone()));
+        tokio::spawn(watch_workers(state.clone()));
+        tracing::info!(listen = %listen, metrics = ?metrics, "coordinator serving");
+        Ok(Coordinator {
+            endpoint,
+            listen,
+            metrics,
+        })
+    }
+
+    /// The QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The metrics address, if served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"shutting down");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle())
+            .await;
+    }
+}
+
+/// `ossb coordinator`: serves until SIGTERM or SIGINT.
+pub async fn serve(config: CoordinatorConfig) -> Result<(), ClusterError> {
+    let coordinator = Coordinator::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(local_err("installing the SIGTERM handler"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    coordinator.close().await;
+    Ok(())
+}
+
+async fn serve_metrics(addr: SocketAddr, state: Arc<State>) -> Result<SocketAddr, ClusterError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(local_err("binding the metrics address"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(local_err("binding the metrics address"))?;
+    let routes: ossb_net::http::Routes = Arc::new(move |path| match path {
+        "/metrics" => Some(ossb_net::http::Response {
+            content_type: ossb_net::http::PROMETHEUS_TEXT,
+            body: prometheus(&state.lock()),
+        }),
+        "/healthz" => Some(ossb_net::http::Response {
+            content_type: "text/plain",
+            body: "ok\n".into(),
+        }),
+        _ => None,
+    });
+    tokio::spawn(ossb_net::http::serve(listener, routes));
+    Ok(bound)
+}
+
+/// The coordinator's counters in Prometheus text form.
+fn prometheus(inner: &Inner) -> String {
+    use std::fmt::Write;
+    let c = &inner.counters;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric(
+        "ossb_builds_queued",
+        "gauge",
+        "Builds waiting for their context or a worker.",
+        vec![(String::new(), c.queued)],
+    );
+    metric(
+        "ossb_builds_running",
+        "gauge",
+        "Builds whose tasks run.",
+        vec![(String::new(), c.running)],
+    );
+    metric(
+        "ossb_builds_finished_total",
+        "counter",
+        "Builds finished, by status.",
+        vec![
+            ("{status=\"succeeded\"}".into(), c.succeeded),
+            ("{status=\"failed\"}".into(), c.failed),
+        ],
+    );
+    let mut steps = Vec::new();
+    for (worker, (run, cached)) in &c.steps {
+        steps.push((format!("{{worker=\"{worker}\",result=\"run\"}}"), *run));
+        steps.push((
+            format!("{{worker=\"{worker}\",result=\"cached\"}}"),
+            *cached,
+        ));
+    }
+    metric(
+        "ossb_steps_total",
+        "counter",
+        "Steps of finished tasks, by the worker that ran them and whether its local step cache had them.",
+        steps,
+    );
+    let mut workers: BTreeMap<(String, &str), u64> = BTreeMap::new();
+    for w in inner.workers.values() {
+        *workers
+            .entry((w.info.platform.to_string(), "native"))
+            .or_default() += 1;
+        for p in &w.info.emulates {
+            *workers.entry((p.to_string(), "emulated")).or_default() += 1;
+        }
+    }
+    metric(
+        "ossb_workers",
+        "gauge",
+        "Registered workers, by platform they build and how.",
+        workers
+            .into_iter()
+            .map(|((p, how), n)| (format!("{{platform=\"{p}\",mode=\"{how}\"}}"), n))
+            .collect(),
+    );
+    metric(
+        "ossb_tasks_queued",
+        "gauge",
+        "Tasks (one platform of a build) waiting for a worker.",
+        vec![(String::new(), inner.queue.len() as u64)],
+    );
+    metric(
+        "ossb_tasks_rescheduled_total",
+        "counter",
+        "Tasks scheduled again because their worker was lost.",
+        vec![(String::new(), c.tasks_rescheduled)],
+    );
+    metric(
+        "ossb_workers_lost_total",
+        "counter",
+        "Workers that stopped heartbeating.",
+        vec![(String::new(), c.workers_lost)],
+    );
+    metric(
+        "ossb_context_bytes_total",
+        "counter",
+        "Context file bytes received from clients and served to workers.",
+        vec![
+            ("{direction=\"received\"}".into(), c.context_bytes_received),
+            ("{direction=\"served\"}".into(), c.context_bytes_served),
+        ],
+    );
+    out
+}
+
+async fn accept(endpoint: quinn::Endpoint, state: Arc<State>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a connection");
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(serve_stream(state.clone(), send, recv, remote));
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    state: Arc<State>,
+    mut tx: SendStream,
+    mut rx: RecvStream,
+    remote: SocketAddr,
+) {
+    let peer = remote.to_string();
+    let first = match recv(&mut rx, &peer).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "unreadable request");
+            return send_error(&mut tx, e.to_string()).await;
+        }
+    };
+    let result = match first {
+        ClusterMessage::Submit(spec) => run_build(&state, spec, &mut tx, &mut rx).await,
+        ClusterMessage::Upload { digest, size } => {
+            let r = recv_blob_bytes(&mut rx, &state.store, &digest, size).await;
+            if r.is_ok() {
+                state.lock().counters.context_bytes_received += size;
+                let _ = send(&mut tx, ClusterMessage::Stored).await;
+            }
+            r
+        }
+        ClusterMessage::Status { build } => status(&state, &build, &mut tx).await,
+        ClusterMessage::Register(info) => worker_channel(&state, info, tx, rx).await,
+        ClusterMessage::FetchBlob { digest } => fetch_blob(&state, digest, &mut tx).await,
+        other => Err(ClusterError::Protocol {
+            peer,
+            got: format!("{other:?}"),
+        }),
+    };
+    if let Err(e) = result {
+        tracing::warn!(%remote, error = %e, "request failed");
+    }
+}
+
+async fn status(state: &State, build: &str, tx: &mut SendStream) -> Result<(), ClusterError> {
+    let reply = match state.records.load(build) {
+        None => ClusterMessage::Finished(BuildOutcome {
+            result: Err(Failure {
+                message: format!("the coordinator has no record of build {build}"),
+                exit_code: 1,
+            }),
+        }),
+        Some(r) => match r.status {
+            Status::Queued | Status::Running => ClusterMessage::Running,
+            Status::Failed => ClusterMessage::Finished(BuildOutcome {
+                result: Err(Failure {
+                    message: r.error.unwrap_or_else(|| "the build failed".into()),
+                    exit_code: r.exit_code.unwrap_or(1),
+                }),
+            }),
+            Status::Succeeded => ClusterMessage::Finished(BuildOutcome {
+                result: Ok(BuiltImage {
+                    descriptor_json: r.descriptor.unwrap_or_default(),
+                    top: Vec::new(),
+                    manifests: Vec::new(),
+                    blobs: Vec::new(),
+                    config: None,
+                    pushed: Vec::new(),
+                    run: 0,
+                    cached: 0,
+                    size: 0,
+                    cache_peers: Vec::new(),
+                }),
+            }),
+        },
+    };
+    send(tx, reply).await?;
+    let _ = tx.finish();
+    Ok(())
+}
+
+async fn fetch_blob(
+    state: &State,
+    digest: Digest,
+    tx: &mut SendStream,
+) -> Result<(), ClusterError> {
+    let Some(size) = state.store.size(&digest) else {
+        send_error(tx, format!("the coordinator has no blob {digest}")).await;
+        return Ok(());
+    };
+    send(tx, ClusterMessage::Blob { size }).await?;
+    send_blob_bytes(tx, &state.store, &digest).await?;
+    let _ = tx.finish();
+    state.lock().counters.context_bytes_served += size;
+    Ok(())
+}
+
+/// A worker's control stream: tasks go out, heartbeats, events and results come in.
+async fn worker_channel(
+    state: &Arc<State>,
+    info: WorkerInfo,
+    mut tx: SendStream,
+    mut rx: RecvStream,
+) -> Result<(), ClusterError> {
+    let id = state.next_id();
+    let name = info.name.clone();
+    let (task_tx, mut task_rx) = mpsc::unbounded_channel();
+    send(
+        &mut tx,
+        ClusterMessage::Registered {
+            worker: name.clone(),
+        },
+    )
+    .await?;
+    tracing::info!(worker = %name, platform = %info.platform, emulates = ?info.emulates.iter().map(|p| p.to_string()).collect::<Vec<_>>(), slots = info.slots, "worker registered");
+    state.lock().workers.insert(
+        id,
+        Worker {
+            info,
+            tasks: task_tx,
+            last_seen: Instant::now(),
+            running: HashSet::new(),
+            holds: HashSet::new(),
+        },
+    );
+    state.wake.notify_one();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = task_rx.recv().await {
+            if send(&mut tx, m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = loop {
+        let message = match recv(&mut rx, &name).await {
+            Ok(m) => m,
+            Err(e) => break Err(e),
+        };
+        let mut inner = state.lock();
+        let Some(worker) = inner.workers.get_mut(&id) else {
+            // Dropped as lost: whatever it says now is too late.
+            break Ok(());
+        };
+        worker.last_seen = Instant::now();
+        match message {
+            ClusterMessage::Heartbeat { .. } => {}
+            ClusterMessage::TaskEvent { task, event } => {
+                if let Some(t) = inner.tasks.get(&task).filter(|t| t.worker == Some(id)) {
+                    let _ = t.events.send((task, event));
+                }
+            }
+            ClusterMessage::TaskDone { task, result } => {
+                let peers = worker.info.cache_peers.clone();
+                worker.running.remove(&task);
+                if let Some(mut t) = inner.tasks.remove(&task).filter(|t| t.worker == Some(id)) {
+                    if let Some(w) = inner.workers.get_mut(&id) {
+                        w.holds.extend(t.context.iter().copied());
+                    }
+                    if let Ok(outcome) = &result {
+                        let steps = inner.counters.steps.entry(name.clone()).or_default();
+                        steps.0 += outcome.run;
+                        steps.1 += outcome.cached;
+                    }
+                    if let Some(done) = t.done.take() {
+                        let _ = done.send((result, peers));
+                    }
+                }
+                drop(inner);
+                state.wake.notify_one();
+            }
+            other => {
+                drop(inner);
+                tracing::warn!(worker = %name, message = ?other, "unexpected message from a worker");
+            }
+        }
+    };
+    writer.abort();
+    lose_worker(state, id, "its connection closed");
+    result
+}
+
+/// Drops a worker and queues its tasks again, first.
+fn lose_worker(state: &State, id: u64, why: &str) {
+    let mut inner = state.lock();
+    let Some(worker) = inner.workers.remove(&id) else {
+        return;
+    };
+    inner.counters.workers_lost += 1;
+    tracing::warn!(worker = %worker.info.name, reason = why, tasks = worker.running.len(), "worker lost");
+    for task in worker.running {
+        if let Some(t) = inner.tasks.get_mut(&task) {
+            t.worker = None;
+            let _ = t.events.send((
+                task,
+                BuildEvent::Info(format!(
+                    "worker {} was lost ({why}): building {} again elsewhere",
+                    worker.info.name, t.spec.platform
+                )),
+            ));
+            inner.queue.push_front(task);
+            inner.counters.tasks_rescheduled += 1;
+        }
+    }
+    drop(inner);
+    state.wake.notify_one();
+}
+
+/// Drops workers that stopped heartbeating.
+async fn watch_workers(state: Arc<State>) {
+    loop {
+        tokio::time::sleep(super::HEARTBEAT / 2).await;
+        let silent: Vec<u64> = state
+            .lock()
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen.elapsed() > super::WORKER_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            lose_worker(&state, id, "no heartbeat");
+        }
+    }
+}
+
+async fn schedule_loop(state: Arc<State>) {
+    loop {
+        schedule(&state);
+        // Woken by new tasks, new workers and finished tasks; the timeout catches the rest.
+        let _ = tokio::time::timeout(super::HEARTBEAT, state.wake.notified()).await;
+    }
+}
+
+/// Assigns queued tasks to workers with a free slot.
+fn schedule(state: &State) {
+    let mut inner = state.lock();
+    let mut waiting = VecDeque::new();
+    while let Some(task_id) = inner.queue.pop_front() {
+        let Some(task) = inner.tasks.get(&task_id) else {
+            continue;
+        };
+        match pick_worker(&inner.workers, &task.spec.platform, &task.context) {
+            Some(w) => {
+                let spec = task.spec.clone();
+                let emulated = inner.workers[&w].info.platform != spec.platform;
+                let worker = inner.workers.get_mut(&w).expect("picked from the map");
+                worker.running.insert(task_id);
+                let name = worker.info.name.clone();
+                let sent = worker.tasks.send(ClusterMessage::Task(spec.clone()));
+                let task = inner.tasks.get_mut(&task_id).expect("present above");
+                task.worker = Some(w);
+                let how = if emulated { "emulated" } else { "native" };
+                tracing::info!(build = %spec.build, task = task_id, platform = %spec.platform, worker = %name, how, "task scheduled");
+                let _ = task.events.send((
+                    task_id,
+                    BuildEvent::Info(format!(
+                        "{} scheduled on worker {name} ({how})",
+                        spec.platform
+                    )),
+                ));
+                if sent.is_err() {
+                    // Its channel is gone; the worker is being dropped and the task will be
+                    // queued again then.
+                    tracing::warn!(worker = %name, "worker channel closed");
+                }
+            }
+            None => waiting.push_back(task_id),
+        }
+    }
+    inner.queue = waiting;
+}
+
+/// The worker for a task of `platform`: native workers when any is registered, else emulating
+/// ones; among those with a free slot, the one that holds most of the context, then the least
+/// busy.
+fn pick_worker(
+    workers: &HashMap<u64, Worker>,
+    platform: &Platform,
+    context: &[Digest],
+) -> Option<u64> {
+    let native: Vec<(&u64, &Worker)> = workers
+        .iter()
+        .filter(|(_, w)| w.info.platform == *platform)
+        .collect();
+    let pool = if native.is_empty() {
+        workers
+            .iter()
+            .filter(|(_, w)| w.info.emulates.contains(platform))
+            .collect()
+    } else {
+        native
+    };
+    pool.into_iter()
+        .filter(|(_, w)| (w.running.len() as u32) < w.info.slots.max(1))
+        .max_by_key(|(id, w)| {
+            let held = context.iter().filter(|d| w.holds.contains(d)).count();
+            (
+                held,
+                std::cmp::Reverse(w.running.len()),
+                std::cmp::Reverse(**id),
+            )
+        })
+        .map(|(id, _)| *id)
+}
+
+/// Serves one submitted build on the client's stream until it ends.
+async fn run_build(
+    state: &Arc<State>,
+    spec: BuildSpec,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<(), ClusterError> {
+    let build = format!("b{}-{}", crate::build::now(), state.next_id());
+    let mut record = Record {
+        id: build.clone(),
+        status: Status::Queued,
+        platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
+        tags: spec.tags.clone(),
+        submitted: crate::build::now(),
+        digest: None,
+        descriptor: None,
+        error: None,
+        exit_code: None,
+    };
+    let _ = state.records.save(&record);
+    let outcome = build_outcome(state, &build, spec, tx, rx).await;
+    {
+        let mut inner = state.lock();
+        match &outcome {
+            Ok(_) => inner.counters.succeeded += 1,
+            Err(_) => inner.counters.failed += 1,
+        }
+    }
+    match &outcome {
+        Ok(image) => {
+            record.status = Status::Succeeded;
+            record.digest = serde_json::from_str::<Descriptor>(&image.descriptor_json)
+                .ok()
+                .map(|d| d.digest.to_string());
+            record.descriptor = Some(image.descriptor_json.clone());
+            tracing::info!(build = %build, digest = ?record.digest, "build succeeded");
+        }
+        Err(f) => {
+            record.status = Status::Failed;
+            record.error = Some(f.message.clone());
+            record.exit_code = Some(f.exit_code);
+            tracing::info!(build = %build, error = %f.message, "build failed");
+        }
+    }
+    let _ = state.records.save(&record);
+    send(
+        tx,
+        ClusterMessage::Finished(BuildOutcome { result: outcome }),
+    )
+    .await?;
+    let _ = tx.finish();
+    Ok(())
+}
+
+/// Counts a build as queued, then as running, until dropped.
+struct Gauge<'a> {
+    state: &'a State,
+    running: bool,
+}
+
+impl<'a> Gauge<'a> {
+    fn new(state: &'a State) -> Gauge<'a> {
+        state.lock().counters.queued += 1;
+        Gauge {
+            state,
+            running: false,
+        }
+    }
+
+    fn start_running(&mut self) {
+        let mut inner = self.state.lock();
+        inner.counters.queued = inner.counters.queued.saturating_sub(1);
+        inner.counters.running += 1;
+        self.running = true;
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.state.lock();
+        let c = &mut inner.counters;
+        if self.running {
+            c.running = c.running.saturating_sub(1);
+        } else {
+            c.queued = c.queued.saturating_sub(1);
+        }
+    }
+}
+
+fn failure(message: impl Into<String>, exit_code: i32) -> Failure {
+    Failure {
+        message: message.into(),
+        exit_code,
+    }
+}
+
+/// Receives the context, runs every platform's task, merges and pushes.
+async fn build_outcome(
+    state: &Arc<State>,
+    build: &str,
+    spec: BuildSpec,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<BuiltImage, Failure> {
+    let mut gauge = Gauge::new(state);
+    if let Err(e) = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name) {
+        return Err(failure(e.to_string(), 2));
+    }
+    if spec.platforms.is_empty() {
+        return Err(failure("no platform to build for", 2));
+    }
+    let context = file_digests(&spec.context);
+    let missing: Vec<Digest> = context
+        .iter()
+        .filter(|d| !state.store.contains(d))
+        .copied()
+        .collect();
+    let net = |e: ClusterError| failure(format!("receiving the build: {e}"), 1);
+    send(tx, ClusterMessage::NeedBlobs { digests: missing })
+        .await
+        .map_err(net)?;
+    match recv(rx, "the client").await.map_err(net)? {
+        ClusterMessage::UploadsDone => {}
+        other => return Err(failure(format!("expected UploadsDone, got {other:?}"), 1)),
+    }
+    if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
+        return Err(failure(format!("the context file {d} was not uploaded"), 1));
+    }
+    for d in &context {
+        state.store.touch(d);
+    }
+    send(
+        tx,
+        ClusterMessage::Accepted {
+            build: build.to_string(),
+        },
+    )
+    .await
+    .map_err(net)?;
+    tracing::info!(build, platforms = ?spec.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), context_files = context.len(), "build accepted");
+
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let mut pending = Vec::new();
+    gauge.start_running();
+    {
+        let mut inner = state.lock();
+        for platform in &spec.platforms {
+            inner.next_id += 1;
+            let task = inner.next_id;
+            let (done_tx, done_rx) = oneshot::channel();
+            inner.tasks.insert(
+                task,
+                Task {
+                    spec: TaskSpec {
+                        task,
+                        build: build.to_string(),
+                        platform: platform.clone(),
+                        spec: spec.clone(),
+                    },
+                    worker: None,
+                    events: events_tx.clone(),
+                    done: Some(done_tx),
+                    context: context.clone(),
+                },
+            );
+            inner.queue.push_back(task);
+            pending.push((task, platform.clone(), done_rx));
+        }
+    }
+    let _ = state.records.save(&running_record(build, &spec));
+    state.wake.notify_one();
+    drop(events_tx);
+
+    // Forward events (renumbered: each task's engine counts from 1) until every task ends.
+    let platforms: HashMap<u64, Platform> =
+        pending.iter().map(|(t, p, _)| (*t, p.clone())).collect();
+    let multi = spec.platforms.len() > 1;
+    let mut ids: HashMap<(u64, u64), u64> = HashMap::new();
+    let mut next = 0u64;
+    let mut results = futures_util::future::join_all(pending.into_iter().map(|(_, _, rx)| rx));
+    let mut client_gone = false;
+    let joined = loop {
+        tokio::select! {
+            r = &mut results => break r,
+            Some((task, event)) = events_rx.recv() => {
+                let event = renumber(event, task, &mut ids, &mut next, multi.then(|| &platforms[&task]));
+                if !client_gone && send(tx, ClusterMessage::Event(event)).await.is_err() {
+                    client_gone = true;
+                }
+            }
+        }
+    };
+    while let Ok((task, event)) = events_rx.try_recv() {
+        let event = renumber(
+            event,
+            task,
+            &mut ids,
+            &mut next,
+            multi.then(|| &platforms[&task]),
+        );
+        if !client_gone {
+            let _ = send(tx, ClusterMessage::Event(event)).await;
+        }
+    }
+    drop(gauge);
+    let mut outcomes = Vec::new();
+    let mut peers = Vec::new();
+    for r in joined {
+        match r {
+            Ok((Ok(o), p)) => {
+                outcomes.push(o);
+                peers.extend(p);
+            }
+            Ok((Err(f), _)) => return Err(f),
+            Err(_) => return Err(failure("a task was dropped by the coordinator", 1)),
+        }
+    }
+    peers.sort();
+    peers.dedup();
+    merge_and_push(&spec, outcomes, peers).await
+}
+
+fn running_record(build: &str, spec: &BuildSpec) -> Record {
+    Record {
+        id: build.to_string(),
+        status: Status::Running,
+        platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
+        tags: spec.tags.clone(),
+        submitted: crate::build::now(),
+        digest: None,
+        descriptor: None,
+        error: None,
+        exit_code: None,
+    }
+}
+
+/// Gives a task's event a build-wide vertex id, and names the platform in vertex names of a
+/// multi-platform build.
+fn renumber(
+    event: BuildEvent,
+    task: u64,
+    ids: &mut HashMap<(u64, u64), u64>,
+    next: &mut u64,
+    platform: Option<&Platform>,
+) -> BuildEvent {
+    let mut map = |id: u64| {
+        *ids.entry((task, id)).or_insert_with(|| {
+            *next += 1;
+            *next
+        })
+    };
+    match event {
+        BuildEvent::Started { id, name } => {
+            let name = match platform {
+                Some(p) if name.starts_with('[') && !name.starts_with(&format!("[{p}")) => {
+                    format!("[{p} {}", &name[1..])
+                }
+                _ => name,
+            };
+            BuildEvent::Started { id: map(id), name }
+        }
+        BuildEvent::Output {
+            id,
+            elapsed_ms,
+            line,
+        } => BuildEvent::Output {
+            id: map(id),
+            elapsed_ms,
+            line,
+        },
+        BuildEvent::Done { id, elapsed_ms } => BuildEvent::Done {
+            id: map(id),
+            elapsed_ms,
+        },
+        BuildEvent::Failed {
+            id,
+            elapsed_ms,
+            message,
+        } => BuildEvent::Failed {
+            id: map(id),
+            elapsed_ms,
+            message,
+        },
+        BuildEvent::Cached { id } => BuildEvent::Cached { id: map(id) },
+        other => other,
+    }
+}
+
+/// Merges the platforms' manifests (an index for several) and pushes the top under each tag,
+/// last: the workers pushed the manifests and their blobs by digest already.
+async fn merge_and_push(
+    spec: &BuildSpec,
+    outcomes: Vec<PlatformOutcome>,
+    cache_peers: Vec<String>,
+) -> Result<BuiltImage, Failure> {
+    let bad =
+        |e: serde_json::Error| failure(format!("a worker sent an invalid descriptor: {e}"), 1);
+    let descriptors: Vec<Descriptor> = outcomes
+        .iter()
+        .map(|o| serde_json::from_str(&o.descriptor_json))
+        .collect::<Result<_, _>>()
+        .map_err(bad)?;
+    let types = media_types(spec);
+    let (top, top_bytes, manifests) = match (descriptors.as_slice(), outcomes.as_slice()) {
+        ([one], [o]) => (one.clone(), o.manifest.clone(), Vec::new()),
+        _ => {
+            let index = Index::new(&descriptors, types);
+            let bytes = oci::to_canonical_json(&index);
+            let top = Descriptor {
+                media_type: types.index().into(),
+                digest: Digest::of(&bytes),
+                size: bytes.len() as u64,
+                platform: None,
+                annotations: None,
+            };
+            (
+                top,
+                bytes,
+                outcomes.iter().map(|o| o.manifest.clone()).collect(),
+            )
+        }
+    };
+    let mut pushed = Vec::new();
+    if spec.push {
+        let registry = Registry::with_config(&registry_options(spec), &registry_config(spec))
+            .map_err(|e| failure(e.to_string(), 1))?;
+        // An empty store: pushing the top alone reads nothing from it.
+        let scratch = tempfile::tempdir().map_err(|e| failure(e.to_string(), 1))?;
+        let store = BlobStore::open(scratch.path()).map_err(|e| failure(e.to_string(), 1))?;
+        for tag in &spec.tags {
+            let reference = parse_reference(tag).map_err(|e| failure(e.to_string(), 2))?;
+            registry
+                .push(&reference, &store, &[], &top_bytes, &top.media_type)
+                .await
+                .map_err(|e| failure(e.to_string(), 1))?;
+            tracing::info!(reference = %reference.whole(), digest = %top.digest, "pushed");
+            pushed.push(format!("{}@{}", reference.whole(), top.digest));
+        }
+    }
+    let mut blobs: Vec<Digest> = outcomes.iter().flat_map(|o| o.blobs.clone()).collect();
+    blobs.sort();
+    blobs.dedup();
+    Ok(BuiltImage {
+        descriptor_json: serde_json::to_string(&top).unwrap_or_default(),
+        top: top_bytes,
+        manifests,
+        blobs,
+        config: match outcomes.as_slice() {
+            [one] => Some(one.config),
+            _ => None,
+        },
+        pushed,
+        run: outcomes.iter().map(|o| o.run).sum(),
+        cached: outcomes.iter().map(|o| o.cached).sum(),
+        size: outcomes.iter().map(|o| o.size).sum(),
+        cache_peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(platform: &str, emulates: &[&str], slots: u32) -> Worker {
+        let (tx, _) = mpsc::unbounded_channel();
+        Worker {
+            info: WorkerInfo {
+                name: platform.into(),
+                platform: platform.parse().unwrap(),
+                emulates: emulates.iter().map(|p| p.parse().unwrap()).collect(),
+                slots,
+                cache_peers: Vec::new(),
+            },
+            tasks: tx,
+            last_seen: Instant::now(),
+            running: HashSet::new(),
+            holds: HashSet::new(),
+        }
+    }
+
+    #[test]
+    fn native_workers_first_emulation_only_without_them() {
+        let arm: Platform = "linux/arm64".parse().unwrap();
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let mut workers = HashMap::new();
+        workers.insert(1, worker("linux/amd64", &["linux/arm64"], 1));
+        // No native arm64 worker: the emulating one takes it.
+        assert_eq!(pick_worker(&workers, &arm, &[]), Some(1));
+        workers.insert(2, worker("linux/arm64", &[], 1));
+        assert_eq!(pick_worker(&workers, &arm, &[]), Some(2));
+        // The native one is busy: wait for it rather than emulate.
+        workers.get_mut(&2).unwrap().running.insert(9);
+        assert_eq!(pick_worker(&workers, &arm, &[]), None);
+        assert_eq!(pick_worker(&workers, &amd, &[]), Some(1));
+        let riscv: Platform = "linux/riscv64".parse().unwrap();
+        assert_eq!(pick_worker(&workers, &riscv, &[]), None);
+    }
+
+    #[test]
+    fn the_worker_holding_the_context_is_preferred() {
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let d = Digest::of(b"file");
+        let mut workers = HashMap::new();
+        workers.insert(1, worker("linux/amd64", &[], 2));
+        workers.insert(2, worker("linux/amd64", &[], 2));
+        workers.get_mut(&2).unwrap().holds.insert(d);
+        assert_eq!(pick_worker(&workers, &amd, &[d]), Some(2));
+    }
+
+    #[test]
+    fn events_of_several_tasks_get_distinct_ids() {
+        let (mut ids, mut next) = (HashMap::new(), 0);
+        let p: Platform = "linux/arm64".parse().unwrap();
+        let a = renumber(
+            BuildEvent::Started {
+                id: 1,
+                name: "[stage-0 1/2] RUN x".into(),
+            },
+            10,
+            &mut ids,
+            &mut next,
+            Some(&p),
+        );
+        let b = renumber(
+            BuildEvent::Started {
+                id: 1,
+                name: "x".into(),
+            },
+            11,
+            &mut ids,
+            &mut next,
+            None,
+        );
+        assert_eq!(
+            a,
+            BuildEvent::Started {
+                id: 1,
+                name: "[linux/arm64 stage-0 1/2] RUN x".into()
+            }
+        );
+        assert!(matches!(b, BuildEvent::Started { id: 2, .. }));
+    }
+}

@@ -1,0 +1,298 @@
+//! `ossb-submit`: runs a build on the cluster as `ossb build` would run it here.
+//!
+//! The context is listed by content and only the files the coordinator lacks are uploaded;
+//! the coordinator's events are handed to the caller's [`Progress`] as the engine's own; a
+//! result to write locally (`--output type=oci|docker|local`) is downloaded from the peer
+//! cache. If the connection breaks, the client asks the coordinator (reconnecting for up to a
+//! minute) how the build ended, so a coordinator restart is reported instead of waited on.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use ossb_cache_node::PeerCache;
+use ossb_image::export::{self, NamedImage};
+use ossb_image::layer::ApplyOptions;
+use ossb_image::oci::Descriptor;
+use ossb_image::store::BlobStore;
+use ossb_net::{Identity, Role};
+use ossb_protocol::cluster::{BuiltImage, ClusterMessage, Failure};
+use ossb_protocol::Digest;
+
+use super::context::{scan, spec_of};
+use super::{event_from_wire, recv, send, send_file, ClusterError};
+use crate::build::{BuildError, BuildRequest, BuildResult, Output};
+use crate::progress::{Event, Progress};
+use crate::stage::Stats;
+
+/// Where the cluster is.
+#[derive(Clone, Debug)]
+pub struct SubmitConfig {
+    /// The coordinator, `host:port`.
+    pub coordinator: String,
+    /// The certificates (`ossb certs init`): ca.crt, client.crt, client.key.
+    pub tls_dir: PathBuf,
+}
+
+/// Context files uploaded at once.
+const PARALLEL_UPLOADS: usize = 8;
+
+/// Runs `req` on the cluster, reporting to `progress`.
+pub async fn submit(
+    req: &BuildRequest,
+    config: &SubmitConfig,
+    progress: &dyn Progress,
+) -> Result<BuildResult, BuildError> {
+    if !req.context.is_dir() {
+        return Err(BuildError::Usage(format!(
+            "build context {} is not a directory",
+            req.context.display()
+        )));
+    }
+    let (entries, files) = scan(req).map_err(BuildError::Usage)?;
+    let spec = spec_of(req, entries)?;
+    let identity = Identity::load(&config.tls_dir, Role::Client).map_err(usage)?;
+    let endpoint = ossb_net::client(&identity).map_err(local)?;
+    let cluster = |e: ClusterError| {
+        BuildError::Local(format!("the build cluster at {}: {e}", config.coordinator))
+    };
+    let conn = ossb_net::connect(&endpoint, &config.coordinator, super::CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| cluster(e.into()))?;
+    let (mut tx, mut rx) = conn
+        .open_bi()
+        .await
+        .map_err(|e| cluster(ossb_net::NetError::from(e).into()))?;
+    send(&mut tx, ClusterMessage::Submit(spec))
+        .await
+        .map_err(cluster)?;
+    let missing = match recv(&mut rx, "the coordinator").await.map_err(cluster)? {
+        ClusterMessage::NeedBlobs { digests } => digests,
+        other => return Err(unexpected(other)),
+    };
+    let (id, t) = (0usize, Instant::now());
+    progress.event(Event::Started {
+        id,
+        name: format!(
+            "[internal] sending {} of {} context files to {}",
+            missing.len(),
+            files.len(),
+            config.coordinator
+        ),
+    });
+    upload(&conn, &files, &missing).await.map_err(cluster)?;
+    progress.event(Event::Done {
+        id,
+        elapsed: t.elapsed(),
+    });
+    send(&mut tx, ClusterMessage::UploadsDone)
+        .await
+        .map_err(cluster)?;
+    let build = match recv(&mut rx, "the coordinator").await.map_err(cluster)? {
+        ClusterMessage::Accepted { build } => build,
+        ClusterMessage::Finished(outcome) => return finish(req, config, outcome.result).await,
+        other => return Err(unexpected(other)),
+    };
+    progress.event(Event::Info(format!(
+        "build {build} accepted by {}",
+        config.coordinator
+    )));
+    let result = loop {
+        match recv(&mut rx, "the coordinator").await {
+            Ok(ClusterMessage::Event(e)) => progress.event(event_from_wire(e)),
+            Ok(ClusterMessage::Finished(outcome)) => break outcome.result,
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => {
+                progress.event(Event::Info(format!(
+                    "lost the coordinator ({e}); asking how build {build} ended"
+                )));
+                break status_after_loss(&endpoint, config, &build).await?;
+            }
+        }
+    };
+    finish(req, config, result).await
+}
+
+fn usage(e: ossb_net::NetError) -> BuildError {
+    BuildError::Usage(e.to_string())
+}
+
+fn local(e: ossb_net::NetError) -> BuildError {
+    BuildError::Local(e.to_string())
+}
+
+fn unexpected(m: ClusterMessage) -> BuildError {
+    BuildError::Local(format!("the coordinator answered out of turn: {m:?}"))
+}
+
+/// Uploads the context files the coordinator asked for, several at once.
+async fn upload(
+    conn: &quinn::Connection,
+    files: &BTreeMap<Digest, PathBuf>,
+    missing: &[Digest],
+) -> Result<(), ClusterError> {
+    let results: Vec<Result<(), ClusterError>> = stream::iter(missing.iter())
+        .map(|digest| async move {
+            let path = files.get(digest).ok_or_else(|| ClusterError::Protocol {
+                peer: "the coordinator".into(),
+                got: format!("a request for {digest}, which is not in the context"),
+            })?;
+            let size = std::fs::metadata(path)
+                .map_err(|e| ClusterError::Local(format!("{}: {e}", path.display())))?
+                .len();
+            let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
+            send(
+                &mut tx,
+                ClusterMessage::Upload {
+                    digest: *digest,
+                    size,
+                },
+            )
+            .await?;
+            send_file(&mut tx, path).await?;
+            let _ = tx.finish();
+            match recv(&mut rx, "the coordinator").await? {
+                ClusterMessage::Stored => Ok(()),
+                other => Err(ClusterError::Protocol {
+                    peer: "the coordinator".into(),
+                    got: format!("{other:?}"),
+                }),
+            }
+        })
+        .buffer_unordered(PARALLEL_UPLOADS)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Asks (reconnecting for up to a minute) how a build ended after the connection broke.
+async fn status_after_loss(
+    endpoint: &quinn::Endpoint,
+    config: &SubmitConfig,
+    build: &str,
+) -> Result<Result<BuiltImage, Failure>, BuildError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ask = async {
+            let conn =
+                ossb_net::connect(endpoint, &config.coordinator, super::CONNECT_TIMEOUT).await?;
+            let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
+            send(
+                &mut tx,
+                ClusterMessage::Status {
+                    build: build.to_string(),
+                },
+            )
+            .await?;
+            recv(&mut rx, "the coordinator").await
+        };
+        match ask.await {
+            Ok(ClusterMessage::Finished(outcome)) => return Ok(outcome.result),
+            Ok(ClusterMessage::Running) => last = "the build is still running".into(),
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(BuildError::Local(format!(
+        "lost the coordinator {} during build {build}, and it did not say how the build ended within a minute: {last}",
+        config.coordinator
+    )))
+}
+
+/// Turns the outcome into the engine's result, writing local outputs first.
+async fn finish(
+    req: &BuildRequest,
+    config: &SubmitConfig,
+    result: Result<BuiltImage, Failure>,
+) -> Result<BuildResult, BuildError> {
+    let image = match result {
+        Ok(image) => image,
+        Err(f) if f.exit_code == 2 => return Err(BuildError::Usage(f.message)),
+        Err(f) => return Err(BuildError::Local(f.message)),
+    };
+    let top: Descriptor = serde_json::from_str(&image.descriptor_json)
+        .map_err(|e| BuildError::Local(format!("the coordinator sent an invalid image: {e}")))?;
+    let local_outputs: Vec<&Output> = req
+        .outputs
+        .iter()
+        .filter(|o| **o != Output::Registry)
+        .collect();
+    if !local_outputs.is_empty() {
+        download(req, config, &image, &top, &local_outputs).await?;
+    }
+    Ok(BuildResult {
+        image: top,
+        config_digest: image.config,
+        pushed: image.pushed,
+        stats: Stats {
+            run: image.run as usize,
+            cached: image.cached as usize,
+        },
+        size: image.size,
+    })
+}
+
+/// Fetches the image from the peer cache into the local cache directory and writes the
+/// requested outputs.
+async fn download(
+    req: &BuildRequest,
+    config: &SubmitConfig,
+    image: &BuiltImage,
+    top: &Descriptor,
+    outputs: &[&Output],
+) -> Result<(), BuildError> {
+    let store = BlobStore::open(&req.cache_dir)
+        .map_err(|e| BuildError::Local(format!("opening the cache: {e}")))?;
+    let _lease = store
+        .lease()
+        .map_err(|e| BuildError::Local(format!("locking the cache: {e}")))?;
+    let put = |bytes: &[u8]| {
+        store
+            .put(bytes)
+            .map_err(|e| BuildError::Local(format!("storing the manifest: {e}")))
+    };
+    put(&image.top)?;
+    for m in &image.manifests {
+        put(m)?;
+    }
+    if image.cache_peers.is_empty() {
+        return Err(BuildError::Export(
+            "the workers have no peer cache to hand the image back through (start them with --cache-peers)".into(),
+        ));
+    }
+    let peers = PeerCache::connect(&config.tls_dir, &image.cache_peers)
+        .map_err(|e| BuildError::Export(format!("the peer cache: {e}")))?;
+    for digest in &image.blobs {
+        peers
+            .get_to_store(digest, &store)
+            .await
+            .map_err(|e| BuildError::Export(format!("downloading the image: {e}")))?;
+    }
+    let named = [NamedImage {
+        descriptor: top.clone(),
+        names: req.tags.clone(),
+    }];
+    for output in outputs {
+        let result = match output {
+            Output::Oci { dest, tar: true } => export::write_oci_tar(&store, &named, dest),
+            Output::Oci { dest, tar: false } => export::write_oci_dir(&store, &named, dest),
+            Output::Docker { dest } => {
+                let [platform] = req.platforms.as_slice() else {
+                    return Err(BuildError::Usage(
+                        "--output type=docker holds one platform; build one --platform, or use type=oci or type=registry for several".into(),
+                    ));
+                };
+                export::write_docker_archive(&store, &named, dest, platform)
+            }
+            Output::Local { dest } => {
+                export::write_local(&store, top, dest, &ApplyOptions::default()).map(|_| ())
+            }
+            Output::Registry => Ok(()),
+        };
+        result.map_err(|e| BuildError::Export(e.to_string()))?;
+    }
+    Ok(())
+}

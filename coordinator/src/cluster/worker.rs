@@ -1,0 +1,431 @@
+//! `ossb worker`: a node that runs tasks (one platform of one build) for the coordinator.
+//!
+//! It registers (its platform, the platforms it emulates, its slots, its peer cache nodes),
+//! heartbeats every [`super::HEARTBEAT`], and for each task: fetches the context files it lacks
+//! from the coordinator, lays the context out, runs [`crate::build()`] for the platform with
+//! its own cache directory (so its local step cache serves repeated builds), pushes the
+//! platform's manifest by digest to each tag's repository when the build pushes, publishes the
+//! image's blobs to the peer cache, and streams the engine's events back. A lost connection
+//! to the coordinator is retried every second; tasks that were running are abandoned there
+//! (the coordinator reschedules them).
+//!
+//! The process must already be in its user namespace (the CLI enters it before the runtime
+//! starts, as for `ossb build`): every RUN is an `ossb __sandbox` child, as in `ossb build`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ossb_cache_node::PeerCache;
+use ossb_image::oci::Manifest;
+use ossb_image::registry::{parse_reference, PushOptions, Registry};
+use ossb_image::store::BlobStore;
+use ossb_image::Reference;
+use ossb_net::{Identity, Role};
+use ossb_protocol::cluster::{ClusterMessage, Failure, PlatformOutcome, TaskSpec, WorkerInfo};
+use ossb_protocol::{Digest, Platform};
+use ossb_worker::sandbox::Isolation;
+use tokio::sync::mpsc;
+
+use super::context::{file_digests, materialize, request_of, TaskPlace};
+use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
+use crate::progress::{Event, Progress};
+
+/// How `ossb worker` is set up.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The coordinator, `host:port`.
+    pub coordinator: String,
+    /// This worker's name (default: host name and pid).
+    pub name: String,
+    /// The platform it runs natively.
+    pub platform: Platform,
+    /// Platforms it runs through QEMU.
+    pub emulates: Vec<Platform>,
+    /// Tasks at once.
+    pub slots: u32,
+    /// Its cache and the tasks' contexts.
+    pub work_dir: PathBuf,
+    /// The certificates (`ossb certs init`): ca.crt, client.crt, client.key.
+    pub tls_dir: PathBuf,
+    /// The peer cache nodes.
+    pub cache_peers: Vec<String>,
+    /// How RUN steps are isolated.
+    pub isolation: Isolation,
+    /// The ossb binary (for `ossb __sandbox`).
+    pub sandbox_exe: PathBuf,
+    /// Where to serve `/metrics` and `/healthz`.
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Default)]
+struct Counters {
+    tasks_succeeded: AtomicU64,
+    tasks_failed: AtomicU64,
+    steps_run: AtomicU64,
+    steps_cached: AtomicU64,
+    context_bytes_fetched: AtomicU64,
+    blobs_published: AtomicU64,
+    bytes_published: AtomicU64,
+    running: AtomicU64,
+}
+
+struct Node {
+    config: WorkerConfig,
+    identity: Identity,
+    counters: Counters,
+    peers: Option<PeerCache>,
+}
+
+/// Serves the coordinator until SIGTERM or SIGINT, reconnecting when the connection breaks.
+pub async fn serve(config: WorkerConfig) -> Result<(), ClusterError> {
+    std::fs::create_dir_all(config.work_dir.join("tasks"))
+        .map_err(local_err("creating the work dir"))?;
+    let identity = Identity::load(&config.tls_dir, Role::Client)?;
+    let peers = if config.cache_peers.is_empty() {
+        None
+    } else {
+        Some(
+            PeerCache::connect(&config.tls_dir, &config.cache_peers)
+                .map_err(|e| ClusterError::Local(format!("peer cache: {e}")))?,
+        )
+    };
+    let node = Arc::new(Node {
+        config,
+        identity,
+        counters: Counters::default(),
+        peers,
+    });
+    if let Some(addr) = node.config.metrics {
+        serve_metrics(addr, node.clone()).await?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(local_err("installing the SIGTERM handler"))?;
+    let run = async {
+        loop {
+            if let Err(e) = session(&node).await {
+                tracing::warn!(coordinator = %node.config.coordinator, error = %e, "not connected to the coordinator; retrying");
+            }
+            tokio::time::sleep(super::HEARTBEAT).await;
+        }
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn serve_metrics(addr: SocketAddr, node: Arc<Node>) -> Result<(), ClusterError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(local_err("binding the metrics address"))?;
+    let routes: ossb_net::http::Routes = Arc::new(move |path| match path {
+        "/metrics" => Some(ossb_net::http::Response {
+            content_type: ossb_net::http::PROMETHEUS_TEXT,
+            body: prometheus(&node),
+        }),
+        "/healthz" => Some(ossb_net::http::Response {
+            content_type: "text/plain",
+            body: "ok\n".into(),
+        }),
+        _ => None,
+    });
+    tokio::spawn(ossb_net::http::serve(listener, routes));
+    Ok(())
+}
+
+fn prometheus(node: &Node) -> String {
+    let c = &node.counters;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let p = &node.config.platform;
+    format!(
+        "# HELP ossb_worker_tasks_total Tasks finished, by result.\n# TYPE ossb_worker_tasks_total counter\n\
+         ossb_worker_tasks_total{{result=\"succeeded\"}} {}\nossb_worker_tasks_total{{result=\"failed\"}} {}\n\
+         # HELP ossb_worker_tasks_running Tasks running.\n# TYPE ossb_worker_tasks_running gauge\nossb_worker_tasks_running {}\n\
+         # HELP ossb_worker_steps_total Steps, by whether they ran or came from the local step cache.\n# TYPE ossb_worker_steps_total counter\n\
+         ossb_worker_steps_total{{result=\"run\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"local\"}} {}\n\
+         # HELP ossb_worker_context_bytes_total Context bytes fetched from the coordinator.\n# TYPE ossb_worker_context_bytes_total counter\nossb_worker_context_bytes_total {}\n\
+         # HELP ossb_worker_published_total Blobs and bytes published to the peer cache.\n# TYPE ossb_worker_published_total counter\n\
+         ossb_worker_published_total{{unit=\"blobs\"}} {}\nossb_worker_published_total{{unit=\"bytes\"}} {}\n\
+         # HELP ossb_worker_info The worker's platform.\n# TYPE ossb_worker_info gauge\nossb_worker_info{{platform=\"{p}\"}} 1\n",
+        g(&c.tasks_succeeded),
+        g(&c.tasks_failed),
+        g(&c.running),
+        g(&c.steps_run),
+        g(&c.steps_cached),
+        g(&c.context_bytes_fetched),
+        g(&c.blobs_published),
+        g(&c.bytes_published),
+    )
+}
+
+/// One connection to the coordinator: register, then serve tasks until it breaks.
+async fn session(node: &Arc<Node>) -> Result<(), ClusterError> {
+    let endpoint = ossb_net::client(&node.identity)?;
+    let conn =
+        ossb_net::connect(&endpoint, &node.config.coordinator, super::CONNECT_TIMEOUT).await?;
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
+    let info = WorkerInfo {
+        name: node.config.name.clone(),
+        platform: node.config.platform.clone(),
+        emulates: node.config.emulates.clone(),
+        slots: node.config.slots,
+        cache_peers: node.config.cache_peers.clone(),
+    };
+    send(&mut tx, ClusterMessage::Register(info)).await?;
+    match recv(&mut rx, "the coordinator").await? {
+        ClusterMessage::Registered { worker } => {
+            tracing::info!(coordinator = %node.config.coordinator, name = %worker, "registered")
+        }
+        other => {
+            return Err(ClusterError::Protocol {
+                peer: "the coordinator".into(),
+                got: format!("{other:?}"),
+            })
+        }
+    }
+    // One writer owns the stream: heartbeats, events and results queue for it.
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ClusterMessage>();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if send(&mut tx, m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let beat = out_tx.clone();
+    let slots = node.config.slots;
+    let heart_node = node.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            let running = heart_node.counters.running.load(Ordering::Relaxed) as u32;
+            let free_slots = slots.saturating_sub(running);
+            if beat.send(ClusterMessage::Heartbeat { free_slots }).is_err() {
+                break;
+            }
+            tokio::time::sleep(super::HEARTBEAT).await;
+        }
+    });
+    let result = loop {
+        match recv(&mut rx, "the coordinator").await {
+            Ok(ClusterMessage::Task(task)) => {
+                tokio::spawn(run_task(node.clone(), conn.clone(), task, out_tx.clone()));
+            }
+            Ok(other) => {
+                tracing::warn!(message = ?other, "unexpected message from the coordinator")
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    heartbeat.abort();
+    writer.abort();
+    result
+}
+
+/// Sends the engine's events of one task to the coordinator.
+struct Forward {
+    task: u64,
+    out: mpsc::UnboundedSender<ClusterMessage>,
+}
+
+impl Progress for Forward {
+    fn event(&self, event: Event) {
+        let _ = self.out.send(ClusterMessage::TaskEvent {
+            task: self.task,
+            event: event_to_wire(&event),
+        });
+    }
+}
+
+async fn run_task(
+    node: Arc<Node>,
+    conn: quinn::Connection,
+    task: TaskSpec,
+    out: mpsc::UnboundedSender<ClusterMessage>,
+) {
+    node.counters.running.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(task = task.task, build = %task.build, platform = %task.platform, "task started");
+    let result = execute(&node, &conn, &task, &out).await;
+    node.counters.running.fetch_sub(1, Ordering::Relaxed);
+    match &result {
+        Ok(o) => {
+            node.counters
+                .tasks_succeeded
+                .fetch_add(1, Ordering::Relaxed);
+            node.counters.steps_run.fetch_add(o.run, Ordering::Relaxed);
+            node.counters
+                .steps_cached
+                .fetch_add(o.cached, Ordering::Relaxed);
+            tracing::info!(task = task.task, build = %task.build, run = o.run, cached = o.cached, "task succeeded");
+        }
+        Err(f) => {
+            node.counters.tasks_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(task = task.task, build = %task.build, error = %f.message, "task failed");
+        }
+    }
+    let _ = out.send(ClusterMessage::TaskDone {
+        task: task.task,
+        result,
+    });
+}
+
+async fn execute(
+    node: &Node,
+    conn: &quinn::Connection,
+    task: &TaskSpec,
+    out: &mpsc::UnboundedSender<ClusterMessage>,
+) -> Result<PlatformOutcome, Failure> {
+    let fail = |message: String| Failure {
+        message,
+        exit_code: 1,
+    };
+    let cache_dir = node.config.work_dir.join("cache");
+    let store = BlobStore::open(&cache_dir).map_err(|e| fail(format!("opening the cache: {e}")))?;
+    for digest in file_digests(&task.spec.context) {
+        if !store.contains(&digest) {
+            let size = fetch(conn, &store, &digest)
+                .await
+                .map_err(|e| fail(format!("fetching context file {digest}: {e}")))?;
+            node.counters
+                .context_bytes_fetched
+                .fetch_add(size, Ordering::Relaxed);
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("task-{}-", task.task))
+        .tempdir_in(node.config.work_dir.join("tasks"))
+        .map_err(|e| fail(format!("creating the task directory: {e}")))?;
+    let context = dir.path().join("context");
+    std::fs::create_dir(&context).map_err(|e| fail(e.to_string()))?;
+    materialize(&task.spec.context, &store, &context).map_err(fail)?;
+    let req = request_of(
+        &task.spec,
+        &task.platform,
+        TaskPlace {
+            context,
+            cache_dir,
+            sandbox_exe: node.config.sandbox_exe.clone(),
+            isolation: node.config.isolation,
+        },
+    );
+    let forward = Forward {
+        task: task.task,
+        out: out.clone(),
+    };
+    let result = crate::build(&req, &forward).await.map_err(|e| Failure {
+        message: e.to_string(),
+        exit_code: e.exit_code(),
+    })?;
+    let manifest_bytes = store
+        .read(&result.image.digest)
+        .map_err(|e| fail(format!("reading the manifest: {e}")))?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| fail(format!("reading the manifest: {e}")))?;
+    let mut blobs: Vec<Digest> = manifest.layers.iter().map(|l| l.digest).collect();
+    blobs.push(manifest.config.digest);
+    let mut pushed = Vec::new();
+    if task.spec.push {
+        let registry = Registry::with_config(&req.registry, &req.registry_config)
+            .map_err(|e| fail(e.to_string()))?;
+        for tag in &task.spec.tags {
+            let tagged = parse_reference(tag).map_err(|e| fail(e.to_string()))?;
+            let by_digest = Reference::with_digest(
+                tagged.registry().to_string(),
+                tagged.repository().to_string(),
+                result.image.digest.to_string(),
+            );
+            forward.event(Event::Info(format!(
+                "pushing {} by digest",
+                by_digest.whole()
+            )));
+            registry
+                .push_image(&by_digest, &store, &result.image, &PushOptions::default())
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            pushed.push(by_digest.whole());
+        }
+    }
+    publish(
+        node,
+        &store,
+        &blobs,
+        &result.image.digest,
+        task.spec.download,
+    )
+    .await?;
+    Ok(PlatformOutcome {
+        descriptor_json: serde_json::to_string(&result.image).map_err(|e| fail(e.to_string()))?,
+        manifest: manifest_bytes,
+        config: manifest.config.digest,
+        blobs,
+        size: result.size,
+        run: result.stats.run as u64,
+        cached: result.stats.cached as u64,
+        pushed,
+    })
+}
+
+/// Sends the image's blobs and manifest to the peer cache. Needed when the client downloads
+/// the result (an error then); otherwise a best effort for other workers and builds.
+async fn publish(
+    node: &Node,
+    store: &BlobStore,
+    blobs: &[Digest],
+    manifest: &Digest,
+    required: bool,
+) -> Result<(), Failure> {
+    let Some(peers) = &node.peers else {
+        if required {
+            return Err(Failure {
+                message: "this build's output is downloaded through the peer cache, but the worker has no --cache-peers".into(),
+                exit_code: 1,
+            });
+        }
+        return Ok(());
+    };
+    for digest in blobs.iter().chain(std::iter::once(manifest)) {
+        match peers.put_from_store(digest, store).await {
+            Ok(_) => {
+                node.counters
+                    .blobs_published
+                    .fetch_add(1, Ordering::Relaxed);
+                node.counters
+                    .bytes_published
+                    .fetch_add(store.size(digest).unwrap_or(0), Ordering::Relaxed);
+            }
+            Err(e) if required => {
+                return Err(Failure {
+                    message: format!("publishing {digest} to the peer cache: {e}"),
+                    exit_code: 1,
+                })
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "publishing to the peer cache failed"),
+        }
+    }
+    Ok(())
+}
+
+/// Fetches one context file from the coordinator into `store`; returns its size.
+async fn fetch(
+    conn: &quinn::Connection,
+    store: &BlobStore,
+    digest: &Digest,
+) -> Result<u64, ClusterError> {
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
+    send(&mut tx, ClusterMessage::FetchBlob { digest: *digest }).await?;
+    let _ = tx.finish();
+    match recv(&mut rx, "the coordinator").await? {
+        ClusterMessage::Blob { size } => {
+            recv_blob_bytes(&mut rx, store, digest, size).await?;
+            Ok(size)
+        }
+        other => Err(ClusterError::Protocol {
+            peer: "the coordinator".into(),
+            got: format!("{other:?}"),
+        }),
+    }
+}

@@ -1,0 +1,355 @@
+//! The build cluster's messages: what `ossb-submit`, the coordinator and the workers say to
+//! each other (carried as [`crate::wire::Message::Cluster`]).
+//!
+//! # Conversations
+//! | who | opens a stream with | reply | then |
+//! |---|---|---|---|
+//! | client | [`ClusterMessage::Submit`] | [`ClusterMessage::NeedBlobs`] (context files the coordinator lacks) | the client uploads them (each on its own stream), writes [`ClusterMessage::UploadsDone`]; the coordinator answers [`ClusterMessage::Accepted`], then [`ClusterMessage::Event`]s, then one [`ClusterMessage::Finished`] |
+//! | client or worker | [`ClusterMessage::Upload`] + `size` raw bytes | [`ClusterMessage::Stored`] or an error | — |
+//! | client | [`ClusterMessage::Status`] | [`ClusterMessage::Finished`] or [`ClusterMessage::Running`] | — |
+//! | worker | [`ClusterMessage::Register`] | [`ClusterMessage::Registered`] | the stream stays open: the coordinator writes [`ClusterMessage::Task`]s, the worker writes [`ClusterMessage::Heartbeat`], [`ClusterMessage::TaskEvent`] and [`ClusterMessage::TaskDone`] |
+//! | worker | [`ClusterMessage::FetchBlob`] | [`ClusterMessage::Blob`] + `size` raw bytes, or [`crate::wire::Message::Error`] | — |
+//!
+//! Context files travel as blobs named by their sha256, so a resubmission sends only the files
+//! that changed, and a worker fetches only those it has not seen.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Digest, Platform};
+
+/// Every cluster message. New variants go at the end (postcard numbers them by position).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterMessage {
+    /// A client submits a build.
+    Submit(BuildSpec),
+    /// The context files (by content) the coordinator does not hold yet.
+    NeedBlobs {
+        /// Upload these.
+        digests: Vec<Digest>,
+    },
+    /// A blob of `size` bytes follows on the stream.
+    Upload {
+        /// What the bytes must hash to.
+        digest: Digest,
+        /// How many bytes follow.
+        size: u64,
+    },
+    /// The uploaded blob was verified and stored.
+    Stored,
+    /// The client has uploaded every blob asked for.
+    UploadsDone,
+    /// The build is accepted under this id.
+    Accepted {
+        /// The build's id (also the name of its record in the coordinator's state dir).
+        build: String,
+    },
+    /// A progress event of the build.
+    Event(BuildEvent),
+    /// The build ended.
+    Finished(BuildOutcome),
+    /// A client asks how a build ended (after losing its connection).
+    Status {
+        /// The build id of [`ClusterMessage::Accepted`].
+        build: String,
+    },
+    /// The build is still running.
+    Running,
+    /// A worker announces itself.
+    Register(WorkerInfo),
+    /// The coordinator accepted the worker.
+    Registered {
+        /// The name it goes by in logs and metrics.
+        worker: String,
+    },
+    /// A worker is alive; sent every second.
+    Heartbeat {
+        /// Tasks it could start now.
+        free_slots: u32,
+    },
+    /// Work for a worker: one platform of one build.
+    Task(TaskSpec),
+    /// A progress event of a task.
+    TaskEvent {
+        /// The task.
+        task: u64,
+        /// The event.
+        event: BuildEvent,
+    },
+    /// A task ended.
+    TaskDone {
+        /// The task.
+        task: u64,
+        /// The platform's image, or why it failed.
+        result: Result<PlatformOutcome, Failure>,
+    },
+    /// A worker asks for a blob (a context file).
+    FetchBlob {
+        /// The blob.
+        digest: Digest,
+    },
+    /// The blob's bytes follow.
+    Blob {
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// A build as the client asked for it, without the local paths (the context is sent by
+/// content; the registry settings are the cluster's own except the insecure hosts).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// Its name for messages.
+    pub dockerfile_name: String,
+    /// `-t` references.
+    pub tags: Vec<String>,
+    /// The platforms to build.
+    pub platforms: Vec<Platform>,
+    /// `--build-arg`.
+    pub build_args: Vec<(String, String)>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `--label`.
+    pub labels: Vec<(String, String)>,
+    /// Push to the tags' registries.
+    pub push: bool,
+    /// Hand the blobs back through the peer cache (for `--output type=oci|docker|local`).
+    pub download: bool,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--cache-from`.
+    pub cache_from: Vec<String>,
+    /// `--cache-to`.
+    pub cache_to: Option<String>,
+    /// `--insecure-registry`.
+    pub insecure_registries: Vec<String>,
+    /// `--registry-mirror` as (registry, mirror).
+    pub registry_mirrors: Vec<(String, String)>,
+    /// `gzip`, `zstd` or `uncompressed`.
+    pub compression: String,
+    /// OCI (true) or Docker media types.
+    pub oci_media_types: bool,
+    /// SOURCE_DATE_EPOCH.
+    pub source_date_epoch: Option<i64>,
+    /// The context, file by file.
+    pub context: Vec<ContextEntry>,
+}
+
+/// One entry of the build context, relative to its root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextEntry {
+    /// The path, `/`-separated, relative.
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// The kinds of context entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file with this content.
+    File {
+        /// sha256 of the content.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+    },
+    /// A symbolic link to this target.
+    Symlink(String),
+}
+
+/// What a worker offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its name (unique in the cluster).
+    pub name: String,
+    /// The platform it runs natively.
+    pub platform: Platform,
+    /// Platforms it runs through QEMU.
+    pub emulates: Vec<Platform>,
+    /// Tasks it runs at once.
+    pub slots: u32,
+    /// The peer cache nodes it publishes to.
+    pub cache_peers: Vec<String>,
+}
+
+/// One platform of one build, for a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The task's id (unique for the coordinator's lifetime).
+    pub task: u64,
+    /// The build it belongs to.
+    pub build: String,
+    /// The platform to build.
+    pub platform: Platform,
+    /// The build (its `platforms` lists every platform of the build).
+    pub spec: BuildSpec,
+}
+
+/// A per-platform image a worker built.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformOutcome {
+    /// The manifest's descriptor (with its platform) as OCI JSON.
+    pub descriptor_json: String,
+    /// The manifest's bytes.
+    pub manifest: Vec<u8>,
+    /// The config digest.
+    pub config: Digest,
+    /// Every blob of the image (config, layers).
+    pub blobs: Vec<Digest>,
+    /// Total size of config and layers.
+    pub size: u64,
+    /// Steps run.
+    pub run: u64,
+    /// Steps taken from the cache.
+    pub cached: u64,
+    /// References pushed by digest.
+    pub pushed: Vec<String>,
+}
+
+/// Why a task or build failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The error, as `ossb build` prints it.
+    pub message: String,
+    /// The exit code `ossb build` would give (1, or 2 for usage and Dockerfile errors).
+    pub exit_code: i32,
+}
+
+/// How a build ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildOutcome {
+    /// The image (manifest or index) as OCI JSON descriptor, or why the build failed.
+    pub result: Result<BuiltImage, Failure>,
+}
+
+/// A finished build's image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltImage {
+    /// The top descriptor (manifest or index) as OCI JSON.
+    pub descriptor_json: String,
+    /// The top manifest's or index's bytes.
+    pub top: Vec<u8>,
+    /// The per-platform manifests' bytes (for an index).
+    pub manifests: Vec<Vec<u8>>,
+    /// Every config and layer of every platform (in the peer cache when `download`).
+    pub blobs: Vec<Digest>,
+    /// The config digest of a one-platform build.
+    pub config: Option<Digest>,
+    /// References pushed.
+    pub pushed: Vec<String>,
+    /// Steps run and cached.
+    pub run: u64,
+    /// Steps taken from the cache.
+    pub cached: u64,
+    /// Total size of configs and layers.
+    pub size: u64,
+    /// The peer cache nodes that hold the blobs.
+    pub cache_peers: Vec<String>,
+}
+
+/// A progress event (the engine's `Event`, durations in milliseconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildEvent {
+    /// A vertex started.
+    Started {
+        /// Its id.
+        id: u64,
+        /// Its name.
+        name: String,
+    },
+    /// A line of output.
+    Output {
+        /// The vertex.
+        id: u64,
+        /// Milliseconds since it started.
+        elapsed_ms: u64,
+        /// The line.
+        line: String,
+    },
+    /// A vertex finished.
+    Done {
+        /// The vertex.
+        id: u64,
+        /// How long it took.
+        elapsed_ms: u64,
+    },
+    /// A vertex failed.
+    Failed {
+        /// The vertex.
+        id: u64,
+        /// How long it ran.
+        elapsed_ms: u64,
+        /// The error.
+        message: String,
+    },
+    /// A vertex came from the cache.
+    Cached {
+        /// The vertex.
+        id: u64,
+    },
+    /// The estimate of the time left.
+    Estimate {
+        /// Steps in all.
+        steps: u64,
+        /// Steps finished.
+        finished: u64,
+        /// Milliseconds left, when known.
+        remaining_ms: Option<u64>,
+    },
+    /// A message about the build.
+    Info(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+    use crate::wire::{Envelope, Message};
+
+    #[test]
+    fn cluster_messages_round_trip_through_frames() {
+        let digest = Digest::of(b"hello");
+        let spec = BuildSpec {
+            dockerfile: "FROM scratch\n".into(),
+            platforms: vec!["linux/arm64".parse().unwrap()],
+            context: vec![ContextEntry {
+                path: "a/b.txt".into(),
+                mode: 0o644,
+                kind: EntryKind::File { digest, size: 5 },
+            }],
+            ..Default::default()
+        };
+        for m in [
+            ClusterMessage::Submit(spec.clone()),
+            ClusterMessage::Task(TaskSpec {
+                task: 7,
+                build: "b1".into(),
+                platform: "linux/arm64".parse().unwrap(),
+                spec,
+            }),
+            ClusterMessage::TaskDone {
+                task: 7,
+                result: Err(Failure {
+                    message: "no".into(),
+                    exit_code: 2,
+                }),
+            },
+            ClusterMessage::Event(BuildEvent::Estimate {
+                steps: 3,
+                finished: 1,
+                remaining_ms: None,
+            }),
+        ] {
+            let bytes =
+                frame::encode(&Envelope::new(Message::Cluster(Box::new(m.clone())))).unwrap();
+            let back = frame::decode(&bytes[frame::HEADER_LEN..]).unwrap();
+            assert_eq!(back.message, Message::Cluster(Box::new(m)));
+        }
+    }
+}
