@@ -542,7 +542,7 @@ ensure_pushed() {
 # ---------------------------------------------------------------- a Debian base (start --debian)
 
 DEBIAN_SUITE=bookworm
-DEBIAN_RECIPE=1
+DEBIAN_RECIPE=2
 # The mirror apt itself uses here (deb822 sources first, then sources.list).
 debian_mirror() {
   local m
@@ -571,7 +571,9 @@ ensure_debian_image() {
     gunzip "$tmp/layer.tar.gz"
     umoci init --layout "$tmp/layout"
     umoci new --image "$tmp/layout:$DEBIAN_SUITE"
-    umoci raw add-layer --no-history --image "$tmp/layout:$DEBIAN_SUITE" "$tmp/layer.tar"
+    # with its history entry: buildah refuses an image whose history lists fewer layers than it has
+    umoci raw add-layer --image "$tmp/layout:$DEBIAN_SUITE" \
+      --history.created_by "debootstrap --variant=minbase $DEBIAN_SUITE (ossb scripts/testenv.sh)" "$tmp/layer.tar"
     umoci config --no-history --image "$tmp/layout:$DEBIAN_SUITE" --os linux --architecture amd64 \
       --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --config.cmd bash
     rm -rf "$layout"
