@@ -37,6 +37,8 @@ PACKAGES=(
   fuse-overlayfs slirp4netns catatonit
   # getfattr/setfattr: the conformance test compares and sets xattrs
   attr
+  # the deploy tests: a venv for kubernetes-validate (PyPI), PyYAML for tests/deploy/render.py
+  python3-venv python3-yaml
 )
 REGISTRIES=(plain tls)
 EVIL_IMAGES=(evil evil-dotdot evil-symlink evil-symlink-up evil-hardlink)
@@ -651,6 +653,7 @@ write_env() {
     q OSSB_TEST_BUSYBOX_LAYOUT "$IMAGES/busybox"
     q OSSB_TEST_ARM64 "$ARM64"
     q OSSB_TEST_ROOTLESS_USER "$ROOTLESS_USER"
+    q OSSB_TEST_PYTHON "$STATE/venv/bin/python"
     if [[ -f $STATE/debian/index.json ]]; then q OSSB_TEST_DEBIAN "library/debian:$DEBIAN_SUITE"; fi
   } | put "$STATE/env" 644
 }
@@ -666,6 +669,24 @@ ensure_rootless_user() {
   for f in /etc/subuid /etc/subgid; do
     grep -q "^$ROOTLESS_USER:" "$f" 2>/dev/null || echo "$ROOTLESS_USER:400000:65536" >>"$f"
   done
+}
+
+# ---------------------------------------------------------------- the deploy tests' validator
+
+# kubernetes-validate (PyPI) in .testenv/venv: tests/deploy/validate.sh checks every rendered
+# manifest with it. Installed once; a warm start only checks that it runs.
+KV_VERSION=1.37.0
+ensure_kubernetes_validate() {
+  local venv=$STATE/venv
+  if [[ -x $venv/bin/kubernetes-validate ]] && [[ $("$venv/bin/kubernetes-validate" --version 2>/dev/null) == *"$KV_VERSION"* ]]; then
+    NOTE="kubernetes-validate $KV_VERSION in .testenv/venv"
+    return
+  fi
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv" >>"$LOGS/pip.log" 2>&1 || die "python3 -m venv $venv failed (log: $LOGS/pip.log)"
+  "$venv/bin/pip" install -q "kubernetes-validate==$KV_VERSION" >>"$LOGS/pip.log" 2>&1 ||
+    die "pip install kubernetes-validate==$KV_VERSION failed (log: $LOGS/pip.log)"
+  NOTE="installed kubernetes-validate $KV_VERSION in .testenv/venv"
 }
 
 # ---------------------------------------------------------------- commands
@@ -692,6 +713,7 @@ cmd_start() {
   step push ensure_pushed
   step emulation ensure_emulation
   step rootless-user ensure_rootless_user
+  step k8s-validate ensure_kubernetes_validate
   if ((WANT_DEBIAN)); then step debian ensure_debian_image; fi
   write_env
   local total=$(($(now_us) - T0))
