@@ -2,8 +2,10 @@
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
 mod build;
+mod cluster;
 mod cluster_cache;
 mod conformance;
+mod deploy;
 mod fault_proxy;
 mod registry;
 mod sandbox;

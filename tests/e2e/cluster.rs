@@ -1,0 +1,467 @@
+//! The build cluster as real processes: two `ossb cache-node`s, an `ossb coordinator`, a
+//! native amd64 `ossb worker` and an amd64 worker that emulates arm64, driven by `ossb-submit`.
+//! Every process listens on loopback with its own ports (not in network namespaces of its
+//! own). Each process is its own process group, so "kill -9 of a worker" kills the worker and
+//! everything it started, as when its machine dies.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{podman_run, tool, unique, TestEnv};
+
+/// The cluster's processes, killed (with their process groups) when dropped.
+struct Cluster {
+    dir: PathBuf,
+    tls: PathBuf,
+    children: Vec<(String, Child)>,
+    coordinator: String,
+    metrics: String,
+    docker_config: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            kill_group(c.id());
+            let _ = c.wait();
+        }
+        // Kept for a look at the logs when the test failed.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn kill_group(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-9", "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+fn certs_init(dir: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ossb"))
+        .args(["certs", "init", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ossb certs init failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Cluster {
+    fn start(env: &TestEnv) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ossb-cluster-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let tls = dir.join("tls");
+        certs_init(&tls);
+        let coordinator = format!("127.0.0.1:{}", free_udp_port());
+        let metrics = format!("127.0.0.1:{}", free_tcp_port());
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            tls: tls.clone(),
+            children: Vec::new(),
+            coordinator: coordinator.clone(),
+            metrics: metrics.clone(),
+            docker_config: env.var("DOCKER_CONFIG"),
+        };
+        let peers: Vec<String> = (0..2)
+            .map(|_| format!("127.0.0.1:{}", free_udp_port()))
+            .collect();
+        for (i, listen) in peers.iter().enumerate() {
+            let data = dir.join(format!("cache{i}"));
+            cluster.spawn(
+                &format!("cache{i}"),
+                &[
+                    "cache-node",
+                    "--listen",
+                    listen,
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--tls-dir",
+                    tls.to_str().unwrap(),
+                    "--peers",
+                    &peers.join(","),
+                ],
+            );
+        }
+        let state = dir.join("state");
+        cluster.spawn(
+            "coordinator",
+            &[
+                "coordinator",
+                "--listen",
+                &coordinator,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--metrics",
+                &metrics,
+            ],
+        );
+        let peer_list = peers.join(",");
+        for (name, extra) in [
+            ("amd64-native", &[][..]),
+            ("amd64-emulating-arm64", &["--emulate", "linux/arm64"][..]),
+        ] {
+            let work = dir.join(name);
+            let mut args = vec![
+                "worker",
+                "--coordinator",
+                &coordinator,
+                "--platform",
+                "linux/amd64",
+                "--work-dir",
+                work.to_str().unwrap(),
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--cache-peers",
+                &peer_list,
+                "--name",
+                name,
+                "--slots",
+                "2",
+            ];
+            args.extend_from_slice(extra);
+            cluster.spawn(name, &args);
+        }
+        cluster.wait_for_metrics(|m| {
+            m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 2")
+                && m.contains("ossb_workers{platform=\"linux/arm64\",mode=\"emulated\"} 1")
+        });
+        cluster
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let err = log.try_clone().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ossb"))
+            .args(args)
+            .env("DOCKER_CONFIG", &self.docker_config)
+            .env("OSSB_LOG", "info")
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        self.children.push((name.to_string(), child));
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("--- {name} (last lines) ---\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn metrics_text(&self) -> String {
+        http_get(&self.metrics, "/metrics").unwrap_or_default()
+    }
+
+    fn wait_for_metrics(&self, ok: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = self.metrics_text();
+            if ok(&m) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach the expected state; metrics:\n{m}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `ossb-submit` with the cluster's coordinator and certificates, then `args`.
+    fn submit(&self, tls: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ossb-submit"));
+        cmd.args([
+            "--coordinator",
+            &self.coordinator,
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ])
+        .args(args)
+        .env("OSSB_CACHE_DIR", self.dir.join("client-cache"))
+        .env("DOCKER_CONFIG", &self.docker_config);
+        cmd
+    }
+
+    fn pid_of(&self, name: &str) -> u32 {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+}
+
+fn busybox(env: &TestEnv) -> String {
+    format!("{}/{}", env.registry(), env.var("OSSB_TEST_BUSYBOX"))
+}
+
+/// A two-platform, multi-stage build through `ossb-submit --push`: the amd64 task goes to a
+/// native worker and the arm64 task to the emulating one, the index is pushed and both images
+/// run with the architecture they were built for. A client whose certificate another CA
+/// signed is refused, and /metrics counts the build and the workers.
+#[test]
+fn cluster_builds_two_platforms_and_pushes_one_index() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start(&env);
+    let reg = env.registry();
+    let work = tempfile::tempdir().unwrap();
+    let dockerfile = format!(
+        "FROM {bb} AS build\nARG TARGETARCH\nCOPY note.txt /note.txt\nRUN echo \"$TARGETARCH $(uname -m) $(cat /note.txt)\" > /arch\n\
+         FROM {bb}\nCOPY --from=build /arch /arch\nCMD [\"cat\", \"/arch\"]\n",
+        bb = busybox(&env)
+    );
+    let ctx = crate::support::context(
+        work.path(),
+        &dockerfile,
+        &[("note.txt", "from-the-cluster")],
+    );
+    let image = format!("{reg}/tests/{}:latest", unique("cluster"));
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64,linux/arm64",
+                "--insecure-registry",
+                &reg,
+                "-t",
+                &image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ossb-submit failed ({:?}):\n{stderr}\n{}",
+        out.status.code(),
+        cluster.logs()
+    );
+    assert!(
+        stderr.contains("linux/amd64 scheduled on worker amd64-") && stderr.contains("(native)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("linux/arm64 scheduled on worker amd64-emulating-arm64 (emulated)"),
+        "{stderr}"
+    );
+    let raw = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --raw");
+    let index: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let archs: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(archs, ["amd64", "arm64"]);
+    for (platform, want) in [
+        ("linux/amd64", "amd64 x86_64 from-the-cluster\n"),
+        ("linux/arm64", "arm64 aarch64 from-the-cluster\n"),
+    ] {
+        let run = podman_run(&image, &["--platform", platform]).success("podman run --platform");
+        assert_eq!(run.stdout, want, "{platform}");
+    }
+
+    // The same build again: the context is already on the coordinator (nothing is sent) and
+    // every step comes from the workers' step caches.
+    let again = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64,linux/arm64",
+                "--insecure-registry",
+                &reg,
+                "-t",
+                &image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}\n{}", cluster.logs());
+    assert!(stderr.contains("sending 0 of 2 context files"), "{stderr}");
+
+    // A client with a certificate from another CA is refused.
+    let stranger = work.path().join("stranger");
+    certs_init(&stranger);
+    let refused = cluster
+        .submit(&stranger, &["-t", &image, "--push", ctx.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("build cluster"), "{stderr}");
+
+    let metrics = cluster.metrics_text();
+    for line in [
+        "ossb_builds_finished_total{status=\"succeeded\"} 2",
+        "ossb_builds_finished_total{status=\"failed\"} 0",
+        "ossb_builds_running 0",
+        "ossb_builds_queued 0",
+        "ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 2",
+        "ossb_workers{platform=\"linux/arm64\",mode=\"emulated\"} 1",
+        "ossb_steps_total{worker=\"amd64-emulating-arm64\",result=\"cached\"}",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    assert_eq!(
+        http_get(&cluster.metrics, "/healthz").as_deref(),
+        Some("ok\n")
+    );
+}
+
+/// `kill -9` of the worker running a step: the coordinator notices the missing heartbeats,
+/// schedules the task on the other worker, and the build succeeds.
+#[test]
+fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start(&env);
+    let reg = env.registry();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("kill");
+    let dockerfile = format!(
+        "FROM {}\nRUN echo \"start {marker}\" && sleep 6 && echo finished > /done\nCMD [\"cat\", \"/done\"]\n",
+        busybox(&env)
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let image = format!("{reg}/tests/{marker}:latest");
+    let log = work.path().join("submit.log");
+    let mut child = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &reg,
+                "-t",
+                &image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Wait until the RUN step prints, then kill the worker it runs on.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&format!("start {marker}")) {
+            let name = text
+                .lines()
+                .find_map(|l| {
+                    l.split("linux/amd64 scheduled on worker ")
+                        .nth(1)
+                        .and_then(|rest| rest.split(' ').next())
+                })
+                .expect("the scheduling is reported")
+                .to_string();
+            break name;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the step never started:\n{text}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    kill_group(cluster.pid_of(&victim));
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{text}\n{}", cluster.logs());
+    assert!(
+        text.contains(&format!("worker {victim} was lost")),
+        "{text}"
+    );
+    let other = if victim == "amd64-native" {
+        "amd64-emulating-arm64"
+    } else {
+        "amd64-native"
+    };
+    assert!(
+        text.contains(&format!("linux/amd64 scheduled on worker {other}")),
+        "{text}"
+    );
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(run.stdout, "finished\n");
+    let metrics = cluster.metrics_text();
+    assert!(
+        metrics.contains("ossb_tasks_rescheduled_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1"),
+        "{metrics}"
+    );
+}
