@@ -243,6 +243,10 @@ impl Cluster {
     }
 }
 
+fn index_digest(raw: &str) -> String {
+    format!("sha256:{}", crate::sha256_hex(raw.as_bytes()))
+}
+
 fn busybox(env: &TestEnv) -> String {
     format!("{}/{}", env.registry(), env.var("OSSB_TEST_BUSYBOX"))
 }
@@ -329,8 +333,11 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         assert_eq!(run.stdout, want, "{platform}");
     }
 
-    // The same build again: the context is already on the coordinator (nothing is sent) and
-    // every step comes from the workers' step caches.
+    // The same build again, also written as an OCI layout: the context is already on the
+    // coordinator (nothing is sent), every step comes from the workers' step caches, and the
+    // layout is downloaded from the peer cache.
+    let layout = work.path().join("image.tar");
+    let oci = format!("type=oci,dest={}", layout.display());
     let again = cluster
         .submit(
             &cluster.tls,
@@ -342,6 +349,8 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
                 "-t",
                 &image,
                 "--push",
+                "--output",
+                &oci,
                 ctx.to_str().unwrap(),
             ],
         )
@@ -350,6 +359,53 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{stderr}\n{}", cluster.logs());
     assert!(stderr.contains("sending 0 of 2 context files"), "{stderr}");
+    let unpacked = work.path().join("layout");
+    std::fs::create_dir(&unpacked).unwrap();
+    tool(
+        "tar",
+        &[
+            "-xf",
+            layout.to_str().unwrap(),
+            "-C",
+            unpacked.to_str().unwrap(),
+        ],
+    )
+    .success("tar -x of the OCI layout");
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(unpacked.join("index.json")).unwrap()).unwrap();
+    let digest = top["manifests"][0]["digest"].as_str().unwrap().to_string();
+    // Image configs carry the build time, so the second build pushed a new index.
+    let pushed = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --raw");
+    assert_eq!(
+        index_digest(&pushed.stdout),
+        digest,
+        "the layout holds the index that was pushed"
+    );
+    // Every blob the index reaches is in the layout and matches its digest.
+    let blob = |d: &str| {
+        let bytes = std::fs::read(unpacked.join("blobs/sha256").join(&d[7..]))
+            .unwrap_or_else(|e| panic!("blob {d} missing from the layout: {e}"));
+        assert_eq!(format!("sha256:{}", crate::sha256_hex(&bytes)), d);
+        bytes
+    };
+    let nested: serde_json::Value = serde_json::from_slice(&blob(&digest)).unwrap();
+    for m in nested["manifests"].as_array().unwrap() {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&blob(m["digest"].as_str().unwrap())).unwrap();
+        blob(manifest["config"]["digest"].as_str().unwrap());
+        for layer in manifest["layers"].as_array().unwrap() {
+            blob(layer["digest"].as_str().unwrap());
+        }
+    }
 
     // A client with a certificate from another CA is refused.
     let stranger = work.path().join("stranger");
