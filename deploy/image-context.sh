@@ -45,4 +45,5 @@ G
 echo "ossb:100000:65536" >"$out/etc/subuid"
 echo "ossb:100000:65536" >"$out/etc/subgid"
 printf 'hosts: files dns\npasswd: files\ngroup: files\n' >"$out/etc/nsswitch.conf"
+chmod -R u=rwX,go=rX "$out/etc"
 echo "$out"
