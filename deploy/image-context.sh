@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Assembles the build context of deploy/Dockerfile: the ossb binary (stripped), every shared
+# Assembles the build context of deploy/Dockerfile: the ossb binary (and ossb-submit from the
+# same directory, when there), stripped, every shared
 # library that it and newuidmap/newgidmap load (as ldd lists them here, with the dynamic loader),
 # a CA bundle, /etc/passwd, /etc/group, /etc/subuid, /etc/subgid for the user ossb (1000), and an
 # empty /tmp and home directory.
@@ -18,7 +19,9 @@ done
 rm -rf "$out"
 mkdir -p "$out/rootfs" "$out/etc/ssl/certs" "$out/tmp" "$out/home/.cache/ossb" "$out/home/.docker"
 cp "$here/Dockerfile" "$out/Dockerfile"
-strip -o "$out/ossb" "$bin"
+mkdir -p "$out/bin"
+strip -o "$out/bin/ossb" "$bin"
+if [[ -x $(dirname "$bin")/ossb-submit ]]; then strip -o "$out/bin/ossb-submit" "$(dirname "$bin")/ossb-submit"; fi
 cp "$(command -v newuidmap)" "$(command -v newgidmap)" "$out/"
 chmod 0755 "$out/newuidmap" "$out/newgidmap"
 # Every library ldd resolves (lines `name => /path (addr)` and the loader `/path (addr)`).

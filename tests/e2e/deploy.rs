@@ -277,6 +277,14 @@ fn ossb_image_is_built_by_ossb_and_runs_in_podman() {
     )
     .success("podman run IMAGE --version");
     assert!(version.stdout.starts_with("ossb "), "{}", version.stdout);
+    // ossb-submit is in the image too (the CI examples of docs/kubernetes.md run it from there).
+    let submit = podman_run(&image, &["--entrypoint", "/usr/local/bin/ossb-submit"]);
+    assert!(
+        submit.stdout.contains("--coordinator") || submit.stderr.contains("--coordinator"),
+        "ossb-submit in the image:\n{}{}",
+        submit.stdout,
+        submit.stderr
+    );
     assert!(
         run.stdout.contains("Usage: ossb"),
         "the default CMD is --help:\n{}{}",
