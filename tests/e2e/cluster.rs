@@ -119,21 +119,7 @@ impl Cluster {
                 ],
             );
         }
-        let state = dir.join("state");
-        cluster.spawn(
-            "coordinator",
-            &[
-                "coordinator",
-                "--listen",
-                &coordinator,
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--tls-dir",
-                tls.to_str().unwrap(),
-                "--metrics",
-                &metrics,
-            ],
-        );
+        cluster.spawn_coordinator();
         let peer_list = peers.join(",");
         for (name, extra) in [
             ("amd64-native", &[][..]),
@@ -165,6 +151,40 @@ impl Cluster {
                 && m.contains("ossb_workers{platform=\"linux/arm64\",mode=\"emulated\"} 1")
         });
         cluster
+    }
+
+    fn spawn_coordinator(&mut self) {
+        let (state, tls) = (self.dir.join("state"), self.tls.clone());
+        let (listen, metrics) = (self.coordinator.clone(), self.metrics.clone());
+        self.spawn(
+            "coordinator",
+            &[
+                "coordinator",
+                "--listen",
+                &listen,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--metrics",
+                &metrics,
+            ],
+        );
+    }
+
+    /// `kill -9` of the coordinator, then a new one with the same address and state dir.
+    fn restart_coordinator(&mut self) {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == "coordinator")
+            .unwrap();
+        let (_, mut old) = self.children.remove(i);
+        kill_group(old.id());
+        let _ = old.wait();
+        let log = self.dir.join("coordinator.log");
+        let _ = std::fs::rename(&log, self.dir.join("coordinator-before-restart.log"));
+        self.spawn_coordinator();
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) {
@@ -519,5 +539,56 @@ fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
     assert!(
         metrics.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1"),
         "{metrics}"
+    );
+}
+
+/// A coordinator killed during a build and started again on its state dir reports the build
+/// as failed (lost) to the client that asks, instead of leaving it waiting.
+#[test]
+fn builds_lost_in_a_coordinator_restart_are_reported_failed() {
+    let Some(env) = TestEnv::get() else { return };
+    let mut cluster = Cluster::start(&env);
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("restart");
+    let dockerfile = format!(
+        "FROM {}\nRUN echo \"start {marker}\" && sleep 20\n",
+        busybox(&env)
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let log = work.path().join("submit.log");
+    let reg = env.registry();
+    let mut child = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &reg,
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(&format!("start {marker}"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the step never started\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.restart_coordinator();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{text}\n{}", cluster.logs());
+    assert!(
+        text.contains("the build was lost: the coordinator restarted"),
+        "{text}"
     );
 }
