@@ -352,6 +352,18 @@ pub async fn run(
     }
 }
 
+/// Asks the kernel to SIGKILL this process when its parent dies (kept across exec), and exits
+/// at once when the parent is already gone.
+fn die_with_parent() {
+    let parent = nix::unistd::getppid();
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if nix::unistd::getppid() != parent {
+        // SAFETY: _exit is always safe.
+        unsafe { libc::_exit(SETUP_FAILED) };
+    }
+}
+
 /// The entry point of `ossb __sandbox SPEC`: returns the exit code of the step's command.
 /// Must run in a fresh, single-threaded process.
 pub fn child_main(spec_path: &Path) -> i32 {
@@ -375,6 +387,9 @@ fn sandbox(spec_path: &Path) -> Result<i32, String> {
             lower,
         } => return probe_child(&lower, &overlay_probe).map(|()| 0),
     };
+    // A build killed outright (SIGKILL cannot be handled) takes its step with it: this
+    // process dies with its parent, and the step's first process dies with this one.
+    die_with_parent();
     // Orphaned descendants of the step are re-parented to this process, so that
     // kill_leftovers finds them even without a pid namespace.
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only.
@@ -397,6 +412,7 @@ fn sandbox(spec_path: &Path) -> Result<i32, String> {
     let result = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(status_r);
+            die_with_parent();
             let err = enter_and_exec(&spec, namespaces);
             let mut w = fs::File::from(status_w);
             let _ = w.write_all(err.as_bytes());
@@ -516,7 +532,11 @@ fn enter_and_exec(spec: &RunSpec, namespaces: bool) -> String {
         enter_plain_chroot(spec)
     };
     match root.and_then(|()| become_user(spec)) {
-        Ok(()) => exec(spec),
+        Ok(()) => {
+            // Changing the uid cleared the parent-death signal: set it again.
+            die_with_parent();
+            exec(spec)
+        }
         Err(e) => e,
     }
 }

@@ -158,6 +158,16 @@ fn child(
     env: &[CString],
 ) -> ! {
     let mut to_parent = std::fs::File::from(to_parent);
+    // If the outer process dies (kill -9 of the pid a supervisor knows), the build dies with
+    // it instead of running on unseen in its namespace. The check after it closes the race
+    // of a parent that died before the call.
+    let parent = nix::unistd::getppid();
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if nix::unistd::getppid() != parent {
+        // SAFETY: _exit is always safe in a forked child.
+        unsafe { libc::_exit(125) };
+    }
     match unshare(CloneFlags::CLONE_NEWUSER) {
         Ok(()) => {
             let _ = to_parent.write_all(b"u");
