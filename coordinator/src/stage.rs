@@ -172,6 +172,9 @@ pub(crate) struct PlatformBuild<'a> {
     shared: &'a Shared<'a>,
     platform: Platform,
     pulled: HashMap<String, PulledImage>,
+    /// Images that `COPY --from` names (not stages): their unpacked filesystem and manifest
+    /// digest, by reference as written.
+    copy_images: HashMap<String, (PathBuf, Digest)>,
 }
 
 fn pulled_key(reference: &str, platform: &Platform) -> String {
@@ -189,6 +192,7 @@ impl<'a> PlatformBuild<'a> {
             shared,
             platform,
             pulled: HashMap::new(),
+            copy_images: HashMap::new(),
         }
     }
 
@@ -216,6 +220,7 @@ impl<'a> PlatformBuild<'a> {
                 .insert(pulled_key(&reference, &platform), pulled);
         }
         let plan = dockerfile::plan(df, &opts, &bases)?;
+        self.pull_copy_images(&plan).await?;
         // RUN needs the platform's CPU: natively or through a registered emulator. Refused
         // before any step runs, with the fixes in the message.
         for stage in &plan.stages {
@@ -267,6 +272,40 @@ impl<'a> PlatformBuild<'a> {
             labels.extend(req.labels.clone());
         }
         self.write_image(&final_state)
+    }
+
+    /// Pulls and unpacks the images `COPY --from` names, for this platform.
+    async fn pull_copy_images(&mut self, plan: &BuildPlan) -> Result<(), BuildError> {
+        let mut refs: Vec<String> = Vec::new();
+        for step in plan.stages.iter().flat_map(|s| &s.steps) {
+            if let Instruction::Copy(c) | Instruction::Add(c) = &step.instruction {
+                if let Some(Source::Image(r)) = &c.from {
+                    if !refs.contains(r) {
+                        refs.push(r.clone());
+                    }
+                }
+            }
+        }
+        for reference in refs {
+            let pulled = self.pull(&reference, &self.platform.clone()).await?;
+            let root = self
+                .shared
+                .work
+                .join(format!("image-{}", pulled.manifest_digest.hex()));
+            if !root.exists() {
+                std::fs::create_dir_all(&root).map_err(local("creating an image's filesystem"))?;
+                let (id, t) = self
+                    .shared
+                    .start(format!("unpacking {reference} for COPY --from"));
+                let result = unpack(&self.shared.store, &pulled.manifest.layers, &root).await;
+                self.shared
+                    .finish(id, t, result)
+                    .map_err(BuildError::Local)?;
+            }
+            self.copy_images
+                .insert(reference, (root, pulled.manifest_digest));
+        }
+        Ok(())
     }
 
     async fn pull(&self, reference: &str, platform: &Platform) -> Result<PulledImage, BuildError> {
@@ -569,11 +608,10 @@ impl<'a> PlatformBuild<'a> {
                 Some(s) => inputs.push(s.key.as_bytes().to_vec()),
                 None => return Err(format!("COPY --from: stage {i} has not been built")),
             },
-            Some(Source::Image(image)) => {
-                return Err(format!(
-                    "COPY --from={image}: copying from an image is not supported yet"
-                ))
-            }
+            Some(Source::Image(image)) => match self.copy_images.get(image) {
+                Some((_, digest)) => inputs.push(digest.as_bytes().to_vec()),
+                None => return Err(format!("COPY --from={image}: the image was not pulled")),
+            },
         }
         Ok(inputs)
     }
@@ -768,11 +806,12 @@ impl<'a> PlatformBuild<'a> {
                         Some(s) => s.rootfs.clone(),
                         None => return Err(format!("COPY --from: stage {i} has not been built")),
                     },
-                    Some(Source::Image(image)) => {
-                        return Err(format!(
-                            "COPY --from={image}: copying from an image is not supported yet"
-                        ))
-                    }
+                    Some(Source::Image(image)) => match self.copy_images.get(image) {
+                        Some((root, _)) => root.clone(),
+                        None => {
+                            return Err(format!("COPY --from={image}: the image was not pulled"))
+                        }
+                    },
                 };
                 if let Some(git) = copy.sources.iter().find(|s| is_add && add::is_git(s)) {
                     return Err(format!("ADD {git}: adding a git repository is not supported yet; clone it in a RUN step or in the context"));

@@ -545,3 +545,24 @@ fn outputs_layer_settings_and_a_docker_io_mirror() {
         assert_eq!(run.stdout, "from-a-mirror\n", "{settings}");
     }
 }
+
+/// `COPY --from` an image that is not a stage: pulled for the build's platform, copied from.
+#[test]
+fn copy_from_an_image() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!(
+        "FROM scratch\nCOPY --from={} /bin/busybox /bb\nCOPY --from={} /etc/passwd /etc/\n",
+        busybox(&env),
+        busybox(&env)
+    );
+    let ctx = context(dir.path(), &dockerfile, &[]);
+    let rootfs = build_and_unpack(&env, dir.path(), &ctx);
+    assert!(
+        std::fs::metadata(rootfs.join("bb")).unwrap().len() > 100_000,
+        "the busybox binary was copied"
+    );
+    assert!(std::fs::read_to_string(rootfs.join("etc/passwd"))
+        .unwrap()
+        .contains("root:"));
+}
