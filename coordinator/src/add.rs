@@ -1,4 +1,5 @@
-//! What ADD does beyond COPY: remote files by URL (verified with `--checksum`) and local tar
+//! What ADD does beyond COPY: remote files by URL (verified with `--checksum`), git
+//! repositories (`https://host/repo.git#ref:subdir`, `git@host:repo.git`), and local tar
 //! archives unpacked into the destination.
 
 use std::fs;
@@ -22,6 +23,173 @@ pub(crate) fn is_git(source: &str) -> bool {
                 .split('#')
                 .next()
                 .is_some_and(|u| u.ends_with(".git")))
+}
+
+/// Whether an ADD source is fetched rather than read from the context.
+pub(crate) fn is_remote(source: &str) -> bool {
+    is_url(source) || is_git(source)
+}
+
+/// A fetched ADD source: copy `names` from `dir`; `key` identifies the content for the cache.
+pub(crate) struct Fetched {
+    pub dir: PathBuf,
+    pub names: Vec<String>,
+    pub key: Vec<u8>,
+}
+
+/// Fetches a remote ADD source into `work` (once per build: a second call reuses it).
+pub(crate) async fn fetch(
+    source: &str,
+    checksum: Option<&str>,
+    keep_git_dir: bool,
+    work: &Path,
+) -> Result<Fetched, String> {
+    if is_git(source) {
+        let (dir, commit) = clone(source, keep_git_dir, &work.join("git")).await?;
+        let mut key = format!("git:{commit}:keep={keep_git_dir}:").into_bytes();
+        key.extend_from_slice(source.as_bytes());
+        return Ok(Fetched {
+            dir,
+            names: vec![".".into()],
+            key,
+        });
+    }
+    let file = download(source, checksum, &work.join("downloads")).await?;
+    let bytes = fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Fetched {
+        dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        names: vec![name],
+        key: blake3::hash(&bytes).as_bytes().to_vec(),
+    })
+}
+
+/// `URL[#REF[:SUBDIR]]` as BuildKit writes git sources.
+fn split_git(source: &str) -> (&str, Option<&str>, Option<&str>) {
+    let (url, fragment) = match source.split_once('#') {
+        Some((u, f)) => (u, Some(f)),
+        None => (source, None),
+    };
+    match fragment {
+        Some(f) => match f.split_once(':') {
+            Some((r, sub)) => (
+                url,
+                (!r.is_empty()).then_some(r),
+                (!sub.is_empty()).then_some(sub),
+            ),
+            None => (url, (!f.is_empty()).then_some(f), None),
+        },
+        None => (url, None, None),
+    }
+}
+
+/// Clones a git source with the `git` command; returns the directory to copy (the subdir when
+/// given) and the commit checked out.
+async fn clone(source: &str, keep_git_dir: bool, work: &Path) -> Result<(PathBuf, String), String> {
+    let (url, reference, subdir) = split_git(source);
+    let slot_name = format!("{source}\0keep-git-dir={keep_git_dir}");
+    let slot = work.join(blake3::hash(slot_name.as_bytes()).to_hex().as_str());
+    let repo = slot.join("repo");
+    if !repo.exists() {
+        fs::create_dir_all(&slot).map_err(|e| format!("ADD {source}: {e}"))?;
+        let tmp = tempfile::tempdir_in(&slot).map_err(|e| format!("ADD {source}: {e}"))?;
+        let checkout = tmp.path().join("repo");
+        let is_commit =
+            reference.is_some_and(|r| r.len() >= 7 && r.chars().all(|c| c.is_ascii_hexdigit()));
+        let dest = checkout.to_string_lossy().into_owned();
+        let branch: Vec<&str> = match (reference, is_commit) {
+            (Some(r), false) => vec!["--branch", r],
+            _ => Vec::new(),
+        };
+        let shallow = [
+            &["clone", "--quiet", "--depth", "1"][..],
+            &branch,
+            &["--", url, &dest],
+        ]
+        .concat();
+        if is_commit || git(&shallow, None, source).await.is_err() {
+            // Dumb HTTP servers and commit references need a full clone.
+            let _ = fs::remove_dir_all(&checkout);
+            let full = [&["clone", "--quiet"][..], &branch, &["--", url, &dest]].concat();
+            git(&full, None, source).await?;
+        }
+        if let (Some(r), true) = (reference, is_commit) {
+            git(&["checkout", "--quiet", r], Some(&checkout), source).await?;
+        }
+        if !keep_git_dir {
+            fs::remove_dir_all(checkout.join(".git")).map_err(|e| format!("ADD {source}: {e}"))?;
+        }
+        fs::rename(&checkout, &repo).map_err(|e| format!("ADD {source}: {e}"))?;
+    }
+    let commit = fs::read_to_string(slot.join("commit")).ok();
+    let commit = match commit {
+        Some(c) => c,
+        None => {
+            // Resolved from the remote, so the key does not depend on the clone kept or not.
+            let out = git_output(
+                &["ls-remote", "--", url, reference.unwrap_or("HEAD")],
+                source,
+            )
+            .await?;
+            let c = out
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+                .unwrap_or_else(|| reference.unwrap_or("HEAD").to_string());
+            let _ = fs::write(slot.join("commit"), &c);
+            c
+        }
+    };
+    let dir = match subdir {
+        Some(sub) => {
+            ossb_worker::fs::resolve_in_root(&repo, sub, true).map_err(|e| e.to_string())?
+        }
+        None => repo,
+    };
+    Ok((dir, commit))
+}
+
+async fn git(args: &[&str], cwd: Option<&Path>, source: &str) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("ADD {source}: cannot run git (is it installed?): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ADD {source}: git {} exited with {}: {}",
+            args.first().unwrap_or(&""),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+async fn git_output(args: &[&str], source: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("git")
+        .args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .await
+        .map_err(|e| format!("ADD {source}: cannot run git: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ADD {source}: git {} exited with {}: {}",
+            args.first().unwrap_or(&""),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The file name ADD gives a download: the last segment of the URL's path.
@@ -148,6 +316,18 @@ mod tests {
         assert!(is_git("https://github.com/moby/buildkit.git#v0.12"));
         assert!(is_git("git@github.com:moby/buildkit.git"));
         assert!(!is_git("https://example.com/file.tar"));
+        assert_eq!(
+            split_git("https://h/r.git#v1:sub/dir"),
+            ("https://h/r.git", Some("v1"), Some("sub/dir"))
+        );
+        assert_eq!(
+            split_git("https://h/r.git"),
+            ("https://h/r.git", None, None)
+        );
+        assert_eq!(
+            split_git("https://h/r.git#:sub"),
+            ("https://h/r.git", None, Some("sub"))
+        );
     }
 
     #[test]

@@ -575,18 +575,20 @@ impl<'a> PlatformBuild<'a> {
         };
         let is_add = matches!(step.instruction, Instruction::Add(_));
         let mut inputs = Vec::new();
-        let (urls, local): (Vec<&String>, Vec<&String>) =
-            copy.sources.iter().partition(|s| is_add && add::is_url(s));
-        for url in urls {
-            // A download is keyed by its content: fetched now (once per build), reused by the step.
-            let file = add::download(
-                url,
+        let (remote, local): (Vec<&String>, Vec<&String>) = copy
+            .sources
+            .iter()
+            .partition(|s| is_add && add::is_remote(s));
+        for source in remote {
+            // Fetched now (once per build) and keyed by content or commit; the step reuses it.
+            let fetched = add::fetch(
+                source,
                 copy.checksum.as_deref(),
-                &self.shared.work.join("downloads"),
+                copy.keep_git_dir.unwrap_or(false),
+                &self.shared.work,
             )
             .await?;
-            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            inputs.push(blake3::hash(&bytes).as_bytes().to_vec());
+            inputs.push(fetched.key);
         }
         let local: Vec<String> = local.into_iter().cloned().collect();
         match &copy.from {
@@ -813,9 +815,6 @@ impl<'a> PlatformBuild<'a> {
                         }
                     },
                 };
-                if let Some(git) = copy.sources.iter().find(|s| is_add && add::is_git(s)) {
-                    return Err(format!("ADD {git}: adding a git repository is not supported yet; clone it in a RUN step or in the context"));
-                }
                 let owner = match &copy.chown {
                     Some(spec) => {
                         let u = wfs::lookup_user(&state.rootfs, spec).map_err(|e| e.to_string())?;
@@ -834,21 +833,15 @@ impl<'a> PlatformBuild<'a> {
                 let mut extra: Vec<(PathBuf, String)> = Vec::new();
                 let mut local = Vec::new();
                 for source in &copy.sources {
-                    if is_add && add::is_url(source) {
-                        let file = add::download(
+                    if is_add && add::is_remote(source) {
+                        let fetched = add::fetch(
                             source,
                             copy.checksum.as_deref(),
-                            &self.shared.work.join("downloads"),
+                            copy.keep_git_dir.unwrap_or(false),
+                            &self.shared.work,
                         )
                         .await?;
-                        let name = file
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        extra.push((
-                            file.parent().map(Path::to_path_buf).unwrap_or_default(),
-                            name,
-                        ));
+                        extra.extend(fetched.names.into_iter().map(|n| (fetched.dir.clone(), n)));
                     } else {
                         local.push(source.clone());
                     }

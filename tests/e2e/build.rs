@@ -566,3 +566,67 @@ fn copy_from_an_image() {
         .unwrap()
         .contains("root:"));
 }
+
+/// `ADD` of a git repository (a tag, and a subdirectory of it), served over HTTP by the test;
+/// `.git` is left out unless `--keep-git-dir`.
+#[test]
+fn add_a_git_repository() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("git init -q src && cd src && echo hi > a.txt && mkdir sub && echo s > sub/s.txt && git add . \
+        && git -c user.email=t@example.com -c user.name=t commit -qm init && git tag v1 \
+        && cd .. && mkdir served && git clone -q --bare src served/repo.git && cd served/repo.git && git update-server-info");
+    let port = free_port();
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(dir.path().join("served"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let url = format!("http://127.0.0.1:{port}/repo.git");
+    let dockerfile = format!(
+        "FROM {}\nADD {url}#v1 /src/\nADD {url}#v1:sub /sub/\nADD --keep-git-dir=true {url}#v1 /withgit/\n",
+        busybox(&env)
+    );
+    let ctx = context(&dir.path().join("build"), &dockerfile, &[]);
+    let rootfs = build_and_unpack(&env, &dir.path().join("build"), &ctx);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("src/a.txt")).unwrap(),
+        "hi\n"
+    );
+    assert!(
+        !rootfs.join("src/.git").exists(),
+        ".git is left out by default"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("sub/s.txt")).unwrap(),
+        "s\n"
+    );
+    assert!(
+        rootfs.join("withgit/.git").is_dir(),
+        "--keep-git-dir keeps it"
+    );
+}
