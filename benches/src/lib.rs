@@ -18,6 +18,8 @@ pub struct Sample {
 /// Runs `cmd` to completion and measures it: wall time, and the peak RSS of the command's
 /// own process tree as wait4(2) reports it. Panics with its stderr if it fails, because a
 /// benchmark of a failing command measures nothing.
+// The child is reaped by wait4 below (for its rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
 pub fn measure(cmd: &mut Command) -> Sample {
     let stderr = tempfile_path();
     let err_file = std::fs::File::create(&stderr).expect("creating a temporary file");

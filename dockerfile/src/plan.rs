@@ -413,7 +413,7 @@ fn check_node<'a>(ctx: &Ctx, node: &'a Node) -> Result<Command<'a>, Error> {
             if n == 0 {
                 return bad(format!("{name} requires at least one argument"));
             }
-            if n % 3 != 0 {
+            if !n.is_multiple_of(3) {
                 return bad(format!("Bad input to {name}, too many arguments"));
             }
             if node.args.chunks(3).any(|c| c[0].is_empty()) {
