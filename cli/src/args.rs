@@ -173,6 +173,9 @@ pub struct BuildArgs {
     /// How RUN steps are isolated.
     #[arg(long, value_enum, default_value = "auto")]
     pub isolation: Isolation,
+    /// A named context, NAME=DIR (repeatable): `COPY --from=NAME` reads DIR.
+    #[arg(long = "build-context", value_name = "NAME=DIR")]
+    pub build_contexts: Vec<String>,
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable). Never stored in the image.
     #[arg(long = "secret", value_name = "id=ID,src=PATH")]
     pub secrets: Vec<String>,
@@ -298,26 +301,27 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
             .map(PathBuf::from)
             .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"))
     };
-    let settings =
-        LayerSettings {
-            compression: match fields.get("compression").map(String::as_str) {
-                None => None,
-                Some("gzip") => Some(Compression::Gzip),
-                Some("zstd") => Some(Compression::Zstd),
-                Some("uncompressed") => Some(Compression::None),
-                Some(other) => return Err(format!(
+    let settings = LayerSettings {
+        compression: match fields.get("compression").map(String::as_str) {
+            None => None,
+            Some("gzip") => Some(Compression::Gzip),
+            Some("zstd") => Some(Compression::Zstd),
+            Some("uncompressed") => Some(Compression::None),
+            Some(other) => {
+                return Err(format!(
                     "--output {spec:?}: compression={other} (expected gzip, zstd or uncompressed)"
-                )),
-            },
-            media_types: match fields.get("oci-mediatypes") {
-                None => None,
-                Some(_) => Some(if bool_field("oci-mediatypes", true)? {
-                    MediaTypes::Oci
-                } else {
-                    MediaTypes::Docker
-                }),
-            },
-        };
+                ))
+            }
+        },
+        media_types: match fields.get("oci-mediatypes") {
+            None => None,
+            Some(_) => Some(if bool_field("oci-mediatypes", true)? {
+                MediaTypes::Oci
+            } else {
+                MediaTypes::Docker
+            }),
+        },
+    };
     let output = match fields.get("type").map(String::as_str) {
         Some("registry") => Output::Registry,
         Some("image") if bool_field("push", false)? => Output::Registry,
@@ -348,6 +352,29 @@ fn parse_platforms(list: Option<&str>) -> Result<Vec<Platform>, String> {
     }
     if out.is_empty() {
         return Err(format!("--platform {list:?}: no platform given"));
+    }
+    Ok(out)
+}
+
+/// `--build-context NAME=DIR`; other sources (`docker-image://`, URLs) are refused clearly.
+fn parse_build_contexts(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let (name, value) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--build-context {spec:?}: expected NAME=DIR"))?;
+        if value.contains("://") {
+            return Err(format!(
+                "--build-context {spec:?}: only local directories are supported so far"
+            ));
+        }
+        let dir = PathBuf::from(value);
+        if !dir.is_dir() {
+            return Err(format!(
+                "--build-context {name}: {value} is not a directory"
+            ));
+        }
+        out.insert(name.to_string(), dir);
     }
     Ok(out)
 }
@@ -512,6 +539,7 @@ impl BuildArgs {
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
             isolation: self.isolation.into(),
             secrets: parse_secrets(&self.secrets)?,
+            build_contexts: parse_build_contexts(&self.build_contexts)?,
         };
         Ok((
             request,

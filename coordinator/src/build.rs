@@ -90,6 +90,8 @@ pub struct BuildRequest {
     pub sandbox_exe: PathBuf,
     /// How RUN steps are isolated.
     pub isolation: Isolation,
+    /// `--build-context NAME=DIR`: named contexts that `COPY --from=NAME` reads.
+    pub build_contexts: BTreeMap<String, PathBuf>,
     /// `--secret id=ID,src=PATH`: secret files by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, PathBuf>,
 }

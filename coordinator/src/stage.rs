@@ -280,7 +280,7 @@ impl<'a> PlatformBuild<'a> {
         for step in plan.stages.iter().flat_map(|s| &s.steps) {
             if let Instruction::Copy(c) | Instruction::Add(c) = &step.instruction {
                 if let Some(Source::Image(r)) = &c.from {
-                    if !refs.contains(r) {
+                    if !refs.contains(r) && !self.shared.req.build_contexts.contains_key(r) {
                         refs.push(r.clone());
                     }
                 }
@@ -610,6 +610,12 @@ impl<'a> PlatformBuild<'a> {
                 Some(s) => inputs.push(s.key.as_bytes().to_vec()),
                 None => return Err(format!("COPY --from: stage {i} has not been built")),
             },
+            Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
+                let dir = &self.req().build_contexts[name];
+                let sum =
+                    sources_checksum(dir, &local, CopyFilter::none()).map_err(|e| e.to_string())?;
+                inputs.push(sum.to_vec());
+            }
             Some(Source::Image(image)) => match self.copy_images.get(image) {
                 Some((_, digest)) => inputs.push(digest.as_bytes().to_vec()),
                 None => return Err(format!("COPY --from={image}: the image was not pulled")),
@@ -808,6 +814,9 @@ impl<'a> PlatformBuild<'a> {
                         Some(s) => s.rootfs.clone(),
                         None => return Err(format!("COPY --from: stage {i} has not been built")),
                     },
+                    Some(Source::Image(name)) if req.build_contexts.contains_key(name) => {
+                        req.build_contexts[name].clone()
+                    }
                     Some(Source::Image(image)) => match self.copy_images.get(image) {
                         Some((root, _)) => root.clone(),
                         None => {

@@ -630,3 +630,68 @@ fn add_a_git_repository() {
         "--keep-git-dir keeps it"
     );
 }
+
+/// `--build-context NAME=DIR`: `COPY --from=NAME` reads the directory, and its content is part
+/// of the step's cache key.
+#[test]
+fn named_build_context() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let extra = dir.path().join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::write(extra.join("config.txt"), "v1\n").unwrap();
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {}\nCOPY --from=configs config.txt /etc/app/\n",
+            busybox(&env)
+        ),
+        &[],
+    );
+    let arg = format!("configs={}", extra.display());
+    let cache = dir.path().join("cache");
+    let first = build_json(&env, &cache, &ctx, &["--build-context", &arg]);
+    assert_eq!(result_of(&first)["steps_run"], 1);
+    std::fs::write(extra.join("config.txt"), "v2\n").unwrap();
+    let second = build_json(&env, &cache, &ctx, &["--build-context", &arg]);
+    assert_eq!(
+        result_of(&second)["steps_run"],
+        1,
+        "a changed file in the named context reruns the COPY"
+    );
+    let third = build_json(
+        &env,
+        &cache,
+        &ctx,
+        &["--build-context", &arg, "-t", "named:v1"],
+    );
+    assert_eq!(result_of(&third)["steps_cached"], 1);
+    // The image holds the file: unpack the OCI archive build_json wrote.
+    let layout = dir.path().join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    tool(
+        "tar",
+        &[
+            "-xf",
+            cache.join("out.tar").to_str().unwrap(),
+            "-C",
+            layout.to_str().unwrap(),
+        ],
+    )
+    .success("tar -x");
+    let bundle = dir.path().join("bundle");
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:v1", layout.display()),
+            bundle.to_str().unwrap(),
+        ],
+    )
+    .success("umoci unpack");
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/etc/app/config.txt")).unwrap(),
+        "v2\n"
+    );
+}

@@ -158,6 +158,12 @@ pub fn spec_of(req: &BuildRequest, context: Vec<ContextEntry>) -> Result<BuildSp
             "--secret is not sent to a build cluster yet; build with `ossb build` instead".into(),
         ));
     }
+    if !req.build_contexts.is_empty() {
+        return Err(BuildError::Usage(
+            "--build-context is not sent to a build cluster yet; build with `ossb build` instead"
+                .into(),
+        ));
+    }
     if !req.registry.certificates.is_empty() {
         return Err(BuildError::Usage("--registry-certificate is not sent to a build cluster: the cluster's workers trust their own CAs".into()));
     }
@@ -234,6 +240,7 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         sandbox_exe: place.sandbox_exe,
         isolation: place.isolation,
         secrets: BTreeMap::new(),
+        build_contexts: BTreeMap::new(),
     }
 }
 
