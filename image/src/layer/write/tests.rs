@@ -1,0 +1,268 @@
+//! The compressed bytes do not depend on the number of compression threads (nor on how the tar
+//! stream is cut into writes), and every usual reader decompresses them to the same tar.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use flate2::read::{GzDecoder, MultiGzDecoder};
+use ossb_protocol::Digest;
+
+use super::gzip::{GzipWriter, BLOCK_SIZE};
+use super::*;
+use crate::layer::tests::{apply, describe};
+
+/// Text-like bytes with some incompressible runs, as real files are.
+fn sample(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&[u8]] = &[
+        b"layer", b"image", b"blob", b"digest", b"the", b"of", b"and", b"{", b"}", b"\n", b"    ",
+        b"return", b"struct", b"impl", b"0x7f3a",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x.is_multiple_of(9) {
+            out.extend_from_slice(&x.to_le_bytes());
+        } else {
+            out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize]);
+            out.push(b' ');
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn gzip_with(data: &[u8], workers: usize, chunk: usize) -> Vec<u8> {
+    let mut w = GzipWriter::new(Vec::new(), workers);
+    for c in data.chunks(chunk.max(1)) {
+        w.write_all(c).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+fn zstd_with(data: &[u8], workers: usize) -> Vec<u8> {
+    let mut sink = Sink::new(Vec::new(), Compression::Zstd, workers).unwrap();
+    sink.write_all(data).unwrap();
+    sink.finish().unwrap().1
+}
+
+/// `data` through an external decompressor, or None when the program is not installed.
+fn external(program: &str, args: &[&str], data: &[u8]) -> Option<Vec<u8>> {
+    let mut child = match Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("{program} is not installed: its check is skipped");
+            return None;
+        }
+        Err(e) => panic!("cannot run {program}: {e}"),
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(out.status.success(), "{program} {args:?} failed");
+    Some(out.stdout)
+}
+
+const PY_GUNZIP: &str =
+    "import gzip, sys; sys.stdout.buffer.write(gzip.decompress(sys.stdin.buffer.read()))";
+
+/// Checks that `blob` is one gzip member that every reader decompresses to `plain`.
+fn assert_gunzips_to(blob: &[u8], plain: &[u8]) {
+    let mut single = GzDecoder::new(blob);
+    let mut out = Vec::new();
+    single.read_to_end(&mut out).unwrap();
+    assert!(out == plain, "GzDecoder read different bytes");
+    assert!(single.into_inner().is_empty(), "more than one gzip member");
+    out.clear();
+    MultiGzDecoder::new(blob).read_to_end(&mut out).unwrap();
+    assert!(out == plain, "MultiGzDecoder read different bytes");
+    if let Some(out) = external("gzip", &["-dc"], blob) {
+        assert!(out == plain, "gzip -dc read different bytes");
+    }
+    if let Some(out) = external("python3", &["-c", PY_GUNZIP], blob) {
+        assert!(out == plain, "python's gzip read different bytes");
+    }
+}
+
+#[test]
+fn gzip_bytes_do_not_depend_on_threads_or_write_sizes() {
+    let data = sample(1, 2 * BLOCK_SIZE + 517);
+    let all = [(2, usize::MAX), (4, usize::MAX), (2, 7777), (3, 65_539)];
+    // Around the piece size one variant is enough (debug builds compress slowly).
+    let one = [(4, 7777)];
+    for (len, variants) in [
+        (0, &all[..]),
+        (1, &all[..]),
+        (5000, &all[..]),
+        (BLOCK_SIZE - 1, &one[..]),
+        (BLOCK_SIZE, &one[..]),
+        (BLOCK_SIZE + 1, &one[..]),
+        (data.len(), &all[..]),
+    ] {
+        let data = &data[..len];
+        let reference = gzip_with(data, 1, usize::MAX);
+        for &(workers, chunk) in variants {
+            assert!(
+                gzip_with(data, workers, chunk) == reference,
+                "{len} bytes: {workers} workers, writes of {chunk} differ from 1 worker"
+            );
+        }
+        assert_eq!(&reference[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+        let trailer = &reference[reference.len() - 8..];
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        assert_eq!(trailer[..4], crc.sum().to_le_bytes());
+        assert_eq!(trailer[4..], (len as u32).to_le_bytes());
+        assert_gunzips_to(&reference, data);
+    }
+}
+
+#[test]
+fn gzip_ratio_is_close_to_one_compressor() {
+    let data = sample(2, 4 * BLOCK_SIZE);
+    let ours = gzip_with(&data, 2, usize::MAX).len();
+    let mut one = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(GZIP_LEVEL));
+    one.write_all(&data).unwrap();
+    let one = one.finish().unwrap().len();
+    assert!(
+        ours <= one + one / 200,
+        "pieces cost more than 0.5%: {ours} bytes vs {one}"
+    );
+}
+
+/// The exact bytes are pinned: a change here changes every layer digest (a flate2, zlib-rs or
+/// zstd upgrade, the piece or job size, a level). Update the values only on purpose.
+#[test]
+fn compressed_bytes_are_pinned() {
+    let data = sample(3, 2 * BLOCK_SIZE + 12_345);
+    let gz = gzip_with(&data, 2, 10_000);
+    assert_eq!(
+        Digest::of(&gz).to_string(),
+        "sha256:d03c4051690b4e03b7f3cf0d3d748cfec321d3263795f72d3266f328671eb421"
+    );
+    let data = sample(4, ZSTD_JOB_SIZE as usize + BLOCK_SIZE);
+    let zst = zstd_with(&data, 2);
+    assert_eq!(
+        Digest::of(&zst).to_string(),
+        "sha256:867484f489d3719783f79fbc1fe4053d405c535314658e11315b56f3d1c1603c"
+    );
+}
+
+#[test]
+fn zstd_bytes_do_not_depend_on_threads() {
+    // Over one job, so that jobs run in parallel and join.
+    let data = sample(5, 2 * ZSTD_JOB_SIZE as usize + 4321);
+    let reference = zstd_with(&data, 1);
+    for workers in [2, 4] {
+        assert!(
+            zstd_with(&data, workers) == reference,
+            "zstd with {workers} workers differs from 1 worker"
+        );
+    }
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(&reference[..])
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap();
+    assert!(out == data);
+    if let Some(out) = external("zstd", &["-dc"], &reference) {
+        assert!(out == data, "zstd -dc read different bytes");
+    }
+}
+
+/// A tree of a few pieces' worth of files: a large one, small ones, a link, a directory.
+fn tree(root: &Path) -> Vec<Change> {
+    let mut paths = vec![PathBuf::from("usr"), PathBuf::from("usr/lib")];
+    fs::create_dir_all(root.join("usr/lib")).unwrap();
+    fs::write(root.join("usr/lib/big.so"), sample(6, 2 * BLOCK_SIZE + 999)).unwrap();
+    paths.push("usr/lib/big.so".into());
+    for i in 0..300 {
+        let p = PathBuf::from(format!("usr/lib/f{i:03}.txt"));
+        fs::write(
+            root.join(&p),
+            sample(100 + i, 100 + (i as usize * 577) % 9000),
+        )
+        .unwrap();
+        paths.push(p);
+    }
+    std::os::unix::fs::symlink("big.so", root.join("usr/lib/link.so")).unwrap();
+    paths.push("usr/lib/link.so".into());
+    paths
+        .into_iter()
+        .map(|path| Change {
+            path,
+            kind: ChangeKind::Added,
+        })
+        .collect()
+}
+
+fn write_on(root: &Path, changes: &[Change], compression: Compression, workers: usize) -> Vec<u8> {
+    let opts = LayerOptions {
+        compression,
+        source_date_epoch: Some(0),
+    };
+    let mut out = Vec::new();
+    let written = write_layer_on(root, changes, &mut out, &opts, workers).unwrap();
+    assert_eq!(written.digest, Digest::of(&out));
+    assert_eq!(written.size, out.len() as u64);
+    out
+}
+
+#[test]
+fn layers_are_the_same_for_1_2_and_4_threads_and_read_everywhere() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let changes = tree(&src);
+    let plain = write_on(&src, &changes, Compression::None, 1);
+    let diff_id = Digest::of(&plain);
+    for compression in [Compression::Gzip, Compression::Zstd] {
+        let reference = write_on(&src, &changes, compression, 1);
+        for workers in [2, 4] {
+            assert!(
+                write_on(&src, &changes, compression, workers) == reference,
+                "{compression:?} layer with {workers} threads differs from 1 thread"
+            );
+        }
+        let opts = LayerOptions {
+            compression,
+            source_date_epoch: Some(0),
+        };
+        let written = write_layer(&src, &changes, Vec::new(), &opts).unwrap();
+        assert_eq!(written.digest, Digest::of(&reference));
+        assert_eq!(written.diff_id, diff_id);
+        match compression {
+            Compression::Gzip => assert_gunzips_to(&reference, &plain),
+            _ => {
+                let mut out = Vec::new();
+                zstd::stream::read::Decoder::new(&reference[..])
+                    .unwrap()
+                    .read_to_end(&mut out)
+                    .unwrap();
+                assert!(out == plain);
+            }
+        }
+        let dst = t.path().join(format!("applied-{compression:?}"));
+        fs::create_dir(&dst).unwrap();
+        apply(&reference, &dst).unwrap();
+        // Contents and types (mtimes were clamped to 0 in the layer).
+        let kept = |root: &Path| {
+            describe(root)
+                .into_iter()
+                .map(|(p, s)| (p, s.0, s.5))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(&dst), kept(&src));
+    }
+}
