@@ -165,6 +165,8 @@ struct StageState {
     rootfs: PathBuf,
     /// Whether `rootfs` holds `layers` now.
     materialized: bool,
+    /// Whether this stage set CMD (an ENTRYPOINT then keeps it).
+    cmd_set: bool,
 }
 
 /// One platform's build.
@@ -354,12 +356,14 @@ impl<'a> PlatformBuild<'a> {
                     .platform
                     .clone()
                     .unwrap_or_else(|| self.platform.clone());
-                let config = ImageConfig {
+                let mut config = ImageConfig {
                     architecture: platform.architecture.clone(),
                     os: platform.os.clone(),
                     variant: platform.variant.clone(),
                     ..Default::default()
                 };
+                // As BuildKit's empty image: scratch starts with the default PATH.
+                config.config.set_env("PATH", ossb_dockerfile::DEFAULT_PATH);
                 (
                     config,
                     Vec::new(),
@@ -397,6 +401,7 @@ impl<'a> PlatformBuild<'a> {
             key,
             rootfs,
             materialized: false,
+            cmd_set: false,
         };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
         state.config.config.on_build = None;
@@ -470,7 +475,14 @@ impl<'a> PlatformBuild<'a> {
         id: usize,
         started: Instant,
     ) -> Result<bool, String> {
-        let changes_fs = apply_metadata(&step.instruction, &mut state.config.config);
+        let changes_fs = apply_metadata(
+            &step.instruction,
+            &mut state.config.config,
+            &mut state.cmd_set,
+        );
+        if let Instruction::Maintainer(author) = &step.instruction {
+            state.config.author = Some(author.clone());
+        }
         let inputs = self.step_inputs(step, done).await?;
         let input_refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
         let key = state
@@ -824,12 +836,17 @@ impl<'a> PlatformBuild<'a> {
                         }
                     },
                 };
+                // --chown, else 0:0 from the context (and downloads, heredocs, named contexts),
+                // else the owners the files have in the stage or image copied from.
+                let from_build = matches!(&copy.from, Some(Source::Stage(_)))
+                    || matches!(&copy.from, Some(Source::Image(n)) if !req.build_contexts.contains_key(n));
                 let owner = match &copy.chown {
                     Some(spec) => {
                         let u = wfs::lookup_user(&state.rootfs, spec).map_err(|e| e.to_string())?;
-                        (u.uid, u.gid)
+                        Some((u.uid, u.gid))
                     }
-                    None => (0, 0),
+                    None if from_build => None,
+                    None => Some((0, 0)),
                 };
                 let mode = match &copy.chmod {
                     Some(m) => Some(Mode::parse(m).ok_or_else(|| {
@@ -1050,7 +1067,11 @@ fn changes_files(instruction: &Instruction) -> bool {
 }
 
 /// Applies a step that only changes the config; returns whether the step changes files instead.
-fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bool {
+fn apply_metadata(
+    instruction: &Instruction,
+    cfg: &mut oci::RuntimeConfig,
+    cmd_set: &mut bool,
+) -> bool {
     match instruction {
         Instruction::Env(pairs) => {
             for (k, v) in pairs {
@@ -1062,6 +1083,8 @@ fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bo
             .get_or_insert_with(BTreeMap::new)
             .extend(pairs.iter().cloned()),
         Instruction::User(user) => cfg.user = Some(user.clone()),
+        // The author is outside `config`: set by the caller from the step.
+        Instruction::Maintainer(_) => {}
         Instruction::Expose(ports) => {
             let exposed = cfg.exposed_ports.get_or_insert_with(BTreeMap::new);
             for p in ports {
@@ -1073,11 +1096,17 @@ fn apply_metadata(instruction: &Instruction, cfg: &mut oci::RuntimeConfig) -> bo
                 exposed.insert(p, serde_json::json!({}));
             }
         }
-        Instruction::Cmd(argv) => cfg.cmd = Some(argv.clone()),
+        Instruction::Cmd(argv) => {
+            cfg.cmd = Some(argv.clone());
+            *cmd_set = true;
+        }
         Instruction::Entrypoint(argv) => {
             cfg.entrypoint = (!argv.is_empty()).then(|| argv.clone());
-            // As Docker: an ENTRYPOINT drops the CMD inherited from the base.
-            cfg.cmd = None;
+            // As BuildKit: an ENTRYPOINT drops a CMD inherited from the base, not one this
+            // stage set.
+            if !*cmd_set {
+                cfg.cmd = None;
+            }
         }
         Instruction::Volume(vols) => {
             let v = cfg.volumes.get_or_insert_with(BTreeMap::new);

@@ -169,8 +169,10 @@ pub enum Instruction {
     Workdir(String),
     /// USER.
     User(String),
-    /// LABEL pairs; also MAINTAINER, as the label `maintainer`.
+    /// LABEL pairs.
     Label(Vec<(String, String)>),
+    /// MAINTAINER: the image's author (as BuildKit sets it; no label).
+    Maintainer(String),
     /// EXPOSE, as `port/proto` (`80/tcp`), ranges spelled out.
     Expose(Vec<String>),
     /// CMD; shell form already wrapped with the stage's SHELL.
@@ -1165,7 +1167,7 @@ impl Dispatcher<'_> {
             "MAINTAINER" => {
                 let m = args[0].clone();
                 (
-                    Instruction::Label(vec![("maintainer".into(), m.clone())]),
+                    Instruction::Maintainer(m.clone()),
                     format!("MAINTAINER {m}"),
                 )
             }

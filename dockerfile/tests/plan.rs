@@ -264,10 +264,10 @@ fn every_other_instruction() {
     };
     assert_eq!(a.checksum.as_deref(), Some("sha256:abc"));
     assert_eq!(a.keep_git_dir, Some(true));
-    let Instruction::Label(l) = &p.stages[0].steps[0].instruction else {
+    let Instruction::Maintainer(m) = &p.stages[0].steps[0].instruction else {
         panic!()
     };
-    assert_eq!(l, &vec![("maintainer".to_string(), "me".to_string())]);
+    assert_eq!(m, "me");
 }
 
 #[test]

@@ -112,8 +112,9 @@ fn components(path: &Path) -> Vec<std::ffi::OsString> {
 /// How COPY writes what it copies.
 #[derive(Clone, Debug, Default)]
 pub struct CopyOptions {
-    /// uid and gid for every copied file; Docker's default is 0:0.
-    pub owner: (u32, u32),
+    /// uid and gid for every copied file and created parent directory (`--chown`; 0:0 for the
+    /// context); `None` keeps the owners the files have in the source (a stage or an image).
+    pub owner: Option<(u32, u32)>,
     /// When set (`--chmod`), the mode of every copied file and directory.
     pub mode: Option<Mode>,
     /// `--parents`: keep each source's path (relative to the source root) under the destination.
@@ -286,6 +287,10 @@ pub fn copy_into(
     for source in sources {
         matched.extend(expand_source(source_root, source, filter)?);
     }
+    // A wildcard may match nothing when another source matches (BuildKit allows it).
+    if matched.is_empty() {
+        return Err(FsError::SourceMissing(sources.join(" ")));
+    }
     let dest_is_dir = dest.ends_with('/') || matched.len() > 1 || sources.len() > 1 || opts.parents;
     let target = resolve_in_root(rootfs, dest, true)?;
     if dest_is_dir && target.exists() && !target.is_dir() {
@@ -302,25 +307,30 @@ pub fn copy_into(
                 .join(&rel);
             if meta.is_dir() {
                 let to = resolve_path_in_root(rootfs, &kept, true)?;
-                make_dirs(rootfs, &to, w)?;
+                make_dirs(rootfs, &to, own.owner, w)?;
                 copy_tree(&from, &rel, &to, own, filter, w)?;
             } else {
                 let parent = kept.parent().unwrap_or(Path::new(""));
                 let parent = resolve_path_in_root(rootfs, parent, true)?;
-                make_dirs(rootfs, &parent, w)?;
+                make_dirs(rootfs, &parent, own.owner, w)?;
                 let to = parent.join(kept.file_name().unwrap_or_default());
                 copy_entry(&from, &to, &meta, own, w)?;
             }
         } else if meta.is_dir() {
-            make_dirs(rootfs, &target, w)?;
+            make_dirs(rootfs, &target, own.owner, w)?;
             copy_tree(&from, &rel, &target, own, filter, w)?;
         } else {
             let to = if dest_is_dir || target.is_dir() {
-                make_dirs(rootfs, &target, w)?;
-                target.join(from.file_name().unwrap_or_default())
+                make_dirs(rootfs, &target, own.owner, w)?;
+                // Named after the source as written, even when it is a symlink that was followed.
+                let name = Path::new(&rel)
+                    .file_name()
+                    .or(from.file_name())
+                    .unwrap_or_default();
+                target.join(name)
             } else {
                 if let Some(parent) = target.parent() {
-                    make_dirs(rootfs, parent, w)?;
+                    make_dirs(rootfs, parent, own.owner, w)?;
                 }
                 target.clone()
             };
@@ -443,9 +453,8 @@ pub(crate) fn expand_source(
         found = next;
     }
     found.retain(|rel| !filter.excluded(rel));
-    if found.is_empty() {
-        return Err(FsError::SourceMissing(source.to_string()));
-    }
+    // A wildcard that matches nothing is not an error by itself: the copy fails only when no
+    // source matched at all (BuildKit's AllowEmptyWildcard).
     found
         .into_iter()
         .map(|rel| Ok((rel.clone(), resolve_in_root(root, &rel, true)?)))
@@ -513,16 +522,25 @@ fn class_match(p: &[char], c: char) -> Option<(bool, &[char])> {
 
 /// Creates `dir` (a host path inside `rootfs`, resolved inside it) and its missing parents,
 /// root-owned 0755.
-fn make_dirs(rootfs: &Path, dir: &Path, w: &mut Written<'_>) -> Result<(), FsError> {
+fn make_dirs(
+    rootfs: &Path,
+    dir: &Path,
+    owner: Option<(u32, u32)>,
+    w: &mut Written<'_>,
+) -> Result<(), FsError> {
     if dir.is_dir() || dir == rootfs {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
-        make_dirs(rootfs, parent, w)?;
+        make_dirs(rootfs, parent, owner, w)?;
     }
     match fs::create_dir(dir) {
         Ok(()) => {
             w.record(dir, ChangeKind::Added);
+            // As BuildKit: directories COPY creates belong to the --chown owner.
+            if let Some((uid, gid)) = owner {
+                lchown(dir, Some(uid), Some(gid)).map_err(io_err(dir))?;
+            }
             fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
@@ -631,7 +649,8 @@ fn copy_entry(
     if meta.file_type().is_symlink() {
         let target = fs::read_link(from).map_err(io_err(from))?;
         std::os::unix::fs::symlink(&target, to).map_err(io_err(to))?;
-        lchown(to, Some(own.owner.0), Some(own.owner.1)).map_err(io_err(to))?;
+        let (uid, gid) = own.owner.unwrap_or((meta.uid(), meta.gid()));
+        lchown(to, Some(uid), Some(gid)).map_err(io_err(to))?;
         return Ok(());
     }
     fs::copy(from, to).map_err(io_err(to))?;
@@ -639,7 +658,8 @@ fn copy_entry(
 }
 
 fn apply_metadata(path: &Path, meta: &fs::Metadata, own: &CopyOptions) -> Result<(), FsError> {
-    lchown(path, Some(own.owner.0), Some(own.owner.1)).map_err(io_err(path))?;
+    let (uid, gid) = own.owner.unwrap_or((meta.uid(), meta.gid()));
+    lchown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
     let mode = match &own.mode {
         Some(m) => m.apply(meta.mode(), meta.is_dir()),
         None => meta.mode() & 0o7777,
@@ -1124,7 +1144,7 @@ mod tests {
         };
         let steps = |r: &Path| -> Vec<Change> {
             let opts = CopyOptions {
-                owner,
+                owner: Some(owner),
                 ..Default::default()
             };
             let none = CopyFilter::none();
