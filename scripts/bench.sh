@@ -27,7 +27,9 @@ export OSSB_BENCH_RESULTS=$results
 benches=()
 for b in "$@"; do benches+=(--bench "$b"); done
 start=$(date +%s)
-cargo bench --locked -p ossb-benches "${benches[@]}" 2>&1 | tee "$log"
+status=0
+# --no-fail-fast: one failing bench must not lose the others' results
+cargo bench --locked --no-fail-fast -p ossb-benches "${benches[@]}" 2>&1 | tee "$log" || status=$?
 took=$(($(date +%s) - start))
 
 if [[ ! -s $results ]]; then
@@ -46,3 +48,4 @@ cmd="scripts/bench.sh${*:+ $*}"
 } >BENCHMARKS.md.new
 mv BENCHMARKS.md.new BENCHMARKS.md
 echo "wrote BENCHMARKS.md"
+exit "$status"

@@ -176,6 +176,11 @@ fn build_command(env: &Env, builder: Builder, w: &Workload, store: &Store) -> Co
                 .chars()
                 .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
                 .collect();
+            let repo = repo
+                .split('-')
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("-");
             let image = format!("localhost/bench/{repo}:latest");
             match &w.platforms {
                 Some(p) => cmd.args(["--platform", p, "--manifest", &image]),
