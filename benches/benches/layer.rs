@@ -5,7 +5,8 @@
 //! - apply: ossb's safe applier vs `umoci unpack` of the same layer (in an OCI layout).
 //!
 //! Each side runs as its own process (this bench re-executes itself for ossb's side) so that
-//! `ossb_benches::measure` reports wall time and peak memory for both. Median of 3.
+//! `ossb_benches::measure` reports wall time and peak memory for both. Median of 3, the write
+//! runs of the two sides alternating (the machine may be shared).
 //!
 //! `cargo bench -p ossb-benches --bench layer` (installs pigz with apt when missing).
 
@@ -32,7 +33,7 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 11 == 0 {
+        if x.is_multiple_of(11) {
             // Some incompressible bytes, as in binaries.
             out.extend_from_slice(&x.to_le_bytes());
         } else {
@@ -162,6 +163,21 @@ fn median_of(n: usize, mut run: impl FnMut() -> Sample) -> Sample {
     median(&mut samples)
 }
 
+/// The medians of `n` runs of each side, alternating (ossb, peer, ossb, ...), so that a change
+/// of load on a shared machine weighs on both sides alike.
+fn median_pair(
+    n: usize,
+    mut ours: impl FnMut() -> Sample,
+    mut peer: impl FnMut() -> Sample,
+) -> (Sample, Sample) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        a.push(ours());
+        b.push(peer());
+    }
+    (median(&mut a), median(&mut b))
+}
+
 fn size_of(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -196,9 +212,11 @@ fn main() {
         .sum();
     let mib = total as f64 / (1 << 20) as f64;
     println!(
-        "layer write/apply of {} entries, {:.0} MiB (median of 3)",
+        "layer write/apply of {} entries, {:.0} MiB (median of 3, the two sides alternating); \
+         ossb compresses on min(available parallelism = {}, 4) threads",
         changes.len(),
-        mib
+        mib,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let tree_s = tree.to_str().unwrap().to_string();
     let out = |name: &str| work.path().join(name).to_str().unwrap().to_string();
@@ -211,9 +229,9 @@ fn main() {
     let pipeline = |cmd: String| move || measure(Command::new("sh").args(["-c", &cmd]));
 
     let gz = out("ossb.tar.gz");
-    let ossb_gzip = median_of(3, ours("write-gzip", gz.clone()));
-    let pigz = median_of(
+    let (ossb_gzip, pigz) = median_pair(
         3,
+        ours("write-gzip", gz.clone()),
         pipeline(format!(
             "tar -C {tree_s} -cf - . | pigz -6 -p 2 > {}",
             out("peer.tar.gz")
@@ -234,9 +252,9 @@ fn main() {
     );
 
     let zst = out("ossb.tar.zst");
-    let ossb_zstd = median_of(3, ours("write-zstd", zst.clone()));
-    let zstd = median_of(
+    let (ossb_zstd, zstd) = median_pair(
         3,
+        ours("write-zstd", zst.clone()),
         pipeline(format!(
             "tar -C {tree_s} -cf - . | zstd -q -3 -T2 -f -o {}",
             out("peer.tar.zst")
