@@ -12,7 +12,11 @@ fn main() {
         let dir = ctx.join(format!("src/d{d:03}"));
         std::fs::create_dir_all(&dir).unwrap();
         for f in 0..100 {
-            std::fs::write(dir.join(format!("f{f:03}.txt")), format!("file {d}/{f}\n").repeat(20)).unwrap();
+            std::fs::write(
+                dir.join(format!("f{f:03}.txt")),
+                format!("file {d}/{f}\n").repeat(20),
+            )
+            .unwrap();
         }
     }
     std::fs::write(

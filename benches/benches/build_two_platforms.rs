@@ -9,13 +9,19 @@ use ossb_benches::workload::{bench, context_dir, Env, Workload};
 fn main() {
     let env = Env::get();
     if env.var("OSSB_TEST_ARM64") != Some("1") {
-        eprintln!("SKIPPED: arm64 emulation does not work here (scripts/testenv.sh start says why)");
+        eprintln!(
+            "SKIPPED: arm64 emulation does not work here (scripts/testenv.sh start says why)"
+        );
         return;
     }
     let ctx = context_dir("twoplatforms");
     std::fs::create_dir(ctx.join("src")).unwrap();
     for i in 0..20 {
-        std::fs::write(ctx.join(format!("src/m{i}.txt")), format!("module {i}\n").repeat(500)).unwrap();
+        std::fs::write(
+            ctx.join(format!("src/m{i}.txt")),
+            format!("module {i}\n").repeat(500),
+        )
+        .unwrap();
     }
     std::fs::write(
         ctx.join("Dockerfile"),

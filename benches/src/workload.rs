@@ -9,7 +9,7 @@
 //! its storage. Both pull their base image from the local registry of scripts/testenv.sh in a
 //! cold run.
 
-use crate::{median, measure, Sample};
+use crate::{measure, median, Sample};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,7 +41,12 @@ impl Env {
             .lines()
             .filter_map(|l| l.trim().strip_prefix("export "))
             .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').trim_matches('"').to_string()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.trim_matches('\'').trim_matches('"').to_string(),
+                )
+            })
             .collect();
         let ossb = std::env::var_os("OSSB_BIN")
             .map(PathBuf::from)
@@ -75,7 +80,8 @@ impl Env {
         format!(
             "{}/{}",
             self.registry(),
-            self.var("OSSB_TEST_BUSYBOX").unwrap_or("library/busybox:latest")
+            self.var("OSSB_TEST_BUSYBOX")
+                .unwrap_or("library/busybox:latest")
         )
     }
 
@@ -129,7 +135,9 @@ impl Store {
     fn remove(self, builder: Builder) {
         if builder == Builder::Buildah {
             // Unmounts and deletes its overlay layers before the directory goes.
-            let _ = buildah(&self.dir).args(["rmi", "--all", "--force"]).output();
+            let _ = buildah(&self.dir)
+                .args(["rmi", "--all", "--force"])
+                .output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -174,7 +182,13 @@ fn build_command(env: &Env, builder: Builder, w: &Workload, store: &Store) -> Co
             let repo: String = w
                 .name
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
                 .collect();
             let repo = repo
                 .split('-')
