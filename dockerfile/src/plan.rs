@@ -577,6 +577,9 @@ struct Vars {
 }
 
 impl Vars {
+    fn is_env(&self, k: &str) -> bool {
+        self.vars.iter().any(|e| e.0 == k && !e.2)
+    }
     fn set(&mut self, k: &str, v: &str, from_arg: bool) {
         if let Some(e) = self.vars.iter_mut().find(|e| e.0 == k) {
             e.1 = v.to_string();
@@ -1146,15 +1149,19 @@ impl Dispatcher<'_> {
         let args = &node.args;
         let (instruction, created_by) = match cmd.name.as_str() {
             "ENV" | "LABEL" => {
+                // Every pair is expanded with the environment from before the instruction, as
+                // BuildKit does (`ENV a=2 b=$a` gives b the old a).
                 let mut pairs = Vec::new();
                 for c in args.chunks(3) {
                     let k = self.expand(node, &c[0], st)?;
                     let v = self.expand(node, &c[1], st)?;
-                    if cmd.name == "ENV" {
-                        st.vars.set(&k, &v, false);
-                        set_env(&mut st.persisted, &k, &v);
-                    }
                     pairs.push((k, v));
+                }
+                if cmd.name == "ENV" {
+                    for (k, v) in &pairs {
+                        st.vars.set(k, v, false);
+                        set_env(&mut st.persisted, k, v);
+                    }
                 }
                 let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let created = format!("{} {}", cmd.name, text.join(" "));
@@ -1276,6 +1283,12 @@ impl Dispatcher<'_> {
         let mut out = Vec::new();
         let mut texts = Vec::new();
         for (k, default) in arg_pairs(node) {
+            // ARG names are expanded too (`ARG ${name}=value`).
+            let k = if k.contains('$') {
+                self.expand(node, &k, st)?
+            } else {
+                k
+            };
             let value = if let Some(v) = self.opts.build_args.get(&k) {
                 Some(v.clone())
             } else if let Some(d) = default {
@@ -1283,7 +1296,8 @@ impl Dispatcher<'_> {
             } else {
                 self.resolved.globals.get(&k).map(str::to_string)
             };
-            if let Some(v) = &value {
+            // An ENV of the same name wins over the ARG, in expansion and in RUN.
+            if let (Some(v), false) = (&value, st.vars.is_env(&k)) {
                 st.vars.set(&k, v, true);
             }
             st.declared_args.push((k.clone(), value.clone()));
