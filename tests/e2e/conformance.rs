@@ -358,11 +358,6 @@ const COPY_CREATED_DIR_META: &str = "justified: a destination directory created 
 const KNOWN: &[Known] = &[
     // ---- bugs in ossb, reported to the lead
     Known { case: "kaniko/copy", item: "build", kind: Kind::Justified, why: "buildah fails on `COPY context/arr[[]0].txt`: it globs the matched name `arr[0].txt` again; BuildKit and ossb copy it (ossb also accepts a wildcard that matches nothing beside other sources, as BuildKit does)" },
-    Known { case: "own/copy_context", item: "/ctx/hard-1 hardlinks", kind: Kind::Bug, why: "ossb bug: COPY of a directory turns hardlinked context files into separate files; BuildKit (fsutil getLinkSource) and buildah keep the link" },
-    Known { case: "own/copy_context", item: "/ctx/hard-2 hardlinks", kind: Kind::Bug, why: "the same hardlink bug" },
-    Known { case: "own/copy_context", item: "/ctx/xattr.txt xattrs", kind: Kind::Bug, why: "ossb bug: COPY from the context drops the files' extended attributes (user.*); BuildKit's fsutil sends and restores them, buildah keeps them" },
-    Known { case: "own/copy_context", item: "/glob/xattr.txt xattrs", kind: Kind::Bug, why: "the same xattr bug" },
-    Known { case: "own/copy_context", item: "/xattr.txt xattrs", kind: Kind::Bug, why: "the same xattr bug" },
     // ---- justified divergences
     Known { case: "kaniko/env", item: "config Env order", kind: Kind::Justified, why: ENV_ORDER },
     Known { case: "own/env_expansion", item: "config Env order", kind: Kind::Justified, why: ENV_ORDER },

@@ -297,6 +297,9 @@ pub fn copy_into(
         return Err(FsError::DestNotDir(dest.to_string()));
     }
     for (rel, from) in matched {
+        // Hard links are kept within one source's tree, not across sources (as BuildKit copies
+        // each source on its own).
+        w.links.clear();
         let meta = fs::symlink_metadata(&from).map_err(io_err(&from))?;
         if opts.parents {
             // The source's own path is kept below the destination, resolved inside the rootfs
@@ -345,6 +348,9 @@ pub fn copy_into(
 struct Written<'a> {
     rootfs: &'a Path,
     changes: BTreeMap<PathBuf, ChangeKind>,
+    /// Source files with several links, by (device, inode), and where this copy put them
+    /// first: later names become hard links to it, as BuildKit keeps them.
+    links: std::collections::HashMap<(u64, u64), PathBuf>,
 }
 
 impl<'a> Written<'a> {
@@ -352,6 +358,7 @@ impl<'a> Written<'a> {
         Written {
             rootfs,
             changes: BTreeMap::new(),
+            links: std::collections::HashMap::new(),
         }
     }
 
@@ -653,8 +660,66 @@ fn copy_entry(
         lchown(to, Some(uid), Some(gid)).map_err(io_err(to))?;
         return Ok(());
     }
+    if meta.nlink() > 1 {
+        if let Some(first) = w.links.get(&(meta.dev(), meta.ino())) {
+            return fs::hard_link(first, to).map_err(io_err(to));
+        }
+        w.links.insert((meta.dev(), meta.ino()), to.to_path_buf());
+    }
     fs::copy(from, to).map_err(io_err(to))?;
-    apply_metadata(to, meta, own)
+    apply_metadata(to, meta, own)?;
+    // After chown, which clears file capabilities.
+    copy_xattrs(from, to);
+    Ok(())
+}
+
+/// Copies the extended attributes of `from` to `to` (user.*, security.capability and the rest
+/// the kernel lets us set), best effort: a filesystem without xattrs just has none.
+fn copy_xattrs(from: &Path, to: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(src), Ok(dst)) = (
+        std::ffi::CString::new(from.as_os_str().as_bytes()),
+        std::ffi::CString::new(to.as_os_str().as_bytes()),
+    ) else {
+        return;
+    };
+    let mut names = vec![0u8; 4096];
+    // SAFETY: the buffer is valid for its length; the path is NUL-terminated.
+    let n = unsafe { libc::llistxattr(src.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return;
+    }
+    for name in names[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        let Ok(cname) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut value = vec![0u8; 65536];
+        // SAFETY: as above; the name is NUL-terminated.
+        let len = unsafe {
+            libc::lgetxattr(
+                src.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if len < 0 {
+            continue;
+        }
+        // SAFETY: as above; `len` bytes of `value` are initialized.
+        unsafe {
+            libc::lsetxattr(
+                dst.as_ptr(),
+                cname.as_ptr(),
+                value.as_ptr().cast(),
+                len as usize,
+                0,
+            )
+        };
+    }
 }
 
 fn apply_metadata(path: &Path, meta: &fs::Metadata, own: &CopyOptions) -> Result<(), FsError> {
