@@ -6,14 +6,75 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ossb_coordinator::{BuildResult, Event, Progress};
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
 
-use crate::args::ProgressMode;
+use ossb_coordinator::{BuildError, BuildRequest, BuildResult, Event, Progress};
+
+use crate::args::{Extras, ProgressMode};
+
+/// Logging to stderr, filtered by `OSSB_LOG` (default `warn`); colours only on a terminal, so a
+/// CI log or `kubectl logs` gets plain text.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+/// A build in progress, borrowing the request and the display.
+pub type BuildFuture<'b> = Pin<Box<dyn Future<Output = Result<BuildResult, BuildError>> + 'b>>;
+
+/// Runs a build (local or on a cluster) on a fresh runtime with the display `extras` asks for,
+/// then writes `--iidfile`/`--metadata-file` and the summary, or the error; returns the exit
+/// code (0, 1, or 2 for bad usage or a bad Dockerfile).
+pub fn run_to_exit(
+    request: &BuildRequest,
+    extras: &Extras,
+    build: impl for<'b> FnOnce(&'b BuildRequest, &'b dyn Display) -> BuildFuture<'b>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let display = for_mode(extras.progress);
+    let display = display.as_ref();
+    let started = std::time::Instant::now();
+    match runtime.block_on(build(request, display)) {
+        Ok(result) => {
+            if let Err(e) = extras.write_files(request, &result) {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+            display.summary(&result, started.elapsed());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            display.finish();
+            eprintln!("error: {e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
 
 /// A progress sink that can also print the closing summary.
 pub trait Display: Progress {
     /// Prints what was built.
     fn summary(&self, result: &BuildResult, elapsed: Duration);
+
+    /// Clears anything drawn in place (the tty status line) before an error is printed.
+    fn finish(&self) {}
 }
 
 /// The display for `mode`: `auto` is tty on a terminal and plain otherwise (so `kubectl logs`
@@ -168,6 +229,13 @@ impl Progress for Tty {
 }
 
 impl Display for Tty {
+    fn finish(&self) {
+        self.inner.lock().done = true;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[K");
+        let _ = err.flush();
+    }
+
     fn summary(&self, result: &BuildResult, elapsed: Duration) {
         self.inner.lock().done = true;
         self.inner.redraw(None);

@@ -9,7 +9,6 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ossb_coordinator::BuildError;
 use ossb_worker::{sandbox, userns};
 
 use crate::args::{default_cache_dir, BuildArgs, CacheCommand, Cli, Command, DebugCommand};
@@ -96,61 +95,20 @@ fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    // Colours only on a terminal: a CI log or `kubectl logs` gets plain text.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
-
 fn run_build(args: BuildArgs) -> ExitCode {
-    init_logging();
+    display::init_logging();
     // One CryptoProvider for every TLS user in the process (reqwest now, quinn later).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let request = match args.into_request() {
+    let (request, extras) = match args.into_request() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let (request, extras) = request;
-    let display = display::for_mode(extras.progress);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let started = std::time::Instant::now();
-    let result = runtime.block_on(ossb_coordinator::build(&request, display.as_ref()));
-    match result {
-        Ok(result) => {
-            if let Err(e) = extras.write_files(&request, &result) {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
-            display.summary(&result, started.elapsed());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {}", error_text(&e));
-            exit(e.exit_code())
-        }
-    }
-}
-
-fn error_text(e: &BuildError) -> String {
-    e.to_string()
+    display::run_to_exit(&request, &extras, |request, display| {
+        Box::pin(ossb_coordinator::build(request, display))
+    })
 }
 
 fn debug_parse(file: &str) -> ExitCode {

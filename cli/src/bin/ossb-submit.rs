@@ -38,13 +38,7 @@ struct SubmitArgs {
 
 fn main() -> ExitCode {
     let args = SubmitArgs::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    display::init_logging();
     // The one CryptoProvider of the process (quinn's TLS and the peer cache use it).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (request, extras) = match args.build.into_request() {
@@ -58,31 +52,7 @@ fn main() -> ExitCode {
         coordinator: args.coordinator,
         tls_dir: args.tls_dir,
     };
-    let display = display::for_mode(extras.progress);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let started = std::time::Instant::now();
-    match runtime.block_on(submit(&request, &config, display.as_ref())) {
-        Ok(result) => {
-            if let Err(e) = extras.write_files(&request, &result) {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
-            display.summary(&result, started.elapsed());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            drop(display);
-            eprintln!("error: {e}");
-            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
-        }
-    }
+    display::run_to_exit(&request, &extras, move |request, display| {
+        Box::pin(async move { submit(request, &config, display).await })
+    })
 }
