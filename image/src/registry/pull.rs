@@ -72,6 +72,35 @@ impl Registry {
         self.pull_from(&origin, reference, platform, store).await
     }
 
+    /// Resolves `reference` for `platform` to its manifest (stored, with the index it was
+    /// chosen from) without fetching the config or the layers, through a mirror first as
+    /// [`Registry::pull`] does: a cluster worker learns which blobs an image needs and looks
+    /// for them in its peer cache before the pull.
+    pub async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+        store: &BlobStore,
+    ) -> Result<(Digest, Manifest), RegistryError> {
+        let origin = Repo::of(reference);
+        let registry = super::auth::normalize_host(&origin.host);
+        for mirror in self
+            .config()
+            .mirrors
+            .iter()
+            .filter(|m| m.registry == registry)
+        {
+            let via = Repo {
+                host: mirror.mirror.clone(),
+                repository: origin.repository.clone(),
+            };
+            if let Ok(resolved) = self.resolve_from(&via, reference, platform, store).await {
+                return Ok(resolved);
+            }
+        }
+        self.resolve_from(&origin, reference, platform, store).await
+    }
+
     async fn pull_from(
         &self,
         repo: &Repo,
@@ -79,6 +108,38 @@ impl Registry {
         platform: &Platform,
         store: &BlobStore,
     ) -> Result<PulledImage, RegistryError> {
+        let (digest, manifest) = self.resolve_from(repo, reference, platform, store).await?;
+        self.fetch_blob(repo, reference, &manifest.config, store)
+            .await?;
+        let config: ImageConfig = parse(
+            repo,
+            reference,
+            "image config",
+            &store.read(&manifest.config.digest)?,
+        )?;
+        if config.platform() != *platform {
+            return Err(RegistryError::PlatformMissing {
+                reference: reference.whole(),
+                wanted: platform.clone(),
+                available: vec![config.platform().to_string()],
+            });
+        }
+        self.fetch_blobs(repo, reference, &manifest.layers, store)
+            .await?;
+        Ok(PulledImage {
+            manifest_digest: digest,
+            manifest,
+            config,
+        })
+    }
+
+    async fn resolve_from(
+        &self,
+        repo: &Repo,
+        reference: &Reference,
+        platform: &Platform,
+        store: &BlobStore,
+    ) -> Result<(Digest, Manifest), RegistryError> {
         let tag_or_digest = reference
             .digest()
             .or(reference.tag())
@@ -118,28 +179,7 @@ impl Registry {
         }
         let manifest: Manifest = parse(repo, reference, "manifest", &chosen.bytes)?;
         store.put(&chosen.bytes)?;
-        self.fetch_blob(repo, reference, &manifest.config, store)
-            .await?;
-        let config: ImageConfig = parse(
-            repo,
-            reference,
-            "image config",
-            &store.read(&manifest.config.digest)?,
-        )?;
-        if config.platform() != *platform {
-            return Err(RegistryError::PlatformMissing {
-                reference: reference.whole(),
-                wanted: platform.clone(),
-                available: vec![config.platform().to_string()],
-            });
-        }
-        self.fetch_blobs(repo, reference, &manifest.layers, store)
-            .await?;
-        Ok(PulledImage {
-            manifest_digest: chosen.digest,
-            manifest,
-            config,
-        })
+        Ok((chosen.digest, manifest))
     }
 
     /// Fetches several blobs at once (at most [`super::RegistryConfig::parallel_blobs`]).
