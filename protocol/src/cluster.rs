@@ -92,6 +92,12 @@ pub enum ClusterMessage {
         /// Its size.
         size: u64,
     },
+    /// The coordinator withdraws a task (a sibling task of its build failed, or the client
+    /// left): the worker stops it and sends nothing more about it.
+    CancelTask {
+        /// The task.
+        task: u64,
+    },
 }
 
 /// A build as the client asked for it, without the local paths (the context is sent by
@@ -134,6 +140,36 @@ pub struct BuildSpec {
     pub source_date_epoch: Option<i64>,
     /// The context, file by file.
     pub context: Vec<ContextEntry>,
+    /// `--build-context NAME=DIR`: each named context, file by file (its files travel as
+    /// blobs, as the main context's do).
+    pub build_contexts: Vec<(String, Vec<ContextEntry>)>,
+    /// `--secret`: the secrets' bytes. Only in memory on the coordinator, never in a build
+    /// record or a log (their `Debug` hides them); a worker writes them to 0600 files in the
+    /// task's directory, removed when the task ends.
+    pub secrets: Vec<Secret>,
+    /// `--registry-certificate HOST:PORT=CAFILE`: the CA certificates (PEM) by registry host.
+    pub registry_certificates: Vec<(String, String)>,
+}
+
+/// A build secret (`--secret id=ID,src=PATH`): its id and bytes. `Debug` shows the id and the
+/// length only, so a logged message never carries the bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    /// The id `RUN --mount=type=secret,id=ID` names.
+    pub id: String,
+    /// The content.
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Secret {{ id: {:?}, value: <{} bytes hidden> }}",
+            self.id,
+            self.value.len()
+        )
+    }
 }
 
 /// One entry of the build context, relative to its root.
@@ -210,6 +246,23 @@ pub struct PlatformOutcome {
     pub cached: u64,
     /// References pushed by digest.
     pub pushed: Vec<String>,
+    /// Where the base images' blobs came from.
+    pub inputs: InputStats,
+}
+
+/// Where a task's input blobs (base image configs and layers) came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputStats {
+    /// Blobs the worker's own store held.
+    pub local_blobs: u64,
+    /// Blobs fetched from the peer cache.
+    pub peer_blobs: u64,
+    /// Their bytes.
+    pub peer_bytes: u64,
+    /// Blobs pulled from a registry (then published to the peer cache).
+    pub registry_blobs: u64,
+    /// Their bytes.
+    pub registry_bytes: u64,
 }
 
 /// Why a task or build failed.

@@ -30,8 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Digest;
 
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks. 2: build specs carry named contexts, secrets and
+/// registry CAs; task outcomes carry input statistics; tasks can be cancelled.
+pub const VERSION: u16 = 2;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,7 @@ struct Cluster {
     coordinator: String,
     metrics: String,
     docker_config: String,
+    peers: String,
 }
 
 impl Drop for Cluster {
@@ -80,8 +81,19 @@ fn certs_init(dir: &Path) {
     );
 }
 
+/// The workers of [`Cluster::start`]: a native amd64 one and an amd64 one that emulates arm64.
+const DEFAULT_WORKERS: &[(&str, &[&str])] = &[
+    ("amd64-native", &[]),
+    ("amd64-emulating-arm64", &["--emulate", "linux/arm64"]),
+];
+
 impl Cluster {
     fn start(env: &TestEnv) -> Cluster {
+        Cluster::start_with(env, DEFAULT_WORKERS)
+    }
+
+    /// A cluster whose workers (all native amd64) are `workers`: (name, extra arguments).
+    fn start_with(env: &TestEnv, workers: &[(&str, &[&str])]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("ossb-cluster-")
             .tempdir()
@@ -98,10 +110,12 @@ impl Cluster {
             coordinator: coordinator.clone(),
             metrics: metrics.clone(),
             docker_config: env.var("DOCKER_CONFIG"),
+            peers: String::new(),
         };
         let peers: Vec<String> = (0..2)
             .map(|_| format!("127.0.0.1:{}", free_udp_port()))
             .collect();
+        cluster.peers = peers.join(",");
         for (i, listen) in peers.iter().enumerate() {
             let data = dir.join(format!("cache{i}"));
             cluster.spawn(
@@ -120,37 +134,52 @@ impl Cluster {
             );
         }
         cluster.spawn_coordinator();
-        let peer_list = peers.join(",");
-        for (name, extra) in [
-            ("amd64-native", &[][..]),
-            ("amd64-emulating-arm64", &["--emulate", "linux/arm64"][..]),
-        ] {
-            let work = dir.join(name);
-            let mut args = vec![
-                "worker",
-                "--coordinator",
-                &coordinator,
-                "--platform",
-                "linux/amd64",
-                "--work-dir",
-                work.to_str().unwrap(),
-                "--tls-dir",
-                tls.to_str().unwrap(),
-                "--cache-peers",
-                &peer_list,
-                "--name",
-                name,
-                "--slots",
-                "2",
-            ];
-            args.extend_from_slice(extra);
-            cluster.spawn(name, &args);
+        for (name, extra) in workers {
+            cluster.spawn_worker(name, extra);
         }
-        cluster.wait_for_metrics(|m| {
-            m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 2")
-                && m.contains("ossb_workers{platform=\"linux/arm64\",mode=\"emulated\"} 1")
-        });
+        let emulating = workers
+            .iter()
+            .filter(|(_, extra)| extra.contains(&"linux/arm64"))
+            .count();
+        let (native, emulated) = (
+            format!(
+                "ossb_workers{{platform=\"linux/amd64\",mode=\"native\"}} {}",
+                workers.len()
+            ),
+            format!("ossb_workers{{platform=\"linux/arm64\",mode=\"emulated\"}} {emulating}"),
+        );
         cluster
+            .wait_for_metrics(|m| m.contains(&native) && (emulating == 0 || m.contains(&emulated)));
+        cluster
+    }
+
+    /// Starts a native amd64 worker with 2 slots and `extra` arguments.
+    fn spawn_worker(&mut self, name: &str, extra: &[&str]) {
+        let work = self.dir.join(name);
+        let (coordinator, tls, peers) = (
+            self.coordinator.clone(),
+            self.tls.clone(),
+            self.peers.clone(),
+        );
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &coordinator,
+            "--platform",
+            "linux/amd64",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--cache-peers",
+            &peers,
+            "--name",
+            name,
+            "--slots",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        self.spawn(name, &args);
     }
 
     fn spawn_coordinator(&mut self) {
@@ -261,6 +290,23 @@ impl Cluster {
             .map(|(_, c)| c.id())
             .unwrap_or_else(|| panic!("no process {name}"))
     }
+}
+
+/// The value of the sample `name_and_labels` (exactly as /metrics writes it) in `text`.
+fn sample(text: &str, name_and_labels: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The sum of every sample of `name` whose labels contain `label`.
+fn sum_of(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn index_digest(raw: &str) -> String {
@@ -590,5 +636,334 @@ fn builds_lost_in_a_coordinator_restart_are_reported_failed() {
     assert!(
         text.contains("the build was lost: the coordinator restarted"),
         "{text}"
+    );
+}
+
+/// A platform no worker builds, natively or emulated, fails the build after the grace period
+/// (not forever), naming the platform and the workers there are; the build's other task,
+/// already running, is cancelled with it (its RUN process killed) instead of running on.
+#[test]
+fn a_platform_no_worker_builds_fails_fast_and_cancels_the_sibling_task() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start(&env);
+    let reg = env.registry();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("cancel");
+    let dockerfile = format!(
+        "FROM {}\nRUN echo \"start-{marker}\" && sleep 120\n",
+        busybox(&env)
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let t = Instant::now();
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64,linux/riscv64",
+                "--insecure-registry",
+                &reg,
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let elapsed = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{}", cluster.logs());
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "the build took {elapsed:?} to fail\n{stderr}"
+    );
+    for want in [
+        "no worker can build linux/riscv64",
+        "amd64-native (linux/amd64)",
+        "amd64-emulating-arm64 (linux/amd64; emulates linux/arm64)",
+        "--emulate linux/riscv64",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in\n{stderr}");
+    }
+    // The amd64 task had started its RUN when the build failed: it was cancelled, and its
+    // process is gone.
+    assert!(
+        stderr.contains("linux/amd64 cancelled: linux/riscv64 failed"),
+        "{stderr}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = Command::new("pgrep")
+            .args(["-f", &format!("start-{marker}")])
+            .output()
+            .unwrap();
+        if !left.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled RUN still runs: {}\n{}",
+            String::from_utf8_lossy(&left.stdout),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let metrics = cluster.metrics_text();
+    for line in [
+        "ossb_tasks_unschedulable_total 1",
+        "ossb_tasks_cancelled_total 1",
+        "ossb_builds_finished_total{status=\"failed\"} 1",
+        "ossb_builds_running 0",
+        "ossb_tasks_queued 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    let worker_logs = ["amd64-native", "amd64-emulating-arm64"]
+        .iter()
+        .map(|n| std::fs::read_to_string(cluster.dir.join(format!("{n}.log"))).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        worker_logs.contains("task cancelled by the coordinator"),
+        "{}",
+        cluster.logs()
+    );
+}
+
+/// Builds `FROM busybox` + `RUN run` for linux/amd64 on the cluster; returns the client's log.
+fn build_on(cluster: &Cluster, env: &TestEnv, work: &Path, name: &str, run: &str) -> String {
+    let reg = env.registry();
+    let dir = work.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let ctx = crate::support::context(&dir, &format!("FROM {}\nRUN {run}\n", busybox(env)), &[]);
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &reg,
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    stderr
+}
+
+/// A second, different Dockerfile on the same base, built by another worker: the base image's
+/// config and layers come from the peer cache (the first worker published what it pulled), 0
+/// bytes from the registry; the coordinator's /metrics prove it.
+#[test]
+fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_registry() {
+    let Some(env) = TestEnv::get() else { return };
+    let mut cluster = Cluster::start_with(&env, &[("amd64-a", &[])]);
+    let work = tempfile::tempdir().unwrap();
+    let first = build_on(&cluster, &env, work.path(), "one", "echo one > /one");
+    assert!(
+        first.contains("linux/amd64 scheduled on worker amd64-a"),
+        "{first}"
+    );
+    // The second worker replaces the first, which dies.
+    cluster.spawn_worker("amd64-b", &[]);
+    kill_group(cluster.pid_of("amd64-a"));
+    cluster.wait_for_metrics(|m| {
+        m.contains("ossb_workers_lost_total 1")
+            && m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1")
+    });
+    let second = build_on(&cluster, &env, work.path(), "two", "echo two > /two");
+    assert!(
+        second.contains("linux/amd64 scheduled on worker amd64-b"),
+        "{second}"
+    );
+    assert!(second.contains("0 to pull from registries"), "{second}");
+    let m = cluster.metrics_text();
+    let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
+    let pulled = get("ossb_input_bytes_total{worker=\"amd64-a\",source=\"registry\"}");
+    assert!(pulled > 0, "{m}");
+    assert_eq!(
+        get("ossb_input_bytes_total{worker=\"amd64-b\",source=\"registry\"}"),
+        0,
+        "{m}"
+    );
+    assert_eq!(
+        get("ossb_input_blobs_total{worker=\"amd64-b\",source=\"registry\"}"),
+        0,
+        "{m}"
+    );
+    assert_eq!(
+        get("ossb_input_bytes_total{worker=\"amd64-b\",source=\"peer\"}"),
+        pulled,
+        "the second worker fetched from its peers what the first pulled\n{m}"
+    );
+    assert!(get("ossb_input_blobs_total{worker=\"amd64-b\",source=\"peer\"}") >= 2);
+}
+
+/// The same build submitted by two clients at once: its steps run once in the cluster (one
+/// task waits for the other, then takes every step from the cache of the worker that ran it).
+#[test]
+fn the_same_build_from_two_clients_at_once_runs_its_steps_once() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start(&env);
+    let reg = env.registry();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("twice");
+    let dockerfile = format!(
+        "FROM {}\nCOPY a.txt /a.txt\nRUN echo \"ran-{marker}\" && sleep 3 && cp /a.txt /b.txt\nRUN echo second > /c.txt\n",
+        busybox(&env)
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[("a.txt", "a")]);
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let log = work.path().join(format!("client{i}.log"));
+            let child = cluster
+                .submit(
+                    &cluster.tls,
+                    &[
+                        "--platform",
+                        "linux/amd64",
+                        "--insecure-registry",
+                        &reg,
+                        ctx.to_str().unwrap(),
+                    ],
+                )
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (log, child)
+        })
+        .collect();
+    let mut ran = 0;
+    let mut waited = 0;
+    for (log, mut child) in clients {
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{text}\n{}", cluster.logs());
+        // The RUN's own output (not its echoed command line) is shown where it ran.
+        if text.lines().any(|l| l.ends_with(&format!(" ran-{marker}"))) {
+            ran += 1;
+        }
+        if text.contains("an identical build runs on worker") {
+            waited += 1;
+        }
+    }
+    assert_eq!((ran, waited), (1, 1), "{}", cluster.logs());
+    let m = cluster.metrics_text();
+    let run = sum_of(&m, "ossb_steps_total", "result=\"run\"");
+    let cached = sum_of(&m, "ossb_steps_total", "result=\"cached\"");
+    assert!(run > 0, "{m}");
+    assert_eq!(run, cached, "the second build ran nothing\n{m}");
+    assert!(m.contains("ossb_tasks_waited_identical_total 1"), "{m}");
+}
+
+/// Secrets, named build contexts and a registry CA travel to the cluster: a base from the TLS
+/// registry (its CA given with --registry-certificate) is pulled by the worker, and the image
+/// pushed there; the RUN reads the secret, COPY --from reads the named context. The secret's
+/// bytes are in no layer, no log, no build record, and the task's files are gone afterwards.
+#[test]
+fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start_with(&env, &[("amd64-a", &[])]);
+    let tls = env.tls_registry();
+    let work = tempfile::tempdir().unwrap();
+    let secret = format!("hunter2-{}", unique("secret"));
+    let secret_file = work.path().join("token");
+    std::fs::write(&secret_file, &secret).unwrap();
+    let extra = work.path().join("extra");
+    std::fs::create_dir(&extra).unwrap();
+    std::fs::write(extra.join("named.txt"), "from the named context\n").unwrap();
+    let dockerfile = format!(
+        "FROM {tls}/{}\nRUN --mount=type=secret,id=tok sha256sum /run/secrets/tok | cut -d' ' -f1 > /tok.sum\nCOPY --from=extra named.txt /named.txt\n",
+        env.var("OSSB_TEST_BUSYBOX")
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let image = format!("{tls}/private/{}:1.0", unique("cluster-secret"));
+    let rootfs = work.path().join("rootfs");
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--registry-certificate",
+                &format!("{tls}={}", env.var("OSSB_TEST_CA")),
+                "--secret",
+                &format!("id=tok,src={}", secret_file.display()),
+                "--build-context",
+                &format!("extra={}", extra.display()),
+                "-t",
+                &image,
+                "--push",
+                "--output",
+                &format!("type=local,dest={}", rootfs.display()),
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ossb-submit failed ({:?}):\n{stderr}\n{}",
+        out.status.code(),
+        cluster.logs()
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tok.sum"))
+            .unwrap()
+            .trim(),
+        crate::sha256_hex(secret.as_bytes())
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("named.txt")).unwrap(),
+        "from the named context\n"
+    );
+    assert!(!rootfs.join("run/secrets/tok").exists());
+    let creds = format!(
+        "{}:{}",
+        env.var("OSSB_TEST_USER"),
+        env.var("OSSB_TEST_PASSWORD")
+    );
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--creds",
+            &creds,
+            "--cert-dir",
+            &env.var("OSSB_TEST_CERT_DIR"),
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect of the image pushed through the cluster");
+    assert!(
+        !stderr.contains(&secret),
+        "the secret was printed:\n{stderr}"
+    );
+    // Nothing the cluster wrote (logs, build records, caches, peer cache blobs) holds the
+    // secret, and the task's directory (with the secret's file) is gone.
+    let mut stack = vec![cluster.dir.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds the secret",
+                    path.display()
+                );
+            }
+        }
+    }
+    let tasks = cluster.dir.join("amd64-a/tasks");
+    assert_eq!(
+        std::fs::read_dir(&tasks).unwrap().count(),
+        0,
+        "task directories left in {}",
+        tasks.display()
     );
 }

@@ -3,7 +3,9 @@
 //! The client lists its context ([`scan`]): directories, symlinks, and files named by their
 //! sha256, leaving out what `.dockerignore` excludes. Only files the coordinator lacks are
 //! uploaded; a worker fetches only files it lacks and lays the context out again
-//! ([`materialize`]) before running the engine on it.
+//! ([`materialize`]) before running the engine on it. Named contexts (`--build-context`)
+//! travel the same way; secrets and registry CAs travel as bytes in the spec and are written
+//! to files of the task's directory on the worker ([`TaskFiles`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_image::store::BlobStore;
-use ossb_protocol::cluster::{BuildSpec, ContextEntry, EntryKind};
+use ossb_protocol::cluster::{BuildSpec, ContextEntry, EntryKind, Secret};
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
 
@@ -33,6 +35,27 @@ pub fn scan(req: &BuildRequest) -> Result<(Vec<ContextEntry>, BTreeMap<Digest, P
     let mut files = BTreeMap::new();
     walk(&req.context, "", ignore.as_ref(), &mut entries, &mut files)?;
     Ok((entries, files))
+}
+
+/// The named contexts of `req` (`--build-context NAME=DIR`) as entries, adding where each
+/// file's content is to `files`. Like `ossb build`, no `.dockerignore` applies to them.
+pub fn scan_named(
+    req: &BuildRequest,
+    files: &mut BTreeMap<Digest, PathBuf>,
+) -> Result<Vec<(String, Vec<ContextEntry>)>, String> {
+    let mut out = Vec::new();
+    for (name, dir) in &req.build_contexts {
+        if !dir.is_dir() {
+            return Err(format!(
+                "--build-context {name}={}: not a directory",
+                dir.display()
+            ));
+        }
+        let mut entries = Vec::new();
+        walk(dir, "", None, &mut entries, files)?;
+        out.push((name.clone(), entries));
+    }
+    Ok(out)
 }
 
 fn walk(
@@ -113,6 +136,17 @@ pub fn file_digests(entries: &[ContextEntry]) -> Vec<Digest> {
     out
 }
 
+/// The file digests of a build's main and named contexts.
+pub fn all_file_digests(spec: &BuildSpec) -> Vec<Digest> {
+    let mut out = file_digests(&spec.context);
+    for (_, entries) in &spec.build_contexts {
+        out.extend(file_digests(entries));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Lays the context out in `dest` (an empty directory) from the files in `store`. Paths that
 /// would leave `dest` are refused.
 pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> Result<(), String> {
@@ -151,21 +185,35 @@ pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> 
     Ok(())
 }
 
-/// The spec of `req` to send to the coordinator, with the scanned context.
-pub fn spec_of(req: &BuildRequest, context: Vec<ContextEntry>) -> Result<BuildSpec, BuildError> {
-    if !req.secrets.is_empty() {
-        return Err(BuildError::Usage(
-            "--secret is not sent to a build cluster yet; build with `ossb build` instead".into(),
-        ));
+/// The spec of `req` to send to the coordinator, with the scanned contexts. Secrets and
+/// registry CA files are read here: their bytes travel (over mutual TLS) in the spec.
+pub fn spec_of(
+    req: &BuildRequest,
+    context: Vec<ContextEntry>,
+    build_contexts: Vec<(String, Vec<ContextEntry>)>,
+) -> Result<BuildSpec, BuildError> {
+    let mut secrets = Vec::new();
+    for (id, path) in &req.secrets {
+        let value = std::fs::read(path).map_err(|e| {
+            BuildError::Usage(format!(
+                "--secret id={id}: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        secrets.push(Secret {
+            id: id.clone(),
+            value,
+        });
     }
-    if !req.build_contexts.is_empty() {
-        return Err(BuildError::Usage(
-            "--build-context is not sent to a build cluster yet; build with `ossb build` instead"
-                .into(),
-        ));
-    }
-    if !req.registry.certificates.is_empty() {
-        return Err(BuildError::Usage("--registry-certificate is not sent to a build cluster: the cluster's workers trust their own CAs".into()));
+    let mut registry_certificates = Vec::new();
+    for (host, path) in &req.registry.certificates {
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            BuildError::Usage(format!(
+                "--registry-certificate {host}={}: cannot read it: {e}",
+                path.display()
+            ))
+        })?;
+        registry_certificates.push((host.clone(), pem));
     }
     Ok(BuildSpec {
         dockerfile: req.dockerfile.clone(),
@@ -196,6 +244,9 @@ pub fn spec_of(req: &BuildRequest, context: Vec<ContextEntry>) -> Result<BuildSp
         oci_media_types: req.media_types == MediaTypes::Oci,
         source_date_epoch: req.source_date_epoch,
         context,
+        build_contexts,
+        secrets,
+        registry_certificates,
     })
 }
 
@@ -209,6 +260,74 @@ pub struct TaskPlace {
     pub sandbox_exe: PathBuf,
     /// How RUN steps are isolated.
     pub isolation: Isolation,
+    /// The files written for the task (named contexts, secrets, registry CAs).
+    pub files: TaskFiles,
+}
+
+/// What a task needs on the worker's disk besides its context: the named contexts laid out,
+/// the secrets and the registry CAs as files. Lives in the task's directory, which is removed
+/// when the task ends.
+#[derive(Clone, Debug, Default)]
+pub struct TaskFiles {
+    /// Named contexts by name.
+    pub build_contexts: BTreeMap<String, PathBuf>,
+    /// Secret files by id (mode 0600).
+    pub secrets: BTreeMap<String, PathBuf>,
+    /// Registry CA files by host.
+    pub certificates: Vec<(String, PathBuf)>,
+}
+
+impl TaskFiles {
+    /// Writes what `spec` carries under `dir` (an empty directory only this process reads),
+    /// laying named contexts out from `store`.
+    pub fn write(spec: &BuildSpec, store: &BlobStore, dir: &Path) -> Result<TaskFiles, String> {
+        let mut files = TaskFiles::default();
+        for (i, (name, entries)) in spec.build_contexts.iter().enumerate() {
+            // Named by position: a context's name is the user's text, not a safe file name.
+            let dest = dir.join(format!("context-{i}"));
+            std::fs::create_dir_all(&dest)
+                .map_err(|e| format!("creating {}: {e}", dest.display()))?;
+            materialize(entries, store, &dest).map_err(|e| format!("named context {name}: {e}"))?;
+            files.build_contexts.insert(name.clone(), dest);
+        }
+        if !spec.secrets.is_empty() || !spec.registry_certificates.is_empty() {
+            let private = dir.join("private");
+            create_private_dir(&private)?;
+            for (i, secret) in spec.secrets.iter().enumerate() {
+                let path = private.join(format!("secret-{i}"));
+                write_private(&path, &secret.value)?;
+                files.secrets.insert(secret.id.clone(), path);
+            }
+            for (i, (host, pem)) in spec.registry_certificates.iter().enumerate() {
+                let path = private.join(format!("ca-{i}.crt"));
+                write_private(&path, pem.as_bytes())?;
+                files.certificates.push((host.clone(), path));
+            }
+        }
+        Ok(files)
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))
+}
+
+/// Writes a file only its owner can read (0600 from its creation, never wider).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    file.write_all(bytes)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// The engine's request for one platform of `spec`, with no output: the worker pushes by
@@ -228,7 +347,7 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         no_cache: spec.no_cache,
         cache_from: spec.cache_from.clone(),
         cache_to: spec.cache_to.clone(),
-        registry: registry_options(spec),
+        registry: registry_options(spec, &place.files.certificates),
         registry_config: registry_config(spec),
         compression: match spec.compression.as_str() {
             "zstd" => Compression::Zstd,
@@ -239,16 +358,17 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         source_date_epoch: spec.source_date_epoch,
         sandbox_exe: place.sandbox_exe,
         isolation: place.isolation,
-        secrets: BTreeMap::new(),
-        build_contexts: BTreeMap::new(),
+        secrets: place.files.secrets,
+        build_contexts: place.files.build_contexts,
     }
 }
 
-/// The registry hosts of `spec` spoken to over HTTP.
-pub fn registry_options(spec: &BuildSpec) -> RegistryOptions {
+/// The registry hosts of `spec` spoken to over HTTP, and the CA files (written from the
+/// spec's certificates by [`TaskFiles::write`]) of those with their own CA.
+pub fn registry_options(spec: &BuildSpec, certificates: &[(String, PathBuf)]) -> RegistryOptions {
     RegistryOptions {
         insecure: spec.insecure_registries.clone(),
-        certificates: Vec::new(),
+        certificates: certificates.to_vec(),
     }
 }
 
@@ -304,6 +424,7 @@ mod tests {
                     cache_dir: dir.path().join("cache"),
                     sandbox_exe: PathBuf::new(),
                     isolation: Isolation::Auto,
+                    files: TaskFiles::default(),
                 },
             )
         };

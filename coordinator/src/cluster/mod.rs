@@ -16,9 +16,11 @@
 //!   events with the caller's [`Progress`], and downloads the result from the peer cache for
 //!   `--output type=oci|docker|local`.
 //!
-//! Scheduling unit: one platform of one build. Not yet: per-stage scheduling, cluster-wide
-//! deduplication of identical cache keys, base-image layers fetched from the peer cache before
-//! the registry (the peer cache receives every blob a worker builds already).
+//! Scheduling unit: one platform of one build; identical tasks run once (the others wait and
+//! then hit the step cache of the worker that built it). Workers look for base-image blobs in
+//! their store, then the peer cache, then the registry, and publish what they pulled and what
+//! they built to the peer cache. Not yet: per-stage scheduling, deduplication of steps shared
+//! by tasks that differ (that needs the engine's step cache to be cluster-wide).
 
 pub mod context;
 pub mod records;
@@ -40,6 +42,10 @@ use crate::progress::Event;
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence after which a worker counts as lost and its tasks are scheduled again.
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a task waits for a worker that can build its platform (natively or emulated) to
+/// register before its build fails, counted from when it was queued or the coordinator
+/// started, whichever is later.
+pub const NO_WORKER_GRACE: Duration = Duration::from_secs(10);
 /// Time allowed to dial a node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

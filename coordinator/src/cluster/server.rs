@@ -10,27 +10,34 @@
 //! native worker of that platform is registered does it go to one that emulates it. Among the
 //! candidates with a free slot, the one that already fetched most of the build's context files
 //! wins. A worker silent for [`super::WORKER_TIMEOUT`] is dropped and its tasks are queued
-//! again at the front.
+//! again at the front. A task no registered worker can build (no native worker of its platform
+//! and none that emulates it) fails after [`super::NO_WORKER_GRACE`], naming the workers the
+//! cluster has; a task that fails for good cancels the other tasks of its build.
+//!
+//! Identical tasks (same platform, Dockerfile, arguments and context: the same cache keys) run
+//! once: while one runs, the others wait, then go to the worker that built it, whose step
+//! cache answers every step. Steps shared by tasks that are not identical (a common prefix)
+//! are not deduplicated across workers yet: that needs the engine's step cache in the cluster.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ossb_image::oci::{self, Descriptor, Index};
 use ossb_image::registry::{parse_reference, Registry};
 use ossb_image::store::BlobStore;
 use ossb_net::{Identity, Role};
 use ossb_protocol::cluster::{
-    BuildEvent, BuildOutcome, BuildSpec, BuiltImage, ClusterMessage, Failure, PlatformOutcome,
-    TaskSpec, WorkerInfo,
+    BuildEvent, BuildOutcome, BuildSpec, BuiltImage, ClusterMessage, Failure, InputStats,
+    PlatformOutcome, TaskSpec, WorkerInfo,
 };
 use ossb_protocol::{Digest, Platform};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::context::{file_digests, media_types, registry_config, registry_options};
+use super::context::{all_file_digests, media_types, registry_config, registry_options, TaskFiles};
 use super::records::{Record, Records, Status};
 use super::{local_err, recv, recv_blob_bytes, send, send_blob_bytes, send_error, ClusterError};
 
@@ -57,6 +64,12 @@ struct Task {
     done: Option<oneshot::Sender<TaskResult>>,
     /// The build's context files (for placement by locality).
     context: Vec<Digest>,
+    /// What makes identical tasks identical (see [`task_key`]); `None` with `--no-cache`.
+    key: Option<Digest>,
+    /// When it was queued (for the grace period of a platform no worker builds).
+    queued_at: Instant,
+    /// The client was told it waits (for a worker of its platform, for an identical task).
+    told: bool,
 }
 
 struct Worker {
@@ -80,6 +93,12 @@ struct Counters {
     context_bytes_served: u64,
     tasks_rescheduled: u64,
     workers_lost: u64,
+    tasks_cancelled: u64,
+    tasks_unschedulable: u64,
+    /// Tasks that waited for an identical task instead of running beside it.
+    tasks_waited_identical: u64,
+    /// Where the workers' input blobs came from, by worker.
+    inputs: BTreeMap<String, InputStats>,
 }
 
 #[derive(Default)]
@@ -89,6 +108,10 @@ struct Inner {
     tasks: HashMap<u64, Task>,
     next_id: u64,
     counters: Counters,
+    /// Task keys being built, and the task building each.
+    building: HashMap<Digest, u64>,
+    /// The worker that last built each task key (its step cache holds the steps).
+    built_on: HashMap<Digest, u64>,
 }
 
 struct State {
@@ -96,6 +119,8 @@ struct State {
     wake: Notify,
     store: BlobStore,
     records: Records,
+    /// Workers need a moment to register after a coordinator starts.
+    started: Instant,
 }
 
 impl State {
@@ -140,6 +165,7 @@ impl Coordinator {
             wake: Notify::new(),
             store,
             records,
+            started: Instant::now(),
         });
         let metrics = match config.metrics {
             Some(addr) => Some(serve_metrics(addr, state.clone()).await?),
@@ -292,6 +318,51 @@ fn prometheus(inner: &Inner) -> String {
         "counter",
         "Workers that stopped heartbeating.",
         vec![(String::new(), c.workers_lost)],
+    );
+    metric(
+        "ossb_tasks_cancelled_total",
+        "counter",
+        "Tasks cancelled because another task of their build failed.",
+        vec![(String::new(), c.tasks_cancelled)],
+    );
+    metric(
+        "ossb_tasks_unschedulable_total",
+        "counter",
+        "Tasks failed because no worker builds their platform, natively or emulated.",
+        vec![(String::new(), c.tasks_unschedulable)],
+    );
+    metric(
+        "ossb_tasks_waited_identical_total",
+        "counter",
+        "Tasks that waited for an identical task (same cache keys) to finish instead of running beside it.",
+        vec![(String::new(), c.tasks_waited_identical)],
+    );
+    let mut blobs = Vec::new();
+    let mut bytes = Vec::new();
+    for (worker, i) in &c.inputs {
+        for (source, n, b) in [
+            ("local", i.local_blobs, None),
+            ("peer", i.peer_blobs, Some(i.peer_bytes)),
+            ("registry", i.registry_blobs, Some(i.registry_bytes)),
+        ] {
+            let labels = format!("{{worker=\"{worker}\",source=\"{source}\"}}");
+            if let Some(b) = b {
+                bytes.push((labels.clone(), b));
+            }
+            blobs.push((labels, n));
+        }
+    }
+    metric(
+        "ossb_input_blobs_total",
+        "counter",
+        "Base image blobs (configs, layers) of finished tasks, by worker and where they came from: its own store (a local hit), the peer cache (a peer hit) or a registry (a miss, then published to the peer cache).",
+        blobs,
+    );
+    metric(
+        "ossb_input_bytes_total",
+        "counter",
+        "Bytes of base image blobs fetched by the workers, from the peer cache and from registries.",
+        bytes,
     );
     metric(
         "ossb_context_bytes_total",
@@ -471,6 +542,9 @@ async fn worker_channel(
             ClusterMessage::TaskDone { task, result } => {
                 let peers = worker.info.cache_peers.clone();
                 worker.running.remove(&task);
+                if inner.tasks.get(&task).is_some_and(|t| t.worker == Some(id)) {
+                    release(&mut inner, task);
+                }
                 if let Some(mut t) = inner.tasks.remove(&task).filter(|t| t.worker == Some(id)) {
                     if let Some(w) = inner.workers.get_mut(&id) {
                         w.holds.extend(t.context.iter().copied());
@@ -479,6 +553,18 @@ async fn worker_channel(
                         let steps = inner.counters.steps.entry(name.clone()).or_default();
                         steps.0 += outcome.run;
                         steps.1 += outcome.cached;
+                        let i = inner.counters.inputs.entry(name.clone()).or_default();
+                        i.local_blobs += outcome.inputs.local_blobs;
+                        i.peer_blobs += outcome.inputs.peer_blobs;
+                        i.peer_bytes += outcome.inputs.peer_bytes;
+                        i.registry_blobs += outcome.inputs.registry_blobs;
+                        i.registry_bytes += outcome.inputs.registry_bytes;
+                        if let Some(key) = t.key {
+                            if inner.built_on.len() > 100_000 {
+                                inner.built_on.clear();
+                            }
+                            inner.built_on.insert(key, id);
+                        }
                     }
                     if let Some(done) = t.done.take() {
                         let _ = done.send((result, peers));
@@ -506,7 +592,9 @@ fn lose_worker(state: &State, id: u64, why: &str) {
     };
     inner.counters.workers_lost += 1;
     tracing::warn!(worker = %worker.info.name, reason = why, tasks = worker.running.len(), "worker lost");
+    inner.built_on.retain(|_, w| *w != id);
     for task in worker.running {
+        release(&mut inner, task);
         if let Some(t) = inner.tasks.get_mut(&task) {
             t.worker = None;
             let _ = t.events.send((
@@ -549,27 +637,76 @@ async fn schedule_loop(state: Arc<State>) {
     }
 }
 
-/// Assigns queued tasks to workers with a free slot.
+/// Forgets that `task` builds its key (it ended, was cancelled, or lost its worker).
+fn release(inner: &mut Inner, task: u64) {
+    if let Some(key) = inner.tasks.get(&task).and_then(|t| t.key) {
+        if inner.building.get(&key) == Some(&task) {
+            inner.building.remove(&key);
+        }
+    }
+}
+
+/// Assigns queued tasks to workers with a free slot. A task whose identical twin runs waits
+/// for it; a task no worker can build fails once the grace period is over.
 fn schedule(state: &State) {
     let mut inner = state.lock();
     let mut waiting = VecDeque::new();
+    let mut unschedulable = Vec::new();
+    let uptime = state.started.elapsed();
     while let Some(task_id) = inner.queue.pop_front() {
         let Some(task) = inner.tasks.get(&task_id) else {
             continue;
         };
-        match pick_worker(&inner.workers, &task.spec.platform, &task.context) {
+        let (key, platform, queued_at, told) = (
+            task.key,
+            task.spec.platform.clone(),
+            task.queued_at,
+            task.told,
+        );
+        if let Some(twin) = key.and_then(|k| inner.building.get(&k).copied()) {
+            if twin != task_id {
+                if !told {
+                    let on = inner
+                        .tasks
+                        .get(&twin)
+                        .and_then(|t| t.worker)
+                        .and_then(|w| inner.workers.get(&w))
+                        .map(|w| w.info.name.clone())
+                        .unwrap_or_default();
+                    inner.counters.tasks_waited_identical += 1;
+                    if let Some(t) = inner.tasks.get_mut(&task_id) {
+                        t.told = true;
+                        let _ = t.events.send((
+                            task_id,
+                            BuildEvent::Info(format!(
+                                "{platform}: an identical build runs on worker {on}; waiting for it, then its steps come from that worker's cache"
+                            )),
+                        ));
+                    }
+                }
+                waiting.push_back(task_id);
+                continue;
+            }
+        }
+        let preferred = key.and_then(|k| inner.built_on.get(&k).copied());
+        let context = &inner.tasks[&task_id].context;
+        match pick_worker(&inner.workers, &platform, context, preferred) {
             Some(w) => {
+                let task = inner.tasks.get_mut(&task_id).expect("present above");
+                task.worker = Some(w);
                 let spec = task.spec.clone();
+                let events = task.events.clone();
+                if let Some(key) = key {
+                    inner.building.insert(key, task_id);
+                }
                 let emulated = inner.workers[&w].info.platform != spec.platform;
                 let worker = inner.workers.get_mut(&w).expect("picked from the map");
                 worker.running.insert(task_id);
                 let name = worker.info.name.clone();
                 let sent = worker.tasks.send(ClusterMessage::Task(spec.clone()));
-                let task = inner.tasks.get_mut(&task_id).expect("present above");
-                task.worker = Some(w);
                 let how = if emulated { "emulated" } else { "native" };
                 tracing::info!(build = %spec.build, task = task_id, platform = %spec.platform, worker = %name, how, "task scheduled");
-                let _ = task.events.send((
+                let _ = events.send((
                     task_id,
                     BuildEvent::Info(format!(
                         "{} scheduled on worker {name} ({how})",
@@ -582,10 +719,137 @@ fn schedule(state: &State) {
                     tracing::warn!(worker = %name, "worker channel closed");
                 }
             }
+            None if !can_build(&inner.workers, &platform) => {
+                // Counted from the coordinator's start too: after a restart, workers need a
+                // moment to register again.
+                if queued_at.elapsed().min(uptime) >= super::NO_WORKER_GRACE {
+                    unschedulable.push(task_id);
+                    continue;
+                }
+                if let Some(t) = inner.tasks.get_mut(&task_id).filter(|t| !t.told) {
+                    t.told = true;
+                    let _ = t.events.send((
+                        task_id,
+                        BuildEvent::Info(format!(
+                            "no worker builds {platform} yet; waiting up to {}s for one to register",
+                            super::NO_WORKER_GRACE.as_secs()
+                        )),
+                    ));
+                }
+                waiting.push_back(task_id);
+            }
             None => waiting.push_back(task_id),
         }
     }
     inner.queue = waiting;
+    if unschedulable.is_empty() {
+        return;
+    }
+    let roster = roster(&inner.workers);
+    for task_id in unschedulable {
+        let Some(mut t) = inner.tasks.remove(&task_id) else {
+            continue;
+        };
+        inner.counters.tasks_unschedulable += 1;
+        let p = &t.spec.platform;
+        let message = format!(
+            "no worker can build {p}: none runs it natively and none emulates it ({} waited for one to register). The cluster has {roster}. Start a worker with --platform {p}, or one with --emulate {p} (QEMU through binfmt_misc)",
+            humanize(super::NO_WORKER_GRACE)
+        );
+        tracing::warn!(build = %t.spec.build, task = task_id, platform = %p, "no worker can build the platform");
+        if let Some(done) = t.done.take() {
+            let _ = done.send((Err(failure(message, 1)), Vec::new()));
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    format!("{}s", d.as_secs())
+}
+
+/// Whether any registered worker builds `platform`, natively or emulated, busy or not.
+fn can_build(workers: &HashMap<u64, Worker>, platform: &Platform) -> bool {
+    workers
+        .values()
+        .any(|w| w.info.platform == *platform || w.info.emulates.contains(platform))
+}
+
+/// The registered workers for a message: `a (linux/amd64), b (linux/amd64; emulates
+/// linux/arm64)`, or that there are none.
+fn roster(workers: &HashMap<u64, Worker>) -> String {
+    let mut names: Vec<String> = workers
+        .values()
+        .map(|w| {
+            let emulates: Vec<String> = w.info.emulates.iter().map(|p| p.to_string()).collect();
+            if emulates.is_empty() {
+                format!("{} ({})", w.info.name, w.info.platform)
+            } else {
+                format!(
+                    "{} ({}; emulates {})",
+                    w.info.name,
+                    w.info.platform,
+                    emulates.join(", ")
+                )
+            }
+        })
+        .collect();
+    if names.is_empty() {
+        return "no workers registered".into();
+    }
+    names.sort();
+    format!("these workers: {}", names.join(", "))
+}
+
+/// Withdraws `tasks` (queued or running) and tells their workers to stop them.
+fn cancel_tasks(state: &State, tasks: &[u64], why: &str) {
+    let mut inner = state.lock();
+    for &task in tasks {
+        release(&mut inner, task);
+        let Some(t) = inner.tasks.remove(&task) else {
+            continue;
+        };
+        inner.queue.retain(|q| *q != task);
+        inner.counters.tasks_cancelled += 1;
+        let _ = t.events.send((
+            task,
+            BuildEvent::Info(format!("{} cancelled: {why}", t.spec.platform)),
+        ));
+        if let Some(w) = t.worker.and_then(|w| inner.workers.get_mut(&w)) {
+            w.running.remove(&task);
+            tracing::info!(build = %t.spec.build, task, worker = %w.info.name, "task cancelled");
+            let _ = w.tasks.send(ClusterMessage::CancelTask { task });
+        }
+    }
+    drop(inner);
+    state.wake.notify_one();
+}
+
+/// What makes two tasks identical: everything that goes into their steps' cache keys and
+/// their image (not the tags, nor where the image goes). Only in the coordinator's memory.
+fn task_key(spec: &BuildSpec, platform: &Platform) -> Option<Digest> {
+    if spec.no_cache {
+        return None;
+    }
+    let text = format!(
+        "{:?}",
+        (
+            platform,
+            &spec.dockerfile,
+            &spec.dockerfile_name,
+            &spec.build_args,
+            &spec.target,
+            &spec.labels,
+            &spec.context,
+            &spec.build_contexts,
+            &spec.cache_from,
+            (
+                &spec.compression,
+                spec.oci_media_types,
+                spec.source_date_epoch
+            ),
+        )
+    );
+    Some(Digest::of(text.as_bytes()))
 }
 
 /// The worker for a task of `platform`: native workers when any is registered, else emulating
@@ -595,6 +859,7 @@ fn pick_worker(
     workers: &HashMap<u64, Worker>,
     platform: &Platform,
     context: &[Digest],
+    preferred: Option<u64>,
 ) -> Option<u64> {
     let native: Vec<(&u64, &Worker)> = workers
         .iter()
@@ -613,6 +878,7 @@ fn pick_worker(
         .max_by_key(|(id, w)| {
             let held = context.iter().filter(|d| w.holds.contains(d)).count();
             (
+                preferred == Some(**id),
                 held,
                 std::cmp::Reverse(w.running.len()),
                 std::cmp::Reverse(**id),
@@ -732,7 +998,7 @@ async fn build_outcome(
     if spec.platforms.is_empty() {
         return Err(failure("no platform to build for", 2));
     }
-    let context = file_digests(&spec.context);
+    let context = all_file_digests(&spec);
     let missing: Vec<Digest> = context
         .iter()
         .filter(|d| !state.store.contains(d))
@@ -784,6 +1050,9 @@ async fn build_outcome(
                     events: events_tx.clone(),
                     done: Some(done_tx),
                     context: context.clone(),
+                    key: task_key(&spec, platform),
+                    queued_at: Instant::now(),
+                    told: false,
                 },
             );
             inner.queue.push_back(task);
@@ -800,11 +1069,35 @@ async fn build_outcome(
     let multi = spec.platforms.len() > 1;
     let mut ids: HashMap<(u64, u64), u64> = HashMap::new();
     let mut next = 0u64;
-    let mut results = futures_util::future::join_all(pending.into_iter().map(|(_, _, rx)| rx));
+    let mut results: futures_util::stream::FuturesUnordered<_> = pending
+        .into_iter()
+        .map(|(task, _, rx)| async move { (task, rx.await) })
+        .collect();
+    let mut remaining: Vec<u64> = platforms.keys().copied().collect();
+    let mut outcomes = Vec::new();
+    let mut peers = Vec::new();
+    let mut failed = None;
     let mut client_gone = false;
-    let joined = loop {
+    loop {
         tokio::select! {
-            r = &mut results => break r,
+            r = futures_util::StreamExt::next(&mut results) => {
+                let Some((task, r)) = r else { break };
+                remaining.retain(|t| *t != task);
+                match r {
+                    Ok((Ok(o), p)) => {
+                        outcomes.push((task, o));
+                        peers.extend(p);
+                    }
+                    Ok((Err(f), _)) => {
+                        failed = Some((task, f));
+                        break;
+                    }
+                    Err(_) => {
+                        failed = Some((task, failure("a task was dropped by the coordinator", 1)));
+                        break;
+                    }
+                }
+            }
             Some((task, event)) = events_rx.recv() => {
                 let event = renumber(event, task, &mut ids, &mut next, multi.then(|| &platforms[&task]));
                 if !client_gone && send(tx, ClusterMessage::Event(event)).await.is_err() {
@@ -812,7 +1105,13 @@ async fn build_outcome(
                 }
             }
         }
-    };
+    }
+    // A task that failed for good fails the build: its siblings stop now rather than run on.
+    if let Some((task, _)) = &failed {
+        if !remaining.is_empty() {
+            cancel_tasks(state, &remaining, &format!("{} failed", platforms[task]));
+        }
+    }
     while let Ok((task, event)) = events_rx.try_recv() {
         let event = renumber(
             event,
@@ -826,18 +1125,12 @@ async fn build_outcome(
         }
     }
     drop(gauge);
-    let mut outcomes = Vec::new();
-    let mut peers = Vec::new();
-    for r in joined {
-        match r {
-            Ok((Ok(o), p)) => {
-                outcomes.push(o);
-                peers.extend(p);
-            }
-            Ok((Err(f), _)) => return Err(f),
-            Err(_) => return Err(failure("a task was dropped by the coordinator", 1)),
-        }
+    if let Some((_, f)) = failed {
+        return Err(f);
     }
+    // Platforms in the order asked for (task ids were given in that order).
+    outcomes.sort_by_key(|(task, _)| *task);
+    let outcomes: Vec<PlatformOutcome> = outcomes.into_iter().map(|(_, o)| o).collect();
     peers.sort();
     peers.dedup();
     merge_and_push(&spec, outcomes, peers).await
@@ -945,11 +1238,26 @@ async fn merge_and_push(
     };
     let mut pushed = Vec::new();
     if spec.push {
-        let registry = Registry::with_config(&registry_options(spec), &registry_config(spec))
-            .map_err(|e| failure(e.to_string(), 1))?;
-        // An empty store: pushing the top alone reads nothing from it.
+        // An empty store: pushing the top alone reads nothing from it. The registry CAs the
+        // client sent are written beside it, for as long as the push lasts.
         let scratch = tempfile::tempdir().map_err(|e| failure(e.to_string(), 1))?;
-        let store = BlobStore::open(scratch.path()).map_err(|e| failure(e.to_string(), 1))?;
+        let store =
+            BlobStore::open(scratch.path().join("store")).map_err(|e| failure(e.to_string(), 1))?;
+        let certificates = TaskFiles::write(
+            &BuildSpec {
+                registry_certificates: spec.registry_certificates.clone(),
+                ..Default::default()
+            },
+            &store,
+            scratch.path(),
+        )
+        .map_err(|e| failure(e, 1))?
+        .certificates;
+        let registry = Registry::with_config(
+            &registry_options(spec, &certificates),
+            &registry_config(spec),
+        )
+        .map_err(|e| failure(e.to_string(), 1))?;
         for tag in &spec.tags {
             let reference = parse_reference(tag).map_err(|e| failure(e.to_string(), 2))?;
             registry
@@ -1008,15 +1316,15 @@ mod tests {
         let mut workers = HashMap::new();
         workers.insert(1, worker("linux/amd64", &["linux/arm64"], 1));
         // No native arm64 worker: the emulating one takes it.
-        assert_eq!(pick_worker(&workers, &arm, &[]), Some(1));
+        assert_eq!(pick_worker(&workers, &arm, &[], None), Some(1));
         workers.insert(2, worker("linux/arm64", &[], 1));
-        assert_eq!(pick_worker(&workers, &arm, &[]), Some(2));
+        assert_eq!(pick_worker(&workers, &arm, &[], None), Some(2));
         // The native one is busy: wait for it rather than emulate.
         workers.get_mut(&2).unwrap().running.insert(9);
-        assert_eq!(pick_worker(&workers, &arm, &[]), None);
-        assert_eq!(pick_worker(&workers, &amd, &[]), Some(1));
+        assert_eq!(pick_worker(&workers, &arm, &[], None), None);
+        assert_eq!(pick_worker(&workers, &amd, &[], None), Some(1));
         let riscv: Platform = "linux/riscv64".parse().unwrap();
-        assert_eq!(pick_worker(&workers, &riscv, &[]), None);
+        assert_eq!(pick_worker(&workers, &riscv, &[], None), None);
     }
 
     #[test]
@@ -1027,7 +1335,7 @@ mod tests {
         workers.insert(1, worker("linux/amd64", &[], 2));
         workers.insert(2, worker("linux/amd64", &[], 2));
         workers.get_mut(&2).unwrap().holds.insert(d);
-        assert_eq!(pick_worker(&workers, &amd, &[d]), Some(2));
+        assert_eq!(pick_worker(&workers, &amd, &[d], None), Some(2));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use ossb_net::{Identity, Role};
 use ossb_protocol::cluster::{BuiltImage, ClusterMessage, Failure};
 use ossb_protocol::Digest;
 
-use super::context::{scan, spec_of};
+use super::context::{scan, scan_named, spec_of};
 use super::{event_from_wire, recv, send, send_file, ClusterError};
 use crate::build::{BuildError, BuildRequest, BuildResult, Output};
 use crate::progress::{Event, Progress};
@@ -50,8 +50,9 @@ pub async fn submit(
             req.context.display()
         )));
     }
-    let (entries, files) = scan(req).map_err(BuildError::Usage)?;
-    let spec = spec_of(req, entries)?;
+    let (entries, mut files) = scan(req).map_err(BuildError::Usage)?;
+    let named = scan_named(req, &mut files).map_err(BuildError::Usage)?;
+    let spec = spec_of(req, entries, named)?;
     let identity = Identity::load(&config.tls_dir, Role::Client).map_err(usage)?;
     let endpoint = ossb_net::client(&identity).map_err(local)?;
     let cluster = |e: ClusterError| {

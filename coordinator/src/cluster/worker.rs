@@ -2,20 +2,25 @@
 //!
 //! It registers (its platform, the platforms it emulates, its slots, its peer cache nodes),
 //! heartbeats every [`super::HEARTBEAT`], and for each task: fetches the context files it lacks
-//! from the coordinator, lays the context out, runs [`crate::build()`] for the platform with
+//! from the coordinator, lays the context out (named contexts too; secrets and registry CAs as
+//! 0600 files of the task's directory, removed with it), brings the base images' blobs it
+//! lacks from the peer cache (what the peers lack, the engine pulls from the registry, and the
+//! worker publishes it to the peer cache afterwards), runs [`crate::build()`] for the platform with
 //! its own cache directory (so its local step cache serves repeated builds), pushes the
 //! platform's manifest by digest to each tag's repository when the build pushes, publishes the
 //! image's blobs to the peer cache, and streams the engine's events back. A lost connection
 //! to the coordinator is retried every second; tasks that were running are abandoned there
-//! (the coordinator reschedules them).
+//! (the coordinator reschedules them). A task the coordinator cancels is aborted: its RUN
+//! child is killed and its directory removed.
 //!
 //! The process must already be in its user namespace (the CLI enters it before the runtime
 //! starts, as for `ossb build`): every RUN is an `ossb __sandbox` child, as in `ossb build`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ossb_cache_node::PeerCache;
 use ossb_image::oci::Manifest;
@@ -23,13 +28,16 @@ use ossb_image::registry::{parse_reference, PushOptions, Registry};
 use ossb_image::store::BlobStore;
 use ossb_image::Reference;
 use ossb_net::{Identity, Role};
-use ossb_protocol::cluster::{ClusterMessage, Failure, PlatformOutcome, TaskSpec, WorkerInfo};
+use ossb_protocol::cluster::{
+    ClusterMessage, Failure, InputStats, PlatformOutcome, TaskSpec, WorkerInfo,
+};
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
 use tokio::sync::mpsc;
 
-use super::context::{file_digests, materialize, request_of, TaskPlace};
+use super::context::{all_file_digests, materialize, request_of, TaskFiles, TaskPlace};
 use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
+use crate::build::BuildRequest;
 use crate::progress::{Event, Progress};
 
 /// How `ossb worker` is set up.
@@ -69,6 +77,13 @@ struct Counters {
     blobs_published: AtomicU64,
     bytes_published: AtomicU64,
     running: AtomicU64,
+    tasks_cancelled: AtomicU64,
+    /// Base image blobs by where they came from, and the bytes fetched.
+    blobs_local: AtomicU64,
+    blobs_peer: AtomicU64,
+    blobs_registry: AtomicU64,
+    bytes_peer: AtomicU64,
+    bytes_registry: AtomicU64,
 }
 
 struct Node {
@@ -76,6 +91,14 @@ struct Node {
     identity: Identity,
     counters: Counters,
     peers: Option<PeerCache>,
+    /// Running tasks, to abort one the coordinator cancels.
+    tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+}
+
+impl Node {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, tokio::task::AbortHandle>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Serves the coordinator until SIGTERM or SIGINT, reconnecting when the connection breaks.
@@ -96,6 +119,7 @@ pub async fn serve(config: WorkerConfig) -> Result<(), ClusterError> {
         identity,
         counters: Counters::default(),
         peers,
+        tasks: Mutex::new(HashMap::new()),
     });
     if let Some(addr) = node.config.metrics {
         serve_metrics(addr, node.clone()).await?;
@@ -144,22 +168,32 @@ fn prometheus(node: &Node) -> String {
     let p = &node.config.platform;
     format!(
         "# HELP ossb_worker_tasks_total Tasks finished, by result.\n# TYPE ossb_worker_tasks_total counter\n\
-         ossb_worker_tasks_total{{result=\"succeeded\"}} {}\nossb_worker_tasks_total{{result=\"failed\"}} {}\n\
+         ossb_worker_tasks_total{{result=\"succeeded\"}} {}\nossb_worker_tasks_total{{result=\"failed\"}} {}\nossb_worker_tasks_total{{result=\"cancelled\"}} {}\n\
          # HELP ossb_worker_tasks_running Tasks running.\n# TYPE ossb_worker_tasks_running gauge\nossb_worker_tasks_running {}\n\
          # HELP ossb_worker_steps_total Steps, by whether they ran or came from the local step cache.\n# TYPE ossb_worker_steps_total counter\n\
          ossb_worker_steps_total{{result=\"run\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"local\"}} {}\n\
          # HELP ossb_worker_context_bytes_total Context bytes fetched from the coordinator.\n# TYPE ossb_worker_context_bytes_total counter\nossb_worker_context_bytes_total {}\n\
          # HELP ossb_worker_published_total Blobs and bytes published to the peer cache.\n# TYPE ossb_worker_published_total counter\n\
          ossb_worker_published_total{{unit=\"blobs\"}} {}\nossb_worker_published_total{{unit=\"bytes\"}} {}\n\
+         # HELP ossb_worker_input_blobs_total Base image blobs, by where they came from: this worker's store, the peer cache, a registry.\n# TYPE ossb_worker_input_blobs_total counter\n\
+         ossb_worker_input_blobs_total{{source=\"local\"}} {}\nossb_worker_input_blobs_total{{source=\"peer\"}} {}\nossb_worker_input_blobs_total{{source=\"registry\"}} {}\n\
+         # HELP ossb_worker_input_bytes_total Base image bytes fetched, from the peer cache and from registries.\n# TYPE ossb_worker_input_bytes_total counter\n\
+         ossb_worker_input_bytes_total{{source=\"peer\"}} {}\nossb_worker_input_bytes_total{{source=\"registry\"}} {}\n\
          # HELP ossb_worker_info The worker's platform.\n# TYPE ossb_worker_info gauge\nossb_worker_info{{platform=\"{p}\"}} 1\n",
         g(&c.tasks_succeeded),
         g(&c.tasks_failed),
+        g(&c.tasks_cancelled),
         g(&c.running),
         g(&c.steps_run),
         g(&c.steps_cached),
         g(&c.context_bytes_fetched),
         g(&c.blobs_published),
         g(&c.bytes_published),
+        g(&c.blobs_local),
+        g(&c.blobs_peer),
+        g(&c.blobs_registry),
+        g(&c.bytes_peer),
+        g(&c.bytes_registry),
     )
 }
 
@@ -213,7 +247,22 @@ async fn session(node: &Arc<Node>) -> Result<(), ClusterError> {
     let result = loop {
         match recv(&mut rx, "the coordinator").await {
             Ok(ClusterMessage::Task(task)) => {
-                tokio::spawn(run_task(node.clone(), conn.clone(), task, out_tx.clone()));
+                let id = task.task;
+                // Registered under the lock run_task's end takes, so a task that ends at once
+                // leaves no stale handle behind.
+                let mut tasks = node.tasks();
+                let handle =
+                    tokio::spawn(run_task(node.clone(), conn.clone(), task, out_tx.clone()));
+                tasks.insert(id, handle.abort_handle());
+            }
+            Ok(ClusterMessage::CancelTask { task }) => {
+                if let Some(handle) = node.tasks().remove(&task) {
+                    handle.abort();
+                    node.counters
+                        .tasks_cancelled
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(task, "task cancelled by the coordinator");
+                }
             }
             Ok(other) => {
                 tracing::warn!(message = ?other, "unexpected message from the coordinator")
@@ -241,16 +290,35 @@ impl Progress for Forward {
     }
 }
 
+/// Counts a task as running until it ends or is aborted (dropped at an await).
+struct Running<'a> {
+    node: &'a Node,
+    task: u64,
+}
+
+impl<'a> Running<'a> {
+    fn new(node: &'a Node, task: u64) -> Running<'a> {
+        node.counters.running.fetch_add(1, Ordering::Relaxed);
+        Running { node, task }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.node.counters.running.fetch_sub(1, Ordering::Relaxed);
+        self.node.tasks().remove(&self.task);
+    }
+}
+
 async fn run_task(
     node: Arc<Node>,
     conn: quinn::Connection,
     task: TaskSpec,
     out: mpsc::UnboundedSender<ClusterMessage>,
 ) {
-    node.counters.running.fetch_add(1, Ordering::Relaxed);
+    let _running = Running::new(&node, task.task);
     tracing::info!(task = task.task, build = %task.build, platform = %task.platform, "task started");
     let result = execute(&node, &conn, &task, &out).await;
-    node.counters.running.fetch_sub(1, Ordering::Relaxed);
     match &result {
         Ok(o) => {
             node.counters
@@ -285,7 +353,7 @@ async fn execute(
     };
     let cache_dir = node.config.work_dir.join("cache");
     let store = BlobStore::open(&cache_dir).map_err(|e| fail(format!("opening the cache: {e}")))?;
-    for digest in file_digests(&task.spec.context) {
+    for digest in all_file_digests(&task.spec) {
         if !store.contains(&digest) {
             let size = fetch(conn, &store, &digest)
                 .await
@@ -302,6 +370,7 @@ async fn execute(
     let context = dir.path().join("context");
     std::fs::create_dir(&context).map_err(|e| fail(e.to_string()))?;
     materialize(&task.spec.context, &store, &context).map_err(fail)?;
+    let files = TaskFiles::write(&task.spec, &store, dir.path()).map_err(fail)?;
     let req = request_of(
         &task.spec,
         &task.platform,
@@ -310,13 +379,48 @@ async fn execute(
             cache_dir,
             sandbox_exe: node.config.sandbox_exe.clone(),
             isolation: node.config.isolation,
+            files,
         },
     );
     let forward = Forward {
         task: task.task,
         out: out.clone(),
     };
-    let result = crate::build(&req, &forward).await.map_err(|e| Failure {
+    let mut inputs = InputStats::default();
+    let to_pull = fetch_bases(node, &req, &task.platform, &store, &mut inputs).await;
+    forward.event(Event::Info(format!(
+        "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
+        task.platform,
+        inputs.local_blobs,
+        inputs.peer_blobs,
+        inputs.peer_bytes,
+        to_pull.len()
+    )));
+    let built = crate::build(&req, &forward).await;
+    // What the engine pulled from registries is in the store now, whether the build then
+    // succeeded or not: count it, and hand it to the peer cache for the next worker.
+    let pulled: Vec<Digest> = to_pull
+        .iter()
+        .filter(|(d, _)| store.contains(d))
+        .map(|(d, _)| *d)
+        .collect();
+    for (digest, size) in &to_pull {
+        if store.contains(digest) {
+            inputs.registry_blobs += 1;
+            inputs.registry_bytes += size;
+        }
+    }
+    let c = &node.counters;
+    c.blobs_local
+        .fetch_add(inputs.local_blobs, Ordering::Relaxed);
+    c.blobs_peer.fetch_add(inputs.peer_blobs, Ordering::Relaxed);
+    c.bytes_peer.fetch_add(inputs.peer_bytes, Ordering::Relaxed);
+    c.blobs_registry
+        .fetch_add(inputs.registry_blobs, Ordering::Relaxed);
+    c.bytes_registry
+        .fetch_add(inputs.registry_bytes, Ordering::Relaxed);
+    publish(node, &store, &pulled, None, false).await?;
+    let result = built.map_err(|e| Failure {
         message: e.to_string(),
         exit_code: e.exit_code(),
     })?;
@@ -353,7 +457,7 @@ async fn execute(
         node,
         &store,
         &blobs,
-        &result.image.digest,
+        Some(&result.image.digest),
         task.spec.download,
     )
     .await?;
@@ -366,6 +470,7 @@ async fn execute(
         run: result.stats.run as u64,
         cached: result.stats.cached as u64,
         pushed,
+        inputs,
     })
 }
 
@@ -375,7 +480,7 @@ async fn publish(
     node: &Node,
     store: &BlobStore,
     blobs: &[Digest],
-    manifest: &Digest,
+    manifest: Option<&Digest>,
     required: bool,
 ) -> Result<(), Failure> {
     let Some(peers) = &node.peers else {
@@ -387,7 +492,7 @@ async fn publish(
         }
         return Ok(());
     };
-    for digest in blobs.iter().chain(std::iter::once(manifest)) {
+    for digest in blobs.iter().chain(manifest) {
         match peers.put_from_store(digest, store).await {
             Ok(_) => {
                 node.counters
@@ -407,6 +512,81 @@ async fn publish(
         }
     }
     Ok(())
+}
+
+/// Brings the blobs (configs, layers) of the build's base images that the store lacks from
+/// the peer cache, counting where each came from in `inputs`; returns those the peers lack
+/// too, with their sizes: the engine pulls them from the registry. Best effort: a base that
+/// cannot be resolved here is left to the engine, which reports the error.
+async fn fetch_bases(
+    node: &Node,
+    req: &BuildRequest,
+    platform: &Platform,
+    store: &BlobStore,
+    inputs: &mut InputStats,
+) -> Vec<(Digest, u64)> {
+    use futures_util::stream::{self, StreamExt};
+    let bases = match ossb_dockerfile::parse(&req.dockerfile, &req.dockerfile_name).and_then(|df| {
+        let opts = ossb_dockerfile::PlanOptions {
+            build_args: req.build_args.clone(),
+            target: req.target.clone(),
+            target_platform: platform.clone(),
+            build_platform: Platform::host(),
+        };
+        ossb_dockerfile::base_images_with_platforms(&df, &opts)
+    }) {
+        Ok(b) => b,
+        Err(_) => return Vec::new(),
+    };
+    let Ok(registry) = Registry::with_config(&req.registry, &req.registry_config) else {
+        return Vec::new();
+    };
+    let mut wanted: Vec<(Digest, u64)> = Vec::new();
+    for (reference, platform) in bases {
+        let Ok(parsed) = parse_reference(&reference) else {
+            continue;
+        };
+        match registry.resolve(&parsed, &platform, store).await {
+            Ok((_, manifest)) => {
+                for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
+                    if !wanted.iter().any(|(w, _)| *w == d.digest) {
+                        wanted.push((d.digest, d.size));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(%reference, error = %e, "resolving a base image"),
+        }
+    }
+    let (present, absent): (Vec<_>, Vec<_>) =
+        wanted.into_iter().partition(|(d, _)| store.contains(d));
+    inputs.local_blobs += present.len() as u64;
+    let Some(peers) = &node.peers else {
+        return absent;
+    };
+    let fetched: Vec<(Digest, u64, Option<u64>)> = stream::iter(absent)
+        .map(|(digest, size)| async move {
+            match peers.get_to_store(&digest, store).await {
+                Ok(n) => (digest, size, Some(n)),
+                Err(e) => {
+                    tracing::debug!(%digest, error = %e, "not in the peer cache");
+                    (digest, size, None)
+                }
+            }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let mut missing = Vec::new();
+    for (digest, size, got) in fetched {
+        match got {
+            Some(n) => {
+                inputs.peer_blobs += 1;
+                inputs.peer_bytes += n;
+            }
+            None => missing.push((digest, size)),
+        }
+    }
+    missing
 }
 
 /// Fetches one context file from the coordinator into `store`; returns its size.
