@@ -366,6 +366,26 @@ mod tests {
     use crate::wire::{Envelope, Message};
 
     #[test]
+    fn a_secret_s_debug_hides_its_bytes() {
+        let spec = BuildSpec {
+            secrets: vec![Secret {
+                id: "tok".into(),
+                value: b"hunter2".to_vec(),
+            }],
+            ..Default::default()
+        };
+        let text = format!("{:?}", ClusterMessage::Submit(spec));
+        assert!(
+            !text.contains("hunter2") && !text.contains("104, 117"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"tok\"") && text.contains("7 bytes hidden"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn cluster_messages_round_trip_through_frames() {
         let digest = Digest::of(b"hello");
         let spec = BuildSpec {
