@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::fault_proxy::Proxy;
 use crate::support::{podman_run, tool, unique, TestEnv};
 
 /// The cluster's processes, killed (with their process groups) when dropped.
@@ -965,5 +966,55 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
         0,
         "task directories left in {}",
         tasks.display()
+    );
+}
+
+/// A worker pushing by digest mounts the base image's layers from the base's repository on
+/// the same registry instead of uploading them (seen through a proxy in front of the registry).
+#[test]
+fn worker_pushes_mount_base_layers_from_the_base_repository() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start_with(&env, &[("amd64-a", &[])]);
+    let proxy = Proxy::start(&env.registry(), None);
+    let work = tempfile::tempdir().unwrap();
+    let ctx = crate::support::context(
+        work.path(),
+        &format!(
+            "FROM {}/{}\nRUN echo mounted > /m\n",
+            proxy.addr,
+            env.var("OSSB_TEST_BUSYBOX")
+        ),
+        &[],
+    );
+    let image = format!("{}/tests/{}:1", proxy.addr, unique("cluster-mount"));
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &proxy.addr,
+                "-t",
+                &image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let seen = proxy.seen();
+    let base_repo = env.var("OSSB_TEST_BUSYBOX");
+    let base_repo = base_repo.split(':').next().unwrap();
+    assert!(
+        seen.iter().any(|s| s.method == "POST"
+            && s.path.contains("mount=")
+            && (s.path.contains(&format!("from={base_repo}"))
+                || s.path
+                    .contains(&format!("from={}", base_repo.replace('/', "%2F"))))
+            && s.status == 201),
+        "no layer was mounted from {base_repo}: {seen:#?}"
     );
 }

@@ -387,7 +387,7 @@ async fn execute(
         out: out.clone(),
     };
     let mut inputs = InputStats::default();
-    let to_pull = fetch_bases(node, &req, &task.platform, &store, &mut inputs).await;
+    let (to_pull, bases) = fetch_bases(node, &req, &task.platform, &store, &mut inputs).await;
     forward.event(Event::Info(format!(
         "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
         task.platform,
@@ -446,8 +446,20 @@ async fn execute(
                 "pushing {} by digest",
                 by_digest.whole()
             )));
+            // Layers of a base on the same registry are mounted from its repository rather
+            // than uploaded (as `ossb build` does).
+            let mount_from = bases
+                .iter()
+                .filter(|b| b.resolve_registry() == tagged.resolve_registry())
+                .map(|b| b.repository().to_string())
+                .collect();
             registry
-                .push_image(&by_digest, &store, &result.image, &PushOptions::default())
+                .push_image(
+                    &by_digest,
+                    &store,
+                    &result.image,
+                    &PushOptions { mount_from },
+                )
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             pushed.push(by_digest.whole());
@@ -516,15 +528,16 @@ async fn publish(
 
 /// Brings the blobs (configs, layers) of the build's base images that the store lacks from
 /// the peer cache, counting where each came from in `inputs`; returns those the peers lack
-/// too, with their sizes: the engine pulls them from the registry. Best effort: a base that
-/// cannot be resolved here is left to the engine, which reports the error.
+/// too, with their sizes: the engine pulls them from the registry. Also returns the base
+/// images' references (sources of cross-repository mounts). Best effort: a base that cannot
+/// be resolved here is left to the engine, which reports the error.
 async fn fetch_bases(
     node: &Node,
     req: &BuildRequest,
     platform: &Platform,
     store: &BlobStore,
     inputs: &mut InputStats,
-) -> Vec<(Digest, u64)> {
+) -> (Vec<(Digest, u64)>, Vec<Reference>) {
     use futures_util::stream::{self, StreamExt};
     let bases = match ossb_dockerfile::parse(&req.dockerfile, &req.dockerfile_name).and_then(|df| {
         let opts = ossb_dockerfile::PlanOptions {
@@ -536,16 +549,18 @@ async fn fetch_bases(
         ossb_dockerfile::base_images_with_platforms(&df, &opts)
     }) {
         Ok(b) => b,
-        Err(_) => return Vec::new(),
+        Err(_) => return (Vec::new(), Vec::new()),
     };
     let Ok(registry) = Registry::with_config(&req.registry, &req.registry_config) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let mut wanted: Vec<(Digest, u64)> = Vec::new();
+    let mut references = Vec::new();
     for (reference, platform) in bases {
         let Ok(parsed) = parse_reference(&reference) else {
             continue;
         };
+        references.push(parsed.clone());
         match registry.resolve(&parsed, &platform, store).await {
             Ok((_, manifest)) => {
                 for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
@@ -561,7 +576,7 @@ async fn fetch_bases(
         wanted.into_iter().partition(|(d, _)| store.contains(d));
     inputs.local_blobs += present.len() as u64;
     let Some(peers) = &node.peers else {
-        return absent;
+        return (absent, references);
     };
     let fetched: Vec<(Digest, u64, Option<u64>)> = stream::iter(absent)
         .map(|(digest, size)| async move {
@@ -586,7 +601,7 @@ async fn fetch_bases(
             None => missing.push((digest, size)),
         }
     }
-    missing
+    (missing, references)
 }
 
 /// Fetches one context file from the coordinator into `store`; returns its size.
