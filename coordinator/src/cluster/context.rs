@@ -460,4 +460,43 @@ mod tests {
         }];
         assert!(materialize(&evil, &store, &out).is_err());
     }
+
+    #[test]
+    fn task_files_are_private_and_named_contexts_laid_out() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("store")).unwrap();
+        let digest = store.put(b"named").unwrap();
+        let spec = BuildSpec {
+            build_contexts: vec![(
+                "../evil name".into(),
+                vec![ContextEntry {
+                    path: "f.txt".into(),
+                    mode: 0o644,
+                    kind: EntryKind::File { digest, size: 5 },
+                }],
+            )],
+            secrets: vec![Secret {
+                id: "tok".into(),
+                value: b"hunter2".to_vec(),
+            }],
+            registry_certificates: vec![("reg:5000".into(), "PEM".into())],
+            ..Default::default()
+        };
+        let task = dir.path().join("task");
+        std::fs::create_dir(&task).unwrap();
+        let files = TaskFiles::write(&spec, &store, &task).unwrap();
+        let named = &files.build_contexts["../evil name"];
+        assert!(named.starts_with(&task));
+        assert_eq!(std::fs::read(named.join("f.txt")).unwrap(), b"named");
+        let secret = &files.secrets["tok"];
+        assert_eq!(std::fs::read(secret).unwrap(), b"hunter2");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(secret), 0o600);
+        assert_eq!(mode(secret.parent().unwrap()), 0o700);
+        assert_eq!(files.certificates[0].0, "reg:5000");
+        assert_eq!(std::fs::read(&files.certificates[0].1).unwrap(), b"PEM");
+        let opts = registry_options(&spec, &files.certificates);
+        assert_eq!(opts.certificates, files.certificates);
+    }
 }

@@ -1339,6 +1339,61 @@ mod tests {
     }
 
     #[test]
+    fn identical_tasks_share_a_key_whatever_their_tags() {
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let arm: Platform = "linux/arm64".parse().unwrap();
+        let spec = BuildSpec {
+            dockerfile: "FROM busybox\nRUN true\n".into(),
+            tags: vec!["a:1".into()],
+            ..Default::default()
+        };
+        let retagged = BuildSpec {
+            tags: vec!["b:2".into()],
+            push: true,
+            ..spec.clone()
+        };
+        assert_eq!(task_key(&spec, &amd), task_key(&retagged, &amd));
+        assert!(task_key(&spec, &amd).is_some());
+        assert_ne!(task_key(&spec, &amd), task_key(&spec, &arm));
+        let other_arg = BuildSpec {
+            build_args: vec![("X".into(), "1".into())],
+            ..spec.clone()
+        };
+        assert_ne!(task_key(&spec, &amd), task_key(&other_arg, &amd));
+        let no_cache = BuildSpec {
+            no_cache: true,
+            ..spec
+        };
+        assert_eq!(task_key(&no_cache, &amd), None);
+    }
+
+    #[test]
+    fn the_roster_names_every_worker_and_what_it_builds() {
+        let mut workers = HashMap::new();
+        assert_eq!(roster(&workers), "no workers registered");
+        workers.insert(1, worker("linux/amd64", &["linux/arm64"], 1));
+        workers.insert(2, worker("linux/arm64", &[], 1));
+        assert_eq!(
+            roster(&workers),
+            "these workers: linux/amd64 (linux/amd64; emulates linux/arm64), linux/arm64 (linux/arm64)"
+        );
+        assert!(can_build(&workers, &"linux/arm64".parse().unwrap()));
+        assert!(!can_build(&workers, &"linux/riscv64".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_worker_that_built_a_key_is_preferred_when_free() {
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let mut workers = HashMap::new();
+        workers.insert(1, worker("linux/amd64", &[], 1));
+        workers.insert(2, worker("linux/amd64", &[], 1));
+        assert_eq!(pick_worker(&workers, &amd, &[], None), Some(1));
+        assert_eq!(pick_worker(&workers, &amd, &[], Some(2)), Some(2));
+        workers.get_mut(&2).unwrap().running.insert(5);
+        assert_eq!(pick_worker(&workers, &amd, &[], Some(2)), Some(1));
+    }
+
+    #[test]
     fn events_of_several_tasks_get_distinct_ids() {
         let (mut ids, mut next) = (HashMap::new(), 0);
         let p: Platform = "linux/arm64".parse().unwrap();
