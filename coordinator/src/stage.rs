@@ -20,6 +20,7 @@ use ossb_image::oci::{
 use ossb_image::registry::{parse_reference, PulledImage, Registry};
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
+use ossb_worker::base::{BaseTree, Skeleton, SkeletonError};
 use ossb_worker::checksum::sources_checksum;
 use ossb_worker::fs::{self as wfs, CopyFilter, CopyOptions, Mode};
 use ossb_worker::sandbox;
@@ -165,6 +166,10 @@ struct StageState {
     rootfs: PathBuf,
     /// Whether `rootfs` holds `layers` now.
     materialized: bool,
+    /// Set once the finished stage's rootfs is unpacked for a stage that reads it (COPY
+    /// --from, RUN --mount from=); only a step that runs needs it, so a fully cached build
+    /// unpacks nothing.
+    unpacked_for_readers: tokio::sync::OnceCell<()>,
     /// Whether this stage set CMD (an ENTRYPOINT then keeps it).
     cmd_set: bool,
 }
@@ -243,17 +248,14 @@ impl<'a> PlatformBuild<'a> {
                 .filter(|s| changes_files(&s.instruction))
                 .map(|s| s.created_by.as_str()),
         );
-        let sources = copy_sources(&plan);
         let mut done: HashMap<usize, StageState> = HashMap::new();
-        // Stages whose inputs are all built run together: a wave at a time.
+        // Stages whose inputs are all built run together: a wave at a time. A stage that others
+        // read is unpacked only when a step reading it runs (`source_rootfs`).
         for wave in waves(&plan) {
             let this = &self;
-            let (plan, done_ref, sources) = (&plan, &done, &sources);
+            let (plan, done_ref) = (&plan, &done);
             let results = futures_util::future::join_all(wave.iter().map(|&index| async move {
-                let mut state = this.run_stage(plan, index, done_ref).await?;
-                if sources.contains(&index) {
-                    this.materialize(&mut state).await?;
-                }
+                let state = this.run_stage(plan, index, done_ref).await?;
                 Ok::<_, BuildError>((index, state))
             }))
             .await;
@@ -401,6 +403,7 @@ impl<'a> PlatformBuild<'a> {
             key,
             rootfs,
             materialized: false,
+            unpacked_for_readers: tokio::sync::OnceCell::new(),
             cmd_set: false,
         };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
@@ -445,14 +448,33 @@ impl<'a> PlatformBuild<'a> {
         if state.materialized {
             return Ok(());
         }
-        if state.rootfs.exists() {
-            std::fs::remove_dir_all(&state.rootfs).map_err(local("clearing a rootfs"))?;
+        self.unpack_rootfs(&state.layers, &state.rootfs).await?;
+        state.materialized = true;
+        Ok(())
+    }
+
+    /// The rootfs of a finished stage that a running step reads, unpacked on first use.
+    async fn source_rootfs(&self, state: &StageState) -> Result<PathBuf, String> {
+        if !state.materialized {
+            state
+                .unpacked_for_readers
+                .get_or_try_init(|| self.unpack_rootfs(&state.layers, &state.rootfs))
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        std::fs::create_dir_all(&state.rootfs).map_err(local("creating the rootfs"))?;
+        Ok(state.rootfs.clone())
+    }
+
+    /// Makes `rootfs` hold exactly `layers`.
+    async fn unpack_rootfs(&self, layers: &[Descriptor], rootfs: &Path) -> Result<(), BuildError> {
+        if rootfs.exists() {
+            std::fs::remove_dir_all(rootfs).map_err(local("clearing a rootfs"))?;
+        }
+        std::fs::create_dir_all(rootfs).map_err(local("creating the rootfs"))?;
         let (id, t) = self
             .shared
-            .start(format!("unpacking {} layers", state.layers.len()));
-        let result = unpack(&self.shared.store, &state.layers, &state.rootfs).await;
+            .start(format!("unpacking {} layers", layers.len()));
+        let result = unpack(&self.shared.store, layers, rootfs).await;
         let notes = self
             .shared
             .finish(id, t, result)
@@ -462,7 +484,6 @@ impl<'a> PlatformBuild<'a> {
                 .progress
                 .event(Event::Info(format!("warning: {note}")));
         }
-        state.materialized = true;
         Ok(())
     }
 
@@ -512,8 +533,16 @@ impl<'a> PlatformBuild<'a> {
                     record
                 }
                 None => {
-                    self.materialize(state).await.map_err(|e| e.to_string())?;
-                    let record = self.execute(step, state, done, id, started).await?;
+                    let record = match self
+                        .execute_on_skeleton(step, state, done, id, started)
+                        .await?
+                    {
+                        Some(record) => record,
+                        None => {
+                            self.materialize(state).await.map_err(|e| e.to_string())?;
+                            self.execute(step, state, done, id, started).await?
+                        }
+                    };
                     let _ = self.shared.cache.put(&key, &record);
                     record
                 }
@@ -735,6 +764,87 @@ impl<'a> PlatformBuild<'a> {
         })
     }
 
+    /// Runs a COPY or ADD of a stage that is not unpacked (every earlier step came from the
+    /// cache) on a skeleton of its layers instead of unpacking them, so that it costs what it
+    /// copies. `None` when the step needs the real rootfs (see [`ossb_worker::base`]).
+    async fn execute_on_skeleton(
+        &self,
+        step: &Step,
+        state: &mut StageState,
+        done: &HashMap<usize, StageState>,
+        id: usize,
+        started: Instant,
+    ) -> Result<Option<CacheRecord>, String> {
+        let (Instruction::Copy(copy) | Instruction::Add(copy)) = &step.instruction else {
+            return Ok(None);
+        };
+        if state.materialized
+            || std::env::var_os("OSSB_COPY_ON_ROOTFS").is_some()
+            || self.change_source(step, &state.rootfs).await != ChangeSource::Recorded
+        {
+            return Ok(None);
+        }
+        let store = self.shared.store.clone();
+        let layers = state.layers.clone();
+        let tree = tokio::task::spawn_blocking(move || -> Result<BaseTree, String> {
+            let mut listings = Vec::with_capacity(layers.len());
+            for layer in &layers {
+                listings.push(
+                    store
+                        .layer_listing(&layer.digest)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            BaseTree::from_layers(&listings).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let tree = match tree {
+            Ok(tree) => std::sync::Arc::new(tree),
+            Err(e) => {
+                tracing::debug!(step = %step.created_by, "no skeleton: {e}");
+                return Ok(None);
+            }
+        };
+        let dir = self.shared.work.join(format!("skeleton-{id}"));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cwd = state
+            .config
+            .config
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        let is_add = matches!(step.instruction, Instruction::Add(_));
+        let target = CopyTarget::Skeleton(tree.clone(), dir.clone());
+        let result = self.copy_step(copy, is_add, &cwd, done, id, target).await;
+        let outcome = match result {
+            Ok(changes) if changes.is_empty() => Ok(Some((None, None))),
+            Ok(changes) => self
+                .write_layer(&dir, changes)
+                .await
+                .map(|(layer, diff_id)| Some((Some(layer), Some(diff_id)))),
+            Err(CopyFailure::Failed(m)) => Err(m),
+            Err(CopyFailure::NeedsRootfs(why)) => {
+                tracing::debug!(step = %step.created_by, "no skeleton: {why}");
+                Ok(None)
+            }
+        };
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        tracing::debug!(
+            step = %step.created_by,
+            paths = tree.len(),
+            skeleton = matches!(outcome, Ok(Some(_))),
+            "copy on a skeleton of the layers"
+        );
+        Ok(outcome?.map(|(layer, diff_id)| CacheRecord {
+            layer,
+            diff_id,
+            duration_ms: started.elapsed().as_millis() as u64,
+            created: crate::build::now(),
+        }))
+    }
+
     /// Where a step's change list comes from (see [`ChangeSource`]).
     async fn change_source(&self, step: &Step, rootfs: &Path) -> ChangeSource {
         if ossb_worker::overlay::fallback_forced() {
@@ -793,8 +903,15 @@ impl<'a> PlatformBuild<'a> {
                     .map_err(|e| e.to_string())
             }
             Instruction::Run(run) => {
-                let stages: HashMap<usize, PathBuf> =
-                    done.iter().map(|(i, s)| (*i, s.rootfs.clone())).collect();
+                // The stages this RUN mounts, unpacked now that it runs.
+                let mut stages: HashMap<usize, PathBuf> = HashMap::new();
+                for m in &run.mounts {
+                    if let Some(Source::Stage(i)) = m.from {
+                        if let (Some(s), false) = (done.get(&i), stages.contains_key(&i)) {
+                            stages.insert(i, self.source_rootfs(s).await?);
+                        }
+                    }
+                }
                 let ctx = RunContext {
                     rootfs: &state.rootfs,
                     config: cfg,
@@ -819,143 +936,203 @@ impl<'a> PlatformBuild<'a> {
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let is_add = matches!(step.instruction, Instruction::Add(_));
-                let from_context = copy.from.is_none();
-                let source_root = match &copy.from {
-                    None => req.context.clone(),
-                    Some(Source::Stage(i)) => match done.get(i) {
-                        Some(s) => s.rootfs.clone(),
-                        None => return Err(format!("COPY --from: stage {i} has not been built")),
-                    },
-                    Some(Source::Image(name)) if req.build_contexts.contains_key(name) => {
-                        req.build_contexts[name].clone()
-                    }
-                    Some(Source::Image(image)) => match self.copy_images.get(image) {
-                        Some((root, _)) => root.clone(),
-                        None => {
-                            return Err(format!("COPY --from={image}: the image was not pulled"))
-                        }
-                    },
-                };
-                // --chown, else 0:0 from the context (and downloads, heredocs, named contexts),
-                // else the owners the files have in the stage or image copied from.
-                let from_build = matches!(&copy.from, Some(Source::Stage(_)))
-                    || matches!(&copy.from, Some(Source::Image(n)) if !req.build_contexts.contains_key(n));
-                let owner = match &copy.chown {
-                    Some(spec) => {
-                        let u = wfs::lookup_user(&state.rootfs, spec).map_err(|e| e.to_string())?;
-                        Some((u.uid, u.gid))
-                    }
-                    None if from_build => None,
-                    None => Some((0, 0)),
-                };
-                let mode = match &copy.chmod {
-                    Some(m) => Some(Mode::parse(m).ok_or_else(|| {
-                        format!("--chmod={m}: expected an octal mode (755) or a symbolic one (u+x,go-w)")
-                    })?),
-                    None => None,
-                };
-                let exclude = exclude_rules(copy)?;
-                // Files that do not come from the source root: downloads and heredocs.
-                let mut extra: Vec<(PathBuf, String)> = Vec::new();
-                let mut local = Vec::new();
-                for source in &copy.sources {
-                    if is_add && add::is_remote(source) {
-                        let fetched = add::fetch(
-                            source,
-                            copy.checksum.as_deref(),
-                            copy.keep_git_dir.unwrap_or(false),
-                            &self.shared.work,
-                        )
-                        .await?;
-                        extra.extend(fetched.names.into_iter().map(|n| (fetched.dir.clone(), n)));
-                    } else {
-                        local.push(source.clone());
-                    }
-                }
-                if !copy.heredocs.is_empty() {
-                    let dir = self.shared.work.join(format!("heredocs-{id}"));
-                    for doc in &copy.heredocs {
-                        write_inline_file(&dir, &doc.name, &doc.content, doc.mode)?;
-                        extra.push((dir.clone(), doc.name.clone()));
-                    }
-                }
-                let dest = absolute_in(&cwd, &copy.dest);
-                // Keep the trailing slash: it means "a directory"; several sources mean one too.
-                let dest = if (copy.dest.ends_with('/') || local.len() + extra.len() > 1)
-                    && !dest.ends_with('/')
-                {
-                    format!("{dest}/")
-                } else {
-                    dest
-                };
-                let rootfs = state.rootfs.clone();
-                let ignore = if from_context {
-                    self.shared.ignore.clone()
-                } else {
-                    None
-                };
-                let opts = CopyOptions {
-                    owner,
-                    mode,
-                    parents: copy.parents,
-                };
-                let unpack = is_add && from_context && copy.unpack != Some(false);
-                tokio::task::spawn_blocking(move || -> Result<Vec<Change>, String> {
-                    let mut changes = Vec::new();
-                    let mut filter = match &ignore {
-                        Some(rules) => CopyFilter::dockerignore(rules),
-                        None => CopyFilter::none(),
-                    };
-                    if let Some(exclude) = &exclude {
-                        filter = filter.with_exclude(exclude);
-                    }
-                    let mut plain = Vec::new();
-                    for source in local {
-                        let path = wfs::resolve_in_root(&source_root, &source, true)
-                            .map_err(|e| e.to_string())?;
-                        match (unpack && path.is_file(), add::archive_kind(&path)) {
-                            (true, Some(add::Archive::Tar)) => add::extract(&path, &rootfs, &dest)?,
-                            (true, Some(add::Archive::Unsupported(kind))) => {
-                                return Err(format!(
-                                    "ADD {source}: unpacking {kind} archives is not supported yet"
-                                ))
-                            }
-                            _ => plain.push(source),
-                        }
-                    }
-                    if !plain.is_empty() {
-                        changes.extend(
-                            wfs::copy_into(
-                                &source_root,
-                                &plain,
-                                &rootfs,
-                                &dest,
-                                opts.clone(),
-                                filter,
-                            )
-                            .map_err(|e| e.to_string())?,
-                        );
-                    }
-                    for (dir, name) in extra {
-                        changes.extend(
-                            wfs::copy_into(
-                                &dir,
-                                &[name],
-                                &rootfs,
-                                &dest,
-                                opts.clone(),
-                                CopyFilter::none(),
-                            )
-                            .map_err(|e| e.to_string())?,
-                        );
-                    }
-                    Ok(changes)
-                })
-                .await
-                .map_err(|e| e.to_string())?
+                let target = CopyTarget::Rootfs(state.rootfs.clone());
+                self.copy_step(copy, is_add, &cwd, done, id, target)
+                    .await
+                    .map_err(|e| match e {
+                        CopyFailure::Failed(m) | CopyFailure::NeedsRootfs(m) => m,
+                    })
             }
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// COPY or ADD onto `target`. On a skeleton the files the copy looks at are made from the
+    /// base's listings first (see [`ossb_worker::base`]); `NeedsRootfs` says the step must run
+    /// on the unpacked rootfs instead.
+    async fn copy_step(
+        &self,
+        copy: &ossb_dockerfile::Copy,
+        is_add: bool,
+        cwd: &str,
+        done: &HashMap<usize, StageState>,
+        id: usize,
+        target: CopyTarget,
+    ) -> Result<Vec<Change>, CopyFailure> {
+        let req = self.req();
+        let failed = CopyFailure::Failed;
+        let from_context = copy.from.is_none();
+        let source_root = match &copy.from {
+            None => req.context.clone(),
+            Some(Source::Stage(i)) => match done.get(i) {
+                Some(s) => self.source_rootfs(s).await.map_err(failed)?,
+                None => return Err(failed(format!("COPY --from: stage {i} has not been built"))),
+            },
+            Some(Source::Image(name)) if req.build_contexts.contains_key(name) => {
+                req.build_contexts[name].clone()
+            }
+            Some(Source::Image(image)) => match self.copy_images.get(image) {
+                Some((root, _)) => root.clone(),
+                None => {
+                    return Err(failed(format!(
+                        "COPY --from={image}: the image was not pulled"
+                    )))
+                }
+            },
+        };
+        // --chown, else 0:0 from the context (and downloads, heredocs, named contexts),
+        // else the owners the files have in the stage or image copied from.
+        let from_build = matches!(&copy.from, Some(Source::Stage(_)))
+            || matches!(&copy.from, Some(Source::Image(n)) if !req.build_contexts.contains_key(n));
+        let chown = copy.chown.clone();
+        let default_owner = if from_build { None } else { Some((0, 0)) };
+        let mode = match &copy.chmod {
+            Some(m) => Some(Mode::parse(m).ok_or_else(|| {
+                failed(format!(
+                    "--chmod={m}: expected an octal mode (755) or a symbolic one (u+x,go-w)"
+                ))
+            })?),
+            None => None,
+        };
+        let exclude = exclude_rules(copy).map_err(failed)?;
+        // Files that do not come from the source root: downloads and heredocs.
+        let mut extra: Vec<(PathBuf, String)> = Vec::new();
+        let mut local = Vec::new();
+        for source in &copy.sources {
+            if is_add && add::is_remote(source) {
+                let fetched = add::fetch(
+                    source,
+                    copy.checksum.as_deref(),
+                    copy.keep_git_dir.unwrap_or(false),
+                    &self.shared.work,
+                )
+                .await
+                .map_err(failed)?;
+                extra.extend(fetched.names.into_iter().map(|n| (fetched.dir.clone(), n)));
+            } else {
+                local.push(source.clone());
+            }
+        }
+        if !copy.heredocs.is_empty() {
+            let dir = self.shared.work.join(format!("heredocs-{id}"));
+            for doc in &copy.heredocs {
+                write_inline_file(&dir, &doc.name, &doc.content, doc.mode).map_err(failed)?;
+                extra.push((dir.clone(), doc.name.clone()));
+            }
+        }
+        let dest = absolute_in(cwd, &copy.dest);
+        // Keep the trailing slash: it means "a directory"; several sources mean one too.
+        let dest = if (copy.dest.ends_with('/') || local.len() + extra.len() > 1)
+            && !dest.ends_with('/')
+        {
+            format!("{dest}/")
+        } else {
+            dest
+        };
+        let ignore = if from_context {
+            self.shared.ignore.clone()
+        } else {
+            None
+        };
+        let parents = copy.parents;
+        let unpack = is_add && from_context && copy.unpack != Some(false);
+        tokio::task::spawn_blocking(move || -> Result<Vec<Change>, CopyFailure> {
+            let failed = |e: &dyn std::fmt::Display| CopyFailure::Failed(e.to_string());
+            let mut changes = Vec::new();
+            let mut filter = match &ignore {
+                Some(rules) => CopyFilter::dockerignore(rules),
+                None => CopyFilter::none(),
+            };
+            if let Some(exclude) = &exclude {
+                filter = filter.with_exclude(exclude);
+            }
+            let mut plain = Vec::new();
+            let mut archives = Vec::new();
+            for source in local {
+                let path =
+                    wfs::resolve_in_root(&source_root, &source, true).map_err(|e| failed(&e))?;
+                match (unpack && path.is_file(), add::archive_kind(&path)) {
+                    (true, Some(add::Archive::Tar)) => archives.push(path),
+                    (true, Some(add::Archive::Unsupported(kind))) => {
+                        return Err(CopyFailure::Failed(format!(
+                            "ADD {source}: unpacking {kind} archives is not supported yet"
+                        )))
+                    }
+                    _ => plain.push(source),
+                }
+            }
+            let rootfs = match &target {
+                CopyTarget::Rootfs(rootfs) => rootfs.clone(),
+                CopyTarget::Skeleton(tree, dir) => {
+                    if !archives.is_empty() {
+                        return Err(CopyFailure::NeedsRootfs("ADD unpacks an archive".into()));
+                    }
+                    let mut skeleton = Skeleton::new(tree, dir);
+                    let need = |e: SkeletonError| match e {
+                        SkeletonError::NeedsRootfs(m) => CopyFailure::NeedsRootfs(m),
+                        SkeletonError::Fs(e) => CopyFailure::Failed(e.to_string()),
+                    };
+                    if chown.is_some() {
+                        skeleton.prepare_accounts().map_err(need)?;
+                    }
+                    if !plain.is_empty() {
+                        skeleton
+                            .prepare_copy(&source_root, &plain, &dest, parents, filter)
+                            .map_err(need)?;
+                    }
+                    for (dir, name) in &extra {
+                        skeleton
+                            .prepare_copy(
+                                dir,
+                                std::slice::from_ref(name),
+                                &dest,
+                                parents,
+                                CopyFilter::none(),
+                            )
+                            .map_err(need)?;
+                    }
+                    skeleton.materialize().map_err(need)?;
+                    dir.clone()
+                }
+            };
+            let owner = match &chown {
+                Some(spec) => {
+                    let u = wfs::lookup_user(&rootfs, spec).map_err(|e| failed(&e))?;
+                    Some((u.uid, u.gid))
+                }
+                None => default_owner,
+            };
+            let opts = CopyOptions {
+                owner,
+                mode,
+                parents,
+            };
+            for path in archives {
+                add::extract(&path, &rootfs, &dest).map_err(|e| failed(&e))?;
+            }
+            if !plain.is_empty() {
+                changes.extend(
+                    wfs::copy_into(&source_root, &plain, &rootfs, &dest, opts.clone(), filter)
+                        .map_err(|e| failed(&e))?,
+                );
+            }
+            for (dir, name) in extra {
+                changes.extend(
+                    wfs::copy_into(
+                        &dir,
+                        &[name],
+                        &rootfs,
+                        &dest,
+                        opts.clone(),
+                        CopyFilter::none(),
+                    )
+                    .map_err(|e| failed(&e))?,
+                );
+            }
+            Ok(changes)
+        })
+        .await
+        .map_err(|e| CopyFailure::Failed(e.to_string()))?
     }
 
     async fn write_layer(
@@ -1033,6 +1210,23 @@ impl<'a> PlatformBuild<'a> {
             blobs,
         })
     }
+}
+
+/// Where a COPY writes.
+enum CopyTarget {
+    /// The stage's unpacked rootfs.
+    Rootfs(PathBuf),
+    /// An empty directory made into a skeleton of the stage's layers (see
+    /// [`ossb_worker::base`]).
+    Skeleton(std::sync::Arc<BaseTree>, PathBuf),
+}
+
+/// Why a COPY did not complete.
+enum CopyFailure {
+    /// The user's error message.
+    Failed(String),
+    /// It cannot run on a skeleton (why, for the debug log): run it on the rootfs.
+    NeedsRootfs(String),
 }
 
 /// The `--exclude` patterns of a COPY/ADD, as ignore rules.
@@ -1187,31 +1381,6 @@ fn waves(plan: &BuildPlan) -> Vec<Vec<usize>> {
             out.resize(l + 1, Vec::new());
         }
         out[l].push(i);
-    }
-    out
-}
-
-/// Stages whose rootfs another stage reads (COPY --from, RUN --mount from=).
-fn copy_sources(plan: &BuildPlan) -> Vec<usize> {
-    let mut out = Vec::new();
-    for stage in &plan.stages {
-        for step in &stage.steps {
-            match &step.instruction {
-                Instruction::Copy(c) | Instruction::Add(c) => {
-                    if let Some(Source::Stage(i)) = c.from {
-                        out.push(i);
-                    }
-                }
-                Instruction::Run(r) => {
-                    for m in &r.mounts {
-                        if let Some(Source::Stage(i)) = m.from {
-                            out.push(i);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
     }
     out
 }

@@ -166,6 +166,7 @@ impl BlobStore {
 
     /// Removes a blob (for prune, under an exclusive [`Lease`]). Absent blobs are fine.
     pub fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        let _ = fs::remove_file(self.listing_path(digest));
         let path = self.path(digest);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -408,9 +409,393 @@ fn bytes_to_digest(bytes: [u8; 32]) -> Digest {
         .unwrap_or_else(|_| Digest::of(b""))
 }
 
+/// One entry of a layer blob's tar, from its headers (GNU long names and PAX records applied):
+/// what a build needs to know about a base image's files without unpacking it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerEntry {
+    /// The name as stored (not cleaned: `./a`, `/a` and `a` are the same path to an applier).
+    pub name: Vec<u8>,
+    /// The tar type flag (`b'0'` or `0` file, `b'5'` directory, `b'2'` symlink, `b'1'` hard
+    /// link, ...).
+    pub kind: u8,
+    /// Permission bits (with setuid, setgid, sticky).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Content size.
+    pub size: u64,
+    /// Symlink target or hard-link target name.
+    pub link: Vec<u8>,
+    /// The content of the account databases (`etc/passwd`, `etc/group`), which `--chown`
+    /// names are looked up in; `None` for every other entry.
+    pub content: Option<Vec<u8>>,
+}
+
+/// Files whose content a listing keeps (cleaned names).
+const LISTED_CONTENT: [&[u8]; 2] = [b"etc/passwd", b"etc/group"];
+/// The most content kept for one of them, and the largest GNU long name or PAX header read.
+const LISTING_MAX: u64 = 1024 * 1024;
+const LISTING_MAGIC: &[u8] = b"ossb-layer-listing-v1\n";
+
+impl BlobStore {
+    /// The entries of the layer blob `digest` (gzip, zstd or plain tar), headers only. Made on
+    /// first use by reading the blob through (contents are skipped) and kept beside the blob
+    /// (`listings/<hex>`), so a later build reads a few hundred kilobytes instead of
+    /// decompressing the layer; a listing that does not parse is made again.
+    pub fn layer_listing(&self, digest: &Digest) -> Result<Vec<LayerEntry>, StoreError> {
+        let path = self.listing_path(digest);
+        if let Ok(bytes) = fs::read(&path) {
+            if let Some(entries) = decode_listing(&bytes) {
+                return Ok(entries);
+            }
+        }
+        let blob = self.open_blob(digest)?;
+        let blob_path = self.path(digest);
+        let entries = list_tar(crate::layer::decompressed(blob).map_err(io_err(&blob_path))?)
+            .map_err(|e| StoreError::Io {
+                path: blob_path.clone(),
+                source: io::Error::new(e.kind(), format!("reading the layer's entries: {e}")),
+            })?;
+        // Best effort: without a listing the next build reads the blob again.
+        let dir = self.root.join("listings");
+        if fs::create_dir_all(&dir).is_ok() {
+            if let Ok(mut tmp) = NamedTempFile::new_in(self.root.join("tmp")) {
+                if tmp.write_all(&encode_listing(&entries)).is_ok() {
+                    let _ = tmp.persist(&path);
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn listing_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("listings").join(digest.hex())
+    }
+}
+
+/// Reads the headers of a decompressed tar stream, skipping contents. Extension headers larger
+/// than [`LISTING_MAX`] are refused before they are read (as the applier's guard does).
+fn list_tar(mut r: impl Read) -> io::Result<Vec<LayerEntry>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut out = Vec::new();
+    let mut block = [0u8; 512];
+    let (mut long_name, mut long_link): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+    let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    loop {
+        if !read_block(&mut r, &mut block)? || block.iter().all(|b| *b == 0) {
+            break;
+        }
+        let kind = block[156];
+        let mut size = tar_number(&block[124..136]).ok_or_else(|| bad("invalid size field"))?;
+        let extension = matches!(kind, b'L' | b'K' | b'x' | b'g' | b'X');
+        if extension {
+            if size > LISTING_MAX {
+                return Err(bad("an extension header larger than 1 MiB"));
+            }
+            let data = read_data(&mut r, size)?;
+            match kind {
+                b'L' => long_name = Some(until_nul(&data).to_vec()),
+                b'K' => long_link = Some(until_nul(&data).to_vec()),
+                b'x' | b'X' => pax = pax_records(&data),
+                _ => {}
+            }
+            continue;
+        }
+        let field = |range: std::ops::Range<usize>| tar_number(&block[range]).unwrap_or(0);
+        let mode = (field(100..108) & 0o7777) as u32;
+        let mut name = match long_name.take() {
+            Some(n) => n,
+            None if &block[257..263] == b"ustar\0" && block[345] != 0 => {
+                let mut n = until_nul(&block[345..500]).to_vec();
+                n.push(b'/');
+                n.extend_from_slice(until_nul(&block[0..100]));
+                n
+            }
+            None => until_nul(&block[0..100]).to_vec(),
+        };
+        let mut link = long_link
+            .take()
+            .unwrap_or_else(|| until_nul(&block[157..257]).to_vec());
+        let (mut uid, mut gid, mut mtime) = (field(108..116), field(116..124), field(136..148));
+        for (k, v) in std::mem::take(&mut pax) {
+            let num = || {
+                std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.split('.').next()?.parse::<u64>().ok())
+            };
+            match k.as_slice() {
+                b"path" => name = v,
+                b"linkpath" => link = v,
+                b"size" => size = num().ok_or_else(|| bad("invalid PAX size"))?,
+                b"uid" => uid = num().unwrap_or(uid),
+                b"gid" => gid = num().unwrap_or(gid),
+                b"mtime" => mtime = num().unwrap_or(mtime),
+                _ => {}
+            }
+        }
+        // GNU sparse files: extension blocks follow the header while their flag says so.
+        let mut more = kind == b'S' && block[482] != 0;
+        while more {
+            if !read_block(&mut r, &mut block)? {
+                return Err(bad("truncated sparse header"));
+            }
+            more = block[504] != 0;
+        }
+        let is_file = matches!(kind, 0 | b'0' | b'7');
+        let content = if is_file
+            && size <= LISTING_MAX
+            && LISTED_CONTENT.contains(&clean(&name).as_slice())
+        {
+            Some(read_data(&mut r, size)?)
+        } else {
+            // Hard links, symlinks and directories carry no data whatever their size field.
+            if !matches!(kind, b'1' | b'2' | b'5') {
+                skip_data(&mut r, size)?;
+            }
+            None
+        };
+        out.push(LayerEntry {
+            name,
+            kind,
+            mode,
+            uid: uid as u32,
+            gid: gid as u32,
+            mtime: mtime as i64,
+            size,
+            link,
+            content,
+        });
+    }
+    // Read to the end so a compressed stream's trailer is verified.
+    io::copy(&mut r, &mut io::sink())?;
+    Ok(out)
+}
+
+/// `name` with `/`, `.` and empty components dropped (only to compare with [`LISTED_CONTENT`]).
+fn clean(name: &[u8]) -> Vec<u8> {
+    name.split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .collect::<Vec<_>>()
+        .join(&b'/')
+}
+
+fn read_block(r: &mut impl Read, block: &mut [u8; 512]) -> io::Result<bool> {
+    let mut n = 0;
+    while n < block.len() {
+        match r.read(&mut block[n..]) {
+            Ok(0) if n == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// The data of an entry (`size` bytes, at most [`LISTING_MAX`]), and its padding skipped.
+fn read_data(r: &mut impl Read, size: u64) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(size as usize);
+    r.take(size).read_to_end(&mut data)?;
+    if (data.len() as u64) < size {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let padding = (512 - size % 512) % 512;
+    if io::copy(&mut r.take(padding), &mut io::sink())? < padding {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(data)
+}
+
+/// Skips `size` bytes of data and the padding to the next block.
+fn skip_data(r: &mut impl Read, size: u64) -> io::Result<()> {
+    let padded = size.div_ceil(512) * 512;
+    if io::copy(&mut r.take(padded), &mut io::sink())? < padded {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+fn until_nul(b: &[u8]) -> &[u8] {
+    &b[..b.iter().position(|c| *c == 0).unwrap_or(b.len())]
+}
+
+/// A numeric header field: octal text, or base-256 when the high bit of its first byte is set.
+fn tar_number(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(*b))?;
+        }
+        return Some(v);
+    }
+    let text = std::str::from_utf8(until_nul(field)).ok()?.trim();
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+/// PAX records `"<len> <key>=<value>\n"`; malformed ones end the list.
+fn pax_records(mut data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(space) = data.iter().position(|b| *b == b' ') {
+        let Some(len) = std::str::from_utf8(&data[..space])
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|l| *l > space + 1 && *l <= data.len())
+        else {
+            break;
+        };
+        let record = &data[space + 1..len - 1];
+        if let Some(eq) = record.iter().position(|b| *b == b'=') {
+            out.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
+        }
+        data = &data[len..];
+    }
+    out
+}
+
+fn encode_listing(entries: &[LayerEntry]) -> Vec<u8> {
+    let mut out = LISTING_MAGIC.to_vec();
+    let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    };
+    for e in entries {
+        out.push(e.kind);
+        for v in [e.mode, e.uid, e.gid] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&e.mtime.to_le_bytes());
+        out.extend_from_slice(&e.size.to_le_bytes());
+        bytes(&mut out, &e.name);
+        bytes(&mut out, &e.link);
+        match &e.content {
+            Some(c) => {
+                out.push(1);
+                bytes(&mut out, c);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+/// The entries of an encoded listing; `None` when it is not one (truncated, another version).
+fn decode_listing(data: &[u8]) -> Option<Vec<LayerEntry>> {
+    let mut d = data.strip_prefix(LISTING_MAGIC)?;
+    fn take<'a>(d: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if d.len() < n {
+            return None;
+        }
+        let (head, rest) = d.split_at(n);
+        *d = rest;
+        Some(head)
+    }
+    let u32_ = |d: &mut &[u8]| Some(u32::from_le_bytes(take(d, 4)?.try_into().ok()?));
+    let u64_ = |d: &mut &[u8]| Some(u64::from_le_bytes(take(d, 8)?.try_into().ok()?));
+    let bytes = |d: &mut &[u8]| {
+        let n = u32::from_le_bytes(take(d, 4)?.try_into().ok()?) as usize;
+        Some(take(d, n)?.to_vec())
+    };
+    let mut out = Vec::new();
+    while !d.is_empty() {
+        let kind = take(&mut d, 1)?[0];
+        let (mode, uid, gid) = (u32_(&mut d)?, u32_(&mut d)?, u32_(&mut d)?);
+        let (mtime, size) = (u64_(&mut d)? as i64, u64_(&mut d)?);
+        let (name, link) = (bytes(&mut d)?, bytes(&mut d)?);
+        let content = match take(&mut d, 1)?[0] {
+            0 => None,
+            1 => Some(bytes(&mut d)?),
+            _ => return None,
+        };
+        out.push(LayerEntry {
+            name,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            size,
+            link,
+            content,
+        });
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_a_layer_and_keeps_the_listing() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(0o640);
+            h.set_uid(7);
+            h.set_gid(8);
+            h.set_mtime(1234);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            tar.append_data(&mut h, name, data).unwrap();
+        };
+        add("etc/", tar::EntryType::Directory, b"", None);
+        add(
+            "./etc/passwd",
+            tar::EntryType::Regular,
+            b"root:x:0:0::/:/bin/sh\n",
+            None,
+        );
+        add("big", tar::EntryType::Regular, &vec![7u8; 5000], None);
+        let long = format!("{}/f", "d".repeat(150));
+        add(&long, tar::EntryType::Regular, b"x", None);
+        add("lnk", tar::EntryType::Symlink, b"", Some("/etc/passwd"));
+        let bytes = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let d = store.put(&gz.finish().unwrap()).unwrap();
+        let entries = store.layer_listing(&d).unwrap();
+        let names: Vec<String> = entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .collect();
+        assert_eq!(names, ["etc/", "etc/passwd", "big", long.as_str(), "lnk"]);
+        assert_eq!(
+            entries[1].content.as_deref(),
+            Some(&b"root:x:0:0::/:/bin/sh\n"[..])
+        );
+        assert_eq!(
+            (entries[2].size, entries[2].content.is_none()),
+            (5000, true)
+        );
+        assert_eq!(
+            (
+                entries[2].mode,
+                entries[2].uid,
+                entries[2].gid,
+                entries[2].mtime
+            ),
+            (0o640, 7, 8, 1234)
+        );
+        assert_eq!(entries[4].link, b"/etc/passwd");
+        // The second call reads the kept listing: the same entries.
+        assert!(store.listing_path(&d).is_file());
+        assert_eq!(store.layer_listing(&d).unwrap(), entries);
+        store.remove(&d).unwrap();
+        assert!(!store.listing_path(&d).exists());
+    }
 
     #[test]
     fn stores_by_digest_and_reads_back() {

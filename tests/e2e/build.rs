@@ -695,3 +695,154 @@ fn named_build_context() {
         "v2\n"
     );
 }
+
+/// Builds `ctx` with `SOURCE_DATE_EPOCH` and `OSSB_LOG=debug`, plus `extra_env`; returns the
+/// manifest digest and the log.
+fn build_epoch(
+    env: &TestEnv,
+    cache: &std::path::Path,
+    ctx: &std::path::Path,
+    extra_env: &[(&str, &str)],
+) -> (String, String) {
+    let reg = env.registry();
+    let meta = cache.join("meta.json");
+    let mut vars = vec![
+        ("SOURCE_DATE_EPOCH", "1700000000"),
+        ("OSSB_LOG", "ossb_coordinator=debug"),
+    ];
+    vars.extend_from_slice(extra_env);
+    let run = ossb_with(
+        env,
+        cache,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--insecure-registry",
+            &reg,
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            ctx.to_str().unwrap(),
+        ],
+        &vars,
+    )
+    .success("ossb build");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(meta).unwrap()).unwrap();
+    let digest = meta["containerimage.digest"].as_str().unwrap().to_string();
+    (digest, run.stderr)
+}
+
+/// Copies a directory tree (a cache dir) keeping modes, owners and links.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    tool("cp", &["-a", from.to_str().unwrap(), to.to_str().unwrap()]).success("cp -a");
+}
+
+/// A COPY whose earlier steps all come from the cache runs on a skeleton of the base's layers
+/// instead of an unpacked rootfs. It must give the very layer the unpacked rootfs gives
+/// (`OSSB_COPY_ON_ROOTFS=1`): destinations under absolute and relative symlinked directories
+/// resolved inside the rootfs, an existing directory copied into, a file in the way,
+/// `--chown` names from the image's own /etc/passwd, `--chmod`, `--parents`, `--exclude`,
+/// `--link`, heredocs, and the parent directories with the base's owner and mode. A later RUN
+/// sees the copied files. (Not mtimes: on the unpacked rootfs the RUN sees the copy's own
+/// times, after a skeleton COPY the layer's, clamped to SOURCE_DATE_EPOCH.)
+#[test]
+fn copy_after_cached_steps_matches_the_unpacked_rootfs() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!(
+        "FROM {}\n\
+         RUN mkdir -p /opt/real/sub /existing /home/app && ln -s /opt/real /opt/link \
+           && ln -s ../opt/link /rel-link && chown 1000:1000 /opt/real && chmod 0750 /opt/real \
+           && echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd \
+           && echo 'app:x:1000:' >> /etc/group && echo old > /file-in-way \
+           && mkdir /dir-over && echo x > /dir-over/x && echo k > /dir-over/keep\n\
+         COPY a.txt /opt/link/sub/\n\
+         COPY --chown=app:app tree/ /rel-link/new/deep/\n\
+         COPY --chmod=600 a.txt /existing\n\
+         COPY --parents tree/x/y.txt /p/\n\
+         COPY --exclude=*.log tree /ex/\n\
+         COPY --link a.txt /l/\n\
+         COPY a.txt /file-in-way\n\
+         COPY tree /dir-over/\n\
+         COPY <<EOT /opt/link/heredoc\nhello\nEOT\n\
+         RUN cat /opt/real/sub/a.txt > /seen && stat -c '%u:%g %a %n' /opt/real/* > /listing\n",
+        busybox(&env)
+    );
+    let files = |v: &str| {
+        vec![
+            ("a.txt", format!("a {v}\n")),
+            ("tree/x/y.txt", format!("y {v}\n")),
+            ("tree/x/z.log", "log\n".to_string()),
+            ("tree/top", format!("top {v}\n")),
+        ]
+    };
+    let write = |ctx: &std::path::Path, v: &str| {
+        for (name, content) in files(v) {
+            let path = ctx.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+    };
+    let ctx = context(dir.path(), &dockerfile, &[]);
+    write(&ctx, "one");
+    let cache = dir.path().join("cache");
+    build_epoch(&env, &cache, &ctx, &[]);
+    // The same cache twice: the COPYs rerun after the cached RUN, on a skeleton and on the
+    // unpacked rootfs.
+    let reference = dir.path().join("reference");
+    copy_dir(&cache, &reference);
+    write(&ctx, "two");
+    let (skeleton, log) = build_epoch(&env, &cache, &ctx, &[]);
+    assert!(
+        log.contains("skeleton=true") && !log.contains("skeleton=false"),
+        "every COPY should run on a skeleton:\n{log}"
+    );
+    let (unpacked, _) = build_epoch(&env, &reference, &ctx, &[("OSSB_COPY_ON_ROOTFS", "1")]);
+    assert_eq!(
+        skeleton, unpacked,
+        "a skeleton COPY must give the same image"
+    );
+
+    // What the layers hold: the copied file where the symlink leads, its parent directory with
+    // the base's owner and mode, and the later RUN saw it.
+    let store = ossb_image::store::BlobStore::open(&cache).unwrap();
+    let digest: ossb_protocol::Digest = skeleton.parse().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&store.read(&digest).unwrap()).unwrap();
+    let layers: Vec<Vec<ossb_image::store::LayerEntry>> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let d: ossb_protocol::Digest = l["digest"].as_str().unwrap().parse().unwrap();
+            store.layer_listing(&d).unwrap()
+        })
+        .collect();
+    let find = |layer: &[ossb_image::store::LayerEntry], name: &str| {
+        layer
+            .iter()
+            .find(|e| String::from_utf8_lossy(&e.name).trim_end_matches('/') == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not in the layer"))
+    };
+    let copy = &layers[layers.len() - 10];
+    let real = find(copy, "opt/real");
+    assert_eq!(
+        (real.kind, real.mode, real.uid, real.gid),
+        (b'5', 0o750, 1000, 1000)
+    );
+    find(copy, "opt/real/sub/a.txt");
+    assert!(
+        !copy.iter().any(|e| e.name.starts_with(b"opt/link/")),
+        "{copy:?}"
+    );
+    let chowned = &layers[layers.len() - 9];
+    let deep = find(chowned, "opt/real/new/deep/top");
+    assert_eq!((deep.uid, deep.gid), (1000, 1000));
+    let existing = find(&layers[layers.len() - 8], "existing/a.txt");
+    assert_eq!(existing.mode, 0o600);
+    find(&layers[layers.len() - 3], "dir-over/x/y.txt");
+    let seen = find(layers.last().unwrap(), "seen");
+    assert_eq!(seen.size, "a two\n".len() as u64);
+}

@@ -4,6 +4,7 @@
 //! for COPY and WORKDIR ([`fs`]), or found by comparing metadata snapshots where overlayfs is not
 //! available ([`snapshot`]).
 
+pub mod base;
 pub mod checksum;
 pub mod emulation;
 pub mod fs;
