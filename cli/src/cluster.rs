@@ -211,8 +211,11 @@ pub fn coordinator(args: CoordinatorArgs) -> ExitCode {
 
 /// `ossb worker` (already inside its user namespace, entered by `main`): JSON log lines to
 /// stdout, serves until SIGTERM/SIGINT.
-pub fn worker(args: WorkerArgs) -> ExitCode {
+pub fn worker(args: WorkerArgs, isolation: Option<String>) -> ExitCode {
     node_setup();
+    if let Some(notice) = isolation {
+        tracing::info!("{notice}");
+    }
     let sandbox_exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {

@@ -17,14 +17,49 @@ use crate::args::{Extras, ProgressMode};
 /// Logging to stderr, filtered by `OSSB_LOG` (default `warn`); colours only on a terminal, so a
 /// CI log or `kubectl logs` gets plain text.
 pub fn init_logging() {
+    init_build_logging(ProgressMode::Plain)
+}
+
+/// Logging for a build shown as `mode`: with `--progress json` every log line is a JSON object
+/// on stdout beside the progress events, so a log collector reads one stream of JSON lines.
+pub fn init_build_logging(mode: ProgressMode) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+    let _ = if mode == ProgressMode::Json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stdout)
+            .try_init()
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .try_init()
+    };
+}
+
+/// A line about the build that is not a step's (which isolation was chosen): an `info` event
+/// with `--progress json`, else a line on stderr.
+pub fn notice(mode: ProgressMode, text: &str) {
+    if mode == ProgressMode::Json {
+        Json.event(Event::Info(text.to_string()));
+    } else {
+        eprintln!("{text}");
+    }
+}
+
+/// Reports an error that ends the command before or after the build: a JSON event with
+/// `--progress json`, else `error: ...` on stderr. Returns `code` as the exit code.
+pub fn fail(mode: ProgressMode, message: &str, code: u8) -> ExitCode {
+    if mode == ProgressMode::Json {
+        Json.error(message, code);
+    } else {
+        eprintln!("error: {message}");
+    }
+    ExitCode::from(code)
 }
 
 /// A build in progress, borrowing the request and the display.
@@ -44,8 +79,11 @@ pub fn run_to_exit(
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return fail(
+                extras.progress,
+                &format!("cannot start the async runtime: {e}"),
+                1,
+            )
         }
     };
     let display = for_mode(extras.progress);
@@ -54,16 +92,18 @@ pub fn run_to_exit(
     match runtime.block_on(build(request, display)) {
         Ok(result) => {
             if let Err(e) = extras.write_files(request, &result) {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
+                return fail(extras.progress, &e.to_string(), 1);
             }
             display.summary(&result, started.elapsed());
             ExitCode::SUCCESS
         }
         Err(e) => {
             display.finish();
-            eprintln!("error: {e}");
-            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+            fail(
+                extras.progress,
+                &e.to_string(),
+                u8::try_from(e.exit_code()).unwrap_or(1),
+            )
         }
     }
 }
@@ -344,6 +384,11 @@ impl Json {
     fn emit(&self, value: serde_json::Value) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{value}");
+    }
+
+    /// The last event of a failed command.
+    fn error(&self, message: &str, exit_code: u8) {
+        self.emit(serde_json::json!({"event": "error", "message": message, "exit_code": exit_code}))
     }
 }
 

@@ -26,10 +26,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Build(build) => {
             // Enter the user namespace while this process still has a single thread.
-            if let Err(code) = enter_isolation(build.isolation.into()) {
-                return code;
+            match enter_isolation(build.isolation.into()) {
+                Ok(notice) => run_build(*build, notice),
+                Err(code) => code,
             }
-            run_build(*build)
         }
         Command::Debug {
             command: DebugCommand::Parse { file },
@@ -40,10 +40,10 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => cluster::coordinator(args),
         Command::Worker(args) => {
             // As for build: the user namespace is entered while the process has one thread.
-            if let Err(code) = enter_isolation(args.isolation.into()) {
-                return code;
+            match enter_isolation(args.isolation.into()) {
+                Ok(notice) => cluster::worker(*args, notice),
+                Err(code) => code,
             }
-            cluster::worker(*args)
         }
     }
 }
@@ -51,18 +51,18 @@ fn main() -> ExitCode {
 /// Sets the process up for the isolation asked for with `--isolation`: rootless re-executes
 /// the build in a user namespace (the `Err` is then the exit code of that build); chroot stays
 /// in this process as root; auto is rootless when the kernel allows a user namespace, else
-/// chroot when running as root, else an error saying what is missing.
-fn enter_isolation(isolation: sandbox::Isolation) -> Result<(), ExitCode> {
+/// chroot when running as root, else an error saying what is missing. `Ok` carries what `auto`
+/// chose, for the command to log once its logging is set up (JSON for a worker).
+fn enter_isolation(isolation: sandbox::Isolation) -> Result<Option<String>, ExitCode> {
     use sandbox::Isolation;
     if let Some(mapping) = userns::IdMapping::current() {
         // The re-executed build, inside its namespace.
-        if isolation == Isolation::Auto {
-            eprintln!(
+        return Ok((isolation == Isolation::Auto).then(|| {
+            format!(
                 "isolation: rootless (auto; user namespace with {})",
                 mapping.describe()
-            );
-        }
-        return Ok(());
+            )
+        }));
     }
     let root = userns::running_as_root();
     if isolation == Isolation::Chroot {
@@ -70,15 +70,14 @@ fn enter_isolation(isolation: sandbox::Isolation) -> Result<(), ExitCode> {
             eprintln!("error: --isolation chroot needs root in the container (it chroots into each step's rootfs and switches to the step's user): run as uid 0, or use --isolation rootless");
             return Err(ExitCode::from(1));
         }
-        return Ok(());
+        return Ok(None);
     }
     match userns::reexec_in_user_namespace() {
         Ok(code) => Err(exit(code)),
         Err(userns::UsernsError::Refused { errno, .. }) if isolation == Isolation::Auto && root => {
-            eprintln!(
+            Ok(Some(format!(
                 "isolation: chroot (auto; user namespaces are refused here: {errno}). RUN steps run as the container's root in a chroot, in their own mount and pid namespaces only if the container has CAP_SYS_ADMIN; use --isolation rootless where user namespaces work"
-            );
-            Ok(())
+            )))
         }
         Err(userns::UsernsError::Refused { errno, .. }) if isolation == Isolation::Auto => {
             eprintln!("error: cannot isolate RUN steps: unprivileged user namespaces are disabled ({errno}) and ossb is not root, so chroot isolation is not possible either\n  hint: sysctl kernel.unprivileged_userns_clone=1 (or kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), or run with --isolation chroot as root in the container, or set hostUsers: false in the pod spec (with a seccomp/AppArmor profile that allows unshare)");
@@ -95,16 +94,17 @@ fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn run_build(args: BuildArgs) -> ExitCode {
-    display::init_logging();
+fn run_build(args: BuildArgs, isolation: Option<String>) -> ExitCode {
+    let mode = args.progress;
+    display::init_build_logging(mode);
+    if let Some(notice) = isolation {
+        display::notice(mode, &notice);
+    }
     // One CryptoProvider for every TLS user in the process (reqwest now, quinn later).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (request, extras) = match args.into_request() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return display::fail(mode, &e, 2),
     };
     display::run_to_exit(&request, &extras, |request, display| {
         Box::pin(ossb_coordinator::build(request, display))

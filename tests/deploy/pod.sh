@@ -3,18 +3,21 @@
 # for the deploy tests: in the image's root filesystem (an unpacked `ossb build --output
 # type=local` of deploy/Dockerfile), in new mount and pid namespaces (and a network namespace
 # when given), with the pod's volumes bind-mounted at their mountPaths, a fresh /proc, the
-# given /etc/hosts (what the headless Services resolve to), the container's environment only,
-# its user, a capability bounding set and no_new_privs, and a read-only root when asked.
+# given /etc/hosts (what the headless Services resolve to), its own hostname (the pod's name),
+# the container's environment only, its user, a capability bounding set and no_new_privs, and a
+# read-only root when asked. The rootfs is entered with pivot_root (tests/deploy/enter.py), as a
+# runtime does, so the container can make user namespaces as it can in a pod; --userns gives
+# the pod a user namespace of its own (`hostUsers: false`).
 #
-#   pod.sh --rootfs DIR [--netns NS] [--hosts FILE] [--user UID:GID] [--caps cap,cap]
-#          [--ro-root] [--no-new-privs] [--mount SRC:DST[:ro]]... [--env K=V]... -- CMD ARGS...
+#   pod.sh --rootfs DIR [--netns NS] [--userns] [--hosts FILE] [--hostname NAME] [--user UID:GID]
+#          [--caps cap,cap] [--ro-root] [--no-new-privs] [--mount SRC:DST[:ro]]...
+#          [--env K=V]... -- CMD ARGS...
 #
-# The bounding set always keeps SYS_CHROOT, SETUID and SETGID for the entry into the rootfs
-# (chroot --userspec), which a runtime does before it drops capabilities. DIR is modified:
+# With --caps (even empty) only those capabilities stay in the bounding set. DIR is modified:
 # mount points are created in it.
 set -euo pipefail
 all=("$@")
-rootfs= netns= hosts= user=0:0 caps= ro_root=0 nnp=0 inner=0 mounts=() envs=()
+rootfs= netns= hosts= hostname= userns=0 user=0:0 caps= caps_given= ro_root=0 nnp=0 inner=0 mounts=() envs=()
 while (($#)); do
   case $1 in
     --inner) inner=1; shift ;;
@@ -22,7 +25,9 @@ while (($#)); do
     --netns) netns=$2; shift 2 ;;
     --hosts) hosts=$2; shift 2 ;;
     --user) user=$2; shift 2 ;;
-    --caps) caps=$2; shift 2 ;;
+    --caps) caps=$2; caps_given=1; shift 2 ;;
+    --hostname) hostname=$2; shift 2 ;;
+    --userns) userns=1; shift ;;
     --ro-root) ro_root=1; shift ;;
     --no-new-privs) nnp=1; shift ;;
     --mount) mounts+=("$2"); shift 2 ;;
@@ -36,7 +41,8 @@ done
 if ((inner == 0)); then
   wrap=()
   [[ -z $netns ]] || wrap=(ip netns exec "$netns")
-  exec "${wrap[@]}" unshare --mount --pid --fork --propagation private -- bash "$0" --inner "${all[@]}"
+  ((userns == 0)) || wrap+=(python3 "$(dirname "$0")/enter.py" --userns --)
+  exec "${wrap[@]}" unshare --mount --pid --uts --fork --propagation private -- bash "$0" --inner "${all[@]}"
 fi
 
 R=$(cd "$rootfs" && pwd)
@@ -54,15 +60,11 @@ if [[ -n $hosts ]]; then
   [[ -e $R/etc/hosts ]] || touch "$R/etc/hosts"
   mount --bind "$hosts" "$R/etc/hosts"
 fi
+mkdir -p "$R/.pod-oldroot" # where enter.py puts the host's root before detaching it
 ((ro_root == 0)) || mount -o remount,bind,ro "$R"
-priv=()
-if [[ -n $caps ]]; then
-  bound=-all,+sys_chroot,+setuid,+setgid
-  IFS=, read -ra list <<<"$caps"
-  for c in "${list[@]}"; do [[ -z $c ]] || bound+=",+${c,,}"; done
-  priv+=(--bounding-set "$bound")
-fi
-((nnp == 0)) || priv+=(--no-new-privs)
-prefix=()
-((${#priv[@]} == 0)) || prefix=(/usr/bin/setpriv "${priv[@]}" --)
-exec /usr/bin/env -i "${envs[@]}" "${prefix[@]}" /usr/sbin/chroot --userspec="$user" "$R" "$@"
+enter=(--user "$user")
+[[ -z $caps_given ]] || enter+=(--caps "$caps")
+((nnp == 0)) || enter+=(--no-new-privs)
+for e in "${envs[@]}"; do enter+=(--env "$e"); done
+[[ -z $hostname ]] || hostname "$hostname"
+exec python3 "$(dirname "$0")/enter.py" "$R" "${enter[@]}" -- "$@"

@@ -1,8 +1,7 @@
 //! deploy/: the manifests validate, the ossb image builds and runs, and the rendered Job and
-//! cache-node StatefulSet run with their own command lines, environment, mounts, users and
-//! capabilities (tests/deploy/pod.sh), in network namespaces with /etc/hosts standing in for
-//! the headless Services. The coordinator, worker and ossb-submit parts are added to
-//! `cluster_topology_from_the_rendered_manifests` when those binaries exist.
+//! cluster (cache nodes, coordinator, worker pools) run with their own command lines,
+//! environment, mounts, users and capabilities (tests/deploy/pod.sh), in network namespaces with
+//! /etc/hosts standing in for the headless Services; docs/ci's examples submit builds to it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +58,10 @@ struct Container {
     caps: Vec<String>,
     read_only_root: bool,
     no_new_privs: bool,
+    /// The pod's name: its hostname and $HOSTNAME, as the kubelet sets them.
+    hostname: Option<String>,
+    /// `hostUsers: false`: the pod has a user namespace of its own.
+    own_userns: bool,
 }
 
 impl Container {
@@ -133,7 +136,24 @@ impl Container {
             caps,
             read_only_root: sc["readOnlyRootFilesystem"] == true,
             no_new_privs: sc["allowPrivilegeEscalation"] == false,
+            hostname: None,
+            own_userns: spec["hostUsers"] == false,
         }
+    }
+
+    /// Names the pod: its hostname and $HOSTNAME.
+    fn named(mut self, pod: &str) -> Container {
+        self.hostname = Some(pod.to_string());
+        self.env.insert("HOSTNAME".into(), pod.into());
+        self
+    }
+
+    /// Adds the image's environment under the container's (a runtime's order).
+    fn with(mut self, image_env: &HashMap<String, String>) -> Container {
+        for (k, v) in image_env {
+            self.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        self
     }
 
     /// The pod.sh command line; `volumes` maps volume names to host directories.
@@ -161,6 +181,12 @@ impl Container {
         }
         if let Some(h) = hosts {
             cmd.arg("--hosts").arg(h);
+        }
+        if let Some(name) = &self.hostname {
+            cmd.arg("--hostname").arg(name);
+        }
+        if self.own_userns {
+            cmd.arg("--userns");
         }
         for (path, volume, ro) in &self.mounts {
             let src = volumes.get(volume.as_str()).unwrap_or_else(|| {
@@ -392,8 +418,8 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
     );
 }
 
-/// Network namespaces joined by a bridge in a namespace of their own (nothing is added to the
-/// host's network), one per pod, removed when dropped.
+/// Network namespaces joined by a bridge in a namespace of their own, one per pod, removed
+/// when dropped (with the uplink to the host, when one was made).
 struct Net {
     prefix: String,
     pods: Vec<String>,
@@ -413,6 +439,36 @@ impl Net {
     }
     fn switch(&self) -> String {
         format!("{}-sw", self.prefix)
+    }
+    /// A link from the host to the bridge, with address 10.213.0.1 on the host's end (for what
+    /// the pods reach outside the cluster); returns that address. Removed with the switch.
+    fn uplink(&self) -> String {
+        let host_end = format!("{}u", self.prefix);
+        ip(&[
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "up0",
+            "netns",
+            &self.switch(),
+        ]);
+        ip(&[
+            "-n",
+            &self.switch(),
+            "link",
+            "set",
+            "up0",
+            "master",
+            "br0",
+            "up",
+        ]);
+        ip(&["addr", "add", "10.213.0.1/24", "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        "10.213.0.1".to_string()
     }
     /// A pod namespace with address 10.213.0.N; returns its name.
     fn pod(&mut self, n: usize) -> String {
@@ -515,35 +571,135 @@ fn http_get_in(ns: &str, hosts: &Path, url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The cluster of deploy/cluster/base as processes: what exists today is the peer cache (the
-/// StatefulSet's three cache nodes, started from its rendered command line, env and mounts in
-/// their own network namespaces, names resolving as the headless Service ossb-cache would, the
-/// TLS Secret made by the certs Job's own `ossb certs init` command line). Each pod's readiness
-/// probe (/healthz) must answer. The coordinator's and workers' rendered command lines are
-/// checked against `ossb coordinator --help` / `ossb worker --help`.
+/// The namespace the test's objects live in (the certs Job's POD_NAMESPACE; docs/ci's examples
+/// address the coordinator as ossb-coordinator.ossb.svc).
+const NAMESPACE: &str = "ossb";
+
+/// The image's own environment (its config's Env), which a runtime sets before the container's.
+fn image_env(image: &str) -> HashMap<String, String> {
+    let config = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --config");
+    let config: Value = serde_json::from_str(&config.stdout).unwrap();
+    config["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let (k, v) = e.as_str()?.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// A Secret or ConfigMap volume as the kubelet writes it: one file per key, `mode`, group 1000
+/// (the pods' fsGroup).
+fn secret_volume(dir: &Path, files: &[(&str, &[u8])], mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in files {
+        let f = dir.join(name);
+        std::fs::write(&f, bytes).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&f, Some(0), Some(1000)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// An emptyDir or a PVC: writable by the fsGroup (setgid), or world-writable for /tmp.
+fn empty_dir(dir: &Path, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::chown(dir, Some(0), Some(1000)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    dir.to_path_buf()
+}
+
+/// Relays TCP connections from `listen` (an address on the pods' network) to `to` (the test
+/// registry on the host's loopback); returns the port it listens on.
+fn relay(listen: &str, to: String) -> u16 {
+    let listener = std::net::TcpListener::bind(listen).expect("relay: bind");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let pipe = |mut from: std::net::TcpStream, mut into: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    port
+}
+
+/// Waits until `url` answers "ok\n" from the client's namespace (the kubelet's readiness probe).
+fn wait_ready(client_ns: &str, hosts: &Path, url: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get_in(client_ns, hosts, url).is_some_and(|b| b == "ok\n") {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{url} never answered ok (readiness probe):\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The probe port's number and path of a rendered container.
+fn probe(container: &Value) -> (u64, String) {
+    let probe = &container["readinessProbe"]["httpGet"];
+    let port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == probe["port"])
+        .unwrap_or_else(|| panic!("no port named {}", probe["port"]))["containerPort"]
+        .as_u64()
+        .unwrap();
+    (port, probe["path"].as_str().unwrap().to_string())
+}
+
+/// The cluster of deploy/cluster/base (and the emulated-arm64 overlay's worker) as processes,
+/// each started from its rendered command line, environment, user, capabilities and mounts in a
+/// network namespace of its own, names resolving as the headless Services would, the TLS
+/// Secrets made by the certs Job's own `ossb certs init` command line: three cache nodes, the
+/// coordinator, a native amd64 worker and a worker that emulates arm64. Every pod's readiness
+/// probe (/healthz) must answer; then the Tekton Task of docs/ci submits a two-platform build
+/// with ossb-submit from the ossb image, and both images of the pushed index run under podman.
 #[test]
 fn cluster_topology_from_the_rendered_manifests() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (_, rootfs) = ossb_image(&env, dir.path());
+    let (image, rootfs) = ossb_image(&env, dir.path());
+    let image_env = image_env(&image);
     let objects = render(&env, "deploy/cluster/base");
+    let emulated = render(&env, "deploy/cluster/overlays/emulated-arm64");
     let certs = render(&env, "deploy/cluster/certs-job");
 
     // The certs Job's init container, run as written (POD_NAMESPACE from the downward API).
     let certs_job = find(&certs, "Job", "ossb-certs");
     let init = &certs_job["spec"]["template"]["spec"]["initContainers"][0];
-    let mut ns_env = HashMap::new();
-    ns_env.insert("POD_NAMESPACE".to_string(), "ossb-test".to_string());
+    let ns_env = HashMap::from([("POD_NAMESPACE".to_string(), NAMESPACE.to_string())]);
+    let certs_dir = dir.path().join("certs");
+    std::fs::create_dir(&certs_dir).unwrap();
     let args: Vec<String> = init["args"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| expand(a.as_str().unwrap(), &ns_env))
-        .collect();
-    let certs_dir = dir.path().join("certs");
-    std::fs::create_dir(&certs_dir).unwrap();
-    let args: Vec<String> = args
-        .into_iter()
         .map(|a| a.replace("/certs/new", certs_dir.join("new").to_str().unwrap()))
         .collect();
     let out = Command::new(env!("CARGO_BIN_EXE_ossb"))
@@ -556,61 +712,77 @@ fn cluster_topology_from_the_rendered_manifests() {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The Secret ossb-node-tls as the kubelet writes it (files of the keys the Job stores).
-    let node_tls = dir.path().join("ossb-node-tls");
-    std::fs::create_dir(&node_tls).unwrap();
-    for f in ["ca.crt", "node.crt", "node.key"] {
-        std::fs::copy(certs_dir.join("new").join(f), node_tls.join(f)).unwrap();
-    }
-    use std::os::unix::fs::PermissionsExt;
-    for f in std::fs::read_dir(&node_tls).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o440)).unwrap();
-        std::os::unix::fs::chown(&f, Some(0), Some(1000)).unwrap(); // fsGroup 1000
-    }
+    // The Secrets the Job's kubectl containers create, as the kubelet writes them (0440, the
+    // manifests' defaultMode; the Tekton Task mounts ossb-client-tls with the default 0644).
+    let read = |f: &str| std::fs::read(certs_dir.join("new").join(f)).unwrap();
+    let (ca, node_crt, node_key) = (read("ca.crt"), read("node.crt"), read("node.key"));
+    let (client_crt, client_key) = (read("client.crt"), read("client.key"));
+    let node_tls = secret_volume(
+        &dir.path().join("ossb-node-tls"),
+        &[
+            ("ca.crt", &ca),
+            ("node.crt", &node_crt),
+            ("node.key", &node_key),
+        ],
+        0o440,
+    );
+    let client_files: [(&str, &[u8]); 3] = [
+        ("ca.crt", &ca),
+        ("client.crt", &client_crt),
+        ("client.key", &client_key),
+    ];
+    let client_tls = secret_volume(&dir.path().join("ossb-client-tls"), &client_files, 0o440);
+    let submitter_tls = secret_volume(&dir.path().join("submitter-tls"), &client_files, 0o644);
+    // ossb-registry-credentials: the test registry needs no credentials.
+    let credentials = secret_volume(
+        &dir.path().join("ossb-registry-credentials"),
+        &[("config.json", b"{\"auths\":{}}")],
+        0o440,
+    );
 
+    // The network: a namespace per pod on one bridge, and an uplink to the host, where a relay
+    // stands in for the in-cluster registry (registry.ossb-test:PORT, plain HTTP).
     let sts = find(&objects, "StatefulSet", "ossb-cache");
     let svc = find(&objects, "Service", "ossb-cache");
     assert_eq!(svc["spec"]["clusterIP"], "None", "a headless Service");
     let replicas = sts["spec"]["replicas"].as_u64().unwrap() as usize;
     assert_eq!(replicas, 3);
-    let service = sts["spec"]["serviceName"].as_str().unwrap();
-    let container = &sts["spec"]["template"]["spec"]["containers"][0];
-    let probe_port = container["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == container["readinessProbe"]["httpGet"]["port"])
-        .unwrap()["containerPort"]
-        .as_u64()
-        .unwrap();
-    let probe_path = container["readinessProbe"]["httpGet"]["path"]
-        .as_str()
-        .unwrap();
+    let cache_name = sts["metadata"]["name"].as_str().unwrap();
+    let cache_service = sts["spec"]["serviceName"].as_str().unwrap();
+    let coordinator = find(&objects, "StatefulSet", "ossb-coordinator");
+    let coordinator_service = coordinator["spec"]["serviceName"].as_str().unwrap();
+    assert_eq!(
+        find(&objects, "Service", coordinator_service)["spec"]["clusterIP"],
+        "None"
+    );
 
     let mut net = Net::new();
-    let hosts = dir.path().join("hosts");
-    let mut text = String::from("127.0.0.1 localhost\n");
-    let pod_ns: Vec<String> = (0..replicas).map(|i| net.pod(10 + i)).collect();
-    for i in 0..replicas {
-        text += &format!(
-            "10.213.0.{} {sts_name}-{i}.{service} {sts_name}-{i}.{service}.ossb-test.svc\n",
-            10 + i,
-            sts_name = sts["metadata"]["name"].as_str().unwrap()
-        );
-    }
-    std::fs::write(&hosts, &text).unwrap();
+    let uplink = net.uplink();
+    let registry = format!(
+        "registry.ossb-test:{}",
+        relay(&format!("{uplink}:0"), env.registry())
+    );
+    let cache_ns: Vec<String> = (0..replicas).map(|i| net.pod(10 + i)).collect();
+    let coordinator_ns = net.pod(20);
+    let worker_ns = [net.pod(30), net.pod(31)];
     let client_ns = net.pod(100);
+    let mut text = format!("127.0.0.1 localhost\n{uplink} registry.ossb-test\n");
+    for i in 0..replicas {
+        let pod = format!("{cache_name}-{i}.{cache_service}");
+        text += &format!("10.213.0.{} {pod} {pod}.{NAMESPACE}.svc\n", 10 + i);
+    }
+    // A headless Service of one ready pod resolves to that pod.
+    let svc = coordinator_service;
+    text += &format!(
+        "10.213.0.20 {svc} {svc}.{NAMESPACE}.svc ossb-coordinator-0.{svc} ossb-coordinator-0.{svc}.{NAMESPACE}.svc\n"
+    );
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, &text).unwrap();
 
     let mut pods = Pods(Vec::new());
-    for (i, ns) in pod_ns.iter().enumerate() {
-        let c = Container::from(&sts["spec"]["template"], "cache-node", &[]);
-        let data = dir.path().join(format!("pvc-data-{i}"));
-        std::fs::create_dir(&data).unwrap();
-        std::os::unix::fs::chown(&data, Some(0), Some(1000)).unwrap();
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o2775)).unwrap();
-        let volumes: HashMap<&str, PathBuf> = [("data", data), ("tls", node_tls.clone())].into();
-        let log = std::fs::File::create(dir.path().join(format!("cache-{i}.log"))).unwrap();
+    let mut start = |name: &str, c: &Container, volumes: HashMap<&str, PathBuf>, ns: &str| {
+        let log_path = dir.path().join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = c
             .command(&rootfs, &volumes, Some(ns), Some(&hosts))
             .stdout(log.try_clone().unwrap())
@@ -618,58 +790,241 @@ fn cluster_topology_from_the_rendered_manifests() {
             .spawn()
             .unwrap();
         pods.0.push(child);
+        log_path
+    };
+
+    // The cache nodes' StatefulSet.
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+    let (port, path) = probe(container);
+    let mut cache_logs = Vec::new();
+    for (i, ns) in cache_ns.iter().enumerate() {
+        let c = Container::from(&sts["spec"]["template"], "cache-node", &[])
+            .with(&image_env)
+            .named(&format!("{cache_name}-{i}"));
+        let data = empty_dir(&dir.path().join(format!("pvc-data-{i}")), 0o2775);
+        let volumes = HashMap::from([("data", data), ("tls", node_tls.clone())]);
+        cache_logs.push(start(&format!("cache-{i}"), &c, volumes, ns));
     }
-    for i in 0..replicas {
-        let url = format!(
-            "http://{}-{i}.{service}:{probe_port}{probe_path}",
-            sts["metadata"]["name"].as_str().unwrap()
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if http_get_in(&client_ns, &hosts, &url).is_some_and(|b| b == "ok\n") {
-                break;
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(dir.path().join(format!("cache-{i}.log")))
-                    .unwrap_or_default();
-                panic!("{url} never answered ok (readiness probe):\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    // JSON logs for collectors: the first line of each node's stdout is a JSON object.
-    for i in 0..replicas {
-        let log = std::fs::read_to_string(dir.path().join(format!("cache-{i}.log"))).unwrap();
-        let first = log.lines().next().unwrap_or("");
-        assert!(
-            serde_json::from_str::<Value>(first).is_ok(),
-            "cache-{i} logs JSON: {first}"
-        );
+    for (i, log) in cache_logs.iter().enumerate() {
+        let url = format!("http://{cache_name}-{i}.{cache_service}:{port}{path}");
+        wait_ready(&client_ns, &hosts, &url, log);
     }
 
-    // The coordinator's and workers' command lines against the binaries' own flags: every
-    // --flag the manifests pass must be one the subcommand knows. (Running them in the same
-    // namespaces and submitting a build with ossb-submit is the next step of this test.)
-    let emulated = render(&env, "deploy/cluster/overlays/emulated-arm64");
-    for (objs, kind, name, container) in [
-        (&objects, "StatefulSet", "ossb-coordinator", "coordinator"),
-        (&objects, "Deployment", "ossb-worker-amd64", "worker"),
-        (&objects, "Deployment", "ossb-worker-arm64", "worker"),
-        (&emulated, "Deployment", "ossb-worker-arm64", "worker"),
+    // The coordinator's StatefulSet.
+    let c = Container::from(&coordinator["spec"]["template"], "coordinator", &[])
+        .with(&image_env)
+        .named("ossb-coordinator-0");
+    let volumes = HashMap::from([
+        ("state", empty_dir(&dir.path().join("pvc-state"), 0o2775)),
+        (
+            "tmp",
+            empty_dir(&dir.path().join("coordinator-tmp"), 0o1777),
+        ),
+        ("tls", node_tls.clone()),
+        ("registry-credentials", credentials.clone()),
+    ]);
+    let coordinator_log = start("coordinator", &c, volumes, &coordinator_ns);
+    let container = &coordinator["spec"]["template"]["spec"]["containers"][0];
+    let (metrics_port, path) = probe(container);
+    let coordinator_metrics = format!("http://{svc}:{metrics_port}");
+    wait_ready(
+        &client_ns,
+        &hosts,
+        &format!("{coordinator_metrics}{path}"),
+        &coordinator_log,
+    );
+
+    // The worker pools: the native amd64 Deployment of the base, and the arm64 pool of the
+    // emulated-arm64 overlay (amd64 nodes running arm64 steps through QEMU).
+    let mut worker_logs = Vec::new();
+    for (i, (objs, name)) in [
+        (&objects, "ossb-worker-amd64"),
+        (&emulated, "ossb-worker-arm64"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let deployment = find(objs, "Deployment", name);
+        let template = &deployment["spec"]["template"];
+        assert_eq!(template["spec"]["hostUsers"], false, "{name}: hostUsers");
+        let c = Container::from(template, "worker", &[])
+            .with(&image_env)
+            .named(&format!("{name}-7d9f8-x{i}"));
+        let volumes = HashMap::from([
+            (
+                "work",
+                empty_dir(&dir.path().join(format!("{name}-work")), 0o777),
+            ),
+            (
+                "tmp",
+                empty_dir(&dir.path().join(format!("{name}-tmp")), 0o1777),
+            ),
+            ("tls", client_tls.clone()),
+            ("registry-credentials", credentials.clone()),
+        ]);
+        let log = start(name, &c, volumes, &worker_ns[i]);
+        let (port, path) = probe(&template["spec"]["containers"][0]);
+        wait_ready(
+            &client_ns,
+            &hosts,
+            &format!("http://10.213.0.{}:{port}{path}", 30 + i),
+            &log,
+        );
+        worker_logs.push(log);
+    }
+    let logs = || {
+        let mut all = String::new();
+        for f in cache_logs
+            .iter()
+            .chain(&worker_logs)
+            .chain([&coordinator_log])
+        {
+            all += &format!("--- {}\n", f.display());
+            all += &std::fs::read_to_string(f).unwrap_or_default();
+        }
+        all
+    };
+    // Both workers registered with the coordinator.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = http_get_in(
+            &client_ns,
+            &hosts,
+            &format!("{coordinator_metrics}/metrics"),
+        )
+        .unwrap_or_default();
+        // (the emulating worker builds amd64 natively too)
+        if metrics.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 2")
+            && metrics.contains("ossb_workers{platform=\"linux/arm64\",mode=\"emulated\"} 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers never registered:\n{metrics}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // docs/ci/tekton-task.yaml's step, run as written in the ossb image from a client pod, with
+    // the test's values for the Task's params and its workspace. One change: the test registry is
+    // plain HTTP, so `--insecure-registry` follows `--push`.
+    let task = yaml_documents(&env, &workspace().join("docs/ci/tekton-task.yaml"));
+    let task = &task[0];
+    let step = &task["spec"]["steps"][0];
+    let source = dir.path().join("workspace-source");
+    let bb = format!("{registry}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    crate::support::context(
+        &source,
+        &format!(
+            "FROM {bb} AS build\nARG TARGETARCH\nCOPY note.txt /note.txt\nRUN echo \"$TARGETARCH $(uname -m) $(cat /note.txt)\" > /arch\n\
+             FROM {bb}\nCOPY --from=build /arch /arch\nCMD [\"cat\", \"/arch\"]\n"
+        ),
+        &[("note.txt", "from-the-topology")],
+    );
+    let pushed = format!("{}/ci/{}:tekton", env.registry(), unique("tekton"));
+    let tag = pushed.replacen(&env.registry(), &registry, 1);
+    let mut params: HashMap<String, String> = task["spec"]["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| {
+            Some((
+                format!("params.{}", p["name"].as_str()?),
+                p["default"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    params.insert("params.image".into(), tag.clone());
+    params.insert("workspaces.source.path".into(), "/workspace/source".into());
+    let mut argv: Vec<String> = step["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(step["args"].as_array().unwrap())
+        .map(|a| expand(a.as_str().unwrap(), &params))
+        .collect();
+    let push = argv
+        .iter()
+        .position(|a| a == "--push")
+        .expect("the Task pushes");
+    argv.insert(push + 1, format!("--insecure-registry={registry}"));
+    let sc = &task["spec"]["stepTemplate"]["securityContext"];
+    let user = sc["runAsUser"].as_u64().unwrap();
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let submitter = Container {
+        argv,
+        env: image_env.clone(),
+        mounts: vec![
+            ("/etc/ossb/tls".into(), "ossb-tls".into(), true),
+            ("/workspace/source".into(), "source".into(), true),
+        ],
+        user: format!("{user}:{user}"),
+        caps: Vec::new(),
+        read_only_root: false,
+        no_new_privs: sc["allowPrivilegeEscalation"] == false,
+        hostname: Some("app-build-submit-pod".into()),
+        own_userns: false,
+    };
+    let volumes = HashMap::from([
+        ("ossb-tls", submitter_tls.clone()),
+        ("source", source.join("ctx")),
+    ]);
+    let out = submitter
+        .command(&rootfs, &volumes, Some(&client_ns), Some(&hosts))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the Tekton step's ossb-submit failed ({:?}):\n{stderr}\n{}",
+        out.status.code(),
+        logs()
+    );
+    assert!(
+        stderr.contains("(native)") && stderr.contains("(emulated)"),
+        "{stderr}"
+    );
+    for (platform, want) in [
+        ("linux/amd64", "amd64 x86_64 from-the-topology\n"),
+        ("linux/arm64", "arm64 aarch64 from-the-topology\n"),
     ] {
-        let c = Container::from(&find(objs, kind, name)["spec"]["template"], container, &[]);
-        let sub = &c.argv[1];
-        let help = Command::new(env!("CARGO_BIN_EXE_ossb"))
-            .args([sub.as_str(), "--help"])
-            .output()
-            .unwrap();
-        let help = String::from_utf8_lossy(&help.stdout).into_owned();
-        for flag in c.argv[2..].iter().filter(|a| a.starts_with("--")) {
-            let flag = flag.split('=').next().unwrap();
+        let run = podman_run(&pushed, &["--platform", platform]).success("podman run --platform");
+        assert_eq!(run.stdout, want, "{platform}");
+    }
+    // Every node logs JSON lines (for log collectors), from the first line on.
+    for log in cache_logs
+        .iter()
+        .chain(&worker_logs)
+        .chain([&coordinator_log])
+    {
+        let text = std::fs::read_to_string(log).unwrap();
+        for line in text.lines().take(5) {
             assert!(
-                help.contains(&format!("{flag} ")),
-                "{kind}/{name}: `ossb {sub}` has no {flag}:\n{help}"
+                serde_json::from_str::<Value>(line).is_ok(),
+                "{} logs JSON lines: {line}",
+                log.display()
             );
         }
     }
+}
+
+/// The documents of a YAML file, as JSON values (PyYAML of the test environment's Python).
+fn yaml_documents(env: &TestEnv, file: &Path) -> Vec<Value> {
+    let out = Command::new(python(env))
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(file)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "reading {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -47,7 +47,7 @@ impl IdMapping {
     /// How the mapping is described to users.
     pub fn describe(self) -> &'static str {
         match self {
-            IdMapping::Identity => "the host's ids (running as root)",
+            IdMapping::Identity => "every id this process has (running as root)",
             IdMapping::Subordinate => "65536 subordinate ids",
             IdMapping::Single => "a single id",
         }
@@ -281,8 +281,18 @@ fn write_maps(child: Pid, mapping: IdMapping) -> Result<(), UsernsError> {
     };
     match mapping {
         IdMapping::Identity => {
-            write("uid_map", "0 0 4294967295\n")?;
-            write("gid_map", "0 0 4294967295\n")?;
+            // Only the ids this process's own namespace has: all of them on a host, 65536 in a
+            // pod with `hostUsers: false` (where mapping more is refused).
+            let needs_caps = |e: UsernsError| {
+                match e {
+                UsernsError::Mapping(m) => UsernsError::Mapping(format!(
+                    "{m}; as root this needs the capabilities SETUID, SETGID and SETFCAP (in Kubernetes: securityContext.capabilities.add)"
+                )),
+                e => e,
+            }
+            };
+            write("uid_map", &identity_map(&read_own_map("uid_map")?)).map_err(needs_caps)?;
+            write("gid_map", &identity_map(&read_own_map("gid_map")?)).map_err(needs_caps)?;
         }
         IdMapping::Subordinate => {
             let ((us, uc), (gs, gc)) = subordinate_ranges()
@@ -320,6 +330,24 @@ fn write_maps(child: Pid, mapping: IdMapping) -> Result<(), UsernsError> {
         }
     }
     Ok(())
+}
+
+fn read_own_map(name: &str) -> Result<String, UsernsError> {
+    let path = format!("/proc/self/{name}");
+    std::fs::read_to_string(&path).map_err(|e| UsernsError::Mapping(format!("reading {path}: {e}")))
+}
+
+/// The map of a child namespace that keeps every id of `own` (the lines of this process's
+/// `/proc/self/uid_map`: inside, outside, count) as it is.
+fn identity_map(own: &str) -> String {
+    own.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let inside = fields.next()?;
+            let count = fields.nth(1)?;
+            Some(format!("{inside} {inside} {count}\n"))
+        })
+        .collect()
 }
 
 fn run_map_tool(tool: &str, args: &[&str]) -> Result<(), UsernsError> {
@@ -366,4 +394,27 @@ fn subordinate_ranges() -> Option<((u64, u64), (u64, u64))> {
         })
     };
     Some((find("/etc/subuid")?, find("/etc/subgid")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identity_map;
+
+    #[test]
+    fn identity_map_keeps_the_ids_of_the_own_namespace() {
+        // a host
+        assert_eq!(
+            identity_map("         0          0 4294967295\n"),
+            "0 0 4294967295\n"
+        );
+        // a pod with hostUsers: false, and a namespace of two extents
+        assert_eq!(
+            identity_map("         0 1879048192      65536\n"),
+            "0 0 65536\n"
+        );
+        assert_eq!(
+            identity_map("0 100000 1000\n1000 1000 1\n"),
+            "0 0 1000\n1000 1000 1\n"
+        );
+    }
 }
