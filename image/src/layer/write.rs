@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -16,10 +16,14 @@ use tar::{EntryType, Header};
 use super::root::{is_kind, lstat_at, read_xattrs_at, Root, Symlinks};
 use super::{Change, ChangeKind, Compression, LayerError, LayerOptions, WrittenLayer};
 
+mod chunks;
 mod gzip;
 #[cfg(test)]
 mod tests;
 
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+use chunks::{Chunk, ChunkWriter, BLOB_CHUNKS, CHUNKS};
 use gzip::GzipWriter;
 
 const BLOCK: usize = 512;
@@ -41,10 +45,6 @@ const ZSTD_OVERLAP_LOG: u32 = 6;
 /// The most compression threads a layer uses (gzip pieces or zstd jobs in parallel). The bytes
 /// written never depend on the number of threads.
 const MAX_WORKERS: usize = 4;
-/// Buffer between the compressor and the caller's writer, so a file or socket sees large writes.
-const OUT_BUFFER: usize = 256 * 1024;
-/// Buffer for copying file contents into the tar stream.
-const COPY_BUFFER: usize = 256 * 1024;
 
 /// Writes the layer for `changes` (read from `rootfs`) to `out` in one streaming pass.
 ///
@@ -80,6 +80,13 @@ fn default_workers() -> usize {
 }
 
 /// [`write_layer`] with `workers` compression threads (at least one is used).
+///
+/// The work is split into stages on their own threads, joined by [`chunks`]: one walks the
+/// plan and reads the rootfs into tar chunks, one computes the diff ID over them, one feeds
+/// them to the compressor (whose workers are further threads), and the caller's thread hashes
+/// the blob and writes it to `out` (which need not be `Send`). Keeping the compressor's feeder
+/// free of other work matters: it alone hands jobs to the compression workers, and a feeder
+/// that waits for a CPU leaves them idle.
 pub(super) fn write_layer_on(
     rootfs: &Path,
     changes: &[Change],
@@ -92,27 +99,201 @@ pub(super) fn write_layer_on(
         source,
     })?;
     let plan = plan(changes)?;
-    let sink = Sink::new(
-        BufWriter::with_capacity(OUT_BUFFER, out),
-        opts.compression,
-        workers,
-    )
-    .map_err(|source| LayerError::Write {
-        entry: "start of archive".into(),
+    let compression = opts.compression;
+    let epoch = opts.source_date_epoch;
+    // reader -> hasher -> compressor (or the caller, for a plain tar) -> back to the reader;
+    // compressor -> caller -> back to the compressor.
+    let (tar_tx, tar_rx) = sync_channel::<Chunk>(CHUNKS + 1);
+    let (hashed_tx, hashed_rx) = sync_channel::<Chunk>(CHUNKS + 1);
+    let (tar_free_tx, tar_free_rx) = sync_channel::<Chunk>(CHUNKS + 1);
+    let (blob_tx, blob_rx) = sync_channel::<Chunk>(BLOB_CHUNKS + 1);
+    let (blob_free_tx, blob_free_rx) = sync_channel::<Chunk>(BLOB_CHUNKS + 1);
+    let spawn = |name: &str| std::thread::Builder::new().name(format!("ossb-layer-{name}"));
+    let (written, compressed, read, hashed) = std::thread::scope(|s| {
+        let (root, plan) = (&root, &plan);
+        let reader = spawn("read").spawn_scoped(s, move || {
+            write_tar(
+                root,
+                plan,
+                epoch,
+                ChunkWriter::new(tar_tx, tar_free_rx, CHUNKS),
+            )
+        });
+        let hasher = spawn("hash").spawn_scoped(s, move || {
+            let mut h = Sha256Writer::new(io::sink());
+            let mut complete = false;
+            for chunk in tar_rx {
+                h.write_all(chunk.bytes()).expect("io::Sink never fails");
+                complete = chunk.end;
+                if hashed_tx.send(chunk).is_err() {
+                    break;
+                }
+            }
+            let (digest, size, _) = h.finish();
+            complete.then_some((digest, size))
+        });
+        // The caller's end of the blob: the compressor's output, or the tar itself.
+        let (blob_rx, blob_free_tx, compressor) = if compression == Compression::None {
+            drop((blob_tx, blob_rx, blob_free_tx, blob_free_rx));
+            (hashed_rx, tar_free_tx, None)
+        } else {
+            let compressor = spawn("compress").spawn_scoped(s, move || {
+                let out = ChunkWriter::new(blob_tx, blob_free_rx, BLOB_CHUNKS);
+                compress(hashed_rx, tar_free_tx, out, compression, workers)
+            });
+            (blob_rx, blob_free_tx, Some(compressor))
+        };
+        let written = write_blob(&blob_rx, &blob_free_tx, out, compression);
+        // Whatever happened, the channel ends held here go before the threads are joined, so
+        // a stage blocked on them wakes up and stops.
+        drop((blob_rx, blob_free_tx));
+        let spawn_failed = |e: io::Error| LayerError::Write {
+            entry: "start of archive".into(),
+            source: io::Error::new(e.kind(), format!("starting a layer thread: {e}")),
+        };
+        let panicked = |what: &str| LayerError::Write {
+            entry: "end of archive".into(),
+            source: io::Error::other(format!("the layer {what} thread panicked")),
+        };
+        let compressed = compressor.map(|c| {
+            c.map_err(spawn_failed)
+                .and_then(|t| t.join().map_err(|_| panicked("compressor"))?)
+        });
+        let read = reader
+            .map_err(spawn_failed)
+            .and_then(|t| t.join().map_err(|_| panicked("reader"))?);
+        let hashed = hasher
+            .map_err(spawn_failed)
+            .and_then(|t| t.join().map_err(|_| panicked("digest")));
+        (written, compressed, read, hashed)
+    });
+    // The stage that failed first says why; the others only saw the pipeline stop. The
+    // reader's own errors (a file that vanished) come first.
+    let (blob, diff) = match (read, compressed.transpose(), written, hashed) {
+        (Ok(()), Ok(_), Ok(blob), Ok(Some(diff))) => (blob, diff),
+        (read, compressed, written, hashed) => {
+            let errors: Vec<LayerError> = [read.err(), compressed.err(), written.err()]
+                .into_iter()
+                .flatten()
+                .chain(hashed.err())
+                .collect();
+            let cause = errors
+                .iter()
+                .position(|e| !is_stopped_error(e))
+                .unwrap_or(0);
+            return Err(errors
+                .into_iter()
+                .nth(cause)
+                .unwrap_or_else(|| LayerError::Write {
+                    entry: "end of archive".into(),
+                    source: chunks::stopped(),
+                }));
+        }
+    };
+    let (diff_id, tar_size) = diff;
+    let (digest, size) = blob.unwrap_or((diff_id, tar_size));
+    Ok(WrittenLayer {
+        digest,
+        diff_id,
+        size,
+        media_type: compression.media_type(),
+    })
+}
+
+fn is_stopped_error(e: &LayerError) -> bool {
+    matches!(e, LayerError::Write { source, .. } if chunks::is_stopped(source))
+}
+
+/// The caller's stage: writes the blob's chunks to `out` until the end of the stream, and
+/// returns the blob's digest and size when it is compressed (a plain tar's are the diff ID's).
+fn write_blob(
+    rx: &Receiver<Chunk>,
+    free: &SyncSender<Chunk>,
+    out: impl Write,
+    compression: Compression,
+) -> Result<Option<(Digest, u64)>, LayerError> {
+    let end = |source| LayerError::Write {
+        entry: "end of archive".into(),
         source,
-    })?;
+    };
+    if compression == Compression::None {
+        let mut out = out;
+        drain(rx, free, |b| out.write_all(b))?;
+        out.flush().map_err(end)?;
+        return Ok(None);
+    }
+    let mut out = Sha256Writer::new(out);
+    drain(rx, free, |b| out.write_all(b))?;
+    let (digest, size, mut out) = out.finish();
+    out.flush().map_err(end)?;
+    Ok(Some((digest, size)))
+}
+
+/// Passes every chunk of `rx` to `write` and back to `free`, up to the end of the stream.
+fn drain(
+    rx: &Receiver<Chunk>,
+    free: &SyncSender<Chunk>,
+    mut write: impl FnMut(&[u8]) -> io::Result<()>,
+) -> Result<(), LayerError> {
+    for chunk in rx {
+        if let Err(source) = write(chunk.bytes()) {
+            return Err(LayerError::Write {
+                entry: chunk.entry.clone(),
+                source,
+            });
+        }
+        let end = chunk.end;
+        // The producer may be done already.
+        let _ = free.send(chunk);
+        if end {
+            return Ok(());
+        }
+    }
+    Err(LayerError::Write {
+        entry: "end of archive".into(),
+        source: chunks::stopped(),
+    })
+}
+
+/// The compressing stage: the tar chunks of `rx` into the compressor, its output into `out`.
+fn compress(
+    rx: Receiver<Chunk>,
+    free: SyncSender<Chunk>,
+    out: ChunkWriter,
+    compression: Compression,
+    workers: usize,
+) -> Result<(), LayerError> {
+    let mut enc =
+        Compressor::new(out, compression, workers).map_err(|source| LayerError::Write {
+            entry: "start of archive".into(),
+            source,
+        })?;
+    drain(&rx, &free, |b| enc.write_all(b))?;
+    let end = |source| LayerError::Write {
+        entry: "end of archive".into(),
+        source,
+    };
+    enc.finish().map_err(end)?.finish().map_err(end)
+}
+
+/// The reading stage: the tar stream of `plan` into `out`, end-of-archive blocks included.
+fn write_tar(
+    root: &Root,
+    plan: &BTreeMap<PathBuf, bool>,
+    epoch: Option<i64>,
+    out: ChunkWriter,
+) -> Result<(), LayerError> {
     let mut w = TarWriter {
-        root: &root,
-        out: Sha256Writer::new(sink),
-        epoch: opts.source_date_epoch,
+        root,
+        out,
+        epoch,
         dirs_written: HashSet::new(),
         nondirs_written: HashSet::new(),
         deleted: HashSet::new(),
         first_link: HashMap::new(),
         parent: None,
-        buf: vec![0; COPY_BUFFER],
     };
-    for (path, deleted) in &plan {
+    for (path, deleted) in plan {
         if *deleted {
             w.write_whiteout(path)?;
         } else {
@@ -124,21 +305,9 @@ pub(super) fn write_layer_on(
         entry: "end of archive".into(),
         source,
     };
+    w.out.set_entry("end of archive");
     w.out.write_all(&[0; 2 * BLOCK]).map_err(end)?;
-    let (diff_id, tar_size, sink) = w.out.finish();
-    let (blob, buffered) = sink.finish().map_err(end)?;
-    buffered
-        .into_inner()
-        .map_err(|e| end(e.into_error()))?
-        .flush()
-        .map_err(end)?;
-    let (digest, size) = blob.unwrap_or((diff_id, tar_size));
-    Ok(WrittenLayer {
-        digest,
-        diff_id,
-        size,
-        media_type: opts.compression.media_type(),
-    })
+    w.out.finish().map_err(end)
 }
 
 /// Validates the changes and orders them by path (parents first); the value is "deleted".
@@ -172,9 +341,9 @@ fn plan(changes: &[Change]) -> Result<BTreeMap<PathBuf, bool>, LayerError> {
     Ok(plan)
 }
 
-struct TarWriter<'r, W: Write> {
+struct TarWriter<'r> {
     root: &'r Root,
-    out: Sha256Writer<Sink<W>>,
+    out: ChunkWriter,
     epoch: Option<i64>,
     dirs_written: HashSet<PathBuf>,
     nondirs_written: HashSet<PathBuf>,
@@ -183,7 +352,6 @@ struct TarWriter<'r, W: Write> {
     first_link: HashMap<(u64, u64), Vec<u8>>,
     /// The last parent directory opened, as entries come sorted by directory.
     parent: Option<(PathBuf, OwnedFd)>,
-    buf: Vec<u8>,
 }
 
 /// The header fields of one entry.
@@ -202,7 +370,7 @@ fn shown(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-impl<W: Write> TarWriter<'_, W> {
+impl TarWriter<'_> {
     fn write_whiteout(&mut self, path: &Path) -> Result<(), LayerError> {
         let mut ancestors = path.ancestors().skip(1);
         if ancestors.any(|a| self.deleted.contains(a) || self.nondirs_written.contains(a)) {
@@ -243,34 +411,46 @@ impl<W: Write> TarWriter<'_, W> {
         Ok(())
     }
 
-    /// Opens the directory `rel` of the rootfs, refusing symlinks on the way.
-    fn parent_dir(&mut self, rel: &Path) -> Result<&OwnedFd, LayerError> {
-        if self.parent.as_ref().is_none_or(|(p, _)| p != rel) {
-            let fd = self
-                .root
-                .open_dir(rel, Symlinks::Refuse, false, &mut |_, _| {})
-                .map_err(|source| LayerError::Io {
-                    entry: shown(rel),
-                    op: "opening directory of changed path",
-                    source,
-                })?;
-            self.parent = Some((rel.to_path_buf(), fd));
+    /// The directory `rel` of the rootfs (opened refusing symlinks on the way), taken out of
+    /// the cache: give it back with `self.parent = Some(..)` (moving it saves a dup and a
+    /// close per entry).
+    fn take_parent_dir(&mut self, rel: &Path) -> Result<(PathBuf, OwnedFd), LayerError> {
+        if let Some((p, fd)) = self.parent.take() {
+            if p == rel {
+                return Ok((p, fd));
+            }
         }
-        Ok(&self.parent.as_ref().expect("set above").1)
+        let fd = self
+            .root
+            .open_dir(rel, Symlinks::Refuse, false, &mut |_, _| {})
+            .map_err(|source| LayerError::Io {
+                entry: shown(rel),
+                op: "opening directory of changed path",
+                source,
+            })?;
+        Ok((rel.to_path_buf(), fd))
     }
 
     fn write_path(&mut self, path: &Path, must_be_dir: bool) -> Result<(), LayerError> {
+        let parent_rel = path.parent().unwrap_or(Path::new(""));
+        let (rel, dir) = self.take_parent_dir(parent_rel)?;
+        let result = self.write_path_in(path, must_be_dir, &dir);
+        self.parent = Some((rel, dir));
+        result
+    }
+
+    fn write_path_in(
+        &mut self,
+        path: &Path,
+        must_be_dir: bool,
+        dir: &OwnedFd,
+    ) -> Result<(), LayerError> {
         let entry = shown(path);
         let io_err = |op: &'static str| {
             let entry = entry.clone();
             move |source: io::Error| LayerError::Io { entry, op, source }
         };
         let name = path.file_name().unwrap_or_default().to_os_string();
-        let parent_rel = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        let dir = self
-            .parent_dir(&parent_rel)?
-            .try_clone()
-            .map_err(io_err("duplicating descriptor"))?;
         let Some(mut st) = lstat_at(dir.as_fd(), &name).map_err(io_err("reading metadata of"))?
         else {
             return Err(LayerError::InvalidChange {
@@ -331,8 +511,13 @@ impl<W: Write> TarWriter<'_, W> {
                 self.first_link.insert(key, name_bytes.clone());
             }
         }
-        let xattrs =
-            kept_xattrs(dir.as_fd(), &name).map_err(io_err("reading extended attributes of"))?;
+        // An open file's attributes are read through its descriptor: cheaper than the
+        // /proc/self/fd path the others need.
+        let xattrs = match &file {
+            Some(f) => fd_xattrs(f.as_fd()),
+            None => kept_xattrs(dir.as_fd(), &name),
+        }
+        .map_err(io_err("reading extended attributes of"))?;
         self.write_header(&name_bytes, &meta, &xattrs, &entry)?;
         if let Some(file) = file {
             self.copy_content(file, meta.size, &entry)?;
@@ -404,6 +589,7 @@ impl<W: Write> TarWriter<'_, W> {
             entry: entry.to_string(),
             source: e,
         };
+        self.out.set_entry(entry);
         if !records.is_empty() {
             records.sort();
             let body = pax_body(&records);
@@ -438,8 +624,14 @@ impl<W: Write> TarWriter<'_, W> {
     fn copy_content(&mut self, mut file: File, size: u64, entry: &str) -> Result<(), LayerError> {
         let mut left = size;
         while left > 0 {
-            let want = left.min(self.buf.len() as u64) as usize;
-            let n = match file.read(&mut self.buf[..want]) {
+            let read = self
+                .out
+                .read_from(&mut file, left)
+                .map_err(|source| LayerError::Write {
+                    entry: entry.to_string(),
+                    source,
+                })?;
+            let n = match read {
                 Ok(0) => {
                     return Err(LayerError::Io {
                         entry: entry.to_string(),
@@ -457,12 +649,6 @@ impl<W: Write> TarWriter<'_, W> {
                     })
                 }
             };
-            self.out
-                .write_all(&self.buf[..n])
-                .map_err(|source| LayerError::Write {
-                    entry: entry.to_string(),
-                    source,
-                })?;
             left -= n as u64;
         }
         self.out
@@ -550,6 +736,70 @@ fn kept_xattrs(
     Ok(all.into_iter().filter(|(k, _)| keep_xattr(k)).collect())
 }
 
+/// [`kept_xattrs`] of an open file, through its descriptor.
+fn fd_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    let list = match sized(|buf, len| {
+        // SAFETY: `buf` points to `len` writable bytes (or is null with `len` 0, which asks
+        // for the size); `fd` is open for the duration of the call.
+        unsafe { libc::flistxattr(fd, buf.cast(), len) }
+    }) {
+        Ok(list) => list,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for key in list.split(|b| *b == 0).filter(|k| !k.is_empty()) {
+        if !keep_xattr(key) {
+            continue;
+        }
+        let Ok(ckey) = std::ffi::CString::new(key) else {
+            continue;
+        };
+        let value = sized(|buf, len| {
+            // SAFETY: as above; `ckey` is NUL-terminated.
+            unsafe { libc::fgetxattr(fd, ckey.as_ptr(), buf.cast(), len) }
+        });
+        match value {
+            Ok(v) => out.push((key.to_vec(), v)),
+            // Gone since it was listed, or not readable by us: as `read_xattrs_at`.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENODATA) | Some(libc::EACCES) | Some(libc::EPERM)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Calls an `f*xattr` function for the size, then for the bytes, retrying if they grew.
+fn sized(mut call: impl FnMut(*mut u8, usize) -> isize) -> io::Result<Vec<u8>> {
+    for _ in 0..8 {
+        let size = call(std::ptr::null_mut(), 0);
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size as usize];
+        let got = call(buf.as_mut_ptr(), buf.len());
+        if got >= 0 {
+            buf.truncate(got as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::other("extended attributes kept changing size"))
+}
+
 pub(super) fn keep_xattr(key: &[u8]) -> bool {
     if key.starts_with(b"trusted.overlay.") || key.starts_with(b"user.overlay.") {
         return false;
@@ -557,65 +807,62 @@ pub(super) fn keep_xattr(key: &[u8]) -> bool {
     key == b"security.capability" || key.starts_with(b"user.") || key.starts_with(b"trusted.")
 }
 
-/// The compressor between the tar stream and the caller's writer. The blob's digest is
-/// computed below the compressor; for a plain tar it is the tar's own digest.
-enum Sink<W: Write> {
-    Gzip(GzipWriter<Sha256Writer<W>>),
-    Zstd(zstd::stream::write::Encoder<'static, Sha256Writer<W>>),
-    Plain(W),
+/// The compressor of the tar stream; its workers are threads of its own.
+enum Compressor<W: Write> {
+    Gzip(GzipWriter<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 
-impl<W: Write> Sink<W> {
+impl<W: Write> Compressor<W> {
     fn new(out: W, compression: Compression, workers: usize) -> io::Result<Self> {
         let workers = workers.max(1);
         Ok(match compression {
             // No file name, mtime 0 and OS "unknown" in the header, pieces cut at fixed input
             // offsets: the bytes depend only on the content (and the pinned flate2 / zlib-rs
             // versions), not on the number of threads.
-            Compression::Gzip => Sink::Gzip(GzipWriter::new(Sha256Writer::new(out), workers)),
+            Compression::Gzip => Compressor::Gzip(GzipWriter::new(out, workers)),
             // Always the multithreaded format, with at least one worker: zstd's output with 0
             // workers (single-threaded) differs from its output with 1 or more, which is the
             // same for any number of workers given the same job size and overlap.
             Compression::Zstd => {
                 use zstd::stream::raw::CParameter;
-                let mut enc =
-                    zstd::stream::write::Encoder::new(Sha256Writer::new(out), ZSTD_LEVEL)?;
+                let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
                 enc.include_checksum(true)?;
                 enc.multithread(u32::try_from(workers).unwrap_or(1))?;
                 enc.set_parameter(CParameter::JobSize(ZSTD_JOB_SIZE))?;
                 enc.set_parameter(CParameter::OverlapSizeLog(ZSTD_OVERLAP_LOG))?;
-                Sink::Zstd(enc)
+                Compressor::Zstd(enc)
             }
-            Compression::None => Sink::Plain(out),
+            Compression::None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a plain tar has no compressor",
+                ))
+            }
         })
     }
 
-    /// Ends the compressed stream: the blob's digest and size (None for a plain tar) and `out`.
-    fn finish(self) -> io::Result<(Option<(Digest, u64)>, W)> {
-        let hashed = match self {
-            Sink::Gzip(enc) => enc.finish()?,
-            Sink::Zstd(enc) => enc.finish()?,
-            Sink::Plain(out) => return Ok((None, out)),
-        };
-        let (digest, size, out) = hashed.finish();
-        Ok((Some((digest, size)), out))
+    /// Ends the compressed stream and returns `out`.
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Compressor::Gzip(enc) => enc.finish(),
+            Compressor::Zstd(enc) => enc.finish(),
+        }
     }
 }
 
-impl<W: Write> Write for Sink<W> {
+impl<W: Write> Write for Compressor<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Sink::Gzip(w) => w.write(buf),
-            Sink::Zstd(w) => w.write(buf),
-            Sink::Plain(w) => w.write(buf),
+            Compressor::Gzip(w) => w.write(buf),
+            Compressor::Zstd(w) => w.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Sink::Gzip(w) => w.flush(),
-            Sink::Zstd(w) => w.flush(),
-            Sink::Plain(w) => w.flush(),
+            Compressor::Gzip(w) => w.flush(),
+            Compressor::Zstd(w) => w.flush(),
         }
     }
 }

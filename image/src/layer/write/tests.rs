@@ -45,9 +45,9 @@ fn gzip_with(data: &[u8], workers: usize, chunk: usize) -> Vec<u8> {
 }
 
 fn zstd_with(data: &[u8], workers: usize) -> Vec<u8> {
-    let mut sink = Sink::new(Vec::new(), Compression::Zstd, workers).unwrap();
-    sink.write_all(data).unwrap();
-    sink.finish().unwrap().1
+    let mut enc = Compressor::new(Vec::new(), Compression::Zstd, workers).unwrap();
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
 }
 
 /// `data` through an external decompressor, or None when the program is not installed.
