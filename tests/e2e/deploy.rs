@@ -335,7 +335,8 @@ fn ossb_image_is_built_by_ossb_and_runs_in_podman() {
 }
 
 /// The chroot Job (tests/deploy/job-test, the chroot overlay plus the test registry) builds a
-/// ConfigMap-shaped context and pushes it; a broken Dockerfile exits 2 (FailJob in the Job's
+/// ConfigMap-shaped context and pushes it; with the json-logs overlay's setting its whole log is
+/// JSON lines; a broken Dockerfile exits 2 (FailJob in the Job's
 /// podFailurePolicy) and the log says why.
 #[test]
 fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
@@ -365,13 +366,14 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
     )
     .unwrap();
     let destination = format!("{reg}/jobs/{}:1", unique("hello"));
-    let run_job = |ctx: &Path, cache: &Path| {
+    let run_job = |ctx: &Path, cache: &Path, progress: &str| {
         let c = Container::from(
             &job["spec"]["template"],
             "build",
             &[
                 ("OSSB_DESTINATION", &destination),
                 ("OSSB_TEST_REGISTRY", &reg),
+                ("OSSB_PROGRESS", progress),
             ],
         );
         let tmp = tempfile::tempdir_in(dir.path()).unwrap();
@@ -391,7 +393,7 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
     };
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    let (code, log) = run_job(&context, &cache);
+    let (code, log) = run_job(&context, &cache, "plain");
     assert_eq!(code, 0, "the Job's build failed:\n{log}");
     assert!(
         log.contains("RUN echo built in a Job"),
@@ -410,12 +412,47 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
         ),
     )
     .unwrap();
-    let (code, log) = run_job(&broken, &cache);
+    let (code, log) = run_job(&broken, &cache, "plain");
     assert_eq!(code, 2, "a broken Dockerfile must exit 2 (FailJob):\n{log}");
     assert!(
         log.contains("Dockerfile:2"),
         "the log names the line:\n{log}"
     );
+
+    // The json-logs overlay's setting: every line of the log is a JSON object, the last one
+    // the error with the exit code, for log collectors.
+    let json = render(&env, "deploy/job/overlays/json-logs");
+    let container = &find(&json, "Job", "ossb-build")["spec"]["template"]["spec"]["containers"][0];
+    let progress = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "OSSB_PROGRESS")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap();
+    assert_eq!(progress, "json");
+    for (ctx, want) in [(&context, 0), (&broken, 2)] {
+        let (code, log) = run_job(ctx, &cache, progress);
+        assert_eq!(code, want, "{log}");
+        let events: Vec<Value> = log
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{log}"))
+            })
+            .collect();
+        let last = events.last().unwrap();
+        if want == 0 {
+            assert_eq!(last["event"], "result", "{log}");
+        } else {
+            assert_eq!(last["event"], "error", "{log}");
+            assert_eq!(last["exit_code"], 2, "{log}");
+            assert!(
+                last["message"].as_str().unwrap().contains("Dockerfile:2"),
+                "{log}"
+            );
+        }
+    }
 }
 
 /// Network namespaces joined by a bridge in a namespace of their own, one per pod, removed
