@@ -260,6 +260,32 @@ fn ossb_image(env: &TestEnv, dir: &Path) -> (String, PathBuf) {
     (image, rootfs)
 }
 
+/// The root filesystem of the ossb CI image: deploy/Dockerfile on busybox (a shell for CI
+/// systems that run scripts in the image); needs the context `ossb_image` assembled in `dir`.
+fn ossb_shell_rootfs(env: &TestEnv, dir: &Path) -> PathBuf {
+    let ctx = dir.join("image-context");
+    let reg = env.registry();
+    let rootfs = dir.join("shell-rootfs");
+    ossb(
+        env,
+        &dir.join("image-cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "--build-arg",
+            &format!("BASE={reg}/{}", env.var("OSSB_TEST_BUSYBOX")),
+            "-f",
+            ctx.join("Dockerfile").to_str().unwrap(),
+            "-o",
+            &format!("type=local,dest={}", rootfs.display()),
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("ossb build of deploy/Dockerfile on busybox");
+    rootfs
+}
+
 #[test]
 fn manifests_render_and_pass_kubernetes_validate_strict() {
     let Some(env) = TestEnv::get() else { return };
@@ -715,7 +741,8 @@ fn probe(container: &Value) -> (u64, String) {
 /// Secrets made by the certs Job's own `ossb certs init` command line: three cache nodes, the
 /// coordinator, a native amd64 worker and a worker that emulates arm64. Every pod's readiness
 /// probe (/healthz) must answer; then the Tekton Task of docs/ci submits a two-platform build
-/// with ossb-submit from the ossb image, and both images of the pushed index run under podman.
+/// with ossb-submit from the ossb image, and both images of the pushed index run under podman;
+/// then the GitLab job's script and the GitHub workflow's steps submit it too.
 #[test]
 fn cluster_topology_from_the_rendered_manifests() {
     let Some(env) = TestEnv::get() else { return };
@@ -1030,6 +1057,211 @@ fn cluster_topology_from_the_rendered_manifests() {
         let run = podman_run(&pushed, &["--platform", platform]).success("podman run --platform");
         assert_eq!(run.stdout, want, "{platform}");
     }
+    // The pushed index has both platforms.
+    let has_both = |image: &str| {
+        let raw = tool(
+            "skopeo",
+            &[
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{image}"),
+            ],
+        )
+        .success("skopeo inspect --raw");
+        let index: Value = serde_json::from_str(&raw.stdout).unwrap();
+        let archs: Vec<&str> = index["manifests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{image} is not an index: {}", raw.stdout))
+            .iter()
+            .map(|m| m["platform"]["architecture"].as_str().unwrap())
+            .collect();
+        assert_eq!(archs, ["amd64", "arm64"], "{image}");
+    };
+    // What the tests change in the examples: the registry, plain HTTP.
+    let test_registry = |text: &str, repository: &str| {
+        text.replace(
+            "registry.example.com/team/app",
+            &format!("{registry}/{repository}"),
+        )
+        .replace("--push", &format!("--push --insecure-registry {registry}"))
+    };
+
+    // docs/ci/gitlab-ci.yml: the job's script, with sh, in the ossb image built on busybox (the
+    // `-shell` image), as the runner's user, in the project directory, the File variables as
+    // files.
+    let gitlab = yaml_documents(&env, &workspace().join("docs/ci/gitlab-ci.yml"));
+    let job = &gitlab[0]["build-image"];
+    assert!(job["image"]["name"].as_str().unwrap().ends_with("-shell"));
+    assert_eq!(job["image"]["entrypoint"], serde_json::json!([""]));
+    let shell_rootfs = ossb_shell_rootfs(&env, dir.path());
+    let gitlab_repo = format!("ci/{}", unique("gitlab"));
+    let mut script = String::from("set -e\ncd \"$CI_PROJECT_DIR\"\n");
+    for line in job["script"].as_array().unwrap() {
+        script += &test_registry(line.as_str().unwrap(), &gitlab_repo);
+        script += "\n";
+    }
+    let mut env_vars = image_env.clone();
+    for (k, v) in job["variables"].as_object().unwrap() {
+        env_vars.insert(k.clone(), v.as_str().unwrap().to_string());
+    }
+    let variables = secret_volume(&dir.path().join("gitlab-files"), &client_files, 0o644);
+    for (var, file) in [
+        ("OSSB_CA_CRT", "ca.crt"),
+        ("OSSB_CLIENT_CRT", "client.crt"),
+        ("OSSB_CLIENT_KEY", "client.key"),
+    ] {
+        env_vars.insert(var.into(), format!("/builds/tmp/{file}"));
+    }
+    env_vars.insert("CI_PROJECT_DIR".into(), "/builds/team/app".into());
+    env_vars.insert(
+        "CI_REGISTRY_IMAGE".into(),
+        format!("{registry}/{gitlab_repo}"),
+    );
+    env_vars.insert(
+        "CI_COMMIT_SHA".into(),
+        "4b825dc642cb6eb9a060e54bf8d69288fbee4904".into(),
+    );
+    let runner = Container {
+        argv: vec!["sh".into(), "-c".into(), script],
+        env: env_vars,
+        mounts: vec![
+            ("/builds/team/app".into(), "source".into(), false),
+            ("/builds/tmp".into(), "variables".into(), true),
+            ("/tmp".into(), "tmp".into(), false),
+        ],
+        user: "1000:1000".into(),
+        caps: Vec::new(),
+        read_only_root: false,
+        no_new_privs: false,
+        hostname: Some("runner-x7k2p-project-1-concurrent-0".into()),
+        own_userns: false,
+    };
+    let volumes = HashMap::from([
+        ("source", source.join("ctx")),
+        ("variables", variables),
+        ("tmp", empty_dir(&dir.path().join("gitlab-tmp"), 0o1777)),
+    ]);
+    let out = runner
+        .command(&shell_rootfs, &volumes, Some(&client_ns), Some(&hosts))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the GitLab job failed ({:?}):\n{}{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    has_both(&format!(
+        "{}/{gitlab_repo}:4b825dc642cb6eb9a060e54bf8d69288fbee4904",
+        env.registry()
+    ));
+
+    // docs/ci/github-actions.yml: the run steps, each with bash -eo pipefail as the runner does,
+    // on this host in a client namespace, docker being podman, the secrets the cluster's.
+    let workflow = yaml_documents(&env, &workspace().join("docs/ci/github-actions.yml"));
+    let steps = workflow[0]["jobs"]["build"]["steps"].as_array().unwrap();
+    tool("podman", &["pull", "-q", "--tls-verify=false", &image]).success("podman pull");
+    tool(
+        "podman",
+        &["tag", &image, "registry.example.com/tools/ossb:0.1.0"],
+    )
+    .success("podman tag");
+    let shims = dir.path().join("runner-bin");
+    std::fs::create_dir(&shims).unwrap();
+    std::fs::write(shims.join("docker"), "#!/bin/sh\nexec podman \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shims.join("docker"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runner_temp = dir.path().join("runner-temp");
+    std::fs::create_dir(&runner_temp).unwrap();
+    let checkout = dir.path().join("github-workspace");
+    tool(
+        "cp",
+        &[
+            "-a",
+            source.join("ctx").to_str().unwrap(),
+            checkout.to_str().unwrap(),
+        ],
+    )
+    .success("the checkout");
+    let github_repo = format!("ci/{}", unique("github"));
+    let sha = "9fceb02d0ae598e95dc970b74767f19372d61af8";
+    let secrets = [
+        ("OSSB_CA_CRT", String::from_utf8(ca.clone()).unwrap()),
+        (
+            "OSSB_CLIENT_CRT",
+            String::from_utf8(client_crt.clone()).unwrap(),
+        ),
+        (
+            "OSSB_CLIENT_KEY",
+            String::from_utf8(client_key.clone()).unwrap(),
+        ),
+        ("OSSB_COORDINATOR", format!("{svc}.{NAMESPACE}.svc:7100")),
+    ];
+    let mut outputs = String::new();
+    for (i, step) in steps.iter().enumerate() {
+        let Some(run) = step["run"].as_str() else {
+            assert_eq!(
+                step["uses"], "actions/checkout@v4",
+                "a step the test does not know"
+            );
+            continue;
+        };
+        let mut run = test_registry(run, &github_repo);
+        for (name, value) in &secrets {
+            run = run.replace(&format!("${{{{ secrets.{name} }}}}"), value.trim_end());
+        }
+        assert!(
+            !run.contains("${{"),
+            "an expression the test does not know: {run}"
+        );
+        let file = dir.path().join(format!("github-step-{i}.sh"));
+        std::fs::write(&file, &run).unwrap();
+        let script = format!(
+            "mount --bind {} /etc/hosts && cd {} && exec bash --noprofile --norc -eo pipefail {}",
+            hosts.display(),
+            checkout.display(),
+            file.display()
+        );
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &client_ns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
+            .args(["bash", "-c", &script])
+            .env(
+                "PATH",
+                format!("{}:{}", shims.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("RUNNER_TEMP", &runner_temp)
+            .env("GITHUB_SHA", sha)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "the GitHub step {:?} failed ({:?}):\n{text}\n{}",
+            step["name"],
+            out.status.code(),
+            logs()
+        );
+        outputs += &text;
+    }
+    let _ = tool("podman", &["rmi", "registry.example.com/tools/ossb:0.1.0"]);
+    assert!(
+        outputs.contains("\"containerimage.digest\""),
+        "cat metadata.json:\n{outputs}"
+    );
+    has_both(&format!("{}/{github_repo}:{sha}", env.registry()));
+
     // Every node logs JSON lines (for log collectors), from the first line on.
     for log in cache_logs
         .iter()
