@@ -71,10 +71,17 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 }
 
 fn certs_init(dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ossb"))
-        .args(["certs", "init", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
+    certs_init_with(dir, &[]);
+}
+
+/// `ossb certs init DIR --san NAME...`.
+fn certs_init_with(dir: &Path, sans: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ossb"));
+    cmd.args(["certs", "init", dir.to_str().unwrap()]);
+    for san in sans {
+        cmd.args(["--san", san]);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "ossb certs init failed:\n{}",
@@ -218,9 +225,23 @@ impl Cluster {
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) {
+        self.spawn_in(None, name, args);
+    }
+
+    /// Starts `ossb ARGS` as `name`, in the network namespace `netns` when given.
+    fn spawn_in(&mut self, netns: Option<&str>, name: &str, args: &[&str]) {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let err = log.try_clone().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ossb"))
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the pid (and process group) is ossb's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ossb")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ossb")),
+        };
+        let child = cmd
             .args(args)
             .env("DOCKER_CONFIG", &self.docker_config)
             .env("OSSB_LOG", "info")
@@ -1016,5 +1037,327 @@ fn worker_pushes_mount_base_layers_from_the_base_repository() {
                     .contains(&format!("from={}", base_repo.replace('/', "%2F"))))
             && s.status == 201),
         "no layer was mounted from {base_repo}: {seen:#?}"
+    );
+}
+
+/// Network namespaces as a Kubernetes cluster has them: a bridge (in a namespace of its own),
+/// one namespace per process with a veth to the bridge and its own address 10.214.0.N, and an
+/// uplink to the host at 10.214.0.1 (the registry relay; the test's own requests). Removed
+/// when dropped.
+struct Net {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+const SUBNET: &str = "10.214.0";
+
+impl Net {
+    /// `None` (the test skips; it fails under CI=true) when namespaces cannot be made here.
+    fn new() -> Option<Net> {
+        let prefix = format!("ossbc{}", std::process::id());
+        let mut net = Net {
+            prefix: prefix.clone(),
+            namespaces: Vec::new(),
+        };
+        let switch = net.switch();
+        let made = Command::new("ip")
+            .args(["netns", "add", &switch])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !made {
+            let msg =
+                "network namespaces cannot be made here (ip netns add needs root and iproute2)";
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+        net.namespaces.push(switch.clone());
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &switch, "link", "set", "br0", "up"]);
+        let host_end = format!("{prefix}u");
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "up0", "netns", &switch,
+        ]);
+        ip(&["-n", &switch, "link", "set", "up0", "master", "br0", "up"]);
+        ip(&["addr", "add", &format!("{SUBNET}.1/24"), "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        Some(net)
+    }
+
+    fn switch(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+
+    /// The host's address on the namespaces' network.
+    fn host(&self) -> String {
+        format!("{SUBNET}.1")
+    }
+
+    /// A namespace with address 10.214.0.N; returns its name.
+    fn node(&mut self, n: u8) -> String {
+        let ns = format!("{}-n{n}", self.prefix);
+        ip(&["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        let switch = self.switch();
+        let port = format!("v{n}");
+        ip(&[
+            "-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ]);
+        ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{SUBNET}.{n}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Takes node `n`'s link to the bridge down (`up == false`) or up again.
+    fn link(&self, n: u8, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.switch(), "link", "set", &format!("v{n}"), state]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting the switch's namespace removes the bridge, its veths and the uplink.
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Forwards TCP connections from `listen` (on the namespaces' network) to `to` (the test
+/// registry on the host's loopback); returns the address it listens on.
+fn relay(listen: &str, to: String) -> String {
+    let listener = std::net::TcpListener::bind(listen).expect("relay: bind");
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let Ok(upstream) = TcpStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (conn.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                (upstream, conn),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+impl Cluster {
+    /// The cluster with every process in its own namespace of `net`: cache nodes at .10 and
+    /// .11, the coordinator at .20 (metrics on :9090), native amd64 workers at .30 and .31.
+    fn start_in(env: &TestEnv, net: &mut Net) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ossb-cluster-netns-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let addr = |n: u8| format!("{SUBNET}.{n}");
+        let tls = dir.join("tls");
+        let sans: Vec<String> = [10, 11, 20].iter().map(|n| addr(*n)).collect();
+        certs_init_with(&tls, &sans.iter().map(String::as_str).collect::<Vec<_>>());
+        let coordinator = format!("{}:7000", addr(20));
+        let peers = format!("{}:7100,{}:7100", addr(10), addr(11));
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            tls: tls.clone(),
+            children: Vec::new(),
+            coordinator: coordinator.clone(),
+            metrics: format!("{}:9090", addr(20)),
+            docker_config: env.var("DOCKER_CONFIG"),
+            peers: peers.clone(),
+        };
+        let tls_arg = tls.to_str().unwrap().to_string();
+        for (i, n) in [10u8, 11].into_iter().enumerate() {
+            let ns = net.node(n);
+            let data = dir.join(format!("cache{i}"));
+            cluster.spawn_in(
+                Some(&ns),
+                &format!("cache{i}"),
+                &[
+                    "cache-node",
+                    "--listen",
+                    &format!("{}:7100", addr(n)),
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--tls-dir",
+                    &tls_arg,
+                    "--peers",
+                    &peers,
+                ],
+            );
+        }
+        let ns = net.node(20);
+        let state = dir.join("state");
+        cluster.spawn_in(
+            Some(&ns),
+            "coordinator",
+            &[
+                "coordinator",
+                "--listen",
+                &format!("{}:7000", addr(20)),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--tls-dir",
+                &tls_arg,
+                "--metrics",
+                &format!("{}:9090", addr(20)),
+            ],
+        );
+        for (name, n) in [("worker-30", 30u8), ("worker-31", 31)] {
+            let ns = net.node(n);
+            let work = dir.join(name);
+            cluster.spawn_in(
+                Some(&ns),
+                name,
+                &[
+                    "worker",
+                    "--coordinator",
+                    &coordinator,
+                    "--platform",
+                    "linux/amd64",
+                    "--work-dir",
+                    work.to_str().unwrap(),
+                    "--tls-dir",
+                    &tls_arg,
+                    "--cache-peers",
+                    &peers,
+                    "--name",
+                    name,
+                    "--slots",
+                    "2",
+                ],
+            );
+        }
+        cluster.wait_for_metrics(|m| {
+            m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 2")
+        });
+        cluster
+    }
+}
+
+/// Every process in its own network namespace; the link of the worker running a step is cut
+/// (`ip link set ... down`) for 10 s. The coordinator loses the worker, builds on the other
+/// one, and the build completes; what was pushed is whole (podman pulls it, verifying every
+/// blob, and runs it). Or, if it fails, it says why: never a hang, never a corrupt image.
+#[test]
+fn a_link_cut_for_10s_during_a_build_in_network_namespaces() {
+    let Some(env) = TestEnv::get() else { return };
+    let Some(mut net) = Net::new() else { return };
+    let registry = relay(&format!("{}:0", net.host()), env.registry());
+    let cluster = Cluster::start_in(&env, &mut net);
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("linkcut");
+    let dockerfile = format!(
+        "FROM {registry}/{}\nRUN echo \"start {marker}\" && sleep 8 && echo finished > /done\nCMD [\"cat\", \"/done\"]\n",
+        env.var("OSSB_TEST_BUSYBOX")
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let repo = format!("tests/{marker}:latest");
+    let log = work.path().join("submit.log");
+    let mut child = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &registry,
+                "-t",
+                &format!("{registry}/{repo}"),
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&format!("start {marker}")) {
+            break text
+                .lines()
+                .find_map(|l| l.split("scheduled on worker worker-").nth(1))
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse::<u8>().ok())
+                .expect("the scheduling is reported");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the step never started:\n{text}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    net.link(victim, false);
+    std::thread::sleep(Duration::from_secs(10));
+    net.link(victim, true);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the build hangs after the link came back:\n{}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                cluster.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if !status.success() {
+        // Failing is allowed, clearly: the exit code of a failed build and the reason.
+        assert_eq!(status.code(), Some(1), "{text}\n{}", cluster.logs());
+        assert!(text.contains("error:"), "{text}");
+        eprintln!("the build failed across the link cut, clearly:\n{text}");
+        return;
+    }
+    assert!(
+        text.contains(&format!("worker worker-{victim} was lost")),
+        "{text}\n{}",
+        cluster.logs()
+    );
+    let image = format!("{}/{repo}", env.registry());
+    let run = podman_run(&image, &[]).success("podman run of the image pushed across the cut");
+    assert_eq!(run.stdout, "finished\n");
+    let metrics = cluster.metrics_text();
+    assert!(
+        metrics.contains("ossb_tasks_rescheduled_total 1"),
+        "{metrics}"
     );
 }
