@@ -361,7 +361,8 @@ fn ossb_image_is_built_by_ossb_and_runs_in_podman() {
 }
 
 /// The chroot Job (tests/deploy/job-test, the chroot overlay plus the test registry) builds a
-/// ConfigMap-shaped context and pushes it; with the json-logs overlay's setting its whole log is
+/// ConfigMap-shaped context and pushes it, and so does the rootless Job (hostUsers: false,
+/// tests/deploy/job-test-rootless); with the json-logs overlay's setting its whole log is
 /// JSON lines; a broken Dockerfile exits 2 (FailJob in the Job's
 /// podFailurePolicy) and the log says why.
 #[test]
@@ -392,7 +393,7 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
     )
     .unwrap();
     let destination = format!("{reg}/jobs/{}:1", unique("hello"));
-    let run_job = |ctx: &Path, cache: &Path, progress: &str| {
+    let run_job_of = |job: &Value, ctx: &Path, cache: &Path, progress: &str| {
         let c = Container::from(
             &job["spec"]["template"],
             "build",
@@ -417,6 +418,7 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
+    let run_job = |ctx: &Path, cache: &Path, progress: &str| run_job_of(job, ctx, cache, progress);
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
     let (code, log) = run_job(&context, &cache, "plain");
@@ -426,6 +428,18 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
         "plain progress in the log:\n{log}"
     );
     let run = podman_run(&destination, &[]).success("podman run of the Job's image");
+    assert_eq!(run.stdout, "hello from a ConfigMap\nbuilt in a Job\n");
+
+    // The rootless overlay (hostUsers: false, each RUN in a user namespace of the pod's), with
+    // an empty cache so that the RUN step runs.
+    let rootless = render(&env, "tests/deploy/job-test-rootless");
+    let rootless = find(&rootless, "Job", "ossb-build");
+    assert_eq!(rootless["spec"]["template"]["spec"]["hostUsers"], false);
+    let rootless_cache = empty_dir(&dir.path().join("rootless-cache"), 0o2775);
+    let (code, log) = run_job_of(rootless, &context, &rootless_cache, "plain");
+    assert_eq!(code, 0, "the rootless Job's build failed:\n{log}");
+    assert!(log.contains("RUN echo built in a Job"), "{log}");
+    let run = podman_run(&destination, &[]).success("podman run of the rootless Job's image");
     assert_eq!(run.stdout, "hello from a ConfigMap\nbuilt in a Job\n");
 
     let broken = dir.path().join("broken");
