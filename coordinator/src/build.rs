@@ -16,9 +16,10 @@ use ossb_image::registry::{
 };
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
+use ossb_worker::checksum::ChecksumCache;
 use ossb_worker::sandbox::Isolation;
 
-use crate::cache::{record_build, BuildStats, LocalCache};
+use crate::cache::{record_build, BuildStats, LocalCache, CHECKSUMS_FILE};
 use crate::progress::Progress;
 use crate::remote_cache;
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
@@ -197,6 +198,7 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         base_images: Default::default(),
         durations: std::sync::Mutex::new(crate::cache::Durations::load(&req.cache_dir)),
         eta: std::sync::Mutex::new(Default::default()),
+        checksums: ChecksumCache::open(&req.cache_dir.join(CHECKSUMS_FILE)),
     };
     let mut images = Vec::new();
     // Every platform builds at once; a platform's stages run in dependency waves.
@@ -204,7 +206,12 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         .platforms
         .iter()
         .map(|p| PlatformBuild::new(&shared, p.clone()).run(&df));
-    for result in futures_util::future::join_all(builds).await {
+    let results = futures_util::future::join_all(builds).await;
+    // The hashes read are right whether or not the build succeeded.
+    if let Err(e) = shared.checksums.save() {
+        tracing::debug!("saving the checksum cache: {e}");
+    }
+    for result in results {
         images.push(result?);
     }
     let (image, config_digest) = match images.as_slice() {

@@ -16,6 +16,10 @@ use ossb_image::store::{BlobStore, Lease};
 use ossb_protocol::{Digest, Platform};
 use serde::{Deserialize, Serialize};
 
+/// The content hashes of context files read by earlier builds, in the cache directory
+/// (`ossb_worker::checksum::ChecksumCache`).
+pub const CHECKSUMS_FILE: &str = "checksums";
+
 /// A step's cache key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey([u8; 32]);
@@ -300,6 +304,10 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         let mounts = cache_dir.join("run-mounts");
         if mounts.exists() {
             fs::remove_dir_all(&mounts)?;
+        }
+        match fs::remove_file(cache_dir.join(CHECKSUMS_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
     }
     Ok(report)

@@ -21,7 +21,7 @@ use ossb_image::registry::{parse_reference, PulledImage, Registry};
 use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::base::{BaseTree, Skeleton, SkeletonError};
-use ossb_worker::checksum::sources_checksum;
+use ossb_worker::checksum::{sources_checksum_cached, ChecksumCache};
 use ossb_worker::fs::{self as wfs, CopyFilter, CopyOptions, Mode};
 use ossb_worker::sandbox;
 use ossb_worker::snapshot::Snapshot;
@@ -54,6 +54,8 @@ pub(crate) struct Shared<'a> {
     pub eta: std::sync::Mutex<Eta>,
     /// Steps to store in the `--cache-to` repository at the end of the build.
     pub cache_exports: std::sync::Mutex<Vec<(CacheKey, CacheRecord, Platform)>>,
+    /// Content hashes of context files from earlier builds (COPY sources, bind mounts).
+    pub checksums: ChecksumCache,
 }
 
 /// The running estimate of a build's remaining time.
@@ -643,8 +645,13 @@ impl<'a> PlatformBuild<'a> {
                 if let Some(ex) = &exclude {
                     filter = filter.with_exclude(ex);
                 }
-                let sum = sources_checksum(&self.req().context, &local, filter)
-                    .map_err(|e| e.to_string())?;
+                let sum = sources_checksum_cached(
+                    &self.req().context,
+                    &local,
+                    filter,
+                    &self.shared.checksums,
+                )
+                .map_err(|e| e.to_string())?;
                 inputs.push(sum.to_vec());
             }
             Some(Source::Stage(i)) => match done.get(i) {
@@ -653,8 +660,13 @@ impl<'a> PlatformBuild<'a> {
             },
             Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
                 let dir = &self.req().build_contexts[name];
-                let sum =
-                    sources_checksum(dir, &local, CopyFilter::none()).map_err(|e| e.to_string())?;
+                let sum = sources_checksum_cached(
+                    dir,
+                    &local,
+                    CopyFilter::none(),
+                    &self.shared.checksums,
+                )
+                .map_err(|e| e.to_string())?;
                 inputs.push(sum.to_vec());
             }
             Some(Source::Image(image)) => match self.copy_images.get(image) {
@@ -681,8 +693,13 @@ impl<'a> PlatformBuild<'a> {
             let source = mount.source.clone().unwrap_or_else(|| ".".into());
             match &mount.from {
                 None => {
-                    let sum = sources_checksum(&self.req().context, &[source], CopyFilter::none())
-                        .map_err(|e| e.to_string())?;
+                    let sum = sources_checksum_cached(
+                        &self.req().context,
+                        &[source],
+                        CopyFilter::none(),
+                        &self.shared.checksums,
+                    )
+                    .map_err(|e| e.to_string())?;
                     inputs.push(sum.to_vec());
                 }
                 Some(Source::Stage(i)) => match done.get(i) {

@@ -846,3 +846,50 @@ fn copy_after_cached_steps_matches_the_unpacked_rootfs() {
     let seen = find(layers.last().unwrap(), "seen");
     assert_eq!(seen.size, "a two\n".len() as u64);
 }
+
+/// Sets the mtime of `path` to `secs` since the epoch.
+fn set_mtime(path: &std::path::Path, secs: u64) {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// The checksum cache skips re-reading unchanged context files, yet a file rewritten with the
+/// same size and its old mtime put back is read again (its ctime changed): the COPY reruns
+/// and the image has the new content. A touched but identical file still hits the cache.
+#[test]
+fn checksum_cache_notices_a_file_changed_with_the_same_size_and_mtime() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!("FROM {}\nCOPY data/ /data/\n", busybox(&env));
+    let ctx = context(
+        dir.path(),
+        &dockerfile,
+        &[("data/a.txt", "aaaa\n"), ("data/b.txt", "bbbb\n")],
+    );
+    for f in ["a.txt", "b.txt"] {
+        set_mtime(&ctx.join("data").join(f), 1_600_000_000);
+    }
+    let cache = dir.path().join("cache");
+    let first = build_json(&env, &cache, &ctx, &[]);
+    assert_eq!(result_of(&first)["steps_run"], 1);
+    assert!(
+        cache.join("checksums").is_file(),
+        "the checksum cache is kept"
+    );
+    let second = build_json(&env, &cache, &ctx, &[]);
+    assert_eq!(result_of(&second)["steps_cached"], 1);
+    // Touched, same content: still cached.
+    set_mtime(&ctx.join("data/b.txt"), 1_600_000_100);
+    let touched = build_json(&env, &cache, &ctx, &[]);
+    assert_eq!(result_of(&touched)["steps_cached"], 1);
+    // Same size, old mtime back: the copy must run again.
+    std::fs::write(ctx.join("data/a.txt"), "zzzz\n").unwrap();
+    set_mtime(&ctx.join("data/a.txt"), 1_600_000_000);
+    let changed = build_json(&env, &cache, &ctx, &[]);
+    assert_eq!(result_of(&changed)["steps_run"], 1, "{changed:?}");
+}
