@@ -319,14 +319,36 @@ pub fn context_dir(name: &str) -> PathBuf {
 /// Deterministic pseudo-random bytes (xorshift), incompressible for gzip and zstd, so that a
 /// big COPY measures copying and compressing real data rather than zeros.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 8);
+    let mut x = seed | 1;
     while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        out.extend_from_slice(&xorshift(&mut x).to_le_bytes());
     }
     out.truncate(len);
     out
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Writes [`noise`]`(len, seed)` to `path` a megabyte at a time. A large buffer here would
+/// be charged to ossb: the builders are spawned with vfork semantics (posix_spawn), and Linux
+/// records the parent's peak RSS as the child's ru_maxrss at exec, so a bench process that
+/// once held a 256 MiB file reports every build it runs as using 256 MiB.
+pub fn write_noise(path: &Path, len: usize, seed: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x = seed | 1;
+    let mut left = len;
+    while left > 0 {
+        let bytes = xorshift(&mut x).to_le_bytes();
+        let n = left.min(8);
+        out.write_all(&bytes[..n])?;
+        left -= n;
+    }
+    out.flush()
 }
