@@ -17,14 +17,14 @@ use super::root::{is_kind, lstat_at, read_xattrs_at, Root, Symlinks};
 use super::{Change, ChangeKind, Compression, LayerError, LayerOptions, WrittenLayer};
 
 mod chunks;
-mod gzip;
+mod pieces;
 #[cfg(test)]
 mod tests;
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use chunks::{Chunk, ChunkWriter, BLOB_CHUNKS, CHUNKS};
-use gzip::GzipWriter;
+use pieces::{Format, PieceWriter};
 
 const BLOCK: usize = 512;
 /// The largest value of an 8-byte octal header field (mode, uid, gid, device numbers).
@@ -36,13 +36,7 @@ const MAX_OCTAL_12: u64 = 0o77777777777;
 const GZIP_LEVEL: u32 = 6;
 /// zstd level 3: the library's default level and what BuildKit uses for zstd layers.
 const ZSTD_LEVEL: i32 = 3;
-/// zstd's multithreaded job size, set explicitly so the frame layout never depends on library
-/// defaults derived from other parameters. Part of the output format, as the level is.
-/// 4 MiB: with 4 workers zstd peaks at about 40 MiB (its 8 MiB default: about 70 MiB).
-const ZSTD_JOB_SIZE: u32 = 4 << 20;
-/// zstd's overlap between jobs: an eighth of the window (the default for level 3), explicit too.
-const ZSTD_OVERLAP_LOG: u32 = 6;
-/// The most compression threads a layer uses (gzip pieces or zstd jobs in parallel). The bytes
+/// The most compression threads a layer uses (pieces compressed in parallel). The bytes
 /// written never depend on the number of threads.
 const MAX_WORKERS: usize = 4;
 
@@ -61,8 +55,8 @@ const MAX_WORKERS: usize = 4;
 ///
 /// Compression runs on up to [`MAX_WORKERS`] threads (the machine's available parallelism),
 /// and the bytes are the same whatever their number: gzip is one member made of
-/// independently compressed 1 MiB pieces (see the `gzip` module), zstd always uses its
-/// multithreaded format with a fixed job size.
+/// independently compressed 1 MiB pieces (incompressible ones stored), zstd is a sequence of
+/// independent 4 MiB frames (see the `pieces` module).
 pub fn write_layer(
     rootfs: &Path,
     changes: &[Change],
@@ -263,11 +257,10 @@ fn compress(
     compression: Compression,
     workers: usize,
 ) -> Result<(), LayerError> {
-    let mut enc =
-        Compressor::new(out, compression, workers).map_err(|source| LayerError::Write {
-            entry: "start of archive".into(),
-            source,
-        })?;
+    let mut enc = compressor(out, compression, workers).map_err(|source| LayerError::Write {
+        entry: "start of archive".into(),
+        source,
+    })?;
     drain(&rx, &free, |b| enc.write_all(b))?;
     let end = |source| LayerError::Write {
         entry: "end of archive".into(),
@@ -808,61 +801,24 @@ pub(super) fn keep_xattr(key: &[u8]) -> bool {
 }
 
 /// The compressor of the tar stream; its workers are threads of its own.
-enum Compressor<W: Write> {
-    Gzip(GzipWriter<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Compressor<W> {
-    fn new(out: W, compression: Compression, workers: usize) -> io::Result<Self> {
-        let workers = workers.max(1);
-        Ok(match compression {
-            // No file name, mtime 0 and OS "unknown" in the header, pieces cut at fixed input
-            // offsets: the bytes depend only on the content (and the pinned flate2 / zlib-rs
-            // versions), not on the number of threads.
-            Compression::Gzip => Compressor::Gzip(GzipWriter::new(out, workers)),
-            // Always the multithreaded format, with at least one worker: zstd's output with 0
-            // workers (single-threaded) differs from its output with 1 or more, which is the
-            // same for any number of workers given the same job size and overlap.
-            Compression::Zstd => {
-                use zstd::stream::raw::CParameter;
-                let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
-                enc.include_checksum(true)?;
-                enc.multithread(u32::try_from(workers).unwrap_or(1))?;
-                enc.set_parameter(CParameter::JobSize(ZSTD_JOB_SIZE))?;
-                enc.set_parameter(CParameter::OverlapSizeLog(ZSTD_OVERLAP_LOG))?;
-                Compressor::Zstd(enc)
-            }
-            Compression::None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "a plain tar has no compressor",
-                ))
-            }
-        })
-    }
-
-    /// Ends the compressed stream and returns `out`.
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Compressor::Gzip(enc) => enc.finish(),
-            Compressor::Zstd(enc) => enc.finish(),
+///
+/// No file name, mtime 0 and OS "unknown" in the gzip header, pieces cut at fixed input
+/// offsets (see [`pieces`]): the bytes depend only on the content (and the pinned flate2 /
+/// zlib-rs / zstd versions), not on the number of threads.
+fn compressor<W: Write>(
+    out: W,
+    compression: Compression,
+    workers: usize,
+) -> io::Result<PieceWriter<W>> {
+    let format = match compression {
+        Compression::Gzip => Format::Gzip,
+        Compression::Zstd => Format::Zstd,
+        Compression::None => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a plain tar has no compressor",
+            ))
         }
-    }
-}
-
-impl<W: Write> Write for Compressor<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Gzip(w) => w.write(buf),
-            Compressor::Zstd(w) => w.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Gzip(w) => w.flush(),
-            Compressor::Zstd(w) => w.flush(),
-        }
-    }
+    };
+    Ok(PieceWriter::new(out, format, workers))
 }

@@ -9,9 +9,12 @@ use std::process::{Command, Stdio};
 use flate2::read::{GzDecoder, MultiGzDecoder};
 use ossb_protocol::Digest;
 
-use super::gzip::{GzipWriter, BLOCK_SIZE};
+use super::pieces::{Format, PieceWriter};
 use super::*;
 use crate::layer::tests::{apply, describe};
+
+const BLOCK_SIZE: usize = Format::Gzip.piece_size();
+const ZSTD_PIECE: usize = Format::Zstd.piece_size();
 
 /// Text-like bytes with some incompressible runs, as real files are.
 fn sample(seed: u64, len: usize) -> Vec<u8> {
@@ -37,7 +40,7 @@ fn sample(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn gzip_with(data: &[u8], workers: usize, chunk: usize) -> Vec<u8> {
-    let mut w = GzipWriter::new(Vec::new(), workers);
+    let mut w = PieceWriter::new(Vec::new(), Format::Gzip, workers);
     for c in data.chunks(chunk.max(1)) {
         w.write_all(c).unwrap();
     }
@@ -45,7 +48,7 @@ fn gzip_with(data: &[u8], workers: usize, chunk: usize) -> Vec<u8> {
 }
 
 fn zstd_with(data: &[u8], workers: usize) -> Vec<u8> {
-    let mut enc = Compressor::new(Vec::new(), Compression::Zstd, workers).unwrap();
+    let mut enc = compressor(Vec::new(), Compression::Zstd, workers).unwrap();
     enc.write_all(data).unwrap();
     enc.finish().unwrap()
 }
@@ -142,7 +145,7 @@ fn gzip_ratio_is_close_to_one_compressor() {
 }
 
 /// The exact bytes are pinned: a change here changes every layer digest (a flate2, zlib-rs or
-/// zstd upgrade, the piece or job size, a level). Update the values only on purpose.
+/// zstd upgrade, a piece size, a level, the incompressibility rule). Update the values only on purpose.
 #[test]
 fn compressed_bytes_are_pinned() {
     let data = sample(3, 2 * BLOCK_SIZE + 12_345);
@@ -151,34 +154,113 @@ fn compressed_bytes_are_pinned() {
         Digest::of(&gz).to_string(),
         "sha256:d03c4051690b4e03b7f3cf0d3d748cfec321d3263795f72d3266f328671eb421"
     );
-    let data = sample(4, ZSTD_JOB_SIZE as usize + BLOCK_SIZE);
+    let data = sample(4, ZSTD_PIECE + BLOCK_SIZE);
     let zst = zstd_with(&data, 2);
     assert_eq!(
         Digest::of(&zst).to_string(),
-        "sha256:867484f489d3719783f79fbc1fe4053d405c535314658e11315b56f3d1c1603c"
+        "sha256:edd8f145ef6e8ec6e02ef057ae482a8a69c949ab0c6a41e1e9a4f7f89e4d1456"
     );
+}
+
+/// Checks that `blob` decompresses to `plain` with the zstd crate and the zstd binary.
+fn assert_unzstds_to(blob: &[u8], plain: &[u8]) {
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(blob)
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap();
+    assert!(out == plain, "the zstd crate read different bytes");
+    if let Some(out) = external("zstd", &["-dc"], blob) {
+        assert!(out == plain, "zstd -dc read different bytes");
+    }
 }
 
 #[test]
 fn zstd_bytes_do_not_depend_on_threads() {
-    // Over one job, so that jobs run in parallel and join.
-    let data = sample(5, 2 * ZSTD_JOB_SIZE as usize + 4321);
-    let reference = zstd_with(&data, 1);
-    for workers in [2, 4] {
-        assert!(
-            zstd_with(&data, workers) == reference,
-            "zstd with {workers} workers differs from 1 worker"
-        );
+    // Several pieces, so that they run in parallel and join; and around the piece size.
+    let data = sample(5, 2 * ZSTD_PIECE + 4321);
+    for len in [0, 1, ZSTD_PIECE, 2 * ZSTD_PIECE, data.len()] {
+        let data = &data[..len];
+        let reference = zstd_with(data, 1);
+        for workers in [2, 4] {
+            assert!(
+                zstd_with(data, workers) == reference,
+                "{len} bytes: zstd with {workers} workers differs from 1 worker"
+            );
+        }
+        assert_unzstds_to(&reference, data);
+        // One frame per piece (an empty stream is one empty frame).
+        let frames = len.div_ceil(ZSTD_PIECE).max(1);
+        assert_eq!(count_zstd_frames(&reference), frames, "{len} bytes");
     }
-    let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(&reference[..])
-        .unwrap()
-        .read_to_end(&mut out)
-        .unwrap();
-    assert!(out == data);
-    if let Some(out) = external("zstd", &["-dc"], &reference) {
-        assert!(out == data, "zstd -dc read different bytes");
+}
+
+/// The number of zstd frames in `blob` (their compressed sizes, one after another).
+fn count_zstd_frames(mut blob: &[u8]) -> usize {
+    let mut n = 0;
+    while !blob.is_empty() {
+        let size = zstd::zstd_safe::find_frame_compressed_size(blob).unwrap();
+        blob = &blob[size..];
+        n += 1;
     }
+    n
+}
+
+/// Bytes no compressor can shrink (xorshift output).
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn incompressible_gzip_pieces_are_stored_and_read_everywhere() {
+    // Random pieces between compressible ones, a random last piece, and random data shorter
+    // than the trial's samples.
+    let mut data = sample(7, BLOCK_SIZE);
+    data.extend(random(8, 2 * BLOCK_SIZE));
+    data.extend(sample(9, BLOCK_SIZE));
+    data.extend(random(10, BLOCK_SIZE / 2 + 77));
+    for data in [&data[..], &random(11, 5000)[..], &random(12, 70_000)[..]] {
+        let reference = gzip_with(data, 1, usize::MAX);
+        for (workers, chunk) in [(2, usize::MAX), (4, 65_537)] {
+            assert!(
+                gzip_with(data, workers, chunk) == reference,
+                "{} bytes: {workers} workers differ from 1",
+                data.len()
+            );
+        }
+        assert_gunzips_to(&reference, data);
+        if let Some(out) = external("pigz", &["-dc"], &reference) {
+            assert!(out == data, "pigz -dc read different bytes");
+        }
+    }
+    // Stored: the random pieces cost 5 bytes per 64 KiB, not a level-6 attempt's output.
+    let random_only = random(13, 3 * BLOCK_SIZE + 1000);
+    let gz = gzip_with(&random_only, 2, usize::MAX);
+    let blocks: usize = random_only
+        .chunks(BLOCK_SIZE)
+        .map(|piece| piece.len().div_ceil(65_535))
+        .sum();
+    assert_eq!(gz.len(), 10 + random_only.len() + 5 * blocks + 8);
+}
+
+#[test]
+fn gzip_piece_layout_is_pinned_for_random_data() {
+    // The incompressibility rule is part of the format: a change of it changes digests.
+    let mut data = random(14, BLOCK_SIZE + 3000);
+    data.extend(sample(15, BLOCK_SIZE));
+    assert_eq!(
+        Digest::of(&gzip_with(&data, 2, 100_000)).to_string(),
+        "sha256:5081ab2c0fe56fbdb69e9b47008a156db706640123c1e5cd9dac365056fecb6b"
+    );
 }
 
 /// A tree of a few pieces' worth of files: a large one, small ones, a link, a directory.
@@ -264,5 +346,101 @@ fn layers_are_the_same_for_1_2_and_4_threads_and_read_everywhere() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(kept(&dst), kept(&src));
+    }
+}
+
+#[test]
+fn an_empty_layer_is_two_zero_blocks_in_every_compression() {
+    let t = tempfile::tempdir().unwrap();
+    let plain = write_on(t.path(), &[], Compression::None, 2);
+    assert!(plain == vec![0; 1024]);
+    for workers in [1, 3] {
+        assert_gunzips_to(&write_on(t.path(), &[], Compression::Gzip, workers), &plain);
+        assert_unzstds_to(&write_on(t.path(), &[], Compression::Zstd, workers), &plain);
+    }
+}
+
+#[test]
+fn layers_of_exact_chunk_and_piece_multiples_round_trip() {
+    // One regular file whose tar (512-byte header, content, 1024 end bytes) is exactly 1 MiB
+    // (the chunk and gzip piece size) or 4 MiB (the zstd piece size) long, or one byte block
+    // more.
+    for (tar_len, extra) in [(1 << 20, 0), (4 << 20, 0), (1 << 20, 512)] {
+        let t = tempfile::tempdir().unwrap();
+        let content = sample(20, tar_len + extra - 512 - 1024);
+        fs::write(t.path().join("f"), &content).unwrap();
+        let changes = [Change {
+            path: "f".into(),
+            kind: ChangeKind::Added,
+        }];
+        let plain = write_on(t.path(), &changes, Compression::None, 1);
+        assert_eq!(plain.len(), tar_len + extra);
+        for workers in [1, 2] {
+            assert_gunzips_to(
+                &write_on(t.path(), &changes, Compression::Gzip, workers),
+                &plain,
+            );
+            assert_unzstds_to(
+                &write_on(t.path(), &changes, Compression::Zstd, workers),
+                &plain,
+            );
+        }
+    }
+}
+
+/// A destination that fails after `left` bytes.
+struct Failing {
+    left: usize,
+}
+
+impl Write for Failing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("disk full"));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_destination_or_a_vanished_file_is_reported_not_hung() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let changes = tree(&src);
+    let opts = |compression| LayerOptions {
+        compression,
+        source_date_epoch: Some(0),
+    };
+    for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        for left in [0, 5000, 1 << 20] {
+            let err = write_layer_on(&src, &changes, Failing { left }, &opts(compression), 2)
+                .unwrap_err();
+            match &err {
+                LayerError::Write { source, .. } => {
+                    assert_eq!(source.to_string(), "disk full", "{compression:?}: {err}")
+                }
+                other => panic!("{compression:?}: unexpected {other}"),
+            }
+        }
+    }
+    // A listed file missing from the rootfs: its own error, whatever the stage.
+    let mut missing = changes.clone();
+    missing.push(Change {
+        path: "usr/lib/zz-missing".into(),
+        kind: ChangeKind::Added,
+    });
+    for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let err = write_layer_on(&src, &missing, Vec::new(), &opts(compression), 2).unwrap_err();
+        assert!(
+            matches!(&err, LayerError::InvalidChange { path, .. } if path.ends_with("zz-missing")),
+            "{compression:?}: {err}"
+        );
     }
 }
