@@ -2,11 +2,14 @@
 //! 300 MiB), against the pipelines a user would otherwise run:
 //! - write gzip: ossb's layer writer vs `tar -c | pigz -p 2`;
 //! - write zstd: ossb vs `tar -c | zstd -3 -T2`;
+//! - write gzip and zstd of one 256 MiB file of random bytes (what a COPY of compressed or
+//!   encrypted data gives): ossb vs the same pipelines;
 //! - apply: ossb's safe applier vs `umoci unpack` of the same layer (in an OCI layout).
 //!
 //! Each side runs as its own process (this bench re-executes itself for ossb's side) so that
 //! `ossb_benches::measure` reports wall time and peak memory for both. Median of 3, the write
-//! runs of the two sides alternating (the machine may be shared).
+//! runs of the two sides alternating (the machine may be shared); the load average before and
+//! after each pair of measurements is printed with it.
 //!
 //! `cargo bench -p ossb-benches --bench layer` (installs pigz with apt when missing).
 
@@ -84,6 +87,33 @@ fn make_tree(root: &Path) -> Vec<Change> {
     changes
 }
 
+/// The incompressible tree: one file of 256 MiB of random bytes.
+fn make_random_tree(root: &Path) {
+    use std::io::Write;
+    std::fs::create_dir_all(root).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(root.join("random.bin")).unwrap());
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        for word in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// The 1-minute load average now (the machine may be shared: it says how much).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// The child side: `layer write-gzip|write-zstd TREE OUT` or `layer apply BLOB DEST`.
 fn child(args: &[String]) {
     match args[0].as_str() {
@@ -91,6 +121,9 @@ fn child(args: &[String]) {
         // it includes its parent's resident memory at fork time.
         "make-tree" => {
             make_tree(Path::new(&args[1]));
+        }
+        "make-random-tree" => {
+            make_random_tree(Path::new(&args[1]));
         }
         "make-layout" => {
             make_layout(Path::new(&args[1]), Path::new(&args[2]));
@@ -170,11 +203,13 @@ fn median_pair(
     mut ours: impl FnMut() -> Sample,
     mut peer: impl FnMut() -> Sample,
 ) -> (Sample, Sample) {
+    let before = load();
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..n {
         a.push(ours());
         b.push(peer());
     }
+    println!("    (load average {before} before, {} after)", load());
     (median(&mut a), median(&mut b))
 }
 
@@ -273,6 +308,54 @@ fn main() {
         size_of(Path::new(&zst)) >> 20,
         size_of(Path::new(&out("peer.tar.zst"))) >> 20
     );
+
+    // Incompressible: one 256 MiB file of random bytes.
+    let random = work.path().join("random");
+    let made = Command::new(&me)
+        .args(["--child", "make-random-tree", random.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let random_s = random.to_str().unwrap().to_string();
+    let ours_random = |mode: &str, dest: String| {
+        let (random_s, me) = (random_s.clone(), me.clone());
+        let mode = mode.to_string();
+        move || measure(Command::new(&me).args(["--child", &mode, &random_s, &dest]))
+    };
+    for (mode, name, peer_cmd, ours_out, peer_out) in [
+        (
+            "write-gzip",
+            "write gzip, 256 MiB random (vs tar|pigz -p 2)",
+            "pigz -6 -p 2 >",
+            "ossb-random.tar.gz",
+            "peer-random.tar.gz",
+        ),
+        (
+            "write-zstd",
+            "write zstd, 256 MiB random (vs tar|zstd -T2)",
+            "zstd -q -3 -T2 -f -o",
+            "ossb-random.tar.zst",
+            "peer-random.tar.zst",
+        ),
+    ] {
+        let (ossb, peer) = median_pair(
+            3,
+            ours_random(mode, out(ours_out)),
+            pipeline(format!(
+                "tar -C {random_s} -cf - . | {peer_cmd} {}",
+                out(peer_out)
+            )),
+        );
+        report(name, ossb, "pipeline", peer);
+        println!(
+            "    throughput ossb {:.0} MiB/s, pipeline {:.0} MiB/s; sizes ossb {} MiB, pipeline {} MiB",
+            256.0 / ossb.wall.as_secs_f64(),
+            256.0 / peer.wall.as_secs_f64(),
+            size_of(Path::new(&out(ours_out))) >> 20,
+            size_of(Path::new(&out(peer_out))) >> 20
+        );
+    }
+    let _ = std::fs::remove_dir_all(&random);
 
     // Apply: the gzip layer, into a fresh directory each time; umoci gets it in a layout.
     let layout = work.path().join("layout");
