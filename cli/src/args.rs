@@ -90,7 +90,7 @@ pub enum ProgressMode {
     Tty,
     /// One line per event.
     Plain,
-    /// One JSON object per event.
+    /// One JSON object per event, log line and error, on stdout (for log collectors).
     Json,
 }
 

@@ -14,14 +14,10 @@ use ossb_coordinator::{BuildError, BuildRequest, BuildResult, Event, Progress};
 
 use crate::args::{Extras, ProgressMode};
 
-/// Logging to stderr, filtered by `OSSB_LOG` (default `warn`); colours only on a terminal, so a
-/// CI log or `kubectl logs` gets plain text.
-pub fn init_logging() {
-    init_build_logging(ProgressMode::Plain)
-}
-
-/// Logging for a build shown as `mode`: with `--progress json` every log line is a JSON object
-/// on stdout beside the progress events, so a log collector reads one stream of JSON lines.
+/// Logging for a build shown as `mode`, filtered by `OSSB_LOG` (default `warn`): to stderr,
+/// coloured only on a terminal (a CI log or `kubectl logs` gets plain text); with `--progress
+/// json` every log line is a JSON object on stdout beside the progress events, so a log
+/// collector reads one stream of JSON lines.
 pub fn init_build_logging(mode: ProgressMode) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OSSB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -38,15 +38,13 @@ struct SubmitArgs {
 
 fn main() -> ExitCode {
     let args = SubmitArgs::parse();
-    display::init_logging();
+    let mode = args.build.progress;
+    display::init_build_logging(mode);
     // The one CryptoProvider of the process (quinn's TLS and the peer cache use it).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (request, extras) = match args.build.into_request() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return display::fail(mode, &e, 2),
     };
     let config = SubmitConfig {
         coordinator: args.coordinator,
