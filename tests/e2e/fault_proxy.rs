@@ -1,7 +1,7 @@
 //! A small HTTP/1.1 reverse proxy for the registry tests, in front of a real registry: it
 //! forwards every request (one per connection, `Connection: close`) and, when a rule
 //! matches, injects a fault instead: an error status, 429 with `Retry-After`, a connection
-//! that breaks off in the middle of a body, or a flipped byte. With a
+//! that breaks off (closed, or reset with a TCP RST) in the middle of a body, or a flipped byte. With a
 //! [`TokenAuthority`](crate::token_server::TokenAuthority) it also demands Bearer tokens with
 //! the right scopes, as Docker Hub does, turning the plain registry into a token-auth one.
 //! Every request is logged so tests can check what the client did.
@@ -22,6 +22,9 @@ pub enum Fault {
     RetryAfter(u64),
     /// Forward, relay the answer's head and half its body, then close the connection.
     BreakResponse,
+    /// As `BreakResponse`, but the connection is reset (a TCP RST), as a crashing registry or
+    /// a load balancer dropping it would.
+    ResetResponse,
     /// Forward half of the request body, then close both connections.
     BreakRequest,
     /// Forward, and flip one byte in the middle of the answer's body.
@@ -344,6 +347,13 @@ fn serve(
             client_out.flush()?;
             let _ = client_out.shutdown(Shutdown::Both);
         }
+        (Some(Fault::ResetResponse), Some(n)) if n > 1 => {
+            std::io::copy(&mut (&mut up_reader).take(n / 2), &mut client_out)?;
+            client_out.flush()?;
+            // Closing the last descriptor of the socket now sends a RST.
+            reset_on_close(&client_out);
+            return Ok(());
+        }
         (Some(Fault::CorruptByte), Some(n)) if n > 0 => {
             std::io::copy(&mut (&mut up_reader).take(n / 2), &mut client_out)?;
             let mut byte = [0u8; 1];
@@ -361,4 +371,30 @@ fn serve(
     }
     client_out.flush()?;
     Ok(())
+}
+
+/// Makes the socket's close send a TCP RST instead of a FIN (SO_LINGER with a zero timeout).
+fn reset_on_close(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the descriptor is an open socket owned by `stream`, and the option value is a
+    // `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt(SO_LINGER): {}",
+        std::io::Error::last_os_error()
+    );
 }

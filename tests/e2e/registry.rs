@@ -171,8 +171,8 @@ fn amd64() -> Platform {
 }
 
 /// Pushes through 500s, a 503 on HEAD, a chunk upload that breaks off, and a 429 with
-/// Retry-After; pulls through a 500, a download that breaks off (resumed by Range) and a
-/// flipped byte. Both succeed, skopeo reads what was pushed, and the pulled bytes are exact.
+/// Retry-After; pulls through a 500, a download reset by a TCP RST halfway (resumed by Range),
+/// one that is closed halfway, and a flipped byte. Both succeed, skopeo reads what was pushed, and the pulled bytes are exact.
 #[test]
 fn push_and_pull_survive_injected_faults_and_never_store_corrupt_bytes() {
     let Some(env) = TestEnv::get() else { return };
@@ -258,6 +258,12 @@ fn push_and_pull_survive_injected_faults_and_never_store_corrupt_bytes() {
     proxy.inject(Rule::new(
         "GET",
         &format!("/blobs/{big}"),
+        Fault::ResetResponse,
+        1,
+    ));
+    proxy.inject(Rule::new(
+        "GET",
+        &format!("/blobs/{}", image.config.digest),
         Fault::BreakResponse,
         1,
     ));
