@@ -160,7 +160,8 @@ pub struct BuildArgs {
     /// A label for the image, KEY=VALUE (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
-    /// A registry spoken to over plain HTTP, HOST:PORT (repeatable).
+    /// A registry whose TLS certificate is not verified, or that speaks plain HTTP when it has
+    /// no TLS, HOST:PORT (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
     /// A pull-through mirror, REGISTRY=HOST:PORT (repeatable), e.g. docker.io=mirror:5000: tried

@@ -245,7 +245,8 @@ fn oci_layout_output_is_valid_and_consumable() {
 }
 
 /// Pull and push through the TLS registry with htpasswd auth, credentials from DOCKER_CONFIG;
-/// a wrong password fails with exit 1 and says which registry refused.
+/// without its CA the push is refused with a hint, and as an --insecure-registry it works
+/// without verification; a wrong password fails with exit 1 and says which registry refused.
 #[test]
 fn tls_registry_with_credentials_and_a_wrong_password() {
     let Some(env) = TestEnv::get() else { return };
@@ -293,6 +294,55 @@ fn tls_registry_with_credentials_and_a_wrong_password() {
         ],
     )
     .success("skopeo inspect of the pushed image");
+
+    // Without the CA the certificate is refused, with a hint; as an --insecure-registry (as
+    // Docker's insecure registries) it speaks HTTPS without verifying the certificate.
+    let untrusted = ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--no-cache",
+            "-t",
+            &image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(untrusted.code, 1, "{}", untrusted.stderr);
+    assert!(
+        untrusted.stderr.contains("--registry-certificate"),
+        "{}",
+        untrusted.stderr
+    );
+    let insecure_image = format!("{tls}/private/{}:insecure", unique("app"));
+    ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--no-cache",
+            "--insecure-registry",
+            &tls,
+            "-t",
+            &insecure_image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("ossb build via the TLS registry as an insecure registry");
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--creds",
+            &creds,
+            "--cert-dir",
+            &env.var("OSSB_TEST_CERT_DIR"),
+            &format!("docker://{insecure_image}"),
+        ],
+    )
+    .success("skopeo inspect of the image pushed without verification");
 
     // The same build with a wrong password.
     let bad_config = dir.path().join("bad-docker-config");

@@ -162,6 +162,9 @@ pub(crate) struct Transport {
     hosts: Mutex<HashMap<String, HostState>>,
     /// Credentials looked up per host (a helper runs once per host).
     creds: Mutex<HashMap<String, Credential>>,
+    /// For each `--insecure-registry` host used so far: whether it speaks HTTPS (with a
+    /// certificate that is then not verified) rather than plain HTTP.
+    insecure_tls: tokio::sync::Mutex<HashMap<String, bool>>,
 }
 
 impl Transport {
@@ -172,7 +175,52 @@ impl Transport {
             clients: Mutex::new(HashMap::new()),
             hosts: Mutex::new(HashMap::new()),
             creds: Mutex::new(HashMap::new()),
+            insecure_tls: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn is_insecure(&self, host: &str) -> bool {
+        self.settings.options.insecure.iter().any(|h| h == host)
+    }
+
+    /// Whether the insecure `host` speaks HTTPS, as Docker's insecure registries may: asked
+    /// once (`GET https://host/v2/` with any certificate), plain HTTP when TLS fails.
+    async fn speaks_tls(&self, host: &str, client: &reqwest::Client) -> bool {
+        let mut known = self.insecure_tls.lock().await;
+        if let Some(&tls) = known.get(host) {
+            return tls;
+        }
+        let url = self.base_url(host).replacen("http://", "https://", 1);
+        let tls = client
+            .get(&url)
+            .timeout(self.settings.config.connect_timeout)
+            .send()
+            .await
+            .is_ok();
+        tracing::debug!(
+            host,
+            tls,
+            "insecure registry: HTTPS without verification or plain HTTP"
+        );
+        known.insert(host.to_string(), tls);
+        tls
+    }
+
+    /// `req` to an insecure host that speaks TLS goes to https:// (its URLs are made http://).
+    async fn with_scheme(
+        &self,
+        host: &str,
+        client: &reqwest::Client,
+        req: RequestBuilder,
+    ) -> Result<reqwest::Request, HttpError> {
+        let mut req = req.build().map_err(HttpError::transport)?;
+        if self.is_insecure(host)
+            && req.url().scheme() == "http"
+            && self.speaks_tls(host, client).await
+        {
+            let _ = req.url_mut().set_scheme("https");
+        }
+        Ok(req)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -185,7 +233,7 @@ impl Transport {
             "docker.io" | "index.docker.io" => "registry-1.docker.io",
             h => h,
         };
-        let scheme = if self.settings.options.insecure.iter().any(|h| h == host) {
+        let scheme = if self.is_insecure(host) {
             "http"
         } else {
             "https"
@@ -203,7 +251,9 @@ impl Transport {
             .user_agent(concat!("ossb/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(self.settings.config.connect_timeout)
             .read_timeout(self.settings.config.read_timeout)
-            .pool_max_idle_per_host(8);
+            .pool_max_idle_per_host(8)
+            // An insecure registry that speaks TLS: its certificate is not checked.
+            .danger_accept_invalid_certs(self.is_insecure(host));
         for (h, path) in &self.settings.options.certificates {
             if h == host {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -256,7 +306,8 @@ impl Transport {
         if let Some(a) = &auth {
             req = req.header(AUTHORIZATION, a);
         }
-        let resp = req.send().await.map_err(HttpError::transport)?;
+        let req = self.with_scheme(host, &client, req).await?;
+        let resp = client.execute(req).await.map_err(HttpError::transport)?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -278,12 +329,10 @@ impl Transport {
         let Some(fresh) = fresh.filter(|f| Some(f) != auth.as_ref()) else {
             return Err(status_error(resp).await);
         };
-        let auth = fresh;
-        let resp = make(&client)
-            .header(AUTHORIZATION, auth)
-            .send()
-            .await
-            .map_err(HttpError::transport)?;
+        let req = self
+            .with_scheme(host, &client, make(&client).header(AUTHORIZATION, fresh))
+            .await?;
+        let resp = client.execute(req).await.map_err(HttpError::transport)?;
         Ok(resp)
     }
 

@@ -393,7 +393,7 @@ fn hint(err: &HttpError, registry: &str, action: &str, attempts: u32) -> String 
     let text = match err {
         HttpError::Transport { .. } => {
             if d.contains("certificate") || d.contains("unknownissuer") || d.contains("tls") {
-                format!("the TLS certificate of {registry} is not trusted: pass --registry-certificate {registry}=CA.pem, or --insecure-registry {registry} if it speaks plain HTTP")
+                format!("the TLS certificate of {registry} is not trusted: pass --registry-certificate {registry}=CA.pem, or --insecure-registry {registry} to skip the check")
             } else if d.contains("http2")
                 || d.contains("invalid http version")
                 || d.contains("wrong version number")
