@@ -6,7 +6,9 @@
 //! The node runs in this process on its own runtime. Median of 3 per row.
 //!
 //! `cargo bench -p ossb-benches --bench peer_cache`; `OSSB_BENCH_PEER_MIB=256` for a smaller
-//! blob on a busy machine; `OSSB_BENCH_DIR` for the scratch directory (default /var/tmp).
+//! blob on a busy machine; `OSSB_BENCH_DIR` for the scratch directory (default /var/tmp);
+//! `OSSB_BENCH_PEER_ONLY=1` for the peer cache and raw QUIC rows alone (to profile them), with
+//! the raw QUIC connection's path statistics (MTU, losses, black holes) on stderr.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -191,6 +193,82 @@ fn registry_pull(
     })
 }
 
+/// `size` bytes over one QUIC stream between two ossb endpoints (the cluster's transport
+/// settings, mutual TLS), from memory to nowhere: the transport's own cost, without hashing
+/// or disks. The sender runs on `server_rt`, the receiver on `rt`.
+fn raw_quic(
+    server_rt: &tokio::runtime::Runtime,
+    rt: &tokio::runtime::Runtime,
+    tls: &Path,
+    size: u64,
+) -> Cost {
+    use ossb_net::{Identity, Role};
+    let node = Identity::load(tls, Role::Node).unwrap();
+    let client_id = Identity::load(tls, Role::Client).unwrap();
+    let server = {
+        let _in = server_rt.enter();
+        ossb_net::server("127.0.0.1:0".parse().unwrap(), &node).unwrap()
+    };
+    let addr = server.local_addr().unwrap().to_string();
+    let accepting = server.clone();
+    server_rt.spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(async move {
+                let conn = incoming.await.unwrap();
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let mut one = [0u8; 1];
+                    let _ = recv.read_exact(&mut one).await;
+                    let chunk = vec![0x5au8; 1 << 20];
+                    let mut left = size;
+                    while left > 0 {
+                        let n = left.min(chunk.len() as u64) as usize;
+                        send.write_all(&chunk[..n]).await.unwrap();
+                        left -= n as u64;
+                    }
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                    if std::env::var_os("OSSB_BENCH_PEER_ONLY").is_some() {
+                        let path = conn.stats().path;
+                        eprintln!(
+                            "raw QUIC sender: path MTU at the end {}, packets lost {}, MTU black holes detected {}",
+                            path.current_mtu, path.lost_packets, path.black_holes_detected
+                        );
+                    }
+                }
+            });
+        }
+    });
+    let client = {
+        let _in = rt.enter();
+        ossb_net::client(&client_id).unwrap()
+    };
+    let conn = rt
+        .block_on(ossb_net::connect(&client, &addr, Duration::from_secs(10)))
+        .unwrap();
+    median3(|| {
+        rt.block_on(async {
+            let started = Instant::now();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&[1]).await.unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0u64;
+            while let Some(n) = recv.read(&mut buf).await.unwrap() {
+                got += n as u64;
+            }
+            assert_eq!(got, size);
+            if std::env::var_os("OSSB_BENCH_PEER_ONLY").is_some() {
+                let rx = conn.stats().udp_rx;
+                eprintln!(
+                    "raw QUIC receiver: {} datagrams so far, {} bytes each on average",
+                    rx.datagrams,
+                    rx.bytes / rx.datagrams.max(1)
+                );
+            }
+            started.elapsed()
+        })
+    })
+}
+
 fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mib: usize = std::env::var("OSSB_BENCH_PEER_MIB")
@@ -252,6 +330,19 @@ fn main() {
         let _ = std::fs::remove_dir_all(work.path().join(format!("dst-{round}")));
         elapsed
     });
+    let raw = raw_quic(&node_rt, &rt, &tls, size);
+    if std::env::var_os("OSSB_BENCH_PEER_ONLY").is_some() {
+        println!(
+            "peer cache get {:.3}s CPU {:.2}s; put {:.3}s CPU {:.2}s; raw QUIC {:.3}s CPU {:.2}s ({mib} MiB)",
+            quic.wall.as_secs_f64(),
+            quic.cpu.as_secs_f64(),
+            put.wall.as_secs_f64(),
+            put.cpu.as_secs_f64(),
+            raw.wall.as_secs_f64(),
+            raw.cpu.as_secs_f64()
+        );
+        return;
+    }
     let blob_file = src.path(&digest);
     let tcp = median3(|| tcp_copy(&blob_file, work.path(), None));
     let tcp_sha = median3(|| tcp_copy(&blob_file, work.path(), Some(digest)));
@@ -271,6 +362,7 @@ fn main() {
     };
     row("peer cache get (QUIC, mTLS, sha256 both ends)", quic);
     row("peer cache put (QUIC, verified by the node)", put);
+    row("raw QUIC stream, memory to memory (no hash, no disk)", raw);
     row("raw TCP copy to a file", tcp);
     row("raw TCP copy to a file + sha256", tcp_sha);
     match registry {

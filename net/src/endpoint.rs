@@ -24,6 +24,14 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 /// what the path carries (1200 bytes at least).
 const MAX_UDP_PAYLOAD: u16 = 8952;
 
+/// How soon path MTU discovery starts again after a loss burst was taken for an MTU black hole
+/// (quinn's default: a minute). A burst of losses at the start of a bulk transfer (a receive
+/// buffer overflowing on a busy host) drops the path to 1200-byte packets; with a minute of
+/// cooldown a 1 GiB transfer then runs entirely at 1200 bytes a packet, 7x the packets of
+/// 8952, and the per-packet cost (syscalls, AEAD calls, acks) dominates. A real black hole
+/// costs one lost probe per cooldown.
+const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(2);
+
 /// The transport settings of every ossb endpoint: large flow-control windows (quinn's
 /// defaults cap one stream far below a gigabyte per second), path MTU discovery up to jumbo
 /// frames, keep-alives so that an idle connection between nodes survives, and an idle timeout
@@ -38,7 +46,8 @@ pub fn transport_config() -> TransportConfig {
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .max_idle_timeout(Some(VarInt::from_u32(20_000).into()));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(MAX_UDP_PAYLOAD)
+        .black_hole_cooldown(BLACK_HOLE_COOLDOWN);
     t.mtu_discovery_config(Some(mtu));
     t
 }
