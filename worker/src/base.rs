@@ -541,3 +541,146 @@ fn set_meta(path: &Path, node: &Node) -> Result<(), SkeletonError> {
     .map_err(|e| io_err(io::Error::from(e)))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn entry(name: &str, kind: u8, mode: u32, link: &str) -> LayerEntry {
+        LayerEntry {
+            name: name.as_bytes().to_vec(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 1_000_000,
+            size: 0,
+            link: link.as_bytes().to_vec(),
+            content: None,
+        }
+    }
+
+    fn paths(tree: &BaseTree) -> Vec<String> {
+        tree.nodes.keys().map(|p| p.display().to_string()).collect()
+    }
+
+    #[test]
+    fn layers_merge_as_the_applier_applies_them() {
+        let one = vec![
+            entry("a/", b'5', 0o755, ""),
+            entry("a/x", b'0', 0o644, ""),
+            entry("./a/y", b'0', 0o644, ""),
+            entry("b/", b'5', 0o700, ""),
+            entry("b/z", b'0', 0o644, ""),
+            entry("l", b'2', 0o777, "/a"),
+            entry("h", b'1', 0, "a/y"),
+        ];
+        let two = vec![
+            entry("a/.wh.x", b'0', 0, ""),
+            entry("b/.wh..wh..opq", b'0', 0, ""),
+            entry("b/new", b'0', 0o600, ""),
+            // Through the symlink, inside the rootfs.
+            entry("l/w", b'0', 0o644, ""),
+            // A directory over a directory merges.
+            entry("a", b'5', 0o750, ""),
+            entry("c/deep/f", b'0', 0o644, ""),
+        ];
+        let tree = BaseTree::from_layers(&[one, two]).unwrap();
+        assert_eq!(
+            paths(&tree),
+            ["a", "a/w", "a/y", "b", "b/new", "c", "c/deep", "c/deep/f", "h", "l"]
+        );
+        assert_eq!(tree.nodes[Path::new("a")].mode, 0o750, "directories merge");
+        assert_eq!(tree.nodes[Path::new("h")].kind, Kind::File);
+        for bad in ["../x", "a/../../x"] {
+            assert!(BaseTree::from_layers(&[vec![entry(bad, b'0', 0o644, "")]]).is_err());
+        }
+        let replaced = BaseTree::from_layers(&[
+            vec![entry("d/", b'5', 0o755, ""), entry("d/f", b'0', 0o644, "")],
+            vec![entry("d", b'0', 0o644, "")],
+        ])
+        .unwrap();
+        assert_eq!(paths(&replaced), ["d"]);
+    }
+
+    #[test]
+    fn a_skeleton_holds_what_the_copy_looks_at_with_the_base_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        fs::create_dir_all(ctx.join("src/sub")).unwrap();
+        fs::write(ctx.join("f.txt"), "f").unwrap();
+        fs::write(ctx.join("src/sub/g"), "g").unwrap();
+        let mut layer = vec![
+            entry("opt/", b'5', 0o755, ""),
+            entry("opt/real/", b'5', 0o750, ""),
+            entry("opt/real/sub/", b'5', 0o711, ""),
+            entry("opt/real/sub/g", b'0', 0o644, ""),
+            entry("opt/link", b'2', 0o777, "real"),
+            entry("up", b'2', 0o777, "../../../opt/link"),
+            entry("unrelated/", b'5', 0o755, ""),
+            entry("unrelated/file", b'0', 0o644, ""),
+        ];
+        layer[1].uid = 1000;
+        let tree = BaseTree::from_layers(&[layer]).unwrap();
+        let root = dir.path().join("skeleton");
+        fs::create_dir(&root).unwrap();
+        let mut sk = Skeleton::new(&tree, &root);
+        sk.prepare_copy(&ctx, &["f.txt".into()], "/up/", false, CopyFilter::none())
+            .unwrap();
+        sk.prepare_copy(&ctx, &["src".into()], "/up/", false, CopyFilter::none())
+            .unwrap();
+        sk.materialize().unwrap();
+        let real = fs::symlink_metadata(root.join("opt/real")).unwrap();
+        assert_eq!((real.mode() & 0o7777, real.mtime()), (0o750, 1_000_000));
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(real.uid(), 1000);
+        }
+        assert!(fs::symlink_metadata(root.join("up")).unwrap().is_symlink());
+        assert!(
+            root.join("opt/real/sub/g").is_file(),
+            "a file the copy replaces"
+        );
+        assert!(
+            !root.join("unrelated").exists(),
+            "only what the copy looks at"
+        );
+        let mut changes: Vec<String> = crate::fs::copy_into(
+            &ctx,
+            &["f.txt".into(), "src".into()],
+            &root,
+            "/up/",
+            Default::default(),
+            CopyFilter::none(),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|c| c.path.display().to_string())
+        .collect();
+        changes.sort();
+        for p in ["opt/real/f.txt", "opt/real/sub/g"] {
+            assert!(changes.iter().any(|c| c == p), "{p}: {changes:?}");
+        }
+        assert!(!changes.iter().any(|c| c.starts_with("up")), "{changes:?}");
+    }
+
+    #[test]
+    fn accounts_without_their_content_need_the_rootfs() {
+        let mut passwd = entry("etc/passwd", b'0', 0o644, "");
+        passwd.size = 10;
+        let tree =
+            BaseTree::from_layers(&[vec![entry("etc/", b'5', 0o755, ""), passwd.clone()]]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sk = Skeleton::new(&tree, dir.path());
+        assert!(matches!(
+            sk.prepare_accounts(),
+            Err(SkeletonError::NeedsRootfs(_))
+        ));
+        passwd.content = Some(b"app:x:1:1::/:/bin/sh\n".to_vec());
+        let tree = BaseTree::from_layers(&[vec![passwd]]).unwrap();
+        let mut sk = Skeleton::new(&tree, dir.path());
+        sk.prepare_accounts().unwrap();
+        sk.materialize().unwrap();
+        assert_eq!(crate::fs::lookup_user(dir.path(), "app").unwrap().uid, 1);
+    }
+}
