@@ -78,9 +78,8 @@ fn default_workers() -> usize {
 /// The work is split into stages on their own threads, joined by [`chunks`]: one walks the
 /// plan and reads the rootfs into tar chunks, one computes the diff ID over them, one feeds
 /// them to the compressor (whose workers are further threads), and the caller's thread hashes
-/// the blob and writes it to `out` (which need not be `Send`). Keeping the compressor's feeder
-/// free of other work matters: it alone hands jobs to the compression workers, and a feeder
-/// that waits for a CPU leaves them idle.
+/// the blob and writes it to `out` (which need not be `Send`). Each stage has a few chunks
+/// queued ahead of it, so one that waits for a CPU for a moment does not stall the others.
 pub(super) fn write_layer_on(
     rootfs: &Path,
     changes: &[Change],

@@ -13,8 +13,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 
-/// Bytes per chunk. Every chunk but the last is full, so chunks start at multiples of this
-/// offset in the tar stream (which the gzip writer's pieces rely on to take them whole).
+/// Bytes per chunk. Every chunk but the last is full; the chunks' boundaries never show in
+/// the output (the compressor cuts its own pieces at fixed offsets). 64 KiB chunks measured
+/// the same as 1 MiB ones under contention.
 pub(super) const CHUNK_SIZE: usize = 1 << 20;
 /// Buffers in circulation for the tar stream: enough to keep every stage busy while another
 /// is descheduled for a few milliseconds.
