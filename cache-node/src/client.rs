@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use ossb_image::store::{BlobStore, PartialBlob, StoreError};
 use ossb_net::{read_message, write_message, Identity, NetError, Role};
 use ossb_protocol::wire::{CacheReply, CacheRequest, CacheStats, Message, StreamReset};
@@ -18,6 +18,10 @@ use crate::placement::{Placement, REPLICAS};
 
 /// Size of the chunks blobs are read and sent in.
 pub(crate) const CHUNK: usize = 1 << 20;
+/// Bytes of received chunks handed to the writer thread at once.
+const BATCH: usize = 256 << 10;
+/// Batches queued for the writer thread (8 MiB): the transfer waits when the disk does.
+const WRITE_QUEUE: usize = 32;
 
 /// How long a node that could not be reached is tried last instead of first.
 const DOWN_FOR: Duration = Duration::from_secs(10);
@@ -221,7 +225,8 @@ impl PeerCache {
         let mut partial = store.partial()?;
         let mut tried = Vec::new();
         for node in nodes {
-            let outcome = self.get_once(node, digest, &mut partial).await;
+            let (outcome, back) = self.get_once(node, digest, partial).await;
+            partial = back;
             let note = match outcome {
                 Attempt::Complete => match partial.commit(digest) {
                     Ok(size) => return Ok(size),
@@ -247,12 +252,19 @@ impl PeerCache {
         })
     }
 
+    /// One node's attempt at sending the blob, appended to `partial` (resuming from its
+    /// length); hands `partial` back with whatever arrived.
+    ///
+    /// The bytes are written and hashed on a blocking thread of their own: on the runtime's
+    /// threads that work would keep quinn from draining the UDP socket, and the packets a full
+    /// socket buffer drops look to quinn like an MTU black hole (it then falls back to
+    /// 1200-byte packets, several times the per-byte cost).
     pub(crate) async fn get_once(
         &self,
         node: &str,
         digest: &Digest,
-        partial: &mut PartialBlob,
-    ) -> Attempt {
+        partial: PartialBlob,
+    ) -> (Attempt, PartialBlob) {
         let offset = partial.len();
         let request = CacheRequest::Get {
             digest: *digest,
@@ -264,40 +276,76 @@ impl PeerCache {
                 Ok(Message::CacheReply(CacheReply::Blob { size, offset: o })) if o == offset => {
                     (recv, size)
                 }
-                Ok(Message::CacheReply(CacheReply::Missing)) => return Attempt::Missing,
-                Ok(Message::Error(e)) => return Attempt::Failed(e.message),
-                Ok(other) => return Attempt::Failed(format!("unexpected answer {other:?}")),
-                Err(e) => return Attempt::Failed(e.to_string()),
+                Ok(Message::CacheReply(CacheReply::Missing)) => return (Attempt::Missing, partial),
+                Ok(Message::Error(e)) => return (Attempt::Failed(e.message), partial),
+                Ok(other) => {
+                    return (
+                        Attempt::Failed(format!("unexpected answer {other:?}")),
+                        partial,
+                    )
+                }
+                Err(e) => return (Attempt::Failed(e.to_string()), partial),
             },
-            Err(reason) => return Attempt::Failed(reason),
+            Err(reason) => return (Attempt::Failed(reason), partial),
         };
-        loop {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut partial = partial;
+            let mut failed = None;
+            while let Some(batch) = rx.blocking_recv() {
+                for chunk in batch {
+                    if failed.is_none() {
+                        failed = partial.write(&chunk).err();
+                    }
+                }
+            }
+            (partial, failed)
+        });
+        let mut received = offset;
+        let mut batch = Vec::new();
+        let mut batched = 0;
+        let attempt = loop {
             match recv.read_chunk(CHUNK, true).await {
                 Ok(Some(chunk)) => {
-                    if partial.len() + chunk.bytes.len() as u64 > size {
-                        return Attempt::Failed(format!(
+                    received += chunk.bytes.len() as u64;
+                    if received > size {
+                        break Attempt::Failed(format!(
                             "sent more than the {size} bytes announced"
                         ));
                     }
-                    if let Err(e) = partial.write(&chunk.bytes) {
-                        return Attempt::Failed(e.to_string());
+                    batched += chunk.bytes.len();
+                    batch.push(chunk.bytes);
+                    // Batches, not packets, cross to the writer: one wake-up per ~256 KiB.
+                    if batched >= BATCH {
+                        batched = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            break Attempt::Failed("the local writer stopped".into());
+                        }
                     }
                 }
-                Ok(None) if partial.len() == size => return Attempt::Complete,
-                Ok(None) => {
-                    return Attempt::Failed(format!("sent {} of {size} bytes", partial.len()))
-                }
+                Ok(None) if received == size => break Attempt::Complete,
+                Ok(None) => break Attempt::Failed(format!("sent {} of {size} bytes", received)),
                 Err(quinn::ReadError::Reset(code))
                     if StreamReset::from_code(code.into_inner())
                         == Some(StreamReset::BlobCorrupt) =>
                 {
-                    return Attempt::Corrupt
+                    break Attempt::Corrupt
                 }
                 Err(e) => {
                     self.forget(node).await;
-                    return Attempt::Failed(e.to_string());
+                    break Attempt::Failed(e.to_string());
                 }
             }
+        };
+        if !batch.is_empty() {
+            let _ = tx.send(batch).await;
+        }
+        drop(tx);
+        match writer.await {
+            Ok((partial, None)) => (attempt, partial),
+            // The local disk failed: what this node sent is not all stored.
+            Ok((partial, Some(e))) => (Attempt::Failed(e.to_string()), partial),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 
