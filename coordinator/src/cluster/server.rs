@@ -597,6 +597,10 @@ fn lose_worker(state: &State, id: u64, why: &str) {
         release(&mut inner, task);
         if let Some(t) = inner.tasks.get_mut(&task) {
             t.worker = None;
+            // A fresh grace period: the lost worker may have been the only one of its
+            // platform, and may come back.
+            t.queued_at = Instant::now();
+            t.told = false;
             let _ = t.events.send((
                 task,
                 BuildEvent::Info(format!(
