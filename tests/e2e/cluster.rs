@@ -515,6 +515,8 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         "ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 2",
         "ossb_workers{platform=\"linux/arm64\",mode=\"emulated\"} 1",
         "ossb_steps_total{worker=\"amd64-emulating-arm64\",result=\"cached\"}",
+        "ossb_steps_by_platform_total{platform=\"linux/arm64\",mode=\"emulated\",result=\"run\"}",
+        "ossb_steps_by_platform_total{platform=\"linux/amd64\",mode=\"native\",result=\"cached\"}",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }

@@ -89,6 +89,9 @@ struct Counters {
     running: u64,
     /// Steps by the worker that ran them: (run, cached).
     steps: BTreeMap<String, (u64, u64)>,
+    /// Steps by the platform built and whether its worker ran it natively or emulated:
+    /// (run, cached).
+    steps_by_mode: BTreeMap<(String, &'static str), (u64, u64)>,
     context_bytes_received: u64,
     context_bytes_served: u64,
     tasks_rescheduled: u64,
@@ -282,6 +285,21 @@ fn prometheus(inner: &Inner) -> String {
         "counter",
         "Steps of finished tasks, by the worker that ran them and whether its local step cache had them.",
         steps,
+    );
+    let mut by_mode = Vec::new();
+    for ((platform, mode), (run, cached)) in &c.steps_by_mode {
+        for (result, n) in [("run", run), ("cached", cached)] {
+            by_mode.push((
+                format!("{{platform=\"{platform}\",mode=\"{mode}\",result=\"{result}\"}}"),
+                *n,
+            ));
+        }
+    }
+    metric(
+        "ossb_steps_by_platform_total",
+        "counter",
+        "Steps of finished tasks, by the platform built, whether the worker ran it natively or emulated, and whether its step cache had them.",
+        by_mode,
     );
     let mut workers: BTreeMap<(String, &str), u64> = BTreeMap::new();
     for w in inner.workers.values() {
@@ -541,6 +559,7 @@ async fn worker_channel(
             }
             ClusterMessage::TaskDone { task, result } => {
                 let peers = worker.info.cache_peers.clone();
+                let native = worker.info.platform.clone();
                 worker.running.remove(&task);
                 if inner.tasks.get(&task).is_some_and(|t| t.worker == Some(id)) {
                     release(&mut inner, task);
@@ -553,6 +572,18 @@ async fn worker_channel(
                         let steps = inner.counters.steps.entry(name.clone()).or_default();
                         steps.0 += outcome.run;
                         steps.1 += outcome.cached;
+                        let mode = if t.spec.platform == native {
+                            "native"
+                        } else {
+                            "emulated"
+                        };
+                        let by_mode = inner
+                            .counters
+                            .steps_by_mode
+                            .entry((t.spec.platform.to_string(), mode))
+                            .or_default();
+                        by_mode.0 += outcome.run;
+                        by_mode.1 += outcome.cached;
                         let i = inner.counters.inputs.entry(name.clone()).or_default();
                         i.local_blobs += outcome.inputs.local_blobs;
                         i.peer_blobs += outcome.inputs.peer_blobs;
