@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use ossb_image::store::{BlobStore, PartialBlob, StoreError};
 use ossb_net::{read_message, write_message, Identity, NetError, Role};
 use ossb_protocol::wire::{CacheReply, CacheRequest, CacheStats, Message, StreamReset};
@@ -15,13 +15,10 @@ use ossb_protocol::Digest;
 use quinn::{Connection, Endpoint};
 
 use crate::placement::{Placement, REPLICAS};
+use crate::sink::Sink;
 
 /// Size of the chunks blobs are read and sent in.
 pub(crate) const CHUNK: usize = 1 << 20;
-/// Bytes of received chunks handed to the writer thread at once.
-const BATCH: usize = 256 << 10;
-/// Batches queued for the writer thread (8 MiB): the transfer waits when the disk does.
-const WRITE_QUEUE: usize = 32;
 
 /// How long a node that could not be reached is tried last instead of first.
 const DOWN_FOR: Duration = Duration::from_secs(10);
@@ -255,10 +252,7 @@ impl PeerCache {
     /// One node's attempt at sending the blob, appended to `partial` (resuming from its
     /// length); hands `partial` back with whatever arrived.
     ///
-    /// The bytes are written and hashed on a blocking thread of their own: on the runtime's
-    /// threads that work would keep quinn from draining the UDP socket, and the packets a full
-    /// socket buffer drops look to quinn like an MTU black hole (it then falls back to
-    /// 1200-byte packets, several times the per-byte cost).
+    /// The bytes are written and hashed off the runtime ([`Sink`]).
     pub(crate) async fn get_once(
         &self,
         node: &str,
@@ -288,43 +282,21 @@ impl PeerCache {
             },
             Err(reason) => return (Attempt::Failed(reason), partial),
         };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut partial = partial;
-            let mut failed = None;
-            while let Some(batch) = rx.blocking_recv() {
-                for chunk in batch {
-                    if failed.is_none() {
-                        failed = partial.write(&chunk).err();
-                    }
-                }
-            }
-            (partial, failed)
-        });
-        let mut received = offset;
-        let mut batch = Vec::new();
-        let mut batched = 0;
+        let mut sink = Sink::new(partial);
         let attempt = loop {
             match recv.read_chunk(CHUNK, true).await {
                 Ok(Some(chunk)) => {
-                    received += chunk.bytes.len() as u64;
-                    if received > size {
+                    if sink.len() + chunk.bytes.len() as u64 > size {
                         break Attempt::Failed(format!(
                             "sent more than the {size} bytes announced"
                         ));
                     }
-                    batched += chunk.bytes.len();
-                    batch.push(chunk.bytes);
-                    // Batches, not packets, cross to the writer: one wake-up per ~256 KiB.
-                    if batched >= BATCH {
-                        batched = 0;
-                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
-                            break Attempt::Failed("the local writer stopped".into());
-                        }
+                    if !sink.push(chunk.bytes).await {
+                        break Attempt::Failed("the local writer stopped".into());
                     }
                 }
-                Ok(None) if received == size => break Attempt::Complete,
-                Ok(None) => break Attempt::Failed(format!("sent {} of {size} bytes", received)),
+                Ok(None) if sink.len() == size => break Attempt::Complete,
+                Ok(None) => break Attempt::Failed(format!("sent {} of {size} bytes", sink.len())),
                 Err(quinn::ReadError::Reset(code))
                     if StreamReset::from_code(code.into_inner())
                         == Some(StreamReset::BlobCorrupt) =>
@@ -337,15 +309,10 @@ impl PeerCache {
                 }
             }
         };
-        if !batch.is_empty() {
-            let _ = tx.send(batch).await;
-        }
-        drop(tx);
-        match writer.await {
-            Ok((partial, None)) => (attempt, partial),
+        match sink.finish().await {
+            (partial, None) => (attempt, partial),
             // The local disk failed: what this node sent is not all stored.
-            Ok((partial, Some(e))) => (Attempt::Failed(e.to_string()), partial),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            (partial, Some(e)) => (Attempt::Failed(e.to_string()), partial),
         }
     }
 

@@ -29,6 +29,7 @@ pub mod lru;
 pub mod metrics;
 mod node;
 pub mod placement;
+mod sink;
 
 pub use client::{ClientError, PeerCache};
 pub use node::{serve, Node, NodeConfig, NodeError};

@@ -21,6 +21,10 @@ use crate::client::{PeerCache, CHUNK};
 use crate::lru::Lru;
 use crate::metrics::{add, Metrics};
 use crate::placement::Placement;
+use crate::sink::Sink;
+
+/// Chunks read and hashed ahead of the sending of a get.
+const READ_AHEAD: usize = 4;
 
 /// What `ossb cache-node` is given.
 #[derive(Clone, Debug)]
@@ -355,32 +359,52 @@ impl State {
         self.store.touch(&digest);
         write_message(send, Message::CacheReply(CacheReply::Blob { size, offset })).await?;
         // Hash every byte from the first (also those before `offset`, which are not sent);
-        // the verdict decides whether the stream finishes or is reset as corrupt.
-        let mut hasher = Sha256::new();
-        let mut pos = 0u64;
-        loop {
-            let mut buf = BytesMut::zeroed(CHUNK);
-            let n = match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(%digest, error = %e, "reading a blob failed");
-                    let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
-                    return Ok(());
+        // the verdict decides whether the stream finishes or is reset as corrupt. Reading and
+        // hashing run on a blocking thread, a few chunks ahead of the sending.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(READ_AHEAD);
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, u64)> {
+            let mut hasher = Sha256::new();
+            let mut pos = 0u64;
+            loop {
+                let mut buf = BytesMut::zeroed(CHUNK);
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
                 }
-            };
-            buf.truncate(n);
-            hasher.update(&buf);
-            let end = pos + n as u64;
-            if end > offset {
-                let skip = offset.saturating_sub(pos) as usize;
-                let chunk = buf.freeze().slice(skip..);
-                add(&self.metrics.bytes_out, chunk.len() as u64);
-                send.write_chunk(chunk).await?;
+                buf.truncate(n);
+                hasher.update(&buf);
+                let end = pos + n as u64;
+                if end > offset {
+                    let skip = offset.saturating_sub(pos) as usize;
+                    if tx.blocking_send(buf.freeze().slice(skip..)).is_err() {
+                        // The sending side gave up (the peer went away).
+                        return Err(std::io::Error::other("the transfer stopped"));
+                    }
+                }
+                pos = end;
             }
-            pos = end;
+            Ok((Digest::from_bytes(hasher.finalize().into()), pos))
+        });
+        let mut sent = Ok(());
+        while let Some(chunk) = rx.recv().await {
+            add(&self.metrics.bytes_out, chunk.len() as u64);
+            if let Err(e) = send.write_chunk(chunk).await {
+                sent = Err(e);
+                break;
+            }
         }
-        let actual = Digest::from_bytes(hasher.finalize().into());
+        drop(rx);
+        let verdict = reader.await;
+        sent?;
+        let (actual, pos) = match verdict {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(%digest, error = %e, "reading a blob failed");
+                let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                return Ok(());
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         if actual != digest || pos != size {
             let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
             self.discard_corrupt(&digest, &actual);
@@ -501,22 +525,37 @@ impl State {
         size: u64,
     ) -> Result<Result<(), (ErrorCode, String)>, NetError> {
         let internal = |e: StoreError| Ok(Err((ErrorCode::Internal, e.to_string())));
-        let mut partial = match self.store.partial() {
+        let partial = match self.store.partial() {
             Ok(p) => p,
             Err(e) => return internal(e),
         };
-        while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
-            if partial.len() + chunk.bytes.len() as u64 > size {
-                recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
-                    .ok();
-                return Ok(Err((
-                    ErrorCode::DigestMismatch,
-                    format!("more than the {size} bytes announced for {digest} arrived; nothing was stored"),
-                )));
+        // Written and hashed off the runtime, which keeps draining the socket meanwhile.
+        let mut sink = Sink::new(partial);
+        let mut refusal = None;
+        let read = loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    if sink.len() + chunk.bytes.len() as u64 > size {
+                        recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
+                            .ok();
+                        refusal = Some(format!("more than the {size} bytes announced for {digest} arrived; nothing was stored"));
+                        break Ok(());
+                    }
+                    if !sink.push(chunk.bytes).await {
+                        break Ok(());
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             }
-            if let Err(e) = partial.write(&chunk.bytes) {
-                return internal(e);
-            }
+        };
+        let (partial, failed) = sink.finish().await;
+        read?;
+        if let Some(e) = failed {
+            return internal(e);
+        }
+        if let Some(message) = refusal {
+            return Ok(Err((ErrorCode::DigestMismatch, message)));
         }
         if partial.len() != size {
             return Ok(Err((
