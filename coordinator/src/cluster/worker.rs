@@ -40,6 +40,9 @@ use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError}
 use crate::build::BuildRequest;
 use crate::progress::{Event, Progress};
 
+/// Context files fetched from the coordinator at once.
+const PARALLEL_FETCHES: usize = 8;
+
 /// How `ossb worker` is set up.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -353,15 +356,30 @@ async fn execute(
     };
     let cache_dir = node.config.work_dir.join("cache");
     let store = BlobStore::open(&cache_dir).map_err(|e| fail(format!("opening the cache: {e}")))?;
-    for digest in all_file_digests(&task.spec) {
-        if !store.contains(&digest) {
-            let size = fetch(conn, &store, &digest)
-                .await
-                .map_err(|e| fail(format!("fetching context file {digest}: {e}")))?;
-            node.counters
-                .context_bytes_fetched
-                .fetch_add(size, Ordering::Relaxed);
-        }
+    // Several at once: a context of many small files costs round trips, not bandwidth.
+    let missing: Vec<Digest> = all_file_digests(&task.spec)
+        .into_iter()
+        .filter(|d| !store.contains(d))
+        .collect();
+    let fetched: Vec<Result<u64, Failure>> = {
+        use futures_util::stream::{self, StreamExt};
+        stream::iter(missing)
+            .map(|digest| {
+                let store = &store;
+                async move {
+                    fetch(conn, store, &digest)
+                        .await
+                        .map_err(|e| fail(format!("fetching context file {digest}: {e}")))
+                }
+            })
+            .buffer_unordered(PARALLEL_FETCHES)
+            .collect()
+            .await
+    };
+    for size in fetched {
+        node.counters
+            .context_bytes_fetched
+            .fetch_add(size?, Ordering::Relaxed);
     }
     let dir = tempfile::Builder::new()
         .prefix(&format!("task-{}-", task.task))
