@@ -7,7 +7,7 @@
 //! | client | [`ClusterMessage::Submit`] | [`ClusterMessage::NeedBlobs`] (context files the coordinator lacks) | the client uploads them (each on its own stream), writes [`ClusterMessage::UploadsDone`]; the coordinator answers [`ClusterMessage::Accepted`], then [`ClusterMessage::Event`]s, then one [`ClusterMessage::Finished`] |
 //! | client or worker | [`ClusterMessage::Upload`] + `size` raw bytes | [`ClusterMessage::Stored`] or an error | — |
 //! | client | [`ClusterMessage::Status`] | [`ClusterMessage::Finished`] or [`ClusterMessage::Running`] | — |
-//! | worker | [`ClusterMessage::Register`] | [`ClusterMessage::Registered`] | the stream stays open: the coordinator writes [`ClusterMessage::Task`]s, the worker writes [`ClusterMessage::Heartbeat`], [`ClusterMessage::TaskEvent`] and [`ClusterMessage::TaskDone`] |
+//! | worker | [`ClusterMessage::Register`] | [`ClusterMessage::Registered`] | the stream stays open: the coordinator writes [`ClusterMessage::Task`]s (and [`ClusterMessage::CancelTask`]), the worker writes [`ClusterMessage::Heartbeat`], [`ClusterMessage::TaskEvent`] and [`ClusterMessage::TaskDone`] |
 //! | worker | [`ClusterMessage::FetchBlob`] | [`ClusterMessage::Blob`] + `size` raw bytes, or [`crate::wire::Message::Error`] | — |
 //!
 //! Context files travel as blobs named by their sha256, so a resubmission sends only the files
