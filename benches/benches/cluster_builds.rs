@@ -222,7 +222,10 @@ fn context(root: &Path, name: &str, dockerfile: &str, mib: usize, seed: u64) -> 
     std::fs::create_dir_all(ctx.join("data")).unwrap();
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     for i in 0..mib {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64) | 1;
+        let mut x = seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(i as u64)
+            | 1;
         let mut bytes = Vec::with_capacity(1 << 20);
         while bytes.len() < 1 << 20 {
             x ^= x << 13;

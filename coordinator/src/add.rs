@@ -292,13 +292,14 @@ pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), S
     wfs::make_workdir(rootfs, dest, (0, 0)).map_err(|e| e.to_string())?;
     let target = wfs::resolve_in_root(rootfs, dest, true).map_err(|e| e.to_string())?;
     let file = fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
-    layer::apply_layer(
-        std::io::BufReader::new(file),
-        &target,
-        &ApplyOptions::default(),
-    )
-    .map(|_| ())
-    .map_err(|e| format!("unpacking {}: {e}", archive.display()))
+    // A user's archive, not a layer: `.wh.` names are files (as Docker's untar).
+    let opts = ApplyOptions {
+        whiteouts: false,
+        ..ApplyOptions::default()
+    };
+    layer::apply_layer(std::io::BufReader::new(file), &target, &opts)
+        .map(|_| ())
+        .map_err(|e| format!("unpacking {}: {e}", archive.display()))
 }
 
 #[cfg(test)]

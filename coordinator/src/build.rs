@@ -199,21 +199,29 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         durations: std::sync::Mutex::new(crate::cache::Durations::load(&req.cache_dir)),
         eta: std::sync::Mutex::new(Default::default()),
         checksums: ChecksumCache::open(&req.cache_dir.join(CHECKSUMS_FILE)),
+        claims: Default::default(),
+        built: Default::default(),
     };
-    let mut images = Vec::new();
-    // Every platform builds at once; a platform's stages run in dependency waves.
-    let builds = req
-        .platforms
-        .iter()
-        .map(|p| PlatformBuild::new(&shared, p.clone()).run(&df));
-    let results = futures_util::future::join_all(builds).await;
+    // Every platform is pulled, planned and checked before any step runs (a platform that
+    // cannot run here is refused first); then every platform builds at once, a platform's
+    // stages in dependency waves. The first failure stops the other platforms.
+    let prepared = futures_util::future::try_join_all(
+        req.platforms
+            .iter()
+            .map(|p| PlatformBuild::new(&shared, p.clone()).prepare(&df)),
+    )
+    .await?;
+    let results = futures_util::future::try_join_all(
+        prepared
+            .into_iter()
+            .map(|(platform, plan)| platform.build(plan)),
+    )
+    .await;
     // The hashes read are right whether or not the build succeeded.
     if let Err(e) = shared.checksums.save() {
         tracing::debug!("saving the checksum cache: {e}");
     }
-    for result in results {
-        images.push(result?);
-    }
+    let images = results?;
     let (image, config_digest) = match images.as_slice() {
         [one] => (one.manifest.clone(), Some(one.config)),
         many => (write_index(&shared.store, many, req.media_types)?, None),

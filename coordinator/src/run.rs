@@ -28,6 +28,8 @@ pub(crate) struct RunContext<'a> {
     pub context: &'a Path,
     /// Rootfs of the finished stages, by plan position (for `--mount from=`).
     pub stages: &'a HashMap<usize, PathBuf>,
+    /// Unpacked images and named contexts, by name (for `--mount from=IMAGE`).
+    pub images: &'a HashMap<String, PathBuf>,
     /// The cache directory (for `--mount=type=cache`).
     pub cache_dir: &'a Path,
     /// How the step is isolated.
@@ -97,6 +99,7 @@ pub(crate) async fn execute(
     let sources = MountSources {
         context: ctx.context.to_path_buf(),
         stages: ctx.stages.clone(),
+        images: ctx.images.clone(),
         cache_dir: ctx.cache_dir.to_path_buf(),
         secrets: ctx.secrets.clone(),
     };

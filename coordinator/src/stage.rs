@@ -56,6 +56,10 @@ pub(crate) struct Shared<'a> {
     pub cache_exports: std::sync::Mutex<Vec<(CacheKey, CacheRecord, Platform)>>,
     /// Content hashes of context files from earlier builds (COPY sources, bind mounts).
     pub checksums: ChecksumCache,
+    /// One lock per step key being run, so that platforms sharing a step run it once.
+    pub claims: std::sync::Mutex<HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Step keys this build ran (their records are fresh even under `--no-cache`).
+    pub built: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
 }
 
 /// The running estimate of a build's remaining time.
@@ -120,6 +124,32 @@ impl Shared<'_> {
         });
     }
 
+    /// Waits until no other platform of this build runs the step `key`, and holds it.
+    async fn claim(&self, key: &CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(*key)
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn mark_built(&self, key: &CacheKey) {
+        self.built
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*key);
+    }
+
+    fn built_here(&self, key: &CacheKey) -> bool {
+        self.built
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
     pub(crate) fn start(&self, name: String) -> (usize, Instant) {
         let id = self
             .next_id
@@ -174,6 +204,8 @@ struct StageState {
     unpacked_for_readers: tokio::sync::OnceCell<()>,
     /// Whether this stage set CMD (an ENTRYPOINT then keeps it).
     cmd_set: bool,
+    /// Whether the current step may run on a skeleton instead of the unpacked rootfs.
+    skeleton_ok: bool,
 }
 
 /// One platform's build.
@@ -209,11 +241,12 @@ impl<'a> PlatformBuild<'a> {
         self.shared.req
     }
 
-    /// Plans and builds the image for this platform.
-    pub(crate) async fn run(
+    /// Pulls the bases and plans this platform's build; refuses a platform whose RUN steps
+    /// cannot run here. Nothing is built yet: every platform is checked before any builds.
+    pub(crate) async fn prepare(
         mut self,
         df: &dockerfile::Dockerfile,
-    ) -> Result<PlatformImage, BuildError> {
+    ) -> Result<(Self, BuildPlan), BuildError> {
         let req = self.shared.req;
         let opts = PlanOptions {
             build_args: req.build_args.clone(),
@@ -243,6 +276,12 @@ impl<'a> PlatformBuild<'a> {
                     .map_err(|e| BuildError::Platform(e.to_string()))?;
             }
         }
+        Ok((self, plan))
+    }
+
+    /// Builds the image of a prepared platform.
+    pub(crate) async fn build(self, plan: BuildPlan) -> Result<PlatformImage, BuildError> {
+        let req = self.shared.req;
         self.shared.plan_estimate(
             plan.stages
                 .iter()
@@ -280,12 +319,18 @@ impl<'a> PlatformBuild<'a> {
         self.write_image(&final_state)
     }
 
-    /// Pulls and unpacks the images `COPY --from` names, for this platform.
+    /// Pulls and unpacks the images `COPY --from` and `RUN --mount from=` name, for this
+    /// platform.
     async fn pull_copy_images(&mut self, plan: &BuildPlan) -> Result<(), BuildError> {
         let mut refs: Vec<String> = Vec::new();
         for step in plan.stages.iter().flat_map(|s| &s.steps) {
-            if let Instruction::Copy(c) | Instruction::Add(c) = &step.instruction {
-                if let Some(Source::Image(r)) = &c.from {
+            let named: Vec<&Source> = match &step.instruction {
+                Instruction::Copy(c) | Instruction::Add(c) => c.from.iter().collect(),
+                Instruction::Run(r) => r.mounts.iter().filter_map(|m| m.from.as_ref()).collect(),
+                _ => Vec::new(),
+            };
+            for source in named {
+                if let Source::Image(r) = source {
                     if !refs.contains(r) && !self.shared.req.build_contexts.contains_key(r) {
                         refs.push(r.clone());
                     }
@@ -302,7 +347,7 @@ impl<'a> PlatformBuild<'a> {
                 std::fs::create_dir_all(&root).map_err(local("creating an image's filesystem"))?;
                 let (id, t) = self
                     .shared
-                    .start(format!("unpacking {reference} for COPY --from"));
+                    .start(format!("unpacking {reference} to read from"));
                 let result = unpack(&self.shared.store, &pulled.manifest.layers, &root).await;
                 self.shared
                     .finish(id, t, result)
@@ -407,6 +452,7 @@ impl<'a> PlatformBuild<'a> {
             materialized: false,
             unpacked_for_readers: tokio::sync::OnceCell::new(),
             cmd_set: false,
+            skeleton_ok: false,
         };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
         state.config.config.on_build = None;
@@ -420,7 +466,22 @@ impl<'a> PlatformBuild<'a> {
             name
         };
         let total = stage.steps.len();
+        // A COPY on a skeleton saves unpacking the base only if nothing needs the rootfs
+        // afterwards: a later RUN, WORKDIR or archive ADD of the stage, or a stage reading this
+        // one, would unpack the base and the COPY's layer again (after a COPY that ran, the
+        // later steps' keys have changed, so they run too).
+        let read_by_others = read_stages(plan).contains(&index);
+        let needs_rootfs: Vec<bool> = stage
+            .steps
+            .iter()
+            .map(|s| match &s.instruction {
+                Instruction::Run(_) | Instruction::Workdir(_) => true,
+                Instruction::Add(c) => add_unpacks_archive(c, &self.req().context),
+                _ => false,
+            })
+            .collect();
         for (n, step) in stage.steps.iter().enumerate() {
+            state.skeleton_ok = !read_by_others && !needs_rootfs[n + 1..].iter().any(|b| *b);
             let label = format!("[{prefix} {}/{total}] {}", n + 1, step_title(step));
             let (id, t) = self.shared.start(label);
             let result = self
@@ -515,11 +576,20 @@ impl<'a> PlatformBuild<'a> {
         let mut cached = false;
         let mut empty_layer = true;
         if changes_fs {
-            let hit = if self.req().no_cache {
+            let mut hit = if self.req().no_cache {
                 None
             } else {
                 self.lookup(&key).await
             };
+            // The same step in another platform's build (a `FROM --platform=$BUILDPLATFORM`
+            // stage) runs once: the other waits for it and takes its result.
+            let mut _claim = None;
+            if hit.is_none() {
+                _claim = Some(self.shared.claim(&key).await);
+                if !self.req().no_cache || self.shared.built_here(&key) {
+                    hit = self.lookup(&key).await;
+                }
+            }
             let record = match hit {
                 Some(record) => {
                     cached = true;
@@ -546,9 +616,11 @@ impl<'a> PlatformBuild<'a> {
                         }
                     };
                     let _ = self.shared.cache.put(&key, &record);
+                    self.shared.mark_built(&key);
                     record
                 }
             };
+            drop(_claim);
             if self.req().cache_to.is_some() {
                 let mut exports = self
                     .shared
@@ -706,7 +778,24 @@ impl<'a> PlatformBuild<'a> {
                     Some(s) => inputs.push(s.key.as_bytes().to_vec()),
                     None => return Err(format!("RUN --mount from: stage {i} has not been built")),
                 },
-                Some(Source::Image(_)) => {}
+                Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
+                    let sum = sources_checksum_cached(
+                        &self.req().build_contexts[name],
+                        &[source],
+                        CopyFilter::none(),
+                        &self.shared.checksums,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    inputs.push(sum.to_vec());
+                }
+                Some(Source::Image(image)) => match self.copy_images.get(image) {
+                    Some((_, digest)) => inputs.push(digest.as_bytes().to_vec()),
+                    None => {
+                        return Err(format!(
+                            "RUN --mount from={image}: the image was not pulled"
+                        ))
+                    }
+                },
             }
         }
         Ok(inputs)
@@ -796,6 +885,7 @@ impl<'a> PlatformBuild<'a> {
             return Ok(None);
         };
         if state.materialized
+            || !state.skeleton_ok
             || std::env::var_os("OSSB_COPY_ON_ROOTFS").is_some()
             || self.change_source(step, &state.rootfs).await != ChangeSource::Recorded
         {
@@ -929,7 +1019,14 @@ impl<'a> PlatformBuild<'a> {
                         }
                     }
                 }
+                let mut images: HashMap<String, PathBuf> = self
+                    .copy_images
+                    .iter()
+                    .map(|(name, (root, _))| (name.clone(), root.clone()))
+                    .collect();
+                images.extend(req.build_contexts.clone());
                 let ctx = RunContext {
+                    images: &images,
                     rootfs: &state.rootfs,
                     config: cfg,
                     default_user: &user,
@@ -1066,16 +1163,28 @@ impl<'a> PlatformBuild<'a> {
             let mut plain = Vec::new();
             let mut archives = Vec::new();
             for source in local {
-                let path =
-                    wfs::resolve_in_root(&source_root, &source, true).map_err(|e| failed(&e))?;
-                match (unpack && path.is_file(), add::archive_kind(&path)) {
-                    (true, Some(add::Archive::Tar)) => archives.push(path),
-                    (true, Some(add::Archive::Unsupported(kind))) => {
-                        return Err(CopyFailure::Failed(format!(
-                            "ADD {source}: unpacking {kind} archives is not supported yet"
-                        )))
+                // A missing source is left to the copy, which names it.
+                let matched = match unpack {
+                    true => wfs::expand_source(&source_root, &source, filter).unwrap_or_default(),
+                    false => Vec::new(),
+                };
+                let mut rest = Vec::new();
+                for (rel, path) in &matched {
+                    match (path.is_file(), add::archive_kind(path)) {
+                        (true, Some(add::Archive::Tar)) => archives.push(path.clone()),
+                        (true, Some(add::Archive::Unsupported(kind))) => {
+                            return Err(CopyFailure::Failed(format!(
+                                "ADD {rel}: unpacking {kind} archives is not supported yet"
+                            )))
+                        }
+                        _ => rest.push(rel.clone()),
                     }
-                    _ => plain.push(source),
+                }
+                // Each archive a wildcard matches is unpacked, the other matches copied.
+                if matched.len() == rest.len() {
+                    plain.push(source);
+                } else {
+                    plain.extend(rest);
                 }
             }
             let rootfs = match &target {
@@ -1402,6 +1511,26 @@ fn waves(plan: &BuildPlan) -> Vec<Vec<usize>> {
     out
 }
 
+/// Stages whose rootfs another stage reads (COPY --from, RUN --mount from=).
+fn read_stages(plan: &BuildPlan) -> Vec<usize> {
+    let mut out = Vec::new();
+    for step in plan.stages.iter().flat_map(|s| &s.steps) {
+        match &step.instruction {
+            Instruction::Copy(c) | Instruction::Add(c) => {
+                if let Some(Source::Stage(i)) = c.from {
+                    out.push(i);
+                }
+            }
+            Instruction::Run(r) => out.extend(r.mounts.iter().filter_map(|m| match m.from {
+                Some(Source::Stage(i)) => Some(i),
+                _ => None,
+            })),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn base_info(config: &ImageConfig) -> BaseImageInfo {
     let rc = &config.config;
     BaseImageInfo {
@@ -1453,14 +1582,16 @@ enum ChangeSource {
     Snapshots,
 }
 
-/// Whether an ADD unpacks a local archive (the same test `apply_fs_step` makes).
+/// Whether an ADD may unpack a local archive (the test `copy_step` makes, without the
+/// `.dockerignore`: an excluded archive only makes this answer yes too often).
 fn add_unpacks_archive(copy: &ossb_dockerfile::Copy, context: &Path) -> bool {
     copy.from.is_none()
         && copy.unpack != Some(false)
-        && copy.sources.iter().any(|s| {
-            !add::is_url(s)
-                && wfs::resolve_in_root(context, s, true)
-                    .is_ok_and(|p| p.is_file() && add::archive_kind(&p).is_some())
+        && copy.sources.iter().filter(|s| !add::is_url(s)).any(|s| {
+            wfs::expand_source(context, s, CopyFilter::none())
+                .unwrap_or_default()
+                .iter()
+                .any(|(_, p)| p.is_file() && add::archive_kind(p).is_some())
         })
 }
 

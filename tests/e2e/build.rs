@@ -120,12 +120,17 @@ fn second_build_is_fully_cached_and_no_cache_and_prune_work() {
 /// One build for two platforms pushes an index; podman runs each platform and RUN saw its own
 /// architecture (arm64 through QEMU).
 #[test]
-fn multi_platform_index_is_pushed_and_each_platform_runs() {
+fn multi_platform_index_is_pushed_and_each_platform_runs_sharing_buildplatform_stages() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
     let reg = env.registry();
+    // The tools stage runs on the build platform, once for both targets: both images carry
+    // the same random id.
     let dockerfile = format!(
-        "FROM {}\nARG TARGETARCH\nRUN echo \"$TARGETARCH $(uname -m)\" > /arch\nCMD [\"cat\", \"/arch\"]\n",
+        "FROM --platform=$BUILDPLATFORM {0} AS tools\n\
+         RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /id\n\
+         FROM {0}\nARG TARGETARCH\nCOPY --from=tools /id /id\n\
+         RUN echo \"$TARGETARCH $(uname -m) $(cat /id)\" > /arch\nCMD [\"cat\", \"/arch\"]\n",
         busybox(&env)
     );
     let ctx = context(dir.path(), &dockerfile, &[]);
@@ -168,13 +173,23 @@ fn multi_platform_index_is_pushed_and_each_platform_runs() {
         .map(|m| m["platform"]["architecture"].as_str().unwrap())
         .collect();
     assert_eq!(archs, ["amd64", "arm64"]);
+    let mut ids = Vec::new();
     for (platform, want) in [
-        ("linux/amd64", "amd64 x86_64\n"),
-        ("linux/arm64", "arm64 aarch64\n"),
+        ("linux/amd64", "amd64 x86_64 "),
+        ("linux/arm64", "arm64 aarch64 "),
     ] {
         let run = podman_run(&image, &["--platform", platform]).success("podman run --platform");
-        assert_eq!(run.stdout, want, "{platform}");
+        let id = run
+            .stdout
+            .strip_prefix(want)
+            .unwrap_or_else(|| panic!("{platform}: {:?} does not start with {want:?}", run.stdout));
+        assert_eq!(id.trim().len(), 32, "{platform}: {:?}", run.stdout);
+        ids.push(id.to_string());
     }
+    assert_eq!(
+        ids[0], ids[1],
+        "the $BUILDPLATFORM stage ran once for both platforms"
+    );
 }
 
 /// With SOURCE_DATE_EPOCH, two builds in two empty cache directories give the same index.
@@ -257,8 +272,9 @@ fn build_and_unpack(
     bundle.join("rootfs")
 }
 
-/// ADD unpacks local archives and fetches URLs (checked with --checksum); COPY takes heredocs,
-/// symbolic --chmod, --parents and --exclude.
+/// ADD unpacks local archives (also those a wildcard matches) and fetches URLs (checked with
+/// --checksum); COPY takes heredocs, symbolic --chmod, --parents and --exclude; RUN mounts an
+/// image that is not a stage.
 #[test]
 fn add_and_copy_options_do_what_buildkit_does() {
     let Some(env) = TestEnv::get() else { return };
@@ -292,7 +308,10 @@ fn add_and_copy_options_do_what_buildkit_does() {
          ADD --checksum={checksum} http://127.0.0.1:{port}/tool.sh /usr/local/bin/\n\
          COPY --chmod=u+x,go-w <<EOF /usr/local/bin/hello\n#!/bin/sh\necho hello\nEOF\n\
          COPY --parents src/a/*.txt /p/\n\
-         COPY --exclude=**/*.log src /ex/\n",
+         COPY --exclude=**/*.log src /ex/\n\
+         ADD wild-*.tar /opt/wild/\n\
+         RUN cat /opt/wild/.wh.data.txt > /wh-seen\n\
+         RUN --mount=type=bind,from={0},source=/etc,target=/mnt/img-etc cp /mnt/img-etc/group /from-image-group\n",
         busybox(&env)
     );
     let ctx = context(
@@ -311,6 +330,17 @@ fn add_and_copy_options_do_what_buildkit_does() {
         .status()
         .unwrap();
     assert!(status.success());
+    // Archives a wildcard matches are unpacked too; in a user's archive `.wh.` names are
+    // files, not whiteouts (as Docker's untar).
+    std::fs::write(payload.join(".wh.data.txt"), "not a whiteout\n").unwrap();
+    for (name, member) in [("wild-1.tar", "inner"), ("wild-2.tar", ".wh.data.txt")] {
+        let status = std::process::Command::new("tar")
+            .args(["-cf", ctx.join(name).to_str().unwrap(), "-C"])
+            .args([payload.to_str().unwrap(), member])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
     let rootfs = build_and_unpack(&env, dir.path(), &ctx);
     let _ = server.kill();
     let _ = server.wait();
@@ -343,6 +373,22 @@ fn add_and_copy_options_do_what_buildkit_does() {
     assert!(
         !rootfs.join("ex/a/skip.log").exists(),
         "--exclude leaves the file out"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("opt/wild/inner/data.txt")).unwrap(),
+        "from the archive\n",
+        "ADD wild-*.tar unpacks each archive"
+    );
+    // (In the image it is a whiteout again: a layer cannot hold such a name.)
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("wh-seen")).unwrap(),
+        "not a whiteout\n"
+    );
+    assert!(!rootfs.join("opt/wild/wild-1.tar").exists());
+    let group = std::fs::read_to_string(rootfs.join("from-image-group")).unwrap();
+    assert!(
+        group.starts_with("root:"),
+        "RUN --mount from=IMAGE: {group:?}"
     );
 
     // A wrong checksum fails the build and names both digests.
@@ -743,15 +789,16 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// (`OSSB_COPY_ON_ROOTFS=1`): destinations under absolute and relative symlinked directories
 /// resolved inside the rootfs, an existing directory copied into, a file in the way,
 /// `--chown` names from the image's own /etc/passwd, `--chmod`, `--parents`, `--exclude`,
-/// `--link`, heredocs, and the parent directories with the base's owner and mode. A later RUN
-/// sees the copied files. (Not mtimes: on the unpacked rootfs the RUN sees the copy's own
+/// `--link`, heredocs, and the parent directories with the base's owner and mode. A RUN of a
+/// stage built on it sees the copied files. (A RUN later in the same stage makes the COPYs
+/// run on the unpacked rootfs: unpacking their layers again would cost more.) (Not mtimes: on the unpacked rootfs the RUN sees the copy's own
 /// times, after a skeleton COPY the layer's, clamped to SOURCE_DATE_EPOCH.)
 #[test]
 fn copy_after_cached_steps_matches_the_unpacked_rootfs() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
     let dockerfile = format!(
-        "FROM {}\n\
+        "FROM {} AS app\n\
          RUN mkdir -p /opt/real/sub /existing /home/app && ln -s /opt/real /opt/link \
            && ln -s ../opt/link /rel-link && chown 1000:1000 /opt/real && chmod 0750 /opt/real \
            && echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd \
@@ -766,6 +813,7 @@ fn copy_after_cached_steps_matches_the_unpacked_rootfs() {
          COPY a.txt /file-in-way\n\
          COPY tree /dir-over/\n\
          COPY <<EOT /opt/link/heredoc\nhello\nEOT\n\
+         FROM app\n\
          RUN cat /opt/real/sub/a.txt > /seen && stat -c '%u:%g %a %n' /opt/real/* > /listing\n",
         busybox(&env)
     );

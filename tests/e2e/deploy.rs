@@ -726,7 +726,7 @@ fn relay(listen: &str, to: String) -> u16 {
 /// Waits until `url` answers "ok\n" from the client's namespace (the kubelet's readiness probe).
 fn wait_ready(client_ns: &str, hosts: &Path, url: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !http_get_in(client_ns, hosts, url).is_some_and(|b| b == "ok\n") {
+    while http_get_in(client_ns, hosts, url).is_none_or(|b| b != "ok\n") {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(log).unwrap_or_default();
             panic!("{url} never answered ok (readiness probe):\n{log}");

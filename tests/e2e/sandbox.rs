@@ -585,6 +585,35 @@ fn arm64_and_amd64_steps_report_their_own_machine() {
     }
 }
 
+/// A platform whose RUN steps cannot run here is refused before any step of any platform
+/// runs, with exit code 1 and what to do.
+#[test]
+fn a_platform_that_cannot_run_is_refused_before_any_step() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "FROM scratch\nCOPY marker /marker\nRUN [\"/marker\"]\n";
+    let ctx = dockerfile_context(dir.path(), "mips", dockerfile, &[("marker", "m")]);
+    let built = build(
+        &env,
+        dir.path(),
+        "mips",
+        &ctx,
+        &["--platform", "linux/amd64,linux/mips64le"],
+    );
+    assert_eq!(built.run.code, 1, "{}", built.run.stderr);
+    assert!(
+        built.run.stderr.contains("linux/mips64le"),
+        "{}",
+        built.run.stderr
+    );
+    assert!(
+        !built.run.stderr.contains("COPY marker"),
+        "no step may start:\n{}",
+        built.run.stderr
+    );
+    assert!(!built.layout.exists(), "nothing is written");
+}
+
 /// A step that creates 100 000 files, then one that changes one of them: the second layer
 /// holds that one file.
 #[test]

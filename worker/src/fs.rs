@@ -411,8 +411,9 @@ fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// The context paths one COPY source names: `(relative path, host path)`, in sorted order.
-pub(crate) fn expand_source(
+/// The context paths one COPY source names: `(relative path, host path)`, in sorted order,
+/// leaving out what `filter` excludes. A wildcard may match nothing; a plain path must exist.
+pub fn expand_source(
     root: &Path,
     source: &str,
     filter: CopyFilter<'_>,

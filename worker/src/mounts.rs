@@ -27,8 +27,8 @@ pub enum MountError {
     /// `type=secret,required` (or `env=`) names a secret the build was not given.
     #[error("secret {0:?} is required but was not given: pass it with --secret id={0},src=PATH")]
     MissingSecret(String),
-    /// `from=` names an image that is not a stage of the build.
-    #[error("RUN --mount from={0}: mounting an image that is not a stage of this Dockerfile is not supported yet; add a stage `FROM {0} AS src` and use from=src")]
+    /// `from=` names an image that was not provided (a bug of the caller).
+    #[error("RUN --mount from={0}: the image was not pulled")]
     ImageSource(String),
     /// `type=ssh`.
     #[error("RUN --mount=type=ssh is not supported yet")]
@@ -63,6 +63,8 @@ pub struct MountSources {
     pub context: PathBuf,
     /// Rootfs of the finished stages, by plan position (`from=STAGE`).
     pub stages: HashMap<usize, PathBuf>,
+    /// Unpacked images and named contexts, by name as written (`from=IMAGE`).
+    pub images: HashMap<String, PathBuf>,
     /// The cache directory; cache mounts live in `CACHE_DIR/run-mounts/`.
     pub cache_dir: PathBuf,
     /// Secret files by id (`--secret id=,src=`).
@@ -250,7 +252,11 @@ fn source_root<'a>(m: &Mount, sources: &'a MountSources) -> Result<(&'a Path, St
             .get(i)
             .map(|p| (p.as_path(), format!("stage {i}")))
             .ok_or(MountError::StageMissing(*i)),
-        Some(Source::Image(image)) => Err(MountError::ImageSource(image.clone())),
+        Some(Source::Image(image)) => sources
+            .images
+            .get(image)
+            .map(|p| (p.as_path(), image.clone()))
+            .ok_or_else(|| MountError::ImageSource(image.clone())),
     }
 }
 
@@ -491,6 +497,7 @@ mod tests {
         MountSources {
             context: dir.join("ctx"),
             stages: HashMap::new(),
+            images: HashMap::new(),
             cache_dir: dir.join("cache"),
             secrets: BTreeMap::new(),
         }

@@ -147,13 +147,15 @@ pub fn all_file_digests(spec: &BuildSpec) -> Vec<Digest> {
     out
 }
 
-/// Lays the context out in `dest` (an empty directory) from the files in `store`. Paths that
-/// would leave `dest` are refused.
+/// Lays the context out in `dest` (an empty directory) from the files in `store`. The entry
+/// list comes from a client and is not trusted: paths that would leave `dest` (`..`, absolute,
+/// or under a symlink of the list) are refused, and nothing is written through a symlink.
 pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
+    let mut dirs = Vec::new();
     for e in entries {
         let rel = Path::new(&e.path);
-        if rel.is_absolute()
+        if rel.as_os_str().is_empty()
             || rel
                 .components()
                 .any(|c| !matches!(c, std::path::Component::Normal(_)))
@@ -163,25 +165,68 @@ pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> 
                 e.path
             ));
         }
+        make_parents(dest, rel)?;
         let path = dest.join(rel);
         let err = |what: &str, x: std::io::Error| format!("{what} {}: {x}", path.display());
         match &e.kind {
-            EntryKind::Dir => {
-                std::fs::create_dir_all(&path).map_err(|x| err("creating", x))?;
-            }
+            EntryKind::Dir => match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => dirs.push((path, e.mode)),
+                Ok(_) => return Err(format!("context path {:?} is listed twice", e.path)),
+                Err(_) => {
+                    std::fs::create_dir(&path).map_err(|x| err("creating", x))?;
+                    dirs.push((path, e.mode));
+                }
+            },
             EntryKind::File { digest, .. } => {
-                std::fs::copy(store.path(digest), &path).map_err(|x| err("writing", x))?;
+                // create_new: an existing name, a symlink included, is an error, not followed.
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|x| err("writing", x))?;
+                let mut from = std::fs::File::open(store.path(digest))
+                    .map_err(|x| err("reading the content of", x))?;
+                std::io::copy(&mut from, &mut out).map_err(|x| err("writing", x))?;
+                out.set_permissions(std::fs::Permissions::from_mode(e.mode))
+                    .map_err(|x| err("chmod", x))?;
             }
             EntryKind::Symlink(target) => {
                 std::os::unix::fs::symlink(target, &path).map_err(|x| err("linking", x))?;
-                continue;
             }
         }
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode))
-            .map_err(|x| err("chmod", x))?;
     }
-    // Directories last written above may have lost write permission for their children;
-    // modes were applied in order (parents first), which is what a context needs.
+    // Directory modes last, children first: a read-only directory is filled before it is
+    // made read-only.
+    for (path, mode) in dirs.iter().rev() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+            .map_err(|x| format!("chmod {}: {x}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes the parents of `rel` under `dest` as real directories; a parent that is anything
+/// else (a symlink of the list above all) is refused.
+fn make_parents(dest: &Path, rel: &Path) -> Result<(), String> {
+    let mut dir = dest.to_path_buf();
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
+    for part in parent.components() {
+        dir.push(part);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "context path {:?} is under {}, which is not a directory",
+                    rel,
+                    dir.strip_prefix(dest).unwrap_or(&dir).display()
+                ))
+            }
+            Err(_) => {
+                std::fs::create_dir(&dir).map_err(|x| format!("creating {}: {x}", dir.display()))?
+            }
+        }
+    }
     Ok(())
 }
 
@@ -459,6 +504,79 @@ mod tests {
             kind: EntryKind::Dir,
         }];
         assert!(materialize(&evil, &store, &out).is_err());
+    }
+
+    /// A submitter's entry list is not trusted: a symlink of the list must not carry a later
+    /// file, directory or chmod outside the destination.
+    #[test]
+    fn materialize_never_writes_through_a_symlink_of_the_list() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("store")).unwrap();
+        let digest = store.put(b"pwned").unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = |path: &str| ContextEntry {
+            path: path.into(),
+            mode: 0o777,
+            kind: EntryKind::Symlink(outside.to_string_lossy().into_owned()),
+        };
+        let file = |path: &str| ContextEntry {
+            path: path.into(),
+            mode: 0o644,
+            kind: EntryKind::File { digest, size: 5 },
+        };
+        let cases = [
+            vec![link("a"), file("a/f")],
+            vec![link("a"), file("a")],
+            vec![
+                link("a"),
+                ContextEntry {
+                    path: "a".into(),
+                    mode: 0o777,
+                    kind: EntryKind::Dir,
+                },
+            ],
+            vec![link("a"), file("a/sub/f")],
+            vec![file("f"), file("f/g")],
+            vec![file("f"), file("f")],
+        ];
+        for (n, entries) in cases.iter().enumerate() {
+            let out = dir.path().join(format!("out-{n}"));
+            std::fs::create_dir(&out).unwrap();
+            assert!(materialize(entries, &store, &out).is_err(), "case {n}");
+            assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "case {n}");
+            let mode = std::fs::metadata(&outside).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o755, "case {n}");
+        }
+    }
+
+    #[test]
+    fn materialize_fills_read_only_directories_before_closing_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("store")).unwrap();
+        let digest = store.put(b"x").unwrap();
+        let entries = [
+            ContextEntry {
+                path: "ro".into(),
+                mode: 0o555,
+                kind: EntryKind::Dir,
+            },
+            ContextEntry {
+                path: "ro/f".into(),
+                mode: 0o600,
+                kind: EntryKind::File { digest, size: 1 },
+            },
+        ];
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        materialize(&entries, &store, &out).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&out.join("ro")), 0o555);
+        assert_eq!(mode(&out.join("ro/f")), 0o600);
+        assert_eq!(std::fs::read(out.join("ro/f")).unwrap(), b"x");
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl<'r> Applier<'r> {
             return Ok(shown);
         };
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-        if base.as_bytes().starts_with(WHITEOUT_PREFIX) {
+        if self.opts.whiteouts && base.as_bytes().starts_with(WHITEOUT_PREFIX) {
             self.whiteout(&parent_rel, &base, &shown)?;
             return Ok(shown);
         }

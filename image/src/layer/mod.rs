@@ -143,6 +143,9 @@ pub struct ApplyOptions {
     pub chown: bool,
     /// Whether to apply extended attributes recorded in the layer (best effort). Default: true.
     pub xattrs: bool,
+    /// Whether `.wh.` entries are whiteouts (a layer) or ordinary files (a user's archive
+    /// that ADD unpacks, as Docker's untar). Default: true.
+    pub whiteouts: bool,
     /// Called with each line added to [`ApplyReport::skipped`].
     pub on_warning: Option<WarningHook>,
 }
@@ -152,6 +155,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             chown: true,
             xattrs: true,
+            whiteouts: true,
             on_warning: None,
         }
     }
@@ -162,6 +166,7 @@ impl fmt::Debug for ApplyOptions {
         f.debug_struct("ApplyOptions")
             .field("chown", &self.chown)
             .field("xattrs", &self.xattrs)
+            .field("whiteouts", &self.whiteouts)
             .field("on_warning", &self.on_warning.as_ref().map(|_| "<hook>"))
             .finish()
     }
