@@ -10,9 +10,10 @@ use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum CertsCommand {
-    /// Write a new cluster CA and the node and client certificates into DIR: ca.crt, ca.key,
-    /// node.crt, node.key, client.crt, client.key (keys mode 0600; existing files are never
-    /// overwritten). Mount DIR (without ca.key) as --tls-dir.
+    /// Write a new cluster CA and the node, worker and client certificates into DIR: ca.crt,
+    /// ca.key, node.crt/.key (coordinator, cache nodes), worker.crt/.key (workers: only they
+    /// may take tasks), client.crt/.key (ossb-submit) (keys mode 0600; existing files are never
+    /// overwritten). Mount ca.crt and each role's pair as --tls-dir; keep ca.key out.
     Init {
         /// The directory to write (created if needed).
         dir: PathBuf,
@@ -138,7 +139,7 @@ pub struct WorkerArgs {
     /// Its step cache and the tasks' contexts.
     #[arg(long = "work-dir", value_name = "DIR")]
     work_dir: PathBuf,
-    /// The certificates (`ossb certs init`): ca.crt, client.crt, client.key.
+    /// The certificates (`ossb certs init`): ca.crt, worker.crt, worker.key.
     #[arg(long = "tls-dir", value_name = "DIR")]
     tls_dir: PathBuf,
     /// Every cache node (host:port,...), the same list the nodes get as --peers.

@@ -6,13 +6,18 @@
 //! | `ca.crt` | the cluster CA (self-signed, 10 years) | everyone: peers are verified against it |
 //! | `ca.key` | the CA's key | nobody at run time: keep it out of the cluster (it signs new certificates) |
 //! | `node.crt`, `node.key` | the certificate of servers (cache nodes, coordinator), valid for serving and for dialling other nodes | cache nodes, the coordinator |
-//! | `client.crt`, `client.key` | a client-only certificate | workers, `ossb-submit`, tools |
+//! | `worker.crt`, `worker.key` | a client-only certificate that may register as a worker | workers |
+//! | `client.crt`, `client.key` | a client-only certificate that may submit builds and read blobs | `ossb-submit`, tools |
+//!
+//! The certificates' common names carry the role (`ossb node`, `ossb worker`, `ossb client`):
+//! only the CA signs them, so the coordinator hands tasks (and their secrets) only to peers
+//! presenting a worker or node certificate, never to a submitter's (see [`crate::peer_role`]).
 //!
 //! `node.crt` names the DNS names and IP addresses given with `--san` (wildcards such as
 //! `*.cache.ossb.svc.cluster.local` are fine) plus `localhost` and `127.0.0.1`; clients check the
-//! host they dial against these names. One node certificate serves every node: a Kubernetes
-//! Secret made from `ca.crt`, `node.crt`, `node.key`, `client.crt` and `client.key` is mounted
-//! as `--tls-dir` in every pod. Key files are written with mode 0600. Keys are ECDSA P-256.
+//! host they dial against these names. One node certificate serves every node. In Kubernetes
+//! each kind of pod mounts a Secret of `ca.crt` and its own pair as `--tls-dir`: nodes
+//! `node.*`, workers `worker.*`, submitters `client.*`. Key files are written with mode 0600. Keys are ECDSA P-256.
 //! Existing files are never overwritten: rotating means a new directory and a new Secret.
 
 use std::io::Write;
@@ -49,17 +54,24 @@ pub const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
 const VALIDITY_DAYS: i64 = 3650;
 
 /// The files [`init`] writes, in `dir`.
-pub const FILES: [&str; 6] = [
+pub const FILES: [&str; 8] = [
     "ca.crt",
     "ca.key",
     "node.crt",
     "node.key",
+    "worker.crt",
+    "worker.key",
     "client.crt",
     "client.key",
 ];
 
-/// Writes a new cluster CA, a node certificate for `sans` (plus [`DEFAULT_SANS`]) and a client
-/// certificate into `dir` (created if needed). Returns the files written.
+/// The common name of each role's certificate.
+pub(crate) const NODE_NAME: &str = "ossb node";
+pub(crate) const WORKER_NAME: &str = "ossb worker";
+pub(crate) const CLIENT_NAME: &str = "ossb client";
+
+/// Writes a new cluster CA, a node certificate for `sans` (plus [`DEFAULT_SANS`]), a worker and
+/// a client certificate into `dir` (created if needed). Returns the files written.
 pub fn init(dir: &Path, sans: &[String]) -> Result<Vec<PathBuf>, CertError> {
     let paths: Vec<PathBuf> = FILES.iter().map(|f| dir.join(f)).collect();
     if let Some(existing) = paths.iter().find(|p| p.exists()) {
@@ -86,17 +98,21 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<Vec<PathBuf>, CertError> {
         }
     }
     let node_key = KeyPair::generate().map_err(gen)?;
-    let mut node = params(names, "ossb node")?;
+    let mut node = params(names, NODE_NAME)?;
     node.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     let node_cert = node.signed_by(&node_key, &issuer).map_err(gen)?;
 
-    let client_key = KeyPair::generate().map_err(gen)?;
-    let mut client = params(Vec::new(), "ossb client")?;
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = client.signed_by(&client_key, &issuer).map_err(gen)?;
+    let client_only = |name: &str| -> Result<(rcgen::Certificate, KeyPair), CertError> {
+        let key = KeyPair::generate().map_err(gen)?;
+        let mut p = params(Vec::new(), name)?;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok((p.signed_by(&key, &issuer).map_err(gen)?, key))
+    };
+    let (worker_cert, worker_key) = client_only(WORKER_NAME)?;
+    let (client_cert, client_key) = client_only(CLIENT_NAME)?;
 
     std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
         path: dir.to_path_buf(),
@@ -107,6 +123,8 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<Vec<PathBuf>, CertError> {
         ca_key.serialize_pem(),
         node_cert.pem(),
         node_key.serialize_pem(),
+        worker_cert.pem(),
+        worker_key.serialize_pem(),
         client_cert.pem(),
         client_key.serialize_pem(),
     ];
@@ -180,8 +198,9 @@ mod tests {
             let key = f.extension().unwrap() == "key";
             assert_eq!(mode, if key { 0o600 } else { 0o644 }, "{}", f.display());
         }
-        crate::Identity::load(&out, crate::Role::Node).unwrap();
-        crate::Identity::load(&out, crate::Role::Client).unwrap();
+        for role in [crate::Role::Node, crate::Role::Worker, crate::Role::Client] {
+            crate::Identity::load(&out, role).unwrap();
+        }
         assert!(matches!(init(&out, &[]), Err(CertError::Exists(_))));
         assert!(matches!(
             init(&dir.path().join("bad"), &["not a name!".into()]),

@@ -22,7 +22,7 @@ pub mod http;
 mod tls;
 
 pub use endpoint::{client, connect, server, transport_config, ALPN};
-pub use tls::{Identity, Role};
+pub use tls::{peer_role, Identity, Role};
 
 use ossb_protocol::frame::{self, FrameError, HEADER_LEN};
 use ossb_protocol::wire::{Envelope, Message};
@@ -138,9 +138,16 @@ mod tests {
         write_message(&mut send, stat.clone()).await.unwrap();
         assert_eq!(read_message(&mut recv).await.unwrap(), stat);
 
-        // A client whose certificate another CA signed: the server refuses the handshake (the
-        // client may only notice when it first uses the connection).
-        let stranger = client(&Identity::load(&theirs, Role::Client).unwrap()).unwrap();
+        // A client whose certificate another CA signed, trusting our CA (so that only the
+        // server can refuse): the server refuses the handshake (the client may only notice
+        // when it first uses the connection).
+        let mixed = dir.path().join("mixed");
+        std::fs::create_dir(&mixed).unwrap();
+        std::fs::copy(ours.join("ca.crt"), mixed.join("ca.crt")).unwrap();
+        for f in ["client.crt", "client.key"] {
+            std::fs::copy(theirs.join(f), mixed.join(f)).unwrap();
+        }
+        let stranger = client(&Identity::load(&mixed, Role::Client).unwrap()).unwrap();
         let refused = async {
             let conn = connect(&stranger, &addr, t).await?;
             let (mut send, mut recv) = conn.open_bi().await?;

@@ -18,7 +18,11 @@ pub enum Role {
     /// A server of the cluster (cache node, coordinator): `node.crt` / `node.key`, valid for
     /// serving and for dialling other nodes.
     Node,
-    /// A process that only dials (worker, `ossb-submit`, tests): `client.crt` / `client.key`.
+    /// A worker: only dials; the coordinator gives tasks only to this role (and nodes):
+    /// `worker.crt` / `worker.key`.
+    Worker,
+    /// A process that only dials and may not take tasks (`ossb-submit`, tools):
+    /// `client.crt` / `client.key`.
     Client,
 }
 
@@ -26,9 +30,41 @@ impl Role {
     fn file_stem(self) -> &'static str {
         match self {
             Role::Node => "node",
+            Role::Worker => "worker",
             Role::Client => "client",
         }
     }
+
+    fn common_name(self) -> &'static str {
+        match self {
+            Role::Node => crate::certs::NODE_NAME,
+            Role::Worker => crate::certs::WORKER_NAME,
+            Role::Client => crate::certs::CLIENT_NAME,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.file_stem())
+    }
+}
+
+/// The role of the peer of an established connection, from the common name of the certificate
+/// it presented (which the cluster CA signed: the handshake checked that). `None` for a
+/// certificate of no known role.
+pub fn peer_role(conn: &quinn::Connection) -> Option<Role> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
+    role_of(chain.first()?)
+}
+
+fn role_of(cert: &CertificateDer<'_>) -> Option<Role> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?;
+    [Role::Node, Role::Worker, Role::Client]
+        .into_iter()
+        .find(|r| r.common_name() == cn)
 }
 
 /// A certificate chain and key to present, and the cluster CA that peers must be signed by.
@@ -56,6 +92,12 @@ impl Identity {
         let stem = role.file_stem();
         let ca = read_certs(&dir.join("ca.crt"))?;
         let chain = read_certs(&dir.join(format!("{stem}.crt")))?;
+        if chain.first().and_then(role_of) != Some(role) {
+            return Err(NetError::Tls {
+                path: dir.join(format!("{stem}.crt")),
+                reason: format!("not a {role} certificate of `ossb certs init`"),
+            });
+        }
         let key_path = dir.join(format!("{stem}.key"));
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| NetError::Tls {
             path: key_path.clone(),

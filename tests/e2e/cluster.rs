@@ -495,9 +495,11 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         }
     }
 
-    // A client with a certificate from another CA is refused.
+    // A client with a certificate from another CA is refused. It trusts the cluster's CA, so
+    // that the refusal is the coordinator's.
     let stranger = work.path().join("stranger");
     certs_init(&stranger);
+    std::fs::copy(cluster.tls.join("ca.crt"), stranger.join("ca.crt")).unwrap();
     let refused = cluster
         .submit(&stranger, &["-t", &image, "--push", ctx.to_str().unwrap()])
         .output()

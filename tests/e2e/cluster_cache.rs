@@ -152,8 +152,10 @@ fn cache_nodes_replicate_survive_a_kill_detect_corruption_and_refuse_strangers()
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
     certs_init(&tls);
+    // Another CA's certificates, trusting ours: only the node can refuse them.
     let other_ca = dir.path().join("other-tls");
     certs_init(&other_ca);
+    std::fs::copy(tls.join("ca.crt"), other_ca.join("ca.crt")).unwrap();
     let mut nodes = start_nodes(dir.path(), &tls, 2);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Endpoints bind their socket on the runtime.

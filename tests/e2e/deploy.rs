@@ -73,19 +73,21 @@ impl Container {
             .iter()
             .find(|c| c["name"] == name)
             .unwrap_or_else(|| panic!("no container {name}"));
-        let mut env: HashMap<String, String> = c["env"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| {
-                        Some((
-                            e["name"].as_str()?.to_string(),
-                            e["value"].as_str()?.to_string(),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        // As the kubelet: in order, `$(VAR)` of earlier variables expanded, the namespace
+        // from the downward API.
+        let mut env: HashMap<String, String> = HashMap::new();
+        for e in c["env"].as_array().into_iter().flatten() {
+            let name = e["name"].as_str().unwrap().to_string();
+            let value = match (
+                e["value"].as_str(),
+                e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            ) {
+                (Some(v), _) => expand(v, &env),
+                (None, Some("metadata.namespace")) => NAMESPACE.to_string(),
+                (None, other) => panic!("env {name}: unsupported valueFrom {other:?}"),
+            };
+            env.insert(name, value);
+        }
         for (k, v) in overrides {
             env.insert(k.to_string(), v.to_string());
         }
@@ -790,11 +792,44 @@ fn cluster_topology_from_the_rendered_manifests() {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The Secrets the Job's kubectl containers create: each a role's pair and the CA.
+    let made: Vec<String> = certs_job["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let args: Vec<&str> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            format!("{} {}", args[3], args[4..].join(" "))
+        })
+        .collect();
+    for role in ["node", "worker", "client"] {
+        let want = format!(
+            "ossb-{role}-tls --from-file=ca.crt=/certs/new/ca.crt --from-file={role}.crt=/certs/new/{role}.crt --from-file={role}.key=/certs/new/{role}.key"
+        );
+        assert!(
+            made.contains(&want),
+            "the certs Job makes no {want:?}: {made:?}"
+        );
+    }
     // The Secrets the Job's kubectl containers create, as the kubelet writes them (0440, the
     // manifests' defaultMode; the Tekton Task mounts ossb-client-tls with the default 0644).
     let read = |f: &str| std::fs::read(certs_dir.join("new").join(f)).unwrap();
     let (ca, node_crt, node_key) = (read("ca.crt"), read("node.crt"), read("node.key"));
     let (client_crt, client_key) = (read("client.crt"), read("client.key"));
+    let worker_tls = secret_volume(
+        &dir.path().join("ossb-worker-tls"),
+        &[
+            ("ca.crt", &ca),
+            ("worker.crt", &read("worker.crt")),
+            ("worker.key", &read("worker.key")),
+        ],
+        0o440,
+    );
     let node_tls = secret_volume(
         &dir.path().join("ossb-node-tls"),
         &[
@@ -809,7 +844,6 @@ fn cluster_topology_from_the_rendered_manifests() {
         ("client.crt", &client_crt),
         ("client.key", &client_key),
     ];
-    let client_tls = secret_volume(&dir.path().join("ossb-client-tls"), &client_files, 0o440);
     let submitter_tls = secret_volume(&dir.path().join("submitter-tls"), &client_files, 0o644);
     // ossb-registry-credentials: the test registry needs no credentials.
     let credentials = secret_volume(
@@ -817,6 +851,25 @@ fn cluster_topology_from_the_rendered_manifests() {
         &[("config.json", b"{\"auths\":{}}")],
         0o440,
     );
+    // Each pod's "tls" volume is the Secret its manifest names: a worker mounting the
+    // submitters' certificate would be refused by the coordinator.
+    let secrets = HashMap::from([
+        ("ossb-node-tls", node_tls.clone()),
+        ("ossb-worker-tls", worker_tls.clone()),
+    ]);
+    let tls_of = |template: &serde_json::Value| -> PathBuf {
+        let volume = template["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "tls")
+            .expect("a tls volume");
+        let name = volume["secret"]["secretName"].as_str().unwrap();
+        secrets
+            .get(name)
+            .unwrap_or_else(|| panic!("no Secret {name} is made by the certs Job"))
+            .clone()
+    };
 
     // The network: a namespace per pod on one bridge, and an uplink to the host, where a relay
     // stands in for the in-cluster registry (registry.ossb-test:PORT, plain HTTP).
@@ -880,7 +933,7 @@ fn cluster_topology_from_the_rendered_manifests() {
             .with(&image_env)
             .named(&format!("{cache_name}-{i}"));
         let data = empty_dir(&dir.path().join(format!("pvc-data-{i}")), 0o2775);
-        let volumes = HashMap::from([("data", data), ("tls", node_tls.clone())]);
+        let volumes = HashMap::from([("data", data), ("tls", tls_of(&sts["spec"]["template"]))]);
         cache_logs.push(start(&format!("cache-{i}"), &c, volumes, ns));
     }
     for (i, log) in cache_logs.iter().enumerate() {
@@ -898,7 +951,7 @@ fn cluster_topology_from_the_rendered_manifests() {
             "tmp",
             empty_dir(&dir.path().join("coordinator-tmp"), 0o1777),
         ),
-        ("tls", node_tls.clone()),
+        ("tls", tls_of(&coordinator["spec"]["template"])),
         ("registry-credentials", credentials.clone()),
     ]);
     let coordinator_log = start("coordinator", &c, volumes, &coordinator_ns);
@@ -937,7 +990,7 @@ fn cluster_topology_from_the_rendered_manifests() {
                 "tmp",
                 empty_dir(&dir.path().join(format!("{name}-tmp")), 0o1777),
             ),
-            ("tls", client_tls.clone()),
+            ("tls", tls_of(template)),
             ("registry-credentials", credentials.clone()),
         ]);
         let log = start(name, &c, volumes, &worker_ns[i]);

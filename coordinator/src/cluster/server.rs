@@ -406,8 +406,9 @@ async fn accept(endpoint: quinn::Endpoint, state: Arc<State>) {
                     return;
                 }
             };
+            let role = ossb_net::peer_role(&conn);
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(serve_stream(state.clone(), send, recv, remote));
+                tokio::spawn(serve_stream(state.clone(), send, recv, remote, role));
             }
         });
     }
@@ -418,6 +419,7 @@ async fn serve_stream(
     mut tx: SendStream,
     mut rx: RecvStream,
     remote: SocketAddr,
+    role: Option<Role>,
 ) {
     let peer = remote.to_string();
     let first = match recv(&mut rx, &peer).await {
@@ -427,6 +429,21 @@ async fn serve_stream(
             return send_error(&mut tx, e.to_string()).await;
         }
     };
+    // Tasks carry other tenants' secrets and context: only a worker's certificate may take
+    // them, not a submitter's.
+    let worker_only = matches!(
+        first,
+        ClusterMessage::Register(_) | ClusterMessage::FetchBlob { .. }
+    );
+    if worker_only && !matches!(role, Some(Role::Worker | Role::Node)) {
+        let shown = role.map_or("an unknown".to_string(), |r| format!("a {r}"));
+        tracing::warn!(%remote, role = %shown, "refused a worker request from a non-worker certificate");
+        return send_error(
+            &mut tx,
+            format!("this connection presents {shown} certificate; registering as a worker and fetching context files need the worker certificate (worker.crt and worker.key of `ossb certs init`)"),
+        )
+        .await;
+    }
     let result = match first {
         ClusterMessage::Submit(spec) => run_build(&state, spec, &mut tx, &mut rx).await,
         ClusterMessage::Upload { digest, size } => {
@@ -1460,5 +1477,75 @@ mod tests {
             }
         );
         assert!(matches!(b, BuildEvent::Started { id: 2, .. }));
+    }
+
+    /// A submitter's certificate may not register as a worker (tasks carry other builds'
+    /// secrets); a worker's may. A certificate of another CA does not get a connection.
+    #[tokio::test]
+    async fn only_worker_certificates_register_and_strangers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        ossb_net::certs::init(&tls, &[]).unwrap();
+        let coordinator = Coordinator::start(CoordinatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.path().join("state"),
+            tls_dir: tls.clone(),
+            metrics: None,
+        })
+        .await
+        .unwrap();
+        let addr = coordinator.local_addr().to_string();
+        let info = WorkerInfo {
+            name: "w".into(),
+            platform: Platform::host(),
+            emulates: Vec::new(),
+            slots: 1,
+            cache_peers: Vec::new(),
+        };
+        let register = |role: Role| {
+            let (tls, addr, info) = (tls.clone(), addr.clone(), info.clone());
+            async move {
+                let endpoint = ossb_net::client(&Identity::load(&tls, role).unwrap()).unwrap();
+                let timeout = Duration::from_secs(5);
+                let conn = ossb_net::connect(&endpoint, &addr, timeout).await.unwrap();
+                let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+                send(&mut tx, ClusterMessage::Register(info)).await.unwrap();
+                recv(&mut rx, &addr).await
+            }
+        };
+        let refused = register(Role::Client).await.unwrap_err().to_string();
+        assert!(refused.contains("worker certificate"), "{refused}");
+        let accepted = register(Role::Worker).await.unwrap();
+        assert!(
+            matches!(accepted, ClusterMessage::Registered { .. }),
+            "{accepted:?}"
+        );
+
+        // A client of another CA that trusts ours: the refusal is the coordinator's.
+        let other = dir.path().join("other");
+        ossb_net::certs::init(&other, &[]).unwrap();
+        let mixed = dir.path().join("mixed");
+        std::fs::create_dir(&mixed).unwrap();
+        std::fs::copy(tls.join("ca.crt"), mixed.join("ca.crt")).unwrap();
+        for f in ["worker.crt", "worker.key"] {
+            std::fs::copy(other.join(f), mixed.join(f)).unwrap();
+        }
+        let endpoint = ossb_net::client(&Identity::load(&mixed, Role::Worker).unwrap()).unwrap();
+        let stranger = async {
+            let conn = ossb_net::connect(&endpoint, &addr, Duration::from_secs(5))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send(&mut tx, ClusterMessage::Register(info.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            recv(&mut rx, &addr).await.map_err(|e| e.to_string())
+        };
+        let err = stranger.await.unwrap_err();
+        assert!(
+            !err.contains("worker certificate"),
+            "refused in the handshake, not by the role check: {err}"
+        );
+        coordinator.close().await;
     }
 }

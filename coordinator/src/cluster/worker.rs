@@ -58,7 +58,7 @@ pub struct WorkerConfig {
     pub slots: u32,
     /// Its cache and the tasks' contexts.
     pub work_dir: PathBuf,
-    /// The certificates (`ossb certs init`): ca.crt, client.crt, client.key.
+    /// The certificates (`ossb certs init`): ca.crt, worker.crt, worker.key.
     pub tls_dir: PathBuf,
     /// The peer cache nodes.
     pub cache_peers: Vec<String>,
@@ -108,14 +108,15 @@ impl Node {
 pub async fn serve(config: WorkerConfig) -> Result<(), ClusterError> {
     std::fs::create_dir_all(config.work_dir.join("tasks"))
         .map_err(local_err("creating the work dir"))?;
-    let identity = Identity::load(&config.tls_dir, Role::Client)?;
+    let identity = Identity::load(&config.tls_dir, Role::Worker)?;
     let peers = if config.cache_peers.is_empty() {
         None
     } else {
-        Some(
-            PeerCache::connect(&config.tls_dir, &config.cache_peers)
-                .map_err(|e| ClusterError::Local(format!("peer cache: {e}")))?,
-        )
+        // With the worker's certificate: a worker's Secret holds no client.crt.
+        Some(PeerCache::new(
+            ossb_net::client(&identity)?,
+            &config.cache_peers,
+        ))
     };
     let node = Arc::new(Node {
         config,
