@@ -541,6 +541,8 @@ impl BuildArgs {
             isolation: self.isolation.into(),
             secrets: parse_secrets(&self.secrets)?,
             build_contexts: parse_build_contexts(&self.build_contexts)?,
+            stage: None,
+            build_platform: None,
         };
         Ok((
             request,

@@ -1,6 +1,7 @@
-//! Progress display: BuildKit's plain format (`#N name`, `#N 0.123 output`, `#N DONE 0.4s`),
-//! the same lines with a live status line at the bottom on a terminal (running steps, elapsed
-//! time, steps done, the estimate from earlier builds), or one JSON object per event.
+//! Progress display: BuildKit's plain format (`#N name`, `#N 0.123 output`, `#N DONE 0.4s`,
+//! with the bytes a pull or push moved), the same lines with a live status block at the bottom
+//! on a terminal (elapsed time, steps done, the estimate from earlier builds, and every running
+//! step with its time and bytes), or one JSON object per event.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
@@ -118,6 +119,7 @@ pub trait Display: Progress {
 pub fn for_mode(mode: ProgressMode) -> Box<dyn Display> {
     let plain = || Plain {
         last: Mutex::new(None),
+        transfers: Mutex::new(Default::default()),
     };
     match mode {
         ProgressMode::Json => Box::new(Json),
@@ -145,7 +147,12 @@ struct TtyState {
     /// The estimate and when it was made.
     remaining: Option<(Duration, std::time::Instant)>,
     done: bool,
+    /// Lines of the status block on the screen now.
+    drawn: usize,
 }
+
+/// Running steps listed in the status block; more are counted.
+const MAX_RUNNING_SHOWN: usize = 8;
 
 impl Tty {
     fn start(plain: Plain) -> Tty {
@@ -158,6 +165,7 @@ impl Tty {
                 finished: 0,
                 remaining: None,
                 done: false,
+                drawn: 0,
             }),
         });
         let weak = std::sync::Arc::downgrade(&inner);
@@ -178,19 +186,26 @@ impl TtyInner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Prints `line` (if any) above the status line, then redraws the status line.
+    /// Prints `line` (if any) above the status block, then redraws the block: the build's
+    /// time, steps and estimate, then each running step with its time and bytes moved.
     fn redraw(&self, line: Option<(Option<usize>, String)>) {
-        let state = self.lock();
+        let mut state = self.lock();
         let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[K");
+        // Back to the block's first line, and clear from there down.
+        if state.drawn > 1 {
+            let _ = write!(err, "\x1b[{}A", state.drawn - 1);
+        }
+        let _ = write!(err, "\r\x1b[J");
         drop(err);
+        state.drawn = 0;
         if let Some((id, text)) = line {
             self.plain.print(id, &text);
         }
         if state.done {
             return;
         }
-        let mut status = format!(
+        let mut lines = Vec::new();
+        let mut header = format!(
             "[+] Building {:.1}s ({}/{})",
             state.started.elapsed().as_secs_f64(),
             state.finished,
@@ -198,16 +213,32 @@ impl TtyInner {
         );
         if let Some((remaining, at)) = state.remaining {
             let left = remaining.saturating_sub(at.elapsed());
-            status.push_str(&format!(" ETA {:.0}s", left.as_secs_f64().ceil()));
+            header.push_str(&format!(" ETA {:.0}s", left.as_secs_f64().ceil()));
         }
-        if let Some((name, since)) = state.running.values().next_back() {
-            status.push_str(&format!("  {name} {:.1}s", since.elapsed().as_secs_f64()));
+        lines.push(header);
+        let transfers = self.plain.transfers();
+        for (id, (name, since)) in state.running.iter().take(MAX_RUNNING_SHOWN) {
+            let mut row = format!(" => #{id} {name} {:.1}s", since.elapsed().as_secs_f64());
+            if let Some(t) = transfers.get(id) {
+                row.push_str(&format!(" {}", t.short()));
+            }
+            lines.push(row);
         }
-        let width = terminal_width();
-        let status: String = status.chars().take(width.saturating_sub(1)).collect();
+        if state.running.len() > MAX_RUNNING_SHOWN {
+            lines.push(format!(
+                " => and {} more",
+                state.running.len() - MAX_RUNNING_SHOWN
+            ));
+        }
+        let width = terminal_width().saturating_sub(1);
+        let text: Vec<String> = lines
+            .iter()
+            .map(|l| l.chars().take(width).collect())
+            .collect();
         let mut err = std::io::stderr().lock();
-        let _ = write!(err, "{status}");
+        let _ = write!(err, "{}", text.join("\n"));
         let _ = err.flush();
+        state.drawn = text.len();
     }
 }
 
@@ -249,13 +280,17 @@ impl Progress for Tty {
             }
             match event {
                 Event::Estimate { .. } => None,
+                Event::Transfer { id, received, sent } => {
+                    self.inner.plain.record(id, received, sent);
+                    None
+                }
                 other => Some(other),
             }
         };
         match line {
             Some(event) => {
-                // The plain text of the event, printed above the status line.
-                let text = plain_text(&event);
+                // The plain text of the event, printed above the status block.
+                let text = self.inner.plain.text(&event);
                 let id = event_id(&event);
                 self.inner.redraw(Some((id, text)));
             }
@@ -264,27 +299,29 @@ impl Progress for Tty {
     }
 }
 
+impl Tty {
+    /// Stops drawing and clears the status block.
+    fn close(&self) {
+        self.inner.lock().done = true;
+        self.inner.redraw(None);
+        let _ = std::io::stderr().flush();
+    }
+}
+
 impl Display for Tty {
     fn finish(&self) {
-        self.inner.lock().done = true;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[K");
-        let _ = err.flush();
+        self.close();
     }
 
     fn summary(&self, result: &BuildResult, elapsed: Duration) {
-        self.inner.lock().done = true;
-        self.inner.redraw(None);
+        self.close();
         self.inner.plain.summary(result, elapsed);
     }
 }
 
 impl Drop for Tty {
     fn drop(&mut self) {
-        self.inner.lock().done = true;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[K");
-        let _ = err.flush();
+        self.close();
     }
 }
 
@@ -294,7 +331,8 @@ fn event_id(event: &Event) -> Option<usize> {
         | Event::Output { id, .. }
         | Event::Done { id, .. }
         | Event::Failed { id, .. }
-        | Event::Cached { id } => Some(*id),
+        | Event::Cached { id }
+        | Event::Transfer { id, .. } => Some(*id),
         Event::Estimate { .. } | Event::Info(_) => None,
     }
 }
@@ -314,17 +352,93 @@ fn plain_text(event: &Event) -> String {
             format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64())
         }
         Event::Cached { id } => format!("#{id} CACHED"),
-        Event::Estimate { .. } => String::new(),
+        Event::Estimate { .. } | Event::Transfer { .. } => String::new(),
         Event::Info(text) => text.clone(),
+    }
+}
+
+/// Blob bytes a pull or push vertex moved.
+#[derive(Clone, Copy, Default)]
+struct Moved {
+    received: u64,
+    sent: u64,
+}
+
+impl Moved {
+    /// `↓12.3 MiB ↑4.0 MiB`, for the status block.
+    fn short(&self) -> String {
+        let mut parts = Vec::new();
+        if self.received > 0 {
+            parts.push(format!("↓{}", human_bytes(self.received)));
+        }
+        if self.sent > 0 {
+            parts.push(format!("↑{}", human_bytes(self.sent)));
+        }
+        parts.join(" ")
+    }
+
+    /// `12.3 MiB received, 4.0 MiB sent`, for a DONE line.
+    fn long(&self) -> String {
+        let mut parts = Vec::new();
+        if self.received > 0 {
+            parts.push(format!("{} received", human_bytes(self.received)));
+        }
+        if self.sent > 0 {
+            parts.push(format!("{} sent", human_bytes(self.sent)));
+        }
+        parts.join(", ")
+    }
+}
+
+/// `512 B`, `12.0 KiB`, `3.4 MiB`, `1.20 GiB`.
+fn human_bytes(n: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = n as f64;
+    if f < K {
+        format!("{n} B")
+    } else if f < K * K {
+        format!("{:.1} KiB", f / K)
+    } else if f < K * K * K {
+        format!("{:.1} MiB", f / (K * K))
+    } else {
+        format!("{:.2} GiB", f / (K * K * K))
     }
 }
 
 struct Plain {
     /// The vertex that printed last, to separate vertices with a blank line as BuildKit does.
     last: Mutex<Option<usize>>,
+    /// Bytes moved by pull and push vertices, shown when they end.
+    transfers: Mutex<std::collections::HashMap<usize, Moved>>,
 }
 
 impl Plain {
+    fn record(&self, id: usize, received: u64, sent: u64) {
+        self.transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Moved { received, sent });
+    }
+
+    fn transfers(&self) -> std::collections::HashMap<usize, Moved> {
+        self.transfers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The event's plain line; a vertex that moved bytes says how many when it is done.
+    fn text(&self, event: &Event) -> String {
+        let base = plain_text(event);
+        match event {
+            Event::Done { id, .. } => match self.transfers().get(id) {
+                Some(moved) => format!("{base} ({})", moved.long()),
+                None => base,
+            },
+            _ => base,
+        }
+    }
+
     fn print(&self, id: Option<usize>, text: &str) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let mut err = std::io::stderr().lock();
@@ -338,10 +452,11 @@ impl Plain {
 
 impl Progress for Plain {
     fn event(&self, event: Event) {
-        if let Event::Estimate { .. } = event {
-            return;
+        match event {
+            Event::Estimate { .. } => {}
+            Event::Transfer { id, received, sent } => self.record(id, received, sent),
+            event => self.print(event_id(&event), &self.text(&event)),
         }
-        self.print(event_id(&event), &plain_text(&event));
     }
 }
 
@@ -399,6 +514,7 @@ impl Progress for Json {
             Event::Cached { id } => json!({"event": "cached", "id": id}),
             Event::Estimate { steps, finished, remaining } => json!({"event": "estimate", "steps": steps, "finished": finished, "remaining": remaining.map(|r| r.as_secs_f64())}),
             Event::Info(text) => json!({"event": "info", "message": text}),
+            Event::Transfer { id, received, sent } => json!({"event": "transfer", "id": id, "received": received, "sent": sent}),
         })
     }
 }

@@ -154,6 +154,12 @@ fn cache_command(command: CacheCommand) -> ExitCode {
                         info.bytes as f64 / 1048576.0
                     );
                     println!("cached steps:    {}", info.records);
+                    if info.leftover_bytes > 0 {
+                        println!(
+                            "leftovers:       {:.1} MiB of interrupted builds (ossb cache prune removes them)",
+                            info.leftover_bytes as f64 / 1048576.0
+                        );
+                    }
                     let (run, cached) = info
                         .recent
                         .iter()
@@ -206,9 +212,10 @@ fn cache_command(command: CacheCommand) -> ExitCode {
             match cache::prune(&dir, &opts) {
                 Ok(r) => {
                     println!(
-                        "removed {} cached steps and {} blobs, {:.1} MiB freed",
+                        "removed {} cached steps, {} blobs and {} leftovers of interrupted builds, {:.1} MiB freed",
                         r.records,
                         r.blobs,
+                        r.leftovers,
                         r.bytes as f64 / 1048576.0
                     );
                     ExitCode::SUCCESS

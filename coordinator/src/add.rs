@@ -1,6 +1,6 @@
 //! What ADD does beyond COPY: remote files by URL (verified with `--checksum`), git
 //! repositories (`https://host/repo.git#ref:subdir`, `git@host:repo.git`), and local tar
-//! archives unpacked into the destination.
+//! archives (plain, gzip, zstd, bzip2, xz) unpacked into the destination.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -259,10 +259,12 @@ fn describe(err: &(dyn std::error::Error + 'static)) -> String {
 /// The kind of archive a file is, by its first bytes (as Docker decides, not by its name).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Archive {
-    /// tar, plain or gzip/zstd compressed: unpacked.
+    /// tar, plain or gzip/zstd compressed (the layer reader decompresses these itself).
     Tar,
-    /// bzip2 or xz: recognized but not unpacked yet.
-    Unsupported(&'static str),
+    /// A bzip2-compressed tar.
+    Bzip2,
+    /// An xz-compressed tar.
+    Xz,
 }
 
 /// What kind of archive `path` is, if any.
@@ -278,10 +280,10 @@ pub(crate) fn archive_kind(path: &Path) -> Option<Archive> {
         return Some(Archive::Tar);
     }
     if head.starts_with(b"BZh") {
-        return Some(Archive::Unsupported("bzip2"));
+        return Some(Archive::Bzip2);
     }
     if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Some(Archive::Unsupported("xz"));
+        return Some(Archive::Xz);
     }
     None
 }
@@ -291,13 +293,37 @@ pub(crate) fn archive_kind(path: &Path) -> Option<Archive> {
 pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), String> {
     wfs::make_workdir(rootfs, dest, (0, 0)).map_err(|e| e.to_string())?;
     let target = wfs::resolve_in_root(rootfs, dest, true).map_err(|e| e.to_string())?;
-    let file = fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+    let open = || fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()));
     // A user's archive, not a layer: `.wh.` names are files (as Docker's untar).
     let opts = ApplyOptions {
         whiteouts: false,
         ..ApplyOptions::default()
     };
-    layer::apply_layer(std::io::BufReader::new(file), &target, &opts)
+    let unpacked = match archive_kind(archive) {
+        Some(Archive::Bzip2) => {
+            let tar = bzip2::read::MultiBzDecoder::new(std::io::BufReader::new(open()?));
+            layer::apply_layer(std::io::BufReader::new(tar), &target, &opts)
+        }
+        Some(Archive::Xz) => {
+            // lzma-rs decodes into a writer: the tar goes through a temporary file beside
+            // the archive, never whole in memory.
+            let mut tar = tempfile::tempfile_in(archive.parent().unwrap_or(Path::new(".")))
+                .map_err(|e| format!("unpacking {}: {e}", archive.display()))?;
+            lzma_rs::xz_decompress(&mut std::io::BufReader::new(open()?), &mut tar).map_err(
+                |e| {
+                    format!(
+                        "unpacking {}: not a valid xz stream: {e}",
+                        archive.display()
+                    )
+                },
+            )?;
+            std::io::Seek::rewind(&mut tar)
+                .map_err(|e| format!("unpacking {}: {e}", archive.display()))?;
+            layer::apply_layer(std::io::BufReader::new(tar), &target, &opts)
+        }
+        _ => layer::apply_layer(std::io::BufReader::new(open()?), &target, &opts),
+    };
+    unpacked
         .map(|_| ())
         .map_err(|e| format!("unpacking {}: {e}", archive.display()))
 }

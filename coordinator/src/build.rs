@@ -95,6 +95,10 @@ pub struct BuildRequest {
     pub build_contexts: BTreeMap<String, PathBuf>,
     /// `--secret id=ID,src=PATH`: secret files by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, PathBuf>,
+    /// Build only this stage (its Dockerfile index) and what it needs: a cluster's stage task.
+    pub stage: Option<usize>,
+    /// BUILDPLATFORM; the host's when `None`. A cluster chooses one for the whole build.
+    pub build_platform: Option<Platform>,
 }
 
 /// What a successful build produced.
@@ -161,6 +165,16 @@ pub(crate) fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Build
 
 /// Runs the build described by `req`, reporting to `progress`.
 pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildResult, BuildError> {
+    build_with(req, progress, None).await
+}
+
+/// [`build`], asking `steps` (a cluster's step cache) for the steps the local cache lacks,
+/// and telling it the steps this build ran.
+pub async fn build_with(
+    req: &BuildRequest,
+    progress: &dyn Progress,
+    steps: Option<&dyn crate::cache::SharedSteps>,
+) -> Result<BuildResult, BuildError> {
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
     if !req.context.is_dir() {
         return Err(BuildError::Usage(format!(
@@ -201,6 +215,7 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
         checksums: ChecksumCache::open(&req.cache_dir.join(CHECKSUMS_FILE)),
         claims: Default::default(),
         built: Default::default(),
+        steps,
     };
     // Every platform is pulled, planned and checked before any step runs (a platform that
     // cannot run here is refused first); then every platform builds at once, a platform's
@@ -238,7 +253,9 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
             "exporting {} cached steps to {repo}",
             records.len()
         ));
-        let result = remote_cache::export(&shared, &records).await;
+        let result = shared
+            .with_transfer(id, remote_cache::export(&shared, &records))
+            .await;
         shared.finish(id, t, result)?;
     }
     shared
@@ -303,7 +320,9 @@ async fn export(
                 for tag in &req.tags {
                     let reference = parse_reference(tag)?;
                     let (id, t) = shared.start(format!("pushing {}", reference.whole()));
-                    let result = push(shared, &reference, image).await;
+                    let result = shared
+                        .with_transfer(id, push(shared, &reference, image))
+                        .await;
                     shared.finish(id, t, result)?;
                     pushed.push(format!("{}@{}", reference.whole(), image.digest));
                 }

@@ -77,6 +77,25 @@ pub struct CacheRecord {
     pub created: i64,
 }
 
+/// A step cache shared with other machines (the build cluster's), asked after a local miss.
+pub trait SharedSteps: Send + Sync {
+    /// The record of `key` when another node built it, its layer blob brought into `store`;
+    /// `None` when this node is to build it (others asking meanwhile wait for it).
+    fn claim<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, Option<CacheRecord>>;
+    /// Hands the record of a step this node built to the others, its layer blob first. Best
+    /// effort: a failure costs another node a rebuild, never a wrong layer.
+    fn publish<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        record: &'a CacheRecord,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, ()>;
+}
+
 /// The records of one cache directory.
 #[derive(Clone, Debug)]
 pub struct LocalCache {
@@ -184,6 +203,9 @@ pub struct CacheInfo {
     pub bytes: u64,
     /// Step records.
     pub records: usize,
+    /// Bytes in what interrupted builds left behind (work directories, temporary files),
+    /// which `prune` removes.
+    pub leftover_bytes: u64,
     /// Recent builds: `(steps run, steps cached)`.
     pub recent: Vec<BuildStats>,
 }
@@ -224,6 +246,7 @@ pub fn info(cache_dir: &Path) -> io::Result<CacheInfo> {
     out.blobs = usage.blobs as usize;
     out.bytes = usage.bytes;
     out.records = LocalCache::open(cache_dir)?.entries()?.len();
+    out.leftover_bytes = leftovers(cache_dir)?.iter().map(|(_, _, size)| size).sum();
     out.recent = fs::read_to_string(cache_dir.join("cache/builds.jsonl"))
         .unwrap_or_default()
         .lines()
@@ -252,8 +275,10 @@ pub struct PruneReport {
     pub records: usize,
     /// Blobs removed.
     pub blobs: usize,
-    /// Bytes freed.
+    /// Bytes freed (blobs and leftovers).
     pub bytes: u64,
+    /// Work directories and temporary files of interrupted builds removed.
+    pub leftovers: usize,
 }
 
 /// Removes cache records and blobs: all of them, those unused for `older_than`, or the least
@@ -299,6 +324,26 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
             report.records += 1;
         }
     }
+    // Under the exclusive lease no build runs: every work directory is a killed build's, and
+    // temporary files are interrupted writes (kept a while: a partial download resumes).
+    for (path, modified, size) in leftovers(cache_dir)? {
+        if path.parent() == Some(&cache_dir.join("tmp")) && !stale(modified) {
+            continue;
+        }
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {
+                report.leftovers += 1;
+                report.bytes += size;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        }
+    }
     if opts.all {
         // RUN --mount=type=cache directories.
         let mounts = cache_dir.join("run-mounts");
@@ -311,6 +356,43 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         }
     }
     Ok(report)
+}
+
+/// What interrupted builds may leave: the entries of `work/` (a build's directory, removed
+/// when the build ends) and of the store's `tmp/`, with their last change and size on disk.
+fn leftovers(cache_dir: &Path) -> io::Result<Vec<(PathBuf, std::time::SystemTime, u64)>> {
+    let mut out = Vec::new();
+    for dir in [cache_dir.join("work"), cache_dir.join("tmp")] {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            out.push((path.clone(), modified, disk_usage(&path)));
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes a file or tree takes on disk (not following symlinks).
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + fs::read_dir(path)
+        .map(|d| d.flatten().map(|e| disk_usage(&e.path())).sum())
+        .unwrap_or(0)
 }
 
 /// Parses `10GB`, `512MiB`, `1.5g`, `1000` (bytes) for `--keep-storage`.
@@ -414,6 +496,36 @@ mod prune_tests {
         .unwrap();
         assert!(!store.contains(&new));
         assert_eq!(info(dir.path()).unwrap().blobs, 0);
+    }
+
+    /// A build killed with SIGKILL leaves its work directory and temporary files: prune
+    /// removes the work directory (no build runs while it prunes) and temporary files once
+    /// stale, and `info` counts them.
+    #[test]
+    fn prune_removes_what_killed_builds_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ossb_image::store::BlobStore::open(dir.path()).unwrap();
+        let kept = store.put(b"kept").unwrap();
+        let rootfs = dir.path().join("work/build-x1/linux-amd64-stage-0/usr");
+        fs::create_dir_all(&rootfs).unwrap();
+        fs::write(rootfs.join("big"), vec![7u8; 64 << 10]).unwrap();
+        let partial = dir.path().join("tmp/.tmpPARTIAL");
+        fs::write(&partial, vec![1u8; 8 << 10]).unwrap();
+        assert!(info(dir.path()).unwrap().leftover_bytes >= 72 << 10);
+        // Within the default 48 hours: the fresh temporary file stays, the work dir goes.
+        let report = prune(dir.path(), &PruneOptions::default()).unwrap();
+        assert_eq!(report.leftovers, 1);
+        assert!(!dir.path().join("work/build-x1").exists());
+        assert!(partial.exists() && store.contains(&kept));
+        let report = prune(
+            dir.path(),
+            &PruneOptions {
+                older_than: Some(std::time::Duration::ZERO),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(report.leftovers >= 1 && !partial.exists());
     }
 }
 

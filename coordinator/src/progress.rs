@@ -54,6 +54,16 @@ pub enum Event {
     },
     /// A message about the build as a whole.
     Info(String),
+    /// Blob bytes a pull or push vertex has moved so far: sent every half second while it
+    /// runs, and when it ends.
+    Transfer {
+        /// The vertex.
+        id: usize,
+        /// Bytes received (pulls).
+        received: u64,
+        /// Bytes sent (pushes).
+        sent: u64,
+    },
 }
 
 /// Receives the events of a build.

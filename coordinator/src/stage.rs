@@ -60,6 +60,8 @@ pub(crate) struct Shared<'a> {
     pub claims: std::sync::Mutex<HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// Step keys this build ran (their records are fresh even under `--no-cache`).
     pub built: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
+    /// The cluster's step cache, for a worker's task.
+    pub steps: Option<&'a dyn cache::SharedSteps>,
 }
 
 /// The running estimate of a build's remaining time.
@@ -124,6 +126,38 @@ impl Shared<'_> {
         });
     }
 
+    /// Runs `work` (a pull or push of vertex `id`), reporting the blob bytes it moves every
+    /// half second and when it ends.
+    pub(crate) async fn with_transfer<T>(
+        &self,
+        id: usize,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let transfer = std::sync::Arc::new(ossb_image::registry::Transfer::default());
+        let work = ossb_image::registry::counting(transfer.clone(), work);
+        tokio::pin!(work);
+        let report = || {
+            if transfer.received() + transfer.sent() > 0 {
+                self.progress.event(Event::Transfer {
+                    id,
+                    received: transfer.received(),
+                    sent: transfer.sent(),
+                });
+            }
+        };
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        tick.tick().await; // the first tick is at once
+        loop {
+            tokio::select! {
+                out = &mut work => {
+                    report();
+                    return out;
+                }
+                _ = tick.tick() => report(),
+            }
+        }
+    }
+
     /// Waits until no other platform of this build runs the step `key`, and holds it.
     async fn claim(&self, key: &CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = self
@@ -185,6 +219,29 @@ pub(crate) struct PlatformImage {
     pub config: Digest,
     /// Config and layers, for pushing.
     pub blobs: Vec<Descriptor>,
+}
+
+/// The finished stages a stage may read, by plan position.
+type Done = HashMap<usize, std::sync::Arc<StageState>>;
+
+/// A step's line in the progress display, started when first needed.
+struct Vertex {
+    label: String,
+    id: Option<usize>,
+    started: Instant,
+}
+
+impl Vertex {
+    /// The vertex's id, starting it (the `Started` event) on first use.
+    fn start(&mut self, shared: &Shared<'_>) -> usize {
+        if let Some(id) = self.id {
+            return id;
+        }
+        let (id, started) = shared.start(self.label.clone());
+        self.id = Some(id);
+        self.started = started;
+        id
+    }
 }
 
 /// The state of a stage as its steps run.
@@ -251,8 +308,9 @@ impl<'a> PlatformBuild<'a> {
         let opts = PlanOptions {
             build_args: req.build_args.clone(),
             target: req.target.clone(),
+            target_index: req.stage,
             target_platform: self.platform.clone(),
-            build_platform: Platform::host(),
+            build_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
         };
         let mut bases = HashMap::new();
         for (reference, platform) in dockerfile::base_images_with_platforms(df, &opts)? {
@@ -265,7 +323,15 @@ impl<'a> PlatformBuild<'a> {
         self.pull_copy_images(&plan).await?;
         // RUN needs the platform's CPU: natively or through a registered emulator. Refused
         // before any step runs, with the fixes in the message.
-        for stage in &plan.stages {
+        // A cluster's stage task builds one stage: the stages before it were built by other
+        // tasks, possibly on other platforms, and come from the cluster's step cache.
+        let checked = plan
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| req.stage.is_none() || *i == plan.target)
+            .map(|(_, s)| s);
+        for stage in checked {
             if stage
                 .steps
                 .iter()
@@ -289,34 +355,39 @@ impl<'a> PlatformBuild<'a> {
                 .filter(|s| changes_files(&s.instruction))
                 .map(|s| s.created_by.as_str()),
         );
-        let mut done: HashMap<usize, StageState> = HashMap::new();
-        // Stages whose inputs are all built run together: a wave at a time. A stage that others
-        // read is unpacked only when a step reading it runs (`source_rootfs`).
-        for wave in waves(&plan) {
-            let this = &self;
-            let (plan, done_ref) = (&plan, &done);
-            let results = futures_util::future::join_all(wave.iter().map(|&index| async move {
-                let state = this.run_stage(plan, index, done_ref).await?;
-                Ok::<_, BuildError>((index, state))
-            }))
-            .await;
-            for result in results {
-                let (index, state) = result?;
-                done.insert(index, state);
+        // A stage starts as soon as the stages it needs are built; independent stages run
+        // together. A stage that others read is unpacked only when a step reading it runs
+        // (`source_rootfs`).
+        let mut done: Done = HashMap::new();
+        let mut started = vec![false; plan.stages.len()];
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        loop {
+            for (index, stage) in plan.stages.iter().enumerate() {
+                let deps = stage.deps();
+                if started[index] || !deps.iter().all(|d| done.contains_key(d)) {
+                    continue;
+                }
+                started[index] = true;
+                let view: Done = deps.iter().map(|d| (*d, done[d].clone())).collect();
+                let (this, plan) = (&self, &plan);
+                running.push(async move { (index, this.run_stage(plan, index, &view).await) });
+            }
+            match futures_util::StreamExt::next(&mut running).await {
+                Some((index, state)) => {
+                    done.insert(index, std::sync::Arc::new(state?));
+                }
+                None => break,
             }
         }
-        let mut final_state = done
+        let final_state = done
             .remove(&plan.target)
             .ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
+        let mut config = final_state.config.clone();
         if !req.labels.is_empty() {
-            let labels = final_state
-                .config
-                .config
-                .labels
-                .get_or_insert_with(BTreeMap::new);
+            let labels = config.config.labels.get_or_insert_with(BTreeMap::new);
             labels.extend(req.labels.clone());
         }
-        self.write_image(&final_state)
+        self.write_image(config, &final_state.layers)
     }
 
     /// Pulls and unpacks the images `COPY --from` and `RUN --mount from=` name, for this
@@ -370,11 +441,11 @@ impl<'a> PlatformBuild<'a> {
             "[{platform}] load metadata and layers for {}",
             parsed.whole()
         ));
-        let result = self
+        let pull = self
             .shared
             .registry
-            .pull(&parsed, platform, &self.shared.store)
-            .await;
+            .pull(&parsed, platform, &self.shared.store);
+        let result = self.shared.with_transfer(id, pull).await;
         let pulled = self.shared.finish(id, t, result)?;
         for blob in pulled
             .manifest
@@ -391,7 +462,7 @@ impl<'a> PlatformBuild<'a> {
         &self,
         plan: &BuildPlan,
         index: usize,
-        done: &HashMap<usize, StageState>,
+        done: &Done,
     ) -> Result<StageState, BuildError> {
         let stage = &plan.stages[index];
         let rootfs = self.shared.work.join(format!(
@@ -456,10 +527,12 @@ impl<'a> PlatformBuild<'a> {
         };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
         state.config.config.on_build = None;
+        // Unnamed stages by their Dockerfile index, as BuildKit (plan positions differ
+        // between a build and its cluster's stage tasks).
         let name = stage
             .name
             .clone()
-            .unwrap_or_else(|| format!("stage-{index}"));
+            .unwrap_or_else(|| format!("stage-{}", stage.index));
         let prefix = if self.req().platforms.len() > 1 {
             format!("{} {name}", self.platform)
         } else {
@@ -470,7 +543,7 @@ impl<'a> PlatformBuild<'a> {
         // afterwards: a later RUN, WORKDIR or archive ADD of the stage, or a stage reading this
         // one, would unpack the base and the COPY's layer again (after a COPY that ran, the
         // later steps' keys have changed, so they run too).
-        let read_by_others = read_stages(plan).contains(&index);
+        let read_by_others = plan.stages.iter().any(|s| s.reads().contains(&index));
         let needs_rootfs: Vec<bool> = stage
             .steps
             .iter()
@@ -480,12 +553,21 @@ impl<'a> PlatformBuild<'a> {
                 _ => false,
             })
             .collect();
+        // A cluster's stage task finds the stages before its own in the step cache: their
+        // steps are shown only if one has to run.
+        let quiet = self.req().stage.is_some() && index != plan.target;
         for (n, step) in stage.steps.iter().enumerate() {
             state.skeleton_ok = !read_by_others && !needs_rootfs[n + 1..].iter().any(|b| *b);
-            let label = format!("[{prefix} {}/{total}] {}", n + 1, step_title(step));
-            let (id, t) = self.shared.start(label);
+            let mut vertex = Vertex {
+                label: format!("[{prefix} {}/{total}] {}", n + 1, step_title(step)),
+                id: None,
+                started: Instant::now(),
+            };
+            if !quiet {
+                vertex.start(self.shared);
+            }
             let result = self
-                .run_step(step, &mut state, done, id, t)
+                .run_step(step, &mut state, done, &mut vertex)
                 .await
                 .map_err(|message| BuildError::Step {
                     location: format!(
@@ -496,10 +578,12 @@ impl<'a> PlatformBuild<'a> {
                     instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
                     message,
                 });
-            match result {
-                Ok(true) => self.shared.progress.event(Event::Cached { id }),
-                other => {
-                    self.shared.finish(id, t, other)?;
+            match (result, vertex.id) {
+                (Ok(true), Some(id)) => self.shared.progress.event(Event::Cached { id }),
+                (Ok(_), None) => {}
+                (other, _) => {
+                    let id = vertex.start(self.shared);
+                    self.shared.finish(id, vertex.started, other)?;
                 }
             }
         }
@@ -555,9 +639,8 @@ impl<'a> PlatformBuild<'a> {
         &self,
         step: &Step,
         state: &mut StageState,
-        done: &HashMap<usize, StageState>,
-        id: usize,
-        started: Instant,
+        done: &Done,
+        vertex: &mut Vertex,
     ) -> Result<bool, String> {
         let changes_fs = apply_metadata(
             &step.instruction,
@@ -590,6 +673,14 @@ impl<'a> PlatformBuild<'a> {
                     hit = self.lookup(&key).await;
                 }
             }
+            // The cluster's step cache (it decides what `--no-cache` may reuse: only this
+            // build's own steps).
+            if let (None, Some(steps)) = (&hit, self.shared.steps) {
+                if let Some(record) = steps.claim(&key, &self.shared.store).await {
+                    let _ = self.shared.cache.put(&key, &record);
+                    hit = Some(record);
+                }
+            }
             let record = match hit {
                 Some(record) => {
                     cached = true;
@@ -605,6 +696,8 @@ impl<'a> PlatformBuild<'a> {
                     record
                 }
                 None => {
+                    let id = vertex.start(self.shared);
+                    let started = vertex.started;
                     let record = match self
                         .execute_on_skeleton(step, state, done, id, started)
                         .await?
@@ -617,6 +710,9 @@ impl<'a> PlatformBuild<'a> {
                     };
                     let _ = self.shared.cache.put(&key, &record);
                     self.shared.mark_built(&key);
+                    if let Some(steps) = self.shared.steps {
+                        steps.publish(&key, &record, &self.shared.store).await;
+                    }
                     record
                 }
             };
@@ -642,7 +738,7 @@ impl<'a> PlatformBuild<'a> {
                     stats.run += 1;
                 }
             }
-            let ran = (!cached).then(|| started.elapsed().as_millis() as u64);
+            let ran = (!cached).then(|| vertex.started.elapsed().as_millis() as u64);
             self.shared.step_finished(&step.created_by, ran);
         }
         if !step.created_by.is_empty() {
@@ -677,11 +773,7 @@ impl<'a> PlatformBuild<'a> {
 
     /// What a step reads besides its instruction, for its cache key: the checksums of COPY's
     /// context files, the key of a stage it copies from.
-    async fn step_inputs(
-        &self,
-        step: &Step,
-        done: &HashMap<usize, StageState>,
-    ) -> Result<Vec<Vec<u8>>, String> {
+    async fn step_inputs(&self, step: &Step, done: &Done) -> Result<Vec<Vec<u8>>, String> {
         if let Instruction::Run(run) = &step.instruction {
             return self.bind_mount_inputs(run, done);
         }
@@ -754,7 +846,7 @@ impl<'a> PlatformBuild<'a> {
     fn bind_mount_inputs(
         &self,
         run: &ossb_dockerfile::Run,
-        done: &HashMap<usize, StageState>,
+        done: &Done,
     ) -> Result<Vec<Vec<u8>>, String> {
         let mut inputs = Vec::new();
         for mount in run
@@ -809,7 +901,7 @@ impl<'a> PlatformBuild<'a> {
         &self,
         step: &Step,
         state: &mut StageState,
-        done: &HashMap<usize, StageState>,
+        done: &Done,
         id: usize,
         started: Instant,
     ) -> Result<CacheRecord, String> {
@@ -877,7 +969,7 @@ impl<'a> PlatformBuild<'a> {
         &self,
         step: &Step,
         state: &mut StageState,
-        done: &HashMap<usize, StageState>,
+        done: &Done,
         id: usize,
         started: Instant,
     ) -> Result<Option<CacheRecord>, String> {
@@ -986,7 +1078,7 @@ impl<'a> PlatformBuild<'a> {
         &self,
         step: &Step,
         state: &mut StageState,
-        done: &HashMap<usize, StageState>,
+        done: &Done,
         id: usize,
         started: Instant,
         overlay: Option<&ossb_worker::overlay::OverlayDirs>,
@@ -1069,7 +1161,7 @@ impl<'a> PlatformBuild<'a> {
         copy: &ossb_dockerfile::Copy,
         is_add: bool,
         cwd: &str,
-        done: &HashMap<usize, StageState>,
+        done: &Done,
         id: usize,
         target: CopyTarget,
     ) -> Result<Vec<Change>, CopyFailure> {
@@ -1171,12 +1263,7 @@ impl<'a> PlatformBuild<'a> {
                 let mut rest = Vec::new();
                 for (rel, path) in &matched {
                     match (path.is_file(), add::archive_kind(path)) {
-                        (true, Some(add::Archive::Tar)) => archives.push(path.clone()),
-                        (true, Some(add::Archive::Unsupported(kind))) => {
-                            return Err(CopyFailure::Failed(format!(
-                                "ADD {rel}: unpacking {kind} archives is not supported yet"
-                            )))
-                        }
+                        (true, Some(_)) => archives.push(path.clone()),
                         _ => rest.push(rel.clone()),
                     }
                 }
@@ -1292,16 +1379,18 @@ impl<'a> PlatformBuild<'a> {
         .map_err(|e| e.to_string())?
     }
 
-    fn write_image(&self, state: &StageState) -> Result<PlatformImage, BuildError> {
+    fn write_image(
+        &self,
+        mut config: ImageConfig,
+        layers: &[Descriptor],
+    ) -> Result<PlatformImage, BuildError> {
         let store = &self.shared.store;
-        let mut config = state.config.clone();
         config.created = Some(self.shared.created.clone());
         let config_bytes = oci::to_canonical_json(&config);
         let config_digest = store
             .put(&config_bytes)
             .map_err(local("storing the config"))?;
-        let layers: Vec<Descriptor> = state
-            .layers
+        let layers: Vec<Descriptor> = layers
             .iter()
             .map(|l| Descriptor {
                 media_type: oci_layer_type(&l.media_type).to_string(),
@@ -1463,74 +1552,6 @@ fn apply_metadata(
     false
 }
 
-/// The stages in waves: each wave's stages depend only on earlier waves (FROM a stage,
-/// COPY --from, RUN --mount from=).
-fn waves(plan: &BuildPlan) -> Vec<Vec<usize>> {
-    let deps: Vec<Vec<usize>> = plan
-        .stages
-        .iter()
-        .map(|stage| {
-            let mut d = Vec::new();
-            if let Base::Stage(i) = stage.base {
-                d.push(i);
-            }
-            for step in &stage.steps {
-                match &step.instruction {
-                    Instruction::Copy(c) | Instruction::Add(c) => {
-                        if let Some(Source::Stage(i)) = c.from {
-                            d.push(i);
-                        }
-                    }
-                    Instruction::Run(r) => d.extend(r.mounts.iter().filter_map(|m| match m.from {
-                        Some(Source::Stage(i)) => Some(i),
-                        _ => None,
-                    })),
-                    _ => {}
-                }
-            }
-            d
-        })
-        .collect();
-    let mut level = vec![usize::MAX; plan.stages.len()];
-    // Stages only refer to earlier stages, so one pass in order settles every level.
-    for i in 0..plan.stages.len() {
-        level[i] = deps[i]
-            .iter()
-            .filter(|&&d| d < i)
-            .map(|&d| level[d] + 1)
-            .max()
-            .unwrap_or(0);
-    }
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    for (i, l) in level.into_iter().enumerate() {
-        if out.len() <= l {
-            out.resize(l + 1, Vec::new());
-        }
-        out[l].push(i);
-    }
-    out
-}
-
-/// Stages whose rootfs another stage reads (COPY --from, RUN --mount from=).
-fn read_stages(plan: &BuildPlan) -> Vec<usize> {
-    let mut out = Vec::new();
-    for step in plan.stages.iter().flat_map(|s| &s.steps) {
-        match &step.instruction {
-            Instruction::Copy(c) | Instruction::Add(c) => {
-                if let Some(Source::Stage(i)) = c.from {
-                    out.push(i);
-                }
-            }
-            Instruction::Run(r) => out.extend(r.mounts.iter().filter_map(|m| match m.from {
-                Some(Source::Stage(i)) => Some(i),
-                _ => None,
-            })),
-            _ => {}
-        }
-    }
-    out
-}
-
 fn base_info(config: &ImageConfig) -> BaseImageInfo {
     let rc = &config.config;
     BaseImageInfo {
@@ -1666,12 +1687,14 @@ fn step_title(step: &Step) -> String {
 mod tests {
     use super::*;
 
+    /// What the stage DAG of `build` waits for: each stage its base and what it copies from.
     #[test]
-    fn independent_stages_share_a_wave() {
+    fn stages_wait_only_for_what_they_need() {
         let text = "FROM scratch AS a\nFROM scratch AS b\nFROM a AS c\nCOPY --from=b /x /x\nFROM scratch\nCOPY --from=c /x /x\nCOPY --from=a /y /y\n";
         let df = ossb_dockerfile::parse(text, "Dockerfile").unwrap();
         let plan = ossb_dockerfile::plan(&df, &PlanOptions::default(), &HashMap::new()).unwrap();
-        assert_eq!(waves(&plan), vec![vec![0, 1], vec![2], vec![3]]);
+        let deps: Vec<Vec<usize>> = plan.stages.iter().map(|s| s.deps()).collect();
+        assert_eq!(deps, vec![vec![], vec![], vec![0, 1], vec![0, 2]]);
     }
 
     #[test]

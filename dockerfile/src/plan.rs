@@ -41,6 +41,9 @@ pub struct PlanOptions {
     pub build_args: BTreeMap<String, String>,
     /// `--target`: the stage to export; the last stage when `None`.
     pub target: Option<String>,
+    /// The stage to build by its index in the Dockerfile (a build cluster's stage task);
+    /// wins over `target`.
+    pub target_index: Option<usize>,
     /// The platform being built for (TARGETPLATFORM).
     pub target_platform: Platform,
     /// The platform doing the build (BUILDPLATFORM).
@@ -53,6 +56,7 @@ impl Default for PlanOptions {
         PlanOptions {
             build_args: BTreeMap::new(),
             target: None,
+            target_index: None,
             target_platform: Platform::host(),
             build_platform: Platform::host(),
         }
@@ -120,6 +124,42 @@ pub struct Stage {
     pub user: String,
     /// FROM's location.
     pub location: Location,
+}
+
+impl Stage {
+    /// The stages (positions in [`BuildPlan::stages`]) whose files this stage reads: `COPY
+    /// --from`, `ADD --from`, `RUN --mount from=`.
+    pub fn reads(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for step in &self.steps {
+            match &step.instruction {
+                Instruction::Copy(c) | Instruction::Add(c) => {
+                    if let Some(Source::Stage(i)) = c.from {
+                        out.push(i);
+                    }
+                }
+                Instruction::Run(r) => out.extend(r.mounts.iter().filter_map(|m| match m.from {
+                    Some(Source::Stage(i)) => Some(i),
+                    _ => None,
+                })),
+                _ => {}
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The stages this stage needs built first: the one it starts from and those it reads.
+    pub fn deps(&self) -> Vec<usize> {
+        let mut out = self.reads();
+        if let Base::Stage(i) = self.base {
+            out.push(i);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// What a stage starts from.
@@ -705,9 +745,19 @@ fn resolve(ctx: &Ctx, checked: &Checked, opts: &PlanOptions) -> Result<Resolved,
         };
         froms.push((fb, platform));
     }
-    let target = match &opts.target {
-        None => checked.stages.len() - 1,
-        Some(t) => {
+    let target = match (opts.target_index, &opts.target) {
+        (Some(i), _) if i < checked.stages.len() => i,
+        (Some(i), _) => {
+            return Err(Error::new(
+                &ctx.df.file_name,
+                format!(
+                    "stage {i} does not exist: the Dockerfile has {} stages",
+                    checked.stages.len()
+                ),
+            ))
+        }
+        (None, None) => checked.stages.len() - 1,
+        (None, Some(t)) => {
             let lower = t.to_lowercase();
             match checked
                 .stages

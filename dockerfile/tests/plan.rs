@@ -114,6 +114,38 @@ fn prunes_stages_the_target_does_not_need() {
     assert_eq!(base_images(&df, &opts).unwrap(), vec!["alpine"]);
 }
 
+/// A cluster's stage task names its stage by Dockerfile index; the plan holds what it needs,
+/// and each stage says which others it needs.
+#[test]
+fn a_stage_chosen_by_index_and_each_stage_s_deps() {
+    let src = "FROM alpine AS a\nRUN a\nFROM alpine AS b\nRUN --mount=from=a,target=/m b\n\
+               FROM b AS c\nCOPY --from=0 /x /x\nFROM busybox AS d\nRUN d\n";
+    let df = parse(src, "Dockerfile").unwrap();
+    let opts = PlanOptions {
+        target: Some("d".into()),
+        target_index: Some(2),
+        ..PlanOptions::default()
+    };
+    let p = plan(&df, &opts, &HashMap::new()).unwrap();
+    let idx: Vec<usize> = p.stages.iter().map(|s| s.index).collect();
+    assert_eq!(idx, vec![0, 1, 2]);
+    assert_eq!(p.target, 2);
+    assert_eq!(p.stages[0].deps(), Vec::<usize>::new());
+    assert_eq!(p.stages[1].reads(), vec![0]);
+    assert_eq!(p.stages[2].reads(), vec![0]);
+    assert_eq!(p.stages[2].deps(), vec![0, 1]);
+    let opts = PlanOptions {
+        target_index: Some(4),
+        ..PlanOptions::default()
+    };
+    let e = plan(&df, &opts, &HashMap::new()).unwrap_err();
+    assert!(
+        e.message.contains("stage 4 does not exist"),
+        "{}",
+        e.message
+    );
+}
+
 #[test]
 fn unknown_target_names_the_closest_stage() {
     let e = plan_of("FROM a AS builder\nFROM b\n", &[], Some("biulder")).unwrap_err();

@@ -9,9 +9,13 @@
 //! | client | [`ClusterMessage::Status`] | [`ClusterMessage::Finished`] or [`ClusterMessage::Running`] | — |
 //! | worker | [`ClusterMessage::Register`] | [`ClusterMessage::Registered`] | the stream stays open: the coordinator writes [`ClusterMessage::Task`]s (and [`ClusterMessage::CancelTask`]), the worker writes [`ClusterMessage::Heartbeat`], [`ClusterMessage::TaskEvent`] and [`ClusterMessage::TaskDone`] |
 //! | worker | [`ClusterMessage::FetchBlob`] | [`ClusterMessage::Blob`] + `size` raw bytes, or [`crate::wire::Message::Error`] | — |
+//! | worker | [`ClusterMessage::ClaimStep`] | [`ClusterMessage::StepRecord`] or [`ClusterMessage::BuildStep`] (waits while another task builds the step) | — |
+//! | worker | [`ClusterMessage::PublishStep`] | [`ClusterMessage::Stored`] | — |
 //!
 //! Context files travel as blobs named by their sha256, so a resubmission sends only the files
-//! that changed, and a worker fetches only those it has not seen.
+//! that changed, and a worker fetches only those it has not seen. A build is split into one
+//! task per stage and platform; the coordinator keeps the cluster's step cache (records by
+//! cache key, layers in the peer cache), so a step runs once in the whole cluster.
 
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +101,34 @@ pub enum ClusterMessage {
     CancelTask {
         /// The task.
         task: u64,
+    },
+    /// A worker's task missed step `key` in its local cache: the cluster's record, or the
+    /// right to build it. Answered with [`ClusterMessage::StepRecord`] or
+    /// [`ClusterMessage::BuildStep`]; while another task builds the key, the answer waits.
+    ClaimStep {
+        /// The asking task.
+        task: u64,
+        /// The step's cache key.
+        key: [u8; 32],
+    },
+    /// The step was built in the cluster: its cache record (JSON); the layer blob is in the
+    /// peer cache.
+    StepRecord {
+        /// The record.
+        record: String,
+    },
+    /// Nobody has the step: the asking task builds it, and holds it until it publishes the
+    /// record or ends.
+    BuildStep,
+    /// A task built step `key` (its layer blob is in the peer cache already). Answered with
+    /// [`ClusterMessage::Stored`].
+    PublishStep {
+        /// The task that built it.
+        task: u64,
+        /// The step's cache key.
+        key: [u8; 32],
+        /// Its cache record (JSON).
+        record: String,
     },
 }
 
@@ -214,15 +246,22 @@ pub struct WorkerInfo {
     pub cache_peers: Vec<String>,
 }
 
-/// One platform of one build, for a worker.
+/// One stage of one platform of a build, for a worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// The task's id (unique for the coordinator's lifetime).
     pub task: u64,
     /// The build it belongs to.
     pub build: String,
-    /// The platform to build.
+    /// The platform the image is built for (TARGETPLATFORM).
     pub platform: Platform,
+    /// The stage to build, by its index in the Dockerfile; the stages it needs were built by
+    /// earlier tasks and come from the cluster's step cache. `None`: the whole build.
+    pub stage: Option<u32>,
+    /// Whether the stage is the platform's image: pushed by digest and handed back.
+    pub export: bool,
+    /// BUILDPLATFORM, the same for every task of the build.
+    pub build_platform: Platform,
     /// The build (its `platforms` lists every platform of the build).
     pub spec: BuildSpec,
 }
@@ -357,6 +396,15 @@ pub enum BuildEvent {
     },
     /// A message about the build.
     Info(String),
+    /// Blob bytes a pull or push vertex moved so far.
+    Transfer {
+        /// The vertex.
+        id: u64,
+        /// Bytes received.
+        received: u64,
+        /// Bytes sent.
+        sent: u64,
+    },
 }
 
 #[cfg(test)]
@@ -404,8 +452,20 @@ mod tests {
                 task: 7,
                 build: "b1".into(),
                 platform: "linux/arm64".parse().unwrap(),
+                stage: Some(1),
+                export: true,
+                build_platform: "linux/amd64".parse().unwrap(),
                 spec,
             }),
+            ClusterMessage::ClaimStep {
+                task: 7,
+                key: [3; 32],
+            },
+            ClusterMessage::PublishStep {
+                task: 7,
+                key: [4; 32],
+                record: "{}".into(),
+            },
             ClusterMessage::TaskDone {
                 task: 7,
                 result: Err(Failure {

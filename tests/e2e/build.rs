@@ -57,6 +57,17 @@ fn second_build_is_fully_cached_and_no_cache_and_prune_work() {
     let first = build_json(&env, &cache, &ctx, &[]);
     assert_eq!(result_of(&first)["steps_run"], 4);
     assert_eq!(result_of(&first)["steps_cached"], 0);
+    // The base image's pull reports the bytes it received.
+    let pulled = first
+        .iter()
+        .filter(|e| e["event"] == "transfer")
+        .filter_map(|e| e["received"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        pulled > 100_000,
+        "no transfer event for the pull: {first:?}"
+    );
 
     let second = build_json(&env, &cache, &ctx, &[]);
     assert_eq!(
@@ -98,6 +109,34 @@ fn second_build_is_fully_cached_and_no_cache_and_prune_work() {
     )
     .success("ossb cache info");
     assert!(info.stdout.contains("cached steps"), "{}", info.stdout);
+    assert!(
+        info.stdout.contains("hit rate:") && info.stdout.contains("% of"),
+        "{}",
+        info.stdout
+    );
+    let prune = |args: &[&str]| {
+        let mut all = vec!["cache", "prune", "--cache-dir", cache.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tool(env!("CARGO_BIN_EXE_ossb"), &all).success("ossb cache prune")
+    };
+    // Everything was used within the day: nothing goes.
+    let kept = prune(&["--filter", "until=24h"]);
+    assert!(
+        kept.stdout.contains("removed 0 cached steps, 0 blobs"),
+        "{}",
+        kept.stdout
+    );
+    assert_eq!(
+        result_of(&build_json(&env, &cache, &ctx, &[]))["steps_run"],
+        0
+    );
+    // No storage kept: every blob goes, and the records of the layers with them.
+    prune(&["--keep-storage", "0"]);
+    assert_eq!(
+        result_of(&build_json(&env, &cache, &ctx, &[]))["steps_run"],
+        4,
+        "after --keep-storage 0 everything runs again"
+    );
     tool(
         env!("CARGO_BIN_EXE_ossb"),
         &[
@@ -115,6 +154,115 @@ fn second_build_is_fully_cached_and_no_cache_and_prune_work() {
         4,
         "after prune --all everything runs again"
     );
+}
+
+/// `ossb cache prune --all` started while a build runs waits for it: the build succeeds with
+/// its blobs, and the prune removes them afterwards.
+#[test]
+fn prune_waits_for_a_running_build() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!("FROM {}\nRUN sleep 3 && echo slow > /slow\n", busybox(&env));
+    let ctx = context(dir.path(), &dockerfile, &[]);
+    let cache = dir.path().join("cache");
+    let reg = env.registry();
+    let build = std::process::Command::new(env!("CARGO_BIN_EXE_ossb"))
+        .args(["build", "--progress", "plain", "--insecure-registry", &reg])
+        .arg(&ctx)
+        .env("OSSB_CACHE_DIR", &cache)
+        .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the build holds the cache (its work directory exists).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_dir(cache.join("work"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let started = std::time::Instant::now();
+    let prune = tool(
+        env!("CARGO_BIN_EXE_ossb"),
+        &[
+            "cache",
+            "prune",
+            "--all",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+    )
+    .success("ossb cache prune --all");
+    let waited = started.elapsed();
+    let out = build.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The build still had its 3 s RUN ahead when the prune started.
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "prune --all returned after {waited:?}, while the build ran:\n{stderr}"
+    );
+    assert!(
+        out.status.success(),
+        "the build failed under prune:\n{stderr}"
+    );
+    assert!(stderr.contains("built sha256:"), "{stderr}");
+    assert!(!prune.stdout.contains(" 0 blobs"), "{}", prune.stdout);
+}
+
+/// On a terminal the status block lists the running steps with their time, the build's
+/// steps done and total, and the estimate once earlier builds timed the steps.
+#[test]
+fn tty_progress_shows_running_steps_and_an_estimate() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {}\nRUN sleep 1 && echo a > /a\nCOPY f /f\n",
+            busybox(&env)
+        ),
+        &[("f", "1")],
+    );
+    let cache = dir.path().join("cache");
+    let reg = env.registry();
+    // `script` gives ossb a terminal; what ossb draws is captured as it was written.
+    let run_on_tty = |no_cache: bool| {
+        let cmd = format!(
+            "{} build --progress tty {} --insecure-registry {reg} {}",
+            env!("CARGO_BIN_EXE_ossb"),
+            if no_cache { "--no-cache" } else { "" },
+            ctx.display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qefc", &cmd, "/dev/null"])
+            .env("OSSB_CACHE_DIR", &cache)
+            .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"))
+            .env("TERM", "xterm")
+            .output()
+            .expect("script (util-linux) runs ossb on a terminal");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let first = run_on_tty(false);
+    assert!(first.contains("[+] Building"), "{first}");
+    assert!(
+        first.contains(" => #") && first.contains("RUN sleep 1"),
+        "{first}"
+    );
+    assert!(
+        first.contains("(0/2)") || first.contains("(1/2)"),
+        "{first}"
+    );
+    // The second run knows how long the steps took: it shows an estimate.
+    let second = run_on_tty(true);
+    assert!(second.contains(" ETA "), "{second}");
+    assert!(second.contains("built sha256:"), "{second}");
 }
 
 /// One build for two platforms pushes an index; podman runs each platform and RUN saw its own
@@ -310,6 +458,8 @@ fn add_and_copy_options_do_what_buildkit_does() {
          COPY --parents src/a/*.txt /p/\n\
          COPY --exclude=**/*.log src /ex/\n\
          ADD wild-*.tar /opt/wild/\n\
+         ADD bundle.tar.bz2 /opt/bz2/\n\
+         ADD bundle.tar.xz /opt/xz/\n\
          RUN cat /opt/wild/.wh.data.txt > /wh-seen\n\
          RUN --mount=type=bind,from={0},source=/etc,target=/mnt/img-etc cp /mnt/img-etc/group /from-image-group\n",
         busybox(&env)
@@ -333,6 +483,14 @@ fn add_and_copy_options_do_what_buildkit_does() {
     // Archives a wildcard matches are unpacked too; in a user's archive `.wh.` names are
     // files, not whiteouts (as Docker's untar).
     std::fs::write(payload.join(".wh.data.txt"), "not a whiteout\n").unwrap();
+    for (name, flag) in [("bundle.tar.bz2", "-cjf"), ("bundle.tar.xz", "-cJf")] {
+        let status = std::process::Command::new("tar")
+            .args([flag, ctx.join(name).to_str().unwrap(), "-C"])
+            .args([payload.to_str().unwrap(), "inner"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar {flag}");
+    }
     for (name, member) in [("wild-1.tar", "inner"), ("wild-2.tar", ".wh.data.txt")] {
         let status = std::process::Command::new("tar")
             .args(["-cf", ctx.join(name).to_str().unwrap(), "-C"])
@@ -385,6 +543,13 @@ fn add_and_copy_options_do_what_buildkit_does() {
         "not a whiteout\n"
     );
     assert!(!rootfs.join("opt/wild/wild-1.tar").exists());
+    for dir in ["opt/bz2", "opt/xz"] {
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join(dir).join("inner/data.txt")).unwrap(),
+            "from the archive\n",
+            "{dir}"
+        );
+    }
     let group = std::fs::read_to_string(rootfs.join("from-image-group")).unwrap();
     assert!(
         group.starts_with("root:"),

@@ -339,10 +339,12 @@ fn busybox(env: &TestEnv) -> String {
     format!("{}/{}", env.registry(), env.var("OSSB_TEST_BUSYBOX"))
 }
 
-/// A two-platform, multi-stage build through `ossb-submit --push`: the amd64 task goes to a
-/// native worker and the arm64 task to the emulating one, the index is pushed and both images
-/// run with the architecture they were built for. A client whose certificate another CA
-/// signed is refused, and /metrics counts the build and the workers.
+/// A two-platform, multi-stage build through `ossb-submit --push`, split into stage tasks: the
+/// `$BUILDPLATFORM` tools stage runs natively on amd64 for both platforms, once (the other
+/// task takes its steps from the cluster's step cache), the arm64 stages run on the emulating
+/// worker, the index is pushed and both images run with the architecture they were built
+/// for. A client whose certificate another CA signed is refused, and /metrics counts the
+/// build and the workers.
 #[test]
 fn cluster_builds_two_platforms_and_pushes_one_index() {
     let Some(env) = TestEnv::get() else { return };
@@ -350,7 +352,10 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
     let reg = env.registry();
     let work = tempfile::tempdir().unwrap();
     let dockerfile = format!(
-        "FROM {bb} AS build\nARG TARGETARCH\nCOPY note.txt /note.txt\nRUN echo \"$TARGETARCH $(uname -m) $(cat /note.txt)\" > /arch\n\
+        "FROM --platform=$BUILDPLATFORM {bb} AS tools\n\
+         RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /id && uname -m > /tools-arch\n\
+         FROM {bb} AS build\nARG TARGETARCH\nCOPY note.txt /note.txt\nCOPY --from=tools /id /tools-arch /\n\
+         RUN echo \"$TARGETARCH $(uname -m) $(cat /note.txt) tools=$(cat /tools-arch) $(cat /id)\" > /arch\n\
          FROM {bb}\nCOPY --from=build /arch /arch\nCMD [\"cat\", \"/arch\"]\n",
         bb = busybox(&env)
     );
@@ -383,14 +388,20 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         out.status.code(),
         cluster.logs()
     );
-    assert!(
-        stderr.contains("linux/amd64 scheduled on worker amd64-") && stderr.contains("(native)"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("linux/arm64 scheduled on worker amd64-emulating-arm64 (emulated)"),
-        "{stderr}"
-    );
+    for (platform, stage, how) in [
+        ("linux/amd64", 0, "native"),
+        ("linux/amd64", 1, "native"),
+        ("linux/amd64", 2, "native"),
+        ("linux/arm64", 0, "native"),
+        ("linux/arm64", 1, "emulated"),
+        ("linux/arm64", 2, "emulated"),
+    ] {
+        let line = format!("{platform} stage {stage} scheduled on worker amd64-");
+        let found = stderr
+            .lines()
+            .any(|l| l.contains(&line) && l.ends_with(&format!("({how})")));
+        assert!(found, "no {line:?} ({how}) in\n{stderr}");
+    }
     let raw = tool(
         "skopeo",
         &[
@@ -413,13 +424,32 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         .map(|m| m["platform"]["architecture"].as_str().unwrap())
         .collect();
     assert_eq!(archs, ["amd64", "arm64"]);
+    let mut ids = Vec::new();
     for (platform, want) in [
-        ("linux/amd64", "amd64 x86_64 from-the-cluster\n"),
-        ("linux/arm64", "arm64 aarch64 from-the-cluster\n"),
+        ("linux/amd64", "amd64 x86_64 from-the-cluster tools=x86_64 "),
+        (
+            "linux/arm64",
+            "arm64 aarch64 from-the-cluster tools=x86_64 ",
+        ),
     ] {
         let run = podman_run(&image, &["--platform", platform]).success("podman run --platform");
-        assert_eq!(run.stdout, want, "{platform}");
+        let id = run
+            .stdout
+            .strip_prefix(want)
+            .unwrap_or_else(|| panic!("{platform}: {:?} does not start with {want:?}", run.stdout));
+        assert_eq!(id.trim().len(), 32, "{platform}: {:?}", run.stdout);
+        ids.push(id.to_string());
     }
+    assert_eq!(
+        ids[0], ids[1],
+        "the tools stage ran once for both platforms"
+    );
+    let m = cluster.metrics_text();
+    let shared = sample(&m, "ossb_cluster_steps_total{answer=\"record\"}").unwrap_or(0);
+    assert!(
+        shared >= 1,
+        "no step came from the cluster's step cache:\n{m}"
+    );
 
     // The same build again, also written as an OCI layout: the context is already on the
     // coordinator (nothing is sent), every step comes from the workers' step caches, and the
@@ -569,7 +599,7 @@ fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
             let name = text
                 .lines()
                 .find_map(|l| {
-                    l.split("linux/amd64 scheduled on worker ")
+                    l.split("linux/amd64 stage 0 scheduled on worker ")
                         .nth(1)
                         .and_then(|rest| rest.split(' ').next())
                 })
@@ -598,7 +628,7 @@ fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
         "amd64-native"
     };
     assert!(
-        text.contains(&format!("linux/amd64 scheduled on worker {other}")),
+        text.contains(&format!("linux/amd64 stage 0 scheduled on worker {other}")),
         "{text}"
     );
     let run = podman_run(&image, &[]).success("podman run");
@@ -787,7 +817,7 @@ fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_regi
     let work = tempfile::tempdir().unwrap();
     let first = build_on(&cluster, &env, work.path(), "one", "echo one > /one");
     assert!(
-        first.contains("linux/amd64 scheduled on worker amd64-a"),
+        first.contains("linux/amd64 stage 0 scheduled on worker amd64-a"),
         "{first}"
     );
     // The second worker replaces the first, which dies.
@@ -799,7 +829,7 @@ fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_regi
     });
     let second = build_on(&cluster, &env, work.path(), "two", "echo two > /two");
     assert!(
-        second.contains("linux/amd64 scheduled on worker amd64-b"),
+        second.contains("linux/amd64 stage 0 scheduled on worker amd64-b"),
         "{second}"
     );
     assert!(second.contains("0 to pull from registries"), "{second}");
@@ -823,6 +853,160 @@ fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_regi
         "the second worker fetched from its peers what the first pulled\n{m}"
     );
     assert!(get("ossb_input_blobs_total{worker=\"amd64-b\",source=\"peer\"}") >= 2);
+}
+
+/// The peer cache failing under a build: one cache node killed with `kill -9`, the other's
+/// copy of the base layer corrupted on disk. The next build, on a worker with an empty store,
+/// detects the corrupt copy (never uses it), falls back to the registry, and pushes an image
+/// that runs.
+#[test]
+fn builds_survive_a_killed_cache_node_and_a_corrupt_blob() {
+    let Some(env) = TestEnv::get() else { return };
+    let mut cluster = Cluster::start_with(&env, &[("amd64-a", &[])]);
+    let reg = env.registry();
+    let work = tempfile::tempdir().unwrap();
+    build_on(&cluster, &env, work.path(), "one", "echo one > /one");
+    // The base layer as both nodes hold it (the largest blob of each node's store).
+    let largest = |i: usize| -> PathBuf {
+        let mut blobs: Vec<(u64, PathBuf)> =
+            std::fs::read_dir(cluster.dir.join(format!("cache{i}/blobs/sha256")))
+                .unwrap()
+                .flatten()
+                .map(|e| (e.metadata().unwrap().len(), e.path()))
+                .collect();
+        blobs.sort();
+        blobs.pop().expect("the node holds the base image").1
+    };
+    let (layer0, layer1) = (largest(0), largest(1));
+    assert_eq!(
+        layer0.file_name(),
+        layer1.file_name(),
+        "both nodes hold the layer"
+    );
+    let mut bytes = std::fs::read(&layer0).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&layer0, bytes).unwrap();
+    kill_group(cluster.pid_of("cache1"));
+    // A fresh worker (empty store) takes over from the first.
+    cluster.spawn_worker("amd64-b", &[]);
+    kill_group(cluster.pid_of("amd64-a"));
+    cluster.wait_for_metrics(|m| {
+        m.contains("ossb_workers_lost_total 1")
+            && m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1")
+    });
+    let marker = unique("peerfail");
+    let ctx = crate::support::context(
+        &work.path().join("two"),
+        &format!(
+            "FROM {}\nRUN echo \"{marker}\" > /two\nCMD [\"cat\", \"/two\"]\n",
+            busybox(&env)
+        ),
+        &[],
+    );
+    let image = format!("{reg}/tests/{marker}:latest");
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &reg,
+                "-t",
+                &image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(run.stdout, format!("{marker}\n"));
+    let m = cluster.metrics_text();
+    let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
+    assert!(
+        get("ossb_input_bytes_total{worker=\"amd64-b\",source=\"registry\"}") > 0,
+        "the corrupt layer must come from the registry again\n{m}"
+    );
+    // The node discarded its corrupt copy; what it holds now (the worker published the layer
+    // again after pulling it) is the right bytes.
+    let logs = std::fs::read_to_string(cluster.dir.join("cache0.log")).unwrap();
+    assert!(logs.contains("failed verification: discarded"), "{logs}");
+    if let Ok(bytes) = std::fs::read(&layer0) {
+        let name = layer0.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            ossb_protocol::Digest::of(&bytes).hex(),
+            name,
+            "the node serves corrupt bytes"
+        );
+    }
+}
+
+/// Two independent stages of one build run at once on two workers; the final stage, on one
+/// of them, copies from both: the other worker's layers reach it through the peer cache and
+/// the cluster's step cache, and nothing runs twice.
+#[test]
+fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start_with(&env, &[("amd64-a", &[]), ("amd64-b", &[])]);
+    let reg = env.registry();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("stages");
+    let dockerfile = format!(
+        "FROM {bb} AS left\nRUN sleep 2 && echo \"left {marker}\" > /left\n\
+         FROM {bb} AS right\nRUN sleep 2 && echo \"right {marker}\" > /right\n\
+         FROM {bb}\nCOPY --from=left /left /left\nCOPY --from=right /right /right\n\
+         CMD [\"cat\", \"/left\", \"/right\"]\n",
+        bb = busybox(&env)
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let image = format!("{reg}/tests/{marker}:latest");
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--insecure-registry",
+                &reg,
+                "-t",
+                &image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let worker_of = |stage: usize| -> String {
+        let prefix = format!("linux/amd64 stage {stage} scheduled on worker ");
+        stderr
+            .lines()
+            .find_map(|l| l.split(&prefix).nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("stage {stage} was not scheduled:\n{stderr}"))
+            .to_string()
+    };
+    assert_ne!(
+        worker_of(0),
+        worker_of(1),
+        "independent stages on one worker:\n{stderr}"
+    );
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(run.stdout, format!("left {marker}\nright {marker}\n"));
+    let m = cluster.metrics_text();
+    let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
+    // The final stage's task found both earlier stages' steps in the cluster's step cache.
+    assert!(
+        get("ossb_cluster_steps_total{answer=\"record\"}") >= 1,
+        "{m}"
+    );
+    // Two RUNs and two COPYs ran, once each.
+    assert_eq!(sum_of(&m, "ossb_steps_total", "result=\"run\""), 4, "{m}");
 }
 
 /// The same build submitted by two clients at once: its steps run once in the cluster (one
@@ -1345,9 +1529,24 @@ fn a_link_cut_for_10s_during_a_build_in_network_namespaces() {
     };
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     if !status.success() {
-        // Failing is allowed, clearly: the exit code of a failed build and the reason.
+        // Failing is allowed, clearly: the exit code of a failed build and the reason, and
+        // nothing under the tag (the tag is pushed last, after every platform succeeded).
         assert_eq!(status.code(), Some(1), "{text}\n{}", cluster.logs());
         assert!(text.contains("error:"), "{text}");
+        let tagged = tool(
+            "skopeo",
+            &[
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{}/{repo}", env.registry()),
+            ],
+        );
+        assert_ne!(
+            tagged.code, 0,
+            "a failed build pushed its tag:\n{}",
+            tagged.stdout
+        );
         eprintln!("the build failed across the link cut, clearly:\n{text}");
         return;
     }

@@ -29,6 +29,9 @@ pub enum Fault {
     BreakRequest,
     /// Forward, and flip one byte in the middle of the answer's body.
     CorruptByte,
+    /// Forward, relay the answer's head and half its body, then send nothing for this many
+    /// seconds (a stalled registry or network), then close.
+    Stall(u64),
 }
 
 /// When to inject a fault: the first `times` requests whose method and path match.
@@ -353,6 +356,12 @@ fn serve(
             // Closing the last descriptor of the socket now sends a RST.
             reset_on_close(&client_out);
             return Ok(());
+        }
+        (Some(Fault::Stall(secs)), Some(n)) if n > 1 => {
+            std::io::copy(&mut (&mut up_reader).take(n / 2), &mut client_out)?;
+            client_out.flush()?;
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            let _ = client_out.shutdown(Shutdown::Both);
         }
         (Some(Fault::CorruptByte), Some(n)) if n > 0 => {
             std::io::copy(&mut (&mut up_reader).take(n / 2), &mut client_out)?;

@@ -296,6 +296,60 @@ fn push_and_pull_survive_injected_faults_and_never_store_corrupt_bytes() {
     assert_eq!(std::fs::read_dir(fresh.tmp_dir()).unwrap().count(), 0);
 }
 
+/// A download that stalls halfway (the registry sends nothing more): the read times out, the
+/// pull resumes by Range from where it stopped instead of waiting for the stall, and the blob
+/// arrives whole.
+#[test]
+fn a_stalled_download_times_out_and_resumes() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path().join("store")).unwrap();
+    let image = make_image(&store, dir.path(), "linux/amd64", &[], &[("big", 2 << 20)]);
+    let proxy = Proxy::start(&env.registry(), None);
+    let registry = client(
+        dir.path(),
+        &[&proxy.addr],
+        "{}",
+        RegistryConfig {
+            retry: fast_retry(4),
+            read_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    );
+    let reference =
+        parse_reference(&format!("{}/tests/{}:v1", proxy.addr, unique("stall"))).unwrap();
+    let rt = runtime();
+    rt.block_on(registry.push_image(&reference, &store, &image.manifest, &PushOptions::default()))
+        .unwrap();
+    let big = image.layers[0].digest.to_string();
+    proxy.forget();
+    proxy.inject(Rule::new(
+        "GET",
+        &format!("/blobs/{big}"),
+        Fault::Stall(20),
+        1,
+    ));
+    let fresh = BlobStore::open(dir.path().join("fresh")).unwrap();
+    let started = std::time::Instant::now();
+    rt.block_on(registry.pull(&reference, &amd64(), &fresh))
+        .unwrap_or_else(|e| panic!("pull through a stall failed: {e}\n{:#?}", proxy.seen()));
+    let took = started.elapsed();
+    assert_eq!(
+        fresh.read(&image.layers[0].digest).unwrap(),
+        image.layer_bytes[0]
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "waited out the stall: {took:?}"
+    );
+    let seen = proxy.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.path.ends_with(&big) && s.range.is_some() && s.status == 206),
+        "not resumed by Range: {seen:#?}"
+    );
+}
+
 /// A registry that always serves a flipped byte: the pull fails, names the blob and says
 /// the bytes were wrong; nothing is stored.
 #[test]

@@ -405,6 +405,8 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         isolation: place.isolation,
         secrets: place.files.secrets,
         build_contexts: place.files.build_contexts,
+        stage: None,
+        build_platform: None,
     }
 }
 

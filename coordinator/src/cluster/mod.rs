@@ -2,25 +2,25 @@
 //!
 //! - [`server`] (`ossb coordinator`): accepts builds from `ossb-submit` clients, receives
 //!   their context file by file (by content: files it holds already are not sent again),
-//!   splits each build into one task per platform, schedules tasks on registered workers
-//!   (native first, emulating only when no native worker of the platform exists, preferring
-//!   the worker that already fetched the build's context), reschedules the task of a worker
-//!   that stops heartbeating, merges the per-platform manifests into an index and pushes it
-//!   last. It keeps a record of every build in its state dir ([`records`]) and reports the
-//!   builds a restart lost as failed.
+//!   splits each build into one task per stage and platform, queues a stage's task when the
+//!   stages it needs are built, schedules tasks on registered workers (on the stage's own
+//!   platform, native first, emulating only when no native worker of the platform exists,
+//!   preferring the worker that built the stage's inputs), keeps the cluster's step cache (a
+//!   step key is built by one task while the others wait for its record), reschedules the
+//!   tasks of a worker that stops heartbeating, merges the per-platform manifests into an
+//!   index and pushes it last. It keeps a record of every build in its state dir ([`records`])
+//!   and reports the builds a restart lost as failed.
 //! - [`worker`] (`ossb worker`): registers, heartbeats, runs each task with
-//!   [`crate::build()`] for one platform (its local step cache included), pushes the
-//!   platform's manifest by digest, publishes what it built to the peer cache, and streams the
+//!   [`crate::build::build_with`] for one stage of one platform, its local step cache first,
+//!   then the cluster's (layers through the peer cache); publishes every step it builds;
+//!   pushes the platform's manifest by digest when its stage is the image, and streams the
 //!   engine's progress events back.
 //! - [`submit`] (`ossb-submit`): sends the build and its context, renders the forwarded
 //!   events with the caller's [`Progress`], and downloads the result from the peer cache for
 //!   `--output type=oci|docker|local`.
 //!
-//! Scheduling unit: one platform of one build; identical tasks run once (the others wait and
-//! then hit the step cache of the worker that built it). Workers look for base-image blobs in
-//! their store, then the peer cache, then the registry, and publish what they pulled and what
-//! they built to the peer cache. Not yet: per-stage scheduling, deduplication of steps shared
-//! by tasks that differ (that needs the engine's step cache to be cluster-wide).
+//! Workers look for base-image blobs in their store, then the peer cache, then the registry,
+//! and publish what they pulled and what they built to the peer cache.
 
 pub mod context;
 pub mod records;
@@ -220,6 +220,11 @@ pub fn event_to_wire(event: &Event) -> BuildEvent {
             remaining_ms: remaining.as_ref().map(ms),
         },
         Event::Info(s) => BuildEvent::Info(s.clone()),
+        Event::Transfer { id, received, sent } => BuildEvent::Transfer {
+            id: *id as u64,
+            received: *received,
+            sent: *sent,
+        },
     }
 }
 
@@ -264,5 +269,10 @@ pub fn event_from_wire(event: BuildEvent) -> Event {
             remaining: remaining_ms.map(d),
         },
         BuildEvent::Info(s) => Event::Info(s),
+        BuildEvent::Transfer { id, received, sent } => Event::Transfer {
+            id: id as usize,
+            received,
+            sent,
+        },
     }
 }

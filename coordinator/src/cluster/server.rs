@@ -1,23 +1,38 @@
-//! `ossb coordinator`: accepts builds, schedules one task per platform on the workers, merges
-//! and pushes the result.
+//! `ossb coordinator`: accepts builds, splits each into one task per stage and platform,
+//! schedules the tasks on the workers as their stages' inputs are built, keeps the cluster's
+//! step cache, merges and pushes the result.
 //!
 //! Every QUIC stream starts with one message that says what it is for (see
 //! [`ossb_protocol::cluster`]): a build submission, a context upload, a status question, a
 //! worker's registration (the stream then stays open as the worker's control channel), or a
 //! worker fetching a context file.
 //!
+//! Tasks: the coordinator plans the Dockerfile for each platform (the stage graph does not
+//! depend on the base images) and makes a task of every stage the target needs. A stage's task
+//! is queued when the tasks of the stages it needs (FROM, COPY --from, RUN --mount from=) have
+//! succeeded; independent stages run at once on different workers. A task runs on the stage's
+//! own platform (`FROM --platform=$BUILDPLATFORM` stages on the build platform, which the
+//! coordinator chooses for the whole build: the first requested platform with a native worker).
+//! Only the target stage's task makes the platform's image.
+//!
+//! The cluster's step cache: a worker whose local cache misses a step asks here
+//! ([`ClusterMessage::ClaimStep`]): it gets the record if any task built the key (the layer is
+//! in the peer cache), else the right to build it; a task asking for a key another task builds
+//! waits until that one publishes it ([`ClusterMessage::PublishStep`]) or ends. So a step runs
+//! once in the whole cluster, and a stage task finds the stages before it there.
+//!
 //! Scheduling: a task goes to a worker whose native platform is the task's; only when no
 //! native worker of that platform is registered does it go to one that emulates it. Among the
-//! candidates with a free slot, the one that already fetched most of the build's context files
-//! wins. A worker silent for [`super::WORKER_TIMEOUT`] is dropped and its tasks are queued
+//! candidates with a free slot, the worker that built the stages it needs wins, then the one
+//! that already fetched most of the build's context files. A worker silent for [`super::WORKER_TIMEOUT`] is dropped and its tasks are queued
 //! again at the front. A task no registered worker can build (no native worker of its platform
 //! and none that emulates it) fails after [`super::NO_WORKER_GRACE`], naming the workers the
 //! cluster has; a task that fails for good cancels the other tasks of its build.
 //!
-//! Identical tasks (same platform, Dockerfile, arguments and context: the same cache keys) run
-//! once: while one runs, the others wait, then go to the worker that built it, whose step
-//! cache answers every step. Steps shared by tasks that are not identical (a common prefix)
-//! are not deduplicated across workers yet: that needs the engine's step cache in the cluster.
+//! Identical tasks (same stage, platform, Dockerfile, arguments and context: the same cache
+//! keys) run once: while one runs, the others wait, then go to the worker that built it, whose
+//! step cache answers every step. Tasks that share only some steps share them through the
+//! cluster's step cache.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -58,6 +73,12 @@ type TaskResult = (Result<PlatformOutcome, Failure>, Vec<String>);
 
 struct Task {
     spec: TaskSpec,
+    /// The platform its stage runs on (the target platform, or the stage's FROM --platform).
+    runs_on: Platform,
+    /// Tasks of the same build whose stages this one needs, not finished yet.
+    deps: Vec<u64>,
+    /// The worker that built one of those stages: it holds their layers.
+    prefer: Option<u64>,
     worker: Option<u64>,
     /// Where events go: the build's handler, which renumbers them.
     events: mpsc::UnboundedSender<(u64, BuildEvent)>,
@@ -102,6 +123,11 @@ struct Counters {
     tasks_waited_identical: u64,
     /// Where the workers' input blobs came from, by worker.
     inputs: BTreeMap<String, InputStats>,
+    /// Step claims answered with a record, granted (the task builds the step), and claims
+    /// that waited for another task building the same step.
+    steps_from_cluster: u64,
+    steps_claimed: u64,
+    steps_waited: u64,
 }
 
 #[derive(Default)]
@@ -115,7 +141,29 @@ struct Inner {
     building: HashMap<Digest, u64>,
     /// The worker that last built each task key (its step cache holds the steps).
     built_on: HashMap<Digest, u64>,
+    /// The cluster's step cache: records by step key, oldest first in `step_order`.
+    steps: HashMap<[u8; 32], StepEntry>,
+    step_order: VecDeque<[u8; 32]>,
+    /// Step keys being built, by the task building each.
+    claims: HashMap<[u8; 32], StepClaim>,
 }
+
+/// A step some task built.
+struct StepEntry {
+    /// Its cache record (JSON, as the workers' engines write it).
+    record: String,
+    /// The build whose task built it: a `--no-cache` build reuses only its own steps.
+    build: String,
+}
+
+/// A step key a task is building, and the claims waiting for it.
+struct StepClaim {
+    task: u64,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// Step records the coordinator keeps (a few hundred bytes each); the oldest go first.
+const MAX_STEP_RECORDS: usize = 100_000;
 
 struct State {
     inner: Mutex<Inner>,
@@ -322,7 +370,7 @@ fn prometheus(inner: &Inner) -> String {
     metric(
         "ossb_tasks_queued",
         "gauge",
-        "Tasks (one platform of a build) waiting for a worker.",
+        "Tasks (one stage of one platform of a build) waiting for their stages' inputs or a worker.",
         vec![(String::new(), inner.queue.len() as u64)],
     );
     metric(
@@ -354,6 +402,22 @@ fn prometheus(inner: &Inner) -> String {
         "counter",
         "Tasks that waited for an identical task (same cache keys) to finish instead of running beside it.",
         vec![(String::new(), c.tasks_waited_identical)],
+    );
+    metric(
+        "ossb_cluster_steps_total",
+        "counter",
+        "Step claims of the cluster's step cache (after a worker's local miss), by answer: the record of a step another task built, the right to build it, and claims that first waited for another task building the same step.",
+        vec![
+            ("{answer=\"record\"}".into(), c.steps_from_cluster),
+            ("{answer=\"build\"}".into(), c.steps_claimed),
+            ("{answer=\"waited\"}".into(), c.steps_waited),
+        ],
+    );
+    metric(
+        "ossb_cluster_step_records",
+        "gauge",
+        "Step records the coordinator holds.",
+        vec![(String::new(), inner.steps.len() as u64)],
     );
     let mut blobs = Vec::new();
     let mut bytes = Vec::new();
@@ -433,7 +497,10 @@ async fn serve_stream(
     // them, not a submitter's.
     let worker_only = matches!(
         first,
-        ClusterMessage::Register(_) | ClusterMessage::FetchBlob { .. }
+        ClusterMessage::Register(_)
+            | ClusterMessage::FetchBlob { .. }
+            | ClusterMessage::ClaimStep { .. }
+            | ClusterMessage::PublishStep { .. }
     );
     if worker_only && !matches!(role, Some(Role::Worker | Role::Node)) {
         let shown = role.map_or("an unknown".to_string(), |r| format!("a {r}"));
@@ -457,6 +524,11 @@ async fn serve_stream(
         ClusterMessage::Status { build } => status(&state, &build, &mut tx).await,
         ClusterMessage::Register(info) => worker_channel(&state, info, tx, rx).await,
         ClusterMessage::FetchBlob { digest } => fetch_blob(&state, digest, &mut tx).await,
+        ClusterMessage::ClaimStep { task, key } => claim_step(&state, task, key, &mut tx).await,
+        ClusterMessage::PublishStep { task, key, record } => {
+            publish_step(&state, task, key, record);
+            send(&mut tx, ClusterMessage::Stored).await
+        }
         other => Err(ClusterError::Protocol {
             peer,
             got: format!("{other:?}"),
@@ -518,6 +590,110 @@ async fn fetch_blob(
     let _ = tx.finish();
     state.lock().counters.context_bytes_served += size;
     Ok(())
+}
+
+/// Answers a task's claim of step `key`: the record when some task built it (for a
+/// `--no-cache` build, a task of the same build), else the right to build it; while another
+/// task builds it, waits for that one to publish it or end.
+async fn claim_step(
+    state: &State,
+    task: u64,
+    key: [u8; 32],
+    tx: &mut SendStream,
+) -> Result<(), ClusterError> {
+    enum Answer {
+        Gone,
+        Record(String),
+        Build,
+        Wait(oneshot::Receiver<()>),
+    }
+    let mut waited = false;
+    loop {
+        // Decided under the lock, answered after it (the guard never lives across an await).
+        let answer = {
+            let mut inner = state.lock();
+            match inner.tasks.get(&task) {
+                None => Answer::Gone,
+                Some(t) => {
+                    let (build, no_cache) = (t.spec.build.clone(), t.spec.spec.no_cache);
+                    let record = inner
+                        .steps
+                        .get(&key)
+                        .filter(|e| !no_cache || e.build == build)
+                        .map(|e| e.record.clone());
+                    match record {
+                        Some(record) => {
+                            inner.counters.steps_from_cluster += 1;
+                            Answer::Record(record)
+                        }
+                        None => match inner.claims.get_mut(&key) {
+                            Some(claim) if claim.task != task => {
+                                let (wake, wait) = oneshot::channel();
+                                claim.waiters.push(wake);
+                                if !waited {
+                                    waited = true;
+                                    inner.counters.steps_waited += 1;
+                                }
+                                Answer::Wait(wait)
+                            }
+                            _ => {
+                                inner.claims.insert(
+                                    key,
+                                    StepClaim {
+                                        task,
+                                        waiters: Vec::new(),
+                                    },
+                                );
+                                inner.counters.steps_claimed += 1;
+                                Answer::Build
+                            }
+                        },
+                    }
+                }
+            }
+        };
+        match answer {
+            Answer::Gone => {
+                send_error(tx, format!("task {task} is not running here")).await;
+                return Ok(());
+            }
+            Answer::Record(record) => return send(tx, ClusterMessage::StepRecord { record }).await,
+            Answer::Build => return send(tx, ClusterMessage::BuildStep).await,
+            // The builder published the step or ended (then this task may build it).
+            Answer::Wait(wait) => {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+/// Records a step a task built, and wakes the tasks waiting for it.
+fn publish_step(state: &State, task: u64, key: [u8; 32], record: String) {
+    let mut inner = state.lock();
+    let build = inner
+        .tasks
+        .get(&task)
+        .map(|t| t.spec.build.clone())
+        .unwrap_or_default();
+    if inner
+        .steps
+        .insert(key, StepEntry { record, build })
+        .is_none()
+    {
+        inner.step_order.push_back(key);
+        while inner.step_order.len() > MAX_STEP_RECORDS {
+            if let Some(old) = inner.step_order.pop_front() {
+                inner.steps.remove(&old);
+            }
+        }
+    }
+    if inner.claims.get(&key).is_some_and(|c| c.task == task) {
+        if let Some(claim) = inner.claims.remove(&key) {
+            for waiter in claim.waiters {
+                let _ = waiter.send(());
+            }
+        }
+    }
 }
 
 /// A worker's control stream: tasks go out, heartbeats, events and results come in.
@@ -589,7 +765,7 @@ async fn worker_channel(
                         let steps = inner.counters.steps.entry(name.clone()).or_default();
                         steps.0 += outcome.run;
                         steps.1 += outcome.cached;
-                        let mode = if t.spec.platform == native {
+                        let mode = if t.runs_on == native {
                             "native"
                         } else {
                             "emulated"
@@ -597,7 +773,7 @@ async fn worker_channel(
                         let by_mode = inner
                             .counters
                             .steps_by_mode
-                            .entry((t.spec.platform.to_string(), mode))
+                            .entry((t.runs_on.to_string(), mode))
                             .or_default();
                         by_mode.0 += outcome.run;
                         by_mode.1 += outcome.cached;
@@ -612,6 +788,16 @@ async fn worker_channel(
                                 inner.built_on.clear();
                             }
                             inner.built_on.insert(key, id);
+                        }
+                    }
+                    // The tasks waiting for this stage may go; the worker that built it is
+                    // where they find its layers.
+                    if result.is_ok() {
+                        for other in inner.tasks.values_mut() {
+                            if other.deps.contains(&task) {
+                                other.deps.retain(|d| *d != task);
+                                other.prefer.get_or_insert(id);
+                            }
                         }
                     }
                     if let Some(done) = t.done.take() {
@@ -689,13 +875,23 @@ async fn schedule_loop(state: Arc<State>) {
     }
 }
 
-/// Forgets that `task` builds its key (it ended, was cancelled, or lost its worker).
+/// Forgets that `task` builds its key and the steps it claimed (it ended, was cancelled, or
+/// lost its worker); the tasks waiting for those steps may build them now.
 fn release(inner: &mut Inner, task: u64) {
     if let Some(key) = inner.tasks.get(&task).and_then(|t| t.key) {
         if inner.building.get(&key) == Some(&task) {
             inner.building.remove(&key);
         }
     }
+    inner.claims.retain(|_, claim| {
+        if claim.task != task {
+            return true;
+        }
+        for waiter in std::mem::take(&mut claim.waiters) {
+            let _ = waiter.send(());
+        }
+        false
+    });
 }
 
 /// Assigns queued tasks to workers with a free slot. A task whose identical twin runs waits
@@ -709,12 +905,13 @@ fn schedule(state: &State) {
         let Some(task) = inner.tasks.get(&task_id) else {
             continue;
         };
-        let (key, platform, queued_at, told) = (
-            task.key,
-            task.spec.platform.clone(),
-            task.queued_at,
-            task.told,
-        );
+        if !task.deps.is_empty() {
+            // Its stage needs stages still being built.
+            waiting.push_back(task_id);
+            continue;
+        }
+        let (key, platform, queued_at, told) =
+            (task.key, task.runs_on.clone(), task.queued_at, task.told);
         if let Some(twin) = key.and_then(|k| inner.building.get(&k).copied()) {
             if twin != task_id {
                 if !told {
@@ -740,7 +937,9 @@ fn schedule(state: &State) {
                 continue;
             }
         }
-        let preferred = key.and_then(|k| inner.built_on.get(&k).copied());
+        let preferred = key
+            .and_then(|k| inner.built_on.get(&k).copied())
+            .or(inner.tasks[&task_id].prefer);
         let context = &inner.tasks[&task_id].context;
         match pick_worker(&inner.workers, &platform, context, preferred) {
             Some(w) => {
@@ -751,18 +950,19 @@ fn schedule(state: &State) {
                 if let Some(key) = key {
                     inner.building.insert(key, task_id);
                 }
-                let emulated = inner.workers[&w].info.platform != spec.platform;
+                let emulated = inner.workers[&w].info.platform != platform;
                 let worker = inner.workers.get_mut(&w).expect("picked from the map");
                 worker.running.insert(task_id);
                 let name = worker.info.name.clone();
                 let sent = worker.tasks.send(ClusterMessage::Task(spec.clone()));
                 let how = if emulated { "emulated" } else { "native" };
-                tracing::info!(build = %spec.build, task = task_id, platform = %spec.platform, worker = %name, how, "task scheduled");
+                tracing::info!(build = %spec.build, task = task_id, platform = %spec.platform, stage = ?spec.stage, runs_on = %platform, worker = %name, how, "task scheduled");
                 let _ = events.send((
                     task_id,
                     BuildEvent::Info(format!(
-                        "{} scheduled on worker {name} ({how})",
-                        spec.platform
+                        "{}{} scheduled on worker {name} ({how})",
+                        spec.platform,
+                        stage_label(&spec)
                     )),
                 ));
                 if sent.is_err() {
@@ -803,7 +1003,7 @@ fn schedule(state: &State) {
             continue;
         };
         inner.counters.tasks_unschedulable += 1;
-        let p = &t.spec.platform;
+        let p = &t.runs_on;
         let message = format!(
             "no worker can build {p}: none runs it natively and none emulates it ({} waited for one to register). The cluster has {roster}. Start a worker with --platform {p}, or one with --emulate {p} (QEMU through binfmt_misc)",
             humanize(super::NO_WORKER_GRACE)
@@ -876,16 +1076,88 @@ fn cancel_tasks(state: &State, tasks: &[u64], why: &str) {
     state.wake.notify_one();
 }
 
+/// One task of a build before it is queued: a stage of one platform's plan.
+struct StagePlan {
+    /// The platform whose image the stage is part of.
+    platform: Platform,
+    /// The stage's index in the Dockerfile.
+    stage: usize,
+    /// Where it runs: its FROM --platform, else `platform`.
+    runs_on: Platform,
+    /// Whether it is the platform's image (the target stage).
+    export: bool,
+    /// The stages it needs, as positions in the build's list of stage plans.
+    deps: Vec<usize>,
+}
+
+/// The stage tasks of a build: for each platform, every stage its target needs, with the
+/// stages each needs. The stage graph depends on the Dockerfile and the arguments only, so it
+/// is planned here without the base images (the workers plan again with them).
+fn stage_tasks(
+    df: &ossb_dockerfile::Dockerfile,
+    spec: &BuildSpec,
+    build_platform: &Platform,
+) -> Result<Vec<StagePlan>, Failure> {
+    let mut out = Vec::new();
+    for platform in &spec.platforms {
+        let opts = ossb_dockerfile::PlanOptions {
+            build_args: spec.build_args.iter().cloned().collect(),
+            target: spec.target.clone(),
+            target_index: None,
+            target_platform: platform.clone(),
+            build_platform: build_platform.clone(),
+        };
+        let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
+            .map_err(|e| failure(e.to_string(), 2))?;
+        let offset = out.len();
+        for (position, stage) in plan.stages.iter().enumerate() {
+            out.push(StagePlan {
+                platform: platform.clone(),
+                stage: stage.index,
+                runs_on: stage.platform.clone().unwrap_or_else(|| platform.clone()),
+                export: position == plan.target,
+                deps: stage.deps().iter().map(|d| offset + d).collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// BUILDPLATFORM of a build: the first platform asked for that a worker runs natively, else
+/// the native platform of a worker, else the first platform asked for.
+fn choose_build_platform(workers: &HashMap<u64, Worker>, wanted: &[Platform]) -> Platform {
+    wanted
+        .iter()
+        .find(|p| workers.values().any(|w| w.info.platform == **p))
+        .or_else(|| {
+            workers
+                .values()
+                .map(|w| &w.info.platform)
+                .min_by_key(|p| p.to_string())
+        })
+        .or(wanted.first())
+        .cloned()
+        .unwrap_or_else(Platform::host)
+}
+
+/// ` stage N` for messages about a stage task.
+fn stage_label(spec: &TaskSpec) -> String {
+    spec.stage
+        .map(|i| format!(" stage {i}"))
+        .unwrap_or_default()
+}
+
 /// What makes two tasks identical: everything that goes into their steps' cache keys and
 /// their image (not the tags, nor where the image goes). Only in the coordinator's memory.
-fn task_key(spec: &BuildSpec, platform: &Platform) -> Option<Digest> {
+fn task_key(task: &TaskSpec) -> Option<Digest> {
+    let spec = &task.spec;
     if spec.no_cache {
         return None;
     }
     let text = format!(
         "{:?}",
         (
-            platform,
+            (&task.platform, task.stage, &task.build_platform),
             &spec.dockerfile,
             &spec.dockerfile_name,
             &spec.build_args,
@@ -1044,12 +1316,13 @@ async fn build_outcome(
     rx: &mut RecvStream,
 ) -> Result<BuiltImage, Failure> {
     let mut gauge = Gauge::new(state);
-    if let Err(e) = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name) {
-        return Err(failure(e.to_string(), 2));
-    }
+    let df = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name)
+        .map_err(|e| failure(e.to_string(), 2))?;
     if spec.platforms.is_empty() {
         return Err(failure("no platform to build for", 2));
     }
+    let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
+    let stages = stage_tasks(&df, &spec, &build_platform)?;
     let context = all_file_digests(&spec);
     let missing: Vec<Digest> = context
         .iter()
@@ -1083,34 +1356,45 @@ async fn build_outcome(
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let mut pending = Vec::new();
     gauge.start_running();
-    {
+    // The build's tasks get consecutive ids, in the order of `stages`.
+    let first = {
         let mut inner = state.lock();
-        for platform in &spec.platforms {
-            inner.next_id += 1;
-            let task = inner.next_id;
+        let first = inner.next_id + 1;
+        inner.next_id += stages.len() as u64;
+        for (n, stage) in stages.iter().enumerate() {
+            let task = first + n as u64;
             let (done_tx, done_rx) = oneshot::channel();
+            let spec = TaskSpec {
+                task,
+                build: build.to_string(),
+                platform: stage.platform.clone(),
+                stage: Some(stage.stage as u32),
+                export: stage.export,
+                build_platform: build_platform.clone(),
+                spec: spec.clone(),
+            };
+            let key = task_key(&spec);
             inner.tasks.insert(
                 task,
                 Task {
-                    spec: TaskSpec {
-                        task,
-                        build: build.to_string(),
-                        platform: platform.clone(),
-                        spec: spec.clone(),
-                    },
+                    spec,
+                    runs_on: stage.runs_on.clone(),
+                    deps: stage.deps.iter().map(|d| first + *d as u64).collect(),
+                    prefer: None,
                     worker: None,
                     events: events_tx.clone(),
                     done: Some(done_tx),
                     context: context.clone(),
-                    key: task_key(&spec, platform),
+                    key,
                     queued_at: Instant::now(),
                     told: false,
                 },
             );
             inner.queue.push_back(task);
-            pending.push((task, platform.clone(), done_rx));
+            pending.push((task, stage.platform.clone(), done_rx));
         }
-    }
+        first
+    };
     let _ = state.records.save(&running_record(build, &spec));
     state.wake.notify_one();
     drop(events_tx);
@@ -1180,9 +1464,28 @@ async fn build_outcome(
     if let Some((_, f)) = failed {
         return Err(f);
     }
-    // Platforms in the order asked for (task ids were given in that order).
+    // The platforms' images, in the order asked for (task ids were given in that order).
+    // Steps: those each platform's tasks ran; the rest of its image's steps came from a cache.
     outcomes.sort_by_key(|(task, _)| *task);
-    let outcomes: Vec<PlatformOutcome> = outcomes.into_iter().map(|(_, o)| o).collect();
+    let mut images = Vec::new();
+    for (n, stage) in stages.iter().enumerate().filter(|(_, st)| st.export) {
+        let Some((_, image)) = outcomes.iter().find(|(t, _)| *t == first + n as u64) else {
+            return Err(failure(
+                format!("no image was built for {}", stage.platform),
+                1,
+            ));
+        };
+        let mut image = image.clone();
+        let run: u64 = outcomes
+            .iter()
+            .filter(|(t, _)| stages[(*t - first) as usize].platform == stage.platform)
+            .map(|(_, o)| o.run)
+            .sum();
+        image.cached = (image.run + image.cached).saturating_sub(run);
+        image.run = run;
+        images.push(image);
+    }
+    let outcomes = images;
     peers.sort();
     peers.dedup();
     merge_and_push(&spec, outcomes, peers).await
@@ -1250,6 +1553,11 @@ fn renumber(
             message,
         },
         BuildEvent::Cached { id } => BuildEvent::Cached { id: map(id) },
+        BuildEvent::Transfer { id, received, sent } => BuildEvent::Transfer {
+            id: map(id),
+            received,
+            sent,
+        },
         other => other,
     }
 }
@@ -1390,10 +1698,31 @@ mod tests {
         assert_eq!(pick_worker(&workers, &amd, &[d], None), Some(2));
     }
 
+    fn task(spec: &BuildSpec, platform: &Platform) -> TaskSpec {
+        TaskSpec {
+            task: 1,
+            build: "b".into(),
+            platform: platform.clone(),
+            stage: Some(0),
+            export: true,
+            build_platform: "linux/amd64".parse().unwrap(),
+            spec: spec.clone(),
+        }
+    }
+
     #[test]
     fn identical_tasks_share_a_key_whatever_their_tags() {
         let amd: Platform = "linux/amd64".parse().unwrap();
         let arm: Platform = "linux/arm64".parse().unwrap();
+        let task_key = |spec: &BuildSpec, p: &Platform| task_key(&task(spec, p));
+        let other_stage = TaskSpec {
+            stage: Some(1),
+            ..task(&BuildSpec::default(), &amd)
+        };
+        assert_ne!(
+            super::task_key(&other_stage),
+            super::task_key(&task(&BuildSpec::default(), &amd))
+        );
         let spec = BuildSpec {
             dockerfile: "FROM busybox\nRUN true\n".into(),
             tags: vec!["a:1".into()],
@@ -1477,6 +1806,87 @@ mod tests {
             }
         );
         assert!(matches!(b, BuildEvent::Started { id: 2, .. }));
+    }
+
+    /// A build becomes one task per needed stage and platform; a `$BUILDPLATFORM` stage runs
+    /// on the build platform, the others on their target platform; each task knows the tasks
+    /// of the stages it needs, and only the target stage makes the platform's image.
+    #[test]
+    fn builds_split_into_stage_tasks_with_their_dependencies() {
+        let spec = BuildSpec {
+            dockerfile: "FROM --platform=$BUILDPLATFORM busybox AS tools\nRUN make\n\
+                         FROM busybox AS unused\nRUN x\n\
+                         FROM busybox AS build\nCOPY --from=tools /t /t\n\
+                         FROM build\nCOPY --from=tools /u /u\n"
+                .into(),
+            dockerfile_name: "Dockerfile".into(),
+            platforms: vec![
+                "linux/amd64".parse().unwrap(),
+                "linux/arm64".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        let df = ossb_dockerfile::parse(&spec.dockerfile, "Dockerfile").unwrap();
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let tasks = stage_tasks(&df, &spec, &amd).unwrap();
+        let summary: Vec<(String, usize, String, bool, Vec<usize>)> = tasks
+            .iter()
+            .map(|t| {
+                (
+                    t.platform.to_string(),
+                    t.stage,
+                    t.runs_on.to_string(),
+                    t.export,
+                    t.deps.clone(),
+                )
+            })
+            .collect();
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            summary,
+            vec![
+                (s("linux/amd64"), 0, s("linux/amd64"), false, vec![]),
+                (s("linux/amd64"), 2, s("linux/amd64"), false, vec![0]),
+                (s("linux/amd64"), 3, s("linux/amd64"), true, vec![0, 1]),
+                (s("linux/arm64"), 0, s("linux/amd64"), false, vec![]),
+                (s("linux/arm64"), 2, s("linux/arm64"), false, vec![3]),
+                (s("linux/arm64"), 3, s("linux/arm64"), true, vec![3, 4]),
+            ]
+        );
+        let bad = BuildSpec {
+            target: Some("nope".into()),
+            ..spec
+        };
+        let err = stage_tasks(&df, &bad, &amd)
+            .err()
+            .expect("an unknown target");
+        assert_eq!(err.exit_code, 2);
+        assert!(err.message.contains("nope"), "{}", err.message);
+    }
+
+    #[test]
+    fn the_build_platform_is_the_first_asked_for_with_a_native_worker() {
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let arm: Platform = "linux/arm64".parse().unwrap();
+        let mut workers = HashMap::new();
+        assert_eq!(
+            choose_build_platform(&workers, &[arm.clone(), amd.clone()]),
+            arm
+        );
+        workers.insert(1, worker("linux/amd64", &["linux/arm64"], 1));
+        assert_eq!(
+            choose_build_platform(&workers, &[arm.clone(), amd.clone()]),
+            amd
+        );
+        assert_eq!(
+            choose_build_platform(&workers, std::slice::from_ref(&arm)),
+            amd
+        );
+        workers.insert(2, worker("linux/arm64", &[], 1));
+        assert_eq!(
+            choose_build_platform(&workers, &[arm.clone(), amd.clone()]),
+            arm
+        );
     }
 
     /// A submitter's certificate may not register as a worker (tasks carry other builds'

@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use super::context::{all_file_digests, materialize, request_of, TaskFiles, TaskPlace};
 use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
 use crate::build::BuildRequest;
+use crate::cache::{CacheKey, CacheRecord, SharedSteps};
 use crate::progress::{Event, Progress};
 
 /// Context files fetched from the coordinator at once.
@@ -87,6 +88,9 @@ struct Counters {
     blobs_registry: AtomicU64,
     bytes_peer: AtomicU64,
     bytes_registry: AtomicU64,
+    /// Steps taken from the cluster's step cache, and their layers fetched from peers.
+    steps_cluster: AtomicU64,
+    step_layers_peer: AtomicU64,
 }
 
 struct Node {
@@ -175,7 +179,8 @@ fn prometheus(node: &Node) -> String {
          ossb_worker_tasks_total{{result=\"succeeded\"}} {}\nossb_worker_tasks_total{{result=\"failed\"}} {}\nossb_worker_tasks_total{{result=\"cancelled\"}} {}\n\
          # HELP ossb_worker_tasks_running Tasks running.\n# TYPE ossb_worker_tasks_running gauge\nossb_worker_tasks_running {}\n\
          # HELP ossb_worker_steps_total Steps, by whether they ran or came from the local step cache.\n# TYPE ossb_worker_steps_total counter\n\
-         ossb_worker_steps_total{{result=\"run\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"local\"}} {}\n\
+         ossb_worker_steps_total{{result=\"run\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"local\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"cluster\"}} {}\n\
+         # HELP ossb_worker_step_layers_total Layers of cluster cache hits fetched from the peer cache.\n# TYPE ossb_worker_step_layers_total counter\nossb_worker_step_layers_total{{source=\"peer\"}} {}\n\
          # HELP ossb_worker_context_bytes_total Context bytes fetched from the coordinator.\n# TYPE ossb_worker_context_bytes_total counter\nossb_worker_context_bytes_total {}\n\
          # HELP ossb_worker_published_total Blobs and bytes published to the peer cache.\n# TYPE ossb_worker_published_total counter\n\
          ossb_worker_published_total{{unit=\"blobs\"}} {}\nossb_worker_published_total{{unit=\"bytes\"}} {}\n\
@@ -189,7 +194,9 @@ fn prometheus(node: &Node) -> String {
         g(&c.tasks_cancelled),
         g(&c.running),
         g(&c.steps_run),
-        g(&c.steps_cached),
+        g(&c.steps_cached).saturating_sub(g(&c.steps_cluster)),
+        g(&c.steps_cluster),
+        g(&c.step_layers_peer),
         g(&c.context_bytes_fetched),
         g(&c.blobs_published),
         g(&c.bytes_published),
@@ -390,7 +397,7 @@ async fn execute(
     std::fs::create_dir(&context).map_err(|e| fail(e.to_string()))?;
     materialize(&task.spec.context, &store, &context).map_err(fail)?;
     let files = TaskFiles::write(&task.spec, &store, dir.path()).map_err(fail)?;
-    let req = request_of(
+    let mut req = request_of(
         &task.spec,
         &task.platform,
         TaskPlace {
@@ -401,6 +408,8 @@ async fn execute(
             files,
         },
     );
+    req.stage = task.stage.map(|s| s as usize);
+    req.build_platform = Some(task.build_platform.clone());
     let forward = Forward {
         task: task.task,
         out: out.clone(),
@@ -415,7 +424,12 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
-    let built = crate::build(&req, &forward).await;
+    let steps = ClusterSteps {
+        node,
+        conn,
+        task: task.task,
+    };
+    let built = crate::build::build_with(&req, &forward, Some(&steps)).await;
     // What the engine pulled from registries is in the store now, whether the build then
     // succeeded or not: count it, and hand it to the peer cache for the next worker.
     let pulled: Vec<Digest> = to_pull
@@ -451,7 +465,7 @@ async fn execute(
     let mut blobs: Vec<Digest> = manifest.layers.iter().map(|l| l.digest).collect();
     blobs.push(manifest.config.digest);
     let mut pushed = Vec::new();
-    if task.spec.push {
+    if task.spec.push && task.export {
         let registry = Registry::with_config(&req.registry, &req.registry_config)
             .map_err(|e| fail(e.to_string()))?;
         for tag in &task.spec.tags {
@@ -484,14 +498,18 @@ async fn execute(
             pushed.push(by_digest.whole());
         }
     }
-    publish(
-        node,
-        &store,
-        &blobs,
-        Some(&result.image.digest),
-        task.spec.download,
-    )
-    .await?;
+    // A stage that is not the image: its steps' layers went to the peer cache as they were
+    // built (see `ClusterSteps`).
+    if task.export {
+        publish(
+            node,
+            &store,
+            &blobs,
+            Some(&result.image.digest),
+            task.spec.download,
+        )
+        .await?;
+    }
     Ok(PlatformOutcome {
         descriptor_json: serde_json::to_string(&result.image).map_err(|e| fail(e.to_string()))?,
         manifest: manifest_bytes,
@@ -562,8 +580,9 @@ async fn fetch_bases(
         let opts = ossb_dockerfile::PlanOptions {
             build_args: req.build_args.clone(),
             target: req.target.clone(),
+            target_index: req.stage,
             target_platform: platform.clone(),
-            build_platform: Platform::host(),
+            build_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
         };
         ossb_dockerfile::base_images_with_platforms(&df, &opts)
     }) {
@@ -621,6 +640,115 @@ async fn fetch_bases(
         }
     }
     (missing, references)
+}
+
+/// The cluster's step cache as a task's engine sees it: records by cache key from the
+/// coordinator (which makes one task build a key while the others wait), layer blobs through
+/// the peer cache.
+struct ClusterSteps<'a> {
+    node: &'a Node,
+    conn: &'a quinn::Connection,
+    task: u64,
+}
+
+impl ClusterSteps<'_> {
+    async fn ask(&self, message: ClusterMessage) -> Result<ClusterMessage, ClusterError> {
+        let (mut tx, mut rx) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(ossb_net::NetError::from)?;
+        send(&mut tx, message).await?;
+        let _ = tx.finish();
+        recv(&mut rx, "the coordinator").await
+    }
+
+    async fn claim_step(&self, key: &CacheKey, store: &BlobStore) -> Option<CacheRecord> {
+        let answer = self
+            .ask(ClusterMessage::ClaimStep {
+                task: self.task,
+                key: *key.as_bytes(),
+            })
+            .await;
+        let record = match answer {
+            Ok(ClusterMessage::StepRecord { record }) => record,
+            Ok(ClusterMessage::BuildStep) => return None,
+            Ok(other) => {
+                tracing::warn!(message = ?other, "unexpected answer to a step claim");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's step cache did not answer; building the step here");
+                return None;
+            }
+        };
+        let record: CacheRecord = serde_json::from_str(&record)
+            .map_err(|e| tracing::warn!(error = %e, "an invalid step record"))
+            .ok()?;
+        if let Some(layer) = record.layer.as_ref().filter(|l| !store.contains(&l.digest)) {
+            let peers = self.node.peers.as_ref()?;
+            match peers.get_to_store(&layer.digest, store).await {
+                Ok(n) => {
+                    let c = &self.node.counters;
+                    c.step_layers_peer.fetch_add(1, Ordering::Relaxed);
+                    c.bytes_peer.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %layer.digest, error = %e, "a step's layer is not in the peer cache; building the step here");
+                    return None;
+                }
+            }
+        }
+        self.node
+            .counters
+            .steps_cluster
+            .fetch_add(1, Ordering::Relaxed);
+        Some(record)
+    }
+
+    async fn publish_step(&self, key: &CacheKey, record: &CacheRecord, store: &BlobStore) {
+        if let Some(layer) = &record.layer {
+            let Some(peers) = &self.node.peers else {
+                return; // a record whose layer nobody else can fetch helps nobody
+            };
+            if let Err(e) = peers.put_from_store(&layer.digest, store).await {
+                tracing::warn!(digest = %layer.digest, error = %e, "publishing a step's layer failed");
+                return;
+            }
+        }
+        let Ok(json) = serde_json::to_string(record) else {
+            return;
+        };
+        let answer = self
+            .ask(ClusterMessage::PublishStep {
+                task: self.task,
+                key: *key.as_bytes(),
+                record: json,
+            })
+            .await;
+        if let Err(e) = answer {
+            tracing::warn!(error = %e, "publishing a step record failed");
+        }
+    }
+}
+
+impl SharedSteps for ClusterSteps<'_> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, Option<CacheRecord>> {
+        Box::pin(self.claim_step(key, store))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        record: &'a CacheRecord,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.publish_step(key, record, store))
+    }
 }
 
 /// Fetches one context file from the coordinator into `store`; returns its size.

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -162,6 +162,34 @@ struct Applier<'r> {
     /// removal can take a directory (or a symlink) that this resolution went through.
     parent: Option<(PathBuf, OwnedFd, DirId)>,
     buf: Vec<u8>,
+    /// File bytes written since the free space was last checked.
+    unchecked: u64,
+}
+
+/// File bytes written between two checks of the free space.
+const SPACE_CHECK_EVERY: u64 = 8 << 20;
+
+/// The space left free on the rootfs's filesystem: 5% of it, at most 1 GiB.
+fn reserve(total: u64) -> u64 {
+    (total / 20).min(1 << 30)
+}
+
+/// Refuses to go on when the filesystem `file` is on has less than [`reserve`] free.
+fn check_space(file: &File, shown: &str) -> Result<(), LayerError> {
+    let Ok(stat) = nix::sys::statvfs::fstatvfs(file) else {
+        return Ok(()); // not knowing is no reason to refuse
+    };
+    let unit = stat.fragment_size();
+    let free = stat.blocks_available() * unit;
+    let keep = reserve(stat.blocks() * unit);
+    if free < keep {
+        return Err(LayerError::NoSpace {
+            entry: shown.to_string(),
+            free_mib: free >> 20,
+            reserve_mib: keep >> 20,
+        });
+    }
+    Ok(())
 }
 
 impl<'r> Applier<'r> {
@@ -176,6 +204,7 @@ impl<'r> Applier<'r> {
             chown_failed: false,
             xattr_failures: HashMap::new(),
             parent: None,
+            unchecked: 0,
             buf: vec![0; READ_BUFFER],
         }
     }
@@ -369,10 +398,24 @@ impl<'r> Applier<'r> {
                     })
                 }
             };
-            file.write_all(&self.buf[..n])
-                .map_err(|source| io_error(shown, "writing file", source))?;
+            let chunk = &self.buf[..n];
+            if chunk.iter().all(|b| *b == 0) {
+                // A hole: the size is set below; zeros need no disk.
+                file.seek(io::SeekFrom::Current(n as i64))
+                    .map_err(|source| io_error(shown, "writing file", source))?;
+            } else {
+                file.write_all(chunk)
+                    .map_err(|source| io_error(shown, "writing file", source))?;
+                self.unchecked += n as u64;
+                if self.unchecked >= SPACE_CHECK_EVERY {
+                    self.unchecked = 0;
+                    check_space(&file, shown)?;
+                }
+            }
             copied += n as u64;
         }
+        file.set_len(copied)
+            .map_err(|source| io_error(shown, "writing file", source))?;
         if copied < expected && entry.header().entry_type() != EntryType::GNUSparse {
             return Err(LayerError::Read {
                 after: last.clone(),

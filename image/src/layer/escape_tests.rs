@@ -511,3 +511,97 @@ fn random_hostile_layers_never_touch_the_outside() {
         );
     }
 }
+
+/// A tar header for a regular file `name` of `size` bytes (ustar, mode 0644, root).
+fn file_header(name: &str, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(EntryType::Regular);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// A decompression bomb of zeros (256 MiB from about 300 KiB of gzip, as concatenated gzip
+/// members): neutralized, the file is all holes and takes almost no disk.
+#[test]
+fn a_bomb_of_zeros_becomes_a_sparse_file() {
+    let sb = Sandbox::new();
+    const CHUNK: usize = 16 << 20;
+    const CHUNKS: usize = 16;
+    let zeros = gzip(&vec![0u8; CHUNK]);
+    let mut layer = gzip(&file_header("bomb", (CHUNK * CHUNKS) as u64));
+    for _ in 0..CHUNKS {
+        layer.extend_from_slice(&zeros);
+    }
+    layer.extend_from_slice(&gzip(&[0u8; 1024])); // end of archive
+    assert!(layer.len() < 1 << 20, "{} bytes", layer.len());
+    sb.apply(&layer).unwrap();
+    let meta = fs::metadata(sb.root().join("bomb")).unwrap();
+    assert_eq!(meta.len(), (CHUNK * CHUNKS) as u64);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "{} bytes on disk",
+        meta.blocks() * 512
+    );
+}
+
+/// A stream of a tar with one file of `size` bytes of `b'A'`, made as it is read.
+fn letters_tar(size: u64) -> impl std::io::Read {
+    use std::io::Read;
+    let pad = (512 - size % 512) % 512;
+    std::io::Cursor::new(file_header("letters", size))
+        .chain(std::io::repeat(b'A').take(size))
+        .chain(std::io::repeat(0).take(pad + 1024))
+}
+
+/// A layer that expands to more than its filesystem holds (letters, not zeros) is refused
+/// before the filesystem is full. Needs root (a small tmpfs is mounted for it).
+#[test]
+fn a_layer_larger_than_the_disk_is_refused_before_the_disk_is_full() {
+    if !is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test mounts a tmpfs: run it as root"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount -t tmpfs failed");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let rootfs = mnt.join("rootfs");
+    fs::create_dir(&rootfs).unwrap();
+    let result = super::apply_layer(letters_tar(512 << 20), &rootfs, &Default::default());
+    match result {
+        Err(LayerError::NoSpace { entry, .. }) => assert_eq!(entry, "letters"),
+        other => panic!("expected the layer to be refused for space, got {other:?}"),
+    }
+    let stat = nix::sys::statvfs::statvfs(&mnt).unwrap();
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    assert!(free > 0, "the filesystem was filled");
+}

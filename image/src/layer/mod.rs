@@ -28,6 +28,10 @@
 //! - a GNU long name/link or PAX header larger than 1 MiB refuses the layer before it is read
 //!   (the tar reader would hold it in memory: a decompression bomb could claim gigabytes);
 //!   file contents are streamed to disk, so memory stays bounded whatever the layer holds;
+//! - runs of zeros in file contents become holes (sparse files), so a layer of compressed
+//!   zeros takes no disk; a layer that would leave the rootfs's filesystem with less than
+//!   5% (at most 1 GiB) free is refused with [`LayerError::NoSpace`] (a decompression bomb
+//!   fills the build's disk, never the machine's last byte);
 //! - extended attributes `trusted.overlay.*` / `user.overlay.*` are never applied (they would
 //!   steer an overlay mount that uses this rootfs as a layer) and are reported as skipped.
 //!
@@ -235,6 +239,18 @@ pub enum LayerError {
         path: PathBuf,
         /// What was wrong.
         reason: String,
+    },
+    /// Applying the layer would leave the filesystem under the rootfs (nearly) full: refused
+    /// before the disk is, so that a layer that decompresses to more than it holds (a
+    /// decompression bomb) cannot starve the machine.
+    #[error("layer refused at entry {entry:?}: the filesystem of the rootfs has only {free_mib} MiB left (ossb keeps {reserve_mib} MiB free); the layer expands to more than the disk holds: free space, or put --cache-dir on a larger disk")]
+    NoSpace {
+        /// The entry being written.
+        entry: String,
+        /// Free space left, in MiB.
+        free_mib: u64,
+        /// The space ossb leaves free, in MiB.
+        reserve_mib: u64,
     },
     /// Writing the layer blob to its destination failed.
     #[error("writing the layer blob failed at entry {entry:?}: {source}")]

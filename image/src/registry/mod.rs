@@ -21,6 +21,7 @@ mod auth;
 mod http;
 mod pull;
 mod push;
+mod transfer;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use ossb_protocol::Platform;
 pub use auth::{Credential, CredentialError, CredentialFiles};
 pub use pull::PulledImage;
 pub use push::PushOptions;
+pub use transfer::{counting, Transfer};
 
 use crate::store::StoreError;
 use http::{HttpError, Transport};

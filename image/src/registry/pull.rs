@@ -394,6 +394,7 @@ impl Registry {
                 });
             }
             partial.write(&chunk).map_err(HttpError::Local)?;
+            super::transfer::received(chunk.len() as u64);
         }
         if partial.len() < desc.size {
             return Err(HttpError::Transport {

@@ -453,12 +453,19 @@ fn file_body(path: &std::path::Path, offset: u64, len: u64) -> Body {
     });
     match opened {
         Ok(f) => {
+            use futures_util::StreamExt;
             use tokio::io::AsyncReadExt;
             let reader = tokio::fs::File::from_std(f).take(len);
-            Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-                reader,
-                256 * 1024,
-            ))
+            // Counted as the HTTP client sends it (on its own task, hence taken along).
+            let transfer = super::transfer::current();
+            let counted = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024).inspect(
+                move |chunk| {
+                    if let (Some(t), Ok(bytes)) = (&transfer, chunk) {
+                        t.add_sent(bytes.len() as u64);
+                    }
+                },
+            );
+            Body::wrap_stream(counted)
         }
         Err(e) => Body::wrap_stream(stream::once(async move { Err::<bytes::Bytes, _>(e) })),
     }
