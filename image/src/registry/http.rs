@@ -184,19 +184,30 @@ impl Transport {
     }
 
     /// Whether the insecure `host` speaks HTTPS, as Docker's insecure registries may: asked
-    /// once (`GET https://host/v2/` with any certificate), plain HTTP when TLS fails.
+    /// once per build. A registry answering plain HTTP as a registry (its API version header)
+    /// is spoken to in plain HTTP without trying TLS (a TLS handshake costs its first use of
+    /// the random generator, about 70 ms); otherwise `GET https://host/v2/` with any
+    /// certificate, plain HTTP when TLS fails too.
     async fn speaks_tls(&self, host: &str, client: &reqwest::Client) -> bool {
         let mut known = self.insecure_tls.lock().await;
         if let Some(&tls) = known.get(host) {
             return tls;
         }
-        let url = self.base_url(host).replacen("http://", "https://", 1);
-        let tls = client
-            .get(&url)
-            .timeout(self.settings.config.connect_timeout)
+        let plain_url = self.base_url(host);
+        let timeout = self.settings.config.connect_timeout;
+        let plain = client
+            .get(&plain_url)
+            .timeout(timeout)
             .send()
             .await
-            .is_ok();
+            .is_ok_and(|r| r.headers().contains_key("docker-distribution-api-version"));
+        let tls = !plain
+            && client
+                .get(plain_url.replacen("http://", "https://", 1))
+                .timeout(timeout)
+                .send()
+                .await
+                .is_ok();
         tracing::debug!(
             host,
             tls,

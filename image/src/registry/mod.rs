@@ -21,6 +21,7 @@ mod auth;
 mod http;
 mod pull;
 mod push;
+mod reference;
 mod transfer;
 
 use std::path::PathBuf;
@@ -261,13 +262,14 @@ pub struct Registry {
 }
 
 /// Parses a user's image reference with docker.io normalization (`busybox` is
-/// `docker.io/library/busybox:latest`).
+/// `docker.io/library/busybox:latest`), by the grammar of distribution's `reference` package.
+/// Our own parser: `Reference`'s `FromStr` compiles a large regex on first use, about 100 ms
+/// of a fully cached build's 200 ms.
 pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
-    s.parse::<Reference>()
-        .map_err(|e| RegistryError::BadReference {
-            reference: s.to_string(),
-            detail: e.to_string(),
-        })
+    reference::parse(s).map_err(|detail| RegistryError::BadReference {
+        reference: s.to_string(),
+        detail: detail.to_string(),
+    })
 }
 
 impl Registry {
