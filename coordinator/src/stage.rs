@@ -798,47 +798,56 @@ impl<'a> PlatformBuild<'a> {
             inputs.push(fetched.key);
         }
         let local: Vec<String> = local.into_iter().cloned().collect();
-        match &copy.from {
-            None if local.is_empty() => {}
-            None => {
-                let mut filter = match &self.shared.ignore {
-                    Some(rules) => CopyFilter::dockerignore(rules),
-                    None => CopyFilter::none(),
-                };
-                let exclude = exclude_rules(copy)?;
-                if let Some(ex) = &exclude {
-                    filter = filter.with_exclude(ex);
-                }
-                let sum = sources_checksum_cached(
-                    &self.req().context,
-                    &local,
-                    filter,
-                    &self.shared.checksums,
-                )
-                .map_err(|e| e.to_string())?;
-                inputs.push(sum.to_vec());
+        if copy.from.is_some() || !local.is_empty() {
+            let mut filter = match &self.shared.ignore {
+                Some(rules) => CopyFilter::dockerignore(rules),
+                None => CopyFilter::none(),
+            };
+            let exclude = exclude_rules(copy)?;
+            if let Some(ex) = &exclude {
+                filter = filter.with_exclude(ex);
             }
-            Some(Source::Stage(i)) => match done.get(i) {
-                Some(s) => inputs.push(s.key.as_bytes().to_vec()),
-                None => return Err(format!("COPY --from: stage {i} has not been built")),
-            },
-            Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
-                let dir = &self.req().build_contexts[name];
-                let sum = sources_checksum_cached(
-                    dir,
-                    &local,
-                    CopyFilter::none(),
-                    &self.shared.checksums,
-                )
-                .map_err(|e| e.to_string())?;
-                inputs.push(sum.to_vec());
-            }
-            Some(Source::Image(image)) => match self.copy_images.get(image) {
-                Some((_, digest)) => inputs.push(digest.as_bytes().to_vec()),
-                None => return Err(format!("COPY --from={image}: the image was not pulled")),
-            },
+            inputs.push(self.source_input(
+                copy.from.as_ref(),
+                &local,
+                filter,
+                done,
+                "COPY --from",
+            )?);
         }
         Ok(inputs)
+    }
+
+    /// What a step reads from `from` (the paths `sources` in it), for its cache key: the
+    /// checksum of those files in the build context (through `context_filter`) or a named
+    /// context, the key of a stage, the manifest digest of an image.
+    fn source_input(
+        &self,
+        from: Option<&Source>,
+        sources: &[String],
+        context_filter: CopyFilter<'_>,
+        done: &Done,
+        what: &str,
+    ) -> Result<Vec<u8>, String> {
+        let checksum = |dir: &Path, filter| {
+            sources_checksum_cached(dir, sources, filter, &self.shared.checksums)
+                .map(|sum| sum.to_vec())
+                .map_err(|e| e.to_string())
+        };
+        match from {
+            None => checksum(&self.req().context, context_filter),
+            Some(Source::Stage(i)) => match done.get(i) {
+                Some(s) => Ok(s.key.as_bytes().to_vec()),
+                None => Err(format!("{what}: stage {i} has not been built")),
+            },
+            Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
+                checksum(&self.req().build_contexts[name], CopyFilter::none())
+            }
+            Some(Source::Image(image)) => match self.copy_images.get(image) {
+                Some((_, digest)) => Ok(digest.as_bytes().to_vec()),
+                None => Err(format!("{what}={image}: the image was not pulled")),
+            },
+        }
     }
 
     /// What a RUN's bind mounts read, for its cache key: the checksum of a context source,
@@ -855,40 +864,13 @@ impl<'a> PlatformBuild<'a> {
             .filter(|m| m.kind == ossb_dockerfile::MountType::Bind)
         {
             let source = mount.source.clone().unwrap_or_else(|| ".".into());
-            match &mount.from {
-                None => {
-                    let sum = sources_checksum_cached(
-                        &self.req().context,
-                        &[source],
-                        CopyFilter::none(),
-                        &self.shared.checksums,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    inputs.push(sum.to_vec());
-                }
-                Some(Source::Stage(i)) => match done.get(i) {
-                    Some(s) => inputs.push(s.key.as_bytes().to_vec()),
-                    None => return Err(format!("RUN --mount from: stage {i} has not been built")),
-                },
-                Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
-                    let sum = sources_checksum_cached(
-                        &self.req().build_contexts[name],
-                        &[source],
-                        CopyFilter::none(),
-                        &self.shared.checksums,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    inputs.push(sum.to_vec());
-                }
-                Some(Source::Image(image)) => match self.copy_images.get(image) {
-                    Some((_, digest)) => inputs.push(digest.as_bytes().to_vec()),
-                    None => {
-                        return Err(format!(
-                            "RUN --mount from={image}: the image was not pulled"
-                        ))
-                    }
-                },
-            }
+            inputs.push(self.source_input(
+                mount.from.as_ref(),
+                &[source],
+                CopyFilter::none(),
+                done,
+                "RUN --mount from",
+            )?);
         }
         Ok(inputs)
     }

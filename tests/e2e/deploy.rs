@@ -302,6 +302,12 @@ fn manifests_render_and_pass_kubernetes_validate_strict() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains(" passed, 0 failed"), "{text}");
+    // tests/deploy/render.py renders what kustomize itself renders, kustomization by
+    // kustomization (kustomize from scripts/testenv.sh).
+    let kustomizations = std::fs::read_dir(workspace().join("deploy"))
+        .map(|_| text.matches("same as ").count())
+        .unwrap_or(0);
+    assert!(kustomizations >= 10, "not compared with kustomize:\n{text}");
 }
 
 #[test]

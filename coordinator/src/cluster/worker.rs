@@ -353,7 +353,7 @@ async fn run_task(
 }
 
 async fn execute(
-    node: &Node,
+    node: &Arc<Node>,
     conn: &quinn::Connection,
     task: &TaskSpec,
     out: &mpsc::UnboundedSender<ClusterMessage>,
@@ -425,11 +425,13 @@ async fn execute(
         to_pull.len()
     )));
     let steps = ClusterSteps {
-        node,
-        conn,
+        node: node.clone(),
+        conn: conn.clone(),
         task: task.task,
+        publishing: Mutex::new(Vec::new()),
     };
     let built = crate::build::build_with(&req, &forward, Some(&steps)).await;
+    steps.finish().await;
     // What the engine pulled from registries is in the store now, whether the build then
     // succeeded or not: count it, and hand it to the peer cache for the next worker.
     let pulled: Vec<Digest> = to_pull
@@ -645,22 +647,40 @@ async fn fetch_bases(
 /// The cluster's step cache as a task's engine sees it: records by cache key from the
 /// coordinator (which makes one task build a key while the others wait), layer blobs through
 /// the peer cache.
-struct ClusterSteps<'a> {
-    node: &'a Node,
-    conn: &'a quinn::Connection,
+///
+/// A step's layer goes to the peer cache and its record to the coordinator in the background,
+/// while the next steps run; [`ClusterSteps::finish`] waits for them before the task reports
+/// its end (the tasks of later stages look for those records).
+struct ClusterSteps {
+    node: Arc<Node>,
+    conn: quinn::Connection,
     task: u64,
+    publishing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-impl ClusterSteps<'_> {
+/// Asks the coordinator one question on a stream of its own.
+async fn ask(
+    conn: &quinn::Connection,
+    message: ClusterMessage,
+) -> Result<ClusterMessage, ClusterError> {
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
+    send(&mut tx, message).await?;
+    let _ = tx.finish();
+    recv(&mut rx, "the coordinator").await
+}
+
+impl ClusterSteps {
     async fn ask(&self, message: ClusterMessage) -> Result<ClusterMessage, ClusterError> {
-        let (mut tx, mut rx) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(ossb_net::NetError::from)?;
-        send(&mut tx, message).await?;
-        let _ = tx.finish();
-        recv(&mut rx, "the coordinator").await
+        ask(&self.conn, message).await
+    }
+
+    /// Waits for the steps still being published.
+    async fn finish(&self) {
+        let pending =
+            std::mem::take(&mut *self.publishing.lock().unwrap_or_else(|e| e.into_inner()));
+        for handle in pending {
+            let _ = handle.await;
+        }
     }
 
     async fn claim_step(&self, key: &CacheKey, store: &BlobStore) -> Option<CacheRecord> {
@@ -706,33 +726,39 @@ impl ClusterSteps<'_> {
         Some(record)
     }
 
-    async fn publish_step(&self, key: &CacheKey, record: &CacheRecord, store: &BlobStore) {
-        if let Some(layer) = &record.layer {
-            let Some(peers) = &self.node.peers else {
-                return; // a record whose layer nobody else can fetch helps nobody
-            };
-            if let Err(e) = peers.put_from_store(&layer.digest, store).await {
-                tracing::warn!(digest = %layer.digest, error = %e, "publishing a step's layer failed");
-                return;
-            }
+    fn publish_step(&self, key: &CacheKey, record: &CacheRecord, store: &BlobStore) {
+        if record.layer.is_some() && self.node.peers.is_none() {
+            return; // a record whose layer nobody else can fetch helps nobody
         }
         let Ok(json) = serde_json::to_string(record) else {
             return;
         };
-        let answer = self
-            .ask(ClusterMessage::PublishStep {
-                task: self.task,
-                key: *key.as_bytes(),
+        let (node, conn, store) = (self.node.clone(), self.conn.clone(), store.clone());
+        let (task, key, layer) = (self.task, *key.as_bytes(), record.layer.clone());
+        let handle = tokio::spawn(async move {
+            if let (Some(layer), Some(peers)) = (layer, &node.peers) {
+                if let Err(e) = peers.put_from_store(&layer.digest, &store).await {
+                    tracing::warn!(digest = %layer.digest, error = %e, "publishing a step's layer failed");
+                    return;
+                }
+            }
+            let message = ClusterMessage::PublishStep {
+                task,
+                key,
                 record: json,
-            })
-            .await;
-        if let Err(e) = answer {
-            tracing::warn!(error = %e, "publishing a step record failed");
-        }
+            };
+            if let Err(e) = ask(&conn, message).await {
+                tracing::warn!(error = %e, "publishing a step record failed");
+            }
+        });
+        self.publishing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
     }
 }
 
-impl SharedSteps for ClusterSteps<'_> {
+impl SharedSteps for ClusterSteps {
     fn claim<'a>(
         &'a self,
         key: &'a CacheKey,
@@ -747,7 +773,8 @@ impl SharedSteps for ClusterSteps<'_> {
         record: &'a CacheRecord,
         store: &'a BlobStore,
     ) -> futures_util::future::BoxFuture<'a, ()> {
-        Box::pin(self.publish_step(key, record, store))
+        self.publish_step(key, record, store);
+        Box::pin(std::future::ready(()))
     }
 }
 
