@@ -372,6 +372,21 @@ fn main() {
             size_of(Path::new(&out(peer_out))) >> 20
         );
     }
+    let with_digests = format!(
+        "tar -C {random_s} -cf - . | tee >(sha256sum > /dev/null) | zstd -q -3 -T2 | tee {} | sha256sum > /dev/null",
+        out("peer2-random.tar.zst")
+    );
+    let (ossb, peer) = median_pair(
+        3,
+        ours_random("write-zstd", out("ossb-random.tar.zst")),
+        move || measure(Command::new("bash").args(["-c", &with_digests])),
+    );
+    report(
+        "write zstd + both digests, 256 MiB random (vs tar|tee sha256sum|zstd -T2|tee|sha256sum)",
+        ossb,
+        "pipeline",
+        peer,
+    );
     let _ = std::fs::remove_dir_all(&random);
 
     // Apply: the gzip layer, into a fresh directory each time; umoci gets it in a layout.
