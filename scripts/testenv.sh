@@ -33,8 +33,8 @@ RECIPE=1
 PACKAGES=(
   docker-registry skopeo umoci oci-image-tool podman buildah runc uidmap
   qemu-user-static binfmt-support busybox-static apache2-utils openssl jq python3 iproute2 tar gzip
-  # bzip2 and xz archives for the ADD tests
-  bzip2 xz-utils
+  # bzip2 and xz archives for the ADD tests; zstd and pigz read the layer writer's output
+  bzip2 xz-utils zstd pigz
   # not asked for by name but needed by podman/buildah without their recommends:
   fuse-overlayfs slirp4netns catatonit
   # getfattr/setfattr: the conformance test compares and sets xattrs

@@ -156,6 +156,39 @@ fn second_build_is_fully_cached_and_no_cache_and_prune_work() {
     );
 }
 
+/// A stage starts as soon as what it needs is built, not when a whole wave of stages is: `c`,
+/// built on the quick stage `a`, starts while the slow stage `b` still runs.
+#[test]
+fn a_stage_starts_when_its_own_inputs_are_built() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!(
+        "FROM {0} AS a\nRUN echo a > /a\n\
+         FROM {0} AS b\nRUN sleep 3 && echo b > /b\n\
+         FROM a AS c\nRUN echo c > /c\n\
+         FROM {0}\nCOPY --from=b /b /b\nCOPY --from=c /c /c\n",
+        busybox(&env)
+    );
+    let ctx = context(dir.path(), &dockerfile, &[]);
+    let events = build_json(&env, &dir.path().join("cache"), &ctx, &[]);
+    let position = |what: &str, name_part: &str| {
+        let ids: Vec<u64> = events
+            .iter()
+            .filter(|e| e["event"] == "started")
+            .filter(|e| e["name"].as_str().is_some_and(|n| n.contains(name_part)))
+            .filter_map(|e| e["id"].as_u64())
+            .collect();
+        events
+            .iter()
+            .position(|e| e["event"] == what && e["id"].as_u64().is_some_and(|i| ids.contains(&i)))
+            .unwrap_or_else(|| panic!("no {what} of {name_part}: {events:?}"))
+    };
+    assert!(
+        position("started", "[c 1/1]") < position("done", "[b 1/1]"),
+        "stage c waited for the unrelated stage b"
+    );
+}
+
 /// `ossb cache prune --all` started while a build runs waits for it: the build succeeds with
 /// its blobs, and the prune removes them afterwards.
 #[test]
