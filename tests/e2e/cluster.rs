@@ -857,15 +857,37 @@ fn a_platform_no_worker_builds_fails_fast_and_cancels_the_sibling_task() {
     );
 }
 
-/// Builds `FROM busybox` + `RUN run` for linux/amd64 on the cluster; returns the client's log.
-fn build_on(cluster: &Cluster, env: &TestEnv, work: &Path, name: &str, run: &str) -> String {
+/// A context file large enough to travel through the peer cache (2 MiB), the same in every
+/// build.
+fn big_context_file() -> String {
+    (0..(2u32 << 20) / 8)
+        .map(|i| format!("{i:07x}\n"))
+        .collect()
+}
+
+/// Builds `FROM busybox` (+ `COPY big.bin`, [`big_context_file`], with `big`) + `RUN run` for
+/// linux/amd64 on the cluster; returns the client's log.
+fn build_on(
+    cluster: &Cluster,
+    env: &TestEnv,
+    work: &Path,
+    name: &str,
+    run: &str,
+    big: bool,
+) -> String {
     let reg = cluster.registry.clone();
     let dir = work.join(name);
     std::fs::create_dir(&dir).unwrap();
+    let (copy, big_file) = if big {
+        ("COPY big.bin /big.bin\n", Some(big_context_file()))
+    } else {
+        ("", None)
+    };
+    let files: Vec<(&str, &str)> = big_file.iter().map(|b| ("big.bin", b.as_str())).collect();
     let ctx = crate::support::context(
         &dir,
-        &format!("FROM {}\nRUN {run}\n", cluster.busybox(env)),
-        &[],
+        &format!("FROM {}\n{copy}RUN {run}\n", cluster.busybox(env)),
+        &files,
     );
     let out = cluster
         .submit(
@@ -887,13 +909,14 @@ fn build_on(cluster: &Cluster, env: &TestEnv, work: &Path, name: &str, run: &str
 
 /// A second, different Dockerfile on the same base, built by another worker: the base image's
 /// config and layers come from the peer cache (the first worker published what it pulled), 0
-/// bytes from the registry; the coordinator's /metrics prove it.
+/// bytes from the registry; the coordinator's /metrics prove it. The large context file comes
+/// from the peer cache too (the first worker published it), not from the coordinator.
 #[test]
 fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_registry() {
     let Some(env) = TestEnv::get() else { return };
     let mut cluster = Cluster::start_with(&env, &[("amd64-a", &[])]);
     let work = tempfile::tempdir().unwrap();
-    let first = build_on(&cluster, &env, work.path(), "one", "echo one > /one");
+    let first = build_on(&cluster, &env, work.path(), "one", "echo one > /one", true);
     assert!(
         first.contains("linux/amd64 stage 0 scheduled on worker amd64-a"),
         "{first}"
@@ -905,12 +928,23 @@ fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_regi
         m.contains("ossb_workers_lost_total 1")
             && m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1")
     });
-    let second = build_on(&cluster, &env, work.path(), "two", "echo two > /two");
+    let second = build_on(&cluster, &env, work.path(), "two", "echo two > /two", true);
     assert!(
         second.contains("linux/amd64 stage 0 scheduled on worker amd64-b"),
         "{second}"
     );
     assert!(second.contains("0 to pull from registries"), "{second}");
+    let big = big_context_file().len();
+    assert!(
+        first.contains("context files: 0 from the peer cache (0 bytes), "),
+        "{first}"
+    );
+    assert!(
+        second.contains(&format!(
+            "context files: 1 from the peer cache ({big} bytes), "
+        )),
+        "the second worker took the large context file from its peers\n{second}"
+    );
     let m = cluster.metrics_text();
     let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
     let pulled = get("ossb_input_bytes_total{worker=\"amd64-a\",source=\"registry\"}");
@@ -943,7 +977,7 @@ fn builds_survive_a_killed_cache_node_and_a_corrupt_blob() {
     let mut cluster = Cluster::start_with(&env, &[("amd64-a", &[])]);
     let reg = cluster.registry.clone();
     let work = tempfile::tempdir().unwrap();
-    build_on(&cluster, &env, work.path(), "one", "echo one > /one");
+    build_on(&cluster, &env, work.path(), "one", "echo one > /one", false);
     // The base layer as both nodes hold it (the largest blob of each node's store).
     let largest = |i: usize| -> PathBuf {
         let mut blobs: Vec<(u64, PathBuf)> =

@@ -122,29 +122,32 @@ fn walk(
     Ok(())
 }
 
-/// The file digests of a context.
-pub fn file_digests(entries: &[ContextEntry]) -> Vec<Digest> {
-    let mut out: Vec<Digest> = entries
+/// The files of a context: (digest, size), by digest, each once.
+pub fn file_digests(entries: &[ContextEntry]) -> Vec<(Digest, u64)> {
+    let mut out: Vec<(Digest, u64)> = entries
         .iter()
         .filter_map(|e| match e.kind {
-            EntryKind::File { digest, .. } => Some(digest),
+            EntryKind::File { digest, size } => Some((digest, size)),
             _ => None,
         })
         .collect();
-    out.sort();
-    out.dedup();
+    by_digest_once(&mut out);
     out
 }
 
-/// The file digests of a build's main and named contexts.
-pub fn all_file_digests(spec: &BuildSpec) -> Vec<Digest> {
+/// The files of a build's main and named contexts: (digest, size), by digest, each once.
+pub fn all_file_digests(spec: &BuildSpec) -> Vec<(Digest, u64)> {
     let mut out = file_digests(&spec.context);
     for (_, entries) in &spec.build_contexts {
         out.extend(file_digests(entries));
     }
-    out.sort();
-    out.dedup();
+    by_digest_once(&mut out);
     out
+}
+
+fn by_digest_once(files: &mut Vec<(Digest, u64)>) {
+    files.sort();
+    files.dedup_by_key(|(d, _)| *d);
 }
 
 /// Lays the context out in `dest` (an empty directory) from the files in `store`. The entry

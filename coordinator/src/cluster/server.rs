@@ -1323,7 +1323,10 @@ async fn build_outcome(
     }
     let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
     let stages = stage_tasks(&df, &spec, &build_platform)?;
-    let context = all_file_digests(&spec);
+    let context: Vec<Digest> = all_file_digests(&spec)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
     let missing: Vec<Digest> = context
         .iter()
         .filter(|d| !state.store.contains(d))

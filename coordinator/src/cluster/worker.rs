@@ -2,7 +2,8 @@
 //!
 //! It registers (its platform, the platforms it emulates, its slots, its peer cache nodes),
 //! heartbeats every [`super::HEARTBEAT`], and for each task: fetches the context files it lacks
-//! from the coordinator, lays the context out (named contexts too; secrets and registry CAs as
+//! (large ones from the peer cache first, see [`PEER_CONTEXT_FILE`]; the rest, and what the
+//! peers lack, from the coordinator), lays the context out (named contexts too; secrets and registry CAs as
 //! 0600 files of the task's directory, removed with it), brings the base images' blobs it
 //! lacks from the peer cache (what the peers lack, the engine pulls from the registry, and the
 //! worker publishes it to the peer cache afterwards), runs [`crate::build()`] for the platform with
@@ -41,8 +42,14 @@ use crate::build::BuildRequest;
 use crate::cache::{CacheKey, CacheRecord, SharedSteps};
 use crate::progress::{Event, Progress};
 
-/// Context files fetched from the coordinator at once.
+/// Context files fetched at once.
 const PARALLEL_FETCHES: usize = 8;
+
+/// Context files this large are looked for in the peer cache before the coordinator (their
+/// origin), and published there when they came from it: then one coordinator does not feed
+/// every worker the same large files. Smaller ones come straight from the coordinator, where
+/// a peer-cache miss would cost more round trips than the file.
+const PEER_CONTEXT_FILE: u64 = 1 << 20;
 
 /// How `ossb worker` is set up.
 #[derive(Clone, Debug)]
@@ -77,7 +84,9 @@ struct Counters {
     tasks_failed: AtomicU64,
     steps_run: AtomicU64,
     steps_cached: AtomicU64,
-    context_bytes_fetched: AtomicU64,
+    /// Context bytes fetched from the coordinator and from the peer cache.
+    context_bytes_coordinator: AtomicU64,
+    context_bytes_peer: AtomicU64,
     blobs_published: AtomicU64,
     bytes_published: AtomicU64,
     running: AtomicU64,
@@ -181,7 +190,8 @@ fn prometheus(node: &Node) -> String {
          # HELP ossb_worker_steps_total Steps, by whether they ran or came from the local step cache.\n# TYPE ossb_worker_steps_total counter\n\
          ossb_worker_steps_total{{result=\"run\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"local\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"cluster\"}} {}\n\
          # HELP ossb_worker_step_layers_total Layers of cluster cache hits fetched from the peer cache.\n# TYPE ossb_worker_step_layers_total counter\nossb_worker_step_layers_total{{source=\"peer\"}} {}\n\
-         # HELP ossb_worker_context_bytes_total Context bytes fetched from the coordinator.\n# TYPE ossb_worker_context_bytes_total counter\nossb_worker_context_bytes_total {}\n\
+         # HELP ossb_worker_context_bytes_total Context bytes fetched, from the coordinator and from the peer cache.\n# TYPE ossb_worker_context_bytes_total counter\n\
+         ossb_worker_context_bytes_total{{source=\"coordinator\"}} {}\nossb_worker_context_bytes_total{{source=\"peer\"}} {}\n\
          # HELP ossb_worker_published_total Blobs and bytes published to the peer cache.\n# TYPE ossb_worker_published_total counter\n\
          ossb_worker_published_total{{unit=\"blobs\"}} {}\nossb_worker_published_total{{unit=\"bytes\"}} {}\n\
          # HELP ossb_worker_input_blobs_total Base image blobs, by where they came from: this worker's store, the peer cache, a registry.\n# TYPE ossb_worker_input_blobs_total counter\n\
@@ -197,7 +207,8 @@ fn prometheus(node: &Node) -> String {
         g(&c.steps_cached).saturating_sub(g(&c.steps_cluster)),
         g(&c.steps_cluster),
         g(&c.step_layers_peer),
-        g(&c.context_bytes_fetched),
+        g(&c.context_bytes_coordinator),
+        g(&c.context_bytes_peer),
         g(&c.blobs_published),
         g(&c.bytes_published),
         g(&c.blobs_local),
@@ -364,18 +375,24 @@ async fn execute(
     };
     let cache_dir = node.config.work_dir.join("cache");
     let store = BlobStore::open(&cache_dir).map_err(|e| fail(format!("opening the cache: {e}")))?;
+    let steps = ClusterSteps {
+        node: node.clone(),
+        conn: conn.clone(),
+        task: task.task,
+        publishing: Mutex::new(Vec::new()),
+    };
     // Several at once: a context of many small files costs round trips, not bandwidth.
-    let missing: Vec<Digest> = all_file_digests(&task.spec)
+    let missing: Vec<(Digest, u64)> = all_file_digests(&task.spec)
         .into_iter()
-        .filter(|d| !store.contains(d))
+        .filter(|(d, _)| !store.contains(d))
         .collect();
-    let fetched: Vec<Result<u64, Failure>> = {
+    let fetched: Vec<Result<Fetched, Failure>> = {
         use futures_util::stream::{self, StreamExt};
         stream::iter(missing)
-            .map(|digest| {
-                let store = &store;
+            .map(|(digest, size)| {
+                let (store, steps) = (&store, &steps);
                 async move {
-                    fetch(conn, store, &digest)
+                    fetch_context_file(node, conn, store, &digest, size, steps)
                         .await
                         .map_err(|e| fail(format!("fetching context file {digest}: {e}")))
                 }
@@ -384,10 +401,14 @@ async fn execute(
             .collect()
             .await
     };
-    for size in fetched {
-        node.counters
-            .context_bytes_fetched
-            .fetch_add(size?, Ordering::Relaxed);
+    let (mut from_peers, mut from_coordinator) = ((0u64, 0u64), (0u64, 0u64));
+    for f in fetched {
+        let (count, bytes) = match f? {
+            Fetched::Peer(n) => (&mut from_peers, n),
+            Fetched::Coordinator(n) => (&mut from_coordinator, n),
+        };
+        count.0 += 1;
+        count.1 += bytes;
     }
     let dir = tempfile::Builder::new()
         .prefix(&format!("task-{}-", task.task))
@@ -414,6 +435,12 @@ async fn execute(
         task: task.task,
         out: out.clone(),
     };
+    if from_peers.0 + from_coordinator.0 > 0 {
+        forward.event(Event::Info(format!(
+            "{}: context files: {} from the peer cache ({} bytes), {} from the coordinator ({} bytes)",
+            task.platform, from_peers.0, from_peers.1, from_coordinator.0, from_coordinator.1
+        )));
+    }
     let mut inputs = InputStats::default();
     let (to_pull, bases) = fetch_bases(node, &req, &task.platform, &store, &mut inputs).await;
     forward.event(Event::Info(format!(
@@ -424,12 +451,6 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
-    let steps = ClusterSteps {
-        node: node.clone(),
-        conn: conn.clone(),
-        task: task.task,
-        publishing: Mutex::new(Vec::new()),
-    };
     let built = crate::build::build_with(&req, &forward, Some(&steps)).await;
     steps.finish().await;
     // What the engine pulled from registries is in the store now, whether the build then
@@ -545,14 +566,7 @@ async fn publish(
     };
     for digest in blobs.iter().chain(manifest) {
         match peers.put_from_store(digest, store).await {
-            Ok(_) => {
-                node.counters
-                    .blobs_published
-                    .fetch_add(1, Ordering::Relaxed);
-                node.counters
-                    .bytes_published
-                    .fetch_add(store.size(digest).unwrap_or(0), Ordering::Relaxed);
-            }
+            Ok(_) => count_published(node, digest, store),
             Err(e) if required => {
                 return Err(Failure {
                     message: format!("publishing {digest} to the peer cache: {e}"),
@@ -736,9 +750,8 @@ impl ClusterSteps {
         let (node, conn, store) = (self.node.clone(), self.conn.clone(), store.clone());
         let (task, key, layer) = (self.task, *key.as_bytes(), record.layer.clone());
         let handle = tokio::spawn(async move {
-            if let (Some(layer), Some(peers)) = (layer, &node.peers) {
-                if let Err(e) = peers.put_from_store(&layer.digest, &store).await {
-                    tracing::warn!(digest = %layer.digest, error = %e, "publishing a step's layer failed");
+            if let Some(layer) = layer {
+                if !put(&node, &layer.digest, &store).await {
                     return;
                 }
             }
@@ -756,6 +769,45 @@ impl ClusterSteps {
             .unwrap_or_else(|e| e.into_inner())
             .push(handle);
     }
+}
+
+impl ClusterSteps {
+    /// Hands `digest` to the peer cache in the background.
+    fn publish_blob(&self, digest: Digest, store: &BlobStore) {
+        let (node, store) = (self.node.clone(), store.clone());
+        let handle = tokio::spawn(async move {
+            put(&node, &digest, &store).await;
+        });
+        self.publishing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+}
+
+/// Puts `digest` from `store` into the peer cache, counting it; whether it went (a failure is
+/// logged: the peer cache is an optimisation here).
+async fn put(node: &Node, digest: &Digest, store: &BlobStore) -> bool {
+    let Some(peers) = &node.peers else {
+        return false;
+    };
+    match peers.put_from_store(digest, store).await {
+        Ok(_) => {
+            count_published(node, digest, store);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "publishing to the peer cache failed");
+            false
+        }
+    }
+}
+
+fn count_published(node: &Node, digest: &Digest, store: &BlobStore) {
+    let c = &node.counters;
+    c.blobs_published.fetch_add(1, Ordering::Relaxed);
+    c.bytes_published
+        .fetch_add(store.size(digest).unwrap_or(0), Ordering::Relaxed);
 }
 
 impl SharedSteps for ClusterSteps {
@@ -776,6 +828,41 @@ impl SharedSteps for ClusterSteps {
         self.publish_step(key, record, store);
         Box::pin(std::future::ready(()))
     }
+}
+
+/// Where a context file came from, and its size.
+enum Fetched {
+    Peer(u64),
+    Coordinator(u64),
+}
+
+/// Brings one context file into `store`: a large one from the peer cache if it is there, else
+/// from the coordinator (and then published to the peer cache for the next worker).
+async fn fetch_context_file(
+    node: &Node,
+    conn: &quinn::Connection,
+    store: &BlobStore,
+    digest: &Digest,
+    size: u64,
+    steps: &ClusterSteps,
+) -> Result<Fetched, ClusterError> {
+    let c = &node.counters;
+    let large = size >= PEER_CONTEXT_FILE && node.peers.is_some();
+    if let Some(peers) = node.peers.as_ref().filter(|_| large) {
+        match peers.get_to_store(digest, store).await {
+            Ok(n) => {
+                c.context_bytes_peer.fetch_add(n, Ordering::Relaxed);
+                return Ok(Fetched::Peer(n));
+            }
+            Err(e) => tracing::debug!(%digest, error = %e, "context file not in the peer cache"),
+        }
+    }
+    let n = fetch(conn, store, digest).await?;
+    c.context_bytes_coordinator.fetch_add(n, Ordering::Relaxed);
+    if large {
+        steps.publish_blob(*digest, store);
+    }
+    Ok(Fetched::Coordinator(n))
 }
 
 /// Fetches one context file from the coordinator into `store`; returns its size.
