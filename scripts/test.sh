@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/testenv.sh start
+# --debian: the conformance cases that need useradd/groupadd build on a debootstrap Debian (made
+# once, ~1 min, cached in .testenv/debian).
+scripts/testenv.sh start --debian
 # shellcheck disable=SC1091
 . .testenv/env
 

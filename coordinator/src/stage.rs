@@ -1079,9 +1079,8 @@ impl<'a> PlatformBuild<'a> {
             .unwrap_or_else(|| "0".into());
         match &step.instruction {
             Instruction::Workdir(dir) => {
-                let owner = wfs::lookup_user(&state.rootfs, &user).map_err(|e| e.to_string())?;
-                wfs::make_workdir(&state.rootfs, dir, (owner.uid, owner.gid))
-                    .map_err(|e| e.to_string())
+                let owner = wfs::lookup_owner(&state.rootfs, &user).map_err(|e| e.to_string())?;
+                wfs::make_workdir(&state.rootfs, dir, owner).map_err(|e| e.to_string())
             }
             Instruction::Run(run) => {
                 // The stages this RUN mounts, unpacked now that it runs.
@@ -1291,10 +1290,7 @@ impl<'a> PlatformBuild<'a> {
                 }
             };
             let owner = match &chown {
-                Some(spec) => {
-                    let u = wfs::lookup_user(&rootfs, spec).map_err(|e| failed(&e))?;
-                    Some((u.uid, u.gid))
-                }
+                Some(spec) => Some(wfs::lookup_owner(&rootfs, spec).map_err(|e| failed(&e))?),
                 None => default_owner,
             };
             let opts = CopyOptions {

@@ -9,7 +9,8 @@
 //! its LICENSE and SOURCE). Kaniko's files are kept as published; the test rewrites their base
 //! images to the local busybox by the literal substitutions listed with each case (a digest pin,
 //! alpine, debian or any other image becomes `<registry>/library/busybox:latest`), because this
-//! machine has no internet. Our own Dockerfiles take the base as `--build-arg BUSYBOX=...`.
+//! machine has no internet; the cases that need Debian's useradd and groupadd get the
+//! debootstrap Debian of `scripts/testenv.sh start --debian` instead. Our own Dockerfiles take the base as `--build-arg BUSYBOX=...`.
 //!
 //! Every difference must be either fixed or listed in [`KNOWN`] with its kind (a bug in ossb not
 //! fixed yet, or a justified divergence: buildah differs from Docker/BuildKit, or the case is
@@ -82,6 +83,9 @@ const fn kaniko(name: &'static str, rewrite: &'static [(&'static str, &'static s
 const ALPINE_PIN: &str =
     "alpine@sha256:5ce5f501c457015c4b91f91a15ac69157d9b06f1a75cf9107bf2b62e0843983a";
 const DEBIAN: &[(&str, &str)] = &[("debian:10.13", "{busybox}")];
+/// Cases that need Debian's own tools (useradd, groupadd): the debootstrap Debian of
+/// `scripts/testenv.sh start --debian`.
+const REAL_DEBIAN: &[(&str, &str)] = &[("debian:10.13", "{debian}")];
 const ALPINE: &[(&str, &str)] = &[(ALPINE_PIN, "{busybox}")];
 /// The static busybox of Debian has no adduser: the user is added by hand instead.
 const ALPINE_ADDUSER: &[(&str, &str)] = &[
@@ -100,29 +104,10 @@ const COPY_MINUS_FAILING: &[(&str, &str)] = &[
 ];
 /// Kaniko's offline cases (A or B in its OFFLINE_CLASSIFICATION.tsv) that are not compared,
 /// and why: printed with the report.
-const NOT_COMPARED: &[(&str, &str)] = &[
-    (
-        "add",
-        "ADD of https URLs: needs the internet (the rest of its features are in own/ and build.rs)",
-    ),
-    (
-        "user_run",
-        "needs Debian's useradd/groupadd (-m, -s): the offline busybox base has neither",
-    ),
-    (
-        "user_home",
-        "needs Debian's useradd --create-home and groupadd",
-    ),
-    ("user_nonexisting", "needs Debian's groupadd"),
-    (
-        "workdir_with_user",
-        "needs Debian's useradd -m and groupadd -g",
-    ),
-    (
-        "copy_chown_nonexisting_user",
-        "needs Debian's groupadd --gid",
-    ),
-];
+const NOT_COMPARED: &[(&str, &str)] = &[(
+    "add",
+    "ADD of https URLs: needs the internet (the rest of its features are in own/ and build.rs)",
+)];
 const BUSYBOX_PIN: &[(&str, &str)] = &[(
     "busybox@sha256:1bd6df27274fef1dd36eb529d0f4c8033f61c675d6b04213dd913f902f7cafb5",
     "{busybox}",
@@ -329,6 +314,11 @@ fn cases() -> Vec<Case> {
             ..kaniko("target", &[("gcr.io/distroless/base:latest", "{busybox}")])
         },
         kaniko("user", DEBIAN),
+        kaniko("user_run", REAL_DEBIAN),
+        kaniko("user_home", REAL_DEBIAN),
+        kaniko("user_nonexisting", REAL_DEBIAN),
+        kaniko("workdir_with_user", REAL_DEBIAN),
+        kaniko("copy_chown_nonexisting_user", REAL_DEBIAN),
         kaniko("volume", DEBIAN),
         kaniko("volume_2", DEBIAN),
         kaniko("volume_3", ALPINE),
@@ -438,6 +428,9 @@ const KNOWN: &[Known] = &[
     Known { case: "kaniko/workdir", item: "/arg*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
     Known { case: "kaniko/workdir", item: "/new*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
     Known { case: "own/workdir_user", item: "/created-as-root presence", kind: Kind::Justified, why: WORKDIR_ALWAYS },
+    Known { case: "kaniko/workdir_with_user", item: "/workdir/w uid", kind: Kind::Justified, why: "justified: BuildKit makes /workdir/w at `WORKDIR /workdir/w/uid` under USER 9999 (its mkdir with parents chowns every directory it creates), as ossb does; buildah makes it only at the later COPY, as root" },
+    Known { case: "kaniko/workdir_with_user", item: "/workdir/w/*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
+    Known { case: "kaniko/workdir_with_user", item: "/workdir/wo*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
 ];
 
 impl Known {
@@ -624,6 +617,7 @@ struct Tools {
     work: PathBuf,
     registry: String,
     busybox: String,
+    debian: String,
     ossb_cache: PathBuf,
     docker_config: String,
     buildah_root: PathBuf,
@@ -636,6 +630,8 @@ impl Tools {
         Tools {
             work: work.to_path_buf(),
             busybox: format!("{registry}/{}", env.var("OSSB_TEST_BUSYBOX")),
+            // scripts/test.sh starts the environment with --debian.
+            debian: format!("{registry}/{}", env.var("OSSB_TEST_DEBIAN")),
             registry,
             ossb_cache: work.join("ossb-cache"),
             docker_config: env.var("DOCKER_CONFIG"),
@@ -646,6 +642,7 @@ impl Tools {
 
     fn fill(&self, text: &str) -> String {
         text.replace("{busybox}", &self.busybox)
+            .replace("{debian}", &self.debian)
             .replace("{registry}", &self.registry)
     }
 

@@ -804,6 +804,17 @@ pub struct User {
 /// Resolves a USER value (`name`, `uid`, `name:group`, `uid:gid`) against the rootfs's
 /// `/etc/passwd` and `/etc/group`, as Docker does: a numeric uid needs no passwd entry.
 pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
+    lookup(rootfs, spec, false)
+}
+
+/// The owner (uid, gid) of what WORKDIR or `COPY --chown` creates: as [`lookup_user`], but
+/// as in BuildKit's file operations the user and group `root` need no entry (an image without
+/// /etc/passwd, such as `FROM scratch`, may still say `USER root`).
+pub fn lookup_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), FsError> {
+    lookup(rootfs, spec, true).map(|u| (u.uid, u.gid))
+}
+
+fn lookup(rootfs: &Path, spec: &str, root_is_zero: bool) -> Result<User, FsError> {
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -822,6 +833,7 @@ pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
             f.get(5).cloned().unwrap_or_else(|| "/".into()),
         ),
         (None, Ok(uid)) => (uid, 0, None, "/".into()),
+        (None, Err(_)) if root_is_zero && user_part == "root" => (0, 0, None, "/".into()),
         (None, Err(_)) => return Err(FsError::UnknownUser(user_part.to_string())),
     };
     if let Some(g) = group_part {
@@ -830,6 +842,7 @@ pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
             .find(|f| f.first().map(String::as_str) == Some(g))
         {
             Some(f) => f.get(2).and_then(|s| s.parse().ok()).unwrap_or(0),
+            None if root_is_zero && g == "root" => 0,
             None => g
                 .parse()
                 .map_err(|_| FsError::UnknownGroup(g.to_string()))?,
@@ -1142,6 +1155,33 @@ mod tests {
             lookup_user(root, "ghost"),
             Err(FsError::UnknownUser(_))
         ));
+    }
+
+    /// WORKDIR and COPY --chown in an image without /etc/passwd: `root` is uid and gid 0 (as
+    /// BuildKit's file operations have it); other names still need entries. A RUN's user
+    /// (`lookup_user`) still does, as runc's.
+    #[test]
+    fn owners_named_root_need_no_passwd() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert_eq!(lookup_owner(root, "root").unwrap(), (0, 0));
+        assert_eq!(lookup_owner(root, "root:root").unwrap(), (0, 0));
+        assert_eq!(lookup_owner(root, "9999:root").unwrap(), (9999, 0));
+        assert!(matches!(
+            lookup_owner(root, "foo"),
+            Err(FsError::UnknownUser(_))
+        ));
+        assert!(matches!(
+            lookup_owner(root, "root:wheel"),
+            Err(FsError::UnknownGroup(_))
+        ));
+        assert!(matches!(
+            lookup_user(root, "root"),
+            Err(FsError::UnknownUser(_))
+        ));
+        fs::create_dir(root.join("etc")).unwrap();
+        fs::write(root.join("etc/passwd"), "root:x:7:8::/root:/bin/sh\n").unwrap();
+        assert_eq!(lookup_owner(root, "root").unwrap(), (7, 8), "an entry wins");
     }
 
     /// Sets the mtime of every path under `root` (deepest first) to `secs`.
