@@ -641,6 +641,43 @@ fn rootless_build_by_an_ordinary_user_matches_the_root_build() {
     );
 }
 
+/// A real package install, rootless: an ordinary user builds `apt-get update && apt-get
+/// install jq` on the debootstrap Debian (packages from Debian's archive, through the mirror
+/// this machine's apt uses; apt drops to its `_apt` user, so the build needs the user's
+/// subordinate ids), pushes it, and podman runs the installed program.
+#[test]
+fn rootless_apt_get_install_on_debian_and_the_program_runs() {
+    let Some(env) = TestEnv::get() else { return };
+    let user = env.var("OSSB_TEST_ROOTLESS_USER");
+    let reg = env.registry();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dockerfile = format!(
+        "FROM {reg}/{}\n\
+         RUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\n\
+         CMD [\"jq\", \"--version\"]\n",
+        env.var("OSSB_TEST_DEBIAN")
+    );
+    let ctx = crate::support::context(dir.path(), &dockerfile, &[]);
+    let image = format!("{reg}/tests/{}:latest", unique("apt"));
+    let out = std::process::Command::new("runuser")
+        .args(["-u", &user, "--", env!("CARGO_BIN_EXE_ossb")])
+        .args(["build", "--progress", "plain", "--insecure-registry", &reg])
+        .args(["-t", &image, "--push", ctx.to_str().unwrap()])
+        .env("OSSB_CACHE_DIR", dir.path().join("cache"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the rootless apt-get build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = podman_run(&image, &[]).success("podman run of the apt-built image");
+    assert!(run.stdout.starts_with("jq-1."), "{}", run.stdout);
+}
+
 /// Two stages, COPY --from the first, wildcards and .dockerignore: only the final stage is
 /// exported, and ignored files never reach it.
 #[test]
