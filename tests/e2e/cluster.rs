@@ -1,7 +1,7 @@
 //! The build cluster as real processes: two `ossb cache-node`s, an `ossb coordinator`, a
 //! native amd64 `ossb worker` and an amd64 worker that emulates arm64, driven by `ossb-submit`.
 //! Every process runs in a network namespace of its own with its own address, as pods do
-//! (see [`Net`]); the tests and `ossb-submit` run on the host, and reach the registry through
+//! (see [`crate::netns`]); the tests and `ossb-submit` run on the host, and reach the registry through
 //! a relay on the host's address. Where namespaces cannot be made (no root) the cluster runs
 //! on loopback instead, except under CI=true, where that fails. Each process is its own
 //! process group, so "kill -9 of a worker" kills the worker and everything it started, as
@@ -12,10 +12,10 @@ use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::fault_proxy::Proxy;
+use crate::netns::{relay, Net};
 use crate::support::{podman_run, tool, unique, TestEnv};
 
 /// The cluster's processes, killed (with their process groups) when dropped, then their
@@ -142,7 +142,7 @@ impl Cluster {
         // On loopback every process needs ports of its own; in namespaces each has its own
         // address and the same ports, as pods have.
         let addr = |node: u8, port: u16, free: fn() -> u16| match &net {
-            Some(net) => format!("{}.{node}:{port}", net.subnet),
+            Some(net) => format!("{}:{port}", net.addr(node)),
             None => format!("127.0.0.1:{}", free()),
         };
         let cache_nodes: Vec<String> = (0..2)
@@ -152,8 +152,8 @@ impl Cluster {
         let metrics = addr(COORDINATOR_NODE, 9090, free_tcp_port);
         match &net {
             Some(net) => {
-                let sans = [CACHE_NODE, CACHE_NODE + 1, COORDINATOR_NODE]
-                    .map(|node| format!("{}.{node}", net.subnet));
+                let sans =
+                    [CACHE_NODE, CACHE_NODE + 1, COORDINATOR_NODE].map(|node| net.addr(node));
                 certs_init_with(&tls, &sans.each_ref().map(String::as_str));
             }
             None => certs_init(&tls),
@@ -1340,146 +1340,6 @@ fn worker_pushes_mount_base_layers_from_the_base_repository() {
             && s.status == 201),
         "no layer was mounted from {base_repo}: {seen:#?}"
     );
-}
-
-/// Network namespaces as a Kubernetes cluster has them: a bridge (in a namespace of its own),
-/// one namespace per process with a veth to the bridge and its own address 10.214.K.N, and an
-/// uplink to the host at 10.214.K.1 (the registry relay; the test's own requests). K is this
-/// net's own, so clusters of tests running at once do not meet. Removed when dropped.
-struct Net {
-    prefix: String,
-    /// 10.214.K
-    subnet: String,
-    namespaces: Vec<String>,
-}
-
-impl Net {
-    /// `None` when namespaces cannot be made here (it fails under CI=true).
-    fn new() -> Option<Net> {
-        static NEXT: AtomicU8 = AtomicU8::new(0);
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        // Interface names have at most 15 bytes: "oc" + pid (at most 7 digits) + k + "u".
-        let prefix = format!("oc{}k{k}", std::process::id());
-        let mut net = Net {
-            prefix: prefix.clone(),
-            subnet: format!("10.214.{k}"),
-            namespaces: Vec::new(),
-        };
-        let switch = net.switch();
-        let made = Command::new("ip")
-            .args(["netns", "add", &switch])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !made {
-            let msg =
-                "network namespaces cannot be made here (ip netns add needs root and iproute2)";
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{msg}");
-            }
-            return None;
-        }
-        net.namespaces.push(switch.clone());
-        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &switch, "link", "set", "br0", "up"]);
-        let host_end = format!("{prefix}u");
-        ip(&[
-            "link", "add", &host_end, "type", "veth", "peer", "name", "up0", "netns", &switch,
-        ]);
-        ip(&["-n", &switch, "link", "set", "up0", "master", "br0", "up"]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", net.host()),
-            "dev",
-            &host_end,
-        ]);
-        ip(&["link", "set", &host_end, "up"]);
-        Some(net)
-    }
-
-    fn switch(&self) -> String {
-        format!("{}-sw", self.prefix)
-    }
-
-    /// The host's address on the namespaces' network.
-    fn host(&self) -> String {
-        format!("{}.1", self.subnet)
-    }
-
-    /// The namespace of node `n`, with address 10.214.K.N, made the first time it is asked
-    /// for; returns its name.
-    fn node(&mut self, n: u8) -> String {
-        let ns = format!("{}-n{n}", self.prefix);
-        if self.namespaces.contains(&ns) {
-            return ns;
-        }
-        ip(&["netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
-        let switch = self.switch();
-        let port = format!("v{n}");
-        ip(&[
-            "-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-            &ns,
-        ]);
-        ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"]);
-        let addr = format!("{}.{n}/24", self.subnet);
-        ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Takes node `n`'s link to the bridge down (`up == false`) or up again.
-    fn link(&self, n: u8, up: bool) {
-        let state = if up { "up" } else { "down" };
-        ip(&["-n", &self.switch(), "link", "set", &format!("v{n}"), state]);
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // Deleting the switch's namespace removes the bridge, its veths and the uplink.
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Forwards TCP connections from `listen` (on the namespaces' network) to `to` (a server on
-/// the host's loopback); returns the address it listens on.
-fn relay(listen: &str, to: String) -> String {
-    let listener = std::net::TcpListener::bind(listen).expect("relay: bind");
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let Ok(upstream) = TcpStream::connect(&to) else {
-                continue;
-            };
-            for (mut from, mut into) in [
-                (conn.try_clone().unwrap(), upstream.try_clone().unwrap()),
-                (upstream, conn),
-            ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut into);
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-    addr
 }
 
 /// Every process in its own network namespace; the link of the worker running a step is cut
