@@ -2,17 +2,17 @@
 //!
 //! It registers (its platform, the platforms it emulates, its slots, its peer cache nodes),
 //! heartbeats every [`super::HEARTBEAT`], and for each task: fetches the context files it lacks
-//! (large ones from the peer cache first, see [`PEER_CONTEXT_FILE`]; the rest, and what the
-//! peers lack, from the coordinator), lays the context out (named contexts too; secrets and registry CAs as
-//! 0600 files of the task's directory, removed with it), brings the base images' blobs it
-//! lacks from the peer cache (what the peers lack, the engine pulls from the registry, and the
-//! worker publishes it to the peer cache afterwards), runs [`crate::build()`] for the platform with
-//! its own cache directory (so its local step cache serves repeated builds), pushes the
-//! platform's manifest by digest to each tag's repository when the build pushes, publishes the
-//! image's blobs to the peer cache, and streams the engine's events back. A lost connection
-//! to the coordinator is retried every second; tasks that were running are abandoned there
-//! (the coordinator reschedules them). A task the coordinator cancels is aborted: its RUN
-//! child is killed and its directory removed.
+//! (large ones from the peer cache first, see [`PEER_CONTEXT_FILE`]; the rest, and what the peers
+//! lack, from the coordinator), lays the context out (named contexts too; secrets and registry CAs
+//! as 0600 files of the task's directory, removed with it), brings the base images' blobs it lacks
+//! from the peer cache (what the peers lack, the engine pulls from the registry, and the worker
+//! publishes it to the peer cache afterwards), runs [`crate::build()`] for the platform with its
+//! own cache directory (so its local step cache serves repeated builds), pushes the platform's
+//! manifest by digest to each tag's repository when the build pushes, publishes the image's blobs
+//! to the peer cache, and streams the engine's events back. A lost connection to the coordinator is
+//! retried every second; tasks that were running are abandoned there (the coordinator reschedules
+//! them). A task the coordinator cancels is aborted: its RUN child is killed and its directory
+//! removed.
 //!
 //! The process must already be in its user namespace (the CLI enters it before the runtime
 //! starts, as for `ossb build`): every RUN is an `ossb __sandbox` child, as in `ossb build`.
@@ -740,6 +740,18 @@ impl ClusterSteps {
         Some(record)
     }
 
+    /// Hands `digest` to the peer cache in the background.
+    fn publish_blob(&self, digest: Digest, store: &BlobStore) {
+        let (node, store) = (self.node.clone(), store.clone());
+        let handle = tokio::spawn(async move {
+            put(&node, &digest, &store).await;
+        });
+        self.publishing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+
     fn publish_step(&self, key: &CacheKey, record: &CacheRecord, store: &BlobStore) {
         if record.layer.is_some() && self.node.peers.is_none() {
             return; // a record whose layer nobody else can fetch helps nobody
@@ -763,20 +775,6 @@ impl ClusterSteps {
             if let Err(e) = ask(&conn, message).await {
                 tracing::warn!(error = %e, "publishing a step record failed");
             }
-        });
-        self.publishing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(handle);
-    }
-}
-
-impl ClusterSteps {
-    /// Hands `digest` to the peer cache in the background.
-    fn publish_blob(&self, digest: Digest, store: &BlobStore) {
-        let (node, store) = (self.node.clone(), store.clone());
-        let handle = tokio::spawn(async move {
-            put(&node, &digest, &store).await;
         });
         self.publishing
             .lock()
@@ -847,8 +845,8 @@ async fn fetch_context_file(
     steps: &ClusterSteps,
 ) -> Result<Fetched, ClusterError> {
     let c = &node.counters;
-    let large = size >= PEER_CONTEXT_FILE && node.peers.is_some();
-    if let Some(peers) = node.peers.as_ref().filter(|_| large) {
+    let peers = node.peers.as_ref().filter(|_| size >= PEER_CONTEXT_FILE);
+    if let Some(peers) = peers {
         match peers.get_to_store(digest, store).await {
             Ok(n) => {
                 c.context_bytes_peer.fetch_add(n, Ordering::Relaxed);
@@ -859,7 +857,7 @@ async fn fetch_context_file(
     }
     let n = fetch(conn, store, digest).await?;
     c.context_bytes_coordinator.fetch_add(n, Ordering::Relaxed);
-    if large {
+    if peers.is_some() {
         steps.publish_blob(*digest, store);
     }
     Ok(Fetched::Coordinator(n))
