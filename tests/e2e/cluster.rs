@@ -383,6 +383,24 @@ impl Cluster {
         cmd
     }
 
+    /// `ossb-submit --platform PLATFORMS --insecure-registry REGISTRY -t IMAGE --push CTX`
+    /// with the cluster's certificates.
+    fn submit_push(&self, platforms: &str, registry: &str, image: &str, ctx: &Path) -> Command {
+        self.submit(
+            &self.tls,
+            &[
+                "--platform",
+                platforms,
+                "--insecure-registry",
+                registry,
+                "-t",
+                image,
+                "--push",
+                ctx.to_str().unwrap(),
+            ],
+        )
+    }
+
     fn pid_of(&self, name: &str) -> u32 {
         self.children
             .iter()
@@ -440,19 +458,7 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
     );
     let image = format!("{reg}/tests/{}:latest", unique("cluster"));
     let out = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64,linux/arm64",
-                "--insecure-registry",
-                &reg,
-                "-t",
-                &image,
-                "--push",
-                ctx.to_str().unwrap(),
-            ],
-        )
+        .submit_push("linux/amd64,linux/arm64", &reg, &image, &ctx)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -649,19 +655,7 @@ fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
     let image = format!("{reg}/tests/{marker}:latest");
     let log = work.path().join("submit.log");
     let mut child = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64",
-                "--insecure-registry",
-                &reg,
-                "-t",
-                &image,
-                "--push",
-                ctx.to_str().unwrap(),
-            ],
-        )
+        .submit_push("linux/amd64", &reg, &image, &ctx)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -1018,19 +1012,7 @@ fn builds_survive_a_killed_cache_node_and_a_corrupt_blob() {
     );
     let image = format!("{reg}/tests/{marker}:latest");
     let out = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64",
-                "--insecure-registry",
-                &reg,
-                "-t",
-                &image,
-                "--push",
-                ctx.to_str().unwrap(),
-            ],
-        )
+        .submit_push("linux/amd64", &reg, &image, &ctx)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1077,19 +1059,7 @@ fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
     let ctx = crate::support::context(work.path(), &dockerfile, &[]);
     let image = format!("{reg}/tests/{marker}:latest");
     let out = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64",
-                "--insecure-registry",
-                &reg,
-                "-t",
-                &image,
-                "--push",
-                ctx.to_str().unwrap(),
-            ],
-        )
+        .submit_push("linux/amd64", &reg, &image, &ctx)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1311,19 +1281,7 @@ fn worker_pushes_mount_base_layers_from_the_base_repository() {
     );
     let image = format!("{proxied}/tests/{}:1", unique("cluster-mount"));
     let out = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64",
-                "--insecure-registry",
-                &proxied,
-                "-t",
-                &image,
-                "--push",
-                ctx.to_str().unwrap(),
-            ],
-        )
+        .submit_push("linux/amd64", &proxied, &image, &ctx)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1365,18 +1323,11 @@ fn a_link_cut_for_10s_during_a_build_in_network_namespaces() {
     let repo = format!("tests/{marker}:latest");
     let log = work.path().join("submit.log");
     let mut child = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64",
-                "--insecure-registry",
-                &registry,
-                "-t",
-                &format!("{registry}/{repo}"),
-                "--push",
-                ctx.to_str().unwrap(),
-            ],
+        .submit_push(
+            "linux/amd64",
+            &registry,
+            &format!("{registry}/{repo}"),
+            &ctx,
         )
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
