@@ -282,8 +282,9 @@ pub struct PruneReport {
 }
 
 /// Removes cache records and blobs: all of them, those unused for `older_than`, or beyond
-/// `keep_bytes` the least recently used, blobs no step record refers to first. With no option, what has not been used for 48 hours (as
-/// BuildKit's default garbage collection keeps). Waits for running builds to finish first.
+/// `keep_bytes` the least recently used, blobs no step record refers to first. With no option, what
+/// has not been used for 48 hours (as BuildKit's default garbage collection keeps). Waits for
+/// running builds to finish first.
 pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
     let store = BlobStore::open(cache_dir).map_err(io::Error::other)?;
     let _lease = Lease::exclusive(&store).map_err(io::Error::other)?;

@@ -1,11 +1,10 @@
-//! The build cluster as real processes: two `ossb cache-node`s, an `ossb coordinator`, a
-//! native amd64 `ossb worker` and an amd64 worker that emulates arm64, driven by `ossb-submit`.
-//! Every process runs in a network namespace of its own with its own address, as pods do
-//! (see [`crate::netns`]); the tests and `ossb-submit` run on the host, and reach the registry through
-//! a relay on the host's address. Where namespaces cannot be made (no root) the cluster runs
-//! on loopback instead, except under CI=true, where that fails. Each process is its own
-//! process group, so "kill -9 of a worker" kills the worker and everything it started, as
-//! when its machine dies.
+//! The build cluster as real processes: two `ossb cache-node`s, an `ossb coordinator`, a native
+//! amd64 `ossb worker` and an amd64 worker that emulates arm64, driven by `ossb-submit`. Every
+//! process runs in a network namespace of its own with its own address, as pods do (see
+//! [`crate::netns`]); the tests and `ossb-submit` run on the host, and reach the registry through a
+//! relay on the host's address. Where namespaces cannot be made (no root) the cluster runs on
+//! loopback instead, except under CI=true, where that fails. Each process is its own process group,
+//! so "kill -9 of a worker" kills the worker and everything it started, as when its machine dies.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -5,12 +5,13 @@
 //! aside).
 //!
 //! The cases are the project's own (`tests/conformance/own/`, one per feature area) and those of
-//! Kaniko's integration corpus that build offline (`tests/conformance/kaniko/`, Apache-2.0, see
-//! its LICENSE and SOURCE). Kaniko's files are kept as published; the test rewrites their base
-//! images to the local busybox by the literal substitutions listed with each case (a digest pin,
-//! alpine, debian or any other image becomes `<registry>/library/busybox:latest`), because this
-//! machine has no internet; the cases that need Debian's useradd and groupadd get the
-//! debootstrap Debian of `scripts/testenv.sh start --debian` instead. Our own Dockerfiles take the base as `--build-arg BUSYBOX=...`.
+//! Kaniko's integration corpus that build offline (`tests/conformance/kaniko/`, Apache-2.0, see its
+//! LICENSE and SOURCE). Kaniko's files are kept as published; the test rewrites their base images
+//! to the local busybox by the literal substitutions listed with each case (a digest pin, alpine,
+//! debian or any other image becomes `<registry>/library/busybox:latest`), because the tests reach
+//! no registry on the internet; the cases that need Debian's useradd and groupadd get the debootstrap Debian of
+//! `scripts/testenv.sh start --debian` instead. Our own Dockerfiles take the base as `--build-arg
+//! BUSYBOX=...`.
 //!
 //! Every difference must be either fixed or listed in [`KNOWN`] with its kind (a bug in ossb not
 //! fixed yet, or a justified divergence: buildah differs from Docker/BuildKit, or the case is
