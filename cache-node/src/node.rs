@@ -406,8 +406,10 @@ impl State {
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         if actual != digest || pos != size {
-            let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
+            // Discarded (and counted) before the requester hears of it, so whoever the reset
+            // reaches sees the node without its bad copy.
             self.discard_corrupt(&digest, &actual);
+            let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
             return Ok(());
         }
         add(&self.metrics.hits, 1);
