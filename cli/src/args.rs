@@ -9,7 +9,7 @@ use ossb_coordinator::{BuildRequest, BuildResult, Output};
 use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
-use ossb_protocol::Platform;
+use ossb_protocol::{Digest, Platform};
 
 /// ossb: build OCI images from Dockerfiles, without a daemon and without privileges.
 #[derive(Parser, Debug)]
@@ -92,6 +92,8 @@ pub enum ProgressMode {
     Plain,
     /// One JSON object per event, log line and error, on stdout (for log collectors).
     Json,
+    /// Nothing but errors and, on success, the image ID on stdout.
+    Quiet,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -157,6 +159,9 @@ pub struct BuildArgs {
     /// How progress is shown.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
+    /// Print only the image ID on success (and errors): --progress quiet.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// A label for the image, KEY=VALUE (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -177,8 +182,9 @@ pub struct BuildArgs {
     /// A named context, NAME=DIR (repeatable): `COPY --from=NAME` reads DIR.
     #[arg(long = "build-context", value_name = "NAME=DIR")]
     pub build_contexts: Vec<String>,
-    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (repeatable). Never stored in the image.
-    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH, or id=ID,env=VAR to take it from
+    /// the environment (repeatable). Never stored in the image, its history or the logs.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     pub secrets: Vec<String>,
     /// Write build metadata (containerimage.digest, ...) as JSON to this file.
     #[arg(long = "metadata-file", value_name = "PATH")]
@@ -193,14 +199,21 @@ pub struct Extras {
     pub progress: ProgressMode,
     metadata_file: Option<PathBuf>,
     iidfile: Option<PathBuf>,
+    /// The files of secrets taken from the environment, kept until the command ends.
+    _secrets_from_env: Option<tempfile::TempDir>,
+}
+
+/// The image ID of `--iidfile` and `--quiet`. As BuildKit: the config digest for one platform,
+/// the index digest for several.
+pub fn image_id(result: &BuildResult) -> Digest {
+    result.config_digest.unwrap_or(result.image.digest)
 }
 
 impl Extras {
     /// Writes --metadata-file and --iidfile.
     pub fn write_files(&self, req: &BuildRequest, result: &BuildResult) -> Result<(), String> {
         if let Some(path) = &self.iidfile {
-            // As BuildKit: the config digest for one platform, the index digest for several.
-            let id = result.config_digest.unwrap_or(result.image.digest);
+            let id = image_id(result);
             ossb_image::export::write_file_atomically(path, id.to_string().as_bytes())
                 .map_err(|e| e.to_string())?;
         }
@@ -380,33 +393,113 @@ fn parse_build_contexts(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, S
     Ok(out)
 }
 
-/// `--secret id=ID,src=PATH` (also `source=`, and `type=file`, the only type so far).
-fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
-    let mut out = BTreeMap::new();
+/// The `--secret` values: the file of each secret by id, and the private directory holding
+/// those that came from the environment (removed when dropped).
+struct Secrets {
+    files: BTreeMap<String, PathBuf>,
+    from_env: Option<tempfile::TempDir>,
+}
+
+/// Parses `--secret` as buildx does: `id=ID` with `src=PATH` (`type=file`, the default) or
+/// `env=VAR` (`type=env`, where `src=` names the variable); `id=ID` alone reads the variable ID
+/// when it is set, else the file ID.
+///
+/// A secret from the environment is written to a file of mode 0600 in a directory of mode
+/// 0700, on a tmpfs where there is one, so that the steps and the cluster read every secret
+/// the same way. The directory is removed when the command ends.
+fn parse_secrets(specs: &[String]) -> Result<Secrets, String> {
+    let mut secrets = Secrets {
+        files: BTreeMap::new(),
+        from_env: None,
+    };
     for spec in specs {
-        let (mut id, mut src) = (None, None);
+        let usage = || format!("--secret {spec:?}: expected id=ID,src=PATH or id=ID,env=VAR");
+        let (mut id, mut src, mut env, mut from_env) = (None, None, None, None);
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("id", v)) => id = Some(v.to_string()),
-                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
-                Some(("type", "file")) => {}
-                _ => return Err(format!("--secret {spec:?}: expected id=ID,src=PATH")),
+                Some(("src" | "source", v)) => src = Some(v.to_string()),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", "file")) => from_env = Some(false),
+                Some(("type", "env")) => from_env = Some(true),
+                Some(("type", other)) => {
+                    return Err(format!(
+                        "--secret {spec:?}: unsupported type {other:?} (file or env)"
+                    ))
+                }
+                _ => return Err(usage()),
             }
         }
-        match (id, src) {
-            (Some(id), Some(src)) if !id.is_empty() => {
+        let id = id.filter(|i| !i.is_empty()).ok_or_else(usage)?;
+        if from_env == Some(true) && env.is_none() {
+            env = src.take();
+        }
+        if from_env.is_none() && src.is_none() && env.is_none() {
+            if std::env::var_os(&id).is_some() {
+                env = Some(id.clone());
+            } else {
+                src = Some(id.clone());
+            }
+        }
+        let path = match (src, env) {
+            (Some(src), None) => {
+                let src = PathBuf::from(src);
                 if !src.is_file() {
                     return Err(format!(
                         "--secret id={id}: {} is not a readable file",
                         src.display()
                     ));
                 }
-                out.insert(id, src);
+                src
             }
-            _ => return Err(format!("--secret {spec:?}: expected id=ID,src=PATH")),
-        }
+            (None, Some(var)) => {
+                let value = std::env::var_os(&var).ok_or_else(|| {
+                    format!("--secret id={id}: the environment variable {var} is not set")
+                })?;
+                write_env_secret(&mut secrets.from_env, secrets.files.len(), &value)
+                    .map_err(|e| format!("--secret id={id}: writing it to a private file: {e}"))?
+            }
+            _ => return Err(usage()),
+        };
+        secrets.files.insert(id, path);
     }
-    Ok(out)
+    Ok(secrets)
+}
+
+/// Writes one secret's value to file `n` of the private directory, made on first use.
+fn write_env_secret(
+    dir: &mut Option<tempfile::TempDir>,
+    n: usize,
+    value: &std::ffi::OsStr,
+) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if dir.is_none() {
+        // A tmpfs keeps the value off the disk.
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+        let parent = [runtime, Some(PathBuf::from("/dev/shm"))]
+            .into_iter()
+            .flatten()
+            .find(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut private = tempfile::Builder::new();
+        private
+            .prefix("ossb-secrets-")
+            .permissions(std::fs::Permissions::from_mode(0o700));
+        *dir = Some(private.tempdir_in(&parent).or_else(|_| private.tempdir())?);
+    }
+    let path = dir
+        .as_ref()
+        .map(|d| d.path().join(n.to_string()))
+        .unwrap_or_default();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(value.as_bytes())?;
+    Ok(path)
 }
 
 /// The cache directory when `--cache-dir` is not given.
@@ -424,8 +517,26 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 impl BuildArgs {
+    /// How progress is shown: `--quiet` is `--progress quiet`.
+    pub fn progress_mode(&self) -> ProgressMode {
+        if self.quiet {
+            ProgressMode::Quiet
+        } else {
+            self.progress
+        }
+    }
+
     /// Validates the flags and turns them into a build request.
     pub fn into_request(self) -> Result<(BuildRequest, Extras), String> {
+        if self.quiet && !matches!(self.progress, ProgressMode::Auto | ProgressMode::Quiet) {
+            return Err(format!(
+                "--quiet and --progress {} cannot be used together: --quiet is --progress quiet",
+                self.progress
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            ));
+        }
         let platforms = parse_platforms(self.platform.as_deref())?;
         let (dockerfile, dockerfile_name) = match self.file.as_deref() {
             Some("-") => {
@@ -497,6 +608,7 @@ impl BuildArgs {
             _ => None,
         };
         let context = self.context.clone();
+        let secrets = parse_secrets(&self.secrets)?;
         let request = BuildRequest {
             context,
             dockerfile,
@@ -539,7 +651,7 @@ impl BuildArgs {
             sandbox_exe: std::env::current_exe()
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
             isolation: self.isolation.into(),
-            secrets: parse_secrets(&self.secrets)?,
+            secrets: secrets.files,
             build_contexts: parse_build_contexts(&self.build_contexts)?,
             stage: None,
             build_platform: None,
@@ -547,7 +659,8 @@ impl BuildArgs {
         Ok((
             request,
             Extras {
-                progress: self.progress,
+                _secrets_from_env: secrets.from_env,
+                progress: self.progress_mode(),
                 metadata_file: self.metadata_file,
                 iidfile: self.iidfile,
             },
@@ -614,5 +727,65 @@ mod tests {
         let kv = key_values("--label", &["a=1".into(), "b=x=y".into()], false).unwrap();
         assert_eq!(kv["b"], "x=y");
         assert!(key_values("--label", &["=1".into()], false).is_err());
+    }
+
+    #[test]
+    fn parses_secrets_from_files_and_the_environment_as_buildx() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-a-file").unwrap();
+        let path = std::env::var("PATH").unwrap();
+        let specs: Vec<String> = [
+            format!("id=f,src={}", file.display()),
+            format!("type=file,id=g,source={}", file.display()),
+            "id=e,env=PATH".to_string(),
+            "type=env,id=s,src=PATH".to_string(),
+            // id alone: the variable when it is set, else the file of that name.
+            "id=PATH".to_string(),
+            format!("id={}", file.display()),
+        ]
+        .into();
+        let secrets = parse_secrets(&specs).unwrap();
+        let read = |id: &str| std::fs::read_to_string(&secrets.files[id]).unwrap();
+        for id in ["f", "g"] {
+            assert_eq!(secrets.files[id], file);
+        }
+        assert_eq!(read(&file.display().to_string()), "from-a-file");
+        for id in ["e", "s", "PATH"] {
+            assert_eq!(read(id), path, "{id}");
+            let mode = std::fs::metadata(&secrets.files[id])
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{id}");
+        }
+        let private = secrets.from_env.as_ref().unwrap().path().to_path_buf();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        drop(secrets);
+        assert!(!private.exists(), "the secrets' directory outlived them");
+
+        // Only files: no private directory.
+        let files = parse_secrets(&specs[..2]).unwrap();
+        assert!(files.from_env.is_none());
+
+        for (spec, error) in [
+            (
+                "id=x,env=OSSB_UNIT_TEST_UNSET_VARIABLE",
+                "OSSB_UNIT_TEST_UNSET_VARIABLE is not set",
+            ),
+            (
+                "id=x,src=/nonexistent/secret",
+                "/nonexistent/secret is not a readable file",
+            ),
+            ("id=x,type=ssh", "unsupported type \"ssh\""),
+            ("src=/etc/hostname", "expected id=ID"),
+            ("id=x,src=/etc/hostname,env=PATH", "expected id=ID"),
+            ("id=x,bogus=1", "expected id=ID"),
+        ] {
+            let err = parse_secrets(&[spec.to_string()]).err().unwrap_or_default();
+            assert!(err.contains(error), "{spec}: {err}");
+        }
     }
 }

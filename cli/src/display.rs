@@ -41,10 +41,10 @@ pub fn init_build_logging(mode: ProgressMode) {
 /// A line about the build that is not a step's (which isolation was chosen): an `info` event
 /// with `--progress json`, else a line on stderr.
 pub fn notice(mode: ProgressMode, text: &str) {
-    if mode == ProgressMode::Json {
-        Json.event(Event::Info(text.to_string()));
-    } else {
-        eprintln!("{text}");
+    match mode {
+        ProgressMode::Json => Json.event(Event::Info(text.to_string())),
+        ProgressMode::Quiet => {}
+        _ => eprintln!("{text}"),
     }
 }
 
@@ -123,6 +123,7 @@ pub fn for_mode(mode: ProgressMode) -> Box<dyn Display> {
     };
     match mode {
         ProgressMode::Json => Box::new(Json),
+        ProgressMode::Quiet => Box::new(Quiet),
         ProgressMode::Plain => Box::new(plain()),
         ProgressMode::Auto if !std::io::stderr().is_terminal() => Box::new(plain()),
         ProgressMode::Auto | ProgressMode::Tty => Box::new(Tty::start(plain())),
@@ -486,6 +487,24 @@ impl Display for Plain {
         for p in &result.pushed {
             self.print(None, &format!("pushed {p}"));
         }
+    }
+}
+
+/// `--quiet`: prints nothing while the build runs (a failure's error carries the step's last
+/// output lines), then the image ID on stdout, as `docker build -q` does.
+struct Quiet;
+
+impl Progress for Quiet {
+    fn event(&self, _event: Event) {}
+}
+
+impl Display for Quiet {
+    fn summary(&self, result: &BuildResult, _elapsed: Duration) {
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            crate::args::image_id(result)
+        );
     }
 }
 

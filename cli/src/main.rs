@@ -95,7 +95,7 @@ fn exit(code: i32) -> ExitCode {
 }
 
 fn run_build(args: BuildArgs, isolation: Option<String>) -> ExitCode {
-    let mode = args.progress;
+    let mode = args.progress_mode();
     display::init_build_logging(mode);
     if let Some(notice) = isolation {
         display::notice(mode, &notice);

@@ -1139,3 +1139,83 @@ fn checksum_cache_notices_a_file_changed_with_the_same_size_and_mtime() {
     let changed = build_json(&env, &cache, &ctx, &[]);
     assert_eq!(result_of(&changed)["steps_run"], 1, "{changed:?}");
 }
+
+/// `--quiet`, as `docker build -q`: stdout is the image ID (the `--iidfile`'s), stderr is
+/// empty; a failing step still prints its error, its exit code and its last output lines.
+#[test]
+fn quiet_prints_only_the_image_id_and_errors() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {}\nRUN echo quiet > /q\n", busybox(&env)),
+        &[],
+    );
+    let cache = dir.path().join("cache");
+    let iid = dir.path().join("iid");
+    let dest = format!("type=oci,dest={}", dir.path().join("q.tar").display());
+    let run = ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "-q",
+            "--insecure-registry",
+            &reg,
+            "--iidfile",
+            iid.to_str().unwrap(),
+            "--output",
+            &dest,
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("ossb build -q");
+    assert_eq!(
+        run.stdout,
+        format!("{}\n", std::fs::read_to_string(&iid).unwrap())
+    );
+    assert_eq!(run.stderr, "", "--quiet printed progress");
+
+    let failing = dir.path().join("failing");
+    std::fs::create_dir(&failing).unwrap();
+    let ctx = context(
+        &failing,
+        &format!(
+            "FROM {}\nRUN echo the-last-words && exit 7\n",
+            busybox(&env)
+        ),
+        &[],
+    );
+    let run = ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--quiet",
+            "--insecure-registry",
+            &reg,
+            ctx.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.stdout, "");
+    for want in ["Dockerfile:2", "exit code: 7", "the-last-words"] {
+        assert!(
+            run.stderr.contains(want),
+            "{want:?} missing:\n{}",
+            run.stderr
+        );
+    }
+    let both = ossb(
+        &env,
+        &cache,
+        &["build", "-q", "--progress", "plain", ctx.to_str().unwrap()],
+    );
+    assert_eq!(both.code, 2);
+    assert!(
+        both.stderr.contains("--quiet and --progress plain"),
+        "{}",
+        both.stderr
+    );
+}

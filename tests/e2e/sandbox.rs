@@ -15,6 +15,18 @@ struct Built {
 /// Builds into `dir/layout-NAME` with the registry's busybox as `$BASE`; `extra` goes before
 /// the context argument.
 fn build(env: &TestEnv, dir: &Path, name: &str, ctx: &Path, extra: &[&str]) -> Built {
+    build_with(env, dir, name, ctx, extra, &[])
+}
+
+/// As [`build`], with extra environment variables.
+fn build_with(
+    env: &TestEnv,
+    dir: &Path,
+    name: &str,
+    ctx: &Path,
+    extra: &[&str],
+    extra_env: &[(&str, &str)],
+) -> Built {
     let reg = env.registry();
     let layout = dir.join(format!("layout-{name}"));
     let base = format!("BASE={reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
@@ -33,7 +45,7 @@ fn build(env: &TestEnv, dir: &Path, name: &str, ctx: &Path, extra: &[&str]) -> B
     args.extend_from_slice(extra);
     let ctx = ctx.to_str().unwrap();
     args.push(ctx);
-    let run = ossb(env, &dir.join("cache"), &args);
+    let run = ossb_with(env, &dir.join("cache"), &args, extra_env);
     Built { run, layout }
 }
 
@@ -244,6 +256,65 @@ fn secrets_are_readable_in_the_step_and_nowhere_else() {
             );
         }
     }
+
+    // From the environment, in buildx's two forms (env=VAR, and id=VAR alone): the value goes
+    // through a private file on XDG_RUNTIME_DIR that is gone when the build ends.
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    let ctx = dockerfile_context(
+        dir.path(),
+        "env-secret",
+        "ARG BASE\nFROM $BASE\n\
+         RUN --mount=type=secret,id=tok,env=T test \"${T%%-42*}\" = s3cr3t-value && echo env-form-ok\n\
+         RUN --mount=type=secret,id=OSSB_E2E_SECRET test \"$(cut -c1-6 /run/secrets/OSSB_E2E_SECRET)\" = s3cr3t && echo id-form-ok\n",
+        &[],
+    );
+    let from_env = build_with(
+        &env,
+        dir.path(),
+        "env-secret",
+        &ctx,
+        &[
+            "--secret",
+            "id=tok,env=OSSB_E2E_SECRET",
+            "--secret",
+            "id=OSSB_E2E_SECRET",
+        ],
+        &[
+            ("OSSB_E2E_SECRET", SECRET),
+            ("XDG_RUNTIME_DIR", runtime.to_str().unwrap()),
+        ],
+    )
+    .ok("secrets from the environment");
+    let out = format!("{}{}", from_env.run.stdout, from_env.run.stderr);
+    for want in ["env-form-ok", "id-form-ok"] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    assert!(
+        !out.contains(SECRET),
+        "the secret is in ossb's output:\n{out}"
+    );
+    assert!(!in_any_layer(&from_env, SECRET), "the secret is in a layer");
+    assert!(!from_env.config_text().contains(SECRET));
+    let left: Vec<_> = std::fs::read_dir(&runtime).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the secret's file was left behind: {left:?}"
+    );
+    // An unset variable is refused before the build, naming it.
+    let unset = build(
+        &env,
+        dir.path(),
+        "unset-secret",
+        &ctx,
+        &["--secret", "id=tok,env=OSSB_E2E_NOT_SET"],
+    );
+    assert_eq!(unset.run.code, 2, "{}", unset.run.stderr);
+    assert!(
+        unset.run.stderr.contains("OSSB_E2E_NOT_SET is not set"),
+        "{}",
+        unset.run.stderr
+    );
 
     // required: a missing secret fails the build and says how to pass it.
     let ctx = dockerfile_context(

@@ -38,7 +38,7 @@ struct SubmitArgs {
 
 fn main() -> ExitCode {
     let args = SubmitArgs::parse();
-    let mode = args.build.progress;
+    let mode = args.build.progress_mode();
     display::init_build_logging(mode);
     // The one CryptoProvider of the process (quinn's TLS and the peer cache use it).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
