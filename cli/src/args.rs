@@ -179,6 +179,13 @@ pub struct BuildArgs {
     /// How RUN steps are isolated.
     #[arg(long, value_enum, default_value = "auto")]
     pub isolation: Isolation,
+    /// The network of RUN steps that do not name one (RUN --network): default, none or host.
+    /// default and host are the same here: the network ossb itself runs in.
+    #[arg(long, value_name = "MODE", default_value = "default")]
+    pub network: ossb_dockerfile::Network,
+    /// Accepted as docker's: ossb always resolves base image tags at their registry.
+    #[arg(long)]
+    pub pull: bool,
     /// A named context, NAME=DIR (repeatable): `COPY --from=NAME` reads DIR.
     #[arg(long = "build-context", value_name = "NAME=DIR")]
     pub build_contexts: Vec<String>,
@@ -655,6 +662,7 @@ impl BuildArgs {
             build_contexts: parse_build_contexts(&self.build_contexts)?,
             stage: None,
             build_platform: None,
+            network: self.network,
         };
         Ok((
             request,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ossb_dockerfile::dockerignore::{self, Dockerignore};
-use ossb_dockerfile::{self as dockerfile};
+use ossb_dockerfile::{self as dockerfile, Network, PlanOptions};
 use ossb_image::export::{self, NamedImage};
 use ossb_image::layer::{ApplyOptions, Compression};
 use ossb_image::oci::MediaTypes;
@@ -99,6 +99,22 @@ pub struct BuildRequest {
     pub stage: Option<usize>,
     /// BUILDPLATFORM; the host's when `None`. A cluster chooses one for the whole build.
     pub build_platform: Option<Platform>,
+    /// `--network`: the network of the RUN steps that name none.
+    pub network: Network,
+}
+
+impl BuildRequest {
+    /// How the Dockerfile is planned for `target_platform`.
+    pub(crate) fn plan_options(&self, target_platform: &Platform) -> PlanOptions {
+        PlanOptions {
+            build_args: self.build_args.clone(),
+            target: self.target.clone(),
+            target_index: self.stage,
+            target_platform: target_platform.clone(),
+            build_platform: self.build_platform.clone().unwrap_or_else(Platform::host),
+            network: self.network,
+        }
+    }
 }
 
 /// What a successful build produced.

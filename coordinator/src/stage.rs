@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use ossb_dockerfile::dockerignore::Dockerignore;
 use ossb_dockerfile::{
-    self as dockerfile, Base, BaseImageInfo, BuildPlan, Instruction, PlanOptions, Source, Step,
+    self as dockerfile, Base, BaseImageInfo, BuildPlan, Instruction, Source, Step,
 };
 use ossb_image::layer::{self, ApplyOptions, Change, LayerOptions};
 use ossb_image::oci::{
@@ -305,13 +305,7 @@ impl<'a> PlatformBuild<'a> {
         df: &dockerfile::Dockerfile,
     ) -> Result<(Self, BuildPlan), BuildError> {
         let req = self.shared.req;
-        let opts = PlanOptions {
-            build_args: req.build_args.clone(),
-            target: req.target.clone(),
-            target_index: req.stage,
-            target_platform: self.platform.clone(),
-            build_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
-        };
+        let opts = req.plan_options(&self.platform);
         let mut bases = HashMap::new();
         for (reference, platform) in dockerfile::base_images_with_platforms(df, &opts)? {
             let pulled = self.pull(&reference, &platform).await?;
@@ -1670,7 +1664,12 @@ mod tests {
     fn stages_wait_only_for_what_they_need() {
         let text = "FROM scratch AS a\nFROM scratch AS b\nFROM a AS c\nCOPY --from=b /x /x\nFROM scratch\nCOPY --from=c /x /x\nCOPY --from=a /y /y\n";
         let df = ossb_dockerfile::parse(text, "Dockerfile").unwrap();
-        let plan = ossb_dockerfile::plan(&df, &PlanOptions::default(), &HashMap::new()).unwrap();
+        let plan = ossb_dockerfile::plan(
+            &df,
+            &ossb_dockerfile::PlanOptions::default(),
+            &HashMap::new(),
+        )
+        .unwrap();
         let deps: Vec<Vec<usize>> = plan.stages.iter().map(|s| s.deps()).collect();
         assert_eq!(deps, vec![vec![], vec![], vec![0, 1], vec![0, 2]]);
     }

@@ -48,6 +48,8 @@ pub struct PlanOptions {
     pub target_platform: Platform,
     /// The platform doing the build (BUILDPLATFORM).
     pub build_platform: Platform,
+    /// `--network`: the network of a RUN that names none.
+    pub network: Network,
 }
 
 impl Default for PlanOptions {
@@ -59,6 +61,7 @@ impl Default for PlanOptions {
             target_index: None,
             target_platform: Platform::host(),
             build_platform: Platform::host(),
+            network: Network::Default,
         }
     }
 }
@@ -270,7 +273,7 @@ pub struct InlineFile {
     pub mode: u32,
 }
 
-/// `RUN --network`.
+/// `RUN --network` (and the build's `--network`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Network {
     /// The default (sandboxed, with network).
@@ -280,6 +283,32 @@ pub enum Network {
     None,
     /// The host's network.
     Host,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    /// `default`, `none` or `host`, as buildx's `--network`.
+    fn from_str(s: &str) -> Result<Network, String> {
+        match s {
+            "default" => Ok(Network::Default),
+            "none" => Ok(Network::None),
+            "host" => Ok(Network::Host),
+            other => Err(format!(
+                "unsupported network mode {other:?}: use default, none or host"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Network::Default => "default",
+            Network::None => "none",
+            Network::Host => "host",
+        })
+    }
 }
 
 /// `RUN --security`.
@@ -1404,7 +1433,8 @@ impl Dispatcher<'_> {
             mounts.push(self.mount(stage, node, &m, st)?);
         }
         let network = match cmd.flags.get("network").map(str::to_lowercase).as_deref() {
-            None | Some("default") | Some("sandbox") => Network::Default,
+            // As BuildKit: the build's --network is the default of the steps that name none.
+            None | Some("default") | Some("sandbox") => self.opts.network,
             Some("none") => Network::None,
             Some("host") => Network::Host,
             Some(other) => {

@@ -323,3 +323,39 @@ fn base_images_come_with_their_platform() {
         ]
     );
 }
+
+/// The build's `--network` is the network of each RUN that names none; one that names its
+/// own keeps it.
+#[test]
+fn the_build_network_is_the_default_of_run_steps() {
+    let src = "FROM scratch\nRUN a\nRUN --network=host b\nRUN --network=default c\n";
+    let df = parse(src, "Dockerfile").unwrap();
+    let networks = |network| {
+        let opts = PlanOptions {
+            network,
+            ..PlanOptions::default()
+        };
+        let p = plan(&df, &opts, &HashMap::new()).unwrap();
+        p.stages[0]
+            .steps
+            .iter()
+            .filter_map(|s| match &s.instruction {
+                Instruction::Run(r) => Some(r.network),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        networks(Network::None),
+        [Network::None, Network::Host, Network::None]
+    );
+    assert_eq!(
+        networks(Network::Default),
+        [Network::Default, Network::Host, Network::Default]
+    );
+    assert_eq!("none".parse::<Network>(), Ok(Network::None));
+    assert!("bridge"
+        .parse::<Network>()
+        .unwrap_err()
+        .contains("default, none or host"));
+}

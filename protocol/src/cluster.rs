@@ -181,6 +181,9 @@ pub struct BuildSpec {
     pub secrets: Vec<Secret>,
     /// `--registry-certificate HOST:PORT=CAFILE`: the CA certificates (PEM) by registry host.
     pub registry_certificates: Vec<(String, String)>,
+    /// `--network`: `default`, `none` or `host` (empty: default).
+    #[serde(default)]
+    pub network: String,
 }
 
 /// A build secret (`--secret id=ID,src=PATH`): its id and bytes. `Debug` shows the id and the

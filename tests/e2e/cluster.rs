@@ -1147,9 +1147,10 @@ fn the_same_build_from_two_clients_at_once_runs_its_steps_once() {
     assert!(m.contains("ossb_tasks_waited_identical_total 1"), "{m}");
 }
 
-/// Secrets, named build contexts and a registry CA travel to the cluster: a base from the TLS
-/// registry (its CA given with --registry-certificate) is pulled by the worker, and the image
-/// pushed there; the RUN reads the secret, COPY --from reads the named context. The secret's
+/// Secrets, named build contexts, `--network` and a registry CA travel to the cluster: a base
+/// from the TLS registry (its CA given with --registry-certificate) is pulled by the worker,
+/// and the image pushed there; the RUN reads the secret without a network, COPY --from reads
+/// the named context. The secret's
 /// bytes are in no layer, no log, no build record, and the task's files are gone afterwards.
 #[test]
 fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
@@ -1165,7 +1166,7 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
     std::fs::create_dir(&extra).unwrap();
     std::fs::write(extra.join("named.txt"), "from the named context\n").unwrap();
     let dockerfile = format!(
-        "FROM {tls}/{}\nRUN --mount=type=secret,id=tok sha256sum /run/secrets/tok | cut -d' ' -f1 > /tok.sum\nCOPY --from=extra named.txt /named.txt\n",
+        "FROM {tls}/{}\nRUN --mount=type=secret,id=tok sha256sum /run/secrets/tok | cut -d' ' -f1 > /tok.sum && grep -c : /proc/net/dev > /ifaces\nCOPY --from=extra named.txt /named.txt\n",
         env.var("OSSB_TEST_BUSYBOX")
     );
     let ctx = crate::support::context(work.path(), &dockerfile, &[]);
@@ -1183,6 +1184,8 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
                 &format!("id=tok,src={}", secret_file.display()),
                 "--build-context",
                 &format!("extra={}", extra.display()),
+                "--network",
+                "none",
                 "-t",
                 &image,
                 "--push",
@@ -1211,6 +1214,13 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
         "from the named context\n"
     );
     assert!(!rootfs.join("run/secrets/tok").exists());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ifaces"))
+            .unwrap()
+            .trim(),
+        "1",
+        "the RUN had a network despite --network none"
+    );
     let creds = format!(
         "{}:{}",
         env.var("OSSB_TEST_USER"),

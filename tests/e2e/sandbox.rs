@@ -438,7 +438,9 @@ fn tmpfs_and_bind_mounts_leave_no_trace() {
     }
 }
 
-/// `--network=none` has only a loopback interface, up; `--security=insecure` is refused.
+/// `--network=none` has only a loopback interface, up, and the build's `--network none` is
+/// the default of the steps that name none (part of their cache key, as in BuildKit);
+/// `--security=insecure` is refused.
 #[test]
 fn network_none_and_insecure_security() {
     let Some(env) = TestEnv::get() else { return };
@@ -451,6 +453,48 @@ fn network_none_and_insecure_security() {
         built.run.stderr.contains("ifaces=1"),
         "{}",
         built.run.stderr
+    );
+
+    let ctx = dockerfile_context(
+        dir.path(),
+        "build-net",
+        "ARG BASE\nFROM $BASE\nRUN echo \"plain-ifaces=$(grep -c : /proc/net/dev)\"\n",
+        &[],
+    );
+    let none = build(
+        &env,
+        dir.path(),
+        "build-net",
+        &ctx,
+        &["--network", "none", "--pull"],
+    )
+    .ok("--network none");
+    assert!(
+        none.run.stderr.contains("plain-ifaces=1"),
+        "{}",
+        none.run.stderr
+    );
+    let default = build(&env, dir.path(), "build-net-default", &ctx, &[]).ok("default network");
+    assert!(
+        default.run.stderr.contains("plain-ifaces=") && !default.run.stderr.contains("CACHED"),
+        "the step without network was reused with it:\n{}",
+        default.run.stderr
+    );
+    let bogus = build(
+        &env,
+        dir.path(),
+        "bogus-net",
+        &ctx,
+        &["--network", "bridge"],
+    );
+    assert_eq!(bogus.run.code, 2, "{}", bogus.run.stderr);
+    assert!(
+        bogus
+            .run
+            .stderr
+            .contains("unsupported network mode \"bridge\""),
+        "{}",
+        bogus.run.stderr
     );
 
     let ctx = dockerfile_context(

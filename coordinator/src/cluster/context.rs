@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ossb_dockerfile::dockerignore::{self, Dockerignore};
+use ossb_dockerfile::Network;
 use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
@@ -295,7 +296,16 @@ pub fn spec_of(
         build_contexts,
         secrets,
         registry_certificates,
+        network: req.network.to_string(),
     })
+}
+
+/// The build's `--network` as the spec carries it.
+pub fn network_of(spec: &BuildSpec) -> Result<Network, String> {
+    match spec.network.as_str() {
+        "" => Ok(Network::Default),
+        other => other.parse(),
+    }
 }
 
 /// Where a worker runs a task.
@@ -410,6 +420,8 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         build_contexts: place.files.build_contexts,
         stage: None,
         build_platform: None,
+        // Checked by the coordinator before any task was made (stage_tasks).
+        network: network_of(spec).unwrap_or_default(),
     }
 }
 

@@ -1099,6 +1099,7 @@ fn stage_tasks(
     build_platform: &Platform,
 ) -> Result<Vec<StagePlan>, Failure> {
     let mut out = Vec::new();
+    let network = super::context::network_of(spec).map_err(|e| failure(e, 2))?;
     for platform in &spec.platforms {
         let opts = ossb_dockerfile::PlanOptions {
             build_args: spec.build_args.iter().cloned().collect(),
@@ -1106,6 +1107,7 @@ fn stage_tasks(
             target_index: None,
             target_platform: platform.clone(),
             build_platform: build_platform.clone(),
+            network,
         };
         let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
             .map_err(|e| failure(e.to_string(), 2))?;
@@ -1166,6 +1168,7 @@ fn task_key(task: &TaskSpec) -> Option<Digest> {
             &spec.context,
             &spec.build_contexts,
             &spec.cache_from,
+            &spec.network,
             (
                 &spec.compression,
                 spec.oci_media_types,

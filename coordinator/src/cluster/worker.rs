@@ -593,14 +593,7 @@ async fn fetch_bases(
 ) -> (Vec<(Digest, u64)>, Vec<Reference>) {
     use futures_util::stream::{self, StreamExt};
     let bases = match ossb_dockerfile::parse(&req.dockerfile, &req.dockerfile_name).and_then(|df| {
-        let opts = ossb_dockerfile::PlanOptions {
-            build_args: req.build_args.clone(),
-            target: req.target.clone(),
-            target_index: req.stage,
-            target_platform: platform.clone(),
-            build_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
-        };
-        ossb_dockerfile::base_images_with_platforms(&df, &opts)
+        ossb_dockerfile::base_images_with_platforms(&df, &req.plan_options(platform))
     }) {
         Ok(b) => b,
         Err(_) => return (Vec::new(), Vec::new()),
