@@ -39,6 +39,8 @@ PACKAGES=(
   fuse-overlayfs slirp4netns catatonit
   # getfattr/setfattr: the conformance test compares and sets xattrs
   attr
+  # ssh-agent, ssh-add and ssh-keygen: the RUN --mount=type=ssh test forwards a real agent
+  openssh-client
   # the deploy tests: a venv for kubernetes-validate (PyPI), PyYAML for tests/deploy/render.py
   python3-venv python3-yaml
 )

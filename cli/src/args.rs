@@ -193,6 +193,10 @@ pub struct BuildArgs {
     /// the environment (repeatable). Never stored in the image, its history or the logs.
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     pub secrets: Vec<String>,
+    /// An SSH agent for RUN --mount=type=ssh: `default` ($SSH_AUTH_SOCK) or ID=SOCKET
+    /// (repeatable). The step gets a forwarded socket, never the agent's keys.
+    #[arg(long = "ssh", value_name = "default|ID=SOCKET")]
+    pub ssh: Vec<String>,
     /// Write build metadata (containerimage.digest, ...) as JSON to this file.
     #[arg(long = "metadata-file", value_name = "PATH")]
     pub metadata_file: Option<PathBuf>,
@@ -509,6 +513,43 @@ fn write_env_secret(
     Ok(path)
 }
 
+/// `--ssh` values as buildx reads them: `ID` (`default` included) is the agent of
+/// `$SSH_AUTH_SOCK`, `ID=SOCKET` another agent's socket. buildx also takes key files; ossb
+/// forwards agents only, and says how to load a key into one.
+fn parse_ssh(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let (id, path) = match spec.split_once('=') {
+            Some((id, path)) => (id, PathBuf::from(path)),
+            None => match std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty()) {
+                Some(sock) => (spec.as_str(), PathBuf::from(sock)),
+                None => {
+                    return Err(format!(
+                        "--ssh {spec}: SSH_AUTH_SOCK is not set, so there is no agent to forward: start one (eval $(ssh-agent) && ssh-add KEY) or pass --ssh {spec}=SOCKET"
+                    ))
+                }
+            },
+        };
+        if id.is_empty() || path.as_os_str().is_empty() || path.to_string_lossy().contains(',') {
+            return Err(format!("--ssh {spec:?}: expected default, ID or ID=SOCKET (one agent socket; key files are not read: load them into an agent with ssh-add)"));
+        }
+        match std::fs::metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "--ssh {id}: {} is not an agent socket; ossb forwards SSH agents, not key files: eval $(ssh-agent) && ssh-add {}, then --ssh {id}",
+                    path.display(),
+                    path.display()
+                ))
+            }
+            Err(e) => return Err(format!("--ssh {id}: {}: {e}", path.display())),
+        }
+        out.insert(id.to_string(), path);
+    }
+    Ok(out)
+}
+
 /// The cache directory when `--cache-dir` is not given.
 pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("OSSB_CACHE_DIR").filter(|d| !d.is_empty()) {
@@ -659,6 +700,7 @@ impl BuildArgs {
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
             isolation: self.isolation.into(),
             secrets: secrets.files,
+            ssh: parse_ssh(&self.ssh)?,
             build_contexts: parse_build_contexts(&self.build_contexts)?,
             stage: None,
             build_platform: None,

@@ -95,6 +95,8 @@ pub struct BuildRequest {
     pub build_contexts: BTreeMap<String, PathBuf>,
     /// `--secret id=ID,src=PATH`: secret files by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, PathBuf>,
+    /// `--ssh ID=SOCKET`: SSH agent sockets by id, for `RUN --mount=type=ssh`.
+    pub ssh: BTreeMap<String, PathBuf>,
     /// Build only this stage (its Dockerfile index) and what it needs: a cluster's stage task.
     pub stage: Option<usize>,
     /// BUILDPLATFORM; the host's when `None`. A cluster chooses one for the whole build.

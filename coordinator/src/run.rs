@@ -36,6 +36,8 @@ pub(crate) struct RunContext<'a> {
     pub isolation: Isolation,
     /// Secret files by id (`--secret`), for `--mount=type=secret`.
     pub secrets: &'a BTreeMap<String, PathBuf>,
+    /// SSH agent sockets by id (`--ssh`), for `--mount=type=ssh`.
+    pub ssh: &'a BTreeMap<String, PathBuf>,
     /// When set, the step runs on this overlay of the rootfs (see `ossb_worker::overlay`).
     pub overlay: Option<&'a OverlayDirs>,
 }
@@ -102,6 +104,7 @@ pub(crate) async fn execute(
         images: ctx.images.clone(),
         cache_dir: ctx.cache_dir.to_path_buf(),
         secrets: ctx.secrets.clone(),
+        ssh: ctx.ssh.clone(),
     };
     let (rootfs, wanted) = (ctx.rootfs.to_path_buf(), run.mounts.clone());
     // May wait for another build's lock on a cache mount.
@@ -114,6 +117,12 @@ pub(crate) async fn execute(
         let name = kv.split('=').next().unwrap_or_default();
         env.retain(|e| e.split('=').next() != Some(name));
         env.push(kv.clone());
+    }
+    if let Some(sock) = &prepared.ssh_auth_sock {
+        // As BuildKit: the first agent, unless the step sets its own.
+        if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+            env.push(format!("SSH_AUTH_SOCK={sock}"));
+        }
     }
     let secrets = prepared.secret_values.clone();
 

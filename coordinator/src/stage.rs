@@ -1104,6 +1104,7 @@ impl<'a> PlatformBuild<'a> {
                     cache_dir: &req.cache_dir,
                     isolation: req.isolation,
                     secrets: &req.secrets,
+                    ssh: &req.ssh,
                     overlay,
                 };
                 run::execute(&ctx, run, |line| {

@@ -1432,6 +1432,16 @@ impl Dispatcher<'_> {
         for m in cmd.flags.all("mount") {
             mounts.push(self.mount(stage, node, &m, st)?);
         }
+        // As BuildKit: the Nth ssh mount of a step is /run/buildkit/ssh_agent.N by default.
+        for (n, m) in mounts
+            .iter_mut()
+            .filter(|m| m.kind == MountType::Ssh)
+            .enumerate()
+        {
+            if m.target.is_empty() {
+                m.target = format!("/run/buildkit/ssh_agent.{n}");
+            }
+        }
         let network = match cmd.flags.get("network").map(str::to_lowercase).as_deref() {
             // As BuildKit: the build's --network is the default of the steps that name none.
             None | Some("default") | Some("sandbox") => self.opts.network,
@@ -1709,9 +1719,7 @@ impl Dispatcher<'_> {
                 if m.id.as_deref().unwrap_or("").is_empty() {
                     m.id = Some("default".into());
                 }
-                if m.target.is_empty() {
-                    m.target = "/run/buildkit/ssh_agent.0".into();
-                }
+                // The default target depends on the other ssh mounts: set by `run`.
             }
             _ => {
                 if m.target.is_empty() {

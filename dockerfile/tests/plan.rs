@@ -359,3 +359,29 @@ fn the_build_network_is_the_default_of_run_steps() {
         .unwrap_err()
         .contains("default, none or host"));
 }
+
+/// `RUN --mount=type=ssh`: id `default` and target /run/buildkit/ssh_agent.N for the Nth ssh
+/// mount of the step, as BuildKit.
+#[test]
+fn ssh_mounts_default_their_id_and_numbered_targets() {
+    let src = "FROM scratch\nRUN --mount=type=ssh --mount=type=cache,target=/c --mount=type=ssh,id=gh,required --mount=type=ssh,target=/s,uid=1000,mode=0400 x\n";
+    let df = parse(src, "Dockerfile").unwrap();
+    let p = plan(&df, &PlanOptions::default(), &HashMap::new()).unwrap();
+    let Instruction::Run(run) = &p.stages[0].steps[0].instruction else {
+        panic!("not a RUN")
+    };
+    let ssh: Vec<_> = run
+        .mounts
+        .iter()
+        .filter(|m| m.kind == MountType::Ssh)
+        .map(|m| (m.id.as_deref().unwrap(), m.target.as_str(), m.required))
+        .collect();
+    assert_eq!(
+        ssh,
+        [
+            ("default", "/run/buildkit/ssh_agent.0", false),
+            ("gh", "/run/buildkit/ssh_agent.1", true),
+            ("default", "/s", false),
+        ]
+    );
+}

@@ -332,6 +332,159 @@ fn secrets_are_readable_in_the_step_and_nowhere_else() {
     );
 }
 
+/// A real `ssh-agent`, killed when dropped.
+struct Agent {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `ssh-agent` on `dir/agent.sock` holding a new ed25519 key whose comment is `comment`.
+fn ssh_agent(dir: &Path, comment: &str) -> Agent {
+    let socket = dir.join("agent.sock");
+    let child = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent (openssh-client, installed by scripts/testenv.sh)");
+    let agent = Agent { child, socket };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ssh-agent never made its socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let key = dir.join("key");
+    let key_arg = key.to_str().unwrap();
+    tool(
+        "ssh-keygen",
+        &[
+            "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key_arg,
+        ],
+    )
+    .success("ssh-keygen");
+    let added = std::process::Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "ssh-add: {added:?}");
+    agent
+}
+
+/// `RUN --mount=type=ssh` forwards a real agent: the host's own `ssh-add -l` (with its
+/// libraries, from the context) lists the agent's key through the step's socket, which has the
+/// mount's owner and mode; SSH_AUTH_SOCK names the first one; an optional agent not given is
+/// absent, a required one fails with the flag to pass; nothing of it reaches a layer.
+#[test]
+fn ssh_mounts_forward_a_real_agent() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let agent = ssh_agent(dir.path(), "ossb-e2e-key");
+    let ctx = dockerfile_context(
+        dir.path(),
+        "ssh",
+        "ARG BASE\nFROM $BASE\n\
+         RUN --mount=type=ssh --mount=type=bind,source=tools,target=/tools /tools/ld.so --library-path /tools /tools/ssh-add -l && echo \"sock=$SSH_AUTH_SOCK $(stat -c '%u %a' $SSH_AUTH_SOCK)\"\n\
+         RUN --mount=type=ssh,id=other,target=/home/agent,uid=1000,mode=0660 echo \"other $(stat -c '%u %a' /home/agent)\"\n\
+         RUN --mount=type=ssh,id=absent echo optional-absent-ok\n\
+         RUN test ! -e /run/buildkit && test ! -e /home/agent && echo gone > /gone\n",
+        &[],
+    );
+    // The host's ssh-add, its libraries and its loader: a client that runs on any base.
+    let tools = ctx.join("tools");
+    std::fs::create_dir(&tools).unwrap();
+    std::fs::copy("/usr/bin/ssh-add", tools.join("ssh-add")).unwrap();
+    let ldd = tool("ldd", &["/usr/bin/ssh-add"]).success("ldd ssh-add");
+    for lib in ldd.stdout.split_whitespace().filter(|w| w.starts_with('/')) {
+        let name = Path::new(lib).file_name().unwrap().to_str().unwrap();
+        let name = if name.starts_with("ld-linux") {
+            "ld.so"
+        } else {
+            name
+        };
+        std::fs::copy(lib, tools.join(name)).unwrap();
+    }
+    let other = format!("other={}", agent.socket.display());
+    let built = build_with(
+        &env,
+        dir.path(),
+        "ssh",
+        &ctx,
+        &["--ssh", "default", "--ssh", &other],
+        &[("SSH_AUTH_SOCK", agent.socket.to_str().unwrap())],
+    )
+    .ok("ssh build");
+    let out = &built.run.stderr;
+    for want in [
+        "ossb-e2e-key (ED25519)",
+        "sock=/run/buildkit/ssh_agent.0 0 600",
+        "other 1000 660",
+        "optional-absent-ok",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    for layer in built.layers() {
+        for entry in listing(&layer) {
+            assert!(
+                !entry.contains("run/buildkit") && !entry.contains("home/agent"),
+                "an ssh mount point is in a layer: {entry}"
+            );
+        }
+    }
+
+    let ctx = dockerfile_context(
+        dir.path(),
+        "ssh-required",
+        "ARG BASE\nFROM $BASE\nRUN --mount=type=ssh,required true\n",
+        &[],
+    );
+    let failed = build(&env, dir.path(), "ssh-required", &ctx, &[]);
+    assert_eq!(failed.run.code, 1, "{}", failed.run.stderr);
+    assert!(
+        failed.run.stderr.contains("pass --ssh default"),
+        "{}",
+        failed.run.stderr
+    );
+    let key = dir.path().join("key");
+    let not_a_socket = build(
+        &env,
+        dir.path(),
+        "ssh-key-file",
+        &ctx,
+        &["--ssh", &format!("default={}", key.display())],
+    );
+    assert_eq!(not_a_socket.run.code, 2, "{}", not_a_socket.run.stderr);
+    assert!(
+        not_a_socket.run.stderr.contains("not an agent socket"),
+        "{}",
+        not_a_socket.run.stderr
+    );
+    // A cluster's workers cannot reach this machine's agent: refused before connecting.
+    let submit = std::process::Command::new(env!("CARGO_BIN_EXE_ossb-submit"))
+        .args(["--coordinator", "127.0.0.1:9", "--tls-dir", "/nonexistent"])
+        .args(["--ssh", "default", ctx.to_str().unwrap()])
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&submit.stderr);
+    assert_eq!(submit.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--ssh is not supported by a build cluster"),
+        "{stderr}"
+    );
+}
+
 /// A cache mount keeps its content from one build to the next, and never reaches a layer.
 #[test]
 fn cache_mounts_persist_between_builds() {

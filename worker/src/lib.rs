@@ -12,4 +12,5 @@ pub mod mounts;
 pub mod overlay;
 pub mod sandbox;
 pub mod snapshot;
+pub mod ssh;
 pub mod userns;

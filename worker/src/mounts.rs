@@ -30,9 +30,19 @@ pub enum MountError {
     /// `from=` names an image that was not provided (a bug of the caller).
     #[error("RUN --mount from={0}: the image was not pulled")]
     ImageSource(String),
-    /// `type=ssh`.
-    #[error("RUN --mount=type=ssh is not supported yet")]
-    Ssh,
+    /// A required `type=ssh` mount names an agent that was not given.
+    #[error("RUN --mount=type=ssh,id={0} is required but no SSH agent was given for it: pass {hint}", hint = ssh_hint(.0))]
+    MissingSsh(String),
+    /// The agent of a `type=ssh` mount cannot be forwarded.
+    #[error("RUN --mount=type=ssh,id={id}: cannot forward the SSH agent {agent}: {source} (is the agent running? check the --ssh socket)")]
+    SshForward {
+        /// The mount's id.
+        id: String,
+        /// The agent's socket (`--ssh`).
+        agent: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// `from=` names a stage that has not been built.
     #[error("RUN --mount from=: stage {0} has not been built")]
     StageMissing(usize),
@@ -69,6 +79,17 @@ pub struct MountSources {
     pub cache_dir: PathBuf,
     /// Secret files by id (`--secret id=,src=`).
     pub secrets: BTreeMap<String, PathBuf>,
+    /// SSH agent sockets by id (`--ssh`).
+    pub ssh: BTreeMap<String, PathBuf>,
+}
+
+/// The `--ssh` flag that gives the agent of `id`.
+fn ssh_hint(id: &str) -> String {
+    if id == "default" {
+        "--ssh default (the agent of $SSH_AUTH_SOCK)".into()
+    } else {
+        format!("--ssh {id}=SOCKET")
+    }
 }
 
 /// The mounts of one step, ready for the sandbox, and what must live as long as the step.
@@ -80,6 +101,10 @@ pub struct Prepared {
     pub env: Vec<String>,
     /// Secret values, to be masked in output.
     pub secret_values: Vec<String>,
+    /// The target of the first `type=ssh` mount: `SSH_AUTH_SOCK` of a step that has none.
+    pub ssh_auth_sock: Option<String>,
+    /// Forwarded SSH agents, served until the step ends.
+    forwards: Vec<crate::ssh::AgentForward>,
     /// Held until the step ends (cache `sharing=locked|private`, and shared locks).
     locks: Vec<fs::File>,
     /// Copies for `rw` binds, deleted when dropped.
@@ -109,7 +134,7 @@ pub fn prepare(
     let mut p = Prepared::default();
     for m in mounts {
         let source = match m.kind {
-            MountType::Ssh => return Err(MountError::Ssh),
+            MountType::Ssh => ssh(m, sources, &mut p)?,
             MountType::Tmpfs => Some(MountSource::Tmpfs { size: m.size }),
             MountType::Secret => secret(m, sources, &mut p)?,
             MountType::Bind => Some(bind(m, sources, &mut p)?),
@@ -240,6 +265,40 @@ fn secret(
         uid: m.uid.unwrap_or(0),
         gid: m.gid.unwrap_or(0),
         mode: m.mode.unwrap_or(0o400),
+    }))
+}
+
+/// An SSH agent forwarded for the step, or `None` for an optional mount without one.
+fn ssh(
+    m: &Mount,
+    sources: &MountSources,
+    p: &mut Prepared,
+) -> Result<Option<MountSource>, MountError> {
+    let id = m.id.clone().unwrap_or_else(|| "default".into());
+    let Some(agent) = sources.ssh.get(&id) else {
+        if m.required {
+            return Err(MountError::MissingSsh(id));
+        }
+        // As BuildKit: an optional agent that was not given is simply absent.
+        return Ok(None);
+    };
+    let forward = crate::ssh::AgentForward::start(
+        agent,
+        m.uid.unwrap_or(0),
+        m.gid.unwrap_or(0),
+        m.mode.unwrap_or(0o600),
+    )
+    .map_err(|source| MountError::SshForward {
+        id,
+        agent: agent.clone(),
+        source,
+    })?;
+    let path = forward.socket().to_path_buf();
+    p.forwards.push(forward);
+    p.ssh_auth_sock.get_or_insert_with(|| m.target.clone());
+    Ok(Some(MountSource::Bind {
+        path,
+        read_only: false,
     }))
 }
 
@@ -500,6 +559,7 @@ mod tests {
             images: HashMap::new(),
             cache_dir: dir.join("cache"),
             secrets: BTreeMap::new(),
+            ssh: BTreeMap::new(),
         }
     }
 

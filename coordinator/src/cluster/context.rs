@@ -417,6 +417,8 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         sandbox_exe: place.sandbox_exe,
         isolation: place.isolation,
         secrets: place.files.secrets,
+        // An agent is on the submitter's machine: ossb-submit refuses --ssh.
+        ssh: BTreeMap::new(),
         build_contexts: place.files.build_contexts,
         stage: None,
         build_platform: None,
