@@ -186,6 +186,17 @@ pub struct BuildArgs {
     /// Accepted as docker's: ossb always resolves base image tags at their registry.
     #[arg(long)]
     pub pull: bool,
+    /// buildx's provenance attestation: ossb writes none, so only false is accepted (as CI
+    /// scripts pass to keep a single-platform push a plain manifest, which ossb does anyway).
+    #[arg(long, value_name = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub provenance: Option<String>,
+    /// buildx's SBOM attestation: ossb writes none, so only false is accepted.
+    #[arg(long, value_name = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub sbom: Option<String>,
+    /// buildx's --load (into the Docker daemon): refused, ossb has no daemon; write a
+    /// `docker load` archive with --output type=docker,dest=FILE instead.
+    #[arg(long)]
+    pub load: bool,
     /// A named context, NAME=DIR (repeatable): `COPY --from=NAME` reads DIR.
     #[arg(long = "build-context", value_name = "NAME=DIR")]
     pub build_contexts: Vec<String>,
@@ -576,6 +587,19 @@ impl BuildArgs {
 
     /// Validates the flags and turns them into a build request.
     pub fn into_request(self) -> Result<(BuildRequest, Extras), String> {
+        if self.load {
+            return Err("--load needs a Docker daemon, and ossb has none: write an archive with --output type=docker,dest=image.tar and `docker load -i image.tar` (or `podman load`), or push with --push".into());
+        }
+        for (flag, value) in [("--provenance", &self.provenance), ("--sbom", &self.sbom)] {
+            match value.as_deref() {
+                None | Some("false" | "0") => {}
+                Some(other) => {
+                    return Err(format!(
+                        "{flag}={other}: ossb does not write attestations; leave {flag} out (or pass {flag}=false)"
+                    ))
+                }
+            }
+        }
         if self.quiet && !matches!(self.progress, ProgressMode::Auto | ProgressMode::Quiet) {
             return Err(format!(
                 "--quiet and --progress {} cannot be used together: --quiet is --progress quiet",
@@ -836,6 +860,51 @@ mod tests {
         ] {
             let err = parse_secrets(&[spec.to_string()]).err().unwrap_or_default();
             assert!(err.contains(error), "{spec}: {err}");
+        }
+    }
+
+    /// The flags CI scripts carry over from `docker buildx build`: accepted where ossb does
+    /// what they ask, refused with what to do instead where it cannot.
+    #[test]
+    fn docker_compatible_flags_are_accepted_or_refused_with_a_way_out() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        let ctx = dir.path().to_str().unwrap();
+        let request = |flags: &[&str]| -> Result<BuildRequest, String> {
+            let mut argv = vec!["ossb", "build"];
+            argv.extend_from_slice(flags);
+            argv.push(ctx);
+            let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let Command::Build(args) = cli.command else {
+                panic!("not a build")
+            };
+            args.into_request().map(|(r, _)| r)
+        };
+        for ok in [
+            &["--pull"][..],
+            &["--provenance=false"],
+            &["--sbom=false", "--provenance=0"],
+            &["--network", "host"],
+            &["-q"],
+            &["--quiet", "--progress", "quiet"],
+        ] {
+            request(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        assert_eq!(
+            request(&["--network=none"]).unwrap().network,
+            ossb_dockerfile::Network::None
+        );
+        for (flags, error) in [
+            (&["--load"][..], "--output type=docker,dest="),
+            (&["--provenance"], "does not write attestations"),
+            (&["--provenance=mode=max"], "does not write attestations"),
+            (&["--sbom=true"], "does not write attestations"),
+            (&["--network", "bridge"], "use default, none or host"),
+            (&["-q", "--progress", "json"], "--quiet and --progress json"),
+        ] {
+            let err = request(flags).err().unwrap_or_default();
+            assert!(err.contains(error), "{flags:?}: {err}");
         }
     }
 }
