@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ossb_coordinator::remote_cache::parse_cache_ref;
+use ossb_coordinator::remote_cache::parse_cache;
 use ossb_coordinator::{BuildRequest, BuildResult, Output};
 use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
@@ -150,10 +150,12 @@ pub struct BuildArgs {
     /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
     #[arg(long = "cache-dir", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Read cached steps from a registry repository: REF or type=registry,ref=REF (repeatable).
+    /// Read cached steps from a registry repository (REF or type=registry,ref=REF) or a
+    /// directory (type=local,src=DIR) (repeatable).
     #[arg(long = "cache-from", value_name = "REF")]
     pub cache_from: Vec<String>,
-    /// Store every step's result in a registry repository: REF or type=registry,ref=REF.
+    /// Store every step's result in a registry repository (REF or type=registry,ref=REF) or a
+    /// directory (type=local,dest=DIR).
     #[arg(long = "cache-to", value_name = "REF")]
     pub cache_to: Option<String>,
     /// How progress is shown.
@@ -691,10 +693,10 @@ impl BuildArgs {
             cache_from: self
                 .cache_from
                 .iter()
-                .map(|c| parse_cache_ref(c).map_err(|e| format!("--cache-from: {e}")))
+                .map(|c| parse_cache(c, false).map_err(|e| format!("--cache-from: {e}")))
                 .collect::<Result<_, _>>()?,
             cache_to: match &self.cache_to {
-                Some(c) => Some(parse_cache_ref(c).map_err(|e| format!("--cache-to: {e}"))?),
+                Some(c) => Some(parse_cache(c, true).map_err(|e| format!("--cache-to: {e}"))?),
                 None => None,
             },
             build_args: key_values("--build-arg", &self.build_args, true)?,

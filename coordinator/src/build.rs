@@ -21,7 +21,7 @@ use ossb_worker::sandbox::Isolation;
 
 use crate::cache::{record_build, BuildStats, LocalCache, CHECKSUMS_FILE};
 use crate::progress::Progress;
-use crate::remote_cache;
+use crate::remote_cache::{self, CacheLocation};
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
 
 /// Where a built image goes.
@@ -73,10 +73,10 @@ pub struct BuildRequest {
     pub cache_dir: PathBuf,
     /// Run every step, ignoring cached results (results are still recorded).
     pub no_cache: bool,
-    /// `--cache-from`: registry repositories to read cached steps from.
-    pub cache_from: Vec<String>,
-    /// `--cache-to`: the registry repository to store cached steps in.
-    pub cache_to: Option<String>,
+    /// `--cache-from`: registry repositories or directories to read cached steps from.
+    pub cache_from: Vec<CacheLocation>,
+    /// `--cache-to`: the registry repository or directory to store cached steps in.
+    pub cache_to: Option<CacheLocation>,
     /// How to reach registries.
     pub registry: RegistryOptions,
     /// Mirrors and other registry client settings.

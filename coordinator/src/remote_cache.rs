@@ -1,5 +1,9 @@
 //! The step cache in a registry repository (`--cache-to REF`, `--cache-from REF`), so that
-//! ephemeral CI pods share it, as Kaniko's cache repository does.
+//! ephemeral CI pods share it, as Kaniko's cache repository does; or in a directory
+//! (`type=local`, as buildx's) that a CI system saves and restores between jobs.
+//!
+//! A directory is laid out as an ossb cache directory: the records under `cache/keys` and
+//! their layer blobs in the blob store, each blob verified when it is copied in or out.
 //!
 //! Every step that changed files is stored as a small image tagged with its cache key (the 64
 //! hex digits): one layer (or none when the step changed nothing) and a config whose
@@ -7,35 +11,68 @@
 //! every blob is verified on arrival; writing it is an ordinary push, so blobs the repository
 //! already has are not sent again.
 
+use std::path::PathBuf;
+
 use ossb_image::oci::{self, media_type, Descriptor, ImageConfig, Manifest, RootFs};
 use ossb_image::registry::{parse_reference, RegistryError};
+use ossb_image::store::{BlobStore, StoreError};
 use ossb_image::Reference;
 use ossb_protocol::Platform;
 
-use crate::cache::{CacheKey, CacheRecord};
+use crate::cache::{CacheKey, CacheRecord, LocalCache};
 use crate::stage::Shared;
 
-/// `REF` or buildx's `type=registry,ref=REF[,...]`.
-pub fn parse_cache_ref(spec: &str) -> Result<String, String> {
-    if !spec.contains('=') {
-        return Ok(spec.to_string());
+/// Where `--cache-from` / `--cache-to` keep step records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheLocation {
+    /// A registry repository: one tag per step.
+    Registry(String),
+    /// A directory laid out as an ossb cache directory.
+    Local(PathBuf),
+}
+
+impl std::fmt::Display for CacheLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheLocation::Registry(repo) => f.write_str(repo),
+            CacheLocation::Local(dir) => write!(f, "the directory {}", dir.display()),
+        }
     }
-    let mut reference = None;
+}
+
+/// `REF`, buildx's `type=registry,ref=REF[,...]`, or `type=local,src=DIR` (`--cache-from`) /
+/// `type=local,dest=DIR` (`--cache-to`, `export`).
+pub fn parse_cache(spec: &str, export: bool) -> Result<CacheLocation, String> {
+    if !spec.contains('=') {
+        return Ok(CacheLocation::Registry(spec.to_string()));
+    }
+    let (dir_key, usage) = if export {
+        ("dest", "REF, type=registry,ref=REF or type=local,dest=DIR")
+    } else {
+        ("src", "REF, type=registry,ref=REF or type=local,src=DIR")
+    };
+    let (mut kind, mut reference, mut dir) = ("registry", None, None);
     for part in spec.split(',') {
         match part.split_once('=') {
-            Some(("type", "registry")) => {}
+            Some(("type", "registry")) => kind = "registry",
+            Some(("type", "local")) => kind = "local",
             Some(("type", other)) => {
                 return Err(format!(
-                    "cache type {other:?} is not supported; use type=registry,ref=REF"
+                    "{spec:?}: cache type {other:?} is not supported; use {usage}"
                 ))
             }
             Some(("ref", r)) => reference = Some(r.to_string()),
+            Some((k, d)) if k == dir_key => dir = Some(PathBuf::from(d)),
             // mode=max, image-manifest=true and the like change nothing here: every step is stored.
             Some(_) => {}
-            None => return Err(format!("{spec:?}: expected REF or type=registry,ref=REF")),
+            None => return Err(format!("{spec:?}: expected {usage}")),
         }
     }
-    reference.ok_or_else(|| format!("{spec:?}: missing ref=REF"))
+    match (kind, reference, dir) {
+        ("registry", Some(r), None) => Ok(CacheLocation::Registry(r)),
+        ("local", None, Some(d)) if !d.as_os_str().is_empty() => Ok(CacheLocation::Local(d)),
+        _ => Err(format!("{spec:?}: expected {usage}")),
+    }
 }
 
 fn tagged(repo: &str, key: &CacheKey) -> Result<Reference, RegistryError> {
@@ -56,7 +93,20 @@ pub(crate) async fn fetch(
     key: &CacheKey,
     platform: &Platform,
 ) -> Option<CacheRecord> {
-    for repo in &shared.req.cache_from {
+    for location in &shared.req.cache_from {
+        let repo = match location {
+            CacheLocation::Registry(repo) => repo,
+            CacheLocation::Local(dir) => match fetch_local(shared, dir, key) {
+                Ok(Some(record)) => return Some(record),
+                Ok(None) => continue,
+                Err(e) => {
+                    shared.progress.event(crate::progress::Event::Info(format!(
+                        "warning: --cache-from {location}: {e}"
+                    )));
+                    continue;
+                }
+            },
+        };
         let Ok(reference) = tagged(repo, key) else {
             continue;
         };
@@ -89,13 +139,62 @@ pub(crate) async fn fetch(
     None
 }
 
-/// Stores `records` in the `--cache-to` repository.
+/// The record of `key` in the cache directory `dir`, its layer copied into the build's store;
+/// `None` when the directory (the first CI run has none yet) or the record is not there.
+fn fetch_local(
+    shared: &Shared<'_>,
+    dir: &std::path::Path,
+    key: &CacheKey,
+) -> Result<Option<CacheRecord>, StoreError> {
+    if !dir.join("cache/keys").is_dir() {
+        return Ok(None);
+    }
+    let records = LocalCache::open(dir).map_err(records_error(dir))?;
+    let Some(record) = records.get(key) else {
+        return Ok(None);
+    };
+    if let Some(layer) = &record.layer {
+        shared
+            .store
+            .copy_from(&BlobStore::open(dir)?, &layer.digest)?;
+    }
+    Ok(Some(record))
+}
+
+fn records_error(dir: &std::path::Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: dir.join("cache/keys"),
+        source,
+    }
+}
+
+/// Stores `records` in the cache directory `dir` (made if missing), with their layers.
+fn export_local(
+    shared: &Shared<'_>,
+    dir: &std::path::Path,
+    records: &[(CacheKey, CacheRecord, Platform)],
+) -> Result<(), StoreError> {
+    let store = BlobStore::open(dir)?;
+    let cache = LocalCache::open(dir).map_err(records_error(dir))?;
+    for (key, record, _) in records {
+        // The blob first: a record is never there without its layer.
+        if let Some(layer) = &record.layer {
+            store.copy_from(&shared.store, &layer.digest)?;
+        }
+        cache.put(key, record).map_err(records_error(dir))?;
+    }
+    Ok(())
+}
+
+/// Stores `records` in the `--cache-to` repository or directory.
 pub(crate) async fn export(
     shared: &Shared<'_>,
     records: &[(CacheKey, CacheRecord, Platform)],
 ) -> Result<(), RegistryError> {
-    let Some(repo) = &shared.req.cache_to else {
-        return Ok(());
+    let repo = match &shared.req.cache_to {
+        None => return Ok(()),
+        Some(CacheLocation::Local(dir)) => return Ok(export_local(shared, dir, records)?),
+        Some(CacheLocation::Registry(repo)) => repo,
     };
     for (key, record, platform) in records {
         let reference = tagged(repo, key)?;
@@ -147,13 +246,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_both_spellings() {
-        assert_eq!(parse_cache_ref("reg:5000/cache").unwrap(), "reg:5000/cache");
+    fn parses_buildx_spellings() {
+        let registry = CacheLocation::Registry("reg:5000/cache".into());
+        for export in [false, true] {
+            assert_eq!(parse_cache("reg:5000/cache", export).unwrap(), registry);
+            assert_eq!(
+                parse_cache("type=registry,ref=reg:5000/cache,mode=max", export).unwrap(),
+                registry
+            );
+            assert!(parse_cache("type=registry", export).is_err());
+            assert!(parse_cache("type=gha", export)
+                .unwrap_err()
+                .contains("not supported"));
+        }
         assert_eq!(
-            parse_cache_ref("type=registry,ref=reg:5000/cache,mode=max").unwrap(),
-            "reg:5000/cache"
+            parse_cache("type=local,src=/tmp/c", false).unwrap(),
+            CacheLocation::Local("/tmp/c".into())
         );
-        assert!(parse_cache_ref("type=local,dest=x").is_err());
-        assert!(parse_cache_ref("type=registry").is_err());
+        assert_eq!(
+            parse_cache("type=local,dest=/tmp/c,mode=max", true).unwrap(),
+            CacheLocation::Local("/tmp/c".into())
+        );
+        // buildx's keys: src= to read, dest= to write.
+        assert!(parse_cache("type=local,dest=/tmp/c", false).is_err());
+        assert!(parse_cache("type=local,src=/tmp/c", true).is_err());
+        assert!(parse_cache("type=local,src=", false).is_err());
     }
 }

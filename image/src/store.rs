@@ -116,6 +116,18 @@ impl BlobStore {
         Ok(w.commit(None)?.0)
     }
 
+    /// Brings `digest` from `other` into this store (verified as it is copied) unless it is
+    /// here already; returns its size.
+    pub fn copy_from(&self, other: &BlobStore, digest: &Digest) -> Result<u64, StoreError> {
+        if let Some(size) = self.size(digest) {
+            return Ok(size);
+        }
+        let mut source = other.open_blob(digest)?;
+        let mut w = self.writer()?;
+        std::io::copy(&mut source, &mut w).map_err(io_err(&other.path(digest)))?;
+        Ok(w.commit(Some(digest))?.1)
+    }
+
     /// A writer for a new blob; nothing is visible in the store until [`BlobWriter::commit`].
     pub fn writer(&self) -> Result<BlobWriter, StoreError> {
         let tmp_dir = self.root.join("tmp");

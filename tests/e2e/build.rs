@@ -693,6 +693,83 @@ fn registry_cache_is_shared_between_empty_cache_dirs() {
     assert_eq!(result_of(&second)["steps_cached"], 3);
 }
 
+/// buildx's `type=local` cache, as CI jobs save and restore it: the first job finds no
+/// directory yet and exports to one; a job with an empty cache directory reads it back and
+/// runs nothing; a corrupted blob in it is refused, and the step runs.
+#[test]
+fn local_cache_directory_is_shared_between_empty_cache_dirs() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!(
+        "FROM {}\nCOPY a.txt /a.txt\nRUN echo built > /built\nRUN true\n",
+        busybox(&env)
+    );
+    let ctx = context(dir.path(), &dockerfile, &[("a.txt", "a\n")]);
+    let saved = dir.path().join("ci-cache");
+    let first = build_json(
+        &env,
+        &dir.path().join("job-1"),
+        &ctx,
+        &[
+            "--cache-from",
+            &format!("type=local,src={}", saved.display()),
+            "--cache-to",
+            &format!("type=local,dest={},mode=max", saved.display()),
+        ],
+    );
+    assert_eq!(result_of(&first)["steps_run"], 3);
+    let from = format!("type=local,src={}", saved.display());
+    let second = build_json(
+        &env,
+        &dir.path().join("job-2"),
+        &ctx,
+        &["--cache-from", &from],
+    );
+    assert_eq!(
+        (
+            result_of(&second)["steps_run"].as_u64(),
+            result_of(&second)["steps_cached"].as_u64()
+        ),
+        (Some(0), Some(3)),
+        "every step comes from the cache directory"
+    );
+
+    // A flipped byte in every saved blob: each is refused on the way in, and the steps run.
+    let blobs = saved.join("blobs/sha256");
+    for entry in std::fs::read_dir(&blobs).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let third = build_json(
+        &env,
+        &dir.path().join("job-3"),
+        &ctx,
+        &["--cache-from", &from],
+    );
+    assert_eq!(result_of(&third)["steps_run"], 2, "{third:?}");
+    assert!(
+        third.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("verification failed"))),
+        "no warning about the corrupt blob: {third:?}"
+    );
+
+    // A build cluster's workers cannot read this machine's directory: refused up front.
+    let submit = std::process::Command::new(env!("CARGO_BIN_EXE_ossb-submit"))
+        .args(["--coordinator", "127.0.0.1:9", "--tls-dir", "/nonexistent"])
+        .args(["--cache-from", &from, ctx.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&submit.stderr);
+    assert_eq!(submit.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("out of a build cluster's reach"),
+        "{stderr}"
+    );
+}
+
 /// The other outputs and layer settings: a docker archive that podman loads and runs, the
 /// filesystem in a directory, zstd layers, Docker media types, and `FROM busybox` resolved
 /// through a docker.io mirror (the only way it resolves on this offline machine).

@@ -21,6 +21,7 @@ use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
 
 use crate::build::{BuildError, BuildRequest, Output};
+use crate::remote_cache::CacheLocation;
 
 /// The context of `req` as entries, and where each file's content is on this machine.
 pub fn scan(req: &BuildRequest) -> Result<(Vec<ContextEntry>, BTreeMap<Digest, PathBuf>), String> {
@@ -275,8 +276,12 @@ pub fn spec_of(
         push: req.outputs.contains(&Output::Registry),
         download: req.outputs.iter().any(|o| *o != Output::Registry),
         no_cache: req.no_cache,
-        cache_from: req.cache_from.clone(),
-        cache_to: req.cache_to.clone(),
+        cache_from: req
+            .cache_from
+            .iter()
+            .map(registry_cache)
+            .collect::<Result<_, _>>()?,
+        cache_to: req.cache_to.as_ref().map(registry_cache).transpose()?,
         insecure_registries: req.registry.insecure.clone(),
         registry_mirrors: req
             .registry_config
@@ -298,6 +303,18 @@ pub fn spec_of(
         registry_certificates,
         network: req.network.to_string(),
     })
+}
+
+/// A cache location a cluster can use: a registry repository. A directory is on the
+/// submitter's machine, out of the workers' reach.
+fn registry_cache(location: &CacheLocation) -> Result<String, BuildError> {
+    match location {
+        CacheLocation::Registry(repo) => Ok(repo.clone()),
+        CacheLocation::Local(dir) => Err(BuildError::Usage(format!(
+            "a type=local cache ({}) is on this machine, out of a build cluster's reach: use a registry cache (type=registry,ref=REF); the cluster also keeps its own step cache",
+            dir.display()
+        ))),
+    }
 }
 
 /// The build's `--network` as the spec carries it.
@@ -403,8 +420,13 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         outputs: Vec::new(),
         cache_dir: place.cache_dir,
         no_cache: spec.no_cache,
-        cache_from: spec.cache_from.clone(),
-        cache_to: spec.cache_to.clone(),
+        cache_from: spec
+            .cache_from
+            .iter()
+            .cloned()
+            .map(CacheLocation::Registry)
+            .collect(),
+        cache_to: spec.cache_to.clone().map(CacheLocation::Registry),
         registry: registry_options(spec, &place.files.certificates),
         registry_config: registry_config(spec),
         compression: match spec.compression.as_str() {
