@@ -185,6 +185,9 @@ pub struct BuildArgs {
     /// default and host are the same here: the network ossb itself runs in.
     #[arg(long, value_name = "MODE", default_value = "default")]
     pub network: ossb_dockerfile::Network,
+    /// A line for every RUN's /etc/hosts, NAME:IP (or NAME=IP; repeatable).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_hosts: Vec<String>,
     /// Accepted as docker's: ossb always resolves base image tags at their registry.
     #[arg(long)]
     pub pull: bool,
@@ -563,6 +566,33 @@ fn parse_ssh(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
     Ok(out)
 }
 
+/// `--add-host NAME:IP` (or `NAME=IP`, which reads better for IPv6), as docker's.
+fn parse_add_hosts(specs: &[String]) -> Result<Vec<(String, String)>, String> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, ip) = spec
+                .split_once('=')
+                .or_else(|| spec.split_once(':'))
+                .ok_or_else(|| format!("--add-host {spec:?}: expected NAME:IP"))?;
+            if ip == "host-gateway" {
+                return Err(format!("--add-host {spec}: host-gateway is the address a Docker daemon gives its containers' host; ossb runs steps in the host's network: use 127.0.0.1 or the host's address"));
+            }
+            let bare = ip.trim_start_matches('[').trim_end_matches(']');
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+            if !valid_name || bare.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!(
+                    "--add-host {spec:?}: expected NAME:IP with an IPv4 or IPv6 address"
+                ));
+            }
+            Ok((name.to_string(), bare.to_string()))
+        })
+        .collect()
+}
+
 /// The cache directory when `--cache-dir` is not given.
 pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("OSSB_CACHE_DIR").filter(|d| !d.is_empty()) {
@@ -731,6 +761,7 @@ impl BuildArgs {
             stage: None,
             build_platform: None,
             network: self.network,
+            extra_hosts: parse_add_hosts(&self.add_hosts)?,
         };
         Ok((
             request,
@@ -890,12 +921,25 @@ mod tests {
             &["--network", "host"],
             &["-q"],
             &["--quiet", "--progress", "quiet"],
+            &[
+                "--add-host",
+                "a.b:10.0.0.1",
+                "--add-host=c=::1",
+                "--add-host",
+                "d:[fd00::2]",
+            ],
         ] {
             request(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
         assert_eq!(
             request(&["--network=none"]).unwrap().network,
             ossb_dockerfile::Network::None
+        );
+        assert_eq!(
+            request(&["--add-host", "c=::1", "--add-host", "d:[fd00::2]"])
+                .unwrap()
+                .extra_hosts,
+            [("c".into(), "::1".into()), ("d".into(), "fd00::2".into())]
         );
         for (flags, error) in [
             (&["--load"][..], "--output type=docker,dest="),
@@ -904,6 +948,9 @@ mod tests {
             (&["--sbom=true"], "does not write attestations"),
             (&["--network", "bridge"], "use default, none or host"),
             (&["-q", "--progress", "json"], "--quiet and --progress json"),
+            (&["--add-host", "h:host-gateway"], "use 127.0.0.1"),
+            (&["--add-host", "h:999.1.1.1"], "expected NAME:IP"),
+            (&["--add-host", "h"], "expected NAME:IP"),
         ] {
             let err = request(flags).err().unwrap_or_default();
             assert!(err.contains(error), "{flags:?}: {err}");

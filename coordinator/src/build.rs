@@ -103,6 +103,8 @@ pub struct BuildRequest {
     pub build_platform: Option<Platform>,
     /// `--network`: the network of the RUN steps that name none.
     pub network: Network,
+    /// `--add-host NAME:IP`: lines every RUN's `/etc/hosts` gets.
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 impl BuildRequest {
@@ -115,6 +117,7 @@ impl BuildRequest {
             target_platform: target_platform.clone(),
             build_platform: self.build_platform.clone().unwrap_or_else(Platform::host),
             network: self.network,
+            extra_hosts: self.extra_hosts.clone(),
         }
     }
 }

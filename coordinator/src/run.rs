@@ -125,6 +125,9 @@ pub(crate) async fn execute(
         }
     }
     let secrets = prepared.secret_values.clone();
+    // Kept until the step ends: the sandbox binds it on /etc/hosts.
+    let hosts = hosts_file(&run.extra_hosts)
+        .map_err(|e| format!("writing the step's /etc/hosts for --add-host: {e}"))?;
 
     let spec = RunSpec {
         rootfs: ctx.rootfs.to_path_buf(),
@@ -142,6 +145,7 @@ pub(crate) async fn execute(
         },
         mounts: prepared.mounts.clone(),
         dev_files,
+        hosts: hosts.as_ref().map(|h| h.path().to_path_buf()),
         overlay: ctx.overlay.cloned(),
     };
     // As BuildKit's message: the command as the process saw it.
@@ -153,6 +157,30 @@ pub(crate) async fn execute(
     let _ = tokio::task::spawn_blocking(move || prepared.cleanup()).await;
     result.map_err(|e| mask(&e.to_string(), &secrets))?;
     Ok(workdir)
+}
+
+/// The host's `/etc/hosts` followed by the `--add-host` lines, or `None` when there are none
+/// (the step then sees the host's file itself).
+fn hosts_file(extra: &[(String, String)]) -> std::io::Result<Option<tempfile::NamedTempFile>> {
+    use std::io::Write;
+    if extra.is_empty() {
+        return Ok(None);
+    }
+    let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    for (name, ip) in extra {
+        text.push_str(&format!("{ip}\t{name}\n"));
+    }
+    let mut file = tempfile::Builder::new().prefix("ossb-hosts-").tempfile()?;
+    file.write_all(text.as_bytes())?;
+    // Readable by the step's user, whoever it is (a tempfile is 0600).
+    std::fs::set_permissions(
+        file.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    Ok(Some(file))
 }
 
 /// The isolation a step runs with: `auto` is rootless when the build runs in its user

@@ -50,6 +50,8 @@ pub struct PlanOptions {
     pub build_platform: Platform,
     /// `--network`: the network of a RUN that names none.
     pub network: Network,
+    /// `--add-host`: (name, address) lines every RUN's `/etc/hosts` gets.
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 impl Default for PlanOptions {
@@ -62,6 +64,7 @@ impl Default for PlanOptions {
             target_platform: Platform::host(),
             build_platform: Platform::host(),
             network: Network::Default,
+            extra_hosts: Vec::new(),
         }
     }
 }
@@ -257,6 +260,8 @@ pub struct Run {
     pub network: Network,
     /// `--security`.
     pub security: Security,
+    /// The build's `--add-host` entries (part of the step, so of its cache key, as in BuildKit).
+    pub extra_hosts: Vec<(String, String)>,
     /// Files to provide read-only while the command runs (a heredoc script with a shebang
     /// is mounted at `/dev/pipes/NAME` with mode 0755 and run from there).
     pub heredocs: Vec<InlineFile>,
@@ -1502,6 +1507,7 @@ impl Dispatcher<'_> {
             mounts,
             network,
             security,
+            extra_hosts: self.opts.extra_hosts.clone(),
             heredocs,
         };
         Ok((Instruction::Run(run), created))

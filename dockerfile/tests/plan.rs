@@ -385,3 +385,23 @@ fn ssh_mounts_default_their_id_and_numbered_targets() {
         ]
     );
 }
+
+/// The build's `--add-host` lines go with every RUN (and so into its cache key).
+#[test]
+fn extra_hosts_go_with_every_run() {
+    let df = parse("FROM scratch\nRUN a\nCOPY x /x\nRUN b\n", "Dockerfile").unwrap();
+    let opts = PlanOptions {
+        extra_hosts: vec![("reg.internal".into(), "10.0.0.5".into())],
+        ..PlanOptions::default()
+    };
+    let p = plan(&df, &opts, &HashMap::new()).unwrap();
+    let runs: Vec<_> = p.stages[0]
+        .steps
+        .iter()
+        .filter_map(|s| match &s.instruction {
+            Instruction::Run(r) => Some(r.extra_hosts.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(runs, vec![opts.extra_hosts.clone(); 2]);
+}

@@ -184,6 +184,9 @@ pub struct BuildSpec {
     /// `--network`: `default`, `none` or `host` (empty: default).
     #[serde(default)]
     pub network: String,
+    /// `--add-host` as (name, address).
+    #[serde(default)]
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// A build secret (`--secret id=ID,src=PATH`): its id and bytes. `Debug` shows the id and the

@@ -1147,7 +1147,7 @@ fn the_same_build_from_two_clients_at_once_runs_its_steps_once() {
     assert!(m.contains("ossb_tasks_waited_identical_total 1"), "{m}");
 }
 
-/// Secrets, named build contexts, `--network` and a registry CA travel to the cluster: a base
+/// Secrets, named build contexts, `--network`, `--add-host` and a registry CA travel to the cluster: a base
 /// from the TLS registry (its CA given with --registry-certificate) is pulled by the worker,
 /// and the image pushed there; the RUN reads the secret without a network, COPY --from reads
 /// the named context. The secret's
@@ -1166,7 +1166,7 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
     std::fs::create_dir(&extra).unwrap();
     std::fs::write(extra.join("named.txt"), "from the named context\n").unwrap();
     let dockerfile = format!(
-        "FROM {tls}/{}\nRUN --mount=type=secret,id=tok sha256sum /run/secrets/tok | cut -d' ' -f1 > /tok.sum && grep -c : /proc/net/dev > /ifaces\nCOPY --from=extra named.txt /named.txt\n",
+        "FROM {tls}/{}\nRUN --mount=type=secret,id=tok sha256sum /run/secrets/tok | cut -d' ' -f1 > /tok.sum && grep -c : /proc/net/dev > /ifaces && grep reg.internal /etc/hosts > /hosts\nCOPY --from=extra named.txt /named.txt\n",
         env.var("OSSB_TEST_BUSYBOX")
     );
     let ctx = crate::support::context(work.path(), &dockerfile, &[]);
@@ -1186,6 +1186,8 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
                 &format!("extra={}", extra.display()),
                 "--network",
                 "none",
+                "--add-host",
+                "reg.internal:10.1.2.3",
                 "-t",
                 &image,
                 "--push",
@@ -1220,6 +1222,10 @@ fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
             .trim(),
         "1",
         "the RUN had a network despite --network none"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("hosts")).unwrap(),
+        "10.1.2.3\treg.internal\n"
     );
     let creds = format!(
         "{}:{}",

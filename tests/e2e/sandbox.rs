@@ -633,6 +633,54 @@ fn network_none_and_insecure_security() {
         "the step without network was reused with it:\n{}",
         default.run.stderr
     );
+    // --add-host: lines of every RUN's /etc/hosts, part of the step's key.
+    let hosts = dockerfile_context(
+        dir.path(),
+        "add-host",
+        "ARG BASE\nFROM $BASE\nRUN grep internal /etc/hosts\n",
+        &[],
+    );
+    let added = build(
+        &env,
+        dir.path(),
+        "add-host",
+        &hosts,
+        &[
+            "--add-host",
+            "registry.internal:10.1.2.3",
+            "--add-host",
+            "v6.internal=fd00::1",
+        ],
+    )
+    .ok("--add-host");
+    for want in ["10.1.2.3\tregistry.internal", "fd00::1\tv6.internal"] {
+        assert!(
+            added.run.stderr.contains(want),
+            "{want:?}:\n{}",
+            added.run.stderr
+        );
+    }
+    let moved = build(
+        &env,
+        dir.path(),
+        "add-host-moved",
+        &hosts,
+        &["--add-host", "registry.internal:10.9.9.9"],
+    )
+    .ok("--add-host again");
+    assert!(
+        moved.run.stderr.contains("10.9.9.9\tregistry.internal"),
+        "the step was reused with the other hosts:\n{}",
+        moved.run.stderr
+    );
+    let gateway = build(
+        &env,
+        dir.path(),
+        "gw",
+        &hosts,
+        &["--add-host", "h:host-gateway"],
+    );
+    assert_eq!(gateway.run.code, 2, "{}", gateway.run.stderr);
     let bogus = build(
         &env,
         dir.path(),

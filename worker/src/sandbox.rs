@@ -172,6 +172,9 @@ pub struct RunSpec {
     /// Files to create under `/dev`.
     #[serde(default)]
     pub dev_files: Vec<DevFile>,
+    /// The step's `/etc/hosts` when it is not the host's (`--add-host`).
+    #[serde(default)]
+    pub hosts: Option<PathBuf>,
     /// When set, the step runs on an overlay of `rootfs` (the lower directory, left unchanged)
     /// and writes into its upper directory; see [`crate::overlay`]. Needs the mount namespace:
     /// the sandbox fails rather than fall back to a plain chroot.
@@ -600,7 +603,7 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
         }
     }
     for file in ["etc/hosts", "etc/resolv.conf"] {
-        let host = Path::new("/").join(file);
+        let host = host_file(spec, file);
         if let Some(target) = mount_target(root, file, false) {
             if host.is_file() && mount(Some(&host), &target, none, MsFlags::MS_BIND, none).is_ok() {
                 let _ = remount_read_only(&target);
@@ -934,7 +937,7 @@ fn prepare_plain_chroot(spec: &RunSpec) -> Result<PlainChroot, String> {
         if let Some(target) = mount_target(&spec.rootfs, file, false) {
             let empty = fs::metadata(&target).map(|m| m.len() == 0).unwrap_or(false);
             if empty {
-                if let Ok(content) = fs::read(Path::new("/").join(file)) {
+                if let Ok(content) = fs::read(host_file(spec, file)) {
                     if fs::write(&target, content).is_ok() {
                         filled.push(target);
                     }
@@ -943,6 +946,14 @@ fn prepare_plain_chroot(spec: &RunSpec) -> Result<PlainChroot, String> {
         }
     }
     Ok(PlainChroot { created, filled })
+}
+
+/// The file whose content the step sees at `file` (`etc/hosts` or `etc/resolv.conf`).
+fn host_file(spec: &RunSpec, file: &str) -> PathBuf {
+    match &spec.hosts {
+        Some(hosts) if file == "etc/hosts" => hosts.clone(),
+        _ => Path::new("/").join(file),
+    }
 }
 
 /// What [`prepare_plain_chroot`] changed in the rootfs.

@@ -302,6 +302,7 @@ pub fn spec_of(
         secrets,
         registry_certificates,
         network: req.network.to_string(),
+        extra_hosts: req.extra_hosts.clone(),
     })
 }
 
@@ -446,6 +447,7 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         build_platform: None,
         // Checked by the coordinator before any task was made (stage_tasks).
         network: network_of(spec).unwrap_or_default(),
+        extra_hosts: spec.extra_hosts.clone(),
     }
 }
 

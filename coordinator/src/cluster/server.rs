@@ -1108,6 +1108,7 @@ fn stage_tasks(
             target_platform: platform.clone(),
             build_platform: build_platform.clone(),
             network,
+            extra_hosts: spec.extra_hosts.clone(),
         };
         let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
             .map_err(|e| failure(e.to_string(), 2))?;
@@ -1168,7 +1169,7 @@ fn task_key(task: &TaskSpec) -> Option<Digest> {
             &spec.context,
             &spec.build_contexts,
             &spec.cache_from,
-            &spec.network,
+            (&spec.network, &spec.extra_hosts),
             (
                 &spec.compression,
                 spec.oci_media_types,
