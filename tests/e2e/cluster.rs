@@ -1147,11 +1147,11 @@ fn the_same_build_from_two_clients_at_once_runs_its_steps_once() {
     assert!(m.contains("ossb_tasks_waited_identical_total 1"), "{m}");
 }
 
-/// Secrets, named build contexts, `--network`, `--add-host` and a registry CA travel to the cluster: a base
-/// from the TLS registry (its CA given with --registry-certificate) is pulled by the worker,
-/// and the image pushed there; the RUN reads the secret without a network, COPY --from reads
-/// the named context. The secret's
-/// bytes are in no layer, no log, no build record, and the task's files are gone afterwards.
+/// Secrets, named build contexts, `--network`, `--add-host` and a registry CA travel to the
+/// cluster: a base from the TLS registry (its CA given with --registry-certificate) is pulled
+/// by the worker, and the image pushed there; the RUN reads the secret without a network and
+/// with the extra host, COPY --from reads the named context. The secret's bytes are in no
+/// layer, no log, no build record, and the task's files are gone afterwards.
 #[test]
 fn secrets_named_contexts_and_registry_cas_reach_the_cluster() {
     let Some(env) = TestEnv::get() else { return };
