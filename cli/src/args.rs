@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ossb_coordinator::remote_cache::parse_cache;
-use ossb_coordinator::{BuildRequest, BuildResult, Output};
+use ossb_coordinator::{Annotations, BuildRequest, BuildResult, Output};
 use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
@@ -164,6 +164,10 @@ pub struct BuildArgs {
     /// Print only the image ID on success (and errors): --progress quiet.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// An OCI annotation, [TYPE:]KEY=VALUE (repeatable), TYPE being manifest (the default),
+    /// manifest-descriptor or index (multi-platform builds), or several joined by commas.
+    #[arg(long = "annotation", value_name = "[TYPE:]KEY=VALUE")]
+    pub annotations: Vec<String>,
     /// A label for the image, KEY=VALUE (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -566,6 +570,42 @@ fn parse_ssh(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
     Ok(out)
 }
 
+/// `--annotation [TYPE[,TYPE...]:]KEY=VALUE` as buildx's, for the types ossb writes.
+fn parse_annotations(
+    specs: &[String],
+    platforms: usize,
+    media_types: MediaTypes,
+) -> Result<Annotations, String> {
+    let mut out = Annotations::default();
+    if !specs.is_empty() && media_types == MediaTypes::Docker {
+        return Err("--annotation needs OCI media types: Docker's manifests have no annotations (drop oci-mediatypes=false)".into());
+    }
+    for spec in specs {
+        let (target, value) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--annotation {spec:?}: expected [TYPE:]KEY=VALUE"))?;
+        let (types, key) = target.split_once(':').unwrap_or(("manifest", target));
+        if key.is_empty() {
+            return Err(format!("--annotation {spec:?}: expected [TYPE:]KEY=VALUE"));
+        }
+        if types.contains('[') {
+            return Err(format!("--annotation {spec}: annotations for one platform ([PLATFORM]) are not supported: leave the platform out to annotate every one"));
+        }
+        for kind in types.split(',') {
+            let map = match kind {
+                "manifest" => &mut out.manifest,
+                "manifest-descriptor" => &mut out.manifest_descriptor,
+                "index" if platforms > 1 => &mut out.index,
+                "index" => return Err(format!("--annotation {spec}: a single-platform build has no index; annotate the manifest (drop `index:`)")),
+                "index-descriptor" => return Err(format!("--annotation {spec}: index-descriptor annotations are not written by ossb; use index or manifest")),
+                other => return Err(format!("--annotation {spec}: unknown type {other:?} (manifest, manifest-descriptor or index)")),
+            };
+            map.insert(key.to_string(), value.to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// `--add-host NAME:IP` (or `NAME=IP`, which reads better for IPv6), as docker's.
 fn parse_add_hosts(specs: &[String]) -> Result<Vec<(String, String)>, String> {
     specs
@@ -713,6 +753,11 @@ impl BuildArgs {
         };
         let context = self.context.clone();
         let secrets = parse_secrets(&self.secrets)?;
+        let annotations = parse_annotations(
+            &self.annotations,
+            platforms.len(),
+            settings.media_types.unwrap_or_default(),
+        )?;
         let request = BuildRequest {
             context,
             dockerfile,
@@ -762,6 +807,7 @@ impl BuildArgs {
             build_platform: None,
             network: self.network,
             extra_hosts: parse_add_hosts(&self.add_hosts)?,
+            annotations,
         };
         Ok((
             request,

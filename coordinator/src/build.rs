@@ -105,6 +105,26 @@ pub struct BuildRequest {
     pub network: Network,
     /// `--add-host NAME:IP`: lines every RUN's `/etc/hosts` gets.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--annotation`: what the manifests, their descriptors and the index carry.
+    pub annotations: Annotations,
+}
+
+/// OCI annotations asked for with `--annotation [TYPE:]KEY=VALUE`, by where they go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Annotations {
+    /// `manifest:` (the default): each platform's manifest.
+    pub manifest: BTreeMap<String, String>,
+    /// `manifest-descriptor:`: each manifest's descriptor in the index (or the OCI layout).
+    pub manifest_descriptor: BTreeMap<String, String>,
+    /// `index:`: the index of a multi-platform build.
+    pub index: BTreeMap<String, String>,
+}
+
+impl Annotations {
+    /// `None` for an empty map: the field is then left out of the JSON.
+    pub fn some(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+        (!map.is_empty()).then(|| map.clone())
+    }
 }
 
 impl BuildRequest {
@@ -260,7 +280,10 @@ pub async fn build_with(
     let images = results?;
     let (image, config_digest) = match images.as_slice() {
         [one] => (one.manifest.clone(), Some(one.config)),
-        many => (write_index(&shared.store, many, req.media_types)?, None),
+        many => (
+            write_index(&shared.store, many, req.media_types, &req.annotations.index)?,
+            None,
+        ),
     };
     let pushed = export(&shared, &images, &image).await?;
     if let Some(repo) = &req.cache_to {
@@ -308,9 +331,11 @@ fn write_index(
     store: &BlobStore,
     images: &[PlatformImage],
     types: MediaTypes,
+    index_annotations: &BTreeMap<String, String>,
 ) -> Result<Descriptor, BuildError> {
     let manifests: Vec<Descriptor> = images.iter().map(|i| i.manifest.clone()).collect();
-    let index = Index::new(&manifests, types);
+    let mut index = Index::new(&manifests, types);
+    index.annotations = Annotations::some(index_annotations);
     let bytes = oci::to_canonical_json(&index);
     let digest = store.put(&bytes).map_err(local("storing the index"))?;
     Ok(Descriptor {

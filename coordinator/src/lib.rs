@@ -14,6 +14,6 @@ pub mod remote_cache;
 mod run;
 mod stage;
 
-pub use build::{build, BuildError, BuildRequest, BuildResult, Output};
+pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, Output};
 pub use progress::{Event, Progress};
 pub use stage::Stats;

@@ -27,7 +27,7 @@ use ossb_worker::sandbox;
 use ossb_worker::snapshot::Snapshot;
 
 use crate::add;
-use crate::build::{local, BuildError, BuildRequest};
+use crate::build::{local, Annotations, BuildError, BuildRequest};
 use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
 use crate::progress::{Event, Progress};
 use crate::remote_cache;
@@ -1380,8 +1380,10 @@ impl<'a> PlatformBuild<'a> {
             annotations: None,
         };
         let types = self.req().media_types;
-        let manifest = Manifest::new(&config_desc, &layers, types)
+        let annotations = &self.req().annotations;
+        let mut manifest = Manifest::new(&config_desc, &layers, types)
             .map_err(|e| BuildError::Export(e.to_string()))?;
+        manifest.annotations = Annotations::some(&annotations.manifest);
         let bytes = oci::to_canonical_json(&manifest);
         let digest = store.put(&bytes).map_err(local("storing the manifest"))?;
         let mut blobs = manifest.layers.clone();
@@ -1392,7 +1394,7 @@ impl<'a> PlatformBuild<'a> {
                 digest,
                 size: bytes.len() as u64,
                 platform: Some(DescriptorPlatform::from(&config.platform())),
-                annotations: None,
+                annotations: Annotations::some(&annotations.manifest_descriptor),
             },
             config: config_digest,
             blobs,

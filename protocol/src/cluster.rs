@@ -187,6 +187,9 @@ pub struct BuildSpec {
     /// `--add-host` as (name, address).
     #[serde(default)]
     pub extra_hosts: Vec<(String, String)>,
+    /// `--annotation` as (where: `manifest`, `manifest-descriptor` or `index`, key, value).
+    #[serde(default)]
+    pub annotations: Vec<(String, String, String)>,
 }
 
 /// A build secret (`--secret id=ID,src=PATH`): its id and bytes. `Debug` shows the id and the

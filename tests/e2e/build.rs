@@ -1296,3 +1296,110 @@ fn quiet_prints_only_the_image_id_and_errors() {
         both.stderr
     );
 }
+
+/// `--annotation`, as buildx's: on each platform's manifest (the default), on the manifests'
+/// descriptors in the index, and on the index; what the registry serves carries them. The
+/// cases ossb cannot write are refused before the build.
+#[test]
+fn annotations_reach_the_manifests_descriptors_and_index() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {}\nRUN echo annotated > /a\n", busybox(&env)),
+        &[],
+    );
+    let image = format!("{reg}/tests/{}:1", unique("annotated"));
+    let source = "org.opencontainers.image.source=https://example.com/team/app";
+    ossb(
+        &env,
+        &dir.path().join("cache"),
+        &[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--insecure-registry",
+            &reg,
+            "--annotation",
+            source,
+            "--annotation",
+            "index,manifest-descriptor:org.opencontainers.image.description=two platforms",
+            "-t",
+            &image,
+            "--push",
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("annotated build");
+    let raw = |reference: &str| -> serde_json::Value {
+        let out = tool(
+            "skopeo",
+            &[
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{reference}"),
+            ],
+        )
+        .success("skopeo inspect --raw");
+        serde_json::from_str(&out.stdout).unwrap()
+    };
+    let index = raw(&image);
+    let description = "two platforms";
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.description"], description,
+        "{index}"
+    );
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 2);
+    for m in manifests {
+        assert_eq!(
+            m["annotations"]["org.opencontainers.image.description"], description,
+            "{m}"
+        );
+        let repo = image.rsplit_once(':').unwrap().0;
+        let manifest = raw(&format!("{repo}@{}", m["digest"].as_str().unwrap()));
+        assert_eq!(
+            manifest["annotations"]["org.opencontainers.image.source"],
+            "https://example.com/team/app",
+            "{manifest}"
+        );
+        assert!(manifest["annotations"]
+            .get("org.opencontainers.image.description")
+            .is_none());
+    }
+
+    let ctx = ctx.to_str().unwrap();
+    for (flags, error) in [
+        (
+            &["--annotation", "index:a=b"][..],
+            "single-platform build has no index",
+        ),
+        (
+            &["--annotation", "manifest[linux/amd64]:a=b"],
+            "for one platform",
+        ),
+        (
+            &["--annotation", "index-descriptor:a=b"],
+            "not written by ossb",
+        ),
+        (
+            &[
+                "--annotation",
+                "a=b",
+                "-o",
+                "type=oci,dest=x.tar,oci-mediatypes=false",
+            ],
+            "needs OCI media types",
+        ),
+        (&["--annotation", "nokey"], "expected [TYPE:]KEY=VALUE"),
+    ] {
+        let mut args = vec!["build"];
+        args.extend_from_slice(flags);
+        args.push(ctx);
+        let run = ossb(&env, &dir.path().join("cache"), &args);
+        assert_eq!(run.code, 2, "{flags:?}: {}", run.stderr);
+        assert!(run.stderr.contains(error), "{flags:?}: {}", run.stderr);
+    }
+}

@@ -458,6 +458,14 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
     let image = format!("{reg}/tests/{}:latest", unique("cluster"));
     let out = cluster
         .submit_push("linux/amd64,linux/arm64", &reg, &image, &ctx)
+        .args([
+            "--annotation",
+            "index:org.opencontainers.image.title=cluster-built",
+        ])
+        .args([
+            "--annotation",
+            "org.opencontainers.image.source=https://example.com/c",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -503,6 +511,25 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         .map(|m| m["platform"]["architecture"].as_str().unwrap())
         .collect();
     assert_eq!(archs, ["amd64", "arm64"]);
+    // --annotation: the coordinator's index and the workers' manifests carry theirs.
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.title"],
+        "cluster-built"
+    );
+    let repo = image.rsplit_once(':').unwrap().0;
+    for m in index["manifests"].as_array().unwrap() {
+        let by_digest = format!("docker://{repo}@{}", m["digest"].as_str().unwrap());
+        let raw = tool(
+            "skopeo",
+            &["inspect", "--raw", "--tls-verify=false", &by_digest],
+        )
+        .success("skopeo inspect --raw of a manifest");
+        let manifest: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
+        assert_eq!(
+            manifest["annotations"]["org.opencontainers.image.source"],
+            "https://example.com/c"
+        );
+    }
     let mut ids = Vec::new();
     for (platform, want) in [
         ("linux/amd64", "amd64 x86_64 from-the-cluster tools=x86_64 "),

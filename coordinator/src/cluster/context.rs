@@ -20,7 +20,7 @@ use ossb_protocol::cluster::{BuildSpec, ContextEntry, EntryKind, Secret};
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
 
-use crate::build::{BuildError, BuildRequest, Output};
+use crate::build::{Annotations, BuildError, BuildRequest, Output};
 use crate::remote_cache::CacheLocation;
 
 /// The context of `req` as entries, and where each file's content is on this machine.
@@ -303,6 +303,17 @@ pub fn spec_of(
         registry_certificates,
         network: req.network.to_string(),
         extra_hosts: req.extra_hosts.clone(),
+        annotations: [
+            ("manifest", &req.annotations.manifest),
+            ("manifest-descriptor", &req.annotations.manifest_descriptor),
+            ("index", &req.annotations.index),
+        ]
+        .into_iter()
+        .flat_map(|(kind, map)| {
+            map.iter()
+                .map(move |(k, v)| (kind.to_string(), k.clone(), v.clone()))
+        })
+        .collect(),
     })
 }
 
@@ -316,6 +327,21 @@ fn registry_cache(location: &CacheLocation) -> Result<String, BuildError> {
             dir.display()
         ))),
     }
+}
+
+/// The build's `--annotation`s as the spec carries them.
+pub fn annotations_of(spec: &BuildSpec) -> Annotations {
+    let mut out = Annotations::default();
+    for (kind, key, value) in &spec.annotations {
+        let map = match kind.as_str() {
+            "manifest" => &mut out.manifest,
+            "manifest-descriptor" => &mut out.manifest_descriptor,
+            "index" => &mut out.index,
+            _ => continue,
+        };
+        map.insert(key.clone(), value.clone());
+    }
+    out
 }
 
 /// The build's `--network` as the spec carries it.
@@ -448,6 +474,7 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         // Checked by the coordinator before any task was made (stage_tasks).
         network: network_of(spec).unwrap_or_default(),
         extra_hosts: spec.extra_hosts.clone(),
+        annotations: annotations_of(spec),
     }
 }
 

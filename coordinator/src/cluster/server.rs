@@ -1169,7 +1169,7 @@ fn task_key(task: &TaskSpec) -> Option<Digest> {
             &spec.context,
             &spec.build_contexts,
             &spec.cache_from,
-            (&spec.network, &spec.extra_hosts),
+            (&spec.network, &spec.extra_hosts, &spec.annotations),
             (
                 &spec.compression,
                 spec.oci_media_types,
@@ -1587,7 +1587,9 @@ async fn merge_and_push(
     let (top, top_bytes, manifests) = match (descriptors.as_slice(), outcomes.as_slice()) {
         ([one], [o]) => (one.clone(), o.manifest.clone(), Vec::new()),
         _ => {
-            let index = Index::new(&descriptors, types);
+            let mut index = Index::new(&descriptors, types);
+            index.annotations =
+                crate::build::Annotations::some(&super::context::annotations_of(spec).index);
             let bytes = oci::to_canonical_json(&index);
             let top = Descriptor {
                 media_type: types.index().into(),
