@@ -168,7 +168,8 @@ fn layout_index(images: &[NamedImage]) -> Index {
         }
         for name in &image.names {
             let mut d = image.descriptor.clone();
-            let mut annotations = BTreeMap::new();
+            // The descriptor's own annotations (`--annotation manifest-descriptor:`) stay.
+            let mut annotations = d.annotations.take().unwrap_or_default();
             annotations.insert(IMAGE_NAME.to_string(), name.clone());
             annotations.insert(REF_NAME.to_string(), tag_of(name).to_string());
             d.annotations = Some(annotations);
@@ -363,7 +364,8 @@ mod tests {
     fn writes_a_layout_directory_with_every_blob() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path().join("store")).unwrap();
-        let top = sample(&store);
+        let mut top = sample(&store);
+        top.annotations = Some([("org.example.kept".to_string(), "yes".to_string())].into());
         let dest = dir.path().join("out");
         let images = [NamedImage {
             descriptor: top.clone(),
@@ -377,6 +379,11 @@ mod tests {
         assert_eq!(
             index.manifests[0].annotations.as_ref().unwrap()[REF_NAME],
             "1.0"
+        );
+        assert_eq!(
+            index.manifests[0].annotations.as_ref().unwrap()["org.example.kept"],
+            "yes",
+            "the descriptor's own annotations were dropped"
         );
         assert_eq!(fs::read_dir(dest.join("blobs/sha256")).unwrap().count(), 3);
         // Writing again replaces the earlier layout.
