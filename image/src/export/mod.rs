@@ -6,7 +6,6 @@
 //! Nothing half-written is left at the destination: the result is assembled under a temporary
 //! name beside it and renamed into place at the end.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
