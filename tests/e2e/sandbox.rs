@@ -67,6 +67,16 @@ fn blob(layout: &Path, digest: &str) -> PathBuf {
 }
 
 impl Built {
+    /// Asserts that the build exited with `code` and that its stderr says `want`.
+    fn fails_with(&self, code: i32, want: &str) {
+        assert_eq!(self.run.code, code, "{}", self.run.stderr);
+        assert!(
+            self.run.stderr.contains(want),
+            "{want:?} missing:\n{}",
+            self.run.stderr
+        );
+    }
+
     fn ok(self, what: &str) -> Built {
         assert_eq!(
             self.run.code, 0,
@@ -309,12 +319,7 @@ fn secrets_are_readable_in_the_step_and_nowhere_else() {
         &ctx,
         &["--secret", "id=tok,env=OSSB_E2E_NOT_SET"],
     );
-    assert_eq!(unset.run.code, 2, "{}", unset.run.stderr);
-    assert!(
-        unset.run.stderr.contains("OSSB_E2E_NOT_SET is not set"),
-        "{}",
-        unset.run.stderr
-    );
+    unset.fails_with(2, "OSSB_E2E_NOT_SET is not set");
 
     // required: a missing secret fails the build and says how to pass it.
     let ctx = dockerfile_context(
@@ -324,12 +329,7 @@ fn secrets_are_readable_in_the_step_and_nowhere_else() {
         &[],
     );
     let failed = build(&env, dir.path(), "required", &ctx, &[]);
-    assert_eq!(failed.run.code, 1, "{}", failed.run.stderr);
-    assert!(
-        failed.run.stderr.contains("--secret id=nope"),
-        "{}",
-        failed.run.stderr
-    );
+    failed.fails_with(1, "--secret id=nope");
 }
 
 /// A real `ssh-agent`, killed when dropped.
@@ -450,12 +450,7 @@ fn ssh_mounts_forward_a_real_agent() {
         &[],
     );
     let failed = build(&env, dir.path(), "ssh-required", &ctx, &[]);
-    assert_eq!(failed.run.code, 1, "{}", failed.run.stderr);
-    assert!(
-        failed.run.stderr.contains("pass --ssh default"),
-        "{}",
-        failed.run.stderr
-    );
+    failed.fails_with(1, "pass --ssh default");
     let key = dir.path().join("key");
     let not_a_socket = build(
         &env,
@@ -464,12 +459,7 @@ fn ssh_mounts_forward_a_real_agent() {
         &ctx,
         &["--ssh", &format!("default={}", key.display())],
     );
-    assert_eq!(not_a_socket.run.code, 2, "{}", not_a_socket.run.stderr);
-    assert!(
-        not_a_socket.run.stderr.contains("not an agent socket"),
-        "{}",
-        not_a_socket.run.stderr
-    );
+    not_a_socket.fails_with(2, "not an agent socket");
     // A cluster's workers cannot reach this machine's agent: refused before connecting.
     let submit = std::process::Command::new(env!("CARGO_BIN_EXE_ossb-submit"))
         .args(["--coordinator", "127.0.0.1:9", "--tls-dir", "/nonexistent"])
@@ -680,7 +670,7 @@ fn network_none_and_insecure_security() {
         &hosts,
         &["--add-host", "h:host-gateway"],
     );
-    assert_eq!(gateway.run.code, 2, "{}", gateway.run.stderr);
+    gateway.fails_with(2, "host-gateway");
     let bogus = build(
         &env,
         dir.path(),
@@ -688,15 +678,7 @@ fn network_none_and_insecure_security() {
         &ctx,
         &["--network", "bridge"],
     );
-    assert_eq!(bogus.run.code, 2, "{}", bogus.run.stderr);
-    assert!(
-        bogus
-            .run
-            .stderr
-            .contains("unsupported network mode \"bridge\""),
-        "{}",
-        bogus.run.stderr
-    );
+    bogus.fails_with(2, "unsupported network mode \"bridge\"");
 
     let ctx = dockerfile_context(
         dir.path(),
@@ -705,15 +687,7 @@ fn network_none_and_insecure_security() {
         &[],
     );
     let refused = build(&env, dir.path(), "insecure", &ctx, &[]);
-    assert_eq!(refused.run.code, 1, "{}", refused.run.stderr);
-    assert!(
-        refused
-            .run
-            .stderr
-            .contains("--security=insecure is not allowed"),
-        "{}",
-        refused.run.stderr
-    );
+    refused.fails_with(1, "--security=insecure is not allowed");
 }
 
 /// A RUN heredoc with a `#!` line runs as a script from the sandbox's /dev.
@@ -916,12 +890,7 @@ fn a_platform_that_cannot_run_is_refused_before_any_step() {
         &ctx,
         &["--platform", "linux/amd64,linux/mips64le"],
     );
-    assert_eq!(built.run.code, 1, "{}", built.run.stderr);
-    assert!(
-        built.run.stderr.contains("linux/mips64le"),
-        "{}",
-        built.run.stderr
-    );
+    built.fails_with(1, "linux/mips64le");
     assert!(
         !built.run.stderr.contains("COPY marker"),
         "no step may start:\n{}",
