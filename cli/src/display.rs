@@ -86,7 +86,30 @@ pub fn run_to_exit(
     let display = for_mode(extras.progress);
     let display = display.as_ref();
     let started = std::time::Instant::now();
-    match runtime.block_on(build(request, display)) {
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = build(request, display) => Ok(result),
+            signal = stop_signal() => Err(signal),
+        }
+    });
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err((name, number)) => {
+            // The build's future is gone: its work directory is removed, its steps are killed
+            // with their sandbox (which dies with this process); nothing was tagged unless the
+            // push had already reached its tags.
+            display.finish();
+            let code = fail(
+                extras.progress,
+                &format!("stopped by {name}: the build did not finish"),
+                128 + number,
+            );
+            // Blocking work still under way (an unpack, a layer) is not waited for.
+            runtime.shutdown_background();
+            return code;
+        }
+    };
+    match outcome {
         Ok(result) => {
             if let Err(e) = extras.write_files(request, &result) {
                 return fail(extras.progress, &e.to_string(), 1);
@@ -102,6 +125,22 @@ pub fn run_to_exit(
                 u8::try_from(e.exit_code()).unwrap_or(1),
             )
         }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (a Ctrl-C, a pod being deleted) and names it, with its number.
+async fn stop_signal() -> (&'static str, u8) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without handlers the default action (exit) applies: nothing to wait for here.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => ("SIGINT", 2),
+        _ = term.recv() => ("SIGTERM", 15),
     }
 }
 

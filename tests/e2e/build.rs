@@ -1403,3 +1403,93 @@ fn annotations_reach_the_manifests_descriptors_and_index() {
         assert!(run.stderr.contains(error), "{flags:?}: {}", run.stderr);
     }
 }
+
+/// SIGTERM (a pod being deleted) stops a build in the middle of a RUN: exit 143 with a line
+/// that says so, the step's processes gone, and nothing left behind: no work directory, no
+/// file of a secret taken from the environment.
+#[test]
+fn sigterm_stops_a_build_and_leaves_nothing_behind() {
+    use std::io::BufRead;
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {}\nRUN --mount=type=secret,id=tok echo step-started && sleep 417\n",
+            busybox(&env)
+        ),
+        &[],
+    );
+    let cache = dir.path().join("cache");
+    let reg = env.registry();
+    let mut build = std::process::Command::new(env!("CARGO_BIN_EXE_ossb"))
+        .args(["build", "--progress", "plain", "--insecure-registry", &reg])
+        .args(["--secret", "id=tok,env=OSSB_E2E_SIGTERM_SECRET"])
+        .arg(&ctx)
+        .env("OSSB_CACHE_DIR", &cache)
+        .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"))
+        .env("OSSB_E2E_SIGTERM_SECRET", "s3cr3t")
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stderr on a thread: the step has started when it prints its line.
+    let stderr = build.stderr.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("step-started") {
+                let _ = started_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    started_rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the RUN never started");
+    let sleeping = || {
+        tool("pgrep", &["-f", "sleep 417"])
+            .stdout
+            .contains(char::is_numeric)
+    };
+    assert!(
+        (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            sleeping()
+        }),
+        "the step's sleep never ran"
+    );
+    tool("kill", &["-TERM", &build.id().to_string()]).success("kill -TERM");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = build.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ossb build did not stop on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&runtime).unwrap().collect();
+    assert!(left.is_empty(), "the secret's file was left: {left:?}");
+    let work: Vec<_> = std::fs::read_dir(cache.join("work")).unwrap().collect();
+    assert!(work.is_empty(), "the work directory was left: {work:?}");
+    // The step's sleep dies with the sandbox (parent-death signal): give it a moment.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        !sleeping()
+    });
+    assert!(gone, "the step's process outlived the build");
+}
