@@ -592,14 +592,17 @@ fn parse_annotations(
             return Err(format!("--annotation {spec}: annotations for one platform ([PLATFORM]) are not supported: leave the platform out to annotate every one"));
         }
         for kind in types.split(',') {
-            let map = match kind {
-                "manifest" => &mut out.manifest,
-                "manifest-descriptor" => &mut out.manifest_descriptor,
-                "index" if platforms > 1 => &mut out.index,
-                "index" => return Err(format!("--annotation {spec}: a single-platform build has no index; annotate the manifest (drop `index:`)")),
+            match kind {
+                "index" if platforms <= 1 => return Err(format!("--annotation {spec}: a single-platform build has no index; annotate the manifest (drop `index:`)")),
                 "index-descriptor" => return Err(format!("--annotation {spec}: index-descriptor annotations are not written by ossb; use index or manifest")),
-                other => return Err(format!("--annotation {spec}: unknown type {other:?} (manifest, manifest-descriptor or index)")),
-            };
+                _ => {}
+            }
+            let map = out.of_kind(kind).ok_or_else(|| {
+                format!(
+                    "--annotation {spec}: unknown type {kind:?} ({})",
+                    Annotations::KINDS.join(", ")
+                )
+            })?;
             map.insert(key.to_string(), value.to_string());
         }
     }

@@ -121,6 +121,30 @@ pub struct Annotations {
 }
 
 impl Annotations {
+    /// The kinds, as `--annotation TYPE:` and the cluster's spec name them.
+    pub const KINDS: [&'static str; 3] = ["manifest", "manifest-descriptor", "index"];
+
+    /// The annotations of `kind` (one of [`Annotations::KINDS`]).
+    pub fn of_kind(&mut self, kind: &str) -> Option<&mut BTreeMap<String, String>> {
+        match kind {
+            "manifest" => Some(&mut self.manifest),
+            "manifest-descriptor" => Some(&mut self.manifest_descriptor),
+            "index" => Some(&mut self.index),
+            _ => None,
+        }
+    }
+
+    /// Every annotation as (kind, key, value).
+    pub fn entries(&self) -> impl Iterator<Item = (&'static str, &String, &String)> {
+        [
+            (Self::KINDS[0], &self.manifest),
+            (Self::KINDS[1], &self.manifest_descriptor),
+            (Self::KINDS[2], &self.index),
+        ]
+        .into_iter()
+        .flat_map(|(kind, map)| map.iter().map(move |(k, v)| (kind, k, v)))
+    }
+
     /// `None` for an empty map: the field is then left out of the JSON.
     pub fn some(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
         (!map.is_empty()).then(|| map.clone())

@@ -1449,15 +1449,12 @@ impl Dispatcher<'_> {
         }
         let network = match cmd.flags.get("network").map(str::to_lowercase).as_deref() {
             // As BuildKit: the build's --network is the default of the steps that name none.
-            None | Some("default") | Some("sandbox") => self.opts.network,
-            Some("none") => Network::None,
-            Some("host") => Network::Host,
-            Some(other) => {
-                return Err(self
-                    .err(node, format!("unsupported network mode {other:?}"))
+            None | Some("default" | "sandbox") => self.opts.network,
+            Some(mode) => mode.parse().map_err(|_| {
+                self.err(node, format!("unsupported network mode {mode:?}"))
                     .pointing_at("--network")
-                    .with_hint("use --network=default, none or host"))
-            }
+                    .with_hint("use --network=default, none or host")
+            })?,
         };
         let security = match cmd.flags.get("security").map(str::to_lowercase).as_deref() {
             None | Some("sandbox") => Security::Sandbox,

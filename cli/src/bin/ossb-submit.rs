@@ -40,14 +40,6 @@ fn main() -> ExitCode {
     let args = SubmitArgs::parse();
     let mode = args.build.progress_mode();
     display::init_build_logging(mode);
-    if !args.build.ssh.is_empty() {
-        // The agent's socket is on this machine; a worker cannot reach it.
-        return display::fail(
-            mode,
-            "--ssh is not supported by a build cluster: the SSH agent stays on this machine. Build with `ossb build --ssh ...`, or give the workers what the step needs another way (a --secret)",
-            2,
-        );
-    }
     // The one CryptoProvider of the process (quinn's TLS and the peer cache use it).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (request, extras) = match args.build.into_request() {

@@ -242,6 +242,12 @@ pub fn spec_of(
     context: Vec<ContextEntry>,
     build_contexts: Vec<(String, Vec<ContextEntry>)>,
 ) -> Result<BuildSpec, BuildError> {
+    if !req.ssh.is_empty() {
+        // The agent's socket is on this machine; a worker cannot reach it.
+        return Err(BuildError::Usage(
+            "--ssh is not supported by a build cluster: the SSH agent stays on this machine. Build with `ossb build --ssh ...`, or give the workers what the step needs another way (a --secret)".into(),
+        ));
+    }
     let mut secrets = Vec::new();
     for (id, path) in &req.secrets {
         let value = std::fs::read(path).map_err(|e| {
@@ -303,17 +309,11 @@ pub fn spec_of(
         registry_certificates,
         network: req.network.to_string(),
         extra_hosts: req.extra_hosts.clone(),
-        annotations: [
-            ("manifest", &req.annotations.manifest),
-            ("manifest-descriptor", &req.annotations.manifest_descriptor),
-            ("index", &req.annotations.index),
-        ]
-        .into_iter()
-        .flat_map(|(kind, map)| {
-            map.iter()
-                .map(move |(k, v)| (kind.to_string(), k.clone(), v.clone()))
-        })
-        .collect(),
+        annotations: req
+            .annotations
+            .entries()
+            .map(|(kind, k, v)| (kind.to_string(), k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -333,13 +333,9 @@ fn registry_cache(location: &CacheLocation) -> Result<String, BuildError> {
 pub fn annotations_of(spec: &BuildSpec) -> Annotations {
     let mut out = Annotations::default();
     for (kind, key, value) in &spec.annotations {
-        let map = match kind.as_str() {
-            "manifest" => &mut out.manifest,
-            "manifest-descriptor" => &mut out.manifest_descriptor,
-            "index" => &mut out.index,
-            _ => continue,
-        };
-        map.insert(key.clone(), value.clone());
+        if let Some(map) = out.of_kind(kind) {
+            map.insert(key.clone(), value.clone());
+        }
     }
     out
 }
@@ -466,7 +462,7 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         sandbox_exe: place.sandbox_exe,
         isolation: place.isolation,
         secrets: place.files.secrets,
-        // An agent is on the submitter's machine: ossb-submit refuses --ssh.
+        // An agent is on the submitter's machine: spec_of refuses --ssh.
         ssh: BTreeMap::new(),
         build_contexts: place.files.build_contexts,
         stage: None,
