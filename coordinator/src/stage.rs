@@ -553,7 +553,7 @@ impl<'a> PlatformBuild<'a> {
         for (n, step) in stage.steps.iter().enumerate() {
             state.skeleton_ok = !read_by_others && !needs_rootfs[n + 1..].iter().any(|b| *b);
             let mut vertex = Vertex {
-                label: format!("[{prefix} {}/{total}] {}", n + 1, step_title(step)),
+                label: format!("[{prefix} {}/{total}] {}", n + 1, step.title()),
                 id: None,
                 started: Instant::now(),
             };
@@ -569,7 +569,7 @@ impl<'a> PlatformBuild<'a> {
                         self.req().dockerfile_name,
                         step.location.start_line
                     ),
-                    instruction: step.created_by.trim_end_matches(" # buildkit").to_string(),
+                    instruction: step.title(),
                     message,
                 });
             match (result, vertex.id) {
@@ -890,7 +890,7 @@ impl<'a> PlatformBuild<'a> {
             _ => None,
         };
         tracing::debug!(
-            step = %step.created_by,
+            step = %step.title(),
             source = ?source,
             overlay = upper.is_some(),
             "finding the step's changes"
@@ -977,7 +977,7 @@ impl<'a> PlatformBuild<'a> {
         let tree = match tree {
             Ok(tree) => std::sync::Arc::new(tree),
             Err(e) => {
-                tracing::debug!(step = %step.created_by, "no skeleton: {e}");
+                tracing::debug!(step = %step.title(), "no skeleton: {e}");
                 return Ok(None);
             }
         };
@@ -1001,13 +1001,13 @@ impl<'a> PlatformBuild<'a> {
                 .map(|(layer, diff_id)| Some((Some(layer), Some(diff_id)))),
             Err(CopyFailure::Failed(m)) => Err(m),
             Err(CopyFailure::NeedsRootfs(why)) => {
-                tracing::debug!(step = %step.created_by, "no skeleton: {why}");
+                tracing::debug!(step = %step.title(), "no skeleton: {why}");
                 Ok(None)
             }
         };
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         tracing::debug!(
-            step = %step.created_by,
+            step = %step.title(),
             paths = tree.len(),
             skeleton = matches!(outcome, Ok(Some(_))),
             "copy on a skeleton of the layers"
@@ -1643,19 +1643,6 @@ fn absolute_in(cwd: &str, path: &str) -> String {
         }
     }
     format!("/{}", parts.join("/"))
-}
-
-/// How a step is shown in progress: as written, for RUN without the SHELL prefix.
-fn step_title(step: &Step) -> String {
-    match &step.instruction {
-        Instruction::Run(run) if run.shell_form => {
-            format!(
-                "RUN {}",
-                run.argv.last().map(String::as_str).unwrap_or_default()
-            )
-        }
-        _ => step.created_by.trim_end_matches(" # buildkit").to_string(),
-    }
 }
 
 #[cfg(test)]

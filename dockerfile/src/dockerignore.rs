@@ -203,8 +203,7 @@ impl Pattern {
             }
             Kind::Tokens(t) => {
                 let chars: Vec<char> = path.chars().collect();
-                let mut failed = vec![false; (t.len() + 1) * (chars.len() + 1)];
-                match_tokens(t, 0, &chars, 0, &mut failed)
+                match_tokens(t, &chars)
             }
         }
     }
@@ -324,45 +323,53 @@ fn class(chars: &[char], mut i: usize) -> Option<(Tok, usize)> {
     }
 }
 
-fn match_tokens(t: &[Tok], ti: usize, s: &[char], si: usize, failed: &mut [bool]) -> bool {
-    let key = ti * (s.len() + 1) + si;
-    if failed[key] {
-        return false;
-    }
-    let r = match t.get(ti) {
-        None => si == s.len(),
-        Some(Tok::Lit(c)) => s.get(si) == Some(c) && match_tokens(t, ti + 1, s, si + 1, failed),
-        Some(Tok::One) => {
-            s.get(si).is_some_and(|c| *c != '/') && match_tokens(t, ti + 1, s, si + 1, failed)
-        }
-        Some(Tok::Class { negated, ranges }) => {
-            s.get(si)
-                .is_some_and(|c| ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated)
-                && match_tokens(t, ti + 1, s, si + 1, failed)
-        }
-        Some(Tok::Star) => {
-            let mut e = si;
-            loop {
-                if match_tokens(t, ti + 1, s, e, failed) {
-                    break true;
+/// Whether the tokens match all of `s`. Whether tokens `ti..` match `s[si..]` depends only on
+/// `ti` and `si`, so the answers are filled token by token from the last, each column from the
+/// next: no recursion (a pattern of any length cannot overflow the stack), time and memory
+/// linear in each of the two lengths.
+fn match_tokens(t: &[Tok], s: &[char]) -> bool {
+    let n = s.len();
+    // After the last token: only the end of the path matches.
+    let mut next: Vec<bool> = (0..=n).map(|si| si == n).collect();
+    let mut col = vec![false; n + 1];
+    for tok in t.iter().rev() {
+        let one = |si: usize, ok: &dyn Fn(char) -> bool| -> bool {
+            s.get(si).is_some_and(|c| ok(*c)) && next[si + 1]
+        };
+        match tok {
+            Tok::Lit(c) => (0..=n).for_each(|si| col[si] = one(si, &|x| x == *c)),
+            Tok::One => (0..=n).for_each(|si| col[si] = one(si, &|x| x != '/')),
+            Tok::Class { negated, ranges } => (0..=n).for_each(|si| {
+                col[si] = one(si, &|x| {
+                    ranges.iter().any(|(lo, hi)| *lo <= x && x <= *hi) != *negated
+                })
+            }),
+            Tok::Star => {
+                // `[^/]*`: the rest matches somewhere between here and the next `/`.
+                let mut any = false;
+                for si in (0..=n).rev() {
+                    if s.get(si) == Some(&'/') {
+                        any = false;
+                    }
+                    any |= next[si];
+                    col[si] = any;
                 }
-                if e == s.len() || s[e] == '/' {
-                    break false;
+            }
+            Tok::Rest => col.iter_mut().for_each(|c| *c = true),
+            Tok::AnyDirs => {
+                // `(.*/)?`: nothing, or anything ending with a `/`.
+                let mut after_a_slash = false;
+                for si in (0..=n).rev() {
+                    if s.get(si) == Some(&'/') && next[si + 1] {
+                        after_a_slash = true;
+                    }
+                    col[si] = next[si] || after_a_slash;
                 }
-                e += 1;
             }
         }
-        Some(Tok::Rest) => true,
-        Some(Tok::AnyDirs) => {
-            // `(.*/)?`: nothing, or anything ending with a `/`.
-            match_tokens(t, ti + 1, s, si, failed)
-                || (si..s.len()).any(|e| s[e] == '/' && match_tokens(t, ti + 1, s, e + 1, failed))
-        }
-    };
-    if !r {
-        failed[key] = true;
+        std::mem::swap(&mut next, &mut col);
     }
-    r
+    next[0]
 }
 
 /// Go's `filepath.Clean`.
@@ -468,5 +475,58 @@ mod tests {
     fn comments_and_blank_lines() {
         let i = ig("# comment\n\n   \n  spaced  \n");
         assert_eq!(i.patterns(), vec!["spaced"]);
+    }
+
+    /// Whether the tokens match the whole path, by plain backtracking: the reference the
+    /// table of `match_tokens` is checked against.
+    fn backtrack(t: &[Tok], ti: usize, s: &[char], si: usize) -> bool {
+        match t.get(ti) {
+            None => si == s.len(),
+            Some(Tok::Lit(c)) => s.get(si) == Some(c) && backtrack(t, ti + 1, s, si + 1),
+            Some(Tok::One) => {
+                s.get(si).is_some_and(|c| *c != '/') && backtrack(t, ti + 1, s, si + 1)
+            }
+            Some(Tok::Class { negated, ranges }) => {
+                s.get(si)
+                    .is_some_and(|c| ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated)
+                    && backtrack(t, ti + 1, s, si + 1)
+            }
+            Some(Tok::Star) => {
+                let stop = (si..s.len()).find(|&e| s[e] == '/').unwrap_or(s.len());
+                (si..=stop).any(|e| backtrack(t, ti + 1, s, e))
+            }
+            Some(Tok::Rest) => true,
+            Some(Tok::AnyDirs) => {
+                backtrack(t, ti + 1, s, si)
+                    || (si..s.len()).any(|e| s[e] == '/' && backtrack(t, ti + 1, s, e + 1))
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn token_table_agrees_with_backtracking(
+            pattern in "[ab/*?]{0,3}(\\*\\*/?)?[ab/*?\\[\\]^-]{0,4}",
+            path in "[ab/]{0,8}",
+        ) {
+            if let Some(Kind::Tokens(t)) = compile(&pattern) {
+                let s: Vec<char> = path.chars().collect();
+                proptest::prop_assert_eq!(match_tokens(&t, &s), backtrack(&t, 0, &s, 0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_pattern_of_any_length_neither_overflows_nor_exhausts() {
+        let pattern = format!("*{}", "a".repeat(20_000));
+        let ig = ig(&pattern);
+        let path = format!("x{}", "a".repeat(5000));
+        let matched = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || ig.is_excluded(&path))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(!matched);
     }
 }

@@ -97,12 +97,12 @@ impl fmt::Display for Error {
         if let (Some(text), true) = (&self.line_text, self.line > 0) {
             let num = self.line.to_string();
             let pad = " ".repeat(num.len());
-            let shown: String = text
+            let shown: String = clip(text, MAX_SHOWN_LINE)
                 .chars()
                 .map(|c| if c == '\t' { ' ' } else { c })
                 .collect();
             write!(f, "\n {num} | {}", shown.trim_end())?;
-            if self.column > 0 {
+            if self.column > 0 && self.column <= MAX_SHOWN_LINE {
                 write!(f, "\n {pad} | {}^", " ".repeat(self.column - 1))?;
             }
         }
@@ -114,6 +114,22 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// How much of a line an error shows: a hostile line of megabytes must not flood a log.
+const MAX_SHOWN_LINE: usize = 200;
+
+/// `text` cut to its first `max_chars` characters, saying how much was left out, for messages
+/// and logs that may quote user input of any length.
+pub fn clip(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max_chars) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!(
+            "{}… ({} more bytes)",
+            &text[..cut],
+            text.len() - cut
+        )),
+    }
+}
 
 /// The closest of `candidates` to `word` (case-insensitive edit distance at most 2 or a
 /// third of the word), for "did you mean" hints.
@@ -170,6 +186,17 @@ mod tests {
             e.to_string(),
             "Dockerfile:2:3: unknown instruction: COPPY\n 2 |   COPPY . /\n   |   ^\n hint: did you mean COPY?"
         );
+    }
+
+    #[test]
+    fn long_lines_are_clipped_in_messages() {
+        let line = format!("ENV A={}", "x".repeat(100_000));
+        let e = Error::at("Dockerfile", 1, &[line], "too long");
+        let shown = e.to_string();
+        assert!(shown.len() < 400, "{} bytes shown", shown.len());
+        assert!(shown.contains("… (99806 more bytes)"), "{shown}");
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("ééé", 2), "éé… (2 more bytes)");
     }
 
     #[test]

@@ -26,11 +26,12 @@ pub mod shell;
 mod syntax;
 
 pub use dump::{dump, dump_node, go_quote};
-pub use error::Error;
+pub use error::{clip, Error};
 pub use plan::{
-    base_images, base_images_with_platforms, plan, validate, Base, BaseImageInfo, BuildPlan, Copy,
-    Healthcheck, InlineFile, Instruction, Location, Mount, MountType, Network, PlanOptions, Run,
-    Security, Sharing, Source, Stage, Step, DEFAULT_PATH, DEFAULT_SHELL, PROXY_ARGS,
+    base_images, base_images_with_platforms, plan, unused_build_args, validate, Base,
+    BaseImageInfo, BuildPlan, Copy, Healthcheck, InlineFile, Instruction, Location, Mount,
+    MountType, Network, PlanOptions, Run, Security, Sharing, Source, Stage, Step, DEFAULT_PATH,
+    DEFAULT_SHELL, MAX_VARIABLE_LEN, PROXY_ARGS,
 };
 pub use syntax::{
     parse, parse_heredoc, Directive, Dockerfile, Heredoc, Node, Warning, INSTRUCTIONS,

@@ -14,6 +14,10 @@ use crate::flags::Flags;
 use crate::shell::{Env, Lexer};
 use crate::syntax::{parse, parse_heredoc, Dockerfile, Node, INSTRUCTIONS};
 
+/// The longest `NAME=VALUE` an ARG or ENV may hold: Linux's `MAX_ARG_STRLEN` (32 pages of
+/// 4 KiB) less the terminating NUL.
+pub const MAX_VARIABLE_LEN: usize = 32 * 4096 - 1;
+
 /// The default shell of Linux stages.
 pub const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 
@@ -198,6 +202,28 @@ pub struct Step {
     /// The image history text BuildKit writes, e.g. `RUN /bin/sh -c make # buildkit`;
     /// empty for instructions BuildKit writes no history for (ONBUILD).
     pub created_by: String,
+}
+
+/// The longest step title shown in progress and errors, in characters.
+const MAX_TITLE: usize = 400;
+
+impl Step {
+    /// How the step is shown in progress and errors: as written and expanded, RUN without the
+    /// SHELL prefix and without the build arguments its history lists (a log must not repeat
+    /// every build arg at every step), clipped to a few hundred characters.
+    pub fn title(&self) -> String {
+        let text = match &self.instruction {
+            Instruction::Run(run) if run.shell_form => {
+                format!(
+                    "RUN {}",
+                    run.argv.last().map(String::as_str).unwrap_or_default()
+                )
+            }
+            Instruction::Run(run) => format!("RUN {}", run.argv.join(" ")),
+            _ => self.created_by.trim_end_matches(" # buildkit").to_string(),
+        };
+        crate::clip(&text, MAX_TITLE).into_owned()
+    }
 }
 
 /// A typed, expanded instruction.
@@ -721,6 +747,20 @@ fn expand_in(ctx: &Ctx, node: &Node, word: &str, env: &dyn Env) -> Result<String
         .map_err(|e| ctx.err(node, e.message))
 }
 
+/// Refuses a variable that no process could be given: Linux refuses to exec with an
+/// environment string longer than `MAX_ARG_STRLEN`, so BuildKit would fail at the first RUN;
+/// refusing it while planning fails before anything runs and names the line.
+fn check_variable(name: &str, value: &str) -> Result<(), String> {
+    let len = name.len() + 1 + value.len();
+    if len > MAX_VARIABLE_LEN {
+        return Err(format!(
+            "{} is {len} bytes long: a variable may be at most {MAX_VARIABLE_LEN} bytes (Linux's limit for one environment string)",
+            crate::clip(name, 40)
+        ));
+    }
+    Ok(())
+}
+
 fn arg_pairs(node: &Node) -> Vec<(String, Option<String>)> {
     node.args
         .iter()
@@ -738,12 +778,13 @@ fn resolve(ctx: &Ctx, checked: &Checked, opts: &PlanOptions) -> Result<Resolved,
     }
     for cmd in &checked.meta_args {
         for (k, default) in arg_pairs(cmd.node) {
-            if let Some(v) = opts.build_args.get(&k) {
-                globals.set(&k, v, true);
-            } else if let Some(d) = default {
-                let v = expand_in(ctx, cmd.node, &d, &globals)?;
-                globals.set(&k, &v, true);
-            }
+            let value = match (opts.build_args.get(&k), default) {
+                (Some(v), _) => v.clone(),
+                (None, Some(d)) => expand_in(ctx, cmd.node, &d, &globals)?,
+                (None, None) => continue,
+            };
+            check_variable(&k, &value).map_err(|m| ctx.err(cmd.node, m))?;
+            globals.set(&k, &value, true);
         }
     }
     let mut froms = Vec::new();
@@ -1041,6 +1082,49 @@ pub fn plan(
     Ok(BuildPlan { stages, target })
 }
 
+/// The `--build-arg` names no ARG of the build declares, sorted, for the warning the classic
+/// Docker builder prints (`One or more build-args [FOO] were not consumed`). As there, an ARG
+/// before the first FROM or in any stage up to the target consumes it (the classic builder
+/// runs every stage up to the target), and the proxy arguments never need one.
+pub fn unused_build_args(df: &Dockerfile, opts: &PlanOptions) -> Vec<String> {
+    let ctx = Ctx { df };
+    let Ok(checked) = check(&ctx, df) else {
+        return Vec::new();
+    };
+    let target = match (opts.target_index, &opts.target) {
+        (Some(i), _) => i,
+        (None, Some(t)) => {
+            let lower = t.to_lowercase();
+            match checked
+                .stages
+                .iter()
+                .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            {
+                Some(i) => i,
+                None => return Vec::new(),
+            }
+        }
+        (None, None) => checked.stages.len() - 1,
+    };
+    let declared: std::collections::HashSet<String> = checked
+        .meta_args
+        .iter()
+        .chain(
+            checked
+                .stages
+                .iter()
+                .take(target + 1)
+                .flat_map(|s| s.commands.iter().filter(|c| c.name == "ARG")),
+        )
+        .flat_map(|c| arg_pairs(c.node).into_iter().map(|(k, _)| k))
+        .collect();
+    opts.build_args
+        .keys()
+        .filter(|k| !declared.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
 fn location(df: &Dockerfile, node: &Node) -> Location {
     Location {
         file: df.file_name.clone(),
@@ -1243,6 +1327,7 @@ impl Dispatcher<'_> {
                 }
                 if cmd.name == "ENV" {
                     for (k, v) in &pairs {
+                        self.check_variable(node, k, v)?;
                         st.vars.set(k, v, false);
                         set_env(&mut st.persisted, k, v);
                     }
@@ -1363,6 +1448,13 @@ impl Dispatcher<'_> {
         })
     }
 
+    fn check_variable(&self, node: &Node, name: &str, value: &str) -> Result<(), Error> {
+        check_variable(name, value).map_err(|m| {
+            self.err(node, m)
+                .with_hint("pass large data as a file (COPY, or RUN --mount=type=secret) instead")
+        })
+    }
+
     fn arg(&self, node: &Node, st: &mut State) -> Result<(Instruction, String), Error> {
         let mut out = Vec::new();
         let mut texts = Vec::new();
@@ -1380,6 +1472,9 @@ impl Dispatcher<'_> {
             } else {
                 self.resolved.globals.get(&k).map(str::to_string)
             };
+            if let Some(v) = &value {
+                self.check_variable(node, &k, v)?;
+            }
             // An ENV of the same name wins over the ARG, in expansion and in RUN.
             if let (Some(v), false) = (&value, st.vars.is_env(&k)) {
                 st.vars.set(&k, v, true);

@@ -9,6 +9,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+/// How deeply `${...}` substitutions may nest (`${A:-${B:-...}}`). BuildKit has no limit (Go
+/// stacks grow); ours are fixed, and a hostile Dockerfile must not overflow them. Real
+/// Dockerfiles nest two or three levels.
+pub const MAX_NESTING: usize = 64;
+
+/// The longest result one expansion may produce, in bytes. Variables that repeat each other
+/// grow geometrically (`ARG B=$A$A$A...`); this stops them long before memory runs out.
+pub const MAX_EXPANDED_LEN: usize = 1 << 20;
+
+/// The most work a `${V#pattern}` or `${V/pattern/...}` may take: pattern length times value
+/// length.
+const MAX_PATTERN_WORK: usize = 1 << 26;
+
 /// Where expansion looks variables up.
 pub trait Env {
     /// The value of `name`, or `None` when it is not set (set-but-empty is `Some("")`).
@@ -132,6 +145,8 @@ impl Lexer {
             pos: 0,
             env,
             raw_escapes: self.raw_escapes,
+            depth: 0,
+            over_limit: false,
             matched: BTreeSet::new(),
             unmatched: BTreeSet::new(),
         };
@@ -144,7 +159,7 @@ impl Lexer {
             }),
             Err(e) => err(format!(
                 "failed to process {}: {}",
-                crate::dump::go_quote(word),
+                crate::dump::go_quote(&crate::clip(word, 120)),
                 e.message
             )),
         }
@@ -200,11 +215,27 @@ struct ShellWord<'a> {
     pos: usize,
     env: &'a dyn Env,
     raw_escapes: bool,
+    /// How many `${...}` enclose the current position.
+    depth: usize,
+    /// A limit was hit: the error says so and must not become "missing '}'".
+    over_limit: bool,
     matched: BTreeSet<String>,
     unmatched: BTreeSet<String>,
 }
 
 impl ShellWord<'_> {
+    /// Fails once an expansion's result passes [`MAX_EXPANDED_LEN`].
+    fn check_len(&mut self, result: &str) -> Result<(), ShellError> {
+        if result.len() > MAX_EXPANDED_LEN {
+            self.over_limit = true;
+            return err(format!(
+                "the expansion is longer than {} MiB: variables that repeat each other grow without bound",
+                MAX_EXPANDED_LEN >> 20
+            ));
+        }
+        Ok(())
+    }
+
     fn peek(&self) -> Option<char> {
         self.chars.get(self.pos).copied()
     }
@@ -236,9 +267,17 @@ impl ShellWord<'_> {
         stop: Option<char>,
         raw_escapes: bool,
     ) -> Result<(String, Vec<String>), ShellError> {
+        if self.depth >= MAX_NESTING {
+            self.over_limit = true;
+            return err(format!(
+                "substitutions nest deeper than {MAX_NESTING} levels"
+            ));
+        }
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
+        self.depth += 1;
         let r = self.process_stop_on_inner(stop);
+        self.depth -= 1;
         self.raw_escapes = saved;
         r
     }
@@ -267,6 +306,7 @@ impl ShellWord<'_> {
             };
             if let Some(tmp) = special {
                 result.push_str(&tmp);
+                self.check_len(&result)?;
                 if ch == '$' {
                     words.add_string(&tmp);
                 } else {
@@ -345,6 +385,7 @@ impl ShellWord<'_> {
                 Some('$') => {
                     let v = self.process_dollar()?;
                     result.push_str(&v);
+                    self.check_len(&result)?;
                 }
                 Some(_) => {
                     let mut ch = self.next().unwrap_or_default();
@@ -445,8 +486,7 @@ impl ShellWord<'_> {
                 }
                 let word = match self.process_stop_on(Some('}'), raw) {
                     Ok((w, _)) => w,
-                    Err(e) if self.peek().is_none() => {
-                        let _ = e;
+                    Err(_) if self.peek().is_none() && !self.over_limit => {
                         return err("syntax error: missing '}'");
                     }
                     Err(e) => return Err(e),
@@ -504,14 +544,16 @@ impl ShellWord<'_> {
                 }
                 let pattern = match self.process_stop_on(Some('/'), true) {
                     Ok((w, _)) => w,
-                    Err(_) if self.peek().is_none() => {
+                    Err(_) if self.peek().is_none() && !self.over_limit => {
                         return err("syntax error: missing '/' in ${}")
                     }
                     Err(e) => return Err(e),
                 };
                 let replacement = match self.process_stop_on(Some('}'), true) {
                     Ok((w, _)) => w,
-                    Err(_) if self.peek().is_none() => return err("syntax error: missing '}'"),
+                    Err(_) if self.peek().is_none() && !self.over_limit => {
+                        return err("syntax error: missing '}'")
+                    }
                     Err(e) => return Err(e),
                 };
                 let value = self.get_env(&name);
@@ -522,7 +564,7 @@ impl ShellWord<'_> {
                 let pat = Pattern::compile(&pattern, true).map_err(|e| ShellError {
                     message: format!("invalid pattern ({pattern}) in substitution: {e}"),
                 })?;
-                Ok(pat.replace(&value, &replacement, replace_all))
+                pat.replace(&value, &replacement, replace_all)
             }
             _ => err(format!("unsupported modifier ({chs}) in substitution")),
         }
@@ -579,57 +621,81 @@ impl Pattern {
         Ok(Pattern { toks, greedy })
     }
 
-    /// The end of the preferred match of the pattern starting at `start`, if any.
-    fn match_at(&self, s: &[char], start: usize) -> Option<usize> {
-        let mut failed = vec![false; (self.toks.len() + 1) * (s.len() + 1)];
-        self.m(s, 0, start, &mut failed)
-    }
-
-    fn m(&self, s: &[char], ti: usize, si: usize, failed: &mut [bool]) -> Option<usize> {
-        let key = ti * (s.len() + 1) + si;
-        if failed[key] {
-            return None;
+    /// For every start position in `s`, the end of the pattern's preferred match there
+    /// (`NO_MATCH` when none). The preferred match from a position depends only on the token
+    /// and the position, so the table is filled token by token from the last, each column
+    /// from the next one: no recursion, time and memory linear in each of the two lengths.
+    fn match_ends(&self, s: &[char]) -> Result<Vec<usize>, ShellError> {
+        if self.toks.len().saturating_mul(s.len() + 1) > MAX_PATTERN_WORK {
+            return err(format!(
+                "the pattern ({} characters) is too long for a value of {} characters",
+                self.toks.len(),
+                s.len()
+            ));
         }
-        let r = match self.toks.get(ti) {
-            None => Some(si),
-            Some(Tok::Lit(c)) => {
-                if s.get(si) == Some(c) {
-                    self.m(s, ti + 1, si + 1, failed)
-                } else {
-                    None
+        // After the last token: the match ends where it is.
+        let mut next: Vec<usize> = (0..=s.len()).collect();
+        let mut col = vec![NO_MATCH; s.len() + 1];
+        for tok in self.toks.iter().rev() {
+            match tok {
+                Tok::Lit(c) => {
+                    for si in 0..=s.len() {
+                        col[si] = if s.get(si) == Some(c) {
+                            next[si + 1]
+                        } else {
+                            NO_MATCH
+                        };
+                    }
+                }
+                Tok::Any => {
+                    for si in 0..=s.len() {
+                        col[si] = match s.get(si) {
+                            Some(&c) if c != '\n' => next[si + 1],
+                            _ => NO_MATCH,
+                        };
+                    }
+                }
+                Tok::Star => {
+                    // `.*` cannot cross a newline (Go's `.`): a star starting at `si` may end
+                    // anywhere up to the line's end. Greedy prefers the furthest end whose rest
+                    // matches, lazy the nearest; scanning right to left finds both, starting
+                    // afresh at each newline.
+                    let mut chosen = NO_MATCH;
+                    for si in (0..=s.len()).rev() {
+                        if s.get(si) == Some(&'\n') {
+                            chosen = NO_MATCH;
+                        }
+                        if next[si] != NO_MATCH && (!self.greedy || chosen == NO_MATCH) {
+                            chosen = next[si];
+                        }
+                        col[si] = chosen;
+                    }
                 }
             }
-            Some(Tok::Any) => match s.get(si) {
-                Some(&c) if c != '\n' => self.m(s, ti + 1, si + 1, failed),
-                _ => None,
-            },
-            Some(Tok::Star) => {
-                // `.` in Go's regexp does not match a newline.
-                let mut max = si;
-                while max < s.len() && s[max] != '\n' {
-                    max += 1;
-                }
-                if self.greedy {
-                    (si..=max).rev().find_map(|e| self.m(s, ti + 1, e, failed))
-                } else {
-                    (si..=max).find_map(|e| self.m(s, ti + 1, e, failed))
-                }
-            }
-        };
-        if r.is_none() {
-            failed[key] = true;
+            std::mem::swap(&mut next, &mut col);
         }
-        r
+        Ok(next)
     }
 
-    fn find(&self, s: &[char], from: usize) -> Option<(usize, usize)> {
-        (from..=s.len()).find_map(|st| self.match_at(s, st).map(|e| (st, e)))
-    }
-
-    fn replace(&self, value: &str, replacement: &str, all: bool) -> String {
+    /// `value` without the pattern's match at its start, or unchanged when it does not match.
+    fn strip_from_start(&self, value: &str) -> Result<String, ShellError> {
         let s: Vec<char> = value.chars().collect();
+        Ok(match self.match_ends(&s)?[0] {
+            NO_MATCH => value.to_string(),
+            end => s[end..].iter().collect(),
+        })
+    }
+
+    /// The first match at or after `from`, as (start, end).
+    fn find(ends: &[usize], from: usize) -> Option<(usize, usize)> {
+        (from..ends.len()).find_map(|st| (ends[st] != NO_MATCH).then(|| (st, ends[st])))
+    }
+
+    fn replace(&self, value: &str, replacement: &str, all: bool) -> Result<String, ShellError> {
+        let s: Vec<char> = value.chars().collect();
+        let ends = self.match_ends(&s)?;
         if !all {
-            return match self.find(&s, 0) {
+            return Ok(match Self::find(&ends, 0) {
                 Some((a, b)) => {
                     let mut out: String = s[..a].iter().collect();
                     out.push_str(replacement);
@@ -637,7 +703,7 @@ impl Pattern {
                     out
                 }
                 None => value.to_string(),
-            };
+            });
         }
         // Go's Regexp.ReplaceAllString: `$` in the replacement refers to groups.
         let mut out = String::new();
@@ -645,7 +711,7 @@ impl Pattern {
         let mut last_end: Option<usize> = None;
         let mut search = 0;
         while search <= s.len() {
-            let Some((a, b)) = self.find(&s, search) else {
+            let Some((a, b)) = Self::find(&ends, search) else {
                 break;
             };
             // An empty match right after a previous match is not allowed.
@@ -666,9 +732,12 @@ impl Pattern {
             search = if b > a { b } else { b + 1 };
         }
         out.extend(&s[pos.min(s.len())..]);
-        out
+        Ok(out)
     }
 }
+
+/// No match from this position.
+const NO_MATCH: usize = usize::MAX;
 
 /// Go's `Regexp.Expand` for a pattern with no capture groups: `$0` is the match,
 /// `$$` is `$`, other names are empty.
@@ -718,11 +787,7 @@ fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> Result<String, Shell
     let pat = Pattern::compile(pattern, greedy).map_err(|e| ShellError {
         message: format!("invalid pattern ({pattern}) in substitution: {e}"),
     })?;
-    let s: Vec<char> = value.chars().collect();
-    Ok(match pat.match_at(&s, 0) {
-        Some(end) => s[end..].iter().collect(),
-        None => value.to_string(),
-    })
+    pat.strip_from_start(value)
 }
 
 /// Reverses a pattern keeping each `\x` escape pair in order.
@@ -746,12 +811,11 @@ fn reverse_pattern(pattern: &str) -> String {
 }
 
 fn trim_suffix(pattern: &str, value: &str, greedy: bool) -> Result<String, ShellError> {
-    let rp = reverse_pattern(pattern);
-    let rv: String = value.chars().rev().collect();
-    let r = trim_prefix(&rp, &rv, greedy).map_err(|_| ShellError {
+    let pat = Pattern::compile(&reverse_pattern(pattern), greedy).map_err(|_| ShellError {
         message: format!("invalid pattern ({pattern}) in substitution"),
     })?;
-    Ok(r.chars().rev().collect())
+    let reversed: String = value.chars().rev().collect();
+    Ok(pat.strip_from_start(&reversed)?.chars().rev().collect())
 }
 
 #[cfg(test)]
@@ -802,6 +866,84 @@ mod tests {
             l.process_word("${P//a/A}", &e).unwrap(),
             "/usr/locAl/bin/App.tAr.gz"
         );
+    }
+
+    /// The preferred match end as a backtracking matcher finds it (what Go's regexp prefers):
+    /// the reference the table of `Pattern::match_ends` is checked against.
+    fn backtrack(p: &Pattern, s: &[char], ti: usize, si: usize) -> Option<usize> {
+        match p.toks.get(ti) {
+            None => Some(si),
+            Some(Tok::Lit(c)) => (s.get(si) == Some(c))
+                .then(|| backtrack(p, s, ti + 1, si + 1))
+                .flatten(),
+            Some(Tok::Any) => s
+                .get(si)
+                .filter(|c| **c != '\n')
+                .and_then(|_| backtrack(p, s, ti + 1, si + 1)),
+            Some(Tok::Star) => {
+                let max = (si..s.len()).find(|&i| s[i] == '\n').unwrap_or(s.len());
+                if p.greedy {
+                    (si..=max).rev().find_map(|e| backtrack(p, s, ti + 1, e))
+                } else {
+                    (si..=max).find_map(|e| backtrack(p, s, ti + 1, e))
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pattern_table_agrees_with_backtracking(
+            pattern in "[ab*?\\n]{0,6}",
+            value in "[ab\n]{0,10}",
+            greedy in proptest::bool::ANY,
+        ) {
+            let pattern = pattern.replace("\\n", "\n");
+            let p = Pattern::compile(&pattern, greedy).unwrap();
+            let s: Vec<char> = value.chars().collect();
+            let ends = p.match_ends(&s).unwrap();
+            for start in 0..=s.len() {
+                let want = backtrack(&p, &s, 0, start).unwrap_or(NO_MATCH);
+                proptest::prop_assert_eq!(ends[start], want, "start {}", start);
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_words_fail_with_a_limit_not_a_crash() {
+        let l = Lexer::new('\\');
+        // 10,000 nested defaults: refused at the limit, whatever the stack.
+        let deep = format!("{}x{}", "${A:-".repeat(10_000), "}".repeat(10_000));
+        let e = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || l.process_word(&deep, &NoEnv).unwrap_err())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(e.message.contains("nest deeper than 64 levels"), "{e}");
+        assert!(e.message.len() < 400, "the message quotes the whole word");
+        // The deepest allowed nesting still expands.
+        let ok = format!(
+            "{}x{}",
+            "${A:-".repeat(MAX_NESTING - 1),
+            "}".repeat(MAX_NESTING - 1)
+        );
+        assert_eq!(l.process_word(&ok, &NoEnv).unwrap(), "x");
+        // Growth by repetition is cut at the size limit.
+        let big = env(&[("A", &"x".repeat(100_000))]);
+        let e = l.process_word(&"$A".repeat(20), &big).unwrap_err();
+        assert!(e.message.contains("longer than 1 MiB"), "{e}");
+        let e = l.process_word(&"\"$A\"".repeat(20), &big).unwrap_err();
+        assert!(e.message.contains("longer than 1 MiB"), "{e}");
+        // A long pattern on a long value is refused rather than ground through.
+        let long = env(&[("A", &"a".repeat(300_000))]);
+        let pattern = format!("${{A//{}*b/x}}", "a".repeat(300));
+        let e = l.process_word(&pattern, &long).unwrap_err();
+        assert!(e.message.contains("too long for a value"), "{e}");
+        // A long pattern on a short value works, without recursion.
+        let short = env(&[("A", "ab")]);
+        let pattern = format!("${{A#{}}}", "?".repeat(100_000));
+        assert_eq!(l.process_word(&pattern, &short).unwrap(), "ab");
     }
 
     #[test]

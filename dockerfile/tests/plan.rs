@@ -405,3 +405,67 @@ fn extra_hosts_go_with_every_run() {
         .collect();
     assert_eq!(runs, vec![opts.extra_hosts.clone(); 2]);
 }
+
+#[test]
+fn build_args_no_arg_declares_are_reported_as_the_classic_builder_does() {
+    let src = "ARG GLOBAL\nFROM scratch AS a\nARG IN_A\nFROM scratch AS b\nARG IN_B\n";
+    let df = parse(src, "Dockerfile").unwrap();
+    let mut opts = PlanOptions::default();
+    for k in ["GLOBAL", "IN_A", "IN_B", "NOPE", "HTTP_PROXY", "no_proxy"] {
+        opts.build_args.insert(k.into(), "v".into());
+    }
+    assert_eq!(unused_build_args(&df, &opts), vec!["NOPE".to_string()]);
+    // Stages after the target do not consume (the classic builder stops at the target).
+    opts.target = Some("a".into());
+    assert_eq!(
+        unused_build_args(&df, &opts),
+        vec!["IN_B".to_string(), "NOPE".to_string()]
+    );
+}
+
+#[test]
+fn variables_that_outgrow_what_exec_takes_are_refused_with_their_line() {
+    // Each ARG repeats the one before ten times: 10^14 bytes if nothing stopped it.
+    let mut src = String::from("FROM scratch\nARG A0=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n");
+    for i in 1..14 {
+        src.push_str(&format!(
+            "ARG A{i}={}\n",
+            format!("${{A{}}}", i - 1).repeat(10)
+        ));
+    }
+    src.push_str("RUN true\n");
+    let started = std::time::Instant::now();
+    let e = plan_of(&src, &[], None).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(e.line, 6, "{e}");
+    assert!(e.message.contains("at most 131071 bytes"), "{e}");
+    assert!(
+        e.to_string().len() < 2000,
+        "the error repeats the value: {} bytes",
+        e.to_string().len()
+    );
+    // The same for ENV, and for a global ARG given a huge value with --build-arg.
+    let e = plan_of(
+        "FROM scratch\nARG A\nENV B=$A$A\n",
+        &[("A", &"x".repeat(100_000))],
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(e.line, 3, "{e}");
+    let e = plan_of(
+        "ARG A\nFROM scratch\n",
+        &[("A", &"x".repeat(200_000))],
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(e.line, 1, "{e}");
+    // Nesting far past the limit is an error at its line, not a crash.
+    let deep = format!(
+        "FROM scratch\nENV B={}x{}\n",
+        "${A:-".repeat(2500),
+        "}".repeat(2500)
+    );
+    let e = plan_of(&deep, &[], None).unwrap_err();
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("nest deeper than 64 levels"), "{e}");
+}
