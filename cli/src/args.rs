@@ -812,6 +812,7 @@ impl BuildArgs {
             extra_hosts: parse_add_hosts(&self.add_hosts)?,
             annotations,
         };
+        request.check().map_err(|e| e.to_string())?;
         Ok((
             request,
             Extras {

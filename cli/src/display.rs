@@ -114,6 +114,9 @@ pub fn run_to_exit(
             if let Err(e) = extras.write_files(request, &result) {
                 return fail(extras.progress, &e.to_string(), 1);
             }
+            if request.outputs.is_empty() {
+                display.event(Event::Info(NO_OUTPUT.into()));
+            }
             display.summary(&result, started.elapsed());
             ExitCode::SUCCESS
         }
@@ -127,6 +130,9 @@ pub fn run_to_exit(
         }
     }
 }
+
+/// What a build with no output says, as buildx warns: where the result is and how to get it.
+const NO_OUTPUT: &str = "warning: no output was asked for, so the image is only in the build cache: build again with --push --tag REF, --output type=oci,dest=FILE or --output type=docker,dest=FILE to get it (the steps come from the cache)";
 
 /// Waits for SIGINT or SIGTERM (a Ctrl-C, a pod being deleted) and names it, with its number.
 async fn stop_signal() -> (&'static str, u8) {

@@ -152,6 +152,29 @@ impl Annotations {
 }
 
 impl BuildRequest {
+    /// Checks what can be checked before any step runs, so that a bad tag or output fails in
+    /// a second with exit 2, not after the whole build: every tag, every registry cache
+    /// reference, and outputs that cannot hold the platforms asked for.
+    pub fn check(&self) -> Result<(), BuildError> {
+        check_references(&self.tags, self.cache_from.iter().chain(&self.cache_to))?;
+        if self.outputs.contains(&Output::Registry) && self.tags.is_empty() {
+            return Err(BuildError::Usage(
+                "--push / --output type=registry needs at least one --tag naming the registry and repository".into(),
+            ));
+        }
+        if self.platforms.len() > 1
+            && self
+                .outputs
+                .iter()
+                .any(|o| matches!(o, Output::Docker { .. }))
+        {
+            return Err(BuildError::Usage(
+                "--output type=docker holds one platform; build one --platform, or use type=oci or type=registry for several".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// How the Dockerfile is planned for `target_platform`.
     pub(crate) fn plan_options(&self, target_platform: &Platform) -> PlanOptions {
         PlanOptions {
@@ -164,6 +187,58 @@ impl BuildRequest {
             extra_hosts: self.extra_hosts.clone(),
         }
     }
+}
+
+/// The classic builder's warning for `--build-arg`s no ARG declares (a typo, usually):
+/// `One or more build-args [FOO] were not consumed`.
+pub fn unused_build_args_warning(
+    df: &dockerfile::Dockerfile,
+    build_args: &BTreeMap<String, String>,
+    target: Option<&str>,
+) -> Option<String> {
+    let opts = PlanOptions {
+        build_args: build_args.clone(),
+        target: target.map(str::to_string),
+        ..PlanOptions::default()
+    };
+    let unused = dockerfile::unused_build_args(df, &opts);
+    (!unused.is_empty()).then(|| {
+        let names: Vec<String> = unused
+            .iter()
+            .map(|n| ossb_dockerfile::clip(n, 100).into_owned())
+            .collect();
+        format!(
+            "warning: One or more build-args [{}] were not consumed",
+            names.join(" ")
+        )
+    })
+}
+
+/// Refuses a tag or a registry cache reference that is not a valid image reference, as buildx
+/// does before it builds (`invalid tag "Bad Tag!!": invalid reference format`).
+pub fn check_references<'a>(
+    tags: &[String],
+    caches: impl IntoIterator<Item = &'a CacheLocation>,
+) -> Result<(), BuildError> {
+    let bad = |what: &str, given: &str, e: RegistryError| {
+        let detail = match e {
+            RegistryError::BadReference { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        BuildError::Usage(format!(
+            "invalid {what} {}: {detail} (a reference is [registry[:port]/]repository[:tag], in lower case)",
+            ossb_dockerfile::go_quote(&ossb_dockerfile::clip(given, 200))
+        ))
+    };
+    for tag in tags {
+        parse_reference(tag).map_err(|e| bad("tag", tag, e))?;
+    }
+    for cache in caches {
+        if let CacheLocation::Registry(r) = cache {
+            parse_reference(r).map_err(|e| bad("cache reference", r, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// What a successful build produced.
@@ -240,7 +315,16 @@ pub async fn build_with(
     progress: &dyn Progress,
     steps: Option<&dyn crate::cache::SharedSteps>,
 ) -> Result<BuildResult, BuildError> {
+    req.check()?;
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
+    // A cluster's stage task leaves this to the coordinator, which says it once per build.
+    if req.stage.is_none() {
+        if let Some(warning) =
+            unused_build_args_warning(&df, &req.build_args, req.target.as_deref())
+        {
+            progress.event(crate::progress::Event::Info(warning));
+        }
+    }
     if !req.context.is_dir() {
         return Err(BuildError::Usage(format!(
             "build context {} is not a directory",

@@ -13,4 +13,5 @@ pub mod overlay;
 pub mod sandbox;
 pub mod snapshot;
 pub mod ssh;
+pub mod step_output;
 pub mod userns;

@@ -30,9 +30,9 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Uid};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::overlay::OverlayDirs;
+use crate::step_output::{LogLimit, OutputLine, OutputStream};
 
 /// The subcommand of the ossb binary that runs [`child_main`].
 pub const SUBCOMMAND: &str = "__sandbox";
@@ -300,8 +300,9 @@ pub async fn run(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| RunError::Setup(format!("starting {}: {e}", exe.display())))?;
-    let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
-    let stderr = child.stderr.take().map(|s| BufReader::new(s).lines());
+    let limit = LogLimit::from_env();
+    let stdout = child.stdout.take().map(|s| OutputStream::new(s, limit));
+    let stderr = child.stderr.take().map(|s| OutputStream::new(s, limit));
     let (Some(mut stdout), Some(mut stderr)) = (stdout, stderr) else {
         return Err(RunError::Setup("no output pipes".into()));
     };
@@ -309,20 +310,27 @@ pub async fn run(
     let mut setup_error = None;
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
-        let line = tokio::select! {
-            l = stdout.next_line(), if out_open => match l { Ok(Some(l)) => Some(l), _ => { out_open = false; None } },
-            l = stderr.next_line(), if err_open => match l { Ok(Some(l)) => Some(l), _ => { err_open = false; None } },
+        let read = tokio::select! {
+            r = stdout.next(), if out_open => { out_open = r.is_some(); r }
+            r = stderr.next(), if err_open => { err_open = r.is_some(); r }
         };
-        let Some(line) = line else { continue };
-        if let Some(msg) = line.strip_prefix(SETUP_PREFIX) {
-            setup_error = Some(msg.to_string());
-            continue;
-        }
-        on_line(&line);
+        let line = match read {
+            None => continue,
+            Some(OutputLine::Line(line)) => {
+                if let Some(msg) = line.strip_prefix(SETUP_PREFIX) {
+                    setup_error = Some(msg.to_string());
+                    continue;
+                }
+                on_line(&line);
+                line
+            }
+            // Past the log limit: not shown, but kept as the last words of a failure.
+            Some(OutputLine::Hidden(line)) => line,
+        };
         if tail.len() == 10 {
             tail.pop_front();
         }
-        tail.push_back(line);
+        tail.push_back(crate::step_output::clip_for_error(line));
     }
     let status = child
         .wait()

@@ -1320,6 +1320,18 @@ async fn build_outcome(
     rx: &mut RecvStream,
 ) -> Result<BuiltImage, Failure> {
     let mut gauge = Gauge::new(state);
+    let caches = spec
+        .cache_from
+        .iter()
+        .map(|c| crate::remote_cache::parse_cache(c, false))
+        .chain(
+            spec.cache_to
+                .iter()
+                .map(|c| crate::remote_cache::parse_cache(c, true)),
+        )
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failure(e, 2))?;
+    crate::build::check_references(&spec.tags, &caches).map_err(|e| failure(e.to_string(), 2))?;
     let df = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name)
         .map_err(|e| failure(e.to_string(), 2))?;
     if spec.platforms.is_empty() {
@@ -1359,6 +1371,12 @@ async fn build_outcome(
     .await
     .map_err(net)?;
     tracing::info!(build, platforms = ?spec.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), context_files = context.len(), "build accepted");
+    let build_args = spec.build_args.iter().cloned().collect();
+    if let Some(warning) =
+        crate::build::unused_build_args_warning(&df, &build_args, spec.target.as_deref())
+    {
+        let _ = send(tx, ClusterMessage::Event(BuildEvent::Info(warning))).await;
+    }
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let mut pending = Vec::new();
