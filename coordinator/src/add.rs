@@ -269,6 +269,10 @@ pub(crate) enum Archive {
 
 /// What kind of archive `path` is, if any.
 pub(crate) fn archive_kind(path: &Path) -> Option<Archive> {
+    // Only a regular file is read: opening a fifo would wait for a writer forever.
+    if !fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let mut head = [0u8; 512];
     let n = fs::File::open(path).ok()?.read(&mut head).ok()?;
     let head = &head[..n];

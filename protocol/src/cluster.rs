@@ -238,6 +238,16 @@ pub enum EntryKind {
     },
     /// A symbolic link to this target.
     Symlink(String),
+    /// A named pipe: made anew where the context is laid out, never read (as BuildKit sends
+    /// one). A socket travels as an empty file, BuildKit's stub.
+    Fifo,
+    /// A device node with this device number (`makedev(major, minor)`).
+    Device {
+        /// A block device (else a character device).
+        block: bool,
+        /// The device number.
+        rdev: u64,
+    },
 }
 
 /// What a worker offers.

@@ -32,8 +32,9 @@ use crate::Digest;
 
 /// The protocol version this build speaks. 2: build specs carry named contexts, secrets and
 /// registry CAs; task outcomes carry input statistics; tasks can be cancelled. 3: tasks are
-/// stages (stage, export, build platform); the cluster's step cache (claim, publish).
-pub const VERSION: u16 = 3;
+/// stages (stage, export, build platform); the cluster's step cache (claim, publish). 4: fifos
+/// and device nodes in contexts.
+pub const VERSION: u16 = 4;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -144,6 +144,10 @@ fn hash_entry(
         hasher.update(&meta.len().to_le_bytes());
         let content = hasher.cache.content_hash(path, meta).map_err(io_err)?;
         hasher.update(&content);
+    } else {
+        // A fifo, socket or device is never opened: its type (in the mode) and its device
+        // number are what a copy makes of it.
+        hasher.update(&meta.rdev().to_le_bytes());
     }
     Ok(())
 }

@@ -42,6 +42,16 @@ pub enum FsError {
     /// A symlink loop or a chain longer than the kernel's limit.
     #[error("too many levels of symbolic links resolving {0}")]
     SymlinkLoop(String),
+    /// A fifo or device node of the source could not be made in the rootfs.
+    #[error("COPY of {path}: cannot make the {what} in the image: {source} (device nodes need root outside a user namespace; remove it from the context or add it to .dockerignore)")]
+    Special {
+        /// The path in the build context (or the stage it is copied from).
+        path: String,
+        /// "named pipe", "character device", "block device".
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
     /// USER names an account the rootfs does not have.
     #[error("unable to find user {0}: no matching entries in the image's /etc/passwd")]
     UnknownUser(String),
@@ -317,7 +327,7 @@ pub fn copy_into(
                 let parent = resolve_path_in_root(rootfs, parent, true)?;
                 make_dirs(rootfs, &parent, own.owner, w)?;
                 let to = parent.join(kept.file_name().unwrap_or_default());
-                copy_entry(&from, &to, &meta, own, w)?;
+                copy_entry(&from, &rel, &to, &meta, own, w)?;
             }
         } else if meta.is_dir() {
             make_dirs(rootfs, &target, own.owner, w)?;
@@ -337,7 +347,7 @@ pub fn copy_into(
                 }
                 target.clone()
             };
-            copy_entry(&from, &to, &meta, own, w)?;
+            copy_entry(&from, &rel, &to, &meta, own, w)?;
         }
     }
     Ok(w.changes())
@@ -478,28 +488,54 @@ pub(crate) fn join_rel(dir: &str, name: &str) -> String {
 }
 
 /// Shell-style matching of one path segment: `*`, `?`, `[abc]`, `[a-z]`, `[^a]`, `\x`.
+///
+/// Only the last `*` is ever backtracked to (a later star can take over anything an earlier one
+/// would), so matching takes time proportional to the pattern times the name, whatever the
+/// stars: `*a*a*a*a*b` cannot grind a worker.
 pub fn wildcard_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    match_from(&p, &n)
+    let (mut pi, mut ni) = (0, 0);
+    // Where the last star was, and where in the name its match ends so far.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if p.get(pi) == Some(&'*') {
+            star = Some((pi + 1, ni));
+            pi += 1;
+            continue;
+        }
+        if let Some(next) = match_one(&p, pi, n[ni]) {
+            pi = next;
+            ni += 1;
+            continue;
+        }
+        match star {
+            Some((after, taken)) => {
+                // The star takes one more character; the rest starts again after it.
+                pi = after;
+                ni = taken + 1;
+                star = Some((after, taken + 1));
+            }
+            None => return false,
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
-fn match_from(p: &[char], n: &[char]) -> bool {
-    match p.first() {
-        None => n.is_empty(),
-        Some('*') => (0..=n.len()).any(|i| match_from(&p[1..], &n[i..])),
-        Some('?') => !n.is_empty() && match_from(&p[1..], &n[1..]),
-        Some('[') => {
-            let Some(c) = n.first() else { return false };
-            match class_match(&p[1..], *c) {
-                Some((true, rest)) => match_from(rest, &n[1..]),
-                Some((false, _)) => false,
-                // An unterminated class matches a literal '['.
-                None => *c == '[' && match_from(&p[1..], &n[1..]),
-            }
-        }
-        Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && match_from(&p[2..], &n[1..]),
-        Some(c) => n.first() == Some(c) && match_from(&p[1..], &n[1..]),
+/// Matches the one-character element of the pattern at `pi` against `c`; returns the index
+/// after the element on a match.
+fn match_one(p: &[char], pi: usize, c: char) -> Option<usize> {
+    match p.get(pi)? {
+        '*' => None,
+        '?' => Some(pi + 1),
+        '[' => match class_match(&p[pi + 1..], c) {
+            Some((true, rest)) => Some(p.len() - rest.len()),
+            Some((false, _)) => None,
+            // An unterminated class matches a literal '['.
+            None => (c == '[').then_some(pi + 1),
+        },
+        '\\' if pi + 1 < p.len() => (p[pi + 1] == c).then_some(pi + 2),
+        lit => (*lit == c).then_some(pi + 1),
     }
 }
 
@@ -588,7 +624,7 @@ fn copy_tree(
             let dst = dest_dir(w, &dst)?;
             copy_tree(&src, &child_rel, &dst, own, filter, w)?;
         } else {
-            copy_entry(&src, &dst, &meta, own, w)?;
+            copy_entry(&src, &child_rel, &dst, &meta, own, w)?;
         }
     }
     let meta = fs::symlink_metadata(from).map_err(io_err(from))?;
@@ -627,9 +663,12 @@ fn remove_existing(path: &Path) -> Result<(), FsError> {
     }
 }
 
-/// Copies one non-directory entry; symlinks are copied as links, never followed.
+/// Copies one non-directory entry (`rel` is its path in the source, for messages); symlinks
+/// are copied as links, never followed; fifos and device nodes are made anew and never opened
+/// (as BuildKit's copy does), a socket becomes an empty file.
 fn copy_entry(
     from: &Path,
+    rel: &str,
     to: &Path,
     meta: &fs::Metadata,
     own: &CopyOptions,
@@ -642,6 +681,7 @@ fn copy_entry(
     {
         return copy_entry(
             from,
+            rel,
             &to.join(from.file_name().unwrap_or_default()),
             meta,
             own,
@@ -667,11 +707,47 @@ fn copy_entry(
         }
         w.links.insert((meta.dev(), meta.ino()), to.to_path_buf());
     }
+    if !meta.is_file() {
+        make_special(rel, to, meta)?;
+        apply_metadata(to, meta, own)?;
+        return Ok(());
+    }
     fs::copy(from, to).map_err(io_err(to))?;
     apply_metadata(to, meta, own)?;
     // After chown, which clears file capabilities.
     copy_xattrs(from, to);
     Ok(())
+}
+
+/// Makes the fifo or device node `meta` describes at `to` (BuildKit's `copyDevice`); a socket
+/// is made an empty file, as BuildKit's "socket copied as stub". Device nodes need real root:
+/// in a user namespace the kernel refuses them, and the error names the source.
+fn make_special(rel: &str, to: &Path, meta: &fs::Metadata) -> Result<(), FsError> {
+    use nix::sys::stat::{mknod, Mode, SFlag};
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    let perm = Mode::from_bits_truncate(meta.mode() & 0o7777);
+    let (kind, what) = if ft.is_fifo() {
+        (SFlag::S_IFIFO, "named pipe")
+    } else if ft.is_char_device() {
+        (SFlag::S_IFCHR, "character device")
+    } else if ft.is_block_device() {
+        (SFlag::S_IFBLK, "block device")
+    } else {
+        // A socket (the only type left): the stub BuildKit makes.
+        fs::File::create(to).map_err(io_err(to))?;
+        return Ok(());
+    };
+    let rdev = if kind == SFlag::S_IFIFO {
+        0
+    } else {
+        meta.rdev()
+    };
+    mknod(to, kind, perm, rdev).map_err(|errno| FsError::Special {
+        path: rel.to_string(),
+        what,
+        source: io::Error::from(errno),
+    })
 }
 
 /// Copies the extended attributes of `from` to `to` (user.*, security.capability and the rest
@@ -916,6 +992,73 @@ mod tests {
         ));
     }
 
+    /// As BuildKit's copy: a fifo is made anew (never opened, so the copy cannot hang), a
+    /// socket becomes an empty file, a device node is made where the kernel allows it and
+    /// otherwise fails naming its path in the context.
+    #[test]
+    fn special_files_are_made_anew_never_opened() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        let root = dir.path().join("root");
+        fs::create_dir_all(ctx.join("sub")).unwrap();
+        fs::create_dir(&root).unwrap();
+        nix::unistd::mkfifo(
+            &ctx.join("sub/pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(ctx.join("sub/sock")).unwrap();
+        copy_into(
+            &ctx,
+            &[".".into()],
+            &root,
+            "/ctx/",
+            CopyOptions::default(),
+            CopyFilter::none(),
+        )
+        .unwrap();
+        let pipe = fs::symlink_metadata(root.join("ctx/sub/pipe")).unwrap();
+        assert!(pipe.file_type().is_fifo());
+        assert_eq!(pipe.mode() & 0o7777, 0o640);
+        let sock = fs::symlink_metadata(root.join("ctx/sub/sock")).unwrap();
+        assert!(sock.is_file() && sock.len() == 0);
+
+        let dev = ctx.join("sub/null");
+        let made = nix::sys::stat::mknod(
+            &dev,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        );
+        if made.is_err() {
+            // Not real root (a user namespace): the copy above covered what can be made.
+            return;
+        }
+        let copied = copy_into(
+            &ctx,
+            &["sub/null".into()],
+            &root,
+            "/null",
+            CopyOptions::default(),
+            CopyFilter::none(),
+        );
+        match copied {
+            Ok(_) => {
+                let m = fs::symlink_metadata(root.join("null")).unwrap();
+                assert!(m.file_type().is_char_device());
+                assert_eq!(m.rdev(), nix::sys::stat::makedev(1, 3));
+            }
+            Err(e) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.starts_with("COPY of sub/null: cannot make the character device"),
+                    "{shown}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn copies_with_docker_rules() {
         let dir = tempfile::tempdir().unwrap();
@@ -1120,8 +1263,53 @@ mod tests {
             ("\\*", "*", true),
             ("\\*", "a", false),
             ("[", "[", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyyb", false),
+            ("*", "", true),
+            ("a*", "a", true),
+            ("**x", "yx", true),
+            ("a?c*", "abc", true),
+            ("*[b]", "ab", true),
         ] {
             assert_eq!(wildcard_match(p, n), want, "{p} vs {n}");
+            assert_eq!(
+                backtrack(
+                    &p.chars().collect::<Vec<_>>(),
+                    &n.chars().collect::<Vec<_>>()
+                ),
+                want,
+                "{p} vs {n}"
+            );
+        }
+        // Many stars against a long name that almost matches: quick, not exponential.
+        let stars = format!("{}b", "*a".repeat(30));
+        assert!(!wildcard_match(&stars, &"a".repeat(250)));
+    }
+
+    /// Plain backtracking, the reference the one-star-memory matcher is checked against.
+    fn backtrack(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| backtrack(&p[1..], &n[i..])),
+            Some('?') => !n.is_empty() && backtrack(&p[1..], &n[1..]),
+            Some('[') => {
+                let Some(c) = n.first() else { return false };
+                match class_match(&p[1..], *c) {
+                    Some((true, rest)) => backtrack(rest, &n[1..]),
+                    Some((false, _)) => false,
+                    None => *c == '[' && backtrack(&p[1..], &n[1..]),
+                }
+            }
+            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && backtrack(&p[2..], &n[1..]),
+            Some(c) => n.first() == Some(c) && backtrack(&p[1..], &n[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn wildcards_agree_with_backtracking(p in "[ab*?\\[\\]^-]{0,7}", n in "[ab\\[-]{0,8}") {
+            let (pc, nc): (Vec<char>, Vec<char>) = (p.chars().collect(), n.chars().collect());
+            proptest::prop_assert_eq!(wildcard_match(&p, &n), backtrack(&pc, &nc), "{} vs {}", p, n);
         }
     }
 

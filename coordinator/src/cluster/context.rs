@@ -67,7 +67,7 @@ fn walk(
     entries: &mut Vec<ContextEntry>,
     files: &mut BTreeMap<Digest, PathBuf>,
 ) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let read = std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
     let mut children: Vec<_> = read.filter_map(Result::ok).collect();
     children.sort_by_key(|e| e.file_name());
@@ -105,21 +105,40 @@ fn walk(
                 mode,
                 kind: EntryKind::Symlink(target.to_string_lossy().into_owned()),
             });
-        } else if meta.is_file() {
-            let mut file =
-                std::fs::File::open(&full).map_err(|e| format!("{}: {e}", full.display()))?;
-            let mut hasher = ossb_protocol::Sha256Writer::new(std::io::sink());
-            std::io::copy(&mut file, &mut hasher)
-                .map_err(|e| format!("{}: {e}", full.display()))?;
-            let (digest, size, _) = hasher.finish();
-            files.insert(digest, full);
+        } else if meta.is_file() || meta.file_type().is_socket() {
+            // A socket travels as an empty file (BuildKit's stub); it is never opened.
+            let (digest, size) = if meta.is_file() {
+                let mut file =
+                    std::fs::File::open(&full).map_err(|e| format!("{}: {e}", full.display()))?;
+                let mut hasher = ossb_protocol::Sha256Writer::new(std::io::sink());
+                std::io::copy(&mut file, &mut hasher)
+                    .map_err(|e| format!("{}: {e}", full.display()))?;
+                let (digest, size, _) = hasher.finish();
+                files.insert(digest, full);
+                (digest, size)
+            } else {
+                let empty = Digest::of(b"");
+                files.insert(empty, PathBuf::from("/dev/null"));
+                (empty, 0)
+            };
             entries.push(ContextEntry {
                 path,
                 mode,
                 kind: EntryKind::File { digest, size },
             });
+        } else {
+            // Never opened: a fifo would wait for a writer forever.
+            let ft = meta.file_type();
+            let kind = if ft.is_fifo() {
+                EntryKind::Fifo
+            } else {
+                EntryKind::Device {
+                    block: ft.is_block_device(),
+                    rdev: meta.rdev(),
+                }
+            };
+            entries.push(ContextEntry { path, mode, kind });
         }
-        // Sockets, fifos and devices are not part of a build context.
     }
     Ok(())
 }
@@ -172,7 +191,9 @@ pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> 
         }
         make_parents(dest, rel)?;
         let path = dest.join(rel);
-        let err = |what: &str, x: std::io::Error| format!("{what} {}: {x}", path.display());
+        // Named as in the context: the worker's own directories mean nothing to the user.
+        let err =
+            |what: &str, x: std::io::Error| format!("{what} {:?} of the context: {x}", e.path);
         match &e.kind {
             EntryKind::Dir => match std::fs::symlink_metadata(&path) {
                 Ok(meta) if meta.is_dir() => dirs.push((path, e.mode)),
@@ -197,6 +218,18 @@ pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> 
             }
             EntryKind::Symlink(target) => {
                 std::os::unix::fs::symlink(target, &path).map_err(|x| err("linking", x))?;
+            }
+            EntryKind::Fifo | EntryKind::Device { .. } => {
+                use nix::sys::stat::{mknod, Mode, SFlag};
+                let (kind, rdev) = match e.kind {
+                    EntryKind::Device { block: true, rdev } => (SFlag::S_IFBLK, rdev),
+                    EntryKind::Device { block: false, rdev } => (SFlag::S_IFCHR, rdev),
+                    _ => (SFlag::S_IFIFO, 0),
+                };
+                mknod(&path, kind, Mode::from_bits_truncate(e.mode & 0o7777), rdev).map_err(|x| {
+                    format!("making the {} {:?} of the context: {x} (device nodes need root outside a user namespace; add it to .dockerignore)",
+                        if kind == SFlag::S_IFIFO { "named pipe" } else { "device node" }, e.path)
+                })?;
             }
         }
     }
@@ -523,6 +556,13 @@ mod tests {
         std::fs::write(ctx.join("src/skip/x"), "x").unwrap();
         std::fs::write(ctx.join("debug.log"), "x").unwrap();
         std::os::unix::fs::symlink("a.txt", ctx.join("src/link")).unwrap();
+        // Special files are listed, never opened: a fifo would hang the scan.
+        nix::unistd::mkfifo(
+            &ctx.join("src/pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(ctx.join("src/sock")).unwrap();
         let req = BuildRequest {
             context: ctx.clone(),
             dockerfile: String::new(),
@@ -549,11 +589,21 @@ mod tests {
                 "src",
                 "src/a.txt",
                 "src/b.txt",
-                "src/link"
+                "src/link",
+                "src/pipe",
+                "src/sock"
             ]
         );
-        // Two files with the same content are one blob.
-        assert_eq!(file_digests(&entries).len(), 3);
+        assert_eq!(entries[6].kind, EntryKind::Fifo);
+        assert_eq!(
+            entries[7].kind,
+            EntryKind::File {
+                digest: Digest::of(b""),
+                size: 0
+            }
+        );
+        // Two files with the same content are one blob; the socket is an empty one.
+        assert_eq!(file_digests(&entries).len(), 4);
         let store = BlobStore::open(dir.path().join("store")).unwrap();
         for path in files.values() {
             store.put(&std::fs::read(path).unwrap()).unwrap();
@@ -563,6 +613,12 @@ mod tests {
         materialize(&entries, &store, &out).unwrap();
         assert_eq!(std::fs::read_to_string(out.join("src/link")).unwrap(), "a");
         assert!(!out.join("debug.log").exists());
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(out.join("src/pipe"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        assert_eq!(std::fs::read(out.join("src/sock")).unwrap(), b"");
 
         let evil = [ContextEntry {
             path: "../x".into(),
