@@ -10,6 +10,7 @@ use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_protocol::{Digest, Platform};
+use ossb_worker::mounts::{Secret, SecretBytes};
 
 /// ossb: build OCI images from Dockerfiles, without a daemon and without privileges.
 #[derive(Parser, Debug)]
@@ -230,8 +231,6 @@ pub struct Extras {
     pub progress: ProgressMode,
     metadata_file: Option<PathBuf>,
     iidfile: Option<PathBuf>,
-    /// The files of secrets taken from the environment, kept until the command ends.
-    _secrets_from_env: Option<tempfile::TempDir>,
 }
 
 /// The image ID of `--iidfile` and `--quiet`. As BuildKit: the config digest for one platform,
@@ -424,25 +423,14 @@ fn parse_build_contexts(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, S
     Ok(out)
 }
 
-/// The `--secret` values: the file of each secret by id, and the private directory holding
-/// those that came from the environment (removed when dropped).
-struct Secrets {
-    files: BTreeMap<String, PathBuf>,
-    from_env: Option<tempfile::TempDir>,
-}
-
 /// Parses `--secret` as buildx does: `id=ID` with `src=PATH` (`type=file`, the default) or
 /// `env=VAR` (`type=env`, where `src=` names the variable); `id=ID` alone reads the variable ID
 /// when it is set, else the file ID.
 ///
-/// A secret from the environment is written to a file of mode 0600 in a directory of mode
-/// 0700, on a tmpfs where there is one, so that the steps and the cluster read every secret
-/// the same way. The directory is removed when the command ends.
-fn parse_secrets(specs: &[String]) -> Result<Secrets, String> {
-    let mut secrets = Secrets {
-        files: BTreeMap::new(),
-        from_env: None,
-    };
+/// A secret from the environment stays in this process's memory: no file of it is written
+/// anywhere (a build killed outright would leave one behind).
+fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, Secret>, String> {
+    let mut secrets = BTreeMap::new();
     for spec in specs {
         let usage = || format!("--secret {spec:?}: expected id=ID,src=PATH or id=ID,env=VAR");
         let (mut id, mut src, mut env, mut from_env) = (None, None, None, None);
@@ -472,7 +460,7 @@ fn parse_secrets(specs: &[String]) -> Result<Secrets, String> {
                 src = Some(id.clone());
             }
         }
-        let path = match (src, env) {
+        let secret = match (src, env) {
             (Some(src), None) => {
                 let src = PathBuf::from(src);
                 if !src.is_file() {
@@ -481,56 +469,20 @@ fn parse_secrets(specs: &[String]) -> Result<Secrets, String> {
                         src.display()
                     ));
                 }
-                src
+                Secret::File(src)
             }
             (None, Some(var)) => {
+                use std::os::unix::ffi::OsStringExt;
                 let value = std::env::var_os(&var).ok_or_else(|| {
                     format!("--secret id={id}: the environment variable {var} is not set")
                 })?;
-                write_env_secret(&mut secrets.from_env, secrets.files.len(), &value)
-                    .map_err(|e| format!("--secret id={id}: writing it to a private file: {e}"))?
+                Secret::Value(SecretBytes(value.into_vec()))
             }
             _ => return Err(usage()),
         };
-        secrets.files.insert(id, path);
+        secrets.insert(id, secret);
     }
     Ok(secrets)
-}
-
-/// Writes one secret's value to file `n` of the private directory, made on first use.
-fn write_env_secret(
-    dir: &mut Option<tempfile::TempDir>,
-    n: usize,
-    value: &std::ffi::OsStr,
-) -> std::io::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if dir.is_none() {
-        // A tmpfs keeps the value off the disk.
-        let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
-        let parent = [runtime, Some(PathBuf::from("/dev/shm"))]
-            .into_iter()
-            .flatten()
-            .find(|d| d.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let mut private = tempfile::Builder::new();
-        private
-            .prefix("ossb-secrets-")
-            .permissions(std::fs::Permissions::from_mode(0o700));
-        *dir = Some(private.tempdir_in(&parent).or_else(|_| private.tempdir())?);
-    }
-    let path = dir
-        .as_ref()
-        .map(|d| d.path().join(n.to_string()))
-        .unwrap_or_default();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    file.write_all(value.as_bytes())?;
-    Ok(path)
 }
 
 /// `--ssh` values as buildx reads them: `ID` (`default` included) is the agent of
@@ -803,7 +755,7 @@ impl BuildArgs {
             sandbox_exe: std::env::current_exe()
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
             isolation: self.isolation.into(),
-            secrets: secrets.files,
+            secrets,
             ssh: parse_ssh(&self.ssh)?,
             build_contexts: parse_build_contexts(&self.build_contexts)?,
             stage: None,
@@ -816,7 +768,6 @@ impl BuildArgs {
         Ok((
             request,
             Extras {
-                _secrets_from_env: secrets.from_env,
                 progress: self.progress_mode(),
                 metadata_file: self.metadata_file,
                 iidfile: self.iidfile,
@@ -888,7 +839,6 @@ mod tests {
 
     #[test]
     fn parses_secrets_from_files_and_the_environment_as_buildx() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         std::fs::write(&file, "from-a-file").unwrap();
@@ -904,28 +854,25 @@ mod tests {
         ]
         .into();
         let secrets = parse_secrets(&specs).unwrap();
-        let read = |id: &str| std::fs::read_to_string(&secrets.files[id]).unwrap();
         for id in ["f", "g"] {
-            assert_eq!(secrets.files[id], file);
+            assert_eq!(secrets[id], Secret::File(file.clone()));
         }
-        assert_eq!(read(&file.display().to_string()), "from-a-file");
+        assert_eq!(
+            secrets[&file.display().to_string()].read().unwrap(),
+            b"from-a-file"
+        );
+        // From the environment: held as values, never written to a file.
         for id in ["e", "s", "PATH"] {
-            assert_eq!(read(id), path, "{id}");
-            let mode = std::fs::metadata(&secrets.files[id])
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{id}");
+            assert_eq!(
+                secrets[id],
+                Secret::Value(SecretBytes(path.clone().into_bytes())),
+                "{id}"
+            );
+            assert!(
+                !format!("{:?}", secrets[id]).contains(&path),
+                "Debug shows the value"
+            );
         }
-        let private = secrets.from_env.as_ref().unwrap().path().to_path_buf();
-        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
-        drop(secrets);
-        assert!(!private.exists(), "the secrets' directory outlived them");
-
-        // Only files: no private directory.
-        let files = parse_secrets(&specs[..2]).unwrap();
-        assert!(files.from_env.is_none());
 
         for (spec, error) in [
             (

@@ -17,10 +17,7 @@ fn main() -> ExitCode {
     // The sandbox child must stay single-threaded: dispatch to it before anything else runs.
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if raw.get(1).is_some_and(|a| a == sandbox::SUBCOMMAND) {
-        let Some(spec) = raw.get(2) else {
-            return ExitCode::from(2);
-        };
-        return exit(sandbox::child_main(std::path::Path::new(spec)));
+        return exit(sandbox::child_main());
     }
     let cli = Cli::parse();
     match cli.command {

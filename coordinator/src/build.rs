@@ -93,8 +93,8 @@ pub struct BuildRequest {
     pub isolation: Isolation,
     /// `--build-context NAME=DIR`: named contexts that `COPY --from=NAME` reads.
     pub build_contexts: BTreeMap<String, PathBuf>,
-    /// `--secret id=ID,src=PATH`: secret files by id, for `RUN --mount=type=secret`.
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// `--secret`: secrets by id, for `RUN --mount=type=secret`.
+    pub secrets: BTreeMap<String, ossb_worker::mounts::Secret>,
     /// `--ssh ID=SOCKET`: SSH agent sockets by id, for `RUN --mount=type=ssh`.
     pub ssh: BTreeMap<String, PathBuf>,
     /// Build only this stage (its Dockerfile index) and what it needs: a cluster's stage task.
@@ -340,6 +340,8 @@ pub async fn build_with(
         .lease()
         .map_err(local("locking the cache directory"))?;
     let cache = LocalCache::open(&req.cache_dir).map_err(local("opening the cache"))?;
+    // What builds killed outright left in the temporary directory (older versions' step specs).
+    ossb_worker::sandbox::remove_stale_step_files();
     let work_root = req.cache_dir.join("work");
     std::fs::create_dir_all(&work_root).map_err(local("creating the work directory"))?;
     let work = tempfile::Builder::new()

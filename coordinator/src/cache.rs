@@ -353,6 +353,7 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
         }
     }
+    report.leftovers += ossb_worker::sandbox::remove_stale_step_files();
     if opts.all {
         // RUN --mount=type=cache directories.
         let mounts = cache_dir.join("run-mounts");

@@ -35,7 +35,7 @@ pub(crate) struct RunContext<'a> {
     /// How the step is isolated.
     pub isolation: Isolation,
     /// Secret files by id (`--secret`), for `--mount=type=secret`.
-    pub secrets: &'a BTreeMap<String, PathBuf>,
+    pub secrets: &'a BTreeMap<String, ossb_worker::mounts::Secret>,
     /// SSH agent sockets by id (`--ssh`), for `--mount=type=ssh`.
     pub ssh: &'a BTreeMap<String, PathBuf>,
     /// When set, the step runs on this overlay of the rootfs (see `ossb_worker::overlay`).

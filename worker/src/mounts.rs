@@ -66,6 +66,46 @@ pub enum MountError {
     },
 }
 
+/// Where a secret's value comes from. Neither form leaves a copy anywhere: a file is read when
+/// a step mounts it, and a value lives in this process's memory and then in the step spec the
+/// sandbox reads from a memfd. `Debug` never shows a value.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// A file of the user's (`--secret id=,src=PATH`).
+    File(PathBuf),
+    /// A value (`--secret id=,env=VAR`, or a secret that reached a cluster worker).
+    Value(SecretBytes),
+}
+
+impl Secret {
+    /// The secret's bytes.
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        match self {
+            Secret::File(path) => fs::read(path),
+            Secret::Value(v) => Ok(v.0.clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::File(path) => write!(f, "File({})", path.display()),
+            Secret::Value(v) => v.fmt(f),
+        }
+    }
+}
+
+/// A secret's bytes, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<secret, {} bytes>", self.0.len())
+    }
+}
+
 /// Where the content of mounts comes from.
 #[derive(Clone, Debug)]
 pub struct MountSources {
@@ -77,8 +117,8 @@ pub struct MountSources {
     pub images: HashMap<String, PathBuf>,
     /// The cache directory; cache mounts live in `CACHE_DIR/run-mounts/`.
     pub cache_dir: PathBuf,
-    /// Secret files by id (`--secret id=,src=`).
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// Secrets by id (`--secret`).
+    pub secrets: BTreeMap<String, Secret>,
     /// SSH agent sockets by id (`--ssh`).
     pub ssh: BTreeMap<String, PathBuf>,
 }
@@ -237,19 +277,21 @@ fn secret(
     p: &mut Prepared,
 ) -> Result<Option<MountSource>, MountError> {
     let id = m.id.clone().unwrap_or_default();
-    let Some(path) = sources.secrets.get(&id) else {
+    let Some(secret) = sources.secrets.get(&id) else {
         if m.required {
             return Err(MountError::MissingSecret(id));
         }
         // As BuildKit: an optional secret that was not given is simply absent.
         return Ok(None);
     };
-    let io_err = |source| MountError::Io {
+    let content = secret.read().map_err(|source| MountError::Io {
         target: m.target.clone(),
-        path: path.clone(),
+        path: match secret {
+            Secret::File(path) => path.clone(),
+            Secret::Value(_) => PathBuf::from(format!("secret {id}")),
+        },
         source,
-    };
-    let content = fs::read(path).map_err(io_err)?;
+    })?;
     let text = String::from_utf8_lossy(&content).into_owned();
     if !text.trim().is_empty() {
         p.secret_values.push(text.trim().to_string());
@@ -261,7 +303,7 @@ fn secret(
         }
     }
     Ok(Some(MountSource::Secret {
-        path: path.clone(),
+        content: SecretBytes(content),
         uid: m.uid.unwrap_or(0),
         gid: m.gid.unwrap_or(0),
         mode: m.mode.unwrap_or(0o400),
@@ -628,7 +670,7 @@ mod tests {
         let file = dir.path().join("tok.txt");
         fs::write(&file, "s3cr3t\n").unwrap();
         let mut s = sources(dir.path());
-        s.secrets.insert("tok".into(), file);
+        s.secrets.insert("tok".into(), Secret::File(file));
         m.env = Some("TOKEN".into());
         let p = prepare(&rootfs, &[m], &s).unwrap();
         assert_eq!(p.env, vec!["TOKEN=s3cr3t\n".to_string()]);

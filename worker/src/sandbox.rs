@@ -116,11 +116,12 @@ pub enum MountSource {
         /// Its size limit in bytes.
         size: Option<u64>,
     },
-    /// A secret: the content of a host file, copied to a tmpfs file of the given owner and
-    /// mode (never onto a disk the layer is read from) and bound read-only on the target.
+    /// A secret, written to a file of the given owner and mode on the sandbox's own `/dev`
+    /// tmpfs (never a disk, gone with the sandbox's mount namespace) and bound read-only on the
+    /// target. The spec carrying it reaches the sandbox through a memfd, never a file.
     Secret {
-        /// The host file (`--secret src=`).
-        path: PathBuf,
+        /// The value.
+        content: crate::mounts::SecretBytes,
         /// Owner uid.
         uid: u32,
         /// Owner gid.
@@ -282,24 +283,21 @@ pub async fn run(
     display: &str,
     mut on_line: impl FnMut(&str),
 ) -> Result<(), RunError> {
-    let mut spec_file = tempfile::Builder::new()
-        .prefix(".ossb-run-")
-        .tempfile()
+    let request = request_memfd(&Request::Run(Box::new(spec.clone())))
         .map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
-    let json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
-    spec_file
-        .write_all(&json)
-        .map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
-
-    let mut child = tokio::process::Command::new(exe)
+    let mut command = tokio::process::Command::new(exe);
+    command
         .arg(SUBCOMMAND)
-        .arg(spec_file.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // SAFETY: see `give_request`.
+    unsafe { command.pre_exec(give_request(&request)) };
+    let mut child = command
         .spawn()
         .map_err(|e| RunError::Setup(format!("starting {}: {e}", exe.display())))?;
+    drop(request);
     let limit = LogLimit::from_env();
     let stdout = child.stdout.take().map(|s| OutputStream::new(s, limit));
     let stderr = child.stderr.take().map(|s| OutputStream::new(s, limit));
@@ -375,10 +373,94 @@ fn die_with_parent() {
     }
 }
 
-/// The entry point of `ossb __sandbox SPEC`: returns the exit code of the step's command.
+/// Removes the step specs that ossb before the memfd (`.ossb-run-*` in the temporary directory)
+/// left behind when a build was killed: they may hold secret values. Only this user's files, a
+/// minute old or more, are touched. Returns how many were removed.
+pub fn remove_stale_step_files() -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return 0;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if !entry.file_name().as_bytes().starts_with(b".ossb-run-") {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() >= 60);
+        if meta.is_file() && meta.uid() == me && old && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The descriptor on which `ossb __sandbox` finds its request.
+const REQUEST_FD: i32 = 3;
+
+/// The request as a memfd: a step's spec carries secret values, and a memfd is on no
+/// filesystem, so nothing is left behind when a build is killed (a spec file in /tmp was).
+fn request_memfd(request: &Request) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::io::{Seek, SeekFrom};
+    let fd =
+        nix::sys::memfd::memfd_create(c"ossb-step-request", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+    let mut file = fs::File::from(fd);
+    serde_json::to_writer(&mut file, request)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file.into())
+}
+
+/// What the child runs between fork and exec to find `request` on [`REQUEST_FD`].
+///
+/// SAFETY (for the caller of `pre_exec`): the closure runs in the forked child, where only
+/// async-signal-safe calls are allowed; it makes only `dup2` and `fcntl`, which are. The
+/// memfd itself is close-on-exec, so only the copy on [`REQUEST_FD`] reaches the sandbox.
+fn give_request(
+    request: &std::os::fd::OwnedFd,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    use std::os::fd::AsRawFd;
+    let raw = request.as_raw_fd();
+    move || {
+        // SAFETY: plain descriptor calls on descriptors this process holds.
+        let r = unsafe {
+            if raw == REQUEST_FD {
+                // dup2 onto itself would keep close-on-exec.
+                libc::fcntl(raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, REQUEST_FD)
+            }
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Reads the request the parent put on [`REQUEST_FD`], and closes it: the step must not
+/// inherit it.
+fn read_request() -> Result<Request, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `give_request` placed the request on this descriptor before exec, and nothing
+    // else in this fresh process owns it; the File closes it when dropped.
+    let mut file = unsafe { fs::File::from_raw_fd(REQUEST_FD) };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the step request on descriptor {REQUEST_FD}: {e} (ossb __sandbox is started by ossb itself)"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("parsing the step request: {e}"))
+}
+
+/// The entry point of `ossb __sandbox`: returns the exit code of the step's command.
 /// Must run in a fresh, single-threaded process.
-pub fn child_main(spec_path: &Path) -> i32 {
-    match sandbox(spec_path) {
+pub fn child_main() -> i32 {
+    match sandbox() {
         Ok(code) => code,
         Err(msg) => {
             eprintln!("{SETUP_PREFIX}{msg}");
@@ -387,11 +469,8 @@ pub fn child_main(spec_path: &Path) -> i32 {
     }
 }
 
-fn sandbox(spec_path: &Path) -> Result<i32, String> {
-    let bytes = fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
-    let request: Request = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("parsing {}: {e}", spec_path.display()))?;
-    let spec = match request {
+fn sandbox() -> Result<i32, String> {
+    let spec = match read_request()? {
         Request::Run(spec) => spec,
         Request::Probe {
             overlay_probe,
@@ -661,13 +740,12 @@ pub(crate) fn probe_overlay(exe: &Path, lower: &Path, dirs: &OverlayDirs) -> Res
         overlay_probe: dirs.clone(),
         lower: lower.to_path_buf(),
     };
-    let file = lower.parent().unwrap_or(Path::new("/")).join("probe.json");
-    let json = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
-    fs::write(&file, json).map_err(|e| format!("{}: {e}", file.display()))?;
-    let out = std::process::Command::new(exe)
-        .arg(SUBCOMMAND)
-        .arg(&file)
-        .stdin(Stdio::null())
+    let request = request_memfd(&request).map_err(|e| format!("writing the probe request: {e}"))?;
+    let mut command = std::process::Command::new(exe);
+    command.arg(SUBCOMMAND).stdin(Stdio::null());
+    // SAFETY: see `give_request`.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, give_request(&request)) };
+    let out = command
         .output()
         .map_err(|e| format!("starting {}: {e}", exe.display()))?;
     if out.status.success() {
@@ -739,7 +817,7 @@ fn run_mount(
             .map_err(|e| format!("mounting a tmpfs on {}: {e}", shown.display()))?;
         }
         MountSource::Secret {
-            path,
+            content,
             uid,
             gid,
             mode,
@@ -747,12 +825,10 @@ fn run_mount(
             let Some(dev) = dev else {
                 return Err("the rootfs has no /dev directory to stage the secret in".into());
             };
-            let content =
-                fs::read(path).map_err(|e| format!("reading secret {}: {e}", path.display()))?;
             // Staged on the /dev tmpfs, bound on the target, then unlinked: the bind mount
             // keeps the file alive, and no other path in the sandbox names it.
             let staged = dev.join(format!(".ossb-secret-{index}"));
-            fs::write(&staged, &content).map_err(|e| format!("staging a secret: {e}"))?;
+            fs::write(&staged, &content.0).map_err(|e| format!("staging a secret: {e}"))?;
             fs::set_permissions(&staged, fs::Permissions::from_mode(*mode))
                 .map_err(|e| format!("staging a secret: {e}"))?;
             nix::unistd::chown(

@@ -40,9 +40,9 @@ impl LogLimit {
     /// The line shown where output stops, in BuildKit's words.
     fn clipped_line(self) -> String {
         let n = self.0.unwrap_or(0);
-        let size = if n >= 1 << 20 && n % (1 << 20) == 0 {
+        let size = if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
             format!("{}MiB", n >> 20)
-        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
             format!("{}KiB", n >> 10)
         } else {
             format!("{n}B")

@@ -16,8 +16,9 @@ use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_image::store::BlobStore;
-use ossb_protocol::cluster::{BuildSpec, ContextEntry, EntryKind, Secret};
+use ossb_protocol::cluster::{BuildSpec, ContextEntry, EntryKind};
 use ossb_protocol::{Digest, Platform};
+use ossb_worker::mounts::{Secret, SecretBytes};
 use ossb_worker::sandbox::Isolation;
 
 use crate::build::{Annotations, BuildError, BuildRequest, Output};
@@ -282,14 +283,11 @@ pub fn spec_of(
         ));
     }
     let mut secrets = Vec::new();
-    for (id, path) in &req.secrets {
-        let value = std::fs::read(path).map_err(|e| {
-            BuildError::Usage(format!(
-                "--secret id={id}: cannot read {}: {e}",
-                path.display()
-            ))
+    for (id, secret) in &req.secrets {
+        let value = secret.read().map_err(|e| {
+            BuildError::Usage(format!("--secret id={id}: cannot read {secret:?}: {e}"))
         })?;
-        secrets.push(Secret {
+        secrets.push(ossb_protocol::cluster::Secret {
             id: id.clone(),
             value,
         });
@@ -395,15 +393,15 @@ pub struct TaskPlace {
     pub files: TaskFiles,
 }
 
-/// What a task needs on the worker's disk besides its context: the named contexts laid out,
-/// the secrets and the registry CAs as files. Lives in the task's directory, which is removed
-/// when the task ends.
+/// What a task needs besides its context: the named contexts laid out and the registry CAs as
+/// files, in the task's directory, which is removed when the task ends; the secrets in memory
+/// only (no file of a secret outlives a worker killed in the middle of a task).
 #[derive(Clone, Debug, Default)]
 pub struct TaskFiles {
     /// Named contexts by name.
     pub build_contexts: BTreeMap<String, PathBuf>,
-    /// Secret files by id (mode 0600).
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// Secrets by id, as values.
+    pub secrets: BTreeMap<String, ossb_worker::mounts::Secret>,
     /// Registry CA files by host.
     pub certificates: Vec<(String, PathBuf)>,
 }
@@ -421,14 +419,15 @@ impl TaskFiles {
             materialize(entries, store, &dest).map_err(|e| format!("named context {name}: {e}"))?;
             files.build_contexts.insert(name.clone(), dest);
         }
-        if !spec.secrets.is_empty() || !spec.registry_certificates.is_empty() {
+        for secret in &spec.secrets {
+            files.secrets.insert(
+                secret.id.clone(),
+                Secret::Value(SecretBytes(secret.value.clone())),
+            );
+        }
+        if !spec.registry_certificates.is_empty() {
             let private = dir.join("private");
             create_private_dir(&private)?;
-            for (i, secret) in spec.secrets.iter().enumerate() {
-                let path = private.join(format!("secret-{i}"));
-                write_private(&path, &secret.value)?;
-                files.secrets.insert(secret.id.clone(), path);
-            }
             for (i, (host, pem)) in spec.registry_certificates.iter().enumerate() {
                 let path = private.join(format!("ca-{i}.crt"));
                 write_private(&path, pem.as_bytes())?;
@@ -716,7 +715,7 @@ mod tests {
                     kind: EntryKind::File { digest, size: 5 },
                 }],
             )],
-            secrets: vec![Secret {
+            secrets: vec![ossb_protocol::cluster::Secret {
                 id: "tok".into(),
                 value: b"hunter2".to_vec(),
             }],
@@ -729,11 +728,29 @@ mod tests {
         let named = &files.build_contexts["../evil name"];
         assert!(named.starts_with(&task));
         assert_eq!(std::fs::read(named.join("f.txt")).unwrap(), b"named");
-        let secret = &files.secrets["tok"];
-        assert_eq!(std::fs::read(secret).unwrap(), b"hunter2");
+        assert_eq!(files.secrets["tok"].read().unwrap(), b"hunter2");
+        assert_eq!(format!("{:?}", files.secrets["tok"]), "<secret, 7 bytes>");
+        // No file holds the secret.
+        let mut found = Vec::new();
+        let mut todo = vec![task.clone()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else if std::fs::read(&p)
+                    .unwrap()
+                    .windows(7)
+                    .any(|w| w == b"hunter2")
+                {
+                    found.push(p);
+                }
+            }
+        }
+        assert!(found.is_empty(), "{found:?}");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(secret), 0o600);
-        assert_eq!(mode(secret.parent().unwrap()), 0o700);
+        assert_eq!(mode(&files.certificates[0].1), 0o600);
+        assert_eq!(mode(files.certificates[0].1.parent().unwrap()), 0o700);
         assert_eq!(files.certificates[0].0, "reg:5000");
         assert_eq!(std::fs::read(&files.certificates[0].1).unwrap(), b"PEM");
         let opts = registry_options(&spec, &files.certificates);

@@ -117,10 +117,44 @@ impl Node {
     }
 }
 
+/// Takes the work directory for this worker alone (an exclusive lock held while it runs), then
+/// removes what a worker killed there left: task directories (contexts, named contexts, CA
+/// files) and the engine's work directories (rootfs of the steps that were running). No task
+/// runs yet, so none of it is anyone's.
+fn claim_work_dir(
+    work_dir: &std::path::Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, ClusterError> {
+    std::fs::create_dir_all(work_dir).map_err(local_err("creating the work dir"))?;
+    let path = work_dir.join("worker.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(local_err("opening the work dir's lock"))?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, e)| {
+            ClusterError::Local(format!(
+                "{} is in use by another worker ({e}): give each worker a --work-dir of its own",
+                work_dir.display()
+            ))
+        },
+    )?;
+    let tasks = work_dir.join("tasks");
+    for leftover in [&tasks, &work_dir.join("cache").join("work")] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)
+                .map_err(local_err("removing what a killed worker left"))?;
+        }
+    }
+    std::fs::create_dir_all(&tasks).map_err(local_err("creating the work dir"))?;
+    Ok(lock)
+}
+
 /// Serves the coordinator until SIGTERM or SIGINT, reconnecting when the connection breaks.
 pub async fn serve(config: WorkerConfig) -> Result<(), ClusterError> {
-    std::fs::create_dir_all(config.work_dir.join("tasks"))
-        .map_err(local_err("creating the work dir"))?;
+    let _only_worker = claim_work_dir(&config.work_dir)?;
+    ossb_worker::sandbox::remove_stale_step_files();
     let identity = Identity::load(&config.tls_dir, Role::Worker)?;
     let peers = if config.cache_peers.is_empty() {
         None
