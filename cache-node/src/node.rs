@@ -220,8 +220,14 @@ async fn accept(endpoint: Endpoint, state: Arc<State>) {
     }
 }
 
+/// How long a new stream may take to send its request: a silent one is dropped.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn serve_stream(state: Arc<State>, mut send: SendStream, mut recv: RecvStream) {
-    let request = match read_message(&mut recv).await {
+    let Ok(request) = tokio::time::timeout(REQUEST_TIMEOUT, read_message(&mut recv)).await else {
+        return;
+    };
+    let request = match request {
         Ok(Message::CacheRequest(r)) => r,
         Ok(_) => {
             return reply_error(

@@ -84,8 +84,17 @@ pub async fn write_message(send: &mut quinn::SendStream, message: Message) -> Re
 pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, NetError> {
     let mut header = [0u8; HEADER_LEN];
     read_exact(recv, &mut header).await?;
-    let mut body = vec![0u8; frame::body_len(header)?];
-    read_exact(recv, &mut body).await?;
+    let len = frame::body_len(header)?;
+    // Grown as bytes arrive: a prefix announcing megabytes costs nothing until they come.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    let mut chunk = [0u8; 64 * 1024];
+    while body.len() < len {
+        let want = (len - body.len()).min(chunk.len());
+        match recv.read(&mut chunk[..want]).await? {
+            Some(n) => body.extend_from_slice(&chunk[..n]),
+            None => return Err(NetError::Truncated),
+        }
+    }
     Ok(frame::decode(&body)?.message)
 }
 

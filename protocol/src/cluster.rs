@@ -132,6 +132,38 @@ pub enum ClusterMessage {
     },
 }
 
+impl ClusterMessage {
+    /// The message's name, for errors and logs about a message out of turn: never its
+    /// content, which may be megabytes from a stranger.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClusterMessage::Submit(_) => "Submit",
+            ClusterMessage::NeedBlobs { .. } => "NeedBlobs",
+            ClusterMessage::Upload { .. } => "Upload",
+            ClusterMessage::Stored => "Stored",
+            ClusterMessage::UploadsDone => "UploadsDone",
+            ClusterMessage::Accepted { .. } => "Accepted",
+            ClusterMessage::Event(_) => "Event",
+            ClusterMessage::Finished(_) => "Finished",
+            ClusterMessage::Status { .. } => "Status",
+            ClusterMessage::Running => "Running",
+            ClusterMessage::Register(_) => "Register",
+            ClusterMessage::Registered { .. } => "Registered",
+            ClusterMessage::Heartbeat { .. } => "Heartbeat",
+            ClusterMessage::Task(_) => "Task",
+            ClusterMessage::TaskEvent { .. } => "TaskEvent",
+            ClusterMessage::TaskDone { .. } => "TaskDone",
+            ClusterMessage::FetchBlob { .. } => "FetchBlob",
+            ClusterMessage::Blob { .. } => "Blob",
+            ClusterMessage::CancelTask { .. } => "CancelTask",
+            ClusterMessage::ClaimStep { .. } => "ClaimStep",
+            ClusterMessage::StepRecord { .. } => "StepRecord",
+            ClusterMessage::BuildStep => "BuildStep",
+            ClusterMessage::PublishStep { .. } => "PublishStep",
+        }
+    }
+}
+
 /// A build as the client asked for it, without the local paths (the context is sent by
 /// content; the registry settings are the cluster's own except the insecure hosts).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

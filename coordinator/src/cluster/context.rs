@@ -172,6 +172,49 @@ fn by_digest_once(files: &mut Vec<(Digest, u64)>) {
     files.dedup_by_key(|(d, _)| *d);
 }
 
+/// Refuses an entry list no client of ours would send: a path that is not plain and relative
+/// (`..`, absolute, empty), a path listed twice, a file of over 1 TiB. The coordinator checks
+/// a submission with it before anything is uploaded; a worker checks again as it lays out.
+pub fn check_entries(entries: &[ContextEntry]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for e in entries {
+        check_path(&e.path)?;
+        if !seen.insert(e.path.as_str()) {
+            return Err(format!(
+                "context path {:?} is listed twice",
+                ossb_dockerfile::clip(&e.path, 200)
+            ));
+        }
+        if let EntryKind::File { size, .. } = e.kind {
+            if size > MAX_CONTEXT_FILE {
+                return Err(format!(
+                    "context file {:?} is announced as {size} bytes; at most 1 TiB is taken",
+                    ossb_dockerfile::clip(&e.path, 200)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest context file a submission may announce.
+const MAX_CONTEXT_FILE: u64 = 1 << 40;
+
+fn check_path(path: &str) -> Result<(), String> {
+    let rel = Path::new(path);
+    if rel.as_os_str().is_empty()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "context path {:?} is not a plain relative path",
+            ossb_dockerfile::clip(path, 200)
+        ));
+    }
+    Ok(())
+}
+
 /// Lays the context out in `dest` (an empty directory) from the files in `store`. The entry
 /// list comes from a client and is not trusted: paths that would leave `dest` (`..`, absolute,
 /// or under a symlink of the list) are refused, and nothing is written through a symlink.
@@ -179,17 +222,8 @@ pub fn materialize(entries: &[ContextEntry], store: &BlobStore, dest: &Path) -> 
     use std::os::unix::fs::PermissionsExt;
     let mut dirs = Vec::new();
     for e in entries {
+        check_path(&e.path)?;
         let rel = Path::new(&e.path);
-        if rel.as_os_str().is_empty()
-            || rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(format!(
-                "context path {:?} is not a plain relative path",
-                e.path
-            ));
-        }
         make_parents(dest, rel)?;
         let path = dest.join(rel);
         // Named as in the context: the worker's own directories mean nothing to the user.

@@ -111,9 +111,9 @@ pub(crate) async fn recv(
             peer: peer.to_string(),
             message: e.message,
         }),
-        other => Err(ClusterError::Protocol {
+        Message::CacheRequest(_) | Message::CacheReply(_) => Err(ClusterError::Protocol {
             peer: peer.to_string(),
-            got: format!("{other:?}"),
+            got: "a peer-cache message".into(),
         }),
     }
 }

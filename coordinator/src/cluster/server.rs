@@ -146,6 +146,9 @@ struct Inner {
     step_order: VecDeque<[u8; 32]>,
     /// Step keys being built, by the task building each.
     claims: HashMap<[u8; 32], StepClaim>,
+    /// Context blobs submissions are waiting for, with their size and how many wait.
+    wanted: HashMap<Digest, u64>,
+    wanted_by: HashMap<Digest, usize>,
 }
 
 /// A step some task built.
@@ -161,6 +164,9 @@ struct StepClaim {
     task: u64,
     waiters: Vec<oneshot::Sender<()>>,
 }
+
+/// How long a new stream may take to send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Step records the coordinator keeps (a few hundred bytes each); the oldest go first.
 const MAX_STEP_RECORDS: usize = 100_000;
@@ -486,11 +492,20 @@ async fn serve_stream(
     role: Option<Role>,
 ) {
     let peer = remote.to_string();
-    let first = match recv(&mut rx, &peer).await {
-        Ok(m) => m,
-        Err(e) => {
+    // A stream opened and left silent is dropped, not waited for forever.
+    let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, recv(&mut rx, &peer)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "unreadable request");
             return send_error(&mut tx, e.to_string()).await;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "a stream sent no request");
+            return send_error(
+                &mut tx,
+                format!("no request within {FIRST_MESSAGE_TIMEOUT:?}"),
+            )
+            .await;
         }
     };
     // Tasks carry other tenants' secrets and context: only a worker's certificate may take
@@ -514,6 +529,16 @@ async fn serve_stream(
     let result = match first {
         ClusterMessage::Submit(spec) => run_build(&state, spec, &mut tx, &mut rx).await,
         ClusterMessage::Upload { digest, size } => {
+            // Only what a submission asked for, at the size its list gave: a stranger with a
+            // client certificate cannot fill the state dir.
+            let wanted = state.lock().wanted.get(&digest).copied();
+            if wanted != Some(size) {
+                return send_error(
+                    &mut tx,
+                    format!("no build waits for blob {digest} of {size} bytes"),
+                )
+                .await;
+            }
             let r = recv_blob_bytes(&mut rx, &state.store, &digest, size).await;
             if r.is_ok() {
                 state.lock().counters.context_bytes_received += size;
@@ -531,7 +556,7 @@ async fn serve_stream(
         }
         other => Err(ClusterError::Protocol {
             peer,
-            got: format!("{other:?}"),
+            got: other.kind().to_string(),
         }),
     };
     if let Err(e) = result {
@@ -1269,6 +1294,42 @@ async fn run_build(
     Ok(())
 }
 
+/// The blobs one submission waits for, registered as wanted until dropped.
+struct Wanted<'a> {
+    state: &'a State,
+    digests: Vec<Digest>,
+}
+
+impl<'a> Wanted<'a> {
+    fn new(state: &'a State, blobs: &[(Digest, u64)]) -> Wanted<'a> {
+        let mut inner = state.lock();
+        for (d, size) in blobs {
+            inner.wanted.insert(*d, *size);
+            *inner.wanted_by.entry(*d).or_default() += 1;
+        }
+        Wanted {
+            state,
+            digests: blobs.iter().map(|(d, _)| *d).collect(),
+        }
+    }
+}
+
+impl Drop for Wanted<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.state.lock();
+        for d in &self.digests {
+            let left = inner.wanted_by.get_mut(d).map(|n| {
+                *n -= 1;
+                *n
+            });
+            if left == Some(0) {
+                inner.wanted_by.remove(d);
+                inner.wanted.remove(d);
+            }
+        }
+    }
+}
+
 /// Counts a build as queued, then as running, until dropped.
 struct Gauge<'a> {
     state: &'a State,
@@ -1337,24 +1398,39 @@ async fn build_outcome(
     if spec.platforms.is_empty() {
         return Err(failure("no platform to build for", 2));
     }
+    for (name, entries) in std::iter::once(("the context", &spec.context))
+        .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))
+    {
+        super::context::check_entries(entries)
+            .map_err(|e| failure(format!("{}: {e}", ossb_dockerfile::clip(name, 100)), 2))?;
+    }
     let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
     let stages = stage_tasks(&df, &spec, &build_platform)?;
-    let context: Vec<Digest> = all_file_digests(&spec)
-        .into_iter()
-        .map(|(d, _)| d)
-        .collect();
-    let missing: Vec<Digest> = context
+    let files = all_file_digests(&spec);
+    let context: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
+    let missing: Vec<(Digest, u64)> = files
         .iter()
-        .filter(|d| !state.store.contains(d))
+        .filter(|(d, _)| !state.store.contains(d))
         .copied()
         .collect();
     let net = |e: ClusterError| failure(format!("receiving the build: {e}"), 1);
-    send(tx, ClusterMessage::NeedBlobs { digests: missing })
-        .await
-        .map_err(net)?;
+    let _wanted = Wanted::new(state, &missing);
+    send(
+        tx,
+        ClusterMessage::NeedBlobs {
+            digests: missing.iter().map(|(d, _)| *d).collect(),
+        },
+    )
+    .await
+    .map_err(net)?;
     match recv(rx, "the client").await.map_err(net)? {
         ClusterMessage::UploadsDone => {}
-        other => return Err(failure(format!("expected UploadsDone, got {other:?}"), 1)),
+        other => {
+            return Err(failure(
+                format!("expected UploadsDone, got {}", other.kind()),
+                1,
+            ))
+        }
     }
     if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
         return Err(failure(format!("the context file {d} was not uploaded"), 1));

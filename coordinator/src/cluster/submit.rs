@@ -124,7 +124,10 @@ fn local(e: ossb_net::NetError) -> BuildError {
 }
 
 fn unexpected(m: ClusterMessage) -> BuildError {
-    BuildError::Local(format!("the coordinator answered out of turn: {m:?}"))
+    BuildError::Local(format!(
+        "the coordinator answered out of turn: {}",
+        m.kind()
+    ))
 }
 
 /// Uploads the context files the coordinator asked for, several at once.
@@ -157,7 +160,7 @@ async fn upload(
                 ClusterMessage::Stored => Ok(()),
                 other => Err(ClusterError::Protocol {
                     peer: "the coordinator".into(),
-                    got: format!("{other:?}"),
+                    got: other.kind().to_string(),
                 }),
             }
         })

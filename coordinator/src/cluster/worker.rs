@@ -274,7 +274,7 @@ async fn session(node: &Arc<Node>) -> Result<(), ClusterError> {
         other => {
             return Err(ClusterError::Protocol {
                 peer: "the coordinator".into(),
-                got: format!("{other:?}"),
+                got: other.kind().to_string(),
             })
         }
     }
@@ -906,7 +906,7 @@ async fn fetch(
         }
         other => Err(ClusterError::Protocol {
             peer: "the coordinator".into(),
-            got: format!("{other:?}"),
+            got: other.kind().to_string(),
         }),
     }
 }
