@@ -86,12 +86,15 @@ pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, NetEr
     read_exact(recv, &mut header).await?;
     let len = frame::body_len(header)?;
     // Grown as bytes arrive: a prefix announcing megabytes costs nothing until they come.
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
-    let mut chunk = [0u8; 64 * 1024];
+    // The buffer is on the heap: a 64 KiB array held across an await makes every future
+    // that reads a message that much larger (and overflowed a test thread's stack).
+    const CHUNK: usize = 64 * 1024;
+    let mut body = Vec::with_capacity(len.min(CHUNK));
     while body.len() < len {
-        let want = (len - body.len()).min(chunk.len());
-        match recv.read(&mut chunk[..want]).await? {
-            Some(n) => body.extend_from_slice(&chunk[..n]),
+        let filled = body.len();
+        body.resize(filled + (len - filled).min(CHUNK), 0);
+        match recv.read(&mut body[filled..]).await? {
+            Some(n) => body.truncate(filled + n),
             None => return Err(NetError::Truncated),
         }
     }
