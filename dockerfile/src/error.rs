@@ -1,5 +1,6 @@
 //! Errors of this crate, printed as users expect from BuildKit: where, what, and a hint.
 
+use ossb_protocol::clip;
 use std::fmt;
 
 /// A Dockerfile error: a parse error, a bad instruction, a failed expansion, a missing stage.
@@ -117,19 +118,6 @@ impl std::error::Error for Error {}
 
 /// How much of a line an error shows: a hostile line of megabytes must not flood a log.
 const MAX_SHOWN_LINE: usize = 200;
-
-/// `text` cut to its first `max_chars` characters, saying how much was left out, for messages
-/// and logs that may quote user input of any length.
-pub fn clip(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
-    match text.char_indices().nth(max_chars) {
-        None => std::borrow::Cow::Borrowed(text),
-        Some((cut, _)) => std::borrow::Cow::Owned(format!(
-            "{}… ({} more bytes)",
-            &text[..cut],
-            text.len() - cut
-        )),
-    }
-}
 
 /// The closest of `candidates` to `word` (case-insensitive edit distance at most 2 or a
 /// third of the word), for "did you mean" hints.

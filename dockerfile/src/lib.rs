@@ -26,7 +26,8 @@ pub mod shell;
 mod syntax;
 
 pub use dump::{dump, dump_node, go_quote};
-pub use error::{clip, Error};
+pub use error::Error;
+pub use ossb_protocol::clip;
 pub use plan::{
     base_images, base_images_with_platforms, plan, unused_build_args, validate, Base,
     BaseImageInfo, BuildPlan, Copy, Healthcheck, InlineFile, Instruction, Location, Mount,

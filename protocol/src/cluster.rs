@@ -282,6 +282,49 @@ pub enum EntryKind {
     },
 }
 
+/// Refuses an entry list no client of ours would send: a path that is not plain and relative
+/// (`..`, absolute, empty), a path listed twice, a file of over 1 TiB. The coordinator checks
+/// a submission with it before anything is uploaded; a worker checks again as it lays out.
+pub fn check_entries(entries: &[ContextEntry]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for e in entries {
+        check_path(&e.path)?;
+        if !seen.insert(e.path.as_str()) {
+            return Err(format!(
+                "context path {:?} is listed twice",
+                crate::clip(&e.path, 200)
+            ));
+        }
+        if let EntryKind::File { size, .. } = e.kind {
+            if size > MAX_CONTEXT_FILE {
+                return Err(format!(
+                    "context file {:?} is announced as {size} bytes; at most 1 TiB is taken",
+                    crate::clip(&e.path, 200)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest context file a submission may announce.
+const MAX_CONTEXT_FILE: u64 = 1 << 40;
+
+pub fn check_path(path: &str) -> Result<(), String> {
+    let rel = std::path::Path::new(path);
+    if rel.as_os_str().is_empty()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "context path {:?} is not a plain relative path",
+            crate::clip(path, 200)
+        ));
+    }
+    Ok(())
+}
+
 /// What a worker offers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {

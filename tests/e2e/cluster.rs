@@ -19,16 +19,16 @@ use crate::support::{podman_run, tool, unique, TestEnv};
 
 /// The cluster's processes, killed (with their process groups) when dropped, then their
 /// namespaces.
-struct Cluster {
-    dir: PathBuf,
-    tls: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) dir: PathBuf,
+    pub(crate) tls: PathBuf,
     children: Vec<(String, Child)>,
-    coordinator: String,
-    metrics: String,
+    pub(crate) coordinator: String,
+    pub(crate) metrics: String,
     docker_config: String,
     peers: String,
     /// The plain test registry as the cluster reaches it.
-    registry: String,
+    pub(crate) registry: String,
     /// The namespaces, `None` on loopback.
     net: Option<Net>,
     /// Each process's node number on `net` (its address 10.214.K.N), by name.
@@ -48,7 +48,7 @@ impl Drop for Cluster {
     }
 }
 
-fn kill_group(pid: u32) {
+pub(crate) fn kill_group(pid: u32) {
     let _ = Command::new("kill")
         .args(["-9", "--", &format!("-{pid}")])
         .stderr(Stdio::null())
@@ -71,7 +71,7 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
-fn http_get(addr: &str, path: &str) -> Option<String> {
+pub(crate) fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
@@ -118,7 +118,7 @@ impl Cluster {
 
     /// A cluster whose workers (all native amd64) are `workers`: (name, extra arguments),
     /// each process in a namespace of its own.
-    fn start_with(env: &TestEnv, workers: &[(&str, &[&str])]) -> Cluster {
+    pub(crate) fn start_with(env: &TestEnv, workers: &[(&str, &[&str])]) -> Cluster {
         let net = Net::new();
         if net.is_none() {
             eprintln!("network namespaces cannot be made here: the cluster runs on loopback");
@@ -221,13 +221,19 @@ impl Cluster {
     }
 
     /// The test busybox image on the registry, as the cluster names it.
-    fn busybox(&self, env: &TestEnv) -> String {
+    pub(crate) fn busybox(&self, env: &TestEnv) -> String {
         format!("{}/{}", self.registry, env.var("OSSB_TEST_BUSYBOX"))
     }
 
-    /// Starts a native amd64 worker with 2 slots and `extra` arguments, on the next node.
-    fn spawn_worker(&mut self, name: &str, extra: &[&str]) {
-        let node = WORKER_NODE + self.nodes.iter().filter(|(_, n)| *n >= WORKER_NODE).count() as u8;
+    /// Starts a native amd64 worker with 2 slots and `extra` arguments, on the next node (or
+    /// on its own node again, when a worker of that name ran before).
+    pub(crate) fn spawn_worker(&mut self, name: &str, extra: &[&str]) {
+        let node = match self.nodes.iter().find(|(n, _)| n == name) {
+            Some((_, node)) => *node,
+            None => {
+                WORKER_NODE + self.nodes.iter().filter(|(_, n)| *n >= WORKER_NODE).count() as u8
+            }
+        };
         let work = self.dir.join(name);
         let (coordinator, tls, peers) = (
             self.coordinator.clone(),
@@ -330,7 +336,7 @@ impl Cluster {
         net.link(*node, up);
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = String::new();
         for (name, _) in &self.children {
             let text =
@@ -345,11 +351,11 @@ impl Cluster {
         out
     }
 
-    fn metrics_text(&self) -> String {
+    pub(crate) fn metrics_text(&self) -> String {
         http_get(&self.metrics, "/metrics").unwrap_or_default()
     }
 
-    fn wait_for_metrics(&self, ok: impl Fn(&str) -> bool) {
+    pub(crate) fn wait_for_metrics(&self, ok: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let m = self.metrics_text();
@@ -366,7 +372,7 @@ impl Cluster {
     }
 
     /// `ossb-submit` with the cluster's coordinator and certificates, then `args`.
-    fn submit(&self, tls: &Path, args: &[&str]) -> Command {
+    pub(crate) fn submit(&self, tls: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ossb-submit"));
         cmd.args([
             "--coordinator",
@@ -400,7 +406,19 @@ impl Cluster {
         )
     }
 
-    fn pid_of(&self, name: &str) -> u32 {
+    /// `kill -9` of process `name` (its whole process group), as when its machine dies.
+    pub(crate) fn kill(&mut self, name: &str) {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let (_, mut child) = self.children.remove(i);
+        kill_group(child.id());
+        let _ = child.wait();
+    }
+
+    pub(crate) fn pid_of(&self, name: &str) -> u32 {
         self.children
             .iter()
             .find(|(n, _)| n == name)
@@ -419,7 +437,7 @@ fn sample(text: &str, name_and_labels: &str) -> Option<u64> {
 }
 
 /// The sum of every sample of `name` whose labels contain `label`.
-fn sum_of(text: &str, name: &str, label: &str) -> u64 {
+pub(crate) fn sum_of(text: &str, name: &str, label: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

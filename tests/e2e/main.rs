@@ -7,6 +7,7 @@ mod cluster_cache;
 mod conformance;
 mod deploy;
 mod fault_proxy;
+mod hostile;
 mod netns;
 mod registry;
 mod sandbox;

@@ -16,7 +16,7 @@ use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_image::store::BlobStore;
-use ossb_protocol::cluster::{BuildSpec, ContextEntry, EntryKind};
+use ossb_protocol::cluster::{check_path, BuildSpec, ContextEntry, EntryKind};
 use ossb_protocol::{Digest, Platform};
 use ossb_worker::mounts::{Secret, SecretBytes};
 use ossb_worker::sandbox::Isolation;
@@ -170,49 +170,6 @@ pub fn all_file_digests(spec: &BuildSpec) -> Vec<(Digest, u64)> {
 fn by_digest_once(files: &mut Vec<(Digest, u64)>) {
     files.sort();
     files.dedup_by_key(|(d, _)| *d);
-}
-
-/// Refuses an entry list no client of ours would send: a path that is not plain and relative
-/// (`..`, absolute, empty), a path listed twice, a file of over 1 TiB. The coordinator checks
-/// a submission with it before anything is uploaded; a worker checks again as it lays out.
-pub fn check_entries(entries: &[ContextEntry]) -> Result<(), String> {
-    let mut seen = std::collections::HashSet::with_capacity(entries.len());
-    for e in entries {
-        check_path(&e.path)?;
-        if !seen.insert(e.path.as_str()) {
-            return Err(format!(
-                "context path {:?} is listed twice",
-                ossb_dockerfile::clip(&e.path, 200)
-            ));
-        }
-        if let EntryKind::File { size, .. } = e.kind {
-            if size > MAX_CONTEXT_FILE {
-                return Err(format!(
-                    "context file {:?} is announced as {size} bytes; at most 1 TiB is taken",
-                    ossb_dockerfile::clip(&e.path, 200)
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The largest context file a submission may announce.
-const MAX_CONTEXT_FILE: u64 = 1 << 40;
-
-fn check_path(path: &str) -> Result<(), String> {
-    let rel = Path::new(path);
-    if rel.as_os_str().is_empty()
-        || rel
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(format!(
-            "context path {:?} is not a plain relative path",
-            ossb_dockerfile::clip(path, 200)
-        ));
-    }
-    Ok(())
 }
 
 /// Lays the context out in `dest` (an empty directory) from the files in `store`. The entry

@@ -1401,7 +1401,7 @@ async fn build_outcome(
     for (name, entries) in std::iter::once(("the context", &spec.context))
         .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))
     {
-        super::context::check_entries(entries)
+        ossb_protocol::cluster::check_entries(entries)
             .map_err(|e| failure(format!("{}: {e}", ossb_dockerfile::clip(name, 100)), 2))?;
     }
     let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);

@@ -70,6 +70,8 @@ pub async fn submit(
         .map_err(cluster)?;
     let missing = match recv(&mut rx, "the coordinator").await.map_err(cluster)? {
         ClusterMessage::NeedBlobs { digests } => digests,
+        // Refused before anything was uploaded (a bad Dockerfile, a bad tag).
+        ClusterMessage::Finished(outcome) => return finish(req, config, outcome.result).await,
         other => return Err(unexpected(other)),
     };
     let (id, t) = (0usize, Instant::now());
