@@ -20,7 +20,19 @@ impl Net {
     /// that fails instead.
     pub fn new() -> Option<Net> {
         static NEXT: AtomicU8 = AtomicU8::new(0);
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(remove_leftovers);
+        // A subnet some other process still routes (a run that is going on) is skipped.
+        let k = loop {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let routed = Command::new("ip")
+                .args(["route", "show", &format!("10.214.{k}.0/24")])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty());
+            if !routed || k == u8::MAX {
+                break k;
+            }
+        };
         // Interface names have at most 15 bytes: "oc" + pid (at most 7 digits) + k + "u".
         let prefix = format!("oc{}k{k}", std::process::id());
         let mut net = Net {
@@ -109,6 +121,30 @@ impl Drop for Net {
         // uplink.
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Removes the namespaces of test runs that were killed before they could (named
+/// `oc<pid>k<k>-...` after a process that no longer exists).
+fn remove_leftovers() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("oc")
+            .and_then(|rest| rest.split_once('k'))
+            .map(|(pid, _)| pid)
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
 }

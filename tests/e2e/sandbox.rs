@@ -220,6 +220,27 @@ fn run_is_pid_1_and_its_background_processes_die_with_it() {
     assert_eq!(hostname.trim(), "ossb");
 }
 
+/// A step starts with every signal at its default and none blocked, as under Docker: with
+/// SIGPIPE ignored (as ossb's own process has it), `yes | head` never ended.
+#[test]
+fn a_step_starts_with_default_signals() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = "ARG BASE\nFROM $BASE\n\
+        RUN grep -E '^Sig(Ign|Blk)' /proc/self/status | sed 's/^/signals-/' && \
+            timeout 20 sh -c 'yes | head -c 1000000 >/dev/null' && echo yes-ended\n";
+    let ctx = dockerfile_context(dir.path(), "signals", dockerfile, &[]);
+    let built = build(&env, dir.path(), "signals", &ctx, &[]).ok("the signals build");
+    let log = &built.run.stderr;
+    for line in [
+        "signals-SigBlk:\t0000000000000000",
+        "signals-SigIgn:\t0000000000000000",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
+    assert!(log.contains("yes-ended"), "{log}");
+}
+
 const SECRET: &str = "s3cr3t-value-42";
 
 /// A secret is readable in the step (as a file, with its uid and mode, and as a variable) and

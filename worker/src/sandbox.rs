@@ -1200,10 +1200,40 @@ fn exec(spec: &RunSpec) -> String {
     let to_c = |s: &[u8]| CString::new(s).unwrap_or_default();
     let argv: Vec<CString> = spec.argv.iter().map(|a| to_c(a.as_bytes())).collect();
     let env: Vec<CString> = spec.env.iter().map(|a| to_c(a.as_bytes())).collect();
+    default_signals();
     match nix::unistd::execve(&to_c(path.as_os_str().as_bytes()), &argv, &env) {
         Ok(never) => match never {},
         Err(e) => format!("exec {}: {e}", path.display()),
     }
+}
+
+/// Gives the step every signal at its default disposition and none blocked, as a container
+/// starts under Docker. Rust's runtime ignores SIGPIPE in this process and an ignored signal
+/// stays ignored across exec: `yes | head` in a step then never ended.
+fn default_signals() {
+    // The kernel's struct sigaction, all zero: SIG_DFL, no flags, an empty mask (whatever the
+    // field order of the architecture). The raw call because libc refuses the signals it keeps
+    // for itself (32 and 33), which something in ossb's process ignores too.
+    let dfl = [0u64; 4];
+    for sig in 1..=64 {
+        // SAFETY: rt_sigaction reads 8 bytes of mask after the handler fields, all inside
+        // `dfl`, and writes nothing (no old action); it fails harmlessly for SIGKILL and
+        // SIGSTOP.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            )
+        };
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
 }
 
 /// Finds `program` in the PATH of the step's environment, as Docker does.
