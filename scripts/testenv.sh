@@ -107,10 +107,13 @@ py() { /usr/bin/python3 "$HELPER" "$@"; }
 
 # ---------------------------------------------------------------- packages
 
+# Another apt (unattended-upgrades on a fresh machine) holds the dpkg lock for a while: wait
+# for it up to 5 minutes instead of failing at once.
+APT_LOCK=(-o DPkg::Lock::Timeout=300)
 apt_updated=0
 apt_update() {
   if ((apt_updated == 0)); then
-    apt-get update -q -o Dpkg::Use-Pty=0 >>"$LOGS/apt.log" 2>&1 || {
+    apt-get update -q "${APT_LOCK[@]}" -o Dpkg::Use-Pty=0 >>"$LOGS/apt.log" 2>&1 || {
       tail -n 20 "$LOGS/apt.log" >&2
       die "apt-get update failed (log: $LOGS/apt.log)"
     }
@@ -162,7 +165,7 @@ ensure_packages() {
     log "installing ${#missing[@]} packages: ${missing[*]}"
     policy_on
     trap 'policy_off' EXIT
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${APT_LOCK[@]}" \
       -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confold "${missing[@]}" >>"$LOGS/apt.log" 2>&1 </dev/null; then
       tail -n 30 "$LOGS/apt.log" >&2
       die "apt-get install ${missing[*]} failed (log: $LOGS/apt.log)"

@@ -60,6 +60,17 @@ pub fn median(samples: &mut [Sample]) -> Sample {
     samples[samples.len() / 2]
 }
 
+/// Whether `ratio` meets a target of at most `target` (`-` where there is none, NaN).
+pub fn verdict(ratio: f64, target: f64) -> String {
+    if target.is_nan() {
+        "-".to_string()
+    } else if ratio <= target {
+        format!("<= {target}x: met")
+    } else {
+        format!("<= {target}x: MISSED")
+    }
+}
+
 /// Prints one row: name, ossb's time, the peer's time, the ratio, ossb's peak memory.
 pub fn report(name: &str, ossb: Sample, peer_name: &str, peer: Sample) {
     println!(

@@ -275,13 +275,7 @@ pub fn bench(env: &Env, w: &Workload) {
     ] {
         crate::report(&format!("{} / {scenario}", w.name), o, "buildah", b);
         let ratio = o.wall.as_secs_f64() / b.wall.as_secs_f64().max(1e-9);
-        let verdict = if target.is_nan() {
-            "-".to_string()
-        } else if ratio <= target {
-            format!("<= {target}x: met")
-        } else {
-            format!("<= {target}x: MISSED")
-        };
+        let verdict = crate::verdict(ratio, target);
         rows.push_str(&format!(
             "| {} | {scenario} | {:.2} | {:.2} | {ratio:.2}x | {verdict} | {} |\n",
             w.name,

@@ -48,18 +48,22 @@ fn main() -> ExitCode {
 /// Sets the process up for the isolation asked for with `--isolation`: rootless re-executes
 /// the build in a user namespace (the `Err` is then the exit code of that build); chroot stays
 /// in this process as root; auto is rootless when the kernel allows a user namespace, else
-/// chroot when running as root, else an error saying what is missing. `Ok` carries what `auto`
-/// chose, for the command to log once its logging is set up (JSON for a worker).
+/// chroot when running as root, else an error saying what is missing. `Ok` carries the
+/// isolation the steps run in (what `auto` chose), for the command to log once its logging is
+/// set up (JSON for a worker).
 fn enter_isolation(isolation: sandbox::Isolation) -> Result<Option<String>, ExitCode> {
     use sandbox::Isolation;
     if let Some(mapping) = userns::IdMapping::current() {
         // The re-executed build, inside its namespace.
-        return Ok((isolation == Isolation::Auto).then(|| {
-            format!(
-                "isolation: rootless (auto; user namespace with {})",
-                mapping.describe()
-            )
-        }));
+        let auto = if isolation == Isolation::Auto {
+            "auto; "
+        } else {
+            ""
+        };
+        return Ok(Some(format!(
+            "isolation: rootless ({auto}user namespace with {})",
+            mapping.describe()
+        )));
     }
     let root = userns::running_as_root();
     if isolation == Isolation::Chroot {
@@ -67,7 +71,7 @@ fn enter_isolation(isolation: sandbox::Isolation) -> Result<Option<String>, Exit
             eprintln!("error: --isolation chroot needs root in the container (it chroots into each step's rootfs and switches to the step's user): run as uid 0, or use --isolation rootless");
             return Err(ExitCode::from(1));
         }
-        return Ok(None);
+        return Ok(Some("isolation: chroot (as root; each step in its own mount and pid namespaces where the container allows them, else in a plain chroot)".into()));
     }
     match userns::reexec_in_user_namespace() {
         Ok(code) => Err(exit(code)),

@@ -1215,6 +1215,24 @@ fn checksum_cache_notices_a_file_changed_with_the_same_size_and_mtime() {
     set_mtime(&ctx.join("data/a.txt"), 1_600_000_000);
     let changed = build_json(&env, &cache, &ctx, &[]);
     assert_eq!(result_of(&changed)["steps_run"], 1, "{changed:?}");
+    // And the image holds the new content (the step it just ran is the one cached now).
+    let unpacked = dir.path().join("unpacked");
+    let reg = env.registry();
+    let dest = format!("type=local,dest={}", unpacked.display());
+    ossb(
+        &env,
+        &cache,
+        &["build", "--insecure-registry", &reg, "-o", &dest, ctx.to_str().unwrap()],
+    )
+    .success("the export of the changed build");
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("data/a.txt")).unwrap(),
+        "zzzz\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("data/b.txt")).unwrap(),
+        "bbbb\n"
+    );
 }
 
 /// `--quiet`, as `docker build -q`: stdout is the image ID (the `--iidfile`'s), stderr is
@@ -1259,7 +1277,7 @@ fn quiet_prints_only_the_image_id_and_errors() {
     let ctx = context(
         &failing,
         &format!(
-            "FROM {}\nRUN echo the-last-words && exit 7\n",
+            "FROM {}\nRUN echo the-last-words | tr a-z A-Z && exit 7\n",
             busybox(&env)
         ),
         &[],
@@ -1277,7 +1295,8 @@ fn quiet_prints_only_the_image_id_and_errors() {
     );
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert_eq!(run.stdout, "");
-    for want in ["Dockerfile:2", "exit code: 7", "the-last-words"] {
+    // THE-LAST-WORDS: the step's output, which the command's text does not hold.
+    for want in ["Dockerfile:2", "exit code: 7", "THE-LAST-WORDS"] {
         assert!(
             run.stderr.contains(want),
             "{want:?} missing:\n{}",

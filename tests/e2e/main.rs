@@ -506,7 +506,7 @@ fn failing_run_reports_the_command_and_its_exit_code() {
     let ctx = context(
         dir.path(),
         &format!(
-            "FROM {reg}/{}\nRUN echo about to fail && exit 3\n",
+            "FROM {reg}/{}\nRUN echo about to fail | tr a-z A-Z && exit 3\n",
             env.var("OSSB_TEST_BUSYBOX")
         ),
         &[],
@@ -526,7 +526,7 @@ fn failing_run_reports_the_command_and_its_exit_code() {
     );
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
-        run.stderr.contains("echo about to fail && exit 3"),
+        run.stderr.contains("echo about to fail | tr a-z A-Z && exit 3"),
         "names the command:\n{}",
         run.stderr
     );
@@ -535,8 +535,12 @@ fn failing_run_reports_the_command_and_its_exit_code() {
         "names the exit code:\n{}",
         run.stderr
     );
+    // The step's output, which the command's text does not hold, repeated in the error (not
+    // only in the progress lines above it).
     assert!(
-        run.stderr.contains("about to fail"),
+        run.stderr
+            .split_once("last output lines:")
+            .is_some_and(|(_, tail)| tail.contains("ABOUT TO FAIL")),
         "shows the last output lines:\n{}",
         run.stderr
     );

@@ -157,6 +157,12 @@ fn in_any_layer(built: &Built, needle: &str) -> bool {
             .args(["-dc", l.to_str().unwrap()])
             .output()
             .unwrap();
+        assert!(
+            out.status.success(),
+            "gzip -dc {}: {}",
+            l.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).contains(needle)
     })
 }
@@ -593,11 +599,27 @@ fn tmpfs_and_bind_mounts_leave_no_trace() {
         !ctx.join("new").exists() && !ctx.join("ro").exists(),
         "the context was written"
     );
-    for layer in built.layers().iter().skip(2) {
-        for entry in listing(layer) {
-            for t in ["scratch", "data.txt", " s/", "ctx"] {
-                assert!(!entry.contains(t), "mount target {t} in a layer: {entry}");
-            }
+    // Every layer the steps made (the base's own are left out, by digest).
+    let base_ctx = dockerfile_context(dir.path(), "base", "ARG BASE\nFROM $BASE\n", &[]);
+    let base = build(&env, dir.path(), "base", &base_ctx, &[]).ok("the base alone");
+    let base_layers: Vec<String> = base
+        .layers()
+        .iter()
+        .map(|l| l.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let made: Vec<Vec<String>> = built
+        .layers()
+        .iter()
+        .filter(|l| !base_layers.contains(&l.file_name().unwrap().to_string_lossy().into_owned()))
+        .map(|l| listing(l))
+        .collect();
+    assert!(
+        made.iter().flatten().any(|e| e.ends_with(" after")),
+        "no layer of the steps was checked: {made:#?}"
+    );
+    for entry in made.iter().flatten() {
+        for t in [" scratch", " data.txt", " s/", " s ", " ctx"] {
+            assert!(!entry.contains(t), "mount target {t} in a layer: {entry}");
         }
     }
 }
@@ -787,6 +809,13 @@ fn build_example(
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|m| m["containerimage.digest"].as_str().map(str::to_string))
         .unwrap_or_default();
+    if run.code == 0 {
+        assert!(
+            digest.starts_with("sha256:") && digest.len() == 71,
+            "{name}: no image digest in {}: {digest:?}",
+            meta.display()
+        );
+    }
     (run, digest)
 }
 
@@ -811,13 +840,17 @@ fn every_isolation_mode_builds_the_example_to_the_same_image() {
         let (run, digest) =
             build_example(&env, dir.path(), name, wrapper, &["--isolation", isolation]);
         let run = run.success(name);
-        if name == "auto" {
-            assert!(
-                run.stderr.contains("isolation: rootless"),
-                "auto did not say what it chose:\n{}",
-                run.stderr
-            );
-        }
+        // auto picks rootless where user namespaces work, as here.
+        let ran = if isolation == "chroot" {
+            "isolation: chroot (as root"
+        } else {
+            "isolation: rootless ("
+        };
+        assert!(
+            run.stderr.contains(ran),
+            "{name} did not say {ran:?}:\n{}",
+            run.stderr
+        );
         digests.push((name, digest));
     }
     assert!(
