@@ -19,7 +19,13 @@ fuzz_target!(|data: &[u8]| {
     if names_a_helper {
         return;
     }
-    for registry in ["docker.io", "index.docker.io", "localhost:5000", "ghcr.io", ""] {
+    for registry in [
+        "docker.io",
+        "index.docker.io",
+        "localhost:5000",
+        "ghcr.io",
+        "",
+    ] {
         let _ = files.lookup(registry);
     }
 });

@@ -14,7 +14,12 @@ fuzz_target!(|data: &[u8]| {
     for escape in ['\\', '`'] {
         let lex = Lexer::new(escape);
         let _ = lex.process(&word, &env);
-        let raw = Lexer { raw_quotes: true, raw_escapes: true, skip_unset_env: true, ..lex };
+        let raw = Lexer {
+            raw_quotes: true,
+            raw_escapes: true,
+            skip_unset_env: true,
+            ..lex
+        };
         let _ = raw.process_words(&word, &env);
     }
 });

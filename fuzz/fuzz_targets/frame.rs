@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode(bytes);
     for envelope in frames {
         let frame = encode(&envelope).expect("a decoded message encodes");
-        assert_eq!(decode(&frame[HEADER_LEN..]).expect("its own frame decodes"), envelope);
+        assert_eq!(
+            decode(&frame[HEADER_LEN..]).expect("its own frame decodes"),
+            envelope
+        );
         if let Message::Cluster(message) = &envelope.message {
             if let ClusterMessage::Submit(spec) = message.as_ref() {
                 let _ = check_entries(&spec.context);

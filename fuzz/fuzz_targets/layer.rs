@@ -37,7 +37,10 @@ fn inodes(dir: &Path, found: &mut HashMap<(u64, u64), (u64, u64)>) {
         if meta.is_dir() {
             inodes(&e.path(), found);
         } else {
-            found.entry((meta.dev(), meta.ino())).or_insert((meta.nlink(), 0)).1 += 1;
+            found
+                .entry((meta.dev(), meta.ino()))
+                .or_insert((meta.nlink(), 0))
+                .1 += 1;
         }
     }
 }
@@ -56,14 +59,24 @@ fuzz_target!(|data: &[u8]| {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["rootfs", "sentinel"], "an entry was written outside the rootfs");
-    assert_eq!(std::fs::read(parent.path().join("sentinel")).unwrap(), b"outside");
+    assert_eq!(
+        names,
+        ["rootfs", "sentinel"],
+        "an entry was written outside the rootfs"
+    );
+    assert_eq!(
+        std::fs::read(parent.path().join("sentinel")).unwrap(),
+        b"outside"
+    );
     let meta = std::fs::symlink_metadata(&rootfs).unwrap();
     assert!(meta.is_dir(), "the rootfs itself was replaced: {meta:?}");
     let mut found = HashMap::new();
     inodes(&rootfs, &mut found);
     for (inode, (links, paths)) in found {
-        assert_eq!(links, paths, "inode {inode:?} is linked from outside the rootfs");
+        assert_eq!(
+            links, paths,
+            "inode {inode:?} is linked from outside the rootfs"
+        );
     }
     writable(&rootfs);
 });

@@ -1222,7 +1222,14 @@ fn checksum_cache_notices_a_file_changed_with_the_same_size_and_mtime() {
     ossb(
         &env,
         &cache,
-        &["build", "--insecure-registry", &reg, "-o", &dest, ctx.to_str().unwrap()],
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "-o",
+            &dest,
+            ctx.to_str().unwrap(),
+        ],
     )
     .success("the export of the changed build");
     assert_eq!(

@@ -526,7 +526,8 @@ fn failing_run_reports_the_command_and_its_exit_code() {
     );
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
-        run.stderr.contains("echo about to fail | tr a-z A-Z && exit 3"),
+        run.stderr
+            .contains("echo about to fail | tr a-z A-Z && exit 3"),
         "names the command:\n{}",
         run.stderr
     );
