@@ -29,7 +29,8 @@ impl CacheKey {
     /// platform, with the settings that change layer bytes.
     pub fn root(base: Option<&Digest>, platform: &Platform, settings: &str) -> CacheKey {
         let mut h = blake3::Hasher::new();
-        h.update(b"ossb-cache-v1\0");
+        h.update(b"ossb-cache-v2\0");
+        h.update(&ossb_dockerfile::KEY_VERSION.to_be_bytes());
         match base {
             Some(d) => h.update(d.to_string().as_bytes()),
             None => h.update(b"scratch"),
@@ -41,13 +42,15 @@ impl CacheKey {
         CacheKey(*h.finalize().as_bytes())
     }
 
-    /// The key of a step after `self`: its instruction and the checksums of its inputs.
-    pub fn child(&self, instruction: &str, inputs: &[&[u8]]) -> CacheKey {
+    /// The key of a step after `self`: its instruction's canonical bytes
+    /// ([`ossb_dockerfile::instruction_key_bytes`]) and the checksums of its inputs.
+    pub fn child(&self, instruction: &[u8], inputs: &[&[u8]]) -> CacheKey {
         let mut h = blake3::Hasher::new();
         h.update(&self.0);
-        h.update(instruction.as_bytes());
+        h.update(&(instruction.len() as u64).to_be_bytes());
+        h.update(instruction);
         for input in inputs {
-            h.update(b"\0input\0");
+            h.update(&(input.len() as u64).to_be_bytes());
             h.update(input);
         }
         CacheKey(*h.finalize().as_bytes())
@@ -169,11 +172,33 @@ mod tests {
             CacheKey::root(Some(&base), &"linux/arm64".parse().unwrap(), "gzip")
         );
         assert_ne!(root, CacheKey::root(Some(&base), &p, "zstd"));
-        let a = root.child("RUN make", &[]);
-        assert_eq!(a, root.child("RUN make", &[]));
-        assert_ne!(a, root.child("RUN make install", &[]));
-        assert_ne!(a, root.child("RUN make", &[b"x"]));
+        let a = root.child(b"RUN make", &[]);
+        assert_eq!(a, root.child(b"RUN make", &[]));
+        assert_ne!(a, root.child(b"RUN make install", &[]));
+        assert_ne!(a, root.child(b"RUN make", &[b"x"]));
         assert_eq!(a.hex().len(), 64);
+        // Inputs are delimited: moving bytes from one input to the next changes the key.
+        assert_ne!(
+            root.child(b"COPY", &[b"ab", b"c"]),
+            root.child(b"COPY", &[b"a", b"bc"])
+        );
+    }
+
+    /// A key computed once: a change of how keys are made (which would miss every cache there
+    /// is, local, registry and cluster) fails here until it is made on purpose.
+    #[test]
+    fn golden_key() {
+        let p: Platform = "linux/amd64".parse().unwrap();
+        let root = CacheKey::root(Some(&Digest::of(b"manifest")), &p, "gzip;epoch=none");
+        let step = ossb_dockerfile::Instruction::Workdir("/app".into());
+        let key = root.child(
+            &ossb_dockerfile::instruction_key_bytes(&step),
+            &[Digest::of(b"input").as_bytes()],
+        );
+        assert_eq!(
+            key.hex(),
+            "36925e308fbb98192b40b30e6041892f5205ad22e6c6a9b027c6b90345e297f7"
+        );
     }
 
     #[test]

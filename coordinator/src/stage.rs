@@ -279,9 +279,13 @@ fn pulled_key(reference: &str, platform: &Platform) -> String {
     format!("{reference}@{platform}")
 }
 
-/// The layer settings that change layer bytes, part of every cache key.
+/// The layer settings that change layer bytes, part of every cache key: the layer media type
+/// (it names the compression) and the epoch that clamps mtimes.
 fn layer_settings(req: &BuildRequest) -> String {
-    format!("{:?};epoch={:?}", req.compression, req.source_date_epoch)
+    let epoch = req
+        .source_date_epoch
+        .map_or_else(|| "none".to_string(), |e| e.to_string());
+    format!("{};epoch={epoch}", req.compression.media_type())
 }
 
 impl<'a> PlatformBuild<'a> {
@@ -646,9 +650,10 @@ impl<'a> PlatformBuild<'a> {
         }
         let inputs = self.step_inputs(step, done).await?;
         let input_refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
-        let key = state
-            .key
-            .child(&format!("{:?}", step.instruction), &input_refs);
+        let key = state.key.child(
+            &ossb_dockerfile::instruction_key_bytes(&step.instruction),
+            &input_refs,
+        );
         state.key = key;
         let mut cached = false;
         let mut empty_layer = true;

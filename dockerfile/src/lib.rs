@@ -21,12 +21,14 @@ mod dump;
 mod error;
 mod flags;
 mod json;
+mod key;
 mod plan;
 pub mod shell;
 mod syntax;
 
 pub use dump::{dump, dump_node, go_quote};
 pub use error::Error;
+pub use key::{instruction_key_bytes, KEY_VERSION};
 pub use ossb_protocol::clip;
 pub use plan::{
     base_images, base_images_with_platforms, plan, unused_build_args, validate, Base,

@@ -1135,6 +1135,52 @@ fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
     assert_eq!(sum_of(&m, "ossb_steps_total", "result=\"run\""), 4, "{m}");
 }
 
+/// A stage that two stage tasks need (x: its own task, and the final stage's) runs once in
+/// the cluster: its steps have the same keys in every task's plan, whatever position the
+/// pruned plan gives the stages. Six steps run, not eight; submitted again, none.
+#[test]
+fn a_stage_shared_by_two_tasks_runs_once() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start_with(&env, &[("amd64-a", &[]), ("amd64-b", &[])]);
+    let reg = cluster.registry.clone();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("shared");
+    let dockerfile = format!(
+        "FROM {bb} AS a\nRUN echo a > /a\n\
+         FROM {bb} AS b\nRUN echo b > /b\n\
+         FROM {bb} AS x\nCOPY --from=b /b /b\nRUN echo \"x from $(cat /b) {marker}\" > /x\n\
+         FROM {bb}\nCOPY --from=a /a /a\nCOPY --from=x /x /x\nCMD [\"cat\", \"/a\", \"/x\"]\n",
+        bb = cluster.busybox(&env)
+    );
+    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
+    let image = format!("{reg}/tests/{marker}:latest");
+    for (round, expected) in [("first", 6), ("second", 0)] {
+        let before = sum_of(
+            &cluster.metrics_text(),
+            "ossb_steps_total",
+            "result=\"run\"",
+        );
+        let out = cluster
+            .submit_push("linux/amd64", &reg, &image, &ctx)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{round}: {stderr}\n{}",
+            cluster.logs()
+        );
+        let m = cluster.metrics_text();
+        let ran = sum_of(&m, "ossb_steps_total", "result=\"run\"") - before;
+        assert_eq!(
+            ran, expected,
+            "{round} submission: steps run\n{stderr}\n{m}"
+        );
+    }
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(run.stdout, format!("a\nx from b {marker}\n"));
+}
+
 /// The same build submitted by two clients at once: its steps run once in the cluster (one
 /// task waits for the other, then takes every step from the cache of the worker that ran it).
 #[test]

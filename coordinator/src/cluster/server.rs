@@ -1182,27 +1182,27 @@ fn task_key(task: &TaskSpec) -> Option<Digest> {
     if spec.no_cache {
         return None;
     }
-    let text = format!(
-        "{:?}",
+    // postcard: the wire encoding, field by field in declaration order, never `Debug` text.
+    let bytes = postcard::to_allocvec(&(
+        "ossb-task-v1",
+        (&task.platform, task.stage, &task.build_platform),
+        (&spec.dockerfile, &spec.dockerfile_name, &spec.build_args),
         (
-            (&task.platform, task.stage, &task.build_platform),
-            &spec.dockerfile,
-            &spec.dockerfile_name,
-            &spec.build_args,
             &spec.target,
             &spec.labels,
             &spec.context,
             &spec.build_contexts,
-            &spec.cache_from,
-            (&spec.network, &spec.extra_hosts, &spec.annotations),
-            (
-                &spec.compression,
-                spec.oci_media_types,
-                spec.source_date_epoch
-            ),
-        )
-    );
-    Some(Digest::of(text.as_bytes()))
+        ),
+        &spec.cache_from,
+        (&spec.network, &spec.extra_hosts, &spec.annotations),
+        (
+            &spec.compression,
+            spec.oci_media_types,
+            spec.source_date_epoch,
+        ),
+    ))
+    .ok()?;
+    Some(Digest::of(&bytes))
 }
 
 /// The worker for a task of `platform`: native workers when any is registered, else emulating
