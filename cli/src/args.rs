@@ -346,16 +346,12 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
             .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"))
     };
     let settings = LayerSettings {
-        compression: match fields.get("compression").map(String::as_str) {
+        compression: match fields.get("compression") {
             None => None,
-            Some("gzip") => Some(Compression::Gzip),
-            Some("zstd") => Some(Compression::Zstd),
-            Some("uncompressed") => Some(Compression::None),
-            Some(other) => {
-                return Err(format!(
-                    "--output {spec:?}: compression={other} (expected gzip, zstd or uncompressed)"
-                ))
-            }
+            Some(name) => Some(
+                name.parse::<Compression>()
+                    .map_err(|e| format!("--output {spec:?}: {e}"))?,
+            ),
         },
         media_types: match fields.get("oci-mediatypes") {
             None => None,

@@ -436,6 +436,26 @@ pub async fn build_with(
     })
 }
 
+/// The index of several platforms' manifests, as `ossb build` and the cluster's coordinator
+/// both write it: its descriptor and its bytes.
+pub(crate) fn index_of(
+    manifests: &[Descriptor],
+    types: MediaTypes,
+    index_annotations: &BTreeMap<String, String>,
+) -> (Descriptor, Vec<u8>) {
+    let mut index = Index::new(manifests, types);
+    index.annotations = Annotations::some(index_annotations);
+    let bytes = oci::to_canonical_json(&index);
+    let descriptor = Descriptor {
+        media_type: types.index().into(),
+        digest: Digest::of(&bytes),
+        size: bytes.len() as u64,
+        platform: None,
+        annotations: None,
+    };
+    (descriptor, bytes)
+}
+
 /// Stores the index of several platforms' manifests.
 fn write_index(
     store: &BlobStore,
@@ -444,17 +464,9 @@ fn write_index(
     index_annotations: &BTreeMap<String, String>,
 ) -> Result<Descriptor, BuildError> {
     let manifests: Vec<Descriptor> = images.iter().map(|i| i.manifest.clone()).collect();
-    let mut index = Index::new(&manifests, types);
-    index.annotations = Annotations::some(index_annotations);
-    let bytes = oci::to_canonical_json(&index);
-    let digest = store.put(&bytes).map_err(local("storing the index"))?;
-    Ok(Descriptor {
-        media_type: types.index().into(),
-        digest,
-        size: bytes.len() as u64,
-        platform: None,
-        annotations: None,
-    })
+    let (descriptor, bytes) = index_of(&manifests, types, index_annotations);
+    store.put(&bytes).map_err(local("storing the index"))?;
+    Ok(descriptor)
 }
 
 /// Sends the image to every requested output. Returns the references pushed.

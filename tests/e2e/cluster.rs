@@ -112,7 +112,7 @@ const COORDINATOR_NODE: u8 = 20;
 const WORKER_NODE: u8 = 30;
 
 impl Cluster {
-    fn start(env: &TestEnv) -> Cluster {
+    pub(crate) fn start(env: &TestEnv) -> Cluster {
         Cluster::start_with(env, DEFAULT_WORKERS)
     }
 

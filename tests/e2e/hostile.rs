@@ -717,6 +717,14 @@ fn a_hostile_submitter_never_takes_the_coordinator_down() {
         assert!(message.contains(expected), "{message}");
         still_serves(expected);
     }
+    // An unknown compression is refused (it once became gzip without a word).
+    let mut odd = spec(vec![dir_entry("a")], &dockerfile);
+    odd.compression = "brotli".into();
+    let (message, code) = raw
+        .submit(odd)
+        .expect("an unknown compression was accepted");
+    assert_eq!(code, 2, "{message}");
+    assert!(message.contains("compression=brotli"), "{message}");
     let looped = raw.submit(spec(
         vec![symlink("a", "b"), symlink("b", "a")],
         &dockerfile,

@@ -9,6 +9,7 @@ mod deploy;
 mod fault_proxy;
 mod hostile;
 mod netns;
+mod one_engine;
 mod registry;
 mod sandbox;
 mod support;

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use ossb_dockerfile::dockerignore::{self, Dockerignore};
 use ossb_dockerfile::Network;
-use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_image::store::BlobStore;
@@ -317,12 +316,7 @@ pub fn spec_of(
             .iter()
             .map(|m| (m.registry.clone(), m.mirror.clone()))
             .collect(),
-        compression: match req.compression {
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-            Compression::None => "uncompressed",
-        }
-        .into(),
+        compression: req.compression.name().into(),
         oci_media_types: req.media_types == MediaTypes::Oci,
         source_date_epoch: req.source_date_epoch,
         context,
@@ -475,11 +469,8 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         cache_to: spec.cache_to.clone().map(CacheLocation::Registry),
         registry: registry_options(spec, &place.files.certificates),
         registry_config: registry_config(spec),
-        compression: match spec.compression.as_str() {
-            "zstd" => Compression::Zstd,
-            "uncompressed" => Compression::None,
-            _ => Compression::Gzip,
-        },
+        // Checked by the coordinator before any task was made (build_outcome).
+        compression: spec.compression.parse().unwrap_or_default(),
         media_types: media_types(spec),
         source_date_epoch: spec.source_date_epoch,
         sandbox_exe: place.sandbox_exe,

@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ossb_image::oci::{self, Descriptor, Index};
+use ossb_image::oci::Descriptor;
 use ossb_image::registry::{parse_reference, Registry};
 use ossb_image::store::BlobStore;
 use ossb_net::{Identity, Role};
@@ -1398,6 +1398,9 @@ async fn build_outcome(
     if spec.platforms.is_empty() {
         return Err(failure("no platform to build for", 2));
     }
+    spec.compression
+        .parse::<ossb_image::layer::Compression>()
+        .map_err(|e| failure(e, 2))?;
     for (name, entries) in std::iter::once(("the context", &spec.context))
         .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))
     {
@@ -1681,17 +1684,11 @@ async fn merge_and_push(
     let (top, top_bytes, manifests) = match (descriptors.as_slice(), outcomes.as_slice()) {
         ([one], [o]) => (one.clone(), o.manifest.clone(), Vec::new()),
         _ => {
-            let mut index = Index::new(&descriptors, types);
-            index.annotations =
-                crate::build::Annotations::some(&super::context::annotations_of(spec).index);
-            let bytes = oci::to_canonical_json(&index);
-            let top = Descriptor {
-                media_type: types.index().into(),
-                digest: Digest::of(&bytes),
-                size: bytes.len() as u64,
-                platform: None,
-                annotations: None,
-            };
+            let (top, bytes) = crate::build::index_of(
+                &descriptors,
+                types,
+                &super::context::annotations_of(spec).index,
+            );
             (
                 top,
                 bytes,

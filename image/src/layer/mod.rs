@@ -83,6 +83,15 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// The name buildx's `compression=` option gives it: `gzip`, `zstd` or `uncompressed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+            Compression::None => "uncompressed",
+        }
+    }
+
     /// The OCI media type of a layer compressed this way.
     pub fn media_type(self) -> &'static str {
         match self {
@@ -90,6 +99,18 @@ impl Compression {
             Compression::Zstd => MEDIA_TYPE_ZSTD,
             Compression::None => MEDIA_TYPE_TAR,
         }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `gzip`, `zstd` or `uncompressed`, as buildx's `compression=`.
+    fn from_str(s: &str) -> Result<Compression, String> {
+        [Compression::Gzip, Compression::Zstd, Compression::None]
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("compression={s} (expected gzip, zstd or uncompressed)"))
     }
 }
 
