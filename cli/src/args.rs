@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ossb_coordinator::remote_cache::parse_cache;
-use ossb_coordinator::{Annotations, BuildRequest, BuildResult, Output};
+use ossb_engine::remote_cache::parse_cache;
+use ossb_engine::{Annotations, BuildRequest, BuildResult, Output};
 use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};

@@ -1,6 +1,6 @@
 //! The build cluster's subcommands: `ossb certs init`, `ossb cache-node`, `ossb coordinator`
 //! and `ossb worker`. Their arguments and the calls into `ossb-net`, `ossb-cache-node` and
-//! `ossb_coordinator::cluster`; no logic of their own.
+//! `ossb_cluster`; no logic of their own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,7 +48,7 @@ pub struct CacheNodeArgs {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    ossb_coordinator::cache::parse_size(s)
+    ossb_engine::cache::parse_size(s)
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 500MB, 10GB, 1TiB)"))
 }
 
@@ -198,16 +198,13 @@ fn run_node<F: std::future::Future<Output = Result<(), E>>, E: std::fmt::Display
 /// `ossb coordinator`: JSON log lines to stdout, serves until SIGTERM/SIGINT.
 pub fn coordinator(args: CoordinatorArgs) -> ExitCode {
     node_setup();
-    let config = ossb_coordinator::cluster::server::CoordinatorConfig {
+    let config = ossb_cluster::server::CoordinatorConfig {
         listen: args.listen,
         state_dir: args.state_dir,
         tls_dir: args.tls_dir,
         metrics: args.metrics,
     };
-    run_node(
-        "coordinator",
-        ossb_coordinator::cluster::server::serve(config),
-    )
+    run_node("coordinator", ossb_cluster::server::serve(config))
 }
 
 /// `ossb worker` (already inside its user namespace, entered by `main`): JSON log lines to
@@ -235,7 +232,7 @@ pub fn worker(args: WorkerArgs, isolation: Option<String>) -> ExitCode {
             .unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
-    let config = ossb_coordinator::cluster::worker::WorkerConfig {
+    let config = ossb_cluster::worker::WorkerConfig {
         coordinator: args.coordinator,
         name,
         platform: args.platform.unwrap_or_else(ossb_protocol::Platform::host),
@@ -248,5 +245,5 @@ pub fn worker(args: WorkerArgs, isolation: Option<String>) -> ExitCode {
         sandbox_exe,
         metrics: args.metrics,
     };
-    run_node("worker", ossb_coordinator::cluster::worker::serve(config))
+    run_node("worker", ossb_cluster::worker::serve(config))
 }

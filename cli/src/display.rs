@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
 
-use ossb_coordinator::{BuildError, BuildRequest, BuildResult, Event, Progress};
+use ossb_engine::{BuildError, BuildRequest, BuildResult, Event, Progress};
 
 use crate::args::{Extras, ProgressMode};
 

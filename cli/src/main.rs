@@ -108,7 +108,7 @@ fn run_build(args: BuildArgs, isolation: Option<String>) -> ExitCode {
         Err(e) => return display::fail(mode, &e, 2),
     };
     display::run_to_exit(&request, &extras, |request, display| {
-        Box::pin(ossb_coordinator::build(request, display))
+        Box::pin(ossb_engine::build(request, display))
     })
 }
 
@@ -142,7 +142,7 @@ fn debug_parse(file: &str) -> ExitCode {
 }
 
 fn cache_command(command: CacheCommand) -> ExitCode {
-    use ossb_coordinator::cache;
+    use ossb_engine::cache;
     match command {
         CacheCommand::Info { cache_dir } => {
             let dir = cache_dir.unwrap_or_else(default_cache_dir);

@@ -1029,7 +1029,7 @@ fn build_epoch(
     let meta = cache.join("meta.json");
     let mut vars = vec![
         ("SOURCE_DATE_EPOCH", "1700000000"),
-        ("OSSB_LOG", "ossb_coordinator=debug"),
+        ("OSSB_LOG", "ossb_engine=debug"),
     ];
     vars.extend_from_slice(extra_env);
     let run = ossb_with(

@@ -1023,7 +1023,7 @@ fn overlay_and_metadata_snapshots_build_the_same_image() {
         let output = format!("type=oci,dest={},tar=false", layout.display());
         let mut vars = vec![
             ("SOURCE_DATE_EPOCH", "1700000000"),
-            ("OSSB_LOG", "ossb_coordinator=debug"),
+            ("OSSB_LOG", "ossb_engine=debug"),
         ];
         vars.extend_from_slice(extra);
         let run = ossb_with(

@@ -1,7 +1,7 @@
 //! `ossb-submit`: `ossb build` on a build cluster. The same build options (the same
 //! [`BuildArgs`]), plus where the coordinator is and the certificates to reach it with; the
 //! same progress display and exit codes. No build logic here: it calls
-//! `ossb_coordinator::cluster::submit`.
+//! `ossb_cluster::submit`.
 
 #[allow(dead_code)]
 #[path = "../args.rs"]
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ossb_coordinator::cluster::submit::{submit, SubmitConfig};
+use ossb_cluster::submit::{submit, SubmitConfig};
 
 use crate::args::BuildArgs;
 

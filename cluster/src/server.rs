@@ -1247,13 +1247,13 @@ async fn run_build(
     tx: &mut SendStream,
     rx: &mut RecvStream,
 ) -> Result<(), ClusterError> {
-    let build = format!("b{}-{}", crate::build::now(), state.next_id());
+    let build = format!("b{}-{}", ossb_engine::build::now(), state.next_id());
     let mut record = Record {
         id: build.clone(),
         status: Status::Queued,
         platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
         tags: spec.tags.clone(),
-        submitted: crate::build::now(),
+        submitted: ossb_engine::build::now(),
         digest: None,
         descriptor: None,
         error: None,
@@ -1384,15 +1384,16 @@ async fn build_outcome(
     let caches = spec
         .cache_from
         .iter()
-        .map(|c| crate::remote_cache::parse_cache(c, false))
+        .map(|c| ossb_engine::remote_cache::parse_cache(c, false))
         .chain(
             spec.cache_to
                 .iter()
-                .map(|c| crate::remote_cache::parse_cache(c, true)),
+                .map(|c| ossb_engine::remote_cache::parse_cache(c, true)),
         )
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| failure(e, 2))?;
-    crate::build::check_references(&spec.tags, &caches).map_err(|e| failure(e.to_string(), 2))?;
+    ossb_engine::build::check_references(&spec.tags, &caches)
+        .map_err(|e| failure(e.to_string(), 2))?;
     let df = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name)
         .map_err(|e| failure(e.to_string(), 2))?;
     if spec.platforms.is_empty() {
@@ -1452,7 +1453,7 @@ async fn build_outcome(
     tracing::info!(build, platforms = ?spec.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), context_files = context.len(), "build accepted");
     let build_args = spec.build_args.iter().cloned().collect();
     if let Some(warning) =
-        crate::build::unused_build_args_warning(&df, &build_args, spec.target.as_deref())
+        ossb_engine::build::unused_build_args_warning(&df, &build_args, spec.target.as_deref())
     {
         let _ = send(tx, ClusterMessage::Event(BuildEvent::Info(warning))).await;
     }
@@ -1601,7 +1602,7 @@ fn running_record(build: &str, spec: &BuildSpec) -> Record {
         status: Status::Running,
         platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
         tags: spec.tags.clone(),
-        submitted: crate::build::now(),
+        submitted: ossb_engine::build::now(),
         digest: None,
         descriptor: None,
         error: None,
@@ -1684,7 +1685,7 @@ async fn merge_and_push(
     let (top, top_bytes, manifests) = match (descriptors.as_slice(), outcomes.as_slice()) {
         ([one], [o]) => (one.clone(), o.manifest.clone(), Vec::new()),
         _ => {
-            let (top, bytes) = crate::build::index_of(
+            let (top, bytes) = ossb_engine::build::index_of(
                 &descriptors,
                 types,
                 &super::context::annotations_of(spec).index,

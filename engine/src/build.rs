@@ -176,7 +176,7 @@ impl BuildRequest {
     }
 
     /// How the Dockerfile is planned for `target_platform`.
-    pub(crate) fn plan_options(&self, target_platform: &Platform) -> PlanOptions {
+    pub fn plan_options(&self, target_platform: &Platform) -> PlanOptions {
         PlanOptions {
             build_args: self.build_args.clone(),
             target: self.target.clone(),
@@ -438,7 +438,7 @@ pub async fn build_with(
 
 /// The index of several platforms' manifests, as `ossb build` and the cluster's coordinator
 /// both write it: its descriptor and its bytes.
-pub(crate) fn index_of(
+pub fn index_of(
     manifests: &[Descriptor],
     types: MediaTypes,
     index_annotations: &BTreeMap<String, String>,
@@ -592,7 +592,8 @@ fn load_dockerignore(req: &BuildRequest) -> Result<Option<Dockerignore>, BuildEr
         .map_err(|e| BuildError::Usage(format!("{}: {e}", path.display())))
 }
 
-pub(crate) fn now() -> i64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

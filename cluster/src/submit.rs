@@ -22,9 +22,9 @@ use ossb_protocol::Digest;
 
 use super::context::{scan, scan_named, spec_of};
 use super::{event_from_wire, recv, send, send_file, ClusterError};
-use crate::build::{BuildError, BuildRequest, BuildResult, Output};
-use crate::progress::{Event, Progress};
-use crate::stage::Stats;
+use ossb_engine::build::{BuildError, BuildRequest, BuildResult, Output};
+use ossb_engine::progress::{Event, Progress};
+use ossb_engine::Stats;
 
 /// Where the cluster is.
 #[derive(Clone, Debug)]

@@ -11,7 +11,7 @@
 //!   index and pushes it last. It keeps a record of every build in its state dir ([`records`])
 //!   and reports the builds a restart lost as failed.
 //! - [`worker`] (`ossb worker`): registers, heartbeats, runs each task with
-//!   [`crate::build::build_with`] for one stage of one platform, its local step cache first,
+//!   [`ossb_engine::build::build_with`] for one stage of one platform, its local step cache first,
 //!   then the cluster's (layers through the peer cache); publishes every step it builds;
 //!   pushes the platform's manifest by digest when its stage is the image, and streams the
 //!   engine's progress events back.
@@ -36,7 +36,7 @@ use ossb_protocol::cluster::{BuildEvent, ClusterMessage};
 use ossb_protocol::wire::{ErrorCode, ErrorReply, Message};
 use ossb_protocol::Digest;
 
-use crate::progress::Event;
+use ossb_engine::progress::Event;
 
 /// How often a worker says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);

@@ -20,8 +20,8 @@ use ossb_protocol::{Digest, Platform};
 use ossb_worker::mounts::{Secret, SecretBytes};
 use ossb_worker::sandbox::Isolation;
 
-use crate::build::{Annotations, BuildError, BuildRequest, Output};
-use crate::remote_cache::CacheLocation;
+use ossb_engine::build::{Annotations, BuildError, BuildRequest, Output};
+use ossb_engine::remote_cache::CacheLocation;
 
 /// The context of `req` as entries, and where each file's content is on this machine.
 pub fn scan(req: &BuildRequest) -> Result<(Vec<ContextEntry>, BTreeMap<Digest, PathBuf>), String> {

@@ -38,9 +38,9 @@ use tokio::sync::mpsc;
 
 use super::context::{all_file_digests, materialize, request_of, TaskFiles, TaskPlace};
 use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
-use crate::build::BuildRequest;
-use crate::cache::{CacheKey, CacheRecord, SharedSteps};
-use crate::progress::{Event, Progress};
+use ossb_engine::build::BuildRequest;
+use ossb_engine::cache::{CacheKey, CacheRecord, SharedSteps};
+use ossb_engine::progress::{Event, Progress};
 
 /// Context files fetched at once.
 const PARALLEL_FETCHES: usize = 8;
@@ -485,7 +485,7 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
-    let built = crate::build::build_with(&req, &forward, Some(&steps)).await;
+    let built = ossb_engine::build::build_with(&req, &forward, Some(&steps)).await;
     steps.finish().await;
     // What the engine pulled from registries is in the store now, whether the build then
     // succeeded or not: count it, and hand it to the peer cache for the next worker.

@@ -1,0 +1,18 @@
+//! Runs builds: turns a Dockerfile and a context into images and exports them.
+//!
+//! `ossb build` runs it in-process; each task of the build cluster (`ossb-cluster`) runs through
+//! it on a worker. It never parses Dockerfile text itself beyond handing it to
+//! `ossb-dockerfile`, and never touches a registry or a rootfs directly (that is
+//! `ossb-image`'s and `ossb-worker`'s).
+
+mod add;
+pub mod build;
+pub mod cache;
+pub mod progress;
+pub mod remote_cache;
+mod run;
+mod stage;
+
+pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, Output};
+pub use progress::{Event, Progress};
+pub use stage::Stats;
