@@ -1,6 +1,5 @@
 //! A cache node's counters, and their Prometheus text form.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ossb_protocol::wire::CacheStats;
@@ -86,12 +85,9 @@ pub fn prometheus(stats: &CacheStats) -> String {
             stats.verification_failures,
         ),
     ];
-    let mut out = String::new();
+    let mut out = ossb_net::http::PrometheusText::default();
     for (name, kind, help, value) in rows {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+        out.single(name, kind, help, value);
     }
-    out
+    out.finish()
 }

@@ -216,41 +216,76 @@ async fn serve_metrics(addr: SocketAddr, node: Arc<Node>) -> Result<(), ClusterE
 fn prometheus(node: &Node) -> String {
     let c = &node.counters;
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let p = &node.config.platform;
-    format!(
-        "# HELP ossb_worker_tasks_total Tasks finished, by result.\n# TYPE ossb_worker_tasks_total counter\n\
-         ossb_worker_tasks_total{{result=\"succeeded\"}} {}\nossb_worker_tasks_total{{result=\"failed\"}} {}\nossb_worker_tasks_total{{result=\"cancelled\"}} {}\n\
-         # HELP ossb_worker_tasks_running Tasks running.\n# TYPE ossb_worker_tasks_running gauge\nossb_worker_tasks_running {}\n\
-         # HELP ossb_worker_steps_total Steps, by whether they ran or came from the local step cache.\n# TYPE ossb_worker_steps_total counter\n\
-         ossb_worker_steps_total{{result=\"run\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"local\"}} {}\nossb_worker_steps_total{{result=\"cached\",source=\"cluster\"}} {}\n\
-         # HELP ossb_worker_step_layers_total Layers of cluster cache hits fetched from the peer cache.\n# TYPE ossb_worker_step_layers_total counter\nossb_worker_step_layers_total{{source=\"peer\"}} {}\n\
-         # HELP ossb_worker_context_bytes_total Context bytes fetched, from the coordinator and from the peer cache.\n# TYPE ossb_worker_context_bytes_total counter\n\
-         ossb_worker_context_bytes_total{{source=\"coordinator\"}} {}\nossb_worker_context_bytes_total{{source=\"peer\"}} {}\n\
-         # HELP ossb_worker_published_total Blobs and bytes published to the peer cache.\n# TYPE ossb_worker_published_total counter\n\
-         ossb_worker_published_total{{unit=\"blobs\"}} {}\nossb_worker_published_total{{unit=\"bytes\"}} {}\n\
-         # HELP ossb_worker_input_blobs_total Base image blobs, by where they came from: this worker's store, the peer cache, a registry.\n# TYPE ossb_worker_input_blobs_total counter\n\
-         ossb_worker_input_blobs_total{{source=\"local\"}} {}\nossb_worker_input_blobs_total{{source=\"peer\"}} {}\nossb_worker_input_blobs_total{{source=\"registry\"}} {}\n\
-         # HELP ossb_worker_input_bytes_total Base image bytes fetched, from the peer cache and from registries.\n# TYPE ossb_worker_input_bytes_total counter\n\
-         ossb_worker_input_bytes_total{{source=\"peer\"}} {}\nossb_worker_input_bytes_total{{source=\"registry\"}} {}\n\
-         # HELP ossb_worker_info The worker's platform.\n# TYPE ossb_worker_info gauge\nossb_worker_info{{platform=\"{p}\"}} 1\n",
-        g(&c.tasks_succeeded),
-        g(&c.tasks_failed),
-        g(&c.tasks_cancelled),
-        g(&c.running),
-        g(&c.steps_run),
-        g(&c.steps_cached).saturating_sub(g(&c.steps_cluster)),
-        g(&c.steps_cluster),
-        g(&c.step_layers_peer),
-        g(&c.context_bytes_coordinator),
-        g(&c.context_bytes_peer),
-        g(&c.blobs_published),
-        g(&c.bytes_published),
-        g(&c.blobs_local),
-        g(&c.blobs_peer),
-        g(&c.blobs_registry),
-        g(&c.bytes_peer),
-        g(&c.bytes_registry),
+    let mut m = ossb_net::http::PrometheusText::default();
+    m.family(
+        "ossb_worker_tasks_total",
+        "counter",
+        "Tasks finished, by result.",
     )
+    .sample(&[("result", "succeeded")], g(&c.tasks_succeeded))
+    .sample(&[("result", "failed")], g(&c.tasks_failed))
+    .sample(&[("result", "cancelled")], g(&c.tasks_cancelled));
+    m.single(
+        "ossb_worker_tasks_running",
+        "gauge",
+        "Tasks running.",
+        g(&c.running),
+    );
+    m.family(
+        "ossb_worker_steps_total",
+        "counter",
+        "Steps, by whether they ran or came from the local step cache.",
+    )
+    .sample(&[("result", "run")], g(&c.steps_run))
+    .sample(
+        &[("result", "cached"), ("source", "local")],
+        g(&c.steps_cached).saturating_sub(g(&c.steps_cluster)),
+    )
+    .sample(
+        &[("result", "cached"), ("source", "cluster")],
+        g(&c.steps_cluster),
+    );
+    m.family(
+        "ossb_worker_step_layers_total",
+        "counter",
+        "Layers of cluster cache hits fetched from the peer cache.",
+    )
+    .sample(&[("source", "peer")], g(&c.step_layers_peer));
+    m.family(
+        "ossb_worker_context_bytes_total",
+        "counter",
+        "Context bytes fetched, from the coordinator and from the peer cache.",
+    )
+    .sample(
+        &[("source", "coordinator")],
+        g(&c.context_bytes_coordinator),
+    )
+    .sample(&[("source", "peer")], g(&c.context_bytes_peer));
+    m.family(
+        "ossb_worker_published_total",
+        "counter",
+        "Blobs and bytes published to the peer cache.",
+    )
+    .sample(&[("unit", "blobs")], g(&c.blobs_published))
+    .sample(&[("unit", "bytes")], g(&c.bytes_published));
+    m.family(
+        "ossb_worker_input_blobs_total",
+        "counter",
+        "Base image blobs, by where they came from: this worker's store, the peer cache, a registry.",
+    )
+    .sample(&[("source", "local")], g(&c.blobs_local))
+    .sample(&[("source", "peer")], g(&c.blobs_peer))
+    .sample(&[("source", "registry")], g(&c.blobs_registry));
+    m.family(
+        "ossb_worker_input_bytes_total",
+        "counter",
+        "Base image bytes fetched, from the peer cache and from registries.",
+    )
+    .sample(&[("source", "peer")], g(&c.bytes_peer))
+    .sample(&[("source", "registry")], g(&c.bytes_registry));
+    m.family("ossb_worker_info", "gauge", "The worker's platform.")
+        .sample(&[("platform", &node.config.platform.to_string())], 1);
+    m.finish()
 }
 
 /// One connection to the coordinator: register, then serve tasks until it breaks.

@@ -105,3 +105,79 @@ mod tests {
         server.abort();
     }
 }
+
+/// The Prometheus text format every node serves on `/metrics`: a family's `# HELP` and `# TYPE`
+/// lines, then its samples. One writer, so the three nodes' output cannot drift apart.
+#[derive(Debug, Default)]
+pub struct PrometheusText {
+    out: String,
+    family: String,
+}
+
+impl PrometheusText {
+    /// Starts a family; `kind` is `counter` or `gauge`.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        use std::fmt::Write as _;
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        self.family = name.to_string();
+        self
+    }
+
+    /// A sample of the current family, with `labels` (values escaped as the format asks).
+    pub fn sample(&mut self, labels: &[(&str, &str)], value: u64) -> &mut Self {
+        self.out.push_str(&self.family);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (name, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(name);
+                self.out.push_str("=\"");
+                for c in v.chars() {
+                    match c {
+                        '\\' => self.out.push_str("\\\\"),
+                        '"' => self.out.push_str("\\\""),
+                        '\n' => self.out.push_str("\\n"),
+                        c => self.out.push(c),
+                    }
+                }
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        self.out.push(' ');
+        self.out.push_str(&value.to_string());
+        self.out.push('\n');
+        self
+    }
+
+    /// A family with one unlabelled sample.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: u64) -> &mut Self {
+        self.family(name, kind, help).sample(&[], value)
+    }
+
+    /// The text.
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod prometheus_tests {
+    use super::PrometheusText;
+
+    #[test]
+    fn families_samples_and_escaped_labels() {
+        let mut m = PrometheusText::default();
+        m.single("a_total", "counter", "As.", 3);
+        m.family("b", "gauge", "Bs.")
+            .sample(&[("x", "1"), ("y", "q\"\\\n")], 4)
+            .sample(&[("x", "2")], 5);
+        assert_eq!(
+            m.finish(),
+            "# HELP a_total As.\n# TYPE a_total counter\na_total 3\n\
+             # HELP b Bs.\n# TYPE b gauge\nb{x=\"1\",y=\"q\\\"\\\\\\n\"} 4\nb{x=\"2\"} 5\n"
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! A build session: a submission is checked, its context received, its tasks made and run,
+//! and its outcome recorded and sent back.
+
+use super::*;
+
+/// Serves one submitted build on the client's stream until it ends.
+pub(super) async fn run_build(
+    state: &Arc<State>,
+    spec: BuildSpec,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<(), ClusterError> {
+    let build = format!("b{}-{}", ossb_engine::build::now(), state.next_id());
+    let mut record = Record {
+        id: build.clone(),
+        status: Status::Queued,
+        platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
+        tags: spec.tags.clone(),
+        submitted: ossb_engine::build::now(),
+        digest: None,
+        descriptor: None,
+        error: None,
+        exit_code: None,
+    };
+    let _ = state.records.save(&record);
+    let outcome = build_outcome(state, &build, spec, tx, rx).await;
+    {
+        let mut inner = state.lock();
+        match &outcome {
+            Ok(_) => inner.counters.succeeded += 1,
+            Err(_) => inner.counters.failed += 1,
+        }
+    }
+    match &outcome {
+        Ok(image) => {
+            record.status = Status::Succeeded;
+            record.digest = serde_json::from_str::<Descriptor>(&image.descriptor_json)
+                .ok()
+                .map(|d| d.digest.to_string());
+            record.descriptor = Some(image.descriptor_json.clone());
+            tracing::info!(build = %build, digest = ?record.digest, "build succeeded");
+        }
+        Err(f) => {
+            record.status = Status::Failed;
+            record.error = Some(f.message.clone());
+            record.exit_code = Some(f.exit_code);
+            tracing::info!(build = %build, error = %f.message, "build failed");
+        }
+    }
+    let _ = state.records.save(&record);
+    send(
+        tx,
+        ClusterMessage::Finished(BuildOutcome { result: outcome }),
+    )
+    .await?;
+    let _ = tx.finish();
+    Ok(())
+}
+
+/// The blobs one submission waits for, registered as wanted until dropped.
+pub(super) struct Wanted<'a> {
+    state: &'a State,
+    digests: Vec<Digest>,
+}
+
+impl<'a> Wanted<'a> {
+    fn new(state: &'a State, blobs: &[(Digest, u64)]) -> Wanted<'a> {
+        let mut inner = state.lock();
+        for (d, size) in blobs {
+            inner.wanted.insert(*d, *size);
+            *inner.wanted_by.entry(*d).or_default() += 1;
+        }
+        Wanted {
+            state,
+            digests: blobs.iter().map(|(d, _)| *d).collect(),
+        }
+    }
+}
+
+impl Drop for Wanted<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.state.lock();
+        for d in &self.digests {
+            let left = inner.wanted_by.get_mut(d).map(|n| {
+                *n -= 1;
+                *n
+            });
+            if left == Some(0) {
+                inner.wanted_by.remove(d);
+                inner.wanted.remove(d);
+            }
+        }
+    }
+}
+
+/// Counts a build as queued, then as running, until dropped.
+pub(super) struct Gauge<'a> {
+    state: &'a State,
+    running: bool,
+}
+
+impl<'a> Gauge<'a> {
+    fn new(state: &'a State) -> Gauge<'a> {
+        state.lock().counters.queued += 1;
+        Gauge {
+            state,
+            running: false,
+        }
+    }
+
+    fn start_running(&mut self) {
+        let mut inner = self.state.lock();
+        inner.counters.queued = inner.counters.queued.saturating_sub(1);
+        inner.counters.running += 1;
+        self.running = true;
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.state.lock();
+        let c = &mut inner.counters;
+        if self.running {
+            c.running = c.running.saturating_sub(1);
+        } else {
+            c.queued = c.queued.saturating_sub(1);
+        }
+    }
+}
+
+pub(super) fn failure(message: impl Into<String>, exit_code: i32) -> Failure {
+    Failure {
+        message: message.into(),
+        exit_code,
+    }
+}
+
+/// Receives the context, runs every platform's task, merges and pushes.
+pub(super) async fn build_outcome(
+    state: &Arc<State>,
+    build: &str,
+    spec: BuildSpec,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<BuiltImage, Failure> {
+    let mut gauge = Gauge::new(state);
+    let caches = spec
+        .cache_from
+        .iter()
+        .map(|c| ossb_engine::remote_cache::parse_cache(c, false))
+        .chain(
+            spec.cache_to
+                .iter()
+                .map(|c| ossb_engine::remote_cache::parse_cache(c, true)),
+        )
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failure(e, 2))?;
+    ossb_engine::build::check_references(&spec.tags, &caches)
+        .map_err(|e| failure(e.to_string(), 2))?;
+    let df = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name)
+        .map_err(|e| failure(e.to_string(), 2))?;
+    if spec.platforms.is_empty() {
+        return Err(failure("no platform to build for", 2));
+    }
+    spec.compression
+        .parse::<ossb_image::layer::Compression>()
+        .map_err(|e| failure(e, 2))?;
+    for (name, entries) in std::iter::once(("the context", &spec.context))
+        .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))
+    {
+        ossb_protocol::cluster::check_entries(entries)
+            .map_err(|e| failure(format!("{}: {e}", ossb_dockerfile::clip(name, 100)), 2))?;
+    }
+    let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
+    let stages = stage_tasks(&df, &spec, &build_platform)?;
+    let files = all_file_digests(&spec);
+    let context: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
+    let missing: Vec<(Digest, u64)> = files
+        .iter()
+        .filter(|(d, _)| !state.store.contains(d))
+        .copied()
+        .collect();
+    let net = |e: ClusterError| failure(format!("receiving the build: {e}"), 1);
+    let _wanted = Wanted::new(state, &missing);
+    send(
+        tx,
+        ClusterMessage::NeedBlobs {
+            digests: missing.iter().map(|(d, _)| *d).collect(),
+        },
+    )
+    .await
+    .map_err(net)?;
+    match recv(rx, "the client").await.map_err(net)? {
+        ClusterMessage::UploadsDone => {}
+        other => {
+            return Err(failure(
+                format!("expected UploadsDone, got {}", other.kind()),
+                1,
+            ))
+        }
+    }
+    if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
+        return Err(failure(format!("the context file {d} was not uploaded"), 1));
+    }
+    for d in &context {
+        state.store.touch(d);
+    }
+    send(
+        tx,
+        ClusterMessage::Accepted {
+            build: build.to_string(),
+        },
+    )
+    .await
+    .map_err(net)?;
+    tracing::info!(build, platforms = ?spec.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), context_files = context.len(), "build accepted");
+    let build_args = spec.build_args.iter().cloned().collect();
+    if let Some(warning) =
+        ossb_engine::build::unused_build_args_warning(&df, &build_args, spec.target.as_deref())
+    {
+        let _ = send(tx, ClusterMessage::Event(BuildEvent::Info(warning))).await;
+    }
+
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let mut pending = Vec::new();
+    gauge.start_running();
+    // The build's tasks get consecutive ids, in the order of `stages`.
+    let first = {
+        let mut inner = state.lock();
+        let first = inner.next_id + 1;
+        inner.next_id += stages.len() as u64;
+        for (n, stage) in stages.iter().enumerate() {
+            let task = first + n as u64;
+            let (done_tx, done_rx) = oneshot::channel();
+            let spec = TaskSpec {
+                task,
+                build: build.to_string(),
+                platform: stage.platform.clone(),
+                stage: Some(stage.stage as u32),
+                export: stage.export,
+                build_platform: build_platform.clone(),
+                spec: spec.clone(),
+            };
+            let key = task_key(&spec);
+            inner.tasks.insert(
+                task,
+                Task {
+                    spec,
+                    runs_on: stage.runs_on.clone(),
+                    deps: stage.deps.iter().map(|d| first + *d as u64).collect(),
+                    prefer: None,
+                    worker: None,
+                    events: events_tx.clone(),
+                    done: Some(done_tx),
+                    context: context.clone(),
+                    key,
+                    queued_at: Instant::now(),
+                    told: false,
+                },
+            );
+            inner.queue.push_back(task);
+            pending.push((task, stage.platform.clone(), done_rx));
+        }
+        first
+    };
+    let _ = state.records.save(&running_record(build, &spec));
+    state.wake.notify_one();
+    drop(events_tx);
+
+    // Forward events (renumbered: each task's engine counts from 1) until every task ends.
+    let platforms: HashMap<u64, Platform> =
+        pending.iter().map(|(t, p, _)| (*t, p.clone())).collect();
+    let multi = spec.platforms.len() > 1;
+    let mut ids: HashMap<(u64, u64), u64> = HashMap::new();
+    let mut next = 0u64;
+    let mut results: futures_util::stream::FuturesUnordered<_> = pending
+        .into_iter()
+        .map(|(task, _, rx)| async move { (task, rx.await) })
+        .collect();
+    let mut remaining: Vec<u64> = platforms.keys().copied().collect();
+    let mut outcomes = Vec::new();
+    let mut peers = Vec::new();
+    let mut failed = None;
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            r = futures_util::StreamExt::next(&mut results) => {
+                let Some((task, r)) = r else { break };
+                remaining.retain(|t| *t != task);
+                match r {
+                    Ok((Ok(o), p)) => {
+                        outcomes.push((task, o));
+                        peers.extend(p);
+                    }
+                    Ok((Err(f), _)) => {
+                        failed = Some((task, f));
+                        break;
+                    }
+                    Err(_) => {
+                        failed = Some((task, failure("a task was dropped by the coordinator", 1)));
+                        break;
+                    }
+                }
+            }
+            Some((task, event)) = events_rx.recv() => {
+                let event = renumber(event, task, &mut ids, &mut next, multi.then(|| &platforms[&task]));
+                if !client_gone && send(tx, ClusterMessage::Event(event)).await.is_err() {
+                    client_gone = true;
+                }
+            }
+        }
+    }
+    // A task that failed for good fails the build: its siblings stop now rather than run on.
+    if let Some((task, _)) = &failed {
+        if !remaining.is_empty() {
+            cancel_tasks(state, &remaining, &format!("{} failed", platforms[task]));
+        }
+    }
+    while let Ok((task, event)) = events_rx.try_recv() {
+        let event = renumber(
+            event,
+            task,
+            &mut ids,
+            &mut next,
+            multi.then(|| &platforms[&task]),
+        );
+        if !client_gone {
+            let _ = send(tx, ClusterMessage::Event(event)).await;
+        }
+    }
+    drop(gauge);
+    if let Some((_, f)) = failed {
+        return Err(f);
+    }
+    // The platforms' images, in the order asked for (task ids were given in that order).
+    // Steps: those each platform's tasks ran; the rest of its image's steps came from a cache.
+    outcomes.sort_by_key(|(task, _)| *task);
+    let mut images = Vec::new();
+    for (n, stage) in stages.iter().enumerate().filter(|(_, st)| st.export) {
+        let Some((_, image)) = outcomes.iter().find(|(t, _)| *t == first + n as u64) else {
+            return Err(failure(
+                format!("no image was built for {}", stage.platform),
+                1,
+            ));
+        };
+        let mut image = image.clone();
+        let run: u64 = outcomes
+            .iter()
+            .filter(|(t, _)| stages[(*t - first) as usize].platform == stage.platform)
+            .map(|(_, o)| o.run)
+            .sum();
+        image.cached = (image.run + image.cached).saturating_sub(run);
+        image.run = run;
+        images.push(image);
+    }
+    let outcomes = images;
+    peers.sort();
+    peers.dedup();
+    merge_and_push(&spec, outcomes, peers).await
+}
+
+pub(super) fn running_record(build: &str, spec: &BuildSpec) -> Record {
+    Record {
+        id: build.to_string(),
+        status: Status::Running,
+        platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
+        tags: spec.tags.clone(),
+        submitted: ossb_engine::build::now(),
+        digest: None,
+        descriptor: None,
+        error: None,
+        exit_code: None,
+    }
+}
+
+/// Gives a task's event a build-wide vertex id, and names the platform in vertex names of a
+/// multi-platform build.
+pub(super) fn renumber(
+    event: BuildEvent,
+    task: u64,
+    ids: &mut HashMap<(u64, u64), u64>,
+    next: &mut u64,
+    platform: Option<&Platform>,
+) -> BuildEvent {
+    let mut map = |id: u64| {
+        *ids.entry((task, id)).or_insert_with(|| {
+            *next += 1;
+            *next
+        })
+    };
+    match event {
+        BuildEvent::Started { id, name } => {
+            let name = match platform {
+                Some(p) if name.starts_with('[') && !name.starts_with(&format!("[{p}")) => {
+                    format!("[{p} {}", &name[1..])
+                }
+                _ => name,
+            };
+            BuildEvent::Started { id: map(id), name }
+        }
+        BuildEvent::Output {
+            id,
+            elapsed_ms,
+            line,
+        } => BuildEvent::Output {
+            id: map(id),
+            elapsed_ms,
+            line,
+        },
+        BuildEvent::Done { id, elapsed_ms } => BuildEvent::Done {
+            id: map(id),
+            elapsed_ms,
+        },
+        BuildEvent::Failed {
+            id,
+            elapsed_ms,
+            message,
+        } => BuildEvent::Failed {
+            id: map(id),
+            elapsed_ms,
+            message,
+        },
+        BuildEvent::Cached { id } => BuildEvent::Cached { id: map(id) },
+        BuildEvent::Transfer { id, received, sent } => BuildEvent::Transfer {
+            id: map(id),
+            received,
+            sent,
+        },
+        other => other,
+    }
+}

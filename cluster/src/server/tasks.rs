@@ -1,0 +1,111 @@
+//! The task split: one task per stage and platform, in the stage graph of the plan; and what
+//! makes two tasks the same.
+
+use super::*;
+
+/// One task of a build before it is queued: a stage of one platform's plan.
+pub(super) struct StagePlan {
+    /// The platform whose image the stage is part of.
+    pub(super) platform: Platform,
+    /// The stage's index in the Dockerfile.
+    pub(super) stage: usize,
+    /// Where it runs: its FROM --platform, else `platform`.
+    pub(super) runs_on: Platform,
+    /// Whether it is the platform's image (the target stage).
+    pub(super) export: bool,
+    /// The stages it needs, as positions in the build's list of stage plans.
+    pub(super) deps: Vec<usize>,
+}
+
+/// The stage tasks of a build: for each platform, every stage its target needs, with the
+/// stages each needs. The stage graph depends on the Dockerfile and the arguments only, so it
+/// is planned here without the base images (the workers plan again with them).
+pub(super) fn stage_tasks(
+    df: &ossb_dockerfile::Dockerfile,
+    spec: &BuildSpec,
+    build_platform: &Platform,
+) -> Result<Vec<StagePlan>, Failure> {
+    let mut out = Vec::new();
+    let network = crate::context::network_of(spec).map_err(|e| failure(e, 2))?;
+    for platform in &spec.platforms {
+        let opts = ossb_dockerfile::PlanOptions {
+            build_args: spec.build_args.iter().cloned().collect(),
+            target: spec.target.clone(),
+            target_index: None,
+            target_platform: platform.clone(),
+            build_platform: build_platform.clone(),
+            network,
+            extra_hosts: spec.extra_hosts.clone(),
+        };
+        let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
+            .map_err(|e| failure(e.to_string(), 2))?;
+        let offset = out.len();
+        for (position, stage) in plan.stages.iter().enumerate() {
+            out.push(StagePlan {
+                platform: platform.clone(),
+                stage: stage.index,
+                runs_on: stage.platform.clone().unwrap_or_else(|| platform.clone()),
+                export: position == plan.target,
+                deps: stage.deps().iter().map(|d| offset + d).collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// BUILDPLATFORM of a build: the first platform asked for that a worker runs natively, else
+/// the native platform of a worker, else the first platform asked for.
+pub(super) fn choose_build_platform(
+    workers: &HashMap<u64, Worker>,
+    wanted: &[Platform],
+) -> Platform {
+    wanted
+        .iter()
+        .find(|p| workers.values().any(|w| w.info.platform == **p))
+        .or_else(|| {
+            workers
+                .values()
+                .map(|w| &w.info.platform)
+                .min_by_key(|p| p.to_string())
+        })
+        .or(wanted.first())
+        .cloned()
+        .unwrap_or_else(Platform::host)
+}
+
+/// ` stage N` for messages about a stage task.
+pub(super) fn stage_label(spec: &TaskSpec) -> String {
+    spec.stage
+        .map(|i| format!(" stage {i}"))
+        .unwrap_or_default()
+}
+
+/// What makes two tasks identical: everything that goes into their steps' cache keys and
+/// their image (not the tags, nor where the image goes). Only in the coordinator's memory.
+pub(super) fn task_key(task: &TaskSpec) -> Option<Digest> {
+    let spec = &task.spec;
+    if spec.no_cache {
+        return None;
+    }
+    // postcard: the wire encoding, field by field in declaration order, never `Debug` text.
+    let bytes = postcard::to_allocvec(&(
+        "ossb-task-v1",
+        (&task.platform, task.stage, &task.build_platform),
+        (&spec.dockerfile, &spec.dockerfile_name, &spec.build_args),
+        (
+            &spec.target,
+            &spec.labels,
+            &spec.context,
+            &spec.build_contexts,
+        ),
+        &spec.cache_from,
+        (&spec.network, &spec.extra_hosts, &spec.annotations),
+        (
+            &spec.compression,
+            spec.oci_media_types,
+            spec.source_date_epoch,
+        ),
+    ))
+    .ok()?;
+    Some(Digest::of(&bytes))
+}
