@@ -110,6 +110,40 @@ pub struct BuildPlan {
     pub target: usize,
 }
 
+/// A stage as a node of the build's graph: what `ossb build` schedules and what the build
+/// cluster makes a task of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageNode {
+    /// Its position in [`BuildPlan::stages`].
+    pub position: usize,
+    /// Its index in the Dockerfile.
+    pub index: usize,
+    /// Where it runs when not on the build's target platform (`FROM --platform=...`).
+    pub platform: Option<Platform>,
+    /// The positions of the stages it needs built first.
+    pub deps: Vec<usize>,
+    /// Whether it is the image (the target stage).
+    pub is_target: bool,
+}
+
+impl BuildPlan {
+    /// The stage graph: one node per stage, in plan order (every stage after those it needs).
+    /// The one place a plan becomes a schedule, for the local build and the cluster alike.
+    pub fn graph(&self) -> Vec<StageNode> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(position, stage)| StageNode {
+                position,
+                index: stage.index,
+                platform: stage.platform.clone(),
+                deps: stage.deps(),
+                is_target: position == self.target,
+            })
+            .collect()
+    }
+}
+
 /// One stage (`FROM ... [AS name]` and its steps).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stage {

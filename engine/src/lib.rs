@@ -12,6 +12,7 @@ pub mod progress;
 pub mod remote_cache;
 mod run;
 mod stage;
+mod step_cache;
 
 pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, Output};
 pub use progress::{Event, Progress};

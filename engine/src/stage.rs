@@ -30,8 +30,8 @@ use crate::add;
 use crate::build::{local, Annotations, BuildError, BuildRequest};
 use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
 use crate::progress::{Event, Progress};
-use crate::remote_cache;
 use crate::run::{self, RunContext};
+use crate::step_cache;
 
 /// What every platform's build shares.
 pub(crate) struct Shared<'a> {
@@ -156,32 +156,6 @@ impl Shared<'_> {
                 _ = tick.tick() => report(),
             }
         }
-    }
-
-    /// Waits until no other platform of this build runs the step `key`, and holds it.
-    async fn claim(&self, key: &CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(*key)
-            .or_default()
-            .clone();
-        lock.lock_owned().await
-    }
-
-    fn mark_built(&self, key: &CacheKey) {
-        self.built
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*key);
-    }
-
-    fn built_here(&self, key: &CacheKey) -> bool {
-        self.built
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
     }
 
     pub(crate) fn start(&self, name: String) -> (usize, Instant) {
@@ -356,17 +330,18 @@ impl<'a> PlatformBuild<'a> {
         // A stage starts as soon as the stages it needs are built; independent stages run
         // together. A stage that others read is unpacked only when a step reading it runs
         // (`source_rootfs`).
+        let graph = plan.graph();
         let mut done: Done = HashMap::new();
-        let mut started = vec![false; plan.stages.len()];
+        let mut started = vec![false; graph.len()];
         let mut running = futures_util::stream::FuturesUnordered::new();
         loop {
-            for (index, stage) in plan.stages.iter().enumerate() {
-                let deps = stage.deps();
-                if started[index] || !deps.iter().all(|d| done.contains_key(d)) {
+            for node in &graph {
+                let index = node.position;
+                if started[index] || !node.deps.iter().all(|d| done.contains_key(d)) {
                     continue;
                 }
                 started[index] = true;
-                let view: Done = deps.iter().map(|d| (*d, done[d].clone())).collect();
+                let view: Done = node.deps.iter().map(|d| (*d, done[d].clone())).collect();
                 let (this, plan) = (&self, &plan);
                 running.push(async move { (index, this.run_stage(plan, index, &view).await) });
             }
@@ -658,30 +633,8 @@ impl<'a> PlatformBuild<'a> {
         let mut cached = false;
         let mut empty_layer = true;
         if changes_fs {
-            let mut hit = if self.req().no_cache {
-                None
-            } else {
-                self.lookup(&key).await
-            };
-            // The same step in another platform's build (a `FROM --platform=$BUILDPLATFORM`
-            // stage) runs once: the other waits for it and takes its result.
-            let mut _claim = None;
-            if hit.is_none() {
-                _claim = Some(self.shared.claim(&key).await);
-                if !self.req().no_cache || self.shared.built_here(&key) {
-                    hit = self.lookup(&key).await;
-                }
-            }
-            // The cluster's step cache (it decides what `--no-cache` may reuse: only this
-            // build's own steps).
-            if let (None, Some(steps)) = (&hit, self.shared.steps) {
-                if let Some(record) = steps.claim(&key, &self.shared.store).await {
-                    let _ = self.shared.cache.put(&key, &record);
-                    hit = Some(record);
-                }
-            }
-            let record = match hit {
-                Some(record) => {
+            let record = match step_cache::get_or_claim(self.shared, &self.platform, &key).await {
+                step_cache::Lookup::Hit(record) => {
                     cached = true;
                     if let (true, Some(layer)) = (state.materialized, &record.layer) {
                         // Keep an unpacked rootfs in step with the layers.
@@ -694,7 +647,7 @@ impl<'a> PlatformBuild<'a> {
                     }
                     record
                 }
-                None => {
+                step_cache::Lookup::Miss(claim) => {
                     let id = vertex.start(self.shared);
                     let started = vertex.started;
                     let record = match self
@@ -707,23 +660,11 @@ impl<'a> PlatformBuild<'a> {
                             self.execute(step, state, done, id, started).await?
                         }
                     };
-                    let _ = self.shared.cache.put(&key, &record);
-                    self.shared.mark_built(&key);
-                    if let Some(steps) = self.shared.steps {
-                        steps.publish(&key, &record, &self.shared.store).await;
-                    }
+                    step_cache::put(self.shared, &key, &record, claim).await;
                     record
                 }
             };
-            drop(_claim);
-            if self.req().cache_to.is_some() {
-                let mut exports = self
-                    .shared
-                    .cache_exports
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                exports.push((key, record.clone(), self.platform.clone()));
-            }
+            step_cache::export(self.shared, &self.platform, &key, &record);
             if let (Some(layer), Some(diff_id)) = (record.layer, record.diff_id) {
                 state.config.rootfs.diff_ids.push(diff_id);
                 state.layers.push(layer);
@@ -750,24 +691,6 @@ impl<'a> PlatformBuild<'a> {
             });
         }
         Ok(cached)
-    }
-
-    /// A usable cache record of `key`: local (its layer blob still in the store), else from a
-    /// `--cache-from` repository (then recorded locally too).
-    async fn lookup(&self, key: &CacheKey) -> Option<CacheRecord> {
-        if let Some(record) = self.shared.cache.get(key) {
-            match &record.layer {
-                Some(layer) if self.shared.store.contains(&layer.digest) => {
-                    self.shared.store.touch(&layer.digest);
-                    return Some(record);
-                }
-                None => return Some(record),
-                Some(_) => {}
-            }
-        }
-        let record = remote_cache::fetch(self.shared, key, &self.platform).await?;
-        let _ = self.shared.cache.put(key, &record);
-        Some(record)
     }
 
     /// What a step reads besides its instruction, for its cache key: the checksums of COPY's

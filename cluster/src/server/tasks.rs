@@ -40,13 +40,13 @@ pub(super) fn stage_tasks(
         let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
             .map_err(|e| failure(e.to_string(), 2))?;
         let offset = out.len();
-        for (position, stage) in plan.stages.iter().enumerate() {
+        for node in plan.graph() {
             out.push(StagePlan {
                 platform: platform.clone(),
-                stage: stage.index,
-                runs_on: stage.platform.clone().unwrap_or_else(|| platform.clone()),
-                export: position == plan.target,
-                deps: stage.deps().iter().map(|d| offset + d).collect(),
+                stage: node.index,
+                runs_on: node.platform.unwrap_or_else(|| platform.clone()),
+                export: node.is_target,
+                deps: node.deps.iter().map(|d| offset + d).collect(),
             });
         }
     }

@@ -1,0 +1,126 @@
+//! The step cache chain, in one place (as BuildKit's combined cache): a step's record comes
+//! from the local cache (its layer blob still in the store), then a `--cache-from` source;
+//! then, holding the claim that lets one platform of the build run a step the platforms share,
+//! from the cluster's step records (a worker's task). A step that runs is put into every level
+//! that keeps records: the local cache, this build's own runs, the cluster.
+//!
+//! `ossb build` and a cluster worker go through this chain alike; a worker's differs only in
+//! having [`Shared::steps`].
+
+use ossb_protocol::Platform;
+
+use crate::cache::{CacheKey, CacheRecord};
+use crate::remote_cache;
+use crate::stage::Shared;
+
+/// What the chain answered for a key.
+pub(crate) enum Lookup {
+    /// A record: the step is cached.
+    Hit(CacheRecord),
+    /// None: the caller runs the step, holding the claim until it [`put`]s the record.
+    Miss(Claim),
+}
+
+/// The right to run a step key in this build; the other platforms asking for the key wait.
+pub(crate) struct Claim {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// The record of `key` from the first level that has it, or the claim to run it. Under
+/// `--no-cache` only this build's own runs count locally, and the cluster decides what it
+/// may reuse (this build's steps only).
+pub(crate) async fn get_or_claim(
+    shared: &Shared<'_>,
+    platform: &Platform,
+    key: &CacheKey,
+) -> Lookup {
+    let no_cache = shared.req.no_cache;
+    if !no_cache {
+        if let Some(record) = get(shared, platform, key).await {
+            return Lookup::Hit(record);
+        }
+    }
+    let guard = in_build_lock(shared, key).await;
+    // Another platform of this build may have run it while this one waited.
+    if !no_cache || built_here(shared, key) {
+        if let Some(record) = get(shared, platform, key).await {
+            return Lookup::Hit(record);
+        }
+    }
+    if let Some(steps) = shared.steps {
+        if let Some(record) = steps.claim(key, &shared.store).await {
+            let _ = shared.cache.put(key, &record);
+            return Lookup::Hit(record);
+        }
+    }
+    Lookup::Miss(Claim { _guard: guard })
+}
+
+/// Records a step this build ran in every level that keeps records, then releases its claim.
+pub(crate) async fn put(shared: &Shared<'_>, key: &CacheKey, record: &CacheRecord, claim: Claim) {
+    let _ = shared.cache.put(key, record);
+    shared
+        .built
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(*key);
+    if let Some(steps) = shared.steps {
+        steps.publish(key, record, &shared.store).await;
+    }
+    drop(claim);
+}
+
+/// Queues a step (run or cached) for the `--cache-to` export at the end of the build.
+pub(crate) fn export(
+    shared: &Shared<'_>,
+    platform: &Platform,
+    key: &CacheKey,
+    record: &CacheRecord,
+) {
+    if shared.req.cache_to.is_some() {
+        shared
+            .cache_exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((*key, record.clone(), platform.clone()));
+    }
+}
+
+/// A usable record of `key`: local (its layer blob still in the store), else from a
+/// `--cache-from` source (then recorded locally too).
+async fn get(shared: &Shared<'_>, platform: &Platform, key: &CacheKey) -> Option<CacheRecord> {
+    if let Some(record) = shared.cache.get(key) {
+        match &record.layer {
+            Some(layer) if shared.store.contains(&layer.digest) => {
+                shared.store.touch(&layer.digest);
+                return Some(record);
+            }
+            None => return Some(record),
+            Some(_) => {}
+        }
+    }
+    let record = remote_cache::fetch(shared, key, platform).await?;
+    let _ = shared.cache.put(key, &record);
+    Some(record)
+}
+
+/// Waits until no other platform of this build runs the step `key`, and holds it.
+async fn in_build_lock(shared: &Shared<'_>, key: &CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
+    let lock = shared
+        .claims
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(*key)
+        .or_default()
+        .clone();
+    lock.lock_owned().await
+}
+
+/// Whether this build ran `key` (its record is fresh even under `--no-cache`).
+fn built_here(shared: &Shared<'_>, key: &CacheKey) -> bool {
+    shared
+        .built
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(key)
+}
