@@ -635,6 +635,7 @@ impl<'a> PlatformBuild<'a> {
         if changes_fs {
             let record = match step_cache::get_or_claim(self.shared, &self.platform, &key).await {
                 step_cache::Lookup::Hit(record) => {
+                    let record = *record;
                     cached = true;
                     if let (true, Some(layer)) = (state.materialized, &record.layer) {
                         // Keep an unpacked rootfs in step with the layers.

@@ -16,7 +16,7 @@ use crate::stage::Shared;
 /// What the chain answered for a key.
 pub(crate) enum Lookup {
     /// A record: the step is cached.
-    Hit(CacheRecord),
+    Hit(Box<CacheRecord>),
     /// None: the caller runs the step, holding the claim until it [`put`]s the record.
     Miss(Claim),
 }
@@ -37,20 +37,20 @@ pub(crate) async fn get_or_claim(
     let no_cache = shared.req.no_cache;
     if !no_cache {
         if let Some(record) = get(shared, platform, key).await {
-            return Lookup::Hit(record);
+            return Lookup::Hit(Box::new(record));
         }
     }
     let guard = in_build_lock(shared, key).await;
     // Another platform of this build may have run it while this one waited.
     if !no_cache || built_here(shared, key) {
         if let Some(record) = get(shared, platform, key).await {
-            return Lookup::Hit(record);
+            return Lookup::Hit(Box::new(record));
         }
     }
     if let Some(steps) = shared.steps {
         if let Some(record) = steps.claim(key, &shared.store).await {
             let _ = shared.cache.put(key, &record);
-            return Lookup::Hit(record);
+            return Lookup::Hit(Box::new(record));
         }
     }
     Lookup::Miss(Claim { _guard: guard })
