@@ -186,17 +186,8 @@ async fn serve_metrics(addr: SocketAddr, state: Arc<State>) -> Result<SocketAddr
     let err = |source| NodeError::Metrics { addr, source };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
-    let routes: ossb_net::http::Routes = Arc::new(move |path| match path {
-        "/metrics" => Some(ossb_net::http::Response {
-            content_type: ossb_net::http::PROMETHEUS_TEXT,
-            body: crate::metrics::prometheus(&state.stats()),
-        }),
-        "/healthz" => Some(ossb_net::http::Response {
-            content_type: "text/plain",
-            body: "ok\n".into(),
-        }),
-        _ => None,
-    });
+    let routes =
+        ossb_net::http::metrics_and_health(move || crate::metrics::prometheus(&state.stats()));
     tokio::spawn(ossb_net::http::serve(listener, routes));
     Ok(bound)
 }

@@ -198,17 +198,7 @@ async fn serve_metrics(addr: SocketAddr, node: Arc<Node>) -> Result<(), ClusterE
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(local_err("binding the metrics address"))?;
-    let routes: ossb_net::http::Routes = Arc::new(move |path| match path {
-        "/metrics" => Some(ossb_net::http::Response {
-            content_type: ossb_net::http::PROMETHEUS_TEXT,
-            body: prometheus(&node),
-        }),
-        "/healthz" => Some(ossb_net::http::Response {
-            content_type: "text/plain",
-            body: "ok\n".into(),
-        }),
-        _ => None,
-    });
+    let routes = ossb_net::http::metrics_and_health(move || prometheus(&node));
     tokio::spawn(ossb_net::http::serve(listener, routes));
     Ok(())
 }

@@ -22,6 +22,22 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Routes a path to its response; `None` is a 404.
 pub type Routes = Arc<dyn Fn(&str) -> Option<Response> + Send + Sync>;
 
+/// The routes every node serves: `/metrics` (the text `metrics` writes when asked) and
+/// `/healthz` (`ok` while the process serves).
+pub fn metrics_and_health(metrics: impl Fn() -> String + Send + Sync + 'static) -> Routes {
+    Arc::new(move |path| match path {
+        "/metrics" => Some(Response {
+            content_type: PROMETHEUS_TEXT,
+            body: metrics(),
+        }),
+        "/healthz" => Some(Response {
+            content_type: "text/plain",
+            body: "ok\n".into(),
+        }),
+        _ => None,
+    })
+}
+
 /// Serves `routes` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, routes: Routes) {
     loop {

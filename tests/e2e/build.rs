@@ -332,16 +332,7 @@ fn multi_platform_index_is_pushed_and_each_platform_runs_sharing_buildplatform_s
         ],
     )
     .success("multi-platform build");
-    let raw = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --raw");
+    let raw = inspect_raw(&image);
     let index: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
     assert_eq!(
         index["mediaType"],
@@ -848,16 +839,7 @@ fn outputs_layer_settings_and_a_docker_io_mirror() {
             ],
         )
         .success(settings);
-        let raw = tool(
-            "skopeo",
-            &[
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-                &format!("docker://{image}"),
-            ],
-        )
-        .success("skopeo inspect --raw");
+        let raw = inspect_raw(&image);
         let manifest: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
         assert_eq!(manifest["mediaType"], manifest_type, "{settings}");
         let last = manifest["layers"].as_array().unwrap().last().unwrap();
@@ -1359,16 +1341,7 @@ fn annotations_reach_the_manifests_descriptors_and_index() {
     )
     .success("annotated build");
     let raw = |reference: &str| -> serde_json::Value {
-        let out = tool(
-            "skopeo",
-            &[
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-                &format!("docker://{reference}"),
-            ],
-        )
-        .success("skopeo inspect --raw");
+        let out = inspect_raw(reference);
         serde_json::from_str(&out.stdout).unwrap()
     };
     let index = raw(&image);

@@ -507,16 +507,7 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
             .any(|l| l.contains(&line) && l.ends_with(&format!("({how})")));
         assert!(found, "no {line:?} ({how}) in\n{stderr}");
     }
-    let raw = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --raw");
+    let raw = crate::support::inspect_raw(&image);
     let index: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
     assert_eq!(
         index["mediaType"],
@@ -617,16 +608,7 @@ fn cluster_builds_two_platforms_and_pushes_one_index() {
         serde_json::from_slice(&std::fs::read(unpacked.join("index.json")).unwrap()).unwrap();
     let digest = top["manifests"][0]["digest"].as_str().unwrap().to_string();
     // Image configs carry the build time, so the second build pushed a new index.
-    let pushed = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --raw");
+    let pushed = crate::support::inspect_raw(&image);
     assert_eq!(
         index_digest(&pushed.stdout),
         digest,

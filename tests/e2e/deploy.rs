@@ -994,16 +994,7 @@ fn cluster_topology_from_the_rendered_manifests() {
     }
     // The pushed index has both platforms.
     let has_both = |image: &str| {
-        let raw = tool(
-            "skopeo",
-            &[
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-                &format!("docker://{image}"),
-            ],
-        )
-        .success("skopeo inspect --raw");
+        let raw = inspect_raw(image);
         let index: Value = serde_json::from_str(&raw.stdout).unwrap();
         let archs: Vec<&str> = index["manifests"]
             .as_array()

@@ -777,16 +777,7 @@ fn docker_media_types_are_pushed_and_run() {
             },
         ))
         .unwrap();
-    let raw = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --raw");
+    let raw = inspect_raw(&image);
     let raw: serde_json::Value = serde_json::from_str(&raw.stdout).unwrap();
     assert_eq!(raw["mediaType"], media_type::DOCKER_MANIFEST);
     assert_eq!(raw["config"]["mediaType"], media_type::DOCKER_CONFIG);

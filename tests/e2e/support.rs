@@ -127,6 +127,21 @@ pub fn ossb_with(env: &TestEnv, cache: &Path, args: &[&str], extra_env: &[(&str,
 }
 
 /// Runs a tool (podman, skopeo, umoci, ...) and returns its result.
+/// `skopeo inspect --raw` of `image` on a plain-HTTP registry: the manifest or index bytes as
+/// pushed (its sha256 is the digest).
+pub fn inspect_raw(image: &str) -> Run {
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --raw")
+}
+
 pub fn tool(program: &str, args: &[&str]) -> Run {
     let out = Command::new(program)
         .args(args)

@@ -12,17 +12,7 @@ pub(super) async fn serve_metrics(
     let bound = listener
         .local_addr()
         .map_err(local_err("binding the metrics address"))?;
-    let routes: ossb_net::http::Routes = Arc::new(move |path| match path {
-        "/metrics" => Some(ossb_net::http::Response {
-            content_type: ossb_net::http::PROMETHEUS_TEXT,
-            body: prometheus(&state.lock()),
-        }),
-        "/healthz" => Some(ossb_net::http::Response {
-            content_type: "text/plain",
-            body: "ok\n".into(),
-        }),
-        _ => None,
-    });
+    let routes = ossb_net::http::metrics_and_health(move || prometheus(&state.lock()));
     tokio::spawn(ossb_net::http::serve(listener, routes));
     Ok(bound)
 }
