@@ -500,8 +500,14 @@ async fn execute(
             task.platform, from_peers.0, from_peers.1, from_coordinator.0, from_coordinator.1
         )));
     }
+    // Parsed once for the task: the base images to fetch, then the build.
+    let df =
+        ossb_dockerfile::parse(&req.dockerfile, &req.dockerfile_name).map_err(|e| Failure {
+            message: e.to_string(),
+            exit_code: 2,
+        })?;
     let mut inputs = InputStats::default();
-    let (to_pull, bases) = fetch_bases(node, &req, &task.platform, &store, &mut inputs).await;
+    let (to_pull, bases) = fetch_bases(node, &req, &df, &task.platform, &store, &mut inputs).await;
     forward.event(Event::Info(format!(
         "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
         task.platform,
@@ -510,7 +516,7 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
-    let built = ossb_engine::build::build_with(&req, &forward, Some(&steps)).await;
+    let built = ossb_engine::build::build_parsed(&req, &df, &forward, Some(&steps)).await;
     steps.finish().await;
     // What the engine pulled from registries is in the store now, whether the build then
     // succeeded or not: count it, and hand it to the peer cache for the next worker.
@@ -646,14 +652,13 @@ async fn publish(
 async fn fetch_bases(
     node: &Node,
     req: &BuildRequest,
+    df: &ossb_dockerfile::Dockerfile,
     platform: &Platform,
     store: &BlobStore,
     inputs: &mut InputStats,
 ) -> (Vec<(Digest, u64)>, Vec<Reference>) {
     use futures_util::stream::{self, StreamExt};
-    let bases = match ossb_dockerfile::parse(&req.dockerfile, &req.dockerfile_name).and_then(|df| {
-        ossb_dockerfile::base_images_with_platforms(&df, &req.plan_options(platform))
-    }) {
+    let bases = match ossb_dockerfile::base_images_with_platforms(df, &req.plan_options(platform)) {
         Ok(b) => b,
         Err(_) => return (Vec::new(), Vec::new()),
     };

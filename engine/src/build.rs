@@ -317,10 +317,30 @@ pub async fn build_with(
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
+    run(req, &df, progress, steps).await
+}
+
+/// [`build_with`] of a Dockerfile the caller parsed already (`req.dockerfile` parsed): a
+/// cluster worker parses once per task, for its base images and for the build.
+pub async fn build_parsed(
+    req: &BuildRequest,
+    df: &dockerfile::Dockerfile,
+    progress: &dyn Progress,
+    steps: Option<&dyn crate::cache::SharedSteps>,
+) -> Result<BuildResult, BuildError> {
+    req.check()?;
+    run(req, df, progress, steps).await
+}
+
+async fn run(
+    req: &BuildRequest,
+    df: &dockerfile::Dockerfile,
+    progress: &dyn Progress,
+    steps: Option<&dyn crate::cache::SharedSteps>,
+) -> Result<BuildResult, BuildError> {
     // A cluster's stage task leaves this to the coordinator, which says it once per build.
     if req.stage.is_none() {
-        if let Some(warning) =
-            unused_build_args_warning(&df, &req.build_args, req.target.as_deref())
+        if let Some(warning) = unused_build_args_warning(df, &req.build_args, req.target.as_deref())
         {
             progress.event(crate::progress::Event::Info(warning));
         }
@@ -374,7 +394,7 @@ pub async fn build_with(
     let prepared = futures_util::future::try_join_all(
         req.platforms
             .iter()
-            .map(|p| PlatformBuild::new(&shared, p.clone()).prepare(&df)),
+            .map(|p| PlatformBuild::new(&shared, p.clone()).prepare(df)),
     )
     .await?;
     let results = futures_util::future::try_join_all(
