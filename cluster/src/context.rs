@@ -345,15 +345,21 @@ fn registry_cache(location: &CacheLocation) -> Result<String, BuildError> {
     }
 }
 
-/// The build's `--annotation`s as the spec carries them.
-pub fn annotations_of(spec: &BuildSpec) -> Annotations {
+/// The build's `--annotation`s as the spec carries them; a kind `ossb-submit` never sends is
+/// refused (the coordinator checks before any task is made).
+pub fn annotations_of(spec: &BuildSpec) -> Result<Annotations, String> {
     let mut out = Annotations::default();
     for (kind, key, value) in &spec.annotations {
-        if let Some(map) = out.of_kind(kind) {
-            map.insert(key.clone(), value.clone());
-        }
+        let map = out.of_kind(kind).ok_or_else(|| {
+            format!(
+                "annotation kind {:?} is not one of {}",
+                ossb_dockerfile::clip(kind, 60),
+                Annotations::KINDS.join(", ")
+            )
+        })?;
+        map.insert(key.clone(), value.clone());
     }
-    out
+    Ok(out)
 }
 
 /// The build's `--network` as the spec carries it.
@@ -484,7 +490,8 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         // Checked by the coordinator before any task was made (stage_tasks).
         network: network_of(spec).unwrap_or_default(),
         extra_hosts: spec.extra_hosts.clone(),
-        annotations: annotations_of(spec),
+        // Checked by the coordinator before any task was made (build_outcome).
+        annotations: annotations_of(spec).unwrap_or_default(),
     }
 }
 
@@ -524,6 +531,22 @@ pub fn media_types(spec: &BuildSpec) -> MediaTypes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotations_of_an_unknown_kind_are_refused() {
+        let mut spec = BuildSpec {
+            annotations: vec![("index".into(), "a".into(), "1".into())],
+            ..Default::default()
+        };
+        assert_eq!(annotations_of(&spec).unwrap().index["a"], "1");
+        spec.annotations
+            .push(("manifest-list".into(), "b".into(), "2".into()));
+        let e = annotations_of(&spec).unwrap_err();
+        assert!(
+            e.contains("\"manifest-list\" is not one of manifest"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn context_round_trips_by_content_and_honours_dockerignore() {

@@ -725,6 +725,16 @@ fn a_hostile_submitter_never_takes_the_coordinator_down() {
         .expect("an unknown compression was accepted");
     assert_eq!(code, 2, "{message}");
     assert!(message.contains("compression=brotli"), "{message}");
+    let mut odd = spec(vec![dir_entry("a")], &dockerfile);
+    odd.annotations = vec![("everywhere".into(), "k".into(), "v".into())];
+    let (message, code) = raw
+        .submit(odd)
+        .expect("an unknown annotation kind was accepted");
+    assert_eq!(code, 2, "{message}");
+    assert!(
+        message.contains("annotation kind \"everywhere\""),
+        "{message}"
+    );
     let looped = raw.submit(spec(
         vec![symlink("a", "b"), symlink("b", "a")],
         &dockerfile,

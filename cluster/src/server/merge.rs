@@ -23,7 +23,9 @@ pub(super) async fn merge_and_push(
             let (top, bytes) = ossb_engine::build::index_of(
                 &descriptors,
                 types,
-                &crate::context::annotations_of(spec).index,
+                &crate::context::annotations_of(spec)
+                    .unwrap_or_default()
+                    .index,
             );
             (
                 top,

@@ -165,6 +165,7 @@ pub(super) async fn build_outcome(
     spec.compression
         .parse::<ossb_image::layer::Compression>()
         .map_err(|e| failure(e, 2))?;
+    crate::context::annotations_of(&spec).map_err(|e| failure(e, 2))?;
     for (name, entries) in std::iter::once(("the context", &spec.context))
         .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))
     {
