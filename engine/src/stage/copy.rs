@@ -1,0 +1,197 @@
+//! COPY and ADD into a rootfs or a skeleton of the stage's layers.
+
+use super::*;
+
+impl PlatformBuild<'_> {
+    /// COPY or ADD onto `target`. On a skeleton the files the copy looks at are made from the
+    /// base's listings first (see [`ossb_worker::base`]); `NeedsRootfs` says the step must run
+    /// on the unpacked rootfs instead.
+    pub(super) async fn copy_step(
+        &self,
+        copy: &ossb_dockerfile::Copy,
+        is_add: bool,
+        cwd: &str,
+        done: &Done,
+        id: usize,
+        target: CopyTarget,
+    ) -> Result<Vec<Change>, CopyFailure> {
+        let req = self.req();
+        let failed = CopyFailure::Failed;
+        let from_context = copy.from.is_none();
+        let source_root = match &copy.from {
+            None => req.context.clone(),
+            Some(Source::Stage(i)) => match done.get(i) {
+                Some(s) => self.source_rootfs(s).await.map_err(failed)?,
+                None => return Err(failed(format!("COPY --from: stage {i} has not been built"))),
+            },
+            Some(Source::Image(name)) if req.build_contexts.contains_key(name) => {
+                req.build_contexts[name].clone()
+            }
+            Some(Source::Image(image)) => match self.copy_images.get(image) {
+                Some((root, _)) => root.clone(),
+                None => {
+                    return Err(failed(format!(
+                        "COPY --from={image}: the image was not pulled"
+                    )))
+                }
+            },
+        };
+        // --chown, else 0:0 from the context (and downloads, heredocs, named contexts),
+        // else the owners the files have in the stage or image copied from.
+        let from_build = matches!(&copy.from, Some(Source::Stage(_)))
+            || matches!(&copy.from, Some(Source::Image(n)) if !req.build_contexts.contains_key(n));
+        let chown = copy.chown.clone();
+        let default_owner = if from_build { None } else { Some((0, 0)) };
+        let mode = match &copy.chmod {
+            Some(m) => Some(Mode::parse(m).ok_or_else(|| {
+                failed(format!(
+                    "--chmod={m}: expected an octal mode (755) or a symbolic one (u+x,go-w)"
+                ))
+            })?),
+            None => None,
+        };
+        let exclude = exclude_rules(copy).map_err(failed)?;
+        // Files that do not come from the source root: downloads and heredocs.
+        let mut extra: Vec<(PathBuf, String)> = Vec::new();
+        let mut local = Vec::new();
+        for source in &copy.sources {
+            if is_add && add::is_remote(source) {
+                let fetched = add::fetch(
+                    source,
+                    copy.checksum.as_deref(),
+                    copy.keep_git_dir.unwrap_or(false),
+                    &self.shared.work,
+                )
+                .await
+                .map_err(failed)?;
+                extra.extend(fetched.names.into_iter().map(|n| (fetched.dir.clone(), n)));
+            } else {
+                local.push(source.clone());
+            }
+        }
+        if !copy.heredocs.is_empty() {
+            let dir = self.shared.work.join(format!("heredocs-{id}"));
+            for doc in &copy.heredocs {
+                write_inline_file(&dir, &doc.name, &doc.content, doc.mode).map_err(failed)?;
+                extra.push((dir.clone(), doc.name.clone()));
+            }
+        }
+        let dest = absolute_in(cwd, &copy.dest);
+        // Keep the trailing slash: it means "a directory"; several sources mean one too.
+        let dest = if (copy.dest.ends_with('/') || local.len() + extra.len() > 1)
+            && !dest.ends_with('/')
+        {
+            format!("{dest}/")
+        } else {
+            dest
+        };
+        let ignore = if from_context {
+            self.shared.ignore.clone()
+        } else {
+            None
+        };
+        let parents = copy.parents;
+        let unpack = is_add && from_context && copy.unpack != Some(false);
+        tokio::task::spawn_blocking(move || -> Result<Vec<Change>, CopyFailure> {
+            let failed = |e: &dyn std::fmt::Display| CopyFailure::Failed(e.to_string());
+            let mut changes = Vec::new();
+            let mut filter = match &ignore {
+                Some(rules) => CopyFilter::dockerignore(rules),
+                None => CopyFilter::none(),
+            };
+            if let Some(exclude) = &exclude {
+                filter = filter.with_exclude(exclude);
+            }
+            let mut plain = Vec::new();
+            let mut archives = Vec::new();
+            for source in local {
+                // A missing source is left to the copy, which names it.
+                let matched = match unpack {
+                    true => wfs::expand_source(&source_root, &source, filter).unwrap_or_default(),
+                    false => Vec::new(),
+                };
+                let mut rest = Vec::new();
+                for (rel, path) in &matched {
+                    match (path.is_file(), add::archive_kind(path)) {
+                        (true, Some(_)) => archives.push(path.clone()),
+                        _ => rest.push(rel.clone()),
+                    }
+                }
+                // Each archive a wildcard matches is unpacked, the other matches copied.
+                if matched.len() == rest.len() {
+                    plain.push(source);
+                } else {
+                    plain.extend(rest);
+                }
+            }
+            let rootfs = match &target {
+                CopyTarget::Rootfs(rootfs) => rootfs.clone(),
+                CopyTarget::Skeleton(tree, dir) => {
+                    if !archives.is_empty() {
+                        return Err(CopyFailure::NeedsRootfs("ADD unpacks an archive".into()));
+                    }
+                    let mut skeleton = Skeleton::new(tree, dir);
+                    let need = |e: SkeletonError| match e {
+                        SkeletonError::NeedsRootfs(m) => CopyFailure::NeedsRootfs(m),
+                        SkeletonError::Fs(e) => CopyFailure::Failed(e.to_string()),
+                    };
+                    if chown.is_some() {
+                        skeleton.prepare_accounts().map_err(need)?;
+                    }
+                    if !plain.is_empty() {
+                        skeleton
+                            .prepare_copy(&source_root, &plain, &dest, parents, filter)
+                            .map_err(need)?;
+                    }
+                    for (dir, name) in &extra {
+                        skeleton
+                            .prepare_copy(
+                                dir,
+                                std::slice::from_ref(name),
+                                &dest,
+                                parents,
+                                CopyFilter::none(),
+                            )
+                            .map_err(need)?;
+                    }
+                    skeleton.materialize().map_err(need)?;
+                    dir.clone()
+                }
+            };
+            let owner = match &chown {
+                Some(spec) => Some(wfs::lookup_owner(&rootfs, spec).map_err(|e| failed(&e))?),
+                None => default_owner,
+            };
+            let opts = CopyOptions {
+                owner,
+                mode,
+                parents,
+            };
+            for path in archives {
+                add::extract(&path, &rootfs, &dest).map_err(|e| failed(&e))?;
+            }
+            if !plain.is_empty() {
+                changes.extend(
+                    wfs::copy_into(&source_root, &plain, &rootfs, &dest, opts.clone(), filter)
+                        .map_err(|e| failed(&e))?,
+                );
+            }
+            for (dir, name) in extra {
+                changes.extend(
+                    wfs::copy_into(
+                        &dir,
+                        &[name],
+                        &rootfs,
+                        &dest,
+                        opts.clone(),
+                        CopyFilter::none(),
+                    )
+                    .map_err(|e| failed(&e))?,
+                );
+            }
+            Ok(changes)
+        })
+        .await
+        .map_err(|e| CopyFailure::Failed(e.to_string()))?
+    }
+}

@@ -1,0 +1,201 @@
+//! One step: its cache key (the instruction's canonical bytes and what it reads), the cache
+//! chain, and the record it adds to the stage.
+
+use super::*;
+
+impl PlatformBuild<'_> {
+    /// Runs one step. Returns whether it came from the cache; the error is the user's message.
+    pub(super) async fn run_step(
+        &self,
+        step: &Step,
+        state: &mut StageState,
+        done: &Done,
+        vertex: &mut Vertex,
+    ) -> Result<bool, String> {
+        let changes_fs = apply_metadata(
+            &step.instruction,
+            &mut state.config.config,
+            &mut state.cmd_set,
+        );
+        if let Instruction::Maintainer(author) = &step.instruction {
+            state.config.author = Some(author.clone());
+        }
+        let inputs = self.step_inputs(step, done).await?;
+        let input_refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+        let key = state.key.child(
+            &ossb_dockerfile::instruction_key_bytes(&step.instruction),
+            &input_refs,
+        );
+        state.key = key;
+        let mut cached = false;
+        let mut empty_layer = true;
+        if changes_fs {
+            let record = match step_cache::get_or_claim(self.shared, &self.platform, &key).await {
+                step_cache::Lookup::Hit(record) => {
+                    let record = *record;
+                    cached = true;
+                    if let (true, Some(layer)) = (state.materialized, &record.layer) {
+                        // Keep an unpacked rootfs in step with the layers.
+                        unpack(
+                            &self.shared.store,
+                            std::slice::from_ref(layer),
+                            &state.rootfs,
+                        )
+                        .await?;
+                    }
+                    record
+                }
+                step_cache::Lookup::Miss(claim) => {
+                    let id = vertex.start(self.shared);
+                    let started = vertex.started;
+                    let record = match self
+                        .execute_on_skeleton(step, state, done, id, started)
+                        .await?
+                    {
+                        Some(record) => record,
+                        None => {
+                            self.materialize(state).await.map_err(|e| e.to_string())?;
+                            self.execute(step, state, done, id, started).await?
+                        }
+                    };
+                    step_cache::put(self.shared, &key, &record, claim).await;
+                    record
+                }
+            };
+            step_cache::export(self.shared, &self.platform, &key, &record);
+            if let (Some(layer), Some(diff_id)) = (record.layer, record.diff_id) {
+                state.config.rootfs.diff_ids.push(diff_id);
+                state.layers.push(layer);
+                empty_layer = false;
+            }
+            {
+                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                if cached {
+                    stats.cached += 1;
+                } else {
+                    stats.run += 1;
+                }
+            }
+            let ran = (!cached).then(|| vertex.started.elapsed().as_millis() as u64);
+            self.shared.step_finished(&step.created_by, ran);
+        }
+        if !step.created_by.is_empty() {
+            state.config.history.push(History {
+                created: Some(self.shared.created.clone()),
+                created_by: Some(step.created_by.clone()),
+                comment: Some("buildkit.dockerfile.v0".into()),
+                empty_layer: empty_layer.then_some(true),
+                ..Default::default()
+            });
+        }
+        Ok(cached)
+    }
+
+    /// What a step reads besides its instruction, for its cache key: the checksums of COPY's
+    /// context files, the key of a stage it copies from.
+    pub(super) async fn step_inputs(
+        &self,
+        step: &Step,
+        done: &Done,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        if let Instruction::Run(run) = &step.instruction {
+            return self.bind_mount_inputs(run, done);
+        }
+        let (Instruction::Copy(copy) | Instruction::Add(copy)) = &step.instruction else {
+            return Ok(Vec::new());
+        };
+        let is_add = matches!(step.instruction, Instruction::Add(_));
+        let mut inputs = Vec::new();
+        let (remote, local): (Vec<&String>, Vec<&String>) = copy
+            .sources
+            .iter()
+            .partition(|s| is_add && add::is_remote(s));
+        for source in remote {
+            // Fetched now (once per build) and keyed by content or commit; the step reuses it.
+            let fetched = add::fetch(
+                source,
+                copy.checksum.as_deref(),
+                copy.keep_git_dir.unwrap_or(false),
+                &self.shared.work,
+            )
+            .await?;
+            inputs.push(fetched.key);
+        }
+        let local: Vec<String> = local.into_iter().cloned().collect();
+        if copy.from.is_some() || !local.is_empty() {
+            let mut filter = match &self.shared.ignore {
+                Some(rules) => CopyFilter::dockerignore(rules),
+                None => CopyFilter::none(),
+            };
+            let exclude = exclude_rules(copy)?;
+            if let Some(ex) = &exclude {
+                filter = filter.with_exclude(ex);
+            }
+            inputs.push(self.source_input(
+                copy.from.as_ref(),
+                &local,
+                filter,
+                done,
+                "COPY --from",
+            )?);
+        }
+        Ok(inputs)
+    }
+
+    /// What a step reads from `from` (the paths `sources` in it), for its cache key: the
+    /// checksum of those files in the build context (through `context_filter`) or a named
+    /// context, the key of a stage, the manifest digest of an image.
+    pub(super) fn source_input(
+        &self,
+        from: Option<&Source>,
+        sources: &[String],
+        context_filter: CopyFilter<'_>,
+        done: &Done,
+        what: &str,
+    ) -> Result<Vec<u8>, String> {
+        let checksum = |dir: &Path, filter| {
+            sources_checksum_cached(dir, sources, filter, &self.shared.checksums)
+                .map(|sum| sum.to_vec())
+                .map_err(|e| e.to_string())
+        };
+        match from {
+            None => checksum(&self.req().context, context_filter),
+            Some(Source::Stage(i)) => match done.get(i) {
+                Some(s) => Ok(s.key.as_bytes().to_vec()),
+                None => Err(format!("{what}: stage {i} has not been built")),
+            },
+            Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
+                checksum(&self.req().build_contexts[name], CopyFilter::none())
+            }
+            Some(Source::Image(image)) => match self.copy_images.get(image) {
+                Some((_, digest)) => Ok(digest.as_bytes().to_vec()),
+                None => Err(format!("{what}={image}: the image was not pulled")),
+            },
+        }
+    }
+
+    /// What a RUN's bind mounts read, for its cache key: the checksum of a context source,
+    /// the key of a stage. Secrets and cache mounts stay out of the key, as in BuildKit.
+    pub(super) fn bind_mount_inputs(
+        &self,
+        run: &ossb_dockerfile::Run,
+        done: &Done,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let mut inputs = Vec::new();
+        for mount in run
+            .mounts
+            .iter()
+            .filter(|m| m.kind == ossb_dockerfile::MountType::Bind)
+        {
+            let source = mount.source.clone().unwrap_or_else(|| ".".into());
+            inputs.push(self.source_input(
+                mount.from.as_ref(),
+                &[source],
+                CopyFilter::none(),
+                done,
+                "RUN --mount from",
+            )?);
+        }
+        Ok(inputs)
+    }
+}
