@@ -455,7 +455,7 @@ fn add_and_copy_options_do_what_buildkit_does() {
     let served = dir.path().join("served");
     std::fs::create_dir_all(&served).unwrap();
     std::fs::write(served.join("tool.sh"), "#!/bin/sh\necho tool\n").unwrap();
-    let checksum = format!("sha256:{}", sha256_hex(b"#!/bin/sh\necho tool\n"));
+    let checksum = format!("sha256:{}", crate::sha256_hex(b"#!/bin/sh\necho tool\n"));
     let port = free_port();
     let mut server = std::process::Command::new("python3")
         .args([
@@ -632,22 +632,6 @@ fn wait_for_port(port: u16) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     panic!("nothing listens on 127.0.0.1:{port}");
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// --cache-to stores every step in a registry repository; a build in an empty cache directory

@@ -444,7 +444,8 @@ pub(crate) fn sum_of(text: &str, name: &str, label: &str) -> u64 {
         .sum()
 }
 
-fn index_digest(raw: &str) -> String {
+/// The digest of a manifest or index from its bytes as pushed.
+pub(crate) fn index_digest(raw: &str) -> String {
     format!("sha256:{}", crate::sha256_hex(raw.as_bytes()))
 }
 

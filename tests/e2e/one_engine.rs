@@ -112,7 +112,7 @@ fn steps_run(stderr: &str) -> u64 {
 /// The digest of what a tag names, as pushed (index or manifest).
 fn pushed_digest(image: &str) -> String {
     let raw = inspect_raw(image);
-    format!("sha256:{}", crate::sha256_hex(raw.stdout.as_bytes()))
+    crate::cluster::index_digest(&raw.stdout)
 }
 
 #[test]
