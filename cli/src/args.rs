@@ -755,6 +755,7 @@ impl BuildArgs {
             ssh: parse_ssh(&self.ssh)?,
             build_contexts: parse_build_contexts(&self.build_contexts)?,
             stage: None,
+            built_stages: Vec::new(),
             build_platform: None,
             network: self.network,
             extra_hosts: parse_add_hosts(&self.add_hosts)?,

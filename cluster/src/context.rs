@@ -15,12 +15,15 @@ use ossb_dockerfile::Network;
 use ossb_image::oci::MediaTypes;
 use ossb_image::registry::{Mirror, RegistryConfig, RegistryOptions};
 use ossb_image::store::BlobStore;
-use ossb_protocol::cluster::{check_path, BuildSpec, ContextEntry, EntryKind};
-use ossb_protocol::{Digest, Platform};
+use ossb_protocol::cluster::{
+    check_path, BuildSpec, BuiltStage as WireStage, ContextEntry, EntryKind, TaskSpec,
+};
+use ossb_protocol::Digest;
 use ossb_worker::mounts::{Secret, SecretBytes};
 use ossb_worker::sandbox::Isolation;
 
-use ossb_engine::build::{Annotations, BuildError, BuildRequest, Output};
+use ossb_engine::build::{Annotations, BuildError, BuildRequest, BuiltStage, Output};
+use ossb_engine::cache::CacheKey;
 use ossb_engine::remote_cache::CacheLocation;
 
 /// The context of `req` as entries, and where each file's content is on this machine.
@@ -451,15 +454,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// The engine's request for one platform of `spec`, with no output: the worker pushes by
-/// digest itself.
-pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> BuildRequest {
+/// The engine's request for a task: its stage of one platform of the build, starting from the
+/// stages `built` (those of the task's needs whose layers this worker holds). No output: the
+/// worker pushes by digest itself.
+pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> BuildRequest {
+    let spec = &task.spec;
     BuildRequest {
         context: place.context,
         dockerfile: spec.dockerfile.clone(),
         dockerfile_name: spec.dockerfile_name.clone(),
         tags: spec.tags.clone(),
-        platforms: vec![platform.clone()],
+        platforms: vec![task.platform.clone()],
         build_args: spec.build_args.iter().cloned().collect(),
         target: spec.target.clone(),
         labels: spec.labels.iter().cloned().collect(),
@@ -485,14 +490,38 @@ pub fn request_of(spec: &BuildSpec, platform: &Platform, place: TaskPlace) -> Bu
         // An agent is on the submitter's machine: spec_of refuses --ssh.
         ssh: BTreeMap::new(),
         build_contexts: place.files.build_contexts,
-        stage: None,
-        build_platform: None,
+        stage: task.stage.map(|s| s as usize),
+        built_stages: built,
+        build_platform: Some(task.build_platform.clone()),
         // Checked by the coordinator before any task was made (stage_tasks).
         network: network_of(spec).unwrap_or_default(),
         extra_hosts: spec.extra_hosts.clone(),
         // Checked by the coordinator before any task was made (build_outcome).
         annotations: annotations_of(spec).unwrap_or_default(),
     }
+}
+
+/// A stage a task built, as it travels to the tasks reading it.
+pub fn stage_to_wire(stage: &BuiltStage) -> Result<WireStage, String> {
+    let json = |e: serde_json::Error| format!("encoding stage {}: {e}", stage.index);
+    Ok(WireStage {
+        index: stage.index as u32,
+        key: *stage.key.as_bytes(),
+        config_json: serde_json::to_string(&stage.config).map_err(json)?,
+        layers_json: serde_json::to_string(&stage.layers).map_err(json)?,
+    })
+}
+
+/// A stage another task built, for the engine.
+pub fn stage_from_wire(stage: &WireStage) -> Result<BuiltStage, String> {
+    let json =
+        |e: serde_json::Error| format!("stage {} as another task built it: {e}", stage.index);
+    Ok(BuiltStage {
+        index: stage.index as usize,
+        key: CacheKey::from_bytes(stage.key),
+        config: serde_json::from_str(&stage.config_json).map_err(json)?,
+        layers: serde_json::from_str(&stage.layers_json).map_err(json)?,
+    })
 }
 
 /// The registry hosts of `spec` spoken to over HTTP, and the CA files (written from the
@@ -531,6 +560,7 @@ pub fn media_types(spec: &BuildSpec) -> MediaTypes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ossb_protocol::Platform;
 
     #[test]
     fn annotations_of_an_unknown_kind_are_refused() {
@@ -572,8 +602,16 @@ mod tests {
             dockerfile: String::new(),
             dockerfile_name: ctx.join("Dockerfile").display().to_string(),
             ..request_of(
-                &BuildSpec::default(),
-                &Platform::host(),
+                &TaskSpec {
+                    task: 1,
+                    build: "b".into(),
+                    platform: Platform::host(),
+                    stage: None,
+                    export: true,
+                    build_platform: Platform::host(),
+                    needs: Vec::new(),
+                    spec: BuildSpec::default(),
+                },
                 TaskPlace {
                     context: ctx.clone(),
                     cache_dir: dir.path().join("cache"),
@@ -581,6 +619,7 @@ mod tests {
                     isolation: Isolation::Auto,
                     files: TaskFiles::default(),
                 },
+                Vec::new(),
             )
         };
         let (entries, files) = scan(&req).unwrap();

@@ -238,6 +238,7 @@ async fn finish(
             cached: image.cached as usize,
         },
         size: image.size,
+        stage: None,
     })
 }
 

@@ -36,9 +36,11 @@ use ossb_protocol::{Digest, Platform};
 use ossb_worker::sandbox::Isolation;
 use tokio::sync::mpsc;
 
-use super::context::{all_file_digests, materialize, request_of, TaskFiles, TaskPlace};
+use super::context::{
+    all_file_digests, materialize, request_of, stage_from_wire, stage_to_wire, TaskFiles, TaskPlace,
+};
 use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
-use ossb_engine::build::BuildRequest;
+use ossb_engine::build::{BuildRequest, BuiltStage};
 use ossb_engine::cache::{CacheKey, CacheRecord, SharedSteps};
 use ossb_engine::progress::{Event, Progress};
 
@@ -333,7 +335,7 @@ async fn session(node: &Arc<Node>) -> Result<(), ClusterError> {
                 // leaves no stale handle behind.
                 let mut tasks = node.tasks();
                 let handle =
-                    tokio::spawn(run_task(node.clone(), conn.clone(), task, out_tx.clone()));
+                    tokio::spawn(run_task(node.clone(), conn.clone(), *task, out_tx.clone()));
                 tasks.insert(id, handle.abort_handle());
             }
             Ok(ClusterMessage::CancelTask { task }) => {
@@ -477,9 +479,13 @@ async fn execute(
     std::fs::create_dir(&context).map_err(|e| fail(e.to_string()))?;
     materialize(&task.spec.context, &store, &context).map_err(fail)?;
     let files = TaskFiles::write(&task.spec, &store, dir.path()).map_err(fail)?;
-    let mut req = request_of(
-        &task.spec,
-        &task.platform,
+    let forward = Forward {
+        task: task.task,
+        out: out.clone(),
+    };
+    let built = fetch_needs(node, task, &store, &forward).await;
+    let req = request_of(
+        task,
         TaskPlace {
             context,
             cache_dir,
@@ -487,13 +493,8 @@ async fn execute(
             isolation: node.config.isolation,
             files,
         },
+        built,
     );
-    req.stage = task.stage.map(|s| s as usize);
-    req.build_platform = Some(task.build_platform.clone());
-    let forward = Forward {
-        task: task.task,
-        out: out.clone(),
-    };
     if from_peers.0 + from_coordinator.0 > 0 {
         forward.event(Event::Info(format!(
             "{}: context files: {} from the peer cache ({} bytes), {} from the coordinator ({} bytes)",
@@ -608,7 +609,81 @@ async fn execute(
         cached: result.stats.cached as u64,
         pushed,
         inputs,
+        stage: result
+            .stage
+            .as_ref()
+            .map(stage_to_wire)
+            .transpose()
+            .map_err(fail)?,
     })
+}
+
+/// The stages the task reads, as the tasks that built them left them, with their layer blobs
+/// brought into `store` from the peer cache. A stage whose layers cannot be had is left out:
+/// the engine then goes through its steps again, each one a cache hit where the cluster has
+/// its record (said in the task's log).
+async fn fetch_needs(
+    node: &Node,
+    task: &TaskSpec,
+    store: &BlobStore,
+    forward: &Forward,
+) -> Vec<BuiltStage> {
+    let (mut built, mut from_peers, mut bytes) = (Vec::new(), 0u64, 0u64);
+    for wire in &task.needs {
+        let stage = match stage_from_wire(wire) {
+            Ok(stage) => stage,
+            Err(e) => {
+                tracing::warn!(task = task.task, error = %e, "an unreadable built stage");
+                continue;
+            }
+        };
+        let missing: Vec<Digest> = stage
+            .layers
+            .iter()
+            .map(|l| l.digest)
+            .filter(|d| !store.contains(d))
+            .collect();
+        let fetched = match &node.peers {
+            _ if missing.is_empty() => Ok(()),
+            None => Err("this worker has no --cache-peers".to_string()),
+            Some(peers) => {
+                let mut result = Ok(());
+                for digest in &missing {
+                    match peers.get_to_store(digest, store).await {
+                        Ok(n) => {
+                            let c = &node.counters;
+                            c.step_layers_peer.fetch_add(1, Ordering::Relaxed);
+                            c.bytes_peer.fetch_add(n, Ordering::Relaxed);
+                            (from_peers, bytes) = (from_peers + 1, bytes + n);
+                        }
+                        Err(e) => {
+                            result = Err(format!("layer {digest}: {e}"));
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+        };
+        match fetched {
+            Ok(()) => built.push(stage),
+            Err(e) => forward.event(Event::Info(format!(
+                "{}: stage {} was built by another task, but its layers cannot be fetched here ({e}); going through its steps again",
+                task.platform, stage.index
+            ))),
+        }
+    }
+    if !built.is_empty() {
+        let mut stages: Vec<usize> = built.iter().map(|s| s.index).collect();
+        stages.sort_unstable();
+        let stages: Vec<String> = stages.iter().map(usize::to_string).collect();
+        forward.event(Event::Info(format!(
+            "{}: starting from stage {} as built by other tasks: {from_peers} layers from the peer cache ({bytes} bytes)",
+            task.platform,
+            stages.join(", ")
+        )));
+    }
+    built
 }
 
 /// Sends the image's blobs and manifest to the peer cache. Needed when the client downloads

@@ -10,7 +10,7 @@ use ossb_dockerfile::{self as dockerfile, Network, PlanOptions};
 use ossb_image::export::{self, NamedImage};
 use ossb_image::layer::{ApplyOptions, Compression};
 use ossb_image::oci::MediaTypes;
-use ossb_image::oci::{self, Descriptor, Index};
+use ossb_image::oci::{self, Descriptor, ImageConfig, Index};
 use ossb_image::registry::{
     parse_reference, PushOptions, Registry, RegistryConfig, RegistryError, RegistryOptions,
 };
@@ -19,7 +19,7 @@ use ossb_protocol::{Digest, Platform};
 use ossb_worker::checksum::ChecksumCache;
 use ossb_worker::sandbox::Isolation;
 
-use crate::cache::{record_build, BuildStats, LocalCache, CHECKSUMS_FILE};
+use crate::cache::{record_build, BuildStats, CacheKey, LocalCache, CHECKSUMS_FILE};
 use crate::progress::Progress;
 use crate::remote_cache::{self, CacheLocation};
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
@@ -99,6 +99,9 @@ pub struct BuildRequest {
     pub ssh: BTreeMap<String, PathBuf>,
     /// Build only this stage (its Dockerfile index) and what it needs: a cluster's stage task.
     pub stage: Option<usize>,
+    /// Stages an earlier build made (a cluster's other tasks): taken as done, never built
+    /// again, with their layer blobs in the store. For a one-platform build.
+    pub built_stages: Vec<BuiltStage>,
     /// BUILDPLATFORM; the host's when `None`. A cluster chooses one for the whole build.
     pub build_platform: Option<Platform>,
     /// `--network`: the network of the RUN steps that name none.
@@ -241,6 +244,20 @@ pub fn check_references<'a>(
     Ok(())
 }
 
+/// A finished stage: what a stage reading it starts from. A cluster's task hands the stage it
+/// built to the tasks of the stages that read it ([`BuildRequest::built_stages`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuiltStage {
+    /// The stage's index in the Dockerfile.
+    pub index: usize,
+    /// The cache key of its last step.
+    pub key: CacheKey,
+    /// Its image config.
+    pub config: ImageConfig,
+    /// Its layers, base first.
+    pub layers: Vec<Descriptor>,
+}
+
 /// What a successful build produced.
 #[derive(Clone, Debug)]
 pub struct BuildResult {
@@ -254,6 +271,8 @@ pub struct BuildResult {
     pub stats: Stats,
     /// Total size of the image's blobs (configs and layers of every platform), in bytes.
     pub size: u64,
+    /// The target stage of a one-platform build.
+    pub stage: Option<BuiltStage>,
 }
 
 /// Why a build failed. [`BuildError::exit_code`] maps it to the CLI's exit code.
@@ -447,12 +466,17 @@ async fn run(
         },
     );
     let size = images.iter().flat_map(|i| &i.blobs).map(|b| b.size).sum();
+    let stage = match images.as_slice() {
+        [one] => Some(one.stage.clone()),
+        _ => None,
+    };
     Ok(BuildResult {
         image,
         config_digest,
         pushed,
         stats,
         size,
+        stage,
     })
 }
 

@@ -56,6 +56,11 @@ impl CacheKey {
         CacheKey(*h.finalize().as_bytes())
     }
 
+    /// A key computed elsewhere (a cluster's task), from [`CacheKey::as_bytes`].
+    pub fn from_bytes(bytes: [u8; 32]) -> CacheKey {
+        CacheKey(bytes)
+    }
+
     /// The raw bytes, to feed into another key.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0

@@ -71,7 +71,7 @@ pub enum ClusterMessage {
         free_slots: u32,
     },
     /// Work for a worker: one platform of one build.
-    Task(TaskSpec),
+    Task(Box<TaskSpec>),
     /// A progress event of a task.
     TaskEvent {
         /// The task.
@@ -356,8 +356,25 @@ pub struct TaskSpec {
     pub export: bool,
     /// BUILDPLATFORM, the same for every task of the build.
     pub build_platform: Platform,
+    /// The stages `stage` reads (its base, `COPY --from`, `RUN --mount from=`), as the tasks
+    /// that built them left them: the worker takes them as done and never builds them again.
+    pub needs: Vec<BuiltStage>,
     /// The build (its `platforms` lists every platform of the build).
     pub spec: BuildSpec,
+}
+
+/// A stage a task built: what a task of a stage reading it starts from. Its layer blobs are in
+/// the peer cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltStage {
+    /// The stage's index in the Dockerfile.
+    pub index: u32,
+    /// The cache key of its last step.
+    pub key: [u8; 32],
+    /// Its image config, as OCI JSON.
+    pub config_json: String,
+    /// Its layers (base first), as a JSON array of OCI descriptors.
+    pub layers_json: String,
 }
 
 /// A per-platform image a worker built.
@@ -381,6 +398,8 @@ pub struct PlatformOutcome {
     pub pushed: Vec<String>,
     /// Where the base images' blobs came from.
     pub inputs: InputStats,
+    /// The stage the task built, for the tasks of the stages that read it.
+    pub stage: Option<BuiltStage>,
 }
 
 /// Where a task's input blobs (base image configs and layers) came from.
@@ -542,15 +561,21 @@ mod tests {
         };
         for m in [
             ClusterMessage::Submit(spec.clone()),
-            ClusterMessage::Task(TaskSpec {
+            ClusterMessage::Task(Box::new(TaskSpec {
                 task: 7,
                 build: "b1".into(),
                 platform: "linux/arm64".parse().unwrap(),
                 stage: Some(1),
                 export: true,
                 build_platform: "linux/amd64".parse().unwrap(),
+                needs: vec![BuiltStage {
+                    index: 0,
+                    key: [5; 32],
+                    config_json: "{}".into(),
+                    layers_json: "[]".into(),
+                }],
                 spec,
-            }),
+            })),
             ClusterMessage::ClaimStep {
                 task: 7,
                 key: [3; 32],

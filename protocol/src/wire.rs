@@ -33,8 +33,8 @@ use crate::Digest;
 /// The protocol version this build speaks. 2: build specs carry named contexts, secrets and
 /// registry CAs; task outcomes carry input statistics; tasks can be cancelled. 3: tasks are
 /// stages (stage, export, build platform); the cluster's step cache (claim, publish). 4: fifos
-/// and device nodes in contexts.
-pub const VERSION: u16 = 4;
+/// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built.
+pub const VERSION: u16 = 5;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1109,11 +1109,19 @@ fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
     assert_eq!(run.stdout, format!("left {marker}\nright {marker}\n"));
     let m = cluster.metrics_text();
     let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
-    // The final stage's task found both earlier stages' steps in the cluster's step cache.
-    assert!(
-        get("ossb_cluster_steps_total{answer=\"record\"}") >= 1,
-        "{m}"
-    );
+    // The final stage's task started from both stages as their tasks built them (it asked the
+    // cluster's step cache for none of their steps), the other worker's layer coming from the
+    // peer cache.
+    assert_eq!(get("ossb_cluster_steps_total{answer=\"record\"}"), 0, "{m}");
+    let fetched = stderr
+        .lines()
+        .find_map(|l| {
+            l.split("starting from stage 0, 1 as built by other tasks: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split(' ').next()?.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("the final stage did not start from stages 0 and 1:\n{stderr}"));
+    assert!(fetched >= 1, "{stderr}");
     // Two RUNs and two COPYs ran, once each.
     assert_eq!(sum_of(&m, "ossb_steps_total", "result=\"run\""), 4, "{m}");
 }
@@ -1138,11 +1146,9 @@ fn a_stage_shared_by_two_tasks_runs_once() {
     let ctx = crate::support::context(work.path(), &dockerfile, &[]);
     let image = format!("{reg}/tests/{marker}:latest");
     for (round, expected) in [("first", 6), ("second", 0)] {
-        let before = sum_of(
-            &cluster.metrics_text(),
-            "ossb_steps_total",
-            "result=\"run\"",
-        );
+        let before = cluster.metrics_text();
+        let steps =
+            |m: &str, result: &str| sum_of(m, "ossb_steps_total", &format!("result=\"{result}\""));
         let out = cluster
             .submit_push("linux/amd64", &reg, &image, &ctx)
             .output()
@@ -1154,11 +1160,17 @@ fn a_stage_shared_by_two_tasks_runs_once() {
             cluster.logs()
         );
         let m = cluster.metrics_text();
-        let ran = sum_of(&m, "ossb_steps_total", "result=\"run\"") - before;
+        let ran = steps(&m, "run") - steps(&before, "run");
         assert_eq!(
             ran, expected,
             "{round} submission: steps run\n{stderr}\n{m}"
         );
+        // Each task starts from the stages it reads as their tasks built them: no task goes
+        // through another's steps, not even as cache hits.
+        if round == "first" {
+            let cached = steps(&m, "cached") - steps(&before, "cached");
+            assert_eq!(cached, 0, "first submission: steps cached\n{stderr}\n{m}");
+        }
     }
     let run = podman_run(&image, &[]).success("podman run");
     assert_eq!(run.stdout, format!("a\nx from b {marker}\n"));

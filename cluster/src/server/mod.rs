@@ -499,6 +499,7 @@ mod tests {
             stage: Some(0),
             export: true,
             build_platform: "linux/amd64".parse().unwrap(),
+            needs: Vec::new(),
             spec: spec.clone(),
         }
     }

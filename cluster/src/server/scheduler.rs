@@ -90,7 +90,9 @@ pub(super) fn schedule(state: &State) {
                 let worker = inner.workers.get_mut(&w).expect("picked from the map");
                 worker.running.insert(task_id);
                 let name = worker.info.name.clone();
-                let sent = worker.tasks.send(ClusterMessage::Task(spec.clone()));
+                let sent = worker
+                    .tasks
+                    .send(ClusterMessage::Task(Box::new(spec.clone())));
                 let how = if emulated { "emulated" } else { "native" };
                 tracing::info!(build = %spec.build, task = task_id, platform = %spec.platform, stage = ?spec.stage, runs_on = %platform, worker = %name, how, "task scheduled");
                 let _ = events.send((

@@ -240,6 +240,7 @@ pub(super) async fn build_outcome(
                 stage: Some(stage.stage as u32),
                 export: stage.export,
                 build_platform: build_platform.clone(),
+                needs: Vec::new(),
                 spec: spec.clone(),
             };
             let key = task_key(&spec);
@@ -334,7 +335,7 @@ pub(super) async fn build_outcome(
         return Err(f);
     }
     // The platforms' images, in the order asked for (task ids were given in that order).
-    // Steps: those each platform's tasks ran; the rest of its image's steps came from a cache.
+    // Steps: those each platform's tasks ran and took from a cache (each stage is one task's).
     outcomes.sort_by_key(|(task, _)| *task);
     let mut images = Vec::new();
     for (n, stage) in stages.iter().enumerate().filter(|(_, st)| st.export) {
@@ -345,13 +346,13 @@ pub(super) async fn build_outcome(
             ));
         };
         let mut image = image.clone();
-        let run: u64 = outcomes
-            .iter()
-            .filter(|(t, _)| stages[(*t - first) as usize].platform == stage.platform)
-            .map(|(_, o)| o.run)
-            .sum();
-        image.cached = (image.run + image.cached).saturating_sub(run);
-        image.run = run;
+        let platform_tasks = || {
+            outcomes
+                .iter()
+                .filter(|(t, _)| stages[(*t - first) as usize].platform == stage.platform)
+        };
+        image.run = platform_tasks().map(|(_, o)| o.run).sum();
+        image.cached = platform_tasks().map(|(_, o)| o.cached).sum();
         images.push(image);
     }
     let outcomes = images;

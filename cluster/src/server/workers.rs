@@ -99,11 +99,13 @@ pub(super) async fn worker_channel(
                     }
                     // The tasks waiting for this stage may go; the worker that built it is
                     // where they find its layers.
-                    if result.is_ok() {
+                    if let Ok(outcome) = &result {
                         for other in inner.tasks.values_mut() {
                             if other.deps.contains(&task) {
                                 other.deps.retain(|d| *d != task);
                                 other.prefer.get_or_insert(id);
+                                // It starts from the stage as built, never building it again.
+                                other.spec.needs.extend(outcome.stage.clone());
                             }
                         }
                     }

@@ -38,6 +38,7 @@ impl PlatformBuild<'_> {
         &self,
         mut config: ImageConfig,
         layers: &[Descriptor],
+        stage: BuiltStage,
     ) -> Result<PlatformImage, BuildError> {
         let store = &self.shared.store;
         config.created = Some(self.shared.created.clone());
@@ -80,6 +81,7 @@ impl PlatformBuild<'_> {
             },
             config: config_digest,
             blobs,
+            stage,
         })
     }
 }

@@ -31,7 +31,7 @@ use ossb_worker::sandbox;
 use ossb_worker::snapshot::Snapshot;
 
 use crate::add;
-use crate::build::{local, Annotations, BuildError, BuildRequest};
+use crate::build::{local, Annotations, BuildError, BuildRequest, BuiltStage};
 use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
 use crate::progress::{Event, Progress};
 use crate::run::{self, RunContext};
@@ -202,6 +202,8 @@ pub(crate) struct PlatformImage {
     pub config: Digest,
     /// Config and layers, for pushing.
     pub blobs: Vec<Descriptor>,
+    /// The target stage, as the stages reading it start from it.
+    pub stage: BuiltStage,
 }
 
 /// The finished stages a stage may read, by plan position.
@@ -340,8 +342,21 @@ impl<'a> PlatformBuild<'a> {
         // together. A stage that others read is unpacked only when a step reading it runs
         // (`source_rootfs`).
         let graph = plan.graph();
+        // Stages an earlier task built are done already; only what the target still needs
+        // through the others runs.
         let mut done: Done = HashMap::new();
-        let mut started = vec![false; graph.len()];
+        for node in graph.iter().filter(|n| !n.is_target) {
+            if let Some(built) = req.built_stages.iter().find(|b| b.index == node.index) {
+                done.insert(
+                    node.position,
+                    std::sync::Arc::new(self.built_state(built, node.position)),
+                );
+            }
+        }
+        let mut started = needed(&graph, plan.target, &done)
+            .into_iter()
+            .map(|needed| !needed)
+            .collect::<Vec<bool>>();
         let mut running = futures_util::stream::FuturesUnordered::new();
         loop {
             for node in &graph {
@@ -364,12 +379,40 @@ impl<'a> PlatformBuild<'a> {
         let final_state = done
             .remove(&plan.target)
             .ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
+        let stage = BuiltStage {
+            index: plan.stages[plan.target].index,
+            key: final_state.key,
+            config: final_state.config.clone(),
+            layers: final_state.layers.clone(),
+        };
         let mut config = final_state.config.clone();
         if !req.labels.is_empty() {
             let labels = config.config.labels.get_or_insert_with(BTreeMap::new);
             labels.extend(req.labels.clone());
         }
-        self.write_image(config, &final_state.layers)
+        self.write_image(config, &final_state.layers, stage)
+    }
+
+    /// The state of a stage an earlier task built, as if it had just run here.
+    fn built_state(&self, built: &BuiltStage, position: usize) -> StageState {
+        StageState {
+            config: built.config.clone(),
+            layers: built.layers.clone(),
+            key: built.key,
+            rootfs: self.rootfs_of(position),
+            materialized: false,
+            unpacked_for_readers: tokio::sync::OnceCell::new(),
+            cmd_set: false,
+            skeleton_ok: false,
+        }
+    }
+
+    /// Where the stage at `position` of the plan is unpacked.
+    fn rootfs_of(&self, position: usize) -> PathBuf {
+        self.shared.work.join(format!(
+            "{}-stage-{position}",
+            self.platform.to_string().replace('/', "-")
+        ))
     }
 
     /// Pulls and unpacks the images `COPY --from` and `RUN --mount from=` name, for this
@@ -447,10 +490,7 @@ impl<'a> PlatformBuild<'a> {
         done: &Done,
     ) -> Result<StageState, BuildError> {
         let stage = &plan.stages[index];
-        let rootfs = self.shared.work.join(format!(
-            "{}-stage-{index}",
-            self.platform.to_string().replace('/', "-")
-        ));
+        let rootfs = self.rootfs_of(index);
         let settings = layer_settings(self.req());
         let (config, layers, key) = match &stage.base {
             Base::Scratch => {
@@ -742,6 +782,21 @@ fn apply_metadata(
     false
 }
 
+/// Which stages of `graph` (by position) the target needs built: itself and, through their
+/// bases and the stages they read, those not `done` already.
+fn needed(graph: &[dockerfile::StageNode], target: usize, done: &Done) -> Vec<bool> {
+    let mut needed = vec![false; graph.len()];
+    let mut todo = vec![target];
+    while let Some(position) = todo.pop() {
+        if needed[position] || done.contains_key(&position) {
+            continue;
+        }
+        needed[position] = true;
+        todo.extend(graph[position].deps.iter().copied());
+    }
+    needed
+}
+
 fn base_info(config: &ImageConfig) -> BaseImageInfo {
     let rc = &config.config;
     BaseImageInfo {
@@ -877,6 +932,36 @@ mod tests {
         .unwrap();
         let deps: Vec<Vec<usize>> = plan.stages.iter().map(|s| s.deps()).collect();
         assert_eq!(deps, vec![vec![], vec![], vec![0, 1], vec![0, 2]]);
+    }
+
+    /// A stage built elsewhere cuts the walk: what only it needs is not built again.
+    #[test]
+    fn built_stages_are_not_walked_through() {
+        let text = "FROM scratch AS a\nFROM a AS b\nFROM scratch AS c\nFROM scratch\nCOPY --from=b /x /x\nCOPY --from=c /y /y\n";
+        let df = ossb_dockerfile::parse(text, "Dockerfile").unwrap();
+        let plan = ossb_dockerfile::plan(
+            &df,
+            &ossb_dockerfile::PlanOptions::default(),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let graph = plan.graph();
+        assert_eq!(needed(&graph, plan.target, &Done::new()), [true; 4]);
+        let state = StageState {
+            config: ImageConfig::default(),
+            layers: Vec::new(),
+            key: CacheKey::from_bytes([0; 32]),
+            rootfs: PathBuf::new(),
+            materialized: false,
+            unpacked_for_readers: tokio::sync::OnceCell::new(),
+            cmd_set: false,
+            skeleton_ok: false,
+        };
+        let done: Done = [(1, std::sync::Arc::new(state))].into_iter().collect();
+        assert_eq!(
+            needed(&graph, plan.target, &done),
+            [false, false, true, true]
+        );
     }
 
     #[test]
