@@ -373,7 +373,9 @@ pub fn network_of(spec: &BuildSpec) -> Result<Network, String> {
     }
 }
 
-/// Where a worker runs a task.
+/// Where a worker runs a task (nowhere, by default: the coordinator plans a build with the
+/// request of a task it never runs).
+#[derive(Default)]
 pub struct TaskPlace {
     /// The context laid out.
     pub context: PathBuf,

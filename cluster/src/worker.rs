@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use ossb_cache_node::PeerCache;
 use ossb_image::oci::Manifest;
-use ossb_image::registry::{parse_reference, PushOptions, Registry};
+use ossb_image::registry::{parse_reference, Registry};
 use ossb_image::store::BlobStore;
 use ossb_image::Reference;
 use ossb_net::{Identity, Role};
@@ -568,20 +568,7 @@ async fn execute(
                 "pushing {} by digest",
                 by_digest.whole()
             )));
-            // Layers of a base on the same registry are mounted from its repository rather
-            // than uploaded (as `ossb build` does).
-            let mount_from = bases
-                .iter()
-                .filter(|b| b.resolve_registry() == tagged.resolve_registry())
-                .map(|b| b.repository().to_string())
-                .collect();
-            registry
-                .push_image(
-                    &by_digest,
-                    &store,
-                    &result.image,
-                    &PushOptions { mount_from },
-                )
+            ossb_engine::build::push_image(&registry, &store, &by_digest, &result.image, &bases)
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             pushed.push(by_digest.whole());

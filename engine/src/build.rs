@@ -596,28 +596,41 @@ async fn export(
     Ok(pushed)
 }
 
-/// Pushes the image: layers (skipped when present, mounted from the base images' repositories
-/// on the same registry, else streamed several at once), configs, per-platform manifests by
-/// digest, and the index or manifest under the tag last.
+/// Pushes the image of this build under `reference`, the base images pulled as the sources of
+/// layer mounts.
 async fn push(
     shared: &Shared<'_>,
     reference: &ossb_image::Reference,
     image: &Descriptor,
 ) -> Result<(), RegistryError> {
-    let bases = shared
+    let bases: Vec<ossb_image::Reference> = shared
         .base_images
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let mount_from = bases
         .iter()
         .filter_map(|b| parse_reference(b).ok())
+        .collect();
+    push_image(&shared.registry, &shared.store, reference, image, &bases).await
+}
+
+/// Pushes `image` (a manifest or an index, with every blob it names in `store`) under
+/// `reference`: layers skipped when present, mounted from the repositories of `bases` on the
+/// same registry, else streamed several at once; manifests by digest, and `reference` last.
+/// `ossb build` and a cluster worker both push through here.
+pub async fn push_image(
+    registry: &Registry,
+    store: &BlobStore,
+    reference: &ossb_image::Reference,
+    image: &Descriptor,
+    bases: &[ossb_image::Reference],
+) -> Result<(), RegistryError> {
+    let mount_from = bases
+        .iter()
         .filter(|b| b.resolve_registry() == reference.resolve_registry())
         .map(|b| b.repository().to_string())
         .collect();
-    shared
-        .registry
-        .push_image(reference, &shared.store, image, &PushOptions { mount_from })
+    registry
+        .push_image(reference, store, image, &PushOptions { mount_from })
         .await
         .map(|_| ())
 }

@@ -26,17 +26,21 @@ pub(super) fn stage_tasks(
     build_platform: &Platform,
 ) -> Result<Vec<StagePlan>, Failure> {
     let mut out = Vec::new();
-    let network = crate::context::network_of(spec).map_err(|e| failure(e, 2))?;
+    crate::context::network_of(spec).map_err(|e| failure(e, 2))?;
     for platform in &spec.platforms {
-        let opts = ossb_dockerfile::PlanOptions {
-            build_args: spec.build_args.iter().cloned().collect(),
-            target: spec.target.clone(),
-            target_index: None,
-            target_platform: platform.clone(),
+        // Planned as the platform's whole build would be, by the engine's own options.
+        let whole = TaskSpec {
+            task: 0,
+            build: String::new(),
+            platform: platform.clone(),
+            stage: None,
+            export: true,
             build_platform: build_platform.clone(),
-            network,
-            extra_hosts: spec.extra_hosts.clone(),
+            needs: Vec::new(),
+            spec: spec.clone(),
         };
+        let opts = crate::context::request_of(&whole, Default::default(), Vec::new())
+            .plan_options(platform);
         let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
             .map_err(|e| failure(e.to_string(), 2))?;
         let offset = out.len();
