@@ -69,6 +69,28 @@ pub(crate) enum Attempt {
     /// The transfer broke off; the bytes that arrived are good to resume from (they are
     /// verified with the rest at the end).
     Failed(String),
+    /// Nobody has the blob: the asker was made its fetcher (a get with a claim).
+    Fetch,
+}
+
+/// Where one node's attempt leaves a get.
+enum Settled {
+    Stored(u64),
+    Fetch,
+    Next,
+}
+
+/// What [`PeerCache::get_or_claim`] came back with.
+#[derive(Debug)]
+pub enum Claimed {
+    /// The blob is in the local store: its size.
+    Got(u64),
+    /// Nobody had it: the caller fetches it from its origin and streams it to `node`
+    /// ([`PeerCache::put_stream`]) while others wait for those bytes.
+    Fetch {
+        /// The home node that handed out the claim.
+        node: String,
+    },
 }
 
 /// The cache nodes of the cluster as one blob cache.
@@ -213,6 +235,94 @@ impl PeerCache {
             .await
     }
 
+    /// As [`PeerCache::get_to_store`], but asking with a claim:
+    /// when nobody has the blob and nobody is fetching it, the caller is made its fetcher
+    /// ([`Claimed::Fetch`]); when another fetcher's bytes are on their way, they come as they
+    /// arrive. Single-flight for the whole cluster: a blob crosses the registry link once.
+    pub async fn get_or_claim(
+        &self,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<Claimed, ClientError> {
+        if let Some(size) = store.size(digest) {
+            return Ok(Claimed::Got(size));
+        }
+        let ranked = self.ranked(digest);
+        let mut partial = store.partial()?;
+        let mut tried = Vec::new();
+        // Every worker ranks the nodes alike: they all claim at the first that answers.
+        for node in &ranked {
+            let (outcome, back) = self.attempt(node, digest, partial, true).await;
+            partial = back;
+            match self.settle(digest, store, node, outcome, &mut partial, &mut tried)? {
+                Settled::Stored(size) => return Ok(Claimed::Got(size)),
+                Settled::Fetch => return Ok(Claimed::Fetch { node: node.clone() }),
+                Settled::Next => {}
+            }
+        }
+        Err(ClientError::NotFound {
+            digest: *digest,
+            tried: tried_text(tried),
+        })
+    }
+
+    /// Streams a blob of `size` bytes to `node` as its `chunks` come (those of a fetch the
+    /// node handed a claim for); `Ok` once the node holds a verified copy. Chunks that stop
+    /// short of `size` abort the put.
+    pub async fn put_stream(
+        &self,
+        node: &str,
+        digest: &Digest,
+        size: u64,
+        mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<(), ClientError> {
+        let err = |reason: String| node_err(node, reason);
+        let (mut send, mut recv) = self
+            .open(
+                node,
+                CacheRequest::Put {
+                    digest: *digest,
+                    size,
+                },
+            )
+            .await
+            .map_err(err)?;
+        match read_message(&mut recv)
+            .await
+            .map_err(|e| err(e.to_string()))?
+        {
+            Message::CacheReply(CacheReply::PutPresent) => return Ok(()),
+            Message::CacheReply(CacheReply::PutReady) => {}
+            Message::Error(e) => return Err(err(e.message)),
+            other => return Err(err(format!("unexpected answer {other:?}"))),
+        }
+        let mut sent = 0u64;
+        while let Some(chunk) = chunks.recv().await {
+            sent += chunk.len() as u64;
+            if sent > size {
+                break;
+            }
+            send.write_chunk(chunk)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+        }
+        if sent != size {
+            let _ = send.reset(quinn::VarInt::from_u32(StreamReset::Aborted.code()));
+            return Err(err(format!(
+                "the fetch stopped after {sent} of {size} bytes; the put was aborted"
+            )));
+        }
+        send.finish().map_err(|e| err(e.to_string()))?;
+        match read_message(&mut recv)
+            .await
+            .map_err(|e| err(e.to_string()))?
+        {
+            Message::CacheReply(CacheReply::Stored) => Ok(()),
+            Message::Error(e) => Err(err(e.message)),
+            other => Err(err(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     async fn get_from_nodes(
         &self,
         digest: &Digest,
@@ -224,29 +334,50 @@ impl PeerCache {
         for node in nodes {
             let (outcome, back) = self.get_once(node, digest, partial).await;
             partial = back;
-            let note = match outcome {
-                Attempt::Complete => match partial.commit(digest) {
-                    Ok(size) => return Ok(size),
-                    Err(StoreError::DigestMismatch { actual, .. }) => {
-                        partial = store.partial()?;
-                        format!("sent bytes hashing to {actual}")
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                Attempt::Missing => "missing".to_string(),
-                Attempt::Corrupt => {
-                    partial.reset()?;
-                    "its copy was corrupt and discarded".to_string()
-                }
-                Attempt::Failed(reason) => reason,
-            };
-            tracing::debug!(%digest, node, note, "peer cache get attempt");
-            tried.push(format!("{node}: {note}"));
+            match self.settle(digest, store, node, outcome, &mut partial, &mut tried)? {
+                Settled::Stored(size) => return Ok(size),
+                Settled::Fetch | Settled::Next => {}
+            }
         }
         Err(ClientError::NotFound {
             digest: *digest,
             tried: tried_text(tried),
         })
+    }
+
+    /// What one node's attempt means: the blob stored (verified), a claim, or on to the next
+    /// node (noted in `tried`).
+    fn settle(
+        &self,
+        digest: &Digest,
+        store: &BlobStore,
+        node: &str,
+        outcome: Attempt,
+        partial: &mut PartialBlob,
+        tried: &mut Vec<String>,
+    ) -> Result<Settled, ClientError> {
+        let note = match outcome {
+            Attempt::Complete => {
+                let done = std::mem::replace(partial, store.partial()?);
+                match done.commit(digest) {
+                    Ok(size) => return Ok(Settled::Stored(size)),
+                    Err(StoreError::DigestMismatch { actual, .. }) => {
+                        format!("sent bytes hashing to {actual}")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Attempt::Fetch => return Ok(Settled::Fetch),
+            Attempt::Missing => "missing".to_string(),
+            Attempt::Corrupt => {
+                partial.reset()?;
+                "its copy was corrupt and discarded".to_string()
+            }
+            Attempt::Failed(reason) => reason,
+        };
+        tracing::debug!(%digest, node, note, "peer cache get attempt");
+        tried.push(format!("{node}: {note}"));
+        Ok(Settled::Next)
     }
 
     /// One node's attempt at sending the blob, appended to `partial` (resuming from its
@@ -259,11 +390,23 @@ impl PeerCache {
         digest: &Digest,
         partial: PartialBlob,
     ) -> (Attempt, PartialBlob) {
+        self.attempt(node, digest, partial, false).await
+    }
+
+    /// [`PeerCache::get_once`], with a claim when `claim` (see [`PeerCache::get_or_claim`]).
+    async fn attempt(
+        &self,
+        node: &str,
+        digest: &Digest,
+        partial: PartialBlob,
+        claim: bool,
+    ) -> (Attempt, PartialBlob) {
         let offset = partial.len();
         let request = CacheRequest::Get {
             digest: *digest,
             offset,
             local_only: self.inner.local_only,
+            claim: claim && !self.inner.local_only,
         };
         let (mut recv, size) = match self.open(node, request).await {
             Ok((_, mut recv)) => match read_message(&mut recv).await {
@@ -271,6 +414,9 @@ impl PeerCache {
                     (recv, size)
                 }
                 Ok(Message::CacheReply(CacheReply::Missing)) => return (Attempt::Missing, partial),
+                Ok(Message::CacheReply(CacheReply::Fetch)) if claim => {
+                    return (Attempt::Fetch, partial)
+                }
                 Ok(Message::Error(e)) => return (Attempt::Failed(e.message), partial),
                 Ok(other) => {
                     return (

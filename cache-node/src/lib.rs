@@ -14,6 +14,10 @@
 //!   node that is a home of a blob it misses fetches it from the other nodes before answering
 //!   (one hop: such requests are `local_only`), so a replaced node refills itself on demand.
 //!   Counters are served as Prometheus text ([`metrics`]).
+//! - Single-flight ([`inflight`]): the first worker to ask a home node with a claim for a blob
+//!   nobody has fetches it from its registry and puts it as it downloads; others asking
+//!   meanwhile get its bytes as they reach the node's disk, so a blob crosses the registry
+//!   link once for the whole cluster.
 //! - [`PeerCache`]: the client. `get_to_store` tries the home nodes, then the others, resuming
 //!   a broken transfer from the bytes already received; `put_from_store` sends to both home
 //!   nodes; `has` asks the home nodes.
@@ -25,13 +29,14 @@
 //! itself from its peers.
 
 mod client;
+mod inflight;
 pub mod lru;
 pub mod metrics;
 mod node;
 pub mod placement;
 mod sink;
 
-pub use client::{ClientError, PeerCache};
+pub use client::{Claimed, ClientError, PeerCache};
 pub use node::{serve, Node, NodeConfig, NodeError};
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub(crate) bytes_out: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) verification_failures: AtomicU64,
+    pub(crate) fetch_claims: AtomicU64,
+    pub(crate) followed: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -33,13 +35,15 @@ impl Metrics {
             bytes_out: get(&self.bytes_out),
             evictions: get(&self.evictions),
             verification_failures: get(&self.verification_failures),
+            fetch_claims: get(&self.fetch_claims),
+            followed: get(&self.followed),
         }
     }
 }
 
 /// The Prometheus text exposition of `stats`.
 pub fn prometheus(stats: &CacheStats) -> String {
-    let rows: [(&str, &str, &str, u64); 9] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         ("ossb_cache_blobs", "gauge", "Blobs stored.", stats.blobs),
         ("ossb_cache_bytes", "gauge", "Bytes stored.", stats.bytes),
         (
@@ -83,6 +87,18 @@ pub fn prometheus(stats: &CacheStats) -> String {
             "counter",
             "Blobs whose bytes did not match their digest (received or read from disk).",
             stats.verification_failures,
+        ),
+        (
+            "ossb_cache_fetch_claims_total",
+            "counter",
+            "Gets of a blob nobody had, whose asker was made its fetcher (single-flight).",
+            stats.fetch_claims,
+        ),
+        (
+            "ossb_cache_followed_total",
+            "counter",
+            "Gets answered with a blob's bytes as they arrived (another fetch's or put's).",
+            stats.followed,
         ),
     ];
     let mut out = ossb_net::http::PrometheusText::default();

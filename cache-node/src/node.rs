@@ -16,12 +16,17 @@ use ossb_protocol::wire::{
 use ossb_protocol::Digest;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
 
 use crate::client::{PeerCache, CHUNK};
+use crate::inflight::{Arrival, Inflight, Joined, Receiving, CLAIM_TIMEOUT};
 use crate::lru::Lru;
 use crate::metrics::{add, Metrics};
 use crate::placement::Placement;
 use crate::sink::Sink;
+
+/// How long a followed put may pause before its batched bytes are written for the followers.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Chunks read and hashed ahead of the sending of a get.
 const READ_AHEAD: usize = 4;
@@ -80,6 +85,8 @@ struct State {
     own_name: OnceLock<String>,
     /// The other nodes, asked (local only) when a blob this node is home for is missing.
     fill_from: OnceLock<PeerCache>,
+    /// Blobs on their way in: claimed by a fetcher, or being put.
+    inflight: Arc<Inflight>,
 }
 
 impl Node {
@@ -107,6 +114,7 @@ impl Node {
             placement: Placement::new(&config.peers),
             own_name: OnceLock::new(),
             fill_from: OnceLock::new(),
+            inflight: Arc::default(),
         });
         let evicted = state.lock_lru().over_limit(&Digest::of(b""));
         state.evict(evicted);
@@ -205,7 +213,7 @@ async fn accept(endpoint: Endpoint, state: Arc<State>) {
                 }
             };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(serve_stream(state.clone(), send, recv));
+                tokio::spawn(serve_stream(state.clone(), conn.clone(), send, recv));
             }
         });
     }
@@ -214,7 +222,12 @@ async fn accept(endpoint: Endpoint, state: Arc<State>) {
 /// How long a new stream may take to send its request: a silent one is dropped.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn serve_stream(state: Arc<State>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(
+    state: Arc<State>,
+    conn: quinn::Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let Ok(request) = tokio::time::timeout(REQUEST_TIMEOUT, read_message(&mut recv)).await else {
         return;
     };
@@ -242,7 +255,12 @@ async fn serve_stream(state: Arc<State>, mut send: SendStream, mut recv: RecvStr
             digest,
             offset,
             local_only,
-        } => state.get(&mut send, digest, offset, local_only).await,
+            claim,
+        } => {
+            state
+                .get(&mut send, &conn, digest, offset, local_only, claim)
+                .await
+        }
         CacheRequest::Put { digest, size } => state.put(&mut send, &mut recv, digest, size).await,
         CacheRequest::Stat => reply(&mut send, CacheReply::Stats(state.stats())).await,
     };
@@ -322,17 +340,161 @@ impl State {
         reply(send, CacheReply::Has { sizes }).await
     }
 
+    /// A get: the blob from disk; else one on its way in, as its bytes arrive; else, as a home
+    /// node, filled from the other nodes; else, with `claim`, the asker is made its fetcher.
     async fn get(
+        self: &Arc<Self>,
+        send: &mut SendStream,
+        conn: &quinn::Connection,
+        digest: Digest,
+        offset: u64,
+        local_only: bool,
+        claim: bool,
+    ) -> Result<(), NetError> {
+        if self.size(&digest).is_none() {
+            if let Joined::Following(arrival) = self.inflight.join(&digest, false) {
+                return self.follow(send, digest, offset, arrival).await;
+            }
+            if local_only || !self.fill(&digest).await {
+                match self.inflight.join(&digest, claim && !local_only) {
+                    Joined::Following(arrival) => {
+                        return self.follow(send, digest, offset, arrival).await
+                    }
+                    Joined::Claimed(id) => {
+                        self.watch_claim(conn, digest, id);
+                        add(&self.metrics.fetch_claims, 1);
+                        tracing::info!(%digest, remote = %conn.remote_address(), "blob claimed: the asker fetches it");
+                        return reply(send, CacheReply::Fetch).await;
+                    }
+                    Joined::Nothing => {
+                        add(&self.metrics.misses, 1);
+                        return reply(send, CacheReply::Missing).await;
+                    }
+                }
+            }
+        }
+        self.send_stored(send, digest, offset).await
+    }
+
+    /// Lets claim `id` lapse when its fetcher's connection closes or its put is late.
+    fn watch_claim(self: &Arc<Self>, conn: &quinn::Connection, digest: Digest, id: u64) {
+        let (state, conn) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = tokio::time::sleep(CLAIM_TIMEOUT) => {}
+                _ = state.inflight.claim_settled(&digest, id) => return,
+            }
+            state.inflight.lapse(&digest, id);
+        });
+    }
+
+    /// Sends a blob on its way in as its bytes reach the disk, hashing every byte; the stream
+    /// finishes once the blob is stored and the hash matches, and is reset when the put fails
+    /// (the asker then asks again, and may claim the blob).
+    async fn follow(
         &self,
         send: &mut SendStream,
         digest: Digest,
         offset: u64,
-        local_only: bool,
+        mut arrival: watch::Receiver<Arrival>,
     ) -> Result<(), NetError> {
-        if self.size(&digest).is_none() && (local_only || !self.fill(&digest).await) {
-            add(&self.metrics.misses, 1);
-            return reply(send, CacheReply::Missing).await;
+        // Until the fetcher's put begins.
+        let (size, file) = loop {
+            let now = arrival.borrow_and_update().clone();
+            match now {
+                Arrival::Receiving { size, file, .. } => break (size, file),
+                Arrival::Stored => return self.send_stored(send, digest, offset).await,
+                Arrival::Failed => {
+                    add(&self.metrics.misses, 1);
+                    return reply(send, CacheReply::Missing).await;
+                }
+                Arrival::Claimed { .. } => {
+                    if arrival.changed().await.is_err() {
+                        add(&self.metrics.misses, 1);
+                        return reply(send, CacheReply::Missing).await;
+                    }
+                }
+            }
+        };
+        if offset > size {
+            reply_error(
+                send,
+                ErrorCode::Malformed,
+                format!("offset {offset} is past the end of {digest} ({size} bytes)"),
+            )
+            .await;
+            return Ok(());
         }
+        add(&self.metrics.followed, 1);
+        write_message(send, Message::CacheReply(CacheReply::Blob { size, offset })).await?;
+        let mut hasher = Sha256::new();
+        let mut pos = 0u64;
+        loop {
+            let (written, ended) = match &*arrival.borrow_and_update() {
+                Arrival::Receiving { written, .. } => (*written, false),
+                Arrival::Stored => (size, true),
+                Arrival::Failed | Arrival::Claimed { .. } => {
+                    let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                    return Ok(());
+                }
+            };
+            while pos < written {
+                let want = CHUNK.min((written - pos) as usize);
+                let (file, at) = (file.clone(), pos);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = BytesMut::zeroed(want);
+                    let n = file.read_at(&mut buf, at)?;
+                    buf.truncate(n);
+                    Ok::<_, std::io::Error>(buf.freeze())
+                })
+                .await;
+                let chunk = match read {
+                    Ok(Ok(chunk)) if !chunk.is_empty() => chunk,
+                    _ => {
+                        let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                        return Ok(());
+                    }
+                };
+                hasher.update(&chunk);
+                let end = pos + chunk.len() as u64;
+                if end > offset {
+                    let skip = offset.saturating_sub(pos) as usize;
+                    let part = chunk.slice(skip..);
+                    add(&self.metrics.bytes_out, part.len() as u64);
+                    if send.write_chunk(part).await.is_err() {
+                        return Ok(()); // the asker went away
+                    }
+                }
+                pos = end;
+            }
+            if ended {
+                break;
+            }
+            if arrival.changed().await.is_err() && !matches!(*arrival.borrow(), Arrival::Stored) {
+                let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                return Ok(());
+            }
+        }
+        let actual = Digest::from_bytes(hasher.finalize().into());
+        if actual != digest || pos != size {
+            // The put verified these bytes before storing them: a mismatch is the disk's.
+            let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
+            return Ok(());
+        }
+        add(&self.metrics.hits, 1);
+        let _ = send.finish();
+        Ok(())
+    }
+
+    /// Sends a stored blob from `offset` on.
+    async fn send_stored(
+        &self,
+        send: &mut SendStream,
+        digest: Digest,
+        offset: u64,
+    ) -> Result<(), NetError> {
         let mut file = match self.store.open_blob(&digest) {
             Ok(f) => f,
             Err(_) => {
@@ -499,9 +661,12 @@ impl State {
         }
         write_message(send, Message::CacheReply(CacheReply::PutReady)).await?;
         match self.receive(recv, &digest, size).await? {
-            Ok(()) => {
+            Ok(followed) => {
                 add(&self.metrics.bytes_in, size);
                 self.stored(digest, size);
+                if let Some(followed) = followed {
+                    followed.stored();
+                }
                 reply(send, CacheReply::Stored).await
             }
             Err((code, message)) => {
@@ -515,24 +680,49 @@ impl State {
         }
     }
 
-    /// Receives a put's bytes into the store, verified; the inner error is the refusal to
-    /// send back (nothing was stored).
+    /// Receives a put's bytes into the store, verified, while those who ask for the blob
+    /// follow them (see [`Inflight`]); the inner error is the refusal to send back (nothing
+    /// was stored). The blob is findable in the store before the followers are told it is
+    /// stored (by the caller, with the handle returned).
     async fn receive(
         &self,
         recv: &mut RecvStream,
         digest: &Digest,
         size: u64,
-    ) -> Result<Result<(), (ErrorCode, String)>, NetError> {
+    ) -> Result<Result<Option<Receiving>, (ErrorCode, String)>, NetError> {
         let internal = |e: StoreError| Ok(Err((ErrorCode::Internal, e.to_string())));
         let partial = match self.store.partial() {
             Ok(p) => p,
             Err(e) => return internal(e),
         };
+        let followed = match partial.reader() {
+            Ok(file) => self.inflight.receiving(digest, size, file),
+            Err(e) => return internal(e),
+        };
         // Written and hashed off the runtime, which keeps draining the socket meanwhile.
-        let mut sink = Sink::new(partial);
+        let progress = followed
+            .as_ref()
+            .map(|f| Box::new(f.progress()) as crate::sink::Written);
+        let mut sink = Sink::watched(partial, progress);
         let mut refusal = None;
         let read = loop {
-            match recv.read_chunk(CHUNK, true).await {
+            // When the sender pauses (a fetch waiting on its registry), what is batched goes to
+            // disk, where the followers read it.
+            let next = {
+                let read = recv.read_chunk(CHUNK, true);
+                tokio::pin!(read);
+                tokio::select! {
+                    biased;
+                    r = &mut read => r,
+                    _ = tokio::time::sleep(SETTLE), if followed.is_some() => {
+                        if !sink.send_batch().await {
+                            break Ok(());
+                        }
+                        read.await
+                    }
+                }
+            };
+            match next {
                 Ok(Some(chunk)) => {
                     if sink.len() + chunk.bytes.len() as u64 > size {
                         recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
@@ -566,7 +756,7 @@ impl State {
             )));
         }
         match partial.commit(digest) {
-            Ok(_) => Ok(Ok(())),
+            Ok(_) => Ok(Ok(followed)),
             Err(e @ StoreError::DigestMismatch { .. }) => {
                 Ok(Err((ErrorCode::DigestMismatch, e.to_string())))
             }

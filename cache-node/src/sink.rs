@@ -17,6 +17,9 @@ const BATCH: usize = 256 << 10;
 /// Batches queued for the writer thread (8 MiB): the transfer waits when the disk does.
 const QUEUE: usize = 32;
 
+/// Told how many bytes a blob being received holds on disk.
+pub(crate) type Written = Box<dyn Fn(u64) + Send>;
+
 /// Appends chunks to a [`PartialBlob`] on a blocking thread.
 pub(crate) struct Sink {
     tx: mpsc::Sender<Vec<Bytes>>,
@@ -30,6 +33,12 @@ pub(crate) struct Sink {
 impl Sink {
     /// Starts the writer thread for `partial` (which may hold bytes already).
     pub(crate) fn new(partial: PartialBlob) -> Sink {
+        Sink::watched(partial, None)
+    }
+
+    /// As [`Sink::new`], telling `written` how many bytes the file holds after each batch
+    /// (flushed first): readers of a blob still arriving follow it.
+    pub(crate) fn watched(partial: PartialBlob, written: Option<Written>) -> Sink {
         let len = partial.len();
         let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(QUEUE);
         let writer = tokio::task::spawn_blocking(move || {
@@ -39,6 +48,12 @@ impl Sink {
                 for chunk in batch {
                     if failed.is_none() {
                         failed = partial.write(&chunk).err();
+                    }
+                }
+                if let (Some(written), None) = (&written, &failed) {
+                    failed = partial.flush().err();
+                    if failed.is_none() {
+                        written(partial.len());
                     }
                 }
             }
@@ -64,6 +79,14 @@ impl Sink {
         self.batched += chunk.len();
         self.batch.push(chunk);
         if self.batched < BATCH {
+            return true;
+        }
+        self.send_batch().await
+    }
+
+    /// Hands what is batched to the writer thread now; false when it is gone.
+    pub(crate) async fn send_batch(&mut self) -> bool {
+        if self.batch.is_empty() {
             return true;
         }
         self.batched = 0;

@@ -193,3 +193,132 @@ async fn a_full_node_evicts_the_least_recently_used_blob() {
     let err = client.put_from_store(&big, &src).await.unwrap_err();
     assert!(matches!(err, ClientError::PutFailed { .. }), "{err}");
 }
+
+/// The bytes of a test blob of `n` bytes.
+fn pattern(n: u32) -> Vec<u8> {
+    (0..n).map(|i| (i * 13 % 251) as u8).collect()
+}
+
+/// Single-flight: the first asker of a blob nobody has is made its fetcher; the others get its
+/// bytes as they reach the node (before the fetch ends), verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fetcher_per_blob_and_the_others_follow_its_bytes() {
+    let c = cluster(2, None).await;
+    let bytes = pattern(4_000_000);
+    let digest = Digest::of(&bytes);
+    let work = tempfile::tempdir().unwrap();
+    let fetcher = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let store = local_store(&work.path().join("fetcher"));
+    let crate::Claimed::Fetch { node } = fetcher.get_or_claim(&digest, &store).await.unwrap()
+    else {
+        panic!("the first asker was not made the fetcher");
+    };
+    let followers: Vec<_> = (0..2)
+        .map(|i| {
+            let (tls, names) = (c.tls.clone(), c.names.clone());
+            let dir = work.path().join(format!("follower{i}"));
+            tokio::spawn(async move {
+                let client = PeerCache::connect(&tls, &names).unwrap();
+                let store = local_store(&dir);
+                let got = client.get_or_claim(&digest, &store).await.unwrap();
+                (got, store.read(&digest).ok())
+            })
+        })
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let put = {
+        let (fetcher, node) = (fetcher.clone(), node.clone());
+        tokio::spawn(async move { fetcher.put_stream(&node, &digest, 4_000_000, rx).await })
+    };
+    // The first half, then a pause: the followers have it before the rest exists.
+    let half = bytes::Bytes::copy_from_slice(&bytes[..2_000_000]);
+    tx.send(half).await.unwrap();
+    let node_index = c.names.iter().position(|n| *n == node).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while c.nodes[node_index].stats().bytes_out < 2 * 2_000_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the followers did not get the first half"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tx.send(bytes::Bytes::copy_from_slice(&bytes[2_000_000..]))
+        .await
+        .unwrap();
+    drop(tx);
+    put.await.unwrap().unwrap();
+    for f in followers {
+        let (got, read) = f.await.unwrap();
+        assert!(matches!(got, crate::Claimed::Got(4_000_000)), "{got:?}");
+        assert_eq!(read.as_deref(), Some(&bytes[..]));
+    }
+    let stats = c.nodes[node_index].stats();
+    assert_eq!((stats.fetch_claims, stats.followed), (1, 2));
+    assert!(c.data.iter().all(|d| tmp_is_empty(d)));
+}
+
+/// A fetcher that dies (its put breaks off, or it never puts and its connection closes)
+/// frees the blob: a waiting asker is told, asks again, and becomes the fetcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_fetcher_frees_the_blob_for_the_next_asker() {
+    let c = cluster(1, None).await;
+    let bytes = pattern(1_000_000);
+    let digest = Digest::of(&bytes);
+    let work = tempfile::tempdir().unwrap();
+    let other = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let other_store = local_store(&work.path().join("other"));
+
+    // A put that stops halfway.
+    let fetcher = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let store = local_store(&work.path().join("fetcher"));
+    let crate::Claimed::Fetch { node } = fetcher.get_or_claim(&digest, &store).await.unwrap()
+    else {
+        panic!()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(bytes::Bytes::copy_from_slice(&bytes[..500_000]))
+        .await
+        .unwrap();
+    drop(tx);
+    let waiting = {
+        let (other, store) = (other.clone(), other_store.clone());
+        tokio::spawn(async move { other.get_or_claim(&digest, &store).await })
+    };
+    assert!(fetcher
+        .put_stream(&node, &digest, 1_000_000, rx)
+        .await
+        .is_err());
+    // The follower's get fails; asked again, the blob is free to claim.
+    let first = waiting.await.unwrap();
+    let claimed = match first {
+        Ok(crate::Claimed::Fetch { .. }) => true,
+        Err(_) => matches!(
+            other.get_or_claim(&digest, &other_store).await.unwrap(),
+            crate::Claimed::Fetch { .. }
+        ),
+        Ok(got) => panic!("{got:?}"),
+    };
+    assert!(claimed);
+
+    // A claim whose holder goes away without putting lapses with its connection.
+    let third = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let third_store = local_store(&work.path().join("third"));
+    let waiting = tokio::spawn(async move { third.get_or_claim(&digest, &third_store).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the third asker did not wait for the claim"
+    );
+    drop(other); // closes its connection: its claim lapses
+    let after = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting asker hung after the fetcher left")
+        .unwrap();
+    let third_again = match after {
+        Ok(crate::Claimed::Fetch { .. }) => true,
+        Err(_) => true, // told the claim lapsed; its next ask claims
+        Ok(got) => panic!("{got:?}"),
+    };
+    assert!(third_again);
+    assert_eq!(c.nodes[0].stats().blobs, 0);
+}

@@ -23,9 +23,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ossb_cache_node::PeerCache;
-use ossb_image::oci::Manifest;
-use ossb_image::registry::{parse_reference, Registry};
+use ossb_cache_node::{Claimed, PeerCache};
+use ossb_image::oci::{Descriptor, Manifest};
+use ossb_image::registry::{parse_reference, Registry, Tee};
 use ossb_image::store::BlobStore;
 use ossb_image::Reference;
 use ossb_net::{Identity, Role};
@@ -706,11 +706,12 @@ async fn publish(
     Ok(())
 }
 
-/// Brings the blobs (configs, layers) of the build's base images that the store lacks from
-/// the peer cache, counting where each came from in `inputs`; returns those the peers lack
-/// too, with their sizes: the engine pulls them from the registry. Also returns the base
-/// images' references (sources of cross-repository mounts). Best effort: a base that cannot
-/// be resolved here is left to the engine, which reports the error.
+/// Brings the blobs (configs, layers) of the build's base images that the store lacks, through
+/// the peer cache's single-flight ([`bring`]), counting where each came from in `inputs`.
+/// Returns those it could not bring, with their sizes: the engine pulls them from the
+/// registry. Also returns the base images' references (sources of cross-repository mounts).
+/// Best effort: a base that cannot be resolved here is left to the engine, which reports the
+/// error.
 async fn fetch_bases(
     node: &Node,
     req: &BuildRequest,
@@ -727,7 +728,7 @@ async fn fetch_bases(
     let Ok(registry) = Registry::with_config(&req.registry, &req.registry_config) else {
         return (Vec::new(), Vec::new());
     };
-    let mut wanted: Vec<(Digest, u64)> = Vec::new();
+    let mut wanted: Vec<(Reference, Descriptor)> = Vec::new();
     let mut references = Vec::new();
     for (reference, platform) in bases {
         let Ok(parsed) = parse_reference(&reference) else {
@@ -737,44 +738,95 @@ async fn fetch_bases(
         match registry.resolve(&parsed, &platform, store).await {
             Ok((_, manifest)) => {
                 for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                    if !wanted.iter().any(|(w, _)| *w == d.digest) {
-                        wanted.push((d.digest, d.size));
+                    if !wanted.iter().any(|(_, w)| w.digest == d.digest) {
+                        wanted.push((parsed.clone(), d.clone()));
                     }
                 }
             }
             Err(e) => tracing::debug!(%reference, error = %e, "resolving a base image"),
         }
     }
-    let (present, absent): (Vec<_>, Vec<_>) =
-        wanted.into_iter().partition(|(d, _)| store.contains(d));
+    let (present, absent): (Vec<_>, Vec<_>) = wanted
+        .into_iter()
+        .partition(|(_, d)| store.contains(&d.digest));
     inputs.local_blobs += present.len() as u64;
     let Some(peers) = &node.peers else {
+        let absent = absent.iter().map(|(_, d)| (d.digest, d.size)).collect();
         return (absent, references);
     };
-    let fetched: Vec<(Digest, u64, Option<u64>)> = stream::iter(absent)
-        .map(|(digest, size)| async move {
-            match peers.get_to_store(&digest, store).await {
-                Ok(n) => (digest, size, Some(n)),
-                Err(e) => {
-                    tracing::debug!(%digest, error = %e, "not in the peer cache");
-                    (digest, size, None)
-                }
-            }
+    let registry = &registry;
+    let brought: Vec<(Descriptor, Option<Brought>)> = stream::iter(absent)
+        .map(|(reference, desc)| async move {
+            let how = bring(peers, registry, &reference, &desc, store).await;
+            (desc, how)
         })
         .buffer_unordered(4)
         .collect()
         .await;
     let mut missing = Vec::new();
-    for (digest, size, got) in fetched {
-        match got {
-            Some(n) => {
+    for (desc, how) in brought {
+        match how {
+            Some(Brought::Peer(n)) => {
                 inputs.peer_blobs += 1;
                 inputs.peer_bytes += n;
             }
-            None => missing.push((digest, size)),
+            Some(Brought::Registry(n)) => {
+                inputs.registry_blobs += 1;
+                inputs.registry_bytes += n;
+            }
+            None => missing.push((desc.digest, desc.size)),
         }
     }
     (missing, references)
+}
+
+/// Where [`bring`] found a blob, and its size.
+enum Brought {
+    Peer(u64),
+    Registry(u64),
+}
+
+/// Brings one blob of `reference` into `store` with the cluster's single-flight: from the peer
+/// cache (as another worker's fetch of it arrives there, when one is under way), or, when
+/// nobody has it, fetched from the registry by this worker for the whole cluster, streamed to
+/// the blob's home node while it downloads. A fetch that breaks off frees the blob for the
+/// next asker: this worker asks again. `None`: left to the engine's pull.
+async fn bring(
+    peers: &PeerCache,
+    registry: &Registry,
+    reference: &Reference,
+    desc: &Descriptor,
+    store: &BlobStore,
+) -> Option<Brought> {
+    for _ in 0..3 {
+        match peers.get_or_claim(&desc.digest, store).await {
+            Ok(Claimed::Got(n)) => return Some(Brought::Peer(n)),
+            Ok(Claimed::Fetch { node }) => {
+                let (tx, rx) = mpsc::channel(16);
+                let (pulled, put) = tokio::join!(
+                    registry.pull_blob(reference, desc, store, Some(Tee::new(tx))),
+                    peers.put_stream(&node, &desc.digest, desc.size, rx)
+                );
+                if let Err(e) = pulled {
+                    tracing::warn!(digest = %desc.digest, error = %e, "fetching a base blob for the cluster");
+                    return None;
+                }
+                if let Err(e) = put {
+                    tracing::debug!(digest = %desc.digest, error = %e, "streaming a fetched blob to its home node");
+                }
+                // Its second home too (the first answers that it has it), off the task's path.
+                let (peers, store, digest) = (peers.clone(), store.clone(), desc.digest);
+                tokio::spawn(async move {
+                    if let Err(e) = peers.put_from_store(&digest, &store).await {
+                        tracing::warn!(%digest, error = %e, "publishing a fetched blob");
+                    }
+                });
+                return Some(Brought::Registry(desc.size));
+            }
+            Err(e) => tracing::debug!(digest = %desc.digest, error = %e, "single-flight get"),
+        }
+    }
+    None
 }
 
 /// The cluster's step cache as a task's engine sees it: records by cache key from the

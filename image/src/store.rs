@@ -373,6 +373,20 @@ impl PartialBlob {
         Ok(())
     }
 
+    /// Pushes the bytes written so far to the file, where [`PartialBlob::reader`] sees them.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        self.out.flush().map_err(io_err(&self.store.tmp_dir()))
+    }
+
+    /// A second handle on the file being written, for reading what was flushed while more
+    /// arrives (with `read_at`); it stays valid after the commit.
+    pub fn reader(&self) -> Result<File, StoreError> {
+        self.out
+            .get_ref()
+            .reopen()
+            .map_err(io_err(&self.store.tmp_dir()))
+    }
+
     /// Forgets everything written, to start again from the first byte.
     pub fn reset(&mut self) -> Result<(), StoreError> {
         use io::Seek;

@@ -125,7 +125,9 @@ mod tests {
                 digest: d,
                 offset: 1 << 40,
                 local_only: true,
+                claim: true,
             }),
+            Message::CacheReply(CacheReply::Fetch),
             Message::CacheRequest(CacheRequest::Put {
                 digest: d,
                 size: 12,

@@ -33,7 +33,8 @@ use crate::Digest;
 /// The protocol version this build speaks. 2: build specs carry named contexts, secrets and
 /// registry CAs; task outcomes carry input statistics; tasks can be cancelled. 3: tasks are
 /// stages (stage, export, build platform); the cluster's step cache (claim, publish). 4: fifos
-/// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built.
+/// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built;
+/// a get may claim a blob nobody has (single-flight fetches from registries).
 pub const VERSION: u16 = 5;
 
 /// One control message as it travels: the sender's protocol version, then the message.
@@ -87,6 +88,10 @@ pub enum CacheRequest {
         /// nodes and misses it first fetches it from its peers (and keeps it); nodes set it
         /// when they ask each other, so a miss never travels further than one hop.
         local_only: bool,
+        /// When nobody holds the blob and nobody is bringing it in, make the asker its
+        /// fetcher ([`CacheReply::Fetch`]) rather than answer [`CacheReply::Missing`]. Asked
+        /// while another fetcher's bytes arrive, the node sends them on as they come.
+        claim: bool,
     },
     /// Store a blob of `size` bytes whose sha256 is `digest`.
     Put {
@@ -119,6 +124,11 @@ pub enum CacheReply {
     },
     /// The node does not have the blob.
     Missing,
+    /// Nobody has the blob or is bringing it in: the asker fetches it from its origin and
+    /// puts it on this node as it arrives; whoever asks meanwhile gets those bytes as they
+    /// come. The claim lapses when the asker's connection closes, or if its put does not
+    /// start in time.
+    Fetch,
     /// Send the blob's bytes.
     PutReady,
     /// The node already has the blob: send nothing.
@@ -150,6 +160,10 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Blobs whose bytes did not match their digest (received, or read back from disk).
     pub verification_failures: u64,
+    /// Gets of a blob nobody had, whose asker was made its fetcher.
+    pub fetch_claims: u64,
+    /// Gets answered with a blob's bytes as they arrived.
+    pub followed: u64,
 }
 
 /// Why a request was not served.

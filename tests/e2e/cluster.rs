@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::fault_proxy::Proxy;
 use crate::netns::{relay, Net};
-use crate::support::{podman_run, tool, unique, TestEnv};
+use crate::support::{inspect_raw, podman_run, tool, unique, TestEnv};
 
 /// The cluster's processes, killed (with their process groups) when dropped, then their
 /// namespaces.
@@ -225,7 +225,7 @@ impl Cluster {
         format!("{}/{}", self.registry, env.var("OSSB_TEST_BUSYBOX"))
     }
 
-    /// Starts a native amd64 worker with 2 slots and `extra` arguments, on the next node (or
+    /// Starts a native amd64 worker with 2 slots (unless `extra` says) and `extra` arguments, on the next node (or
     /// on its own node again, when a worker of that name ran before).
     pub(crate) fn spawn_worker(&mut self, name: &str, extra: &[&str]) {
         let node = match self.nodes.iter().find(|(n, _)| n == name) {
@@ -254,9 +254,10 @@ impl Cluster {
             &peers,
             "--name",
             name,
-            "--slots",
-            "2",
         ];
+        if !extra.contains(&"--slots") {
+            args.extend_from_slice(&["--slots", "2"]);
+        }
         args.extend_from_slice(extra);
         self.spawn(name, node, &args);
     }
@@ -986,6 +987,105 @@ fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_regi
         "the second worker fetched from its peers what the first pulled\n{m}"
     );
     assert!(get("ossb_input_blobs_total{worker=\"amd64-b\",source=\"peer\"}") >= 2);
+}
+
+/// Bytes of the config and layers of `image` (a manifest, or the amd64 one of an index).
+fn image_bytes(image: &str) -> u64 {
+    let raw: serde_json::Value = serde_json::from_str(&inspect_raw(image).stdout).unwrap();
+    if let Some(manifests) = raw["manifests"].as_array() {
+        let amd64 = manifests
+            .iter()
+            .find(|m| m["platform"]["architecture"] == "amd64")
+            .expect("an amd64 manifest");
+        let repo = image.rsplit_once(':').map_or(image, |(r, _)| r);
+        return image_bytes(&format!("{repo}@{}", amd64["digest"].as_str().unwrap()));
+    }
+    let size = |d: &serde_json::Value| d["size"].as_u64().unwrap();
+    size(&raw["config"])
+        + raw["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(size)
+            .sum::<u64>()
+}
+
+/// Single-flight: three different Dockerfiles on one Debian base nobody in the cluster has,
+/// submitted at the same moment to three one-slot workers. One worker fetches the base from
+/// the registry for all; the others get its bytes from the peer cache as they arrive. The base
+/// crosses the registry link once (at most 1.1x its size), and the builds spread over the
+/// workers.
+#[test]
+fn three_builds_on_one_new_base_pull_it_from_the_registry_once() {
+    let Some(env) = TestEnv::get() else { return };
+    let one = ["--slots", "1"];
+    let cluster = Cluster::start_with(
+        &env,
+        &[("amd64-a", &one), ("amd64-b", &one), ("amd64-c", &one)],
+    );
+    let base = env.var("OSSB_TEST_DEBIAN");
+    let base_bytes = image_bytes(&format!("{}/{base}", env.registry()));
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("flight");
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let ctx = crate::support::context(
+                &work.path().join(format!("b{i}")),
+                &format!(
+                    "FROM {}/{base}\nRUN echo \"{marker} {i}\" > /built\n",
+                    cluster.registry
+                ),
+                &[],
+            );
+            let log = work.path().join(format!("client{i}.log"));
+            let child = cluster
+                .submit(
+                    &cluster.tls,
+                    &[
+                        "--platform",
+                        "linux/amd64",
+                        "--insecure-registry",
+                        &cluster.registry,
+                        ctx.to_str().unwrap(),
+                    ],
+                )
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (log, child)
+        })
+        .collect();
+    let mut workers = std::collections::BTreeSet::new();
+    for (log, mut child) in clients {
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{text}\n{}", cluster.logs());
+        let worker = text
+            .lines()
+            .find_map(|l| l.split("scheduled on worker ").nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("not scheduled:\n{text}"))
+            .to_string();
+        workers.insert(worker);
+    }
+    let m = cluster.metrics_text();
+    let from_registry = sum_of(&m, "ossb_input_bytes_total", "source=\"registry\"");
+    let from_peers = sum_of(&m, "ossb_input_bytes_total", "source=\"peer\"");
+    eprintln!(
+        "registry bytes {from_registry} for a base of {base_bytes} ({:.2}x), peer bytes {from_peers}, workers {workers:?}",
+        from_registry as f64 / base_bytes as f64
+    );
+    assert!(workers.len() >= 2, "the builds ran on {workers:?}\n{m}");
+    assert!(
+        from_registry as f64 <= 1.1 * base_bytes as f64,
+        "{from_registry} bytes from the registry for a base of {base_bytes}\n{m}\n{}",
+        cluster.logs()
+    );
+    assert!(from_registry >= base_bytes, "{m}");
+    assert!(
+        from_peers >= base_bytes,
+        "the others took the base from their peers\n{m}"
+    );
 }
 
 /// The peer cache failing under a build: one cache node killed with `kill -9`, the other's

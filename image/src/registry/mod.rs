@@ -31,7 +31,7 @@ use oci_client::Reference;
 use ossb_protocol::Platform;
 
 pub use auth::{Credential, CredentialError, CredentialFiles};
-pub use pull::PulledImage;
+pub use pull::{PulledImage, Tee};
 pub use push::PushOptions;
 pub use transfer::{counting, Transfer};
 

@@ -29,6 +29,33 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, applicati
 /// Manifests and indexes larger than this are refused (the largest real ones are ~100 KiB).
 const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 
+/// Where a blob's bytes are copied as they arrive ([`Registry::pull_blob`]): a cluster worker
+/// streams a blob it fetches for the cluster to the peer cache while it downloads. Only bytes
+/// in order from the first are copied; once a transfer starts over, the copy stops (its
+/// receiver sees the channel close early).
+pub struct Tee {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    copied: u64,
+}
+
+impl Tee {
+    /// Copies to `tx`.
+    pub fn new(tx: tokio::sync::mpsc::Sender<bytes::Bytes>) -> Tee {
+        Tee { tx, copied: 0 }
+    }
+
+    /// Copies `chunk`, which starts at byte `at`; drops the tee when it would leave a gap or
+    /// repeat bytes, or when its receiver is gone.
+    async fn copy(slot: &mut Option<Tee>, at: u64, chunk: &bytes::Bytes) {
+        let Some(tee) = slot else { return };
+        if tee.copied != at || tee.tx.send(chunk.clone()).await.is_err() {
+            *slot = None;
+            return;
+        }
+        tee.copied += chunk.len() as u64;
+    }
+}
+
 /// A manifest or index as fetched.
 pub(crate) struct Fetched {
     pub bytes: Vec<u8>,
@@ -72,6 +99,38 @@ impl Registry {
         self.pull_from(&origin, reference, platform, store).await
     }
 
+    /// Brings one blob of `reference` into the store (through a mirror first, as
+    /// [`Registry::pull`]), verified, copying its bytes to `tee` as they arrive.
+    pub async fn pull_blob(
+        &self,
+        reference: &Reference,
+        desc: &Descriptor,
+        store: &BlobStore,
+        mut tee: Option<Tee>,
+    ) -> Result<(), RegistryError> {
+        let origin = Repo::of(reference);
+        let registry = super::auth::normalize_host(&origin.host);
+        for mirror in self
+            .config()
+            .mirrors
+            .iter()
+            .filter(|m| m.registry == registry)
+        {
+            let via = Repo {
+                host: mirror.mirror.clone(),
+                repository: origin.repository.clone(),
+            };
+            if self
+                .fetch_blob(&via, reference, desc, store, tee.take())
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        self.fetch_blob(&origin, reference, desc, store, tee).await
+    }
+
     /// Resolves `reference` for `platform` to its manifest (stored, with the index it was
     /// chosen from) without fetching the config or the layers, through a mirror first as
     /// [`Registry::pull`] does: a cluster worker learns which blobs an image needs and looks
@@ -109,7 +168,7 @@ impl Registry {
         store: &BlobStore,
     ) -> Result<PulledImage, RegistryError> {
         let (digest, manifest) = self.resolve_from(repo, reference, platform, store).await?;
-        self.fetch_blob(repo, reference, &manifest.config, store)
+        self.fetch_blob(repo, reference, &manifest.config, store, None)
             .await?;
         let config: ImageConfig = parse(
             repo,
@@ -192,7 +251,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         stream::iter(blobs.iter().map(Ok))
             .try_for_each_concurrent(self.config().parallel_blobs.max(1), |d| {
-                self.fetch_blob(repo, reference, d, store)
+                self.fetch_blob(repo, reference, d, store, None)
             })
             .await
     }
@@ -273,6 +332,7 @@ impl Registry {
         reference: &Reference,
         desc: &Descriptor,
         store: &BlobStore,
+        mut tee: Option<Tee>,
     ) -> Result<(), RegistryError> {
         if store.contains(&desc.digest) {
             store.touch(&desc.digest);
@@ -303,7 +363,7 @@ impl Registry {
         loop {
             attempt += 1;
             match self
-                .download(&repo.host, &scopes, &url, desc, &mut partial)
+                .download(&repo.host, &scopes, &url, desc, &mut partial, &mut tee)
                 .await
             {
                 Ok(()) => break,
@@ -338,6 +398,7 @@ impl Registry {
         url: &str,
         desc: &Descriptor,
         partial: &mut crate::store::PartialBlob,
+        tee: &mut Option<Tee>,
     ) -> Result<(), HttpError> {
         let from = partial.len();
         let resp = self
@@ -393,6 +454,7 @@ impl Registry {
                     ),
                 });
             }
+            Tee::copy(tee, partial.len(), &chunk).await;
             partial.write(&chunk).map_err(HttpError::Local)?;
             super::transfer::received(chunk.len() as u64);
         }
