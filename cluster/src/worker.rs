@@ -802,6 +802,7 @@ async fn bring(
         match peers.get_or_claim(&desc.digest, store).await {
             Ok(Claimed::Got(n)) => return Some(Brought::Peer(n)),
             Ok(Claimed::Fetch { node }) => {
+                tracing::info!(digest = %desc.digest, reference = %reference.whole(), home = %node, "fetching a blob from the registry for the cluster");
                 let (tx, rx) = mpsc::channel(16);
                 let (pulled, put) = tokio::join!(
                     registry.pull_blob(reference, desc, store, Some(Tee::new(tx))),

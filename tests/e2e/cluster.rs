@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fault_proxy::Proxy;
+use crate::fault_proxy::{Fault, Proxy, Rule};
 use crate::netns::{relay, Net};
 use crate::support::{inspect_raw, podman_run, tool, unique, TestEnv};
 
@@ -1086,6 +1086,119 @@ fn three_builds_on_one_new_base_pull_it_from_the_registry_once() {
         from_peers >= base_bytes,
         "the others took the base from their peers\n{m}"
     );
+}
+
+/// The worker fetching a new base for the cluster is killed with SIGKILL halfway through its
+/// largest layer (the registry stalls after half of it): the claim lapses with its connection,
+/// another worker fetches the base, every build succeeds (the killed worker's task runs
+/// elsewhere), no node or worker holds a corrupt blob, and the registry sent the surviving
+/// workers at most 2.1x the base.
+#[test]
+fn a_fetcher_killed_halfway_hands_the_base_to_another_worker() {
+    let Some(env) = TestEnv::get() else { return };
+    let proxy = Proxy::start(&env.registry(), None);
+    let one = ["--slots", "1"];
+    let cluster = Cluster::start_with(
+        &env,
+        &[("amd64-a", &one), ("amd64-b", &one), ("amd64-c", &one)],
+    );
+    let registry = cluster.reach(&proxy.addr);
+    let base = env.var("OSSB_TEST_DEBIAN");
+    let base_bytes = image_bytes(&format!("{}/{base}", env.registry()));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&inspect_raw(&format!("{}/{base}", env.registry())).stdout).unwrap();
+    let layer = manifest["layers"]
+        .as_array()
+        .and_then(|l| l.iter().max_by_key(|d| d["size"].as_u64()))
+        .and_then(|d| d["digest"].as_str())
+        .expect("the base is one manifest with layers")
+        .to_string();
+    proxy.inject(Rule::new("GET", &layer, Fault::Stall(120), 1));
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("killed-fetcher");
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let ctx = crate::support::context(
+                &work.path().join(format!("b{i}")),
+                &format!("FROM {registry}/{base}\nRUN echo \"{marker} {i}\" > /built\n"),
+                &[],
+            );
+            let log = work.path().join(format!("client{i}.log"));
+            let child = cluster
+                .submit(
+                    &cluster.tls,
+                    &[
+                        "--platform",
+                        "linux/amd64",
+                        "--insecure-registry",
+                        &registry,
+                        ctx.to_str().unwrap(),
+                    ],
+                )
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (log, child)
+        })
+        .collect();
+    // The worker the layer's home node made its fetcher, once the registry has stalled it.
+    let names = ["amd64-a", "amd64-b", "amd64-c"];
+    let claimed = format!("fetching a blob from the registry for the cluster digest={layer}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fetcher = loop {
+        let found = names.iter().find(|n| {
+            std::fs::read_to_string(cluster.dir.join(format!("{n}.log")))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("fetching a blob from the registry") && l.contains(&layer))
+        });
+        if let (Some(n), true) = (found, proxy.seen().iter().any(|s| s.fault.is_some())) {
+            break n.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker fetched {claimed}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    kill_group(cluster.pid_of(&fetcher));
+    for (log, mut child) in clients {
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{text}\n{}", cluster.logs());
+    }
+    let m = cluster.metrics_text();
+    let from_registry = sum_of(&m, "ossb_input_bytes_total", "source=\"registry\"");
+    eprintln!(
+        "killed {fetcher}; registry bytes {from_registry} for a base of {base_bytes} ({:.2}x)",
+        from_registry as f64 / base_bytes as f64
+    );
+    assert!(
+        from_registry as f64 <= 2.1 * base_bytes as f64,
+        "{from_registry} bytes from the registry for a base of {base_bytes}\n{m}"
+    );
+    // Every blob anywhere hashes to its name.
+    let stores = ["cache0", "cache1"]
+        .iter()
+        .map(|n| cluster.dir.join(n))
+        .chain(names.iter().map(|n| cluster.dir.join(n).join("cache")));
+    for store in stores {
+        let Ok(entries) = std::fs::read_dir(store.join("blobs/sha256")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(e.path()).unwrap();
+            assert_eq!(
+                ossb_protocol::Digest::of(&bytes).hex(),
+                name,
+                "a corrupt blob in {}",
+                store.display()
+            );
+        }
+    }
 }
 
 /// The peer cache failing under a build: one cache node killed with `kill -9`, the other's
