@@ -1,0 +1,311 @@
+//! What a task brings in before its build: the stages other tasks built, the base images'
+//! blobs (through the peer cache's single-flight), the context files; and what it hands back
+//! to the peer cache.
+
+use super::*;
+
+/// The stages the task reads, as the tasks that built them left them, with their layer blobs
+/// brought into `store` from the peer cache. A stage whose layers cannot be had is left out:
+/// the engine then goes through its steps again, each one a cache hit where the cluster has
+/// its record (said in the task's log).
+pub(super) async fn fetch_needs(
+    node: &Node,
+    task: &TaskSpec,
+    store: &BlobStore,
+    forward: &Forward,
+) -> Vec<BuiltStage> {
+    let (mut built, mut from_peers, mut bytes) = (Vec::new(), 0u64, 0u64);
+    for wire in &task.needs {
+        let stage = match stage_from_wire(wire) {
+            Ok(stage) => stage,
+            Err(e) => {
+                tracing::warn!(task = task.task, error = %e, "an unreadable built stage");
+                continue;
+            }
+        };
+        let missing: Vec<Digest> = stage
+            .layers
+            .iter()
+            .map(|l| l.digest)
+            .filter(|d| !store.contains(d))
+            .collect();
+        let fetched = match &node.peers {
+            _ if missing.is_empty() => Ok(()),
+            None => Err("this worker has no --cache-peers".to_string()),
+            Some(peers) => {
+                let mut result = Ok(());
+                for digest in &missing {
+                    match peers.get_to_store(digest, store).await {
+                        Ok(n) => {
+                            let c = &node.counters;
+                            c.step_layers_peer.fetch_add(1, Ordering::Relaxed);
+                            c.bytes_peer.fetch_add(n, Ordering::Relaxed);
+                            (from_peers, bytes) = (from_peers + 1, bytes + n);
+                        }
+                        Err(e) => {
+                            result = Err(format!("layer {digest}: {e}"));
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+        };
+        match fetched {
+            Ok(()) => built.push(stage),
+            Err(e) => forward.event(Event::Info(format!(
+                "{}: stage {} was built by another task, but its layers cannot be fetched here ({e}); going through its steps again",
+                task.platform, stage.index
+            ))),
+        }
+    }
+    if !built.is_empty() {
+        let mut stages: Vec<usize> = built.iter().map(|s| s.index).collect();
+        stages.sort_unstable();
+        let stages: Vec<String> = stages.iter().map(usize::to_string).collect();
+        forward.event(Event::Info(format!(
+            "{}: starting from stage {} as built by other tasks: {from_peers} layers from the peer cache ({bytes} bytes)",
+            task.platform,
+            stages.join(", ")
+        )));
+    }
+    built
+}
+
+/// Sends the image's blobs and manifest to the peer cache. Needed when the client downloads
+/// the result (an error then); otherwise a best effort for other workers and builds.
+pub(super) async fn publish(
+    node: &Node,
+    store: &BlobStore,
+    blobs: &[Digest],
+    manifest: Option<&Digest>,
+    required: bool,
+) -> Result<(), Failure> {
+    let Some(peers) = &node.peers else {
+        if required {
+            return Err(Failure {
+                message: "this build's output is downloaded through the peer cache, but the worker has no --cache-peers".into(),
+                exit_code: 1,
+            });
+        }
+        return Ok(());
+    };
+    for digest in blobs.iter().chain(manifest) {
+        match peers.put_from_store(digest, store).await {
+            Ok(_) => count_published(node, digest, store),
+            Err(e) if required => {
+                return Err(Failure {
+                    message: format!("publishing {digest} to the peer cache: {e}"),
+                    exit_code: 1,
+                })
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "publishing to the peer cache failed"),
+        }
+    }
+    Ok(())
+}
+
+/// Brings the blobs (configs, layers) of the build's base images that the store lacks, through
+/// the peer cache's single-flight ([`bring`]), counting where each came from in `inputs`.
+/// Returns those it could not bring, with their sizes: the engine pulls them from the
+/// registry. Also returns the base images' references (sources of cross-repository mounts).
+/// Best effort: a base that cannot be resolved here is left to the engine, which reports the
+/// error.
+pub(super) async fn fetch_bases(
+    node: &Node,
+    req: &BuildRequest,
+    df: &ossb_dockerfile::Dockerfile,
+    platform: &Platform,
+    store: &BlobStore,
+    inputs: &mut InputStats,
+) -> (Vec<(Digest, u64)>, Vec<Reference>) {
+    use futures_util::stream::{self, StreamExt};
+    let bases = match ossb_dockerfile::base_images_with_platforms(df, &req.plan_options(platform)) {
+        Ok(b) => b,
+        Err(_) => return (Vec::new(), Vec::new()),
+    };
+    let Ok(registry) = Registry::with_config(&req.registry, &req.registry_config) else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut wanted: Vec<(Reference, Descriptor)> = Vec::new();
+    let mut references = Vec::new();
+    for (reference, platform) in bases {
+        let Ok(parsed) = parse_reference(&reference) else {
+            continue;
+        };
+        references.push(parsed.clone());
+        match registry.resolve(&parsed, &platform, store).await {
+            Ok((_, manifest)) => {
+                for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
+                    if !wanted.iter().any(|(_, w)| w.digest == d.digest) {
+                        wanted.push((parsed.clone(), d.clone()));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(%reference, error = %e, "resolving a base image"),
+        }
+    }
+    let (present, absent): (Vec<_>, Vec<_>) = wanted
+        .into_iter()
+        .partition(|(_, d)| store.contains(&d.digest));
+    inputs.local_blobs += present.len() as u64;
+    let Some(peers) = &node.peers else {
+        let absent = absent.iter().map(|(_, d)| (d.digest, d.size)).collect();
+        return (absent, references);
+    };
+    let registry = &registry;
+    let brought: Vec<(Descriptor, Option<Brought>)> = stream::iter(absent)
+        .map(|(reference, desc)| async move {
+            let how = bring(peers, registry, &reference, &desc, store).await;
+            (desc, how)
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let mut missing = Vec::new();
+    for (desc, how) in brought {
+        match how {
+            Some(Brought::Peer(n)) => {
+                inputs.peer_blobs += 1;
+                inputs.peer_bytes += n;
+            }
+            Some(Brought::Registry(n)) => {
+                inputs.registry_blobs += 1;
+                inputs.registry_bytes += n;
+            }
+            None => missing.push((desc.digest, desc.size)),
+        }
+    }
+    (missing, references)
+}
+
+/// Where [`bring`] found a blob, and its size.
+enum Brought {
+    Peer(u64),
+    Registry(u64),
+}
+
+/// Brings one blob of `reference` into `store` with the cluster's single-flight: from the peer
+/// cache (as another worker's fetch of it arrives there, when one is under way), or, when
+/// nobody has it, fetched from the registry by this worker for the whole cluster, streamed to
+/// the blob's home node while it downloads. A fetch that breaks off frees the blob for the
+/// next asker: this worker asks again. `None`: left to the engine's pull.
+async fn bring(
+    peers: &PeerCache,
+    registry: &Registry,
+    reference: &Reference,
+    desc: &Descriptor,
+    store: &BlobStore,
+) -> Option<Brought> {
+    for _ in 0..3 {
+        match peers.get_or_claim(&desc.digest, store).await {
+            Ok(Claimed::Got(n)) => return Some(Brought::Peer(n)),
+            Ok(Claimed::Fetch { node }) => {
+                tracing::info!(digest = %desc.digest, reference = %reference.whole(), home = %node, "fetching a blob from the registry for the cluster");
+                let (tx, rx) = mpsc::channel(16);
+                let (pulled, put) = tokio::join!(
+                    registry.pull_blob(reference, desc, store, Some(Tee::new(tx))),
+                    peers.put_stream(&node, &desc.digest, desc.size, rx)
+                );
+                if let Err(e) = pulled {
+                    tracing::warn!(digest = %desc.digest, error = %e, "fetching a base blob for the cluster");
+                    return None;
+                }
+                if let Err(e) = put {
+                    tracing::debug!(digest = %desc.digest, error = %e, "streaming a fetched blob to its home node");
+                }
+                // Its second home too (the first answers that it has it), off the task's path.
+                let (peers, store, digest) = (peers.clone(), store.clone(), desc.digest);
+                tokio::spawn(async move {
+                    if let Err(e) = peers.put_from_store(&digest, &store).await {
+                        tracing::warn!(%digest, error = %e, "publishing a fetched blob");
+                    }
+                });
+                return Some(Brought::Registry(desc.size));
+            }
+            Err(e) => tracing::debug!(digest = %desc.digest, error = %e, "single-flight get"),
+        }
+    }
+    None
+}
+
+/// Puts `digest` from `store` into the peer cache, counting it; whether it went (a failure is
+/// logged: the peer cache is an optimisation here).
+pub(super) async fn put(node: &Node, digest: &Digest, store: &BlobStore) -> bool {
+    let Some(peers) = &node.peers else {
+        return false;
+    };
+    match peers.put_from_store(digest, store).await {
+        Ok(_) => {
+            count_published(node, digest, store);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "publishing to the peer cache failed");
+            false
+        }
+    }
+}
+
+fn count_published(node: &Node, digest: &Digest, store: &BlobStore) {
+    let c = &node.counters;
+    c.blobs_published.fetch_add(1, Ordering::Relaxed);
+    c.bytes_published
+        .fetch_add(store.size(digest).unwrap_or(0), Ordering::Relaxed);
+}
+
+/// Where a context file came from, and its size.
+pub(super) enum Fetched {
+    Peer(u64),
+    Coordinator(u64),
+}
+
+/// Brings one context file into `store`: a large one from the peer cache if it is there, else
+/// from the coordinator (and then published to the peer cache for the next worker).
+pub(super) async fn fetch_context_file(
+    node: &Node,
+    conn: &quinn::Connection,
+    store: &BlobStore,
+    digest: &Digest,
+    size: u64,
+    steps: &ClusterSteps,
+) -> Result<Fetched, ClusterError> {
+    let c = &node.counters;
+    let peers = node.peers.as_ref().filter(|_| size >= PEER_CONTEXT_FILE);
+    if let Some(peers) = peers {
+        match peers.get_to_store(digest, store).await {
+            Ok(n) => {
+                c.context_bytes_peer.fetch_add(n, Ordering::Relaxed);
+                return Ok(Fetched::Peer(n));
+            }
+            Err(e) => tracing::debug!(%digest, error = %e, "context file not in the peer cache"),
+        }
+    }
+    let n = fetch(conn, store, digest).await?;
+    c.context_bytes_coordinator.fetch_add(n, Ordering::Relaxed);
+    if peers.is_some() {
+        steps.publish_blob(*digest, store);
+    }
+    Ok(Fetched::Coordinator(n))
+}
+
+/// Fetches one context file from the coordinator into `store`; returns its size.
+async fn fetch(
+    conn: &quinn::Connection,
+    store: &BlobStore,
+    digest: &Digest,
+) -> Result<u64, ClusterError> {
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
+    send(&mut tx, ClusterMessage::FetchBlob { digest: *digest }).await?;
+    let _ = tx.finish();
+    match recv(&mut rx, "the coordinator").await? {
+        ClusterMessage::Blob { size } => {
+            recv_blob_bytes(&mut rx, store, digest, size).await?;
+            Ok(size)
+        }
+        other => Err(ClusterError::Protocol {
+            peer: "the coordinator".into(),
+            got: other.kind().to_string(),
+        }),
+    }
+}
