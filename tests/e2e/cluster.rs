@@ -1010,6 +1010,42 @@ fn image_bytes(image: &str) -> u64 {
             .sum::<u64>()
 }
 
+/// Three different builds on `registry`/`base` submitted at once (one RUN each, told apart by
+/// `marker`): each client's log file and process.
+fn submit_on_base(
+    cluster: &Cluster,
+    work: &Path,
+    registry: &str,
+    base: &str,
+    marker: &str,
+) -> Vec<(PathBuf, Child)> {
+    (0..3)
+        .map(|i| {
+            let ctx = crate::support::context(
+                &work.join(format!("b{i}")),
+                &format!("FROM {registry}/{base}\nRUN echo \"{marker} {i}\" > /built\n"),
+                &[],
+            );
+            let log = work.join(format!("client{i}.log"));
+            let child = cluster
+                .submit(
+                    &cluster.tls,
+                    &[
+                        "--platform",
+                        "linux/amd64",
+                        "--insecure-registry",
+                        registry,
+                        ctx.to_str().unwrap(),
+                    ],
+                )
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (log, child)
+        })
+        .collect()
+}
+
 /// Single-flight: three different Dockerfiles on one Debian base nobody in the cluster has,
 /// submitted at the same moment to three one-slot workers. One worker fetches the base from
 /// the registry for all; the others get its bytes from the peer cache as they arrive. The base
@@ -1027,34 +1063,7 @@ fn three_builds_on_one_new_base_pull_it_from_the_registry_once() {
     let base_bytes = image_bytes(&format!("{}/{base}", env.registry()));
     let work = tempfile::tempdir().unwrap();
     let marker = unique("flight");
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            let ctx = crate::support::context(
-                &work.path().join(format!("b{i}")),
-                &format!(
-                    "FROM {}/{base}\nRUN echo \"{marker} {i}\" > /built\n",
-                    cluster.registry
-                ),
-                &[],
-            );
-            let log = work.path().join(format!("client{i}.log"));
-            let child = cluster
-                .submit(
-                    &cluster.tls,
-                    &[
-                        "--platform",
-                        "linux/amd64",
-                        "--insecure-registry",
-                        &cluster.registry,
-                        ctx.to_str().unwrap(),
-                    ],
-                )
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            (log, child)
-        })
-        .collect();
+    let clients = submit_on_base(&cluster, work.path(), &cluster.registry, &base, &marker);
     let mut workers = std::collections::BTreeSet::new();
     for (log, mut child) in clients {
         let status = child.wait().unwrap();
@@ -1116,31 +1125,7 @@ fn a_fetcher_killed_halfway_hands_the_base_to_another_worker() {
     proxy.inject(Rule::new("GET", &layer, Fault::Stall(120), 1));
     let work = tempfile::tempdir().unwrap();
     let marker = unique("killed-fetcher");
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            let ctx = crate::support::context(
-                &work.path().join(format!("b{i}")),
-                &format!("FROM {registry}/{base}\nRUN echo \"{marker} {i}\" > /built\n"),
-                &[],
-            );
-            let log = work.path().join(format!("client{i}.log"));
-            let child = cluster
-                .submit(
-                    &cluster.tls,
-                    &[
-                        "--platform",
-                        "linux/amd64",
-                        "--insecure-registry",
-                        &registry,
-                        ctx.to_str().unwrap(),
-                    ],
-                )
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            (log, child)
-        })
-        .collect();
+    let clients = submit_on_base(&cluster, work.path(), &registry, &base, &marker);
     // The worker the layer's home node made its fetcher, once the registry has stalled it.
     let names = ["amd64-a", "amd64-b", "amd64-c"];
     let claimed = format!("fetching a blob from the registry for the cluster digest={layer}");

@@ -75,22 +75,12 @@ impl Registry {
         store: &BlobStore,
     ) -> Result<PulledImage, RegistryError> {
         let origin = Repo::of(reference);
-        let registry = super::auth::normalize_host(&origin.host);
-        for mirror in self
-            .config()
-            .mirrors
-            .iter()
-            .filter(|m| m.registry == registry)
-        {
-            let via = Repo {
-                host: mirror.mirror.clone(),
-                repository: origin.repository.clone(),
-            };
+        for via in self.mirrors_of(&origin) {
             match self.pull_from(&via, reference, platform, store).await {
                 Ok(pulled) => return Ok(pulled),
                 Err(e) => tracing::warn!(
                     "mirror {} failed for {}, pulling from {}: {e}",
-                    mirror.mirror,
+                    via.host,
                     reference.whole(),
                     origin.host
                 ),
@@ -109,17 +99,7 @@ impl Registry {
         mut tee: Option<Tee>,
     ) -> Result<(), RegistryError> {
         let origin = Repo::of(reference);
-        let registry = super::auth::normalize_host(&origin.host);
-        for mirror in self
-            .config()
-            .mirrors
-            .iter()
-            .filter(|m| m.registry == registry)
-        {
-            let via = Repo {
-                host: mirror.mirror.clone(),
-                repository: origin.repository.clone(),
-            };
+        for via in self.mirrors_of(&origin) {
             if self
                 .fetch_blob(&via, reference, desc, store, tee.take())
                 .await
@@ -142,22 +122,26 @@ impl Registry {
         store: &BlobStore,
     ) -> Result<(Digest, Manifest), RegistryError> {
         let origin = Repo::of(reference);
-        let registry = super::auth::normalize_host(&origin.host);
-        for mirror in self
-            .config()
-            .mirrors
-            .iter()
-            .filter(|m| m.registry == registry)
-        {
-            let via = Repo {
-                host: mirror.mirror.clone(),
-                repository: origin.repository.clone(),
-            };
+        for via in self.mirrors_of(&origin) {
             if let Ok(resolved) = self.resolve_from(&via, reference, platform, store).await {
                 return Ok(resolved);
             }
         }
         self.resolve_from(&origin, reference, platform, store).await
+    }
+
+    /// The mirrors configured for `origin`'s registry, as repositories to try before it.
+    fn mirrors_of(&self, origin: &Repo) -> Vec<Repo> {
+        let registry = super::auth::normalize_host(&origin.host);
+        self.config()
+            .mirrors
+            .iter()
+            .filter(|m| m.registry == registry)
+            .map(|m| Repo {
+                host: m.mirror.clone(),
+                repository: origin.repository.clone(),
+            })
+            .collect()
     }
 
     async fn pull_from(
