@@ -327,16 +327,16 @@ pub async fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildR
     build_with(req, progress, None).await
 }
 
-/// [`build`], asking `steps` (a cluster's step cache) for the steps the local cache lacks,
-/// and telling it the steps this build ran.
+/// [`build`] with `cluster` (a cluster's step records) as the last level of the step cache
+/// chain: asked for the steps the other levels lack, and told the steps this build ran.
 pub async fn build_with(
     req: &BuildRequest,
     progress: &dyn Progress,
-    steps: Option<&dyn crate::cache::SharedSteps>,
+    cluster: Option<&dyn crate::cache::CacheLevel>,
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
-    run(req, &df, progress, steps).await
+    run(req, &df, progress, cluster).await
 }
 
 /// [`build_with`] of a Dockerfile the caller parsed already (`req.dockerfile` parsed): a
@@ -345,17 +345,17 @@ pub async fn build_parsed(
     req: &BuildRequest,
     df: &dockerfile::Dockerfile,
     progress: &dyn Progress,
-    steps: Option<&dyn crate::cache::SharedSteps>,
+    cluster: Option<&dyn crate::cache::CacheLevel>,
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
-    run(req, df, progress, steps).await
+    run(req, df, progress, cluster).await
 }
 
 async fn run(
     req: &BuildRequest,
     df: &dockerfile::Dockerfile,
     progress: &dyn Progress,
-    steps: Option<&dyn crate::cache::SharedSteps>,
+    cluster: Option<&dyn crate::cache::CacheLevel>,
 ) -> Result<BuildResult, BuildError> {
     // A cluster's stage task leaves this to the coordinator, which says it once per build.
     if req.stage.is_none() {
@@ -405,7 +405,7 @@ async fn run(
         checksums: ChecksumCache::open(&req.cache_dir.join(CHECKSUMS_FILE)),
         claims: Default::default(),
         built: Default::default(),
-        steps,
+        cluster,
     };
     // Every platform is pulled, planned and checked before any step runs (a platform that
     // cannot run here is refused first); then every platform builds at once, a platform's

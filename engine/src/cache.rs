@@ -85,23 +85,56 @@ pub struct CacheRecord {
     pub created: i64,
 }
 
-/// A step cache shared with other machines (the build cluster's), asked after a local miss.
-pub trait SharedSteps: Send + Sync {
-    /// The record of `key` when another node built it, its layer blob brought into `store`;
-    /// `None` when this node is to build it (others asking meanwhile wait for it).
-    fn claim<'a>(
+/// One level of the step cache chain ([`crate::step_cache`], as BuildKit's combined cache):
+/// the local step cache, a `--cache-from` source, the build cluster's step records.
+pub trait CacheLevel: Send + Sync {
+    /// This level's record of `key`, its layer blob brought into `store`; `None` when it has
+    /// no usable one. The cluster's level answers once no other task builds the key, and its
+    /// `None` is the claim to build it (others asking meanwhile wait for its [`put`]).
+    ///
+    /// [`put`]: CacheLevel::put
+    fn get<'a>(
         &'a self,
         key: &'a CacheKey,
         store: &'a BlobStore,
     ) -> futures_util::future::BoxFuture<'a, Option<CacheRecord>>;
-    /// Hands the record of a step this node built to the others, its layer blob first. Best
-    /// effort: a failure costs another node a rebuild, never a wrong layer.
-    fn publish<'a>(
+    /// Keeps the record of a step this build ran (a level that only serves keeps nothing).
+    /// Best effort: a failure costs a rebuild, never a wrong layer.
+    fn put<'a>(
         &'a self,
         key: &'a CacheKey,
         record: &'a CacheRecord,
         store: &'a BlobStore,
     ) -> futures_util::future::BoxFuture<'a, ()>;
+}
+
+impl CacheLevel for LocalCache {
+    /// A record whose layer blob is still in the store (touched: it was used now).
+    fn get<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, Option<CacheRecord>> {
+        let record = LocalCache::get(self, key).filter(|r| match &r.layer {
+            Some(layer) if store.contains(&layer.digest) => {
+                store.touch(&layer.digest);
+                true
+            }
+            Some(_) => false,
+            None => true,
+        });
+        Box::pin(std::future::ready(record))
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        record: &'a CacheRecord,
+        _store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        let _ = LocalCache::put(self, key, record);
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// The records of one cache directory.

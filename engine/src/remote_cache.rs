@@ -19,7 +19,7 @@ use ossb_image::store::{BlobStore, StoreError};
 use ossb_image::Reference;
 use ossb_protocol::Platform;
 
-use crate::cache::{CacheKey, CacheRecord, LocalCache};
+use crate::cache::{CacheKey, CacheLevel, CacheRecord, LocalCache};
 use crate::stage::Shared;
 
 /// Where `--cache-from` / `--cache-to` keep step records.
@@ -86,13 +86,35 @@ fn tagged(repo: &str, key: &CacheKey) -> Result<Reference, RegistryError> {
     ))
 }
 
+/// The `--cache-from` sources of a build, for one platform, as a level of the step cache
+/// chain: it serves records and keeps none (`--cache-to` is written at the end of the build).
+pub(crate) struct CacheFrom<'s, 'b> {
+    pub shared: &'s Shared<'b>,
+    pub platform: &'s Platform,
+}
+
+impl CacheLevel for CacheFrom<'_, '_> {
+    fn get<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        _store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, Option<CacheRecord>> {
+        Box::pin(fetch(self.shared, key, self.platform))
+    }
+
+    fn put<'a>(
+        &'a self,
+        _key: &'a CacheKey,
+        _record: &'a CacheRecord,
+        _store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
+}
+
 /// Looks `key` up in the `--cache-from` repositories; on a hit the layer is in the store and
 /// the record is returned. Failures other than "not there" are warnings: the step then runs.
-pub(crate) async fn fetch(
-    shared: &Shared<'_>,
-    key: &CacheKey,
-    platform: &Platform,
-) -> Option<CacheRecord> {
+async fn fetch(shared: &Shared<'_>, key: &CacheKey, platform: &Platform) -> Option<CacheRecord> {
     for location in &shared.req.cache_from {
         let repo = match location {
             CacheLocation::Registry(repo) => repo,

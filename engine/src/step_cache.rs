@@ -1,16 +1,17 @@
-//! The step cache chain, in one place (as BuildKit's combined cache): a step's record comes
-//! from the local cache (its layer blob still in the store), then a `--cache-from` source;
-//! then, holding the claim that lets one platform of the build run a step the platforms share,
-//! from the cluster's step records (a worker's task). A step that runs is put into every level
-//! that keeps records: the local cache, this build's own runs, the cluster.
+//! The step cache chain, in one place (as BuildKit's combined cache), over the levels that
+//! implement [`CacheLevel`]: a step's record comes from the local cache (its layer blob still
+//! in the store), then a `--cache-from` source; then, holding the claim that lets one platform
+//! of the build run a step the platforms share, from the cluster's step records (a worker's
+//! task). A hit is kept by the levels before the one that had it; a step that runs is put into
+//! every level that keeps records: the local cache, this build's own runs, the cluster.
 //!
 //! `ossb build` and a cluster worker go through this chain alike; a worker's differs only in
-//! having [`Shared::steps`].
+//! having [`Shared::cluster`].
 
 use ossb_protocol::Platform;
 
-use crate::cache::{CacheKey, CacheRecord};
-use crate::remote_cache;
+use crate::cache::{CacheKey, CacheLevel, CacheRecord};
+use crate::remote_cache::CacheFrom;
 use crate::stage::Shared;
 
 /// What the chain answered for a key.
@@ -34,38 +35,58 @@ pub(crate) async fn get_or_claim(
     platform: &Platform,
     key: &CacheKey,
 ) -> Lookup {
+    let cache_from = CacheFrom { shared, platform };
+    let before_claim: [&dyn CacheLevel; 2] = [&shared.cache, &cache_from];
     let no_cache = shared.req.no_cache;
     if !no_cache {
-        if let Some(record) = get(shared, platform, key).await {
+        if let Some(record) = first_hit(shared, &before_claim, key).await {
             return Lookup::Hit(Box::new(record));
         }
     }
     let guard = in_build_lock(shared, key).await;
     // Another platform of this build may have run it while this one waited.
     if !no_cache || built_here(shared, key) {
-        if let Some(record) = get(shared, platform, key).await {
+        if let Some(record) = first_hit(shared, &before_claim, key).await {
             return Lookup::Hit(Box::new(record));
         }
     }
-    if let Some(steps) = shared.steps {
-        if let Some(record) = steps.claim(key, &shared.store).await {
-            let _ = shared.cache.put(key, &record);
+    if let Some(cluster) = shared.cluster {
+        if let Some(record) = first_hit(shared, &[&shared.cache, cluster], key).await {
             return Lookup::Hit(Box::new(record));
         }
     }
     Lookup::Miss(Claim { _guard: guard })
 }
 
-/// Records a step this build ran in every level that keeps records, then releases its claim.
+/// The record of `key` from the first of `levels` that has one, kept by the levels before it
+/// (the local cache) too.
+async fn first_hit(
+    shared: &Shared<'_>,
+    levels: &[&dyn CacheLevel],
+    key: &CacheKey,
+) -> Option<CacheRecord> {
+    for (n, level) in levels.iter().enumerate() {
+        if let Some(record) = level.get(key, &shared.store).await {
+            for earlier in &levels[..n] {
+                earlier.put(key, &record, &shared.store).await;
+            }
+            return Some(record);
+        }
+    }
+    None
+}
+
+/// Records a step this build ran in every level that keeps records (the local cache, the
+/// cluster's), then releases its claim.
 pub(crate) async fn put(shared: &Shared<'_>, key: &CacheKey, record: &CacheRecord, claim: Claim) {
-    let _ = shared.cache.put(key, record);
+    let keeping: [Option<&dyn CacheLevel>; 2] = [Some(&shared.cache), shared.cluster];
     shared
         .built
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(*key);
-    if let Some(steps) = shared.steps {
-        steps.publish(key, record, &shared.store).await;
+    for level in keeping.into_iter().flatten() {
+        level.put(key, record, &shared.store).await;
     }
     drop(claim);
 }
@@ -84,24 +105,6 @@ pub(crate) fn export(
             .unwrap_or_else(|e| e.into_inner())
             .push((*key, record.clone(), platform.clone()));
     }
-}
-
-/// A usable record of `key`: local (its layer blob still in the store), else from a
-/// `--cache-from` source (then recorded locally too).
-async fn get(shared: &Shared<'_>, platform: &Platform, key: &CacheKey) -> Option<CacheRecord> {
-    if let Some(record) = shared.cache.get(key) {
-        match &record.layer {
-            Some(layer) if shared.store.contains(&layer.digest) => {
-                shared.store.touch(&layer.digest);
-                return Some(record);
-            }
-            None => return Some(record),
-            Some(_) => {}
-        }
-    }
-    let record = remote_cache::fetch(shared, key, platform).await?;
-    let _ = shared.cache.put(key, &record);
-    Some(record)
 }
 
 /// Waits until no other platform of this build runs the step `key`, and holds it.

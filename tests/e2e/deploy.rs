@@ -4,6 +4,7 @@
 //! /etc/hosts standing in for the headless Services; docs/ci's examples submit builds to it.
 
 use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -508,8 +509,9 @@ struct Pods(Vec<std::process::Child>);
 impl Drop for Pods {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            // pod.sh execs unshare --fork: killing it kills the pod's pid namespace
-            let _ = c.kill();
+            // The whole group: `ip netns exec` forks, so killing the child alone would leave
+            // unshare and the pod's processes running.
+            crate::cluster::kill_group(c.id());
             let _ = c.wait();
         }
     }
@@ -786,6 +788,7 @@ fn cluster_topology_from_the_rendered_manifests() {
             .command(&rootfs, &volumes, Some(ns), Some(&hosts))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
+            .process_group(0)
             .spawn()
             .unwrap();
         pods.0.push(child);

@@ -42,7 +42,7 @@ use super::context::{
 };
 use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
 use ossb_engine::build::{BuildRequest, BuiltStage};
-use ossb_engine::cache::{CacheKey, CacheRecord, SharedSteps};
+use ossb_engine::cache::{CacheKey, CacheLevel, CacheRecord};
 use ossb_engine::progress::{Event, Progress};
 
 mod inputs;

@@ -128,8 +128,8 @@ impl ClusterSteps {
     }
 }
 
-impl SharedSteps for ClusterSteps {
-    fn claim<'a>(
+impl CacheLevel for ClusterSteps {
+    fn get<'a>(
         &'a self,
         key: &'a CacheKey,
         store: &'a BlobStore,
@@ -137,7 +137,7 @@ impl SharedSteps for ClusterSteps {
         Box::pin(self.claim_step(key, store))
     }
 
-    fn publish<'a>(
+    fn put<'a>(
         &'a self,
         key: &'a CacheKey,
         record: &'a CacheRecord,

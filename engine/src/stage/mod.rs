@@ -69,8 +69,8 @@ pub(crate) struct Shared<'a> {
     pub claims: std::sync::Mutex<HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// Step keys this build ran (their records are fresh even under `--no-cache`).
     pub built: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
-    /// The cluster's step cache, for a worker's task.
-    pub steps: Option<&'a dyn cache::SharedSteps>,
+    /// The cluster's step records, for a worker's task: the chain's last level.
+    pub cluster: Option<&'a dyn cache::CacheLevel>,
 }
 
 /// The running estimate of a build's remaining time.
