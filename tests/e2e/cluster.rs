@@ -1010,8 +1010,13 @@ fn image_bytes(image: &str) -> u64 {
             .sum::<u64>()
 }
 
+/// The large file (over the peer cache's 1 MiB threshold) every context of
+/// [`submit_on_base`] holds.
+const SHARED_CONTEXT_FILE: usize = 3 << 20;
+
 /// Three different builds on `registry`/`base` submitted at once (one RUN each, told apart by
-/// `marker`): each client's log file and process.
+/// `marker`; each context also holds the same large file): each client's log file and
+/// process.
 fn submit_on_base(
     cluster: &Cluster,
     work: &Path,
@@ -1024,7 +1029,7 @@ fn submit_on_base(
             let ctx = crate::support::context(
                 &work.join(format!("b{i}")),
                 &format!("FROM {registry}/{base}\nRUN echo \"{marker} {i}\" > /built\n"),
-                &[],
+                &[("shared.bin", &"s".repeat(SHARED_CONTEXT_FILE))],
             );
             let log = work.join(format!("client{i}.log"));
             let child = cluster
@@ -1049,8 +1054,8 @@ fn submit_on_base(
 /// Single-flight: three different Dockerfiles on one Debian base nobody in the cluster has,
 /// submitted at the same moment to three one-slot workers. One worker fetches the base from
 /// the registry for all; the others get its bytes from the peer cache as they arrive. The base
-/// crosses the registry link once (at most 1.1x its size), and the builds spread over the
-/// workers.
+/// crosses the registry link once (at most 1.1x its size), the large context file leaves the
+/// coordinator once, and the builds spread over the workers.
 #[test]
 fn three_builds_on_one_new_base_pull_it_from_the_registry_once() {
     let Some(env) = TestEnv::get() else { return };
@@ -1094,6 +1099,14 @@ fn three_builds_on_one_new_base_pull_it_from_the_registry_once() {
     assert!(
         from_peers >= base_bytes,
         "the others took the base from their peers\n{m}"
+    );
+    // Context files follow the same rule: the large one left the coordinator once.
+    let served = sample(&m, "ossb_context_bytes_total{direction=\"served\"}").unwrap();
+    let big = SHARED_CONTEXT_FILE as u64;
+    eprintln!("context bytes served by the coordinator {served} for a shared file of {big}");
+    assert!(
+        (big..2 * big).contains(&served),
+        "the coordinator served {served} context bytes for a {big}-byte file three workers needed\n{m}"
     );
 }
 

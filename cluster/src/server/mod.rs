@@ -363,7 +363,7 @@ async fn serve_stream(
                 )
                 .await;
             }
-            let r = recv_blob_bytes(&mut rx, &state.store, &digest, size).await;
+            let r = recv_blob_bytes(&mut rx, &state.store, &digest, size, None).await;
             if r.is_ok() {
                 state.lock().counters.context_bytes_received += size;
                 let _ = send(&mut tx, ClusterMessage::Stored).await;

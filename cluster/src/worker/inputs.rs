@@ -260,8 +260,11 @@ pub(super) enum Fetched {
     Coordinator(u64),
 }
 
-/// Brings one context file into `store`: a large one from the peer cache if it is there, else
-/// from the coordinator (and then published to the peer cache for the next worker).
+/// Brings one context file into `store`. A large one goes through the peer cache's
+/// single-flight, as base blobs do: from the peers (as another worker's fetch of it arrives,
+/// when one is under way), or, when nobody has it, from the coordinator by this worker for
+/// the cluster, streamed to the file's home node while it arrives. A small one, or one the
+/// peer cache cannot help with, comes from the coordinator.
 pub(super) async fn fetch_context_file(
     node: &Node,
     conn: &quinn::Connection,
@@ -273,15 +276,30 @@ pub(super) async fn fetch_context_file(
     let c = &node.counters;
     let peers = node.peers.as_ref().filter(|_| size >= PEER_CONTEXT_FILE);
     if let Some(peers) = peers {
-        match peers.get_to_store(digest, store).await {
-            Ok(n) => {
+        match peers.get_or_claim(digest, store).await {
+            Ok(Claimed::Got(n)) => {
                 c.context_bytes_peer.fetch_add(n, Ordering::Relaxed);
                 return Ok(Fetched::Peer(n));
+            }
+            Ok(Claimed::Fetch { node: home }) => {
+                let (tx, rx) = mpsc::channel(16);
+                let (fetched, put) = tokio::join!(
+                    fetch(conn, store, digest, Some(tx)),
+                    peers.put_stream(&home, digest, size, rx)
+                );
+                let n = fetched?;
+                c.context_bytes_coordinator.fetch_add(n, Ordering::Relaxed);
+                if let Err(e) = put {
+                    tracing::debug!(%digest, error = %e, "streaming a context file to its home node");
+                }
+                // Its second home too (the first answers that it has it).
+                steps.publish_blob(*digest, store);
+                return Ok(Fetched::Coordinator(n));
             }
             Err(e) => tracing::debug!(%digest, error = %e, "context file not in the peer cache"),
         }
     }
-    let n = fetch(conn, store, digest).await?;
+    let n = fetch(conn, store, digest, None).await?;
     c.context_bytes_coordinator.fetch_add(n, Ordering::Relaxed);
     if peers.is_some() {
         steps.publish_blob(*digest, store);
@@ -289,18 +307,20 @@ pub(super) async fn fetch_context_file(
     Ok(Fetched::Coordinator(n))
 }
 
-/// Fetches one context file from the coordinator into `store`; returns its size.
+/// Fetches one context file from the coordinator into `store`, copying its bytes to `tee` as
+/// they arrive; returns its size.
 async fn fetch(
     conn: &quinn::Connection,
     store: &BlobStore,
     digest: &Digest,
+    tee: Option<mpsc::Sender<bytes::Bytes>>,
 ) -> Result<u64, ClusterError> {
     let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
     send(&mut tx, ClusterMessage::FetchBlob { digest: *digest }).await?;
     let _ = tx.finish();
     match recv(&mut rx, "the coordinator").await? {
         ClusterMessage::Blob { size } => {
-            recv_blob_bytes(&mut rx, store, digest, size).await?;
+            recv_blob_bytes(&mut rx, store, digest, size, tee).await?;
             Ok(size)
         }
         other => Err(ClusterError::Protocol {
