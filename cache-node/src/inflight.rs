@@ -97,6 +97,19 @@ impl Inflight {
         }
     }
 
+    /// Ends a claim of `digest` whose put will not come (the node holds the blob after all, or
+    /// refused the put): its followers are told `how` at once rather than at the lapse.
+    pub(crate) fn settle(&self, digest: &Digest, how: Arrival) {
+        let mut blobs = self.lock();
+        let claimed =
+            matches!(blobs.get(digest), Some(a) if matches!(*a.borrow(), Arrival::Claimed { .. }));
+        if claimed {
+            if let Some(arrival) = blobs.remove(digest) {
+                arrival.send_replace(how);
+            }
+        }
+    }
+
     /// Resolves when claim `id` of `digest` no longer waits for its put.
     pub(crate) async fn claim_settled(&self, digest: &Digest, id: u64) {
         let Some(mut rx) = self.lock().get(digest).map(watch::Sender::subscribe) else {
@@ -211,6 +224,30 @@ mod tests {
         receiving.stored();
         assert!(matches!(*rx.borrow(), Arrival::Stored));
         assert!(matches!(inflight.join(&d, false), Joined::Nothing));
+    }
+
+    /// A claim whose put will not come (the node has the blob after all) ends at once.
+    #[test]
+    fn a_settled_claim_tells_its_followers_without_waiting_for_the_lapse() {
+        let inflight = Arc::new(Inflight::default());
+        let d = Digest::of(b"blob");
+        let Joined::Claimed(_) = inflight.join(&d, true) else {
+            panic!()
+        };
+        let Joined::Following(rx) = inflight.join(&d, true) else {
+            panic!()
+        };
+        inflight.settle(&d, Arrival::Stored);
+        assert!(matches!(*rx.borrow(), Arrival::Stored));
+        assert!(matches!(inflight.join(&d, false), Joined::Nothing));
+        // A put under way is not a claim: settling leaves it alone.
+        let receiving = inflight.receiving(&d, 3, tempfile::tempfile().unwrap());
+        let Joined::Following(rx) = inflight.join(&d, false) else {
+            panic!()
+        };
+        inflight.settle(&d, Arrival::Failed);
+        assert!(matches!(*rx.borrow(), Arrival::Receiving { .. }));
+        drop(receiving);
     }
 
     #[test]

@@ -644,6 +644,7 @@ impl State {
     ) -> Result<(), NetError> {
         let limit = self.lock_lru().limit();
         if let Some(limit) = limit.filter(|l| size > *l) {
+            self.inflight.settle(&digest, Arrival::Failed);
             recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
                 .ok();
             reply_error(
@@ -657,6 +658,7 @@ impl State {
         if self.size(&digest).is_some() {
             self.lock_lru().touch(&digest);
             self.store.touch(&digest);
+            self.inflight.settle(&digest, Arrival::Stored);
             return reply(send, CacheReply::PutPresent).await;
         }
         write_message(send, Message::CacheReply(CacheReply::PutReady)).await?;
