@@ -220,8 +220,9 @@ impl PeerCache {
         if let Some(size) = store.size(digest) {
             return Ok(size);
         }
-        self.get_from_nodes(digest, store, &self.ranked(digest))
-            .await
+        got(self
+            .get_from_nodes(digest, store, &self.ranked(digest), false)
+            .await?)
     }
 
     /// As [`PeerCache::get_to_store`], asking only `node`.
@@ -231,8 +232,9 @@ impl PeerCache {
         digest: &Digest,
         store: &BlobStore,
     ) -> Result<u64, ClientError> {
-        self.get_from_nodes(digest, store, &[node.to_string()])
-            .await
+        got(self
+            .get_from_nodes(digest, store, &[node.to_string()], false)
+            .await?)
     }
 
     /// As [`PeerCache::get_to_store`], but asking with a claim:
@@ -247,23 +249,9 @@ impl PeerCache {
         if let Some(size) = store.size(digest) {
             return Ok(Claimed::Got(size));
         }
-        let ranked = self.ranked(digest);
-        let mut partial = store.partial()?;
-        let mut tried = Vec::new();
         // Every worker ranks the nodes alike: they all claim at the first that answers.
-        for node in &ranked {
-            let (outcome, back) = self.attempt(node, digest, partial, true).await;
-            partial = back;
-            match self.settle(digest, store, node, outcome, &mut partial, &mut tried)? {
-                Settled::Stored(size) => return Ok(Claimed::Got(size)),
-                Settled::Fetch => return Ok(Claimed::Fetch { node: node.clone() }),
-                Settled::Next => {}
-            }
-        }
-        Err(ClientError::NotFound {
-            digest: *digest,
-            tried: tried_text(tried),
-        })
+        self.get_from_nodes(digest, store, &self.ranked(digest), true)
+            .await
     }
 
     /// Streams a blob of `size` bytes to `node` as its `chunks` come (those of a fetch the
@@ -277,25 +265,9 @@ impl PeerCache {
         mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     ) -> Result<(), ClientError> {
         let err = |reason: String| node_err(node, reason);
-        let (mut send, mut recv) = self
-            .open(
-                node,
-                CacheRequest::Put {
-                    digest: *digest,
-                    size,
-                },
-            )
-            .await
-            .map_err(err)?;
-        match read_message(&mut recv)
-            .await
-            .map_err(|e| err(e.to_string()))?
-        {
-            Message::CacheReply(CacheReply::PutPresent) => return Ok(()),
-            Message::CacheReply(CacheReply::PutReady) => {}
-            Message::Error(e) => return Err(err(e.message)),
-            other => return Err(err(format!("unexpected answer {other:?}"))),
-        }
+        let Some((mut send, recv)) = self.open_put(node, digest, size).await.map_err(err)? else {
+            return Ok(());
+        };
         let mut sent = 0u64;
         while let Some(chunk) = chunks.recv().await {
             sent += chunk.len() as u64;
@@ -312,31 +284,52 @@ impl PeerCache {
                 "the fetch stopped after {sent} of {size} bytes; the put was aborted"
             )));
         }
-        send.finish().map_err(|e| err(e.to_string()))?;
-        match read_message(&mut recv)
-            .await
-            .map_err(|e| err(e.to_string()))?
-        {
-            Message::CacheReply(CacheReply::Stored) => Ok(()),
-            Message::Error(e) => Err(err(e.message)),
-            other => Err(err(format!("unexpected answer {other:?}"))),
+        finish_put(send, recv).await.map_err(err)
+    }
+
+    /// Opens a put of `digest` on `node`: the streams to send its bytes on, or `None` when the
+    /// node has the blob already.
+    async fn open_put(
+        &self,
+        node: &str,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Option<(quinn::SendStream, quinn::RecvStream)>, String> {
+        let (send, mut recv) = self
+            .open(
+                node,
+                CacheRequest::Put {
+                    digest: *digest,
+                    size,
+                },
+            )
+            .await?;
+        match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+            Message::CacheReply(CacheReply::PutPresent) => Ok(None),
+            Message::CacheReply(CacheReply::PutReady) => Ok(Some((send, recv))),
+            Message::Error(e) => Err(e.message),
+            other => Err(format!("unexpected answer {other:?}")),
         }
     }
 
+    /// Asks `nodes` in order (with a claim when `claim`), resuming on the next node from the
+    /// bytes the last one sent.
     async fn get_from_nodes(
         &self,
         digest: &Digest,
         store: &BlobStore,
         nodes: &[String],
-    ) -> Result<u64, ClientError> {
+        claim: bool,
+    ) -> Result<Claimed, ClientError> {
         let mut partial = store.partial()?;
         let mut tried = Vec::new();
         for node in nodes {
-            let (outcome, back) = self.get_once(node, digest, partial).await;
+            let (outcome, back) = self.attempt(node, digest, partial, claim).await;
             partial = back;
             match self.settle(digest, store, node, outcome, &mut partial, &mut tried)? {
-                Settled::Stored(size) => return Ok(size),
-                Settled::Fetch | Settled::Next => {}
+                Settled::Stored(size) => return Ok(Claimed::Got(size)),
+                Settled::Fetch => return Ok(Claimed::Fetch { node: node.clone() }),
+                Settled::Next => {}
             }
         }
         Err(ClientError::NotFound {
@@ -383,18 +376,9 @@ impl PeerCache {
     /// One node's attempt at sending the blob, appended to `partial` (resuming from its
     /// length); hands `partial` back with whatever arrived.
     ///
-    /// The bytes are written and hashed off the runtime ([`Sink`]).
-    pub(crate) async fn get_once(
-        &self,
-        node: &str,
-        digest: &Digest,
-        partial: PartialBlob,
-    ) -> (Attempt, PartialBlob) {
-        self.attempt(node, digest, partial, false).await
-    }
-
-    /// [`PeerCache::get_once`], with a claim when `claim` (see [`PeerCache::get_or_claim`]).
-    async fn attempt(
+    /// The bytes are written and hashed off the runtime ([`Sink`]). With `claim`, see
+    /// [`PeerCache::get_or_claim`].
+    pub(crate) async fn attempt(
         &self,
         node: &str,
         digest: &Digest,
@@ -521,21 +505,9 @@ impl PeerCache {
         size: u64,
         store: &BlobStore,
     ) -> Result<(), String> {
-        let (mut send, mut recv) = self
-            .open(
-                node,
-                CacheRequest::Put {
-                    digest: *digest,
-                    size,
-                },
-            )
-            .await?;
-        match read_message(&mut recv).await.map_err(|e| e.to_string())? {
-            Message::CacheReply(CacheReply::PutPresent) => return Ok(()),
-            Message::CacheReply(CacheReply::PutReady) => {}
-            Message::Error(e) => return Err(e.message),
-            other => return Err(format!("unexpected answer {other:?}")),
-        }
+        let Some((mut send, recv)) = self.open_put(node, digest, size).await? else {
+            return Ok(());
+        };
         let mut file = store.open_blob(digest).map_err(|e| e.to_string())?;
         let mut sent = 0u64;
         while sent < size {
@@ -551,12 +523,7 @@ impl PeerCache {
                 .map_err(|e| e.to_string())?;
             sent += n as u64;
         }
-        send.finish().map_err(|e| e.to_string())?;
-        match read_message(&mut recv).await.map_err(|e| e.to_string())? {
-            Message::CacheReply(CacheReply::Stored) => Ok(()),
-            Message::Error(e) => Err(e.message),
-            other => Err(format!("unexpected answer {other:?}")),
-        }
+        finish_put(send, recv).await
     }
 
     /// A request whose reply is one message.
@@ -634,6 +601,31 @@ impl PeerCache {
             .into_iter()
             .partition(|n| down.get(*n).is_none_or(|until| *until < now));
         up.into_iter().chain(late).map(str::to_string).collect()
+    }
+}
+
+/// Ends a put whose bytes are all sent: `Ok` once the node stored a verified copy.
+async fn finish_put(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
+    send.finish().map_err(|e| e.to_string())?;
+    match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+        Message::CacheReply(CacheReply::Stored) => Ok(()),
+        Message::Error(e) => Err(e.message),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// The size of a blob a get without a claim brought; only a get with a claim is answered with
+/// one.
+fn got(claimed: Claimed) -> Result<u64, ClientError> {
+    match claimed {
+        Claimed::Got(size) => Ok(size),
+        Claimed::Fetch { node } => Err(node_err(
+            &node,
+            "handed out a claim that was not asked for".into(),
+        )),
     }
 }
 

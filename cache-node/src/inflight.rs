@@ -88,22 +88,20 @@ impl Inflight {
     /// A claim's end: if the blob still waits for that claim's put, it fails, and the next
     /// asker claims it.
     pub(crate) fn lapse(&self, digest: &Digest, claim: u64) {
-        let mut blobs = self.lock();
-        let waiting = matches!(blobs.get(digest), Some(a) if matches!(*a.borrow(), Arrival::Claimed { id } if id == claim));
-        if waiting {
-            if let Some(arrival) = blobs.remove(digest) {
-                arrival.send_replace(Arrival::Failed);
-            }
-        }
+        self.end_claim(digest, |id| id == claim, Arrival::Failed);
     }
 
     /// Ends a claim of `digest` whose put will not come (the node holds the blob after all, or
     /// refused the put): its followers are told `how` at once rather than at the lapse.
     pub(crate) fn settle(&self, digest: &Digest, how: Arrival) {
+        self.end_claim(digest, |_| true, how);
+    }
+
+    /// Ends the claim of `digest` if one whose id `which` accepts waits for its put.
+    fn end_claim(&self, digest: &Digest, which: impl Fn(u64) -> bool, how: Arrival) {
         let mut blobs = self.lock();
-        let claimed =
-            matches!(blobs.get(digest), Some(a) if matches!(*a.borrow(), Arrival::Claimed { .. }));
-        if claimed {
+        let waiting = matches!(blobs.get(digest), Some(a) if matches!(*a.borrow(), Arrival::Claimed { id } if which(id)));
+        if waiting {
             if let Some(arrival) = blobs.remove(digest) {
                 arrival.send_replace(how);
             }

@@ -275,6 +275,20 @@ async fn reply(send: &mut SendStream, reply: CacheReply) -> Result<(), NetError>
     Ok(())
 }
 
+/// Refuses a get whose `offset` lies past the blob's end; whether it did.
+async fn past_end(send: &mut SendStream, digest: &Digest, offset: u64, size: u64) -> bool {
+    if offset <= size {
+        return false;
+    }
+    reply_error(
+        send,
+        ErrorCode::Malformed,
+        format!("offset {offset} is past the end of {digest} ({size} bytes)"),
+    )
+    .await;
+    true
+}
+
 async fn reply_error(send: &mut SendStream, code: ErrorCode, message: String) {
     let _ = write_message(send, Message::Error(ErrorReply { code, message })).await;
     let _ = send.finish();
@@ -367,13 +381,18 @@ impl State {
                         return reply(send, CacheReply::Fetch).await;
                     }
                     Joined::Nothing => {
-                        add(&self.metrics.misses, 1);
-                        return reply(send, CacheReply::Missing).await;
+                        return self.miss(send).await;
                     }
                 }
             }
         }
         self.send_stored(send, digest, offset).await
+    }
+
+    /// Answers a get of a blob this node does not have.
+    async fn miss(&self, send: &mut SendStream) -> Result<(), NetError> {
+        add(&self.metrics.misses, 1);
+        reply(send, CacheReply::Missing).await
     }
 
     /// Lets claim `id` lapse when its fetcher's connection closes or its put is late.
@@ -406,24 +425,16 @@ impl State {
                 Arrival::Receiving { size, file, .. } => break (size, file),
                 Arrival::Stored => return self.send_stored(send, digest, offset).await,
                 Arrival::Failed => {
-                    add(&self.metrics.misses, 1);
-                    return reply(send, CacheReply::Missing).await;
+                    return self.miss(send).await;
                 }
                 Arrival::Claimed { .. } => {
                     if arrival.changed().await.is_err() {
-                        add(&self.metrics.misses, 1);
-                        return reply(send, CacheReply::Missing).await;
+                        return self.miss(send).await;
                     }
                 }
             }
         };
-        if offset > size {
-            reply_error(
-                send,
-                ErrorCode::Malformed,
-                format!("offset {offset} is past the end of {digest} ({size} bytes)"),
-            )
-            .await;
+        if past_end(send, &digest, offset, size).await {
             return Ok(());
         }
         add(&self.metrics.followed, 1);
@@ -500,18 +511,11 @@ impl State {
             Err(_) => {
                 // Evicted (or removed by hand) since it was looked up.
                 self.lock_lru().remove(&digest);
-                add(&self.metrics.misses, 1);
-                return reply(send, CacheReply::Missing).await;
+                return self.miss(send).await;
             }
         };
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if offset > size {
-            reply_error(
-                send,
-                ErrorCode::Malformed,
-                format!("offset {offset} is past the end of {digest} ({size} bytes)"),
-            )
-            .await;
+        if past_end(send, &digest, offset, size).await {
             return Ok(());
         }
         self.lock_lru().touch(&digest);

@@ -97,7 +97,7 @@ async fn put_goes_to_both_homes_and_get_verifies_and_resumes() {
     partial.write(&bytes[..1_234_567]).unwrap();
     let home = homes[0].to_string();
     let before = client.stats(&home).await.unwrap().bytes_out;
-    let (attempt, partial) = client.get_once(&home, &digest, partial).await;
+    let (attempt, partial) = client.attempt(&home, &digest, partial, false).await;
     match attempt {
         crate::client::Attempt::Complete => {}
         _ => panic!("resume failed"),

@@ -118,6 +118,7 @@ pub(super) async fn fetch_bases(
     platform: &Platform,
     store: &BlobStore,
     inputs: &mut InputStats,
+    steps: &ClusterSteps,
 ) -> (Vec<(Digest, u64)>, Vec<Reference>) {
     use futures_util::stream::{self, StreamExt};
     let bases = match ossb_dockerfile::base_images_with_platforms(df, &req.plan_options(platform)) {
@@ -156,7 +157,7 @@ pub(super) async fn fetch_bases(
     let registry = &registry;
     let brought: Vec<(Descriptor, Option<Brought>)> = stream::iter(absent)
         .map(|(reference, desc)| async move {
-            let how = bring(peers, registry, &reference, &desc, store).await;
+            let how = bring(peers, registry, &reference, &desc, store, steps).await;
             (desc, how)
         })
         .buffer_unordered(4)
@@ -196,6 +197,7 @@ async fn bring(
     reference: &Reference,
     desc: &Descriptor,
     store: &BlobStore,
+    steps: &ClusterSteps,
 ) -> Option<Brought> {
     for _ in 0..3 {
         match peers.get_or_claim(&desc.digest, store).await {
@@ -215,12 +217,7 @@ async fn bring(
                     tracing::debug!(digest = %desc.digest, error = %e, "streaming a fetched blob to its home node");
                 }
                 // Its second home too (the first answers that it has it), off the task's path.
-                let (peers, store, digest) = (peers.clone(), store.clone(), desc.digest);
-                tokio::spawn(async move {
-                    if let Err(e) = peers.put_from_store(&digest, &store).await {
-                        tracing::warn!(%digest, error = %e, "publishing a fetched blob");
-                    }
-                });
+                steps.publish_blob(desc.digest, store);
                 return Some(Brought::Registry(desc.size));
             }
             Err(e) => tracing::debug!(digest = %desc.digest, error = %e, "single-flight get"),

@@ -515,7 +515,8 @@ async fn execute(
             exit_code: 2,
         })?;
     let mut inputs = InputStats::default();
-    let (to_pull, bases) = fetch_bases(node, &req, &df, &task.platform, &store, &mut inputs).await;
+    let (to_pull, bases) =
+        fetch_bases(node, &req, &df, &task.platform, &store, &mut inputs, &steps).await;
     forward.event(Event::Info(format!(
         "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
         task.platform,
