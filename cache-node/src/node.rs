@@ -370,7 +370,10 @@ impl State {
                 return self.follow(send, digest, offset, arrival).await;
             }
             if local_only || !self.fill(&digest).await {
-                match self.inflight.join(&digest, claim && !local_only) {
+                // Only those who take tasks fetch for the cluster: a submitter's get never
+                // claims (nor holds others waiting on its claim).
+                let fetcher = matches!(ossb_net::peer_role(conn), Some(Role::Worker | Role::Node));
+                match self.inflight.join(&digest, claim && !local_only && fetcher) {
                     Joined::Following(arrival) => {
                         return self.follow(send, digest, offset, arrival).await
                     }

@@ -58,6 +58,12 @@ async fn cluster(n: usize, max_size: Option<u64>) -> Cluster {
     }
 }
 
+/// A client of the cluster with a worker's certificate (claims are for those who fetch).
+fn worker_client(tls: &Path, names: &[String]) -> PeerCache {
+    let identity = ossb_net::Identity::load(tls, ossb_net::Role::Worker).unwrap();
+    PeerCache::new(ossb_net::client(&identity).unwrap(), names)
+}
+
 fn local_store(dir: &Path) -> BlobStore {
     BlobStore::open(dir).unwrap()
 }
@@ -207,8 +213,15 @@ async fn one_fetcher_per_blob_and_the_others_follow_its_bytes() {
     let bytes = pattern(4_000_000);
     let digest = Digest::of(&bytes);
     let work = tempfile::tempdir().unwrap();
-    let fetcher = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let fetcher = worker_client(&c.tls, &c.names);
     let store = local_store(&work.path().join("fetcher"));
+    // A submitter's get never claims.
+    let submitter = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let submitter_store = local_store(&work.path().join("submitter"));
+    assert!(matches!(
+        submitter.get_or_claim(&digest, &submitter_store).await,
+        Err(ClientError::NotFound { .. })
+    ));
     let crate::Claimed::Fetch { node } = fetcher.get_or_claim(&digest, &store).await.unwrap()
     else {
         panic!("the first asker was not made the fetcher");
@@ -218,7 +231,7 @@ async fn one_fetcher_per_blob_and_the_others_follow_its_bytes() {
             let (tls, names) = (c.tls.clone(), c.names.clone());
             let dir = work.path().join(format!("follower{i}"));
             tokio::spawn(async move {
-                let client = PeerCache::connect(&tls, &names).unwrap();
+                let client = worker_client(&tls, &names);
                 let store = local_store(&dir);
                 let got = client.get_or_claim(&digest, &store).await.unwrap();
                 (got, store.read(&digest).ok())
@@ -265,11 +278,11 @@ async fn a_dead_fetcher_frees_the_blob_for_the_next_asker() {
     let bytes = pattern(1_000_000);
     let digest = Digest::of(&bytes);
     let work = tempfile::tempdir().unwrap();
-    let other = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let other = worker_client(&c.tls, &c.names);
     let other_store = local_store(&work.path().join("other"));
 
     // A put that stops halfway.
-    let fetcher = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let fetcher = worker_client(&c.tls, &c.names);
     let store = local_store(&work.path().join("fetcher"));
     let crate::Claimed::Fetch { node } = fetcher.get_or_claim(&digest, &store).await.unwrap()
     else {
@@ -301,7 +314,7 @@ async fn a_dead_fetcher_frees_the_blob_for_the_next_asker() {
     assert!(claimed);
 
     // A claim whose holder goes away without putting lapses with its connection.
-    let third = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let third = worker_client(&c.tls, &c.names);
     let third_store = local_store(&work.path().join("third"));
     let waiting = tokio::spawn(async move { third.get_or_claim(&digest, &third_store).await });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
