@@ -1,10 +1,26 @@
-//! Build records in the coordinator's state dir: `builds/<id>.json`, one per build, rewritten
-//! atomically at every change of status. At start-up every build a previous run left queued or
-//! running is marked failed ("lost"), so a client that asks about it is told instead of waiting.
+//! What the coordinator keeps across a restart, in one redb database in its state dir
+//! (`coordinator.redb`): a record of every build, the submission of every build accepted and not
+//! finished (so a restarted coordinator runs it again), and the cluster's step records (so a
+//! resubmission after a restart still runs nothing).
+//!
+//! redb rather than files of our own: a build record, its submission and a batch of step
+//! records change together in one transaction, and a `kill -9` halfway leaves the last
+//! committed state, never a torn file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use ossb_protocol::cluster::{BuildSpec, BuiltImage};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+/// Build records by build id (JSON of [`Record`]).
+const BUILDS: TableDefinition<&str, &[u8]> = TableDefinition::new("builds");
+/// The submissions of accepted, unfinished builds by build id (postcard of [`BuildSpec`]).
+const SUBMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("submissions");
+/// Step records by step key (postcard of [`StepRecord`]).
+const STEPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("steps");
+/// Step keys by the order they were recorded in, oldest first (for eviction).
+const STEP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("step_order");
 
 /// Where a build is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,77 +51,227 @@ pub struct Record {
     pub submitted: i64,
     /// The image digest, once built.
     pub digest: Option<String>,
-    /// The image's descriptor (OCI JSON), once built.
+    /// The image, once built: what a client that lost its connection is told.
     #[serde(default)]
-    pub descriptor: Option<String>,
+    pub image: Option<BuiltImage>,
     /// Why it failed.
     pub error: Option<String>,
     /// The exit code the client should give.
     pub exit_code: Option<i32>,
 }
 
-/// The records of one state dir.
+/// A step some task built: its cache record (JSON, as the workers' engines write it) and the
+/// build whose task built it (a `--no-cache` build reuses only its own steps).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The engine's cache record.
+    pub record: String,
+    /// The build that made it.
+    pub build: String,
+}
+
+/// Unfinished builds after a restart: those to run again with their submission, and the ids
+/// of those marked failed.
+pub type Unfinished = (Vec<(Record, BuildSpec)>, Vec<String>);
+
+/// An error of the state database, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("the coordinator's state database ({what}): {message}")]
+pub struct RecordsError {
+    what: &'static str,
+    message: String,
+}
+
+fn failed<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> RecordsError {
+    move |e| RecordsError {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// The coordinator's state database.
 pub struct Records {
-    dir: PathBuf,
+    db: Database,
 }
 
 impl Records {
-    /// Opens (creates) `state_dir/builds`.
-    pub fn open(state_dir: &Path) -> std::io::Result<Records> {
-        let dir = state_dir.join("builds");
-        std::fs::create_dir_all(&dir)?;
-        Ok(Records { dir })
+    /// Opens (creates) `state_dir/coordinator.redb`.
+    pub fn open(state_dir: &Path) -> Result<Records, RecordsError> {
+        std::fs::create_dir_all(state_dir).map_err(failed("creating the state dir"))?;
+        let db = Database::create(state_dir.join("coordinator.redb"))
+            .map_err(failed("opening coordinator.redb"))?;
+        // Tables exist from the start, so reads never meet a missing table.
+        let txn = db.begin_write().map_err(failed("creating the tables"))?;
+        for table in [BUILDS, SUBMISSIONS] {
+            txn.open_table(table)
+                .map_err(failed("creating the tables"))?;
+        }
+        txn.open_table(STEPS)
+            .map_err(failed("creating the tables"))?;
+        txn.open_table(STEP_ORDER)
+            .map_err(failed("creating the tables"))?;
+        txn.commit().map_err(failed("creating the tables"))?;
+        Ok(Records { db })
     }
 
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
-    }
-
-    /// Writes a record (atomically).
-    pub fn save(&self, record: &Record) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-        ossb_image::export::write_file_atomically(&self.path(&record.id), &bytes)
-            .map_err(std::io::Error::other)
+    /// Writes a record; with `submission`, also the build's submission (kept until a record
+    /// of the build says it finished). A submission that carries secrets is not kept: secret
+    /// values never reach a file (freed database pages would hold them after the build), so
+    /// such a build does not survive a restart.
+    pub fn save(
+        &self,
+        record: &Record,
+        submission: Option<&BuildSpec>,
+    ) -> Result<(), RecordsError> {
+        let json = serde_json::to_vec(record).map_err(failed("encoding a build record"))?;
+        let spec = submission
+            .filter(|s| s.secrets.is_empty())
+            .map(postcard::to_allocvec)
+            .transpose()
+            .map_err(failed("encoding a submission"))?;
+        let txn = self.db.begin_write().map_err(failed("saving a build"))?;
+        {
+            let mut builds = txn.open_table(BUILDS).map_err(failed("saving a build"))?;
+            builds
+                .insert(record.id.as_str(), json.as_slice())
+                .map_err(failed("saving a build"))?;
+            let mut submissions = txn
+                .open_table(SUBMISSIONS)
+                .map_err(failed("saving a build"))?;
+            if let Some(spec) = &spec {
+                submissions
+                    .insert(record.id.as_str(), spec.as_slice())
+                    .map_err(failed("saving a build"))?;
+            }
+            if matches!(record.status, Status::Succeeded | Status::Failed) {
+                submissions
+                    .remove(record.id.as_str())
+                    .map_err(failed("saving a build"))?;
+            }
+        }
+        txn.commit().map_err(failed("saving a build"))
     }
 
     /// Reads a record; `None` when there is none (or it is unreadable).
     pub fn load(&self, id: &str) -> Option<Record> {
-        if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return None;
-        }
-        let bytes = std::fs::read(self.path(id)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let txn = self.db.begin_read().ok()?;
+        let builds = txn.open_table(BUILDS).ok()?;
+        let bytes = builds.get(id).ok()??;
+        serde_json::from_slice(bytes.value()).ok()
     }
 
-    /// Marks every queued or running build failed: they were lost with the process that ran
-    /// them. Returns their ids.
-    pub fn fail_unfinished(&self) -> std::io::Result<Vec<String>> {
+    /// The builds a previous run left queued or running: those it had accepted come back
+    /// with their submission, to run again; the others (still receiving their context) are
+    /// marked failed, since their client must send them again. Returns (resumed, lost).
+    pub fn unfinished(&self) -> Result<Unfinished, RecordsError> {
+        let mut resumed = Vec::new();
         let mut lost = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let Some(id) = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .filter(|_| path.extension().is_some_and(|e| e == "json"))
+        {
+            let txn = self.db.begin_read().map_err(failed("reading the builds"))?;
+            let builds = txn
+                .open_table(BUILDS)
+                .map_err(failed("reading the builds"))?;
+            let submissions = txn
+                .open_table(SUBMISSIONS)
+                .map_err(failed("reading the builds"))?;
+            for entry in builds.iter().map_err(failed("reading the builds"))? {
+                let (id, bytes) = entry.map_err(failed("reading the builds"))?;
+                let Ok(record) = serde_json::from_slice::<Record>(bytes.value()) else {
+                    continue;
+                };
+                if !matches!(record.status, Status::Queued | Status::Running) {
+                    continue;
+                }
+                let spec = submissions
+                    .get(id.value())
+                    .map_err(failed("reading the builds"))?
+                    .and_then(|s| postcard::from_bytes::<BuildSpec>(s.value()).ok());
+                match spec {
+                    Some(spec) => resumed.push((record, spec)),
+                    None => lost.push(record),
+                }
+            }
+        }
+        let mut lost_ids = Vec::new();
+        for mut record in lost {
+            record.status = Status::Failed;
+            record.error = Some(
+                "the build was lost: the coordinator restarted before it had received the build's context, or the build carried secrets (never written to disk); submit it again"
+                    .into(),
+            );
+            record.exit_code = Some(1);
+            self.save(&record, None)?;
+            lost_ids.push(record.id);
+        }
+        lost_ids.sort();
+        Ok((resumed, lost_ids))
+    }
+
+    /// Every step record, oldest first.
+    pub fn steps(&self) -> Result<Vec<([u8; 32], StepRecord)>, RecordsError> {
+        let txn = self.db.begin_read().map_err(failed("reading the steps"))?;
+        let order = txn
+            .open_table(STEP_ORDER)
+            .map_err(failed("reading the steps"))?;
+        let steps = txn.open_table(STEPS).map_err(failed("reading the steps"))?;
+        let mut out = Vec::new();
+        for entry in order.iter().map_err(failed("reading the steps"))? {
+            let (_, key) = entry.map_err(failed("reading the steps"))?;
+            let Ok(key) = <[u8; 32]>::try_from(key.value()) else {
+                continue;
+            };
+            let Some(bytes) = steps
+                .get(key.as_slice())
+                .map_err(failed("reading the steps"))?
             else {
                 continue;
             };
-            let Some(mut record) = self.load(id) else {
-                continue;
-            };
-            if matches!(record.status, Status::Queued | Status::Running) {
-                record.status = Status::Failed;
-                record.error = Some(
-                    "the build was lost: the coordinator restarted while it ran; submit it again"
-                        .into(),
-                );
-                record.exit_code = Some(1);
-                self.save(&record)?;
-                lost.push(record.id);
+            if let Ok(step) = postcard::from_bytes(bytes.value()) {
+                out.push((key, step));
             }
         }
-        lost.sort();
-        Ok(lost)
+        Ok(out)
+    }
+
+    /// Adds step records (one transaction for the batch), then drops the oldest beyond `max`.
+    pub fn add_steps(
+        &self,
+        batch: &[([u8; 32], StepRecord)],
+        max: usize,
+    ) -> Result<(), RecordsError> {
+        let txn = self.db.begin_write().map_err(failed("saving steps"))?;
+        {
+            let mut steps = txn.open_table(STEPS).map_err(failed("saving steps"))?;
+            let mut order = txn.open_table(STEP_ORDER).map_err(failed("saving steps"))?;
+            let mut next = order
+                .last()
+                .map_err(failed("saving steps"))?
+                .map_or(0, |(seq, _)| seq.value() + 1);
+            for (key, step) in batch {
+                let bytes = postcard::to_allocvec(step).map_err(failed("encoding a step"))?;
+                let known = steps
+                    .insert(key.as_slice(), bytes.as_slice())
+                    .map_err(failed("saving steps"))?
+                    .is_some();
+                if !known {
+                    order
+                        .insert(next, key.as_slice())
+                        .map_err(failed("saving steps"))?;
+                    next += 1;
+                }
+            }
+            let excess =
+                (steps.len().map_err(failed("saving steps"))? as usize).saturating_sub(max);
+            for _ in 0..excess {
+                let Some((_, key)) = order.pop_first().map_err(failed("evicting steps"))? else {
+                    break;
+                };
+                steps
+                    .remove(key.value())
+                    .map_err(failed("evicting steps"))?;
+            }
+        }
+        txn.commit().map_err(failed("saving steps"))
     }
 }
 
@@ -113,31 +279,94 @@ impl Records {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unfinished_builds_are_failed_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let records = Records::open(dir.path()).unwrap();
-        let mut r = Record {
-            id: "b-1".into(),
-            status: Status::Running,
+    fn record(id: &str, status: Status) -> Record {
+        Record {
+            id: id.into(),
+            status,
             platforms: vec!["linux/amd64".into()],
             tags: Vec::new(),
             submitted: 0,
             digest: None,
-            descriptor: None,
+            image: None,
             error: None,
             exit_code: None,
+        }
+    }
+
+    /// After a restart, an accepted build comes back with its submission; one that was still
+    /// receiving its context is failed; finished ones stay as they were.
+    #[test]
+    fn accepted_builds_come_back_after_a_restart_and_the_others_are_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = BuildSpec {
+            dockerfile: "FROM busybox\n".into(),
+            ..Default::default()
         };
-        records.save(&r).unwrap();
-        r.id = "b-2".into();
-        r.status = Status::Succeeded;
-        records.save(&r).unwrap();
+        {
+            let records = Records::open(dir.path()).unwrap();
+            records
+                .save(&record("b-1", Status::Running), Some(&spec))
+                .unwrap();
+            records.save(&record("b-2", Status::Queued), None).unwrap();
+            records
+                .save(&record("b-3", Status::Running), Some(&spec))
+                .unwrap();
+            records
+                .save(&record("b-3", Status::Succeeded), None)
+                .unwrap();
+        }
         let again = Records::open(dir.path()).unwrap();
-        assert_eq!(again.fail_unfinished().unwrap(), ["b-1"]);
-        let lost = again.load("b-1").unwrap();
-        assert_eq!(lost.status, Status::Failed);
-        assert!(lost.error.unwrap().contains("lost"));
-        assert_eq!(again.load("b-2").unwrap().status, Status::Succeeded);
-        assert!(again.load("../b-1").is_none());
+        let (resumed, lost) = again.unfinished().unwrap();
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].0.id, "b-1");
+        assert_eq!(resumed[0].1, spec);
+        assert_eq!(lost, ["b-2"]);
+        let b2 = again.load("b-2").unwrap();
+        assert_eq!(b2.status, Status::Failed);
+        assert!(b2.error.unwrap().contains("lost"));
+        assert_eq!(again.load("b-3").unwrap().status, Status::Succeeded);
+        // Secrets never reach the database: such a build is not resumed.
+        let secret = BuildSpec {
+            secrets: vec![ossb_protocol::cluster::Secret {
+                id: "token".into(),
+                value: b"hunter2-secret".to_vec(),
+            }],
+            ..spec.clone()
+        };
+        again
+            .save(&record("b-4", Status::Running), Some(&secret))
+            .unwrap();
+        let file = std::fs::read(dir.path().join("coordinator.redb")).unwrap();
+        assert!(!file.windows(14).any(|w| w == b"hunter2-secret"));
+        assert!(again.load("nope").is_none());
+        let (resumed, lost) = again.unfinished().unwrap();
+        assert_eq!(
+            (resumed.len(), lost.as_slice()),
+            (1, ["b-4".to_string()].as_slice())
+        );
+    }
+
+    #[test]
+    fn step_records_survive_a_reopen_and_the_oldest_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let step = |n: u8| {
+            (
+                [n; 32],
+                StepRecord {
+                    record: format!("{{\"n\":{n}}}"),
+                    build: "b".into(),
+                },
+            )
+        };
+        {
+            let records = Records::open(dir.path()).unwrap();
+            records.add_steps(&[step(1), step(2)], 3).unwrap();
+            // Recorded again: it keeps its place.
+            records.add_steps(&[step(1), step(3), step(4)], 3).unwrap();
+        }
+        let again = Records::open(dir.path()).unwrap();
+        let keys: Vec<u8> = again.steps().unwrap().iter().map(|(k, _)| k[0]).collect();
+        assert_eq!(keys, [2, 3, 4]);
+        assert_eq!(again.steps().unwrap()[0].1, step(2).1);
     }
 }

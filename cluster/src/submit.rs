@@ -3,8 +3,9 @@
 //! The context is listed by content and only the files the coordinator lacks are uploaded;
 //! the coordinator's events are handed to the caller's [`Progress`] as the engine's own; a
 //! result to write locally (`--output type=oci|docker|local`) is downloaded from the peer
-//! cache. If the connection breaks, the client asks the coordinator (reconnecting for up to a
-//! minute) how the build ended, so a coordinator restart is reported instead of waited on.
+//! cache. If the connection breaks, the client asks the coordinator how the build ended, for as
+//! long as it says the build runs (a restarted coordinator runs the builds it had accepted
+//! again), and fails once the coordinator stays out of reach for a minute.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -110,7 +111,7 @@ pub async fn submit(
                 progress.event(Event::Info(format!(
                     "lost the coordinator ({e}); asking how build {build} ended"
                 )));
-                break status_after_loss(&endpoint, config, &build).await?;
+                break status_after_loss(&endpoint, config, &build, progress).await?;
             }
         }
     };
@@ -172,15 +173,19 @@ async fn upload(
     results.into_iter().collect()
 }
 
-/// Asks (reconnecting for up to a minute) how a build ended after the connection broke.
+/// Asks how a build ended after the connection broke: a restarted coordinator runs the
+/// builds it had accepted again, so the client waits as long as the coordinator says the
+/// build runs, and gives up only when it cannot reach the coordinator for a minute.
 async fn status_after_loss(
     endpoint: &quinn::Endpoint,
     config: &SubmitConfig,
     build: &str,
+    progress: &dyn Progress,
 ) -> Result<Result<BuiltImage, Failure>, BuildError> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unreachable_since = Instant::now();
     let mut last = String::new();
-    while Instant::now() < deadline {
+    let mut told = false;
+    while unreachable_since.elapsed() < STATUS_PATIENCE {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let ask = async {
             let conn =
@@ -197,16 +202,28 @@ async fn status_after_loss(
         };
         match ask.await {
             Ok(ClusterMessage::Finished(outcome)) => return Ok(outcome.result),
-            Ok(ClusterMessage::Running) => last = "the build is still running".into(),
+            Ok(ClusterMessage::Running) => {
+                if !told {
+                    progress.event(Event::Info(format!(
+                        "the coordinator is back and runs build {build}; waiting for it to end"
+                    )));
+                    told = true;
+                }
+                unreachable_since = Instant::now();
+            }
             Ok(other) => return Err(unexpected(other)),
             Err(e) => last = e.to_string(),
         }
     }
     Err(BuildError::Local(format!(
-        "lost the coordinator {} during build {build}, and it did not say how the build ended within a minute: {last}",
-        config.coordinator
+        "lost the coordinator {} during build {build}, and could not reach it again within {}s: {last}",
+        config.coordinator,
+        STATUS_PATIENCE.as_secs()
     )))
 }
+
+/// How long a client that lost the coordinator tries to reach it again.
+const STATUS_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Turns the outcome into the engine's result, writing local outputs first.
 async fn finish(

@@ -66,15 +66,15 @@ pub fn server(addr: SocketAddr, identity: &Identity) -> Result<Endpoint, NetErro
         })?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
-    let mut endpoint = bind(addr, Some(config))?;
+    let mut endpoint = bind(addr, Some(config), Some(identity))?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
 }
 
 /// An endpoint that only dials, presenting `identity`.
 pub fn client(identity: &Identity) -> Result<Endpoint, NetError> {
-    let mut endpoint = bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into(), None)
-        .or_else(|_| bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), None))?;
+    let mut endpoint = bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into(), None, None)
+        .or_else(|_| bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into(), None, None))?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
 }
@@ -84,8 +84,13 @@ pub fn client(identity: &Identity) -> Result<Endpoint, NetError> {
 /// kernel caps the request at `net.core.rmem_max` / `wmem_max` without failing.
 const UDP_BUFFER: usize = 8 << 20;
 
-/// Binds the endpoint's socket (dual-stack for `[::]`) with large buffers.
-fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoint, NetError> {
+/// Binds the endpoint's socket (dual-stack for `[::]`) with large buffers. A server's
+/// stateless-reset and connection-id keys are its identity's (see [`Identity::reset_key`]).
+fn bind(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    identity: Option<&Identity>,
+) -> Result<Endpoint, NetError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| NetError::Bind {
         addr: addr.to_string(),
@@ -104,7 +109,17 @@ fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoin
             "no tokio runtime: endpoints must be created within one",
         ))
     })?;
-    let mut config = quinn::EndpointConfig::default();
+    let mut config = match identity {
+        Some(identity) => {
+            let mut config = quinn::EndpointConfig::new(identity.reset_key());
+            let cid_key = identity.cid_key();
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| err(std::io::Error::other(e.to_string())))?;

@@ -183,4 +183,53 @@ mod tests {
         let err = connect(&member, &fake_addr, t).await.unwrap_err();
         assert!(err.to_string().contains("certificate"), "{err}");
     }
+
+    /// A server killed (no CONNECTION_CLOSE sent) and started again on the same address with
+    /// the same certificate answers its previous connections with a stateless reset their
+    /// peers accept: the client learns it at its next packet, not after the 20 s idle timeout.
+    #[test]
+    fn a_restarted_server_resets_its_old_connections_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = cluster(dir.path(), "tls");
+        let node = Identity::load(&tls, Role::Node).unwrap();
+        let main = tokio::runtime::Runtime::new().unwrap();
+        // The first server lives in a runtime of its own, dropped to kill it silently.
+        let dead = tokio::runtime::Runtime::new().unwrap();
+        let (addr, kept) = dead.block_on(async {
+            let endpoint = server("127.0.0.1:0".parse().unwrap(), &node).unwrap();
+            let addr = endpoint.local_addr().unwrap();
+            let accept = endpoint.clone();
+            let kept = tokio::spawn(async move { accept.accept().await.unwrap().await.unwrap() });
+            (addr, kept)
+        });
+        let member = Identity::load(&tls, Role::Client).unwrap();
+        let conn = main.block_on(async {
+            let c = client(&member).unwrap();
+            let conn = connect(&c, &addr.to_string(), Duration::from_secs(5))
+                .await
+                .unwrap();
+            (c, conn)
+        });
+        let server_side = dead.block_on(kept).unwrap();
+        // Nothing drives the endpoint any more: its connection's drop sends nothing.
+        dead.shutdown_background();
+        drop(server_side);
+        main.block_on(async {
+            let again = server(addr, &node).unwrap();
+            let started = std::time::Instant::now();
+            // A packet from the old connection reaches the new server.
+            if let Ok(mut send) = conn.1.open_uni().await {
+                let _ = send.write_all(b"anyone?").await;
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(10), conn.1.closed())
+                .await
+                .expect("the old connection was not reset within 10 s");
+            assert!(
+                matches!(closed, quinn::ConnectionError::Reset),
+                "{closed:?}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(5));
+            drop(again);
+        });
+    }
 }

@@ -75,6 +75,37 @@ pub struct Identity {
     key: PrivateKeyDer<'static>,
 }
 
+impl Identity {
+    /// A secret of this node's own for `purpose`, derived from its private key: the same
+    /// after a restart with the same certificate (a pod restarted from its Secret).
+    fn derived(&self, purpose: &[u8]) -> aws_lc_rs::hmac::Tag {
+        use aws_lc_rs::hmac;
+        hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, purpose),
+            self.key.secret_der(),
+        )
+    }
+
+    /// The key a server signs its stateless-reset tokens with. With [`Identity::cid_key`],
+    /// a restarted node recognizes its previous run's connection ids and answers their
+    /// packets with a reset their peers accept: they reconnect at once, not after the idle
+    /// timeout.
+    pub fn reset_key(&self) -> std::sync::Arc<dyn quinn::crypto::HmacKey> {
+        let secret = self.derived(b"ossb quic stateless reset v1");
+        std::sync::Arc::new(aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            secret.as_ref(),
+        ))
+    }
+
+    /// The key of a server's connection-id generator (which drops packets for ids it did
+    /// not make, so a random key per run would ignore the previous run's peers).
+    pub fn cid_key(&self) -> u64 {
+        let secret = self.derived(b"ossb quic connection ids v1");
+        u64::from_le_bytes(secret.as_ref()[..8].try_into().expect("a SHA-256 tag"))
+    }
+}
+
 impl Clone for Identity {
     fn clone(&self) -> Self {
         Identity {

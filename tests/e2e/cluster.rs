@@ -740,54 +740,119 @@ fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
     );
 }
 
-/// A coordinator killed during a build and started again on its state dir reports the build
-/// as failed (lost) to the client that asks, instead of leaving it waiting.
-#[test]
-fn builds_lost_in_a_coordinator_restart_are_reported_failed() {
-    let Some(env) = TestEnv::get() else { return };
-    let mut cluster = Cluster::start(&env);
-    let work = tempfile::tempdir().unwrap();
-    let marker = unique("restart");
-    let dockerfile = format!(
-        "FROM {}\nRUN echo \"start {marker}\" && sleep 20\n",
-        cluster.busybox(&env)
-    );
-    let ctx = crate::support::context(work.path(), &dockerfile, &[]);
-    let log = work.path().join("submit.log");
-    let reg = cluster.registry.clone();
-    let mut child = cluster
-        .submit(
-            &cluster.tls,
-            &[
-                "--platform",
-                "linux/amd64",
-                "--insecure-registry",
-                &reg,
-                ctx.to_str().unwrap(),
-            ],
-        )
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains(&format!("start {marker}"))
-    {
+/// Reads `path` until it contains `what`, failing after `secs` with the cluster's logs.
+fn wait_for_text(cluster: &Cluster, path: &Path, what: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(what) {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "the step never started\n{}",
+            "waited {secs}s for {what:?}:\n{text}\n{}",
             cluster.logs()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits for a child with a deadline, killing it (and failing) when it hangs.
+fn wait_child(
+    cluster: &Cluster,
+    child: &mut Child,
+    log: &Path,
+    secs: u64,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the client hangs after {secs}s:\n{}\n{}",
+                std::fs::read_to_string(log).unwrap_or_default(),
+                cluster.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The coordinator killed with SIGKILL while one build runs and another is queued behind it
+/// (one worker, one slot), then restarted on the same state dir: both builds run to the end
+/// and their clients, which lost the connection, are told so and exit 0. The step records
+/// outlive a second restart: a fresh worker (empty cache) given the first build again runs
+/// no step, every one answered from the coordinator's records.
+#[test]
+fn builds_queued_and_running_survive_a_killed_coordinator() {
+    let Some(env) = TestEnv::get() else { return };
+    let mut cluster = Cluster::start_with(&env, &[("worker-a", &["--slots", "1"])]);
+    let reg = cluster.registry.clone();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("restart");
+    let submit = |name: &str, dockerfile: String| {
+        let dir = work.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let ctx = crate::support::context(&dir, &dockerfile, &[]);
+        let image = format!("{reg}/tests/{marker}-{name}:latest");
+        let log = dir.join("submit.log");
+        let child = cluster
+            .submit_push("linux/amd64", &reg, &image, &ctx)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (ctx, image, log, child)
+    };
+    let bb = cluster.busybox(&env);
+    let running = format!(
+        "FROM {bb}\nRUN echo \"start {marker}\" && sleep 6 && echo ran > /ran\nCMD [\"cat\", \"/ran\"]\n"
+    );
+    let (ctx_a, image_a, log_a, mut a) = submit("running", running);
+    wait_for_text(&cluster, &log_a, &format!("start {marker}"), 120);
+    let (_, image_b, log_b, mut b) = submit(
+        "queued",
+        format!("FROM {bb}\nRUN echo queued > /q\nCMD [\"cat\", \"/q\"]\n"),
+    );
+    wait_for_text(&cluster, &log_b, "accepted by", 60);
     cluster.restart_coordinator();
-    let status = child.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(status.code(), Some(1), "{text}\n{}", cluster.logs());
+    for (child, log, image, out) in [
+        (&mut a, &log_a, &image_a, "ran\n"),
+        (&mut b, &log_b, &image_b, "queued\n"),
+    ] {
+        let status = wait_child(&cluster, child, log, 240);
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(status.success(), "{text}\n{}", cluster.logs());
+        assert!(text.contains("lost the coordinator"), "{text}");
+        let run =
+            podman_run(image, &[]).success("podman run of a build that outlived its coordinator");
+        assert_eq!(run.stdout, out);
+    }
+
+    // Nothing in memory, no worker cache: only the state dir's step records can answer.
+    cluster.kill("worker-a");
+    cluster.restart_coordinator();
+    cluster.spawn_worker("worker-fresh", &["--slots", "1"]);
+    cluster.wait_for_metrics(|m| {
+        m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1")
+    });
+    let out = cluster
+        .submit_push("linux/amd64", &reg, &image_a, &ctx_a)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let m = cluster.metrics_text();
+    assert_eq!(
+        sum_of(&m, "ossb_steps_total", "result=\"run\""),
+        0,
+        "the resubmission ran steps:\n{stderr}\n{m}"
+    );
     assert!(
-        text.contains("the build was lost: the coordinator restarted"),
-        "{text}"
+        sum_of(&m, "ossb_steps_total", "result=\"cached\"") >= 1,
+        "the resubmission's step was not answered from the records:\n{m}"
     );
 }
 

@@ -53,7 +53,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::context::{all_file_digests, media_types, registry_config, registry_options, TaskFiles};
-use crate::records::{Record, Records, Status};
+use crate::records::{Record, Records, Status, StepRecord};
 use crate::{local_err, recv, recv_blob_bytes, send, send_blob_bytes, send_error, ClusterError};
 
 mod merge;
@@ -157,22 +157,15 @@ struct Inner {
     building: HashMap<Digest, u64>,
     /// The worker that last built each task key (its step cache holds the steps).
     built_on: HashMap<Digest, u64>,
-    /// The cluster's step cache: records by step key, oldest first in `step_order`.
-    steps: HashMap<[u8; 32], StepEntry>,
+    /// The cluster's step cache: records by step key, oldest first in `step_order` (kept in
+    /// the state database too, see [`save_steps`]).
+    steps: HashMap<[u8; 32], StepRecord>,
     step_order: VecDeque<[u8; 32]>,
     /// Step keys being built, by the task building each.
     claims: HashMap<[u8; 32], StepClaim>,
     /// Context blobs submissions are waiting for, with their size and how many wait.
     wanted: HashMap<Digest, u64>,
     wanted_by: HashMap<Digest, usize>,
-}
-
-/// A step some task built.
-struct StepEntry {
-    /// Its cache record (JSON, as the workers' engines write it).
-    record: String,
-    /// The build whose task built it: a `--no-cache` build reuses only its own steps.
-    build: String,
 }
 
 /// A step key a task is building, and the claims waiting for it.
@@ -191,7 +184,9 @@ struct State {
     inner: Mutex<Inner>,
     wake: Notify,
     store: BlobStore,
-    records: Records,
+    records: Arc<Records>,
+    /// Step records on their way to the state database.
+    step_writes: mpsc::UnboundedSender<([u8; 32], StepRecord)>,
     /// Workers need a moment to register after a coordinator starts.
     started: Instant,
 }
@@ -208,6 +203,12 @@ impl State {
     }
 }
 
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A running coordinator.
 pub struct Coordinator {
     endpoint: quinn::Endpoint,
@@ -216,28 +217,39 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the state dir (failing the builds a previous run lost), binds, and serves.
+    /// Opens the state dir (its step records, and the builds a previous run left unfinished:
+    /// accepted ones run again, the others are marked failed), binds, and serves.
     pub async fn start(config: CoordinatorConfig) -> Result<Coordinator, ClusterError> {
         let store = BlobStore::open(config.state_dir.join("context"))
             .map_err(local_err("opening the state dir"))?;
-        let records =
-            Records::open(&config.state_dir).map_err(local_err("opening the state dir"))?;
-        let lost = records
-            .fail_unfinished()
-            .map_err(local_err("reading the build records"))?;
+        let records = Arc::new(Records::open(&config.state_dir).map_err(local_err("opening"))?);
+        let (resumed, lost) = records.unfinished().map_err(local_err("reading"))?;
         if !lost.is_empty() {
             tracing::warn!(builds = ?lost, "builds lost in a restart are marked failed");
+        }
+        let mut inner = Inner {
+            // Ids of a previous run's tasks may still come from workers that reconnect: this
+            // run's ids start above them.
+            next_id: now_micros(),
+            ..Inner::default()
+        };
+        for (key, step) in records.steps().map_err(local_err("reading"))? {
+            inner.steps.insert(key, step);
+            inner.step_order.push_back(key);
         }
         let identity = Identity::load(&config.tls_dir, Role::Node)?;
         let endpoint = ossb_net::server(config.listen, &identity)?;
         let listen = endpoint
             .local_addr()
             .map_err(local_err("reading the bound address"))?;
+        let (step_writes, step_batches) = mpsc::unbounded_channel();
+        tokio::spawn(save_steps(records.clone(), step_batches));
         let state = Arc::new(State {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             wake: Notify::new(),
             store,
             records,
+            step_writes,
             started: Instant::now(),
         });
         let metrics = match config.metrics {
@@ -247,6 +259,10 @@ impl Coordinator {
         tokio::spawn(accept(endpoint.clone(), state.clone()));
         tokio::spawn(schedule_loop(state.clone()));
         tokio::spawn(watch_workers(state.clone()));
+        for (record, spec) in resumed {
+            tracing::info!(build = %record.id, "resuming a build the previous run accepted");
+            tokio::spawn(resume_build(state.clone(), record, spec));
+        }
         tracing::info!(listen = %listen, metrics = ?metrics, "coordinator serving");
         Ok(Coordinator {
             endpoint,
@@ -405,17 +421,9 @@ async fn status(state: &State, build: &str, tx: &mut SendStream) -> Result<(), C
                 }),
             }),
             Status::Succeeded => ClusterMessage::Finished(BuildOutcome {
-                result: Ok(BuiltImage {
-                    descriptor_json: r.descriptor.unwrap_or_default(),
-                    top: Vec::new(),
-                    manifests: Vec::new(),
-                    blobs: Vec::new(),
-                    config: None,
-                    pushed: Vec::new(),
-                    run: 0,
-                    cached: 0,
-                    size: 0,
-                    cache_peers: Vec::new(),
+                result: r.image.ok_or_else(|| Failure {
+                    message: format!("the record of build {build} has no image"),
+                    exit_code: 1,
                 }),
             }),
         },

@@ -10,44 +10,44 @@ pub(super) async fn run_build(
     tx: &mut SendStream,
     rx: &mut RecvStream,
 ) -> Result<(), ClusterError> {
-    let build = format!("b{}-{}", ossb_engine::build::now(), state.next_id());
-    let mut record = Record {
+    let build = format!("b{}", state.next_id());
+    let record = Record {
         id: build.clone(),
         status: Status::Queued,
         platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
         tags: spec.tags.clone(),
         submitted: ossb_engine::build::now(),
         digest: None,
-        descriptor: None,
+        image: None,
         error: None,
         exit_code: None,
     };
-    let _ = state.records.save(&record);
-    let outcome = build_outcome(state, &build, spec, tx, rx).await;
-    {
-        let mut inner = state.lock();
-        match &outcome {
-            Ok(_) => inner.counters.succeeded += 1,
-            Err(_) => inner.counters.failed += 1,
+    save_record(state, &record, None);
+    let mut gauge = Gauge::new(state);
+    let outcome = match admit(state, &spec, tx, rx).await {
+        Ok((df, context)) => {
+            // Kept until the build ends, so that a restarted coordinator runs it again.
+            let running = Record {
+                status: Status::Running,
+                ..record.clone()
+            };
+            save_record(state, &running, Some(&spec));
+            match send(
+                tx,
+                ClusterMessage::Accepted {
+                    build: build.clone(),
+                },
+            )
+            .await
+            {
+                Ok(()) => run_tasks(state, &build, &spec, &df, context, &mut gauge, Some(tx)).await,
+                Err(e) => Err(failure(format!("receiving the build: {e}"), 1)),
+            }
         }
-    }
-    match &outcome {
-        Ok(image) => {
-            record.status = Status::Succeeded;
-            record.digest = serde_json::from_str::<Descriptor>(&image.descriptor_json)
-                .ok()
-                .map(|d| d.digest.to_string());
-            record.descriptor = Some(image.descriptor_json.clone());
-            tracing::info!(build = %build, digest = ?record.digest, "build succeeded");
-        }
-        Err(f) => {
-            record.status = Status::Failed;
-            record.error = Some(f.message.clone());
-            record.exit_code = Some(f.exit_code);
-            tracing::info!(build = %build, error = %f.message, "build failed");
-        }
-    }
-    let _ = state.records.save(&record);
+        Err(f) => Err(f),
+    };
+    drop(gauge);
+    record_outcome(state, record, &outcome);
     send(
         tx,
         ClusterMessage::Finished(BuildOutcome { result: outcome }),
@@ -55,6 +55,67 @@ pub(super) async fn run_build(
     .await?;
     let _ = tx.finish();
     Ok(())
+}
+
+/// Runs again a build that a previous run of the coordinator had accepted and not finished;
+/// its client, if still there, asks how it ended ([`ClusterMessage::Status`]).
+pub(super) async fn resume_build(state: Arc<State>, record: Record, spec: BuildSpec) {
+    // The workers reconnect within a heartbeat or two; the build platform is chosen among them.
+    let deadline = Instant::now() + crate::NO_WORKER_GRACE;
+    while state.lock().workers.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut gauge = Gauge::new(&state);
+    let outcome = async {
+        let df = check(&spec)?;
+        let context: Vec<Digest> = all_file_digests(&spec).iter().map(|(d, _)| *d).collect();
+        if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
+            return Err(failure(
+                format!("the context file {d} is no longer in the coordinator's state dir; submit the build again"),
+                1,
+            ));
+        }
+        run_tasks(&state, &record.id, &spec, &df, context, &mut gauge, None).await
+    }
+    .await;
+    drop(gauge);
+    record_outcome(&state, record, &outcome);
+}
+
+/// Saves a build record; a failure to is logged (the build goes on; only a restart would
+/// not know it).
+fn save_record(state: &State, record: &Record, submission: Option<&BuildSpec>) {
+    if let Err(e) = state.records.save(record, submission) {
+        tracing::warn!(build = %record.id, error = %e, "build record not saved");
+    }
+}
+
+/// Counts and records how a build ended.
+fn record_outcome(state: &State, mut record: Record, outcome: &Result<BuiltImage, Failure>) {
+    {
+        let mut inner = state.lock();
+        match outcome {
+            Ok(_) => inner.counters.succeeded += 1,
+            Err(_) => inner.counters.failed += 1,
+        }
+    }
+    match outcome {
+        Ok(image) => {
+            record.status = Status::Succeeded;
+            record.digest = serde_json::from_str::<Descriptor>(&image.descriptor_json)
+                .ok()
+                .map(|d| d.digest.to_string());
+            record.image = Some(image.clone());
+            tracing::info!(build = %record.id, digest = ?record.digest, "build succeeded");
+        }
+        Err(f) => {
+            record.status = Status::Failed;
+            record.error = Some(f.message.clone());
+            record.exit_code = Some(f.exit_code);
+            tracing::info!(build = %record.id, error = %f.message, "build failed");
+        }
+    }
+    save_record(state, &record, None);
 }
 
 /// The blobs one submission waits for, registered as wanted until dropped.
@@ -135,15 +196,9 @@ pub(super) fn failure(message: impl Into<String>, exit_code: i32) -> Failure {
     }
 }
 
-/// Receives the context, runs every platform's task, merges and pushes.
-pub(super) async fn build_outcome(
-    state: &Arc<State>,
-    build: &str,
-    spec: BuildSpec,
-    tx: &mut SendStream,
-    rx: &mut RecvStream,
-) -> Result<BuiltImage, Failure> {
-    let mut gauge = Gauge::new(state);
+/// What a submission must be before anything is received: exit code 2 for what the user
+/// must fix. Returns the parsed Dockerfile.
+fn check(spec: &BuildSpec) -> Result<ossb_dockerfile::Dockerfile, Failure> {
     let caches = spec
         .cache_from
         .iter()
@@ -165,16 +220,26 @@ pub(super) async fn build_outcome(
     spec.compression
         .parse::<ossb_image::layer::Compression>()
         .map_err(|e| failure(e, 2))?;
-    crate::context::annotations_of(&spec).map_err(|e| failure(e, 2))?;
+    crate::context::annotations_of(spec).map_err(|e| failure(e, 2))?;
     for (name, entries) in std::iter::once(("the context", &spec.context))
         .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))
     {
         ossb_protocol::cluster::check_entries(entries)
             .map_err(|e| failure(format!("{}: {e}", ossb_dockerfile::clip(name, 100)), 2))?;
     }
-    let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
-    let stages = stage_tasks(&df, &spec, &build_platform)?;
-    let files = all_file_digests(&spec);
+    Ok(df)
+}
+
+/// Checks a submission and receives the context files the coordinator lacks. Returns the
+/// Dockerfile and the digests of every context file.
+async fn admit(
+    state: &Arc<State>,
+    spec: &BuildSpec,
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<(ossb_dockerfile::Dockerfile, Vec<Digest>), Failure> {
+    let df = check(spec)?;
+    let files = all_file_digests(spec);
     let context: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
     let missing: Vec<(Digest, u64)> = files
         .iter()
@@ -203,23 +268,33 @@ pub(super) async fn build_outcome(
     if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
         return Err(failure(format!("the context file {d} was not uploaded"), 1));
     }
+    Ok((df, context))
+}
+
+/// Runs every platform's tasks of an accepted build, then merges and pushes. Events go to
+/// the client when there is one (a resumed build has none).
+async fn run_tasks(
+    state: &Arc<State>,
+    build: &str,
+    spec: &BuildSpec,
+    df: &ossb_dockerfile::Dockerfile,
+    context: Vec<Digest>,
+    gauge: &mut Gauge<'_>,
+    mut client: Option<&mut SendStream>,
+) -> Result<BuiltImage, Failure> {
     for d in &context {
         state.store.touch(d);
     }
-    send(
-        tx,
-        ClusterMessage::Accepted {
-            build: build.to_string(),
-        },
-    )
-    .await
-    .map_err(net)?;
     tracing::info!(build, platforms = ?spec.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), context_files = context.len(), "build accepted");
+    let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
+    let stages = stage_tasks(df, spec, &build_platform)?;
     let build_args = spec.build_args.iter().cloned().collect();
     if let Some(warning) =
-        ossb_engine::build::unused_build_args_warning(&df, &build_args, spec.target.as_deref())
+        ossb_engine::build::unused_build_args_warning(df, &build_args, spec.target.as_deref())
     {
-        let _ = send(tx, ClusterMessage::Event(BuildEvent::Info(warning))).await;
+        if let Some(tx) = client.as_deref_mut() {
+            let _ = send(tx, ClusterMessage::Event(BuildEvent::Info(warning))).await;
+        }
     }
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
@@ -265,7 +340,6 @@ pub(super) async fn build_outcome(
         }
         first
     };
-    let _ = state.records.save(&running_record(build, &spec));
     state.wake.notify_one();
     drop(events_tx);
 
@@ -283,7 +357,7 @@ pub(super) async fn build_outcome(
     let mut outcomes = Vec::new();
     let mut peers = Vec::new();
     let mut failed = None;
-    let mut client_gone = false;
+
     loop {
         tokio::select! {
             r = futures_util::StreamExt::next(&mut results) => {
@@ -306,8 +380,11 @@ pub(super) async fn build_outcome(
             }
             Some((task, event)) = events_rx.recv() => {
                 let event = renumber(event, task, &mut ids, &mut next, multi.then(|| &platforms[&task]));
-                if !client_gone && send(tx, ClusterMessage::Event(event)).await.is_err() {
-                    client_gone = true;
+                // A client that went away stops getting events; the build goes on.
+                if let Some(tx) = client.as_deref_mut() {
+                    if send(tx, ClusterMessage::Event(event)).await.is_err() {
+                        client = None;
+                    }
                 }
             }
         }
@@ -326,11 +403,10 @@ pub(super) async fn build_outcome(
             &mut next,
             multi.then(|| &platforms[&task]),
         );
-        if !client_gone {
+        if let Some(tx) = client.as_deref_mut() {
             let _ = send(tx, ClusterMessage::Event(event)).await;
         }
     }
-    drop(gauge);
     if let Some((_, f)) = failed {
         return Err(f);
     }
@@ -358,21 +434,7 @@ pub(super) async fn build_outcome(
     let outcomes = images;
     peers.sort();
     peers.dedup();
-    merge_and_push(&spec, outcomes, peers).await
-}
-
-pub(super) fn running_record(build: &str, spec: &BuildSpec) -> Record {
-    Record {
-        id: build.to_string(),
-        status: Status::Running,
-        platforms: spec.platforms.iter().map(|p| p.to_string()).collect(),
-        tags: spec.tags.clone(),
-        submitted: ossb_engine::build::now(),
-        digest: None,
-        descriptor: None,
-        error: None,
-        exit_code: None,
-    }
+    merge_and_push(spec, outcomes, peers).await
 }
 
 /// Gives a task's event a build-wide vertex id, and names the platform in vertex names of a

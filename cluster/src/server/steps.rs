@@ -86,11 +86,9 @@ pub(super) fn publish_step(state: &State, task: u64, key: [u8; 32], record: Stri
         .get(&task)
         .map(|t| t.spec.build.clone())
         .unwrap_or_default();
-    if inner
-        .steps
-        .insert(key, StepEntry { record, build })
-        .is_none()
-    {
+    let step = StepRecord { record, build };
+    let _ = state.step_writes.send((key, step.clone()));
+    if inner.steps.insert(key, step).is_none() {
         inner.step_order.push_back(key);
         while inner.step_order.len() > MAX_STEP_RECORDS {
             if let Some(old) = inner.step_order.pop_front() {
@@ -103,6 +101,29 @@ pub(super) fn publish_step(state: &State, task: u64, key: [u8; 32], record: Stri
             for waiter in claim.waiters {
                 let _ = waiter.send(());
             }
+        }
+    }
+}
+
+/// Writes published step records to the state database, as many per transaction as have
+/// arrived meanwhile (one commit, one fsync, per batch rather than per step).
+pub(super) async fn save_steps(
+    records: Arc<Records>,
+    mut writes: mpsc::UnboundedReceiver<([u8; 32], StepRecord)>,
+) {
+    while let Some(first) = writes.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = writes.try_recv() {
+            batch.push(more);
+        }
+        let records = records.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || records.add_steps(&batch, MAX_STEP_RECORDS)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            // The steps stay in memory; only a restart would forget them.
+            Ok(Err(e)) => tracing::warn!(error = %e, "step records not saved"),
+            Err(e) => tracing::warn!(error = %e, "step records not saved"),
         }
     }
 }

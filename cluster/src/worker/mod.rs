@@ -362,6 +362,19 @@ async fn session(node: &Arc<Node>) -> Result<(), ClusterError> {
     };
     heartbeat.abort();
     writer.abort();
+    // The tasks' results had only this session to go to, and the coordinator schedules
+    // them again (on the next session, a restarted coordinator, or another worker): stop
+    // them instead of letting them hold the slots.
+    let orphans: Vec<_> = node.tasks().drain().map(|(_, h)| h).collect();
+    if !orphans.is_empty() {
+        tracing::info!(
+            tasks = orphans.len(),
+            "stopping the tasks of the lost session"
+        );
+    }
+    for task in orphans {
+        task.abort();
+    }
     result
 }
 
