@@ -11,6 +11,7 @@ pub mod fs;
 pub mod mounts;
 pub mod overlay;
 pub mod sandbox;
+pub mod shared_cache;
 pub mod snapshot;
 pub mod ssh;
 pub mod step_output;

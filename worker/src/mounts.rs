@@ -489,7 +489,7 @@ fn cache(m: &Mount, sources: &MountSources, p: &mut Prepared) -> Result<MountSou
 
 /// A file name for a cache id: readable characters kept, others escaped, so that different
 /// ids never share a directory.
-fn file_name_for(id: &str) -> String {
+pub(crate) fn file_name_for(id: &str) -> String {
     let mut s = String::from("id-");
     for b in id.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
@@ -502,7 +502,7 @@ fn file_name_for(id: &str) -> String {
 }
 
 /// Takes `flock(op)` on `DIR.lock`; the lock lasts as long as the returned file.
-fn lock(dir: &Path, op: libc::c_int) -> io::Result<fs::File> {
+pub(crate) fn lock(dir: &Path, op: libc::c_int) -> io::Result<fs::File> {
     let mut name = dir.as_os_str().to_os_string();
     name.push(".lock");
     let file = fs::OpenOptions::new()
