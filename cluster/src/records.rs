@@ -1,7 +1,8 @@
 //! What the coordinator keeps across a restart, in one redb database in its state dir
 //! (`coordinator.redb`): a record of every build, the submission of every build accepted and not
-//! finished (so a restarted coordinator runs it again), and the cluster's step records (so a
-//! resubmission after a restart still runs nothing).
+//! finished (so a restarted coordinator runs it again), the cluster's step records (so a
+//! resubmission after a restart still runs nothing) and the latest content of each cache
+//! mount.
 //!
 //! redb rather than files of our own: a build record, its submission and a batch of step
 //! records change together in one transaction, and a `kill -9` halfway leaves the last
@@ -9,7 +10,7 @@
 
 use std::path::Path;
 
-use ossb_protocol::cluster::{BuildSpec, BuiltImage};
+use ossb_protocol::cluster::{BuildSpec, BuiltImage, CacheMountVersion};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,9 @@ const SUBMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("submissi
 const STEPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("steps");
 /// Step keys by the order they were recorded in, oldest first (for eviction).
 const STEP_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("step_order");
+/// The cache mounts' latest content, by platform and id (`PLATFORM ID`; postcard of
+/// [`CacheMountVersion`]).
+const CACHE_MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_mounts");
 
 /// Where a build is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +106,7 @@ impl Records {
             .map_err(failed("opening coordinator.redb"))?;
         // Tables exist from the start, so reads never meet a missing table.
         let txn = db.begin_write().map_err(failed("creating the tables"))?;
-        for table in [BUILDS, SUBMISSIONS] {
+        for table in [BUILDS, SUBMISSIONS, CACHE_MOUNTS] {
             txn.open_table(table)
                 .map_err(failed("creating the tables"))?;
         }
@@ -272,6 +276,52 @@ impl Records {
             }
         }
         txn.commit().map_err(failed("saving steps"))
+    }
+}
+
+impl Records {
+    /// Every cache mount's latest content, with its platform.
+    pub fn cache_mounts(&self) -> Result<Vec<(String, CacheMountVersion)>, RecordsError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(failed("reading the cache mounts"))?;
+        let table = txn
+            .open_table(CACHE_MOUNTS)
+            .map_err(failed("reading the cache mounts"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(failed("reading the cache mounts"))? {
+            let (key, bytes) = entry.map_err(failed("reading the cache mounts"))?;
+            let platform = key
+                .value()
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if let Ok(version) = postcard::from_bytes(bytes.value()) {
+                out.push((platform, version));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a cache mount's latest content on `platform`.
+    pub fn set_cache_mount(
+        &self,
+        platform: &str,
+        version: &CacheMountVersion,
+    ) -> Result<(), RecordsError> {
+        let bytes = postcard::to_allocvec(version).map_err(failed("encoding a cache mount"))?;
+        let key = format!("{platform} {}", version.id);
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(failed("saving a cache mount"))?;
+        txn.open_table(CACHE_MOUNTS)
+            .map_err(failed("saving a cache mount"))?
+            .insert(key.as_str(), bytes.as_slice())
+            .map_err(failed("saving a cache mount"))?;
+        txn.commit().map_err(failed("saving a cache mount"))
     }
 }
 

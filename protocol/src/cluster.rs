@@ -130,6 +130,39 @@ pub enum ClusterMessage {
         /// Its cache record (JSON).
         record: String,
     },
+    /// A task's worker asks which content the cluster holds for the cache mounts its steps
+    /// use (`RUN --mount=type=cache`), on the task's platform. Answered with
+    /// [`ClusterMessage::CacheMountVersions`].
+    CacheMounts {
+        /// The asking task.
+        task: u64,
+        /// The cache ids.
+        ids: Vec<String>,
+    },
+    /// The cache mounts the cluster holds among those asked for.
+    CacheMountVersions {
+        /// Each as the last task that wrote it left it.
+        versions: Vec<CacheMountVersion>,
+    },
+    /// A task that succeeded left a cache mount changed: its content is a blob in the peer
+    /// cache already. The last one published wins. Answered with [`ClusterMessage::Stored`].
+    PublishCacheMount {
+        /// The task.
+        task: u64,
+        /// The mount's content.
+        version: CacheMountVersion,
+    },
+}
+
+/// A cache mount's content as one blob (a zstd layer) in the peer cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheMountVersion {
+    /// The cache id (`id=`, else the target).
+    pub id: String,
+    /// The blob.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
 }
 
 impl ClusterMessage {
@@ -160,6 +193,9 @@ impl ClusterMessage {
             ClusterMessage::StepRecord { .. } => "StepRecord",
             ClusterMessage::BuildStep => "BuildStep",
             ClusterMessage::PublishStep { .. } => "PublishStep",
+            ClusterMessage::CacheMounts { .. } => "CacheMounts",
+            ClusterMessage::CacheMountVersions { .. } => "CacheMountVersions",
+            ClusterMessage::PublishCacheMount { .. } => "PublishCacheMount",
         }
     }
 }

@@ -34,8 +34,9 @@ use crate::Digest;
 /// registry CAs; task outcomes carry input statistics; tasks can be cancelled. 3: tasks are
 /// stages (stage, export, build platform); the cluster's step cache (claim, publish). 4: fifos
 /// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built;
-/// a get may claim a blob nobody has (single-flight fetches from registries).
-pub const VERSION: u16 = 5;
+/// a get may claim a blob nobody has (single-flight fetches from registries). 6: cache mounts
+/// shared through the peer cache.
+pub const VERSION: u16 = 6;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

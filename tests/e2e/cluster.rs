@@ -856,6 +856,97 @@ fn builds_queued_and_running_survive_a_killed_coordinator() {
     );
 }
 
+/// An HTTP server on the host's loopback that answers every GET with `body` and counts them:
+/// a package registry as a package manager's fetch sees it.
+fn counting_http_server(
+    body: &'static [u8],
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(body);
+        }
+    });
+    (addr, count)
+}
+
+/// `RUN --mount=type=cache` follows the build: a step that fetches its dependencies into a
+/// cache mount (as cargo fetches into ~/.cargo/registry, or npm into ~/.npm) runs on one
+/// worker; the next build, with a changed source, runs on a fresh worker that never saw the
+/// cache, and finds the dependencies there (brought from the peer cache): the fetch is not
+/// repeated, by the step's output and by the package server's count.
+#[test]
+fn a_cache_mount_follows_the_build_to_another_worker() {
+    let Some(env) = TestEnv::get() else { return };
+    let mut cluster = Cluster::start_with(&env, &[("worker-a", &["--slots", "1"])]);
+    let reg = cluster.registry.clone();
+    let (server, fetches) = counting_http_server(b"dependency bytes\n");
+    let packages = cluster.reach(&server);
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("cachemount");
+    let dockerfile = format!(
+        "FROM {bb}\nCOPY src /src\n\
+         RUN --mount=type=cache,id=deps-{marker},target=/deps \
+         if [ -f /deps/pkg ]; then echo \"deps: reused\"; \
+         else wget -q -O /deps/pkg http://{packages}/pkg && echo \"deps: fetched\"; fi; \
+         cat /deps/pkg /src > /out\n\
+         CMD [\"cat\", \"/out\"]\n",
+        bb = cluster.busybox(&env)
+    );
+    let image = format!("{reg}/tests/{marker}:latest");
+    let mut build = |cluster: &Cluster, source: &str| {
+        let dir = work.path().join(source);
+        std::fs::create_dir(&dir).unwrap();
+        let ctx = crate::support::context(&dir, &dockerfile, &[("src", source)]);
+        let out = cluster
+            .submit_push("linux/amd64", &reg, &image, &ctx)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+        stderr
+    };
+    // The step's own output line (its name shows the script, both words included).
+    let said = |log: &str, what: &str| log.lines().any(|l| l.ends_with(what) && !l.contains("RUN"));
+    let first = build(&cluster, "one\n");
+    assert!(said(&first, "deps: fetched"), "{first}");
+    cluster.kill("worker-a");
+    cluster.spawn_worker("worker-b", &["--slots", "1"]);
+    // worker-a dropped (no heartbeat), worker-b registered.
+    cluster.wait_for_metrics(|m| {
+        m.contains("ossb_workers_lost_total 1")
+            && m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1")
+    });
+    let second = build(&cluster, "two\n");
+    assert!(second.contains("scheduled on worker worker-b"), "{second}");
+    assert!(
+        said(&second, "deps: reused"),
+        "the cache mount did not follow:\n{second}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        second.contains(&format!(
+            "cache mount deps-{marker}: brought from the peer cache"
+        )),
+        "{second}"
+    );
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(run.stdout, "dependency bytes\ntwo\n");
+}
+
 /// A platform no worker builds, natively or emulated, fails the build after the grace period
 /// (not forever), naming the platform and the workers there are; the build's other task,
 /// already running, is cancelled with it (its RUN process killed) instead of running on.

@@ -162,19 +162,31 @@ mod tests {
         let dir = dir_of(a.path(), "/root/.cargo");
         fs::create_dir_all(dir.join("registry")).unwrap();
         fs::write(dir.join("registry/crate.tar"), b"bytes of a crate").unwrap();
-        assert!(export(b.path(), "/root/.cargo", Vec::new()).unwrap().is_none());
+        assert!(export(b.path(), "/root/.cargo", Vec::new())
+            .unwrap()
+            .is_none());
 
         let mut blob = Vec::new();
-        let first = export(a.path(), "/root/.cargo", &mut blob).unwrap().unwrap();
+        let first = export(a.path(), "/root/.cargo", &mut blob)
+            .unwrap()
+            .unwrap();
         exported(a.path(), "/root/.cargo", &first).unwrap();
         assert_eq!(current(a.path(), "/root/.cargo"), Some(first.layer.digest));
-        assert!(export(a.path(), "/root/.cargo", Vec::new()).unwrap().is_none());
+        assert!(export(a.path(), "/root/.cargo", Vec::new())
+            .unwrap()
+            .is_none());
 
         // Elsewhere, over what was there.
         let other = dir_of(b.path(), "/root/.cargo");
         fs::create_dir_all(&other).unwrap();
         fs::write(other.join("stale"), b"x").unwrap();
-        import(b.path(), "/root/.cargo", &first.layer.digest, blob.as_slice()).unwrap();
+        import(
+            b.path(),
+            "/root/.cargo",
+            &first.layer.digest,
+            blob.as_slice(),
+        )
+        .unwrap();
         assert_eq!(
             fs::read(other.join("registry/crate.tar")).unwrap(),
             b"bytes of a crate"
@@ -184,7 +196,9 @@ mod tests {
 
         fs::write(dir.join("registry/more"), b"more").unwrap();
         assert_eq!(current(a.path(), "/root/.cargo"), None);
-        let second = export(a.path(), "/root/.cargo", Vec::new()).unwrap().unwrap();
+        let second = export(a.path(), "/root/.cargo", Vec::new())
+            .unwrap()
+            .unwrap();
         assert_ne!(second.layer.digest, first.layer.digest);
     }
 
@@ -198,8 +212,10 @@ mod tests {
         let err = import(a.path(), "c", &Digest::of(b"x"), &b"not a tar at all"[..]);
         assert!(err.is_err());
         assert_eq!(fs::read(dir.join("kept")).unwrap(), b"k");
-        assert!(fs::read_dir(dir.parent().unwrap())
+        assert!(fs::read_dir(dir.parent().unwrap()).unwrap().all(|e| !e
             .unwrap()
-            .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".import")));
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".import")));
     }
 }

@@ -45,8 +45,8 @@ use ossb_image::registry::{parse_reference, Registry};
 use ossb_image::store::BlobStore;
 use ossb_net::{Identity, Role};
 use ossb_protocol::cluster::{
-    BuildEvent, BuildOutcome, BuildSpec, BuiltImage, ClusterMessage, Failure, InputStats,
-    PlatformOutcome, TaskSpec, WorkerInfo,
+    BuildEvent, BuildOutcome, BuildSpec, BuiltImage, CacheMountVersion, ClusterMessage, Failure,
+    InputStats, PlatformOutcome, TaskSpec, WorkerInfo,
 };
 use ossb_protocol::{Digest, Platform};
 use quinn::{RecvStream, SendStream};
@@ -56,6 +56,7 @@ use crate::context::{all_file_digests, media_types, registry_config, registry_op
 use crate::records::{Record, Records, Status, StepRecord};
 use crate::{local_err, recv, recv_blob_bytes, send, send_blob_bytes, send_error, ClusterError};
 
+mod cache_mounts;
 mod merge;
 mod metrics;
 mod scheduler;
@@ -64,6 +65,7 @@ mod steps;
 mod tasks;
 mod workers;
 
+use cache_mounts::*;
 use merge::*;
 use metrics::*;
 use scheduler::*;
@@ -166,6 +168,8 @@ struct Inner {
     /// Context blobs submissions are waiting for, with their size and how many wait.
     wanted: HashMap<Digest, u64>,
     wanted_by: HashMap<Digest, usize>,
+    /// The latest content of each cache mount, by (platform, id).
+    cache_mounts: HashMap<(String, String), CacheMountVersion>,
 }
 
 /// A step key a task is building, and the claims waiting for it.
@@ -236,6 +240,11 @@ impl Coordinator {
         for (key, step) in records.steps().map_err(local_err("reading"))? {
             inner.steps.insert(key, step);
             inner.step_order.push_back(key);
+        }
+        for (platform, version) in records.cache_mounts().map_err(local_err("reading"))? {
+            inner
+                .cache_mounts
+                .insert((platform, version.id.clone()), version);
         }
         let identity = Identity::load(&config.tls_dir, Role::Node)?;
         let endpoint = ossb_net::server(config.listen, &identity)?;
@@ -356,6 +365,8 @@ async fn serve_stream(
             | ClusterMessage::FetchBlob { .. }
             | ClusterMessage::ClaimStep { .. }
             | ClusterMessage::PublishStep { .. }
+            | ClusterMessage::CacheMounts { .. }
+            | ClusterMessage::PublishCacheMount { .. }
     );
     if worker_only && !matches!(role, Some(Role::Worker | Role::Node)) {
         let shown = role.map_or("an unknown".to_string(), |r| format!("a {r}"));
@@ -393,6 +404,20 @@ async fn serve_stream(
         ClusterMessage::PublishStep { task, key, record } => {
             publish_step(&state, task, key, record);
             send(&mut tx, ClusterMessage::Stored).await
+        }
+        ClusterMessage::CacheMounts { task, ids } => {
+            match cache_mount_versions(&state, task, &ids) {
+                Ok(versions) => {
+                    send(&mut tx, ClusterMessage::CacheMountVersions { versions }).await
+                }
+                Err(e) => return send_error(&mut tx, e).await,
+            }
+        }
+        ClusterMessage::PublishCacheMount { task, version } => {
+            match publish_cache_mount(&state, task, version).await {
+                Ok(()) => send(&mut tx, ClusterMessage::Stored).await,
+                Err(e) => return send_error(&mut tx, e).await,
+            }
         }
         other => Err(ClusterError::Protocol {
             peer,

@@ -45,6 +45,7 @@ use ossb_engine::build::{BuildRequest, BuiltStage};
 use ossb_engine::cache::{CacheKey, CacheLevel, CacheRecord};
 use ossb_engine::progress::{Event, Progress};
 
+mod cache_mounts;
 mod inputs;
 mod steps;
 
@@ -538,8 +539,22 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
+    let mounts = cache_mounts::ids_of(&req, &df, &task.platform);
+    cache_mounts::bring(
+        node,
+        conn,
+        task.task,
+        &mounts,
+        &store,
+        &req.cache_dir,
+        &forward,
+    )
+    .await;
     let built = ossb_engine::build::build_parsed(&req, &df, &forward, Some(&steps)).await;
     steps.finish().await;
+    if built.is_ok() {
+        cache_mounts::publish(node, conn, task.task, &mounts, &store, &req.cache_dir).await;
+    }
     // What the engine pulled from registries is in the store now, whether the build then
     // succeeded or not: count it, and hand it to the peer cache for the next worker.
     let pulled: Vec<Digest> = to_pull

@@ -18,7 +18,7 @@ pub(super) struct ClusterSteps {
 }
 
 /// Asks the coordinator one question on a stream of its own.
-async fn ask(
+pub(super) async fn ask(
     conn: &quinn::Connection,
     message: ClusterMessage,
 ) -> Result<ClusterMessage, ClusterError> {
