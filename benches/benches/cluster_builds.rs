@@ -19,204 +19,11 @@
 //! `cargo bench -p ossb-benches --bench cluster_builds` (after `cargo build --release -p
 //! ossb-cli` and `scripts/testenv.sh start`; scripts/bench.sh does both).
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ossb_benches::cluster::{median, percentile, Cluster, WorkerSpec};
 use ossb_benches::workload::{runs, Env};
-
-/// Processes of one cluster, killed when dropped.
-struct Cluster {
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
-    coordinator: String,
-    metrics: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-/// A worker: its name, the CPU it is pinned to (none: unpinned), its arguments.
-struct WorkerSpec<'a> {
-    name: &'a str,
-    cpu: Option<usize>,
-    args: &'a [&'a str],
-}
-
-impl Cluster {
-    fn start(env: &Env, workers: &[WorkerSpec]) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("ossb-bench-cluster-")
-            .tempdir()
-            .unwrap();
-        let tls = dir.path().join("tls");
-        let out = Command::new(&env.ossb)
-            .args(["certs", "init", tls.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ossb certs init failed");
-        let mut cluster = Cluster {
-            coordinator: format!("127.0.0.1:{}", free_port()),
-            metrics: format!("127.0.0.1:{}", free_port()),
-            children: Vec::new(),
-            dir,
-        };
-        let cache = format!("127.0.0.1:{}", free_port());
-        let tls = tls.to_str().unwrap().to_string();
-        let root = cluster.dir.path().to_path_buf();
-        let path = |name: &str| root.join(name).to_str().unwrap().to_string();
-        cluster.spawn(
-            env,
-            "cache",
-            None,
-            &[
-                "cache-node",
-                "--listen",
-                &cache,
-                "--data-dir",
-                &path("cache"),
-                "--tls-dir",
-                &tls,
-                "--peers",
-                &cache,
-            ],
-        );
-        let (coordinator, metrics) = (cluster.coordinator.clone(), cluster.metrics.clone());
-        cluster.spawn(
-            env,
-            "coordinator",
-            None,
-            &[
-                "coordinator",
-                "--listen",
-                &coordinator,
-                "--state-dir",
-                &path("state"),
-                "--tls-dir",
-                &tls,
-                "--metrics",
-                &metrics,
-            ],
-        );
-        for w in workers {
-            let work = path(w.name);
-            let mut args = vec![
-                "worker",
-                "--coordinator",
-                &coordinator,
-                "--work-dir",
-                &work,
-                "--tls-dir",
-                &tls,
-                "--cache-peers",
-                &cache,
-                "--name",
-                w.name,
-            ];
-            args.extend_from_slice(w.args);
-            cluster.spawn(env, w.name, w.cpu, &args);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let m = http_get(&cluster.metrics, "/metrics").unwrap_or_default();
-            let registered: u64 = m
-                .lines()
-                .filter(|l| l.starts_with("ossb_workers{") && l.contains("mode=\"native\""))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum();
-            if registered >= workers.len() as u64 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the workers did not register:\n{m}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        cluster
-    }
-
-    fn spawn(&mut self, env: &Env, name: &str, cpu: Option<usize>, args: &[&str]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let mut cmd = match cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(&env.ossb);
-                c
-            }
-            None => Command::new(&env.ossb),
-        };
-        let child = cmd
-            .args(args)
-            .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start ossb {name}: {e}"));
-        self.children.push(child);
-    }
-
-    /// Submits the build of `ctx` for `platforms`, pushed as `tag`; returns its wall time.
-    fn submit(&self, env: &Env, ctx: &Path, platforms: &str, tag: &str) -> Duration {
-        let submit = env.ossb.with_file_name("ossb-submit");
-        let start = Instant::now();
-        let out = Command::new(&submit)
-            .args(["--coordinator", &self.coordinator])
-            .arg("--tls-dir")
-            .arg(self.dir.path().join("tls"))
-            .args(["--progress", "plain", "--platform", platforms])
-            .args(["--insecure-registry", env.registry(), "-t", tag, "--push"])
-            .arg(ctx)
-            .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()));
-        let wall = start.elapsed();
-        assert!(
-            out.status.success(),
-            "ossb-submit {tag} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        wall
-    }
-
-    fn logs(&self) -> String {
-        let mut all = String::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                all += &format!("--- {}\n", e.path().display());
-                all += &std::fs::read_to_string(e.path()).unwrap_or_default();
-            }
-        }
-        all
-    }
-}
 
 /// A context: the Dockerfile and `mib` MiB of text-like files (compressed per platform, the
 /// CPU-bound part of the build) with `seed` making it unique.
@@ -240,16 +47,6 @@ fn context(root: &Path, name: &str, dockerfile: &str, mib: usize, seed: u64) -> 
         std::fs::write(ctx.join(format!("data/f{i:03}")), &bytes).unwrap();
     }
     ctx
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 fn main() {
@@ -277,7 +74,7 @@ fn main() {
                 args: &["--platform", "linux/amd64", "--emulate", "linux/arm64"],
             }],
         );
-        one.push(cluster.submit(&env, &ctx, "linux/amd64,linux/arm64", &tag("one")));
+        one.push(cluster.submit(&env, &ctx, "linux/amd64,linux/arm64", Some(&tag("one"))));
         drop(cluster);
         let cluster = Cluster::start(
             &env,
@@ -294,7 +91,7 @@ fn main() {
                 },
             ],
         );
-        two.push(cluster.submit(&env, &ctx, "linux/amd64,linux/arm64", &tag("two")));
+        two.push(cluster.submit(&env, &ctx, "linux/amd64,linux/arm64", Some(&tag("two"))));
     }
     let (one, two) = (median(one), median(two));
     let ratio = two.as_secs_f64() / one.as_secs_f64();
@@ -327,7 +124,7 @@ fn main() {
                 args: amd,
             }],
         );
-        one.push(cluster.submit(&env, &ctx, "linux/amd64", &tag("one")));
+        one.push(cluster.submit(&env, &ctx, "linux/amd64", Some(&tag("one"))));
         drop(cluster);
         let cluster = Cluster::start(
             &env,
@@ -344,7 +141,7 @@ fn main() {
                 },
             ],
         );
-        two.push(cluster.submit(&env, &ctx, "linux/amd64", &tag("two")));
+        two.push(cluster.submit(&env, &ctx, "linux/amd64", Some(&tag("two"))));
     }
     let (one, two) = (median(one), median(two));
     let ratio = two.as_secs_f64() / one.as_secs_f64();
@@ -397,7 +194,7 @@ fn main() {
                         env,
                         ctx,
                         "linux/amd64",
-                        &format!("{registry}/bench/many-{i}:latest"),
+                        Some(&format!("{registry}/bench/many-{i}:latest")),
                     )
                 })
             })

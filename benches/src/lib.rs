@@ -1,6 +1,7 @@
 //! What every benchmark needs: timing a command several times with its peak memory, medians,
 //! and a table printed with the ratio to the peer measured in the same run.
 
+pub mod cluster;
 pub mod workload;
 
 use std::process::Command;

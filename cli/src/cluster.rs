@@ -157,6 +157,10 @@ pub struct WorkerArgs {
     /// Serve /metrics (Prometheus) and /healthz over HTTP on this address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Load tests of the coordinator: speak the protocol but run no step; every task
+    /// "takes" this many milliseconds and succeeds with a made-up image.
+    #[arg(long = "simulate-task-ms", value_name = "MS", hide = true)]
+    simulate_task_ms: Option<u64>,
 }
 
 /// JSON log lines to stdout and the one CryptoProvider: what every cluster node starts with.
@@ -244,6 +248,7 @@ pub fn worker(args: WorkerArgs, isolation: Option<String>) -> ExitCode {
         isolation: args.isolation.into(),
         sandbox_exe,
         metrics: args.metrics,
+        simulate: args.simulate_task_ms.map(std::time::Duration::from_millis),
     };
     run_node("worker", ossb_cluster::worker::serve(config))
 }

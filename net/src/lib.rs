@@ -184,36 +184,61 @@ mod tests {
         assert!(err.to_string().contains("certificate"), "{err}");
     }
 
-    /// A server killed (no CONNECTION_CLOSE sent) and started again on the same address with
-    /// the same certificate answers its previous connections with a stateless reset their
-    /// peers accept: the client learns it at its next packet, not after the 20 s idle timeout.
+    /// A server killed with SIGKILL (no CONNECTION_CLOSE sent) and started again on the same
+    /// address with the same certificate answers its previous connections with a stateless
+    /// reset their peers accept: the client learns it at its next packet, not after the 20 s
+    /// idle timeout. The first server is this test binary run again as a child process.
     #[test]
     fn a_restarted_server_resets_its_old_connections_at_once() {
+        if let Ok(tls) = std::env::var("OSSB_NET_TEST_KILLED_SERVER") {
+            return killed_server(std::path::Path::new(&tls));
+        }
         let dir = tempfile::tempdir().unwrap();
         let tls = cluster(dir.path(), "tls");
         let node = Identity::load(&tls, Role::Node).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_restarted_server_resets_its_old_connections_at_once",
+            ])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env("OSSB_NET_TEST_KILLED_SERVER", &tls)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        // The harness writes "test NAME ... " first, on the same line.
+        while !line.contains("listening ") {
+            line.clear();
+            assert!(
+                std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+                "the server child said nothing"
+            );
+        }
+        let addr: std::net::SocketAddr = line
+            .split("listening ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let main = tokio::runtime::Runtime::new().unwrap();
-        // The first server lives in a runtime of its own, dropped to kill it silently.
-        let dead = tokio::runtime::Runtime::new().unwrap();
-        let (addr, kept) = dead.block_on(async {
-            let endpoint = server("127.0.0.1:0".parse().unwrap(), &node).unwrap();
-            let addr = endpoint.local_addr().unwrap();
-            let accept = endpoint.clone();
-            let kept = tokio::spawn(async move { accept.accept().await.unwrap().await.unwrap() });
-            (addr, kept)
-        });
         let member = Identity::load(&tls, Role::Client).unwrap();
         let conn = main.block_on(async {
             let c = client(&member).unwrap();
             let conn = connect(&c, &addr.to_string(), Duration::from_secs(5))
                 .await
                 .unwrap();
+            // The server has the connection once a stream got through.
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(b"hello").await.unwrap();
+            let mut echoed = [0u8; 5];
+            recv.read_exact(&mut echoed).await.unwrap();
             (c, conn)
         });
-        let server_side = dead.block_on(kept).unwrap();
-        // Nothing drives the endpoint any more: its connection's drop sends nothing.
-        dead.shutdown_background();
-        drop(server_side);
+        child.kill().unwrap();
+        child.wait().unwrap();
         main.block_on(async {
             let again = server(addr, &node).unwrap();
             let started = std::time::Instant::now();
@@ -230,6 +255,22 @@ mod tests {
             );
             assert!(started.elapsed() < Duration::from_secs(5));
             drop(again);
+        });
+    }
+
+    /// The first server of the test above: echoes one stream, then waits to be killed.
+    fn killed_server(tls: &std::path::Path) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let node = Identity::load(tls, Role::Node).unwrap();
+            let endpoint = server("127.0.0.1:0".parse().unwrap(), &node).unwrap();
+            println!("listening {}", endpoint.local_addr().unwrap());
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut hello = [0u8; 5];
+            recv.read_exact(&mut hello).await.unwrap();
+            send.write_all(&hello).await.unwrap();
+            std::future::pending::<()>().await;
         });
     }
 }

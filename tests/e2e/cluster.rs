@@ -906,7 +906,7 @@ fn a_cache_mount_follows_the_build_to_another_worker() {
         bb = cluster.busybox(&env)
     );
     let image = format!("{reg}/tests/{marker}:latest");
-    let mut build = |cluster: &Cluster, source: &str| {
+    let build = |cluster: &Cluster, source: &str| {
         let dir = work.path().join(source);
         std::fs::create_dir(&dir).unwrap();
         let ctx = crate::support::context(&dir, &dockerfile, &[("src", source)]);

@@ -166,5 +166,57 @@ pub(super) fn prometheus(inner: &Inner) -> String {
     )
     .sample(&[("direction", "received")], c.context_bytes_received)
     .sample(&[("direction", "served")], c.context_bytes_served);
+    for (name, help, latencies) in [
+        (
+            "ossb_task_dispatch_microseconds",
+            "Time from a task being ready (its stages built, or its worker lost) to its dispatch to a worker, over the last 10,000 tasks; it includes waiting for a free slot.",
+            &inner.dispatch_latency,
+        ),
+        (
+            "ossb_schedule_pass_microseconds",
+            "Time one scheduling pass holds the coordinator's state, over the last 10,000 passes.",
+            &inner.pass_latency,
+        ),
+    ] {
+        m.family(name, "summary", help);
+        for q in ["0.5", "0.9", "0.99"] {
+            m.sample(&[("quantile", q)], latencies.quantile(q.parse().unwrap_or(1.0)));
+        }
+        m.single(&format!("{name}_count"), "counter", "Observations.", latencies.count);
+    }
     m.finish()
+}
+
+/// The last [`Latencies::KEPT`] durations of something, in microseconds, for quantiles.
+#[derive(Default)]
+pub(super) struct Latencies {
+    ring: Vec<u64>,
+    next: usize,
+    count: u64,
+}
+
+impl Latencies {
+    const KEPT: usize = 10_000;
+
+    pub(super) fn record(&mut self, d: Duration) {
+        let micros = d.as_micros().min(u64::MAX as u128) as u64;
+        if self.ring.len() < Self::KEPT {
+            self.ring.push(micros);
+        } else {
+            self.ring[self.next] = micros;
+        }
+        self.next = (self.next + 1) % Self::KEPT;
+        self.count += 1;
+    }
+
+    /// The `q` quantile (0..=1) of the kept durations; 0 when none.
+    pub(super) fn quantile(&self, q: f64) -> u64 {
+        if self.ring.is_empty() {
+            return 0;
+        }
+        let mut sorted = self.ring.clone();
+        sorted.sort_unstable();
+        let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[i]
+    }
 }

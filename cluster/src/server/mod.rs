@@ -107,6 +107,8 @@ struct Task {
     key: Option<Digest>,
     /// When it was queued (for the grace period of a platform no worker builds).
     queued_at: Instant,
+    /// When it could first go to a worker: its stages built (or its worker lost).
+    ready_at: Instant,
     /// The client was told it waits (for a worker of its platform, for an identical task).
     told: bool,
 }
@@ -170,6 +172,9 @@ struct Inner {
     wanted_by: HashMap<Digest, usize>,
     /// The latest content of each cache mount, by (platform, id).
     cache_mounts: HashMap<(String, String), CacheMountVersion>,
+    /// Ready-to-dispatch times of tasks, and scheduling pass times.
+    dispatch_latency: Latencies,
+    pass_latency: Latencies,
 }
 
 /// A step key a task is building, and the claims waiting for it.

@@ -33,6 +33,7 @@ pub(super) fn release(inner: &mut Inner, task: u64) {
 /// Assigns queued tasks to workers with a free slot. A task whose identical twin runs waits
 /// for it; a task no worker can build fails once the grace period is over.
 pub(super) fn schedule(state: &State) {
+    let started = Instant::now();
     let mut inner = state.lock();
     let mut waiting = VecDeque::new();
     let mut unschedulable = Vec::new();
@@ -83,6 +84,8 @@ pub(super) fn schedule(state: &State) {
                 task.worker = Some(w);
                 let spec = task.spec.clone();
                 let events = task.events.clone();
+                let ready = task.ready_at.elapsed();
+                inner.dispatch_latency.record(ready);
                 if let Some(key) = key {
                     inner.building.insert(key, task_id);
                 }
@@ -132,6 +135,7 @@ pub(super) fn schedule(state: &State) {
         }
     }
     inner.queue = waiting;
+    inner.pass_latency.record(started.elapsed());
     if unschedulable.is_empty() {
         return;
     }

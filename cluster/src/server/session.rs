@@ -332,6 +332,7 @@ async fn run_tasks(
                     context: context.clone(),
                     key,
                     queued_at: Instant::now(),
+                    ready_at: Instant::now(),
                     told: false,
                 },
             );

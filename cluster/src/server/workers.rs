@@ -103,6 +103,7 @@ pub(super) async fn worker_channel(
                         for other in inner.tasks.values_mut() {
                             if other.deps.contains(&task) {
                                 other.deps.retain(|d| *d != task);
+                                other.ready_at = Instant::now();
                                 other.prefer.get_or_insert(id);
                                 // It starts from the stage as built, never building it again.
                                 other.spec.needs.extend(outcome.stage.clone());
@@ -143,6 +144,7 @@ pub(super) fn lose_worker(state: &State, id: u64, why: &str) {
             // A fresh grace period: the lost worker may have been the only one of its
             // platform, and may come back.
             t.queued_at = Instant::now();
+            t.ready_at = t.queued_at;
             t.told = false;
             let _ = t.events.send((
                 task,
