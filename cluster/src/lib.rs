@@ -8,8 +8,9 @@
 //!   preferring the worker that built the stage's inputs), keeps the cluster's step cache (a
 //!   step key is built by one task while the others wait for its record), reschedules the
 //!   tasks of a worker that stops heartbeating, merges the per-platform manifests into an
-//!   index and pushes it last. It keeps a record of every build in its state dir ([`records`])
-//!   and reports the builds a restart lost as failed.
+//!   index and pushes it last. What outlives a restart is in its state dir ([`records`]:
+//!   build records, accepted builds' submissions, step records, cache mounts); a restarted
+//!   coordinator runs again the builds it had accepted.
 //! - [`worker`] (`ossb worker`): registers, heartbeats, runs each task with
 //!   [`ossb_engine::build::build_with`] for one stage of one platform, its local step cache first,
 //!   then the cluster's (layers through the peer cache); publishes every step it builds;
