@@ -772,7 +772,7 @@ fn wait_child(
         if Instant::now() > deadline {
             let _ = child.kill();
             panic!(
-                "the client hangs after {secs}s:\n{}\n{}",
+                "the client still runs after {secs}s:\n{}\n{}",
                 std::fs::read_to_string(log).unwrap_or_default(),
                 cluster.logs()
             );
@@ -1821,21 +1821,7 @@ fn a_link_cut_for_10s_during_a_build_in_network_namespaces() {
     cluster.link(&victim, false);
     std::thread::sleep(Duration::from_secs(10));
     cluster.link(&victim, true);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "the build hangs after the link came back:\n{}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default(),
-                cluster.logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = wait_child(&cluster, &mut child, &log, 180);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     if !status.success() {
         // Failing is allowed, clearly: the exit code of a failed build and the reason, and
