@@ -101,26 +101,18 @@ fn submit_all(
     start.elapsed()
 }
 
+/// Quantile `q` of the coordinator's summary `name` (microseconds), in milliseconds.
+fn quantile_ms(metrics: &str, name: &str, q: &str) -> f64 {
+    sample(metrics, &format!("{name}{{quantile=\"{q}\"}}")).unwrap_or(u64::MAX) as f64 / 1000.0
+}
+
 fn latency_line(metrics: &str) -> String {
-    let q = |q: &str| {
-        sample(
-            metrics,
-            &format!("ossb_task_dispatch_microseconds{{quantile=\"{q}\"}}"),
-        )
-        .unwrap_or(0) as f64
-            / 1000.0
-    };
-    let pass = sample(
-        metrics,
-        "ossb_schedule_pass_microseconds{quantile=\"0.99\"}",
-    )
-    .unwrap_or(0) as f64
-        / 1000.0;
+    let dispatch = |q| quantile_ms(metrics, "ossb_task_dispatch_microseconds", q);
     format!(
         "dispatch p50 {:>7.1} ms  p99 {:>7.1} ms  scheduling pass p99 {:>6.2} ms",
-        q("0.5"),
-        q("0.99"),
-        pass
+        dispatch("0.5"),
+        dispatch("0.99"),
+        quantile_ms(metrics, "ossb_schedule_pass_microseconds", "0.99")
     )
 }
 
@@ -181,9 +173,7 @@ fn main() {
         .collect();
     let wall = submit_all(&env, &cluster, &contexts, 40, spacing);
     let m = cluster.metrics_text();
-    let p99 = sample(&m, "ossb_task_dispatch_microseconds{quantile=\"0.99\"}").unwrap_or(u64::MAX)
-        as f64
-        / 1000.0;
+    let p99 = quantile_ms(&m, "ossb_task_dispatch_microseconds", "0.99");
     println!(
         "{workers} workers at ~40% load, {} tasks  {:>7.1}s  {}  {}",
         contexts.len() * (STAGES + 1),

@@ -407,6 +407,24 @@ impl Cluster {
         )
     }
 
+    /// [`Cluster::submit_push`] run to the end; fails with the client's and the cluster's logs
+    /// unless it succeeded. Returns the client's stderr.
+    pub(crate) fn push_ok(
+        &self,
+        platforms: &str,
+        registry: &str,
+        image: &str,
+        ctx: &Path,
+    ) -> String {
+        let out = self
+            .submit_push(platforms, registry, image, ctx)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}\n{}", self.logs());
+        stderr
+    }
+
     /// `kill -9` of process `name` (its whole process group), as when its machine dies.
     pub(crate) fn kill(&mut self, name: &str) {
         let i = self
@@ -838,12 +856,7 @@ fn builds_queued_and_running_survive_a_killed_coordinator() {
     cluster.wait_for_metrics(|m| {
         m.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1")
     });
-    let out = cluster
-        .submit_push("linux/amd64", &reg, &image_a, &ctx_a)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let stderr = cluster.push_ok("linux/amd64", &reg, &image_a, &ctx_a);
     let m = cluster.metrics_text();
     assert_eq!(
         sum_of(&m, "ossb_steps_total", "result=\"run\""),
@@ -910,13 +923,7 @@ fn a_cache_mount_follows_the_build_to_another_worker() {
         let dir = work.path().join(source);
         std::fs::create_dir(&dir).unwrap();
         let ctx = crate::support::context(&dir, &dockerfile, &[("src", source)]);
-        let out = cluster
-            .submit_push("linux/amd64", &reg, &image, &ctx)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
-        stderr
+        cluster.push_ok("linux/amd64", &reg, &image, &ctx)
     };
     // The step's own output line (its name shows the script, both words included).
     let said = |log: &str, what: &str| log.lines().any(|l| l.ends_with(what) && !l.contains("RUN"));
@@ -1405,12 +1412,7 @@ fn builds_survive_a_killed_cache_node_and_a_corrupt_blob() {
         &[],
     );
     let image = format!("{reg}/tests/{marker}:latest");
-    let out = cluster
-        .submit_push("linux/amd64", &reg, &image, &ctx)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    cluster.push_ok("linux/amd64", &reg, &image, &ctx);
     let run = podman_run(&image, &[]).success("podman run");
     assert_eq!(run.stdout, format!("{marker}\n"));
     let m = cluster.metrics_text();
@@ -1452,12 +1454,7 @@ fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
     );
     let ctx = crate::support::context(work.path(), &dockerfile, &[]);
     let image = format!("{reg}/tests/{marker}:latest");
-    let out = cluster
-        .submit_push("linux/amd64", &reg, &image, &ctx)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let stderr = cluster.push_ok("linux/amd64", &reg, &image, &ctx);
     let worker_of = |stage: usize| -> String {
         let prefix = format!("linux/amd64 stage {stage} scheduled on worker ");
         stderr
@@ -1748,12 +1745,7 @@ fn worker_pushes_mount_base_layers_from_the_base_repository() {
         &[],
     );
     let image = format!("{proxied}/tests/{}:1", unique("cluster-mount"));
-    let out = cluster
-        .submit_push("linux/amd64", &proxied, &image, &ctx)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    cluster.push_ok("linux/amd64", &proxied, &image, &ctx);
     let seen = proxy.seen();
     let base_repo = env.var("OSSB_TEST_BUSYBOX");
     let base_repo = base_repo.split(':').next().unwrap();

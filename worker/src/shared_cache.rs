@@ -54,7 +54,10 @@ fn write_marker(dir: &Path, shared: &Shared) -> io::Result<()> {
 }
 
 fn fingerprint(dir: &Path) -> io::Result<String> {
-    let snapshot = Snapshot::take(dir, &[])?;
+    Ok(fingerprint_of(&Snapshot::take(dir, &[])?))
+}
+
+fn fingerprint_of(snapshot: &Snapshot) -> String {
     let mut h = blake3::Hasher::new();
     for (path, m) in snapshot.iter() {
         h.update(path.as_os_str().as_encoded_bytes());
@@ -62,7 +65,7 @@ fn fingerprint(dir: &Path) -> io::Result<String> {
         h.update(format!("{:?}", (m.kind, m.mode, m.uid, m.gid, m.size)).as_bytes());
         h.update(format!("{:?}", (m.mtime, m.ctime, m.ino, m.symlink_target.as_ref())).as_bytes());
     }
-    Ok(h.finalize().to_hex().to_string())
+    h.finalize().to_hex().to_string()
 }
 
 /// The blob the cache directory of `id` last matched, if it still does (unchanged since).
@@ -82,11 +85,13 @@ pub fn export(cache_dir: &Path, id: &str, out: impl Write) -> io::Result<Option<
         return Ok(None);
     }
     let _lock = lock(&dir, libc::LOCK_SH)?;
-    let before = fingerprint(&dir)?;
+    // One walk: the fingerprint and the layer's entries come from the same snapshot.
+    let snapshot = Snapshot::take(&dir, &[])?;
+    let before = fingerprint_of(&snapshot);
     if read_marker(&dir).is_some_and(|s| s.fingerprint == before) {
         return Ok(None);
     }
-    let changes = Snapshot::default().diff(&Snapshot::take(&dir, &[])?);
+    let changes = Snapshot::default().diff(&snapshot);
     let opts = LayerOptions {
         compression: Compression::Zstd,
         source_date_epoch: None,

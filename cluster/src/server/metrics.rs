@@ -179,8 +179,9 @@ pub(super) fn prometheus(inner: &Inner) -> String {
         ),
     ] {
         m.family(name, "summary", help);
-        for q in ["0.5", "0.9", "0.99"] {
-            m.sample(&[("quantile", q)], latencies.quantile(q.parse().unwrap_or(1.0)));
+        let quantiles = latencies.quantiles(&[0.5, 0.9, 0.99]);
+        for (q, value) in ["0.5", "0.9", "0.99"].into_iter().zip(quantiles) {
+            m.sample(&[("quantile", q)], value);
         }
         m.single(&format!("{name}_count"), "counter", "Observations.", latencies.count);
     }
@@ -209,14 +210,36 @@ impl Latencies {
         self.count += 1;
     }
 
-    /// The `q` quantile (0..=1) of the kept durations; 0 when none.
-    pub(super) fn quantile(&self, q: f64) -> u64 {
-        if self.ring.is_empty() {
-            return 0;
-        }
+    /// The quantiles `qs` (each 0..=1) of the kept durations, from one sort; 0 when none.
+    pub(super) fn quantiles(&self, qs: &[f64]) -> Vec<u64> {
         let mut sorted = self.ring.clone();
         sorted.sort_unstable();
-        let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[i]
+        qs.iter()
+            .map(|q| {
+                let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1));
+                sorted.get(i - 1).copied().unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_keep_the_last_ten_thousand_and_give_quantiles() {
+        let mut l = Latencies::default();
+        assert_eq!(l.quantiles(&[0.5, 0.99]), [0, 0]);
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        assert_eq!(l.quantiles(&[0.5, 0.99, 1.0]), [50_000, 99_000, 100_000]);
+        // The oldest go: 10,000 fast ones push the slow ones out.
+        for _ in 0..Latencies::KEPT {
+            l.record(Duration::from_micros(1));
+        }
+        assert_eq!(l.quantiles(&[1.0]), [1]);
+        assert_eq!(l.count, 100 + Latencies::KEPT as u64);
     }
 }
