@@ -2,8 +2,10 @@
 //! ends, written to the local blob store) against the physical limits of this machine's
 //! loopback: the same bytes over a plain TCP connection (a Rust copy to a file, without and
 //! with sha256), and a pull of the same blob as a one-layer image from the test environment's
-//! registry (ossb's registry client; skipped when `scripts/testenv.sh start` has not run).
-//! The node runs in this process on its own runtime. Median of 3 per row.
+//! registries, HTTPS (as in production) and plain HTTP (ossb's registry client; skipped when
+//! `scripts/testenv.sh start` has not run). CPU is reported per end: the node runs in this
+//! process on a runtime of its own, told apart by its threads' name; a registry's process by its pid.
+//! Median of 3 per row.
 //!
 //! `cargo bench -p ossb-benches --bench peer_cache`; `OSSB_BENCH_PEER_MIB=256` for a smaller
 //! blob on a busy machine; `OSSB_BENCH_DIR` for the scratch directory (default /var/tmp);
@@ -43,14 +45,21 @@ fn random_blob(store: &BlobStore, len: usize) -> Digest {
     w.commit(None).unwrap().0
 }
 
-/// A run's wall time and the CPU time (user + system) this process spent in it: both ends
-/// run in this process, so CPU per byte compares the transports even on a busy machine where
-/// wall time depends on what else runs.
+/// A run's wall time and the CPU time (user + system) spent in it: `cpu` by both ends,
+/// `server` by the serving end alone (the node's runtime threads, or the registry's process),
+/// so each end's cost per byte is what it would cost on its own machine.
 #[derive(Clone, Copy)]
 struct Cost {
     wall: Duration,
     cpu: Duration,
+    server: Duration,
 }
+
+/// Runs of the peer get and of each registry pull, taking turns.
+const ROUNDS: usize = 5;
+
+/// The name of the node runtime's threads, by which its CPU time is told from the client's.
+const NODE_THREADS: &str = "bench-node";
 
 fn cpu_time() -> Duration {
     // SAFETY: rusage is a plain struct that getrusage fills.
@@ -60,19 +69,84 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn median3(mut run: impl FnMut() -> Duration) -> Cost {
-    let mut v: Vec<Cost> = (0..3)
-        .map(|_| {
-            let cpu = cpu_time();
-            let wall = run();
-            Cost {
-                wall,
-                cpu: cpu_time() - cpu,
-            }
-        })
+/// utime + stime from a `/proc/.../stat` line (fields 14 and 15, after the parenthesised name).
+fn stat_cpu(stat: &str) -> Duration {
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let fields: Vec<u64> = after
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse().unwrap_or(0))
         .collect();
-    v.sort_by_key(|c| c.wall);
-    v[1]
+    Duration::from_millis(fields.iter().sum::<u64>() * 1000 / ticks)
+}
+
+/// CPU time of this process's threads named `name` (live threads only: runtimes keep theirs).
+fn threads_cpu(name: &str) -> Duration {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            total +=
+                stat_cpu(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default());
+        }
+    }
+    total
+}
+
+/// Where the serving end's CPU time is read.
+#[derive(Clone, Copy)]
+enum Server {
+    Threads(&'static str),
+    Process(u32),
+    Nowhere,
+}
+
+impl Server {
+    fn cpu(self) -> Duration {
+        match self {
+            Server::Threads(name) => threads_cpu(name),
+            Server::Process(pid) => {
+                stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+            }
+            Server::Nowhere => Duration::ZERO,
+        }
+    }
+}
+
+fn measure(server: Server, run: impl FnOnce() -> Duration) -> Cost {
+    let (cpu, served) = (cpu_time(), server.cpu());
+    let wall = run();
+    let server_cpu = server.cpu() - served;
+    let own = cpu_time() - cpu;
+    Cost {
+        wall,
+        // A registry's process is not this one: its time adds to ours.
+        cpu: match server {
+            Server::Process(_) => own + server_cpu,
+            _ => own,
+        },
+        server: server_cpu,
+    }
+}
+
+fn median3(server: Server, mut run: impl FnMut() -> Duration) -> Cost {
+    median((0..3).map(|_| measure(server, &mut run)).collect())
+}
+
+/// The run of median wall time.
+fn median(mut runs: Vec<Cost>) -> Cost {
+    runs.sort_by_key(|c| c.wall);
+    runs[runs.len() / 2]
+}
+
+/// CLOCK_MONOTONIC in seconds, as `perf record -k CLOCK_MONOTONIC` stamps its samples.
+fn monotonic() -> f64 {
+    // SAFETY: clock_gettime fills the timespec it is given.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
@@ -124,25 +198,53 @@ fn tcp_copy(file: &Path, dir: &Path, verify: Option<Digest>) -> Duration {
     elapsed
 }
 
-fn registry_addr() -> Option<String> {
-    if let Ok(r) = std::env::var("OSSB_TEST_REGISTRY") {
-        return Some(r);
-    }
-    let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.testenv/env");
-    let text = std::fs::read_to_string(env).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("export OSSB_TEST_REGISTRY="))
-        .map(|r| r.trim_matches('"').to_string())
+/// A registry of the test environment (`scripts/testenv.sh start`): where it listens, the CA
+/// that signs its certificate (None: plain HTTP), and its process, whose CPU time counts.
+struct TestRegistry {
+    addr: String,
+    ca: Option<PathBuf>,
+    pid: u32,
 }
 
-/// Pushes `layer` as a one-layer image and times three pulls of it into empty stores.
-fn registry_pull(
+fn test_registry(tls: bool) -> Option<TestRegistry> {
+    let testenv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.testenv");
+    let text = std::fs::read_to_string(testenv.join("env")).ok()?;
+    let var = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    let (addr_var, pid_file) = if tls {
+        ("OSSB_TEST_TLS_REGISTRY", "registry-tls.pid")
+    } else {
+        ("OSSB_TEST_REGISTRY", "registry-plain.pid")
+    };
+    let pid = std::fs::read_to_string(testenv.join("run").join(pid_file)).ok()?;
+    Some(TestRegistry {
+        addr: var(addr_var)?,
+        ca: if tls {
+            var("OSSB_TEST_CA").map(PathBuf::from)
+        } else {
+            None
+        },
+        pid: pid.trim().parse().ok()?,
+    })
+}
+
+/// A one-layer image pushed to a test registry, to time pulls of.
+struct Pushed {
+    registry: Registry,
+    reference: ossb_image::Reference,
+    pid: u32,
+}
+
+/// Pushes `layer` as a one-layer image to `target`.
+fn push_one_layer(
     rt: &tokio::runtime::Runtime,
-    reg: &str,
+    target: &TestRegistry,
     src: &BlobStore,
     layer: Digest,
-    work: &Path,
-) -> Cost {
+) -> Pushed {
     let size = src.size(&layer).unwrap();
     let d = |mt: &str, digest, size| Descriptor {
         media_type: mt.into(),
@@ -170,27 +272,48 @@ fn registry_pull(
         src.put(&manifest).unwrap(),
         manifest.len() as u64,
     );
+    let reg = &target.addr;
     let registry = Registry::new(&RegistryOptions {
-        insecure: vec![reg.to_string()],
-        certificates: Vec::new(),
+        insecure: if target.ca.is_none() {
+            vec![reg.clone()]
+        } else {
+            Vec::new()
+        },
+        certificates: target
+            .ca
+            .iter()
+            .map(|ca| (reg.clone(), ca.clone()))
+            .collect(),
     })
     .unwrap();
     let reference =
         parse_reference(&format!("{reg}/bench/peer-cache-{}:v1", std::process::id())).unwrap();
     rt.block_on(registry.push_image(&reference, src, &top, &PushOptions::default()))
         .unwrap();
-    let mut round = 0;
-    median3(|| {
-        round += 1;
-        let store = BlobStore::open(work.join(format!("registry-pull-{round}"))).unwrap();
+    Pushed {
+        registry,
+        reference,
+        pid: target.pid,
+    }
+}
+
+/// One pull of `pushed` into an empty store under `work`, with the registry's CPU time.
+fn pull(rt: &tokio::runtime::Runtime, pushed: &Pushed, layer: &Digest, work: &Path) -> Cost {
+    let dir = work.join("registry-pull");
+    let store = BlobStore::open(&dir).unwrap();
+    let cost = measure(Server::Process(pushed.pid), || {
         let started = Instant::now();
-        rt.block_on(registry.pull(&reference, &"linux/amd64".parse().unwrap(), &store))
-            .unwrap();
-        let elapsed = started.elapsed();
-        assert!(store.contains(&layer));
-        let _ = std::fs::remove_dir_all(work.join(format!("registry-pull-{round}")));
-        elapsed
-    })
+        rt.block_on(pushed.registry.pull(
+            &pushed.reference,
+            &"linux/amd64".parse().unwrap(),
+            &store,
+        ))
+        .unwrap();
+        started.elapsed()
+    });
+    assert!(store.contains(layer));
+    let _ = std::fs::remove_dir_all(dir);
+    cost
 }
 
 /// `size` bytes over one QUIC stream between two ossb endpoints (the cluster's transport
@@ -245,7 +368,7 @@ fn raw_quic(
     let conn = rt
         .block_on(ossb_net::connect(&client, &addr, Duration::from_secs(10)))
         .unwrap();
-    median3(|| {
+    median3(Server::Threads(NODE_THREADS), || {
         rt.block_on(async {
             let started = Instant::now();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -288,6 +411,7 @@ fn main() {
     // The node, on a runtime of its own (as if it were another process).
     let node_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(NODE_THREADS)
         .enable_all()
         .build()
         .unwrap();
@@ -305,6 +429,7 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench-client")
         .enable_all()
         .build()
         .unwrap();
@@ -312,62 +437,86 @@ fn main() {
         let _in = rt.enter();
         PeerCache::connect(&tls, std::slice::from_ref(&name)).unwrap()
     };
-    let (started, cpu) = (Instant::now(), cpu_time());
-    rt.block_on(client.put_to_node(&name, &digest, &src))
-        .unwrap();
-    let put = Cost {
-        wall: started.elapsed(),
-        cpu: cpu_time() - cpu,
-    };
-
-    let mut round = 0;
-    let quic = median3(|| {
-        round += 1;
-        let dst = BlobStore::open(work.path().join(format!("dst-{round}"))).unwrap();
+    let put = measure(Server::Threads(NODE_THREADS), || {
         let started = Instant::now();
-        rt.block_on(client.get_to_store(&digest, &dst)).unwrap();
-        let elapsed = started.elapsed();
-        let _ = std::fs::remove_dir_all(work.path().join(format!("dst-{round}")));
-        elapsed
+        rt.block_on(client.put_to_node(&name, &digest, &src))
+            .unwrap();
+        started.elapsed()
     });
-    let raw = raw_quic(&node_rt, &rt, &tls, size);
-    if std::env::var_os("OSSB_BENCH_PEER_ONLY").is_some() {
-        println!(
-            "peer cache get {:.3}s CPU {:.2}s; put {:.3}s CPU {:.2}s; raw QUIC {:.3}s CPU {:.2}s ({mib} MiB)",
-            quic.wall.as_secs_f64(),
-            quic.cpu.as_secs_f64(),
-            put.wall.as_secs_f64(),
-            put.cpu.as_secs_f64(),
-            raw.wall.as_secs_f64(),
-            raw.cpu.as_secs_f64()
-        );
-        return;
-    }
-    let blob_file = src.path(&digest);
-    let tcp = median3(|| tcp_copy(&blob_file, work.path(), None));
-    let tcp_sha = median3(|| tcp_copy(&blob_file, work.path(), Some(digest)));
-    let registry = registry_addr().map(|reg| registry_pull(&rt, &reg, &src, digest, work.path()));
 
-    println!(
-        "one {mib} MiB blob over loopback (median of 3 by wall time; CPU: both ends, this process)"
-    );
+    // The peer get and the registry pulls take turns, ROUNDS times: a machine that slows down
+    // for a while (page cache reclaim, a neighbour) slows each of them alike.
+    let only_peer = std::env::var_os("OSSB_BENCH_PEER_ONLY").is_some();
+    let registries: Vec<(&str, Option<Pushed>)> = [
+        (true, "registry pull (ossb client, HTTPS, verified)"),
+        (false, "registry pull (ossb client, plain HTTP, verified)"),
+    ]
+    .into_iter()
+    .filter(|_| !only_peer)
+    .map(|(tls, name)| {
+        let pushed = test_registry(tls).map(|t| push_one_layer(&rt, &t, &src, digest));
+        (name, pushed)
+    })
+    .collect();
+    let mut gets = Vec::new();
+    let mut pulls: Vec<Vec<Cost>> = vec![Vec::new(); registries.len()];
+    for round in 1..=ROUNDS {
+        gets.push(measure(Server::Threads(NODE_THREADS), || {
+            let dst = BlobStore::open(work.path().join("dst")).unwrap();
+            let (started, from) = (Instant::now(), monotonic());
+            rt.block_on(client.get_to_store(&digest, &dst)).unwrap();
+            let elapsed = started.elapsed();
+            if only_peer {
+                // For `perf record -k CLOCK_MONOTONIC` then `perf report --time FROM,TO`.
+                eprintln!(
+                    "peer cache get {round}: --time {from:.6},{:.6}",
+                    monotonic()
+                );
+            }
+            let _ = std::fs::remove_dir_all(work.path().join("dst"));
+            elapsed
+        }));
+        for ((_, pushed), costs) in registries.iter().zip(&mut pulls) {
+            if let Some(pushed) = pushed {
+                costs.push(pull(&rt, pushed, &digest, work.path()));
+            }
+        }
+    }
+    let quic = median(gets);
+    let raw = raw_quic(&node_rt, &rt, &tls, size);
+    let per_gib = |d: Duration| d.as_secs_f64() * (1u64 << 30) as f64 / size as f64;
     let row = |name: &str, c: Cost| {
         println!(
-            "{name:<50} {:>7.3}s {:>6.0} MiB/s  QUIC/this {:>5.2}x  CPU {:>6.2}s/GiB",
+            "{name:<56} {:>7.3}s {:>6.0} MiB/s  peer get/this {:>5.2}x  CPU {:>5.2}s/GiB (client {:>5.2}, server {:>5.2})",
             c.wall.as_secs_f64(),
             mib_s(size, c.wall),
             mib_s(size, quic.wall) / mib_s(size, c.wall),
-            c.cpu.as_secs_f64() * (1u64 << 30) as f64 / size as f64
+            per_gib(c.cpu),
+            per_gib(c.cpu - c.server),
+            per_gib(c.server),
         );
     };
+    println!(
+        "one {mib} MiB blob over loopback (medians by wall time: {ROUNDS} interleaved runs of the get and the pulls, 3 of the others)"
+    );
     row("peer cache get (QUIC, mTLS, sha256 both ends)", quic);
     row("peer cache put (QUIC, verified by the node)", put);
     row("raw QUIC stream, memory to memory (no hash, no disk)", raw);
-    row("raw TCP copy to a file", tcp);
-    row("raw TCP copy to a file + sha256", tcp_sha);
-    match registry {
-        Some(d) => row("registry pull (ossb client, plain HTTP, verified)", d),
-        None => println!("registry pull: skipped (scripts/testenv.sh start)"),
+    if std::env::var_os("OSSB_BENCH_PEER_ONLY").is_some() {
+        return;
+    }
+    let blob_file = src.path(&digest);
+    let tcp = median3(Server::Nowhere, || tcp_copy(&blob_file, work.path(), None));
+    let tcp_sha = median3(Server::Nowhere, || {
+        tcp_copy(&blob_file, work.path(), Some(digest))
+    });
+    row("raw TCP copy to a file (both ends)", tcp);
+    row("raw TCP copy to a file + sha256 (both ends)", tcp_sha);
+    for ((name, _), costs) in registries.iter().zip(pulls) {
+        match costs.is_empty() {
+            false => row(name, median(costs)),
+            true => println!("{name}: skipped (scripts/testenv.sh start)"),
+        }
     }
     drop(node);
 }

@@ -64,20 +64,11 @@ pub(crate) enum Attempt {
     Complete,
     /// The node does not have it.
     Missing,
-    /// The node found its copy corrupt and discarded it: what arrived is worthless.
-    Corrupt,
     /// The transfer broke off; the bytes that arrived are good to resume from (they are
     /// verified with the rest at the end).
     Failed(String),
     /// Nobody has the blob: the asker was made its fetcher (a get with a claim).
     Fetch,
-}
-
-/// Where one node's attempt leaves a get.
-enum Settled {
-    Stored(u64),
-    Fetch,
-    Next,
 }
 
 /// What [`PeerCache::get_or_claim`] came back with.
@@ -322,15 +313,34 @@ impl PeerCache {
         claim: bool,
     ) -> Result<Claimed, ClientError> {
         let mut partial = store.partial()?;
+        // The nodes whose bytes `partial` holds: told when they do not verify.
+        let mut senders: Vec<&str> = Vec::new();
         let mut tried = Vec::new();
         for node in nodes {
+            let before = partial.len();
             let (outcome, back) = self.attempt(node, digest, partial, claim).await;
             partial = back;
-            match self.settle(digest, store, node, outcome, &mut partial, &mut tried)? {
-                Settled::Stored(size) => return Ok(Claimed::Got(size)),
-                Settled::Fetch => return Ok(Claimed::Fetch { node: node.clone() }),
-                Settled::Next => {}
+            if partial.len() > before {
+                senders.push(node);
             }
+            let note = match outcome {
+                Attempt::Complete => {
+                    let done = std::mem::replace(&mut partial, store.partial()?);
+                    match done.commit(digest) {
+                        Ok(size) => return Ok(Claimed::Got(size)),
+                        Err(StoreError::DigestMismatch { actual, .. }) => {
+                            self.report_corrupt(digest, &std::mem::take(&mut senders), &actual)
+                                .await
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Attempt::Fetch => return Ok(Claimed::Fetch { node: node.clone() }),
+                Attempt::Missing => "missing".to_string(),
+                Attempt::Failed(reason) => reason,
+            };
+            tracing::debug!(%digest, node, note, "peer cache get attempt");
+            tried.push(format!("{node}: {note}"));
         }
         Err(ClientError::NotFound {
             digest: *digest,
@@ -338,39 +348,30 @@ impl PeerCache {
         })
     }
 
-    /// What one node's attempt means: the blob stored (verified), a claim, or on to the next
-    /// node (noted in `tried`).
-    fn settle(
-        &self,
-        digest: &Digest,
-        store: &BlobStore,
-        node: &str,
-        outcome: Attempt,
-        partial: &mut PartialBlob,
-        tried: &mut Vec<String>,
-    ) -> Result<Settled, ClientError> {
-        let note = match outcome {
-            Attempt::Complete => {
-                let done = std::mem::replace(partial, store.partial()?);
-                match done.commit(digest) {
-                    Ok(size) => return Ok(Settled::Stored(size)),
-                    Err(StoreError::DigestMismatch { actual, .. }) => {
-                        format!("sent bytes hashing to {actual}")
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Attempt::Fetch => return Ok(Settled::Fetch),
-            Attempt::Missing => "missing".to_string(),
-            Attempt::Corrupt => {
-                partial.reset()?;
-                "its copy was corrupt and discarded".to_string()
-            }
-            Attempt::Failed(reason) => reason,
-        };
-        tracing::debug!(%digest, node, note, "peer cache get attempt");
-        tried.push(format!("{node}: {note}"));
-        Ok(Settled::Next)
+    /// Tells the nodes that sent bytes hashing to `actual` rather than `digest` to check their
+    /// copies (they discard a corrupt one); what they found, for the error.
+    async fn report_corrupt(&self, digest: &Digest, senders: &[&str], actual: &Digest) -> String {
+        let mut found = Vec::new();
+        for node in senders {
+            found.push(match self.check(node, digest).await {
+                Ok(false) => format!("{node}'s copy was corrupt and discarded"),
+                Ok(true) => format!("{node}'s copy is intact"),
+                Err(e) => format!("{node} could not check its copy: {e}"),
+            });
+        }
+        format!("sent bytes hashing to {actual} ({})", found.join("; "))
+    }
+
+    /// Has `node` hash its copy of `digest`: whether it was intact (a corrupt one is gone).
+    pub(crate) async fn check(&self, node: &str, digest: &Digest) -> Result<bool, String> {
+        match self
+            .request(node, CacheRequest::Check { digest: *digest })
+            .await?
+        {
+            CacheReply::Checked { intact } => Ok(intact),
+            CacheReply::Missing => Err("it does not hold the blob".into()),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
     }
 
     /// One node's attempt at sending the blob, appended to `partial` (resuming from its
@@ -427,12 +428,6 @@ impl PeerCache {
                 }
                 Ok(None) if sink.len() == size => break Attempt::Complete,
                 Ok(None) => break Attempt::Failed(format!("sent {} of {size} bytes", sink.len())),
-                Err(quinn::ReadError::Reset(code))
-                    if StreamReset::from_code(code.into_inner())
-                        == Some(StreamReset::BlobCorrupt) =>
-                {
-                    break Attempt::Corrupt
-                }
                 Err(e) => {
                     self.forget(node).await;
                     break Attempt::Failed(e.to_string());

@@ -15,7 +15,6 @@ use ossb_protocol::wire::{
 };
 use ossb_protocol::Digest;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use crate::client::{PeerCache, CHUNK};
@@ -28,7 +27,7 @@ use crate::sink::Sink;
 /// How long a followed put may pause before its batched bytes are written for the followers.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Chunks read and hashed ahead of the sending of a get.
+/// Chunks read ahead of the sending of a get.
 const READ_AHEAD: usize = 4;
 
 /// What `ossb cache-node` is given.
@@ -87,6 +86,9 @@ struct State {
     fill_from: OnceLock<PeerCache>,
     /// Blobs on their way in: claimed by a fetcher, or being put.
     inflight: Arc<Inflight>,
+    /// One [`CacheRequest::Check`] hashes at a time: an asker cannot make the node hash
+    /// blobs on every core at once.
+    checking: tokio::sync::Semaphore,
 }
 
 impl Node {
@@ -115,6 +117,7 @@ impl Node {
             own_name: OnceLock::new(),
             fill_from: OnceLock::new(),
             inflight: Arc::default(),
+            checking: tokio::sync::Semaphore::new(1),
         });
         let evicted = state.lock_lru().over_limit(&Digest::of(b""));
         state.evict(evicted);
@@ -263,6 +266,7 @@ async fn serve_stream(
         }
         CacheRequest::Put { digest, size } => state.put(&mut send, &mut recv, digest, size).await,
         CacheRequest::Stat => reply(&mut send, CacheReply::Stats(state.stats())).await,
+        CacheRequest::Check { digest } => state.check(&mut send, digest).await,
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "request failed");
@@ -411,9 +415,9 @@ impl State {
         });
     }
 
-    /// Sends a blob on its way in as its bytes reach the disk, hashing every byte; the stream
-    /// finishes once the blob is stored and the hash matches, and is reset when the put fails
-    /// (the asker then asks again, and may claim the blob).
+    /// Sends a blob on its way in as its bytes reach the disk; the stream finishes once the
+    /// put has verified and stored the blob, and is reset when the put fails (the asker then
+    /// asks again, and may claim the blob).
     async fn follow(
         &self,
         send: &mut SendStream,
@@ -442,7 +446,6 @@ impl State {
         }
         add(&self.metrics.followed, 1);
         write_message(send, Message::CacheReply(CacheReply::Blob { size, offset })).await?;
-        let mut hasher = Sha256::new();
         let mut pos = 0u64;
         loop {
             let (written, ended) = match &*arrival.borrow_and_update() {
@@ -471,7 +474,6 @@ impl State {
                         return Ok(());
                     }
                 };
-                hasher.update(&chunk);
                 let end = pos + chunk.len() as u64;
                 if end > offset {
                     let skip = offset.saturating_sub(pos) as usize;
@@ -491,10 +493,8 @@ impl State {
                 return Ok(());
             }
         }
-        let actual = Digest::from_bytes(hasher.finalize().into());
-        if actual != digest || pos != size {
-            // The put verified these bytes before storing them: a mismatch is the disk's.
-            let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
+        if pos != size {
+            let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
             return Ok(());
         }
         add(&self.metrics.hits, 1);
@@ -524,32 +524,33 @@ impl State {
         self.lock_lru().touch(&digest);
         self.store.touch(&digest);
         write_message(send, Message::CacheReply(CacheReply::Blob { size, offset })).await?;
-        // Hash every byte from the first (also those before `offset`, which are not sent);
-        // the verdict decides whether the stream finishes or is reset as corrupt. Reading and
-        // hashing run on a blocking thread, a few chunks ahead of the sending.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(READ_AHEAD);
-        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, u64)> {
-            let mut hasher = Sha256::new();
-            let mut pos = 0u64;
-            loop {
-                let mut buf = BytesMut::zeroed(CHUNK);
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                hasher.update(&buf);
-                let end = pos + n as u64;
-                if end > offset {
-                    let skip = offset.saturating_sub(pos) as usize;
-                    if tx.blocking_send(buf.freeze().slice(skip..)).is_err() {
-                        // The sending side gave up (the peer went away).
-                        return Err(std::io::Error::other("the transfer stopped"));
-                    }
-                }
-                pos = end;
+        // The asker verifies every byte and reports a mismatch ([`State::check`]): hashing
+        // here too would double the CPU a get costs for a disk fault that the check finds.
+        // Reading runs on a blocking thread, a few chunks ahead of the sending.
+        if offset > 0 {
+            use std::io::{Seek, SeekFrom};
+            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+                tracing::error!(%digest, error = %e, "reading a blob failed");
+                let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                return Ok(());
             }
-            Ok((Digest::from_bytes(hasher.finalize().into()), pos))
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(READ_AHEAD);
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            let mut pos = offset;
+            loop {
+                // `read_to_end` into spare capacity: nothing is zeroed first.
+                let mut buf = Vec::with_capacity(CHUNK);
+                let n = (&mut file).take(CHUNK as u64).read_to_end(&mut buf)?;
+                if n == 0 {
+                    return Ok(pos);
+                }
+                pos += n as u64;
+                if tx.blocking_send(bytes::Bytes::from(buf)).is_err() {
+                    // The sending side gave up (the peer went away).
+                    return Err(std::io::Error::other("the transfer stopped"));
+                }
+            }
         });
         let mut sent = Ok(());
         while let Some(chunk) = rx.recv().await {
@@ -562,25 +563,54 @@ impl State {
         drop(rx);
         let verdict = reader.await;
         sent?;
-        let (actual, pos) = match verdict {
-            Ok(Ok(v)) => v,
+        match verdict {
+            Ok(Ok(end)) if end == size => {}
+            Ok(Ok(end)) => {
+                tracing::error!(%digest, end, size, "a blob changed size while it was read");
+                let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
+                return Ok(());
+            }
             Ok(Err(e)) => {
                 tracing::error!(%digest, error = %e, "reading a blob failed");
                 let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
                 return Ok(());
             }
             Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
-        if actual != digest || pos != size {
-            // Discarded (and counted) before the requester hears of it, so whoever the reset
-            // reaches sees the node without its bad copy.
-            self.discard_corrupt(&digest, &actual);
-            let _ = send.reset(VarInt::from_u32(StreamReset::BlobCorrupt.code()));
-            return Ok(());
         }
         add(&self.metrics.hits, 1);
         let _ = send.finish();
         Ok(())
+    }
+
+    /// Hashes a stored blob an asker found corrupt, and discards it when it is.
+    async fn check(
+        self: &Arc<Self>,
+        send: &mut SendStream,
+        digest: Digest,
+    ) -> Result<(), NetError> {
+        let Ok(_permit) = self.checking.acquire().await else {
+            return self.miss(send).await;
+        };
+        if self.size(&digest).is_none() {
+            return self.miss(send).await;
+        }
+        let state = self.clone();
+        let rehashed = tokio::task::spawn_blocking(move || state.store.rehash(&digest)).await;
+        let intact = match rehashed {
+            Ok(Ok(actual)) if actual == digest => true,
+            Ok(Ok(actual)) => {
+                self.discard_corrupt(&digest, &actual);
+                false
+            }
+            Ok(Err(StoreError::Missing(_))) => return self.miss(send).await,
+            Ok(Err(e)) => {
+                tracing::error!(%digest, error = %e, "checking a blob failed");
+                reply_error(send, ErrorCode::Internal, e.to_string()).await;
+                return Ok(());
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        reply(send, CacheReply::Checked { intact }).await
     }
 
     /// Fetches a blob this node is a home of from the other nodes (local only, one hop).

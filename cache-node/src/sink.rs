@@ -45,10 +45,8 @@ impl Sink {
             let mut partial = partial;
             let mut failed = None;
             while let Some(batch) = rx.blocking_recv() {
-                for chunk in batch {
-                    if failed.is_none() {
-                        failed = partial.write(&chunk).err();
-                    }
+                if failed.is_none() {
+                    failed = partial.write_pieces(&batch).err();
                 }
                 if let (Some(written), None) = (&written, &failed) {
                     failed = partial.flush().err();

@@ -142,6 +142,22 @@ async fn a_put_whose_bytes_do_not_match_is_refused_and_nothing_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_of_an_intact_blob_keeps_it() {
+    let c = cluster(1, None).await;
+    let client = PeerCache::connect(&c.tls, &c.names).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let src = local_store(&work.path().join("src"));
+    let digest = src.put(&vec![7u8; 300_000]).unwrap();
+    assert_eq!(client.put_from_store(&digest, &src).await.unwrap(), 1);
+    // A mistaken (or hostile) report does not cost the node its copy.
+    assert_eq!(client.check(&c.names[0], &digest).await, Ok(true));
+    assert!(local_store(&c.data[0]).contains(&digest));
+    assert_eq!(c.nodes[0].stats().verification_failures, 0);
+    let absent = Digest::of(b"never stored");
+    assert!(client.check(&c.names[0], &absent).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_corrupted_on_disk_is_discarded_and_refilled_from_the_replica() {
     let c = cluster(2, None).await;
     let client = PeerCache::connect(&c.tls, &c.names).unwrap();

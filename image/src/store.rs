@@ -98,6 +98,21 @@ impl BlobStore {
         })
     }
 
+    /// Hashes the stored blob: the digest its bytes have now (`digest` itself when intact).
+    pub fn rehash(&self, digest: &Digest) -> Result<Digest, StoreError> {
+        use sha2::Digest as _;
+        let path = self.path(digest);
+        let mut file = self.open_blob(digest)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf).map_err(io_err(&path))? {
+                0 => return Ok(bytes_to_digest(hasher.finalize().into())),
+                n => hasher.update(&buf[..n]),
+            }
+        }
+    }
+
     /// Reads a whole (small) blob, such as a manifest or config.
     pub fn read(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
@@ -370,6 +385,33 @@ impl PartialBlob {
             .map_err(io_err(&self.store.tmp_dir()))?;
         self.hasher.update(bytes);
         self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends a batch of pieces (a network transfer's packets) with one `writev` per batch
+    /// rather than a copy of every piece into the write buffer first.
+    pub fn write_pieces<B: AsRef<[u8]>>(&mut self, pieces: &[B]) -> Result<(), StoreError> {
+        use sha2::Digest as _;
+        let tmp = self.store.tmp_dir();
+        self.out.flush().map_err(io_err(&tmp))?;
+        for piece in pieces {
+            self.hasher.update(piece.as_ref());
+            self.len += piece.as_ref().len() as u64;
+        }
+        let mut slices: Vec<io::IoSlice> = pieces
+            .iter()
+            .map(|p| io::IoSlice::new(p.as_ref()))
+            .collect();
+        let mut left = &mut slices[..];
+        let file = self.out.get_mut();
+        while !left.is_empty() {
+            match file.write_vectored(left) {
+                Ok(0) => return Err(io_err(&tmp)(io::ErrorKind::WriteZero.into())),
+                Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(&tmp)(e)),
+            }
+        }
         Ok(())
     }
 

@@ -36,7 +36,7 @@ use crate::Digest;
 /// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built;
 /// a get may claim a blob nobody has (single-flight fetches from registries). 6: cache mounts
 /// shared through the peer cache.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +103,13 @@ pub enum CacheRequest {
     },
     /// The node's counters.
     Stat,
+    /// The bytes this node sent for the blob did not hash to its digest on the asker's side:
+    /// hash the stored copy and discard it when it is corrupt. Nodes do not hash what they
+    /// serve (the asker verifies every byte anyway), so this is how a bad disk is found.
+    Check {
+        /// The blob.
+        digest: Digest,
+    },
 }
 
 /// The most digests one [`CacheRequest::Has`] may carry (it must fit in a frame).
@@ -138,6 +145,12 @@ pub enum CacheReply {
     Stored,
     /// The node's counters.
     Stats(CacheStats),
+    /// The answer to [`CacheRequest::Check`]: whether the stored copy was intact (false: it
+    /// was discarded). Missing when the node does not hold the blob.
+    Checked {
+        /// The copy hashed to its digest.
+        intact: bool,
+    },
 }
 
 /// A cache node's counters, as `ossb cache-node` also exports them in Prometheus form.
@@ -159,7 +172,8 @@ pub struct CacheStats {
     pub bytes_out: u64,
     /// Blobs evicted to stay under the size limit.
     pub evictions: u64,
-    /// Blobs whose bytes did not match their digest (received, or read back from disk).
+    /// Blobs whose bytes did not match their digest (received, or found corrupt on disk by a
+    /// [`CacheRequest::Check`]).
     pub verification_failures: u64,
     /// Gets of a blob nobody had, whose asker was made its fetcher.
     pub fetch_claims: u64,
@@ -198,8 +212,6 @@ pub enum ErrorCode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum StreamReset {
-    /// The blob being sent failed verification at its source and was discarded there.
-    BlobCorrupt = 1,
     /// The sender gave up (it is shutting down, or its source failed).
     Aborted = 2,
 }
@@ -213,7 +225,6 @@ impl StreamReset {
     /// The reset a code stands for, if it is one of ours.
     pub fn from_code(code: u64) -> Option<StreamReset> {
         match code {
-            1 => Some(StreamReset::BlobCorrupt),
             2 => Some(StreamReset::Aborted),
             _ => None,
         }
