@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use ossb_image::layer::{self, ApplyOptions};
 use ossb_worker::fs as wfs;
 
+use crate::error::AddError;
+
 /// Whether an ADD source is a URL rather than a context path.
 pub(crate) fn is_url(source: &str) -> bool {
     source.starts_with("http://") || source.starts_with("https://")
@@ -43,7 +45,7 @@ pub(crate) async fn fetch(
     checksum: Option<&str>,
     keep_git_dir: bool,
     work: &Path,
-) -> Result<Fetched, String> {
+) -> Result<Fetched, AddError> {
     if is_git(source) {
         let (dir, commit) = clone(source, keep_git_dir, &work.join("git")).await?;
         let mut key = format!("git:{commit}:keep={keep_git_dir}:").into_bytes();
@@ -55,7 +57,10 @@ pub(crate) async fn fetch(
         });
     }
     let file = download(source, checksum, &work.join("downloads")).await?;
-    let bytes = fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let bytes = fs::read(&file).map_err(|source| AddError::Read {
+        path: file.clone(),
+        source,
+    })?;
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -88,14 +93,22 @@ fn split_git(source: &str) -> (&str, Option<&str>, Option<&str>) {
 
 /// Clones a git source with the `git` command; returns the directory to copy (the subdir when
 /// given) and the commit checked out.
-async fn clone(source: &str, keep_git_dir: bool, work: &Path) -> Result<(PathBuf, String), String> {
+async fn clone(
+    source: &str,
+    keep_git_dir: bool,
+    work: &Path,
+) -> Result<(PathBuf, String), AddError> {
     let (url, reference, subdir) = split_git(source);
     let slot_name = format!("{source}\0keep-git-dir={keep_git_dir}");
     let slot = work.join(blake3::hash(slot_name.as_bytes()).to_hex().as_str());
     let repo = slot.join("repo");
+    let io = |e| AddError::Io {
+        url: source.to_string(),
+        source: e,
+    };
     if !repo.exists() {
-        fs::create_dir_all(&slot).map_err(|e| format!("ADD {source}: {e}"))?;
-        let tmp = tempfile::tempdir_in(&slot).map_err(|e| format!("ADD {source}: {e}"))?;
+        fs::create_dir_all(&slot).map_err(io)?;
+        let tmp = tempfile::tempdir_in(&slot).map_err(io)?;
         let checkout = tmp.path().join("repo");
         let is_commit =
             reference.is_some_and(|r| r.len() >= 7 && r.chars().all(|c| c.is_ascii_hexdigit()));
@@ -120,9 +133,9 @@ async fn clone(source: &str, keep_git_dir: bool, work: &Path) -> Result<(PathBuf
             git(&["checkout", "--quiet", r], Some(&checkout), source).await?;
         }
         if !keep_git_dir {
-            fs::remove_dir_all(checkout.join(".git")).map_err(|e| format!("ADD {source}: {e}"))?;
+            fs::remove_dir_all(checkout.join(".git")).map_err(io)?;
         }
-        fs::rename(&checkout, &repo).map_err(|e| format!("ADD {source}: {e}"))?;
+        fs::rename(&checkout, &repo).map_err(io)?;
     }
     let commit = fs::read_to_string(slot.join("commit")).ok();
     let commit = match commit {
@@ -144,52 +157,52 @@ async fn clone(source: &str, keep_git_dir: bool, work: &Path) -> Result<(PathBuf
         }
     };
     let dir = match subdir {
-        Some(sub) => {
-            ossb_worker::fs::resolve_in_root(&repo, sub, true).map_err(|e| e.to_string())?
-        }
+        Some(sub) => ossb_worker::fs::resolve_in_root(&repo, sub, true)?,
         None => repo,
     };
     Ok((dir, commit))
 }
 
-async fn git(args: &[&str], cwd: Option<&Path>, source: &str) -> Result<(), String> {
+async fn git(args: &[&str], cwd: Option<&Path>, source: &str) -> Result<(), AddError> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
-    let out = cmd
-        .output()
-        .await
-        .map_err(|e| format!("ADD {source}: cannot run git (is it installed?): {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ADD {source}: git {} exited with {}: {}",
-            args.first().unwrap_or(&""),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let out = cmd.output().await.map_err(|e| AddError::GitSpawn {
+        url: source.to_string(),
+        ask_installed: true,
+        source: e,
+    })?;
+    git_status(&out, args, source)
 }
 
-async fn git_output(args: &[&str], source: &str) -> Result<String, String> {
+async fn git_output(args: &[&str], source: &str) -> Result<String, AddError> {
     let out = tokio::process::Command::new("git")
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .output()
         .await
-        .map_err(|e| format!("ADD {source}: cannot run git: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ADD {source}: git {} exited with {}: {}",
-            args.first().unwrap_or(&""),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+        .map_err(|e| AddError::GitSpawn {
+            url: source.to_string(),
+            ask_installed: false,
+            source: e,
+        })?;
+    git_status(&out, args, source)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `AddError::Git` when git `args` exited unsuccessfully.
+fn git_status(out: &std::process::Output, args: &[&str], source: &str) -> Result<(), AddError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(AddError::Git {
+        url: source.to_string(),
+        command: args.first().unwrap_or(&"").to_string(),
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
 }
 
 /// The file name ADD gives a download: the last segment of the URL's path.
@@ -208,52 +221,46 @@ pub(crate) async fn download(
     url: &str,
     checksum: Option<&str>,
     dir: &Path,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, AddError> {
     let slot = dir.join(blake3::hash(url.as_bytes()).to_hex().as_str());
     let file = slot.join(url_file_name(url));
     if file.is_file() {
         return Ok(file);
     }
-    fs::create_dir_all(&slot).map_err(|e| format!("ADD {url}: {e}"))?;
-    let response = reqwest::get(url)
-        .await
-        .map_err(|e| format!("ADD {url}: {}", describe(&e)))?;
+    let io = |e| AddError::Io {
+        url: url.to_string(),
+        source: e,
+    };
+    let fetch = |e| AddError::Fetch {
+        url: url.to_string(),
+        source: e,
+    };
+    fs::create_dir_all(&slot).map_err(io)?;
+    let response = reqwest::get(url).await.map_err(fetch)?;
     let status = response.status();
     if !status.is_success() {
-        return Err(format!("ADD {url}: the server answered {status}"));
+        return Err(AddError::HttpStatus {
+            url: url.to_string(),
+            status,
+        });
     }
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| format!("ADD {url}: {}", describe(&e)))?;
+    let bytes = response.bytes().await.map_err(fetch)?;
     if let Some(expected) = checksum {
-        let actual = ossb_protocol::Digest::of(&bytes).to_string();
-        if actual != expected {
-            return Err(format!(
-                "ADD {url}: checksum mismatch: --checksum={expected}, the download is {actual}"
-            ));
+        let actual = ossb_protocol::Digest::of(&bytes);
+        if actual.to_string() != expected {
+            return Err(AddError::Checksum {
+                url: url.to_string(),
+                expected: expected.to_string(),
+                actual,
+            });
         }
     }
-    let mut tmp = tempfile::NamedTempFile::new_in(&slot).map_err(|e| format!("ADD {url}: {e}"))?;
-    tmp.write_all(&bytes)
-        .map_err(|e| format!("ADD {url}: {e}"))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&slot).map_err(io)?;
+    tmp.write_all(&bytes).map_err(io)?;
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("ADD {url}: {e}"))?;
-    tmp.persist(&file)
-        .map_err(|e| format!("ADD {url}: {}", e.error))?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o600)).map_err(io)?;
+    tmp.persist(&file).map_err(|e| io(e.error))?;
     Ok(file)
-}
-
-fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// The kind of archive a file is, by its first bytes (as Docker decides, not by its name).
@@ -294,10 +301,19 @@ pub(crate) fn archive_kind(path: &Path) -> Option<Archive> {
 
 /// Unpacks the tar archive `archive` into the directory `dest` (absolute, in the rootfs),
 /// creating it. Entries cannot leave `dest`.
-pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), String> {
-    wfs::make_workdir(rootfs, dest, (0, 0)).map_err(|e| e.to_string())?;
-    let target = wfs::resolve_in_root(rootfs, dest, true).map_err(|e| e.to_string())?;
-    let open = || fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()));
+pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), AddError> {
+    wfs::make_workdir(rootfs, dest, (0, 0))?;
+    let target = wfs::resolve_in_root(rootfs, dest, true)?;
+    let open = || {
+        fs::File::open(archive).map_err(|source| AddError::Read {
+            path: archive.to_path_buf(),
+            source,
+        })
+    };
+    let unpack_io = |source| AddError::UnpackIo {
+        archive: archive.to_path_buf(),
+        source,
+    };
     // A user's archive, not a layer: `.wh.` names are files (as Docker's untar).
     let opts = ApplyOptions {
         whiteouts: false,
@@ -312,24 +328,22 @@ pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), S
             // lzma-rs decodes into a writer: the tar goes through a temporary file beside
             // the archive, never whole in memory.
             let mut tar = tempfile::tempfile_in(archive.parent().unwrap_or(Path::new(".")))
-                .map_err(|e| format!("unpacking {}: {e}", archive.display()))?;
+                .map_err(unpack_io)?;
             lzma_rs::xz_decompress(&mut std::io::BufReader::new(open()?), &mut tar).map_err(
-                |e| {
-                    format!(
-                        "unpacking {}: not a valid xz stream: {e}",
-                        archive.display()
-                    )
+                |source| AddError::Xz {
+                    archive: archive.to_path_buf(),
+                    source,
                 },
             )?;
-            std::io::Seek::rewind(&mut tar)
-                .map_err(|e| format!("unpacking {}: {e}", archive.display()))?;
+            std::io::Seek::rewind(&mut tar).map_err(unpack_io)?;
             layer::apply_layer(std::io::BufReader::new(tar), &target, &opts)
         }
         _ => layer::apply_layer(std::io::BufReader::new(open()?), &target, &opts),
     };
-    unpacked
-        .map(|_| ())
-        .map_err(|e| format!("unpacking {}: {e}", archive.display()))
+    unpacked.map(|_| ()).map_err(|source| AddError::Unpack {
+        archive: archive.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use ossb_worker::checksum::ChecksumCache;
 use ossb_worker::sandbox::Isolation;
 
 use crate::cache::{record_build, BuildStats, CacheKey, LocalCache, CHECKSUMS_FILE};
+use crate::error::StepError;
 use crate::progress::Progress;
 use crate::remote_cache::{self, CacheLocation};
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
@@ -285,14 +286,14 @@ pub enum BuildError {
     #[error("{0}")]
     Usage(String),
     /// A step failed.
-    #[error("{location}: {instruction}\n{message}")]
+    #[error("{location}: {instruction}\n{source}")]
     Step {
         /// `Dockerfile:12`.
         location: String,
         /// The instruction's history text.
         instruction: String,
-        /// What went wrong.
-        message: String,
+        /// What went wrong (boxed: it is larger than the other variants).
+        source: Box<StepError>,
     },
     /// A registry refused or failed.
     #[error("{0}")]

@@ -8,6 +8,7 @@
 mod add;
 pub mod build;
 pub mod cache;
+pub mod error;
 pub mod progress;
 pub mod remote_cache;
 mod run;
@@ -15,5 +16,6 @@ mod stage;
 mod step_cache;
 
 pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, Output};
+pub use error::{AddError, CacheSpecError, StepError};
 pub use progress::{Event, Progress};
 pub use stage::Stats;

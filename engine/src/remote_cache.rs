@@ -20,6 +20,7 @@ use ossb_image::Reference;
 use ossb_protocol::Platform;
 
 use crate::cache::{CacheKey, CacheLevel, CacheRecord, LocalCache};
+use crate::error::CacheSpecError;
 use crate::stage::Shared;
 
 /// Where `--cache-from` / `--cache-to` keep step records.
@@ -42,7 +43,7 @@ impl std::fmt::Display for CacheLocation {
 
 /// `REF`, buildx's `type=registry,ref=REF[,...]`, or `type=local,src=DIR` (`--cache-from`) /
 /// `type=local,dest=DIR` (`--cache-to`, `export`).
-pub fn parse_cache(spec: &str, export: bool) -> Result<CacheLocation, String> {
+pub fn parse_cache(spec: &str, export: bool) -> Result<CacheLocation, CacheSpecError> {
     if !spec.contains('=') {
         return Ok(CacheLocation::Registry(spec.to_string()));
     }
@@ -51,27 +52,33 @@ pub fn parse_cache(spec: &str, export: bool) -> Result<CacheLocation, String> {
     } else {
         ("src", "REF, type=registry,ref=REF or type=local,src=DIR")
     };
+    let malformed = || CacheSpecError::Malformed {
+        spec: spec.to_string(),
+        usage,
+    };
     let (mut kind, mut reference, mut dir) = ("registry", None, None);
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("type", "registry")) => kind = "registry",
             Some(("type", "local")) => kind = "local",
             Some(("type", other)) => {
-                return Err(format!(
-                    "{spec:?}: cache type {other:?} is not supported; use {usage}"
-                ))
+                return Err(CacheSpecError::UnsupportedType {
+                    spec: spec.to_string(),
+                    kind: other.to_string(),
+                    usage,
+                })
             }
             Some(("ref", r)) => reference = Some(r.to_string()),
             Some((k, d)) if k == dir_key => dir = Some(PathBuf::from(d)),
             // mode=max, image-manifest=true and the like change nothing here: every step is stored.
             Some(_) => {}
-            None => return Err(format!("{spec:?}: expected {usage}")),
+            None => return Err(malformed()),
         }
     }
     match (kind, reference, dir) {
         ("registry", Some(r), None) => Ok(CacheLocation::Registry(r)),
         ("local", None, Some(d)) if !d.as_os_str().is_empty() => Ok(CacheLocation::Local(d)),
-        _ => Err(format!("{spec:?}: expected {usage}")),
+        _ => Err(malformed()),
     }
 }
 
@@ -277,9 +284,13 @@ mod tests {
                 registry
             );
             assert!(parse_cache("type=registry", export).is_err());
-            assert!(parse_cache("type=gha", export)
-                .unwrap_err()
-                .contains("not supported"));
+            let gha = parse_cache("type=gha", export).unwrap_err();
+            assert!(
+                matches!(gha, CacheSpecError::UnsupportedType { ref kind, .. } if kind == "gha")
+            );
+            assert!(gha.to_string().starts_with(
+                "\"type=gha\": cache type \"gha\" is not supported; use REF, type=registry,ref=REF or type=local,"
+            ));
         }
         assert_eq!(
             parse_cache("type=local,src=/tmp/c", false).unwrap(),
@@ -292,6 +303,11 @@ mod tests {
         // buildx's keys: src= to read, dest= to write.
         assert!(parse_cache("type=local,dest=/tmp/c", false).is_err());
         assert!(parse_cache("type=local,src=/tmp/c", true).is_err());
-        assert!(parse_cache("type=local,src=", false).is_err());
+        assert_eq!(
+            parse_cache("type=local,src=", false)
+                .unwrap_err()
+                .to_string(),
+            "\"type=local,src=\": expected REF, type=registry,ref=REF or type=local,src=DIR"
+        );
     }
 }

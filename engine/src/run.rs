@@ -9,8 +9,10 @@ use ossb_image::oci::RuntimeConfig;
 use ossb_worker::fs as wfs;
 use ossb_worker::mounts::{self, MountSources};
 use ossb_worker::overlay::OverlayDirs;
-use ossb_worker::sandbox::{self, DevFile, Isolation, RunSpec};
+use ossb_worker::sandbox::{self, DevFile, Isolation, RunError, RunSpec};
 use ossb_worker::userns::IdMapping;
+
+use crate::error::StepError;
 
 /// What a RUN needs to know of the build around it.
 pub(crate) struct RunContext<'a> {
@@ -42,17 +44,16 @@ pub(crate) struct RunContext<'a> {
     pub overlay: Option<&'a OverlayDirs>,
 }
 
-/// Runs `run` in the sandbox; each output line goes to `on_line`. The error is the message
-/// for the user. Secret values never reach `on_line` or the error: they are masked. Returns the
+/// Runs `run` in the sandbox; each output line goes to `on_line`. Secret values never reach `on_line` or the error: they are masked. Returns the
 /// directories made in the rootfs for the working directory before the step ran (on overlayfs
 /// they are not in the upper directory).
 pub(crate) async fn execute(
     ctx: &RunContext<'_>,
     run: &Run,
     mut on_line: impl FnMut(&str),
-) -> Result<Vec<Change>, String> {
+) -> Result<Vec<Change>, StepError> {
     if run.security == Security::Insecure {
-        return Err("RUN --security=insecure is not allowed: ossb runs every step unprivileged in its sandbox and has no entitlement to grant more; remove --security=insecure (a step that needs privileges, e.g. to mount filesystems, cannot be built by ossb)".into());
+        return Err(StepError::InsecureRun);
     }
     let user = if run.user.is_empty() {
         ctx.default_user
@@ -64,8 +65,8 @@ pub(crate) async fn execute(
     } else {
         &run.working_dir
     };
-    let u = wfs::lookup_user(ctx.rootfs, user).map_err(|e| e.to_string())?;
-    let workdir = wfs::make_workdir(ctx.rootfs, cwd, (u.uid, u.gid)).map_err(|e| e.to_string())?;
+    let u = wfs::lookup_user(ctx.rootfs, user)?;
+    let workdir = wfs::make_workdir(ctx.rootfs, cwd, (u.uid, u.gid))?;
     let mut env = ctx.config.env.clone().unwrap_or_default();
     if !env.iter().any(|kv| kv.starts_with("PATH=")) {
         env.push(format!("PATH={}", ossb_dockerfile::DEFAULT_PATH));
@@ -91,12 +92,9 @@ pub(crate) async fn execute(
                 content: f.content.clone(),
                 mode: f.mode,
             }),
-            None => Err(format!(
-                "RUN heredoc file {} is not under /dev (a bug in the planner)",
-                f.name
-            )),
+            None => Err(StepError::HeredocNotUnderDev(f.name.clone())),
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
 
     let sources = MountSources {
         context: ctx.context.to_path_buf(),
@@ -108,10 +106,8 @@ pub(crate) async fn execute(
     };
     let (rootfs, wanted) = (ctx.rootfs.to_path_buf(), run.mounts.clone());
     // May wait for another build's lock on a cache mount.
-    let prepared = tokio::task::spawn_blocking(move || mounts::prepare(&rootfs, &wanted, &sources))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let prepared =
+        tokio::task::spawn_blocking(move || mounts::prepare(&rootfs, &wanted, &sources)).await??;
     for kv in &prepared.env {
         // A secret exposed as a variable wins over ENV and ARG of the same name.
         let name = kv.split('=').next().unwrap_or_default();
@@ -126,8 +122,7 @@ pub(crate) async fn execute(
     }
     let secrets = prepared.secret_values.clone();
     // Kept until the step ends: the sandbox binds it on /etc/hosts.
-    let hosts = hosts_file(&run.extra_hosts)
-        .map_err(|e| format!("writing the step's /etc/hosts for --add-host: {e}"))?;
+    let hosts = hosts_file(&run.extra_hosts).map_err(StepError::HostsFile)?;
 
     let spec = RunSpec {
         rootfs: ctx.rootfs.to_path_buf(),
@@ -155,8 +150,26 @@ pub(crate) async fn execute(
     })
     .await;
     let _ = tokio::task::spawn_blocking(move || prepared.cleanup()).await;
-    result.map_err(|e| mask(&e.to_string(), &secrets))?;
+    result.map_err(|e| StepError::Run(mask_error(e, &secrets)))?;
     Ok(workdir)
+}
+
+/// `err` with every secret value masked in what it shows.
+fn mask_error(err: RunError, secrets: &[String]) -> RunError {
+    match err {
+        RunError::Failed {
+            command,
+            status,
+            code,
+            output,
+        } => RunError::Failed {
+            command: mask(&command, secrets),
+            status: mask(&status, secrets),
+            code,
+            output: output.iter().map(|l| mask(l, secrets)).collect(),
+        },
+        RunError::Setup(m) => RunError::Setup(mask(&m, secrets)),
+    }
 }
 
 /// The host's `/etc/hosts` followed by the `--add-host` lines, or `None` when there are none
@@ -212,5 +225,24 @@ mod tests {
     fn masks_secret_values() {
         let secrets = vec!["hunter2".to_string(), "ab".to_string()];
         assert_eq!(mask("pw=hunter2 ab", &secrets), "pw=**** ab");
+    }
+
+    /// A failed RUN's error shows no secret, in the command or its last lines, and keeps its
+    /// exit code.
+    #[test]
+    fn masks_secrets_in_a_failed_run() {
+        let secrets = vec!["hunter2".to_string()];
+        let err = RunError::Failed {
+            command: "/bin/sh -c echo hunter2; exit 7".into(),
+            status: "exit code: 7".into(),
+            code: 7,
+            output: vec!["hunter2".into(), "done".into()],
+        };
+        let err = StepError::Run(mask_error(err, &secrets));
+        assert_eq!(err.exit_code(), Some(7));
+        assert_eq!(
+            err.to_string(),
+            "process \"/bin/sh -c echo ****; exit 7\" did not complete successfully: exit code: 7\n  last output lines:\n    ****\n    done"
+        );
     }
 }

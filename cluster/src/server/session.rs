@@ -209,7 +209,7 @@ fn check(spec: &BuildSpec) -> Result<ossb_dockerfile::Dockerfile, Failure> {
                 .map(|c| ossb_engine::remote_cache::parse_cache(c, true)),
         )
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| failure(e, 2))?;
+        .map_err(|e| failure(e.to_string(), 2))?;
     ossb_engine::build::check_references(&spec.tags, &caches)
         .map_err(|e| failure(e.to_string(), 2))?;
     let df = ossb_dockerfile::parse(&spec.dockerfile, &spec.dockerfile_name)

@@ -16,13 +16,18 @@ impl PlatformBuild<'_> {
         target: CopyTarget,
     ) -> Result<Vec<Change>, CopyFailure> {
         let req = self.req();
-        let failed = CopyFailure::Failed;
         let from_context = copy.from.is_none();
         let source_root = match &copy.from {
             None => req.context.clone(),
             Some(Source::Stage(i)) => match done.get(i) {
-                Some(s) => self.source_rootfs(s).await.map_err(failed)?,
-                None => return Err(failed(format!("COPY --from: stage {i} has not been built"))),
+                Some(s) => self.source_rootfs(s).await?,
+                None => {
+                    return Err(StepError::StageNotBuilt {
+                        from: "COPY --from",
+                        stage: *i,
+                    }
+                    .into())
+                }
             },
             Some(Source::Image(name)) if req.build_contexts.contains_key(name) => {
                 req.build_contexts[name].clone()
@@ -30,9 +35,11 @@ impl PlatformBuild<'_> {
             Some(Source::Image(image)) => match self.copy_images.get(image) {
                 Some((root, _)) => root.clone(),
                 None => {
-                    return Err(failed(format!(
-                        "COPY --from={image}: the image was not pulled"
-                    )))
+                    return Err(StepError::ImageNotPulled {
+                        from: "COPY --from",
+                        image: image.clone(),
+                    }
+                    .into())
                 }
             },
         };
@@ -43,14 +50,10 @@ impl PlatformBuild<'_> {
         let chown = copy.chown.clone();
         let default_owner = if from_build { None } else { Some((0, 0)) };
         let mode = match &copy.chmod {
-            Some(m) => Some(Mode::parse(m).ok_or_else(|| {
-                failed(format!(
-                    "--chmod={m}: expected an octal mode (755) or a symbolic one (u+x,go-w)"
-                ))
-            })?),
+            Some(m) => Some(Mode::parse(m).ok_or_else(|| StepError::Chmod(m.clone()))?),
             None => None,
         };
-        let exclude = exclude_rules(copy).map_err(failed)?;
+        let exclude = exclude_rules(copy)?;
         // Files that do not come from the source root: downloads and heredocs.
         let mut extra: Vec<(PathBuf, String)> = Vec::new();
         let mut local = Vec::new();
@@ -62,8 +65,7 @@ impl PlatformBuild<'_> {
                     copy.keep_git_dir.unwrap_or(false),
                     &self.shared.work,
                 )
-                .await
-                .map_err(failed)?;
+                .await?;
                 extra.extend(fetched.names.into_iter().map(|n| (fetched.dir.clone(), n)));
             } else {
                 local.push(source.clone());
@@ -72,7 +74,7 @@ impl PlatformBuild<'_> {
         if !copy.heredocs.is_empty() {
             let dir = self.shared.work.join(format!("heredocs-{id}"));
             for doc in &copy.heredocs {
-                write_inline_file(&dir, &doc.name, &doc.content, doc.mode).map_err(failed)?;
+                write_inline_file(&dir, &doc.name, &doc.content, doc.mode)?;
                 extra.push((dir.clone(), doc.name.clone()));
             }
         }
@@ -93,7 +95,6 @@ impl PlatformBuild<'_> {
         let parents = copy.parents;
         let unpack = is_add && from_context && copy.unpack != Some(false);
         tokio::task::spawn_blocking(move || -> Result<Vec<Change>, CopyFailure> {
-            let failed = |e: &dyn std::fmt::Display| CopyFailure::Failed(e.to_string());
             let mut changes = Vec::new();
             let mut filter = match &ignore {
                 Some(rules) => CopyFilter::dockerignore(rules),
@@ -133,7 +134,7 @@ impl PlatformBuild<'_> {
                     let mut skeleton = Skeleton::new(tree, dir);
                     let need = |e: SkeletonError| match e {
                         SkeletonError::NeedsRootfs(m) => CopyFailure::NeedsRootfs(m),
-                        SkeletonError::Fs(e) => CopyFailure::Failed(e.to_string()),
+                        SkeletonError::Fs(e) => e.into(),
                     };
                     if chown.is_some() {
                         skeleton.prepare_accounts().map_err(need)?;
@@ -159,7 +160,7 @@ impl PlatformBuild<'_> {
                 }
             };
             let owner = match &chown {
-                Some(spec) => Some(wfs::lookup_owner(&rootfs, spec).map_err(|e| failed(&e))?),
+                Some(spec) => Some(wfs::lookup_owner(&rootfs, spec)?),
                 None => default_owner,
             };
             let opts = CopyOptions {
@@ -168,30 +169,30 @@ impl PlatformBuild<'_> {
                 parents,
             };
             for path in archives {
-                add::extract(&path, &rootfs, &dest).map_err(|e| failed(&e))?;
+                add::extract(&path, &rootfs, &dest)?;
             }
             if !plain.is_empty() {
-                changes.extend(
-                    wfs::copy_into(&source_root, &plain, &rootfs, &dest, opts.clone(), filter)
-                        .map_err(|e| failed(&e))?,
-                );
+                changes.extend(wfs::copy_into(
+                    &source_root,
+                    &plain,
+                    &rootfs,
+                    &dest,
+                    opts.clone(),
+                    filter,
+                )?);
             }
             for (dir, name) in extra {
-                changes.extend(
-                    wfs::copy_into(
-                        &dir,
-                        &[name],
-                        &rootfs,
-                        &dest,
-                        opts.clone(),
-                        CopyFilter::none(),
-                    )
-                    .map_err(|e| failed(&e))?,
-                );
+                changes.extend(wfs::copy_into(
+                    &dir,
+                    &[name],
+                    &rootfs,
+                    &dest,
+                    opts.clone(),
+                    CopyFilter::none(),
+                )?);
             }
             Ok(changes)
         })
-        .await
-        .map_err(|e| CopyFailure::Failed(e.to_string()))?
+        .await?
     }
 }

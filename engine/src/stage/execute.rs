@@ -15,7 +15,7 @@ impl PlatformBuild<'_> {
         done: &Done,
         id: usize,
         started: Instant,
-    ) -> Result<CacheRecord, String> {
+    ) -> Result<CacheRecord, StepError> {
         let is_run = matches!(step.instruction, Instruction::Run(_));
         let source = self.change_source(step, &state.rootfs).await;
         let upper = match source {
@@ -35,8 +35,9 @@ impl PlatformBuild<'_> {
             _ => Some(snapshot(&state.rootfs, is_run).await?),
         };
         let mount_points = match &step.instruction {
-            Instruction::Run(_) => sandbox::prepare_mount_points(&state.rootfs)
-                .map_err(|e| format!("preparing the sandbox: {e}"))?,
+            Instruction::Run(_) => {
+                sandbox::prepare_mount_points(&state.rootfs).map_err(StepError::MountPoints)?
+            }
             _ => Vec::new(),
         };
         let overlay = upper.as_ref().map(|u| u.dirs());
@@ -53,9 +54,8 @@ impl PlatformBuild<'_> {
                     let created: Vec<PathBuf> = written.into_iter().map(|c| c.path).collect();
                     upper.merge(&rootfs, &mount_point_paths(), &created)
                 })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("merging the step's overlay into the rootfs: {e}"))?
+                .await?
+                .map_err(StepError::OverlayMerge)?
             }
             (None, None) => written,
         };
@@ -83,7 +83,7 @@ impl PlatformBuild<'_> {
         done: &Done,
         id: usize,
         started: Instant,
-    ) -> Result<Option<CacheRecord>, String> {
+    ) -> Result<Option<CacheRecord>, StepError> {
         let (Instruction::Copy(copy) | Instruction::Add(copy)) = &step.instruction else {
             return Ok(None);
         };
@@ -96,19 +96,14 @@ impl PlatformBuild<'_> {
         }
         let store = self.shared.store.clone();
         let layers = state.layers.clone();
-        let tree = tokio::task::spawn_blocking(move || -> Result<BaseTree, String> {
+        let tree = tokio::task::spawn_blocking(move || -> Result<BaseTree, StepError> {
             let mut listings = Vec::with_capacity(layers.len());
             for layer in &layers {
-                listings.push(
-                    store
-                        .layer_listing(&layer.digest)
-                        .map_err(|e| e.to_string())?,
-                );
+                listings.push(store.layer_listing(&layer.digest)?);
             }
-            BaseTree::from_layers(&listings).map_err(|e| e.to_string())
+            Ok(BaseTree::from_layers(&listings)?)
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         let tree = match tree {
             Ok(tree) => std::sync::Arc::new(tree),
             Err(e) => {
@@ -117,7 +112,10 @@ impl PlatformBuild<'_> {
             }
         };
         let dir = self.shared.work.join(format!("skeleton-{id}"));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| StepError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let cwd = state
             .config
             .config
@@ -193,7 +191,7 @@ impl PlatformBuild<'_> {
         id: usize,
         started: Instant,
         overlay: Option<&ossb_worker::overlay::OverlayDirs>,
-    ) -> Result<Vec<Change>, String> {
+    ) -> Result<Vec<Change>, StepError> {
         let req = self.req();
         let cfg = &mut state.config.config;
         let cwd = cfg
@@ -208,8 +206,8 @@ impl PlatformBuild<'_> {
             .unwrap_or_else(|| "0".into());
         match &step.instruction {
             Instruction::Workdir(dir) => {
-                let owner = wfs::lookup_owner(&state.rootfs, &user).map_err(|e| e.to_string())?;
-                wfs::make_workdir(&state.rootfs, dir, owner).map_err(|e| e.to_string())
+                let owner = wfs::lookup_owner(&state.rootfs, &user)?;
+                Ok(wfs::make_workdir(&state.rootfs, dir, owner)?)
             }
             Instruction::Run(run) => {
                 // The stages this RUN mounts, unpacked now that it runs.
@@ -257,7 +255,9 @@ impl PlatformBuild<'_> {
                 self.copy_step(copy, is_add, &cwd, done, id, target)
                     .await
                     .map_err(|e| match e {
-                        CopyFailure::Failed(m) | CopyFailure::NeedsRootfs(m) => m,
+                        CopyFailure::Failed(e) => e,
+                        // Only a skeleton needs the rootfs: not reached here.
+                        CopyFailure::NeedsRootfs(why) => SkeletonError::NeedsRootfs(why).into(),
                     })
             }
             _ => Ok(Vec::new()),

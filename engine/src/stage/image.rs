@@ -7,20 +7,17 @@ impl PlatformBuild<'_> {
         &self,
         rootfs: &Path,
         changes: Vec<Change>,
-    ) -> Result<(Descriptor, Digest), String> {
+    ) -> Result<(Descriptor, Digest), StepError> {
         let store = self.shared.store.clone();
         let rootfs = rootfs.to_path_buf();
         let opts = LayerOptions {
             compression: self.req().compression,
             source_date_epoch: self.req().source_date_epoch,
         };
-        tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), String> {
-            let mut writer = store.writer().map_err(|e| e.to_string())?;
-            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts)
-                .map_err(|e| e.to_string())?;
-            writer
-                .commit(Some(&written.digest))
-                .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), StepError> {
+            let mut writer = store.writer()?;
+            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts)?;
+            writer.commit(Some(&written.digest))?;
             let desc = Descriptor {
                 media_type: written.media_type.to_string(),
                 digest: written.digest,
@@ -30,8 +27,7 @@ impl PlatformBuild<'_> {
             };
             Ok((desc, written.diff_id))
         })
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
     }
 
     pub(super) fn write_image(

@@ -33,6 +33,7 @@ use ossb_worker::snapshot::Snapshot;
 use crate::add;
 use crate::build::{local, Annotations, BuildError, BuildRequest, BuiltStage};
 use crate::cache::{self, CacheKey, CacheRecord, LocalCache};
+use crate::error::StepError;
 use crate::progress::{Event, Progress};
 use crate::run::{self, RunContext};
 use crate::step_cache;
@@ -447,7 +448,7 @@ impl<'a> PlatformBuild<'a> {
                 let result = unpack(&self.shared.store, &pulled.manifest.layers, &root).await;
                 self.shared
                     .finish(id, t, result)
-                    .map_err(BuildError::Local)?;
+                    .map_err(|e| BuildError::Local(e.to_string()))?;
             }
             self.copy_images
                 .insert(reference, (root, pulled.manifest_digest));
@@ -591,14 +592,14 @@ impl<'a> PlatformBuild<'a> {
             let result = self
                 .run_step(step, &mut state, done, &mut vertex)
                 .await
-                .map_err(|message| BuildError::Step {
+                .map_err(|source| BuildError::Step {
                     location: format!(
                         "{}:{}",
                         self.req().dockerfile_name,
                         step.location.start_line
                     ),
                     instruction: step.title(),
-                    message,
+                    source: Box::new(source),
                 });
             match (result, vertex.id) {
                 (Ok(true), Some(id)) => self.shared.progress.event(Event::Cached { id }),
@@ -613,7 +614,7 @@ impl<'a> PlatformBuild<'a> {
     }
 
     /// Unpacks the stage's layers into its rootfs, if not done yet.
-    async fn materialize(&self, state: &mut StageState) -> Result<(), BuildError> {
+    async fn materialize(&self, state: &mut StageState) -> Result<(), StepError> {
         if state.materialized {
             return Ok(());
         }
@@ -623,31 +624,28 @@ impl<'a> PlatformBuild<'a> {
     }
 
     /// The rootfs of a finished stage that a running step reads, unpacked on first use.
-    async fn source_rootfs(&self, state: &StageState) -> Result<PathBuf, String> {
+    async fn source_rootfs(&self, state: &StageState) -> Result<PathBuf, StepError> {
         if !state.materialized {
             state
                 .unpacked_for_readers
                 .get_or_try_init(|| self.unpack_rootfs(&state.layers, &state.rootfs))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
         }
         Ok(state.rootfs.clone())
     }
 
     /// Makes `rootfs` hold exactly `layers`.
-    async fn unpack_rootfs(&self, layers: &[Descriptor], rootfs: &Path) -> Result<(), BuildError> {
+    async fn unpack_rootfs(&self, layers: &[Descriptor], rootfs: &Path) -> Result<(), StepError> {
+        let failed = |doing| move |source| StepError::Rootfs { doing, source };
         if rootfs.exists() {
-            std::fs::remove_dir_all(rootfs).map_err(local("clearing a rootfs"))?;
+            std::fs::remove_dir_all(rootfs).map_err(failed("clearing a rootfs"))?;
         }
-        std::fs::create_dir_all(rootfs).map_err(local("creating the rootfs"))?;
+        std::fs::create_dir_all(rootfs).map_err(failed("creating the rootfs"))?;
         let (id, t) = self
             .shared
             .start(format!("unpacking {} layers", layers.len()));
         let result = unpack(&self.shared.store, layers, rootfs).await;
-        let notes = self
-            .shared
-            .finish(id, t, result)
-            .map_err(BuildError::Local)?;
+        let notes = self.shared.finish(id, t, result)?;
         for note in notes {
             self.shared
                 .progress
@@ -668,33 +666,42 @@ enum CopyTarget {
 
 /// Why a COPY did not complete.
 enum CopyFailure {
-    /// The user's error message.
-    Failed(String),
+    /// What failed, for the user.
+    Failed(StepError),
     /// It cannot run on a skeleton (why, for the debug log): run it on the rootfs.
     NeedsRootfs(String),
 }
 
+impl<E: Into<StepError>> From<E> for CopyFailure {
+    fn from(e: E) -> Self {
+        CopyFailure::Failed(e.into())
+    }
+}
+
 /// The `--exclude` patterns of a COPY/ADD, as ignore rules.
-fn exclude_rules(copy: &ossb_dockerfile::Copy) -> Result<Option<Dockerignore>, String> {
+fn exclude_rules(copy: &ossb_dockerfile::Copy) -> Result<Option<Dockerignore>, StepError> {
     if copy.exclude.is_empty() {
         return Ok(None);
     }
     Dockerignore::parse(&copy.exclude.join("\n"))
         .map(Some)
-        .map_err(|e| format!("--exclude: {e}"))
+        .map_err(StepError::Exclude)
 }
 
 /// Writes a heredoc's file for COPY/ADD.
-fn write_inline_file(dir: &Path, name: &str, content: &str, mode: u32) -> Result<(), String> {
+fn write_inline_file(dir: &Path, name: &str, content: &str, mode: u32) -> Result<(), StepError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StepError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     if name.contains('/') || name == ".." || name.is_empty() {
-        return Err(format!("heredoc name {name:?} cannot be a file name"));
+        return Err(StepError::HeredocName(name.to_string()));
     }
     let path = dir.join(name);
-    std::fs::write(&path, content).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(&path, content).map_err(io(&path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io(&path))
 }
 
 /// Whether a step changes files (and so makes a layer and takes time).
@@ -813,26 +820,28 @@ async fn unpack(
     store: &BlobStore,
     layers: &[Descriptor],
     rootfs: &Path,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, StepError> {
     let store = store.clone();
     let layers = layers.to_vec();
     let rootfs = rootfs.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let mut notes = Vec::new();
         for layer in &layers {
-            let blob = store.open_blob(&layer.digest).map_err(|e| e.to_string())?;
-            let report = layer::apply_layer(std::io::BufReader::new(blob), &rootfs, &ApplyOptions::default()).map_err(|e| {
-                format!(
-                    "cannot unpack layer {}: {e}\n  hint: the image is malformed or hostile; ossb never writes outside the rootfs, so use an image whose layers stay inside it",
-                    layer.digest
-                )
+            let blob = store.open_blob(&layer.digest)?;
+            let report = layer::apply_layer(
+                std::io::BufReader::new(blob),
+                &rootfs,
+                &ApplyOptions::default(),
+            )
+            .map_err(|source| StepError::UnpackLayer {
+                digest: layer.digest,
+                source,
             })?;
             notes.extend(report.skipped);
         }
         Ok(notes)
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
 }
 
 /// Where the change list of a step comes from.
@@ -871,7 +880,7 @@ fn mount_point_paths() -> Vec<PathBuf> {
 
 /// A metadata snapshot of the rootfs; for a RUN step without the sandbox's mount points (COPY
 /// and WORKDIR write real files there).
-async fn snapshot(rootfs: &Path, is_run: bool) -> Result<Snapshot, String> {
+async fn snapshot(rootfs: &Path, is_run: bool) -> Result<Snapshot, StepError> {
     let rootfs = rootfs.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let exclude = if is_run {
@@ -881,9 +890,8 @@ async fn snapshot(rootfs: &Path, is_run: bool) -> Result<Snapshot, String> {
         };
         Snapshot::take(&rootfs, &exclude)
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("snapshot of the rootfs: {e}"))
+    .await?
+    .map_err(StepError::Snapshot)
 }
 
 /// The OCI media type for a layer that may carry a Docker media type (same bytes).

@@ -4,14 +4,14 @@
 use super::*;
 
 impl PlatformBuild<'_> {
-    /// Runs one step. Returns whether it came from the cache; the error is the user's message.
+    /// Runs one step. Returns whether it came from the cache.
     pub(super) async fn run_step(
         &self,
         step: &Step,
         state: &mut StageState,
         done: &Done,
         vertex: &mut Vertex,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StepError> {
         let changes_fs = apply_metadata(
             &step.instruction,
             &mut state.config.config,
@@ -54,7 +54,7 @@ impl PlatformBuild<'_> {
                     {
                         Some(record) => record,
                         None => {
-                            self.materialize(state).await.map_err(|e| e.to_string())?;
+                            self.materialize(state).await?;
                             self.execute(step, state, done, id, started).await?
                         }
                     };
@@ -97,7 +97,7 @@ impl PlatformBuild<'_> {
         &self,
         step: &Step,
         done: &Done,
-    ) -> Result<Vec<Vec<u8>>, String> {
+    ) -> Result<Vec<Vec<u8>>, StepError> {
         if let Instruction::Run(run) = &step.instruction {
             return self.bind_mount_inputs(run, done);
         }
@@ -151,25 +151,31 @@ impl PlatformBuild<'_> {
         sources: &[String],
         context_filter: CopyFilter<'_>,
         done: &Done,
-        what: &str,
-    ) -> Result<Vec<u8>, String> {
+        what: &'static str,
+    ) -> Result<Vec<u8>, StepError> {
         let checksum = |dir: &Path, filter| {
             sources_checksum_cached(dir, sources, filter, &self.shared.checksums)
                 .map(|sum| sum.to_vec())
-                .map_err(|e| e.to_string())
+                .map_err(StepError::Fs)
         };
         match from {
             None => checksum(&self.req().context, context_filter),
             Some(Source::Stage(i)) => match done.get(i) {
                 Some(s) => Ok(s.key.as_bytes().to_vec()),
-                None => Err(format!("{what}: stage {i} has not been built")),
+                None => Err(StepError::StageNotBuilt {
+                    from: what,
+                    stage: *i,
+                }),
             },
             Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
                 checksum(&self.req().build_contexts[name], CopyFilter::none())
             }
             Some(Source::Image(image)) => match self.copy_images.get(image) {
                 Some((_, digest)) => Ok(digest.as_bytes().to_vec()),
-                None => Err(format!("{what}={image}: the image was not pulled")),
+                None => Err(StepError::ImageNotPulled {
+                    from: what,
+                    image: image.clone(),
+                }),
             },
         }
     }
@@ -180,7 +186,7 @@ impl PlatformBuild<'_> {
         &self,
         run: &ossb_dockerfile::Run,
         done: &Done,
-    ) -> Result<Vec<Vec<u8>>, String> {
+    ) -> Result<Vec<Vec<u8>>, StepError> {
         let mut inputs = Vec::new();
         for mount in run
             .mounts
