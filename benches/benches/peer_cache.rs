@@ -17,33 +17,11 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ossb_benches::blob::{push_one_layer, random_blob, Pushed, TestRegistry};
 use ossb_cache_node::{Node, NodeConfig, PeerCache};
-use ossb_image::oci::{
-    media_type, to_canonical_json, Descriptor, ImageConfig, Manifest, MediaTypes,
-};
-use ossb_image::registry::{parse_reference, PushOptions, Registry, RegistryOptions};
 use ossb_image::store::BlobStore;
 use ossb_protocol::Digest;
 use sha2::Digest as _;
-
-fn random_blob(store: &BlobStore, len: usize) -> Digest {
-    let mut w = store.writer().unwrap();
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ std::process::id() as u64;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        for word in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len());
-        w.write_all(&buf[..n]).unwrap();
-        left -= n;
-    }
-    w.commit(None).unwrap().0
-}
 
 /// A run's wall time and the CPU time (user + system) spent in it: `cpu` by both ends,
 /// `server` by the serving end alone (the node's runtime threads, or the registry's process),
@@ -198,14 +176,7 @@ fn tcp_copy(file: &Path, dir: &Path, verify: Option<Digest>) -> Duration {
     elapsed
 }
 
-/// A registry of the test environment (`scripts/testenv.sh start`): where it listens, the CA
-/// that signs its certificate (None: plain HTTP), and its process, whose CPU time counts.
-struct TestRegistry {
-    addr: String,
-    ca: Option<PathBuf>,
-    pid: u32,
-}
-
+/// A registry of the test environment (`scripts/testenv.sh start`).
 fn test_registry(tls: bool) -> Option<TestRegistry> {
     let testenv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.testenv");
     let text = std::fs::read_to_string(testenv.join("env")).ok()?;
@@ -229,72 +200,6 @@ fn test_registry(tls: bool) -> Option<TestRegistry> {
         },
         pid: pid.trim().parse().ok()?,
     })
-}
-
-/// A one-layer image pushed to a test registry, to time pulls of.
-struct Pushed {
-    registry: Registry,
-    reference: ossb_image::Reference,
-    pid: u32,
-}
-
-/// Pushes `layer` as a one-layer image to `target`.
-fn push_one_layer(
-    rt: &tokio::runtime::Runtime,
-    target: &TestRegistry,
-    src: &BlobStore,
-    layer: Digest,
-) -> Pushed {
-    let size = src.size(&layer).unwrap();
-    let d = |mt: &str, digest, size| Descriptor {
-        media_type: mt.into(),
-        digest,
-        size,
-        platform: None,
-        annotations: None,
-    };
-    let mut config = ImageConfig {
-        architecture: "amd64".into(),
-        os: "linux".into(),
-        ..Default::default()
-    };
-    config.rootfs.diff_ids.push(layer);
-    let config = to_canonical_json(&config);
-    let config = d(
-        media_type::OCI_CONFIG,
-        src.put(&config).unwrap(),
-        config.len() as u64,
-    );
-    let layers = [d(media_type::OCI_LAYER_GZIP, layer, size)];
-    let manifest = to_canonical_json(&Manifest::new(&config, &layers, MediaTypes::Oci).unwrap());
-    let top = d(
-        media_type::OCI_MANIFEST,
-        src.put(&manifest).unwrap(),
-        manifest.len() as u64,
-    );
-    let reg = &target.addr;
-    let registry = Registry::new(&RegistryOptions {
-        insecure: if target.ca.is_none() {
-            vec![reg.clone()]
-        } else {
-            Vec::new()
-        },
-        certificates: target
-            .ca
-            .iter()
-            .map(|ca| (reg.clone(), ca.clone()))
-            .collect(),
-    })
-    .unwrap();
-    let reference =
-        parse_reference(&format!("{reg}/bench/peer-cache-{}:v1", std::process::id())).unwrap();
-    rt.block_on(registry.push_image(&reference, src, &top, &PushOptions::default()))
-        .unwrap();
-    Pushed {
-        registry,
-        reference,
-        pid: target.pid,
-    }
 }
 
 /// One pull of `pushed` into an empty store under `work`, with the registry's CPU time.

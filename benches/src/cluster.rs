@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::netns::Net;
 use crate::workload::Env;
 
 /// Processes of one cluster, killed when dropped.
@@ -19,6 +20,12 @@ pub struct Cluster {
     pub coordinator: String,
     /// Its /metrics address.
     pub metrics: String,
+    /// The registry as the cluster's processes reach it.
+    pub registry: String,
+    /// The cache nodes' addresses.
+    pub caches: Vec<String>,
+    /// The namespace ossb-submit runs in (None: this host).
+    submit_ns: Option<String>,
 }
 
 impl Drop for Cluster {
@@ -59,49 +66,135 @@ pub struct WorkerSpec<'a> {
     pub args: &'a [&'a str],
 }
 
+/// Where a cluster runs and what it has besides its workers.
+pub struct Layout<'a> {
+    /// Each process in a namespace of its own on this net (None: all on this host's loopback).
+    pub net: Option<&'a mut Net>,
+    /// The registry as the processes reach it (None: the test environment's plain one).
+    pub registry: Option<String>,
+    /// How many cache nodes; with none the workers run without `--cache-peers`.
+    pub cache_nodes: u8,
+}
+
+impl Layout<'_> {
+    /// Everything on loopback, one cache node.
+    pub fn loopback() -> Layout<'static> {
+        Layout {
+            net: None,
+            registry: None,
+            cache_nodes: 1,
+        }
+    }
+}
+
+/// A process's place: its address and, on a net, its namespace.
+struct Place {
+    host: String,
+    ns: Option<String>,
+}
+
+impl Layout<'_> {
+    /// Node `n`'s place: a namespace of the net, or loopback.
+    fn place(&mut self, n: u8) -> Place {
+        match self.net.as_deref_mut() {
+            Some(net) => Place {
+                host: net.addr(n),
+                ns: Some(net.node(n)),
+            },
+            None => Place {
+                host: "127.0.0.1".into(),
+                ns: None,
+            },
+        }
+    }
+}
+
+impl Place {
+    /// An address of this place: a fixed port in a namespace of its own, a free one on loopback.
+    fn addr(&self, port: u16) -> String {
+        match self.ns {
+            Some(_) => format!("{}:{port}", self.host),
+            None => format!("{}:{}", self.host, free_port()),
+        }
+    }
+}
+
 impl Cluster {
-    /// A cache node, a coordinator and `workers`, waiting until every worker registered.
+    /// A cache node, a coordinator and `workers` on loopback, waiting until every worker
+    /// registered.
     pub fn start(env: &Env, workers: &[WorkerSpec]) -> Cluster {
+        Cluster::start_in(env, Layout::loopback(), workers)
+    }
+
+    /// `layout.cache_nodes` cache nodes, a coordinator and `workers`, placed as `layout` says,
+    /// waiting until every worker registered.
+    pub fn start_in(env: &Env, mut layout: Layout, workers: &[WorkerSpec]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("ossb-bench-cluster-")
             .tempdir()
             .unwrap();
+        // Nodes: 2 the coordinator, 3.. the cache nodes, 9 ossb-submit, 10.. the workers.
+        let coordinator_place = layout.place(2);
+        let cache_places: Vec<Place> = (0..layout.cache_nodes)
+            .map(|i| layout.place(3 + i))
+            .collect();
         let tls = dir.path().join("tls");
-        let out = Command::new(&env.ossb)
-            .args(["certs", "init", tls.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let mut certs = Command::new(&env.ossb);
+        certs.args(["certs", "init", tls.to_str().unwrap()]);
+        for place in std::iter::once(&coordinator_place).chain(&cache_places) {
+            certs.args(["--san", &place.host]);
+        }
+        let out = certs.output().unwrap();
         assert!(out.status.success(), "ossb certs init failed");
         let mut cluster = Cluster {
-            coordinator: format!("127.0.0.1:{}", free_port()),
-            metrics: format!("127.0.0.1:{}", free_port()),
+            coordinator: coordinator_place.addr(7000),
+            metrics: coordinator_place.addr(9100),
+            registry: layout
+                .registry
+                .clone()
+                .unwrap_or_else(|| env.registry().to_string()),
+            submit_ns: layout.place(9).ns,
+            caches: Vec::new(),
             children: Vec::new(),
             dir,
         };
-        let cache = format!("127.0.0.1:{}", free_port());
+        let caches: Vec<(Place, String)> = cache_places
+            .into_iter()
+            .map(|place| {
+                let addr = place.addr(7100);
+                (place, addr)
+            })
+            .collect();
+        cluster.caches = caches.iter().map(|(_, a)| a.clone()).collect();
+        let peers = cluster.caches.join(",");
         let tls = tls.to_str().unwrap().to_string();
         let root = cluster.dir.path().to_path_buf();
         let path = |name: &str| root.join(name).to_str().unwrap().to_string();
-        cluster.spawn(
-            env,
-            "cache",
-            None,
-            &[
-                "cache-node",
-                "--listen",
-                &cache,
-                "--data-dir",
-                &path("cache"),
-                "--tls-dir",
-                &tls,
-                "--peers",
-                &cache,
-            ],
-        );
+        for (i, (place, addr)) in caches.iter().enumerate() {
+            let name = format!("cache{i}");
+            cluster.spawn(
+                env,
+                &name,
+                place,
+                None,
+                &[
+                    "cache-node",
+                    "--listen",
+                    addr,
+                    "--data-dir",
+                    &path(&name),
+                    "--tls-dir",
+                    &tls,
+                    "--peers",
+                    &peers,
+                ],
+            );
+        }
         let (coordinator, metrics) = (cluster.coordinator.clone(), cluster.metrics.clone());
         cluster.spawn(
             env,
             "coordinator",
+            &coordinator_place,
             None,
             &[
                 "coordinator",
@@ -115,7 +208,7 @@ impl Cluster {
                 &metrics,
             ],
         );
-        for w in workers {
+        for (i, w) in workers.iter().enumerate() {
             let work = path(w.name);
             let mut args = vec![
                 "worker",
@@ -125,13 +218,16 @@ impl Cluster {
                 &work,
                 "--tls-dir",
                 &tls,
-                "--cache-peers",
-                &cache,
                 "--name",
                 w.name,
             ];
+            if !peers.is_empty() {
+                args.extend_from_slice(&["--cache-peers", &peers]);
+            }
             args.extend_from_slice(w.args);
-            cluster.spawn(env, w.name, w.cpu, &args);
+            // Node numbers of a /24: at most 245 workers get a namespace each.
+            let place = layout.place(10 + i as u8);
+            cluster.spawn(env, w.name, &place, w.cpu, &args);
         }
         // Hundreds of simulated workers take a while to start on two cores.
         let deadline = Instant::now() + Duration::from_secs(30 + workers.len() as u64 / 2);
@@ -147,24 +243,18 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "the workers did not register:\n{m}"
+                "the workers did not register:\n{m}\n{}",
+                cluster.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
         cluster
     }
 
-    fn spawn(&mut self, env: &Env, name: &str, cpu: Option<usize>, args: &[&str]) {
+    /// `ossb ARGS` in `place`, pinned to `cpu` when there is one.
+    fn spawn(&mut self, env: &Env, name: &str, place: &Place, cpu: Option<usize>, args: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let mut cmd = match cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(&env.ossb);
-                c
-            }
-            None => Command::new(&env.ossb),
-        };
-        let child = cmd
+        let child = command(&place.ns, cpu, &env.ossb)
             .args(args)
             .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
             .stdout(log.try_clone().unwrap())
@@ -179,12 +269,12 @@ impl Cluster {
     pub fn submit(&self, env: &Env, ctx: &Path, platforms: &str, tag: Option<&str>) -> Duration {
         let submit = env.ossb.with_file_name("ossb-submit");
         let start = Instant::now();
-        let out = Command::new(&submit)
+        let out = command(&self.submit_ns, None, &submit)
             .args(["--coordinator", &self.coordinator])
             .arg("--tls-dir")
             .arg(self.dir.path().join("tls"))
             .args(["--progress", "plain", "--platform", platforms])
-            .args(["--insecure-registry", env.registry()])
+            .args(["--insecure-registry", &self.registry])
             .args(tag.map(|t| ["-t", t, "--push"]).into_iter().flatten())
             .arg(ctx)
             .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
@@ -213,6 +303,46 @@ impl Cluster {
         }
         all
     }
+}
+
+/// `program`, in namespace `ns` (`ip netns exec` execs it: the child's pid is the program's)
+/// and pinned to `cpu` when given.
+fn command(ns: &Option<String>, cpu: Option<usize>, program: &Path) -> Command {
+    let mut prefix: Vec<String> = Vec::new();
+    if let Some(ns) = ns {
+        prefix.extend(["ip".into(), "netns".into(), "exec".into(), ns.clone()]);
+    }
+    if let Some(cpu) = cpu {
+        prefix.extend(["taskset".into(), "-c".into(), cpu.to_string()]);
+    }
+    match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// CPU time the whole machine spent busy so far (every CPU's user, system, irq and softirq
+/// time, from /proc/stat): a cluster's processes re-exec themselves into namespaces and spawn
+/// sandboxes, so their own counters miss most of it.
+pub fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let jiffies: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        // user nice system idle iowait irq softirq steal: all but idle and iowait.
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(jiffies * 1000 / ticks)
 }
 
 /// The median of `v` (not empty).

@@ -1,7 +1,11 @@
 //! What every benchmark needs: timing a command several times with its peak memory, medians,
 //! and a table printed with the ratio to the peer measured in the same run.
 
+pub mod blob;
 pub mod cluster;
+/// Network namespaces, shared with the e2e tests.
+#[path = "../../tests/e2e/netns.rs"]
+pub mod netns;
 pub mod workload;
 
 use std::process::Command;

@@ -3,6 +3,13 @@
 //! bridge and its own address 10.214.K.N, and an uplink to the host at 10.214.K.1 (relays to
 //! the test registries; the tests' own requests). K is each net's own, so nets of tests
 //! running at once do not meet. Everything is removed when the net is dropped.
+//!
+//! The benchmarks share this file (benches/src/lib.rs includes it) to run a cluster on a
+//! datacenter-shaped network: [`Net::shape_uplink`] limits the uplink's rate with `tbf`, and
+//! [`relay_delayed`] adds the round trip (this kernel has no `netem`).
+
+// Each of the two users uses part of it.
+#![allow(dead_code)]
 
 use std::net::TcpStream;
 use std::process::Command;
@@ -108,6 +115,54 @@ impl Net {
         ns
     }
 
+    /// Limits the uplink (everything between the host, where the relays to the registries run,
+    /// and the net) to `rate` (`tc` syntax, e.g. `1gbit`) each way with a token bucket, as the
+    /// link to a hosted registry is; the links between nodes stay unshaped.
+    pub fn shape_uplink(&self, rate: &str) {
+        // A burst of 2 ms at a gigabit: enough for a GSO batch, small enough to keep the rate.
+        let tbf = [
+            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
+        ];
+        let host_end = format!("{}u", self.prefix);
+        for (ns, dev) in [(None, host_end.as_str()), (Some(self.switch()), "up0")] {
+            let tc = |args: &[&str]| {
+                let mut cmd = match &ns {
+                    Some(ns) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", ns, "tc"]);
+                        c
+                    }
+                    None => Command::new("tc"),
+                };
+                cmd.args(args).output().expect("tc (iproute2)")
+            };
+            // A previous shape goes first (`tc qdisc replace` refuses to change a tbf's rate).
+            let _ = tc(&["qdisc", "del", "dev", dev, "root"]);
+            let out = tc(&[&["qdisc", "add", "dev", dev][..], &tbf[..]].concat());
+            assert!(
+                out.status.success(),
+                "tc qdisc add dev {dev} tbf: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Sets the MTU of node `n`'s link to the bridge, both ends (jumbo frames, as some cloud
+    /// networks have between their machines).
+    pub fn set_mtu(&mut self, n: u8, mtu: u16) {
+        let (ns, mtu) = (self.node(n), mtu.to_string());
+        ip(&[
+            "-n",
+            &self.switch(),
+            "link",
+            "set",
+            &format!("v{n}"),
+            "mtu",
+            &mtu,
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu]);
+    }
+
     /// Takes node `n`'s link to the bridge down (`up == false`) or up again.
     pub fn link(&self, n: u8, up: bool) {
         let state = if up { "up" } else { "down" };
@@ -165,6 +220,14 @@ pub fn ip(args: &[&str]) {
 /// Forwards TCP connections from `listen` (on a net) to `to` (a server on the host's
 /// loopback); returns the address it listens on.
 pub fn relay(listen: &str, to: String) -> String {
+    relay_delayed(listen, to, std::time::Duration::ZERO)
+}
+
+/// As [`relay`], holding every byte back for `one_way` in each direction: a round trip of
+/// twice that is added to every request, as on the way to a hosted registry. The bytes in
+/// flight each way are bounded (a few MiB, the window of a real path at a gigabit), so a
+/// slow reader still holds the sender back.
+pub fn relay_delayed(listen: &str, to: String, one_way: std::time::Duration) -> String {
     let listener = std::net::TcpListener::bind(listen).expect("relay: bind");
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
@@ -172,16 +235,62 @@ pub fn relay(listen: &str, to: String) -> String {
             let Ok(upstream) = TcpStream::connect(&to) else {
                 continue;
             };
-            for (mut from, mut into) in [
+            let _ = (conn.set_nodelay(true), upstream.set_nodelay(true));
+            for (from, into) in [
                 (conn.try_clone().unwrap(), upstream.try_clone().unwrap()),
                 (upstream, conn),
             ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut into);
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
+                std::thread::spawn(move || forward(from, into, one_way));
             }
         }
     });
     addr
+}
+
+/// Copies `from` into `into` until `from` ends, each chunk `delay` after it was read.
+fn forward(mut from: TcpStream, mut into: TcpStream, delay: std::time::Duration) {
+    use std::io::{Read, Write};
+    if delay.is_zero() {
+        let _ = std::io::copy(&mut from, &mut into);
+        let _ = into.shutdown(std::net::Shutdown::Write);
+        return;
+    }
+    // 64 chunks of at most 64 KiB in flight.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(std::time::Instant, Vec<u8>)>(64);
+    let writer = std::thread::spawn(move || {
+        for (read_at, chunk) in rx {
+            let due = read_at + delay;
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if into.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = into.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0
+            || tx
+                .send((std::time::Instant::now(), buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
+/// Moves the calling thread into network namespace `ns` (made by [`Net::node`]): sockets it
+/// opens from then on are the namespace's. Other threads stay where they are.
+pub fn enter(ns: &str) {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a namespace file this thread holds open.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
