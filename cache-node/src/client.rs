@@ -67,8 +67,16 @@ pub(crate) enum Attempt {
     /// The transfer broke off; the bytes that arrived are good to resume from (they are
     /// verified with the rest at the end).
     Failed(String),
-    /// Nobody has the blob: the asker was made its fetcher (a get with a claim).
-    Fetch,
+    /// Nobody has the blob: the asker was made its fetcher (a get with a claim), from byte
+    /// `from` on; the bytes the node kept before it were appended to the partial blob (all of
+    /// them unless the transfer broke off).
+    Fetch {
+        /// The first byte to fetch.
+        from: u64,
+    },
+    /// The fetch this get followed broke off and the node kept its bytes: ask it again (to
+    /// resume the fetch, or follow whoever does).
+    Stalled,
 }
 
 /// What [`PeerCache::get_or_claim`] came back with.
@@ -76,12 +84,32 @@ pub(crate) enum Attempt {
 pub enum Claimed {
     /// The blob is in the local store: its size.
     Got(u64),
-    /// Nobody had it: the caller fetches it from its origin and streams it to `node`
+    /// Nobody had it: the caller fetches it from its origin and streams it to the node
     /// ([`PeerCache::put_stream`]) while others wait for those bytes.
-    Fetch {
-        /// The home node that handed out the claim.
-        node: String,
-    },
+    Fetch(Box<Fetch>),
+}
+
+/// A claim to fetch a blob for the cluster ([`Claimed::Fetch`]).
+pub struct Fetch {
+    /// The home node that handed out the claim, where the bytes go.
+    pub node: String,
+    /// The first byte to fetch and put: 0, or where an earlier fetcher that died stopped
+    /// (the node kept the bytes before it).
+    pub from: u64,
+    /// The blob's first bytes, continued by the fetch: the `from` bytes the node kept, or
+    /// none when they did not all arrive (the fetch then starts from the first byte, and
+    /// only bytes from `from` on are put).
+    pub start: PartialBlob,
+}
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetch")
+            .field("node", &self.node)
+            .field("from", &self.from)
+            .field("start", &self.start.len())
+            .finish()
+    }
 }
 
 /// The cache nodes of the cluster as one blob cache.
@@ -245,21 +273,24 @@ impl PeerCache {
             .await
     }
 
-    /// Streams a blob of `size` bytes to `node` as its `chunks` come (those of a fetch the
-    /// node handed a claim for); `Ok` once the node holds a verified copy. Chunks that stop
-    /// short of `size` abort the put.
+    /// Streams bytes `from..size` of a blob to `node` as its `chunks` come (those of a fetch
+    /// the node handed a claim for, [`Fetch`]); `Ok` once the node holds a verified copy.
+    /// Chunks that stop short of `size` abort the put (the node keeps what arrived for the
+    /// next fetcher).
     pub async fn put_stream(
         &self,
         node: &str,
         digest: &Digest,
         size: u64,
+        from: u64,
         mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     ) -> Result<(), ClientError> {
         let err = |reason: String| node_err(node, reason);
-        let Some((mut send, recv)) = self.open_put(node, digest, size).await.map_err(err)? else {
+        let Some((mut send, recv)) = self.open_put(node, digest, size, from).await.map_err(err)?
+        else {
             return Ok(());
         };
-        let mut sent = 0u64;
+        let mut sent = from;
         while let Some(chunk) = chunks.recv().await {
             sent += chunk.len() as u64;
             if sent > size {
@@ -285,6 +316,7 @@ impl PeerCache {
         node: &str,
         digest: &Digest,
         size: u64,
+        from: u64,
     ) -> Result<Option<(quinn::SendStream, quinn::RecvStream)>, String> {
         let (send, mut recv) = self
             .open(
@@ -292,6 +324,7 @@ impl PeerCache {
                 CacheRequest::Put {
                     digest: *digest,
                     size,
+                    from,
                 },
             )
             .await?;
@@ -304,7 +337,7 @@ impl PeerCache {
     }
 
     /// Asks `nodes` in order (with a claim when `claim`), resuming on the next node from the
-    /// bytes the last one sent.
+    /// bytes the last one sent. A node whose fetch stalled is asked again, a few times.
     async fn get_from_nodes(
         &self,
         digest: &Digest,
@@ -312,11 +345,13 @@ impl PeerCache {
         nodes: &[String],
         claim: bool,
     ) -> Result<Claimed, ClientError> {
+        const STALLS: usize = 3;
         let mut partial = store.partial()?;
         // The nodes whose bytes `partial` holds: told when they do not verify.
         let mut senders: Vec<&str> = Vec::new();
         let mut tried = Vec::new();
-        for node in nodes {
+        let (mut next, mut stalls) = (0, 0);
+        while let Some(node) = nodes.get(next) {
             let before = partial.len();
             let (outcome, back) = self.attempt(node, digest, partial, claim).await;
             partial = back;
@@ -335,12 +370,25 @@ impl PeerCache {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Attempt::Fetch => return Ok(Claimed::Fetch { node: node.clone() }),
+                Attempt::Fetch { from } => {
+                    let mut start = partial;
+                    if start.len() != from {
+                        start.reset()?;
+                    }
+                    let node = node.clone();
+                    return Ok(Claimed::Fetch(Box::new(Fetch { node, from, start })));
+                }
+                Attempt::Stalled if stalls < STALLS => {
+                    stalls += 1;
+                    continue;
+                }
+                Attempt::Stalled => "its fetch stalled, again and again".to_string(),
                 Attempt::Missing => "missing".to_string(),
                 Attempt::Failed(reason) => reason,
             };
             tracing::debug!(%digest, node, note, "peer cache get attempt");
             tried.push(format!("{node}: {note}"));
+            next += 1;
         }
         Err(ClientError::NotFound {
             digest: *digest,
@@ -393,14 +441,19 @@ impl PeerCache {
             local_only: self.inner.local_only,
             claim: claim && !self.inner.local_only,
         };
-        let (mut recv, size) = match self.open(node, request).await {
+        // `end`: where the bytes that follow stop; `fetch`: the claim handed with them.
+        let (mut recv, size, fetch) = match self.open(node, request).await {
             Ok((_, mut recv)) => match read_message(&mut recv).await {
                 Ok(Message::CacheReply(CacheReply::Blob { size, offset: o })) if o == offset => {
-                    (recv, size)
+                    (recv, size, None)
                 }
                 Ok(Message::CacheReply(CacheReply::Missing)) => return (Attempt::Missing, partial),
-                Ok(Message::CacheReply(CacheReply::Fetch)) if claim => {
-                    return (Attempt::Fetch, partial)
+                // The bytes an earlier fetcher brought in follow, up to `from`.
+                Ok(Message::CacheReply(CacheReply::Fetch { from })) if claim => {
+                    if offset >= from {
+                        return (Attempt::Fetch { from }, partial);
+                    }
+                    (recv, from, Some(from))
                 }
                 Ok(Message::Error(e)) => return (Attempt::Failed(e.message), partial),
                 Ok(other) => {
@@ -428,16 +481,26 @@ impl PeerCache {
                 }
                 Ok(None) if sink.len() == size => break Attempt::Complete,
                 Ok(None) => break Attempt::Failed(format!("sent {} of {size} bytes", sink.len())),
+                Err(quinn::ReadError::Reset(code))
+                    if StreamReset::from_code(code.into_inner()) == Some(StreamReset::Stalled) =>
+                {
+                    break Attempt::Stalled
+                }
                 Err(e) => {
                     self.forget(node).await;
                     break Attempt::Failed(e.to_string());
                 }
             }
         };
-        match sink.finish().await {
-            (partial, None) => (attempt, partial),
+        let (partial, failed) = sink.finish().await;
+        // A claim is ours whether or not its kept bytes all came (the caller starts over then).
+        if let Some(from) = fetch {
+            return (Attempt::Fetch { from }, partial);
+        }
+        match failed {
+            None => (attempt, partial),
             // The local disk failed: what this node sent is not all stored.
-            (partial, Some(e)) => (Attempt::Failed(e.to_string()), partial),
+            Some(e) => (Attempt::Failed(e.to_string()), partial),
         }
     }
 
@@ -500,7 +563,7 @@ impl PeerCache {
         size: u64,
         store: &BlobStore,
     ) -> Result<(), String> {
-        let Some((mut send, recv)) = self.open_put(node, digest, size).await? else {
+        let Some((mut send, recv)) = self.open_put(node, digest, size, 0).await? else {
             return Ok(());
         };
         let mut file = store.open_blob(digest).map_err(|e| e.to_string())?;
@@ -617,8 +680,8 @@ async fn finish_put(
 fn got(claimed: Claimed) -> Result<u64, ClientError> {
     match claimed {
         Claimed::Got(size) => Ok(size),
-        Claimed::Fetch { node } => Err(node_err(
-            &node,
+        Claimed::Fetch(fetch) => Err(node_err(
+            &fetch.node,
             "handed out a claim that was not asked for".into(),
         )),
     }

@@ -36,7 +36,7 @@ mod node;
 pub mod placement;
 mod sink;
 
-pub use client::{Claimed, ClientError, PeerCache};
+pub use client::{Claimed, ClientError, Fetch, PeerCache};
 pub use node::{serve, Node, NodeConfig, NodeError};
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
-use ossb_image::store::{BlobStore, StoreError};
+use ossb_image::store::{BlobStore, PartialBlob, StoreError};
 use ossb_net::{read_message, write_message, Identity, NetError, Role};
 use ossb_protocol::frame::FrameError;
 use ossb_protocol::wire::{
@@ -18,7 +18,7 @@ use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
 
 use crate::client::{PeerCache, CHUNK};
-use crate::inflight::{Arrival, Inflight, Joined, Receiving, CLAIM_TIMEOUT};
+use crate::inflight::{Arrival, Inflight, Joined, Receiving, Resume, CLAIM_TIMEOUT};
 use crate::lru::Lru;
 use crate::metrics::{add, Metrics};
 use crate::placement::Placement;
@@ -264,7 +264,9 @@ async fn serve_stream(
                 .get(&mut send, &conn, digest, offset, local_only, claim)
                 .await
         }
-        CacheRequest::Put { digest, size } => state.put(&mut send, &mut recv, digest, size).await,
+        CacheRequest::Put { digest, size, from } => {
+            state.put(&mut send, &mut recv, digest, size, from).await
+        }
         CacheRequest::Stat => reply(&mut send, CacheReply::Stats(state.stats())).await,
         CacheRequest::Check { digest } => state.check(&mut send, digest).await,
     };
@@ -370,30 +372,60 @@ impl State {
         claim: bool,
     ) -> Result<(), NetError> {
         if self.size(&digest).is_none() {
+            // Only those who take tasks fetch for the cluster: a submitter's get never claims
+            // (nor holds others waiting on its claim).
+            let fetcher = claim
+                && !local_only
+                && matches!(ossb_net::peer_role(conn), Some(Role::Worker | Role::Node));
             if let Joined::Following(arrival) = self.inflight.join(&digest, false) {
-                return self.follow(send, digest, offset, arrival).await;
+                return self
+                    .follow(send, conn, digest, offset, arrival, fetcher)
+                    .await;
             }
             if local_only || !self.fill(&digest).await {
-                // Only those who take tasks fetch for the cluster: a submitter's get never
-                // claims (nor holds others waiting on its claim).
-                let fetcher = matches!(ossb_net::peer_role(conn), Some(Role::Worker | Role::Node));
-                match self.inflight.join(&digest, claim && !local_only && fetcher) {
+                return match self.inflight.join(&digest, fetcher) {
                     Joined::Following(arrival) => {
-                        return self.follow(send, digest, offset, arrival).await
+                        self.follow(send, conn, digest, offset, arrival, fetcher)
+                            .await
                     }
-                    Joined::Claimed(id) => {
-                        self.watch_claim(conn, digest, id);
-                        add(&self.metrics.fetch_claims, 1);
-                        tracing::info!(%digest, remote = %conn.remote_address(), "blob claimed: the asker fetches it");
-                        return reply(send, CacheReply::Fetch).await;
+                    Joined::Claimed { id, resume } => {
+                        self.hand_claim(send, conn, digest, offset, id, resume)
+                            .await
                     }
-                    Joined::Nothing => {
-                        return self.miss(send).await;
-                    }
-                }
+                    Joined::Nothing => self.miss(send).await,
+                };
             }
         }
         self.send_stored(send, digest, offset).await
+    }
+
+    /// Makes the asker the fetcher of `digest` (claim `id`): from the first byte, or, resuming
+    /// a fetch that broke off, from where it stopped, with the bytes kept before that (from
+    /// the asker's `offset` on) sent along.
+    async fn hand_claim(
+        self: &Arc<Self>,
+        send: &mut SendStream,
+        conn: &quinn::Connection,
+        digest: Digest,
+        offset: u64,
+        id: u64,
+        resume: Option<Resume>,
+    ) -> Result<(), NetError> {
+        self.watch_claim(conn, digest, id);
+        add(&self.metrics.fetch_claims, 1);
+        let from = resume.as_ref().map_or(0, |r| r.from);
+        tracing::info!(%digest, from, remote = %conn.remote_address(), "blob claimed: the asker fetches it");
+        write_message(send, Message::CacheReply(CacheReply::Fetch { from })).await?;
+        match resume {
+            Some(resume) if offset < from => {
+                self.stream_file(send, digest, resume.file, offset, from)
+                    .await
+            }
+            _ => {
+                let _ = send.finish();
+                Ok(())
+            }
+        }
     }
 
     /// Answers a get of a blob this node does not have.
@@ -411,19 +443,33 @@ impl State {
                 _ = tokio::time::sleep(CLAIM_TIMEOUT) => {}
                 _ = state.inflight.claim_settled(&digest, id) => return,
             }
-            state.inflight.lapse(&digest, id);
+            if let Some(stall) = state.inflight.lapse(&digest, id) {
+                state.expire_later(digest, stall);
+            }
+        });
+    }
+
+    /// Drops stalled `digest`'s kept bytes if nobody claims it within [`CLAIM_TIMEOUT`].
+    fn expire_later(self: &Arc<Self>, digest: Digest, stall: u64) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLAIM_TIMEOUT).await;
+            state.inflight.expire(&digest, stall);
         });
     }
 
     /// Sends a blob on its way in as its bytes reach the disk; the stream finishes once the
     /// put has verified and stored the blob, and is reset when the put fails (the asker then
-    /// asks again, and may claim the blob).
+    /// asks again, and may claim the blob). A `fetcher` whose fetch stalls before its bytes
+    /// begin takes the claim up here.
     async fn follow(
-        &self,
+        self: &Arc<Self>,
         send: &mut SendStream,
+        conn: &quinn::Connection,
         digest: Digest,
         offset: u64,
         mut arrival: watch::Receiver<Arrival>,
+        fetcher: bool,
     ) -> Result<(), NetError> {
         // Until the fetcher's put begins.
         let (size, file) = loop {
@@ -434,6 +480,16 @@ impl State {
                 Arrival::Failed => {
                     return self.miss(send).await;
                 }
+                Arrival::Stalled { .. } if fetcher => match self.inflight.join(&digest, true) {
+                    Joined::Following(next) => arrival = next,
+                    Joined::Claimed { id, resume } => {
+                        return self
+                            .hand_claim(send, conn, digest, offset, id, resume)
+                            .await
+                    }
+                    Joined::Nothing => return self.miss(send).await,
+                },
+                Arrival::Stalled { .. } => return self.miss(send).await,
                 Arrival::Claimed { .. } => {
                     if arrival.changed().await.is_err() {
                         return self.miss(send).await;
@@ -451,7 +507,12 @@ impl State {
             let (written, ended) = match &*arrival.borrow_and_update() {
                 Arrival::Receiving { written, .. } => (*written, false),
                 Arrival::Stored => (size, true),
-                Arrival::Failed | Arrival::Claimed { .. } => {
+                // The put broke off and its bytes are kept: the asker comes back to claim.
+                Arrival::Stalled { .. } | Arrival::Claimed { .. } => {
+                    let _ = send.reset(VarInt::from_u32(StreamReset::Stalled.code()));
+                    return Ok(());
+                }
+                Arrival::Failed => {
                     let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
                     return Ok(());
                 }
@@ -509,7 +570,7 @@ impl State {
         digest: Digest,
         offset: u64,
     ) -> Result<(), NetError> {
-        let mut file = match self.store.open_blob(&digest) {
+        let file = match self.store.open_blob(&digest) {
             Ok(f) => f,
             Err(_) => {
                 // Evicted (or removed by hand) since it was looked up.
@@ -524,6 +585,19 @@ impl State {
         self.lock_lru().touch(&digest);
         self.store.touch(&digest);
         write_message(send, Message::CacheReply(CacheReply::Blob { size, offset })).await?;
+        self.stream_file(send, digest, file, offset, size).await
+    }
+
+    /// Sends bytes `offset..end` of `file` (of blob `digest`) and finishes the stream; resets
+    /// it when they cannot all be read.
+    async fn stream_file(
+        &self,
+        send: &mut SendStream,
+        digest: Digest,
+        mut file: std::fs::File,
+        offset: u64,
+        end: u64,
+    ) -> Result<(), NetError> {
         // The asker verifies every byte and reports a mismatch ([`State::check`]): hashing
         // here too would double the CPU a get costs for a disk fault that the check finds.
         // Reading runs on a blocking thread, a few chunks ahead of the sending.
@@ -538,6 +612,7 @@ impl State {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(READ_AHEAD);
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
             let mut pos = offset;
+            let mut file = file.take(end.saturating_sub(offset));
             loop {
                 // `read_to_end` into spare capacity: nothing is zeroed first.
                 let mut buf = Vec::with_capacity(CHUNK);
@@ -564,9 +639,9 @@ impl State {
         let verdict = reader.await;
         sent?;
         match verdict {
-            Ok(Ok(end)) if end == size => {}
-            Ok(Ok(end)) => {
-                tracing::error!(%digest, end, size, "a blob changed size while it was read");
+            Ok(Ok(pos)) if pos == end => {}
+            Ok(Ok(pos)) => {
+                tracing::error!(%digest, pos, end, "a blob changed size while it was read");
                 let _ = send.reset(VarInt::from_u32(StreamReset::Aborted.code()));
                 return Ok(());
             }
@@ -672,12 +747,14 @@ impl State {
         None
     }
 
+    /// A put of bytes `from..size` (see [`CacheRequest::Put`]).
     async fn put(
-        &self,
+        self: &Arc<Self>,
         send: &mut SendStream,
         recv: &mut RecvStream,
         digest: Digest,
         size: u64,
+        from: u64,
     ) -> Result<(), NetError> {
         let limit = self.lock_lru().limit();
         if let Some(limit) = limit.filter(|l| size > *l) {
@@ -698,8 +775,22 @@ impl State {
             self.inflight.settle(&digest, Arrival::Stored);
             return reply(send, CacheReply::PutPresent).await;
         }
+        // A resumed fetch continues the bytes its claim was handed with.
+        let start = match from {
+            0 => None,
+            _ => match self.inflight.take_kept(&digest, from) {
+                Some(kept) if from <= size => Some(kept),
+                _ => {
+                    recv.stop(VarInt::from_u32(StreamReset::Aborted.code()))
+                        .ok();
+                    let message = format!("this node holds no claimed bytes of {digest} to resume at {from}; put the whole blob");
+                    reply_error(send, ErrorCode::Malformed, message).await;
+                    return Ok(());
+                }
+            },
+        };
         write_message(send, Message::CacheReply(CacheReply::PutReady)).await?;
-        match self.receive(recv, &digest, size).await? {
+        match self.receive(recv, &digest, size, start).await? {
             Ok(followed) => {
                 add(&self.metrics.bytes_in, size);
                 self.stored(digest, size);
@@ -723,19 +814,22 @@ impl State {
     /// follow them (see [`Inflight`]); the inner error is the refusal to send back (nothing
     /// was stored). The blob is findable in the store before the followers are told it is
     /// stored (by the caller, with the handle returned).
+    /// A put whose fetcher dies halfway leaves its bytes for the next fetcher
+    /// ([`Receiving::stall`]).
     async fn receive(
-        &self,
+        self: &Arc<Self>,
         recv: &mut RecvStream,
         digest: &Digest,
         size: u64,
+        start: Option<PartialBlob>,
     ) -> Result<Result<Option<Receiving>, (ErrorCode, String)>, NetError> {
         let internal = |e: StoreError| Ok(Err((ErrorCode::Internal, e.to_string())));
-        let partial = match self.store.partial() {
+        let partial = match start.map_or_else(|| self.store.partial(), Ok) {
             Ok(p) => p,
             Err(e) => return internal(e),
         };
         let followed = match partial.reader() {
-            Ok(file) => self.inflight.receiving(digest, size, file),
+            Ok(file) => self.inflight.receiving(digest, size, file, partial.len()),
             Err(e) => return internal(e),
         };
         // Written and hashed off the runtime, which keeps draining the socket meanwhile.
@@ -777,8 +871,19 @@ impl State {
                 Err(e) => break Err(e),
             }
         };
-        let (partial, failed) = sink.finish().await;
-        read?;
+        let (mut partial, failed) = sink.finish().await;
+        if let Err(e) = read {
+            // The fetcher died or gave up: keep what arrived for the next one.
+            if let (Some(followed), None) = (followed, &failed) {
+                let kept = partial.len();
+                if kept > 0 && kept < size && partial.flush().is_ok() {
+                    let stall = followed.stall(partial);
+                    self.expire_later(*digest, stall);
+                    tracing::info!(%digest, kept, size, "a put broke off; its bytes wait for the next fetcher");
+                }
+            }
+            return Err(e.into());
+        }
         if let Some(e) = failed {
             return internal(e);
         }

@@ -238,9 +238,11 @@ async fn one_fetcher_per_blob_and_the_others_follow_its_bytes() {
         submitter.get_or_claim(&digest, &submitter_store).await,
         Err(ClientError::NotFound { .. })
     ));
-    let crate::Claimed::Fetch { node } = fetcher.get_or_claim(&digest, &store).await.unwrap()
-    else {
+    let crate::Claimed::Fetch(fetch) = fetcher.get_or_claim(&digest, &store).await.unwrap() else {
         panic!("the first asker was not made the fetcher");
+    };
+    let (node, 0) = (fetch.node, fetch.from) else {
+        panic!()
     };
     let followers: Vec<_> = (0..2)
         .map(|i| {
@@ -257,7 +259,7 @@ async fn one_fetcher_per_blob_and_the_others_follow_its_bytes() {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let put = {
         let (fetcher, node) = (fetcher.clone(), node.clone());
-        tokio::spawn(async move { fetcher.put_stream(&node, &digest, 4_000_000, rx).await })
+        tokio::spawn(async move { fetcher.put_stream(&node, &digest, 4_000_000, 0, rx).await })
     };
     // The first half, then a pause: the followers have it before the rest exists.
     let half = bytes::Bytes::copy_from_slice(&bytes[..2_000_000]);
@@ -286,10 +288,12 @@ async fn one_fetcher_per_blob_and_the_others_follow_its_bytes() {
     assert!(c.data.iter().all(|d| tmp_is_empty(d)));
 }
 
-/// A fetcher that dies (its put breaks off, or it never puts and its connection closes)
-/// frees the blob: a waiting asker is told, asks again, and becomes the fetcher.
+/// A fetcher that dies halfway leaves its bytes on the node: a waiting asker is told the fetch
+/// stalled, asks again, and resumes it where it stopped (the node hands it the kept bytes
+/// with the claim). A claim whose holder goes away without putting lapses with its
+/// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_fetcher_frees_the_blob_for_the_next_asker() {
+async fn the_next_asker_resumes_a_dead_fetchers_bytes() {
     let c = cluster(1, None).await;
     let bytes = pattern(1_000_000);
     let digest = Digest::of(&bytes);
@@ -297,57 +301,90 @@ async fn a_dead_fetcher_frees_the_blob_for_the_next_asker() {
     let other = worker_client(&c.tls, &c.names);
     let other_store = local_store(&work.path().join("other"));
 
-    // A put that stops halfway.
+    // A put that stops halfway, once its first half reached a follower (so it is on disk).
     let fetcher = worker_client(&c.tls, &c.names);
     let store = local_store(&work.path().join("fetcher"));
-    let crate::Claimed::Fetch { node } = fetcher.get_or_claim(&digest, &store).await.unwrap()
-    else {
+    let crate::Claimed::Fetch(fetch) = fetcher.get_or_claim(&digest, &store).await.unwrap() else {
+        panic!()
+    };
+    let (node, 0) = (fetch.node, fetch.from) else {
         panic!()
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let put = {
+        let (fetcher, node) = (fetcher.clone(), node.clone());
+        tokio::spawn(async move { fetcher.put_stream(&node, &digest, 1_000_000, 0, rx).await })
+    };
     tx.send(bytes::Bytes::copy_from_slice(&bytes[..500_000]))
         .await
         .unwrap();
-    drop(tx);
     let waiting = {
         let (other, store) = (other.clone(), other_store.clone());
         tokio::spawn(async move { other.get_or_claim(&digest, &store).await })
     };
-    assert!(fetcher
-        .put_stream(&node, &digest, 1_000_000, rx)
-        .await
-        .is_err());
-    // The follower's get fails; asked again, the blob is free to claim.
-    let first = waiting.await.unwrap();
-    let claimed = match first {
-        Ok(crate::Claimed::Fetch { .. }) => true,
-        Err(_) => matches!(
-            other.get_or_claim(&digest, &other_store).await.unwrap(),
-            crate::Claimed::Fetch { .. }
-        ),
-        Ok(got) => panic!("{got:?}"),
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while c.nodes[0].stats().bytes_out < 500_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody followed the put"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(tx);
+    assert!(put.await.unwrap().is_err());
+    // The follower claims the blob again and resumes at the first missing byte.
+    let crate::Claimed::Fetch(fetch) = waiting.await.unwrap().unwrap() else {
+        panic!("the follower did not resume the fetch")
     };
-    assert!(claimed);
+    let crate::Fetch {
+        node,
+        from,
+        mut start,
+    } = *fetch;
+    assert_eq!((from, start.len()), (500_000, 500_000));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(bytes::Bytes::copy_from_slice(&bytes[500_000..]))
+        .await
+        .unwrap();
+    drop(tx);
+    other
+        .put_stream(&node, &digest, 1_000_000, from, rx)
+        .await
+        .unwrap();
+    start.write(&bytes[500_000..]).unwrap();
+    assert_eq!(start.commit(&digest).unwrap(), 1_000_000);
+    let fresh = local_store(&work.path().join("fresh"));
+    other.get_to_store(&digest, &fresh).await.unwrap();
+    assert_eq!(fresh.read(&digest).unwrap(), bytes);
+    assert_eq!(c.nodes[0].stats().fetch_claims, 2);
 
     // A claim whose holder goes away without putting lapses with its connection.
+    let second = pattern(300_000)
+        .into_iter()
+        .map(|b| b ^ 1)
+        .collect::<Vec<_>>();
+    let second = Digest::of(&second);
+    let quitter = worker_client(&c.tls, &c.names);
+    let Ok(crate::Claimed::Fetch(_)) = quitter.get_or_claim(&second, &store).await else {
+        panic!()
+    };
     let third = worker_client(&c.tls, &c.names);
     let third_store = local_store(&work.path().join("third"));
-    let waiting = tokio::spawn(async move { third.get_or_claim(&digest, &third_store).await });
+    let waiting = tokio::spawn(async move { third.get_or_claim(&second, &third_store).await });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         !waiting.is_finished(),
         "the third asker did not wait for the claim"
     );
-    drop(other); // closes its connection: its claim lapses
+    drop(quitter); // closes its connection: its claim lapses
     let after = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
         .await
         .expect("the waiting asker hung after the fetcher left")
         .unwrap();
-    let third_again = match after {
-        Ok(crate::Claimed::Fetch { .. }) => true,
-        Err(_) => true, // told the claim lapsed; its next ask claims
+    match after {
+        Ok(crate::Claimed::Fetch(f)) => assert_eq!(f.from, 0),
+        Err(_) => {} // told the claim lapsed; its next ask claims
         Ok(got) => panic!("{got:?}"),
-    };
-    assert!(third_again);
-    assert_eq!(c.nodes[0].stats().blobs, 0);
+    }
+    assert!(c.data.iter().all(|d| tmp_is_empty(d)));
 }

@@ -158,7 +158,7 @@ pub(crate) async fn recv_blob_bytes(
     store: &BlobStore,
     digest: &Digest,
     size: u64,
-    mut tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    mut tee: Option<ossb_image::registry::Tee>,
 ) -> Result<(), ClusterError> {
     let mut writer = store.writer().map_err(local_err("storing a blob"))?;
     let mut left = size;
@@ -174,17 +174,13 @@ pub(crate) async fn recv_blob_bytes(
                 writer
                     .write_all(&buf[..n])
                     .map_err(local_err("storing a blob"))?;
-                left -= n as u64;
                 // A copy for the peer cache (single-flight); dropped if its receiver is gone.
-                if let Some(tx) = &tee {
-                    if tx
-                        .send(bytes::Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        tee = None;
-                    }
+                if tee.is_some() {
+                    let at = size - left;
+                    let chunk = bytes::Bytes::copy_from_slice(&buf[..n]);
+                    ossb_image::registry::Tee::copy(&mut tee, at, &chunk).await;
                 }
+                left -= n as u64;
             }
             None => return Err(ossb_net::NetError::Truncated.into()),
         }

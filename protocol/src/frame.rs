@@ -127,10 +127,11 @@ mod tests {
                 local_only: true,
                 claim: true,
             }),
-            Message::CacheReply(CacheReply::Fetch),
+            Message::CacheReply(CacheReply::Fetch { from: 7 }),
             Message::CacheRequest(CacheRequest::Put {
                 digest: d,
                 size: 12,
+                from: 3,
             }),
             Message::CacheRequest(CacheRequest::Stat),
             Message::CacheReply(CacheReply::Has {

@@ -8,8 +8,8 @@
 //! | request | reply | then |
 //! |---|---|---|
 //! | [`CacheRequest::Has`] | [`CacheReply::Has`] | — |
-//! | [`CacheRequest::Get`] | [`CacheReply::Blob`] or [`CacheReply::Missing`] | after `Blob`: bytes `offset..size`, then the stream finishes |
-//! | [`CacheRequest::Put`] | [`CacheReply::PutReady`] or [`CacheReply::PutPresent`] | after `PutReady`: the requester sends `size` bytes, finishes its side, and reads [`CacheReply::Stored`] or an error |
+//! | [`CacheRequest::Get`] | [`CacheReply::Blob`], [`CacheReply::Missing`] or (with a claim) [`CacheReply::Fetch`] | after `Blob`: bytes `offset..size`, then the stream finishes; after `Fetch`: bytes `offset..from` (what an earlier fetcher brought in), then the stream finishes |
+//! | [`CacheRequest::Put`] | [`CacheReply::PutReady`] or [`CacheReply::PutPresent`] | after `PutReady`: the requester sends bytes `from..size`, finishes its side, and reads [`CacheReply::Stored`] or an error |
 //! | [`CacheRequest::Stat`] | [`CacheReply::Stats`] | — |
 //!
 //! Any request may be answered with [`Message::Error`] instead.
@@ -35,8 +35,9 @@ use crate::Digest;
 /// stages (stage, export, build platform); the cluster's step cache (claim, publish). 4: fifos
 /// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built;
 /// a get may claim a blob nobody has (single-flight fetches from registries). 6: cache mounts
-/// shared through the peer cache.
-pub const VERSION: u16 = 7;
+/// shared through the peer cache. 8: a fetch resumes where a dead fetcher's bytes stopped
+/// (`Fetch { from }`, `Put { from }`).
+pub const VERSION: u16 = 8;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,8 +99,11 @@ pub enum CacheRequest {
     Put {
         /// What the bytes must hash to.
         digest: Digest,
-        /// How many bytes will follow.
+        /// The blob's whole size.
         size: u64,
+        /// The first byte that follows: 0, or the `from` of the [`CacheReply::Fetch`] that
+        /// handed the sender its claim (the node holds the bytes before it).
+        from: u64,
     },
     /// The node's counters.
     Stat,
@@ -135,8 +139,13 @@ pub enum CacheReply {
     /// Nobody has the blob or is bringing it in: the asker fetches it from its origin and
     /// puts it on this node as it arrives; whoever asks meanwhile gets those bytes as they
     /// come. The claim lapses when the asker's connection closes, or if its put does not
-    /// start in time.
-    Fetch,
+    /// start in time. When an earlier fetcher died halfway, the node kept what it had put:
+    /// bytes `offset..from` of the blob follow on this stream, and the asker fetches the rest
+    /// from byte `from` and puts it with that `from`.
+    Fetch {
+        /// Where the bytes still to fetch start (0: all of them).
+        from: u64,
+    },
     /// Send the blob's bytes.
     PutReady,
     /// The node already has the blob: send nothing.
@@ -214,6 +223,9 @@ pub enum ErrorCode {
 pub enum StreamReset {
     /// The sender gave up (it is shutting down, or its source failed).
     Aborted = 2,
+    /// The put this get followed broke off (its fetcher died) and the node kept the bytes it
+    /// had: ask the same node again with a claim, to resume the fetch or follow whoever does.
+    Stalled = 3,
 }
 
 impl StreamReset {
@@ -226,6 +238,7 @@ impl StreamReset {
     pub fn from_code(code: u64) -> Option<StreamReset> {
         match code {
             2 => Some(StreamReset::Aborted),
+            3 => Some(StreamReset::Stalled),
             _ => None,
         }
     }

@@ -1274,10 +1274,10 @@ fn three_builds_on_one_new_base_pull_it_from_the_registry_once() {
 }
 
 /// The worker fetching a new base for the cluster is killed with SIGKILL halfway through its
-/// largest layer (the registry stalls after half of it): the claim lapses with its connection,
-/// another worker fetches the base, every build succeeds (the killed worker's task runs
-/// elsewhere), no node or worker holds a corrupt blob, and the registry sent the surviving
-/// workers at most 2.1x the base.
+/// largest layer (the registry stalls after half of it): the layer's home node keeps the half
+/// that reached it, another worker resumes the fetch from there (a `Range` request), every
+/// build succeeds (the killed worker's task runs elsewhere), no node or worker holds a corrupt
+/// blob, and the registry sent the surviving workers less than the base.
 #[test]
 fn a_fetcher_killed_halfway_hands_the_base_to_another_worker() {
     let Some(env) = TestEnv::get() else { return };
@@ -1339,6 +1339,31 @@ fn a_fetcher_killed_halfway_hands_the_base_to_another_worker() {
     assert!(
         from_registry as f64 <= 2.1 * base_bytes as f64,
         "{from_registry} bytes from the registry for a base of {base_bytes}\n{m}"
+    );
+    // The next fetcher resumed where the dead one's bytes stopped: the registry was asked for
+    // the rest of the layer only, and the survivors pulled less than the base.
+    let gets: Vec<_> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.contains(&layer))
+        .collect();
+    let resumed = gets.iter().skip(1).any(|s| {
+        s.range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split('-').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    });
+    let ranges: Vec<_> = gets.iter().map(|s| s.range.clone()).collect();
+    assert!(
+        resumed,
+        "no fetch of the layer resumed: ranges asked {ranges:?}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        (from_registry as f64) < 0.9 * base_bytes as f64,
+        "the survivors pulled {from_registry} bytes of a {base_bytes}-byte base: the fetch did not resume\n{m}"
     );
     // Every blob anywhere hashes to its name.
     let stores = ["cache0", "cache1"]

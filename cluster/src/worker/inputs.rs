@@ -170,9 +170,10 @@ pub(super) async fn fetch_bases(
                 inputs.peer_blobs += 1;
                 inputs.peer_bytes += n;
             }
-            Some(Brought::Registry(n)) => {
+            Some(Brought::Registry { registry, peer }) => {
                 inputs.registry_blobs += 1;
-                inputs.registry_bytes += n;
+                inputs.registry_bytes += registry;
+                inputs.peer_bytes += peer;
             }
             None => missing.push((desc.digest, desc.size)),
         }
@@ -183,14 +184,20 @@ pub(super) async fn fetch_bases(
 /// Where [`bring`] found a blob, and its size.
 enum Brought {
     Peer(u64),
-    Registry(u64),
+    /// Fetched for the cluster: `registry` bytes from there, the `peer` bytes before them
+    /// kept by the home node from a fetch that broke off.
+    Registry {
+        registry: u64,
+        peer: u64,
+    },
 }
 
 /// Brings one blob of `reference` into `store` with the cluster's single-flight: from the peer
 /// cache (as another worker's fetch of it arrives there, when one is under way), or, when
 /// nobody has it, fetched from the registry by this worker for the whole cluster, streamed to
-/// the blob's home node while it downloads. A fetch that breaks off frees the blob for the
-/// next asker: this worker asks again. `None`: left to the engine's pull.
+/// the blob's home node while it downloads. A fetch that breaks off leaves its bytes on the
+/// node; the next asker's fetch resumes from them, by `Range`. `None`: left to the engine's
+/// pull.
 async fn bring(
     peers: &PeerCache,
     registry: &Registry,
@@ -202,12 +209,14 @@ async fn bring(
     for _ in 0..3 {
         match peers.get_or_claim(&desc.digest, store).await {
             Ok(Claimed::Got(n)) => return Some(Brought::Peer(n)),
-            Ok(Claimed::Fetch { node }) => {
-                tracing::info!(digest = %desc.digest, reference = %reference.whole(), home = %node, "fetching a blob from the registry for the cluster");
+            Ok(Claimed::Fetch(fetch)) => {
+                let Fetch { node, from, start } = *fetch;
+                tracing::info!(digest = %desc.digest, reference = %reference.whole(), home = %node, from, "fetching a blob from the registry for the cluster");
                 let (tx, rx) = mpsc::channel(16);
+                let tee = Tee::starting_at(tx, from);
                 let (pulled, put) = tokio::join!(
-                    registry.pull_blob(reference, desc, store, Some(Tee::new(tx))),
-                    peers.put_stream(&node, &desc.digest, desc.size, rx)
+                    registry.pull_blob(reference, desc, store, Some(start), Some(tee)),
+                    peers.put_stream(&node, &desc.digest, desc.size, from, rx)
                 );
                 if let Err(e) = pulled {
                     tracing::warn!(digest = %desc.digest, error = %e, "fetching a base blob for the cluster");
@@ -218,7 +227,10 @@ async fn bring(
                 }
                 // Its second home too (the first answers that it has it), off the task's path.
                 steps.publish_blob(desc.digest, store);
-                return Some(Brought::Registry(desc.size));
+                return Some(Brought::Registry {
+                    registry: desc.size - from,
+                    peer: from,
+                });
             }
             Err(e) => tracing::debug!(digest = %desc.digest, error = %e, "single-flight get"),
         }
@@ -278,11 +290,13 @@ pub(super) async fn fetch_context_file(
                 c.context_bytes_peer.fetch_add(n, Ordering::Relaxed);
                 return Ok(Fetched::Peer(n));
             }
-            Ok(Claimed::Fetch { node: home }) => {
+            Ok(Claimed::Fetch(claim)) => {
+                let (home, from) = (claim.node, claim.from);
+                // The coordinator sends whole files: the bytes the home node kept are skipped.
                 let (tx, rx) = mpsc::channel(16);
                 let (fetched, put) = tokio::join!(
-                    fetch(conn, store, digest, Some(tx)),
-                    peers.put_stream(&home, digest, size, rx)
+                    fetch(conn, store, digest, Some(Tee::starting_at(tx, from))),
+                    peers.put_stream(&home, digest, size, from, rx)
                 );
                 let n = fetched?;
                 c.context_bytes_coordinator.fetch_add(n, Ordering::Relaxed);
@@ -310,7 +324,7 @@ async fn fetch(
     conn: &quinn::Connection,
     store: &BlobStore,
     digest: &Digest,
-    tee: Option<mpsc::Sender<bytes::Bytes>>,
+    tee: Option<Tee>,
 ) -> Result<u64, ClusterError> {
     let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
     send(&mut tx, ClusterMessage::FetchBlob { digest: *digest }).await?;

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ossb_cache_node::{Claimed, PeerCache};
+use ossb_cache_node::{Claimed, Fetch, PeerCache};
 use ossb_image::oci::{Descriptor, Manifest};
 use ossb_image::registry::{parse_reference, Registry, Tee};
 use ossb_image::store::BlobStore;

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use super::http::{pause_before_retry, retry, status_error, HttpError, Scope};
 use super::{Context, Registry, RegistryError, Repo};
 use crate::oci::{media_type, Descriptor, ImageConfig, Index, Manifest};
-use crate::store::BlobStore;
+use crate::store::{BlobStore, PartialBlob};
 
 /// An image resolved for one platform, with its config and layers in the blob store.
 #[derive(Clone, Debug)]
@@ -31,28 +31,50 @@ const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 
 /// Where a blob's bytes are copied as they arrive ([`Registry::pull_blob`]): a cluster worker
 /// streams a blob it fetches for the cluster to the peer cache while it downloads. Only bytes
-/// in order from the first are copied; once a transfer starts over, the copy stops (its
+/// in order from the tee's start are copied; once a transfer starts over, the copy stops (its
 /// receiver sees the channel close early).
 pub struct Tee {
     tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    copied: u64,
+    /// The next byte the receiver wants.
+    next: u64,
+    /// Whether any byte was copied (bytes before the start are skipped until then).
+    started: bool,
 }
 
 impl Tee {
-    /// Copies to `tx`.
+    /// Copies to `tx` from the first byte.
     pub fn new(tx: tokio::sync::mpsc::Sender<bytes::Bytes>) -> Tee {
-        Tee { tx, copied: 0 }
+        Tee::starting_at(tx, 0)
     }
 
-    /// Copies `chunk`, which starts at byte `at`; drops the tee when it would leave a gap or
-    /// repeat bytes, or when its receiver is gone.
-    async fn copy(slot: &mut Option<Tee>, at: u64, chunk: &bytes::Bytes) {
+    /// Copies to `tx` the bytes from `start` on (a resumed fetch puts only those).
+    pub fn starting_at(tx: tokio::sync::mpsc::Sender<bytes::Bytes>, start: u64) -> Tee {
+        Tee {
+            tx,
+            next: start,
+            started: false,
+        }
+    }
+
+    /// Copies what `chunk`, which starts at byte `at`, holds from the tee's next byte on;
+    /// drops the tee when it would leave a gap or repeat bytes, or when its receiver is gone.
+    pub async fn copy(slot: &mut Option<Tee>, at: u64, chunk: &bytes::Bytes) {
         let Some(tee) = slot else { return };
-        if tee.copied != at || tee.tx.send(chunk.clone()).await.is_err() {
+        let end = at + chunk.len() as u64;
+        if !tee.started && end <= tee.next {
+            return;
+        }
+        if at > tee.next || (tee.started && at != tee.next) {
             *slot = None;
             return;
         }
-        tee.copied += chunk.len() as u64;
+        let part = chunk.slice((tee.next - at) as usize..);
+        if tee.tx.send(part).await.is_err() {
+            *slot = None;
+            return;
+        }
+        tee.next = end;
+        tee.started = true;
     }
 }
 
@@ -90,25 +112,28 @@ impl Registry {
     }
 
     /// Brings one blob of `reference` into the store (through a mirror first, as
-    /// [`Registry::pull`]), verified, copying its bytes to `tee` as they arrive.
+    /// [`Registry::pull`]), verified, copying its bytes to `tee` as they arrive. With `start`
+    /// (its first bytes, from elsewhere) only the rest is asked for, by `Range`.
     pub async fn pull_blob(
         &self,
         reference: &Reference,
         desc: &Descriptor,
         store: &BlobStore,
+        mut start: Option<PartialBlob>,
         mut tee: Option<Tee>,
     ) -> Result<(), RegistryError> {
         let origin = Repo::of(reference);
         for via in self.mirrors_of(&origin) {
             if self
-                .fetch_blob(&via, reference, desc, store, tee.take())
+                .fetch_blob(&via, reference, desc, store, start.take(), tee.take())
                 .await
                 .is_ok()
             {
                 return Ok(());
             }
         }
-        self.fetch_blob(&origin, reference, desc, store, tee).await
+        self.fetch_blob(&origin, reference, desc, store, start, tee)
+            .await
     }
 
     /// Resolves `reference` for `platform` to its manifest (stored, with the index it was
@@ -152,7 +177,7 @@ impl Registry {
         store: &BlobStore,
     ) -> Result<PulledImage, RegistryError> {
         let (digest, manifest) = self.resolve_from(repo, reference, platform, store).await?;
-        self.fetch_blob(repo, reference, &manifest.config, store, None)
+        self.fetch_blob(repo, reference, &manifest.config, store, None, None)
             .await?;
         let config: ImageConfig = parse(
             repo,
@@ -235,7 +260,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         stream::iter(blobs.iter().map(Ok))
             .try_for_each_concurrent(self.config().parallel_blobs.max(1), |d| {
-                self.fetch_blob(repo, reference, d, store, None)
+                self.fetch_blob(repo, reference, d, store, None, None)
             })
             .await
     }
@@ -308,14 +333,15 @@ impl Registry {
         Ok(fetched)
     }
 
-    /// Downloads one blob into the store, verified; resumes by `Range` after a break, starts
-    /// over after wrong bytes.
+    /// Downloads one blob into the store, verified, continuing `start` when given; resumes by
+    /// `Range` after a break, starts over after wrong bytes.
     pub(crate) async fn fetch_blob(
         &self,
         repo: &Repo,
         reference: &Reference,
         desc: &Descriptor,
         store: &BlobStore,
+        start: Option<PartialBlob>,
         mut tee: Option<Tee>,
     ) -> Result<(), RegistryError> {
         if store.contains(&desc.digest) {
@@ -342,7 +368,10 @@ impl Registry {
             reference.whole(),
             repo.host
         );
-        let mut partial = store.partial()?;
+        let mut partial = match start {
+            Some(p) if p.len() < desc.size => p,
+            _ => store.partial()?,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -544,5 +573,28 @@ mod tests {
             ),
             media_type::DOCKER_MANIFEST_LIST
         );
+    }
+
+    /// A tee copies the bytes from its start, in order: earlier ones are skipped, a chunk
+    /// across the start is cut, and a transfer that starts over ends the copy.
+    #[tokio::test]
+    async fn a_tee_copies_from_its_start_in_order() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let mut tee = Some(Tee::starting_at(tx, 4));
+        let b = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
+        Tee::copy(&mut tee, 0, &b("abc")).await;
+        Tee::copy(&mut tee, 3, &b("def")).await;
+        Tee::copy(&mut tee, 6, &b("gh")).await;
+        assert_eq!(rx.try_recv().unwrap(), b("ef"));
+        assert_eq!(rx.try_recv().unwrap(), b("gh"));
+        // Starting over (a registry ignoring Range, or wrong bytes) ends the copy.
+        Tee::copy(&mut tee, 0, &b("abcdefgh")).await;
+        assert!(tee.is_none());
+        assert!(rx.try_recv().is_err());
+        // A gap ends it too.
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let mut tee = Some(Tee::new(tx));
+        Tee::copy(&mut tee, 2, &b("cd")).await;
+        assert!(tee.is_none());
     }
 }
