@@ -77,7 +77,7 @@ pub(crate) fn scan(rel: &str, compressed: &[u8], findings: &mut Findings) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 

@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+mod apk;
 mod auditable;
 mod document;
 mod dpkg;
@@ -36,6 +37,8 @@ mod package;
 mod purl;
 mod python;
 mod rootfs;
+mod rpm;
+mod rpmheader;
 mod stanza;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +89,8 @@ pub fn scan_with_warnings(root: &Path) -> Result<Scan, ScanError> {
     let mut findings = Findings::default();
     let os = OsRelease::read(&dir, &mut findings);
     dpkg::scan_status(&dir, &os, &mut findings);
+    apk::scan_installed(&dir, &os, &mut findings);
+    rpm::scan_rpmdb(&dir, &os, &mut findings);
     dir.walk(&mut findings, &mut |entry, findings| {
         visit(entry, &os, findings)
     });
@@ -168,3 +173,6 @@ fn identity(p: &Package) -> impl Ord + '_ {
         &p.source,
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -28,6 +28,7 @@ struct Manifest {
     licenses: Option<Value>,
     author: Option<Value>,
     maintainers: Option<Value>,
+    contributors: Option<Value>,
 }
 
 /// Reads one package's manifest.
@@ -52,15 +53,12 @@ pub(crate) fn scan_manifest(rel: &str, bytes: &[u8], findings: &mut Findings) {
         qualifiers: Vec::new(),
     }
     .encode();
-    let supplier =
-        manifest
-            .author
-            .as_ref()
-            .and_then(contact)
-            .or_else(|| match &manifest.maintainers {
-                Some(Value::Array(list)) => list.iter().find_map(contact),
-                _ => None,
-            });
+    let supplier = manifest
+        .author
+        .as_ref()
+        .and_then(contact)
+        .or_else(|| first_contact(manifest.maintainers.as_ref()))
+        .or_else(|| first_contact(manifest.contributors.as_ref()));
     findings.packages.push(Package {
         kind: Kind::Npm,
         version,
@@ -92,6 +90,10 @@ fn license(license: Option<&Value>, licenses: Option<&Value>) -> Option<String> 
         1 => list.into_iter().next(),
         _ => Some(format!("({})", list.join(" OR "))),
     }
+}
+
+fn first_contact(list: Option<&Value>) -> Option<Supplier> {
+    list?.as_array()?.iter().find_map(contact)
 }
 
 /// `"Name <email> (url)"` or `{"name": ..., "email": ...}`.

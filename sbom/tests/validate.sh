@@ -4,7 +4,7 @@
 #   sbom/tests/validate.sh DOC.spdx.json...
 # The tools live in a venv made once ($OSSB_SBOM_VENV, default .testenv/sbom-venv beside the
 # workspace) from PyPI. Exit 3 when they cannot be installed, so a caller can tell "no tools"
-# from "invalid document".
+# from "invalid document". ntia-checker's JSON report is left in DOC.ntia.json.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 venv=${OSSB_SBOM_VENV:-$here/../../.testenv/sbom-venv}
@@ -19,5 +19,7 @@ for doc in "$@"; do
   "$venv/bin/pyspdxtools" -i "$doc"
   echo "valid (pyspdxtools prints nothing for a valid document)"
   echo "== ntia-checker -c ntia $doc"
+  # The report as JSON beside the document, for tests that look at which components failed.
+  "$venv/bin/ntia-checker" -c ntia -r json -o "$doc.ntia.json" "$doc" >/dev/null || true
   "$venv/bin/ntia-checker" -c ntia "$doc"
 done
