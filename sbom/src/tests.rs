@@ -73,6 +73,12 @@ fn debian_like_tree(r: &Path) {
         "usr/local/lib/python3.11/dist-packages/charset_normalizer-3.3.2.dist-info/METADATA",
         PYTHON_METADATA,
     );
+    // Licenses that the spdx crate accepts must be accepted by spdx-tools too.
+    write(
+        r,
+        "opt/venv/lib/python3.12/site-packages/llvm_thing-1.0.dist-info/METADATA",
+        "Metadata-Version: 2.4\nName: llvm_thing\nVersion: 1.0\nLicense-Expression: (Apache-2.0 WITH LLVM-exception OR MIT) AND BSD-3-Clause\nMaintainer-email: Dev Team <dev@example.org>\n",
+    );
     write(
         r,
         "srv/app/node_modules/@types/node/package.json",
@@ -117,11 +123,18 @@ fn every_ecosystem_in_one_tree() {
     );
     assert_eq!(
         names(p, Kind::Python),
-        vec![(
-            "charset-normalizer".into(),
-            "3.3.2".into(),
-            Some("pkg:pypi/charset-normalizer@3.3.2".into())
-        )]
+        vec![
+            (
+                "charset-normalizer".into(),
+                "3.3.2".into(),
+                Some("pkg:pypi/charset-normalizer@3.3.2".into())
+            ),
+            (
+                "llvm_thing".into(),
+                "1.0".into(),
+                Some("pkg:pypi/llvm-thing@1.0".into())
+            ),
+        ]
     );
     assert_eq!(
         names(p, Kind::Npm),
@@ -378,7 +391,15 @@ fn spdx_of_every_ecosystem_passes_the_validators() {
     };
     let out = tempfile::tempdir().expect("tempdir");
     let path = out.path().join("mixed.spdx.json");
-    fs::write(&path, crate::spdx_json(&info, &scan.packages)).expect("write");
+    let doc = crate::spdx_json(&info, &scan.packages);
+    let text = String::from_utf8_lossy(&doc);
+    assert!(
+        text.contains(
+            r#""licenseDeclared":"(Apache-2.0 WITH LLVM-exception OR MIT) AND BSD-3-Clause""#
+        ),
+        "a valid expression is kept"
+    );
+    fs::write(&path, &doc).expect("write");
     // spdx-tools must accept it. The NTIA check must fail only for what has no supplier in
     // its metadata: Go modules (a binary records paths, not publishers), path crates, and an
     // npm package naming nobody.

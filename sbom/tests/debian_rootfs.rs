@@ -112,7 +112,9 @@ fn debian_rootfs_every_dpkg_package_in_the_sbom_and_validators_pass() {
     let root = tempfile::tempdir().expect("tempdir");
     unpack(&layer, root.path());
 
+    let started = std::time::Instant::now();
     let scan = ossb_sbom::scan_with_warnings(root.path()).expect("scan");
+    eprintln!("scan took {:?}", started.elapsed());
     let found: BTreeSet<(String, String, String)> = scan
         .packages
         .iter()
