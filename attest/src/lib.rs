@@ -14,6 +14,7 @@ mod local;
 mod manifest;
 mod provenance;
 mod purl;
+pub use purl::image_purl;
 mod statement;
 mod time;
 

@@ -9,7 +9,7 @@ use ossb_image::Reference;
 use ossb_protocol::Platform;
 
 /// The package URL of `reference` (a parsed image name) for `platform`.
-pub(crate) fn image_purl(reference: &Reference, platform: Option<&Platform>) -> String {
+pub fn image_purl(reference: &Reference, platform: Option<&Platform>) -> String {
     let familiar = familiar_name(reference);
     let (namespace, name) = match familiar.rsplit_once('/') {
         Some((ns, name)) => (Some(ns), name),

@@ -196,13 +196,17 @@ pub struct BuildArgs {
     /// Accepted as docker's: ossb always resolves base image tags at their registry.
     #[arg(long)]
     pub pull: bool,
-    /// buildx's provenance attestation: ossb writes none, so only false is accepted (as CI
-    /// scripts pass to keep a single-platform push a plain manifest, which ossb does anyway).
-    #[arg(long, value_name = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// A SLSA provenance attestation, as buildx: true, false, or mode=min|max,version=v0.2|v1,
+    /// builder-id=URL. On by default (mode=min) for a pushed image, unless
+    /// BUILDX_NO_DEFAULT_ATTESTATIONS=1.
+    #[arg(long, value_name = "VALUE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub provenance: Option<String>,
-    /// buildx's SBOM attestation: ossb writes none, so only false is accepted.
-    #[arg(long, value_name = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// An SPDX SBOM attestation of each platform's image, as buildx: true or false.
+    #[arg(long, value_name = "VALUE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub sbom: Option<String>,
+    /// An attestation, as buildx: type=provenance[,mode=max,...] or type=sbom (repeatable).
+    #[arg(long, value_name = "type=TYPE,...")]
+    pub attest: Vec<String>,
     /// buildx's --load (into the Docker daemon): refused, ossb has no daemon; write a
     /// `docker load` archive with --output type=docker,dest=FILE instead.
     #[arg(long)]
@@ -229,6 +233,8 @@ pub struct BuildArgs {
 /// What the CLI does itself after the build.
 pub struct Extras {
     pub progress: ProgressMode,
+    /// Said before the build starts.
+    pub warnings: Vec<String>,
     metadata_file: Option<PathBuf>,
     iidfile: Option<PathBuf>,
 }
@@ -613,16 +619,6 @@ impl BuildArgs {
         if self.load {
             return Err("--load needs a Docker daemon, and ossb has none: write an archive with --output type=docker,dest=image.tar and `docker load -i image.tar` (or `podman load`), or push with --push".into());
         }
-        for (flag, value) in [("--provenance", &self.provenance), ("--sbom", &self.sbom)] {
-            match value.as_deref() {
-                None | Some("false" | "0") => {}
-                Some(other) => {
-                    return Err(format!(
-                        "{flag}={other}: ossb does not write attestations; leave {flag} out (or pass {flag}=false)"
-                    ))
-                }
-            }
-        }
         if self.quiet && !matches!(self.progress, ProgressMode::Auto | ProgressMode::Quiet) {
             return Err(format!(
                 "--quiet and --progress {} cannot be used together: --quiet is --progress quiet",
@@ -688,6 +684,15 @@ impl BuildArgs {
                 "--push needs at least one --tag naming the registry and repository".into(),
             );
         }
+        let (attestations, attest_warnings) = crate::attest::parse(
+            self.provenance.as_deref(),
+            self.sbom.as_deref(),
+            &self.attest,
+            // BuildKit refuses attestations with Docker media types: no default one then.
+            outputs.contains(&Output::Registry)
+                && !crate::attest::no_default_from_env()
+                && settings.media_types.unwrap_or_default() == MediaTypes::Oci,
+        )?;
         let mut certificates = Vec::new();
         for spec in &self.registry_certificates {
             let (host, file) = spec.split_once('=').ok_or_else(|| {
@@ -760,6 +765,7 @@ impl BuildArgs {
             network: self.network,
             extra_hosts: parse_add_hosts(&self.add_hosts)?,
             annotations,
+            attestations,
         };
         request.check().map_err(|e| e.to_string())?;
         Ok((
@@ -768,6 +774,7 @@ impl BuildArgs {
                 progress: self.progress_mode(),
                 metadata_file: self.metadata_file,
                 iidfile: self.iidfile,
+                warnings: attest_warnings,
             },
         ))
     }
@@ -937,9 +944,8 @@ mod tests {
         );
         for (flags, error) in [
             (&["--load"][..], "--output type=docker,dest="),
-            (&["--provenance"], "does not write attestations"),
-            (&["--provenance=mode=max"], "does not write attestations"),
-            (&["--sbom=true"], "does not write attestations"),
+            (&["--provenance=mode=full"], "expected min or max"),
+            (&["--attest", "type=vex"], "unknown type"),
             (&["--network", "bridge"], "use default, none or host"),
             (&["-q", "--progress", "json"], "--quiet and --progress json"),
             (&["--add-host", "h:host-gateway"], "use 127.0.0.1"),

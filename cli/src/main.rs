@@ -2,6 +2,7 @@
 //! here; it calls the coordinator.
 
 mod args;
+mod attest;
 mod cluster;
 mod display;
 
@@ -107,6 +108,9 @@ fn run_build(args: BuildArgs, isolation: Option<String>) -> ExitCode {
         Ok(r) => r,
         Err(e) => return display::fail(mode, &e, 2),
     };
+    for warning in &extras.warnings {
+        display::notice(mode, &format!("warning: {warning}"));
+    }
     display::run_to_exit(&request, &extras, |request, display| {
         Box::pin(ossb_engine::build(request, display))
     })

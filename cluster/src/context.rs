@@ -500,6 +500,8 @@ pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> 
         extra_hosts: spec.extra_hosts.clone(),
         // Checked by the coordinator before any task was made (build_outcome).
         annotations: annotations_of(spec).unwrap_or_default(),
+        // A task builds images; the coordinator attests the build as a whole.
+        attestations: Default::default(),
     }
 }
 

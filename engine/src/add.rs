@@ -37,6 +37,9 @@ pub(crate) struct Fetched {
     pub dir: PathBuf,
     pub names: Vec<String>,
     pub key: Vec<u8>,
+    /// The source as a provenance material: its URL with the sha256 of what was fetched, or
+    /// the git source with its commit.
+    pub material: ossb_attest::Material,
 }
 
 /// Fetches a remote ADD source into `work` (once per build: a second call reuses it).
@@ -54,6 +57,7 @@ pub(crate) async fn fetch(
             dir,
             names: vec![".".into()],
             key,
+            material: ossb_attest::Material::git(source, &commit),
         });
     }
     let file = download(source, checksum, &work.join("downloads")).await?;
@@ -69,6 +73,7 @@ pub(crate) async fn fetch(
         dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         names: vec![name],
         key: blake3::hash(&bytes).as_bytes().to_vec(),
+        material: ossb_attest::Material::sha256(source, &ossb_protocol::Digest::of(&bytes)),
     })
 }
 

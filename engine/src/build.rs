@@ -111,6 +111,8 @@ pub struct BuildRequest {
     pub extra_hosts: Vec<(String, String)>,
     /// `--annotation`: what the manifests, their descriptors and the index carry.
     pub annotations: Annotations,
+    /// `--provenance`, `--sbom`, `--attest`: attestations attached to the images.
+    pub attestations: crate::Attestations,
 }
 
 /// OCI annotations asked for with `--annotation [TYPE:]KEY=VALUE`, by where they go.
@@ -307,6 +309,9 @@ pub enum BuildError {
     /// A local failure (disk, store).
     #[error("{0}")]
     Local(String),
+    /// An attestation could not be made.
+    #[error("writing the attestations: {0}")]
+    Attest(#[from] ossb_attest::AttestError),
 }
 
 impl BuildError {
@@ -365,6 +370,7 @@ async fn run(
             progress.event(crate::progress::Event::Info(warning));
         }
     }
+    let started = now();
     if !req.context.is_dir() {
         return Err(BuildError::Usage(format!(
             "build context {} is not a directory",
@@ -407,6 +413,7 @@ async fn run(
         claims: Default::default(),
         built: Default::default(),
         cluster,
+        facts: Default::default(),
     };
     // Every platform is pulled, planned and checked before any step runs (a platform that
     // cannot run here is refused first); then every platform builds at once, a platform's
@@ -428,14 +435,20 @@ async fn run(
         tracing::debug!("saving the checksum cache: {e}");
     }
     let images = results?;
-    let (image, config_digest) = match images.as_slice() {
+    let manifests: Vec<Descriptor> = images.iter().map(|i| i.manifest.clone()).collect();
+    // The image without attestations: what a docker archive and a local export hold.
+    let (plain, config_digest) = match images.as_slice() {
         [one] => (one.manifest.clone(), Some(one.config)),
-        many => (
-            write_index(&shared.store, many, req.media_types, &req.annotations.index)?,
-            None,
-        ),
+        _ => (write_index(&shared.store, &manifests, req)?, None),
     };
-    let pushed = export(&shared, &images, &image).await?;
+    let attestations = crate::attestations::attach(&shared, &images, started).await?;
+    let attested = crate::attestations::write_manifests(&shared, &images, &attestations)?;
+    // As BuildKit: the attestation manifests follow the images in the index.
+    let image = match attested.is_empty() {
+        true => plain.clone(),
+        false => write_index(&shared.store, &[manifests, attested].concat(), req)?,
+    };
+    let pushed = export(&shared, &images, &image, &plain, &attestations).await?;
     if let Some(repo) = &req.cache_to {
         let records = std::mem::take(
             &mut *shared
@@ -501,24 +514,26 @@ pub fn index_of(
     (descriptor, bytes)
 }
 
-/// Stores the index of several platforms' manifests.
+/// Stores the index of `manifests` (the platforms', then their attestations').
 fn write_index(
     store: &BlobStore,
-    images: &[PlatformImage],
-    types: MediaTypes,
-    index_annotations: &BTreeMap<String, String>,
+    manifests: &[Descriptor],
+    req: &BuildRequest,
 ) -> Result<Descriptor, BuildError> {
-    let manifests: Vec<Descriptor> = images.iter().map(|i| i.manifest.clone()).collect();
-    let (descriptor, bytes) = index_of(&manifests, types, index_annotations);
+    let (descriptor, bytes) = index_of(manifests, req.media_types, &req.annotations.index);
     store.put(&bytes).map_err(local("storing the index"))?;
     Ok(descriptor)
 }
 
-/// Sends the image to every requested output. Returns the references pushed.
+/// Sends the image to every requested output. Returns the references pushed. `image` holds
+/// the attestations (a push and an OCI layout carry them); `plain` does not (a docker
+/// archive cannot, and a local export writes them beside the files, as BuildKit does).
 async fn export(
     shared: &Shared<'_>,
     images: &[PlatformImage],
     image: &Descriptor,
+    plain: &Descriptor,
+    attestations: &[crate::attestations::Attestation],
 ) -> Result<Vec<String>, BuildError> {
     let req = shared.req;
     let mut pushed = Vec::new();
@@ -570,7 +585,7 @@ async fn export(
                     .map(|p| p.platform())
                     .unwrap_or_else(|| req.platforms[0].clone());
                 let named = [NamedImage {
-                    descriptor: image.clone(),
+                    descriptor: plain.clone(),
                     names: req.tags.clone(),
                 }];
                 let result = export::write_docker_archive(&shared.store, &named, dest, &platform);
@@ -582,10 +597,18 @@ async fn export(
                 let (id, t) =
                     shared.start(format!("exporting the filesystem to {}", dest.display()));
                 let result =
-                    export::write_local(&shared.store, image, dest, &ApplyOptions::default());
+                    export::write_local(&shared.store, plain, dest, &ApplyOptions::default());
                 let warnings = shared
                     .finish(id, t, result)
                     .map_err(|e| BuildError::Export(e.to_string()))?;
+                for attestation in attestations {
+                    // One directory per platform for several, as the filesystems.
+                    let dir = match images {
+                        [_] => dest.clone(),
+                        _ => dest.join(attestation.platform().to_string().replace('/', "_")),
+                    };
+                    crate::attestations::write_local_files(&dir, attestation)?;
+                }
                 for w in warnings {
                     shared
                         .progress

@@ -6,6 +6,7 @@
 //! `ossb-image`'s and `ossb-worker`'s).
 
 mod add;
+pub mod attestations;
 pub mod build;
 pub mod cache;
 pub mod error;
@@ -15,6 +16,7 @@ mod run;
 mod stage;
 mod step_cache;
 
+pub use attestations::Attestations;
 pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, Output};
 pub use error::{AddError, CacheSpecError, StepError};
 pub use progress::{Event, Progress};

@@ -2,12 +2,12 @@
 # Validates SPDX JSON documents with the reference tools: spdx-tools' `pyspdxtools -i` (the
 # SPDX 2.3 model and its validation) and `ntia-checker` (NTIA minimum elements).
 #   sbom/tests/validate.sh DOC.spdx.json...
-# The tools live in a venv made once ($OSSB_SBOM_VENV, default .testenv/sbom-venv beside the
+# The tools live in a venv made once ($OSSB_SBOM_VENV, default .testenv/venv-attest beside the
 # workspace) from PyPI. Exit 3 when they cannot be installed, so a caller can tell "no tools"
 # from "invalid document". ntia-checker's JSON report is left in DOC.ntia.json.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-venv=${OSSB_SBOM_VENV:-$here/../../.testenv/sbom-venv}
+venv=${OSSB_SBOM_VENV:-$here/../../.testenv/venv-attest}
 if ! [[ -x $venv/bin/pyspdxtools && -x $venv/bin/ntia-checker ]]; then
   mkdir -p "$(dirname "$venv")"
   { python3 -m venv "$venv" &&

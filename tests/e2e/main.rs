@@ -1,6 +1,7 @@
 //! End-to-end tests of `ossb build` against real registries (scripts/testenv.sh) and real
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
+mod attestations;
 mod build;
 mod cluster;
 mod cluster_cache;

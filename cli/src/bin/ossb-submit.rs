@@ -6,6 +6,10 @@
 #[allow(dead_code)]
 #[path = "../args.rs"]
 mod args;
+
+#[allow(dead_code)]
+#[path = "../attest.rs"]
+mod attest;
 #[allow(dead_code)]
 #[path = "../cluster.rs"]
 mod cluster;

@@ -72,6 +72,8 @@ pub(crate) struct Shared<'a> {
     pub built: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
     /// The cluster's step records, for a worker's task: the chain's last level.
     pub cluster: Option<&'a dyn cache::CacheLevel>,
+    /// What each platform read and did, for its attestations.
+    pub facts: crate::attestations::Facts,
 }
 
 /// The running estimate of a build's remaining time.
@@ -473,6 +475,10 @@ impl<'a> PlatformBuild<'a> {
             .pull(&parsed, platform, &self.shared.store);
         let result = self.shared.with_transfer(id, pull).await;
         let pulled = self.shared.finish(id, t, result)?;
+        self.shared.facts.material(
+            &self.platform,
+            crate::attestations::image_material(&parsed, platform, &pulled.manifest_digest),
+        );
         for blob in pulled
             .manifest
             .layers
@@ -589,9 +595,23 @@ impl<'a> PlatformBuild<'a> {
             if !quiet {
                 vertex.start(self.shared);
             }
+            let layers_before = state.layers.len();
             let result = self
                 .run_step(step, &mut state, done, &mut vertex)
                 .await
+                .inspect(|_| {
+                    let layer = state.layers.get(layers_before).map(|l| l.digest);
+                    self.shared.facts.step(
+                        &self.platform,
+                        crate::attestations::StepFact {
+                            stage: stage.index,
+                            line: step.location.start_line,
+                            instruction: step.created_by.clone(),
+                            key: state.key.hex(),
+                            layer,
+                        },
+                    );
+                })
                 .map_err(|source| BuildError::Step {
                     location: format!(
                         "{}:{}",
@@ -816,7 +836,7 @@ fn base_info(config: &ImageConfig) -> BaseImageInfo {
 }
 
 /// Applies `layers` onto `rootfs`; returns the warnings (entries skipped).
-async fn unpack(
+pub(crate) async fn unpack(
     store: &BlobStore,
     layers: &[Descriptor],
     rootfs: &Path,

@@ -119,6 +119,7 @@ impl PlatformBuild<'_> {
                 &self.shared.work,
             )
             .await?;
+            self.shared.facts.material(&self.platform, fetched.material);
             inputs.push(fetched.key);
         }
         let local: Vec<String> = local.into_iter().cloned().collect();

@@ -1,0 +1,75 @@
+//! What a build read and did, gathered while it runs: the facts its provenance states.
+
+use ossb_attest::Material;
+
+/// One build step, as a `mode=max` provenance lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepFact {
+    /// The stage's index in the Dockerfile.
+    pub stage: usize,
+    /// The Dockerfile line it was written on.
+    pub line: usize,
+    /// What it did, as the image history says it (build args, never secrets).
+    pub instruction: String,
+    /// Its cache key (hex).
+    pub key: String,
+    /// The layer it made, if any.
+    pub layer: Option<ossb_protocol::Digest>,
+}
+
+/// What one platform's build read and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlatformFacts {
+    /// Its materials, each once.
+    pub materials: std::collections::BTreeSet<Material>,
+    /// Its steps, in Dockerfile order (not the order they finished in: the attestation of
+    /// two identical builds must be the same bytes).
+    pub steps: Vec<StepFact>,
+}
+
+/// What a build read and did, by platform, gathered while it runs for its attestations.
+#[derive(Debug, Default)]
+pub(crate) struct Facts {
+    by_platform: std::sync::Mutex<std::collections::BTreeMap<String, PlatformFacts>>,
+}
+
+impl Facts {
+    fn with<T>(
+        &self,
+        platform: &ossb_protocol::Platform,
+        f: impl FnOnce(&mut PlatformFacts) -> T,
+    ) -> T {
+        let mut all = self.by_platform.lock().unwrap_or_else(|e| e.into_inner());
+        f(all.entry(platform.to_string()).or_default())
+    }
+
+    /// `platform`'s build read `material`.
+    pub(crate) fn material(&self, platform: &ossb_protocol::Platform, material: Material) {
+        self.with(platform, |p| p.materials.insert(material));
+    }
+
+    /// `platform`'s build ran (or took from the cache) `step`.
+    pub(crate) fn step(&self, platform: &ossb_protocol::Platform, step: StepFact) {
+        self.with(platform, |p| {
+            let at = p
+                .steps
+                .partition_point(|s| (s.stage, s.line) <= (step.stage, step.line));
+            p.steps.insert(at, step);
+        });
+    }
+
+    /// What `platform`'s build read and did.
+    pub(crate) fn of(&self, platform: &ossb_protocol::Platform) -> PlatformFacts {
+        self.with(platform, |p| p.clone())
+    }
+}
+
+/// A base image as a provenance material: its package URL, as BuildKit writes it, and its
+/// manifest digest.
+pub(crate) fn image_material(
+    reference: &ossb_image::Reference,
+    platform: &ossb_protocol::Platform,
+    manifest: &ossb_protocol::Digest,
+) -> Material {
+    Material::sha256(ossb_attest::image_purl(reference, Some(platform)), manifest)
+}
