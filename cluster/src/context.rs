@@ -333,6 +333,7 @@ pub fn spec_of(
             .entries()
             .map(|(kind, k, v)| (kind.to_string(), k.clone(), v.clone()))
             .collect(),
+        attest: crate::attest::spec_of(&req.attestations),
     })
 }
 
@@ -500,8 +501,12 @@ pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> 
         extra_hosts: spec.extra_hosts.clone(),
         // Checked by the coordinator before any task was made (build_outcome).
         annotations: annotations_of(spec).unwrap_or_default(),
-        // A task builds images; the coordinator attests the build as a whole.
-        attestations: Default::default(),
+        // The coordinator writes the attestations of the build as a whole, from every task's
+        // facts; the task that exports a platform's image scans it for its SBOM.
+        attestations: ossb_engine::Attestations {
+            provenance: None,
+            sbom: task.export && spec.attest.sbom,
+        },
     }
 }
 

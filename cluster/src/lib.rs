@@ -23,6 +23,7 @@
 //! Workers look for base-image blobs in their store, then the peer cache, then the registry,
 //! and publish what they pulled and what they built to the peer cache.
 
+pub mod attest;
 pub mod context;
 pub mod records;
 pub mod server;

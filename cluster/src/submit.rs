@@ -256,6 +256,8 @@ async fn finish(
         },
         size: image.size,
         stage: None,
+        facts: Vec::new(),
+        sboms: Vec::new(),
     })
 }
 

@@ -276,6 +276,11 @@ pub struct BuildResult {
     pub size: u64,
     /// The target stage of a one-platform build.
     pub stage: Option<BuiltStage>,
+    /// What each platform's build read and did (a cluster task's go to the coordinator, for
+    /// the provenance it writes).
+    pub facts: Vec<(Platform, crate::attestations::PlatformFacts)>,
+    /// Each platform image's SBOM, when asked for.
+    pub sboms: Vec<(Platform, Vec<u8>)>,
 }
 
 /// Why a build failed. [`BuildError::exit_code`] maps it to the CLI's exit code.
@@ -442,7 +447,23 @@ async fn run(
         _ => (write_index(&shared.store, &manifests, req)?, None),
     };
     let attestations = crate::attestations::attach(&shared, &images, started).await?;
-    let attested = crate::attestations::write_manifests(&shared, &images, &attestations)?;
+    // Written where the image is exported (a cluster's task hands its SBOM and facts to the
+    // coordinator, which writes them).
+    let attested = match req.outputs.is_empty() {
+        true => Vec::new(),
+        false => {
+            let pairs: Vec<_> = images
+                .iter()
+                .map(|i| &i.manifest)
+                .zip(&attestations)
+                .collect();
+            crate::attestations::write_manifests(
+                &shared.store,
+                &crate::attestations::AttestInputs::of(req),
+                &pairs,
+            )?
+        }
+    };
     // As BuildKit: the attestation manifests follow the images in the index.
     let image = match attested.is_empty() {
         true => plain.clone(),
@@ -484,6 +505,10 @@ async fn run(
         [one] => Some(one.stage.clone()),
         _ => None,
     };
+    let sboms = attestations
+        .iter()
+        .filter_map(|a| Some((a.platform().clone(), a.sbom()?.to_vec())))
+        .collect();
     Ok(BuildResult {
         image,
         config_digest,
@@ -491,6 +516,8 @@ async fn run(
         stats,
         size,
         stage,
+        facts: shared.facts.all(),
+        sboms,
     })
 }
 

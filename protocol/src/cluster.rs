@@ -258,6 +258,55 @@ pub struct BuildSpec {
     /// `--annotation` as (where: `manifest`, `manifest-descriptor` or `index`, key, value).
     #[serde(default)]
     pub annotations: Vec<(String, String, String)>,
+    /// `--provenance`, `--sbom`, `--attest`: the attestations the coordinator writes.
+    #[serde(default)]
+    pub attest: AttestSpec,
+}
+
+/// The attestations a build asks for (see `ossb_engine::attestations`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestSpec {
+    /// A SLSA provenance per platform.
+    pub provenance: Option<ProvenanceSpec>,
+    /// An SPDX SBOM per platform.
+    pub sbom: bool,
+}
+
+/// How the provenance is written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvenanceSpec {
+    /// `mode=max` (else min).
+    pub max: bool,
+    /// SLSA v1 (else v0.2).
+    pub v1: bool,
+    /// `builder-id`.
+    pub builder_id: Option<String>,
+}
+
+/// What a task's build read and did, for the provenance the coordinator writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFacts {
+    /// Base images, URLs and git commits read: (uri, digest algorithm, hex).
+    pub materials: Vec<(String, String, String)>,
+    /// The steps run or taken from a cache.
+    pub steps: Vec<WireStepFact>,
+}
+
+/// One step of a task's build.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireStepFact {
+    /// The stage's index in the Dockerfile.
+    pub stage: u32,
+    /// The Dockerfile line.
+    pub line: u32,
+    /// Its history text.
+    pub instruction: String,
+    /// Its cache key (hex).
+    pub key: String,
+    /// The layer it made.
+    pub layer: Option<Digest>,
+    /// The worker that ran the task.
+    pub worker: String,
 }
 
 /// A build secret (`--secret id=ID,src=PATH`): its id and bytes. `Debug` shows the id and the
@@ -436,6 +485,10 @@ pub struct PlatformOutcome {
     pub inputs: InputStats,
     /// The stage the task built, for the tasks of the stages that read it.
     pub stage: Option<BuiltStage>,
+    /// What the task read and did, for the provenance.
+    pub facts: WireFacts,
+    /// The SPDX SBOM of the image, when asked for (the task that exports it).
+    pub sbom: Option<Vec<u8>>,
 }
 
 /// Where a task's input blobs (base image configs and layers) came from.

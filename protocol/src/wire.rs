@@ -36,8 +36,9 @@ use crate::Digest;
 /// and device nodes in contexts. 5: tasks carry the stages they read, outcomes the stage built;
 /// a get may claim a blob nobody has (single-flight fetches from registries). 6: cache mounts
 /// shared through the peer cache. 8: a fetch resumes where a dead fetcher's bytes stopped
-/// (`Fetch { from }`, `Put { from }`).
-pub const VERSION: u16 = 8;
+/// (`Fetch { from }`, `Put { from }`). 9: attestations (`BuildSpec::attest`, task facts and
+/// SBOMs).
+pub const VERSION: u16 = 9;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

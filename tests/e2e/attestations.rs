@@ -468,3 +468,91 @@ fn the_sbom_of_debian_with_jq_lists_every_dpkg_package() {
         installed.len()
     );
 }
+
+/// The same through the cluster: the coordinator writes each platform's attestation manifest
+/// from every task's facts (the mode=max steps name the worker that ran them) and the SBOM
+/// the exporting task scanned, pushes them by digest, and lists them after the images.
+#[test]
+fn the_cluster_attests_what_its_workers_built() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = crate::cluster::Cluster::start(&env);
+    let reg = cluster.registry.clone();
+    let bb = cluster.busybox(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("cluster-attest");
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {bb} AS a\nRUN echo {marker} > /a\nFROM {bb}\nCOPY --from=a /a /a\n"),
+        &[],
+    );
+    let image = format!("{reg}/tests/{marker}:1");
+    let mut submit = cluster.submit(
+        &cluster.tls,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--insecure-registry",
+            &reg,
+            "--provenance=mode=max",
+            "--sbom=true",
+            "-t",
+            &image,
+            "--push",
+        ],
+    );
+    submit.arg(&ctx);
+    let out = submit.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let index = json(inspect_raw(&image).stdout.as_bytes());
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 4, "{index:#}");
+    let layout = copy_all(&image, dir.path());
+    for attestation in manifests
+        .iter()
+        .filter(|m| m["platform"]["os"] == "unknown")
+    {
+        let subject = attestation["annotations"]["vnd.docker.reference.digest"]
+            .as_str()
+            .unwrap();
+        let manifest = json(&blob(&layout, attestation["digest"].as_str().unwrap()));
+        let statements: Vec<Value> = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| json(&blob(&layout, l["digest"].as_str().unwrap())))
+            .collect();
+        assert_eq!(statements.len(), 2);
+        for s in &statements {
+            assert_eq!(
+                format!(
+                    "sha256:{}",
+                    s["subject"][0]["digest"]["sha256"].as_str().unwrap()
+                ),
+                subject
+            );
+        }
+        let provenance = statements
+            .iter()
+            .find(|s| s["predicateType"] == "https://slsa.dev/provenance/v0.2")
+            .expect("a provenance");
+        let steps = provenance["predicate"]["buildConfig"]["steps"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{provenance:#}"));
+        assert_eq!(steps.len(), 2, "{provenance:#}");
+        for step in steps {
+            let worker = step["worker"].as_str().unwrap_or_default();
+            assert!(
+                worker.starts_with("amd64") || worker.starts_with("arm64"),
+                "a step without its worker: {step:#}"
+            );
+        }
+        assert!(statements
+            .iter()
+            .any(|s| s["predicateType"] == "https://spdx.dev/Document"));
+    }
+}

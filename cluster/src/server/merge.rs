@@ -1,13 +1,18 @@
-//! The platforms' manifests merged into the image (an index for several) and pushed last.
+//! The platforms' manifests merged into the image (an index for several, or with
+//! attestations) and pushed last.
 
 use super::*;
 
 /// Merges the platforms' manifests (an index for several) and pushes the top under each tag,
-/// last: the workers pushed the manifests and their blobs by digest already.
+/// last: the workers pushed the manifests and their blobs by digest already. A push asked to
+/// be attested gets each platform's attestation manifest, written here from every task's
+/// facts and the exporting task's SBOM (the engine's writer, as `ossb build`'s), pushed by
+/// digest before the index that lists it after the images. `started`: when the build began.
 pub(super) async fn merge_and_push(
     spec: &BuildSpec,
     outcomes: Vec<PlatformOutcome>,
     cache_peers: Vec<String>,
+    started: i64,
 ) -> Result<BuiltImage, Failure> {
     let bad =
         |e: serde_json::Error| failure(format!("a worker sent an invalid descriptor: {e}"), 1);
@@ -17,30 +22,39 @@ pub(super) async fn merge_and_push(
         .collect::<Result<_, _>>()
         .map_err(bad)?;
     let types = media_types(spec);
+    // The attestation manifests go in a scratch store, pushed with the index. The registry
+    // CAs the client sent are written beside it, for as long as the push lasts.
+    let scratch = tempfile::tempdir().map_err(|e| failure(e.to_string(), 1))?;
+    let store =
+        BlobStore::open(scratch.path().join("store")).map_err(|e| failure(e.to_string(), 1))?;
+    let attested = match spec.attest != ossb_protocol::cluster::AttestSpec::default() {
+        true => attest(spec, &outcomes, &descriptors, &store, started)?,
+        false => Vec::new(),
+    };
+    let index = |manifests: &[Descriptor]| {
+        ossb_engine::build::index_of(
+            manifests,
+            types,
+            &crate::context::annotations_of(spec)
+                .unwrap_or_default()
+                .index,
+        )
+    };
     let (top, top_bytes, manifests) = match (descriptors.as_slice(), outcomes.as_slice()) {
-        ([one], [o]) => (one.clone(), o.manifest.clone(), Vec::new()),
+        ([one], [o]) if attested.is_empty() => (one.clone(), o.manifest.clone(), Vec::new()),
         _ => {
-            let (top, bytes) = ossb_engine::build::index_of(
-                &descriptors,
-                types,
-                &crate::context::annotations_of(spec)
-                    .unwrap_or_default()
-                    .index,
-            );
-            (
-                top,
-                bytes,
-                outcomes.iter().map(|o| o.manifest.clone()).collect(),
-            )
+            let (top, bytes) = index(&[descriptors.clone(), attested.clone()].concat());
+            // The attestation manifests and their blobs travel with the image's manifests:
+            // small, and only here (a download writes them into an OCI layout).
+            let mut manifests: Vec<Vec<u8>> = outcomes.iter().map(|o| o.manifest.clone()).collect();
+            for attestation in &attested {
+                manifests.extend(attestation_blobs(&store, attestation)?);
+            }
+            (top, bytes, manifests)
         }
     };
     let mut pushed = Vec::new();
     if spec.push {
-        // An empty store: pushing the top alone reads nothing from it. The registry CAs the
-        // client sent are written beside it, for as long as the push lasts.
-        let scratch = tempfile::tempdir().map_err(|e| failure(e.to_string(), 1))?;
-        let store =
-            BlobStore::open(scratch.path().join("store")).map_err(|e| failure(e.to_string(), 1))?;
         let certificates = TaskFiles::write(
             &BuildSpec {
                 registry_certificates: spec.registry_certificates.clone(),
@@ -58,6 +72,9 @@ pub(super) async fn merge_and_push(
         .map_err(|e| failure(e.to_string(), 1))?;
         for tag in &spec.tags {
             let reference = parse_reference(tag).map_err(|e| failure(e.to_string(), 2))?;
+            for attestation in &attested {
+                push_by_digest(&registry, &store, &reference, attestation).await?;
+            }
             registry
                 .push(&reference, &store, &[], &top_bytes, &top.media_type)
                 .await
@@ -84,4 +101,92 @@ pub(super) async fn merge_and_push(
         size: outcomes.iter().map(|o| o.size).sum(),
         cache_peers,
     })
+}
+
+/// Writes each platform's attestation manifest into `store`; their descriptors.
+fn attest(
+    spec: &BuildSpec,
+    outcomes: &[PlatformOutcome],
+    descriptors: &[Descriptor],
+    store: &BlobStore,
+    started: i64,
+) -> Result<Vec<Descriptor>, Failure> {
+    let inputs = crate::attest::inputs_of(spec);
+    let finished = ossb_engine::build::now();
+    let attestations: Vec<ossb_engine::attestations::Attestation> = outcomes
+        .iter()
+        .zip(descriptors)
+        .map(|(o, d)| {
+            let platform = d
+                .platform
+                .as_ref()
+                .map(|p| p.platform())
+                .unwrap_or_else(ossb_protocol::Platform::host);
+            let facts = crate::attest::facts_from_wire(&o.facts);
+            ossb_engine::attestations::Attestation::new(
+                &inputs,
+                platform,
+                &facts,
+                o.sbom.clone(),
+                started,
+                finished,
+            )
+        })
+        .collect();
+    let pairs: Vec<_> = descriptors.iter().zip(&attestations).collect();
+    ossb_engine::attestations::write_manifests(store, &inputs, &pairs)
+        .map_err(|e| failure(format!("writing the attestations: {e}"), 1))
+}
+
+/// Pushes an attestation manifest and its blobs to `reference`'s repository, by digest.
+async fn push_by_digest(
+    registry: &Registry,
+    store: &BlobStore,
+    reference: &ossb_image::Reference,
+    manifest: &Descriptor,
+) -> Result<(), Failure> {
+    let err = |e: String| {
+        failure(
+            format!("pushing an attestation to {}: {e}", reference.whole()),
+            1,
+        )
+    };
+    let bytes = store
+        .read(&manifest.digest)
+        .map_err(|e| err(e.to_string()))?;
+    let parsed: ossb_image::oci::Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
+    let by_digest = parse_reference(&format!(
+        "{}/{}@{}",
+        reference.registry(),
+        reference.repository(),
+        manifest.digest
+    ))
+    .map_err(|e| err(e.to_string()))?;
+    let blobs: Vec<Descriptor> = parsed
+        .layers
+        .iter()
+        .cloned()
+        .chain(std::iter::once(parsed.config))
+        .collect();
+    registry
+        .push(&by_digest, store, &blobs, &bytes, &manifest.media_type)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// An attestation manifest's bytes, then its config's and its statements'.
+fn attestation_blobs(store: &BlobStore, manifest: &Descriptor) -> Result<Vec<Vec<u8>>, Failure> {
+    let err = |e: String| failure(format!("reading an attestation back: {e}"), 1);
+    let bytes = store
+        .read(&manifest.digest)
+        .map_err(|e| err(e.to_string()))?;
+    let parsed: ossb_image::oci::Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
+    let mut out = vec![bytes];
+    for blob in parsed.layers.iter().chain(std::iter::once(&parsed.config)) {
+        out.push(store.read(&blob.digest).map_err(|e| err(e.to_string()))?);
+    }
+    Ok(out)
 }

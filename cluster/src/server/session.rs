@@ -282,6 +282,7 @@ async fn run_tasks(
     gauge: &mut Gauge<'_>,
     mut client: Option<&mut SendStream>,
 ) -> Result<BuiltImage, Failure> {
+    let started = ossb_engine::build::now();
     for d in &context {
         state.store.touch(d);
     }
@@ -430,12 +431,18 @@ async fn run_tasks(
         };
         image.run = platform_tasks().map(|(_, o)| o.run).sum();
         image.cached = platform_tasks().map(|(_, o)| o.cached).sum();
+        // What every task of the platform read and ran, for its provenance.
+        let mut facts = ossb_engine::attestations::PlatformFacts::default();
+        for (_, o) in platform_tasks() {
+            facts.merge(crate::attest::facts_from_wire(&o.facts));
+        }
+        image.facts = crate::attest::facts_to_wire(&facts, "");
         images.push(image);
     }
     let outcomes = images;
     peers.sort();
     peers.dedup();
-    merge_and_push(spec, outcomes, peers).await
+    merge_and_push(spec, outcomes, peers, started).await
 }
 
 /// Gives a task's event a build-wide vertex id, and names the platform in vertex names of a

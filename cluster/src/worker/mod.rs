@@ -486,6 +486,8 @@ async fn simulated(
         pushed: Vec::new(),
         inputs: InputStats::default(),
         stage: None,
+        facts: Default::default(),
+        sbom: None,
     })
 }
 
@@ -682,5 +684,12 @@ async fn execute(
             .map(stage_to_wire)
             .transpose()
             .map_err(fail)?,
+        facts: result
+            .facts
+            .iter()
+            .find(|(p, _)| *p == task.platform)
+            .map(|(_, f)| crate::attest::facts_to_wire(f, &node.config.name))
+            .unwrap_or_default(),
+        sbom: result.sboms.into_iter().map(|(_, doc)| doc).next(),
     })
 }

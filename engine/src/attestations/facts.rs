@@ -15,6 +15,8 @@ pub struct StepFact {
     pub key: String,
     /// The layer it made, if any.
     pub layer: Option<ossb_protocol::Digest>,
+    /// The cluster worker that ran it (`None` in `ossb build`).
+    pub worker: Option<String>,
 }
 
 /// What one platform's build read and did.
@@ -25,6 +27,27 @@ pub struct PlatformFacts {
     /// Its steps, in Dockerfile order (not the order they finished in: the attestation of
     /// two identical builds must be the same bytes).
     pub steps: Vec<StepFact>,
+}
+
+impl PlatformFacts {
+    /// Adds another part of the same platform's build (a cluster task's).
+    pub fn merge(&mut self, other: PlatformFacts) {
+        self.materials.extend(other.materials);
+        for step in other.steps {
+            self.add_step(step);
+        }
+    }
+
+    /// Adds a step in its Dockerfile place; a step already there (a stage two tasks read) is
+    /// kept once.
+    fn add_step(&mut self, step: StepFact) {
+        let place = |s: &StepFact| (s.stage, s.line);
+        if self.steps.iter().any(|s| place(s) == place(&step)) {
+            return;
+        }
+        let at = self.steps.partition_point(|s| place(s) <= place(&step));
+        self.steps.insert(at, step);
+    }
 }
 
 /// What a build read and did, by platform, gathered while it runs for its attestations.
@@ -50,12 +73,15 @@ impl Facts {
 
     /// `platform`'s build ran (or took from the cache) `step`.
     pub(crate) fn step(&self, platform: &ossb_protocol::Platform, step: StepFact) {
-        self.with(platform, |p| {
-            let at = p
-                .steps
-                .partition_point(|s| (s.stage, s.line) <= (step.stage, step.line));
-            p.steps.insert(at, step);
-        });
+        self.with(platform, |p| p.add_step(step));
+    }
+
+    /// Every platform's facts.
+    pub(crate) fn all(&self) -> Vec<(ossb_protocol::Platform, PlatformFacts)> {
+        let all = self.by_platform.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .filter_map(|(p, f)| Some((p.parse().ok()?, f.clone())))
+            .collect()
     }
 
     /// What `platform`'s build read and did.

@@ -8,7 +8,8 @@ pub use ossb_attest::{Mode as ProvenanceMode, SlsaVersion};
 
 pub(crate) use facts::{image_material, Facts};
 pub use facts::{PlatformFacts, StepFact};
-pub(crate) use write::{attach, write_local_files, write_manifests, Attestation};
+pub(crate) use write::{attach, write_local_files};
+pub use write::{write_manifests, AttestInputs, Attestation};
 
 /// `--provenance` / `--attest type=provenance`.
 #[derive(Clone, Debug, PartialEq, Eq)]

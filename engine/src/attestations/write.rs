@@ -1,29 +1,107 @@
 //! A build's attestations made and stored: per platform image, its provenance (from the
 //! request and the facts gathered) and its SBOM (a scan of the image's filesystem), as
-//! statements in an attestation manifest listed in the index after the images.
+//! statements in an attestation manifest listed in the index after the images. `ossb build`
+//! and the cluster's coordinator both write them through here.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ossb_attest::{BuildStep, Layout, Provenance, SourceFile, Statement, StepInput, Subject};
-use ossb_image::oci::Descriptor;
+use ossb_attest::{
+    AttestError, BuildStep, Layout, Provenance, SourceFile, Statement, StepInput, Subject,
+};
+use ossb_image::oci::{Descriptor, MediaTypes};
+use ossb_image::store::BlobStore;
 use ossb_protocol::{Digest, Platform};
 
-use super::{PlatformFacts, ProvenanceMode, ProvenanceOptions};
+use super::{Attestations, PlatformFacts, ProvenanceMode, ProvenanceOptions};
 use crate::build::{local, BuildError, BuildRequest};
 use crate::stage::{PlatformImage, Shared};
 
+/// What the attestations take from the request: the same from `ossb build`'s request and from
+/// a cluster build's spec.
+#[derive(Clone, Debug, Default)]
+pub struct AttestInputs {
+    /// What is asked for.
+    pub options: Attestations,
+    /// The image's names (the statements' subjects).
+    pub tags: Vec<String>,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// Its name as given.
+    pub dockerfile_name: String,
+    /// `--build-arg`.
+    pub build_args: BTreeMap<String, String>,
+    /// `--label`.
+    pub labels: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// The ids of `--secret` (never their values).
+    pub secret_ids: Vec<String>,
+    /// The ids of `--ssh`.
+    pub ssh_ids: Vec<String>,
+    /// The names of `--build-context`.
+    pub build_contexts: Vec<String>,
+    /// BUILDPLATFORM, when chosen.
+    pub build_platform: Option<Platform>,
+    /// SOURCE_DATE_EPOCH.
+    pub source_date_epoch: Option<i64>,
+    /// The index's media types.
+    pub media_types: MediaTypes,
+}
+
+impl AttestInputs {
+    /// What `req` says.
+    pub fn of(req: &BuildRequest) -> AttestInputs {
+        AttestInputs {
+            options: req.attestations.clone(),
+            tags: req.tags.clone(),
+            dockerfile: req.dockerfile.clone(),
+            dockerfile_name: req.dockerfile_name.clone(),
+            build_args: req.build_args.clone(),
+            labels: req.labels.clone(),
+            target: req.target.clone(),
+            secret_ids: req.secrets.keys().cloned().collect(),
+            ssh_ids: req.ssh.keys().cloned().collect(),
+            build_contexts: req.build_contexts.keys().cloned().collect(),
+            build_platform: req.build_platform.clone(),
+            source_date_epoch: req.source_date_epoch,
+            media_types: req.media_types,
+        }
+    }
+}
+
 /// What one platform image's attestations say, before they are named after their subjects
 /// (the image in a push or an OCI layout; the files of a local export).
-pub(crate) struct Attestation {
+pub struct Attestation {
     platform: Platform,
     provenance: Option<(ProvenanceOptions, Provenance)>,
     sbom: Option<Vec<u8>>,
 }
 
 impl Attestation {
+    /// The attestation of `platform`'s image from what its build read and did (`facts`) and
+    /// its SBOM (when asked for); the build ran from `started` to `finished` (seconds).
+    pub fn new(
+        inputs: &AttestInputs,
+        platform: Platform,
+        facts: &PlatformFacts,
+        sbom: Option<Vec<u8>>,
+        started: i64,
+        finished: i64,
+    ) -> Attestation {
+        let provenance = inputs.options.provenance.as_ref().map(|options| {
+            let p = provenance_of(inputs, options, &platform, facts, started, finished);
+            (options.clone(), p)
+        });
+        Attestation {
+            platform,
+            provenance,
+            sbom,
+        }
+    }
     /// The statements about `subjects`.
-    pub(crate) fn statements(&self, subjects: &[Subject]) -> Result<Vec<Statement>, BuildError> {
+    pub fn statements(&self, subjects: &[Subject]) -> Result<Vec<Statement>, AttestError> {
         let mut out = Vec::new();
         if let Some((options, provenance)) = &self.provenance {
             out.push(ossb_attest::provenance_statement(
@@ -39,8 +117,13 @@ impl Attestation {
     }
 
     /// The platform of the image it attests.
-    pub(crate) fn platform(&self) -> &Platform {
+    pub fn platform(&self) -> &Platform {
         &self.platform
+    }
+
+    /// Its SBOM, if one was made.
+    pub fn sbom(&self) -> Option<&[u8]> {
+        self.sbom.as_deref()
     }
 }
 
@@ -55,6 +138,7 @@ pub(crate) async fn attach(
     if !req.attestations.any() {
         return Ok(Vec::new());
     }
+    let inputs = AttestInputs::of(req);
     let finished = crate::build::now();
     let mut out = Vec::new();
     for image in images {
@@ -64,46 +148,37 @@ pub(crate) async fn attach(
             .as_ref()
             .map(|p| p.platform())
             .unwrap_or_else(|| req.platforms[0].clone());
-        let provenance = req.attestations.provenance.as_ref().map(|options| {
-            let facts = shared.facts.of(&platform);
-            let p = provenance_of(req, options, &platform, &facts, started, finished);
-            (options.clone(), p)
-        });
         let sbom = match req.attestations.sbom {
             true => Some(sbom_of(shared, image, &platform).await?),
             false => None,
         };
-        out.push(Attestation {
-            platform,
-            provenance,
-            sbom,
-        });
+        let facts = shared.facts.of(&platform);
+        out.push(Attestation::new(
+            &inputs, platform, &facts, sbom, started, finished,
+        ));
     }
     Ok(out)
 }
 
-/// Stores each image's attestation manifest (`attestations` in the order of `images`); their
-/// descriptors, for the index.
-pub(crate) fn write_manifests(
-    shared: &Shared<'_>,
-    images: &[PlatformImage],
-    attestations: &[Attestation],
-) -> Result<Vec<Descriptor>, BuildError> {
-    let req = shared.req;
+/// Stores the attestation manifest of each image (its manifest's descriptor, and its
+/// attestation); their descriptors, for the index after the images.
+pub fn write_manifests(
+    store: &BlobStore,
+    inputs: &AttestInputs,
+    images: &[(&Descriptor, &Attestation)],
+) -> Result<Vec<Descriptor>, AttestError> {
     images
         .iter()
-        .zip(attestations)
-        .map(|(image, attestation)| {
-            let subjects =
-                ossb_attest::subjects(&req.tags, &attestation.platform, &image.manifest)?;
+        .map(|(manifest, attestation)| {
+            let subjects = ossb_attest::subjects(&inputs.tags, &attestation.platform, manifest)?;
             let statements = attestation.statements(&subjects)?;
-            Ok(ossb_attest::write_attestation_manifest(
-                &shared.store,
-                &image.manifest,
+            ossb_attest::write_attestation_manifest(
+                store,
+                manifest,
                 &statements,
-                req.media_types,
+                inputs.media_types,
                 Layout::Image,
-            )?)
+            )
         })
         .collect()
 }
@@ -144,7 +219,7 @@ fn hash_files(root: &Path, dir: &Path, out: &mut Vec<(String, Digest)>) -> std::
 
 /// The provenance of one platform's image.
 fn provenance_of(
-    req: &BuildRequest,
+    req: &AttestInputs,
     options: &ProvenanceOptions,
     platform: &Platform,
     facts: &PlatformFacts,
@@ -177,7 +252,7 @@ fn provenance_of(
         }
     };
     let mut locals = vec!["context".to_string(), "dockerfile".to_string()];
-    locals.extend(req.build_contexts.keys().cloned());
+    locals.extend(req.build_contexts.iter().cloned());
     // Each step reads the one before it in its stage.
     let mut steps: Vec<BuildStep> = Vec::new();
     if max {
@@ -193,7 +268,7 @@ fn provenance_of(
                 inputs,
                 platform: platform.clone(),
                 layer: step.layer,
-                worker: None,
+                worker: step.worker.clone(),
             });
         }
     }
@@ -205,8 +280,8 @@ fn provenance_of(
         build_args: req.build_args.clone(),
         labels: req.labels.clone(),
         target: req.target.clone(),
-        secret_ids: req.secrets.keys().cloned().collect(),
-        ssh_ids: req.ssh.keys().cloned().collect(),
+        secret_ids: req.secret_ids.clone(),
+        ssh_ids: req.ssh_ids.clone(),
         locals,
         builder_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
         materials: facts.materials.iter().cloned().collect(),

@@ -609,6 +609,7 @@ impl<'a> PlatformBuild<'a> {
                             instruction: step.created_by.clone(),
                             key: state.key.hex(),
                             layer,
+                            worker: None,
                         },
                     );
                 })

@@ -38,13 +38,30 @@ pub fn write_local(
                 detail: e.to_string(),
             }
         })?;
-        for entry in &index.manifests {
-            let Some(p) = &entry.platform else { continue };
-            let platform = p.platform();
-            let name = platform.to_string().replace('/', "_");
-            let dir = staging.path().join(name);
-            fs::create_dir(&dir).map_err(io_err(&dir))?;
-            skipped.extend(unpack(store, top, &platform, &dir, options)?);
+        // The images, not the attestation manifests listed after them (their platform is
+        // unknown/unknown; BuildKit's `vnd.docker.reference.type` names them).
+        let platforms: Vec<ossb_protocol::Platform> = index
+            .manifests
+            .iter()
+            .filter(|m| {
+                m.annotations
+                    .as_ref()
+                    .and_then(|a| a.get("vnd.docker.reference.type"))
+                    .is_none()
+            })
+            .filter_map(|m| m.platform.as_ref().map(|p| p.platform()))
+            .collect();
+        match platforms.as_slice() {
+            // One image (with its attestations): its filesystem at the top, as a manifest's.
+            [one] => skipped.extend(unpack(store, top, one, staging.path(), options)?),
+            many => {
+                for platform in many {
+                    let name = platform.to_string().replace('/', "_");
+                    let dir = staging.path().join(name);
+                    fs::create_dir(&dir).map_err(io_err(&dir))?;
+                    skipped.extend(unpack(store, top, platform, &dir, options)?);
+                }
+            }
         }
     } else {
         skipped.extend(unpack(
