@@ -30,7 +30,12 @@ const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 /// Whether the walk should look inside this file: a regular file someone may execute, large
 /// enough for an ELF header, small enough to read.
 pub(crate) fn is_candidate(entry: &FileEntry) -> bool {
-    entry.mode & 0o111 != 0 && entry.size >= 52 && entry.size <= BINARY_LIMIT
+    wants(entry.mode, entry.size)
+}
+
+/// [`is_candidate`] by a file's permission bits and size.
+pub(crate) fn wants(mode: u32, size: u64) -> bool {
+    mode & 0o111 != 0 && (52..=BINARY_LIMIT).contains(&size)
 }
 
 /// Scans one candidate executable; files that are not ELF are passed over silently.

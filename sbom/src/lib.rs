@@ -104,6 +104,27 @@ pub fn scan_with_warnings(root: &Path) -> Result<Scan, ScanError> {
     Ok(finish(findings))
 }
 
+/// Changes when a scan of the same files finds something else (a scanner added or fixed):
+/// scans kept by a caller (by image digest) are good only for the same version.
+pub const SCANNER_VERSION: u32 = 1;
+
+/// Whether a scan reads the regular file at `rel` (relative to the root, `/`-separated) with
+/// permission bits `mode` and `size` bytes. A caller that unpacks an image only to scan it
+/// writes these (with every directory and symlink) and skips the rest: a scan finds the same.
+pub fn reads(rel: &str, mode: u32, size: u64) -> bool {
+    rel == dpkg::STATUS
+        || dpkg::is_status_d_file(rel)
+        || rel == apk::INSTALLED
+        || rel == "etc/os-release"
+        || rel == "usr/lib/os-release"
+        || rpm::DIRS
+            .iter()
+            .any(|d| rel.strip_prefix(d).is_some_and(|r| r.starts_with('/')))
+        || python::is_metadata(rel)
+        || npm::is_manifest(rel)
+        || elf::wants(mode, size)
+}
+
 /// Hands a file met on the walk to the scanner that wants it.
 fn visit(entry: &FileEntry, os: &OsRelease, findings: &mut Findings) {
     let rel = entry.rel;

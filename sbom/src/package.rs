@@ -3,7 +3,9 @@
 use std::fmt;
 
 /// The ecosystem a package was found in; decides its purl type and its SPDX id prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Kind {
     /// A Debian or Ubuntu package from dpkg's status database.
     Deb,
@@ -43,7 +45,9 @@ impl fmt::Display for Kind {
 }
 
 /// Who distributed a package, as its metadata names them (SPDX's `supplier`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Supplier {
     /// A person or a team named in a maintainer or author field.
     Person { name: String, email: Option<String> },
@@ -113,7 +117,9 @@ fn split_contact(contact: &str) -> Option<(String, Option<String>)> {
 }
 
 /// One package found in the root filesystem.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Package {
     /// The ecosystem it belongs to.
     pub kind: Kind,

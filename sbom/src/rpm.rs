@@ -13,7 +13,7 @@ use crate::rootfs::Root;
 use crate::rpmheader::{tag, Header};
 
 /// Where the rpmdb is: Fedora 36+ moved it and left `var/lib/rpm` as a symlink.
-const DIRS: [&str; 2] = ["var/lib/rpm", "usr/lib/sysimage/rpm"];
+pub(crate) const DIRS: [&str; 2] = ["var/lib/rpm", "usr/lib/sysimage/rpm"];
 /// One package's header is tens of KiB; a larger blob is not read.
 const BLOB_LIMIT: i64 = 16 << 20;
 

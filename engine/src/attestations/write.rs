@@ -310,27 +310,14 @@ async fn sbom_of(
     platform: &Platform,
 ) -> Result<Vec<u8>, BuildError> {
     let req = shared.req;
-    let root = shared
-        .work
-        .join(format!("sbom-{}", image.manifest.digest.hex()));
-    std::fs::create_dir_all(&root).map_err(local("creating the SBOM's scan directory"))?;
-    let layers = image.stage.layers.clone();
-    let (id, t) = shared.start(format!("[{platform}] scanning the image for its SBOM"));
-    let scanned = async {
-        crate::stage::unpack(&shared.store, &layers, &root)
-            .await
-            .map_err(|e| e.to_string())?;
-        let scan_root = root.clone();
-        tokio::task::spawn_blocking(move || ossb_sbom::scan(&scan_root))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
-    }
-    .await;
-    let packages = shared
-        .finish(id, t, scanned)
-        .map_err(|e| BuildError::Local(format!("scanning the image for its SBOM: {e}")))?;
-    let _ = std::fs::remove_dir_all(&root);
+    let packages = match read_scan(req, &image.manifest.digest) {
+        Some(packages) => packages,
+        None => {
+            let packages = scan(shared, image, platform).await?;
+            keep_scan(req, &image.manifest.digest, &packages);
+            packages
+        }
+    };
     let created = UNIX_EPOCH
         + Duration::from_secs(
             req.source_date_epoch
@@ -345,6 +332,77 @@ async fn sbom_of(
         version: Some(image.manifest.digest.to_string()),
     };
     Ok(ossb_sbom::spdx_json(&info, &packages))
+}
+
+/// Where the scan of the image with manifest `digest` is kept: a rebuild of the same image
+/// (every step cached) is not scanned again.
+fn scan_file(req: &BuildRequest, digest: &Digest) -> std::path::PathBuf {
+    req.cache_dir.join("sbom").join(format!(
+        "v{}-{}.json",
+        ossb_sbom::SCANNER_VERSION,
+        digest.hex()
+    ))
+}
+
+fn read_scan(req: &BuildRequest, digest: &Digest) -> Option<Vec<ossb_sbom::Package>> {
+    let bytes = std::fs::read(scan_file(req, digest)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Keeps a scan (best effort: a failure only costs the next build a scan).
+fn keep_scan(req: &BuildRequest, digest: &Digest, packages: &[ossb_sbom::Package]) {
+    let path = scan_file(req, digest);
+    let kept = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::to_vec(packages).map_err(|e| e.to_string()))
+        .and_then(|bytes| {
+            ossb_image::export::write_file_atomically(&path, &bytes).map_err(|e| e.to_string())
+        });
+    if let Err(e) = kept {
+        tracing::debug!(path = %path.display(), "keeping an SBOM scan: {e}");
+    }
+}
+
+/// Scans `image`'s filesystem, unpacked into the build's work directory for the scan.
+async fn scan(
+    shared: &Shared<'_>,
+    image: &PlatformImage,
+    platform: &Platform,
+) -> Result<Vec<ossb_sbom::Package>, BuildError> {
+    let root = shared
+        .work
+        .join(format!("sbom-{}", image.manifest.digest.hex()));
+    std::fs::create_dir_all(&root).map_err(local("creating the SBOM's scan directory"))?;
+    let layers = image.stage.layers.clone();
+    let (id, t) = shared.start(format!("[{platform}] scanning the image for its SBOM"));
+    let (store, scan_root) = (shared.store.clone(), root.clone());
+    let scanned = tokio::task::spawn_blocking(move || {
+        // Only the files the scan reads (package databases and metadata, executables): the
+        // rest of the image is never written out.
+        let options = ossb_image::layer::ApplyOptions {
+            chown: false,
+            xattrs: false,
+            only: Some(|path, mode, size| {
+                path.to_str()
+                    .is_some_and(|p| ossb_sbom::reads(p, mode, size))
+            }),
+            ..Default::default()
+        };
+        for layer in &layers {
+            let blob = store.open_blob(&layer.digest).map_err(|e| e.to_string())?;
+            ossb_image::layer::apply_layer(std::io::BufReader::new(blob), &scan_root, &options)
+                .map_err(|e| format!("layer {}: {e}", layer.digest))?;
+        }
+        ossb_sbom::scan(&scan_root).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let packages = shared
+        .finish(id, t, scanned)
+        .map_err(|e| BuildError::Local(format!("scanning the image for its SBOM: {e}")))?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(packages)
 }
 
 /// Who supplies the image: its `org.opencontainers.image.vendor` label, else its authors

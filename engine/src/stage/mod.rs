@@ -837,7 +837,7 @@ fn base_info(config: &ImageConfig) -> BaseImageInfo {
 }
 
 /// Applies `layers` onto `rootfs`; returns the warnings (entries skipped).
-pub(crate) async fn unpack(
+async fn unpack(
     store: &BlobStore,
     layers: &[Descriptor],
     rootfs: &Path,

@@ -252,6 +252,20 @@ impl<'r> Applier<'r> {
             entry: shown.clone(),
             reason,
         })?;
+        if let Some(only) = self.opts.only {
+            let file = matches!(
+                kind,
+                EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse | EntryType::Link
+            );
+            if file && !only(&rel, meta.mode, entry.size()) {
+                // Not wanted; a lower layer's copy that was wanted goes, as the layer replaces
+                // it, and hardlinks to it are skipped too.
+                let (parent, _) = self.parent_dir(&parent_rel, &shown)?;
+                self.clear(parent.as_fd(), &base, false, &shown)?;
+                self.skipped_paths.insert(rel);
+                return Ok(shown);
+            }
+        }
         let (parent, parent_id) = self.parent_dir(&parent_rel, &shown)?;
         let parent = parent.as_fd();
         let created = match kind {

@@ -54,7 +54,7 @@ mod tests;
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ossb_protocol::Digest;
@@ -173,6 +173,11 @@ pub struct ApplyOptions {
     pub whiteouts: bool,
     /// Called with each line added to [`ApplyReport::skipped`].
     pub on_warning: Option<WarningHook>,
+    /// Which regular files (and hardlinks) to write, by path relative to the rootfs,
+    /// permission bits and size; the others are skipped (a reader that needs a few files of an
+    /// image, as the SBOM scan). Directories, symlinks and whiteouts always apply. Default:
+    /// every file.
+    pub only: Option<fn(&Path, u32, u64) -> bool>,
 }
 
 impl Default for ApplyOptions {
@@ -182,6 +187,7 @@ impl Default for ApplyOptions {
             xattrs: true,
             whiteouts: true,
             on_warning: None,
+            only: None,
         }
     }
 }
@@ -193,6 +199,7 @@ impl fmt::Debug for ApplyOptions {
             .field("xattrs", &self.xattrs)
             .field("whiteouts", &self.whiteouts)
             .field("on_warning", &self.on_warning.as_ref().map(|_| "<hook>"))
+            .field("only", &self.only.map(|_| "<filter>"))
             .finish()
     }
 }

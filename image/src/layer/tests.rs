@@ -1006,3 +1006,44 @@ fn file_capabilities_survive_a_round_trip_with_ownership() {
     assert_eq!(got[..20], cap);
     assert_eq!(fs::metadata(dst.join("bin/ping")).unwrap().gid(), 4242);
 }
+
+/// With `only`, files the filter refuses are not written (hardlinks to them neither), a lower
+/// layer's wanted copy replaced by a refused one goes, and directories and symlinks apply.
+#[test]
+fn only_writes_the_files_a_reader_wants() {
+    fn wanted(path: &Path, mode: u32, _size: u64) -> bool {
+        path.starts_with("keep") || mode & 0o111 != 0
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let opts = ApplyOptions {
+        only: Some(wanted),
+        ..Default::default()
+    };
+    let mut lower = RawTar::default();
+    lower
+        .entry(b"keep/", EntryType::Directory, b"", b"")
+        .entry(b"keep/status", EntryType::Regular, b"", b"installed")
+        .entry(b"other/", EntryType::Directory, b"", b"")
+        .entry(b"other/readme", EntryType::Regular, b"", b"skip me")
+        .entry(b"other/link", EntryType::Link, b"other/readme", b"")
+        .entry(b"other/os", EntryType::Symlink, b"../keep/status", b"")
+        .entry_with(
+            b"other/tool",
+            EntryType::Regular,
+            b"",
+            b"\x7fELF....",
+            0o755,
+        );
+    apply_layer(Cursor::new(lower.finish()), root, &opts).unwrap();
+    assert_eq!(fs::read(root.join("keep/status")).unwrap(), b"installed");
+    assert!(!root.join("other/readme").exists());
+    assert!(!root.join("other/link").exists());
+    assert_eq!(fs::read(root.join("other/os")).unwrap(), b"installed");
+    assert!(root.join("other/tool").exists());
+    // The upper layer makes the tool an ordinary file: the reader must not see the old one.
+    let mut upper = RawTar::default();
+    upper.entry(b"other/tool", EntryType::Regular, b"", b"text now");
+    apply_layer(Cursor::new(upper.finish()), root, &opts).unwrap();
+    assert!(!root.join("other/tool").exists());
+}
