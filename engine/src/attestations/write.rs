@@ -310,11 +310,20 @@ async fn sbom_of(
     platform: &Platform,
 ) -> Result<Vec<u8>, BuildError> {
     let req = shared.req;
-    let packages = match read_scan(req, &image.manifest.digest) {
+    // What a scan finds depends on the layers only (the config's times change build after
+    // build).
+    let layers: Vec<u8> = image
+        .stage
+        .layers
+        .iter()
+        .flat_map(|l| l.digest.to_string().into_bytes())
+        .collect();
+    let filesystem = Digest::of(&layers);
+    let packages = match read_scan(req, &filesystem) {
         Some(packages) => packages,
         None => {
             let packages = scan(shared, image, platform).await?;
-            keep_scan(req, &image.manifest.digest, &packages);
+            keep_scan(req, &filesystem, &packages);
             packages
         }
     };
@@ -334,8 +343,8 @@ async fn sbom_of(
     Ok(ossb_sbom::spdx_json(&info, &packages))
 }
 
-/// Where the scan of the image with manifest `digest` is kept: a rebuild of the same image
-/// (every step cached) is not scanned again.
+/// Where the scan of the filesystem made of the layers `digest` names is kept: a rebuild of
+/// the same image (every step cached) is not scanned again.
 fn scan_file(req: &BuildRequest, digest: &Digest) -> std::path::PathBuf {
     req.cache_dir.join("sbom").join(format!(
         "v{}-{}.json",
@@ -363,12 +372,23 @@ fn keep_scan(req: &BuildRequest, digest: &Digest, packages: &[ossb_sbom::Package
     }
 }
 
-/// Scans `image`'s filesystem, unpacked into the build's work directory for the scan.
+/// Scans `image`'s filesystem: where the build left it unpacked, else unpacked into the
+/// build's work directory for the scan (the files it reads only).
 async fn scan(
     shared: &Shared<'_>,
     image: &PlatformImage,
     platform: &Platform,
 ) -> Result<Vec<ossb_sbom::Package>, BuildError> {
+    if let Some(rootfs) = image.rootfs.clone() {
+        let (id, t) = shared.start(format!("[{platform}] scanning the image for its SBOM"));
+        let scanned = tokio::task::spawn_blocking(move || ossb_sbom::scan(&rootfs))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        return shared
+            .finish(id, t, scanned)
+            .map_err(|e| BuildError::Local(format!("scanning the image for its SBOM: {e}")));
+    }
     let root = shared
         .work
         .join(format!("sbom-{}", image.manifest.digest.hex()));

@@ -35,6 +35,7 @@ impl PlatformBuild<'_> {
         mut config: ImageConfig,
         layers: &[Descriptor],
         stage: BuiltStage,
+        rootfs: Option<std::path::PathBuf>,
     ) -> Result<PlatformImage, BuildError> {
         let store = &self.shared.store;
         config.created = Some(self.shared.created.clone());
@@ -78,6 +79,7 @@ impl PlatformBuild<'_> {
             config: config_digest,
             blobs,
             stage,
+            rootfs,
         })
     }
 }

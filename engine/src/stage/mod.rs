@@ -207,6 +207,9 @@ pub(crate) struct PlatformImage {
     pub blobs: Vec<Descriptor>,
     /// The target stage, as the stages reading it start from it.
     pub stage: BuiltStage,
+    /// The image's filesystem, when the build left it unpacked and in step with the layers
+    /// (the SBOM scan reads it rather than unpack the image again).
+    pub rootfs: Option<PathBuf>,
 }
 
 /// The finished stages a stage may read, by plan position.
@@ -393,7 +396,8 @@ impl<'a> PlatformBuild<'a> {
             let labels = config.config.labels.get_or_insert_with(BTreeMap::new);
             labels.extend(req.labels.clone());
         }
-        self.write_image(config, &final_state.layers, stage)
+        let rootfs = final_state.materialized.then(|| final_state.rootfs.clone());
+        self.write_image(config, &final_state.layers, stage, rootfs)
     }
 
     /// The state of a stage an earlier task built, as if it had just run here.

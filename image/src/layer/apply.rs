@@ -257,7 +257,9 @@ impl<'r> Applier<'r> {
                 kind,
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse | EntryType::Link
             );
-            if file && !only(&rel, meta.mode, entry.size()) {
+            // Device nodes and fifos are nobody's metadata to read.
+            let special = matches!(kind, EntryType::Char | EntryType::Block | EntryType::Fifo);
+            if special || (file && !only(&rel, meta.mode, entry.size())) {
                 // Not wanted; a lower layer's copy that was wanted goes, as the layer replaces
                 // it, and hardlinks to it are skipped too.
                 let (parent, _) = self.parent_dir(&parent_rel, &shown)?;

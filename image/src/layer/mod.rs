@@ -175,8 +175,8 @@ pub struct ApplyOptions {
     pub on_warning: Option<WarningHook>,
     /// Which regular files (and hardlinks) to write, by path relative to the rootfs,
     /// permission bits and size; the others are skipped (a reader that needs a few files of an
-    /// image, as the SBOM scan). Directories, symlinks and whiteouts always apply. Default:
-    /// every file.
+    /// image, as the SBOM scan), as are device nodes and fifos. Directories, symlinks and
+    /// whiteouts always apply. Default: every entry.
     pub only: Option<fn(&Path, u32, u64) -> bool>,
 }
 
