@@ -1,0 +1,4 @@
+
+target "default" {
+	cache-to = ["type=gha,mode=min,scope=integration-tests"]
+}

@@ -1,0 +1,6 @@
+
+target "build" {
+  args = {
+    HELLO = "foo"
+  }
+}
