@@ -94,7 +94,13 @@ impl Eval<'_> {
                 Value::Object(out)
             }
             Expression::StringTemplate(t) => {
-                Value::String(self.elements(&t.iter().cloned().collect::<Vec<_>>())?)
+                let elements: Vec<Element> = t.iter().cloned().collect();
+                // A template that is one interpolation and nothing else yields the value
+                // itself, not its string form (HCL's rule: "${list}" is a list).
+                if let [Element::Interpolation(i)] = elements.as_slice() {
+                    return self.expr(&i.expr);
+                }
+                Value::String(self.elements(&elements)?)
             }
             Expression::HeredocTemplate(h) => Value::String(self.template(&h.template)?),
             Expression::Parenthesis(p) => self.expr(p.inner())?,

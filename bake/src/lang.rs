@@ -787,3 +787,35 @@ impl Host for Lang<'_> {
         self.call_user(name, args, depth)
     }
 }
+
+/// Evaluates one expression with no files around it (tests of the functions and operators).
+#[cfg(test)]
+pub(crate) fn eval_text(text: &str, clock: &Clock) -> std::result::Result<Value, String> {
+    let expr = hcl::edit::parser::parse_expr(text).map_err(|e| e.message().to_string())?;
+    let body = Body::default();
+    let builtins = BTreeMap::new();
+    let env = |_: &str| None;
+    let inputs = Inputs {
+        env: &env,
+        builtins: &builtins,
+        clock,
+    };
+    let _ = &body;
+    let mut lang = Lang {
+        inputs: &inputs,
+        vars: HashMap::new(),
+        attrs: HashMap::new(),
+        funcs: HashMap::new(),
+        globals: HashMap::new(),
+        instances: Vec::new(),
+        groups: Vec::new(),
+        attr_slots: HashMap::new(),
+        failure: None,
+    };
+    Eval {
+        host: &mut lang,
+        locals: vec![],
+        depth: 0,
+    }
+    .expr(&expr)
+}

@@ -30,6 +30,9 @@ mod target;
 mod types;
 mod value;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

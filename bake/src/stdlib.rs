@@ -162,7 +162,24 @@ pub(crate) fn call(name: &str, a: Vec<Value>, clock: &Clock) -> Option<R> {
             }
             Ok(l[(i as usize) % l.len()].clone())
         }),
-        "index" | "indexof" => arity(&a, 2).and_then(|_| {
+        // go-cty's `index` reads an element (a list position or a map key); `indexof` finds.
+        "index" => arity(&a, 2).and_then(|_| match &a[0] {
+            Value::List(l) => {
+                let i = n(&a[1])?;
+                if i < 0.0 || i.fract() != 0.0 || i as usize >= l.len() {
+                    return Err("invalid index".into());
+                }
+                Ok(l[i as usize].clone())
+            }
+            Value::Object(o) => {
+                let k = s(&a[1])?;
+                o.get(&k)
+                    .cloned()
+                    .ok_or_else(|| format!("the given key {k:?} does not exist"))
+            }
+            other => Err(format!("cannot index a {}", other.type_name())),
+        }),
+        "indexof" => arity(&a, 2).and_then(|_| {
             let l = list(&a[0])?;
             if l.is_empty() {
                 return Err("cannot search an empty list".into());
@@ -588,7 +605,8 @@ fn title(x: &str) -> String {
         } else {
             out.push(c);
         }
-        start = c.is_whitespace();
+        // Go's strings.Title: letters, digits and '_' continue a word; anything else ends it.
+        start = !(c.is_alphanumeric() || c == '_');
     }
     out
 }

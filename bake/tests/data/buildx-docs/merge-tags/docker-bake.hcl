@@ -1,0 +1,3 @@
+target "webapp" {
+  tags = ["foo"]
+}
