@@ -16,7 +16,6 @@ mod provenance;
 mod purl;
 pub use purl::image_purl;
 mod statement;
-mod time;
 
 pub use local::{local_files, PROVENANCE_FILE, SBOM_FILE};
 pub use manifest::{

@@ -8,7 +8,6 @@ use ossb_protocol::{Digest, Platform};
 use serde_json::{json, Map, Value};
 
 use crate::statement::{statement, Statement, Subject};
-use crate::time::rfc3339;
 use crate::AttestError;
 
 /// SLSA provenance v0.2's predicate type.
@@ -425,7 +424,10 @@ fn insert_time(
     secs: Option<i64>,
 ) -> Result<(), AttestError> {
     if let Some(secs) = secs {
-        map.insert(key.into(), json!(rfc3339(secs)?));
+        map.insert(
+            key.into(),
+            json!(ossb_protocol::rfc3339(secs).ok_or(AttestError::Timestamp(secs))?),
+        );
     }
     Ok(())
 }

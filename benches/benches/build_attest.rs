@@ -86,15 +86,7 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     print!("{rows}");
-    if let Some(path) = std::env::var_os("OSSB_BENCH_RESULTS") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        f.write_all(rows.as_bytes()).unwrap();
-    }
+    ossb_benches::record(&rows);
 }
 
 /// `ossb build ... --push` of `ctx` with `flags`, caching in `cache`.

@@ -86,3 +86,17 @@ pub fn report(name: &str, ossb: Sample, peer_name: &str, peer: Sample) {
         ossb.max_rss_kib / 1024
     );
 }
+
+/// Appends result rows (Markdown) to `$OSSB_BENCH_RESULTS` when set: scripts/bench.sh
+/// collects every bench's rows there.
+pub fn record(rows: &str) {
+    if let Some(path) = std::env::var_os("OSSB_BENCH_RESULTS") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(rows.as_bytes()).unwrap();
+    }
+}

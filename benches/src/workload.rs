@@ -291,15 +291,7 @@ pub fn bench(env: &Env, w: &Workload) {
         if mem < 200 { "met" } else { "MISSED" }
     ));
     print!("{rows}");
-    if let Some(path) = std::env::var_os("OSSB_BENCH_RESULTS") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        f.write_all(rows.as_bytes()).unwrap();
-    }
+    crate::record(&rows);
 }
 
 /// A fresh context directory for a workload, under the system temp dir.

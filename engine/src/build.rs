@@ -178,6 +178,13 @@ impl BuildRequest {
                 "--output type=docker holds one platform; build one --platform, or use type=oci or type=registry for several".into(),
             ));
         }
+        if let Some(epoch) = self.source_date_epoch {
+            if ossb_protocol::rfc3339(epoch).is_none() {
+                return Err(BuildError::Usage(format!(
+                    "SOURCE_DATE_EPOCH={epoch} is not a time of the years 0 to 9999: give seconds since 1970-01-01"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -406,7 +413,9 @@ async fn run(
         cache,
         registry: Registry::with_config(&req.registry, &req.registry_config)?,
         work: work.path().to_path_buf(),
-        created: rfc3339(req.source_date_epoch.unwrap_or_else(now)),
+        // SOURCE_DATE_EPOCH is checked to be within RFC 3339's years (`BuildRequest::check`).
+        created: ossb_protocol::rfc3339(req.source_date_epoch.unwrap_or_else(now))
+            .unwrap_or_default(),
         ignore: load_dockerignore(req)?,
         next_id: std::sync::atomic::AtomicUsize::new(1),
         stats: std::sync::Mutex::new(Stats::default()),
@@ -706,38 +715,4 @@ pub fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// Seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`).
-fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm), valid for the whole proleptic Gregorian calendar.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
 }

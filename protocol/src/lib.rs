@@ -10,10 +10,12 @@ pub mod cluster;
 mod digest;
 pub mod frame;
 mod platform;
+mod time;
 pub mod wire;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use platform::{Platform, PlatformError};
+pub use time::rfc3339;
 
 /// `text` cut to its first `max_chars` characters, saying how much was left out, for messages
 /// and logs that may quote user input of any length.

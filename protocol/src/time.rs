@@ -1,17 +1,15 @@
-//! RFC 3339 timestamps in UTC, as SLSA's `buildStartedOn`/`startedOn` want them.
+//! RFC 3339 timestamps in UTC: image configs' `created`, provenance times, SPDX's `created`.
 
-use crate::AttestError;
-
-/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`; years outside 0..=9999 have no
-/// RFC 3339 spelling and are an error.
-pub(crate) fn rfc3339(secs: i64) -> Result<String, AttestError> {
+/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`; `None` for years outside 0..=9999,
+/// which RFC 3339 cannot spell.
+pub fn rfc3339(secs: i64) -> Option<String> {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
     if !(0..=9999).contains(&year) {
-        return Err(AttestError::Timestamp(secs));
+        return None;
     }
-    Ok(format!(
+    Some(format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         rem % 3600 / 60,
@@ -50,7 +48,7 @@ mod tests {
     #[test]
     fn refuses_years_rfc3339_cannot_spell() {
         for secs in [i64::MIN, i64::MAX, 253_402_300_800, -62_167_219_201] {
-            assert!(rfc3339(secs).is_err(), "{secs}");
+            assert!(rfc3339(secs).is_none(), "{secs}");
         }
     }
 }
