@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(Box<BuildArgs>),
+    /// Build the targets of bake files (docker-bake.hcl, docker-bake.json, compose), as
+    /// `docker buildx bake`.
+    Bake(Box<crate::bake::BakeArgs>),
     /// Inspect or prune the build cache.
     Cache {
         #[command(subcommand)]

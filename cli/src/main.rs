@@ -3,6 +3,7 @@
 
 mod args;
 mod attest;
+mod bake;
 mod cluster;
 mod display;
 
@@ -29,6 +30,10 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
+        Command::Bake(bake) => match enter_isolation(bake.isolation.into()) {
+            Ok(notice) => bake::run(*bake, |build| run_build(build, notice.clone())),
+            Err(code) => code,
+        },
         Command::Debug {
             command: DebugCommand::Parse { file },
         } => debug_parse(&file),

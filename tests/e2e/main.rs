@@ -2,6 +2,7 @@
 //! consumers (podman, skopeo, umoci, oci-image-tool).
 
 mod attestations;
+mod bake;
 mod build;
 mod cluster;
 mod cluster_cache;

@@ -11,6 +11,9 @@ mod args;
 #[path = "../attest.rs"]
 mod attest;
 #[allow(dead_code)]
+#[path = "../bake.rs"]
+mod bake;
+#[allow(dead_code)]
 #[path = "../cluster.rs"]
 mod cluster;
 #[allow(dead_code)]

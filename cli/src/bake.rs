@@ -1,0 +1,244 @@
+//! `ossb bake`: buildx's bake. `ossb-bake` reads and resolves the bake files; each target
+//! becomes the `ossb build` command line it stands for, run through the same path as
+//! `ossb build` (one engine). Targets build one after another on one cache, so a stage two
+//! targets share runs once and the next target finds it cached.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use ossb_bake::{SourceFile, Target};
+
+use crate::args::{BuildArgs, Isolation, ProgressMode};
+
+/// `ossb build`'s flags, to read a target's command line with.
+#[derive(Parser)]
+struct AsBuild {
+    #[command(flatten)]
+    build: BuildArgs,
+}
+
+/// `ossb bake [TARGET|GROUP...]`.
+#[derive(clap::Args, Debug)]
+pub struct BakeArgs {
+    /// Targets or groups to build (default: the group "default", else every target).
+    pub targets: Vec<String>,
+    /// A bake file (repeatable; default: docker-bake.hcl, docker-bake.json, compose files and
+    /// their overrides in this directory, in buildx's order).
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// Override a target's attribute, TARGET.KEY=VALUE (TARGET may be a pattern, e.g. '*';
+    /// KEY+=VALUE appends), as buildx.
+    #[arg(long = "set", value_name = "TARGET.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the resolved definition as JSON (as buildx prints it) and build nothing.
+    #[arg(long)]
+    pub print: bool,
+    /// Push every target (its output becomes type=registry).
+    #[arg(long)]
+    pub push: bool,
+    /// buildx's --load: refused as in `ossb build`.
+    #[arg(long)]
+    pub load: bool,
+    /// Build without the step cache.
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+    /// How progress is shown.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// A registry whose TLS certificate is not verified, or that speaks plain HTTP, HOST:PORT
+    /// (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// How RUN steps are isolated.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub isolation: Isolation,
+}
+
+/// Reads, resolves and prints or builds each target with `build` (`ossb build`'s own path).
+/// Exit 2 for bad bake files (with file:line).
+pub fn run(args: BakeArgs, build: impl Fn(BuildArgs) -> ExitCode) -> ExitCode {
+    let mode = args.progress;
+    if args.load {
+        return crate::display::fail(mode, "--load needs a Docker daemon, and ossb has none: push with --push, or set output = [\"type=docker,dest=image.tar\"] and `podman load -i image.tar`", 2);
+    }
+    let resolved = match resolve(&args) {
+        Ok(r) => r,
+        Err(e) => return crate::display::fail(mode, &e, 2),
+    };
+    if args.print {
+        println!("{}", ossb_bake::print_json(&resolved));
+        return ExitCode::SUCCESS;
+    }
+    let inline = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return crate::display::fail(
+                mode,
+                &format!("cannot make a temporary directory: {e}"),
+                1,
+            )
+        }
+    };
+    for (name, target) in &resolved.targets {
+        let argv = match build_argv(name, target, &args, inline.path()) {
+            Ok(a) => a,
+            Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
+        };
+        let parsed = match AsBuild::try_parse_from(&argv) {
+            Ok(b) => b.build,
+            Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
+        };
+        crate::display::notice(mode, &format!("bake: target {name}"));
+        let code = build(parsed);
+        if code != ExitCode::SUCCESS {
+            return code;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn resolve(args: &BakeArgs) -> Result<ossb_bake::Resolved, String> {
+    let files = if args.files.is_empty() {
+        let here = std::env::current_dir().map_err(|e| format!("the current directory: {e}"))?;
+        let found = ossb_bake::discover(&here).map_err(|e| e.to_string())?;
+        if found.is_empty() {
+            return Err(format!(
+                "no bake file in {}: write a docker-bake.hcl (or name one with -f)",
+                here.display()
+            ));
+        }
+        found
+    } else {
+        args.files
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map(|text| SourceFile {
+                        name: p.display().to_string(),
+                        text,
+                    })
+                    .map_err(|e| format!("cannot read the bake file {}: {e}", p.display()))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let definition = ossb_bake::load(&files).map_err(|e| e.to_string())?;
+    ossb_bake::resolve(&definition, &args.targets, &args.set, &|k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The `ossb build` command line a target stands for.
+fn build_argv(
+    name: &str,
+    t: &Target,
+    args: &BakeArgs,
+    scratch: &Path,
+) -> Result<Vec<String>, String> {
+    let mut v: Vec<String> = vec!["ossb-build".into()];
+    let mut flag = |f: &str, value: String| {
+        v.push(f.to_string());
+        v.push(value);
+    };
+    let context = t.context.clone().unwrap_or_else(|| ".".into());
+    match (&t.dockerfile_inline, &t.dockerfile) {
+        (Some(text), _) => {
+            let file = scratch.join(format!("{name}.Dockerfile"));
+            std::fs::write(&file, text).map_err(|e| format!("writing dockerfile-inline: {e}"))?;
+            flag("--file", file.display().to_string());
+        }
+        // As buildx: a relative Dockerfile is relative to the context.
+        (None, Some(file)) if !Path::new(file).is_absolute() => flag(
+            "--file",
+            Path::new(&context).join(file).display().to_string(),
+        ),
+        (None, Some(file)) => flag("--file", file.clone()),
+        (None, None) => {}
+    }
+    for tag in t.tags.iter().flatten() {
+        flag("--tag", tag.clone());
+    }
+    if let Some(platforms) = t.platforms.as_ref().filter(|p| !p.is_empty()) {
+        flag("--platform", platforms.join(","));
+    }
+    for (k, value) in &t.args {
+        if let Some(value) = value {
+            flag("--build-arg", format!("{k}={value}"));
+        }
+    }
+    for (k, value) in &t.labels {
+        if let Some(value) = value {
+            flag("--label", format!("{k}={value}"));
+        }
+    }
+    if let Some(target) = &t.target {
+        flag("--target", target.clone());
+    }
+    for (ctx_name, source) in t.contexts.iter().flatten() {
+        if source.starts_with("target:") {
+            return Err(format!(
+                "contexts {ctx_name} = {source:?}: one target's image as another's context is not supported by ossb bake yet; push the first and name its image"
+            ));
+        }
+        flag("--build-context", format!("{ctx_name}={source}"));
+    }
+    for o in t.output.iter().flatten() {
+        flag("--output", o.to_csv());
+    }
+    for c in t.cache_from.iter().flatten() {
+        flag("--cache-from", c.to_csv());
+    }
+    for c in t.cache_to.iter().flatten() {
+        flag("--cache-to", c.to_csv());
+    }
+    for s in t.secret.iter().flatten() {
+        flag("--secret", s.to_csv());
+    }
+    for s in t.ssh.iter().flatten() {
+        flag("--ssh", s.to_csv());
+    }
+    for a in t.attest.iter().flatten() {
+        flag("--attest", a.to_csv());
+    }
+    for a in t.annotations.iter().flatten() {
+        flag("--annotation", a.clone());
+    }
+    for (host, ip) in &t.extra_hosts {
+        if let Some(ip) = ip {
+            flag("--add-host", format!("{host}:{ip}"));
+        }
+    }
+    if let Some(network) = &t.network {
+        flag("--network", network.clone());
+    }
+    for registry in &args.insecure_registries {
+        flag("--insecure-registry", registry.clone());
+    }
+    if let Some(dir) = &args.cache_dir {
+        flag("--cache-dir", dir.display().to_string());
+    }
+    flag(
+        "--progress",
+        clap::ValueEnum::to_possible_value(&args.progress)
+            .map(|p| p.get_name().to_string())
+            .unwrap_or_else(|| "auto".into()),
+    );
+    flag(
+        "--isolation",
+        clap::ValueEnum::to_possible_value(&args.isolation)
+            .map(|p| p.get_name().to_string())
+            .unwrap_or_else(|| "auto".into()),
+    );
+    if args.no_cache || t.no_cache == Some(true) {
+        v.push("--no-cache".into());
+    }
+    if args.push {
+        v.push("--push".into());
+    }
+    v.push(context);
+    Ok(v)
+}

@@ -1,0 +1,138 @@
+//! `ossb bake` (issue 18): buildx's bake files resolved by `ossb-bake`, each target built
+//! through `ossb build`'s own path.
+
+use std::process::Command;
+
+use crate::support::*;
+
+fn bake(env: &TestEnv, dir: &std::path::Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_ossb"))
+        .arg("bake")
+        .args(args)
+        .current_dir(dir)
+        .env("OSSB_CACHE_DIR", dir.join("cache"))
+        .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"))
+        .output()
+        .expect("running ossb bake");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `--print` gives the JSON buildx prints (a case from buildx's documentation: a matrix with
+/// `name`), and `--set '*.platform=...'` reaches every target.
+#[test]
+fn bake_print_matches_buildx() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let case = workspace().join("bake/tests/data/buildx-docs/matrix-name");
+    std::fs::copy(
+        case.join("docker-bake.hcl"),
+        dir.path().join("docker-bake.hcl"),
+    )
+    .unwrap();
+    let printed = bake(&env, dir.path(), &["--print", "app"]).success("ossb bake --print");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap()).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&printed.stdout).unwrap();
+    assert_eq!(got, expected);
+    let set = bake(
+        &env,
+        dir.path(),
+        &["--print", "--set", "*.platform=linux/arm64", "app"],
+    )
+    .success("ossb bake --print --set");
+    let got: serde_json::Value = serde_json::from_str(&set.stdout).unwrap();
+    for name in ["app-foo", "app-bar"] {
+        assert_eq!(
+            got["target"][name]["platforms"][0], "linux/arm64",
+            "{got:#}"
+        );
+    }
+}
+
+/// Three targets on one base stage: the shared RUN runs once, every image is pushed and runs.
+#[test]
+fn bake_builds_three_targets_sharing_a_stage_once() {
+    let Some(env) = TestEnv::get() else { return };
+    let reg = env.registry();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("bake-shared");
+    let busybox = format!("{reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM {busybox} AS base\nRUN echo ran-{marker} && echo {marker} > /shared\n\
+             FROM base AS app\nARG NAME\nRUN echo \"$NAME\" > /name\nCMD [\"sh\", \"-c\", \"cat /shared /name\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        format!(
+            "variable \"REPO\" {{ default = \"{reg}/tests/{marker}\" }}\n\
+             group \"default\" {{ targets = [\"one\", \"two\", \"three\"] }}\n\
+             target \"common\" {{ target = \"app\" }}\n\
+             target \"one\" {{\n  inherits = [\"common\"]\n  args = {{ NAME = \"one\" }}\n  tags = [\"${{REPO}}:one\"]\n}}\n\
+             target \"two\" {{\n  inherits = [\"common\"]\n  args = {{ NAME = \"two\" }}\n  tags = [\"${{REPO}}:two\"]\n}}\n\
+             target \"three\" {{\n  inherits = [\"common\"]\n  args = {{ NAME = \"three\" }}\n  tags = [\"${{REPO}}:three\"]\n}}\n"
+        ),
+    )
+    .unwrap();
+    let out = bake(
+        &env,
+        dir.path(),
+        &["--progress", "plain", "--insecure-registry", &reg, "--push"],
+    )
+    .success("ossb bake --push");
+    let runs = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains(&format!("ran-{marker}")) && !l.contains("RUN"))
+        .count();
+    assert_eq!(
+        runs, 1,
+        "the shared stage's RUN ran {runs} times:\n{}",
+        out.stderr
+    );
+    for name in ["one", "two", "three"] {
+        let run = podman_run(&format!("{reg}/tests/{marker}:{name}"), &[]).success("podman run");
+        assert_eq!(run.stdout, format!("{marker}\n{name}\n"));
+    }
+}
+
+/// Bad bake files exit 2 and name the file and line; an unknown target is named.
+#[test]
+fn bad_bake_files_exit_2_with_file_and_line() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        "target \"a\" {\n  inherits = [\"b\"]\n}\ntarget \"b\" {\n  inherits = [\"a\"]\n}\n",
+    )
+    .unwrap();
+    let cycle = bake(&env, dir.path(), &["--print", "a"]);
+    assert_eq!(cycle.code, 2, "{}", cycle.stderr);
+    assert!(
+        cycle.stderr.contains("docker-bake.hcl:"),
+        "{}",
+        cycle.stderr
+    );
+    let unknown = bake(&env, dir.path(), &["--print", "nope"]);
+    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert!(unknown.stderr.contains("nope"), "{}", unknown.stderr);
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        "target \"a\" {\n  tags = [upper(\"a\", \"b\")]\n}\n",
+    )
+    .unwrap();
+    let arity = bake(&env, dir.path(), &["--print", "a"]);
+    assert_eq!(arity.code, 2, "{}", arity.stderr);
+    assert!(
+        arity.stderr.contains("docker-bake.hcl:2"),
+        "{}",
+        arity.stderr
+    );
+}
