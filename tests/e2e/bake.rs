@@ -136,3 +136,40 @@ fn bad_bake_files_exit_2_with_file_and_line() {
         arity.stderr
     );
 }
+
+/// A compose file's three services with `build:` sections: all three are built and pushed
+/// under their `image:` names.
+#[test]
+fn bake_builds_the_services_of_a_compose_file() {
+    let Some(env) = TestEnv::get() else { return };
+    let reg = env.registry();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("bake-compose");
+    let busybox = format!("{reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    for name in ["web", "api", "worker"] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(
+            sub.join("Dockerfile"),
+            format!("FROM {busybox}\nARG WHO\nRUN echo \"$WHO\" > /who\nCMD [\"cat\", \"/who\"]\n"),
+        )
+        .unwrap();
+    }
+    let mut compose = String::from("services:\n");
+    for name in ["web", "api", "worker"] {
+        compose.push_str(&format!(
+            "  {name}:\n    image: {reg}/tests/{marker}-{name}:1\n    build:\n      context: ./{name}\n      args:\n        WHO: {name}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("compose.yaml"), compose).unwrap();
+    bake(
+        &env,
+        dir.path(),
+        &["--progress", "plain", "--insecure-registry", &reg, "--push"],
+    )
+    .success("ossb bake of a compose file");
+    for name in ["web", "api", "worker"] {
+        let run = podman_run(&format!("{reg}/tests/{marker}-{name}:1"), &[]).success("podman run");
+        assert_eq!(run.stdout, format!("{name}\n"));
+    }
+}
