@@ -398,8 +398,11 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
     }
     // Under the exclusive lease no build runs: every work directory is a killed build's, and
     // temporary files are interrupted writes (kept a while: a partial download resumes).
+    // SBOM scans kept by layer digests go as step records do, when stale.
+    let kept_while_fresh = [cache_dir.join("tmp"), cache_dir.join("sbom")];
     for (path, modified, size) in leftovers(cache_dir)? {
-        if path.parent() == Some(&cache_dir.join("tmp")) && !stale(modified) {
+        let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if kept_while_fresh.contains(&parent) && !stale(modified) {
             continue;
         }
         let removed = if path.is_dir() {
@@ -435,7 +438,11 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
 /// when the build ends) and of the store's `tmp/`, with their last change and size on disk.
 fn leftovers(cache_dir: &Path) -> io::Result<Vec<(PathBuf, std::time::SystemTime, u64)>> {
     let mut out = Vec::new();
-    for dir in [cache_dir.join("work"), cache_dir.join("tmp")] {
+    for dir in [
+        cache_dir.join("work"),
+        cache_dir.join("tmp"),
+        cache_dir.join("sbom"),
+    ] {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -534,6 +541,27 @@ mod prune_tests {
         );
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("5x"), None);
+    }
+
+    /// SBOM scans kept by layer digests go when stale, as step records do.
+    #[test]
+    fn prune_removes_stale_sbom_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        ossb_image::store::BlobStore::open(dir.path()).unwrap();
+        let scans = dir.path().join("sbom");
+        fs::create_dir_all(&scans).unwrap();
+        fs::write(scans.join("v1-fresh.json"), "[]").unwrap();
+        fs::write(scans.join("v1-old.json"), "[]").unwrap();
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(72 * 3600);
+        fs::File::options()
+            .write(true)
+            .open(scans.join("v1-old.json"))
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        prune(dir.path(), &PruneOptions::default()).unwrap();
+        assert!(scans.join("v1-fresh.json").exists());
+        assert!(!scans.join("v1-old.json").exists());
     }
 
     #[test]
