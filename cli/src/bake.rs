@@ -1,13 +1,17 @@
 //! `ossb bake`: buildx's bake. `ossb-bake` reads and resolves the bake files; each target
 //! becomes the `ossb build` command line it stands for, run through the same path as
-//! `ossb build` (one engine). Targets build one after another on one cache, so a stage two
-//! targets share runs once and the next target finds it cached.
+//! `ossb build` (one engine). Targets build at once on one cache; a step two targets share
+//! runs once (the engine's step lock), the others find its record.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use clap::Parser;
 use ossb_bake::{SourceFile, Target};
+use ossb_engine::{BuildRequest, Event, Progress};
 
 use crate::args::{BuildArgs, Isolation, ProgressMode};
 
@@ -58,9 +62,10 @@ pub struct BakeArgs {
     pub isolation: Isolation,
 }
 
-/// Reads, resolves and prints or builds each target with `build` (`ossb build`'s own path).
-/// Exit 2 for bad bake files (with file:line).
-pub fn run(args: BakeArgs, build: impl Fn(BuildArgs) -> ExitCode) -> ExitCode {
+/// Reads, resolves and prints or builds every target at once (a step two targets share runs
+/// once: the engine holds one lock per step key in the process). Exit 2 for bad bake files
+/// (with file:line); a failed target fails the bake with its exit code.
+pub fn run(args: BakeArgs) -> ExitCode {
     let mode = args.progress;
     if args.load {
         return crate::display::fail(mode, "--load needs a Docker daemon, and ossb has none: push with --push, or set output = [\"type=docker,dest=image.tar\"] and `podman load -i image.tar`", 2);
@@ -83,22 +88,141 @@ pub fn run(args: BakeArgs, build: impl Fn(BuildArgs) -> ExitCode) -> ExitCode {
             )
         }
     };
+    let mut jobs = Vec::new();
     for (name, target) in &resolved.targets {
-        let argv = match build_argv(name, target, &args, inline.path()) {
-            Ok(a) => a,
+        let request = build_argv(name, target, &args, inline.path())
+            .and_then(|argv| AsBuild::try_parse_from(&argv).map_err(|e| e.to_string()))
+            .and_then(|parsed| parsed.build.into_request());
+        match request {
+            Ok((request, _)) => jobs.push((name.clone(), request)),
             Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
-        };
-        let parsed = match AsBuild::try_parse_from(&argv) {
-            Ok(b) => b.build,
-            Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
-        };
-        crate::display::notice(mode, &format!("bake: target {name}"));
-        let code = build(parsed);
-        if code != ExitCode::SUCCESS {
-            return code;
         }
     }
-    ExitCode::SUCCESS
+    build_all(&jobs, mode)
+}
+
+/// Builds every job at once on one runtime and one display, each target's vertices named
+/// after it; stops them all on SIGINT or SIGTERM.
+fn build_all(jobs: &[(String, BuildRequest)], mode: ProgressMode) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return crate::display::fail(mode, &format!("cannot start the async runtime: {e}"), 1)
+        }
+    };
+    let display = crate::display::for_mode(mode);
+    let display = display.as_ref();
+    let next = AtomicUsize::new(1);
+    let started = std::time::Instant::now();
+    let outcome = runtime.block_on(async {
+        let builds = jobs.iter().map(|(name, request)| {
+            let next = &next;
+            async move {
+                let progress = Labeled {
+                    inner: display,
+                    label: name,
+                    next,
+                    ids: Mutex::new(HashMap::new()),
+                };
+                (name, ossb_engine::build(request, &progress).await)
+            }
+        });
+        tokio::select! {
+            results = futures_util::future::join_all(builds) => Ok(results),
+            signal = crate::display::stop_signal() => Err(signal),
+        }
+    });
+    let results = match outcome {
+        Ok(results) => results,
+        Err((name, number)) => {
+            display.finish();
+            let code = crate::display::fail(
+                mode,
+                &format!("stopped by {name}: the bake did not finish"),
+                128 + number,
+            );
+            runtime.shutdown_background();
+            return code;
+        }
+    };
+    let mut failed = None;
+    for (name, result) in results {
+        match result {
+            Ok(result) => {
+                crate::display::notice(mode, &format!("target {name}:"));
+                display.summary(&result, started.elapsed());
+            }
+            Err(e) => {
+                display.finish();
+                let code = u8::try_from(e.exit_code()).unwrap_or(1);
+                crate::display::notice(mode, &format!("error: target {name}: {e}"));
+                failed.get_or_insert(code);
+            }
+        }
+    }
+    match failed {
+        Some(code) => ExitCode::from(code),
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// One target's progress on the shared display: its vertex numbers made unique across the
+/// bake, its vertex names prefixed with the target, its estimates left out (each target's
+/// alone would mislead).
+struct Labeled<'a> {
+    inner: &'a dyn Progress,
+    label: &'a str,
+    next: &'a AtomicUsize,
+    ids: Mutex<HashMap<usize, usize>>,
+}
+
+impl Labeled<'_> {
+    fn id(&self, own: usize) -> usize {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        *ids.entry(own)
+            .or_insert_with(|| self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Progress for Labeled<'_> {
+    fn event(&self, event: Event) {
+        let event = match event {
+            Event::Started { id, name } => Event::Started {
+                id: self.id(id),
+                name: format!("[{}] {name}", self.label),
+            },
+            Event::Output { id, elapsed, line } => Event::Output {
+                id: self.id(id),
+                elapsed,
+                line,
+            },
+            Event::Done { id, elapsed } => Event::Done {
+                id: self.id(id),
+                elapsed,
+            },
+            Event::Failed {
+                id,
+                elapsed,
+                message,
+            } => Event::Failed {
+                id: self.id(id),
+                elapsed,
+                message,
+            },
+            Event::Cached { id } => Event::Cached { id: self.id(id) },
+            Event::Transfer { id, received, sent } => Event::Transfer {
+                id: self.id(id),
+                received,
+                sent,
+            },
+            Event::Estimate { .. } => return,
+            Event::Info(text) => Event::Info(format!("[{}] {text}", self.label)),
+        };
+        self.inner.event(event);
+    }
 }
 
 fn resolve(args: &BakeArgs) -> Result<ossb_bake::Resolved, String> {

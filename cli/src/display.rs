@@ -135,7 +135,7 @@ pub fn run_to_exit(
 const NO_OUTPUT: &str = "warning: no output was asked for, so the image is only in the build cache: build again with --push --tag REF, --output type=oci,dest=FILE or --output type=docker,dest=FILE to get it (the steps come from the cache)";
 
 /// Waits for SIGINT or SIGTERM (a Ctrl-C, a pod being deleted) and names it, with its number.
-async fn stop_signal() -> (&'static str, u8) {
+pub(crate) async fn stop_signal() -> (&'static str, u8) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),

@@ -31,7 +31,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Bake(bake) => match enter_isolation(bake.isolation.into()) {
-            Ok(notice) => bake::run(*bake, |build| run_build(build, notice.clone())),
+            Ok(notice) => {
+                let mode = bake.progress;
+                display::init_build_logging(mode);
+                if let Some(notice) = notice {
+                    display::notice(mode, &notice);
+                }
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                bake::run(*bake)
+            }
             Err(code) => code,
         },
         Command::Debug {

@@ -424,7 +424,6 @@ async fn run(
         durations: std::sync::Mutex::new(crate::cache::Durations::load(&req.cache_dir)),
         eta: std::sync::Mutex::new(Default::default()),
         checksums: ChecksumCache::open(&req.cache_dir.join(CHECKSUMS_FILE)),
-        claims: Default::default(),
         built: Default::default(),
         cluster,
         facts: Default::default(),

@@ -8,6 +8,8 @@
 //! `ossb build` and a cluster worker go through this chain alike; a worker's differs only in
 //! having [`Shared::cluster`].
 
+use std::collections::HashMap;
+
 use ossb_protocol::Platform;
 
 use crate::cache::{CacheKey, CacheLevel, CacheRecord};
@@ -24,7 +26,7 @@ pub(crate) enum Lookup {
 
 /// The right to run a step key in this build; the other platforms asking for the key wait.
 pub(crate) struct Claim {
-    _guard: tokio::sync::OwnedMutexGuard<()>,
+    _guard: StepLock,
 }
 
 /// The record of `key` from the first level that has it, or the claim to run it. Under
@@ -43,7 +45,7 @@ pub(crate) async fn get_or_claim(
             return Lookup::Hit(Box::new(record));
         }
     }
-    let guard = in_build_lock(shared, key).await;
+    let guard = in_build_lock(key).await;
     // Another platform of this build may have run it while this one waited.
     if !no_cache || built_here(shared, key) {
         if let Some(record) = first_hit(shared, &before_claim, key).await {
@@ -107,17 +109,25 @@ pub(crate) fn export(
     }
 }
 
-/// Waits until no other platform of this build runs the step `key`, and holds it.
-async fn in_build_lock(shared: &Shared<'_>, key: &CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
-    let lock = shared
-        .claims
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(*key)
-        .or_default()
-        .clone();
+/// One lock per step key being run in this process: platforms of one build, and builds run
+/// together (`ossb bake`'s targets), that share a step run it once; the others wait and find
+/// its record. A lock nobody holds or waits for is dropped with its entry.
+static RUNNING: std::sync::LazyLock<
+    std::sync::Mutex<HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Waits until no other build or platform in this process runs the step `key`, and holds it.
+async fn in_build_lock(key: &CacheKey) -> StepLock {
+    let lock = {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+        running.entry(*key).or_default().clone()
+    };
     lock.lock_owned().await
 }
+
+/// Held while a step runs.
+pub(crate) type StepLock = tokio::sync::OwnedMutexGuard<()>;
 
 /// Whether this build ran `key` (its record is fresh even under `--no-cache`).
 fn built_here(shared: &Shared<'_>, key: &CacheKey) -> bool {

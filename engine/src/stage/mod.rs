@@ -66,8 +66,6 @@ pub(crate) struct Shared<'a> {
     pub cache_exports: std::sync::Mutex<Vec<(CacheKey, CacheRecord, Platform)>>,
     /// Content hashes of context files from earlier builds (COPY sources, bind mounts).
     pub checksums: ChecksumCache,
-    /// One lock per step key being run, so that platforms sharing a step run it once.
-    pub claims: std::sync::Mutex<HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// Step keys this build ran (their records are fresh even under `--no-cache`).
     pub built: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
     /// The cluster's step records, for a worker's task: the chain's last level.
