@@ -1,0 +1,100 @@
+//! `ossb bake` of 6 targets on a shared base stage against 6 `ossb build`s one after
+//! another (the same Dockerfile, `--target app --build-arg NAME=N`), each from a cold cache.
+//! The base stage's RUN waits 2 s (as a download does) and each target's RUN waits 1 s and
+//! writes 20 MB of random data (a layer to compress): the bake builds the base once and the
+//! targets at once; the sequential builds find the base cached after the first. Interleaved,
+//! medians of `OSSB_BENCH_RUNS` (3).
+//!
+//! `cargo bench -p ossb-benches --bench bake` (or scripts/bench.sh)
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ossb_benches::workload::{context_dir, runs, Env};
+use ossb_benches::{measure, Sample};
+
+const TARGETS: usize = 6;
+
+fn main() {
+    let env = Env::get();
+    let ctx = context_dir("bake");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {} AS base\nRUN sleep 2 && echo base > /base\n\
+             FROM base AS app\nARG NAME\nRUN sleep 1 && head -c 20000000 /dev/urandom > /data && echo \"$NAME\" > /name\n",
+            env.busybox()
+        ),
+    )
+    .unwrap();
+    let mut hcl = format!(
+        "group \"default\" {{ targets = [{}] }}\n",
+        (0..TARGETS)
+            .map(|i| format!("\"t{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for i in 0..TARGETS {
+        hcl.push_str(&format!(
+            "target \"t{i}\" {{\n  target = \"app\"\n  args = {{ NAME = \"{i}\" }}\n}}\n"
+        ));
+    }
+    std::fs::write(ctx.join("docker-bake.hcl"), hcl).unwrap();
+    let scratch = std::env::temp_dir().join(format!("ossb-bench-bake-{}", std::process::id()));
+    let (mut baked, mut sequential): (Vec<Sample>, Vec<Sample>) = (Vec::new(), Vec::new());
+    for run in 0..runs() {
+        let cache = scratch.join(format!("bake-{run}"));
+        eprintln!("bake / run {run}");
+        let mut cmd = ossb(&env, &cache, "bake");
+        cmd.current_dir(&ctx);
+        baked.push(measure(&mut cmd));
+        let cache = scratch.join(format!("seq-{run}"));
+        eprintln!("sequential / run {run}");
+        let start = std::time::Instant::now();
+        let mut peak = 0;
+        for i in 0..TARGETS {
+            let mut cmd = ossb(&env, &cache, "build");
+            cmd.args(["--target", "app", "--build-arg"])
+                .arg(format!("NAME={i}"))
+                .arg(&ctx);
+            peak = peak.max(measure(&mut cmd).max_rss_kib);
+        }
+        sequential.push(Sample {
+            wall: start.elapsed(),
+            max_rss_kib: peak,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_dir_all(&ctx);
+    let (b, s) = (
+        ossb_benches::median(&mut baked).wall,
+        ossb_benches::median(&mut sequential).wall,
+    );
+    let ratio = b.as_secs_f64() / s.as_secs_f64().max(1e-9);
+    let rows = format!(
+        "| bake | {TARGETS} targets on a shared base stage, cold: `ossb bake` vs {TARGETS} `ossb build`s one after another | {:.2} s | {:.2} s | {ratio:.2}x | {} |\n",
+        secs(b),
+        secs(s),
+        ossb_benches::verdict(ratio, 0.5)
+    );
+    print!("{rows}");
+    ossb_benches::record(&rows);
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// `ossb SUBCOMMAND` with a cache of its own and the test environment's registries.
+fn ossb(env: &Env, cache: &Path, subcommand: &str) -> Command {
+    let mut cmd = Command::new(&env.ossb);
+    cmd.env("OSSB_CACHE_DIR", cache)
+        .arg(subcommand)
+        .args(["--progress", "plain"])
+        .args(["--insecure-registry", env.registry()]);
+    if let Some(dc) = env.var("DOCKER_CONFIG") {
+        cmd.env("DOCKER_CONFIG", dc);
+    }
+    cmd
+}
