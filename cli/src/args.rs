@@ -257,30 +257,35 @@ impl Extras {
                 .map_err(|e| e.to_string())?;
         }
         if let Some(path) = &self.metadata_file {
-            let mut meta = serde_json::Map::new();
-            meta.insert(
-                "containerimage.digest".into(),
-                result.image.digest.to_string().into(),
-            );
-            if let Some(config) = &result.config_digest {
-                meta.insert(
-                    "containerimage.config.digest".into(),
-                    config.to_string().into(),
-                );
-            }
-            meta.insert(
-                "containerimage.descriptor".into(),
-                serde_json::to_value(&result.image).unwrap_or_default(),
-            );
-            if !req.tags.is_empty() {
-                meta.insert("image.name".into(), req.tags.join(",").into());
-            }
-            let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
+            let text = serde_json::to_string_pretty(&metadata(req, result)).unwrap_or_default();
             ossb_image::export::write_file_atomically(path, text.as_bytes())
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
+}
+
+/// What `--metadata-file` says of a build, with buildx's keys.
+pub fn metadata(req: &BuildRequest, result: &BuildResult) -> serde_json::Value {
+    let mut meta = serde_json::Map::new();
+    meta.insert(
+        "containerimage.digest".into(),
+        result.image.digest.to_string().into(),
+    );
+    if let Some(config) = &result.config_digest {
+        meta.insert(
+            "containerimage.config.digest".into(),
+            config.to_string().into(),
+        );
+    }
+    meta.insert(
+        "containerimage.descriptor".into(),
+        serde_json::to_value(&result.image).unwrap_or_default(),
+    );
+    if !req.tags.is_empty() {
+        meta.insert("image.name".into(), req.tags.join(",").into());
+    }
+    meta.into()
 }
 
 fn key_values(

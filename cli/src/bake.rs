@@ -50,6 +50,9 @@ pub struct BakeArgs {
     /// How progress is shown.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
+    /// Write what was built to this file as JSON, one entry per target (as buildx).
+    #[arg(long = "metadata-file", value_name = "PATH")]
+    pub metadata_file: Option<PathBuf>,
     /// The cache directory (default $OSSB_CACHE_DIR, else $XDG_CACHE_HOME/ossb).
     #[arg(long = "cache-dir", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -98,12 +101,16 @@ pub fn run(args: BakeArgs) -> ExitCode {
             Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
         }
     }
-    build_all(&jobs, mode)
+    build_all(&jobs, mode, args.metadata_file.as_deref())
 }
 
 /// Builds every job at once on one runtime and one display, each target's vertices named
 /// after it; stops them all on SIGINT or SIGTERM.
-fn build_all(jobs: &[(String, BuildRequest)], mode: ProgressMode) -> ExitCode {
+fn build_all(
+    jobs: &[(String, BuildRequest)],
+    mode: ProgressMode,
+    metadata_file: Option<&Path>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,11 +156,13 @@ fn build_all(jobs: &[(String, BuildRequest)], mode: ProgressMode) -> ExitCode {
         }
     };
     let mut failed = None;
-    for (name, result) in results {
+    let mut metadata = serde_json::Map::new();
+    for ((name, result), (_, request)) in results.into_iter().zip(jobs) {
         match result {
             Ok(result) => {
                 crate::display::notice(mode, &format!("target {name}:"));
                 display.summary(&result, started.elapsed());
+                metadata.insert(name.clone(), crate::args::metadata(request, &result));
             }
             Err(e) => {
                 display.finish();
@@ -161,6 +170,12 @@ fn build_all(jobs: &[(String, BuildRequest)], mode: ProgressMode) -> ExitCode {
                 crate::display::notice(mode, &format!("error: target {name}: {e}"));
                 failed.get_or_insert(code);
             }
+        }
+    }
+    if let (Some(path), None) = (metadata_file, failed) {
+        let text = serde_json::to_string_pretty(&metadata).unwrap_or_default();
+        if let Err(e) = ossb_image::export::write_file_atomically(path, text.as_bytes()) {
+            return crate::display::fail(mode, &e.to_string(), 1);
         }
     }
     match failed {

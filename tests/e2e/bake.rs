@@ -81,12 +81,31 @@ fn bake_builds_three_targets_sharing_a_stage_once() {
         ),
     )
     .unwrap();
+    let meta = dir.path().join("meta.json");
     let out = bake(
         &env,
         dir.path(),
-        &["--progress", "plain", "--insecure-registry", &reg, "--push"],
+        &[
+            "--progress",
+            "plain",
+            "--insecure-registry",
+            &reg,
+            "--push",
+            "--metadata-file",
+            meta.to_str().unwrap(),
+        ],
     )
     .success("ossb bake --push");
+    // One entry per target, with buildx's keys.
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    for name in ["one", "two", "three"] {
+        assert!(
+            meta[name]["containerimage.digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:")),
+            "{meta:#}"
+        );
+    }
     let runs = out
         .stderr
         .lines()
