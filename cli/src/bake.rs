@@ -14,6 +14,7 @@ use ossb_bake::{SourceFile, Target};
 use ossb_engine::{BuildRequest, Event, Progress};
 
 use crate::args::{BuildArgs, Isolation, ProgressMode};
+use crate::display::BuildFuture;
 
 /// `ossb build`'s flags, to read a target's command line with.
 #[derive(Parser)]
@@ -68,7 +69,12 @@ pub struct BakeArgs {
 /// Reads, resolves and prints or builds every target at once (a step two targets share runs
 /// once: the engine holds one lock per step key in the process). Exit 2 for bad bake files
 /// (with file:line); a failed target fails the bake with its exit code.
-pub fn run(args: BakeArgs) -> ExitCode {
+/// `build` runs one target's build: the local engine (`ossb bake`) or the cluster
+/// (`ossb-submit bake`).
+pub fn run(
+    args: BakeArgs,
+    build: impl for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b>,
+) -> ExitCode {
     let mode = args.progress;
     if args.load {
         return crate::display::fail(mode, "--load needs a Docker daemon, and ossb has none: push with --push, or set output = [\"type=docker,dest=image.tar\"] and `podman load -i image.tar`", 2);
@@ -101,7 +107,7 @@ pub fn run(args: BakeArgs) -> ExitCode {
             Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
         }
     }
-    build_all(&jobs, mode, args.metadata_file.as_deref())
+    build_all(&jobs, mode, args.metadata_file.as_deref(), build)
 }
 
 /// Builds every job at once on one runtime and one display, each target's vertices named
@@ -110,6 +116,7 @@ fn build_all(
     jobs: &[(String, BuildRequest)],
     mode: ProgressMode,
     metadata_file: Option<&Path>,
+    build: impl for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -125,6 +132,7 @@ fn build_all(
     let next = AtomicUsize::new(1);
     let started = std::time::Instant::now();
     let outcome = runtime.block_on(async {
+        let build = &build;
         let builds = jobs.iter().map(|(name, request)| {
             let next = &next;
             async move {
@@ -134,7 +142,7 @@ fn build_all(
                     next,
                     ids: Mutex::new(HashMap::new()),
                 };
-                (name, ossb_engine::build(request, &progress).await)
+                (name, build(request, &progress).await)
             }
         });
         tokio::select! {

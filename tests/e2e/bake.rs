@@ -192,3 +192,62 @@ fn bake_builds_the_services_of_a_compose_file() {
         assert_eq!(run.stdout, format!("{name}\n"));
     }
 }
+
+/// The same bake through the cluster (`ossb-submit bake`): every target is submitted at once,
+/// the step they share runs once cluster-wide (the coordinator's metrics), the targets run on
+/// both workers, and every image runs.
+#[test]
+fn the_cluster_bakes_targets_at_once_and_runs_the_shared_step_once() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = crate::cluster::Cluster::start_with(&env, &[("amd64-a", &[]), ("amd64-b", &[])]);
+    let reg = cluster.registry.clone();
+    let bb = cluster.busybox(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("cluster-bake");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM {bb} AS base\nRUN echo {marker} > /shared\n\
+             FROM base AS app\nARG NAME\nRUN sleep 1 && echo \"$NAME\" > /name\nCMD [\"sh\", \"-c\", \"cat /shared /name\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut hcl = String::from("group \"default\" { targets = [\"one\", \"two\", \"three\"] }\n");
+    for name in ["one", "two", "three"] {
+        hcl.push_str(&format!(
+            "target \"{name}\" {{\n  target = \"app\"\n  args = {{ NAME = \"{name}\" }}\n  tags = [\"{reg}/tests/{marker}:{name}\"]\n}}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("docker-bake.hcl"), hcl).unwrap();
+    let before = crate::cluster::sum_of(
+        &cluster.metrics_text(),
+        "ossb_steps_total",
+        "result=\"run\"",
+    );
+    let out = cluster
+        .submit_bake(&["--insecure-registry", &reg, "--push"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    let ran = crate::cluster::sum_of(
+        &cluster.metrics_text(),
+        "ossb_steps_total",
+        "result=\"run\"",
+    ) - before;
+    assert_eq!(ran, 4, "the shared step and one per target\n{stderr}");
+    let workers: std::collections::BTreeSet<&str> = stderr
+        .lines()
+        .filter_map(|l| l.split("scheduled on worker ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    assert!(
+        workers.len() >= 2,
+        "the targets ran on {workers:?}\n{stderr}"
+    );
+    for name in ["one", "two", "three"] {
+        let run = podman_run(&format!("{reg}/tests/{marker}:{name}"), &[]).success("podman run");
+        assert_eq!(run.stdout, format!("{marker}\n{name}\n"));
+    }
+}

@@ -389,6 +389,19 @@ impl Cluster {
         cmd
     }
 
+    /// `ossb-submit bake` with the cluster's coordinator and certificates, then `args`.
+    pub(crate) fn submit_bake(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ossb-submit"));
+        cmd.arg("bake")
+            .args(["--coordinator", &self.coordinator, "--tls-dir"])
+            .arg(&self.tls)
+            .args(["--progress", "plain"])
+            .args(args)
+            .env("OSSB_CACHE_DIR", self.dir.join("client-cache"))
+            .env("DOCKER_CONFIG", &self.docker_config);
+        cmd
+    }
+
     /// `ossb-submit --platform PLATFORMS --insecure-registry REGISTRY -t IMAGE --push CTX`
     /// with the cluster's certificates.
     fn submit_push(&self, platforms: &str, registry: &str, image: &str, ctx: &Path) -> Command {

@@ -10,7 +10,6 @@ mod args;
 #[allow(dead_code)]
 #[path = "../attest.rs"]
 mod attest;
-#[allow(dead_code)]
 #[path = "../bake.rs"]
 mod bake;
 #[allow(dead_code)]
@@ -43,7 +42,38 @@ struct SubmitArgs {
     build: BuildArgs,
 }
 
+/// `ossb-submit bake ...`: `ossb bake` on the cluster; every target is submitted at once, and
+/// the coordinator runs a step the targets share once cluster-wide.
+#[derive(Parser, Debug)]
+#[command(name = "ossb-submit bake")]
+struct SubmitBakeArgs {
+    /// The coordinator, HOST:PORT (the name its certificate carries).
+    #[arg(long, value_name = "ADDR")]
+    coordinator: String,
+    /// The cluster's certificates (`ossb certs init`): ca.crt, client.crt, client.key.
+    #[arg(long = "tls-dir", value_name = "DIR")]
+    tls_dir: PathBuf,
+    #[command(flatten)]
+    bake: bake::BakeArgs,
+}
+
 fn main() -> ExitCode {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.get(1).is_some_and(|a| a == "bake") {
+        let args = SubmitBakeArgs::parse_from(
+            std::iter::once(raw[0].clone()).chain(raw[2..].iter().cloned()),
+        );
+        display::init_build_logging(args.bake.progress);
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let config = std::sync::Arc::new(SubmitConfig {
+            coordinator: args.coordinator,
+            tls_dir: args.tls_dir,
+        });
+        return bake::run(args.bake, move |request, progress| {
+            let config = config.clone();
+            Box::pin(async move { submit(request, &config, progress).await })
+        });
+    }
     let args = SubmitArgs::parse();
     let mode = args.build.progress_mode();
     display::init_build_logging(mode);
