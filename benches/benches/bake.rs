@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use ossb_benches::cluster::{median as cluster_median, Cluster, WorkerSpec};
 use ossb_benches::workload::{context_dir, runs, Env};
 use ossb_benches::{measure, Sample};
 
@@ -65,6 +66,44 @@ fn main() {
             max_rss_kib: peak,
         });
     }
+    // The cluster: two workers with a CPU each against the bake on one CPU (a machine each,
+    // as cluster_builds measures it), every run from cold caches.
+    let (mut local, mut clustered) = (Vec::new(), Vec::new());
+    for run in 0..runs() {
+        let cache = scratch.join(format!("one-cpu-{run}"));
+        eprintln!("bake on one CPU / run {run}");
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"]).arg(&env.ossb);
+        cmd.env("OSSB_CACHE_DIR", &cache)
+            .args([
+                "bake",
+                "--progress",
+                "plain",
+                "--insecure-registry",
+                env.registry(),
+            ])
+            .current_dir(&ctx);
+        local.push(measure(&mut cmd).wall);
+        eprintln!("bake on a 2-worker cluster / run {run}");
+        let cluster = Cluster::start(
+            &env,
+            &[
+                WorkerSpec {
+                    name: "a",
+                    cpu: Some(0),
+                    args: &[],
+                },
+                WorkerSpec {
+                    name: "b",
+                    cpu: Some(1),
+                    args: &[],
+                },
+            ],
+        );
+        clustered.push(cluster.submit_bake(&env, &ctx, false));
+    }
+    let (one, two) = (cluster_median(local), cluster_median(clustered));
+    let cluster_ratio = two.as_secs_f64() / one.as_secs_f64().max(1e-9);
     let _ = std::fs::remove_dir_all(&scratch);
     let _ = std::fs::remove_dir_all(&ctx);
     let (b, s) = (
@@ -77,6 +116,12 @@ fn main() {
         secs(b),
         secs(s),
         ossb_benches::verdict(ratio, 0.5)
+    );
+    let rows = format!(
+        "{rows}| bake | the same bake through a cluster of 2 workers (a CPU each) vs `ossb bake` on one CPU | {:.2} s | {:.2} s | {cluster_ratio:.2}x | {} |\n",
+        secs(two),
+        secs(one),
+        ossb_benches::verdict(cluster_ratio, 0.6)
     );
     print!("{rows}");
     ossb_benches::record(&rows);

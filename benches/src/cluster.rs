@@ -292,6 +292,34 @@ impl Cluster {
         wall
     }
 
+    /// `ossb-submit bake` in `dir` (its bake file), pushing with `--push` when `push`;
+    /// returns its wall time.
+    pub fn submit_bake(&self, env: &Env, dir: &Path, push: bool) -> Duration {
+        let submit = env.ossb.with_file_name("ossb-submit");
+        let start = Instant::now();
+        let out = command(&self.submit_ns, None, &submit)
+            .arg("bake")
+            .args(["--coordinator", &self.coordinator])
+            .arg("--tls-dir")
+            .arg(self.dir.path().join("tls"))
+            .args(["--progress", "plain", "--insecure-registry", &self.registry])
+            .args(push.then_some("--push"))
+            .current_dir(dir)
+            .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()));
+        let wall = start.elapsed();
+        assert!(
+            out.status.success(),
+            "ossb-submit bake in {} failed:\n{}\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        wall
+    }
+
     /// Every process's log.
     pub fn logs(&self) -> String {
         let mut all = String::new();
