@@ -267,53 +267,49 @@ impl Cluster {
     /// Submits the build of `ctx` for `platforms`, pushed as `tag` when there is one; returns
     /// its wall time.
     pub fn submit(&self, env: &Env, ctx: &Path, platforms: &str, tag: Option<&str>) -> Duration {
-        let submit = env.ossb.with_file_name("ossb-submit");
-        let start = Instant::now();
-        let out = command(&self.submit_ns, None, &submit)
-            .args(["--coordinator", &self.coordinator])
-            .arg("--tls-dir")
-            .arg(self.dir.path().join("tls"))
-            .args(["--progress", "plain", "--platform", platforms])
-            .args(["--insecure-registry", &self.registry])
-            .args(tag.map(|t| ["-t", t, "--push"]).into_iter().flatten())
-            .arg(ctx)
-            .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()));
-        let wall = start.elapsed();
-        assert!(
-            out.status.success(),
-            "ossb-submit {} failed:\n{}\n{}",
-            ctx.display(),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        wall
+        self.run_submit(env, None, &ctx.display().to_string(), |cmd| {
+            cmd.args(["--platform", platforms])
+                .args(tag.map(|t| ["-t", t, "--push"]).into_iter().flatten())
+                .arg(ctx);
+        })
     }
 
     /// `ossb-submit bake` in `dir` (its bake file), pushing with `--push` when `push`;
     /// returns its wall time.
     pub fn submit_bake(&self, env: &Env, dir: &Path, push: bool) -> Duration {
+        self.run_submit(env, Some("bake"), &dir.display().to_string(), |cmd| {
+            cmd.args(push.then_some("--push")).current_dir(dir);
+        })
+    }
+
+    /// Runs `ossb-submit [SUBCOMMAND]` with the cluster's coordinator, certificates and
+    /// registry, then what `finish` adds; panics with the logs when it fails (naming `what`).
+    /// Its wall time.
+    fn run_submit(
+        &self,
+        env: &Env,
+        subcommand: Option<&str>,
+        what: &str,
+        finish: impl FnOnce(&mut Command),
+    ) -> Duration {
         let submit = env.ossb.with_file_name("ossb-submit");
-        let start = Instant::now();
-        let out = command(&self.submit_ns, None, &submit)
-            .arg("bake")
-            .args(["--coordinator", &self.coordinator])
+        let mut cmd = command(&self.submit_ns, None, &submit);
+        cmd.args(subcommand);
+        cmd.args(["--coordinator", &self.coordinator])
             .arg("--tls-dir")
             .arg(self.dir.path().join("tls"))
             .args(["--progress", "plain", "--insecure-registry", &self.registry])
-            .args(push.then_some("--push"))
-            .current_dir(dir)
             .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG").unwrap_or(""))
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        finish(&mut cmd);
+        let start = Instant::now();
+        let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()));
         let wall = start.elapsed();
         assert!(
             out.status.success(),
-            "ossb-submit bake in {} failed:\n{}\n{}",
-            dir.display(),
+            "ossb-submit {what} failed:\n{}\n{}",
             String::from_utf8_lossy(&out.stderr),
             self.logs()
         );
