@@ -628,35 +628,7 @@ fn dirname(p: &str) -> String {
         Some(i) => &p[..i + 1],
         None => "",
     };
-    clean(dir)
-}
-
-/// Go's path.Clean, enough for dirname.
-fn clean(p: &str) -> String {
-    if p.is_empty() {
-        return ".".into();
-    }
-    let rooted = p.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for part in p.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                if parts.last().is_some_and(|l| *l != "..") {
-                    parts.pop();
-                } else if !rooted {
-                    parts.push("..");
-                }
-            }
-            other => parts.push(other),
-        }
-    }
-    let joined = parts.join("/");
-    match (rooted, joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".into(),
-        (false, false) => joined,
-    }
+    ossb_protocol::clean_path(dir)
 }
 
 fn urlencode(x: &str) -> String {

@@ -100,7 +100,7 @@ impl Dockerignore {
             if p.is_empty() {
                 continue;
             }
-            let mut cleaned = clean(p);
+            let mut cleaned = ossb_protocol::clean_path(p);
             if cleaned.len() > 1 && cleaned.starts_with('/') {
                 cleaned.remove(0);
             }
@@ -372,33 +372,8 @@ fn match_tokens(t: &[Tok], s: &[char]) -> bool {
     next[0]
 }
 
-/// Go's `filepath.Clean`.
-fn clean(p: &str) -> String {
-    let rooted = p.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in p.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                if parts.last().is_some_and(|l| *l != "..") {
-                    parts.pop();
-                } else if !rooted {
-                    parts.push("..");
-                }
-            }
-            s => parts.push(s),
-        }
-    }
-    let body = parts.join("/");
-    match (rooted, body.is_empty()) {
-        (true, _) => format!("/{body}"),
-        (false, true) => ".".into(),
-        (false, false) => body,
-    }
-}
-
 fn clean_relative(p: &str) -> String {
-    let c = clean(p);
+    let c = ossb_protocol::clean_path(p);
     c.trim_start_matches('/').to_string()
 }
 

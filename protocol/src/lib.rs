@@ -29,3 +29,47 @@ pub fn clip(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
         )),
     }
 }
+
+/// A `/`-separated path cleaned as Go's `path.Clean` does: `.` and empty parts dropped, `..`
+/// applied lexically (kept at the front of a relative path), `.` for nothing. Dockerignore
+/// patterns and bake's functions follow Go, so their paths are cleaned alike.
+pub fn clean_path(p: &str) -> String {
+    let rooted = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for part in p.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|l| *l != "..") {
+                    parts.pop();
+                } else if !rooted {
+                    parts.push("..");
+                }
+            }
+            other => parts.push(other),
+        }
+    }
+    let joined = parts.join("/");
+    match (rooted, joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".into(),
+        (false, false) => joined,
+    }
+}
+
+#[cfg(test)]
+mod clean_path_tests {
+    #[test]
+    fn cleans_as_go_does() {
+        for (input, want) in [
+            ("", "."),
+            ("a/b/../c", "a/c"),
+            ("../../a", "../../a"),
+            ("/../a/./b/", "/a/b"),
+            ("a/..", "."),
+            ("//", "/"),
+        ] {
+            assert_eq!(super::clean_path(input), want, "{input:?}");
+        }
+    }
+}
