@@ -237,9 +237,17 @@ fn provenance_of(
     let reproducible = req.source_date_epoch.is_some();
     let invocation_id = match req.source_date_epoch {
         Some(epoch) => {
+            // Spelled out, never `Debug`: the id must not change with a compiler version.
+            let args: Vec<String> = req
+                .build_args
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             let asked = format!(
-                "{}\0{:?}\0{:?}\0{platform}\0{epoch}",
-                req.dockerfile, req.build_args, req.target
+                "{}\0{}\0{}\0{platform}\0{epoch}",
+                req.dockerfile,
+                args.join("\0"),
+                req.target.as_deref().unwrap_or_default()
             );
             Digest::of(asked.as_bytes()).hex()[..32].to_string()
         }
