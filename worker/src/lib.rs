@@ -10,6 +10,7 @@ pub mod emulation;
 pub mod fs;
 pub mod mounts;
 pub mod overlay;
+pub mod rootless;
 pub mod sandbox;
 pub mod shared_cache;
 pub mod snapshot;

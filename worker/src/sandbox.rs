@@ -8,6 +8,12 @@
 //! step's user and execs the command. When pid 1 exits the kernel kills every other process
 //! of the pid namespace, so nothing a step started outlives it.
 //!
+//! Where the container refuses a fresh procfs or `sethostname` (a Pod Security "baseline" pod,
+//! see [`crate::rootless`]), the rootless sandbox adapts under `--isolation auto`: the step
+//! gets the container's `/proc` read-only, in the build's pid namespace, and a user namespace
+//! of its own (its first process is then the sandbox's child, not a pid 1), or keeps the
+//! container's hostname.
+//!
 //! With [`Isolation::Chroot`] there is no user namespace: the build runs as the container's
 //! root. The sandbox then still takes mount, pid, uts and ipc namespaces when the container
 //! allows it (CAP_SYS_ADMIN), and otherwise degrades to a plain `chroot` (see
@@ -32,6 +38,7 @@ use nix::unistd::{fork, ForkResult, Gid, Uid};
 use serde::{Deserialize, Serialize};
 
 use crate::overlay::OverlayDirs;
+use crate::rootless::Refusals;
 use crate::step_output::{LogLimit, OutputLine, OutputStream};
 
 /// The subcommand of the ossb binary that runs [`child_main`].
@@ -161,7 +168,9 @@ pub struct RunSpec {
     pub groups: Vec<u32>,
     /// The sandbox's hostname.
     pub hostname: String,
-    /// Rootless or chroot ([`Isolation::Auto`] is resolved by the caller; it means rootless).
+    /// Rootless or chroot. [`Isolation::Auto`] means rootless, adapted to what the container
+    /// allows; so does [`Isolation::Rootless`] unless `--isolation rootless` is on the command
+    /// line of this process, which forces the full sandbox (see [`crate::rootless`]).
     #[serde(default)]
     pub isolation: Isolation,
     /// The network.
@@ -183,18 +192,26 @@ pub struct RunSpec {
     pub overlay: Option<OverlayDirs>,
 }
 
-/// What an `ossb __sandbox FILE` is asked to do: run a step, or probe overlayfs.
+/// What an `ossb __sandbox` is asked to do: run a step, or probe overlayfs or what the
+/// container allows a rootless sandbox.
 #[derive(Deserialize, Serialize)]
-#[serde(untagged)]
 enum Request {
     /// See [`probe_overlay`].
-    Probe {
+    OverlayProbe {
         /// The overlay to try.
-        overlay_probe: OverlayDirs,
+        overlay: OverlayDirs,
         /// Its lower directory.
         lower: PathBuf,
     },
-    Run(Box<RunSpec>),
+    /// See [`probe_rootless`].
+    RootlessProbe,
+    /// A step, with what its rootless sandbox must do without.
+    Run {
+        /// The step.
+        spec: Box<RunSpec>,
+        /// What the container refused to a rootless sandbox (empty in chroot isolation).
+        refusals: Refusals,
+    },
 }
 
 /// Why a RUN failed.
@@ -283,8 +300,25 @@ pub async fn run(
     display: &str,
     mut on_line: impl FnMut(&str),
 ) -> Result<(), RunError> {
-    let request = request_memfd(&Request::Run(Box::new(spec.clone())))
-        .map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
+    let refusals = match spec.isolation {
+        Isolation::Chroot => Refusals::default(),
+        Isolation::Rootless | Isolation::Auto => {
+            let forced = spec.isolation == Isolation::Rootless
+                && crate::rootless::forced_on_command_line(std::env::args_os());
+            let exe = exe.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                crate::rootless::refusals(&exe, forced, probe_rootless)
+            })
+            .await
+            .map_err(|e| RunError::Setup(format!("probing the rootless sandbox: {e}")))?
+            .map_err(RunError::Setup)?
+        }
+    };
+    let request = request_memfd(&Request::Run {
+        spec: Box::new(spec.clone()),
+        refusals,
+    })
+    .map_err(|e| RunError::Setup(format!("writing the step spec: {e}")))?;
     let mut command = tokio::process::Command::new(exe);
     command
         .arg(SUBCOMMAND)
@@ -470,12 +504,12 @@ pub fn child_main() -> i32 {
 }
 
 fn sandbox() -> Result<i32, String> {
-    let spec = match read_request()? {
-        Request::Run(spec) => spec,
-        Request::Probe {
-            overlay_probe,
-            lower,
-        } => return probe_child(&lower, &overlay_probe).map(|()| 0),
+    let (spec, refusals) = match read_request()? {
+        Request::Run { spec, refusals } => (spec, refusals),
+        Request::OverlayProbe { overlay, lower } => {
+            return probe_child(&lower, &overlay).map(|()| 0)
+        }
+        Request::RootlessProbe => return rootless_probe_child().map(|()| 0),
     };
     // A build killed outright (SIGKILL cannot be handled) takes its step with it: this
     // process dies with its parent, and the step's first process dies with this one.
@@ -489,21 +523,37 @@ fn sandbox() -> Result<i32, String> {
             std::io::Error::last_os_error()
         ));
     }
-    let namespaces = enter_namespaces(&spec)?;
+    let layout = enter_namespaces(&spec, &refusals)?;
     let mut plain = PlainChroot::default();
-    if !namespaces {
+    if layout == Layout::PlainChroot {
         plain = prepare_plain_chroot(&spec)?;
     }
     // A status pipe: pid 1 reports set-up failures through it; a successful exec closes it.
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // With the container's /proc, the step's first process makes a user namespace of its own,
+    // which this process maps: "made" goes up this pipe, "mapped" down the other.
+    let userns_sync = match layout {
+        Layout::PodProc { .. } => Some((pipe_pair()?, pipe_pair()?)),
+        _ => None,
+    };
     // SAFETY: this process is single-threaded (a fresh exec of the binary that has not started
     // any runtime), so the child may allocate and run ordinary code before exec.
     let result = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(status_r);
             die_with_parent();
-            let err = enter_and_exec(&spec, namespaces);
+            let err = match userns_sync {
+                Some(((_, made), (mapped, _))) => {
+                    step_userns(&spec, made, mapped).err().unwrap_or_default()
+                }
+                None => String::new(),
+            };
+            let err = if err.is_empty() {
+                enter_and_exec(&spec, layout)
+            } else {
+                err
+            };
             let mut w = fs::File::from(status_w);
             let _ = w.write_all(err.as_bytes());
             // SAFETY: _exit is always safe in a forked child.
@@ -511,6 +561,13 @@ fn sandbox() -> Result<i32, String> {
         }
         ForkResult::Parent { child } => {
             drop(status_w);
+            let mapped = match userns_sync {
+                Some(((made, _), (_, mapped))) => map_step_userns(child, made, mapped),
+                None => Ok(()),
+            };
+            if mapped.is_err() {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            }
             let mut msg = String::new();
             let _ = fs::File::from(status_r).read_to_string(&mut msg);
             let status = loop {
@@ -520,7 +577,9 @@ fn sandbox() -> Result<i32, String> {
                 }
             };
             kill_leftovers();
-            if !msg.is_empty() {
+            if let Err(e) = mapped {
+                Err(e)
+            } else if !msg.is_empty() {
                 Err(msg)
             } else {
                 match status {
@@ -535,9 +594,31 @@ fn sandbox() -> Result<i32, String> {
     result
 }
 
-/// Unshares the step's namespaces. Returns false when, in chroot mode, the container does not
-/// allow them: the step then runs in a plain chroot.
-fn enter_namespaces(spec: &RunSpec) -> Result<bool, String> {
+/// How a step is confined; see [`enter_namespaces`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Mount, pid, uts and ipc namespaces of its own, unshared by the sandbox (the step is the
+    /// pid namespace's pid 1), and a fresh /proc. `hostname`: it is set.
+    Full { hostname: bool },
+    /// The container refuses a fresh procfs: the step's first process makes a user namespace
+    /// of its own (mapped by the sandbox to every id of the build's), then its mount, uts and
+    /// ipc namespaces; it gets the container's /proc read-only and stays in the build's pid
+    /// namespace, where pids agree with that /proc. Its own user namespace keeps it from
+    /// ossb's processes and other steps through that /proc: reading their memory, files or
+    /// environment needs capabilities in their user namespace.
+    PodProc { hostname: bool },
+    /// chroot isolation where the container allows no namespaces (no CAP_SYS_ADMIN).
+    PlainChroot,
+}
+
+/// Unshares the step's namespaces, or leaves them to the step's process ([`Layout::PodProc`],
+/// as `refusals` asks). Returns [`Layout::PlainChroot`] when, in chroot mode, the container
+/// does not allow them.
+fn enter_namespaces(spec: &RunSpec, refusals: &Refusals) -> Result<Layout, String> {
+    let hostname = refusals.hostname.is_none();
+    if refusals.fresh_proc.is_some() {
+        return Ok(Layout::PodProc { hostname });
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
@@ -546,7 +627,7 @@ fn enter_namespaces(spec: &RunSpec) -> Result<bool, String> {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     match unshare(flags) {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(Layout::Full { hostname }),
         Err(nix::Error::EPERM) if spec.isolation == Isolation::Chroot => {
             if spec.overlay.is_some() {
                 return Err("the step was to run on overlayfs, which needs a mount namespace this container does not allow (no CAP_SYS_ADMIN); a bug: the overlayfs probe should have refused".into());
@@ -557,12 +638,64 @@ fn enter_namespaces(spec: &RunSpec) -> Result<bool, String> {
             if !spec.mounts.is_empty() {
                 return Err("RUN --mount needs a mount namespace, which this container does not allow (no CAP_SYS_ADMIN) in chroot isolation: give the container CAP_SYS_ADMIN, or use --isolation rootless where user namespaces work".into());
             }
-            Ok(false)
+            Ok(Layout::PlainChroot)
         }
         Err(e) => Err(format!(
             "unshare(mount, pid, uts, ipc namespaces): {e} (is ossb running in its user namespace? run `ossb build` directly, not the internal {SUBCOMMAND} command)"
         )),
     }
+}
+
+/// A close-on-exec pipe as (read end, write end).
+fn pipe_pair() -> Result<(fs::File, fs::File), String> {
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    Ok((fs::File::from(r), fs::File::from(w)))
+}
+
+/// In the step's first process ([`Layout::PodProc`]): a user namespace of its own, mapped by
+/// the sandbox (`made` tells it, `mapped` answers), then the mount, uts and ipc (and network)
+/// namespaces, owned by it. Its creator has every capability in it, so no id change is needed.
+fn step_userns(spec: &RunSpec, mut made: fs::File, mut mapped: fs::File) -> Result<(), String> {
+    unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("unshare(user namespace) for the step: {e}"))?;
+    made.write_all(b"u")
+        .map_err(|e| format!("telling the sandbox the step's user namespace is made: {e}"))?;
+    drop(made);
+    let mut go = [0u8; 1];
+    if !matches!(mapped.read(&mut go), Ok(1)) || go[0] != b'g' {
+        return Err("the sandbox did not map the step's user namespace".into());
+    }
+    die_with_parent();
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    if spec.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| format!("unshare(mount, uts, ipc namespaces) for the step: {e}"))
+}
+
+/// In the sandbox: once the step's process says its user namespace is made, maps every id of
+/// the build's user namespace to itself in it (as [`crate::userns`] maps the build's), and lets
+/// it go on. A step that failed before (its message is on the status pipe) is not an error here.
+fn map_step_userns(
+    child: nix::unistd::Pid,
+    mut made: fs::File,
+    mut mapped: fs::File,
+) -> Result<(), String> {
+    let mut byte = [0u8; 1];
+    if !matches!(made.read(&mut byte), Ok(1)) {
+        return Ok(());
+    }
+    for name in ["uid_map", "gid_map"] {
+        let own = fs::read_to_string(format!("/proc/self/{name}"))
+            .map_err(|e| format!("reading /proc/self/{name}: {e}"))?;
+        let path = format!("/proc/{}/{name}", child.as_raw());
+        fs::write(&path, crate::userns::identity_map(&own))
+            .map_err(|e| format!("mapping the step's user namespace: writing {path}: {e}"))?;
+    }
+    mapped
+        .write_all(b"g")
+        .map_err(|e| format!("releasing the step: {e}"))
 }
 
 /// Kills every process the step left behind: the sandbox is their subreaper, so each of them
@@ -613,13 +746,13 @@ fn kill_leftovers() {
     }
 }
 
-/// In pid 1 (or the chroot'ed child): mounts, pivot_root, identity, exec. Returns only on
-/// failure.
-fn enter_and_exec(spec: &RunSpec, namespaces: bool) -> String {
-    let root = if namespaces {
-        setup_root(spec)
-    } else {
-        enter_plain_chroot(spec)
+/// In the step's first process (pid 1, or the chroot'ed child): mounts, pivot_root, identity,
+/// exec. Returns only on failure.
+fn enter_and_exec(spec: &RunSpec, layout: Layout) -> String {
+    let root = match layout {
+        Layout::Full { hostname } => setup_root(spec, Proc::Fresh, hostname),
+        Layout::PodProc { hostname } => setup_root(spec, Proc::Container, hostname),
+        Layout::PlainChroot => enter_plain_chroot(spec),
     };
     match root.and_then(|()| become_user(spec)) {
         Ok(()) => {
@@ -631,7 +764,16 @@ fn enter_and_exec(spec: &RunSpec, namespaces: bool) -> String {
     }
 }
 
-fn setup_root(spec: &RunSpec) -> Result<(), String> {
+/// The step's `/proc`.
+#[derive(Clone, Copy)]
+enum Proc {
+    /// A procfs of its pid namespace.
+    Fresh,
+    /// The container's, with what the runtime masks in it, read-only ([`Layout::PodProc`]).
+    Container,
+}
+
+fn setup_root(spec: &RunSpec, proc: Proc, hostname: bool) -> Result<(), String> {
     let none: Option<&str> = None;
     let sys = |what: String| move |e: nix::Error| format!("{what}: {e}");
     // Mounts made here must not propagate back to the host's namespace.
@@ -659,14 +801,30 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
     }
 
     if let Some(proc_dir) = mount_target(root, "proc", true) {
-        mount(
-            Some("proc"),
-            &proc_dir,
-            Some("proc"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            none,
-        )
-        .map_err(sys("mounting /proc".into()))?;
+        match proc {
+            Proc::Fresh => mount(
+                Some("proc"),
+                &proc_dir,
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                none,
+            )
+            .map_err(sys("mounting /proc".into()))?,
+            Proc::Container => {
+                // Recursive: the runtime's masks are mounts locked to /proc in a user
+                // namespace, and a bind that would leave them behind is refused.
+                mount(
+                    Some("/proc"),
+                    &proc_dir,
+                    none,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    none,
+                )
+                .map_err(sys("binding the container's /proc".into()))?;
+                remount_read_only(&proc_dir)
+                    .map_err(sys("making the container's /proc read-only".into()))?;
+            }
+        }
     }
     let dev = mount_target(root, "dev", true);
     if let Some(dev) = &dev {
@@ -707,7 +865,9 @@ fn setup_root(spec: &RunSpec) -> Result<(), String> {
     nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root".into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root".into()))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    nix::unistd::sethostname(&spec.hostname).map_err(sys("sethostname".into()))?;
+    if hostname {
+        nix::unistd::sethostname(&spec.hostname).map_err(sys("sethostname".into()))?;
+    }
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| format!("cannot enter the working directory {}: {e}", spec.cwd))?;
     Ok(())
@@ -736,8 +896,8 @@ fn mount_overlay(lower: &Path, dirs: &OverlayDirs) -> Result<(), String> {
 /// overlay of `dirs` on `lower`, delete `g` and replace the directory `d` through it, and
 /// unmount it. The caller checks what the upper directory recorded.
 pub(crate) fn probe_overlay(exe: &Path, lower: &Path, dirs: &OverlayDirs) -> Result<(), String> {
-    let request = Request::Probe {
-        overlay_probe: dirs.clone(),
+    let request = Request::OverlayProbe {
+        overlay: dirs.clone(),
         lower: lower.to_path_buf(),
     };
     let request = request_memfd(&request).map_err(|e| format!("writing the probe request: {e}"))?;
@@ -772,6 +932,111 @@ fn probe_child(lower: &Path, dirs: &OverlayDirs) -> Result<(), String> {
     fs::create_dir(merged.join("d")).map_err(io("creating a directory"))?;
     umount2(merged, MntFlags::empty()).map_err(|e| format!("unmounting the probe: {e}"))?;
     Ok(())
+}
+
+/// Runs `exe __sandbox` (a fresh, single-threaded process) to find what the container refuses
+/// to a rootless step: in the namespaces a step gets, a fresh procfs and its hostname. An error
+/// when even the namespaces or their mounts are refused: no rootless sandbox runs here.
+pub(crate) fn probe_rootless(exe: &Path) -> Result<Refusals, String> {
+    let request = request_memfd(&Request::RootlessProbe)
+        .map_err(|e| format!("writing the probe request: {e}"))?;
+    let mut command = std::process::Command::new(exe);
+    command.arg(SUBCOMMAND).stdin(Stdio::null());
+    // SAFETY: see `give_request`.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, give_request(&request)) };
+    let out = command
+        .output()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(stderr.trim().trim_start_matches(SETUP_PREFIX).to_string());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "the rootless probe's answer {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The rootless probe's child side (see [`probe_rootless`]): the namespaces the sandbox
+/// unshares for a step, then, in their pid 1, a fresh procfs (over `/proc`, in this private
+/// mount namespace, gone with it) and the hostname. Prints the [`Refusals`] as JSON.
+fn rootless_probe_child() -> Result<(), String> {
+    let none: Option<&str> = None;
+    die_with_parent();
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC,
+    )
+    .map_err(|e| format!("unshare(mount, pid, uts, ipc namespaces): {e}"))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| format!("mount(/, private): {e}{}", mount_refused_hint(e)))?;
+    let (mut answer_r, answer_w) = pipe_pair()?;
+    // SAFETY: this process is single-threaded (a fresh exec of the binary), so the child may
+    // run ordinary code.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(answer_r);
+            let refusals = Refusals {
+                fresh_proc: mount(
+                    Some("proc"),
+                    "/proc",
+                    Some("proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    none,
+                )
+                .err()
+                .map(|e| format!("mount(proc): {e}")),
+                hostname: nix::unistd::sethostname("ossb")
+                    .err()
+                    .map(|e| format!("sethostname: {e}")),
+            };
+            let _ = serde_json::to_writer(answer_w, &refusals);
+            // SAFETY: _exit is always safe in a forked child.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(answer_w);
+            let mut answer = String::new();
+            let _ = answer_r.read_to_string(&mut answer);
+            while let Err(nix::Error::EINTR) = waitpid(child, None) {}
+            let refusals: Refusals = serde_json::from_str(&answer)
+                .map_err(|e| format!("the probe's pid 1 answered {answer:?}: {e}"))?;
+            let text = serde_json::to_string(&refusals).map_err(|e| e.to_string())?;
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("writing the probe's answer: {e}"))
+        }
+    }
+}
+
+/// Why a mount in the sandbox's own namespaces, where it has every capability, is refused:
+/// EACCES there comes from a security module (the runtime's default AppArmor profile denies
+/// every mount).
+fn mount_refused_hint(e: nix::Error) -> String {
+    if e != nix::Error::EACCES {
+        return String::new();
+    }
+    let label = [
+        "/proc/self/attr/apparmor/current",
+        "/proc/self/attr/current",
+    ]
+    .iter()
+    .find_map(|f| fs::read_to_string(f).ok())
+    .map(|l| l.trim_end_matches(['\0', '\n']).to_string())
+    .filter(|l| !l.is_empty());
+    let by = label.map_or_else(
+        || "a security module".to_string(),
+        |l| format!("the security label {l}"),
+    );
+    format!(
+        " (the container's {by} denies mount, as the runtime's default AppArmor profile does: \
+         load the AppArmor profile of deploy/security-profiles and run ossb under it, \
+         appArmorProfile Localhost ossb-rootless in Kubernetes; or use --isolation chroot as root)"
+    )
 }
 
 /// Makes one `RUN --mount` under `root`; `dev` is the sandbox's `/dev` tmpfs (where secrets

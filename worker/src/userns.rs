@@ -261,9 +261,12 @@ fn parent(
 fn refusal_hint(errno: nix::Error) -> &'static str {
     match errno {
         nix::Error::EPERM | nix::Error::EACCES => {
-            "unprivileged user namespaces are refused here: enable them (sysctl kernel.unprivileged_userns_clone=1, \
-             or kernel.apparmor_restrict_unprivileged_userns=0), or in Kubernetes set hostUsers: false in the pod spec \
-             or a seccomp/AppArmor profile that allows unshare; or, as root in the container, use --isolation chroot"
+            "unprivileged user namespaces are refused here. In a container, its seccomp profile refuses unshare \
+             (the runtime default of containerd and Docker does, without CAP_SYS_ADMIN): run it with the profile \
+             deploy/security-profiles/ossb-rootless.json (the runtime default plus what the RUN sandbox needs; in \
+             Kubernetes seccompProfile Localhost, with hostUsers: false). On a host, enable them (sysctl \
+             kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0). Or, as root in \
+             the container, use --isolation chroot"
         }
         nix::Error::ENOSPC => "the limit of user namespaces is reached: raise sysctl user.max_user_namespaces",
         nix::Error::EINVAL => "the process was multi-threaded when it tried to unshare (a bug in ossb: please report it)",
@@ -339,7 +342,7 @@ fn read_own_map(name: &str) -> Result<String, UsernsError> {
 
 /// The map of a child namespace that keeps every id of `own` (the lines of this process's
 /// `/proc/self/uid_map`: inside, outside, count) as it is.
-fn identity_map(own: &str) -> String {
+pub(crate) fn identity_map(own: &str) -> String {
     own.lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
