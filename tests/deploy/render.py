@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A minimal kustomize, for the features deploy/ uses, so that the deploy tests need no kustomize
 binary: `resources` (files and directories, recursively), `patches` (strategic merge patches
-from `path:` or inline `patch:`, and JSON 6902 patches with a `target:`), and `images`
-(newName/newTag). Strategic merge follows Kubernetes' merge keys for the lists deploy/ patches
+from `path:` or inline `patch:`, and JSON 6902 patches with a `target:`), `images`
+(newName/newTag), and `configMapGenerator` with `files` (only with `generatorOptions:
+disableNameSuffixHash: true`: kustomize's name hash is not implemented). Strategic merge follows Kubernetes' merge keys for the lists deploy/ patches
 (containers, initContainers, env, volumes by name; volumeMounts by mountPath; ports by
 containerPort); other lists are replaced, and `null` deletes a key.
 
@@ -22,7 +23,7 @@ import sys
 
 import yaml
 
-KNOWN = {"apiVersion", "kind", "resources", "patches", "images"}
+KNOWN = {"apiVersion", "kind", "resources", "patches", "images", "configMapGenerator", "generatorOptions"}
 MERGE_KEYS = {
     "containers": "name",
     "initContainers": "name",
@@ -114,6 +115,20 @@ def render(directory):
     for r in k.get("resources", []):
         p = os.path.normpath(os.path.join(directory, r))
         docs.extend(render(p) if os.path.isdir(p) else load_docs(p))
+    options = k.get("generatorOptions") or {}
+    if set(options) - {"disableNameSuffixHash"}:
+        sys.exit(f"render.py: {directory}: generatorOptions {sorted(options)} not implemented")
+    for gen in k.get("configMapGenerator", []):
+        if not options.get("disableNameSuffixHash"):
+            sys.exit(f"render.py: {directory}: a configMapGenerator needs generatorOptions.disableNameSuffixHash here (the name hash is not implemented)")
+        if set(gen) - {"name", "files"}:
+            sys.exit(f"render.py: {directory}: configMapGenerator {gen.get('name')} uses {sorted(set(gen) - {'name', 'files'})}, not implemented")
+        data = {}
+        for f in gen.get("files", []):
+            key, _, path = f.partition("=") if "=" in f else (os.path.basename(f), "", f)
+            with open(os.path.join(directory, path)) as fh:
+                data[key] = fh.read()
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
     for patch in k.get("patches", []):
         if "path" in patch:
             body = load_docs(os.path.join(directory, patch["path"]))

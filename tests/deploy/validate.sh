@@ -2,8 +2,11 @@
 # Renders every kustomization under deploy/ (tests/deploy/render.py; compared with `kubectl
 # kustomize` / `kustomize build` where one is installed) and validates each object with
 # `kubernetes-validate --strict` for the oldest and newest Kubernetes versions docs/kubernetes.md
-# claims. Objects of CRDs that kubernetes-validate has no schema for (cert-manager's) are listed
-# as skipped. Prints `N passed, N failed, N skipped` last.
+# claims, and each object that makes pods against the Pod Security Standard level it states
+# (tests/deploy/pod_security.py: its annotation ossb.dev/pod-security; no Unconfined seccomp or
+# AppArmor, no Unmasked /proc, capabilities within the baseline set, no privileged container or
+# hostPath under baseline). Objects of CRDs that kubernetes-validate has no schema for
+# (cert-manager's) are listed as skipped. Prints `N passed, N failed, N skipped` last.
 #
 #   tests/deploy/validate.sh [PYTHON]    PYTHON: one with PyYAML and kubernetes-validate
 #                                        (default: .testenv/venv/bin/python, made by testenv.sh)
@@ -18,6 +21,7 @@ cd "$repo"
 mapfile -t dirs < <(find deploy -name kustomization.yaml -printf '%h\n' | sort)
 passed=0 failed=0 skipped=0
 "$py" tests/deploy/render.py --compare "${dirs[@]}" || { echo "FAILED: render.py differs from kustomize"; failed=$((failed + 1)); }
+"$py" tests/deploy/pod_security.py --self-test || { echo "FAILED: pod_security.py's self-test"; failed=$((failed + 1)); }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for d in "${dirs[@]}"; do
@@ -33,6 +37,13 @@ for i, doc in enumerate(docs):
     with open(os.path.join(dest, fn), "w") as f:
         yaml.safe_dump(doc, f)
 PY
+  if res=$("$py" tests/deploy/pod_security.py "$out/$name"/*.yaml 2>&1); then
+    echo "$res" | sed "s@$out/$name/@$d: @"
+    passed=$((passed + 1))
+  else
+    echo "$res" | sed "s@$out/$name/@$d: @"
+    failed=$((failed + 1))
+  fi
   for f in "$out/$name"/*.yaml; do
     if [[ $f == *.crd.yaml ]]; then
       echo "skipped $d $(basename "$f") (a custom resource: no schema in kubernetes-validate)"
@@ -50,6 +61,6 @@ PY
     done
   done
 done
-echo "kubernetes-validate --strict, Kubernetes ${VERSIONS[*]}, ${#dirs[@]} kustomizations:"
+echo "kubernetes-validate --strict, Kubernetes ${VERSIONS[*]}, and the Pod Security levels stated, ${#dirs[@]} kustomizations:"
 echo "$passed passed, $failed failed, $skipped skipped"
 ((failed == 0))
