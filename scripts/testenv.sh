@@ -382,6 +382,15 @@ pid_running() {
   [[ ${stat:0:1} != Z ]]
 }
 
+# without_inherited_fds CMD...: runs CMD with only stdin, stdout and stderr open.
+without_inherited_fds() {
+  local fd
+  for fd in $(ls "/proc/$BASHPID/fd"); do
+    ((fd <= 2)) || eval "exec $fd>&-"
+  done
+  exec "$@"
+}
+
 stop_registry() {
   local name=$1 quiet=${2:-} pid i
   if reg_alive "$name"; then
@@ -422,8 +431,10 @@ ensure_registry() {
     write_reg_config "$name"
     if [[ -f $log && $(stat -c %s "$log") -gt 50000000 ]]; then mv -f "$log" "$log.1"; fi
     echo "=== $(date -u +%FT%TZ) scripts/testenv.sh starts registry-$name on 127.0.0.1:$port" >>"$log"
-    # 9>&-: the daemon must not inherit (and so hold) the lock of this script
-    setsid docker-registry serve "$dir/config.yml" >>"$log" 2>&1 </dev/null 9>&- &
+    # The daemon must not inherit (and so hold) a lock: neither this script's (fd 9) nor one its
+    # caller holds (`flock /tmp/ossb-cpu.lock scripts/testenv.sh start` passes fd 3, and a
+    # registry holding it blocked every cargo command of every session).
+    without_inherited_fds setsid docker-registry serve "$dir/config.yml" >>"$log" 2>&1 </dev/null &
     pid=$!
     echo "$pid" >"$RUN/registry-$name.pid"
     if reg_wait "$name" 20 "$pid" 2>>"$log"; then
