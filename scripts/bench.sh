@@ -2,13 +2,14 @@
 # Runs every benchmark of ossb (cargo bench -p ossb-benches: all [[bench]] targets), with the
 # test environment up (registries, busybox, and the Debian base for the apt workload), the
 # release binary built first, and writes the table of the whole-build benchmarks against
-# buildah (benches/benches/build_*.rs) into BENCHMARKS.md.
+# buildah and BuildKit (benches/benches/build_*.rs) into BENCHMARKS.md. Each build_* bench
+# starts its own dockerd for BuildKit (benches/src/buildkit.rs, installing docker.io if missing).
 #
 #   scripts/bench.sh                 all benches
 #   scripts/bench.sh build_apt ...   only these bench targets
 #
 # OSSB_BENCH_RUNS (default 3) runs per scenario; OSSB_BENCH_BIG_MIB (default 1024) scales the
-# big COPY. Needs root, like scripts/testenv.sh.
+# big COPY; OSSB_BENCH_BUILDKIT=0 leaves BuildKit out. Needs root, like scripts/testenv.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -40,10 +41,10 @@ cmd="scripts/bench.sh${*:+ $*}"
 {
   sed '/^<!-- results -->$/q' BENCHMARKS.md
   echo
-  echo "Produced by \`$cmd\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $(uname -r), $(buildah --version | cut -d' ' -f1-3), ossb $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '+uncommitted')), ${OSSB_BENCH_RUNS:-3} runs per scenario, medians; all benches took ${took}s."
+  echo "Produced by \`$cmd\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $(uname -r), $(buildah --version | cut -d' ' -f1-3), $(/usr/bin/docker --version 2>/dev/null | cut -d, -f1 || echo 'no docker') with its built-in BuildKit, ossb $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '+uncommitted')), ${OSSB_BENCH_RUNS:-3} runs per scenario, medians; all benches took ${took}s."
   echo
-  echo "| workload | scenario | ossb (s) | buildah (s) | ossb / buildah | target | ossb peak RSS (MiB) |"
-  echo "|---|---|---:|---:|---:|---|---:|"
+  echo "| workload | scenario | ossb (s) | buildah (s) | ossb / buildah | BuildKit (s) | ossb / BuildKit | target | ossb peak RSS (MiB) |"
+  echo "|---|---|---:|---:|---:|---:|---:|---|---:|"
   cat "$results"
 } >BENCHMARKS.md.new
 mv BENCHMARKS.md.new BENCHMARKS.md

@@ -1,6 +1,7 @@
 //! Debian bookworm with `apt-get update && apt-get install` (from Debian's archive, so it
-//! needs network access to it), then a COPY of the application: ossb against buildah, cold,
-//! fully cached and one source file changed. Needs `scripts/testenv.sh start --debian`.
+//! needs network access to it), then a COPY of the application: ossb against buildah and
+//! BuildKit, cold, fully cached and one source file changed. Needs
+//! `scripts/testenv.sh start --debian`.
 //!
 //! `cargo bench -p ossb-benches --bench build_apt` (or scripts/bench.sh)
 

@@ -1,6 +1,7 @@
 //! A COPY of 1 GiB (four 256 MiB files of incompressible data and a small version file in the
-//! same directory): ossb against buildah, cold, fully cached and the small file changed (so the
-//! whole 1 GiB COPY step runs again). `OSSB_BENCH_BIG_MIB` scales the size down.
+//! same directory): ossb against buildah and BuildKit, cold, fully cached and the small file
+//! changed (so the whole 1 GiB COPY step runs again). `OSSB_BENCH_BIG_MIB` scales the size
+//! down.
 //!
 //! `cargo bench -p ossb-benches --bench build_big_copy` (or scripts/bench.sh)
 

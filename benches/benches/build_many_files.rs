@@ -1,5 +1,5 @@
 //! A context of 20 000 small files (200 directories of 100), copied whole and counted by a
-//! RUN: ossb against buildah, cold, fully cached and one of the files changed.
+//! RUN: ossb against buildah and BuildKit, cold, fully cached and one of the files changed.
 //!
 //! `cargo bench -p ossb-benches --bench build_many_files` (or scripts/bench.sh)
 

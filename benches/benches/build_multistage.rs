@@ -1,5 +1,6 @@
 //! A three-stage build (generated dependencies, a build stage over 50 source files, a final
-//! stage of COPY --from): ossb against buildah, cold, fully cached and one source file changed.
+//! stage of COPY --from): ossb against buildah and BuildKit, cold, fully cached and one source
+//! file changed.
 //!
 //! `cargo bench -p ossb-benches --bench build_multistage` (or scripts/bench.sh)
 

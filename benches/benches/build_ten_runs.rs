@@ -1,5 +1,6 @@
 //! Ten RUN steps (each writes a 1 MiB file) with a COPY of a source file after the fifth:
-//! ossb against buildah, cold, fully cached and that source file changed (five RUNs rerun).
+//! ossb against buildah and BuildKit, cold, fully cached and that source file changed (five
+//! RUNs rerun).
 //!
 //! `cargo bench -p ossb-benches --bench build_ten_runs` (or scripts/bench.sh)
 

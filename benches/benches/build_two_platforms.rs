@@ -1,6 +1,8 @@
 //! One build for linux/amd64 and linux/arm64 (arm64 RUN through QEMU): a COPY of sources and
-//! a RUN over them per platform. ossb against `buildah bud --platform ... --manifest`, cold,
-//! fully cached and one source file changed.
+//! a RUN over them per platform. ossb against `buildah bud --platform ... --manifest` and
+//! BuildKit, cold, fully cached and one source file changed. dockerd 20.10's BuildKit refuses
+//! a multi-platform build, so it runs one `docker build --platform` per platform, both at once
+//! (`Dockerd::build_platforms`).
 //!
 //! `cargo bench -p ossb-benches --bench build_two_platforms` (or scripts/bench.sh)
 

@@ -2,6 +2,7 @@
 //! and a table printed with the ratio to the peer measured in the same run.
 
 pub mod blob;
+pub mod buildkit;
 pub mod cluster;
 /// Network namespaces, shared with the e2e tests.
 #[path = "../../tests/e2e/netns.rs"]

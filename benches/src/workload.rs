@@ -1,14 +1,19 @@
-//! Build workloads timed against buildah in the same run: each workload is a Dockerfile and a
-//! generated context, built cold (empty cache), fully cached (the same build again) and after
-//! one source file changed, by ossb (release build) and by `buildah bud`.
+//! Build workloads timed against buildah and BuildKit in the same run: each workload is a
+//! Dockerfile and a generated context, built cold (empty cache), fully cached (the same build
+//! again) and after one source file changed, by ossb (release build), by `buildah bud` and by
+//! BuildKit (dockerd's, `crate::buildkit`). The builders take turns run by run (the order
+//! rotating), so a noisy moment of the machine hits them alike; each scenario's median is
+//! reported.
 //!
 //! ossb: `ossb build --cache-dir DIR` with no output (the image stays in its blob store), a
 //! fresh cache directory for every cold run. buildah: `buildah bud --layers` with the overlay
 //! storage driver and chroot isolation (the fastest set-up that runs here, see
 //! ../shared/ENVIRONMENT.md), a fresh `--root`/`--runroot` for every cold run; the image stays in
-//! its storage. Both pull their base image from the local registry of scripts/testenv.sh in a
-//! cold run.
+//! its storage. BuildKit: `docker build --network host` against a dockerd of the bench's own,
+//! its build cache and images pruned before every cold run; the image stays in dockerd's image
+//! store. All pull their base image from the local registry of scripts/testenv.sh in a cold run.
 
+use crate::buildkit::Dockerd;
 use crate::{measure, median, Sample};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -112,11 +117,12 @@ pub struct Workload {
     pub changed_file: PathBuf,
 }
 
-/// The two builders.
+/// The builders.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Builder {
     Ossb,
     Buildah,
+    BuildKit,
 }
 
 /// Where a builder keeps its cache between runs; a fresh one makes a cold build.
@@ -125,19 +131,27 @@ struct Store {
 }
 
 impl Store {
-    fn fresh(scratch: &Path, builder: Builder, n: usize) -> Store {
+    /// An empty cache. BuildKit's is dockerd's, pruned.
+    fn fresh(scratch: &Path, builder: Builder, n: usize, dockerd: Option<&Dockerd>) -> Store {
         let dir = scratch.join(format!("{builder:?}-store-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        if builder == Builder::BuildKit {
+            dockerd.expect("a dockerd for BuildKit").reset();
+        }
         Store { dir }
     }
 
-    fn remove(self, builder: Builder) {
-        if builder == Builder::Buildah {
+    fn remove(self, builder: Builder, dockerd: Option<&Dockerd>) {
+        match builder {
             // Unmounts and deletes its overlay layers before the directory goes.
-            let _ = buildah(&self.dir)
-                .args(["rmi", "--all", "--force"])
-                .output();
+            Builder::Buildah => {
+                let _ = buildah(&self.dir)
+                    .args(["rmi", "--all", "--force"])
+                    .output();
+            }
+            Builder::BuildKit => dockerd.expect("a dockerd for BuildKit").reset(),
+            Builder::Ossb => {}
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -153,7 +167,34 @@ fn buildah(store: &Path) -> Command {
     cmd
 }
 
-fn build_command(env: &Env, builder: Builder, w: &Workload, store: &Store) -> Command {
+/// The image name a peer tags its result with, from the workload's name.
+fn image_name(w: &Workload) -> String {
+    let repo: String = w
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let repo = repo
+        .split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    format!("localhost/bench/{repo}:latest")
+}
+
+fn build_command(
+    env: &Env,
+    builder: Builder,
+    w: &Workload,
+    store: &Store,
+    dockerd: Option<&Dockerd>,
+) -> Command {
     match builder {
         Builder::Ossb => {
             let mut cmd = Command::new(&env.ossb);
@@ -179,29 +220,24 @@ fn build_command(env: &Env, builder: Builder, w: &Workload, store: &Store) -> Co
                 "--tls-verify=false",
                 "--layers",
             ]);
-            let repo: String = w
-                .name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() {
-                        c.to_ascii_lowercase()
-                    } else {
-                        '-'
-                    }
-                })
-                .collect();
-            let repo = repo
-                .split('-')
-                .filter(|p| !p.is_empty())
-                .collect::<Vec<_>>()
-                .join("-");
-            let image = format!("localhost/bench/{repo}:latest");
+            let image = image_name(w);
             match &w.platforms {
                 Some(p) => cmd.args(["--platform", p, "--manifest", &image]),
                 None => cmd.args(["-t", &image]),
             };
             cmd.arg(&w.context);
             cmd
+        }
+        Builder::BuildKit => {
+            let dockerd = dockerd.expect("a dockerd for BuildKit");
+            let image = image_name(w);
+            match &w.platforms {
+                Some(p) => {
+                    let platforms: Vec<&str> = p.split(',').collect();
+                    dockerd.build_platforms(&w.context, &image, &platforms)
+                }
+                None => dockerd.build(&w.context, &image, None),
+            }
         }
     }
 }
@@ -215,78 +251,153 @@ pub struct Timings {
     pub peak_rss_kib: u64,
 }
 
-/// Runs the three scenarios `runs()` times each with one builder.
-pub fn time_builder(env: &Env, builder: Builder, w: &Workload, scratch: &Path) -> Timings {
+/// Runs the three scenarios `runs()` times each with every builder, taking turns: in each
+/// round every builder runs once, the order rotating by one a round. BuildKit needs `dockerd`.
+/// The timings come back in the order of `builders`.
+pub fn time_builders(
+    env: &Env,
+    builders: &[Builder],
+    w: &Workload,
+    scratch: &Path,
+    dockerd: Option<&Dockerd>,
+) -> Vec<Timings> {
     let n = runs();
-    let mut cold = Vec::new();
-    let mut store = None;
+    let k = builders.len();
+    let order = |round: usize| (0..k).map(move |j| (j + round) % k);
+    let mut cold: Vec<Vec<Sample>> = vec![Vec::new(); k];
+    let mut stores: Vec<Option<Store>> = (0..k).map(|_| None).collect();
     for i in 0..n {
-        if let Some(s) = store.take() {
-            Store::remove(s, builder);
+        for b in order(i) {
+            let builder = builders[b];
+            if let Some(s) = stores[b].take() {
+                s.remove(builder, dockerd);
+            }
+            let s = Store::fresh(scratch, builder, i, dockerd);
+            eprintln!("{}: {builder:?} cold {}/{n}", w.name, i + 1);
+            cold[b].push(measure(&mut build_command(env, builder, w, &s, dockerd)));
+            stores[b] = Some(s);
         }
-        let s = Store::fresh(scratch, builder, i);
-        cold.push(measure(&mut build_command(env, builder, w, &s)));
-        store = Some(s);
     }
-    let store = store.expect("at least one run");
-    let cached: Vec<Sample> = (0..n)
-        .map(|_| measure(&mut build_command(env, builder, w, &store)))
+    let stores: Vec<Store> = stores
+        .into_iter()
+        .map(|s| s.expect("at least one run"))
         .collect();
-    let original = std::fs::read(&w.changed_file).unwrap();
-    let mut changed = Vec::new();
+    let mut cached: Vec<Vec<Sample>> = vec![Vec::new(); k];
     for i in 0..n {
-        let mut content = original.clone();
-        content.extend_from_slice(format!("\n// change {builder:?} {i}\n").as_bytes());
-        std::fs::write(&w.changed_file, content).unwrap();
-        changed.push(measure(&mut build_command(env, builder, w, &store)));
+        for b in order(i) {
+            let builder = builders[b];
+            eprintln!("{}: {builder:?} fully cached {}/{n}", w.name, i + 1);
+            cached[b].push(measure(&mut build_command(
+                env, builder, w, &stores[b], dockerd,
+            )));
+        }
+    }
+    let original = std::fs::read(&w.changed_file).unwrap();
+    let mut changed: Vec<Vec<Sample>> = vec![Vec::new(); k];
+    for i in 0..n {
+        for b in order(i) {
+            let builder = builders[b];
+            // Different from every earlier content, so each builder sees a change every run.
+            let mut content = original.clone();
+            content.extend_from_slice(format!("\n// change {builder:?} {i}\n").as_bytes());
+            std::fs::write(&w.changed_file, content).unwrap();
+            eprintln!("{}: {builder:?} one file changed {}/{n}", w.name, i + 1);
+            changed[b].push(measure(&mut build_command(
+                env, builder, w, &stores[b], dockerd,
+            )));
+        }
     }
     std::fs::write(&w.changed_file, original).unwrap();
-    store.remove(builder);
-    let peak_rss_kib = cold
-        .iter()
-        .chain(&cached)
-        .chain(&changed)
-        .map(|s| s.max_rss_kib)
-        .max()
-        .unwrap_or(0);
-    Timings {
-        cold: median(&mut cold),
-        cached: median(&mut cached.clone()),
-        changed: median(&mut changed),
-        peak_rss_kib,
+    for (store, &builder) in stores.into_iter().zip(builders) {
+        store.remove(builder, dockerd);
     }
+    (0..k)
+        .map(|b| {
+            let peak_rss_kib = cold[b]
+                .iter()
+                .chain(&cached[b])
+                .chain(&changed[b])
+                .map(|s| s.max_rss_kib)
+                .max()
+                .unwrap_or(0);
+            Timings {
+                cold: median(&mut cold[b]),
+                cached: median(&mut cached[b]),
+                changed: median(&mut changed[b]),
+                peak_rss_kib,
+            }
+        })
+        .collect()
 }
 
-/// Times a workload with both builders and prints its rows (Markdown, one per scenario), and
-/// appends them to `$OSSB_BENCH_RESULTS` when set (scripts/bench.sh collects them there).
+/// Times a workload with ossb, buildah and BuildKit (left out with `OSSB_BENCH_BUILDKIT=0`)
+/// and prints its rows (Markdown, one per scenario), and appends them to
+/// `$OSSB_BENCH_RESULTS` when set (scripts/bench.sh collects them there).
 pub fn bench(env: &Env, w: &Workload) {
     let scratch = std::env::temp_dir().join(format!("ossb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
-    eprintln!("{}: ossb ...", w.name);
-    let ossb = time_builder(env, Builder::Ossb, w, &scratch);
-    eprintln!("{}: buildah ...", w.name);
-    let peer = time_builder(env, Builder::Buildah, w, &scratch);
+    let dockerd = crate::buildkit::enabled()
+        .then(|| Dockerd::start(&scratch.join("buildkit"), env.registry()));
+    let mut builders = vec![Builder::Ossb, Builder::Buildah];
+    if dockerd.is_some() {
+        builders.push(Builder::BuildKit);
+    }
+    let timings = time_builders(env, &builders, w, &scratch, dockerd.as_ref());
+    drop(dockerd);
     let _ = std::fs::remove_dir_all(&scratch);
+    let (ossb, buildah, buildkit) = (&timings[0], &timings[1], timings.get(2));
     let mut rows = String::new();
-    for (scenario, o, b, target) in [
-        ("cold", ossb.cold, peer.cold, 0.7),
-        ("fully cached", ossb.cached, peer.cached, 0.2),
-        ("one file changed", ossb.changed, peer.changed, f64::NAN),
-    ] {
+    let pick = |t: &Timings, scenario: usize| [t.cold, t.cached, t.changed][scenario];
+    for (s, (scenario, buildah_target)) in [
+        ("cold", 0.7),
+        ("fully cached", 0.2),
+        ("one file changed", f64::NAN),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let o = pick(ossb, s);
+        let b = pick(buildah, s);
+        let k = buildkit.map(|t| pick(t, s));
         crate::report(&format!("{} / {scenario}", w.name), o, "buildah", b);
-        let ratio = o.wall.as_secs_f64() / b.wall.as_secs_f64().max(1e-9);
-        let verdict = crate::verdict(ratio, target);
+        if let Some(k) = k {
+            crate::report(&format!("{} / {scenario}", w.name), o, "BuildKit", k);
+        }
+        let ratio = |peer: Sample| o.wall.as_secs_f64() / peer.wall.as_secs_f64().max(1e-9);
+        let mut targets = Vec::new();
+        if !buildah_target.is_nan() {
+            targets.push(format!(
+                "buildah {}",
+                crate::verdict(ratio(b), buildah_target)
+            ));
+        }
+        let (k_secs, k_ratio) = match k {
+            Some(k) => {
+                targets.push(format!("BuildKit {}", crate::verdict(ratio(k), 0.7)));
+                (
+                    format!("{:.2}", k.wall.as_secs_f64()),
+                    format!("{:.2}x", ratio(k)),
+                )
+            }
+            None => ("-".to_string(), "-".to_string()),
+        };
         rows.push_str(&format!(
-            "| {} | {scenario} | {:.2} | {:.2} | {ratio:.2}x | {verdict} | {} |\n",
+            "| {} | {scenario} | {:.2} | {:.2} | {:.2}x | {k_secs} | {k_ratio} | {} | {} |\n",
             w.name,
             o.wall.as_secs_f64(),
             b.wall.as_secs_f64(),
+            ratio(b),
+            if targets.is_empty() {
+                "-".to_string()
+            } else {
+                targets.join("; ")
+            },
             o.max_rss_kib / 1024,
         ));
     }
     let mem = ossb.peak_rss_kib / 1024;
     rows.push_str(&format!(
-        "| {} | ossb peak RSS over all runs | | | | < 200 MiB: {} | {mem} |\n",
+        "| {} | ossb peak RSS over all runs | | | | | | < 200 MiB: {} | {mem} |\n",
         w.name,
         if mem < 200 { "met" } else { "MISSED" }
     ));
