@@ -45,6 +45,9 @@ PACKAGES=(
   python3-venv python3-yaml
   # the SBOM scanner's test of a real Go binary's build info (ossb-sbom, tests/real_binaries.rs)
   golang-go
+  # apparmor_parser: the deploy tests compile deploy/security-profiles' AppArmor profile (this
+  # kernel has no AppArmor to load it into)
+  apparmor
 )
 REGISTRIES=(plain tls)
 EVIL_IMAGES=(evil evil-dotdot evil-symlink evil-symlink-up evil-hardlink)

@@ -1,7 +1,10 @@
-//! deploy/: the manifests validate, the ossb image builds and runs, and the rendered Job and
-//! cluster (cache nodes, coordinator, worker pools) run with their own command lines,
-//! environment, mounts, users and capabilities (tests/deploy/pod.sh), in network namespaces with
-//! /etc/hosts standing in for the headless Services; docs/ci's examples submit builds to it.
+//! deploy/: the manifests validate and meet the Pod Security level they state, the ossb image
+//! builds and runs, and the rendered Jobs (chroot and rootless) and a rootless worker pool run
+//! the ossb image in podman with runc, their security context translated to podman's flags
+//! ([`Container::podman`]), and build images that podman runs. The whole cluster (cache nodes,
+//! coordinator, worker pools) runs from its rendered command lines, environment, mounts, users
+//! and capabilities with tests/deploy/pod.sh, in network namespaces with /etc/hosts standing in
+//! for the headless Services; docs/ci's examples submit builds to it.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -64,6 +67,28 @@ struct Container {
     hostname: Option<String>,
     /// `hostUsers: false`: the pod has a user namespace of its own.
     own_userns: bool,
+    /// seccompProfile (the container's, else the pod's): type and localhostProfile.
+    seccomp: Option<(String, Option<String>)>,
+    /// appArmorProfile (the container's, else the pod's): type and localhostProfile.
+    apparmor: Option<(String, Option<String>)>,
+    /// procMount: Default (the runtime masks parts of /proc) or Unmasked.
+    proc_mount: Option<String>,
+}
+
+/// Where the user namespace of a `hostUsers: false` pod starts on this host, in podman's
+/// `--uidmap`: 65536 ids, as the kubelet gives each such pod.
+const POD_USERNS_BASE: u32 = 3_000_000;
+
+/// A securityContext's seccompProfile or appArmorProfile, the container's first.
+fn profile(container: &Value, pod: &Value, field: &str) -> Option<(String, Option<String>)> {
+    [container, pod].into_iter().find_map(|sc| {
+        let p = &sc[field];
+        let kind = p["type"].as_str()?;
+        Some((
+            kind.to_string(),
+            p["localhostProfile"].as_str().map(str::to_string),
+        ))
+    })
 }
 
 impl Container {
@@ -142,6 +167,9 @@ impl Container {
             no_new_privs: sc["allowPrivilegeEscalation"] == false,
             hostname: None,
             own_userns: spec["hostUsers"] == false,
+            seccomp: profile(sc, psc, "seccompProfile"),
+            apparmor: profile(sc, psc, "appArmorProfile"),
+            proc_mount: sc["procMount"].as_str().map(str::to_string),
         }
     }
 
@@ -158,6 +186,119 @@ impl Container {
             self.env.entry(k.clone()).or_insert_with(|| v.clone());
         }
         self
+    }
+
+    /// `podman run` of `image` (pulled from the test registry) as a runtime runs this container
+    /// of the pod: its command and arguments, environment (over the image's), user, volumes
+    /// (`volumes` maps volume names to host directories) and security context translated to
+    /// podman's flags, on the host's network (where the test registry is):
+    ///
+    /// - `hostUsers: false`: a user namespace of 65536 ids of its own (`--uidmap`), root of the
+    ///   pod being [`POD_USERNS_BASE`] on the host. The kubelet mounts such a pod's volumes
+    ///   idmapped (the pod's root sees them as the node's root does); podman with runc 1.1 has
+    ///   no idmapped mounts, so the test owns the volumes by the pod's root instead
+    ///   ([`for_pod_userns`]).
+    /// - capabilities: `--cap-drop all`, then the ones added.
+    /// - seccomp: `RuntimeDefault` is podman's default profile (containers-common's, as CRI-O's
+    ///   RuntimeDefault; containerd's refuses unshare and mount without CAP_SYS_ADMIN, which is
+    ///   what the Localhost profile is for); `Localhost` is the file of deploy/security-profiles
+    ///   that deploy/security-profiles/install.sh installs under that name.
+    /// - AppArmor: `Localhost` becomes `--security-opt apparmor=NAME` where this kernel has
+    ///   AppArmor. Here it has none, and podman, like the kubelet, refuses an AppArmor profile
+    ///   then: the setting is left out (neither podman nor tests/deploy's runtime can express it
+    ///   here), and the profile is compiled by apparmor_parser instead
+    ///   (`security_profiles_install_and_compile`).
+    /// - procMount: `Default` is podman's default masks; `Unmasked` is `--security-opt
+    ///   unmask=ALL`.
+    /// - readOnlyRootFilesystem: `--read-only` (without podman's own tmpfs on /tmp, /run).
+    /// - allowPrivilegeEscalation false: `--security-opt no-new-privileges`.
+    ///
+    /// `extra`: more podman options (a `--name`).
+    fn podman(&self, image: &str, volumes: &HashMap<&str, PathBuf>, extra: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.args([
+            "run",
+            "--rm",
+            "--quiet",
+            "--runtime",
+            "runc",
+            "--tls-verify=false",
+        ])
+        // this machine's podman needs explicit ulimits (../shared/ENVIRONMENT.md)
+        .args([
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=32768:32768",
+        ])
+        .args(["--network", "host", "--user", &self.user]);
+        if self.own_userns {
+            let map = format!("0:{POD_USERNS_BASE}:65536");
+            cmd.args(["--uidmap", &map, "--gidmap", &map]);
+        }
+        cmd.args(["--cap-drop", "all"]);
+        if !self.caps.is_empty() {
+            cmd.arg("--cap-add").arg(self.caps.join(","));
+        }
+        match &self.seccomp {
+            None => {}
+            Some((kind, _)) if kind == "RuntimeDefault" => {}
+            Some((kind, _)) if kind == "Unconfined" => {
+                cmd.args(["--security-opt", "seccomp=unconfined"]);
+            }
+            Some((kind, Some(file))) if kind == "Localhost" => {
+                let path = workspace().join("deploy/security-profiles").join(file);
+                assert!(
+                    path.is_file(),
+                    "seccomp Localhost {file}: not in deploy/security-profiles"
+                );
+                cmd.arg("--security-opt")
+                    .arg(format!("seccomp={}", path.display()));
+            }
+            Some(other) => panic!("seccompProfile {other:?}: not translated"),
+        }
+        match &self.apparmor {
+            Some((kind, _)) if kind == "Unconfined" => {
+                cmd.args(["--security-opt", "apparmor=unconfined"]);
+            }
+            Some((kind, Some(name))) if kind == "Localhost" && apparmor_enabled() => {
+                cmd.arg("--security-opt").arg(format!("apparmor={name}"));
+            }
+            _ => {}
+        }
+        match self.proc_mount.as_deref() {
+            None | Some("Default") => {}
+            Some("Unmasked") => {
+                cmd.args(["--security-opt", "unmask=ALL"]);
+            }
+            Some(other) => panic!("procMount {other}: not translated"),
+        }
+        if self.read_only_root {
+            cmd.args(["--read-only", "--read-only-tmpfs=false"]);
+        }
+        if self.no_new_privs {
+            cmd.args(["--security-opt", "no-new-privileges"]);
+        }
+        if let Some(name) = &self.hostname {
+            cmd.args(["--hostname", name]);
+        }
+        for (k, v) in &self.env {
+            cmd.arg("--env").arg(format!("{k}={v}"));
+        }
+        for (path, volume, ro) in &self.mounts {
+            let src = volumes.get(volume.as_str()).unwrap_or_else(|| {
+                panic!("the test provides no volume {volume} (mounted at {path})")
+            });
+            let ro = if *ro { ":ro" } else { "" };
+            cmd.arg("--volume")
+                .arg(format!("{}:{path}{ro}", src.display()));
+        }
+        cmd.args(extra)
+            .arg("--entrypoint")
+            .arg(&self.argv[0])
+            .arg(image)
+            .args(&self.argv[1..]);
+        cmd
     }
 
     /// The pod.sh command line; `volumes` maps volume names to host directories.
@@ -213,6 +354,30 @@ impl Container {
 /// Builds deploy/Dockerfile with ossb from the test's own ossb binary and returns
 /// (image reference pushed to the test registry, unpacked root filesystem).
 fn ossb_image(env: &TestEnv, dir: &Path) -> (String, PathBuf) {
+    let image = ossb_image_pushed(env, dir);
+    let ctx = dir.join("image-context");
+    let rootfs = dir.join("image-rootfs");
+    ossb(
+        env,
+        &dir.join("image-cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &env.registry(),
+            "-f",
+            ctx.join("Dockerfile").to_str().unwrap(),
+            "-o",
+            &format!("type=local,dest={}", rootfs.display()),
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("ossb build of deploy/Dockerfile to a directory");
+    (image, rootfs)
+}
+
+/// Builds deploy/Dockerfile with ossb from the test's own ossb binary, pushes it to the test
+/// registry and returns its reference.
+fn ossb_image_pushed(env: &TestEnv, dir: &Path) -> String {
     let ctx = dir.join("image-context");
     let out = Command::new(workspace().join("deploy/image-context.sh"))
         .arg(&ctx)
@@ -226,7 +391,6 @@ fn ossb_image(env: &TestEnv, dir: &Path) -> (String, PathBuf) {
     );
     let reg = env.registry();
     let image = format!("{reg}/ossb/{}:test", unique("ossb"));
-    let rootfs = dir.join("image-rootfs");
     let cache = dir.join("image-cache");
     ossb(
         env,
@@ -246,22 +410,7 @@ fn ossb_image(env: &TestEnv, dir: &Path) -> (String, PathBuf) {
         ],
     )
     .success("ossb build of deploy/Dockerfile");
-    ossb(
-        env,
-        &cache,
-        &[
-            "build",
-            "--insecure-registry",
-            &reg,
-            "-f",
-            ctx.join("Dockerfile").to_str().unwrap(),
-            "-o",
-            &format!("type=local,dest={}", rootfs.display()),
-            ctx.to_str().unwrap(),
-        ],
-    )
-    .success("ossb build of deploy/Dockerfile to a directory");
-    (image, rootfs)
+    image
 }
 
 /// The root filesystem of the ossb CI image: deploy/Dockerfile on busybox (a shell for CI
@@ -316,7 +465,7 @@ fn manifests_render_and_pass_kubernetes_validate_strict() {
 fn ossb_image_is_built_by_ossb_and_runs_in_podman() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (image, _) = ossb_image(&env, dir.path());
+    let image = ossb_image_pushed(&env, dir.path());
     let run = podman_run(&image, &["--user", "1000:1000"]);
     // podman_run puts the image last: the entrypoint is ossb, so pass --version as its command.
     let version = tool(
@@ -370,16 +519,132 @@ fn ossb_image_is_built_by_ossb_and_runs_in_podman() {
     );
 }
 
-/// The chroot Job (tests/deploy/job-test, the chroot overlay plus the test registry) builds a
-/// ConfigMap-shaped context and pushes it, and so does the rootless Job (hostUsers: false,
-/// tests/deploy/job-test-rootless); with the json-logs overlay's setting its whole log is
-/// JSON lines; a broken Dockerfile exits 2 (FailJob in the Job's
+/// A rendered Job's build container run in podman from the ossb image, as a runtime runs its
+/// pod ([`Container::podman`]), with a ConfigMap-shaped context, the registry credentials
+/// Secret, and emptyDirs for its cache and /tmp.
+struct JobRunner {
+    image: String,
+    dir: tempfile::TempDir,
+    /// The dockerconfigjson Secret, its .dockerconfigjson key projected as config.json.
+    creds: PathBuf,
+    registry: String,
+}
+
+impl JobRunner {
+    fn new(env: &TestEnv) -> JobRunner {
+        let dir = tempfile::tempdir().unwrap();
+        let image = ossb_image_pushed(env, dir.path());
+        let creds = dir.path().join("secret");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::copy(
+            Path::new(&env.var("DOCKER_CONFIG")).join("config.json"),
+            creds.join("config.json"),
+        )
+        .unwrap();
+        JobRunner {
+            image,
+            dir,
+            creds,
+            registry: env.registry(),
+        }
+    }
+
+    /// A ConfigMap ossb-build-context as the kubelet writes it, one file per key.
+    fn context(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        dir
+    }
+
+    /// An emptyDir of the Job's pod.
+    fn empty_dir(&self, job: &Value, name: &str) -> PathBuf {
+        let dir = empty_dir(&self.dir.path().join(name), 0o1777);
+        if job["spec"]["template"]["spec"]["hostUsers"] == false {
+            for_pod_userns(&dir);
+        }
+        dir
+    }
+
+    /// Runs the Job's container on `ctx` with `cache` as its cache emptyDir; the destination
+    /// and progress mode are set through its environment as a user's patch would.
+    /// Returns (exit code, stdout and stderr).
+    fn run(
+        &self,
+        job: &Value,
+        ctx: &Path,
+        cache: &Path,
+        destination: &str,
+        env: &[(&str, &str)],
+    ) -> (i32, String) {
+        let mut overrides = vec![
+            ("OSSB_DESTINATION", destination),
+            ("OSSB_TEST_REGISTRY", self.registry.as_str()),
+        ];
+        overrides.extend_from_slice(env);
+        let c = Container::from(&job["spec"]["template"], "build", &overrides);
+        let tmp = self.empty_dir(job, &unique("tmp"));
+        let volumes: HashMap<&str, PathBuf> = [
+            ("context", ctx.to_path_buf()),
+            ("registry-credentials", self.creds.clone()),
+            ("cache", cache.to_path_buf()),
+            ("tmp", tmp),
+        ]
+        .into();
+        let out = c.podman(&self.image, &volumes, &[]).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+/// Whether this kernel has AppArmor enabled (podman and the kubelet refuse AppArmor profiles
+/// where it has not).
+fn apparmor_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
+/// Owns `dir` and everything in it by the root of a `hostUsers: false` pod
+/// ([`POD_USERNS_BASE`]), as the kubelet's idmapped volume mounts make it look to the pod.
+fn for_pod_userns(dir: &Path) -> PathBuf {
+    let out = Command::new("chown")
+        .args(["-R", &format!("{POD_USERNS_BASE}:{POD_USERNS_BASE}")])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chown -R {}", dir.display());
+    dir.to_path_buf()
+}
+
+/// A Debian build with the two kinds of RUN a pod's sandbox must allow: a `chown` to a user the
+/// step creates (ids beyond the first need a user namespace of 65536 ids, or root), and
+/// `apt-get install` (apt drops to its _apt user; packages from Debian's archive through the
+/// mirror this machine's apt uses). The image prints the owner and jq's version.
+fn debian_chown_and_apt(env: &TestEnv) -> String {
+    format!(
+        "FROM {}/{}
+\
+         RUN useradd --uid 1234 --create-home app && mkdir /data && chown app:app /data && stat -c 'owner %u:%g' /data\n\
+         RUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\n\
+         CMD [\"sh\", \"-c\", \"stat -c %u:%g /data && jq --version\"]\n",
+        env.registry(),
+        env.var("OSSB_TEST_DEBIAN")
+    )
+}
+
+/// The chroot Job (tests/deploy/job-test, the chroot overlay plus the test registry) run in
+/// podman builds a ConfigMap-shaped context and pushes it; with the json-logs overlay's setting
+/// its whole log is JSON lines; a broken Dockerfile exits 2 (FailJob in the Job's
 /// podFailurePolicy) and the log says why.
 #[test]
 fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
     let Some(env) = TestEnv::get() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (_, rootfs) = ossb_image(&env, dir.path());
+    let runner = JobRunner::new(&env);
     let objects = render(&env, "tests/deploy/job-test");
     let job = find(&objects, "Job", "ossb-build");
     let reg = env.registry();
@@ -389,48 +654,25 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
         .any(|r| r["action"] == "FailJob" && r["onExitCodes"]["values"] == serde_json::json!([2])));
     assert_eq!(job["spec"]["template"]["spec"]["restartPolicy"], "Never");
 
-    // The ConfigMap ossb-build-context as the kubelet writes it: one file per key.
-    let context = dir.path().join("configmap");
-    std::fs::create_dir(&context).unwrap();
-    std::fs::write(context.join("Dockerfile"), format!("FROM {reg}/{}\nCOPY message.txt /message.txt\nRUN echo built in a Job >> /message.txt\nCMD [\"cat\", \"/message.txt\"]\n", env.var("OSSB_TEST_BUSYBOX"))).unwrap();
-    std::fs::write(context.join("message.txt"), "hello from a ConfigMap\n").unwrap();
-    // The dockerconfigjson Secret, its .dockerconfigjson key projected as config.json.
-    let creds = dir.path().join("secret");
-    std::fs::create_dir(&creds).unwrap();
-    std::fs::copy(
-        Path::new(&env.var("DOCKER_CONFIG")).join("config.json"),
-        creds.join("config.json"),
-    )
-    .unwrap();
+    let dockerfile = format!("FROM {reg}/{}\nCOPY message.txt /message.txt\nRUN echo built in a Job >> /message.txt\nCMD [\"cat\", \"/message.txt\"]\n", env.var("OSSB_TEST_BUSYBOX"));
+    let context = runner.context(
+        "configmap",
+        &[
+            ("Dockerfile", &dockerfile),
+            ("message.txt", "hello from a ConfigMap\n"),
+        ],
+    );
     let destination = format!("{reg}/jobs/{}:1", unique("hello"));
-    let run_job_of = |job: &Value, ctx: &Path, cache: &Path, progress: &str| {
-        let c = Container::from(
-            &job["spec"]["template"],
-            "build",
-            &[
-                ("OSSB_DESTINATION", &destination),
-                ("OSSB_TEST_REGISTRY", &reg),
-                ("OSSB_PROGRESS", progress),
-            ],
-        );
-        let tmp = tempfile::tempdir_in(dir.path()).unwrap();
-        let volumes: HashMap<&str, PathBuf> = [
-            ("context", ctx.to_path_buf()),
-            ("registry-credentials", creds.clone()),
-            ("cache", cache.to_path_buf()),
-            ("tmp", tmp.path().to_path_buf()),
-        ]
-        .into();
-        let out = c.command(&rootfs, &volumes, None, None).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
+    let run_job = |ctx: &Path, cache: &Path, progress: &str| {
+        runner.run(
+            job,
+            ctx,
+            cache,
+            &destination,
+            &[("OSSB_PROGRESS", progress)],
         )
     };
-    let run_job = |ctx: &Path, cache: &Path, progress: &str| run_job_of(job, ctx, cache, progress);
-    let cache = dir.path().join("cache");
-    std::fs::create_dir(&cache).unwrap();
+    let cache = runner.empty_dir(job, "cache");
     let (code, log) = run_job(&context, &cache, "plain");
     assert_eq!(code, 0, "the Job's build failed:\n{log}");
     assert!(
@@ -440,28 +682,11 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
     let run = podman_run(&destination, &[]).success("podman run of the Job's image");
     assert_eq!(run.stdout, "hello from a ConfigMap\nbuilt in a Job\n");
 
-    // The rootless overlay (hostUsers: false, each RUN in a user namespace of the pod's), with
-    // an empty cache so that the RUN step runs.
-    let rootless = render(&env, "tests/deploy/job-test-rootless");
-    let rootless = find(&rootless, "Job", "ossb-build");
-    assert_eq!(rootless["spec"]["template"]["spec"]["hostUsers"], false);
-    let rootless_cache = empty_dir(&dir.path().join("rootless-cache"), 0o2775);
-    let (code, log) = run_job_of(rootless, &context, &rootless_cache, "plain");
-    assert_eq!(code, 0, "the rootless Job's build failed:\n{log}");
-    assert!(log.contains("RUN echo built in a Job"), "{log}");
-    let run = podman_run(&destination, &[]).success("podman run of the rootless Job's image");
-    assert_eq!(run.stdout, "hello from a ConfigMap\nbuilt in a Job\n");
-
-    let broken = dir.path().join("broken");
-    std::fs::create_dir(&broken).unwrap();
-    std::fs::write(
-        broken.join("Dockerfile"),
-        format!(
-            "FROM {reg}/{}\nCOPPY message.txt /\n",
-            env.var("OSSB_TEST_BUSYBOX")
-        ),
-    )
-    .unwrap();
+    let broken_dockerfile = format!(
+        "FROM {reg}/{}\nCOPPY message.txt /\n",
+        env.var("OSSB_TEST_BUSYBOX")
+    );
+    let broken = runner.context("broken", &[("Dockerfile", &broken_dockerfile)]);
     let (code, log) = run_job(&broken, &cache, "plain");
     assert_eq!(code, 2, "a broken Dockerfile must exit 2 (FailJob):\n{log}");
     assert!(
@@ -503,6 +728,468 @@ fn job_manifest_builds_and_pushes_and_fails_on_a_broken_dockerfile() {
             );
         }
     }
+}
+
+/// The chroot Job and the rootless Job (hostUsers: false, the Localhost seccomp profile,
+/// procMount Default: a baseline pod) run in podman build a Debian image with a RUN that chowns
+/// and one that runs apt-get install and push it, and podman runs it. The rootless Job's sandbox
+/// adapts to the masked /proc and says so once; with `--isolation rootless` forced it fails,
+/// naming the refused mount and the fixes. With the runtime's default seccomp profile (CRI-O's
+/// RuntimeDefault is podman's), which refuses sethostname, it keeps the pod's hostname and says
+/// that too.
+#[test]
+fn chroot_and_rootless_jobs_build_chown_and_apt_get_on_debian_in_podman() {
+    let Some(env) = TestEnv::get() else { return };
+    let runner = JobRunner::new(&env);
+    let dockerfile = debian_chown_and_apt(&env);
+    let context = runner.context("debian", &[("Dockerfile", &dockerfile)]);
+    let adapted = "isolation: rootless, adapted to this container";
+    for (overlay, rootless) in [
+        ("tests/deploy/job-test", false),
+        ("tests/deploy/job-test-rootless", true),
+    ] {
+        let objects = render(&env, overlay);
+        let job = find(&objects, "Job", "ossb-build");
+        assert_eq!(
+            job["spec"]["template"]["spec"]["hostUsers"] == false,
+            rootless,
+            "{overlay}"
+        );
+        let destination = format!("{}/jobs/{}:1", env.registry(), unique("debian"));
+        let cache = runner.empty_dir(job, &unique("cache"));
+        let (code, log) = runner.run(job, &context, &cache, &destination, &[]);
+        assert_eq!(code, 0, "{overlay}: the Job's build failed:\n{log}");
+        assert!(log.contains("owner 1234:1234"), "{overlay}: {log}");
+        // Two RUN steps, one word about the sandbox (rootless only: chroot is what it asked for).
+        assert_eq!(
+            log.matches(adapted).count(),
+            usize::from(rootless),
+            "{overlay}: how the sandbox adapted, said once:\n{log}"
+        );
+        if rootless {
+            assert!(log.contains("mount(proc): EPERM"), "{log}");
+            assert!(!log.contains("sethostname: EPERM"), "{log}");
+        }
+        let run = podman_run(&destination, &[]).success("podman run of the Job's image");
+        assert!(
+            run.stdout.starts_with("1234:1234\njq-1."),
+            "{overlay}: {}",
+            run.stdout
+        );
+    }
+
+    let objects = render(&env, "tests/deploy/job-test-rootless");
+    let job = find(&objects, "Job", "ossb-build");
+    let hostname = format!(
+        "FROM {}/{}\nRUN echo \"hostname=$(hostname)\"\nRUN {SEES_OSSB}\n",
+        env.registry(),
+        env.var("OSSB_TEST_BUSYBOX")
+    );
+    let hostname = runner.context("hostname", &[("Dockerfile", &hostname)]);
+    // A forced mode is never weakened: the build fails with what was refused and what to do.
+    let cache = runner.empty_dir(job, "forced-cache");
+    let (code, log) = runner.run(
+        job,
+        &hostname,
+        &cache,
+        &format!("{}/jobs/{}:1", env.registry(), unique("forced")),
+        &[("OSSB_ISOLATION", "rootless")],
+    );
+    assert_eq!(code, 1, "--isolation rootless in a baseline pod:\n{log}");
+    for part in [
+        "--isolation rootless was asked for",
+        "mount(proc): EPERM",
+        "procMount: Unmasked",
+        "--isolation auto",
+    ] {
+        assert!(log.contains(part), "{part:?} missing:\n{log}");
+    }
+    assert!(!log.contains(adapted), "{log}");
+
+    // RuntimeDefault seccomp: podman's default profile, as CRI-O's, refuses sethostname.
+    let mut runtime_default = job.clone();
+    runtime_default["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+        ["seccompProfile"] = serde_json::json!({"type": "RuntimeDefault"});
+    let cache = runner.empty_dir(job, "runtime-default-cache");
+    let (code, log) = runner.run(
+        &runtime_default,
+        &hostname,
+        &cache,
+        &format!("{}/jobs/{}:1", env.registry(), unique("hostname")),
+        &[],
+    );
+    assert_eq!(code, 0, "RuntimeDefault seccomp:\n{log}");
+    assert_eq!(log.matches(adapted).count(), 1, "{log}");
+    assert!(log.contains("sethostname: EPERM"), "{log}");
+    assert!(
+        !log.contains("hostname=ossb"),
+        "the pod's hostname stays:\n{log}"
+    );
+    // In the build's pid namespace the step sees ossb's processes, and cannot read them.
+    assert!(log.contains("sees /proc/"), "{log}");
+    assert!(log.contains("none of them readable"), "{log}");
+}
+
+/// A RUN script that lists the processes of ossb it sees in /proc (other than its own shell)
+/// and fails when it can read the environment or the root directory of one of them.
+const SEES_OSSB: &str = "for p in /proc/[0-9]*; do [ \"${p#/proc/}\" = \"$$\" ] && continue; \
+    grep -q ossb \"$p/cmdline\" 2>/dev/null || continue; echo \"sees $p\"; \
+    if cat \"$p/environ\" >/dev/null 2>&1 || ls \"$p/root/\" >/dev/null 2>&1; then echo \"READ $p\"; exit 1; fi; \
+    done; echo \"none of them readable\"";
+
+/// deploy/security-profiles/ossb-rootless.json is the runtime default with five calls added,
+/// and the rootless sandbox needs each of them: the rootless Job in podman with the profile
+/// builds and sets its step's hostname; with one of the five taken out it cannot build
+/// (unshare: no user namespace; mount, umount2, pivot_root: no sandbox) or keeps the pod's
+/// hostname (sethostname).
+#[test]
+fn the_rootless_seccomp_profile_adds_only_what_the_sandbox_needs() {
+    let Some(env) = TestEnv::get() else { return };
+    let runner = JobRunner::new(&env);
+    let objects = render(&env, "tests/deploy/job-test-rootless");
+    let job = find(&objects, "Job", "ossb-build");
+    let sc = &job["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["seccompProfile"]["type"], "Localhost");
+    let file = sc["seccompProfile"]["localhostProfile"].as_str().unwrap();
+    let profile: Value = serde_json::from_slice(
+        &std::fs::read(workspace().join("deploy/security-profiles").join(file)).unwrap(),
+    )
+    .unwrap();
+    let rules = profile["syscalls"].as_array().unwrap();
+    let added = rules.last().unwrap();
+    let added_names: Vec<&str> = added["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        added_names,
+        ["mount", "umount2", "unshare", "pivot_root", "sethostname"],
+        "the profile's last rule is what it adds to the runtime default"
+    );
+    let named_before = |name: &str| {
+        rules[..rules.len() - 1]
+            .iter()
+            .any(|r| r["names"].as_array().unwrap().iter().any(|n| n == name))
+    };
+    assert!(added_names.iter().all(|n| !named_before(n)), "{profile}");
+
+    let dockerfile = format!(
+        "FROM {}/{}\nRUN echo \"hostname=$(hostname)\"\n",
+        env.registry(),
+        env.var("OSSB_TEST_BUSYBOX")
+    );
+    let context = runner.context("hostname", &[("Dockerfile", &dockerfile)]);
+    let mut cases: Vec<(Option<&str>, i32, &str)> = vec![(None, 0, "hostname=ossb")];
+    cases.extend([
+        (Some("unshare"), 1, "user namespaces are refused here"),
+        (Some("mount"), 1, "mount(/, private): EPERM"),
+        (Some("umount2"), 1, "detaching the old root: EPERM"),
+        (Some("pivot_root"), 1, "pivot_root: EPERM"),
+        (Some("sethostname"), 0, "sethostname: EPERM"),
+    ]);
+    for (without, code_wanted, says) in cases {
+        let mut variant = profile.clone();
+        let names = variant["syscalls"]
+            .as_array_mut()
+            .unwrap()
+            .last_mut()
+            .unwrap()["names"]
+            .as_array_mut()
+            .unwrap();
+        names.retain(|n| Some(n.as_str().unwrap()) != without);
+        let path = runner.dir.path().join(format!(
+            "seccomp-without-{}.json",
+            without.unwrap_or("nothing")
+        ));
+        std::fs::write(&path, serde_json::to_vec(&variant).unwrap()).unwrap();
+        let mut job = job.clone();
+        // An absolute path: Container::podman joins it to deploy/security-profiles.
+        job["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"]
+            ["localhostProfile"] = Value::from(path.to_str().unwrap());
+        let cache = runner.empty_dir(&job, &unique("cache"));
+        let destination = format!("{}/jobs/{}:1", env.registry(), unique("seccomp"));
+        let (code, log) = runner.run(&job, &context, &cache, &destination, &[]);
+        assert_eq!(code, code_wanted, "without {without:?}:\n{log}");
+        assert!(
+            log.contains(says),
+            "without {without:?}: {says:?} missing:\n{log}"
+        );
+    }
+}
+
+/// deploy/security-profiles/install.sh puts the seccomp profile where the kubelet looks for
+/// Localhost profiles (under a stand-in for a node's /; AppArmor is not enabled in this kernel,
+/// so it loads nothing and says so), the AppArmor profile compiles with apparmor_parser, and the
+/// rendered rootless pods name these profiles.
+#[test]
+fn security_profiles_install_and_compile() {
+    let Some(env) = TestEnv::get() else { return };
+    let profiles = workspace().join("deploy/security-profiles");
+    let node = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .arg(profiles.join("install.sh"))
+        .arg("--root")
+        .arg(node.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "install.sh: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = node
+        .path()
+        .join("var/lib/kubelet/seccomp/ossb-rootless.json");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(profiles.join("ossb-rootless.json")).unwrap()
+    );
+    if !apparmor_enabled() {
+        assert!(stdout.contains("apparmor: not enabled"), "{stdout}");
+    }
+    let apparmor = profiles.join("ossb-rootless.apparmor");
+    tool(
+        "apparmor_parser",
+        &[
+            "--skip-kernel-load",
+            "--skip-cache",
+            apparmor.to_str().unwrap(),
+        ],
+    )
+    .success("apparmor_parser of deploy/security-profiles/ossb-rootless.apparmor");
+    let text = std::fs::read_to_string(&apparmor).unwrap();
+    for (dir, kind, name) in [
+        ("deploy/job/overlays/rootless", "Job", "ossb-build"),
+        ("deploy/cluster/base", "Deployment", "ossb-worker-amd64"),
+        ("deploy/cluster/base", "Deployment", "ossb-worker-arm64"),
+    ] {
+        let objects = render(&env, dir);
+        let template = &find(&objects, kind, name)["spec"]["template"];
+        let sc = &template["spec"]["containers"][0]["securityContext"];
+        let seccomp = sc["seccompProfile"]["localhostProfile"].as_str().unwrap();
+        assert!(profiles.join(seccomp).is_file(), "{dir}: {seccomp}");
+        let apparmor = sc["appArmorProfile"]["localhostProfile"].as_str().unwrap();
+        assert!(
+            text.contains(&format!("\nprofile {apparmor} ")),
+            "{dir}: AppArmor profile {apparmor}"
+        );
+        assert_eq!(sc["procMount"], "Default", "{dir}");
+    }
+}
+
+/// A podman container by name, removed when dropped (killing `podman run` leaves it running).
+struct PodmanContainer(String);
+impl Drop for PodmanContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", "--time", "0", &self.0])
+            .output();
+    }
+}
+
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+/// A worker of the rootless pool (deploy/cluster/base's ossb-worker-amd64: hostUsers: false,
+/// the Localhost seccomp profile, procMount Default, a baseline pod) runs in podman from the
+/// ossb image, joins a coordinator and a cache node (processes on this host: the topology test
+/// runs those from their manifests), and builds a submitted Debian image with a RUN that chowns
+/// and one that runs apt-get install; podman runs the pushed image. The worker's log says once
+/// how its sandbox adapted to the pod.
+#[test]
+fn rootless_worker_pool_in_podman_builds_chown_and_apt_get_on_debian() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image = ossb_image_pushed(&env, dir.path());
+    let objects = render(&env, "deploy/cluster/base");
+    let template = &find(&objects, "Deployment", "ossb-worker-amd64")["spec"]["template"];
+    assert_eq!(template["spec"]["hostUsers"], false);
+
+    let tls = dir.path().join("certs");
+    let out = Command::new(env!("CARGO_BIN_EXE_ossb"))
+        .args(["certs", "init", tls.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ossb certs init");
+    let (coordinator, cache_node) = (
+        format!("127.0.0.1:{}", free_port(true)),
+        format!("127.0.0.1:{}", free_port(true)),
+    );
+    let coordinator_metrics = format!("127.0.0.1:{}", free_port(false));
+    let mut pods = Pods(Vec::new());
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let mut start = |name: &str, cmd: &mut Command| {
+        let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+        let child = cmd
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        pods.0.push(child);
+    };
+    let ossb_cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ossb"));
+        c.args(args).env("OSSB_LOG", "info");
+        c
+    };
+    let (data, state) = (dir.path().join("cache-data"), dir.path().join("state"));
+    start(
+        "cache-node",
+        &mut ossb_cmd(&[
+            "cache-node",
+            "--listen",
+            &cache_node,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--peers",
+            &cache_node,
+        ]),
+    );
+    start(
+        "coordinator",
+        &mut ossb_cmd(&[
+            "coordinator",
+            "--listen",
+            &coordinator,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--metrics",
+            &coordinator_metrics,
+        ]),
+    );
+
+    let mut worker = Container::from(
+        template,
+        "worker",
+        &[
+            ("OSSB_COORDINATOR", &coordinator),
+            ("OSSB_CACHE_PEERS", &cache_node),
+        ],
+    )
+    .named("ossb-worker-amd64-7d9f8-x0");
+    // On the host's network the manifest's metrics port may be taken: the same flag, a free port.
+    let worker_metrics = format!("127.0.0.1:{}", free_port(false));
+    for arg in &mut worker.argv {
+        if arg.starts_with("--metrics=") {
+            *arg = format!("--metrics={worker_metrics}");
+        }
+    }
+    let read = |f: &str| std::fs::read(tls.join(f)).unwrap();
+    let (ca, crt, key) = (read("ca.crt"), read("worker.crt"), read("worker.key"));
+    let volumes = HashMap::from([
+        ("work", empty_dir(&dir.path().join("work"), 0o755)),
+        ("tmp", empty_dir(&dir.path().join("tmp"), 0o1777)),
+        (
+            "tls",
+            secret_volume(
+                &dir.path().join("worker-tls"),
+                &[("ca.crt", &ca), ("worker.crt", &crt), ("worker.key", &key)],
+                0o440,
+            ),
+        ),
+        (
+            "registry-credentials",
+            secret_volume(
+                &dir.path().join("registry-credentials"),
+                &[("config.json", b"{\"auths\":{}}")],
+                0o440,
+            ),
+        ),
+    ]);
+    for volume in volumes.values() {
+        for_pod_userns(volume);
+    }
+    let name = unique("ossb-worker");
+    let _container = PodmanContainer(name.clone());
+    start(
+        "worker",
+        &mut worker.podman(&image, &volumes, &["--name", &name]),
+    );
+    let all_logs = || {
+        let mut all = String::new();
+        for name in ["worker", "coordinator", "cache-node"] {
+            all += &format!("--- {name}\n");
+            all += &std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+        }
+        all
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready =
+            crate::cluster::http_get(&worker_metrics, "/healthz").is_some_and(|b| b == "ok\n");
+        let metrics =
+            crate::cluster::http_get(&coordinator_metrics, "/metrics").unwrap_or_default();
+        if ready && metrics.contains("ossb_workers{platform=\"linux/amd64\",mode=\"native\"} 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never joined:\n{metrics}\n{}",
+            all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let ctx = crate::support::context(dir.path(), &debian_chown_and_apt(&env), &[]);
+    let destination = format!("{}/workers/{}:1", env.registry(), unique("debian"));
+    let out = Command::new(env!("CARGO_BIN_EXE_ossb-submit"))
+        .args([
+            "--coordinator",
+            &coordinator,
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ])
+        .args(["--progress", "plain", "--platform", "linux/amd64"])
+        .args([
+            "--insecure-registry",
+            &env.registry(),
+            "-t",
+            &destination,
+            "--push",
+        ])
+        .arg(&ctx)
+        .env("OSSB_CACHE_DIR", dir.path().join("client-cache"))
+        .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ossb-submit to the podman worker failed:\n{stderr}\n{}",
+        all_logs()
+    );
+    assert!(stderr.contains("owner 1234:1234"), "{stderr}");
+    let run = podman_run(&destination, &[]).success("podman run of the worker's image");
+    assert!(run.stdout.starts_with("1234:1234\njq-1."), "{}", run.stdout);
+    let log = std::fs::read_to_string(logs.join("worker.log")).unwrap();
+    assert_eq!(
+        log.matches("isolation: rootless, adapted to this container")
+            .count(),
+        1,
+        "the worker says once how its sandbox adapted:\n{log}"
+    );
 }
 
 struct Pods(Vec<std::process::Child>);
@@ -968,6 +1655,9 @@ fn cluster_topology_from_the_rendered_manifests() {
         no_new_privs: sc["allowPrivilegeEscalation"] == false,
         hostname: Some("app-build-submit-pod".into()),
         own_userns: false,
+        seccomp: None,
+        apparmor: None,
+        proc_mount: None,
     };
     let volumes = HashMap::from([
         ("ossb-tls", submitter_tls.clone()),
@@ -1066,6 +1756,9 @@ fn cluster_topology_from_the_rendered_manifests() {
         no_new_privs: false,
         hostname: Some("runner-x7k2p-project-1-concurrent-0".into()),
         own_userns: false,
+        seccomp: None,
+        apparmor: None,
+        proc_mount: None,
     };
     let volumes = HashMap::from([
         ("source", source.join("ctx")),
