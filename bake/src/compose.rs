@@ -299,7 +299,7 @@ fn named_contexts(m: BTreeMap<String, Option<String>>) -> BTreeMap<String, Strin
 }
 
 fn canonical_attest(kind: &str, v: &str) -> String {
-    match crate::value::parse_go_bool(v) {
+    match ossb_protocol::parse_bool(v) {
         Some(b) => format!("type={kind},disabled={}", !b),
         None => format!("type={kind},{v}"),
     }

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::types::csv_fields;
-use crate::value::{parse_go_bool, Value};
+use crate::value::Value;
+use ossb_protocol::parse_bool;
 
 /// A `cache-from`/`cache-to` entry: `type=registry,ref=...`, or a bare reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,7 +243,7 @@ impl Attest {
             match k.trim().to_lowercase().as_str() {
                 "type" => a.kind = v.to_string(),
                 "disabled" => {
-                    a.disabled = parse_go_bool(v).ok_or_else(|| format!("invalid value {f}"))?
+                    a.disabled = parse_bool(v).ok_or_else(|| format!("invalid value {f}"))?
                 }
                 _ => {
                     a.attrs.insert(k.to_string(), v.to_string());
@@ -470,7 +471,7 @@ pub(crate) fn decode_attests(v: &Value) -> Result<Vec<Attest>, String> {
                 return Err("attestation type not specified".into());
             }
             let disabled = match m.remove("disabled") {
-                Some(d) => parse_go_bool(&d).ok_or("disabled must be a bool")?,
+                Some(d) => parse_bool(&d).ok_or("disabled must be a bool")?,
                 None => false,
             };
             Ok(Attest {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::entries::{self, Attest, CacheEntry, ExportEntry, Secret, Ssh};
 use crate::error::{Error, Result};
 use crate::target::{normalize_attest, normalize_secret, normalize_ssh, Target};
-use crate::value::parse_go_bool;
+use ossb_protocol::parse_bool;
 
 /// One override for one target: the value(s) given, and whether they append.
 #[derive(Debug, Clone, Default)]
@@ -295,7 +295,7 @@ pub(crate) fn apply(t: &mut Target, overrides: &BTreeMap<String, Override>) -> R
                 let b = if o.value.as_deref().is_none_or(str::is_empty) && o.values.is_empty() {
                     Some(true)
                 } else {
-                    parse_go_bool(&value)
+                    parse_bool(&value)
                 };
                 let b =
                     b.ok_or_else(|| bad(format!("invalid value {value} for boolean key {head}")))?;
@@ -308,12 +308,12 @@ pub(crate) fn apply(t: &mut Target, overrides: &BTreeMap<String, Override>) -> R
             "shm-size" => t.shm_size = Some(value),
             "network" => t.network = o.values.last().cloned().or(Some(value)),
             "push" => {
-                let push = parse_go_bool(&value)
+                let push = parse_bool(&value)
                     .ok_or_else(|| bad(format!("invalid value {value} for boolean key push")))?;
                 t.output = Some(set_push(t.output.take().unwrap_or_default(), push));
             }
             "load" => {
-                let load = parse_go_bool(&value)
+                let load = parse_bool(&value)
                     .ok_or_else(|| bad(format!("invalid value {value} for boolean key load")))?;
                 t.output = Some(set_load(t.output.take().unwrap_or_default(), load));
             }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use hcl::edit::expr::Expression;
 
-use crate::value::{parse_go_bool, parse_number, Value};
+use crate::value::{parse_number, Value};
+use ossb_protocol::parse_bool;
 
 /// A cty type constraint as a bake file can write it.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,7 +219,7 @@ impl Type {
 /// One field of an override as a primitive type (Go's ParseBool and ParseFloat rules).
 pub(crate) fn primitive(name: &str, text: &str, t: &Type) -> Result<Value, String> {
     match t {
-        Type::Bool => parse_go_bool(text)
+        Type::Bool => parse_bool(text)
             .map(Value::Bool)
             .ok_or_else(|| format!("failed to parse {name} as bool: {text:?}")),
         Type::Number => parse_number(text)

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ossb_engine::remote_cache::parse_cache;
+use ossb_engine::remote_cache::{parse_cache, parse_cache_export};
 use ossb_engine::{Annotations, BuildRequest, BuildResult, Output};
 use ossb_image::layer::Compression;
 use ossb_image::oci::MediaTypes;
@@ -715,6 +715,14 @@ impl BuildArgs {
             ),
             _ => None,
         };
+        let cache_to = match &self.cache_to {
+            Some(c) => Some(parse_cache_export(c).map_err(|e| format!("--cache-to: {e}"))?),
+            None => None,
+        };
+        let mut warnings = attest_warnings;
+        for (option, why) in cache_to.iter().flat_map(|c| &c.no_effect) {
+            warnings.push(format!("--cache-to {option} has no effect: {why}"));
+        }
         let context = self.context.clone();
         let secrets = parse_secrets(&self.secrets)?;
         let annotations = parse_annotations(
@@ -732,12 +740,9 @@ impl BuildArgs {
             cache_from: self
                 .cache_from
                 .iter()
-                .map(|c| parse_cache(c, false).map_err(|e| format!("--cache-from: {e}")))
+                .map(|c| parse_cache(c).map_err(|e| format!("--cache-from: {e}")))
                 .collect::<Result<_, _>>()?,
-            cache_to: match &self.cache_to {
-                Some(c) => Some(parse_cache(c, true).map_err(|e| format!("--cache-to: {e}"))?),
-                None => None,
-            },
+            cache_to: cache_to.clone(),
             build_args: key_values("--build-arg", &self.build_args, true)?,
             target: self.target.clone(),
             labels: key_values("--label", &self.labels, false)?,
@@ -782,7 +787,7 @@ impl BuildArgs {
                 progress: self.progress_mode(),
                 metadata_file: self.metadata_file,
                 iidfile: self.iidfile,
-                warnings: attest_warnings,
+                warnings,
             },
         ))
     }

@@ -44,7 +44,7 @@ pub fn parse(
         }
     }
     if let Some(value) = provenance {
-        match bool_of(value) {
+        match ossb_protocol::parse_bool(value) {
             Some(true) => {
                 out.provenance.get_or_insert_with(Default::default);
             }
@@ -53,7 +53,7 @@ pub fn parse(
         }
     }
     if let Some(value) = sbom {
-        match bool_of(value) {
+        match ossb_protocol::parse_bool(value) {
             Some(on) => out.sbom = on,
             None => apply_sbom(&mut out, "--sbom", &fields("--sbom", value)?, &mut warnings)?,
         }
@@ -66,17 +66,8 @@ pub fn parse(
 pub fn no_default_from_env() -> bool {
     std::env::var("BUILDX_NO_DEFAULT_ATTESTATIONS")
         .ok()
-        .and_then(|v| bool_of(&v))
+        .and_then(|v| ossb_protocol::parse_bool(&v))
         .unwrap_or(false)
-}
-
-/// A boolean as Go's `strconv.ParseBool` spells it (what buildx accepts).
-fn bool_of(value: &str) -> Option<bool> {
-    match value {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
-    }
 }
 
 /// `key=value,key=value`.
@@ -116,7 +107,7 @@ fn apply_provenance(
             }
             "builder-id" => options.builder_id = Some(value.clone()),
             "disabled" => {
-                disabled = bool_of(value).ok_or_else(|| {
+                disabled = ossb_protocol::parse_bool(value).ok_or_else(|| {
                     format!("{flag}: disabled={value}: expected true or false")
                 })?
             }
@@ -144,7 +135,7 @@ fn apply_sbom(
                 "{flag}: generator={value} is not run: ossb scans the image with its own scanner"
             )),
             "disabled" => {
-                on = !bool_of(value)
+                on = !ossb_protocol::parse_bool(value)
                     .ok_or_else(|| format!("{flag}: disabled={value}: expected true or false"))?
             }
             _ => {

@@ -311,7 +311,15 @@ pub fn spec_of(
             .iter()
             .map(registry_cache)
             .collect::<Result<_, _>>()?,
-        cache_to: req.cache_to.as_ref().map(registry_cache).transpose()?,
+        cache_to: match &req.cache_to {
+            Some(to) => {
+                if let Some(location) = &to.location {
+                    registry_cache(location)?;
+                }
+                Some(to.to_string())
+            }
+            None => None,
+        },
         insecure_registries: req.registry.insecure.clone(),
         registry_mirrors: req
             .registry_config
@@ -480,7 +488,14 @@ pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> 
             .cloned()
             .map(CacheLocation::Registry)
             .collect(),
-        cache_to: spec.cache_to.clone().map(CacheLocation::Registry),
+        // Checked by the coordinator before any task was made (session::check). With
+        // mode=min only the task exporting the image stores steps: its own, those the image
+        // holds (the stages it reads were other tasks', and may be only COPY --from sources).
+        cache_to: spec
+            .cache_to
+            .as_deref()
+            .and_then(|c| ossb_engine::remote_cache::parse_cache_export(c).ok())
+            .filter(|c| task.export || c.mode == ossb_engine::remote_cache::CacheMode::Max),
         registry: registry_options(spec, &place.files.certificates),
         registry_config: registry_config(spec),
         // Checked by the coordinator before any task was made (build_outcome).

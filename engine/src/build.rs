@@ -22,7 +22,7 @@ use ossb_worker::sandbox::Isolation;
 use crate::cache::{record_build, BuildStats, CacheKey, LocalCache, CHECKSUMS_FILE};
 use crate::error::StepError;
 use crate::progress::Progress;
-use crate::remote_cache::{self, CacheLocation};
+use crate::remote_cache::{self, CacheExport, CacheLocation, CacheMode};
 use crate::stage::{PlatformBuild, PlatformImage, Shared, Stats};
 
 /// Where a built image goes.
@@ -76,8 +76,9 @@ pub struct BuildRequest {
     pub no_cache: bool,
     /// `--cache-from`: registry repositories or directories to read cached steps from.
     pub cache_from: Vec<CacheLocation>,
-    /// `--cache-to`: the registry repository or directory to store cached steps in.
-    pub cache_to: Option<CacheLocation>,
+    /// `--cache-to`: the registry repository or directory to store cached steps in, or the
+    /// image itself (inline), and which steps.
+    pub cache_to: Option<CacheExport>,
     /// How to reach registries.
     pub registry: RegistryOptions,
     /// Mirrors and other registry client settings.
@@ -162,7 +163,12 @@ impl BuildRequest {
     /// a second with exit 2, not after the whole build: every tag, every registry cache
     /// reference, and outputs that cannot hold the platforms asked for.
     pub fn check(&self) -> Result<(), BuildError> {
-        check_references(&self.tags, self.cache_from.iter().chain(&self.cache_to))?;
+        check_references(
+            &self.tags,
+            self.cache_from
+                .iter()
+                .chain(self.cache_to.iter().filter_map(|c| c.location.as_ref())),
+        )?;
         if self.outputs.contains(&Output::Registry) && self.tags.is_empty() {
             return Err(BuildError::Usage(
                 "--push / --output type=registry needs at least one --tag naming the registry and repository".into(),
@@ -420,6 +426,7 @@ async fn run(
         next_id: std::sync::atomic::AtomicUsize::new(1),
         stats: std::sync::Mutex::new(Stats::default()),
         cache_exports: std::sync::Mutex::new(Vec::new()),
+        inline_caches: Default::default(),
         base_images: Default::default(),
         durations: std::sync::Mutex::new(crate::cache::Durations::load(&req.cache_dir)),
         eta: std::sync::Mutex::new(Default::default()),
@@ -478,21 +485,43 @@ async fn run(
         false => write_index(&shared.store, &[manifests, attested].concat(), req)?,
     };
     let pushed = export(&shared, &images, &image, &plain, &attestations).await?;
-    if let Some(repo) = &req.cache_to {
-        let records = std::mem::take(
-            &mut *shared
-                .cache_exports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+    if let Some(to @ CacheExport {
+        location: Some(location),
+        ..
+    }) = &req.cache_to
+    {
+        let records = match to.mode {
+            CacheMode::Max => std::mem::take(
+                &mut *shared
+                    .cache_exports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            ),
+            CacheMode::Min => images
+                .iter()
+                .flat_map(|i| {
+                    let platform = i.stage.config.platform();
+                    i.chain
+                        .iter()
+                        .map(move |(k, r)| (*k, r.clone(), platform.clone()))
+                })
+                .collect(),
+        };
         let (id, t) = shared.start(format!(
-            "exporting {} cached steps to {repo}",
+            "exporting {} cached steps to {location}",
             records.len()
         ));
         let result = shared
-            .with_transfer(id, remote_cache::export(&shared, &records))
+            .with_transfer(id, remote_cache::export(&shared, to, &records))
             .await;
-        shared.finish(id, t, result)?;
+        match shared.finish(id, t, result) {
+            Ok(()) => {}
+            // As buildx's ignore-error: the image is built (and pushed); only the cache is not.
+            Err(e) if to.ignore_error => shared.progress.event(crate::progress::Event::Info(
+                format!("warning: --cache-to {location}: {e} (ignore-error=true)"),
+            )),
+            Err(e) => return Err(e.into()),
+        }
     }
     shared
         .durations

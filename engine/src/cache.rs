@@ -70,6 +70,18 @@ impl CacheKey {
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// The key whose [`CacheKey::hex`] is `hex`; `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<CacheKey> {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(CacheKey(bytes))
+    }
 }
 
 /// What a cached step produced.

@@ -221,8 +221,8 @@ pub enum AddError {
     },
 }
 
-/// A `--cache-from`/`--cache-to` spec that is not `REF`, `type=registry,ref=REF` or
-/// `type=local,src|dest=DIR`.
+/// A `--cache-from`/`--cache-to` spec that is not `REF`, `type=registry,ref=REF`,
+/// `type=local,src|dest=DIR` or `type=inline`, or an option of it with a bad value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CacheSpecError {
     /// `type=` names a cache type ossb does not have (gha, s3, ...).
@@ -234,6 +234,18 @@ pub enum CacheSpecError {
         kind: String,
         /// The spellings accepted.
         usage: &'static str,
+    },
+    /// An option with a value it cannot take.
+    #[error("{spec:?}: {key}={value:?}: expected {expected}")]
+    BadValue {
+        /// The spec as given.
+        spec: String,
+        /// The option.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What it takes.
+        expected: &'static str,
     },
     /// A part without `=`, or missing or conflicting keys.
     #[error("{spec:?}: expected {usage}")]

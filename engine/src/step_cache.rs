@@ -93,14 +93,20 @@ pub(crate) async fn put(shared: &Shared<'_>, key: &CacheKey, record: &CacheRecor
     drop(claim);
 }
 
-/// Queues a step (run or cached) for the `--cache-to` export at the end of the build.
+/// Queues a step (run or cached) for the `--cache-to mode=max` export at the end of the build
+/// (`mode=min` exports the final images' chains).
 pub(crate) fn export(
     shared: &Shared<'_>,
     platform: &Platform,
     key: &CacheKey,
     record: &CacheRecord,
 ) {
-    if shared.req.cache_to.is_some() {
+    let max = shared
+        .req
+        .cache_to
+        .as_ref()
+        .is_some_and(|c| c.mode == crate::remote_cache::CacheMode::Max);
+    if max {
         shared
             .cache_exports
             .lock()

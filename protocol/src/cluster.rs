@@ -226,7 +226,7 @@ pub struct BuildSpec {
     pub no_cache: bool,
     /// `--cache-from`.
     pub cache_from: Vec<String>,
-    /// `--cache-to`.
+    /// `--cache-to`, as buildx spells it (`type=registry,ref=REF,mode=max`, `type=inline`).
     pub cache_to: Option<String>,
     /// `--insecure-registry`.
     pub insecure_registries: Vec<String>,

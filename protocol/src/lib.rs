@@ -30,6 +30,16 @@ pub fn clip(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A boolean as Go's `strconv.ParseBool` spells it: what buildx accepts in its options and
+/// bake in its overrides.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 /// A `/`-separated path cleaned as Go's `path.Clean` does: `.` and empty parts dropped, `..`
 /// applied lexically (kept at the front of a relative path), `.` for nothing. Dockerignore
 /// patterns and bake's functions follow Go, so their paths are cleaned alike.

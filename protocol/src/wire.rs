@@ -37,8 +37,8 @@ use crate::Digest;
 /// a get may claim a blob nobody has (single-flight fetches from registries). 6: cache mounts
 /// shared through the peer cache. 8: a fetch resumes where a dead fetcher's bytes stopped
 /// (`Fetch { from }`, `Put { from }`). 9: attestations (`BuildSpec::attest`, task facts and
-/// SBOMs).
-pub const VERSION: u16 = 9;
+/// SBOMs). 10: `BuildSpec::cache_to` is buildx's whole spec (type, mode, ...), not a repository.
+pub const VERSION: u16 = 10;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

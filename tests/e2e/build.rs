@@ -3,12 +3,12 @@
 
 use crate::support::*;
 
-fn busybox(env: &TestEnv) -> String {
+pub(crate) fn busybox(env: &TestEnv) -> String {
     format!("{}/{}", env.registry(), env.var("OSSB_TEST_BUSYBOX"))
 }
 
 /// Builds `ctx` into an OCI tar with `--progress json` and returns the JSON events.
-fn build_json(
+pub(crate) fn build_json(
     env: &TestEnv,
     cache: &std::path::Path,
     ctx: &std::path::Path,
@@ -31,7 +31,7 @@ fn build_json(
         .collect()
 }
 
-fn result_of(events: &[serde_json::Value]) -> &serde_json::Value {
+pub(crate) fn result_of(events: &[serde_json::Value]) -> &serde_json::Value {
     events
         .iter()
         .find(|e| e["event"] == "result")

@@ -4,6 +4,7 @@
 mod attestations;
 mod bake;
 mod build;
+mod cache_export;
 mod cluster;
 mod cluster_cache;
 mod conformance;

@@ -202,12 +202,12 @@ fn check(spec: &BuildSpec) -> Result<ossb_dockerfile::Dockerfile, Failure> {
     let caches = spec
         .cache_from
         .iter()
-        .map(|c| ossb_engine::remote_cache::parse_cache(c, false))
-        .chain(
-            spec.cache_to
-                .iter()
-                .map(|c| ossb_engine::remote_cache::parse_cache(c, true)),
-        )
+        .map(|c| ossb_engine::remote_cache::parse_cache(c))
+        .chain(spec.cache_to.iter().filter_map(|c| {
+            ossb_engine::remote_cache::parse_cache_export(c)
+                .map(|to| to.location)
+                .transpose()
+        }))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| failure(e.to_string(), 2))?;
     ossb_engine::build::check_references(&spec.tags, &caches)

@@ -36,9 +36,23 @@ impl PlatformBuild<'_> {
         layers: &[Descriptor],
         stage: BuiltStage,
         rootfs: Option<std::path::PathBuf>,
+        chain: Vec<(CacheKey, CacheRecord)>,
     ) -> Result<PlatformImage, BuildError> {
         let store = &self.shared.store;
         config.created = Some(self.shared.created.clone());
+        // A base image's inline cache names its build's steps, not this one's.
+        config.extra.remove(crate::remote_cache::INLINE_FIELD);
+        if self
+            .req()
+            .cache_to
+            .as_ref()
+            .is_some_and(|c| c.location.is_none())
+        {
+            config.extra.insert(
+                crate::remote_cache::INLINE_FIELD.into(),
+                crate::remote_cache::inline_steps(&chain, layers),
+            );
+        }
         let config_bytes = oci::to_canonical_json(&config);
         let config_digest = store
             .put(&config_bytes)
@@ -80,6 +94,7 @@ impl PlatformBuild<'_> {
             blobs,
             stage,
             rootfs,
+            chain,
         })
     }
 }

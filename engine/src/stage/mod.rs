@@ -62,8 +62,12 @@ pub(crate) struct Shared<'a> {
     /// Progress toward the estimate: (fs steps planned, finished, ms remaining, steps without
     /// a recorded duration still to run).
     pub eta: std::sync::Mutex<Eta>,
-    /// Steps to store in the `--cache-to` repository at the end of the build.
+    /// Steps to store in the `--cache-to` repository at the end of the build (`mode=max`).
     pub cache_exports: std::sync::Mutex<Vec<(CacheKey, CacheRecord, Platform)>>,
+    /// The inline caches of `--cache-from` images, loaded on first use, by image and platform.
+    pub inline_caches: tokio::sync::Mutex<
+        HashMap<(String, Platform), std::sync::Arc<crate::remote_cache::Inline>>,
+    >,
     /// Content hashes of context files from earlier builds (COPY sources, bind mounts).
     pub checksums: ChecksumCache,
     /// Step keys this build ran (their records are fresh even under `--no-cache`).
@@ -208,6 +212,8 @@ pub(crate) struct PlatformImage {
     /// The image's filesystem, when the build left it unpacked and in step with the layers
     /// (the SBOM scan reads it rather than unpack the image again).
     pub rootfs: Option<PathBuf>,
+    /// The steps whose results the image holds, with their records (`--cache-to mode=min`).
+    pub chain: Vec<(CacheKey, CacheRecord)>,
 }
 
 /// The finished stages a stage may read, by plan position.
@@ -252,6 +258,9 @@ struct StageState {
     cmd_set: bool,
     /// Whether the current step may run on a skeleton instead of the unpacked rootfs.
     skeleton_ok: bool,
+    /// The steps that changed files so far, with their records, from the first stage of the
+    /// `FROM` chain (what `--cache-to mode=min` and an inline cache keep).
+    chain: Vec<(CacheKey, CacheRecord)>,
 }
 
 /// One platform's build.
@@ -395,7 +404,8 @@ impl<'a> PlatformBuild<'a> {
             labels.extend(req.labels.clone());
         }
         let rootfs = final_state.materialized.then(|| final_state.rootfs.clone());
-        self.write_image(config, &final_state.layers, stage, rootfs)
+        let chain = final_state.chain.clone();
+        self.write_image(config, &final_state.layers, stage, rootfs, chain)
     }
 
     /// The state of a stage an earlier task built, as if it had just run here.
@@ -409,6 +419,7 @@ impl<'a> PlatformBuild<'a> {
             unpacked_for_readers: tokio::sync::OnceCell::new(),
             cmd_set: false,
             skeleton_ok: false,
+            chain: Vec::new(),
         }
     }
 
@@ -501,7 +512,7 @@ impl<'a> PlatformBuild<'a> {
         let stage = &plan.stages[index];
         let rootfs = self.rootfs_of(index);
         let settings = layer_settings(self.req());
-        let (config, layers, key) = match &stage.base {
+        let (config, layers, key, chain) = match &stage.base {
             Base::Scratch => {
                 let platform = stage
                     .platform
@@ -519,6 +530,7 @@ impl<'a> PlatformBuild<'a> {
                     config,
                     Vec::new(),
                     CacheKey::root(None, &platform, &settings),
+                    Vec::new(),
                 )
             }
             Base::Image(reference) => {
@@ -537,13 +549,23 @@ impl<'a> PlatformBuild<'a> {
                     &pulled.config.platform(),
                     &settings,
                 );
-                (pulled.config.clone(), pulled.manifest.layers.clone(), key)
+                (
+                    pulled.config.clone(),
+                    pulled.manifest.layers.clone(),
+                    key,
+                    Vec::new(),
+                )
             }
             Base::Stage(dep) => {
                 let dep = done
                     .get(dep)
                     .ok_or_else(|| BuildError::Local(format!("stage {dep} has not run")))?;
-                (dep.config.clone(), dep.layers.clone(), dep.key)
+                (
+                    dep.config.clone(),
+                    dep.layers.clone(),
+                    dep.key,
+                    dep.chain.clone(),
+                )
             }
         };
         let mut state = StageState {
@@ -555,6 +577,7 @@ impl<'a> PlatformBuild<'a> {
             unpacked_for_readers: tokio::sync::OnceCell::new(),
             cmd_set: false,
             skeleton_ok: false,
+            chain,
         };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
         state.config.config.on_build = None;
@@ -987,6 +1010,7 @@ mod tests {
             unpacked_for_readers: tokio::sync::OnceCell::new(),
             cmd_set: false,
             skeleton_ok: false,
+            chain: Vec::new(),
         };
         let done: Done = [(1, std::sync::Arc::new(state))].into_iter().collect();
         assert_eq!(

@@ -63,6 +63,7 @@ impl PlatformBuild<'_> {
                 }
             };
             step_cache::export(self.shared, &self.platform, &key, &record);
+            state.chain.push((key, record.clone()));
             if let (Some(layer), Some(diff_id)) = (record.layer, record.diff_id) {
                 state.config.rootfs.diff_ids.push(diff_id);
                 state.layers.push(layer);
