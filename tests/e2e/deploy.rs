@@ -1,10 +1,10 @@
 //! deploy/: the manifests validate and meet the Pod Security level they state, the ossb image
-//! builds and runs, and the rendered Jobs (chroot and rootless) and a rootless worker pool run
-//! the ossb image in podman with runc, their security context translated to podman's flags
-//! ([`Container::podman`]), and build images that podman runs. The whole cluster (cache nodes,
-//! coordinator, worker pools) runs from its rendered command lines, environment, mounts, users
-//! and capabilities with tests/deploy/pod.sh, in network namespaces with /etc/hosts standing in
-//! for the headless Services; docs/ci's examples submit builds to it.
+//! builds and runs, and every rendered pod runs the ossb image in podman with runc, its command
+//! line, environment, volumes, user and security context translated to podman's flags
+//! ([`Container::podman`]): the Jobs (chroot and rootless) and a rootless worker pool build
+//! images that podman runs, and the whole cluster (cache nodes, coordinator, worker pools) runs
+//! in network namespaces with /etc/hosts standing in for the headless Services, where docs/ci's
+//! examples submit builds to it.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -53,7 +53,7 @@ fn expand(s: &str, env: &HashMap<String, String>) -> String {
     out
 }
 
-/// A container of a rendered pod template, ready to run with tests/deploy/pod.sh.
+/// A container of a rendered pod template, ready to run in podman ([`Container::podman`]).
 struct Container {
     argv: Vec<String>,
     env: HashMap<String, String>,
@@ -213,9 +213,22 @@ impl Container {
     /// - readOnlyRootFilesystem: `--read-only` (without podman's own tmpfs on /tmp, /run).
     /// - allowPrivilegeEscalation false: `--security-opt no-new-privileges`.
     ///
-    /// `extra`: more podman options (a `--name`).
-    fn podman(&self, image: &str, volumes: &HashMap<&str, PathBuf>, extra: &[&str]) -> Command {
+    /// `network`: podman's `--network` (`host`, or `ns:/run/netns/NAME`, a pod's namespace of
+    /// [`crate::netns::Net`]); `extra`: more podman options (a `--name`, an /etc/hosts).
+    fn podman(
+        &self,
+        image: &str,
+        volumes: &HashMap<&str, PathBuf>,
+        network: &str,
+        extra: &[&str],
+    ) -> Command {
         let mut cmd = Command::new("podman");
+        if network.starts_with("ns:") {
+            cmd.env(
+                "CONTAINERS_CONF",
+                workspace().join("tests/deploy/podman-containers.conf"),
+            );
+        }
         cmd.args([
             "run",
             "--rm",
@@ -231,7 +244,7 @@ impl Container {
             "--ulimit",
             "nproc=32768:32768",
         ])
-        .args(["--network", "host", "--user", &self.user]);
+        .args(["--network", network, "--user", &self.user]);
         if self.own_userns {
             let map = format!("0:{POD_USERNS_BASE}:65536");
             cmd.args(["--uidmap", &map, "--gidmap", &map]);
@@ -300,79 +313,6 @@ impl Container {
             .args(&self.argv[1..]);
         cmd
     }
-
-    /// The pod.sh command line; `volumes` maps volume names to host directories.
-    fn command(
-        &self,
-        rootfs: &Path,
-        volumes: &HashMap<&str, PathBuf>,
-        netns: Option<&str>,
-        hosts: Option<&Path>,
-    ) -> Command {
-        let mut cmd = Command::new(workspace().join("tests/deploy/pod.sh"));
-        cmd.arg("--rootfs")
-            .arg(rootfs)
-            .arg("--user")
-            .arg(&self.user);
-        cmd.arg("--caps").arg(self.caps.join(",").to_lowercase());
-        if self.read_only_root {
-            cmd.arg("--ro-root");
-        }
-        if self.no_new_privs {
-            cmd.arg("--no-new-privs");
-        }
-        if let Some(ns) = netns {
-            cmd.arg("--netns").arg(ns);
-        }
-        if let Some(h) = hosts {
-            cmd.arg("--hosts").arg(h);
-        }
-        if let Some(name) = &self.hostname {
-            cmd.arg("--hostname").arg(name);
-        }
-        if self.own_userns {
-            cmd.arg("--userns");
-        }
-        for (path, volume, ro) in &self.mounts {
-            let src = volumes.get(volume.as_str()).unwrap_or_else(|| {
-                panic!("the test provides no volume {volume} (mounted at {path})")
-            });
-            cmd.arg("--mount").arg(format!(
-                "{}:{path}{}",
-                src.display(),
-                if *ro { ":ro" } else { "" }
-            ));
-        }
-        for (k, v) in &self.env {
-            cmd.arg("--env").arg(format!("{k}={v}"));
-        }
-        cmd.arg("--").args(&self.argv);
-        cmd
-    }
-}
-
-/// Builds deploy/Dockerfile with ossb from the test's own ossb binary and returns
-/// (image reference pushed to the test registry, unpacked root filesystem).
-fn ossb_image(env: &TestEnv, dir: &Path) -> (String, PathBuf) {
-    let image = ossb_image_pushed(env, dir);
-    let ctx = dir.join("image-context");
-    let rootfs = dir.join("image-rootfs");
-    ossb(
-        env,
-        &dir.join("image-cache"),
-        &[
-            "build",
-            "--insecure-registry",
-            &env.registry(),
-            "-f",
-            ctx.join("Dockerfile").to_str().unwrap(),
-            "-o",
-            &format!("type=local,dest={}", rootfs.display()),
-            ctx.to_str().unwrap(),
-        ],
-    )
-    .success("ossb build of deploy/Dockerfile to a directory");
-    (image, rootfs)
 }
 
 /// Builds deploy/Dockerfile with ossb from the test's own ossb binary, pushes it to the test
@@ -413,12 +353,13 @@ fn ossb_image_pushed(env: &TestEnv, dir: &Path) -> String {
     image
 }
 
-/// The root filesystem of the ossb CI image: deploy/Dockerfile on busybox (a shell for CI
-/// systems that run scripts in the image); needs the context `ossb_image` assembled in `dir`.
-fn ossb_shell_rootfs(env: &TestEnv, dir: &Path) -> PathBuf {
+/// The ossb CI image: deploy/Dockerfile on busybox (a shell for CI systems that run scripts in
+/// the image), pushed as `image` with `-shell` appended; needs the context
+/// [`ossb_image_pushed`] assembled in `dir`. Returns its reference.
+fn ossb_shell_image(env: &TestEnv, dir: &Path, image: &str) -> String {
     let ctx = dir.join("image-context");
     let reg = env.registry();
-    let rootfs = dir.join("shell-rootfs");
+    let shell = format!("{image}-shell");
     ossb(
         env,
         &dir.join("image-cache"),
@@ -430,13 +371,14 @@ fn ossb_shell_rootfs(env: &TestEnv, dir: &Path) -> PathBuf {
             &format!("BASE={reg}/{}", env.var("OSSB_TEST_BUSYBOX")),
             "-f",
             ctx.join("Dockerfile").to_str().unwrap(),
-            "-o",
-            &format!("type=local,dest={}", rootfs.display()),
+            "-t",
+            &shell,
+            "--push",
             ctx.to_str().unwrap(),
         ],
     )
     .success("ossb build of deploy/Dockerfile on busybox");
-    rootfs
+    shell
 }
 
 #[test]
@@ -593,7 +535,10 @@ impl JobRunner {
             ("tmp", tmp),
         ]
         .into();
-        let out = c.podman(&self.image, &volumes, &[]).output().unwrap();
+        let out = c
+            .podman(&self.image, &volumes, "host", &[])
+            .output()
+            .unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned()
@@ -980,16 +925,6 @@ fn security_profiles_install_and_compile() {
     }
 }
 
-/// A podman container by name, removed when dropped (killing `podman run` leaves it running).
-struct PodmanContainer(String);
-impl Drop for PodmanContainer {
-    fn drop(&mut self) {
-        let _ = Command::new("podman")
-            .args(["rm", "--force", "--time", "0", &self.0])
-            .output();
-    }
-}
-
 fn free_port(udp: bool) -> u16 {
     if udp {
         std::net::UdpSocket::bind("127.0.0.1:0")
@@ -1032,7 +967,9 @@ fn rootless_worker_pool_in_podman_builds_chown_and_apt_get_on_debian() {
         format!("127.0.0.1:{}", free_port(true)),
     );
     let coordinator_metrics = format!("127.0.0.1:{}", free_port(false));
-    let mut pods = Pods(Vec::new());
+    let mut pods = Pods::default();
+    let name = unique("ossb-worker");
+    pods.containers.push(name.clone());
     let logs = dir.path().join("logs");
     std::fs::create_dir(&logs).unwrap();
     let mut start = |name: &str, cmd: &mut Command| {
@@ -1043,7 +980,7 @@ fn rootless_worker_pool_in_podman_builds_chown_and_apt_get_on_debian() {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        pods.0.push(child);
+        pods.children.push(child);
     };
     let ossb_cmd = |args: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_ossb"));
@@ -1121,11 +1058,9 @@ fn rootless_worker_pool_in_podman_builds_chown_and_apt_get_on_debian() {
     for volume in volumes.values() {
         for_pod_userns(volume);
     }
-    let name = unique("ossb-worker");
-    let _container = PodmanContainer(name.clone());
     start(
         "worker",
-        &mut worker.podman(&image, &volumes, &["--name", &name]),
+        &mut worker.podman(&image, &volumes, "host", &["--name", &name]),
     );
     let all_logs = || {
         let mut all = String::new();
@@ -1192,10 +1127,22 @@ fn rootless_worker_pool_in_podman_builds_chown_and_apt_get_on_debian() {
     );
 }
 
-struct Pods(Vec<std::process::Child>);
+/// The pods a test started: `podman run` processes, each in a process group of its own, and
+/// the names of their containers, removed when dropped (killing `podman run` leaves its
+/// container running).
+#[derive(Default)]
+struct Pods {
+    children: Vec<std::process::Child>,
+    containers: Vec<String>,
+}
 impl Drop for Pods {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for name in &self.containers {
+            let _ = Command::new("podman")
+                .args(["rm", "--force", "--time", "0", name])
+                .output();
+        }
+        for c in &mut self.children {
             // The whole group: `ip netns exec` forks, so killing the child alone would leave
             // unshare and the pod's processes running.
             crate::cluster::kill_group(c.id());
@@ -1317,7 +1264,7 @@ fn probe(container: &Value) -> (u64, String) {
 fn cluster_topology_from_the_rendered_manifests() {
     let Some(env) = TestEnv::get() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (image, rootfs) = ossb_image(&env, dir.path());
+    let image = ossb_image_pushed(&env, dir.path());
     let image_env = image_env(&image);
     let objects = render(&env, "deploy/cluster/base");
     let emulated = render(&env, "deploy/cluster/overlays/emulated-arm64");
@@ -1467,18 +1414,30 @@ fn cluster_topology_from_the_rendered_manifests() {
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, &text).unwrap();
 
-    let mut pods = Pods(Vec::new());
+    // Each pod in podman, in its network namespace, with the Services' names in its /etc/hosts.
+    let hosts_file = format!("{}:/etc/hosts:ro", hosts.display());
+    let in_pod =
+        |c: &Container, image: &str, volumes: &HashMap<&str, PathBuf>, ns: &str, name: &str| {
+            c.podman(
+                image,
+                volumes,
+                &format!("ns:/run/netns/{ns}"),
+                &["--name", name, "--no-hosts", "--volume", &hosts_file],
+            )
+        };
+    let mut pods = Pods::default();
     let mut start = |name: &str, c: &Container, volumes: HashMap<&str, PathBuf>, ns: &str| {
         let log_path = dir.path().join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = c
-            .command(&rootfs, &volumes, Some(ns), Some(&hosts))
+        let container = unique(name);
+        pods.containers.push(container.clone());
+        let child = in_pod(c, &image, &volumes, ns, &container)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .process_group(0)
             .spawn()
             .unwrap();
-        pods.0.push(child);
+        pods.children.push(child);
         log_path
     };
 
@@ -1549,8 +1508,19 @@ fn cluster_topology_from_the_rendered_manifests() {
                 empty_dir(&dir.path().join(format!("{name}-tmp")), 0o1777),
             ),
             ("tls", tls_of(template)),
-            ("registry-credentials", credentials.clone()),
+            (
+                "registry-credentials",
+                secret_volume(
+                    &dir.path().join(format!("{name}-registry-credentials")),
+                    &[("config.json", b"{\"auths\":{}}")],
+                    0o440,
+                ),
+            ),
         ]);
+        // hostUsers: false: the pod's root owns its volumes (see Container::podman).
+        for volume in volumes.values() {
+            for_pod_userns(volume);
+        }
         let log = start(name, &c, volumes, &worker_ns[i]);
         let (port, path) = probe(&template["spec"]["containers"][0]);
         wait_ready(
@@ -1663,8 +1633,7 @@ fn cluster_topology_from_the_rendered_manifests() {
         ("ossb-tls", submitter_tls.clone()),
         ("source", source.join("ctx")),
     ]);
-    let out = submitter
-        .command(&rootfs, &volumes, Some(&client_ns), Some(&hosts))
+    let out = in_pod(&submitter, &image, &volumes, &client_ns, &unique("tekton"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1714,7 +1683,7 @@ fn cluster_topology_from_the_rendered_manifests() {
     let job = &gitlab[0]["build-image"];
     assert!(job["image"]["name"].as_str().unwrap().ends_with("-shell"));
     assert_eq!(job["image"]["entrypoint"], serde_json::json!([""]));
-    let shell_rootfs = ossb_shell_rootfs(&env, dir.path());
+    let shell_image = ossb_shell_image(&env, dir.path(), &image);
     let gitlab_repo = format!("ci/{}", unique("gitlab"));
     let mut script = String::from("set -e\ncd \"$CI_PROJECT_DIR\"\n");
     for line in job["script"].as_array().unwrap() {
@@ -1765,10 +1734,15 @@ fn cluster_topology_from_the_rendered_manifests() {
         ("variables", variables),
         ("tmp", empty_dir(&dir.path().join("gitlab-tmp"), 0o1777)),
     ]);
-    let out = runner
-        .command(&shell_rootfs, &volumes, Some(&client_ns), Some(&hosts))
-        .output()
-        .unwrap();
+    let out = in_pod(
+        &runner,
+        &shell_image,
+        &volumes,
+        &client_ns,
+        &unique("gitlab"),
+    )
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "the GitLab job failed ({:?}):\n{}{}\n{}",
