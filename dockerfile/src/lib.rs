@@ -12,10 +12,12 @@
 //! let plan = ossb_dockerfile::plan(&df, &opts, &HashMap::new()).unwrap();
 //! assert_eq!(plan.stages[0].steps[0].created_by, "RUN /bin/sh -c echo hi # buildkit");
 //! ```
+//! [`checks`] runs BuildKit's build checks (lint rules) over a parsed Dockerfile.
 //! [`dump`] prints the parse tree in BuildKit's format (`ossb debug parse`).
 //! The build engine never parses Dockerfile text: everything it needs is in the plan.
 //! Every error is an [`Error`] carrying file, line, column, the line and a hint.
 
+pub mod checks;
 pub mod dockerignore;
 mod dump;
 mod error;

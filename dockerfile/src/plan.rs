@@ -1053,6 +1053,13 @@ pub fn base_images_with_platforms(
     Ok(out)
 }
 
+/// Checks one instruction as planning does (known instruction and flags, argument counts,
+/// stage name) and returns its flags: the build checks walk instructions one by one, as
+/// BuildKit's, reporting what came before the first bad one.
+pub(crate) fn checked_flags(df: &Dockerfile, node: &Node) -> Result<Flags, Error> {
+    check_node(&Ctx { df }, node).map(|c| c.flags)
+}
+
 /// Checks every instruction (unknown instructions and flags, argument counts, stage
 /// names) without planning.
 pub fn validate(df: &Dockerfile) -> Result<(), Error> {
@@ -1119,7 +1126,8 @@ pub fn plan(
 /// The `--build-arg` names no ARG of the build declares, sorted, for the warning the classic
 /// Docker builder prints (`One or more build-args [FOO] were not consumed`). As there, an ARG
 /// before the first FROM or in any stage up to the target consumes it (the classic builder
-/// runs every stage up to the target), and the proxy arguments never need one.
+/// runs every stage up to the target), and the proxy arguments never need one, nor
+/// `BUILDKIT_DOCKERFILE_CHECK`, which configures the build checks.
 pub fn unused_build_args(df: &Dockerfile, opts: &PlanOptions) -> Vec<String> {
     let ctx = Ctx { df };
     let Ok(checked) = check(&ctx, df) else {
@@ -1154,7 +1162,11 @@ pub fn unused_build_args(df: &Dockerfile, opts: &PlanOptions) -> Vec<String> {
         .collect();
     opts.build_args
         .keys()
-        .filter(|k| !declared.contains(*k) && !PROXY_ARGS.contains(&k.as_str()))
+        .filter(|k| {
+            !declared.contains(*k)
+                && !PROXY_ARGS.contains(&k.as_str())
+                && k.as_str() != crate::checks::CHECK_BUILD_ARG
+        })
         .cloned()
         .collect()
 }
@@ -2072,7 +2084,7 @@ fn mount_name(k: MountType) -> &'static str {
 }
 
 /// Splits a mount spec on commas, honouring double quotes (Go's csv reader, simplified).
-fn split_csv(s: &str) -> Vec<String> {
+pub(crate) fn split_csv(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut in_q = false;

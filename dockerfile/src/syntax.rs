@@ -82,6 +82,11 @@ pub struct Node {
     pub heredocs: Vec<Heredoc>,
     /// The logical line (continuations joined, comments removed).
     pub original: String,
+    /// The comment lines right before the instruction, as BuildKit keeps them for
+    /// descriptions (`# name what it is`) and per-instruction `# check=` settings: each
+    /// without its `#` and trimmed; an empty comment (`#` alone) drops those above it, blank
+    /// lines do not; parser directives are not among them.
+    pub comments: Vec<String>,
     /// 1-based first line.
     pub start_line: usize,
     /// 1-based last line (heredoc bodies included).
@@ -190,6 +195,19 @@ fn is_comment(s: &str) -> bool {
     s.trim_start_matches(char::is_whitespace).starts_with('#')
 }
 
+/// Adds the comment line `raw` to `comments` as BuildKit does: its first character (the `#`,
+/// or the indentation before it) dropped and the rest trimmed; an empty one clears the list.
+fn keep_comment(raw: &str, comments: &mut Vec<String>) {
+    let mut chars = raw.chars();
+    chars.next();
+    let text = chars.as_str().trim();
+    if text.is_empty() {
+        comments.clear();
+    } else {
+        comments.push(text.to_string());
+    }
+}
+
 /// Removes a trailing line-continuation escape. Returns the line and whether it ended
 /// the instruction (no continuation). BuildKit's rule: the escape, optionally followed by
 /// blanks, at the end, not itself preceded by an escape (or alone on the line).
@@ -220,6 +238,7 @@ pub fn parse(source: &str, file_name: &str) -> Result<Dockerfile, Error> {
     };
     let mut instructions = Vec::new();
     let mut warnings = Vec::new();
+    let mut comments: Vec<String> = Vec::new();
     let mut i = 0; // index of the next physical line
     while i < raw_lines.len() {
         let raw = raw_lines[i];
@@ -233,7 +252,12 @@ pub fn parse(source: &str, file_name: &str) -> Result<Dockerfile, Error> {
             ));
         }
         let token = trim_newline(raw).trim_start_matches(char::is_whitespace);
-        d.consider(token, i + 1).map_err(|m| fail(i + 1, m))?;
+        if is_comment(raw) {
+            keep_comment(raw, &mut comments);
+        }
+        if d.consider(token, i + 1).map_err(|m| fail(i + 1, m))? {
+            comments.pop();
+        }
         let token = if is_comment(token) { "" } else { token };
         i += 1;
         let start_line = i;
@@ -303,6 +327,7 @@ pub fn parse(source: &str, file_name: &str) -> Result<Dockerfile, Error> {
         }
         node.start_line = start_line;
         node.end_line = i;
+        node.comments = std::mem::take(&mut comments);
         instructions.push(node);
     }
     if instructions.is_empty() {
@@ -456,6 +481,7 @@ fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
         child: None,
         heredocs: Vec::new(),
         original: line.to_string(),
+        comments: Vec::new(),
         start_line: 0,
         end_line: 0,
     };
