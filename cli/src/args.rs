@@ -319,7 +319,8 @@ struct LayerSettings {
 }
 
 /// One `--output` value: `type=registry`, `type=image,push=true`, `type=oci,dest=PATH[,tar=false]`,
-/// `type=docker,dest=PATH`, `type=local,dest=DIR`, or a bare path (`type=local`, as buildx);
+/// `type=docker,dest=PATH`, `type=local,dest=DIR`, `type=tar,dest=FILE`, `type=cacheonly`, or a
+/// bare path (`type=local`, as buildx);
 /// each may add `compression=gzip|zstd|uncompressed` and `oci-mediatypes=true|false`.
 fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
     if !spec.contains('=') && !spec.is_empty() {
@@ -383,7 +384,9 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
         Some("oci") => Output::Oci { dest: dest("oci")?, tar: bool_field("tar", true)? },
         Some("docker") => Output::Docker { dest: dest("docker")? },
         Some("local") => Output::Local { dest: dest("local")? },
-        Some(other) => return Err(format!("--output {spec:?}: unknown type {other:?} (expected registry, oci, docker or local)")),
+        Some("tar") => Output::Tar { dest: dest("tar")? },
+        Some("cacheonly") => Output::CacheOnly,
+        Some(other) => return Err(format!("--output {spec:?}: unknown type {other:?} (expected registry, oci, docker, local, tar or cacheonly)")),
         None => return Err(format!("--output {spec:?}: missing type= (e.g. type=registry)")),
     };
     Ok((output, settings))
@@ -832,6 +835,14 @@ mod tests {
         );
         assert!(parse_output("type=oci").is_err());
         assert!(parse_output("type=bogus").is_err());
+        assert_eq!(
+            parse_output("type=tar,dest=fs.tar").unwrap().0,
+            Output::Tar {
+                dest: "fs.tar".into()
+            }
+        );
+        assert!(parse_output("type=tar").is_err());
+        assert_eq!(parse_output("type=cacheonly").unwrap().0, Output::CacheOnly);
         assert!(parse_output("").is_err());
     }
 

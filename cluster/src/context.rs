@@ -304,7 +304,10 @@ pub fn spec_of(
         target: req.target.clone(),
         labels: req.labels.clone().into_iter().collect(),
         push: req.outputs.contains(&Output::Registry),
-        download: req.outputs.iter().any(|o| *o != Output::Registry),
+        download: req
+            .outputs
+            .iter()
+            .any(|o| !matches!(o, Output::Registry | Output::CacheOnly)),
         no_cache: req.no_cache,
         cache_from: req
             .cache_from

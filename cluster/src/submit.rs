@@ -241,7 +241,7 @@ async fn finish(
     let local_outputs: Vec<&Output> = req
         .outputs
         .iter()
-        .filter(|o| **o != Output::Registry)
+        .filter(|o| !matches!(o, Output::Registry | Output::CacheOnly))
         .collect();
     if !local_outputs.is_empty() {
         download(req, config, &image, &top, &local_outputs).await?;
@@ -316,7 +316,10 @@ async fn download(
             Output::Local { dest } => {
                 export::write_local(&store, top, dest, &ApplyOptions::default()).map(|_| ())
             }
-            Output::Registry => Ok(()),
+            Output::Tar { dest } => {
+                export::write_tar(&store, top, dest, &ApplyOptions::default()).map(|_| ())
+            }
+            Output::Registry | Output::CacheOnly => Ok(()),
         };
         result.map_err(|e| BuildError::Export(e.to_string()))?;
     }

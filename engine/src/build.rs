@@ -47,6 +47,14 @@ pub enum Output {
         /// Destination directory (missing or empty).
         dest: PathBuf,
     },
+    /// The image's filesystem as a tar archive (one top directory per platform for several).
+    Tar {
+        /// Destination file.
+        dest: PathBuf,
+    },
+    /// Nothing: the build only fills the cache (`--cache-to` included), as buildx's
+    /// `type=cacheonly`.
+    CacheOnly,
 }
 
 /// Everything a build needs to know.
@@ -485,10 +493,12 @@ async fn run(
         false => write_index(&shared.store, &[manifests, attested].concat(), req)?,
     };
     let pushed = export(&shared, &images, &image, &plain, &attestations).await?;
-    if let Some(to @ CacheExport {
-        location: Some(location),
-        ..
-    }) = &req.cache_to
+    if let Some(
+        to @ CacheExport {
+            location: Some(location),
+            ..
+        },
+    ) = &req.cache_to
     {
         let records = match to.mode {
             CacheMode::Max => std::mem::take(
@@ -679,6 +689,23 @@ async fn export(
                         .event(crate::progress::Event::Info(format!("warning: {w}")));
                 }
             }
+            Output::Tar { dest } => {
+                let (id, t) = shared.start(format!(
+                    "exporting the filesystem as a tar archive to {}",
+                    dest.display()
+                ));
+                let result =
+                    export::write_tar(&shared.store, plain, dest, &ApplyOptions::default());
+                let warnings = shared
+                    .finish(id, t, result)
+                    .map_err(|e| BuildError::Export(e.to_string()))?;
+                for w in warnings {
+                    shared
+                        .progress
+                        .event(crate::progress::Event::Info(format!("warning: {w}")));
+                }
+            }
+            Output::CacheOnly => {}
         }
     }
     Ok(pushed)

@@ -1485,3 +1485,61 @@ fn sigterm_stops_a_build_and_leaves_nothing_behind() {
     });
     assert!(gone, "the step's process outlived the build");
 }
+
+/// `type=tar` writes the image's filesystem as one archive (what the build wrote, with the
+/// base's files), and `type=cacheonly` exports nothing but fills the cache: the same build
+/// afterwards runs no step.
+#[test]
+fn tar_and_cacheonly_outputs() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {}\nRUN mkdir -p /app && echo hi > /app/greeting\n",
+            busybox(&env)
+        ),
+        &[],
+    );
+    let cache = dir.path().join("cache");
+    let only = ossb(
+        &env,
+        &cache,
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "--progress",
+            "plain",
+            "--output",
+            "type=cacheonly",
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("--output type=cacheonly");
+    assert!(!only.stderr.contains("exporting"), "{}", only.stderr);
+    let archive = dir.path().join("fs.tar");
+    let events = build_json(
+        &env,
+        &cache,
+        &ctx,
+        &["--output", &format!("type=tar,dest={}", archive.display())],
+    );
+    assert_eq!(
+        result_of(&events)["steps_run"],
+        0,
+        "cacheonly filled the cache"
+    );
+    let listing = tool("tar", &["-tvf", archive.to_str().unwrap()]).success("tar -t");
+    let names: Vec<&str> = listing
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
+    assert!(names.contains(&"app/greeting"), "{names:?}");
+    assert!(names.contains(&"bin/busybox"), "{names:?}");
+    let greeting =
+        tool("tar", &["-xOf", archive.to_str().unwrap(), "app/greeting"]).success("tar -xO");
+    assert_eq!(greeting.stdout, "hi\n");
+}

@@ -20,7 +20,11 @@ fn two_stage(env: &TestEnv) -> String {
 fn tags(repo: &str) -> Vec<String> {
     let run = tool(
         "skopeo",
-        &["list-tags", "--tls-verify=false", &format!("docker://{repo}")],
+        &[
+            "list-tags",
+            "--tls-verify=false",
+            &format!("docker://{repo}"),
+        ],
     )
     .success("skopeo list-tags");
     let listed: Value = serde_json::from_str(&run.stdout).unwrap();
@@ -51,7 +55,12 @@ fn cache_to_min_and_max_store_what_buildx_would() {
     for (mode, stored, fresh) in [("max", 4, (0, 4)), ("min", 2, (2, 2))] {
         let repo = format!("{reg}/cache/{}", unique(mode));
         let spec = format!("type=registry,ref={repo},mode={mode}");
-        let first = build_json(&env, &dir.path().join(format!("{mode}-1")), &ctx, &["--cache-to", &spec]);
+        let first = build_json(
+            &env,
+            &dir.path().join(format!("{mode}-1")),
+            &ctx,
+            &["--cache-to", &spec],
+        );
         assert_eq!(run_and_cached(&first), (4, 0), "mode={mode}");
         assert_eq!(tags(&repo).len(), stored, "mode={mode}: {:?}", tags(&repo));
         let second = build_json(
@@ -60,13 +69,22 @@ fn cache_to_min_and_max_store_what_buildx_would() {
             &ctx,
             &["--cache-from", &format!("type=registry,ref={repo}")],
         );
-        assert_eq!(run_and_cached(&second), fresh, "mode={mode}: a fresh machine's build");
+        assert_eq!(
+            run_and_cached(&second),
+            fresh,
+            "mode={mode}: a fresh machine's build"
+        );
     }
 
     // oci-mediatypes=false: Docker's manifests, which the fresh machine reads alike.
     let repo = format!("{reg}/cache/{}", unique("docker"));
     let spec = format!("type=registry,ref={repo},oci-mediatypes=false");
-    build_json(&env, &dir.path().join("docker-1"), &ctx, &["--cache-to", &spec]);
+    build_json(
+        &env,
+        &dir.path().join("docker-1"),
+        &ctx,
+        &["--cache-to", &spec],
+    );
     let tag = &tags(&repo)[0];
     let manifest: Value =
         serde_json::from_str(&inspect_raw(&format!("{repo}:{tag}")).stdout).unwrap();
@@ -74,7 +92,12 @@ fn cache_to_min_and_max_store_what_buildx_would() {
         manifest["mediaType"],
         "application/vnd.docker.distribution.manifest.v2+json"
     );
-    let second = build_json(&env, &dir.path().join("docker-2"), &ctx, &["--cache-from", &repo]);
+    let second = build_json(
+        &env,
+        &dir.path().join("docker-2"),
+        &ctx,
+        &["--cache-from", &repo],
+    );
     assert_eq!(run_and_cached(&second), (2, 2));
 }
 
@@ -171,12 +194,21 @@ fn inline_cache_rides_in_the_image() {
     assert_eq!(steps[0]["layer"], layers - 2);
     assert_eq!(steps[1]["layer"], layers - 1);
 
-    let fresh = build_json(&env, &dir.path().join("fresh"), &ctx, &["--cache-from", &image]);
+    let fresh = build_json(
+        &env,
+        &dir.path().join("fresh"),
+        &ctx,
+        &["--cache-from", &image],
+    );
     assert_eq!(run_and_cached(&fresh), (2, 2));
 
     let child_ctx = dir.path().join("child");
     std::fs::create_dir_all(&child_ctx).unwrap();
-    std::fs::write(child_ctx.join("Dockerfile"), format!("FROM {image}\nRUN true\n")).unwrap();
+    std::fs::write(
+        child_ctx.join("Dockerfile"),
+        format!("FROM {image}\nRUN true\n"),
+    )
+    .unwrap();
     let out = dir.path().join("child.tar");
     ossb(
         &env,
@@ -193,11 +225,26 @@ fn inline_cache_rides_in_the_image() {
     .success("a build FROM the image");
     let unpacked = dir.path().join("child-oci");
     std::fs::create_dir_all(&unpacked).unwrap();
-    tool("tar", &["-xf", out.to_str().unwrap(), "-C", unpacked.to_str().unwrap()])
-        .success("tar -x");
+    tool(
+        "tar",
+        &[
+            "-xf",
+            out.to_str().unwrap(),
+            "-C",
+            unpacked.to_str().unwrap(),
+        ],
+    )
+    .success("tar -x");
     let configs = tool(
         "grep",
-        &["-rl", "ossb.cache.v1", unpacked.join("blobs").to_str().unwrap()],
+        &[
+            "-rl",
+            "ossb.cache.v1",
+            unpacked.join("blobs").to_str().unwrap(),
+        ],
     );
-    assert_eq!(configs.stdout, "", "the child image inherited the inline cache");
+    assert_eq!(
+        configs.stdout, "",
+        "the child image inherited the inline cache"
+    );
 }

@@ -1,7 +1,7 @@
 //! Exporters that write a built image somewhere other than a registry: an OCI image layout,
 //! as a directory or as a tar archive (what `podman load` and `skopeo copy oci-archive:` read),
 //! a Docker archive (`docker load` / `podman load`, [`write_docker_archive`]), and the image's
-//! filesystem in a local directory ([`write_local`]).
+//! filesystem in a local directory ([`write_local`]) or a tar archive ([`write_tar`]).
 //!
 //! Nothing half-written is left at the destination: the result is assembled under a temporary
 //! name beside it and renamed into place at the end.
@@ -15,9 +15,11 @@ use crate::store::BlobStore;
 
 mod docker;
 mod local;
+mod tarball;
 
 pub use docker::write_docker_archive;
 pub use local::write_local;
+pub use tarball::write_tar;
 
 /// Annotation naming an image in an OCI layout (the tag part).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
