@@ -156,10 +156,9 @@ pub fn parse_cache_export(spec: &str) -> Result<CacheExport, CacheSpecError> {
                     "the cache stores each layer as the build compressed it (--output compression=)",
                 ));
             }
-            _ => export.no_effect.push((
-                format!("{key}={value}"),
-                "ossb does not know this option",
-            )),
+            _ => export
+                .no_effect
+                .push((format!("{key}={value}"), "ossb does not know this option")),
         }
     }
     if export.location.is_none() && export.mode == CacheMode::Max {
@@ -643,7 +642,10 @@ mod tests {
             max.to_string(),
             "type=registry,ref=r/c,mode=max,ignore-error=true,oci-mediatypes=false"
         );
-        assert_eq!(parse_cache_export(&max.to_string()).unwrap().no_effect, vec![]);
+        assert_eq!(
+            parse_cache_export(&max.to_string()).unwrap().no_effect,
+            vec![]
+        );
         let inline = parse_cache_export("type=inline").unwrap();
         assert_eq!(inline.location, None);
         assert_eq!(inline.to_string(), "type=inline");
