@@ -1084,3 +1084,137 @@ fn overlay_and_metadata_snapshots_build_the_same_image() {
         );
     }
 }
+
+/// The rootless sandbox adapted to a Pod Security "baseline" pod keeps every RUN feature: ossb
+/// (this test's binary, on the Debian image) runs in podman as such a pod runs it (a user
+/// namespace of 65536 ids of its own, only SETUID, SETGID and SETFCAP, the seccomp profile of
+/// deploy/security-profiles, /proc masked, no-new-privileges, a read-only root). Its steps get
+/// the pod's /proc read-only in the build's pid namespace and a user namespace of their own,
+/// and still have secrets (with their owner), cache, tmpfs and bind mounts, heredocs,
+/// `--network=none` (loopback only), another USER, chown, and a background process killed when
+/// the step ends; the log says once how the sandbox adapted. `--isolation rootless` fails there.
+#[test]
+fn the_sandbox_adapted_to_a_baseline_pod_keeps_every_run_feature() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let dockerfile = format!(
+        "# syntax=docker/dockerfile:1\n\
+         FROM {reg}/{}\n\
+         RUN useradd --uid 1234 --create-home app && mkdir /owned && chown app:app /owned\n\
+         RUN --mount=type=secret,id=tok,uid=1234,mode=0400 echo \"secret $(stat -c '%u %a' /run/secrets/tok) $(cut -c1-6 /run/secrets/tok)\"\n\
+         RUN --mount=type=cache,target=/var/cache/t echo cached > /var/cache/t/f && echo \"cache $(cat /var/cache/t/f)\"\n\
+         RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && echo \"tmpfs $(stat -f -c %T /scratch)\"\n\
+         RUN --mount=type=bind,source=note.txt,target=/note.txt echo \"bind $(cat /note.txt)\"\n\
+         RUN --network=none echo \"network $(grep -c : /proc/net/dev)\"\n\
+         RUN <<EOT\n\
+         echo \"heredoc $(echo ok)\"\n\
+         EOT\n\
+         RUN (sleep 300; echo survived > /tmp/bg) & echo background-started\n\
+         RUN test ! -e /tmp/bg && echo \"proc $(test -w /proc/self/comm && echo writable || echo read-only)\"\n\
+         USER app\n\
+         RUN echo \"user $(id -u) $(stat -c %u /owned)\"\n",
+        env.var("OSSB_TEST_DEBIAN")
+    );
+    let ctx = dockerfile_context(
+        dir.path(),
+        "baseline",
+        &dockerfile,
+        &[("note.txt", "from-the-context"), ("token.txt", SECRET)],
+    );
+    // The pod's emptyDir for ossb's cache is owned by its root, as the kubelet's idmapped mounts
+    // show it: 3_000_000 on the host is root in the pod's user namespace.
+    let seccomp = workspace().join("deploy/security-profiles/ossb-rootless.json");
+    let run = |isolation: &str| {
+        // A cache of its own: with the steps cached, no RUN would run.
+        let cache = dir.path().join(format!("pod-cache-{isolation}"));
+        std::fs::create_dir(&cache).unwrap();
+        std::os::unix::fs::chown(&cache, Some(3_000_000), Some(3_000_000)).unwrap();
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("podman")
+            .args([
+                "run",
+                "--rm",
+                "--quiet",
+                "--runtime",
+                "runc",
+                "--tls-verify=false",
+            ])
+            .args([
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=32768:32768",
+            ])
+            .args(["--network", "host", "--user", "0:0"])
+            .args(["--uidmap", "0:3000000:65536", "--gidmap", "0:3000000:65536"])
+            .args(["--cap-drop", "all", "--cap-add", "SETUID,SETGID,SETFCAP"])
+            .arg("--security-opt")
+            .arg(format!("seccomp={}", seccomp.display()))
+            .args(["--security-opt", "no-new-privileges"])
+            .args(["--read-only", "--read-only-tmpfs=false"])
+            .arg("--volume")
+            .arg(format!(
+                "{}:/usr/local/bin/ossb:ro",
+                env!("CARGO_BIN_EXE_ossb")
+            ))
+            .arg("--volume")
+            .arg(format!("{}:/ctx:ro", ctx.display()))
+            .arg("--volume")
+            .arg(format!("{}:/cache", cache.display()))
+            .args(["--env", "OSSB_CACHE_DIR=/cache", "--env", "HOME=/cache"])
+            .arg(format!("{reg}/{}", env.var("OSSB_TEST_DEBIAN")))
+            .args([
+                "ossb",
+                "build",
+                "--progress",
+                "plain",
+                "--insecure-registry",
+                &reg,
+            ])
+            .args([
+                "--isolation",
+                isolation,
+                "--secret",
+                "id=tok,src=/ctx/token.txt",
+            ])
+            .arg("/ctx")
+            .output()
+            .expect("podman (installed by scripts/testenv.sh)");
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), log, started.elapsed())
+    };
+    let (code, log, took) = run("auto");
+    assert_eq!(code, Some(0), "{log}");
+    for line in [
+        "secret 1234 400 s3cr3t",
+        "cache cached",
+        "tmpfs tmpfs",
+        "bind from-the-context",
+        // /proc/net/dev: its header (2 lines with ':'... none) and lo only
+        "network 1",
+        "heredoc ok",
+        "background-started",
+        "proc read-only",
+        "user 1234 1234",
+    ] {
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+    assert!(
+        took < std::time::Duration::from_secs(240),
+        "a background process kept its step running ({took:?}):\n{log}"
+    );
+    assert_eq!(
+        log.matches("isolation: rootless, adapted to this container")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains(SECRET), "the secret reached the log:\n{log}");
+
+    let (code, log, _) = run("rootless");
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("--isolation rootless was asked for"), "{log}");
+    assert!(log.contains("mount(proc): EPERM"), "{log}");
+}
