@@ -273,8 +273,8 @@ pub fn time_builders(
                 s.remove(builder, dockerd);
             }
             let s = Store::fresh(scratch, builder, i, dockerd);
-            eprintln!("{}: {builder:?} cold {}/{n}", w.name, i + 1);
-            cold[b].push(measure(&mut build_command(env, builder, w, &s, dockerd)));
+            let cmd = build_command(env, builder, w, &s, dockerd);
+            cold[b].push(timed(w, builder, "cold", i, cmd));
             stores[b] = Some(s);
         }
     }
@@ -286,10 +286,8 @@ pub fn time_builders(
     for i in 0..n {
         for b in order(i) {
             let builder = builders[b];
-            eprintln!("{}: {builder:?} fully cached {}/{n}", w.name, i + 1);
-            cached[b].push(measure(&mut build_command(
-                env, builder, w, &stores[b], dockerd,
-            )));
+            let cmd = build_command(env, builder, w, &stores[b], dockerd);
+            cached[b].push(timed(w, builder, "fully cached", i, cmd));
         }
     }
     let original = std::fs::read(&w.changed_file).unwrap();
@@ -301,10 +299,8 @@ pub fn time_builders(
             let mut content = original.clone();
             content.extend_from_slice(format!("\n// change {builder:?} {i}\n").as_bytes());
             std::fs::write(&w.changed_file, content).unwrap();
-            eprintln!("{}: {builder:?} one file changed {}/{n}", w.name, i + 1);
-            changed[b].push(measure(&mut build_command(
-                env, builder, w, &stores[b], dockerd,
-            )));
+            let cmd = build_command(env, builder, w, &stores[b], dockerd);
+            changed[b].push(timed(w, builder, "one file changed", i, cmd));
         }
     }
     std::fs::write(&w.changed_file, original).unwrap();
@@ -328,6 +324,19 @@ pub fn time_builders(
             }
         })
         .collect()
+}
+
+/// Runs one build and prints its time (the table has only medians; the spread is here).
+fn timed(w: &Workload, builder: Builder, scenario: &str, i: usize, mut cmd: Command) -> Sample {
+    let sample = measure(&mut cmd);
+    eprintln!(
+        "{}: {builder:?} {scenario} {}/{}: {:.2} s",
+        w.name,
+        i + 1,
+        runs(),
+        sample.wall.as_secs_f64()
+    );
+    sample
 }
 
 /// Times a workload with ossb, buildah and BuildKit (left out with `OSSB_BENCH_BUILDKIT=0`)
