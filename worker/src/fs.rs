@@ -320,21 +320,21 @@ pub fn copy_into(
                 .join(&rel);
             if meta.is_dir() {
                 let to = resolve_path_in_root(rootfs, &kept, true)?;
-                make_dirs(rootfs, &to, own.owner, w)?;
-                copy_tree(&from, &rel, &to, own, filter, w)?;
+                let created = make_dirs(rootfs, &to, own, w)?;
+                copy_tree(&from, &rel, &to, own, filter, w, Made::Top { created })?;
             } else {
                 let parent = kept.parent().unwrap_or(Path::new(""));
                 let parent = resolve_path_in_root(rootfs, parent, true)?;
-                make_dirs(rootfs, &parent, own.owner, w)?;
+                make_dirs(rootfs, &parent, own, w)?;
                 let to = parent.join(kept.file_name().unwrap_or_default());
                 copy_entry(&from, &rel, &to, &meta, own, w)?;
             }
         } else if meta.is_dir() {
-            make_dirs(rootfs, &target, own.owner, w)?;
-            copy_tree(&from, &rel, &target, own, filter, w)?;
+            let created = make_dirs(rootfs, &target, own, w)?;
+            copy_tree(&from, &rel, &target, own, filter, w, Made::Top { created })?;
         } else {
             let to = if dest_is_dir || target.is_dir() {
-                make_dirs(rootfs, &target, own.owner, w)?;
+                make_dirs(rootfs, &target, own, w)?;
                 // Named after the source as written, even when it is a symlink that was followed.
                 let name = Path::new(&rel)
                     .file_name()
@@ -343,7 +343,7 @@ pub fn copy_into(
                 target.join(name)
             } else {
                 if let Some(parent) = target.parent() {
-                    make_dirs(rootfs, parent, own.owner, w)?;
+                    make_dirs(rootfs, parent, own, w)?;
                 }
                 target.clone()
             };
@@ -565,29 +565,34 @@ fn class_match(p: &[char], c: char) -> Option<(bool, &[char])> {
 }
 
 /// Creates `dir` (a host path inside `rootfs`, resolved inside it) and its missing parents,
-/// root-owned 0755.
+/// as BuildKit's copy makes them: owned by the `--chown` owner (root without one), mode 0755
+/// or an octal `--chmod`'s. Returns whether `dir` itself was made.
 fn make_dirs(
     rootfs: &Path,
     dir: &Path,
-    owner: Option<(u32, u32)>,
+    own: &CopyOptions,
     w: &mut Written<'_>,
-) -> Result<(), FsError> {
+) -> Result<bool, FsError> {
     if dir.is_dir() || dir == rootfs {
-        return Ok(());
+        return Ok(false);
     }
     if let Some(parent) = dir.parent() {
-        make_dirs(rootfs, parent, owner, w)?;
+        make_dirs(rootfs, parent, own, w)?;
     }
     match fs::create_dir(dir) {
         Ok(()) => {
             w.record(dir, ChangeKind::Added);
-            // As BuildKit: directories COPY creates belong to the --chown owner.
-            if let Some((uid, gid)) = owner {
+            if let Some((uid, gid)) = own.owner {
                 lchown(dir, Some(uid), Some(gid)).map_err(io_err(dir))?;
             }
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))
+            let mode = match own.mode {
+                Some(Mode::Octal(bits)) => bits,
+                _ => 0o755,
+            };
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err(dir))?;
+            Ok(true)
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
         Err(e) => Err(FsError::Io {
             path: dir.to_path_buf(),
             source: e,
@@ -595,8 +600,21 @@ fn make_dirs(
     }
 }
 
+/// How the directory a source directory is copied into came to be.
+#[derive(Clone, Copy)]
+enum Made {
+    /// The destination of the COPY itself: made by [`make_dirs`] (0755 or the octal --chmod,
+    /// the --chown owner) or already there.
+    Top { created: bool },
+    /// A directory inside the copied tree: made by the copy, or already in the rootfs.
+    Nested { created: bool },
+}
+
 /// Copies the contents of the directory `from` into the directory `to` (resolved inside the
-/// rootfs), then gives `to` the metadata of `from`.
+/// rootfs). As BuildKit's copy: a directory the copy made inside the tree takes the metadata
+/// of its source; the destination of the COPY keeps what `make_dirs` gave it (a `COPY ./app
+/// ./app` of a 0775 directory makes a 0755 one); a directory that was there keeps its owner,
+/// mode and modification time.
 fn copy_tree(
     from: &Path,
     rel: &str,
@@ -604,6 +622,7 @@ fn copy_tree(
     own: &CopyOptions,
     filter: CopyFilter<'_>,
     w: &mut Written<'_>,
+    made: Made,
 ) -> Result<(), FsError> {
     let before = fs::symlink_metadata(to).map_err(io_err(to))?;
     let mut entries: Vec<_> = fs::read_dir(from)
@@ -621,28 +640,43 @@ fn copy_tree(
         }
         let dst = to.join(entry.file_name());
         if meta.is_dir() {
-            let dst = dest_dir(w, &dst)?;
-            copy_tree(&src, &child_rel, &dst, own, filter, w)?;
+            let (dst, created) = dest_dir(w, &dst)?;
+            copy_tree(
+                &src,
+                &child_rel,
+                &dst,
+                own,
+                filter,
+                w,
+                Made::Nested { created },
+            )?;
         } else {
             copy_entry(&src, &child_rel, &dst, &meta, own, w)?;
         }
     }
     let meta = fs::symlink_metadata(from).map_err(io_err(from))?;
-    apply_metadata(to, &meta, own)?;
+    match made {
+        Made::Nested { created: true } => apply_metadata(to, &meta, own)?,
+        // BuildKit leaves the time of creation here; the source's keeps layers reproducible.
+        Made::Top { created: true } => set_mtime(to, filetime_of(&meta)).map_err(io_err(to))?,
+        Made::Top { created: false } | Made::Nested { created: false } => {
+            set_mtime(to, filetime_of(&before)).map_err(io_err(to))?
+        }
+    }
     w.record_dir(to, &before)
 }
 
 /// The directory a source directory is copied into at `dst`: an existing directory, or where
 /// a symlink there leads *inside the rootfs* when that is a directory (never a host path),
-/// or a new directory replacing whatever else is there.
-fn dest_dir(w: &mut Written<'_>, dst: &Path) -> Result<PathBuf, FsError> {
+/// or a new directory replacing whatever else is there (then `true`: made here).
+fn dest_dir(w: &mut Written<'_>, dst: &Path) -> Result<(PathBuf, bool), FsError> {
     let kind = match fs::symlink_metadata(dst) {
-        Ok(m) if m.is_dir() => return Ok(dst.to_path_buf()),
+        Ok(m) if m.is_dir() => return Ok((dst.to_path_buf(), false)),
         Ok(m) if m.file_type().is_symlink() => {
             let rel = dst.strip_prefix(w.rootfs).unwrap_or(dst);
             let real = resolve_path_in_root(w.rootfs, rel, true)?;
             if fs::symlink_metadata(&real).is_ok_and(|m| m.is_dir()) {
-                return Ok(real);
+                return Ok((real, false));
             }
             ChangeKind::Modified
         }
@@ -652,7 +686,7 @@ fn dest_dir(w: &mut Written<'_>, dst: &Path) -> Result<PathBuf, FsError> {
     remove_existing(dst)?;
     fs::create_dir(dst).map_err(io_err(dst))?;
     w.record(dst, kind);
-    Ok(dst.to_path_buf())
+    Ok((dst.to_path_buf(), true))
 }
 
 fn remove_existing(path: &Path) -> Result<(), FsError> {
@@ -1110,6 +1144,43 @@ mod tests {
             ),
             Err(FsError::SourceMissing(_))
         ));
+    }
+
+    /// Directory modes as BuildKit's copy gives them (checked against Docker 20.10's BuildKit
+    /// and fsutil's copy): the destination a directory's contents go into is made 0755 (or
+    /// the octal --chmod's, parents too), whatever the source directory's mode; directories
+    /// inside the tree keep their source's; a directory already there keeps its own.
+    #[test]
+    fn directory_modes_follow_buildkit() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        let root = dir.path().join("root");
+        fs::create_dir_all(ctx.join("app/sub")).unwrap();
+        fs::write(ctx.join("app/f"), "x").unwrap();
+        fs::set_permissions(ctx.join("app"), fs::Permissions::from_mode(0o775)).unwrap();
+        fs::set_permissions(ctx.join("app/sub"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all(root.join("existing/sub")).unwrap();
+        fs::set_permissions(root.join("existing"), fs::Permissions::from_mode(0o751)).unwrap();
+        fs::set_permissions(root.join("existing/sub"), fs::Permissions::from_mode(0o705)).unwrap();
+        let copy = |dest: &str, own: CopyOptions| {
+            copy_into(&ctx, &["app".into()], &root, dest, own, CopyFilter::none()).unwrap()
+        };
+        copy("/srv/app", CopyOptions::default());
+        assert_eq!(mode(&root.join("srv/app")), 0o755);
+        assert_eq!(mode(&root.join("srv/app/sub")), 0o700);
+        copy("/existing", CopyOptions::default());
+        assert_eq!(mode(&root.join("existing")), 0o751);
+        assert_eq!(mode(&root.join("existing/sub")), 0o705);
+        let chmod = CopyOptions {
+            mode: Some(Mode::parse("710").unwrap()),
+            ..CopyOptions::default()
+        };
+        copy("/made/by/chmod", chmod);
+        for made in ["made", "made/by", "made/by/chmod", "made/by/chmod/sub"] {
+            assert_eq!(mode(&root.join(made)), 0o710, "{made}");
+        }
     }
 
     #[test]
