@@ -231,6 +231,9 @@ pub struct BuildArgs {
     /// Write the image ID (the config digest) to this file.
     #[arg(long, value_name = "PATH")]
     pub iidfile: Option<PathBuf>,
+    /// `--call` and `--check` (build checks, outline, targets instead of a build).
+    #[command(flatten)]
+    pub call: crate::check::CallFlags,
 }
 
 /// What the CLI does itself after the build.

@@ -4,6 +4,7 @@
 mod args;
 mod attest;
 mod bake;
+mod check;
 mod cluster;
 mod display;
 
@@ -119,15 +120,27 @@ fn run_build(args: BuildArgs, isolation: Option<String>) -> ExitCode {
     }
     // One CryptoProvider for every TLS user in the process (reqwest now, quinn later).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let call = match args.call.call() {
+        Ok(c) => c,
+        Err(e) => return display::fail(mode, &e, 2),
+    };
     let (request, extras) = match args.into_request() {
         Ok(r) => r,
         Err(e) => return display::fail(mode, &e, 2),
     };
+    if let Some(call) = call {
+        return check::run_call(&call, &request);
+    }
     for warning in &extras.warnings {
         display::notice(mode, &format!("warning: {warning}"));
     }
     display::run_to_exit(&request, &extras, |request, display| {
-        Box::pin(ossb_engine::build(request, display))
+        Box::pin(check::build_checked(
+            request,
+            display,
+            mode,
+            ossb_engine::build(request, display),
+        ))
     })
 }
 

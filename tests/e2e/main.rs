@@ -5,6 +5,7 @@ mod attestations;
 mod bake;
 mod build;
 mod cache_export;
+mod checks;
 mod cluster;
 mod cluster_cache;
 mod conformance;

@@ -12,6 +12,8 @@ mod args;
 mod attest;
 #[path = "../bake.rs"]
 mod bake;
+#[path = "../check.rs"]
+mod check;
 #[allow(dead_code)]
 #[path = "../cluster.rs"]
 mod cluster;
@@ -79,15 +81,26 @@ fn main() -> ExitCode {
     display::init_build_logging(mode);
     // The one CryptoProvider of the process (quinn's TLS and the peer cache use it).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let call = match args.build.call.call() {
+        Ok(c) => c,
+        Err(e) => return display::fail(mode, &e, 2),
+    };
     let (request, extras) = match args.build.into_request() {
         Ok(r) => r,
         Err(e) => return display::fail(mode, &e, 2),
     };
+    // The checks, outline and targets need no cluster.
+    if let Some(call) = call {
+        return check::run_call(&call, &request);
+    }
     let config = SubmitConfig {
         coordinator: args.coordinator,
         tls_dir: args.tls_dir,
     };
     display::run_to_exit(&request, &extras, move |request, display| {
-        Box::pin(async move { submit(request, &config, display).await })
+        Box::pin(async move {
+            let build = submit(request, &config, display);
+            check::build_checked(request, display, mode, build).await
+        })
     })
 }
