@@ -209,19 +209,11 @@ async fn base_config(
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
-/// Whether a rule that reads base image configs can report under `config`.
-fn reads_bases(config: &checks::CheckConfig) -> bool {
-    use checks::rules;
-    [
-        &rules::UNDEFINED_VAR,
-        &rules::JSON_ARGS_RECOMMENDED,
-        &rules::INVALID_BASE_IMAGE_PLATFORM,
-    ]
-    .iter()
-    .any(|r| config.runs(r))
-}
-
-/// Runs the checks of a build's target (its first platform).
+/// Runs the checks of a build's target (its first platform). First as if every base image's
+/// config were empty: a real one can only define more (variables, a SHELL), so when that
+/// reports no undefined variable and no shell-form CMD/ENTRYPOINT it is the answer, and the
+/// build costs no registry round trip; else again with the configs resolved. (A base image
+/// of another platform is not reported here: the build's pull refuses it anyway.)
 async fn checks_of(
     request: &BuildRequest,
     df: &Dockerfile,
@@ -236,17 +228,31 @@ async fn checks_of(
             ..Report::default()
         });
     }
-    if reads_bases(&config) {
-        resolve_bases(request, df, &mut opts).await;
+    for (name, _) in checks::base_images(df, &opts) {
+        opts.bases.insert(name, BaseImage::default());
     }
+    let report = checks::check(df, &opts)?;
+    let base_dependent = [
+        checks::rules::UNDEFINED_VAR.name,
+        checks::rules::JSON_ARGS_RECOMMENDED.name,
+    ];
+    if !report
+        .warnings
+        .iter()
+        .any(|w| base_dependent.contains(&w.rule.name))
+    {
+        return Ok(report);
+    }
+    opts.bases.clear();
+    resolve_bases(request, df, &mut opts).await;
     checks::check(df, &opts)
 }
 
 /// A build with its checks: beside it, and their summary after it as buildx prints it
 /// (one JSON object per warning with `--progress json`, nothing with `--quiet`). With
 /// `# check=error=true` the checks run first and a failing one fails the build (exit 2, a
-/// bad Dockerfile) before any step.
-/// `build` is the build itself (the engine's, or a cluster's submission), not started yet.
+/// bad Dockerfile) before any step. `build` is the build itself (the engine's, or a
+/// cluster's submission), not started yet.
 pub async fn build_checked(
     request: &BuildRequest,
     display: &dyn Display,

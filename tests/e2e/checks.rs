@@ -147,6 +147,20 @@ fn undefined_variables_are_judged_with_the_base_image_s_environment() {
         details,
         ["Usage of undefined variable '$APP_HOM' (did you mean $APP_HOME?)"]
     );
+    // A build asks the registry too, when a variable is not defined by the Dockerfile.
+    let run = build(&env, &cache, &ctx, &["--progress", "plain"]).success("the build");
+    assert!(
+        run.stderr.contains(" 1 warning found (use --check to expand):\n - UndefinedVar: Usage of undefined variable '$APP_HOM' (did you mean $APP_HOME?) (line 3)\n"),
+        "{}",
+        run.stderr
+    );
+    let fine = context(
+        &dir.path().join("fine"),
+        &format!("FROM {base}\nCOPY Dockerfile $APP_HOME/\n"),
+        &[],
+    );
+    let run = build(&env, &cache, &fine, &["--progress", "plain"]).success("a build");
+    assert!(!run.stderr.contains("found (use --check"), "{}", run.stderr);
 }
 
 #[test]
