@@ -135,4 +135,3 @@ pub fn parse_number(s: &str) -> Option<f64> {
     }
     t.parse::<f64>().ok().filter(|n| n.is_finite())
 }
-
