@@ -196,11 +196,12 @@ fn hosts_file(extra: &[(String, String)]) -> std::io::Result<Option<tempfile::Na
     Ok(Some(file))
 }
 
-/// The isolation a step runs with: `auto` is rootless when the build runs in its user
-/// namespace (the CLI entered it), chroot otherwise (it fell back).
+/// The isolation a step runs with: `auto` stays auto, the rootless sandbox adapting to what
+/// the pod allows (a forced `rootless` never adapts), when the build runs in its user
+/// namespace (the CLI entered it); chroot otherwise (it fell back).
 fn effective_isolation(asked: Isolation) -> Isolation {
     match asked {
-        Isolation::Auto if IdMapping::current().is_some() => Isolation::Rootless,
+        Isolation::Auto if IdMapping::current().is_some() => Isolation::Auto,
         Isolation::Auto => Isolation::Chroot,
         other => other,
     }

@@ -16,7 +16,6 @@
 //! once, as a warning. A mode the user forced (`--isolation rootless`) is never weakened: the
 //! step fails with what was refused and what to do.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -37,26 +36,6 @@ impl Refusals {
     pub fn none(&self) -> bool {
         self.fresh_proc.is_none() && self.hostname.is_none()
     }
-}
-
-/// Whether `--isolation rootless` was given on the command line `args` (the program name
-/// first), that is whether the user forced the full rootless sandbox. The engine resolves
-/// `auto` to rootless before a step's spec reaches the sandbox, so the command line, which the
-/// re-executed build process keeps, is where the difference is still known.
-pub fn forced_on_command_line(args: impl IntoIterator<Item = OsString>) -> bool {
-    let mut args = args.into_iter().skip(1);
-    let mut forced = false;
-    while let Some(arg) = args.next() {
-        if arg == "--" {
-            break;
-        }
-        if arg == "--isolation" {
-            forced = args.next().is_some_and(|v| v == "rootless");
-        } else if let Some(value) = arg.to_str().and_then(|a| a.strip_prefix("--isolation=")) {
-            forced = value == "rootless";
-        }
-    }
-    forced
 }
 
 /// The probe's result in this process: found once, by the first rootless step.
@@ -170,39 +149,6 @@ fn adapted_warning(r: &Refusals) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(line: &str) -> Vec<OsString> {
-        line.split_whitespace().map(OsString::from).collect()
-    }
-
-    #[test]
-    fn rootless_is_forced_only_by_the_isolation_flag() {
-        assert!(forced_on_command_line(args(
-            "ossb build --isolation rootless ."
-        )));
-        assert!(forced_on_command_line(args(
-            "ossb worker --isolation=rootless --slots 2"
-        )));
-        assert!(!forced_on_command_line(args("ossb build .")));
-        assert!(!forced_on_command_line(args(
-            "ossb build --isolation auto ."
-        )));
-        assert!(!forced_on_command_line(args(
-            "ossb build --isolation=auto ."
-        )));
-        assert!(!forced_on_command_line(args(
-            "ossb build --isolation chroot ."
-        )));
-        // The value of another option, and anything after `--`, is not the flag.
-        assert!(!forced_on_command_line(args(
-            "ossb build --build-arg X=--isolation=rootless ."
-        )));
-        assert!(!forced_on_command_line(args(
-            "ossb build -- --isolation rootless"
-        )));
-        // The program name is not an argument.
-        assert!(!forced_on_command_line(args("--isolation=rootless")));
-    }
 
     #[test]
     fn the_full_sandbox_needs_no_word() {

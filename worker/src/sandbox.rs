@@ -169,8 +169,8 @@ pub struct RunSpec {
     /// The sandbox's hostname.
     pub hostname: String,
     /// Rootless or chroot. [`Isolation::Auto`] means rootless, adapted to what the container
-    /// allows; so does [`Isolation::Rootless`] unless `--isolation rootless` is on the command
-    /// line of this process, which forces the full sandbox (see [`crate::rootless`]).
+    /// allows; [`Isolation::Rootless`] (the user forced it) is the full sandbox or an error
+    /// (see [`crate::rootless`]).
     #[serde(default)]
     pub isolation: Isolation,
     /// The network.
@@ -303,8 +303,7 @@ pub async fn run(
     let refusals = match spec.isolation {
         Isolation::Chroot => Refusals::default(),
         Isolation::Rootless | Isolation::Auto => {
-            let forced = spec.isolation == Isolation::Rootless
-                && crate::rootless::forced_on_command_line(std::env::args_os());
+            let forced = spec.isolation == Isolation::Rootless;
             let exe = exe.to_path_buf();
             tokio::task::spawn_blocking(move || {
                 crate::rootless::refusals(&exe, forced, probe_rootless)
