@@ -176,17 +176,7 @@ fn inline_cache_rides_in_the_image() {
     };
     let first = push("first", &["--cache-to", "type=inline"]);
     assert_eq!(run_and_cached(&first), (4, 0));
-    let config = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--config",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --config");
+    let config = inspect_config_raw(&image);
     let config: Value = serde_json::from_str(&config.stdout).unwrap();
     let steps = config["ossb.cache.v1"].as_array().expect("an inline cache");
     assert_eq!(steps.len(), 2, "{steps:?}");

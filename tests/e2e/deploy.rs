@@ -444,16 +444,7 @@ fn ossb_image_is_built_by_ossb_and_runs_in_podman() {
         run.stdout,
         run.stderr
     );
-    let config = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--config",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --config");
+    let config = inspect_config_raw(&image);
     let config: Value = serde_json::from_str(&config.stdout).unwrap();
     assert_eq!(
         config["config"]["User"], "1000:1000",
@@ -1181,16 +1172,7 @@ const NAMESPACE: &str = "ossb";
 
 /// The image's own environment (its config's Env), which a runtime sets before the container's.
 fn image_env(image: &str) -> HashMap<String, String> {
-    let config = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--config",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --config");
+    let config = inspect_config_raw(image);
     let config: Value = serde_json::from_str(&config.stdout).unwrap();
     config["config"]["Env"]
         .as_array()

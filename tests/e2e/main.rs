@@ -102,17 +102,7 @@ fn example_image_is_pushed_and_runs_in_podman() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
     assert_eq!(meta["containerimage.digest"], info["Digest"]);
-    let config = tool(
-        "skopeo",
-        &[
-            "inspect",
-            "--config",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{image}"),
-        ],
-    )
-    .success("skopeo inspect --config");
+    let config = inspect_config_raw(&image);
     let config_digest = format!("sha256:{}", sha256_hex(config.stdout.as_bytes()));
     assert_eq!(std::fs::read_to_string(&iid).unwrap(), config_digest);
     let config: serde_json::Value = serde_json::from_str(&config.stdout).unwrap();

@@ -142,6 +142,22 @@ pub fn inspect_raw(image: &str) -> Run {
     .success("skopeo inspect --raw")
 }
 
+/// `skopeo inspect --config --raw` of `image` on a plain-HTTP registry: its config's bytes as
+/// pushed (their sha256 is the image ID).
+pub fn inspect_config_raw(image: &str) -> Run {
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    )
+    .success("skopeo inspect --config --raw")
+}
+
 pub fn tool(program: &str, args: &[&str]) -> Run {
     let out = Command::new(program)
         .args(args)
