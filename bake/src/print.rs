@@ -5,6 +5,7 @@
 
 use crate::entries;
 use crate::{Resolved, Target};
+use ossb_protocol::go_json_string;
 
 enum J {
     Str(String),
@@ -181,7 +182,7 @@ fn raw(v: &serde_json::Value) -> J {
 fn write(out: &mut String, j: &J, indent: usize) {
     let pad = |n: usize| "  ".repeat(n);
     match j {
-        J::Str(s) => quote(out, s),
+        J::Str(s) => go_json_string(out, s),
         J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         J::Raw(serde_json::Value::Array(_))
         | J::Raw(serde_json::Value::Object(_))
@@ -210,7 +211,7 @@ fn write(out: &mut String, j: &J, indent: usize) {
             out.push_str("{\n");
             for (i, (k, v)) in items.iter().enumerate() {
                 out.push_str(&pad(indent + 1));
-                quote(out, k);
+                go_json_string(out, k);
                 out.push_str(": ");
                 write(out, v, indent + 1);
                 if i + 1 < items.len() {
@@ -222,28 +223,4 @@ fn write(out: &mut String, j: &J, indent: usize) {
             out.push('}');
         }
     }
-}
-
-/// A JSON string as Go's encoder writes it (HTML-safe: `<`, `>`, `&` escaped).
-fn quote(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '<' => out.push_str("\\u003c"),
-            '>' => out.push_str("\\u003e"),
-            '&' => out.push_str("\\u0026"),
-            '\u{2028}' => out.push_str("\\u2028"),
-            '\u{2029}' => out.push_str("\\u2029"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }

@@ -30,6 +30,29 @@ pub fn clip(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Appends `s` as a JSON string the way Go's `encoding/json` writes it (HTML-safe: `<`, `>`,
+/// `&`, U+2028 and U+2029 escaped): buildx's outputs, reproduced byte for byte.
+pub fn go_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 /// A boolean as Go's `strconv.ParseBool` spells it: what buildx accepts in its options and
 /// bake in its overrides.
 pub fn parse_bool(s: &str) -> Option<bool> {

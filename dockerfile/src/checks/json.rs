@@ -1,6 +1,8 @@
 //! JSON as Go's `json.MarshalIndent(v, "", "  ")` writes it, for the outputs buildx prints
 //! byte for byte: fields in declaration order, `<`, `>` and `&` escaped, `[]byte` as base64.
 
+use ossb_protocol::go_json_string;
+
 /// A JSON value with ordered object fields.
 pub(crate) enum J {
     Null,
@@ -38,7 +40,7 @@ impl J {
             J::Null => out.push_str("null"),
             J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             J::Num(n) => out.push_str(&n.to_string()),
-            J::Str(s) => quote(out, s),
+            J::Str(s) => go_json_string(out, s),
             J::Arr(items) if items.is_empty() => out.push_str("[]"),
             J::Arr(items) => {
                 out.push('[');
@@ -60,7 +62,7 @@ impl J {
                         out.push(',');
                     }
                     indent(out, depth + 1);
-                    quote(out, k);
+                    go_json_string(out, k);
                     out.push_str(": ");
                     v.write(out, depth + 1);
                 }
@@ -69,28 +71,6 @@ impl J {
             }
         }
     }
-}
-
-/// Go's string encoding, HTML-safe.
-fn quote(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\x08' => out.push_str("\\b"),
-            '\x0c' => out.push_str("\\f"),
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32))
-            }
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 fn base64(b: &[u8]) -> String {
