@@ -432,6 +432,11 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         }
     }
     report.leftovers += ossb_worker::sandbox::remove_stale_step_files();
+    // The inputs cache-miss reasons compare with go as step records do.
+    let positions = crate::cache_miss::Positions::open(cache_dir);
+    if let Some(before) = older_than.and_then(|d| now.checked_sub(d)) {
+        positions.prune(Some(before))?;
+    }
     if opts.all {
         // RUN --mount=type=cache directories.
         let mounts = cache_dir.join("run-mounts");
@@ -582,6 +587,9 @@ mod prune_tests {
         let store = ossb_image::store::BlobStore::open(dir.path()).unwrap();
         let old = store.put(&vec![1u8; 1000]).unwrap();
         let new = store.put(&vec![2u8; 1000]).unwrap();
+        crate::cache_miss::Positions::open(dir.path())
+            .save("stage", &Default::default())
+            .unwrap();
         let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         fs::File::options()
             .write(true)
@@ -609,6 +617,11 @@ mod prune_tests {
         .unwrap();
         assert!(!store.contains(&new));
         assert_eq!(info(dir.path()).unwrap().blobs, 0);
+        // The records cache-miss reasons compare with go too.
+        assert!(fs::read_dir(dir.path().join("cache/positions"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 
     /// Over `--keep-storage`, blobs no step record refers to go before step layers, even

@@ -41,26 +41,76 @@ pub fn sources_checksum_cached(
     let mut hasher = Hasher {
         hasher: blake3::Hasher::new(),
         cache,
+        entries: None,
     };
+    sum_sources(&mut hasher, root, sources, filter)?;
+    Ok(*hasher.hasher.finalize().as_bytes())
+}
+
+/// What one file (or directory, link, special file) contributed to a checksum: its path
+/// relative to the root and a digest of the bytes it fed in (path, metadata, content hash).
+pub type EntryDigest = (String, [u8; 8]);
+
+/// [`sources_checksum_cached`] with what each entry contributed, in the order the checksum
+/// read them: two lists of the same sources tell which path changed (a cache miss's reason).
+/// Eight bytes per entry: only compared with an earlier list of the same step.
+pub fn sources_entries_cached(
+    root: &Path,
+    sources: &[String],
+    filter: CopyFilter<'_>,
+    cache: &ChecksumCache,
+) -> Result<([u8; 32], Vec<EntryDigest>), FsError> {
+    let mut hasher = Hasher {
+        hasher: blake3::Hasher::new(),
+        cache,
+        entries: Some((blake3::Hasher::new(), Vec::new())),
+    };
+    sum_sources(&mut hasher, root, sources, filter)?;
+    let entries = hasher.entries.take().map(|(_, e)| e).unwrap_or_default();
+    Ok((*hasher.hasher.finalize().as_bytes(), entries))
+}
+
+fn sum_sources(
+    hasher: &mut Hasher<'_>,
+    root: &Path,
+    sources: &[String],
+    filter: CopyFilter<'_>,
+) -> Result<(), FsError> {
     for source in sources {
-        hasher.update(b"source\0");
-        hasher.update(source.as_bytes());
+        // Not part of any entry's digest: the sources are the instruction's.
+        hasher.hasher.update(b"source\0");
+        hasher.hasher.update(source.as_bytes());
         for (rel, path) in expand_source(root, source, filter)? {
-            hash_tree(&mut hasher, &path, &rel, filter)?;
+            hash_tree(hasher, &path, &rel, filter)?;
         }
     }
-    Ok(*hasher.hasher.finalize().as_bytes())
+    Ok(())
 }
 
 /// The checksum being computed and where content hashes come from.
 struct Hasher<'c> {
     hasher: blake3::Hasher,
     cache: &'c ChecksumCache,
+    /// When asked for: the current entry's own hasher and the entries so far.
+    entries: Option<(blake3::Hasher, Vec<EntryDigest>)>,
 }
 
 impl Hasher<'_> {
     fn update(&mut self, bytes: &[u8]) {
         self.hasher.update(bytes);
+        if let Some((entry, _)) = &mut self.entries {
+            entry.update(bytes);
+        }
+    }
+
+    /// Ends the entry at `rel`: its digest joins the list (when one is kept).
+    fn end_entry(&mut self, rel: &str) {
+        if let Some((entry, list)) = &mut self.entries {
+            let mut digest = [0u8; 8];
+            digest.copy_from_slice(&entry.finalize().as_bytes()[..8]);
+            list.push((rel.to_string(), digest));
+            entry.reset();
+        }
     }
 }
 
@@ -149,6 +199,7 @@ fn hash_entry(
         // number are what a copy makes of it.
         hasher.update(&meta.rdev().to_le_bytes());
     }
+    hasher.end_entry(rel);
     Ok(())
 }
 
@@ -417,6 +468,35 @@ mod tests {
         fs::set_permissions(dir.path().join("src/a"), fs::Permissions::from_mode(0o600)).unwrap();
         assert_ne!(sum(), second, "mode matters");
         assert!(sources_checksum(dir.path(), &["missing".into()], CopyFilter::none()).is_err());
+    }
+
+    /// The entry list gives the same checksum as the plain one and tells which path changed.
+    #[test]
+    fn entries_name_the_changed_path() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("src")).unwrap();
+        fs::write(dir.path().join("src/a"), "one").unwrap();
+        fs::write(dir.path().join("src/b"), "two").unwrap();
+        let cache = ChecksumCache::in_memory();
+        let list = || {
+            sources_entries_cached(dir.path(), &["src".into()], CopyFilter::none(), &cache).unwrap()
+        };
+        let (sum, before) = list();
+        assert_eq!(
+            sum,
+            sources_checksum(dir.path(), &["src".into()], CopyFilter::none()).unwrap()
+        );
+        let paths: Vec<&str> = before.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["src", "src/a", "src/b"]);
+        fs::write(dir.path().join("src/b"), "three").unwrap();
+        let (_, after) = list();
+        let changed: Vec<&str> = before
+            .iter()
+            .zip(&after)
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| x.0.as_str())
+            .collect();
+        assert_eq!(changed, ["src/b"]);
     }
 
     fn set_mtime(path: &Path, secs_ago: u64) {
