@@ -1543,3 +1543,68 @@ fn tar_and_cacheonly_outputs() {
         tool("tar", &["-xOf", archive.to_str().unwrap(), "app/greeting"]).success("tar -xO");
     assert_eq!(greeting.stdout, "hi\n");
 }
+
+/// A COPY --from of a few files of a stage that is not unpacked (cached here, or built by
+/// another task of a cluster) reads only the layers that hold them: the newest version of a
+/// file rewritten in a later layer, a file of a lower layer; a directory, a deleted file or a
+/// symlink still go through the whole rootfs and behave as before.
+#[test]
+fn copy_from_a_cached_stage_reads_only_the_layers_holding_the_files() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let stage_a = format!(
+        "FROM {} AS a\n\
+         RUN mkdir -p /out/bin /d && echo old > /out/bin/tool && echo keep > /keep \
+             && echo gone > /gone && echo d > /d/f && ln -s /keep /link\n\
+         RUN echo new > /out/bin/tool && rm /gone\n",
+        busybox(&env)
+    );
+    let cache = dir.path().join("cache");
+    let build = |final_stage: &str, out: &str| {
+        let ctx = context(
+            &dir.path().join(out),
+            &format!("{stage_a}FROM {}\n{final_stage}", busybox(&env)),
+            &[],
+        );
+        let dest = format!("type=local,dest={}", dir.path().join(out).join("fs").display());
+        let args = [
+            "build",
+            "--progress",
+            "plain",
+            "--insecure-registry",
+            &env.registry(),
+            "--output",
+            &dest,
+            ctx.to_str().unwrap(),
+        ];
+        (ossb(&env, &cache, &args), dir.path().join(out).join("fs"))
+    };
+    // Stage a runs (unpacked) in the first build; the others find it cached.
+    build("COPY --from=a /keep /first\n", "first").0.success("first build");
+    let (run, fs) = build(
+        "RUN echo final > /final\nCOPY --from=a /out/bin/tool /keep /\n",
+        "files",
+    );
+    let run = run.success("COPY --from of two files of a cached stage");
+    assert_eq!(std::fs::read_to_string(fs.join("tool")).unwrap(), "new\n");
+    assert_eq!(std::fs::read_to_string(fs.join("keep")).unwrap(), "keep\n");
+    assert!(
+        run.stderr.contains("reading /out/bin/tool, /keep from the stage's layers that hold them"),
+        "{}",
+        run.stderr
+    );
+    // busybox's layer and a's two: never unpacked for two files.
+    assert!(!run.stderr.contains("unpacking 3 layers"), "{}", run.stderr);
+
+    // A directory merges layers, a symlink points elsewhere: the whole stage is unpacked.
+    let (run, fs) = build("COPY --from=a /d /d\nCOPY --from=a /link /link\n", "whole");
+    let run = run.success("COPY --from of a directory and a symlink of a cached stage");
+    assert_eq!(std::fs::read_to_string(fs.join("d/f")).unwrap(), "d\n");
+    assert_eq!(std::fs::read_to_string(fs.join("link")).unwrap(), "keep\n");
+    assert!(run.stderr.contains("unpacking 3 layers"), "{}", run.stderr);
+
+    // A file a later layer deleted is missing, as when the stage is unpacked.
+    let (run, _) = build("COPY --from=a /gone /gone\n", "gone");
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("gone"), "{}", run.stderr);
+}

@@ -410,10 +410,10 @@ async fn scan(
         let options = ossb_image::layer::ApplyOptions {
             chown: false,
             xattrs: false,
-            only: Some(|path, mode, size| {
+            only: Some(std::sync::Arc::new(|path, mode, size| {
                 path.to_str()
                     .is_some_and(|p| ossb_sbom::reads(p, mode, size))
-            }),
+            })),
             ..Default::default()
         };
         for layer in &layers {

@@ -20,7 +20,7 @@ impl PlatformBuild<'_> {
         let source_root = match &copy.from {
             None => req.context.clone(),
             Some(Source::Stage(i)) => match done.get(i) {
-                Some(s) => self.source_rootfs(s).await?,
+                Some(s) => self.copy_source_root(s, copy, id).await?,
                 None => {
                     return Err(StepError::StageNotBuilt {
                         from: "COPY --from",

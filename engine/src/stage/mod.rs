@@ -41,6 +41,7 @@ use crate::step_cache;
 mod copy;
 mod execute;
 mod image;
+mod partial;
 mod step;
 
 /// What every platform's build shares.

@@ -252,7 +252,7 @@ impl<'r> Applier<'r> {
             entry: shown.clone(),
             reason,
         })?;
-        if let Some(only) = self.opts.only {
+        if let Some(only) = &self.opts.only {
             let file = matches!(
                 kind,
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse | EntryType::Link

@@ -44,6 +44,7 @@
 
 mod apply;
 mod guard;
+mod locate;
 mod root;
 mod write;
 
@@ -60,6 +61,7 @@ use std::sync::Arc;
 use ossb_protocol::Digest;
 
 pub use apply::apply_layer;
+pub use locate::{locate, Found};
 pub(crate) use apply::decompressed;
 pub use write::write_layer;
 
@@ -177,7 +179,7 @@ pub struct ApplyOptions {
     /// permission bits and size; the others are skipped (a reader that needs a few files of an
     /// image, as the SBOM scan), as are device nodes and fifos. Directories, symlinks and
     /// whiteouts always apply. Default: every entry.
-    pub only: Option<fn(&Path, u32, u64) -> bool>,
+    pub only: Option<Arc<dyn Fn(&Path, u32, u64) -> bool + Send + Sync>>,
 }
 
 impl Default for ApplyOptions {
@@ -199,7 +201,7 @@ impl fmt::Debug for ApplyOptions {
             .field("xattrs", &self.xattrs)
             .field("whiteouts", &self.whiteouts)
             .field("on_warning", &self.on_warning.as_ref().map(|_| "<hook>"))
-            .field("only", &self.only.map(|_| "<filter>"))
+            .field("only", &self.only.as_ref().map(|_| "<filter>"))
             .finish()
     }
 }

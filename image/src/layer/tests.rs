@@ -1017,7 +1017,7 @@ fn only_writes_the_files_a_reader_wants() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let opts = ApplyOptions {
-        only: Some(wanted),
+        only: Some(Arc::new(wanted)),
         ..Default::default()
     };
     let mut lower = RawTar::default();
