@@ -24,13 +24,13 @@ pub use manifest::{
     REFERENCE_DIGEST_ANNOTATION, REFERENCE_TYPE_ANNOTATION,
 };
 pub use provenance::{
-    provenance_statement, BuildStep, Material, Mode, Provenance, SlsaVersion, SourceFile,
-    StepInput, BUILDKIT_BUILD_TYPE_V02, BUILDKIT_BUILD_TYPE_V1, DOCKERFILE_FRONTEND,
+    provenance_statement, redact_credentials, BuildStep, Material, Mode, Provenance, SlsaVersion,
+    SourceFile, StepInput, BUILDKIT_BUILD_TYPE_V02, BUILDKIT_BUILD_TYPE_V1, DOCKERFILE_FRONTEND,
     OSSB_BUILD_TYPE, PREDICATE_SLSA_V02, PREDICATE_SLSA_V1,
 };
 pub use statement::{
-    file_subjects, sbom_statement, subjects, Statement, Subject, MAX_PREDICATE_BYTES,
-    PREDICATE_SPDX, STATEMENT_TYPE,
+    extra_sbom_statement, file_subjects, sbom_statement, subjects, with_subjects, Statement,
+    Subject, MAX_PREDICATE_BYTES, PREDICATE_SPDX, STATEMENT_TYPE,
 };
 
 /// Why an attestation could not be made.
@@ -44,6 +44,9 @@ pub enum AttestError {
         /// The parser's complaint.
         detail: String,
     },
+    /// A statement to re-subject is not an in-toto statement.
+    #[error("not an in-toto statement: {0}")]
+    BadStatement(String),
     /// The SBOM scanner's output is not a JSON object.
     #[error("the SBOM is not an SPDX JSON document: {0}")]
     BadSpdx(String),

@@ -340,7 +340,7 @@ fn ids(ids: &[String]) -> Option<Value> {
 fn config_source(p: &Provenance) -> Map<String, Value> {
     let mut out = Map::new();
     if let Some(m) = &p.config_source {
-        out.insert("uri".into(), json!(redact(&m.uri)));
+        out.insert("uri".into(), json!(redact_credentials(&m.uri)));
         out.insert("digest".into(), json!({ m.algorithm.clone(): m.hex }));
     }
     out
@@ -350,7 +350,7 @@ fn materials(p: &Provenance) -> Value {
     Value::Array(
         p.materials
             .iter()
-            .map(|m| json!({ "uri": redact(&m.uri), "digest": { m.algorithm.clone(): m.hex } }))
+            .map(|m| json!({ "uri": redact_credentials(&m.uri), "digest": { m.algorithm.clone(): m.hex } }))
             .collect(),
     )
 }
@@ -362,7 +362,16 @@ fn buildkit_metadata(p: &Provenance) -> Value {
         .vcs
         .iter()
         .filter(|(_, v)| !v.is_empty())
-        .map(|(k, v)| (k, if k == "source" { redact(v) } else { v.clone() }))
+        .map(|(k, v)| {
+            (
+                k,
+                if k == "source" {
+                    redact_credentials(v)
+                } else {
+                    v.clone()
+                },
+            )
+        })
         .collect();
     if !vcs.is_empty() {
         out.insert("vcs".into(), json!(vcs));
@@ -432,9 +441,12 @@ fn insert_time(
     Ok(())
 }
 
-/// A URL with its password replaced, as BuildKit's `urlutil.RedactCredentials` (Go's
-/// `URL.Redacted`): `https://user:xxxxx@host/...`. Anything else is returned unchanged.
-fn redact(uri: &str) -> String {
+/// A URL with its credentials masked, as BuildKit's `urlutil.RedactCredentials`: a user name
+/// and a password both become `xxxxx` (`https://xxxxx:xxxxx@host/...`; a token given as the
+/// user name alone, `https://xxxxx@host/...`). Anything that is not a `scheme://` URL (git's
+/// `git@host:repo`) is returned unchanged, as Go's parser refuses it.
+pub fn redact_credentials(uri: &str) -> String {
+    const MASK: &str = "xxxxx";
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_string();
     };
@@ -443,10 +455,17 @@ fn redact(uri: &str) -> String {
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
         return uri.to_string();
     };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:xxxxx@{host}{tail}"),
-        None => uri.to_string(),
-    }
+    let (user, password) = match userinfo.split_once(':') {
+        Some((user, password)) => (user, Some(password)),
+        None => (userinfo, None),
+    };
+    let userinfo = match (user.is_empty(), password) {
+        (false, Some(_)) => format!("{MASK}:{MASK}"),
+        (false, None) => MASK.to_string(),
+        (true, Some(_)) => format!(":{MASK}"),
+        (true, None) => String::new(),
+    };
+    format!("{scheme}://{userinfo}@{host}{tail}")
 }
 
 #[cfg(test)]

@@ -109,6 +109,39 @@ pub fn sbom_statement(
     subjects: &[Subject],
     spdx_document: &[u8],
 ) -> Result<Statement, AttestError> {
+    spdx_statement(subjects, spdx_document, crate::local::SBOM_FILE.into())
+}
+
+/// The statement of an extra SBOM (`BUILDKIT_SBOM_SCAN_STAGE`: a stage's name;
+/// `BUILDKIT_SBOM_SCAN_CONTEXT`: `context`), about the image as the core SBOM is, written to
+/// `sbom-NAME.spdx.json` by a local export, as BuildKit's scanner protocol names it.
+pub fn extra_sbom_statement(
+    subjects: &[Subject],
+    name: &str,
+    spdx_document: &[u8],
+) -> Result<Statement, AttestError> {
+    spdx_statement(subjects, spdx_document, format!("sbom-{name}.spdx.json"))
+}
+
+/// `statement` (canonical statement bytes) about `subjects` instead: how a statement about an
+/// image becomes one about the files a local export wrote.
+pub fn with_subjects(statement: &[u8], subjects: &[Subject]) -> Result<Vec<u8>, AttestError> {
+    let bad = |e: String| AttestError::BadStatement(e);
+    let value: Value = serde_json::from_slice(statement).map_err(|e| bad(e.to_string()))?;
+    let (Some(predicate_type), Some(predicate)) = (
+        value.get("predicateType").and_then(Value::as_str),
+        value.get("predicate"),
+    ) else {
+        return Err(bad("no predicateType or predicate".into()));
+    };
+    Ok(self::statement(subjects, predicate_type, predicate.clone()))
+}
+
+fn spdx_statement(
+    subjects: &[Subject],
+    spdx_document: &[u8],
+    file_name: String,
+) -> Result<Statement, AttestError> {
     if spdx_document.len() > MAX_PREDICATE_BYTES {
         return Err(AttestError::TooLarge {
             size: spdx_document.len(),
@@ -122,7 +155,7 @@ pub fn sbom_statement(
     }
     Ok(Statement {
         predicate_type: PREDICATE_SPDX.into(),
-        file_name: crate::local::SBOM_FILE.into(),
+        file_name,
         bytes: statement(subjects, PREDICATE_SPDX, document),
     })
 }

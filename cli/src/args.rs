@@ -1,7 +1,7 @@
 //! The command line, as DESIGN.md fixes it (docker build / buildx conventions).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ossb_engine::remote_cache::{parse_cache, parse_cache_export};
@@ -314,17 +314,20 @@ fn key_values(
     Ok(out)
 }
 
-/// Layer settings an `--output` may carry (`compression=`, `oci-mediatypes=`).
+/// Layer settings an `--output` may carry (`compression=`, `oci-mediatypes=`), and how its
+/// attestations are laid out (`oci-artifact=`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct LayerSettings {
     compression: Option<Compression>,
     media_types: Option<MediaTypes>,
+    oci_artifact: Option<bool>,
 }
 
 /// One `--output` value: `type=registry`, `type=image,push=true`, `type=oci,dest=PATH[,tar=false]`,
 /// `type=docker,dest=PATH`, `type=local,dest=DIR`, `type=tar,dest=FILE`, `type=cacheonly`, or a
 /// bare path (`type=local`, as buildx);
-/// each may add `compression=gzip|zstd|uncompressed` and `oci-mediatypes=true|false`.
+/// each may add `compression=gzip|zstd|uncompressed`, `oci-mediatypes=true|false` and
+/// `oci-artifact=true|false` (BuildKit's exporter option).
 fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
     if !spec.contains('=') && !spec.is_empty() {
         return Ok((
@@ -379,7 +382,15 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
                 MediaTypes::Docker
             }),
         },
+        oci_artifact: match fields.get("oci-artifact") {
+            None => None,
+            Some(_) => Some(bool_field("oci-artifact", false)?),
+        },
     };
+    if settings.oci_artifact == Some(true) && settings.media_types == Some(MediaTypes::Docker) {
+        // BuildKit's words: an artifact manifest is an OCI one.
+        return Err(format!("--output {spec:?}: exporter option \"oci-artifact=true\" conflicts with \"oci-mediatypes=false\""));
+    }
     let output = match fields.get("type").map(String::as_str) {
         Some("registry") => Output::Registry,
         Some("image") if bool_field("push", false)? => Output::Registry,
@@ -393,6 +404,14 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
         None => return Err(format!("--output {spec:?}: missing type= (e.g. type=registry)")),
     };
     Ok((output, settings))
+}
+
+/// The variables that steer buildx's reading of the context's git facts.
+fn git_env() -> BTreeMap<String, String> {
+    ["BUILDX_GIT_INFO", "BUILDX_GIT_CHECK_DIRTY"]
+        .into_iter()
+        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+        .collect()
 }
 
 /// `--platform a,b`: each platform once, in the order given; the host's when absent.
@@ -679,6 +698,11 @@ impl BuildArgs {
                     s.media_types.map(|m| format!("{m:?}")),
                     "oci-mediatypes",
                 ),
+                (
+                    settings.oci_artifact.map(|a| a.to_string()),
+                    s.oci_artifact.map(|a| a.to_string()),
+                    "oci-artifact",
+                ),
             ] {
                 if let (Some(a), Some(b)) = (mine, theirs) {
                     if a != b {
@@ -688,6 +712,7 @@ impl BuildArgs {
             }
             settings.compression = settings.compression.or(s.compression);
             settings.media_types = settings.media_types.or(s.media_types);
+            settings.oci_artifact = settings.oci_artifact.or(s.oci_artifact);
         }
         let mut outputs: Vec<Output> = parsed.into_iter().map(|(o, _)| o).collect();
         if self.push && !outputs.contains(&Output::Registry) {
@@ -698,7 +723,7 @@ impl BuildArgs {
                 "--push needs at least one --tag naming the registry and repository".into(),
             );
         }
-        let (attestations, attest_warnings) = crate::attest::parse(
+        let (mut attestations, attest_warnings) = crate::attest::parse(
             self.provenance.as_deref(),
             self.sbom.as_deref(),
             &self.attest,
@@ -707,6 +732,20 @@ impl BuildArgs {
                 && !crate::attest::no_default_from_env()
                 && settings.media_types.unwrap_or_default() == MediaTypes::Oci,
         )?;
+        attestations.oci_artifact = settings.oci_artifact.unwrap_or(false);
+        if attestations.any() {
+            // As buildx: the client reads the context's git facts (a cluster's workers never
+            // see the work tree).
+            let dockerfile = self.file.as_deref().filter(|f| *f != "-").map(Path::new);
+            attestations.vcs = ossb_engine::attestations::vcs_of(
+                &self.context,
+                dockerfile,
+                &git_env(),
+            )
+            .map_err(|e| {
+                format!("reading the context's git facts (BUILDX_GIT_INFO=0 skips them): {e}")
+            })?;
+        }
         let mut certificates = Vec::new();
         for spec in &self.registry_certificates {
             let (host, file) = spec.split_once('=').ok_or_else(|| {

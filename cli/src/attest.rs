@@ -14,7 +14,7 @@ pub fn parse(
 ) -> Result<(Attestations, Vec<String>), String> {
     let mut out = Attestations {
         provenance: default_provenance.then(ProvenanceOptions::default),
-        sbom: false,
+        ..Default::default()
     };
     let mut warnings = Vec::new();
     for spec in attest {

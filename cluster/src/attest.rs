@@ -17,6 +17,8 @@ pub fn spec_of(options: &Attestations) -> AttestSpec {
             builder_id: p.builder_id.clone(),
         }),
         sbom: options.sbom,
+        oci_artifact: options.oci_artifact,
+        vcs: options.vcs.clone().into_iter().collect(),
     }
 }
 
@@ -37,6 +39,8 @@ pub fn options_of(spec: &AttestSpec) -> Attestations {
             builder_id: p.builder_id.clone(),
         }),
         sbom: spec.sbom,
+        oci_artifact: spec.oci_artifact,
+        vcs: spec.vcs.iter().cloned().collect(),
     }
 }
 
@@ -128,6 +132,8 @@ mod tests {
                 builder_id: Some("https://ci/1".into()),
             }),
             sbom: true,
+            oci_artifact: true,
+            vcs: [("source".to_string(), "https://g/r.git".to_string())].into(),
         };
         assert_eq!(options_of(&spec_of(&options)), options);
         let mut facts = PlatformFacts::default();

@@ -524,6 +524,7 @@ pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> 
         attestations: ossb_engine::Attestations {
             provenance: None,
             sbom: task.export && spec.attest.sbom,
+            ..Default::default()
         },
     }
 }

@@ -258,7 +258,67 @@ async fn finish(
         stage: None,
         facts: Vec::new(),
         sboms: Vec::new(),
+        extra_sboms: Vec::new(),
     })
+}
+
+/// Writes the attestations of the downloaded image beside the files of its local export in
+/// `dest`, as `ossb build` does: each statement about those files, under its file name; one
+/// directory per platform for several.
+fn write_local_attestations(
+    store: &BlobStore,
+    image: &BuiltImage,
+    top: &Descriptor,
+    dest: &std::path::Path,
+) -> Result<(), BuildError> {
+    let bad = |e: String| BuildError::Export(format!("the attestations of the download: {e}"));
+    if image.statement_files.is_empty() {
+        return Ok(());
+    }
+    let index: ossb_image::oci::Index =
+        serde_json::from_slice(&store.read(&top.digest).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    let (images, attestations): (Vec<&Descriptor>, Vec<&Descriptor>) = index
+        .manifests
+        .iter()
+        .partition(|m| !ossb_attest::is_attestation_manifest(m));
+    let names: BTreeMap<&Digest, &String> =
+        image.statement_files.iter().map(|(d, n)| (d, n)).collect();
+    for attestation in attestations {
+        let subject = attestation
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ossb_attest::REFERENCE_DIGEST_ANNOTATION));
+        let of = images
+            .iter()
+            .find(|i| Some(&i.digest.to_string()) == subject)
+            .ok_or_else(|| {
+                bad(format!(
+                    "{} attests no image of the index",
+                    attestation.digest
+                ))
+            })?;
+        let manifest: ossb_image::oci::Manifest = serde_json::from_slice(
+            &store
+                .read(&attestation.digest)
+                .map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let mut statements = Vec::new();
+        for layer in &manifest.layers {
+            let name = names
+                .get(&layer.digest)
+                .ok_or_else(|| bad(format!("no file name for statement {}", layer.digest)))?;
+            let bytes = store.read(&layer.digest).map_err(|e| bad(e.to_string()))?;
+            statements.push((name.to_string(), bytes));
+        }
+        let dir = match (images.as_slice(), &of.platform) {
+            ([_], _) | (_, None) => dest.to_path_buf(),
+            (_, Some(p)) => dest.join(p.platform().to_string().replace('/', "_")),
+        };
+        ossb_engine::attestations::write_local_statements(&dir, &statements)?;
+    }
+    Ok(())
 }
 
 /// Fetches the image from the peer cache into the local cache directory and writes the
@@ -314,7 +374,10 @@ async fn download(
                 export::write_docker_archive(&store, &named, dest, platform)
             }
             Output::Local { dest } => {
-                export::write_local(&store, top, dest, &ApplyOptions::default()).map(|_| ())
+                export::write_local(&store, top, dest, &ApplyOptions::default())
+                    .map_err(|e| BuildError::Export(e.to_string()))?;
+                write_local_attestations(&store, image, top, dest)?;
+                Ok(())
             }
             Output::Tar { dest } => {
                 export::write_tar(&store, top, dest, &ApplyOptions::default()).map(|_| ())

@@ -35,8 +35,8 @@ pub use ossb_protocol::clip;
 pub use plan::{
     base_images, base_images_with_platforms, plan, unused_build_args, validate, Base,
     BaseImageInfo, BuildPlan, Copy, Healthcheck, InlineFile, Instruction, Location, Mount,
-    MountType, Network, PlanOptions, Run, Security, Sharing, Source, Stage, StageNode, Step,
-    DEFAULT_PATH, DEFAULT_SHELL, MAX_VARIABLE_LEN, PROXY_ARGS,
+    MountType, Network, PlanOptions, Run, SbomScan, Security, Sharing, Source, Stage, StageNode,
+    Step, DEFAULT_PATH, DEFAULT_SHELL, MAX_VARIABLE_LEN, PROXY_ARGS, SBOM_SCAN_ARGS,
 };
 pub use syntax::{
     parse, parse_heredoc, Directive, Dockerfile, Heredoc, Node, Warning, INSTRUCTIONS,

@@ -108,7 +108,26 @@ pub struct BuildPlan {
     pub stages: Vec<Stage>,
     /// Position in `stages` of the stage to export.
     pub target: usize,
+    /// What the SBOM scans besides the image (BuildKit's `BUILDKIT_SBOM_SCAN_*` args).
+    pub sbom_scan: SbomScan,
 }
+
+/// `BUILDKIT_SBOM_SCAN_STAGE` and `BUILDKIT_SBOM_SCAN_CONTEXT`, as BuildKit reads them: an
+/// ARG of that name, before the first FROM (every stage) or in a stage (that stage), whose
+/// value is `true`/`false` or a comma-separated list of stage names. Only declared ARGs count
+/// (a `--build-arg` sets their value); a stage the target does not need is never scanned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SbomScan {
+    /// The stages to scan besides the target, as (position in [`BuildPlan::stages`], name:
+    /// `AS name`, else `stage-N`), in plan order.
+    pub stages: Vec<(usize, String)>,
+    /// Whether the build context is scanned too (set in the target stage).
+    pub context: bool,
+}
+
+/// The build args that steer the SBOM scan; never in a step's environment (BuildKit's
+/// `nonEnvArgs`).
+pub const SBOM_SCAN_ARGS: [&str; 2] = ["BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"];
 
 /// A stage as a node of the build's graph: what `ossb build` schedules and what the build
 /// cluster makes a task of.
@@ -1120,7 +1139,51 @@ pub fn plan(
         stages.push(planner.stage(i, bases)?);
     }
     let target = planner.position[resolved.target].unwrap_or(0);
-    Ok(BuildPlan { stages, target })
+    let sbom_scan = sbom_scan(&stages, target, &resolved.globals);
+    Ok(BuildPlan {
+        stages,
+        target,
+        sbom_scan,
+    })
+}
+
+/// Which stages' and whether the context's SBOMs are asked for, as BuildKit's
+/// `toDispatchState`: per stage, the global ARG's value, then the stage's own ARGs'.
+fn sbom_scan(stages: &[Stage], target: usize, globals: &Vars) -> SbomScan {
+    let mut out = SbomScan::default();
+    for (position, stage) in stages.iter().enumerate() {
+        let name = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", stage.index));
+        let enabled = |arg: &str| {
+            let mut on = globals.get(arg).is_some_and(|v| enabled_for(&name, v));
+            for step in &stage.steps {
+                if let Instruction::Arg(args) = &step.instruction {
+                    for (k, v) in args {
+                        if let (true, Some(v)) = (k == arg, v) {
+                            on = enabled_for(&name, v);
+                        }
+                    }
+                }
+            }
+            on
+        };
+        if position == target {
+            out.context = enabled("BUILDKIT_SBOM_SCAN_CONTEXT");
+        } else if enabled("BUILDKIT_SBOM_SCAN_STAGE") {
+            out.stages.push((position, name));
+        }
+    }
+    out
+}
+
+/// BuildKit's `isEnabledForStage`: a boolean, else a list of stage names.
+fn enabled_for(stage: &str, value: &str) -> bool {
+    match ossb_protocol::parse_bool(value) {
+        Some(b) => b,
+        None => value.split(',').any(|n| n == stage),
+    }
 }
 
 /// The `--build-arg` names no ARG of the build declares, sorted, for the warning the classic
@@ -1521,8 +1584,12 @@ impl Dispatcher<'_> {
             if let Some(v) = &value {
                 self.check_variable(node, &k, v)?;
             }
-            // An ENV of the same name wins over the ARG, in expansion and in RUN.
-            if let (Some(v), false) = (&value, st.vars.is_env(&k)) {
+            // An ENV of the same name wins over the ARG, in expansion and in RUN; the SBOM
+            // scan's args steer the scan only.
+            if let (Some(v), false) = (
+                &value,
+                st.vars.is_env(&k) || SBOM_SCAN_ARGS.contains(&k.as_str()),
+            ) {
                 st.vars.set(&k, v, true);
             }
             st.declared_args.push((k.clone(), value.clone()));

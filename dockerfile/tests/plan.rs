@@ -469,3 +469,54 @@ fn variables_that_outgrow_what_exec_takes_are_refused_with_their_line() {
     assert_eq!(e.line, 2, "{e}");
     assert!(e.message.contains("nest deeper than 64 levels"), "{e}");
 }
+
+/// BUILDKIT_SBOM_SCAN_STAGE / _CONTEXT as BuildKit reads them: a global ARG reaches every
+/// stage, a stage's own ARG overrides it, a value may list stage names (unnamed stages are
+/// `stage-N`), only declared ARGs count, and the args never reach a RUN's environment.
+#[test]
+fn sbom_scan_args_pick_the_stages_and_context_to_scan() {
+    let src = "ARG BUILDKIT_SBOM_SCAN_STAGE=false\nFROM alpine AS build\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nRUN true\n\
+               FROM alpine\nRUN true\nFROM alpine AS unused\nARG BUILDKIT_SBOM_SCAN_STAGE=true\n\
+               FROM scratch\nARG BUILDKIT_SBOM_SCAN_CONTEXT=true\nARG BUILDKIT_SBOM_SCAN_STAGE\n\
+               COPY --from=build /a /a\nCOPY --from=1 /b /b\nRUN x\n";
+    let p = plan_of(src, &[], None).unwrap();
+    let names: Vec<&str> = p.sbom_scan.stages.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["build"],
+        "the unused stage is never built, so never scanned"
+    );
+    assert!(p.sbom_scan.context);
+    let (position, _) = p.sbom_scan.stages[0];
+    assert_eq!(p.stages[position].name.as_deref(), Some("build"));
+    // A list of names, the unnamed stage as stage-1; the global value reaches every stage.
+    let p = plan_of(src, &[("BUILDKIT_SBOM_SCAN_STAGE", "stage-1,nope")], None).unwrap();
+    let names: Vec<&str> = p.sbom_scan.stages.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(names, ["stage-1"]);
+    // A --build-arg alone declares nothing.
+    let p = plan_of(
+        "FROM alpine AS a\nRUN true\nFROM scratch\nCOPY --from=a /a /a\n",
+        &[
+            ("BUILDKIT_SBOM_SCAN_STAGE", "true"),
+            ("BUILDKIT_SBOM_SCAN_CONTEXT", "true"),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(p.sbom_scan, SbomScan::default());
+    // Never in a RUN's environment (BuildKit's nonEnvArgs); still in its history.
+    let p = plan_of(
+        "FROM alpine\nARG BUILDKIT_SBOM_SCAN_CONTEXT=true\nARG V=1\nRUN echo $BUILDKIT_SBOM_SCAN_CONTEXT\n",
+        &[],
+        None,
+    )
+    .unwrap();
+    let Instruction::Run(run) = &p.stages[0].steps[2].instruction else {
+        panic!()
+    };
+    assert_eq!(run.build_env, vec![("V".to_string(), "1".to_string())]);
+    assert_eq!(
+        history(&p, 0)[2],
+        "RUN |2 BUILDKIT_SBOM_SCAN_CONTEXT=true V=1 /bin/sh -c echo $BUILDKIT_SBOM_SCAN_CONTEXT # buildkit"
+    );
+}

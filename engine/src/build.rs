@@ -302,6 +302,8 @@ pub struct BuildResult {
     pub facts: Vec<(Platform, crate::attestations::PlatformFacts)>,
     /// Each platform image's SBOM, when asked for.
     pub sboms: Vec<(Platform, Vec<u8>)>,
+    /// The extra SBOMs (`BUILDKIT_SBOM_SCAN_*`) of each platform image, by name.
+    pub extra_sboms: Vec<(Platform, String, Vec<u8>)>,
 }
 
 /// Why a build failed. [`BuildError::exit_code`] maps it to the CLI's exit code.
@@ -556,6 +558,14 @@ async fn run(
         .iter()
         .filter_map(|a| Some((a.platform().clone(), a.sbom()?.to_vec())))
         .collect();
+    let extra_sboms = attestations
+        .iter()
+        .flat_map(|a| {
+            a.extra_sboms()
+                .iter()
+                .map(|(name, doc)| (a.platform().clone(), name.clone(), doc.clone()))
+        })
+        .collect();
     Ok(BuildResult {
         image,
         config_digest,
@@ -565,6 +575,7 @@ async fn run(
         stage,
         facts: shared.facts.all(),
         sboms,
+        extra_sboms,
     })
 }
 

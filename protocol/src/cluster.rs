@@ -270,6 +270,10 @@ pub struct AttestSpec {
     pub provenance: Option<ProvenanceSpec>,
     /// An SPDX SBOM per platform.
     pub sbom: bool,
+    /// The exporter's `oci-artifact=true`: BuildKit v0.32's artifact layout.
+    pub oci_artifact: bool,
+    /// The context's git facts (buildx's `vcs:*` attributes without the prefix).
+    pub vcs: Vec<(String, String)>,
 }
 
 /// How the provenance is written.
@@ -489,6 +493,9 @@ pub struct PlatformOutcome {
     pub facts: WireFacts,
     /// The SPDX SBOM of the image, when asked for (the task that exports it).
     pub sbom: Option<Vec<u8>>,
+    /// The extra SBOMs `BUILDKIT_SBOM_SCAN_STAGE`/`_CONTEXT` ask for, by name (a stage's
+    /// name, or `context`).
+    pub extra_sboms: Vec<(String, Vec<u8>)>,
 }
 
 /// Where a task's input blobs (base image configs and layers) came from.
@@ -545,6 +552,9 @@ pub struct BuiltImage {
     pub size: u64,
     /// The peer cache nodes that hold the blobs.
     pub cache_peers: Vec<String>,
+    /// The file name a local export gives each attestation statement (by its digest): a
+    /// download writes them beside the files, as `ossb build` does.
+    pub statement_files: Vec<(Digest, String)>,
 }
 
 /// A progress event (the engine's `Event`, durations in milliseconds).

@@ -556,3 +556,374 @@ fn the_cluster_attests_what_its_workers_built() {
             .any(|s| s["predicateType"] == "https://spdx.dev/Document"));
     }
 }
+
+const GIT_TOKEN: &str = "ghp-GIT-TOKEN-never-in-an-attestation";
+
+/// Python distribution metadata the SBOM scanner finds (a dist-info in site-packages).
+fn dist_info(name: &str, version: &str) -> (String, String) {
+    (
+        format!("venv/lib/python3.11/site-packages/{name}-{version}.dist-info/METADATA"),
+        // An author: NTIA's minimum elements need a supplier for each component.
+        format!("Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nAuthor: A. Author\n"),
+    )
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let mut all = vec!["-c", "user.name=t", "-c", "user.email=t@example.com"];
+    all.extend_from_slice(args);
+    let out = std::process::Command::new("git")
+        .args(&all)
+        .current_dir(dir)
+        .output()
+        .expect("git (installed by scripts/testenv.sh)");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+/// The SPDX packages of a statement, as (name, version).
+fn spdx_packages(statement: &Value) -> BTreeSet<(String, String)> {
+    statement["predicate"]["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_string(),
+                p["versionInfo"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// BUILDKIT_SBOM_SCAN_STAGE and _CONTEXT as BuildKit: an ARG in a stage adds that stage's
+/// SBOM, an ARG in the target stage the context's (without what .dockerignore leaves out),
+/// each a statement of its own about the image after the image's own. A context in a git work
+/// tree gives the provenance its `vcs` facts (remote with credentials masked, commit,
+/// directories) unless BUILDX_GIT_INFO=0, and the remote's token is in no blob.
+/// `oci-artifact=true` writes BuildKit v0.32's artifact layout. Everything passes the
+/// validators.
+#[test]
+fn extra_sboms_git_facts_and_the_artifact_layout() {
+    let Some(env) = TestEnv::get() else { return };
+    let reg = env.registry();
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = format!("{reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    let (stage_file, stage_meta) = dist_info("stagepkg", "1.0");
+    let (ctx_file, ctx_meta) = dist_info("ctxpkg", "2.0");
+    let (hidden_file, hidden_meta) = dist_info("hiddenpkg", "3.0");
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {busybox} AS build\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nCOPY {stage_file} /{stage_file}\n\
+             FROM {busybox}\nARG BUILDKIT_SBOM_SCAN_CONTEXT=true\nCOPY --from=build /{stage_file} /built\n"
+        ),
+        &[
+            (&stage_file, &stage_meta),
+            (&format!("app/{ctx_file}"), &ctx_meta),
+            (&format!("ignored/{hidden_file}"), &hidden_meta),
+            (".dockerignore", "ignored\n"),
+        ],
+    );
+    git(&ctx, &["init", "-q", "-b", "main"]);
+    git(&ctx, &["add", "."]);
+    git(&ctx, &["commit", "-q", "-m", "one"]);
+    git(
+        &ctx,
+        &[
+            "remote",
+            "add",
+            "origin",
+            &format!("https://bob:{GIT_TOKEN}@example.com/org/app.git"),
+        ],
+    );
+    let head = tool("git", &["-C", ctx.to_str().unwrap(), "rev-parse", "HEAD"])
+        .success("git rev-parse")
+        .stdout
+        .trim()
+        .to_string();
+    let image = format!("{reg}/tests/{}:1", unique("extra-sbom"));
+    let build = |image: &str, output: &str, extra_env: &[(&str, &str)]| {
+        ossb_with(
+            &env,
+            &dir.path().join("cache"),
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--insecure-registry",
+                &reg,
+                "--sbom=true",
+                "--provenance=mode=min",
+                "-t",
+                image,
+                "--output",
+                output,
+                ctx.to_str().unwrap(),
+            ],
+            extra_env,
+        )
+        .success("ossb build --sbom=true with BUILDKIT_SBOM_SCAN_*");
+    };
+    build(&image, "type=registry,oci-artifact=true", &[]);
+    let layout = copy_all(&image, dir.path());
+    let index = json(inspect_raw(&image).stdout.as_bytes());
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["os"] == "unknown")
+        .expect("an attestation manifest");
+    let image_digest = entry["annotations"]["vnd.docker.reference.digest"]
+        .as_str()
+        .unwrap();
+    let manifest = json(&blob(&layout, entry["digest"].as_str().unwrap()));
+    // BuildKit v0.32's artifact layout.
+    assert_eq!(
+        manifest["artifactType"],
+        "application/vnd.docker.attestation.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.empty.v1+json"
+    );
+    assert_eq!(manifest["subject"]["digest"], image_digest, "{manifest:#}");
+    let statements: Vec<(Vec<u8>, Value)> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let bytes = blob(&layout, l["digest"].as_str().unwrap());
+            let v = json(&bytes);
+            assert_eq!(
+                v["predicateType"],
+                l["annotations"]["in-toto.io/predicate-type"]
+            );
+            assert_eq!(
+                format!(
+                    "sha256:{}",
+                    v["subject"][0]["digest"]["sha256"].as_str().unwrap()
+                ),
+                image_digest
+            );
+            (bytes, v)
+        })
+        .collect();
+    let kinds: Vec<&str> = statements
+        .iter()
+        .map(|(_, s)| s["predicateType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "https://slsa.dev/provenance/v0.2",
+            "https://spdx.dev/Document",
+            "https://spdx.dev/Document",
+            "https://spdx.dev/Document"
+        ]
+    );
+    // The image's own SBOM first, then `build` and `context` (by name, as BuildKit sorts).
+    let (image_sbom, stage_sbom, context_sbom) =
+        (&statements[1].1, &statements[2].1, &statements[3].1);
+    let stagepkg = ("stagepkg".to_string(), "1.0".to_string());
+    let ctxpkg = ("ctxpkg".to_string(), "2.0".to_string());
+    let hidden = ("hiddenpkg".to_string(), "3.0".to_string());
+    assert!(
+        !spdx_packages(image_sbom).contains(&stagepkg),
+        "the image holds no dist-info"
+    );
+    assert!(
+        spdx_packages(stage_sbom).contains(&stagepkg),
+        "{stage_sbom:#}"
+    );
+    assert!(
+        spdx_packages(context_sbom).contains(&ctxpkg),
+        "{context_sbom:#}"
+    );
+    assert!(
+        !spdx_packages(context_sbom).contains(&hidden),
+        "the context's SBOM reads what .dockerignore leaves out"
+    );
+    // The git facts, the remote's credentials masked as BuildKit masks them.
+    let provenance = &statements[0].1;
+    let vcs =
+        &provenance["predicate"]["metadata"]["https://mobyproject.org/buildkit@v1#metadata"]["vcs"];
+    assert_eq!(
+        vcs["source"], "https://xxxxx:xxxxx@example.com/org/app.git",
+        "{vcs:#}"
+    );
+    assert_eq!(vcs["revision"], head.as_str());
+    assert_eq!(vcs["localdir:context"], ".");
+    assert_eq!(vcs["localdir:dockerfile"], ".");
+    for entry in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(
+            !bytes
+                .windows(GIT_TOKEN.len())
+                .any(|w| w == GIT_TOKEN.as_bytes()),
+            "the git remote's token is in a pushed blob"
+        );
+    }
+    // The validators.
+    let files: Vec<PathBuf> = statements
+        .iter()
+        .enumerate()
+        .map(|(i, (bytes, _))| {
+            let f = dir.path().join(format!("extra{i}.json"));
+            std::fs::write(&f, bytes).unwrap();
+            f
+        })
+        .collect();
+    validate_statements(
+        &env,
+        &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
+    for (i, (_, s)) in statements.iter().enumerate().skip(1) {
+        let document = dir.path().join(format!("extra{i}.spdx.json"));
+        std::fs::write(&document, s["predicate"].to_string()).unwrap();
+        validate_spdx(&env, &document);
+    }
+    // A local export writes them beside its files, named as BuildKit's scanner names them.
+    let out = dir.path().join("local");
+    build(
+        &image,
+        &format!("type=local,dest={}", out.display()),
+        &[("BUILDX_GIT_INFO", "0")],
+    );
+    for name in [
+        "provenance.json",
+        "sbom.spdx.json",
+        "sbom-build.spdx.json",
+        "sbom-context.spdx.json",
+    ] {
+        assert!(out.join(name).is_file(), "{name} is not beside the export");
+    }
+    let local = json(&std::fs::read(out.join("provenance.json")).unwrap());
+    assert!(
+        local["predicate"]["metadata"]["https://mobyproject.org/buildkit@v1#metadata"]
+            .get("vcs")
+            .is_none(),
+        "BUILDX_GIT_INFO=0 leaves the git facts out: {local:#}"
+    );
+}
+
+/// `oci-artifact=` is BuildKit's exporter option: a bad value, or with Docker media types,
+/// is refused before anything is built.
+#[test]
+fn oci_artifact_is_checked_as_buildkit_checks_it() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path(), "FROM scratch\n", &[]);
+    for (output, says) in [
+        (
+            "type=oci,dest=x,oci-artifact=maybe",
+            "oci-artifact=maybe must be true or false",
+        ),
+        (
+            "type=oci,dest=x,oci-artifact=true,oci-mediatypes=false",
+            "conflicts with \"oci-mediatypes=false\"",
+        ),
+    ] {
+        let run = ossb(
+            &env,
+            &dir.path().join("cache"),
+            &["build", "--output", output, ctx.to_str().unwrap()],
+        );
+        assert_eq!(run.code, 2, "{output}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{output}: {}", run.stderr);
+    }
+}
+
+/// A cluster's downloads carry the attestations as `ossb build`'s outputs do: `type=local`
+/// writes the same statement files beside the same files (byte for byte, with
+/// SOURCE_DATE_EPOCH), `type=oci` the same attested index. The stage BUILDKIT_SBOM_SCAN_STAGE
+/// names is built by another task than the image's, which the exporting task waits for.
+#[test]
+fn the_clusters_downloads_carry_the_attestations_of_a_local_build() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = crate::cluster::Cluster::start(&env);
+    let reg = cluster.registry.clone();
+    let bb = cluster.busybox(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("cluster-download");
+    let site = "/venv/lib/python3.11/site-packages/apkg-1.0.dist-info";
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {bb} AS a\nARG BUILDKIT_SBOM_SCAN_STAGE=true\n\
+             RUN mkdir -p {site} && printf 'Name: apkg\\nVersion: 1.0\\n' > {site}/METADATA && echo {marker} > /a\n\
+             FROM {bb} AS b\nCOPY --from=a /a /b\n\
+             FROM {bb}\nCOPY --from=b /b /c\n"
+        ),
+        &[],
+    );
+    let epoch = ("SOURCE_DATE_EPOCH", "1700000000");
+    let flags = ["--provenance=true", "--sbom=true", "-t", "example.com/dl:1"];
+    let outputs = |root: &Path| {
+        [
+            "--output".to_string(),
+            format!("type=local,dest={}", root.join("local").display()),
+            "--output".to_string(),
+            format!("type=oci,dest={},tar=false", root.join("oci").display()),
+        ]
+    };
+    let remote = dir.path().join("remote");
+    let mut submit = cluster.submit(&cluster.tls, &["--insecure-registry", &reg]);
+    submit
+        .args(flags)
+        .args(outputs(&remote))
+        .arg(&ctx)
+        .env(epoch.0, epoch.1);
+    let out = submit.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let here = dir.path().join("here");
+    let mut args = vec!["build", "--progress", "plain", "--insecure-registry", &reg];
+    args.extend(flags);
+    let outs = outputs(&here);
+    args.extend(outs.iter().map(String::as_str));
+    args.push(ctx.to_str().unwrap());
+    ossb_with(&env, &dir.path().join("cache"), &args, &[epoch]).success("ossb build of the same");
+    for name in ["provenance.json", "sbom.spdx.json", "sbom-a.spdx.json"] {
+        let read = |root: &Path| {
+            std::fs::read(root.join("local").join(name))
+                .unwrap_or_else(|e| panic!("{name} beside {}: {e}", root.display()))
+        };
+        assert_eq!(
+            String::from_utf8(read(&remote)).unwrap(),
+            String::from_utf8(read(&here)).unwrap(),
+            "{name} differs between the cluster's download and ossb build's export"
+        );
+    }
+    let sbom = json(&std::fs::read(remote.join("local/sbom-a.spdx.json")).unwrap());
+    assert!(spdx_packages(&sbom).contains(&("apkg".to_string(), "1.0".to_string())));
+    let index = |root: &Path| json(&std::fs::read(root.join("oci/index.json")).unwrap());
+    assert_eq!(
+        index(&remote),
+        index(&here),
+        "the OCI layouts' indexes differ"
+    );
+    // The layout holds the attestation manifest and its statements.
+    let top = index(&remote);
+    let top_index = json(&blob(
+        &remote.join("oci"),
+        top["manifests"][0]["digest"].as_str().unwrap(),
+    ));
+    let attestation = top_index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["os"] == "unknown")
+        .expect("the layout's index lists the attestation manifest");
+    let manifest = json(&blob(
+        &remote.join("oci"),
+        attestation["digest"].as_str().unwrap(),
+    ));
+    assert_eq!(
+        manifest["layers"].as_array().unwrap().len(),
+        3,
+        "{manifest:#}"
+    );
+}

@@ -210,7 +210,7 @@ fn v02_fields_are_where_buildkit_puts_them() {
     assert_eq!(
         p["invocation"]["configSource"],
         serde_json::json!({
-            "uri": "https://user:xxxxx@git.example/app.git",
+            "uri": "https://xxxxx:xxxxx@git.example/app.git",
             "digest": {"sha1": "0123456789abcdef0123456789abcdef01234567"},
             "entryPoint": "Dockerfile",
         })
@@ -239,7 +239,7 @@ fn v02_fields_are_where_buildkit_puts_them() {
     let bk = &m["https://mobyproject.org/buildkit@v1#metadata"];
     assert_eq!(
         bk["vcs"]["source"],
-        "https://user:xxxxx@git.example/app.git"
+        "https://xxxxx:xxxxx@git.example/app.git"
     );
     assert_eq!(
         bk["source"]["infos"][0]["data"],
@@ -314,10 +314,15 @@ fn a_timestamp_out_of_range_is_an_error_not_a_panic() {
     ));
 }
 
+/// As BuildKit's `urlutil.RedactCredentials` (its own test cases): a token is often the
+/// user name alone, so the user name goes too.
 #[test]
-fn redacts_only_passwords() {
-    assert_eq!(redact("https://u:p@h/x?y#z"), "https://u:xxxxx@h/x?y#z");
-    assert_eq!(redact("https://u@h/x"), "https://u@h/x");
-    assert_eq!(redact("git@github.com:o/r.git"), "git@github.com:o/r.git");
-    assert_eq!(redact("https://h/a@b"), "https://h/a@b");
+fn redacts_user_names_and_passwords() {
+    let r = redact_credentials;
+    assert_eq!(r("https://u:p@h/x?y#z"), "https://xxxxx:xxxxx@h/x?y#z");
+    assert_eq!(r("https://ghp_t0ken@h/x"), "https://xxxxx@h/x");
+    assert_eq!(r("https://:p@h/x"), "https://:xxxxx@h/x");
+    assert_eq!(r("git@github.com:o/r.git"), "git@github.com:o/r.git");
+    assert_eq!(r("https://h/a@b"), "https://h/a@b");
+    assert_eq!(r("https://h/x"), "https://h/x");
 }

@@ -27,10 +27,11 @@ pub(super) async fn merge_and_push(
     let scratch = tempfile::tempdir().map_err(|e| failure(e.to_string(), 1))?;
     let store =
         BlobStore::open(scratch.path().join("store")).map_err(|e| failure(e.to_string(), 1))?;
-    let attested = match spec.attest != ossb_protocol::cluster::AttestSpec::default() {
-        true => attest(spec, &outcomes, &descriptors, &store, started)?,
-        false => Vec::new(),
-    };
+    let (attested, statement_files) =
+        match spec.attest != ossb_protocol::cluster::AttestSpec::default() {
+            true => attest(spec, &outcomes, &descriptors, &store, started)?,
+            false => (Vec::new(), Vec::new()),
+        };
     let index = |manifests: &[Descriptor]| {
         ossb_engine::build::index_of(
             manifests,
@@ -100,17 +101,23 @@ pub(super) async fn merge_and_push(
         cached: outcomes.iter().map(|o| o.cached).sum(),
         size: outcomes.iter().map(|o| o.size).sum(),
         cache_peers,
+        statement_files,
     })
 }
 
-/// Writes each platform's attestation manifest into `store`; their descriptors.
+/// The attestation manifests written, and the file name of each statement (by digest) in a
+/// local export.
+type Attested = (Vec<Descriptor>, Vec<(Digest, String)>);
+
+/// Writes each platform's attestation manifest into `store`; their descriptors, and the file
+/// name of each statement in a local export.
 fn attest(
     spec: &BuildSpec,
     outcomes: &[PlatformOutcome],
     descriptors: &[Descriptor],
     store: &BlobStore,
     started: i64,
-) -> Result<Vec<Descriptor>, Failure> {
+) -> Result<Attested, Failure> {
     let inputs = crate::attest::inputs_of(spec);
     let finished = ossb_engine::build::now();
     let attestations: Vec<ossb_engine::attestations::Attestation> = outcomes
@@ -131,11 +138,15 @@ fn attest(
                 started,
                 finished,
             )
+            .with_extra_sboms(o.extra_sboms.clone())
         })
         .collect();
     let pairs: Vec<_> = descriptors.iter().zip(&attestations).collect();
-    ossb_engine::attestations::write_manifests(store, &inputs, &pairs)
-        .map_err(|e| failure(format!("writing the attestations: {e}"), 1))
+    let err = |e: ossb_attest::AttestError| failure(format!("writing the attestations: {e}"), 1);
+    let manifests =
+        ossb_engine::attestations::write_manifests(store, &inputs, &pairs).map_err(err)?;
+    let files = ossb_engine::attestations::statement_files(&inputs, &pairs).map_err(err)?;
+    Ok((manifests, files))
 }
 
 /// Pushes an attestation manifest and its blobs to `reference`'s repository, by digest.

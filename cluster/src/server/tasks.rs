@@ -45,12 +45,20 @@ pub(super) fn stage_tasks(
             .map_err(|e| failure(e.to_string(), 2))?;
         let offset = out.len();
         for node in plan.graph() {
+            let mut deps = node.deps.clone();
+            // The exporting task scans the stages BUILDKIT_SBOM_SCAN_STAGE names: it waits
+            // for them and is handed them, as for a stage it reads.
+            if node.is_target && spec.attest.sbom {
+                deps.extend(plan.sbom_scan.stages.iter().map(|(p, _)| *p));
+                deps.sort();
+                deps.dedup();
+            }
             out.push(StagePlan {
                 platform: platform.clone(),
                 stage: node.index,
                 runs_on: node.platform.unwrap_or_else(|| platform.clone()),
                 export: node.is_target,
-                deps: node.deps.iter().map(|d| offset + d).collect(),
+                deps: deps.iter().map(|d| offset + d).collect(),
             });
         }
     }
@@ -109,6 +117,8 @@ pub(super) fn task_key(task: &TaskSpec) -> Option<Digest> {
             spec.oci_media_types,
             spec.source_date_epoch,
         ),
+        // A task asked for the SBOM returns one (and the extra ones): not the same outcome.
+        spec.attest.sbom,
     ))
     .ok()?;
     Some(Digest::of(&bytes))

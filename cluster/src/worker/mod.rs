@@ -488,6 +488,7 @@ async fn simulated(
         stage: None,
         facts: Default::default(),
         sbom: None,
+        extra_sboms: Vec::new(),
     })
 }
 
@@ -691,5 +692,10 @@ async fn execute(
             .map(|(_, f)| crate::attest::facts_to_wire(f, &node.config.name))
             .unwrap_or_default(),
         sbom: result.sboms.into_iter().map(|(_, doc)| doc).next(),
+        extra_sboms: result
+            .extra_sboms
+            .into_iter()
+            .map(|(_, name, doc)| (name, doc))
+            .collect(),
     })
 }

@@ -2,14 +2,18 @@
 //! `--attest`, as options of the request.
 
 mod facts;
+mod vcs;
 mod write;
 
 pub use ossb_attest::{Mode as ProvenanceMode, SlsaVersion};
 
 pub(crate) use facts::{image_material, Facts};
 pub use facts::{PlatformFacts, StepFact};
+pub use vcs::vcs_of;
 pub(crate) use write::{attach, write_local_files};
-pub use write::{write_manifests, AttestInputs, Attestation};
+pub use write::{
+    statement_files, write_local_statements, write_manifests, AttestInputs, Attestation,
+};
 
 /// `--provenance` / `--attest type=provenance`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +35,13 @@ pub struct Attestations {
     /// image comes from the build args `BUILDKIT_SBOM_SCAN_STAGE` and
     /// `BUILDKIT_SBOM_SCAN_CONTEXT`, as in BuildKit.
     pub sbom: bool,
+    /// The exporter's `oci-artifact=true`: attestation manifests in BuildKit v0.32's OCI
+    /// artifact layout (`artifactType`, empty config, `subject`) instead of the image layout
+    /// of BuildKit v0.11 to v0.31, which ossb writes by default.
+    pub oci_artifact: bool,
+    /// The context's git facts (`source`, `revision`, `localdir:*`) as buildx sends them in
+    /// its `vcs:*` attributes; the provenance states them (BuildKit's `vcs` metadata).
+    pub vcs: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ProvenanceOptions {

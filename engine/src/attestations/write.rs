@@ -77,6 +77,8 @@ pub struct Attestation {
     platform: Platform,
     provenance: Option<(ProvenanceOptions, Provenance)>,
     sbom: Option<Vec<u8>>,
+    /// The SBOMs of the stages and context `BUILDKIT_SBOM_SCAN_*` add, by name.
+    extra_sboms: Vec<(String, Vec<u8>)>,
 }
 
 impl Attestation {
@@ -98,7 +100,16 @@ impl Attestation {
             platform,
             provenance,
             sbom,
+            extra_sboms: Vec::new(),
         }
+    }
+
+    /// With the SBOMs of the stages and context `BUILDKIT_SBOM_SCAN_*` add, by name; they
+    /// follow the image's own, sorted by name, as BuildKit's unbundling orders them.
+    pub fn with_extra_sboms(mut self, mut extras: Vec<(String, Vec<u8>)>) -> Attestation {
+        extras.sort();
+        self.extra_sboms = extras;
+        self
     }
     /// The statements about `subjects`.
     pub fn statements(&self, subjects: &[Subject]) -> Result<Vec<Statement>, AttestError> {
@@ -112,6 +123,9 @@ impl Attestation {
         }
         if let Some(document) = &self.sbom {
             out.push(ossb_attest::sbom_statement(subjects, document)?);
+            for (name, document) in &self.extra_sboms {
+                out.push(ossb_attest::extra_sbom_statement(subjects, name, document)?);
+            }
         }
         Ok(out)
     }
@@ -124,6 +138,11 @@ impl Attestation {
     /// Its SBOM, if one was made.
     pub fn sbom(&self) -> Option<&[u8]> {
         self.sbom.as_deref()
+    }
+
+    /// The extra SBOMs, by name.
+    pub fn extra_sboms(&self) -> &[(String, Vec<u8>)] {
+        &self.extra_sboms
     }
 }
 
@@ -148,14 +167,18 @@ pub(crate) async fn attach(
             .as_ref()
             .map(|p| p.platform())
             .unwrap_or_else(|| req.platforms[0].clone());
-        let sbom = match req.attestations.sbom {
-            true => Some(sbom_of(shared, image, &platform).await?),
-            false => None,
+        let (sbom, extras) = match req.attestations.sbom {
+            true => (
+                Some(sbom_of(shared, image, &platform).await?),
+                extra_sboms_of(shared, image, &platform).await?,
+            ),
+            false => (None, Vec::new()),
         };
         let facts = shared.facts.of(&platform);
-        out.push(Attestation::new(
-            &inputs, platform, &facts, sbom, started, finished,
-        ));
+        out.push(
+            Attestation::new(&inputs, platform, &facts, sbom, started, finished)
+                .with_extra_sboms(extras),
+        );
     }
     Ok(out)
 }
@@ -177,10 +200,58 @@ pub fn write_manifests(
                 manifest,
                 &statements,
                 inputs.media_types,
-                Layout::Image,
+                match inputs.options.oci_artifact {
+                    true => Layout::Artifact,
+                    false => Layout::Image,
+                },
             )
         })
         .collect()
+}
+
+/// The file name a local export gives each statement [`write_manifests`] stores, by the
+/// statement's digest: what a cluster's client needs to write them beside its download.
+pub fn statement_files(
+    inputs: &AttestInputs,
+    images: &[(&Descriptor, &Attestation)],
+) -> Result<Vec<(Digest, String)>, AttestError> {
+    let mut out = Vec::new();
+    for (manifest, attestation) in images {
+        let subjects = ossb_attest::subjects(&inputs.tags, &attestation.platform, manifest)?;
+        for st in attestation.statements(&subjects)? {
+            out.push((Digest::of(&st.bytes), st.file_name));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the statements about an image (`statements`, with their file names) beside the
+/// files of its local export in `dir`, about those files: what a cluster's client does with
+/// the attestations it downloaded.
+pub fn write_local_statements(
+    dir: &Path,
+    statements: &[(String, Vec<u8>)],
+) -> Result<(), BuildError> {
+    let mut files = Vec::new();
+    hash_files(dir, dir, &mut files).map_err(local("hashing the exported files"))?;
+    let subjects = ossb_attest::file_subjects(&files);
+    let mut resubjected = Vec::new();
+    for (name, bytes) in statements {
+        resubjected.push(Statement {
+            predicate_type: String::new(),
+            file_name: name.clone(),
+            bytes: ossb_attest::with_subjects(bytes, &subjects)?,
+        });
+    }
+    write_statement_files(dir, &resubjected)
+}
+
+fn write_statement_files(dir: &Path, statements: &[Statement]) -> Result<(), BuildError> {
+    for (name, bytes) in ossb_attest::local_files(statements, None)? {
+        ossb_image::export::write_file_atomically(&dir.join(name), &bytes)
+            .map_err(|e| BuildError::Export(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Writes the statements of a local export beside its files, as BuildKit does: about the
@@ -190,11 +261,7 @@ pub(crate) fn write_local_files(dir: &Path, attestation: &Attestation) -> Result
     hash_files(dir, dir, &mut files).map_err(local("hashing the exported files"))?;
     let subjects = ossb_attest::file_subjects(&files);
     let statements = attestation.statements(&subjects)?;
-    for (name, bytes) in ossb_attest::local_files(&statements, None)? {
-        ossb_image::export::write_file_atomically(&dir.join(name), &bytes)
-            .map_err(|e| BuildError::Export(e.to_string()))?;
-    }
-    Ok(())
+    write_statement_files(dir, &statements)
 }
 
 /// Every regular file under `dir` (symlinks not followed), by path relative to `root`.
@@ -293,7 +360,7 @@ fn provenance_of(
         locals,
         builder_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
         materials: facts.materials.iter().cloned().collect(),
-        vcs: Default::default(),
+        vcs: req.options.vcs.clone(),
         invocation_id,
         started: (!reproducible).then_some(started),
         finished: (!reproducible).then_some(finished),
@@ -318,37 +385,145 @@ async fn sbom_of(
     platform: &Platform,
 ) -> Result<Vec<u8>, BuildError> {
     let req = shared.req;
-    // What a scan finds depends on the layers only (the config's times change build after
-    // build).
-    let layers: Vec<u8> = image
-        .stage
-        .layers
-        .iter()
-        .flat_map(|l| l.digest.to_string().into_bytes())
-        .collect();
-    let filesystem = Digest::of(&layers);
-    let packages = match read_scan(req, &filesystem) {
-        Some(packages) => packages,
-        None => {
-            let packages = scan(shared, image, platform).await?;
-            keep_scan(req, &filesystem, &packages);
-            packages
+    let label = format!("[{platform}] scanning the image for its SBOM");
+    let packages = scan_layers(shared, &image.stage.layers, image.rootfs.clone(), label).await?;
+    let name = req.tags.first().cloned().unwrap_or_else(|| "image".into());
+    let supplier = supplier_of(req, &image.stage.config);
+    Ok(spdx(req, name, supplier, image, &packages))
+}
+
+/// The SBOMs `BUILDKIT_SBOM_SCAN_STAGE` (each stage asked for, by its name) and
+/// `BUILDKIT_SBOM_SCAN_CONTEXT` (`context`: the context as the build reads it, without what
+/// `.dockerignore` leaves out) add to `image`'s.
+async fn extra_sboms_of(
+    shared: &Shared<'_>,
+    image: &PlatformImage,
+    platform: &Platform,
+) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+    let req = shared.req;
+    let image_name = req.tags.first().cloned().unwrap_or_else(|| "image".into());
+    let supplier = supplier_of(req, &image.stage.config);
+    let mut out = Vec::new();
+    for (name, layers, rootfs) in &image.sbom_extras.stages {
+        let label = format!("[{platform}] scanning stage {name} for its SBOM");
+        let packages = scan_layers(shared, layers, rootfs.clone(), label).await?;
+        let doc_name = format!("{image_name} (stage {name})");
+        out.push((
+            name.clone(),
+            spdx(req, doc_name, supplier.clone(), image, &packages),
+        ));
+    }
+    if image.sbom_extras.context {
+        let (id, t) = shared.start(format!(
+            "[{platform}] scanning the build context for its SBOM"
+        ));
+        let root = shared
+            .work
+            .join(format!("sbom-context-{}", image.manifest.digest.hex()));
+        let (context, ignore, scan_root) =
+            (req.context.clone(), shared.ignore.clone(), root.clone());
+        let scanned = tokio::task::spawn_blocking(move || {
+            copy_scanned_files(&context, &scan_root, "", ignore.as_ref())
+                .map_err(|e| format!("reading the context: {e}"))?;
+            ossb_sbom::scan(&scan_root).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let _ = std::fs::remove_dir_all(&root);
+        let packages = shared.finish(id, t, scanned).map_err(|e| {
+            BuildError::Local(format!("scanning the build context for its SBOM: {e}"))
+        })?;
+        let doc_name = format!("{image_name} (build context)");
+        out.push((
+            "context".into(),
+            spdx(req, doc_name, supplier, image, &packages),
+        ));
+    }
+    Ok(out)
+}
+
+/// Copies what the scanner reads of the directory `from` (regular files only, never through
+/// a symlink) into `to`, leaving out what `ignore` excludes.
+fn copy_scanned_files(
+    from: &Path,
+    to: &Path,
+    rel: &str,
+    ignore: Option<&ossb_dockerfile::dockerignore::Dockerignore>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to)?;
+    let mut entries: Vec<_> = std::fs::read_dir(from)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let kind = entry.file_type()?;
+        let excluded = ignore.is_some_and(|i| i.is_excluded(&path));
+        if kind.is_dir() {
+            if !excluded || ignore.is_some_and(|i| i.may_include_below(&path)) {
+                copy_scanned_files(&entry.path(), &to.join(&name), &path, ignore)?;
+            }
+        } else if kind.is_file() && !excluded {
+            let meta = entry.metadata()?;
+            if ossb_sbom::reads(&path, meta.permissions().mode(), meta.len()) {
+                std::fs::copy(entry.path(), to.join(&name))?;
+            }
         }
-    };
+    }
+    Ok(())
+}
+
+/// An SPDX document of `packages`, named `name`, for an attestation of `image`.
+fn spdx(
+    req: &BuildRequest,
+    name: String,
+    supplier: Option<ossb_sbom::Supplier>,
+    image: &PlatformImage,
+    packages: &[ossb_sbom::Package],
+) -> Vec<u8> {
     let created = UNIX_EPOCH
         + Duration::from_secs(
             req.source_date_epoch
                 .unwrap_or_else(crate::build::now)
                 .max(0) as u64,
         );
-    let name = req.tags.first().cloned().unwrap_or_else(|| "image".into());
     let info = ossb_sbom::DocumentInfo {
-        supplier: supplier_of(req, &image.stage.config),
+        supplier,
         name,
         created,
         version: Some(image.manifest.digest.to_string()),
     };
-    Ok(ossb_sbom::spdx_json(&info, &packages))
+    ossb_sbom::spdx_json(&info, packages)
+}
+
+/// The packages of the filesystem `layers` make (scanned in `rootfs` when the build left it
+/// unpacked), kept by the layers' digests so a rebuild of the same filesystem is not scanned
+/// again.
+async fn scan_layers(
+    shared: &Shared<'_>,
+    layers: &[Descriptor],
+    rootfs: Option<std::path::PathBuf>,
+    label: String,
+) -> Result<Vec<ossb_sbom::Package>, BuildError> {
+    let req = shared.req;
+    // What a scan finds depends on the layers only (the config's times change build after
+    // build).
+    let digests: Vec<u8> = layers
+        .iter()
+        .flat_map(|l| l.digest.to_string().into_bytes())
+        .collect();
+    let filesystem = Digest::of(&digests);
+    if let Some(packages) = read_scan(req, &filesystem) {
+        return Ok(packages);
+    }
+    let packages = scan(shared, layers, rootfs, &filesystem, label).await?;
+    keep_scan(req, &filesystem, &packages);
+    Ok(packages)
 }
 
 /// Where the scan of the filesystem made of the layers `digest` names is kept: a rebuild of
@@ -380,29 +555,30 @@ fn keep_scan(req: &BuildRequest, digest: &Digest, packages: &[ossb_sbom::Package
     }
 }
 
-/// Scans `image`'s filesystem: where the build left it unpacked, else unpacked into the
-/// build's work directory for the scan (the files it reads only).
+/// Scans the filesystem of `layers`: where the build left it unpacked (`rootfs`), else
+/// unpacked into the build's work directory for the scan (the files it reads only).
 async fn scan(
     shared: &Shared<'_>,
-    image: &PlatformImage,
-    platform: &Platform,
+    layers: &[Descriptor],
+    rootfs: Option<std::path::PathBuf>,
+    filesystem: &Digest,
+    label: String,
 ) -> Result<Vec<ossb_sbom::Package>, BuildError> {
-    if let Some(rootfs) = image.rootfs.clone() {
-        let (id, t) = shared.start(format!("[{platform}] scanning the image for its SBOM"));
+    let what = label.clone();
+    if let Some(rootfs) = rootfs {
+        let (id, t) = shared.start(label);
         let scanned = tokio::task::spawn_blocking(move || ossb_sbom::scan(&rootfs))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         return shared
             .finish(id, t, scanned)
-            .map_err(|e| BuildError::Local(format!("scanning the image for its SBOM: {e}")));
+            .map_err(|e| BuildError::Local(format!("{what}: {e}")));
     }
-    let root = shared
-        .work
-        .join(format!("sbom-{}", image.manifest.digest.hex()));
+    let root = shared.work.join(format!("sbom-{}", filesystem.hex()));
     std::fs::create_dir_all(&root).map_err(local("creating the SBOM's scan directory"))?;
-    let layers = image.stage.layers.clone();
-    let (id, t) = shared.start(format!("[{platform}] scanning the image for its SBOM"));
+    let layers = layers.to_vec();
+    let (id, t) = shared.start(label);
     let (store, scan_root) = (shared.store.clone(), root.clone());
     let scanned = tokio::task::spawn_blocking(move || {
         // Only the files the scan reads (package databases and metadata, executables): the
@@ -426,11 +602,10 @@ async fn scan(
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
-    let packages = shared
-        .finish(id, t, scanned)
-        .map_err(|e| BuildError::Local(format!("scanning the image for its SBOM: {e}")))?;
     let _ = std::fs::remove_dir_all(&root);
-    Ok(packages)
+    shared
+        .finish(id, t, scanned)
+        .map_err(|e| BuildError::Local(format!("{what}: {e}")))
 }
 
 /// Who supplies the image: its `org.opencontainers.image.vendor` label, else its authors

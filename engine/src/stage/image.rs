@@ -95,6 +95,7 @@ impl PlatformBuild<'_> {
             stage,
             rootfs,
             chain,
+            sbom_extras: Default::default(),
         })
     }
 }

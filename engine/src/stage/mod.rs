@@ -215,6 +215,19 @@ pub(crate) struct PlatformImage {
     pub rootfs: Option<PathBuf>,
     /// The steps whose results the image holds, with their records (`--cache-to mode=min`).
     pub chain: Vec<(CacheKey, CacheRecord)>,
+    /// What the SBOM scans besides the image, when an SBOM is asked for.
+    pub sbom_extras: SbomExtras,
+}
+
+/// The filesystems `BUILDKIT_SBOM_SCAN_STAGE` and `BUILDKIT_SBOM_SCAN_CONTEXT` add to an
+/// image's SBOM.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SbomExtras {
+    /// Each stage to scan: its name, layers, and its filesystem when left unpacked and in
+    /// step with them.
+    pub stages: Vec<(String, Vec<Descriptor>, Option<PathBuf>)>,
+    /// Whether the build context is scanned.
+    pub context: bool,
 }
 
 /// The finished stages a stage may read, by plan position.
@@ -406,7 +419,30 @@ impl<'a> PlatformBuild<'a> {
         }
         let rootfs = final_state.materialized.then(|| final_state.rootfs.clone());
         let chain = final_state.chain.clone();
-        self.write_image(config, &final_state.layers, stage, rootfs, chain)
+        let mut image = self.write_image(config, &final_state.layers, stage, rootfs, chain)?;
+        if req.attestations.sbom {
+            image.sbom_extras = self.sbom_extras(&plan, &done)?;
+        }
+        Ok(image)
+    }
+
+    /// The stages and context the plan's `BUILDKIT_SBOM_SCAN_*` args add to the SBOM. Every
+    /// stage to scan is one the target needs, so it is built (or was handed to this task).
+    fn sbom_extras(&self, plan: &BuildPlan, done: &Done) -> Result<SbomExtras, BuildError> {
+        let mut stages = Vec::new();
+        for (position, name) in &plan.sbom_scan.stages {
+            let state = done.get(position).ok_or_else(|| {
+                BuildError::Local(format!(
+                    "BUILDKIT_SBOM_SCAN_STAGE: stage {name} is not at hand to scan"
+                ))
+            })?;
+            let rootfs = state.materialized.then(|| state.rootfs.clone());
+            stages.push((name.clone(), state.layers.clone(), rootfs));
+        }
+        Ok(SbomExtras {
+            stages,
+            context: plan.sbom_scan.context,
+        })
     }
 
     /// The state of a stage an earlier task built, as if it had just run here.
