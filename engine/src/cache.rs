@@ -118,6 +118,18 @@ pub trait CacheLevel: Send + Sync {
         record: &'a CacheRecord,
         store: &'a BlobStore,
     ) -> futures_util::future::BoxFuture<'a, ()>;
+    /// Brings the blob `digest` into `store` (a layer of a stage another task built, brought
+    /// when a step reads it); its size. Only the cluster's level brings blobs.
+    fn blob<'a>(
+        &'a self,
+        digest: &'a Digest,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, Result<u64, String>> {
+        let _ = store;
+        Box::pin(std::future::ready(Err(format!(
+            "no cache level brings blobs ({digest})"
+        ))))
+    }
 }
 
 impl CacheLevel for LocalCache {

@@ -98,6 +98,14 @@ pub enum StepError {
         /// Why.
         source: LayerError,
     },
+    /// A layer of a stage another task of the cluster built could not be brought here.
+    #[error("layer {digest} of a stage another task built cannot be brought from the peer cache: {reason}\n  hint: check that this worker reaches the cache nodes of --cache-peers; submitting the build again rebuilds what is missing")]
+    Bring {
+        /// The layer.
+        digest: Digest,
+        /// Why.
+        reason: String,
+    },
     /// Writing the step's layer failed.
     #[error(transparent)]
     Layer(#[from] LayerError),

@@ -1486,8 +1486,10 @@ fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
     let work = tempfile::tempdir().unwrap();
     let marker = unique("stages");
     let dockerfile = format!(
-        "FROM {bb} AS left\nRUN sleep 2 && echo \"left {marker}\" > /left\n\
-         FROM {bb} AS right\nRUN sleep 2 && echo \"right {marker}\" > /right\n\
+        "FROM {bb} AS left\nRUN head -c 1000000 /dev/urandom > /left.big\n\
+         RUN sleep 2 && echo \"left {marker}\" > /left\n\
+         FROM {bb} AS right\nRUN head -c 1000000 /dev/urandom > /right.big\n\
+         RUN sleep 2 && echo \"right {marker}\" > /right\n\
          FROM {bb}\nCOPY --from=left /left /left\nCOPY --from=right /right /right\n\
          CMD [\"cat\", \"/left\", \"/right\"]\n",
         bb = cluster.busybox(&env)
@@ -1514,20 +1516,36 @@ fn independent_stages_run_on_two_workers_and_meet_through_the_peer_cache() {
     let m = cluster.metrics_text();
     let get = |s: &str| sample(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
     // The final stage's task started from both stages as their tasks built them (it asked the
-    // cluster's step cache for none of their steps), the other worker's layer coming from the
-    // peer cache.
+    // cluster's step cache for none of their steps), and brought from the peer cache only the
+    // layer of the other worker's stage that holds the file it copies, not the 1 MB below it.
     assert_eq!(get("ossb_cluster_steps_total{answer=\"record\"}"), 0, "{m}");
+    assert!(
+        stderr.contains("starting from stage 0, 1 as built by other tasks"),
+        "the final stage did not start from stages 0 and 1:\n{stderr}"
+    );
     let fetched = stderr
         .lines()
         .find_map(|l| {
-            l.split("starting from stage 0, 1 as built by other tasks: ")
-                .nth(1)
+            l.split("linux/amd64: ")
+                .nth(1)?
+                .strip_suffix(")")?
+                .split_once(" layers of stages other tasks built came from the peer cache (")
         })
-        .and_then(|rest| rest.split(' ').next()?.parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("the final stage did not start from stages 0 and 1:\n{stderr}"));
-    assert!(fetched >= 1, "{stderr}");
-    // Two RUNs and two COPYs ran, once each.
-    assert_eq!(sum_of(&m, "ossb_steps_total", "result=\"run\""), 4, "{m}");
+        .map(|(n, bytes)| {
+            (
+                n.parse::<u32>().unwrap(),
+                bytes
+                    .strip_suffix(" bytes")
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap(),
+            )
+        })
+        .unwrap_or_else(|| panic!("no count of the layers brought:\n{stderr}"));
+    assert_eq!(fetched.0, 1, "{stderr}");
+    assert!(fetched.1 < 100_000, "{stderr}");
+    // Four RUNs and two COPYs ran, once each.
+    assert_eq!(sum_of(&m, "ossb_steps_total", "result=\"run\""), 6, "{m}");
 }
 
 /// A stage that two stage tasks need (x: its own task, and the final stage's) runs once in

@@ -4,17 +4,18 @@
 
 use super::*;
 
-/// The stages the task reads, as the tasks that built them left them, with their layer blobs
-/// brought into `store` from the peer cache. A stage whose layers cannot be had is left out:
-/// the engine then goes through its steps again, each one a cache hit where the cluster has
-/// its record (said in the task's log).
-pub(super) async fn fetch_needs(
+/// The stages the task reads, as the tasks that built them left them. Their layers come
+/// from the peer cache only when a step reads them (`ClusterSteps::blob`): a COPY of one file
+/// out of a toolchain stage brings one layer. A worker without `--cache-peers` takes only the
+/// stages whose layers are all in its store; for the others the engine goes through their
+/// steps again, each one a cache hit where the cluster has its record (said in the task's log).
+pub(super) fn needs(
     node: &Node,
     task: &TaskSpec,
     store: &BlobStore,
     forward: &Forward,
 ) -> Vec<BuiltStage> {
-    let (mut built, mut from_peers, mut bytes) = (Vec::new(), 0u64, 0u64);
+    let mut built = Vec::new();
     for wire in &task.needs {
         let stage = match stage_from_wire(wire) {
             Ok(stage) => stage,
@@ -23,40 +24,14 @@ pub(super) async fn fetch_needs(
                 continue;
             }
         };
-        let missing: Vec<Digest> = stage
-            .layers
-            .iter()
-            .map(|l| l.digest)
-            .filter(|d| !store.contains(d))
-            .collect();
-        let fetched = match &node.peers {
-            _ if missing.is_empty() => Ok(()),
-            None => Err("this worker has no --cache-peers".to_string()),
-            Some(peers) => {
-                let mut result = Ok(());
-                for digest in &missing {
-                    match peers.get_to_store(digest, store).await {
-                        Ok(n) => {
-                            let c = &node.counters;
-                            c.step_layers_peer.fetch_add(1, Ordering::Relaxed);
-                            c.bytes_peer.fetch_add(n, Ordering::Relaxed);
-                            (from_peers, bytes) = (from_peers + 1, bytes + n);
-                        }
-                        Err(e) => {
-                            result = Err(format!("layer {digest}: {e}"));
-                            break;
-                        }
-                    }
-                }
-                result
-            }
-        };
-        match fetched {
-            Ok(()) => built.push(stage),
-            Err(e) => forward.event(Event::Info(format!(
-                "{}: stage {} was built by another task, but its layers cannot be fetched here ({e}); going through its steps again",
+        let here = stage.layers.iter().all(|l| store.contains(&l.digest));
+        if node.peers.is_some() || here {
+            built.push(stage);
+        } else {
+            forward.event(Event::Info(format!(
+                "{}: stage {} was built by another task, but its layers cannot be fetched here (this worker has no --cache-peers); going through its steps again",
                 task.platform, stage.index
-            ))),
+            )));
         }
     }
     if !built.is_empty() {
@@ -64,7 +39,7 @@ pub(super) async fn fetch_needs(
         stages.sort_unstable();
         let stages: Vec<String> = stages.iter().map(usize::to_string).collect();
         forward.event(Event::Info(format!(
-            "{}: starting from stage {} as built by other tasks: {from_peers} layers from the peer cache ({bytes} bytes)",
+            "{}: starting from stage {} as built by other tasks (their layers come from the peer cache as steps read them)",
             task.platform,
             stages.join(", ")
         )));

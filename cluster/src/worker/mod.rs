@@ -49,7 +49,7 @@ mod cache_mounts;
 mod inputs;
 mod steps;
 
-use inputs::{fetch_bases, fetch_context_file, fetch_needs, publish, Fetched};
+use inputs::{fetch_bases, fetch_context_file, needs, publish, Fetched};
 use steps::ClusterSteps;
 
 /// Context files fetched at once.
@@ -509,6 +509,7 @@ async fn execute(
         conn: conn.clone(),
         task: task.task,
         publishing: Mutex::new(Vec::new()),
+        brought: Default::default(),
     };
     // Several at once: a context of many small files costs round trips, not bandwidth.
     let missing: Vec<(Digest, u64)> = all_file_digests(&task.spec)
@@ -551,7 +552,7 @@ async fn execute(
         task: task.task,
         out: out.clone(),
     };
-    let built = fetch_needs(node, task, &store, &forward).await;
+    let built = needs(node, task, &store, &forward);
     let req = request_of(
         task,
         TaskPlace {
@@ -599,6 +600,15 @@ async fn execute(
     .await;
     let built = ossb_engine::build::build_parsed(&req, &df, &forward, Some(&steps)).await;
     steps.finish().await;
+    let (layers, bytes) = (&steps.brought.0, &steps.brought.1);
+    if !task.needs.is_empty() {
+        forward.event(Event::Info(format!(
+            "{}: {} layers of stages other tasks built came from the peer cache ({} bytes)",
+            task.platform,
+            layers.load(Ordering::Relaxed),
+            bytes.load(Ordering::Relaxed)
+        )));
+    }
     if built.is_ok() {
         cache_mounts::publish(node, conn, task.task, &mounts, &store, &req.cache_dir).await;
     }

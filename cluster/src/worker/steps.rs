@@ -15,6 +15,9 @@ pub(super) struct ClusterSteps {
     pub(super) conn: quinn::Connection,
     pub(super) task: u64,
     pub(super) publishing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Layers of stages other tasks built that steps read, brought from the peer cache:
+    /// how many, and their bytes.
+    pub(super) brought: (AtomicU64, AtomicU64),
 }
 
 /// Asks the coordinator one question on a stream of its own.
@@ -97,6 +100,20 @@ impl ClusterSteps {
             .push(handle);
     }
 
+    async fn bring_blob(&self, digest: &Digest, store: &BlobStore) -> Result<u64, String> {
+        let peers = self.node.peers.as_ref().ok_or("this worker has no --cache-peers")?;
+        let n = peers
+            .get_to_store(digest, store)
+            .await
+            .map_err(|e| e.to_string())?;
+        let c = &self.node.counters;
+        c.step_layers_peer.fetch_add(1, Ordering::Relaxed);
+        c.bytes_peer.fetch_add(n, Ordering::Relaxed);
+        self.brought.0.fetch_add(1, Ordering::Relaxed);
+        self.brought.1.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
     fn publish_step(&self, key: &CacheKey, record: &CacheRecord, store: &BlobStore) {
         if record.layer.is_some() && self.node.peers.is_none() {
             return; // a record whose layer nobody else can fetch helps nobody
@@ -145,5 +162,13 @@ impl CacheLevel for ClusterSteps {
     ) -> futures_util::future::BoxFuture<'a, ()> {
         self.publish_step(key, record, store);
         Box::pin(std::future::ready(()))
+    }
+
+    fn blob<'a>(
+        &'a self,
+        digest: &'a Digest,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, Result<u64, String>> {
+        Box::pin(self.bring_blob(digest, store))
     }
 }

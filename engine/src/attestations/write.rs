@@ -575,6 +575,10 @@ async fn scan(
             .finish(id, t, scanned)
             .map_err(|e| BuildError::Local(format!("{what}: {e}")));
     }
+    shared
+        .bring(layers)
+        .await
+        .map_err(|e| BuildError::Local(format!("{what}: {e}")))?;
     let root = shared.work.join(format!("sbom-{}", filesystem.hex()));
     std::fs::create_dir_all(&root).map_err(local("creating the SBOM's scan directory"))?;
     let layers = layers.to_vec();

@@ -94,6 +94,7 @@ impl PlatformBuild<'_> {
         {
             return Ok(None);
         }
+        self.shared.bring(&state.layers).await?;
         let store = self.shared.store.clone();
         let layers = state.layers.clone();
         let tree = tokio::task::spawn_blocking(move || -> Result<BaseTree, StepError> {

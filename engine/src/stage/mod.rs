@@ -181,6 +181,26 @@ impl Shared<'_> {
         (id, Instant::now())
     }
 
+    /// Brings the blobs of `layers` missing from the store through the cluster's level: the
+    /// layers of stages other tasks built come only when a step reads them (a COPY of one file
+    /// out of a toolchain stage brings one small layer, not the toolchain). Without a cluster,
+    /// a missing blob is left to the reader's own error.
+    pub(crate) async fn bring(&self, layers: &[Descriptor]) -> Result<(), StepError> {
+        let Some(cluster) = self.cluster else {
+            return Ok(());
+        };
+        for layer in layers.iter().filter(|l| !self.store.contains(&l.digest)) {
+            cluster
+                .blob(&layer.digest, &self.store)
+                .await
+                .map_err(|reason| StepError::Bring {
+                    digest: layer.digest,
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn finish<T, E: std::fmt::Display>(
         &self,
         id: usize,
@@ -406,6 +426,12 @@ impl<'a> PlatformBuild<'a> {
         let final_state = done
             .remove(&plan.target)
             .ok_or_else(|| BuildError::Local("the target stage did not run".into()))?;
+        // The image's layers are pushed or exported, including those of a stage another task
+        // built that no step here read.
+        self.shared
+            .bring(&final_state.layers)
+            .await
+            .map_err(|e| BuildError::Local(e.to_string()))?;
         let stage = BuiltStage {
             index: plan.stages[plan.target].index,
             key: final_state.key,
@@ -724,6 +750,7 @@ impl<'a> PlatformBuild<'a> {
             std::fs::remove_dir_all(rootfs).map_err(failed("clearing a rootfs"))?;
         }
         std::fs::create_dir_all(rootfs).map_err(failed("creating the rootfs"))?;
+        self.shared.bring(layers).await?;
         let (id, t) = self
             .shared
             .start(format!("unpacking {} layers", layers.len()));

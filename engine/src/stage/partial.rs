@@ -32,12 +32,7 @@ impl PlatformBuild<'_> {
             "reading {} from the stage's layers that hold them",
             shown.join(", ")
         ));
-        let (store, layers) = (self.shared.store.clone(), state.layers.clone());
-        let to = dir.clone();
-        let read = tokio::task::spawn_blocking(move || extract(&store, &layers, &paths, &to))
-            .await
-            .map_err(StepError::from)
-            .and_then(|r| r);
+        let read = self.read_files(&state.layers, paths, &dir).await;
         let partial = self.shared.finish(progress, t, read)?;
         if partial {
             Ok(dir)
@@ -70,47 +65,62 @@ fn plain_files(copy: &ossb_dockerfile::Copy) -> Option<Vec<PathBuf>> {
         .collect()
 }
 
-/// Writes into `dir` the files `paths` as the topmost layers of `layers` that decide them
-/// hold them; `false` (and `dir` left for the caller to remove) when some path is not a
-/// regular file that one layer decides, so only the whole rootfs answers.
-fn extract(
-    store: &BlobStore,
-    layers: &[Descriptor],
-    paths: &[PathBuf],
-    dir: &Path,
-) -> Result<bool, StepError> {
-    let read = |layer: &Descriptor| -> Result<std::io::BufReader<std::fs::File>, StepError> {
-        Ok(std::io::BufReader::new(store.open_blob(&layer.digest)?))
-    };
-    let unreadable = |layer: &Descriptor| {
-        let digest = layer.digest;
-        move |source| StepError::UnpackLayer { digest, source }
-    };
-    let mut left: Vec<PathBuf> = paths.to_vec();
-    let mut decided: Vec<(&Descriptor, HashSet<PathBuf>)> = Vec::new();
-    for layer in layers.iter().rev() {
-        if left.is_empty() {
-            break;
+impl PlatformBuild<'_> {
+    /// Writes into `dir` the files `paths` as the topmost layers of `layers` that decide them
+    /// hold them, bringing each layer it reads (top first); `false` (and `dir` left for the
+    /// caller to remove) when some path is not a regular file that one layer decides, so only
+    /// the whole rootfs answers.
+    async fn read_files(
+        &self,
+        layers: &[Descriptor],
+        paths: Vec<PathBuf>,
+        dir: &Path,
+    ) -> Result<bool, StepError> {
+        let mut left = paths;
+        let mut decided: Vec<(Descriptor, HashSet<PathBuf>)> = Vec::new();
+        for layer in layers.iter().rev() {
+            if left.is_empty() {
+                break;
+            }
+            self.shared.bring(std::slice::from_ref(layer)).await?;
+            let (store, digest, asked) = (self.shared.store.clone(), layer.digest, left.clone());
+            let found = tokio::task::spawn_blocking(move || {
+                let blob = std::io::BufReader::new(store.open_blob(&digest)?);
+                layer::locate(blob, &asked).map_err(|source| StepError::UnpackLayer { digest, source })
+            })
+            .await??;
+            if found.contains(&Found::Other) {
+                return Ok(false);
+            }
+            let here: HashSet<PathBuf> = left
+                .iter()
+                .zip(&found)
+                .filter(|(_, f)| **f == Found::File)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if !here.is_empty() {
+                left.retain(|p| !here.contains(p));
+                decided.push((layer.clone(), here));
+            }
         }
-        let found = layer::locate(read(layer)?, &left).map_err(unreadable(layer))?;
-        if found.contains(&Found::Other) {
+        if !left.is_empty() {
+            // Not in the image: the whole rootfs gives the COPY its usual error.
             return Ok(false);
         }
-        let here: HashSet<PathBuf> = left
-            .iter()
-            .zip(&found)
-            .filter(|(_, f)| **f == Found::File)
-            .map(|(p, _)| p.clone())
-            .collect();
-        if !here.is_empty() {
-            left.retain(|p| !here.contains(p));
-            decided.push((layer, here));
-        }
+        let (store, dir) = (self.shared.store.clone(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || write_files(&store, decided, &dir)).await??;
+        Ok(true)
     }
-    if !left.is_empty() {
-        // Not in the image: the whole rootfs gives the COPY its usual error.
-        return Ok(false);
-    }
+}
+
+/// Writes the files each layer decides into a fresh `dir`, bottom layer first as the image
+/// stacks them (directories and symlinks of those layers come along; the COPY of a file never
+/// reads them).
+fn write_files(
+    store: &BlobStore,
+    decided: Vec<(Descriptor, HashSet<PathBuf>)>,
+    dir: &Path,
+) -> Result<(), StepError> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|source| StepError::Rootfs {
             doing: "clearing a COPY source directory",
@@ -121,8 +131,6 @@ fn extract(
         doing: "creating a COPY source directory",
         source,
     })?;
-    // Bottom first, as the image stacks them; each layer writes only the files it decides
-    // (directories and symlinks come along, which the COPY of a file never reads).
     for (layer, wanted) in decided.into_iter().rev() {
         let wanted = std::sync::Arc::new(wanted);
         let options = ApplyOptions {
@@ -131,7 +139,11 @@ fn extract(
             })),
             ..Default::default()
         };
-        layer::apply_layer(read(layer)?, dir, &options).map_err(unreadable(layer))?;
+        let blob = std::io::BufReader::new(store.open_blob(&layer.digest)?);
+        layer::apply_layer(blob, dir, &options).map_err(|source| StepError::UnpackLayer {
+            digest: layer.digest,
+            source,
+        })?;
     }
-    Ok(true)
+    Ok(())
 }
