@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ossb_benches::cluster::{median, percentile, Cluster, WorkerSpec};
-use ossb_benches::workload::{runs, Env};
+use ossb_benches::workload::{runs, selected, Env};
 
 /// A context: the Dockerfile and `mib` MiB of text-like files (compressed per platform, the
 /// CPU-bound part of the build) with `seed` making it unique.
@@ -55,29 +55,39 @@ fn main() {
     }
     let env = Env::get();
     let scratch = tempfile::tempdir().unwrap();
-    let busybox = env.busybox();
-    let registry = env.registry().to_string();
+    if selected("two-platform") {
+        two_platforms(&env, scratch.path());
+    }
+    if selected("two independent stages") {
+        two_stages(&env, scratch.path());
+    }
+    if selected("builds at once") {
+        many_builds(&env, scratch.path());
+    }
+}
 
+fn two_platforms(env: &Env, scratch: &Path) {
+    let (busybox, registry) = (env.busybox(), env.registry());
     // Two workers, one per platform, each on its own CPU, against one worker on one CPU.
     let dockerfile = format!(
         "FROM {busybox}\nCOPY data /data\nRUN cat /data/* | md5sum > /sum && uname -m >> /sum\n"
     );
-    let ctx = context(scratch.path(), "two-platforms", &dockerfile, 96, 1);
+    let ctx = context(scratch, "two-platforms", &dockerfile, 96, 1);
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for run in 0..runs() {
         let tag = |side: &str| format!("{registry}/bench/cluster-{side}:{run}");
         let cluster = Cluster::start(
-            &env,
+            env,
             &[WorkerSpec {
                 name: "both",
                 cpu: Some(0),
                 args: &["--platform", "linux/amd64", "--emulate", "linux/arm64"],
             }],
         );
-        one.push(cluster.submit(&env, &ctx, "linux/amd64,linux/arm64", Some(&tag("one"))));
+        one.push(cluster.submit(env, &ctx, "linux/amd64,linux/arm64", Some(&tag("one"))));
         drop(cluster);
         let cluster = Cluster::start(
-            &env,
+            env,
             &[
                 WorkerSpec {
                     name: "amd64",
@@ -91,7 +101,7 @@ fn main() {
                 },
             ],
         );
-        two.push(cluster.submit(&env, &ctx, "linux/amd64,linux/arm64", Some(&tag("two"))));
+        two.push(cluster.submit(env, &ctx, "linux/amd64,linux/arm64", Some(&tag("two"))));
     }
     let (one, two) = (median(one), median(two));
     let ratio = two.as_secs_f64() / one.as_secs_f64();
@@ -103,7 +113,10 @@ fn main() {
         ratio,
         ossb_benches::verdict(ratio, 0.6)
     );
+}
 
+fn two_stages(env: &Env, scratch: &Path) {
+    let (busybox, registry) = (env.busybox(), env.registry());
     // One platform, two independent stages: the coordinator's stage tasks put them on two
     // workers (a CPU each) at once; one worker (one CPU) builds them one after the other.
     let dockerfile = format!(
@@ -111,23 +124,23 @@ fn main() {
          FROM {busybox} AS b\nCOPY data/f0[5-9]* /data/\nRUN cat /data/* | md5sum > /sum\n\
          FROM {busybox}\nCOPY --from=a /sum /a.sum\nCOPY --from=b /sum /b.sum\n"
     );
-    let ctx = context(scratch.path(), "two-stages", &dockerfile, 96, 2);
+    let ctx = context(scratch, "two-stages", &dockerfile, 96, 2);
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for run in 0..runs() {
         let tag = |side: &str| format!("{registry}/bench/stages-{side}:{run}");
         let amd = &["--platform", "linux/amd64"];
         let cluster = Cluster::start(
-            &env,
+            env,
             &[WorkerSpec {
                 name: "one",
                 cpu: Some(0),
                 args: amd,
             }],
         );
-        one.push(cluster.submit(&env, &ctx, "linux/amd64", Some(&tag("one"))));
+        one.push(cluster.submit(env, &ctx, "linux/amd64", Some(&tag("one"))));
         drop(cluster);
         let cluster = Cluster::start(
-            &env,
+            env,
             &[
                 WorkerSpec {
                     name: "w1",
@@ -141,7 +154,7 @@ fn main() {
                 },
             ],
         );
-        two.push(cluster.submit(&env, &ctx, "linux/amd64", Some(&tag("two"))));
+        two.push(cluster.submit(env, &ctx, "linux/amd64", Some(&tag("two"))));
     }
     let (one, two) = (median(one), median(two));
     let ratio = two.as_secs_f64() / one.as_secs_f64();
@@ -153,11 +166,14 @@ fn main() {
         ratio,
         ossb_benches::verdict(ratio, 0.6)
     );
+}
 
+fn many_builds(env: &Env, scratch: &Path) {
+    let (busybox, registry) = (env.busybox(), env.registry());
     // Twenty different builds at once on two workers.
     const BUILDS: usize = 20;
     let cluster = Cluster::start(
-        &env,
+        env,
         &[
             WorkerSpec {
                 name: "w1",
@@ -174,7 +190,7 @@ fn main() {
     let contexts: Vec<PathBuf> = (0..BUILDS)
         .map(|i| {
             context(
-                scratch.path(),
+                scratch,
                 &format!("many-{i}"),
                 &format!("FROM {busybox}\nCOPY data /data\nRUN wc -c /data/* > /sizes\n"),
                 4,
@@ -188,7 +204,7 @@ fn main() {
             .iter()
             .enumerate()
             .map(|(i, ctx)| {
-                let (cluster, env, registry) = (&cluster, &env, &registry);
+                let (cluster, env, registry) = (&cluster, env, &registry);
                 s.spawn(move || {
                     cluster.submit(
                         env,

@@ -303,9 +303,25 @@ impl Cluster {
             .stdin(Stdio::null());
         finish(&mut cmd);
         let start = Instant::now();
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()));
+        // OSSB_BENCH_SHOW_PROGRESS=1 prints each submission's progress, each line with the
+        // time it came, to see where a run's time goes.
+        let out = if std::env::var_os("OSSB_BENCH_SHOW_PROGRESS").is_some() {
+            let mut child = cmd
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()));
+            let stderr =
+                std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+            eprintln!("--- ossb-submit {what}:");
+            for line in stderr.map_while(Result::ok) {
+                eprintln!("{:>7.3} {line}", start.elapsed().as_secs_f64());
+            }
+            child.wait_with_output().unwrap()
+        } else {
+            cmd.output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", submit.display()))
+        };
         let wall = start.elapsed();
         assert!(
             out.status.success(),

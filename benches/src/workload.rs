@@ -27,6 +27,12 @@ pub fn runs() -> usize {
         .unwrap_or(3)
 }
 
+/// Whether the scenario named `name` runs: all do unless OSSB_BENCH_ONLY holds a part of
+/// the names of those to run (to look at one scenario closely).
+pub fn selected(name: &str) -> bool {
+    std::env::var("OSSB_BENCH_ONLY").map_or(true, |only| name.contains(&only))
+}
+
 /// The test environment (registries and base images) of scripts/testenv.sh.
 pub struct Env {
     vars: HashMap<String, String>,
