@@ -214,8 +214,10 @@ pub struct BuildArgs {
     /// `docker load` archive with --output type=docker,dest=FILE instead.
     #[arg(long)]
     pub load: bool,
-    /// A named context, NAME=DIR (repeatable): `COPY --from=NAME` reads DIR.
-    #[arg(long = "build-context", value_name = "NAME=DIR")]
+    /// A named context, NAME=VALUE (repeatable): a directory, docker-image://REF,
+    /// oci-layout://PATH[:TAG][@DIGEST], an https:// tarball or a git URL. `FROM NAME`,
+    /// `COPY --from=NAME` and `RUN --mount from=NAME` read it; it replaces a stage named NAME.
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
     pub build_contexts: Vec<String>,
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH, or id=ID,env=VAR to take it from
     /// the environment (repeatable). Never stored in the image, its history or the logs.
@@ -435,25 +437,15 @@ fn parse_platforms(list: Option<&str>) -> Result<Vec<Platform>, String> {
     Ok(out)
 }
 
-/// `--build-context NAME=DIR`; other sources (`docker-image://`, URLs) are refused clearly.
-fn parse_build_contexts(specs: &[String]) -> Result<BTreeMap<String, PathBuf>, String> {
+/// `--build-context NAME=VALUE`: a directory, `docker-image://`, `oci-layout://`, an https
+/// tarball or a git URL (`ossb_engine::ContextSource`); names as BuildKit matches them.
+fn parse_build_contexts(
+    specs: &[String],
+) -> Result<BTreeMap<String, ossb_engine::ContextSource>, String> {
     let mut out = BTreeMap::new();
     for spec in specs {
-        let (name, value) = spec
-            .split_once('=')
-            .ok_or_else(|| format!("--build-context {spec:?}: expected NAME=DIR"))?;
-        if value.contains("://") {
-            return Err(format!(
-                "--build-context {spec:?}: only local directories are supported so far"
-            ));
-        }
-        let dir = PathBuf::from(value);
-        if !dir.is_dir() {
-            return Err(format!(
-                "--build-context {name}: {value} is not a directory"
-            ));
-        }
-        out.insert(name.to_string(), dir);
+        let (name, source) = ossb_engine::parse_build_context(spec).map_err(|e| e.to_string())?;
+        out.insert(name, source);
     }
     Ok(out)
 }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use clap::Parser;
 use ossb_bake::{SourceFile, Target};
-use ossb_engine::{BuildRequest, Event, Progress};
+use ossb_engine::{BuildError, BuildRequest, Event, Progress};
 
 use crate::args::{BuildArgs, Isolation, ProgressMode};
 use crate::display::BuildFuture;
@@ -102,18 +102,75 @@ pub fn run(
         let request = build_argv(name, target, &args, inline.path())
             .and_then(|argv| AsBuild::try_parse_from(&argv).map_err(|e| e.to_string()))
             .and_then(|parsed| parsed.build.into_request());
+        let links = target
+            .contexts
+            .iter()
+            .flatten()
+            .filter_map(|(c, v)| Some((c.clone(), v.strip_prefix("target:")?.to_string())))
+            .collect();
         match request {
-            Ok((request, _)) => jobs.push((name.clone(), request)),
+            Ok((request, _)) => jobs.push(Job {
+                name: name.clone(),
+                request,
+                links,
+            }),
             Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
         }
     }
     build_all(&jobs, mode, args.metadata_file.as_deref(), build)
 }
 
+/// One target to build: its request, and the contexts that are other targets' images.
+pub(crate) struct Job {
+    name: String,
+    request: BuildRequest,
+    /// (context name, target name) of each `target:NAME` context.
+    links: Vec<(String, String)>,
+}
+
+/// Whether a job can start: its linked targets built (their images put in its request), one
+/// of them failed, or still waiting.
+enum Linked {
+    Waiting,
+    Failed(BuildError),
+    Ready(Box<BuildRequest>),
+}
+
+type Outcome = Result<ossb_engine::BuildResult, BuildError>;
+
+fn linked_request(job: &Job, jobs: &[Job], outcomes: &[Option<Outcome>]) -> Linked {
+    let mut request = job.request.clone();
+    for (context, target) in &job.links {
+        let Some(i) = jobs.iter().position(|j| &j.name == target) else {
+            return Linked::Failed(BuildError::Usage(format!(
+                "context {context} = \"target:{target}\": no such target"
+            )));
+        };
+        match &outcomes[i] {
+            None => return Linked::Waiting,
+            Some(Err(_)) => {
+                return Linked::Failed(BuildError::Local(format!(
+                    "context {context} is target {target}'s image, and target {target} failed"
+                )))
+            }
+            Some(Ok(result)) => {
+                request.build_contexts.insert(
+                    ossb_dockerfile::context_name(context),
+                    ossb_engine::ContextSource::Built {
+                        target: target.clone(),
+                        image: result.image.clone(),
+                    },
+                );
+            }
+        }
+    }
+    Linked::Ready(Box::new(request))
+}
+
 /// Builds every job at once on one runtime and one display, each target's vertices named
 /// after it; stops them all on SIGINT or SIGTERM.
 fn build_all(
-    jobs: &[(String, BuildRequest)],
+    jobs: &[Job],
     mode: ProgressMode,
     metadata_file: Option<&Path>,
     build: impl for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b>,
@@ -131,22 +188,58 @@ fn build_all(
     let display = display.as_ref();
     let next = AtomicUsize::new(1);
     let started = std::time::Instant::now();
+    // A target whose contexts name other targets (`target:NAME`) starts when they are built,
+    // and reads their images from the cache's store: no registry round trip.
+    let finals: Vec<std::cell::OnceCell<BuildRequest>> =
+        jobs.iter().map(|_| std::cell::OnceCell::new()).collect();
     let outcome = runtime.block_on(async {
         let build = &build;
-        let builds = jobs.iter().map(|(name, request)| {
-            let next = &next;
-            async move {
-                let progress = Labeled {
-                    inner: display,
-                    label: name,
-                    next,
-                    ids: Mutex::new(HashMap::new()),
-                };
-                (name, build(request, &progress).await)
+        let next = &next;
+        let all = async {
+            let mut outcomes: Vec<Option<_>> = jobs.iter().map(|_| None).collect();
+            let mut started = vec![false; jobs.len()];
+            let mut running = futures_util::stream::FuturesUnordered::new();
+            loop {
+                for (i, job) in jobs.iter().enumerate() {
+                    if started[i] {
+                        continue;
+                    }
+                    match linked_request(job, jobs, &outcomes) {
+                        Linked::Waiting => continue,
+                        Linked::Failed(e) => outcomes[i] = Some(Err(e)),
+                        Linked::Ready(request) => {
+                            let request = finals[i].get_or_init(|| *request);
+                            let name = &job.name;
+                            running.push(async move {
+                                let progress = Labeled {
+                                    inner: display,
+                                    label: name,
+                                    next,
+                                    ids: Mutex::new(HashMap::new()),
+                                };
+                                (i, build(request, &progress).await)
+                            });
+                        }
+                    }
+                    started[i] = true;
+                }
+                match futures_util::StreamExt::next(&mut running).await {
+                    Some((i, result)) => outcomes[i] = Some(result),
+                    None => break,
+                }
             }
-        });
+            jobs.iter()
+                .zip(outcomes)
+                .map(|(job, o)| {
+                    let o = o.unwrap_or_else(|| {
+                        Err(BuildError::Local("the target was never started".into()))
+                    });
+                    (&job.name, o)
+                })
+                .collect::<Vec<_>>()
+        };
         tokio::select! {
-            results = futures_util::future::join_all(builds) => Ok(results),
+            results = all => Ok(results),
             signal = crate::display::stop_signal() => Err(signal),
         }
     });
@@ -165,7 +258,8 @@ fn build_all(
     };
     let mut failed = None;
     let mut metadata = serde_json::Map::new();
-    for ((name, result), (_, request)) in results.into_iter().zip(jobs) {
+    for (((name, result), job), fin) in results.into_iter().zip(jobs).zip(&finals) {
+        let request = fin.get().unwrap_or(&job.request);
         match result {
             Ok(result) => {
                 crate::display::notice(mode, &format!("target {name}:"));
@@ -325,13 +419,11 @@ fn build_argv(
     if let Some(target) = &t.target {
         flag("--target", target.clone());
     }
+    // `target:NAME` contexts are given the built image later (`linked_request`).
     for (ctx_name, source) in t.contexts.iter().flatten() {
-        if source.starts_with("target:") {
-            return Err(format!(
-                "contexts {ctx_name} = {source:?}: one target's image as another's context is not supported by ossb bake yet; push the first and name its image"
-            ));
+        if !source.starts_with("target:") {
+            flag("--build-context", format!("{ctx_name}={source}"));
         }
-        flag("--build-context", format!("{ctx_name}={source}"));
     }
     for o in t.output.iter().flatten() {
         flag("--output", o.to_csv());
@@ -383,7 +475,10 @@ fn build_argv(
     if args.no_cache || t.no_cache == Some(true) {
         v.push("--no-cache".into());
     }
-    if args.push {
+    // A target only linked as another's context is cache-only (ossb-bake): not pushed.
+    let cache_only = t.output.iter().flatten().all(|o| o.kind == "cacheonly")
+        && t.output.as_ref().is_some_and(|o| !o.is_empty());
+    if args.push && !cache_only {
         v.push("--push".into());
     }
     v.push(context);

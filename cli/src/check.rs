@@ -146,7 +146,11 @@ fn options(request: &BuildRequest, all_stages: bool) -> CheckOptions {
 async fn resolve_bases(request: &BuildRequest, df: &Dockerfile, opts: &mut CheckOptions) {
     let wanted: Vec<(String, Platform)> = checks::base_images(df, opts)
         .into_iter()
-        .filter(|(name, _)| !request.build_contexts.contains_key(name))
+        .filter(|(name, _)| {
+            !request
+                .build_contexts
+                .contains_key(&ossb_dockerfile::context_name(name))
+        })
         .collect();
     if wanted.is_empty() {
         return;

@@ -23,6 +23,7 @@ use ossb_worker::mounts::{Secret, SecretBytes};
 use ossb_worker::sandbox::Isolation;
 
 use ossb_engine::build::{Annotations, BuildError, BuildRequest, BuiltStage, Output};
+use ossb_engine::ContextSource;
 use ossb_engine::cache::CacheKey;
 use ossb_engine::remote_cache::CacheLocation;
 
@@ -42,14 +43,18 @@ pub fn scan(req: &BuildRequest) -> Result<(Vec<ContextEntry>, BTreeMap<Digest, P
     Ok((entries, files))
 }
 
-/// The named contexts of `req` (`--build-context NAME=DIR`) as entries, adding where each
-/// file's content is to `files`. Like `ossb build`, no `.dockerignore` applies to them.
+/// The directory contexts of `req` (`--build-context NAME=DIR`) as entries, adding where each
+/// file's content is to `files` (a directory's own `.dockerignore` is applied on the worker, as
+/// `ossb build` applies it).
 pub fn scan_named(
     req: &BuildRequest,
     files: &mut BTreeMap<Digest, PathBuf>,
 ) -> Result<Vec<(String, Vec<ContextEntry>)>, String> {
     let mut out = Vec::new();
-    for (name, dir) in &req.build_contexts {
+    for (name, source) in &req.build_contexts {
+        let ContextSource::Dir(dir) = source else {
+            continue;
+        };
         if !dir.is_dir() {
             return Err(format!(
                 "--build-context {name}={}: not a directory",
@@ -262,6 +267,28 @@ fn make_parents(dest: &Path, rel: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The named contexts a worker resolves itself (images, downloads, git), as (name, value).
+/// An OCI layout or a bake target's image is on this machine, out of the workers' reach:
+/// refused (exit 2).
+fn context_sources(req: &BuildRequest) -> Result<Vec<(String, String)>, BuildError> {
+    let mut out = Vec::new();
+    for (name, source) in &req.build_contexts {
+        match source {
+            ContextSource::Dir(_) => {}
+            ContextSource::Image(_) | ContextSource::Url(_) | ContextSource::Git(_) => {
+                out.push((name.clone(), source.provenance_value(name)))
+            }
+            ContextSource::OciLayout { .. } | ContextSource::Built { .. } => {
+                return Err(BuildError::Usage(format!(
+                    "--build-context {name}={}: a build cluster cannot read an image on this machine; push it to a registry and name it with docker-image://, or build with `ossb build`",
+                    source.provenance_value(name)
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The spec of `req` to send to the coordinator, with the scanned contexts. Secrets and
 /// registry CA files are read here: their bytes travel (over mutual TLS) in the spec.
 pub fn spec_of(
@@ -295,7 +322,9 @@ pub fn spec_of(
         })?;
         registry_certificates.push((host.clone(), pem));
     }
+    let context_sources = context_sources(req)?;
     Ok(BuildSpec {
+        context_sources,
         dockerfile: req.dockerfile.clone(),
         dockerfile_name: req.dockerfile_name.clone(),
         tags: req.tags.clone(),
@@ -406,8 +435,9 @@ pub struct TaskPlace {
 /// only (no file of a secret outlives a worker killed in the middle of a task).
 #[derive(Clone, Debug, Default)]
 pub struct TaskFiles {
-    /// Named contexts by name.
-    pub build_contexts: BTreeMap<String, PathBuf>,
+    /// Named contexts by name: the directories laid out here, and the sources workers
+    /// resolve themselves (images, downloads, git).
+    pub build_contexts: BTreeMap<String, ContextSource>,
     /// Secrets by id, as values.
     pub secrets: BTreeMap<String, ossb_worker::mounts::Secret>,
     /// Registry CA files by host.
@@ -425,7 +455,18 @@ impl TaskFiles {
             std::fs::create_dir_all(&dest)
                 .map_err(|e| format!("creating {}: {e}", dest.display()))?;
             materialize(entries, store, &dest).map_err(|e| format!("named context {name}: {e}"))?;
-            files.build_contexts.insert(name.clone(), dest);
+            files
+                .build_contexts
+                .insert(name.clone(), ContextSource::Dir(dest));
+        }
+        for (name, value) in &spec.context_sources {
+            match ContextSource::parse(value) {
+                Ok(source @ (ContextSource::Image(_) | ContextSource::Url(_) | ContextSource::Git(_))) => {
+                    files.build_contexts.insert(name.clone(), source);
+                }
+                Ok(_) => return Err(format!("named context {name}: {value} cannot be resolved on a worker")),
+                Err(e) => return Err(format!("named context {name}: {e}")),
+            }
         }
         for secret in &spec.secrets {
             files.secrets.insert(
@@ -798,6 +839,9 @@ mod tests {
         std::fs::create_dir(&task).unwrap();
         let files = TaskFiles::write(&spec, &store, &task).unwrap();
         let named = &files.build_contexts["../evil name"];
+        let ContextSource::Dir(named) = named else {
+            panic!("a directory context is laid out as a directory: {named:?}");
+        };
         assert!(named.starts_with(&task));
         assert_eq!(std::fs::read(named.join("f.txt")).unwrap(), b"named");
         assert_eq!(files.secrets["tok"].read().unwrap(), b"hunter2");

@@ -191,6 +191,10 @@ impl Writer {
                 self.tag(2);
                 self.str(name);
             }
+            Some(Source::Context(name)) => {
+                self.tag(3);
+                self.str(name);
+            }
         }
     }
 

@@ -33,10 +33,11 @@ pub use error::Error;
 pub use key::{instruction_key_bytes, KEY_VERSION};
 pub use ossb_protocol::clip;
 pub use plan::{
-    base_images, base_images_with_platforms, plan, unused_build_args, validate, Base,
-    BaseImageInfo, BuildPlan, Copy, Healthcheck, InlineFile, Instruction, Location, Mount,
-    MountType, Network, PlanOptions, Run, SbomScan, Security, Sharing, Source, Stage, StageNode,
-    Step, DEFAULT_PATH, DEFAULT_SHELL, MAX_VARIABLE_LEN, PROXY_ARGS, SBOM_SCAN_ARGS,
+    base_contexts_with_platforms, base_images, base_images_with_platforms, context_key,
+    context_name, plan, unused_build_args, validate, Base, BaseImageInfo, BuildPlan, Copy,
+    Healthcheck, InlineFile, Instruction, Location, Mount, MountType, Network, PlanOptions, Run,
+    SbomScan, Security, Sharing, Source, Stage, StageNode, Step, DEFAULT_PATH, DEFAULT_SHELL,
+    MAX_VARIABLE_LEN, PROXY_ARGS, SBOM_SCAN_ARGS,
 };
 pub use syntax::{
     parse, parse_heredoc, Directive, Dockerfile, Heredoc, Node, Warning, INSTRUCTIONS,

@@ -56,6 +56,10 @@ pub struct PlanOptions {
     pub network: Network,
     /// `--add-host`: (name, address) lines every RUN's `/etc/hosts` gets.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--build-context` names, as [`context_name`] spells them: a `FROM` or `--from` naming
+    /// one reads the context ([`Base::Context`], [`Source::Context`]), and a stage named like
+    /// one is replaced by it, as BuildKit does.
+    pub named_contexts: std::collections::BTreeSet<String>,
 }
 
 impl Default for PlanOptions {
@@ -69,8 +73,52 @@ impl Default for PlanOptions {
             build_platform: Platform::host(),
             network: Network::Default,
             extra_hosts: Vec::new(),
+            named_contexts: Default::default(),
         }
     }
+}
+
+/// The name a `--build-context` is known by, as BuildKit matches them: the reference's short
+/// form (Docker Hub's `docker.io/` and `library/` left out) without a `:latest` tag, so that
+/// `FROM alpine`, `FROM alpine:latest` and `FROM docker.io/library/alpine` all name the
+/// context `alpine`.
+pub fn context_name(reference: &str) -> String {
+    let (rest, digest) = match reference.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (reference, None),
+    };
+    let (domain, path) = match rest.split_once('/') {
+        Some((first, path))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (Some(first), path)
+        }
+        _ => (None, rest),
+    };
+    let hub = matches!(domain, None | Some("docker.io") | Some("index.docker.io"));
+    let mut short = match (hub, path.strip_prefix("library/")) {
+        (true, Some(name)) if !name.contains('/') => name.to_string(),
+        (true, _) => path.to_string(),
+        (false, _) => format!("{}/{path}", domain.unwrap_or_default()),
+    };
+    match digest {
+        Some(d) => {
+            short.push('@');
+            short.push_str(d);
+        }
+        None => {
+            if let Some(s) = short.strip_suffix(":latest") {
+                short = s.to_string();
+            }
+        }
+    }
+    short
+}
+
+/// The key of a named context's config in the `bases` given to [`plan`] (never an image
+/// reference: `//` cannot be in one).
+pub fn context_key(name: &str) -> String {
+    format!("context://{name}")
 }
 
 /// What planning needs to know of a base image's config.
@@ -234,6 +282,9 @@ pub enum Base {
     Image(String),
     /// Another stage: a position in [`BuildPlan::stages`].
     Stage(usize),
+    /// A `--build-context` by its name ([`context_name`]): `FROM name`, or a stage the
+    /// context replaces (which then has no steps of its own).
+    Context(String),
 }
 
 /// Where `COPY --from` or `RUN --mount from=` reads.
@@ -243,6 +294,8 @@ pub enum Source {
     Stage(usize),
     /// An image reference.
     Image(String),
+    /// A `--build-context` by its name ([`context_name`]).
+    Context(String),
 }
 
 /// One step of a stage.
@@ -771,6 +824,25 @@ enum FromBase {
     Scratch,
     Image(String),
     Stage(usize),
+    /// A named context: `FROM name`, or the stage it replaces (`replaces`: its own FROM and
+    /// steps are not read).
+    Context {
+        name: String,
+        replaces: bool,
+    },
+}
+
+/// The named context `word` (a FROM or `--from` value) names, if any. `scratch` and
+/// `context` never do, as in BuildKit.
+fn named_context(opts: &PlanOptions, word: &str) -> Option<String> {
+    if opts.named_contexts.is_empty()
+        || word.eq_ignore_ascii_case("scratch")
+        || word.eq_ignore_ascii_case("context")
+    {
+        return None;
+    }
+    let name = context_name(word);
+    opts.named_contexts.contains(&name).then_some(name)
 }
 
 fn platform_args(opts: &PlanOptions) -> Vec<(String, String)> {
@@ -856,10 +928,22 @@ fn resolve(ctx: &Ctx, checked: &Checked, opts: &PlanOptions) -> Result<Resolved,
         let from_stage = checked.stages[..stage.index]
             .iter()
             .position(|s| s.name.as_deref() == Some(lower.as_str()));
-        let fb = match from_stage {
-            Some(i) => FromBase::Stage(i),
-            None if lower == "scratch" => FromBase::Scratch,
-            None => FromBase::Image(base),
+        // A context named like the stage replaces it (BuildKit's `FROM x AS name`).
+        let replaced = stage.name.as_deref().and_then(|n| named_context(opts, n));
+        let fb = match (replaced, from_stage) {
+            (Some(name), _) => FromBase::Context {
+                name,
+                replaces: true,
+            },
+            (None, Some(i)) => FromBase::Stage(i),
+            (None, None) if lower == "scratch" => FromBase::Scratch,
+            (None, None) => match named_context(opts, &base) {
+                Some(name) => FromBase::Context {
+                    name,
+                    replaces: false,
+                },
+                None => FromBase::Image(base),
+            },
         };
         let platform = match stage.from.flags.get("platform") {
             None => None,
@@ -925,8 +1009,11 @@ fn resolve(ctx: &Ctx, checked: &Checked, opts: &PlanOptions) -> Result<Resolved,
         if let FromBase::Stage(j) = froms[i].0 {
             todo.push(j);
         }
+        if let FromBase::Context { replaces: true, .. } = froms[i].0 {
+            continue;
+        }
         for cmd in &checked.stages[i].commands {
-            for dep in stage_refs(ctx, checked, i, cmd, &globals)? {
+            for dep in stage_refs(ctx, checked, i, cmd, &globals, opts)? {
                 todo.push(dep);
             }
         }
@@ -986,6 +1073,7 @@ fn stage_refs(
     current: usize,
     cmd: &Command,
     globals: &Vars,
+    opts: &PlanOptions,
 ) -> Result<Vec<usize>, Error> {
     let mut out = Vec::new();
     for w in from_words(cmd) {
@@ -998,6 +1086,7 @@ fn stage_refs(
                 ))
             }
             Some(i) => out.push(i),
+            None if named_context(opts, &v).is_some() => {}
             None => check_not_a_typo(ctx, checked, cmd.node, &v)?,
         }
     }
@@ -1060,6 +1149,33 @@ pub fn base_images_with_platforms(
         if let (FromBase::Image(img), platform) = &r.froms[i] {
             let entry = (
                 img.clone(),
+                platform
+                    .clone()
+                    .unwrap_or_else(|| opts.target_platform.clone()),
+            );
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The named contexts the needed stages start from (`FROM name`, or a stage a context
+/// replaces), with the platform each is needed for, as [`base_images_with_platforms`]: resolve
+/// them and pass their configs to [`plan`] under [`context_key`].
+pub fn base_contexts_with_platforms(
+    df: &Dockerfile,
+    opts: &PlanOptions,
+) -> Result<Vec<(String, Platform)>, Error> {
+    let ctx = Ctx { df };
+    let checked = check(&ctx, df)?;
+    let r = resolve(&ctx, &checked, opts)?;
+    let mut out: Vec<(String, Platform)> = Vec::new();
+    for &i in &r.needed {
+        if let (FromBase::Context { name, .. }, platform) = &r.froms[i] {
+            let entry = (
+                name.clone(),
                 platform
                     .clone()
                     .unwrap_or_else(|| opts.target_platform.clone()),
@@ -1258,8 +1374,14 @@ impl Planner<'_> {
         let raw = &self.checked.stages[i];
         let df = self.ctx.df;
         let (fb, platform) = self.resolved.froms[i].clone();
+        // A stage a named context replaces is the context as it is: no steps of its own.
+        let replaced = matches!(fb, FromBase::Context { replaces: true, .. });
         let (base, mut state) = match fb {
             FromBase::Scratch => (Base::Scratch, self.initial_state(&BaseImageInfo::default())),
+            FromBase::Context { ref name, .. } => {
+                let info = bases.get(&context_key(name)).cloned().unwrap_or_default();
+                (Base::Context(name.clone()), self.initial_state(&info))
+            }
             FromBase::Image(r) => {
                 let info = bases.get(&r).cloned().unwrap_or_default();
                 (Base::Image(r), self.initial_state(&info))
@@ -1288,7 +1410,7 @@ impl Planner<'_> {
         let mut steps = Vec::new();
         // The base's ONBUILD triggers run first and are not inherited further.
         let triggers = std::mem::take(&mut state.onbuild);
-        for trigger in triggers {
+        for trigger in triggers.into_iter().filter(|_| !replaced) {
             let tdf = parse(&trigger, &df.file_name).map_err(|e| {
                 self.err(
                     raw.from.node,
@@ -1329,7 +1451,7 @@ impl Planner<'_> {
             }
         }
         let d = self.dispatcher(df);
-        for cmd in &raw.commands {
+        for cmd in raw.commands.iter().filter(|_| !replaced) {
             steps.push(d.dispatch(i, cmd, &mut state)?);
         }
         let stage = Stage {
@@ -1412,10 +1534,13 @@ impl Dispatcher<'_> {
                 Some(p) => Ok(Source::Stage(p)),
                 None => Err(self.err(node, format!("stage {v} is not part of the build"))),
             },
-            None => {
-                check_not_a_typo(&self.ctx, self.checked, node, &v)?;
-                Ok(Source::Image(v))
-            }
+            None => match named_context(self.opts, &v) {
+                Some(name) => Ok(Source::Context(name)),
+                None => {
+                    check_not_a_typo(&self.ctx, self.checked, node, &v)?;
+                    Ok(Source::Image(v))
+                }
+            },
         }
     }
 

@@ -101,8 +101,10 @@ pub struct BuildRequest {
     pub sandbox_exe: PathBuf,
     /// How RUN steps are isolated.
     pub isolation: Isolation,
-    /// `--build-context NAME=DIR`: named contexts that `COPY --from=NAME` reads.
-    pub build_contexts: BTreeMap<String, PathBuf>,
+    /// `--build-context NAME=VALUE`: named contexts by name (as
+    /// `ossb_dockerfile::context_name` spells it), which `FROM NAME`, `COPY --from=NAME` and
+    /// `RUN --mount from=NAME` read, and which replace a stage of that name.
+    pub build_contexts: BTreeMap<String, crate::ContextSource>,
     /// `--secret`: secrets by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, ossb_worker::mounts::Secret>,
     /// `--ssh ID=SOCKET`: SSH agent sockets by id, for `RUN --mount=type=ssh`.
@@ -212,6 +214,7 @@ impl BuildRequest {
             build_platform: self.build_platform.clone().unwrap_or_else(Platform::host),
             network: self.network,
             extra_hosts: self.extra_hosts.clone(),
+            named_contexts: self.build_contexts.keys().cloned().collect(),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod export;
 pub mod layer;
+pub mod layout;
 pub mod oci;
 pub mod registry;
 pub mod store;

@@ -261,6 +261,10 @@ pub struct BuildSpec {
     /// `--provenance`, `--sbom`, `--attest`: the attestations the coordinator writes.
     #[serde(default)]
     pub attest: AttestSpec,
+    /// `--build-context NAME=VALUE` that are not directories, as (name, value): images
+    /// (`docker-image://`), downloads and git repositories, which each worker resolves itself.
+    #[serde(default)]
+    pub context_sources: Vec<(String, String)>,
 }
 
 /// The attestations a build asks for (see `ossb_engine::attestations`).

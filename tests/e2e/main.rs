@@ -12,6 +12,7 @@ mod conformance;
 mod deploy;
 mod fault_proxy;
 mod hostile;
+mod named_contexts;
 mod netns;
 mod one_engine;
 mod registry;

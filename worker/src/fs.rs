@@ -261,6 +261,11 @@ impl<'a> CopyFilter<'a> {
         }
     }
 
+    /// The `--exclude` patterns, if any.
+    pub fn exclude(&self) -> Option<&'a Dockerignore> {
+        self.exclude
+    }
+
     pub(crate) fn excluded(&self, rel: &str) -> bool {
         !rel.is_empty()
             && [self.ignore, self.exclude]

@@ -353,7 +353,8 @@ fn source_root<'a>(m: &Mount, sources: &'a MountSources) -> Result<(&'a Path, St
             .get(i)
             .map(|p| (p.as_path(), format!("stage {i}")))
             .ok_or(MountError::StageMissing(*i)),
-        Some(Source::Image(image)) => sources
+        // Named contexts are in `images` by their name.
+        Some(Source::Image(image) | Source::Context(image)) => sources
             .images
             .get(image)
             .map(|p| (p.as_path(), image.clone()))

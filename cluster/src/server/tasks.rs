@@ -39,8 +39,16 @@ pub(super) fn stage_tasks(
             needs: Vec::new(),
             spec: spec.clone(),
         };
-        let opts = crate::context::request_of(&whole, Default::default(), Vec::new())
+        let mut opts = crate::context::request_of(&whole, Default::default(), Vec::new())
             .plan_options(platform);
+        // The stage graph depends on which names are contexts (one may replace a stage).
+        opts.named_contexts = spec
+            .build_contexts
+            .iter()
+            .map(|(n, _)| n)
+            .chain(spec.context_sources.iter().map(|(n, _)| n))
+            .cloned()
+            .collect();
         let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
             .map_err(|e| failure(e.to_string(), 2))?;
         let offset = out.len();
@@ -108,7 +116,7 @@ pub(super) fn task_key(task: &TaskSpec) -> Option<Digest> {
             &spec.target,
             &spec.labels,
             &spec.context,
-            &spec.build_contexts,
+            (&spec.build_contexts, &spec.context_sources),
         ),
         &spec.cache_from,
         (&spec.network, &spec.extra_hosts, &spec.annotations),

@@ -29,9 +29,7 @@ impl PlatformBuild<'_> {
                     .into())
                 }
             },
-            Some(Source::Image(name)) if req.build_contexts.contains_key(name) => {
-                req.build_contexts[name].clone()
-            }
+            Some(Source::Context(name)) => self.context_source(name)?.0,
             Some(Source::Image(image)) => match self.copy_images.get(image) {
                 Some((root, _)) => root.clone(),
                 None => {
@@ -45,8 +43,11 @@ impl PlatformBuild<'_> {
         };
         // --chown, else 0:0 from the context (and downloads, heredocs, named contexts),
         // else the owners the files have in the stage or image copied from.
-        let from_build = matches!(&copy.from, Some(Source::Stage(_)))
-            || matches!(&copy.from, Some(Source::Image(n)) if !req.build_contexts.contains_key(n));
+        let from_build = match &copy.from {
+            None => false,
+            Some(Source::Stage(_) | Source::Image(_)) => true,
+            Some(Source::Context(name)) => self.context_source(name)?.2,
+        };
         let chown = copy.chown.clone();
         let default_owner = if from_build { None } else { Some((0, 0)) };
         let mode = match &copy.chmod {
@@ -87,10 +88,11 @@ impl PlatformBuild<'_> {
         } else {
             dest
         };
-        let ignore = if from_context {
-            self.shared.ignore.clone()
-        } else {
-            None
+        let ignore = match &copy.from {
+            None => self.shared.ignore.clone(),
+            // A local directory context's own .dockerignore, as BuildKit's.
+            Some(Source::Context(name)) => self.context_source(name)?.1,
+            Some(_) => None,
         };
         let parents = copy.parents;
         let unpack = is_add && from_context && copy.unpack != Some(false);

@@ -225,7 +225,16 @@ impl PlatformBuild<'_> {
                     .iter()
                     .map(|(name, (root, _))| (name.clone(), root.clone()))
                     .collect();
-                images.extend(req.build_contexts.clone());
+                for ((name, platform), resolved) in &self.contexts {
+                    let root = match resolved.as_ref() {
+                        context::ResolvedContext::Files { root, .. } => root,
+                        context::ResolvedContext::Image { root: Some(root), .. } => root,
+                        context::ResolvedContext::Image { root: None, .. } => continue,
+                    };
+                    if *platform == self.platform {
+                        images.insert(name.clone(), root.clone());
+                    }
+                }
                 let ctx = RunContext {
                     images: &images,
                     rootfs: &state.rootfs,

@@ -38,6 +38,7 @@ use crate::progress::{Event, Progress};
 use crate::run::{self, RunContext};
 use crate::step_cache;
 
+mod context;
 mod copy;
 mod execute;
 mod image;
@@ -305,6 +306,8 @@ pub(crate) struct PlatformBuild<'a> {
     /// Images that `COPY --from` names (not stages): their unpacked filesystem and manifest
     /// digest, by reference as written.
     copy_images: HashMap<String, (PathBuf, Digest)>,
+    /// Named contexts resolved, by name and platform.
+    contexts: HashMap<(String, Platform), std::sync::Arc<context::ResolvedContext>>,
 }
 
 fn pulled_key(reference: &str, platform: &Platform) -> String {
@@ -327,6 +330,7 @@ impl<'a> PlatformBuild<'a> {
             platform,
             pulled: HashMap::new(),
             copy_images: HashMap::new(),
+            contexts: HashMap::new(),
         }
     }
 
@@ -348,6 +352,14 @@ impl<'a> PlatformBuild<'a> {
             bases.insert(reference.clone(), base_info(&pulled.config));
             self.pulled
                 .insert(pulled_key(&reference, &platform), pulled);
+        }
+        for (name, platform) in dockerfile::base_contexts_with_platforms(df, &opts)? {
+            self.resolve_context(&name, &platform).await?;
+            let info = match self.context(&name, &platform) {
+                Ok(context::ResolvedContext::Image { pulled, .. }) => base_info(&pulled.config),
+                _ => BaseImageInfo::default(),
+            };
+            bases.insert(dockerfile::context_key(&name), info);
         }
         let plan = dockerfile::plan(df, &opts, &bases)?;
         self.pull_copy_images(&plan).await?;
@@ -498,6 +510,7 @@ impl<'a> PlatformBuild<'a> {
     /// platform.
     async fn pull_copy_images(&mut self, plan: &BuildPlan) -> Result<(), BuildError> {
         let mut refs: Vec<String> = Vec::new();
+        let mut contexts: Vec<String> = Vec::new();
         for step in plan.stages.iter().flat_map(|s| &s.steps) {
             let named: Vec<&Source> = match &step.instruction {
                 Instruction::Copy(c) | Instruction::Add(c) => c.from.iter().collect(),
@@ -505,12 +518,15 @@ impl<'a> PlatformBuild<'a> {
                 _ => Vec::new(),
             };
             for source in named {
-                if let Source::Image(r) = source {
-                    if !refs.contains(r) && !self.shared.req.build_contexts.contains_key(r) {
-                        refs.push(r.clone());
-                    }
+                match source {
+                    Source::Image(r) if !refs.contains(r) => refs.push(r.clone()),
+                    Source::Context(n) if !contexts.contains(n) => contexts.push(n.clone()),
+                    _ => {}
                 }
             }
+        }
+        for name in contexts {
+            self.unpack_context(&name).await?;
         }
         for reference in refs {
             let pulled = self.pull(&reference, &self.platform.clone()).await?;
@@ -618,6 +634,13 @@ impl<'a> PlatformBuild<'a> {
                     key,
                     Vec::new(),
                 )
+            }
+            Base::Context(name) => {
+                let platform = stage
+                    .platform
+                    .clone()
+                    .unwrap_or_else(|| self.platform.clone());
+                self.context_base(name, &platform, &settings).await?
             }
             Base::Stage(dep) => {
                 let dep = done

@@ -169,9 +169,23 @@ impl PlatformBuild<'_> {
                     stage: *i,
                 }),
             },
-            Some(Source::Image(name)) if self.req().build_contexts.contains_key(name) => {
-                checksum(&self.req().build_contexts[name], CopyFilter::none())
-            }
+            Some(Source::Context(name)) => match self.context(name, &self.platform)? {
+                context::ResolvedContext::Files { root, ignore } => {
+                    let filter = match ignore {
+                        Some(rules) => CopyFilter::dockerignore(rules),
+                        None => CopyFilter::none(),
+                    };
+                    // The COPY's --exclude rules change the key too.
+                    let filter = match context_filter.exclude() {
+                        Some(ex) => filter.with_exclude(ex),
+                        None => filter,
+                    };
+                    checksum(root, filter)
+                }
+                context::ResolvedContext::Image { pulled, .. } => {
+                    Ok(pulled.manifest_digest.as_bytes().to_vec())
+                }
+            },
             Some(Source::Image(image)) => match self.copy_images.get(image) {
                 Some((_, digest)) => Ok(digest.as_bytes().to_vec()),
                 None => Err(StepError::ImageNotPulled {
