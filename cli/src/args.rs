@@ -255,14 +255,20 @@ pub fn image_id(result: &BuildResult) -> Digest {
 
 impl Extras {
     /// Writes --metadata-file and --iidfile.
-    pub fn write_files(&self, req: &BuildRequest, result: &BuildResult) -> Result<(), String> {
+    pub fn write_files(
+        &self,
+        req: &BuildRequest,
+        result: &BuildResult,
+        misses: &[crate::display::CacheMiss],
+    ) -> Result<(), String> {
         if let Some(path) = &self.iidfile {
             let id = image_id(result);
             ossb_image::export::write_file_atomically(path, id.to_string().as_bytes())
                 .map_err(|e| e.to_string())?;
         }
         if let Some(path) = &self.metadata_file {
-            let text = serde_json::to_string_pretty(&metadata(req, result)).unwrap_or_default();
+            let text =
+                serde_json::to_string_pretty(&metadata(req, result, misses)).unwrap_or_default();
             ossb_image::export::write_file_atomically(path, text.as_bytes())
                 .map_err(|e| e.to_string())?;
         }
@@ -270,8 +276,13 @@ impl Extras {
     }
 }
 
-/// What `--metadata-file` says of a build, with buildx's keys.
-pub fn metadata(req: &BuildRequest, result: &BuildResult) -> serde_json::Value {
+/// What `--metadata-file` says of a build, with buildx's keys, and ossb's own
+/// `ossb.cache-misses`: each step that ran although an earlier build had it, and why.
+pub fn metadata(
+    req: &BuildRequest,
+    result: &BuildResult,
+    misses: &[crate::display::CacheMiss],
+) -> serde_json::Value {
     let mut meta = serde_json::Map::new();
     meta.insert(
         "containerimage.digest".into(),
@@ -290,6 +301,10 @@ pub fn metadata(req: &BuildRequest, result: &BuildResult) -> serde_json::Value {
     if !req.tags.is_empty() {
         meta.insert("image.name".into(), req.tags.join(",").into());
     }
+    meta.insert(
+        "ossb.cache-misses".into(),
+        crate::display::MissLog::json(misses),
+    );
     meta.into()
 }
 

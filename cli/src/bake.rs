@@ -136,7 +136,7 @@ enum Linked {
     Ready(Box<BuildRequest>),
 }
 
-type Outcome = Result<ossb_engine::BuildResult, BuildError>;
+type Outcome = Result<(ossb_engine::BuildResult, Vec<crate::display::CacheMiss>), BuildError>;
 
 fn linked_request(job: &Job, jobs: &[Job], outcomes: &[Option<Outcome>]) -> Linked {
     let mut request = job.request.clone();
@@ -153,7 +153,7 @@ fn linked_request(job: &Job, jobs: &[Job], outcomes: &[Option<Outcome>]) -> Link
                     "context {context} is target {target}'s image, and target {target} failed"
                 )))
             }
-            Some(Ok(result)) => {
+            Some(Ok((result, _))) => {
                 request.build_contexts.insert(
                     ossb_dockerfile::context_name(context),
                     ossb_engine::ContextSource::Built {
@@ -211,13 +211,16 @@ fn build_all(
                             let request = finals[i].get_or_init(|| *request);
                             let name = &job.name;
                             running.push(async move {
+                                let log = crate::display::MissLog::default();
                                 let progress = Labeled {
                                     inner: display,
                                     label: name,
                                     next,
                                     ids: Mutex::new(HashMap::new()),
+                                    log: &log,
                                 };
-                                (i, build(request, &progress).await)
+                                let result = build(request, &progress).await;
+                                (i, result.map(|r| (r, log.misses())))
                             });
                         }
                     }
@@ -261,10 +264,13 @@ fn build_all(
     for (((name, result), job), fin) in results.into_iter().zip(jobs).zip(&finals) {
         let request = fin.get().unwrap_or(&job.request);
         match result {
-            Ok(result) => {
+            Ok((result, misses)) => {
                 crate::display::notice(mode, &format!("target {name}:"));
                 display.summary(&result, started.elapsed());
-                metadata.insert(name.clone(), crate::args::metadata(request, &result));
+                metadata.insert(
+                    name.clone(),
+                    crate::args::metadata(request, &result, &misses),
+                );
             }
             Err(e) => {
                 display.finish();
@@ -294,6 +300,8 @@ struct Labeled<'a> {
     label: &'a str,
     next: &'a AtomicUsize,
     ids: Mutex<HashMap<usize, usize>>,
+    /// The target's cache misses, named as the target's own build names its steps.
+    log: &'a crate::display::MissLog,
 }
 
 impl Labeled<'_> {
@@ -306,6 +314,7 @@ impl Labeled<'_> {
 
 impl Progress for Labeled<'_> {
     fn event(&self, event: Event) {
+        self.log.see(&event);
         let event = match event {
             Event::Started { id, name } => Event::Started {
                 id: self.id(id),
@@ -330,6 +339,10 @@ impl Progress for Labeled<'_> {
                 message,
             },
             Event::Cached { id } => Event::Cached { id: self.id(id) },
+            Event::CacheMiss { id, reason } => Event::CacheMiss {
+                id: self.id(id),
+                reason,
+            },
             Event::Transfer { id, received, sent } => Event::Transfer {
                 id: self.id(id),
                 received,

@@ -84,7 +84,11 @@ pub fn run_to_exit(
         }
     };
     let display = for_mode(extras.progress);
-    let display = display.as_ref();
+    let misses = MissLog::default();
+    let display = &Logged {
+        inner: display.as_ref(),
+        log: &misses,
+    };
     let started = std::time::Instant::now();
     let outcome = runtime.block_on(async {
         tokio::select! {
@@ -111,7 +115,7 @@ pub fn run_to_exit(
     };
     match outcome {
         Ok(result) => {
-            if let Err(e) = extras.write_files(request, &result) {
+            if let Err(e) = extras.write_files(request, &result, &misses.misses()) {
                 return fail(extras.progress, &e.to_string(), 1);
             }
             if request.outputs.is_empty() {
@@ -147,6 +151,94 @@ pub(crate) async fn stop_signal() -> (&'static str, u8) {
     tokio::select! {
         _ = int.recv() => ("SIGINT", 2),
         _ = term.recv() => ("SIGTERM", 15),
+    }
+}
+
+/// A step that ran although an earlier build had a step at its position, and why: what
+/// `--metadata-file` lists under `ossb.cache-misses`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheMiss {
+    /// The step as its vertex is named (`[stage-0 2/3] RUN make`).
+    pub step: String,
+    /// The engine's reason (`context file src/a.txt changed`, `parent step ran`, ...).
+    pub reason: String,
+}
+
+/// The cache misses of the events it sees, with their steps' names (local and cluster
+/// builds alike: a cluster's events carry the reasons its workers found).
+#[derive(Default)]
+pub struct MissLog {
+    names: Mutex<std::collections::HashMap<usize, String>>,
+    misses: Mutex<Vec<CacheMiss>>,
+}
+
+impl MissLog {
+    /// Notes a vertex's name or a cache miss.
+    pub fn see(&self, event: &Event) {
+        match event {
+            Event::Started { id, name } => {
+                self.names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*id, name.clone());
+            }
+            Event::CacheMiss { id, reason } => {
+                let step = self
+                    .names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_default();
+                self.misses
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(CacheMiss {
+                        step,
+                        reason: reason.clone(),
+                    });
+            }
+            _ => {}
+        }
+    }
+
+    /// `[{"step": ..., "reason": ...}, ...]`, for `--metadata-file`.
+    pub fn json(misses: &[CacheMiss]) -> serde_json::Value {
+        misses
+            .iter()
+            .map(|m| serde_json::json!({"step": m.step, "reason": m.reason}))
+            .collect()
+    }
+
+    /// The misses seen, in the order they came.
+    pub fn misses(&self) -> Vec<CacheMiss> {
+        self.misses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A display whose events a [`MissLog`] sees on their way.
+struct Logged<'a> {
+    inner: &'a dyn Display,
+    log: &'a MissLog,
+}
+
+impl Progress for Logged<'_> {
+    fn event(&self, event: Event) {
+        self.log.see(&event);
+        self.inner.event(event);
+    }
+}
+
+impl Display for Logged<'_> {
+    fn summary(&self, result: &BuildResult, elapsed: Duration) {
+        self.inner.summary(result, elapsed);
+    }
+
+    fn finish(&self) {
+        self.inner.finish();
     }
 }
 
@@ -378,6 +470,7 @@ fn event_id(event: &Event) -> Option<usize> {
         | Event::Done { id, .. }
         | Event::Failed { id, .. }
         | Event::Cached { id }
+        | Event::CacheMiss { id, .. }
         | Event::Transfer { id, .. } => Some(*id),
         Event::Estimate { .. } | Event::Info(_) => None,
     }
@@ -398,6 +491,7 @@ fn plain_text(event: &Event) -> String {
             format!("#{id} ERROR after {:.1}s: {first}", elapsed.as_secs_f64())
         }
         Event::Cached { id } => format!("#{id} CACHED"),
+        Event::CacheMiss { id, reason } => format!("#{id} CACHE MISS: {reason}"),
         Event::Estimate { .. } | Event::Transfer { .. } => String::new(),
         Event::Info(text) => text.clone(),
     }
@@ -576,6 +670,7 @@ impl Progress for Json {
             Event::Done { id, elapsed } => json!({"event": "done", "id": id, "elapsed": elapsed.as_secs_f64()}),
             Event::Failed { id, elapsed, message } => json!({"event": "failed", "id": id, "elapsed": elapsed.as_secs_f64(), "message": message}),
             Event::Cached { id } => json!({"event": "cached", "id": id}),
+            Event::CacheMiss { id, reason } => json!({"event": "cache_miss", "id": id, "reason": reason}),
             Event::Estimate { steps, finished, remaining } => json!({"event": "estimate", "steps": steps, "finished": finished, "remaining": remaining.map(|r| r.as_secs_f64())}),
             Event::Info(text) => json!({"event": "info", "message": text}),
             Event::Transfer { id, received, sent } => json!({"event": "transfer", "id": id, "received": received, "sent": sent}),

@@ -23,9 +23,9 @@ use ossb_worker::mounts::{Secret, SecretBytes};
 use ossb_worker::sandbox::Isolation;
 
 use ossb_engine::build::{Annotations, BuildError, BuildRequest, BuiltStage, Output};
-use ossb_engine::ContextSource;
 use ossb_engine::cache::CacheKey;
 use ossb_engine::remote_cache::CacheLocation;
+use ossb_engine::ContextSource;
 
 /// The context of `req` as entries, and where each file's content is on this machine.
 pub fn scan(req: &BuildRequest) -> Result<(Vec<ContextEntry>, BTreeMap<Digest, PathBuf>), String> {
@@ -461,10 +461,18 @@ impl TaskFiles {
         }
         for (name, value) in &spec.context_sources {
             match ContextSource::parse(value) {
-                Ok(source @ (ContextSource::Image(_) | ContextSource::Url(_) | ContextSource::Git(_))) => {
+                Ok(
+                    source @ (ContextSource::Image(_)
+                    | ContextSource::Url(_)
+                    | ContextSource::Git(_)),
+                ) => {
                     files.build_contexts.insert(name.clone(), source);
                 }
-                Ok(_) => return Err(format!("named context {name}: {value} cannot be resolved on a worker")),
+                Ok(_) => {
+                    return Err(format!(
+                        "named context {name}: {value} cannot be resolved on a worker"
+                    ))
+                }
                 Err(e) => return Err(format!("named context {name}: {e}")),
             }
         }

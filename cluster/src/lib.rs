@@ -219,6 +219,10 @@ pub fn event_to_wire(event: &Event) -> BuildEvent {
             message: message.clone(),
         },
         Event::Cached { id } => BuildEvent::Cached { id: *id as u64 },
+        Event::CacheMiss { id, reason } => BuildEvent::CacheMiss {
+            id: *id as u64,
+            reason: reason.clone(),
+        },
         Event::Estimate {
             steps,
             finished,
@@ -268,6 +272,10 @@ pub fn event_from_wire(event: BuildEvent) -> Event {
             message,
         },
         BuildEvent::Cached { id } => Event::Cached { id: id as usize },
+        BuildEvent::CacheMiss { id, reason } => Event::CacheMiss {
+            id: id as usize,
+            reason,
+        },
         BuildEvent::Estimate {
             steps,
             finished,

@@ -42,6 +42,15 @@ pub enum Event {
         /// The vertex.
         id: usize,
     },
+    /// Why a step runs although a previous build had a step at its position
+    /// ([`crate::cache_miss`]): sent before its output, after `Started`.
+    CacheMiss {
+        /// The vertex.
+        id: usize,
+        /// The first input that changed (`context file src/a.txt changed`, `build arg V
+        /// changed`, `parent step ran`, ...), or `no previous build of this step`.
+        reason: String,
+    },
     /// The estimated time until the build is done, from the durations of the same steps in
     /// earlier builds; sent at the start and after every step.
     Estimate {

@@ -621,6 +621,14 @@ pub enum BuildEvent {
         /// Bytes sent.
         sent: u64,
     },
+    /// Why a step runs although a previous build had a step at its position (appended last:
+    /// postcard numbers variants by position).
+    CacheMiss {
+        /// The vertex.
+        id: u64,
+        /// The first input that changed, as the engine words it.
+        reason: String,
+    },
 }
 
 #[cfg(test)]

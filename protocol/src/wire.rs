@@ -38,8 +38,10 @@ use crate::Digest;
 /// shared through the peer cache. 8: a fetch resumes where a dead fetcher's bytes stopped
 /// (`Fetch { from }`, `Put { from }`). 9: attestations (`BuildSpec::attest`, task facts and
 /// SBOMs). 10: `BuildSpec::cache_to` is buildx's whole spec (type, mode, ...), not a repository.
-/// 11: attestations carry `oci-artifact`, the context's git facts and extra SBOMs.
-pub const VERSION: u16 = 11;
+/// 11: attestations carry `oci-artifact`, the context's git facts and extra SBOMs. 12: named
+/// contexts of other sources (`BuildSpec::context_sources`); a step's cache-miss reason
+/// (`BuildEvent::CacheMiss`).
+pub const VERSION: u16 = 12;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1566,7 +1566,10 @@ fn copy_from_a_cached_stage_reads_only_the_layers_holding_the_files() {
             &format!("{stage_a}FROM {}\n{final_stage}", busybox(&env)),
             &[],
         );
-        let dest = format!("type=local,dest={}", dir.path().join(out).join("fs").display());
+        let dest = format!(
+            "type=local,dest={}",
+            dir.path().join(out).join("fs").display()
+        );
         let args = [
             "build",
             "--progress",
@@ -1580,7 +1583,9 @@ fn copy_from_a_cached_stage_reads_only_the_layers_holding_the_files() {
         (ossb(&env, &cache, &args), dir.path().join(out).join("fs"))
     };
     // Stage a runs (unpacked) in the first build; the others find it cached.
-    build("COPY --from=a /keep /first\n", "first").0.success("first build");
+    build("COPY --from=a /keep /first\n", "first")
+        .0
+        .success("first build");
     let (run, fs) = build(
         "RUN echo final > /final\nCOPY --from=a /out/bin/tool /keep /\n",
         "files",
@@ -1589,7 +1594,8 @@ fn copy_from_a_cached_stage_reads_only_the_layers_holding_the_files() {
     assert_eq!(std::fs::read_to_string(fs.join("tool")).unwrap(), "new\n");
     assert_eq!(std::fs::read_to_string(fs.join("keep")).unwrap(), "keep\n");
     assert!(
-        run.stderr.contains("reading /out/bin/tool, /keep from the stage's layers that hold them"),
+        run.stderr
+            .contains("reading /out/bin/tool, /keep from the stage's layers that hold them"),
         "{}",
         run.stderr
     );

@@ -493,6 +493,10 @@ pub(super) fn renumber(
             message,
         },
         BuildEvent::Cached { id } => BuildEvent::Cached { id: map(id) },
+        BuildEvent::CacheMiss { id, reason } => BuildEvent::CacheMiss {
+            id: map(id),
+            reason,
+        },
         BuildEvent::Transfer { id, received, sent } => BuildEvent::Transfer {
             id: map(id),
             received,

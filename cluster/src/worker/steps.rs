@@ -101,7 +101,11 @@ impl ClusterSteps {
     }
 
     async fn bring_blob(&self, digest: &Digest, store: &BlobStore) -> Result<u64, String> {
-        let peers = self.node.peers.as_ref().ok_or("this worker has no --cache-peers")?;
+        let peers = self
+            .node
+            .peers
+            .as_ref()
+            .ok_or("this worker has no --cache-peers")?;
         let n = peers
             .get_to_store(digest, store)
             .await

@@ -228,7 +228,9 @@ impl PlatformBuild<'_> {
                 for ((name, platform), resolved) in &self.contexts {
                     let root = match resolved.as_ref() {
                         context::ResolvedContext::Files { root, .. } => root,
-                        context::ResolvedContext::Image { root: Some(root), .. } => root,
+                        context::ResolvedContext::Image {
+                            root: Some(root), ..
+                        } => root,
                         context::ResolvedContext::Image { root: None, .. } => continue,
                     };
                     if *platform == self.platform {

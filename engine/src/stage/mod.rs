@@ -42,6 +42,7 @@ mod context;
 mod copy;
 mod execute;
 mod image;
+mod miss;
 mod partial;
 mod step;
 
@@ -296,6 +297,11 @@ struct StageState {
     /// The steps that changed files so far, with their records, from the first stage of the
     /// `FROM` chain (what `--cache-to mode=min` and an inline cache keep).
     chain: Vec<(CacheKey, CacheRecord)>,
+    /// Why `key` differs from the last build's at this position (`None`: it does not), for
+    /// the next step's cache-miss reason ([`crate::cache_miss`]).
+    why: Option<crate::cache_miss::Why>,
+    /// The stage's name (`stage-N` when unnamed), as a step reading it names it.
+    name: String,
 }
 
 /// One platform's build.
@@ -495,6 +501,8 @@ impl<'a> PlatformBuild<'a> {
             cmd_set: false,
             skeleton_ok: false,
             chain: Vec::new(),
+            why: None,
+            name: format!("stage-{}", built.index),
         }
     }
 
@@ -654,6 +662,13 @@ impl<'a> PlatformBuild<'a> {
                 )
             }
         };
+        // Unnamed stages by their Dockerfile index, as BuildKit (plan positions differ
+        // between a build and its cluster's stage tasks).
+        let name = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", stage.index));
+        let (mut position, why) = self.stage_position(stage, &name, &key, &settings, done);
         let mut state = StageState {
             config,
             layers,
@@ -664,15 +679,11 @@ impl<'a> PlatformBuild<'a> {
             cmd_set: false,
             skeleton_ok: false,
             chain,
+            why,
+            name: name.clone(),
         };
         // ONBUILD triggers of the base were consumed by the planner; they are not inherited.
         state.config.config.on_build = None;
-        // Unnamed stages by their Dockerfile index, as BuildKit (plan positions differ
-        // between a build and its cluster's stage tasks).
-        let name = stage
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("stage-{}", stage.index));
         let prefix = if self.req().platforms.len() > 1 {
             format!("{} {name}", self.platform)
         } else {
@@ -708,7 +719,7 @@ impl<'a> PlatformBuild<'a> {
             }
             let layers_before = state.layers.len();
             let result = self
-                .run_step(step, &mut state, done, &mut vertex)
+                .run_step((step, n), &mut state, done, &mut vertex, &mut position)
                 .await
                 .inspect(|_| {
                     let layer = state.layers.get(layers_before).map(|l| l.digest);
@@ -1098,6 +1109,8 @@ mod tests {
             cmd_set: false,
             skeleton_ok: false,
             chain: Vec::new(),
+            why: None,
+            name: String::new(),
         };
         let done: Done = [(1, std::sync::Arc::new(state))].into_iter().collect();
         assert_eq!(

@@ -86,7 +86,8 @@ impl PlatformBuild<'_> {
             let (store, digest, asked) = (self.shared.store.clone(), layer.digest, left.clone());
             let found = tokio::task::spawn_blocking(move || {
                 let blob = std::io::BufReader::new(store.open_blob(&digest)?);
-                layer::locate(blob, &asked).map_err(|source| StepError::UnpackLayer { digest, source })
+                layer::locate(blob, &asked)
+                    .map_err(|source| StepError::UnpackLayer { digest, source })
             })
             .await??;
             if found.contains(&Found::Other) {

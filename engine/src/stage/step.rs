@@ -1,16 +1,19 @@
 //! One step: its cache key (the instruction's canonical bytes and what it reads), the cache
 //! chain, and the record it adds to the stage.
 
+use super::miss::InputName;
 use super::*;
+use crate::cache_miss::{StagePosition, Why};
 
 impl PlatformBuild<'_> {
     /// Runs one step. Returns whether it came from the cache.
     pub(super) async fn run_step(
         &self,
-        step: &Step,
+        (step, n): (&Step, usize),
         state: &mut StageState,
         done: &Done,
         vertex: &mut Vertex,
+        position: &mut StagePosition,
     ) -> Result<bool, StepError> {
         let changes_fs = apply_metadata(
             &step.instruction,
@@ -21,12 +24,34 @@ impl PlatformBuild<'_> {
             state.config.author = Some(author.clone());
         }
         let inputs = self.step_inputs(step, done).await?;
-        let input_refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+        let secrets = self.secret_presence(step);
+        let absent: Vec<Vec<u8>> = secrets
+            .iter()
+            .filter(|(_, _, in_key)| *in_key)
+            .map(|(id, _, _)| [b"secret absent\0".as_slice(), id.as_bytes()].concat())
+            .collect();
+        let input_refs: Vec<&[u8]> = inputs
+            .iter()
+            .map(|(_, bytes)| bytes.as_slice())
+            .chain(absent.iter().map(Vec::as_slice))
+            .collect();
+        let parent = state.key;
         let key = state.key.child(
             &ossb_dockerfile::instruction_key_bytes(&step.instruction),
             &input_refs,
         );
         state.key = key;
+        let explained = self.explain(
+            step,
+            n,
+            &parent,
+            &key,
+            &inputs,
+            &secrets,
+            state.why.as_ref(),
+            position,
+        );
+        let mut chain_why = explained.chain.clone();
         let mut cached = false;
         let mut empty_layer = true;
         if changes_fs {
@@ -47,6 +72,10 @@ impl PlatformBuild<'_> {
                 }
                 step_cache::Lookup::Miss(claim) => {
                     let id = vertex.start(self.shared);
+                    let reason = explained.why.to_string();
+                    self.shared.progress.event(Event::CacheMiss { id, reason });
+                    // What runs after it inherits no older reason: its parent ran.
+                    chain_why = Some(Why::ParentRan);
                     let started = vertex.started;
                     let record = match self
                         .execute_on_skeleton(step, state, done, id, started)
@@ -80,6 +109,8 @@ impl PlatformBuild<'_> {
             let ran = (!cached).then(|| vertex.started.elapsed().as_millis() as u64);
             self.shared.step_finished(&step.created_by, ran);
         }
+        state.why = chain_why;
+        position.keep(n, explained.record);
         if !step.created_by.is_empty() {
             state.config.history.push(History {
                 created: Some(self.shared.created.clone()),
@@ -98,7 +129,7 @@ impl PlatformBuild<'_> {
         &self,
         step: &Step,
         done: &Done,
-    ) -> Result<Vec<Vec<u8>>, StepError> {
+    ) -> Result<Vec<(InputName, Vec<u8>)>, StepError> {
         if let Instruction::Run(run) = &step.instruction {
             return self.bind_mount_inputs(run, done);
         }
@@ -121,7 +152,8 @@ impl PlatformBuild<'_> {
             )
             .await?;
             self.shared.facts.material(&self.platform, fetched.material);
-            inputs.push(fetched.key);
+            let name = InputName::Other(format!("download {source}"), None);
+            inputs.push((name, fetched.key));
         }
         let local: Vec<String> = local.into_iter().cloned().collect();
         if copy.from.is_some() || !local.is_empty() {
@@ -133,13 +165,19 @@ impl PlatformBuild<'_> {
             if let Some(ex) = &exclude {
                 filter = filter.with_exclude(ex);
             }
-            inputs.push(self.source_input(
+            let bytes =
+                self.source_input(copy.from.as_ref(), &local, filter, done, "COPY --from")?;
+            let name = self.input_name(
                 copy.from.as_ref(),
-                &local,
-                filter,
+                || InputName::Context {
+                    name: "context files".into(),
+                    sources: local.clone(),
+                    ignore: true,
+                    exclude,
+                },
                 done,
-                "COPY --from",
-            )?);
+            );
+            inputs.push((name, bytes));
         }
         Ok(inputs)
     }
@@ -202,7 +240,7 @@ impl PlatformBuild<'_> {
         &self,
         run: &ossb_dockerfile::Run,
         done: &Done,
-    ) -> Result<Vec<Vec<u8>>, StepError> {
+    ) -> Result<Vec<(InputName, Vec<u8>)>, StepError> {
         let mut inputs = Vec::new();
         for mount in run
             .mounts
@@ -210,13 +248,24 @@ impl PlatformBuild<'_> {
             .filter(|m| m.kind == ossb_dockerfile::MountType::Bind)
         {
             let source = mount.source.clone().unwrap_or_else(|| ".".into());
-            inputs.push(self.source_input(
+            let bytes = self.source_input(
                 mount.from.as_ref(),
-                &[source],
+                std::slice::from_ref(&source),
                 CopyFilter::none(),
                 done,
                 "RUN --mount from",
-            )?);
+            )?;
+            let name = self.input_name(
+                mount.from.as_ref(),
+                || InputName::Context {
+                    name: format!("context files of the mount at {}", mount.target),
+                    sources: vec![source.clone()],
+                    ignore: false,
+                    exclude: None,
+                },
+                done,
+            );
+            inputs.push((name, bytes));
         }
         Ok(inputs)
     }

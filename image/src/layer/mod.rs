@@ -61,8 +61,8 @@ use std::sync::Arc;
 use ossb_protocol::Digest;
 
 pub use apply::apply_layer;
-pub use locate::{locate, Found};
 pub(crate) use apply::decompressed;
+pub use locate::{locate, Found};
 pub use write::write_layer;
 
 /// Media type of a gzip-compressed layer.
@@ -161,6 +161,10 @@ pub struct WrittenLayer {
 /// A callback told about each thing [`apply_layer`] skips, as it happens.
 pub type WarningHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Which regular files [`ApplyOptions::only`] writes: by path relative to the rootfs,
+/// permission bits and size.
+pub type FileFilter = Arc<dyn Fn(&Path, u32, u64) -> bool + Send + Sync>;
+
 /// How [`apply_layer`] applies.
 #[derive(Clone)]
 pub struct ApplyOptions {
@@ -179,7 +183,7 @@ pub struct ApplyOptions {
     /// permission bits and size; the others are skipped (a reader that needs a few files of an
     /// image, as the SBOM scan), as are device nodes and fifos. Directories, symlinks and
     /// whiteouts always apply. Default: every entry.
-    pub only: Option<Arc<dyn Fn(&Path, u32, u64) -> bool + Send + Sync>>,
+    pub only: Option<FileFilter>,
 }
 
 impl Default for ApplyOptions {
