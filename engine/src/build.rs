@@ -447,6 +447,7 @@ async fn run(
         built: Default::default(),
         cluster,
         facts: Default::default(),
+        said_adaptation: Default::default(),
     };
     // Every platform is pulled, planned and checked before any step runs (a platform that
     // cannot run here is refused first); then every platform builds at once, a platform's

@@ -1107,6 +1107,14 @@ fn rootless_worker_pool_in_podman_builds_chown_and_apt_get_on_debian() {
         all_logs()
     );
     assert!(stderr.contains("owner 1234:1234"), "{stderr}");
+    // The client is told too, once: the worker's log is not the submitter's.
+    assert_eq!(
+        stderr
+            .matches("isolation: rootless, adapted to this container")
+            .count(),
+        1,
+        "the client is told once how the worker's sandbox adapted:\n{stderr}"
+    );
     let run = podman_run(&destination, &[]).success("podman run of the worker's image");
     assert!(run.stdout.starts_with("1234:1234\njq-1."), "{}", run.stdout);
     let log = std::fs::read_to_string(logs.join("worker.log")).unwrap();

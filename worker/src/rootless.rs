@@ -41,6 +41,16 @@ impl Refusals {
 /// The probe's result in this process: found once, by the first rootless step.
 static FOUND: OnceLock<Result<Refusals, String>> = OnceLock::new();
 
+/// The warning logged when the sandbox adapted, for the builds to repeat to their clients.
+static ADAPTED: OnceLock<String> = OnceLock::new();
+
+/// How the rootless sandbox adapted to this container, once a rootless step found out: what
+/// the process logged once, for a build cluster's worker to say to each client too (its log is
+/// not theirs).
+pub fn adaptation() -> Option<&'static str> {
+    ADAPTED.get().map(String::as_str)
+}
+
 /// What the rootless sandbox of a step may skip in this container, probed once per process
 /// with `probe` (which runs `exe __sandbox`). `forced`: the user forced `--isolation rootless`,
 /// so a refusal is an error. Under auto, the first call logs once what the sandbox adapted and
@@ -56,6 +66,7 @@ pub(crate) fn refusals(
             let (refusals, warning) = decide(probe(&exe), forced)?;
             if let Some(w) = warning {
                 tracing::warn!("{w}");
+                let _ = ADAPTED.set(w);
             }
             Ok(refusals)
         })

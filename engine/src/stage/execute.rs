@@ -252,14 +252,16 @@ impl PlatformBuild<'_> {
                     ssh: &req.ssh,
                     overlay,
                 };
-                run::execute(&ctx, run, |line| {
+                let ran = run::execute(&ctx, run, |line| {
                     self.shared.progress.event(Event::Output {
                         id,
                         elapsed: started.elapsed(),
                         line: line.to_string(),
                     })
                 })
-                .await
+                .await;
+                self.shared.say_adaptation();
+                ran
             }
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let is_add = matches!(step.instruction, Instruction::Add(_));

@@ -79,6 +79,8 @@ pub(crate) struct Shared<'a> {
     pub cluster: Option<&'a dyn cache::CacheLevel>,
     /// What each platform read and did, for its attestations.
     pub facts: crate::attestations::Facts,
+    /// Whether this build told its client how the rootless sandbox adapted to the container.
+    pub said_adaptation: std::sync::atomic::AtomicBool,
 }
 
 /// The running estimate of a build's remaining time.
@@ -201,6 +203,19 @@ impl Shared<'_> {
                 })?;
         }
         Ok(())
+    }
+
+    /// Tells a cluster's client, once per build, how the rootless sandbox adapted to the
+    /// worker's container (`ossb build` logged it already, on the same terminal).
+    fn say_adaptation(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(warning) = ossb_worker::rootless::adaptation() else {
+            return;
+        };
+        if self.cluster.is_some() && !self.said_adaptation.swap(true, Ordering::Relaxed) {
+            self.progress
+                .event(Event::Info(format!("warning: {warning}")));
+        }
     }
 
     pub(crate) fn finish<T, E: std::fmt::Display>(
