@@ -209,6 +209,52 @@ impl BuildPlan {
             })
             .collect()
     }
+
+    /// Which stages run, by position: the target and what it needs, through every stage
+    /// that is not `built` already (a stage an earlier task built is not gone through, nor
+    /// what only it needed).
+    pub fn stages_to_run(&self, built: impl Fn(usize) -> bool) -> Vec<bool> {
+        let mut run = vec![false; self.stages.len()];
+        let mut todo = vec![self.target];
+        while let Some(position) = todo.pop() {
+            if run[position] || built(position) {
+                continue;
+            }
+            run[position] = true;
+            todo.extend(self.stages[position].deps());
+        }
+        run
+    }
+
+    /// The build context's paths the stages that `run` read (COPY and ADD sources, bind
+    /// mounts), as written (wildcards kept, `.` for all); `None` when they read all of it in
+    /// a way no source names (the context's SBOM scan).
+    pub fn context_reads(&self, run: &[bool]) -> Option<Vec<String>> {
+        if self.sbom_scan.context && run.get(self.target) == Some(&true) {
+            return None;
+        }
+        let remote = |s: &str| s.contains("://") || s.starts_with("git@");
+        let mut out: Vec<String> = Vec::new();
+        for (stage, _) in self.stages.iter().zip(run).filter(|(_, r)| **r) {
+            for step in &stage.steps {
+                match &step.instruction {
+                    Instruction::Copy(c) | Instruction::Add(c) if c.from.is_none() => {
+                        out.extend(c.sources.iter().filter(|s| !remote(s)).cloned());
+                    }
+                    Instruction::Run(r) => out.extend(
+                        r.mounts
+                            .iter()
+                            .filter(|m| m.kind == MountType::Bind && m.from.is_none())
+                            .map(|m| m.source.clone().unwrap_or_else(|| ".".into())),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
 }
 
 /// One stage (`FROM ... [AS name]` and its steps).

@@ -520,3 +520,31 @@ fn sbom_scan_args_pick_the_stages_and_context_to_scan() {
         "RUN |2 BUILDKIT_SBOM_SCAN_CONTEXT=true V=1 /bin/sh -c echo $BUILDKIT_SBOM_SCAN_CONTEXT # buildkit"
     );
 }
+
+#[test]
+fn built_stages_are_not_walked_through() {
+    let text = "FROM scratch AS a\nFROM a AS b\nFROM scratch AS c\nFROM scratch\n\
+                COPY --from=b /x /x\nCOPY --from=c /y /y\n";
+    let p = plan_of(text, &[], None).unwrap();
+    assert_eq!(p.stages_to_run(|_| false), [true; 4]);
+    // b built by another task: a, which only b needed, is not gone through either.
+    assert_eq!(p.stages_to_run(|s| s == 1), [false, false, true, true]);
+}
+
+#[test]
+fn the_context_paths_a_task_reads_are_those_of_the_stages_it_runs() {
+    let text = "FROM scratch AS a\nCOPY src/a* /a/\nADD https://example.com/x.tgz git@h:r.git /\n\
+                FROM busybox AS b\nRUN --mount=type=bind,source=tools,target=/t true\n\
+                RUN --mount=type=bind,target=/all true\nCOPY --from=a /a /a\n\
+                FROM scratch\nCOPY --from=b /b /b\nCOPY ./docs /docs\nADD local.tar /\n";
+    let p = plan_of(text, &[], None).unwrap();
+    let all = p.context_reads(&p.stages_to_run(|_| false)).unwrap();
+    assert_eq!(all, [".", "./docs", "local.tar", "src/a*", "tools"]);
+    // The final stage alone (a and b built by other tasks): only its own sources.
+    let last = p.context_reads(&p.stages_to_run(|s| s < 2)).unwrap();
+    assert_eq!(last, ["./docs", "local.tar"]);
+    // Scanning the context for the SBOM reads all of it.
+    let text = "ARG BUILDKIT_SBOM_SCAN_CONTEXT=true\nFROM scratch\nARG BUILDKIT_SBOM_SCAN_CONTEXT\nCOPY a /a\n";
+    let p = plan_of(text, &[], None).unwrap();
+    assert_eq!(p.context_reads(&p.stages_to_run(|_| false)), None);
+}

@@ -1136,12 +1136,12 @@ fn a_second_build_on_the_same_base_on_another_worker_pulls_nothing_from_the_regi
     assert!(second.contains("0 to pull from registries"), "{second}");
     let big = big_context_file().len();
     assert!(
-        first.contains("context files: 0 from the peer cache (0 bytes), "),
+        first.contains("context files (those its stages read): 0 from the peer cache (0 bytes), "),
         "{first}"
     );
     assert!(
         second.contains(&format!(
-            "context files: 1 from the peer cache ({big} bytes), "
+            "context files (those its stages read): 1 from the peer cache ({big} bytes), "
         )),
         "the second worker took the large context file from its peers\n{second}"
     );
@@ -1206,7 +1206,10 @@ fn submit_on_base(
         .map(|i| {
             let ctx = crate::support::context(
                 &work.join(format!("b{i}")),
-                &format!("FROM {registry}/{base}\nRUN echo \"{marker} {i}\" > /built\n"),
+                &format!(
+                    "FROM {registry}/{base}\nCOPY shared.bin /shared.bin\n\
+                     RUN echo \"{marker} {i}\" > /built\n"
+                ),
                 &[("shared.bin", &"s".repeat(SHARED_CONTEXT_FILE))],
             );
             let log = work.join(format!("client{i}.log"));
@@ -1913,4 +1916,96 @@ fn a_link_cut_for_10s_during_a_build_in_network_namespaces() {
         metrics.contains("ossb_tasks_rescheduled_total 1"),
         "{metrics}"
     );
+}
+
+/// A stage task fetches only the context files its stages read (each stage here copies its
+/// own directory), not the whole context; a base image with ONBUILD triggers (which may read
+/// any file) makes the task fetch it all, and its trigger's COPY works.
+#[test]
+fn a_task_fetches_only_the_context_files_its_stages_read() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start_with(&env, &[("amd64-a", &[]), ("amd64-b", &[])]);
+    let reg = cluster.registry.clone();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("reads");
+    let dockerfile = format!(
+        "FROM {bb} AS left\nCOPY left /left\n\
+         FROM {bb} AS right\nCOPY right/ /right/\n\
+         FROM {bb}\nCOPY --from=left /left /left\nCOPY --from=right /right /right\n\
+         COPY docs/*.md /docs/\nCMD [\"cat\", \"/left/1\", \"/left/2\", \"/right/1\", \"/docs/a.md\"]\n",
+        bb = cluster.busybox(&env)
+    );
+    let files: Vec<(String, String)> = [
+        "left/1",
+        "left/2",
+        "right/1",
+        "right/2",
+        "docs/a.md",
+        "docs/b.txt",
+        "other/x",
+        "other/y",
+    ]
+    .iter()
+    .map(|p| (p.to_string(), format!("{p} {marker}\n")))
+    .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .collect();
+    let ctx = crate::support::context(work.path(), &dockerfile, &files);
+    let image = format!("{reg}/tests/{marker}:latest");
+    let stderr = cluster.push_ok("linux/amd64", &reg, &image, &ctx);
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(
+        run.stdout,
+        format!("left/1 {marker}\nleft/2 {marker}\nright/1 {marker}\ndocs/a.md {marker}\n")
+    );
+    // Each task names how many context files it fetched: 2 + 2 + 1, not 3 x 9.
+    let fetched: Vec<u64> = stderr
+        .lines()
+        .filter_map(|l| l.split("context files (those its stages read): ").nth(1))
+        .map(|rest| {
+            let n = |s: &str| s.split(' ').next().unwrap().parse::<u64>().unwrap();
+            let (peer, coordinator) = rest.split_once("), ").unwrap();
+            n(peer) + n(coordinator)
+        })
+        .collect();
+    let mut sorted = fetched.clone();
+    sorted.sort();
+    assert_eq!(sorted, [1, 2, 2], "{stderr}");
+
+    // A base with an ONBUILD trigger that copies a file: the task takes the whole context.
+    let base = format!("{reg}/tests/{marker}-onbuild:latest");
+    let base_ctx = crate::support::context(
+        &work.path().join("base"),
+        &format!(
+            "FROM {}\nONBUILD COPY other/x /onbuild\n",
+            cluster.busybox(&env)
+        ),
+        &[],
+    );
+    crate::support::ossb(
+        &env,
+        &work.path().join("cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            &base,
+            "--push",
+            base_ctx.to_str().unwrap(),
+        ],
+    )
+    .success("pushing a base with an ONBUILD trigger");
+    let dockerfile = format!("FROM {base}\nCOPY left/1 /1\nCMD [\"cat\", \"/onbuild\", \"/1\"]\n");
+    let ctx = crate::support::context(&work.path().join("onbuild"), &dockerfile, &files);
+    let image = format!("{reg}/tests/{marker}-child:latest");
+    let stderr = cluster.push_ok("linux/amd64", &reg, &image, &ctx);
+    assert!(
+        !stderr.contains("those its stages read"),
+        "a base with ONBUILD: the whole context\n{stderr}"
+    );
+    let run = podman_run(&image, &[]).success("podman run of the ONBUILD child");
+    assert_eq!(run.stdout, format!("other/x {marker}\nleft/1 {marker}\n"));
 }

@@ -3,6 +3,7 @@
 //! to the peer cache.
 
 use super::*;
+use ossb_protocol::cluster::{ContextEntry, EntryKind};
 
 /// The stages the task reads, as the tasks that built them left them. Their layers come
 /// from the peer cache only when a step reads them (`ClusterSteps::blob`): a COPY of one file
@@ -85,7 +86,8 @@ pub(super) async fn publish(
 /// Returns those it could not bring, with their sizes: the engine pulls them from the
 /// registry. Also returns the base images' references (sources of cross-repository mounts).
 /// Best effort: a base that cannot be resolved here is left to the engine, which reports the
-/// error.
+/// error. Last, whether every base is known to have no `ONBUILD` triggers (their steps, which
+/// may read the context, are planned only by the engine).
 pub(super) async fn fetch_bases(
     node: &Node,
     req: &BuildRequest,
@@ -94,40 +96,57 @@ pub(super) async fn fetch_bases(
     store: &BlobStore,
     inputs: &mut InputStats,
     steps: &ClusterSteps,
-) -> (Vec<(Digest, u64)>, Vec<Reference>) {
+) -> (Vec<(Digest, u64)>, Vec<Reference>, bool) {
     use futures_util::stream::{self, StreamExt};
     let bases = match ossb_dockerfile::base_images_with_platforms(df, &req.plan_options(platform)) {
         Ok(b) => b,
-        Err(_) => return (Vec::new(), Vec::new()),
+        Err(_) => return (Vec::new(), Vec::new(), false),
     };
     let Ok(registry) = Registry::with_config(&req.registry, &req.registry_config) else {
-        return (Vec::new(), Vec::new());
+        return (Vec::new(), Vec::new(), false);
     };
     let mut wanted: Vec<(Reference, Descriptor)> = Vec::new();
     let mut references = Vec::new();
+    let (mut configs, mut unresolved) = (Vec::new(), false);
     for (reference, platform) in bases {
         let Ok(parsed) = parse_reference(&reference) else {
+            unresolved = true;
             continue;
         };
         references.push(parsed.clone());
         match registry.resolve(&parsed, &platform, store).await {
             Ok((_, manifest)) => {
+                configs.push(manifest.config.digest);
                 for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
                     if !wanted.iter().any(|(_, w)| w.digest == d.digest) {
                         wanted.push((parsed.clone(), d.clone()));
                     }
                 }
             }
-            Err(e) => tracing::debug!(%reference, error = %e, "resolving a base image"),
+            Err(e) => {
+                unresolved = true;
+                tracing::debug!(%reference, error = %e, "resolving a base image");
+            }
         }
     }
+    // Known once their configs are here (brought below, or pulled by the engine: unknown).
+    let onbuild_free = |store: &BlobStore| {
+        !unresolved
+            && configs.iter().all(|d| {
+                store
+                    .read(d)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ossb_image::oci::ImageConfig>(&b).ok())
+                    .is_some_and(|c| c.config.on_build.is_none_or(|t| t.is_empty()))
+            })
+    };
     let (present, absent): (Vec<_>, Vec<_>) = wanted
         .into_iter()
         .partition(|(_, d)| store.contains(&d.digest));
     inputs.local_blobs += present.len() as u64;
     let Some(peers) = &node.peers else {
         let absent = absent.iter().map(|(_, d)| (d.digest, d.size)).collect();
-        return (absent, references);
+        return (absent, references, onbuild_free(store));
     };
     let registry = &registry;
     let brought: Vec<(Descriptor, Option<Brought>)> = stream::iter(absent)
@@ -153,7 +172,71 @@ pub(super) async fn fetch_bases(
             None => missing.push((desc.digest, desc.size)),
         }
     }
-    (missing, references)
+    (missing, references, onbuild_free(store))
+}
+
+/// The entries of the task's context that its stages read: every directory and special file,
+/// and the regular files a COPY/ADD source or bind mount of a stage it runs names (with
+/// `.dockerignore` files, which the engine reads). The whole context when that cannot be known
+/// here: a base image with `ONBUILD` triggers or not resolved (`onbuild_free` false), a stage
+/// from a named context, a symlink in the context (a source may resolve through it), a source
+/// climbing with `..`, or the context's SBOM scan.
+pub(super) fn context_read(
+    req: &BuildRequest,
+    df: &ossb_dockerfile::Dockerfile,
+    task: &TaskSpec,
+    built: &[BuiltStage],
+    onbuild_free: bool,
+) -> Vec<ContextEntry> {
+    let all = || task.spec.context.clone();
+    let symlinks = task
+        .spec
+        .context
+        .iter()
+        .any(|e| matches!(e.kind, EntryKind::Symlink(_)));
+    if !onbuild_free || symlinks {
+        return all();
+    }
+    let opts = req.plan_options(&task.platform);
+    let Ok(plan) = ossb_dockerfile::plan(df, &opts, &HashMap::new()) else {
+        return all();
+    };
+    let run = plan.stages_to_run(|p| built.iter().any(|b| b.index == plan.stages[p].index));
+    let from_context = plan
+        .stages
+        .iter()
+        .zip(&run)
+        .any(|(s, r)| *r && matches!(s.base, ossb_dockerfile::Base::Context(_)));
+    let Some(sources) = plan.context_reads(&run).filter(|_| !from_context) else {
+        return all();
+    };
+    let mut patterns: Vec<Vec<&str>> = Vec::new();
+    for source in &sources {
+        let segments: Vec<&str> = source
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .collect();
+        if segments.is_empty() || segments.contains(&"..") {
+            return all();
+        }
+        patterns.push(segments);
+    }
+    let read = |path: &str| {
+        let path: Vec<&str> = path.split('/').collect();
+        (path.len() == 1 && path[0].ends_with(".dockerignore"))
+            || patterns.iter().any(|p| {
+                p.len() <= path.len()
+                    && p.iter()
+                        .zip(&path)
+                        .all(|(p, n)| ossb_worker::fs::wildcard_match(p, n))
+            })
+    };
+    task.spec
+        .context
+        .iter()
+        .filter(|e| !matches!(e.kind, EntryKind::File { .. }) || read(&e.path))
+        .cloned()
+        .collect()
 }
 
 /// Where [`bring`] found a blob, and its size.

@@ -38,7 +38,7 @@ use ossb_worker::sandbox::Isolation;
 use tokio::sync::mpsc;
 
 use super::context::{
-    all_file_digests, materialize, request_of, stage_from_wire, stage_to_wire, TaskFiles, TaskPlace,
+    file_digests, materialize, request_of, stage_from_wire, stage_to_wire, TaskFiles, TaskPlace,
 };
 use super::{event_to_wire, local_err, recv, recv_blob_bytes, send, ClusterError};
 use ossb_engine::build::{BuildRequest, BuiltStage};
@@ -49,7 +49,7 @@ mod cache_mounts;
 mod inputs;
 mod steps;
 
-use inputs::{fetch_bases, fetch_context_file, needs, publish, Fetched};
+use inputs::{context_read, fetch_bases, fetch_context_file, needs, publish, Fetched};
 use steps::ClusterSteps;
 
 /// Context files fetched at once.
@@ -511,11 +511,48 @@ async fn execute(
         publishing: Mutex::new(Vec::new()),
         brought: Default::default(),
     };
+    let forward = Forward {
+        task: task.task,
+        out: out.clone(),
+    };
+    // What the planner and the registry client need, before the task's files are laid out.
+    let probe = request_of(task, TaskPlace::default(), Vec::new());
+    // Parsed once for the task: the stages it starts from, the base images to fetch, the
+    // context files its stages read, then the build.
+    let df =
+        ossb_dockerfile::parse(&probe.dockerfile, &probe.dockerfile_name).map_err(|e| Failure {
+            message: e.to_string(),
+            exit_code: 2,
+        })?;
+    let built = needs(node, task, &store, &forward);
+    let mut inputs = InputStats::default();
+    let (to_pull, bases, onbuild_free) = fetch_bases(
+        node,
+        &probe,
+        &df,
+        &task.platform,
+        &store,
+        &mut inputs,
+        &steps,
+    )
+    .await;
+    forward.event(Event::Info(format!(
+        "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
+        task.platform,
+        inputs.local_blobs,
+        inputs.peer_blobs,
+        inputs.peer_bytes,
+        to_pull.len()
+    )));
+    let entries = context_read(&probe, &df, task, &built, onbuild_free);
     // Several at once: a context of many small files costs round trips, not bandwidth.
-    let missing: Vec<(Digest, u64)> = all_file_digests(&task.spec)
-        .into_iter()
-        .filter(|(d, _)| !store.contains(d))
-        .collect();
+    let mut missing: Vec<(Digest, u64)> = file_digests(&entries);
+    for (_, named) in &task.spec.build_contexts {
+        missing.extend(file_digests(named));
+    }
+    missing.sort();
+    missing.dedup_by_key(|(d, _)| *d);
+    missing.retain(|(d, _)| !store.contains(d));
     let fetched: Vec<Result<Fetched, Failure>> = {
         use futures_util::stream::{self, StreamExt};
         stream::iter(missing)
@@ -546,13 +583,8 @@ async fn execute(
         .map_err(|e| fail(format!("creating the task directory: {e}")))?;
     let context = dir.path().join("context");
     std::fs::create_dir(&context).map_err(|e| fail(e.to_string()))?;
-    materialize(&task.spec.context, &store, &context).map_err(fail)?;
+    materialize(&entries, &store, &context).map_err(fail)?;
     let files = TaskFiles::write(&task.spec, &store, dir.path()).map_err(fail)?;
-    let forward = Forward {
-        task: task.task,
-        out: out.clone(),
-    };
-    let built = needs(node, task, &store, &forward);
     let req = request_of(
         task,
         TaskPlace {
@@ -565,28 +597,15 @@ async fn execute(
         built,
     );
     if from_peers.0 + from_coordinator.0 > 0 {
+        let read = match entries.len() == task.spec.context.len() {
+            true => String::new(),
+            false => " (those its stages read)".to_string(),
+        };
         forward.event(Event::Info(format!(
-            "{}: context files: {} from the peer cache ({} bytes), {} from the coordinator ({} bytes)",
+            "{}: context files{read}: {} from the peer cache ({} bytes), {} from the coordinator ({} bytes)",
             task.platform, from_peers.0, from_peers.1, from_coordinator.0, from_coordinator.1
         )));
     }
-    // Parsed once for the task: the base images to fetch, then the build.
-    let df =
-        ossb_dockerfile::parse(&req.dockerfile, &req.dockerfile_name).map_err(|e| Failure {
-            message: e.to_string(),
-            exit_code: 2,
-        })?;
-    let mut inputs = InputStats::default();
-    let (to_pull, bases) =
-        fetch_bases(node, &req, &df, &task.platform, &store, &mut inputs, &steps).await;
-    forward.event(Event::Info(format!(
-        "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
-        task.platform,
-        inputs.local_blobs,
-        inputs.peer_blobs,
-        inputs.peer_bytes,
-        to_pull.len()
-    )));
     let mounts = cache_mounts::ids_of(&req, &df, &task.platform);
     cache_mounts::bring(
         node,

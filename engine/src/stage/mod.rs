@@ -433,7 +433,8 @@ impl<'a> PlatformBuild<'a> {
                 );
             }
         }
-        let mut started = needed(&graph, plan.target, &done)
+        let mut started = plan
+            .stages_to_run(|position| done.contains_key(&position))
             .into_iter()
             .map(|needed| !needed)
             .collect::<Vec<bool>>();
@@ -948,21 +949,6 @@ fn apply_metadata(
     false
 }
 
-/// Which stages of `graph` (by position) the target needs built: itself and, through their
-/// bases and the stages they read, those not `done` already.
-fn needed(graph: &[dockerfile::StageNode], target: usize, done: &Done) -> Vec<bool> {
-    let mut needed = vec![false; graph.len()];
-    let mut todo = vec![target];
-    while let Some(position) = todo.pop() {
-        if needed[position] || done.contains_key(&position) {
-            continue;
-        }
-        needed[position] = true;
-        todo.extend(graph[position].deps.iter().copied());
-    }
-    needed
-}
-
 fn base_info(config: &ImageConfig) -> BaseImageInfo {
     let rc = &config.config;
     BaseImageInfo {
@@ -1102,38 +1088,6 @@ mod tests {
     }
 
     /// A stage built elsewhere cuts the walk: what only it needs is not built again.
-    #[test]
-    fn built_stages_are_not_walked_through() {
-        let text = "FROM scratch AS a\nFROM a AS b\nFROM scratch AS c\nFROM scratch\nCOPY --from=b /x /x\nCOPY --from=c /y /y\n";
-        let df = ossb_dockerfile::parse(text, "Dockerfile").unwrap();
-        let plan = ossb_dockerfile::plan(
-            &df,
-            &ossb_dockerfile::PlanOptions::default(),
-            &HashMap::new(),
-        )
-        .unwrap();
-        let graph = plan.graph();
-        assert_eq!(needed(&graph, plan.target, &Done::new()), [true; 4]);
-        let state = StageState {
-            config: ImageConfig::default(),
-            layers: Vec::new(),
-            key: CacheKey::from_bytes([0; 32]),
-            rootfs: PathBuf::new(),
-            materialized: false,
-            unpacked_for_readers: tokio::sync::OnceCell::new(),
-            cmd_set: false,
-            skeleton_ok: false,
-            chain: Vec::new(),
-            why: None,
-            name: String::new(),
-        };
-        let done: Done = [(1, std::sync::Arc::new(state))].into_iter().collect();
-        assert_eq!(
-            needed(&graph, plan.target, &done),
-            [false, false, true, true]
-        );
-    }
-
     #[test]
     fn resolves_paths_against_the_workdir() {
         assert_eq!(absolute_in("/app", "src"), "/app/src");
