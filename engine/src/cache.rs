@@ -130,6 +130,19 @@ pub trait CacheLevel: Send + Sync {
             "no cache level brings blobs ({digest})"
         ))))
     }
+    /// Brings into `store` a blob of an image the build reads late (`COPY --from=IMAGE`, an
+    /// image named context) through the cluster's single-flight: from a peer, or fetched from
+    /// the registry once for every worker. Best effort: the engine's pull fetches what is still
+    /// missing. Only the cluster's level does anything.
+    fn image_blob<'a>(
+        &'a self,
+        reference: &'a ossb_image::Reference,
+        blob: &'a Descriptor,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        let _ = (reference, blob, store);
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl CacheLevel for LocalCache {

@@ -2009,3 +2009,85 @@ fn a_task_fetches_only_the_context_files_its_stages_read() {
     let run = podman_run(&image, &[]).success("podman run of the ONBUILD child");
     assert_eq!(run.stdout, format!("other/x {marker}\nleft/1 {marker}\n"));
 }
+
+/// Single-flight for images a build reads late, not only for its bases: three builds that
+/// each `COPY --from` a Debian image nobody in the cluster has, on three one-slot workers at
+/// once, fetch its layer from the registry once (counted at a proxy in front of the registry);
+/// the other workers take it from the peer cache.
+#[test]
+fn three_builds_copying_from_one_new_image_pull_it_from_the_registry_once() {
+    let Some(env) = TestEnv::get() else { return };
+    let proxy = Proxy::start(&env.registry(), None);
+    let one = ["--slots", "1"];
+    let cluster = Cluster::start_with(
+        &env,
+        &[("amd64-a", &one), ("amd64-b", &one), ("amd64-c", &one)],
+    );
+    let registry = cluster.reach(&proxy.addr);
+    let debian = env.var("OSSB_TEST_DEBIAN");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&inspect_raw(&format!("{}/{debian}", env.registry())).stdout).unwrap();
+    let layer = manifest["layers"]
+        .as_array()
+        .and_then(|l| l.iter().max_by_key(|d| d["size"].as_u64()))
+        .and_then(|d| d["digest"].as_str())
+        .expect("the Debian image is one manifest with layers")
+        .to_string();
+    let work = tempfile::tempdir().unwrap();
+    let marker = unique("late-pull");
+    let busybox = env.var("OSSB_TEST_BUSYBOX");
+    let clients: Vec<(PathBuf, Child)> = (0..3)
+        .map(|i| {
+            let ctx = crate::support::context(
+                &work.path().join(format!("b{i}")),
+                &format!(
+                    "FROM {registry}/{busybox}\n\
+                     COPY --from={registry}/{debian} /etc/debian_version /debian_version\n\
+                     RUN echo \"{marker} {i}\" > /built\n"
+                ),
+                &[],
+            );
+            let log = work.path().join(format!("client{i}.log"));
+            let child = cluster
+                .submit(
+                    &cluster.tls,
+                    &[
+                        "--platform",
+                        "linux/amd64",
+                        "--insecure-registry",
+                        &registry,
+                    ],
+                )
+                .arg(&ctx)
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (log, child)
+        })
+        .collect();
+    let mut workers = std::collections::BTreeSet::new();
+    for (log, mut child) in clients {
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{text}\n{}", cluster.logs());
+        if let Some(w) = text
+            .lines()
+            .find_map(|l| l.split("scheduled on worker ").nth(1))
+            .and_then(|rest| rest.split(' ').next())
+        {
+            workers.insert(w.to_string());
+        }
+    }
+    assert!(workers.len() >= 2, "the builds ran on {workers:?}");
+    let layer_gets = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.contains(&layer) && s.status < 300)
+        .count();
+    assert_eq!(
+        layer_gets,
+        1,
+        "the Debian layer {layer} crossed the registry link {layer_gets} times\n{}",
+        cluster.logs()
+    );
+}

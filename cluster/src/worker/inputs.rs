@@ -240,7 +240,7 @@ pub(super) fn context_read(
 }
 
 /// Where [`bring`] found a blob, and its size.
-enum Brought {
+pub(super) enum Brought {
     Peer(u64),
     /// Fetched for the cluster: `registry` bytes from there, the `peer` bytes before them
     /// kept by the home node from a fetch that broke off.
@@ -256,7 +256,7 @@ enum Brought {
 /// the blob's home node while it downloads. A fetch that breaks off leaves its bytes on the
 /// node; the next asker's fetch resumes from them, by `Range`. `None`: left to the engine's
 /// pull.
-async fn bring(
+pub(super) async fn bring(
     peers: &PeerCache,
     registry: &Registry,
     reference: &Reference,

@@ -504,12 +504,13 @@ async fn execute(
     };
     let cache_dir = node.config.work_dir.join("cache");
     let store = BlobStore::open(&cache_dir).map_err(|e| fail(format!("opening the cache: {e}")))?;
-    let steps = ClusterSteps {
+    let mut steps = ClusterSteps {
         node: node.clone(),
         conn: conn.clone(),
         task: task.task,
         publishing: Mutex::new(Vec::new()),
         brought: Default::default(),
+        registry: None,
     };
     let forward = Forward {
         task: task.task,
@@ -596,6 +597,7 @@ async fn execute(
         },
         built,
     );
+    steps.registry = Registry::with_config(&req.registry, &req.registry_config).ok();
     if from_peers.0 + from_coordinator.0 > 0 {
         let read = match entries.len() == task.spec.context.len() {
             true => String::new(),

@@ -1,6 +1,6 @@
 //! The cluster's step cache as a task's engine sees it.
 
-use super::inputs::put;
+use super::inputs::{bring, put, Brought};
 use super::*;
 
 /// The cluster's step cache as a task's engine sees it: records by cache key from the
@@ -18,6 +18,8 @@ pub(super) struct ClusterSteps {
     /// Layers of stages other tasks built that steps read, brought from the peer cache:
     /// how many, and their bytes.
     pub(super) brought: (AtomicU64, AtomicU64),
+    /// The task's registry client, for blobs of images the engine reads late.
+    pub(super) registry: Option<Registry>,
 }
 
 /// Asks the coordinator one question on a stream of its own.
@@ -174,5 +176,31 @@ impl CacheLevel for ClusterSteps {
         store: &'a BlobStore,
     ) -> futures_util::future::BoxFuture<'a, Result<u64, String>> {
         Box::pin(self.bring_blob(digest, store))
+    }
+
+    fn image_blob<'a>(
+        &'a self,
+        reference: &'a Reference,
+        blob: &'a Descriptor,
+        store: &'a BlobStore,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (Some(peers), Some(registry)) = (&self.node.peers, &self.registry) else {
+                return;
+            };
+            let c = &self.node.counters;
+            match bring(peers, registry, reference, blob, store, self).await {
+                Some(Brought::Peer(n)) => {
+                    c.blobs_peer.fetch_add(1, Ordering::Relaxed);
+                    c.bytes_peer.fetch_add(n, Ordering::Relaxed);
+                }
+                Some(Brought::Registry { registry, peer }) => {
+                    c.blobs_registry.fetch_add(1, Ordering::Relaxed);
+                    c.bytes_registry.fetch_add(registry, Ordering::Relaxed);
+                    c.bytes_peer.fetch_add(peer, Ordering::Relaxed);
+                }
+                None => {}
+            }
+        })
     }
 }

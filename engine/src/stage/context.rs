@@ -73,7 +73,7 @@ impl PlatformBuild<'_> {
                 ResolvedContext::Files { root, ignore: None }
             }
             ContextSource::Image(reference) => {
-                let pulled = self.pull(reference, platform).await.map_err(|e| {
+                let pulled = self.pull_read(reference, platform).await.map_err(|e| {
                     refused(
                         name,
                         source,

@@ -553,7 +553,7 @@ impl<'a> PlatformBuild<'a> {
             self.unpack_context(&name).await?;
         }
         for reference in refs {
-            let pulled = self.pull(&reference, &self.platform.clone()).await?;
+            let pulled = self.pull_read(&reference, &self.platform.clone()).await?;
             let root = self
                 .shared
                 .work
@@ -572,6 +572,27 @@ impl<'a> PlatformBuild<'a> {
                 .insert(reference, (root, pulled.manifest_digest));
         }
         Ok(())
+    }
+
+    /// Pulls an image the build reads late (not a base, which a cluster's worker brought
+    /// before the build): in a cluster, its blobs first through the cluster's single-flight, so
+    /// that workers reading the same image fetch it from the registry once.
+    async fn pull_read(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<PulledImage, BuildError> {
+        if let (Some(cluster), Ok(parsed)) = (self.shared.cluster, parse_reference(reference)) {
+            let store = &self.shared.store;
+            if let Ok((_, manifest)) = self.shared.registry.resolve(&parsed, platform, store).await
+            {
+                let blobs = std::iter::once(&manifest.config).chain(&manifest.layers);
+                for blob in blobs.filter(|b| !store.contains(&b.digest)) {
+                    cluster.image_blob(&parsed, blob, store).await;
+                }
+            }
+        }
+        self.pull(reference, platform).await
     }
 
     async fn pull(&self, reference: &str, platform: &Platform) -> Result<PulledImage, BuildError> {
