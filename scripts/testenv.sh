@@ -716,12 +716,14 @@ ensure_kubernetes_validate() {
 
 # The attestation validators (PyPI) in .testenv/venv-attest: in-toto-attestation (the in-toto
 # project's statement and SLSA v1 models), spdx-tools (`pyspdxtools -i` validates SPDX 2.3) and
-# ntia-conformance-checker (NTIA minimum elements). Pinned: a release must not change what
-# "valid" means under the tests. The crates' own tests (attest/, sbom/) use the same venv.
-ATTEST_TOOLS=(in-toto-attestation==0.9.3 spdx-tools==0.8.5 ntia-conformance-checker==6.0.0)
+# ntia-conformance-checker (NTIA minimum elements), and distro2sbom, an independent SBOM
+# generator (it reads a root's dpkg database through `dpkg --root`) that the Debian SBOM test
+# compares ossb's package list with. Pinned: a release must not change what "valid" means
+# under the tests. The crates' own tests (attest/, sbom/) use the same venv.
+ATTEST_TOOLS=(in-toto-attestation==0.9.3 spdx-tools==0.8.5 ntia-conformance-checker==6.0.0 distro2sbom==0.6.0)
 ensure_attest_tools() {
   local venv=$STATE/venv-attest
-  if [[ -x $venv/bin/pyspdxtools && -x $venv/bin/ntia-checker ]] &&
+  if [[ -x $venv/bin/pyspdxtools && -x $venv/bin/ntia-checker && -x $venv/bin/distro2sbom ]] &&
     "$venv/bin/python" -c 'import in_toto_attestation.v1.statement' 2>/dev/null; then
     NOTE="${ATTEST_TOOLS[*]} in .testenv/venv-attest"
     return

@@ -467,6 +467,101 @@ fn the_sbom_of_debian_with_jq_lists_every_dpkg_package() {
         packages.len(),
         installed.len()
     );
+    cross_check_with_distro2sbom(&env, &out, &statement["predicate"]);
+}
+
+/// Compares ossb's SPDX packages with those of an independent generator, distro2sbom (PyPI),
+/// run over the same exported root (it asks `dpkg --root` for the installed packages): every
+/// package it lists must be in ossb's SBOM with the same version, and every Debian package of
+/// ossb's must be in its list. ossb's other packages (the image itself, non-dpkg ecosystems)
+/// are printed with their kind, as the reason distro2sbom does not have them.
+fn cross_check_with_distro2sbom(env: &TestEnv, root: &Path, ossb_document: &Value) {
+    let theirs_file = root.with_extension("distro2sbom.json");
+    tool(
+        venv(env).join("bin/distro2sbom").to_str().unwrap(),
+        &[
+            "--distro",
+            "deb",
+            "--system",
+            "--root",
+            root.to_str().unwrap(),
+            "--sbom",
+            "spdx",
+            "--format",
+            "json",
+            "-o",
+            theirs_file.to_str().unwrap(),
+        ],
+    )
+    .success("distro2sbom --system --root");
+    let theirs_document = json(&std::fs::read(&theirs_file).expect("distro2sbom wrote its SBOM"));
+    // Its one OPERATING-SYSTEM package is the distribution (named from /etc/os-release), not
+    // a dpkg package; ossb names the distribution in the purls' `distro` qualifier instead.
+    let theirs: BTreeSet<(String, String)> = document_packages(&theirs_document)
+        .filter(|p| p["primaryPackagePurpose"] != "OPERATING-SYSTEM")
+        .map(|p| name_version(p))
+        .collect();
+    let mut ours_deb = BTreeSet::new();
+    let mut ours_other = Vec::new();
+    for package in document_packages(ossb_document) {
+        let purl = package["externalRefs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["referenceType"] == "purl")
+            .and_then(|r| r["referenceLocator"].as_str())
+            .unwrap_or_default();
+        if purl.starts_with("pkg:deb/") {
+            ours_deb.insert(name_version(package));
+        } else {
+            let kind = match package["primaryPackagePurpose"].as_str() {
+                Some("CONTAINER") => "the image itself".to_string(),
+                _ if purl.is_empty() => "no purl".to_string(),
+                _ => format!("{} package", purl.split('/').next().unwrap_or(purl)),
+            };
+            let (name, version) = name_version(package);
+            ours_other.push(format!("{name} {version} ({kind})"));
+        }
+    }
+    let missing: Vec<_> = theirs.difference(&ours_deb).collect();
+    let extra_deb: Vec<_> = ours_deb.difference(&theirs).collect();
+    eprintln!(
+        "distro2sbom 0.6.0 over the exported root: {} dpkg packages; ossb: {} packages, {} of \
+         them Debian packages; in both with the same version: {}; distro2sbom only: {:?}; ossb's \
+         Debian packages distro2sbom lacks: {:?}; ossb's others: {:?}",
+        theirs.len(),
+        ours_deb.len() + ours_other.len(),
+        ours_deb.len(),
+        theirs.intersection(&ours_deb).count(),
+        missing,
+        extra_deb,
+        ours_other
+    );
+    assert!(
+        theirs.len() > 80 && theirs.iter().any(|(n, _)| n == "jq"),
+        "distro2sbom found too little: {theirs:?}"
+    );
+    assert!(
+        missing.is_empty(),
+        "packages distro2sbom lists that ossb's SBOM lacks (or lists with another version): {missing:?}"
+    );
+    assert!(
+        extra_deb.is_empty(),
+        "Debian packages in ossb's SBOM that distro2sbom does not list: {extra_deb:?}"
+    );
+}
+
+/// The package objects of an SPDX document.
+fn document_packages(document: &Value) -> impl Iterator<Item = &Value> {
+    document["packages"]
+        .as_array()
+        .expect("an SPDX document has packages")
+        .iter()
+}
+
+fn name_version(package: &Value) -> (String, String) {
+    let field = |f: &str| package[f].as_str().unwrap_or_default().to_string();
+    (field("name"), field("versionInfo"))
 }
 
 /// The same through the cluster: the coordinator writes each platform's attestation manifest
