@@ -147,6 +147,7 @@ fn child(args: &[String]) {
                 &LayerOptions {
                     compression,
                     source_date_epoch: Some(0),
+                    level: None,
                 },
             )
             .unwrap();

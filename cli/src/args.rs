@@ -331,34 +331,153 @@ fn key_values(
     Ok(out)
 }
 
-/// Layer settings an `--output` may carry (`compression=`, `oci-mediatypes=`), and how its
-/// attestations are laid out (`oci-artifact=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct LayerSettings {
+/// The exporter options an `--output` may carry beside its type and destination, as BuildKit's
+/// image, registry, OCI and docker exporters take them: layer settings (`compression=`,
+/// `compression-level=`, `force-compression=`, `oci-mediatypes=`, `rewrite-timestamp=`), the
+/// attestations' layout (`oci-artifact=`) and the image's names (`name=`, `push-by-digest=`,
+/// `name-canonical=`). `None`: not given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ExporterSettings {
     compression: Option<Compression>,
+    compression_level: Option<u32>,
+    force_compression: Option<bool>,
     media_types: Option<MediaTypes>,
+    rewrite_timestamp: Option<bool>,
     oci_artifact: Option<bool>,
+    names: Option<Vec<String>>,
+    push_by_digest: Option<bool>,
+    name_canonical: Option<bool>,
+}
+
+impl ExporterSettings {
+    /// Takes `other`'s options that are not given yet; an option both give differently is an
+    /// error (one build writes one image).
+    fn merge(&mut self, other: &ExporterSettings) -> Result<(), String> {
+        fn take<T: PartialEq + Clone>(
+            mine: &mut Option<T>,
+            theirs: &Option<T>,
+            name: &str,
+        ) -> Result<(), String> {
+            match (&*mine, theirs) {
+                (Some(a), Some(b)) if a != b => Err(format!(
+                    "--output: the outputs disagree on {name}; one build writes one image"
+                )),
+                (None, Some(b)) => {
+                    *mine = Some(b.clone());
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        take(&mut self.compression, &other.compression, "compression")?;
+        take(
+            &mut self.compression_level,
+            &other.compression_level,
+            "compression-level",
+        )?;
+        take(
+            &mut self.force_compression,
+            &other.force_compression,
+            "force-compression",
+        )?;
+        take(&mut self.media_types, &other.media_types, "oci-mediatypes")?;
+        take(
+            &mut self.rewrite_timestamp,
+            &other.rewrite_timestamp,
+            "rewrite-timestamp",
+        )?;
+        take(&mut self.oci_artifact, &other.oci_artifact, "oci-artifact")?;
+        take(&mut self.names, &other.names, "name")?;
+        take(
+            &mut self.push_by_digest,
+            &other.push_by_digest,
+            "push-by-digest",
+        )?;
+        take(
+            &mut self.name_canonical,
+            &other.name_canonical,
+            "name-canonical",
+        )
+    }
+}
+
+/// One CSV record's fields, as Go's `encoding/csv` (buildx's `csvvalue`) reads an `--output`: a
+/// field that starts with `"` runs to the closing quote, commas included (`"name=a,b"`), and
+/// `""` inside it is one quote.
+fn csv_fields(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                    None => return Err("a quoted field has no closing quote".into()),
+                }
+            }
+            match chars.next() {
+                None => {
+                    out.push(field);
+                    return Ok(out);
+                }
+                Some(',') => {}
+                Some(_) => return Err("extraneous or missing \" in quoted-field".into()),
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        out.push(field);
+                        return Ok(out);
+                    }
+                    Some(',') => break,
+                    Some('"') => return Err("bare \" in non-quoted-field".into()),
+                    Some(c) => field.push(c),
+                }
+            }
+        }
+        out.push(field);
+    }
+}
+
+/// A boolean exporter option as Go's `strconv.ParseBool` reads it (BuildKit's); `empty` is
+/// what an empty value means (true for the options BuildKit takes bare, else an error).
+fn parse_bool(spec: &str, name: &str, value: &str, empty: Option<bool>) -> Result<bool, String> {
+    match value {
+        "" if empty.is_some() => Ok(empty.unwrap_or_default()),
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!(
+            "--output {spec:?}: {name}={other} must be true or false"
+        )),
+    }
 }
 
 /// One `--output` value: `type=registry`, `type=image,push=true`, `type=oci,dest=PATH[,tar=false]`,
 /// `type=docker,dest=PATH`, `type=local,dest=DIR`, `type=tar,dest=FILE`, `type=cacheonly`, or a
-/// bare path (`type=local`, as buildx);
-/// each may add `compression=gzip|zstd|uncompressed`, `oci-mediatypes=true|false` and
-/// `oci-artifact=true|false` (BuildKit's exporter option).
-fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
+/// bare path (`type=local`, as buildx); fields as CSV (quotes keep commas); each may add the
+/// exporter options of [`ExporterSettings`].
+fn parse_output(spec: &str) -> Result<(Output, ExporterSettings), String> {
     if !spec.contains('=') && !spec.is_empty() {
         return Ok((
             Output::Local {
                 dest: PathBuf::from(spec),
             },
-            LayerSettings::default(),
+            ExporterSettings::default(),
         ));
     }
     let mut fields = BTreeMap::new();
-    for part in spec.split(',') {
+    for part in csv_fields(spec).map_err(|e| format!("--output {spec:?}: {e}"))? {
         match part.split_once('=') {
             Some((k, v)) => {
-                fields.insert(k.trim().to_string(), v.trim().to_string());
+                fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
             }
             None => {
                 return Err(format!(
@@ -367,15 +486,26 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
             }
         }
     }
+    // BuildKit takes these bare (`push-by-digest=`) as true.
+    const BARE_TRUE: [&str; 6] = [
+        "push",
+        "push-by-digest",
+        "name-canonical",
+        "force-compression",
+        "unpack",
+        "store",
+    ];
     let bool_field = |name: &str, default: bool| -> Result<bool, String> {
-        match fields.get(name).map(String::as_str) {
+        match fields.get(name) {
             None => Ok(default),
-            Some("true") => Ok(true),
-            Some("false") => Ok(false),
-            Some(other) => Err(format!(
-                "--output {spec:?}: {name}={other} must be true or false"
-            )),
+            Some(v) => parse_bool(spec, name, v, BARE_TRUE.contains(&name).then_some(true)),
         }
+    };
+    let given = |name: &str| -> Result<Option<bool>, String> {
+        fields
+            .contains_key(name)
+            .then(|| bool_field(name, false))
+            .transpose()
     };
     let dest = |kind: &str| -> Result<PathBuf, String> {
         fields
@@ -383,7 +513,7 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
             .map(PathBuf::from)
             .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"))
     };
-    let settings = LayerSettings {
+    let settings = ExporterSettings {
         compression: match fields.get("compression") {
             None => None,
             Some(name) => Some(
@@ -391,23 +521,46 @@ fn parse_output(spec: &str) -> Result<(Output, LayerSettings), String> {
                     .map_err(|e| format!("--output {spec:?}: {e}"))?,
             ),
         },
-        media_types: match fields.get("oci-mediatypes") {
+        compression_level: match fields.get("compression-level") {
             None => None,
-            Some(_) => Some(if bool_field("oci-mediatypes", true)? {
-                MediaTypes::Oci
-            } else {
-                MediaTypes::Docker
-            }),
+            Some(v) => Some(v.parse::<u32>().map_err(|_| {
+                format!(
+                    "--output {spec:?}: compression-level={v} is not a level (gzip 0-9, zstd 0-22)"
+                )
+            })?),
         },
-        oci_artifact: match fields.get("oci-artifact") {
-            None => None,
-            Some(_) => Some(bool_field("oci-artifact", false)?),
-        },
+        force_compression: given("force-compression")?,
+        media_types: given("oci-mediatypes")?.map(|oci| match oci {
+            true => MediaTypes::Oci,
+            false => MediaTypes::Docker,
+        }),
+        rewrite_timestamp: given("rewrite-timestamp")?,
+        oci_artifact: given("oci-artifact")?,
+        names: fields.get("name").map(|names| {
+            names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect()
+        }),
+        push_by_digest: given("push-by-digest")?,
+        name_canonical: given("name-canonical")?,
     };
+    if let (Some(level), Some(compression)) = (settings.compression_level, settings.compression) {
+        ossb_engine::build::check_level(compression, level)
+            .map_err(|e| format!("--output {spec:?}: {e}"))?;
+    }
     if settings.oci_artifact == Some(true) && settings.media_types == Some(MediaTypes::Docker) {
         // BuildKit's words: an artifact manifest is an OCI one.
         return Err(format!("--output {spec:?}: exporter option \"oci-artifact=true\" conflicts with \"oci-mediatypes=false\""));
     }
+    if bool_field("unpack", false)? {
+        return Err(format!("--output {spec:?}: unpack=true unpacks the image into a containerd image store, and ossb has none: leave it out (push, or write type=oci / type=docker and load that)"));
+    }
+    // `store=` (keep the image in the daemon's store) is accepted and means nothing here, as
+    // on BuildKit's OCI worker, which has no image store either.
+    bool_field("store", true)?;
     let output = match fields.get("type").map(String::as_str) {
         Some("registry") => Output::Registry,
         Some("image") if bool_field("push", false)? => Output::Registry,
@@ -692,42 +845,49 @@ impl BuildArgs {
             .iter()
             .map(|o| parse_output(o))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut settings = LayerSettings::default();
+        let mut settings = ExporterSettings::default();
         for (_, s) in &parsed {
-            for (mine, theirs, name) in [
-                (
-                    settings.compression.map(|c| format!("{c:?}")),
-                    s.compression.map(|c| format!("{c:?}")),
-                    "compression",
-                ),
-                (
-                    settings.media_types.map(|m| format!("{m:?}")),
-                    s.media_types.map(|m| format!("{m:?}")),
-                    "oci-mediatypes",
-                ),
-                (
-                    settings.oci_artifact.map(|a| a.to_string()),
-                    s.oci_artifact.map(|a| a.to_string()),
-                    "oci-artifact",
-                ),
-            ] {
-                if let (Some(a), Some(b)) = (mine, theirs) {
-                    if a != b {
-                        return Err(format!("--output: the outputs disagree on {name}; one build writes one set of layers"));
-                    }
-                }
+            settings.merge(s)?;
+        }
+        let mut warnings = Vec::new();
+        // As buildx: -t names the image for every exporter; name= is for builds without one.
+        let tags = match (&settings.names, self.tags.is_empty()) {
+            (Some(names), true) => names.clone(),
+            (Some(_), false) => {
+                warnings.push(
+                    "warning: --output name= is ignored: the image is named by -t, as buildx does"
+                        .to_string(),
+                );
+                self.tags.clone()
             }
-            settings.compression = settings.compression.or(s.compression);
-            settings.media_types = settings.media_types.or(s.media_types);
-            settings.oci_artifact = settings.oci_artifact.or(s.oci_artifact);
+            (None, _) => self.tags.clone(),
+        };
+        let compression = settings.compression.unwrap_or(Compression::Gzip);
+        if let Some(level) = settings.compression_level {
+            ossb_engine::build::check_level(compression, level).map_err(|e| e.to_string())?;
+            if compression == Compression::None {
+                warnings.push(format!("warning: --output compression-level={level} has no effect on uncompressed layers"));
+            }
+        }
+        let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.is_empty() => Some(
+                v.parse::<i64>()
+                    .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))?,
+            ),
+            _ => None,
+        };
+        // ossb clamps the mtimes of every layer it writes to SOURCE_DATE_EPOCH whenever it is
+        // set, and leaves base images' layers as they are, as BuildKit's rewrite-timestamp.
+        if settings.rewrite_timestamp == Some(true) && source_date_epoch.is_none() {
+            warnings.push("warning: rewrite-timestamp is specified, but no source-date-epoch was found (set SOURCE_DATE_EPOCH)".to_string());
         }
         let mut outputs: Vec<Output> = parsed.into_iter().map(|(o, _)| o).collect();
         if self.push && !outputs.contains(&Output::Registry) {
             outputs.push(Output::Registry);
         }
-        if outputs.contains(&Output::Registry) && self.tags.is_empty() {
+        if outputs.contains(&Output::Registry) && tags.is_empty() {
             return Err(
-                "--push needs at least one --tag naming the registry and repository".into(),
+                "--push needs at least one --tag (or --output ...,name=) naming the registry and repository".into(),
             );
         }
         let (mut attestations, attest_warnings) = crate::attest::parse(
@@ -760,18 +920,11 @@ impl BuildArgs {
             })?;
             certificates.push((host.to_string(), PathBuf::from(file)));
         }
-        let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) if !v.is_empty() => Some(
-                v.parse::<i64>()
-                    .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))?,
-            ),
-            _ => None,
-        };
         let cache_to = match &self.cache_to {
             Some(c) => Some(parse_cache_export(c).map_err(|e| format!("--cache-to: {e}"))?),
             None => None,
         };
-        let mut warnings = attest_warnings;
+        warnings.extend(attest_warnings);
         for (option, why) in cache_to.iter().flat_map(|c| &c.no_effect) {
             warnings.push(format!("--cache-to {option} has no effect: {why}"));
         }
@@ -786,7 +939,7 @@ impl BuildArgs {
             context,
             dockerfile,
             dockerfile_name,
-            tags: self.tags.clone(),
+            tags,
             platforms,
             no_cache: self.no_cache,
             cache_from: self
@@ -815,8 +968,14 @@ impl BuildArgs {
                     .collect::<Result<_, _>>()?,
                 ..Default::default()
             },
-            compression: settings.compression.unwrap_or(Compression::Gzip),
+            compression,
             media_types: settings.media_types.unwrap_or_default(),
+            export: ossb_engine::ExportOptions {
+                compression_level: settings.compression_level,
+                force_compression: settings.force_compression.unwrap_or(false),
+                push_by_digest: settings.push_by_digest.unwrap_or(false),
+                name_canonical: settings.name_canonical.unwrap_or(false),
+            },
             source_date_epoch,
             sandbox_exe: std::env::current_exe()
                 .map_err(|e| format!("cannot find the ossb binary: {e}"))?,
@@ -893,6 +1052,67 @@ mod tests {
         assert!(parse_output("type=tar").is_err());
         assert_eq!(parse_output("type=cacheonly").unwrap().0, Output::CacheOnly);
         assert!(parse_output("").is_err());
+    }
+
+    /// The image exporter's options as BuildKit takes them: CSV quoting for several names,
+    /// Go's booleans (bare ones true), the level's range per compression, and what ossb
+    /// cannot do refused by name.
+    #[test]
+    fn parses_image_exporter_options() {
+        let (output, s) = parse_output(
+            r#"type=image,"name=r:5000/a,r:5000/b",push=true,push-by-digest=,name-canonical=1,compression=zstd,compression-level=19,force-compression=true,rewrite-timestamp=True,store=false"#,
+        )
+        .unwrap();
+        assert_eq!(output, Output::Registry);
+        assert_eq!(
+            s,
+            ExporterSettings {
+                compression: Some(Compression::Zstd),
+                compression_level: Some(19),
+                force_compression: Some(true),
+                rewrite_timestamp: Some(true),
+                names: Some(vec!["r:5000/a".into(), "r:5000/b".into()]),
+                push_by_digest: Some(true),
+                name_canonical: Some(true),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            csv_fields(r#"a=1,"b=x,""y""",c="#).unwrap(),
+            ["a=1", r#"b=x,"y""#, "c="]
+        );
+        for (spec, error) in [
+            (
+                "type=registry,compression=gzip,compression-level=10",
+                "compression-level=10 is out of range for compression=gzip (0-9)",
+            ),
+            (
+                "type=registry,compression=zstd,compression-level=23",
+                "compression-level=23 is out of range for compression=zstd (0-22)",
+            ),
+            (
+                "type=registry,compression-level=-1",
+                "compression-level=-1 is not a level",
+            ),
+            (
+                "type=registry,force-compression=yes",
+                "force-compression=yes must be true or false",
+            ),
+            (
+                "type=registry,rewrite-timestamp=",
+                "rewrite-timestamp= must be true or false",
+            ),
+            (
+                "type=registry,unpack=true",
+                "unpack=true unpacks the image into a containerd image store",
+            ),
+            (r#"type=registry,"name=a"#, "no closing quote"),
+            (r#"type=registry,name="a,b""#, "bare \""),
+        ] {
+            let err = parse_output(spec).err().unwrap_or_default();
+            assert!(err.contains(error), "{spec}: {err}");
+        }
+        assert!(parse_output("type=registry,unpack=false,store=true").is_ok());
     }
 
     #[test]
@@ -1015,6 +1235,27 @@ mod tests {
                 .extra_hosts,
             [("c".into(), "::1".into()), ("d".into(), "fd00::2".into())]
         );
+        // name= names the image when no -t does; push-by-digest takes repositories only.
+        let named = request(&["-o", "type=registry,\"name=r:5000/a,r:5000/b\""]).unwrap();
+        assert_eq!(named.tags, ["r:5000/a", "r:5000/b"]);
+        assert_eq!(
+            request(&["-t", "r:5000/t:1", "-o", "type=registry,name=r:5000/a"])
+                .unwrap()
+                .tags,
+            ["r:5000/t:1"]
+        );
+        let by_digest = request(&[
+            "-o",
+            "type=image,name=r:5000/a,push=true,push-by-digest=true,name-canonical=true",
+        ])
+        .unwrap();
+        assert!(by_digest.export.push_by_digest && by_digest.export.name_canonical);
+        // Without compression=, the level is gzip's.
+        let level = request(&["-o", "type=oci,dest=x,compression-level=9"]).unwrap();
+        assert_eq!(
+            (level.compression, level.export.compression_level),
+            (Compression::Gzip, Some(9))
+        );
         for (flags, error) in [
             (&["--load"][..], "--output type=docker,dest="),
             (&["--provenance=mode=full"], "expected min or max"),
@@ -1024,6 +1265,14 @@ mod tests {
             (&["--add-host", "h:host-gateway"], "use 127.0.0.1"),
             (&["--add-host", "h:999.1.1.1"], "expected NAME:IP"),
             (&["--add-host", "h"], "expected NAME:IP"),
+            (
+                &["-o", "type=registry,name=r:5000/a:1,push-by-digest=true"],
+                "can't push tagged ref r:5000/a:1 by digest",
+            ),
+            (
+                &["-o", "type=registry,compression-level=12"],
+                "compression-level=12 is out of range for compression=gzip (0-9)",
+            ),
         ] {
             let err = request(flags).err().unwrap_or_default();
             assert!(err.contains(error), "{flags:?}: {err}");

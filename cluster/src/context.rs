@@ -374,7 +374,24 @@ pub fn spec_of(
             .map(|(kind, k, v)| (kind.to_string(), k.clone(), v.clone()))
             .collect(),
         attest: crate::attest::spec_of(&req.attestations),
+        export: ossb_protocol::cluster::ExportSpec {
+            compression_level: req.export.compression_level,
+            force_compression: req.export.force_compression,
+            push_by_digest: req.export.push_by_digest,
+            name_canonical: req.export.name_canonical,
+        },
     })
+}
+
+/// The build's exporter options as the spec carries them.
+pub fn export_of(spec: &BuildSpec) -> ossb_engine::ExportOptions {
+    let e = &spec.export;
+    ossb_engine::ExportOptions {
+        compression_level: e.compression_level,
+        force_compression: e.force_compression,
+        push_by_digest: e.push_by_digest,
+        name_canonical: e.name_canonical,
+    }
 }
 
 /// A cache location a cluster can use: a registry repository. A directory is on the
@@ -553,6 +570,8 @@ pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> 
         // Checked by the coordinator before any task was made (build_outcome).
         compression: spec.compression.parse().unwrap_or_default(),
         media_types: media_types(spec),
+        // Checked by the coordinator before any task was made (session::check).
+        export: export_of(spec),
         source_date_epoch: spec.source_date_epoch,
         sandbox_exe: place.sandbox_exe,
         isolation: place.isolation,

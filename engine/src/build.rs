@@ -95,6 +95,9 @@ pub struct BuildRequest {
     pub compression: Compression,
     /// OCI (default) or Docker schema 2 media types for the manifests written.
     pub media_types: MediaTypes,
+    /// The image exporter's other options (`compression-level=`, `force-compression=`,
+    /// `push-by-digest=`, `name-canonical=`).
+    pub export: ExportOptions,
     /// SOURCE_DATE_EPOCH, for reproducible timestamps.
     pub source_date_epoch: Option<i64>,
     /// The ossb binary, which implements the sandbox subcommand.
@@ -124,6 +127,24 @@ pub struct BuildRequest {
     pub annotations: Annotations,
     /// `--provenance`, `--sbom`, `--attest`: attestations attached to the images.
     pub attestations: crate::Attestations,
+}
+
+/// The options BuildKit's image and registry exporters take beyond `compression=` and
+/// `oci-mediatypes=`, as ossb carries them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// `compression-level=`: within the compression's [`Compression::levels`]. Part of the
+    /// step cache keys (it changes the layers' bytes).
+    pub compression_level: Option<u32>,
+    /// `force-compression=true`: the image's layers compressed otherwise (a base image's) are
+    /// recompressed as `compression` asks. As BuildKit's, a layer of the same compression at
+    /// another level is kept.
+    pub force_compression: bool,
+    /// `push-by-digest=true`: the image goes to each name's repository by digest, under no
+    /// tag (the names are repositories: a tag is refused).
+    pub push_by_digest: bool,
+    /// `name-canonical=true`: each name's `REPOSITORY@DIGEST` is pushed and reported too.
+    pub name_canonical: bool,
 }
 
 /// OCI annotations asked for with `--annotation [TYPE:]KEY=VALUE`, by where they go.
@@ -194,6 +215,17 @@ impl BuildRequest {
                 "--output type=docker holds one platform; build one --platform, or use type=oci or type=registry for several".into(),
             ));
         }
+        if let Some(level) = self.export.compression_level {
+            check_level(self.compression, level)?;
+        }
+        if self.export.push_by_digest {
+            if let Some(tagged) = self.tags.iter().find(|t| !is_name_only(t)) {
+                return Err(BuildError::Usage(format!(
+                    "push-by-digest=true: can't push tagged ref {} by digest: name the repository only (name=REGISTRY/REPOSITORY)",
+                    ossb_dockerfile::clip(tagged, 200)
+                )));
+            }
+        }
         if let Some(epoch) = self.source_date_epoch {
             if ossb_protocol::rfc3339(epoch).is_none() {
                 return Err(BuildError::Usage(format!(
@@ -217,6 +249,30 @@ impl BuildRequest {
             named_contexts: self.build_contexts.keys().cloned().collect(),
         }
     }
+}
+
+/// Refuses a `compression-level=` that `compression` does not take (BuildKit's ranges: gzip
+/// 0-9, zstd 0-22).
+pub fn check_level(compression: Compression, level: u32) -> Result<(), BuildError> {
+    match compression.levels() {
+        Some(levels) if levels.contains(&level) => Ok(()),
+        Some(levels) => Err(BuildError::Usage(format!(
+            "compression-level={level} is out of range for compression={} ({}-{})",
+            compression.name(),
+            levels.start(),
+            levels.end()
+        ))),
+        // BuildKit ignores it; so does the writer of a plain tar.
+        None => Ok(()),
+    }
+}
+
+/// Whether `name` is a repository without a tag or digest (`registry:5000/app`, not
+/// `registry:5000/app:1`): what a push by digest names, as BuildKit's `IsNameOnly`.
+pub fn is_name_only(name: &str) -> bool {
+    // A tag is after a ':' in the last component (a ':' before a '/' is a port).
+    let last = name.rsplit('/').next().unwrap_or(name);
+    !name.contains('@') && !last.contains(':')
 }
 
 /// The classic builder's warning for `--build-arg`s no ARG declares (a typo, usually):
@@ -635,13 +691,14 @@ async fn export(
                     ));
                 }
                 for tag in &req.tags {
-                    let reference = parse_reference(tag)?;
-                    let (id, t) = shared.start(format!("pushing {}", reference.whole()));
-                    let result = shared
-                        .with_transfer(id, push(shared, &reference, image))
-                        .await;
-                    shared.finish(id, t, result)?;
-                    pushed.push(format!("{}@{}", reference.whole(), image.digest));
+                    for reference in push_references(tag, &image.digest, &req.export)? {
+                        let (id, t) = shared.start(format!("pushing {}", reference.whole()));
+                        let result = shared
+                            .with_transfer(id, push(shared, &reference, image))
+                            .await;
+                        shared.finish(id, t, result)?;
+                        pushed.push(pushed_name(&reference, &image.digest));
+                    }
                 }
             }
             Output::Oci { dest, tar } => {
@@ -724,6 +781,42 @@ async fn export(
         }
     }
     Ok(pushed)
+}
+
+/// Where a push of the image `digest` to the name `name` goes, in order: `name` (its tag), then
+/// with `name-canonical=true` `REPOSITORY@DIGEST` too (its blobs are there by then: a few HEAD
+/// requests); `REPOSITORY@DIGEST` alone with
+/// `push-by-digest=true`. `ossb build` and the cluster's coordinator push through here.
+pub fn push_references(
+    name: &str,
+    digest: &Digest,
+    export: &ExportOptions,
+) -> Result<Vec<ossb_image::Reference>, RegistryError> {
+    let reference = parse_reference(name)?;
+    let by_digest = || {
+        parse_reference(&format!(
+            "{}/{}@{digest}",
+            reference.registry(),
+            reference.repository()
+        ))
+    };
+    Ok(match (export.push_by_digest, export.name_canonical) {
+        (true, _) => vec![by_digest()?],
+        (false, true) => {
+            let canonical = by_digest()?;
+            vec![reference, canonical]
+        }
+        (false, false) => vec![reference],
+    })
+}
+
+/// How a push to `reference` of the image `digest` is reported: `NAME:TAG@DIGEST`, or
+/// `NAME@DIGEST` for a push by digest.
+pub fn pushed_name(reference: &ossb_image::Reference, digest: &Digest) -> String {
+    match reference.digest() {
+        Some(_) => reference.whole(),
+        None => format!("{}@{digest}", reference.whole()),
+    }
 }
 
 /// Pushes the image of this build under `reference`, the base images pulled as the sources of

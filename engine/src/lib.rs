@@ -19,7 +19,7 @@ mod stage;
 mod step_cache;
 
 pub use attestations::Attestations;
-pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, Output};
+pub use build::{build, Annotations, BuildError, BuildRequest, BuildResult, ExportOptions, Output};
 pub use error::{AddError, CacheSpecError, StepError};
 pub use named_context::{parse_build_context, ContextError, ContextSource};
 pub use progress::{Event, Progress};

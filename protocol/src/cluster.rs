@@ -265,6 +265,24 @@ pub struct BuildSpec {
     /// (`docker-image://`), downloads and git repositories, which each worker resolves itself.
     #[serde(default)]
     pub context_sources: Vec<(String, String)>,
+    /// The image exporter's other options (`-o ...,compression-level=N,force-compression=true,
+    /// push-by-digest=true,name-canonical=true`): layer settings for the tasks, how the
+    /// coordinator pushes.
+    #[serde(default)]
+    pub export: ExportSpec,
+}
+
+/// The image exporter options of a [`BuildSpec`] beyond `compression` and media types.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportSpec {
+    /// `compression-level=`: the level of `compression` (gzip 0-9, zstd 0-22).
+    pub compression_level: Option<u32>,
+    /// `force-compression=true`: layers compressed otherwise (a base's) recompressed.
+    pub force_compression: bool,
+    /// `push-by-digest=true`: the image pushed to each name's repository by digest, untagged.
+    pub push_by_digest: bool,
+    /// `name-canonical=true`: each name's `REPOSITORY@DIGEST` pushed too.
+    pub name_canonical: bool,
 }
 
 /// The attestations a build asks for (see `ossb_engine::attestations`).

@@ -40,8 +40,9 @@ use crate::Digest;
 /// SBOMs). 10: `BuildSpec::cache_to` is buildx's whole spec (type, mode, ...), not a repository.
 /// 11: attestations carry `oci-artifact`, the context's git facts and extra SBOMs. 12: named
 /// contexts of other sources (`BuildSpec::context_sources`); a step's cache-miss reason
-/// (`BuildEvent::CacheMiss`).
-pub const VERSION: u16 = 12;
+/// (`BuildEvent::CacheMiss`). 13: the image exporter's options (`BuildSpec::export`:
+/// compression level, force-compression, push-by-digest, name-canonical).
+pub const VERSION: u16 = 13;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ mod conformance;
 mod deploy;
 mod fault_proxy;
 mod hostile;
+mod image_outputs;
 mod named_contexts;
 mod netns;
 mod one_engine;

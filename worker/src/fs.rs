@@ -1549,6 +1549,7 @@ mod tests {
             let opts = LayerOptions {
                 compression: Compression::None,
                 source_date_epoch: Some(2_000_000),
+                level: None,
             };
             write_layer(r, changes, &mut blob, &opts).unwrap();
             blob

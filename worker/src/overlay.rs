@@ -788,6 +788,7 @@ mod tests {
         let opts = LayerOptions {
             compression: Compression::None,
             source_date_epoch: Some(EPOCH),
+            level: None,
         };
         write_layer(rootfs, changes, &mut blob, &opts).unwrap();
         blob

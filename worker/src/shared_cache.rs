@@ -95,6 +95,7 @@ pub fn export(cache_dir: &Path, id: &str, out: impl Write) -> io::Result<Option<
     let opts = LayerOptions {
         compression: Compression::Zstd,
         source_date_epoch: None,
+        level: None,
     };
     let layer = write_layer(&dir, &changes, out, &opts).map_err(io::Error::other)?;
     Ok(Some(Export {

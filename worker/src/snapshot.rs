@@ -738,6 +738,7 @@ mod tests {
         let opts = LayerOptions {
             compression: Compression::Zstd,
             source_date_epoch: None,
+            level: None,
         };
         write_layer(&src, &changes, &mut blob, &opts).unwrap();
         apply_layer(Cursor::new(blob), &copy, &ApplyOptions::default()).unwrap();

@@ -71,17 +71,23 @@ pub(super) async fn merge_and_push(
             &registry_config(spec),
         )
         .map_err(|e| failure(e.to_string(), 1))?;
+        let export = crate::context::export_of(spec);
         for tag in &spec.tags {
             let reference = parse_reference(tag).map_err(|e| failure(e.to_string(), 2))?;
             for attestation in &attested {
                 push_by_digest(&registry, &store, &reference, attestation).await?;
             }
-            registry
-                .push(&reference, &store, &[], &top_bytes, &top.media_type)
-                .await
-                .map_err(|e| failure(e.to_string(), 1))?;
-            tracing::info!(reference = %reference.whole(), digest = %top.digest, "pushed");
-            pushed.push(format!("{}@{}", reference.whole(), top.digest));
+            // The tag, and by digest with name-canonical; by digest alone with push-by-digest.
+            let references = ossb_engine::build::push_references(tag, &top.digest, &export)
+                .map_err(|e| failure(e.to_string(), 2))?;
+            for reference in references {
+                registry
+                    .push(&reference, &store, &[], &top_bytes, &top.media_type)
+                    .await
+                    .map_err(|e| failure(e.to_string(), 1))?;
+                tracing::info!(reference = %reference.whole(), digest = %top.digest, "pushed");
+                pushed.push(ossb_engine::build::pushed_name(&reference, &top.digest));
+            }
         }
     }
     let mut blobs: Vec<Digest> = outcomes.iter().flat_map(|o| o.blobs.clone()).collect();

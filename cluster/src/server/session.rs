@@ -217,9 +217,29 @@ fn check(spec: &BuildSpec) -> Result<ossb_dockerfile::Dockerfile, Failure> {
     if spec.platforms.is_empty() {
         return Err(failure("no platform to build for", 2));
     }
-    spec.compression
+    let compression = spec
+        .compression
         .parse::<ossb_image::layer::Compression>()
         .map_err(|e| failure(e, 2))?;
+    if let Some(level) = spec.export.compression_level {
+        ossb_engine::build::check_level(compression, level)
+            .map_err(|e| failure(e.to_string(), 2))?;
+    }
+    if spec.export.push_by_digest {
+        if let Some(tagged) = spec
+            .tags
+            .iter()
+            .find(|t| !ossb_engine::build::is_name_only(t))
+        {
+            return Err(failure(
+                format!(
+                    "push-by-digest=true: can't push tagged ref {} by digest: name the repository only",
+                    ossb_dockerfile::clip(tagged, 200)
+                ),
+                2,
+            ));
+        }
+    }
     crate::context::annotations_of(spec).map_err(|e| failure(e, 2))?;
     for (name, entries) in std::iter::once(("the context", &spec.context))
         .chain(spec.build_contexts.iter().map(|(n, e)| (n.as_str(), e)))

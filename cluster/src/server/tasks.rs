@@ -124,6 +124,7 @@ pub(super) fn task_key(task: &TaskSpec) -> Option<Digest> {
             &spec.compression,
             spec.oci_media_types,
             spec.source_date_epoch,
+            (spec.export.compression_level, spec.export.force_compression),
         ),
         // A task asked for the SBOM returns one (and the extra ones): not the same outcome.
         spec.attest.sbom,

@@ -13,6 +13,7 @@ impl PlatformBuild<'_> {
         let opts = LayerOptions {
             compression: self.req().compression,
             source_date_epoch: self.req().source_date_epoch,
+            level: self.req().export.compression_level,
         };
         tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), StepError> {
             let mut writer = store.writer()?;
@@ -28,6 +29,79 @@ impl PlatformBuild<'_> {
             Ok((desc, written.diff_id))
         })
         .await?
+    }
+
+    /// `force-compression=true`: `layers` with each one compressed otherwise than the build
+    /// asks (a base image's, a named context's image's) recompressed, as BuildKit's
+    /// `NeedsConversion`: a layer of the same compression at another level is kept. The tar
+    /// is kept byte for byte: its diff ID must stay the config's.
+    pub(super) async fn force_compression(
+        &self,
+        layers: &[Descriptor],
+        config: &ImageConfig,
+    ) -> Result<Vec<Descriptor>, BuildError> {
+        let wanted = self.req().compression;
+        let opts = LayerOptions {
+            compression: wanted,
+            source_date_epoch: None,
+            level: self.req().export.compression_level,
+        };
+        let mut out = Vec::with_capacity(layers.len());
+        for (i, layer) in layers.iter().enumerate() {
+            let Some(from) = layer::Compression::of_media_type(&layer.media_type) else {
+                return Err(BuildError::Export(format!(
+                    "force-compression: layer {} has the media type {:?}, which ossb cannot recompress",
+                    layer.digest, layer.media_type
+                )));
+            };
+            if from == wanted {
+                out.push(layer.clone());
+                continue;
+            }
+            let (id, t) = self.shared.start(format!(
+                "recompressing layer {} ({} to {})",
+                layer.digest,
+                from.name(),
+                wanted.name()
+            ));
+            let (store, source, opts) = (self.shared.store.clone(), layer.clone(), opts.clone());
+            let result = tokio::task::spawn_blocking(move || -> Result<_, String> {
+                let blob = store.open_blob(&source.digest).map_err(|e| e.to_string())?;
+                let mut writer = store.writer().map_err(|e| e.to_string())?;
+                let written = layer::recompress(std::io::BufReader::new(blob), &mut writer, &opts)
+                    .map_err(|e| e.to_string())?;
+                writer
+                    .commit(Some(&written.digest))
+                    .map_err(|e| e.to_string())?;
+                Ok(written)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let written = self.shared.finish(id, t, result).map_err(|e| {
+                BuildError::Export(format!("force-compression: layer {}: {e}", layer.digest))
+            })?;
+            if config.rootfs.diff_ids.get(i) != Some(&written.diff_id) {
+                return Err(BuildError::Export(format!(
+                    "force-compression: layer {} decompresses to {}, but the image config says its diff_id is {}",
+                    layer.digest,
+                    written.diff_id,
+                    config
+                        .rootfs
+                        .diff_ids
+                        .get(i)
+                        .map_or_else(|| "missing".to_string(), |d| d.to_string())
+                )));
+            }
+            out.push(Descriptor {
+                media_type: written.media_type.to_string(),
+                digest: written.digest,
+                size: written.size,
+                platform: None,
+                annotations: None,
+            });
+        }
+        Ok(out)
     }
 
     pub(super) fn write_image(

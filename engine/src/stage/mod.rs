@@ -336,12 +336,18 @@ fn pulled_key(reference: &str, platform: &Platform) -> String {
 }
 
 /// The layer settings that change layer bytes, part of every cache key: the layer media type
-/// (it names the compression) and the epoch that clamps mtimes.
+/// (it names the compression), `compression-level=` when given, and the epoch that clamps
+/// mtimes. (BuildKit reuses a cached layer of another level; here a request always gives the
+/// same bytes, whatever the cache held.)
 fn layer_settings(req: &BuildRequest) -> String {
     let epoch = req
         .source_date_epoch
         .map_or_else(|| "none".to_string(), |e| e.to_string());
-    format!("{};epoch={epoch}", req.compression.media_type())
+    let level = req
+        .export
+        .compression_level
+        .map_or_else(String::new, |l| format!(";level={l}"));
+    format!("{}{level};epoch={epoch}", req.compression.media_type())
 }
 
 impl<'a> PlatformBuild<'a> {
@@ -479,7 +485,11 @@ impl<'a> PlatformBuild<'a> {
         }
         let rootfs = final_state.materialized.then(|| final_state.rootfs.clone());
         let chain = final_state.chain.clone();
-        let mut image = self.write_image(config, &final_state.layers, stage, rootfs, chain)?;
+        let layers = match req.export.force_compression {
+            true => self.force_compression(&final_state.layers, &config).await?,
+            false => final_state.layers.clone(),
+        };
+        let mut image = self.write_image(config, &layers, stage, rootfs, chain)?;
         if req.attestations.sbom {
             image.sbom_extras = self.sbom_extras(&plan, &done)?;
         }

@@ -253,6 +253,7 @@ pub(crate) mod tests {
             &LayerOptions {
                 compression: Compression::Gzip,
                 source_date_epoch: Some(0),
+                level: None,
             },
         )
         .unwrap();

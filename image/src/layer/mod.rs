@@ -63,7 +63,7 @@ use ossb_protocol::Digest;
 pub use apply::apply_layer;
 pub(crate) use apply::decompressed;
 pub use locate::{locate, Found};
-pub use write::write_layer;
+pub use write::{recompress, write_layer};
 
 /// Media type of a gzip-compressed layer.
 pub const MEDIA_TYPE_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -84,6 +84,26 @@ pub enum Compression {
     None,
 }
 
+/// What a layer compressed as `compression` with the given `compression-level` is written
+/// with: the codec's own level (see [`Compression::levels`]).
+pub(crate) fn codec_level(compression: Compression, level: Option<u32>) -> i32 {
+    match (compression, level) {
+        (Compression::Gzip, Some(l)) => l.min(9) as i32,
+        // BuildKit compresses zstd with klauspost/compress, which has four speeds and maps the
+        // zstd levels onto them (`EncoderLevelFromZstd`); each is about the reference
+        // library's level here (its documentation: fastest ~1, default 3, better ~7-8, best
+        // ~11), so a level gives the ratio and the CPU time it gives under BuildKit.
+        (Compression::Zstd, Some(l)) => match l {
+            0..=2 => 1,
+            3..=5 => 3,
+            6..=9 => 7,
+            _ => 11,
+        },
+        (Compression::Gzip, None) => write::GZIP_LEVEL as i32,
+        (Compression::Zstd, None) | (Compression::None, _) => write::ZSTD_LEVEL,
+    }
+}
+
 impl Compression {
     /// The name buildx's `compression=` option gives it: `gzip`, `zstd` or `uncompressed`.
     pub fn name(self) -> &'static str {
@@ -100,6 +120,40 @@ impl Compression {
             Compression::Gzip => MEDIA_TYPE_GZIP,
             Compression::Zstd => MEDIA_TYPE_ZSTD,
             Compression::None => MEDIA_TYPE_TAR,
+        }
+    }
+}
+
+impl Compression {
+    /// The `compression-level=` values this compression takes, as BuildKit documents them:
+    /// gzip 0-9, zstd 0-22; none for a plain tar.
+    pub fn levels(self) -> Option<std::ops::RangeInclusive<u32>> {
+        match self {
+            Compression::Gzip => Some(0..=9),
+            Compression::Zstd => Some(0..=22),
+            Compression::None => None,
+        }
+    }
+
+    /// The compression of a layer of media type `media_type` (OCI or Docker), if it is a
+    /// layer type ossb knows.
+    pub fn of_media_type(media_type: &str) -> Option<Compression> {
+        match media_type {
+            MEDIA_TYPE_GZIP
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            MEDIA_TYPE_ZSTD
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
+            MEDIA_TYPE_TAR
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
+            _ => None,
         }
     }
 }
@@ -143,6 +197,9 @@ pub struct LayerOptions {
     pub compression: Compression,
     /// When set, every mtime later than this (seconds since the epoch) is written as this.
     pub source_date_epoch: Option<i64>,
+    /// `compression-level=`: within [`Compression::levels`] (checked by the caller); the
+    /// compression's default level (gzip 6, zstd 3) when `None`.
+    pub level: Option<u32>,
 }
 
 /// What [`write_layer`] wrote.

@@ -400,6 +400,7 @@ fn round_trip_keeps_content_and_metadata() {
         let opts = LayerOptions {
             compression,
             source_date_epoch: None,
+            level: None,
         };
         let (blob, _) = write(&src, &all_added(&src), &opts);
         let report = apply(&blob, &dst).unwrap();
@@ -449,6 +450,7 @@ fn same_input_gives_same_bytes_and_digests_match() {
         let opts = LayerOptions {
             compression,
             source_date_epoch: Some(1_600_000_010),
+            level: None,
         };
         let (a, wa) = write(t.path(), &changes, &opts);
         let (b, wb) = write(t.path(), &reversed, &opts);
@@ -511,6 +513,7 @@ fn headers_are_normalized_sorted_and_include_parents() {
     let opts = LayerOptions {
         compression: Compression::None,
         source_date_epoch: Some(1_000_000_000),
+        level: None,
     };
     let (blob, _) = write(r, &changes, &opts);
     let list = tar_listing(&blob);
@@ -564,6 +567,7 @@ fn deleted_directory_is_one_whiteout_and_type_change_is_one_entry() {
         &LayerOptions {
             compression: Compression::None,
             source_date_epoch: None,
+            level: None,
         },
     );
     let names: Vec<String> = tar_listing(&blob).into_iter().map(|e| e.0).collect();
@@ -833,6 +837,7 @@ fn corrupt_and_truncated_input_is_an_error_not_a_panic() {
         let opts = LayerOptions {
             compression,
             source_date_epoch: None,
+            level: None,
         };
         let (blob, _) = write(&src, &all_added(&src), &opts);
         let cuts = [

@@ -14,7 +14,10 @@ use ossb_protocol::{Digest, Sha256Writer};
 use tar::{EntryType, Header};
 
 use super::root::{is_kind, lstat_at, read_xattrs_at, Root, Symlinks};
-use super::{Change, ChangeKind, Compression, LayerError, LayerOptions, WrittenLayer};
+use super::{
+    codec_level, decompressed, Change, ChangeKind, Compression, LayerError, LayerOptions,
+    WrittenLayer,
+};
 
 mod chunks;
 mod pieces;
@@ -33,9 +36,9 @@ const MAX_OCTAL_8: u64 = 0o7777777;
 const MAX_OCTAL_12: u64 = 0o77777777777;
 /// gzip level 6: zlib's, Go's and therefore containerd's and BuildKit's default, the usual
 /// trade-off; levels 7-9 cost two to three times the CPU for about 1% smaller layers.
-const GZIP_LEVEL: u32 = 6;
+pub(super) const GZIP_LEVEL: u32 = 6;
 /// zstd level 3: the library's default level and what BuildKit uses for zstd layers.
-const ZSTD_LEVEL: i32 = 3;
+pub(super) const ZSTD_LEVEL: i32 = 3;
 /// The most compression threads a layer uses (pieces compressed in parallel). The bytes
 /// written never depend on the number of threads.
 const MAX_WORKERS: usize = 4;
@@ -93,6 +96,7 @@ pub(super) fn write_layer_on(
     })?;
     let plan = plan(changes)?;
     let compression = opts.compression;
+    let level = codec_level(compression, opts.level);
     let epoch = opts.source_date_epoch;
     // reader -> hasher -> compressor (or the caller, for a plain tar) -> back to the reader;
     // compressor -> caller -> back to the compressor.
@@ -132,7 +136,7 @@ pub(super) fn write_layer_on(
         } else {
             let compressor = spawn("compress").spawn_scoped(s, move || {
                 let out = ChunkWriter::new(blob_tx, blob_free_rx, BLOB_CHUNKS);
-                compress(hashed_rx, tar_free_tx, out, compression, workers)
+                compress(hashed_rx, tar_free_tx, out, compression, level, workers)
             });
             (blob_rx, blob_free_tx, Some(compressor))
         };
@@ -254,12 +258,14 @@ fn compress(
     free: SyncSender<Chunk>,
     out: ChunkWriter,
     compression: Compression,
+    level: i32,
     workers: usize,
 ) -> Result<(), LayerError> {
-    let mut enc = compressor(out, compression, workers).map_err(|source| LayerError::Write {
-        entry: "start of archive".into(),
-        source,
-    })?;
+    let mut enc =
+        compressor(out, compression, level, workers).map_err(|source| LayerError::Write {
+            entry: "start of archive".into(),
+            source,
+        })?;
     drain(&rx, &free, |b| enc.write_all(b))?;
     let end = |source| LayerError::Write {
         entry: "end of archive".into(),
@@ -807,6 +813,7 @@ pub(super) fn keep_xattr(key: &[u8]) -> bool {
 fn compressor<W: Write>(
     out: W,
     compression: Compression,
+    level: i32,
     workers: usize,
 ) -> io::Result<PieceWriter<W>> {
     let format = match compression {
@@ -819,5 +826,73 @@ fn compressor<W: Write>(
             ))
         }
     };
-    Ok(PieceWriter::new(out, format, workers))
+    Ok(PieceWriter::with_level(out, format, level, workers))
+}
+
+/// A reader that hashes what it reads, and keeps its source's error apart.
+struct Sha256Reader<R>(R, Sha256Writer<io::Sink>, Option<io::Error>);
+
+impl<R: io::Read> io::Read for Sha256Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.read(buf) {
+            Ok(n) => {
+                self.1.write_all(&buf[..n])?;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                self.2 = Some(e);
+                Err(copy)
+            }
+        }
+    }
+}
+
+/// Recompresses the layer blob `blob` (gzip, zstd or a plain tar, told by its first bytes) as
+/// `opts.compression` at `opts.level` into `out`: what `force-compression=true` does to a
+/// layer compressed otherwise (a base image's). The tar is kept byte for byte (no mtime is
+/// touched: `opts.source_date_epoch` is not used), so the diff ID, which is returned, is the
+/// layer's as before; the caller checks it against the config's.
+pub fn recompress(
+    blob: impl io::Read,
+    out: impl Write,
+    opts: &LayerOptions,
+) -> Result<WrittenLayer, LayerError> {
+    let read = |after: &str| {
+        let after = Some(after.to_string());
+        move |source| LayerError::Read { after, source }
+    };
+    let write = |source| LayerError::Write {
+        entry: "recompressed layer".into(),
+        source,
+    };
+    let tar = decompressed(blob).map_err(read("(start)"))?;
+    let mut tar = Sha256Reader(tar, Sha256Writer::new(io::sink()), None);
+    let mut blob = Sha256Writer::new(out);
+    let copied = match opts.compression {
+        Compression::None => io::copy(&mut tar, &mut blob).map(drop),
+        c => {
+            let level = codec_level(c, opts.level);
+            compressor(&mut blob, c, level, default_workers()).and_then(|mut enc| {
+                io::copy(&mut tar, &mut enc)?;
+                enc.finish().map(drop)
+            })
+        }
+    };
+    // A read error is the source's (a corrupt blob), a write error the destination's.
+    copied.map_err(|e| match tar.2.take() {
+        Some(source) => read("(a recompressed layer's tar)")(source),
+        None => write(e),
+    })?;
+    let diff = tar.1;
+    let (diff_id, _, _) = diff.finish();
+    let (digest, size, mut out) = blob.finish();
+    out.flush().map_err(write)?;
+    Ok(WrittenLayer {
+        digest,
+        diff_id,
+        size,
+        media_type: opts.compression.media_type(),
+    })
 }

@@ -15,9 +15,10 @@
 //! one job ahead, which made its workers wait for that thread under load.)
 //!
 //! **gzip** (the layout pigz uses): one gzip member holding one deflate stream.
-//! - each 1 MiB piece is compressed by a fresh level-6 raw deflate compressor primed with the
-//!   last 32 KiB of the input before it (the deflate window, so matches can still reach back
-//!   across the cut, and the ratio stays within a fraction of a percent of one compressor);
+//! - each 1 MiB piece is compressed by a fresh level-6 (or `compression-level=`) raw deflate
+//!   compressor primed with the last 32 KiB of the input before it (the deflate window, so
+//!   matches can still reach back across the cut, and the ratio stays within a fraction of a
+//!   percent of one compressor);
 //! - a piece that a level-1 trial on samples of it finds incompressible (see
 //!   [`incompressible`]) is written as stored blocks instead: level 6 spends most of its time
 //!   failing to find matches in random or already compressed data;
@@ -25,13 +26,13 @@
 //!   end of a stored block), so the pieces concatenate into one valid deflate stream; the last
 //!   one ends with the final block;
 //! - the trailer's CRC-32 is the combination of the pieces' CRCs;
-//! - the header is fixed: no file name, mtime 0, XFL 0 (level 6), OS 255 ("unknown"), the
-//!   header flate2's `GzBuilder` wrote for these layers before.
+//! - the header is fixed: no file name, mtime 0, XFL 0 (level 6; 2 at level 9, 4 at level 1),
+//!   OS 255 ("unknown"), the header flate2's `GzBuilder` wrote for these layers before.
 //!
-//! **zstd**: each 4 MiB piece is one complete level-3 frame (content size and checksum
-//! included). Concatenated frames are one valid zstd stream (RFC 8878 §3.1; the zstd CLI,
-//! Go's klauspost/compress used by containerd and containers/storage, and the zstd crate
-//! decode them whole; zstd:chunked layers are made the same way). Independent 4 MiB frames
+//! **zstd**: each 4 MiB piece is one complete level-3 (or `compression-level=`'s) frame
+//! (content size and checksum included). Concatenated frames are one valid zstd stream (RFC
+//! 8878 §3.1; the zstd CLI, Go's klauspost/compress used by containerd and containers/storage,
+//! and the zstd crate decode them whole; zstd:chunked layers are made the same way). Independent 4 MiB frames
 //! cost about 0.03% in size against one frame on a tar of mixed files. A piece that the same
 //! trial as gzip's finds incompressible is one frame of raw blocks (content size, no checksum:
 //! the layer's digest covers it) instead: level 3 spends its time failing to find matches.
@@ -51,8 +52,20 @@ use flate2::{Compress, Crc, FlushCompress, Status};
 /// The preset dictionary of a gzip piece: the deflate window, the most a back-reference can
 /// reach.
 const DICT_SIZE: usize = 32 * 1024;
-/// gzip header: magic, CM deflate, FLG none, MTIME 0, XFL 0, OS 255.
+/// gzip header: magic, CM deflate, FLG none, MTIME 0, XFL 0, OS 255 (XFL is 2 at level 9
+/// and 4 at level 1, as RFC 1952 and Go's writer say: see [`header`]).
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+
+/// The gzip header of a stream compressed at `level`.
+fn header(level: i32) -> [u8; 10] {
+    let mut h = HEADER;
+    h[8] = match level {
+        9 => 2,
+        1 => 4,
+        _ => 0,
+    };
+    h
+}
 /// The most a stored deflate block holds.
 const STORED_MAX: usize = 65_535;
 /// The incompressibility trial: this many samples of this many bytes, spread over the piece.
@@ -136,15 +149,16 @@ struct Deflate {
 }
 
 impl Codec {
-    fn new(format: Format) -> io::Result<Codec> {
+    /// A codec at `level` (the codec's own: gzip 0-9, zstd 1-22).
+    fn new(format: Format, level: i32) -> io::Result<Codec> {
         Ok(match format {
             Format::Gzip => Codec::Deflate(Box::new(Deflate {
-                main: Compress::new(flate2::Compression::new(super::GZIP_LEVEL), false),
+                main: Compress::new(flate2::Compression::new(level.clamp(0, 9) as u32), false),
                 trial: Compress::new(flate2::Compression::new(1), false),
                 trial_out: Vec::new(),
             })),
             Format::Zstd => {
-                let mut main = zstd::bulk::Compressor::new(super::ZSTD_LEVEL)?;
+                let mut main = zstd::bulk::Compressor::new(level)?;
                 main.include_checksum(true)?;
                 main.include_contentsize(true)?;
                 Codec::Zstd(Box::new(Zstd {
@@ -321,7 +335,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(format: Format, workers: usize) -> io::Result<Pool> {
+    fn start(format: Format, level: i32, workers: usize) -> io::Result<Pool> {
         let (jobs, job_rx) = channel::<Job>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, results) = channel::<Done>();
@@ -339,7 +353,7 @@ impl Pool {
             let done_tx = done_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ossb-{name}-{i}"))
-                .spawn(move || worker(format, &job_rx, &done_tx))?;
+                .spawn(move || worker(format, level, &job_rx, &done_tx))?;
             pool.threads.push(thread);
         }
         Ok(pool)
@@ -356,8 +370,8 @@ impl Drop for Pool {
     }
 }
 
-fn worker(format: Format, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
-    let mut codec = Codec::new(format);
+fn worker(format: Format, level: i32, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
+    let mut codec = Codec::new(format, level);
     loop {
         // A poisoned lock only means another worker panicked while waiting: keep going.
         let next = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
@@ -372,7 +386,7 @@ fn worker(format: Format, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
         };
         if result.is_err() {
             // The compressor may be in any state: start from a new one.
-            codec = Codec::new(format);
+            codec = Codec::new(format, level);
         }
         let reply = Done {
             index: job.index,
@@ -390,6 +404,8 @@ fn worker(format: Format, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
 pub(crate) struct PieceWriter<W: Write> {
     out: W,
     format: Format,
+    /// The codec's level (gzip 0-9, zstd 1-22).
+    level: i32,
     workers: usize,
     pool: Option<Pool>,
     /// The piece being filled.
@@ -412,10 +428,21 @@ pub(crate) struct PieceWriter<W: Write> {
 impl<W: Write> PieceWriter<W> {
     /// A writer that compresses on `workers` threads (at least one; started at the first full
     /// piece, so a small stream is compressed on the caller's thread and starts none).
+    #[cfg(test)]
     pub(crate) fn new(out: W, format: Format, workers: usize) -> Self {
+        let level = match format {
+            Format::Gzip => super::GZIP_LEVEL as i32,
+            Format::Zstd => super::ZSTD_LEVEL,
+        };
+        Self::with_level(out, format, level, workers)
+    }
+
+    /// As `new`, compressing at the codec's `level` (gzip 0-9, zstd 1-22).
+    pub(crate) fn with_level(out: W, format: Format, level: i32, workers: usize) -> Self {
         PieceWriter {
             out,
             format,
+            level,
             workers: workers.max(1),
             pool: None,
             block: Vec::with_capacity(format.piece_size()),
@@ -452,12 +479,12 @@ impl<W: Write> PieceWriter<W> {
         if self.pool.is_none() && last && index == 0 {
             // The whole stream is one piece: no thread is worth starting.
             let mut out = Vec::new();
-            let crc = Codec::new(self.format)?.piece(&dict, &data, true, &mut out)?;
+            let crc = Codec::new(self.format, self.level)?.piece(&dict, &data, true, &mut out)?;
             self.ready.insert(index, (out, crc));
             return self.write_ready();
         }
         if self.pool.is_none() {
-            self.pool = Some(Pool::start(self.format, self.workers)?);
+            self.pool = Some(Pool::start(self.format, self.level, self.workers)?);
         }
         let job = Job {
             index,
@@ -510,7 +537,7 @@ impl<W: Write> PieceWriter<W> {
     fn write_ready(&mut self) -> io::Result<()> {
         while let Some((out, crc)) = self.ready.remove(&self.next_out) {
             if !self.header_written && self.format == Format::Gzip {
-                self.out.write_all(&HEADER)?;
+                self.out.write_all(&header(self.level))?;
             }
             self.header_written = true;
             self.out.write_all(&out)?;

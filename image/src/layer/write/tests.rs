@@ -48,7 +48,7 @@ fn gzip_with(data: &[u8], workers: usize, chunk: usize) -> Vec<u8> {
 }
 
 fn zstd_with(data: &[u8], workers: usize) -> Vec<u8> {
-    let mut enc = compressor(Vec::new(), Compression::Zstd, workers).unwrap();
+    let mut enc = compressor(Vec::new(), Compression::Zstd, ZSTD_LEVEL, workers).unwrap();
     enc.write_all(data).unwrap();
     enc.finish().unwrap()
 }
@@ -331,6 +331,7 @@ fn write_on(root: &Path, changes: &[Change], compression: Compression, workers: 
     let opts = LayerOptions {
         compression,
         source_date_epoch: Some(0),
+        level: None,
     };
     let mut out = Vec::new();
     let written = write_layer_on(root, changes, &mut out, &opts, workers).unwrap();
@@ -358,6 +359,7 @@ fn layers_are_the_same_for_1_2_and_4_threads_and_read_everywhere() {
         let opts = LayerOptions {
             compression,
             source_date_epoch: Some(0),
+            level: None,
         };
         let written = write_layer(&src, &changes, Vec::new(), &opts).unwrap();
         assert_eq!(written.digest, Digest::of(&reference));
@@ -455,6 +457,7 @@ fn a_failing_destination_or_a_vanished_file_is_reported_not_hung() {
     let opts = |compression| LayerOptions {
         compression,
         source_date_epoch: Some(0),
+        level: None,
     };
     for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
         for left in [0, 5000, 1 << 20] {
@@ -481,4 +484,98 @@ fn a_failing_destination_or_a_vanished_file_is_reported_not_hung() {
             "{compression:?}: {err}"
         );
     }
+}
+
+/// `compression-level=`: each level gives its own bytes (and the gzip header's XFL says 9 and
+/// 1 as RFC 1952 does), every reader decompresses them to the same tar, and the default level
+/// is the one a layer written without a level has.
+#[test]
+fn compression_levels_change_the_bytes_not_the_tar() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let changes = tree(&src);
+    let plain = write_on(&src, &changes, Compression::None, 1);
+    let at = |compression, level| {
+        let opts = LayerOptions {
+            compression,
+            source_date_epoch: Some(0),
+            level,
+        };
+        let mut out = Vec::new();
+        let written = write_layer_on(&src, &changes, &mut out, &opts, 2).unwrap();
+        assert_eq!(written.diff_id, Digest::of(&plain));
+        out
+    };
+    let gzip_default = at(Compression::Gzip, None);
+    assert!(at(Compression::Gzip, Some(6)) == gzip_default);
+    for level in [0, 1, 9] {
+        let blob = at(Compression::Gzip, Some(level));
+        assert!(
+            blob != gzip_default,
+            "gzip level {level} gave level 6's bytes"
+        );
+        assert_eq!(
+            blob[8],
+            [0, 4, 2][[0, 1, 9].iter().position(|l| *l == level).unwrap()]
+        );
+        assert_gunzips_to(&blob, &plain);
+    }
+    assert!(at(Compression::Gzip, Some(9)).len() <= gzip_default.len());
+    let zstd_default = at(Compression::Zstd, None);
+    // BuildKit's buckets: 3 to 5 are the default speed.
+    assert!(at(Compression::Zstd, Some(5)) == zstd_default);
+    for level in [0, 9, 19] {
+        let blob = at(Compression::Zstd, Some(level));
+        assert!(
+            blob != zstd_default,
+            "zstd level {level} gave level 3's bytes"
+        );
+        assert_unzstds_to(&blob, &plain);
+    }
+    assert!(at(Compression::Zstd, Some(19)) == at(Compression::Zstd, Some(22)));
+}
+
+/// `force-compression=`: a gzip layer recompressed as zstd (and back, and to a plain tar)
+/// keeps its tar byte for byte, so its diff ID; the result is what writing the layer in that
+/// compression gives.
+#[test]
+fn recompressing_keeps_the_tar() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let changes = tree(&src);
+    let plain = write_on(&src, &changes, Compression::None, 1);
+    let gzip = write_on(&src, &changes, Compression::Gzip, 2);
+    for (to, level) in [
+        (Compression::Zstd, None),
+        (Compression::Zstd, Some(19)),
+        (Compression::None, None),
+        (Compression::Gzip, Some(1)),
+    ] {
+        // The epoch is the one `gzip` was written with (recompress itself reads none).
+        let opts = LayerOptions {
+            compression: to,
+            source_date_epoch: Some(0),
+            level,
+        };
+        let mut out = Vec::new();
+        let written = recompress(&gzip[..], &mut out, &opts).unwrap();
+        assert_eq!(written.diff_id, Digest::of(&plain), "{to:?}");
+        assert_eq!(written.digest, Digest::of(&out));
+        assert_eq!(written.media_type, to.media_type());
+        let mut direct = Vec::new();
+        write_layer_on(&src, &changes, &mut direct, &opts, 2).unwrap();
+        assert!(
+            out == direct,
+            "{to:?} {level:?}: not what writing it so gives"
+        );
+    }
+    // A truncated blob is an error, not a shorter layer.
+    let cut = &gzip[..gzip.len() / 2];
+    let opts = LayerOptions {
+        compression: Compression::Zstd,
+        ..Default::default()
+    };
+    assert!(recompress(cut, Vec::new(), &opts).is_err());
 }
