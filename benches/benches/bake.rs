@@ -5,14 +5,15 @@
 //! targets at once; the sequential builds find the base cached after the first. Interleaved,
 //! medians of `OSSB_BENCH_RUNS` (3).
 //!
-//! `cargo bench -p ossb-benches --bench bake` (or scripts/bench.sh)
+//! `cargo bench -p ossb-benches --bench bake` (or scripts/bench.sh); `OSSB_BENCH_ONLY=sequential`
+//! or `OSSB_BENCH_ONLY=cluster` runs one of its two scenarios.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use ossb_benches::cluster::{median as cluster_median, Cluster, WorkerSpec};
-use ossb_benches::workload::{context_dir, runs, Env};
+use ossb_benches::workload::{context_dir, runs, selected, Env};
 use ossb_benches::{measure, Sample};
 
 const TARGETS: usize = 6;
@@ -43,22 +44,37 @@ fn main() {
     }
     std::fs::write(ctx.join("docker-bake.hcl"), hcl).unwrap();
     let scratch = std::env::temp_dir().join(format!("ossb-bench-bake-{}", std::process::id()));
+    let mut rows = String::new();
+    if selected("sequential") {
+        rows += &against_sequential(&env, &ctx, &scratch);
+    }
+    if selected("cluster") {
+        rows += &against_cluster(&env, &ctx, &scratch);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_dir_all(&ctx);
+    print!("{rows}");
+    ossb_benches::record(&rows);
+}
+
+/// `ossb bake` against its targets built one after another: the row.
+fn against_sequential(env: &Env, ctx: &Path, scratch: &Path) -> String {
     let (mut baked, mut sequential): (Vec<Sample>, Vec<Sample>) = (Vec::new(), Vec::new());
     for run in 0..runs() {
         let cache = scratch.join(format!("bake-{run}"));
         eprintln!("bake / run {run}");
-        let mut cmd = ossb(&env, &cache, "bake");
-        cmd.current_dir(&ctx);
+        let mut cmd = ossb(env, &cache, "bake");
+        cmd.current_dir(ctx);
         baked.push(measure(&mut cmd));
         let cache = scratch.join(format!("seq-{run}"));
         eprintln!("sequential / run {run}");
         let start = std::time::Instant::now();
         let mut peak = 0;
         for i in 0..TARGETS {
-            let mut cmd = ossb(&env, &cache, "build");
+            let mut cmd = ossb(env, &cache, "build");
             cmd.args(["--target", "app", "--build-arg"])
                 .arg(format!("NAME={i}"))
-                .arg(&ctx);
+                .arg(ctx);
             peak = peak.max(measure(&mut cmd).max_rss_kib);
         }
         sequential.push(Sample {
@@ -66,8 +82,22 @@ fn main() {
             max_rss_kib: peak,
         });
     }
-    // The cluster: two workers with a CPU each against the bake on one CPU (a machine each,
-    // as cluster_builds measures it), every run from cold caches.
+    let (b, s) = (
+        ossb_benches::median(&mut baked).wall,
+        ossb_benches::median(&mut sequential).wall,
+    );
+    let ratio = b.as_secs_f64() / s.as_secs_f64().max(1e-9);
+    format!(
+        "| bake | {TARGETS} targets on a shared base stage, cold: `ossb bake` vs {TARGETS} `ossb build`s one after another | {:.2} s | {:.2} s | {ratio:.2}x | {} |\n",
+        secs(b),
+        secs(s),
+        ossb_benches::verdict(ratio, 0.5)
+    )
+}
+
+/// The bake through a cluster of two workers with a CPU each against `ossb bake` on one CPU
+/// (a machine each, as cluster_builds measures it), every run from cold caches: the row.
+fn against_cluster(env: &Env, ctx: &Path, scratch: &Path) -> String {
     let (mut local, mut clustered) = (Vec::new(), Vec::new());
     for run in 0..runs() {
         let cache = scratch.join(format!("one-cpu-{run}"));
@@ -82,11 +112,11 @@ fn main() {
                 "--insecure-registry",
                 env.registry(),
             ])
-            .current_dir(&ctx);
+            .current_dir(ctx);
         local.push(measure(&mut cmd).wall);
         eprintln!("bake on a 2-worker cluster / run {run}");
         let cluster = Cluster::start(
-            &env,
+            env,
             &[
                 WorkerSpec {
                     name: "a",
@@ -100,31 +130,16 @@ fn main() {
                 },
             ],
         );
-        clustered.push(cluster.submit_bake(&env, &ctx, false));
+        clustered.push(cluster.submit_bake(env, ctx, false));
     }
     let (one, two) = (cluster_median(local), cluster_median(clustered));
-    let cluster_ratio = two.as_secs_f64() / one.as_secs_f64().max(1e-9);
-    let _ = std::fs::remove_dir_all(&scratch);
-    let _ = std::fs::remove_dir_all(&ctx);
-    let (b, s) = (
-        ossb_benches::median(&mut baked).wall,
-        ossb_benches::median(&mut sequential).wall,
-    );
-    let ratio = b.as_secs_f64() / s.as_secs_f64().max(1e-9);
-    let rows = format!(
-        "| bake | {TARGETS} targets on a shared base stage, cold: `ossb bake` vs {TARGETS} `ossb build`s one after another | {:.2} s | {:.2} s | {ratio:.2}x | {} |\n",
-        secs(b),
-        secs(s),
-        ossb_benches::verdict(ratio, 0.5)
-    );
-    let rows = format!(
-        "{rows}| bake | the same bake through a cluster of 2 workers (a CPU each) vs `ossb bake` on one CPU | {:.2} s | {:.2} s | {cluster_ratio:.2}x | {} |\n",
+    let ratio = two.as_secs_f64() / one.as_secs_f64().max(1e-9);
+    format!(
+        "| bake | the same bake through a cluster of 2 workers (a CPU each) vs `ossb bake` on one CPU | {:.2} s | {:.2} s | {ratio:.2}x | {} |\n",
         secs(two),
         secs(one),
-        ossb_benches::verdict(cluster_ratio, 0.6)
-    );
-    print!("{rows}");
-    ossb_benches::record(&rows);
+        ossb_benches::verdict(ratio, 0.6)
+    )
 }
 
 fn secs(d: Duration) -> f64 {

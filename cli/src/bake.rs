@@ -66,15 +66,34 @@ pub struct BakeArgs {
     pub isolation: Isolation,
 }
 
-/// Reads, resolves and prints or builds every target at once (a step two targets share runs
-/// once: the engine holds one lock per step key in the process). Exit 2 for bad bake files
+/// How a bake's targets are built.
+#[allow(dead_code)] // each binary constructs one of the two
+pub enum Runner<'r> {
+    /// One target at a time through a build function, each as soon as the targets its
+    /// `target:` contexts name are built (`ossb bake`: the local engine, whose step lock makes
+    /// a step two targets share run once).
+    Each(Box<BuildOne<'r>>),
+    /// Every target at once, as one graph (`ossb-submit bake`: the cluster's coordinator
+    /// plans them together): (name, request) pairs and each one's progress; the results in
+    /// their order.
+    Together(Box<BuildAll<'r>>),
+}
+
+/// Builds one target ([`Runner::Each`]).
+pub type BuildOne<'r> = dyn for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b> + 'r;
+
+/// Builds every target at once ([`Runner::Together`]).
+pub type BuildAll<'r> = dyn for<'b> Fn(&'b [(&'b str, &'b BuildRequest)], &'b [&'b dyn Progress]) -> TogetherFuture<'b>
+    + 'r;
+
+/// What [`Runner::Together`] returns.
+pub type TogetherFuture<'b> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Vec<Result<ossb_engine::BuildResult, BuildError>>> + 'b>,
+>;
+
+/// Reads, resolves and prints or builds every target at once. Exit 2 for bad bake files
 /// (with file:line); a failed target fails the bake with its exit code.
-/// `build` runs one target's build: the local engine (`ossb bake`) or the cluster
-/// (`ossb-submit bake`).
-pub fn run(
-    args: BakeArgs,
-    build: impl for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b>,
-) -> ExitCode {
+pub fn run(args: BakeArgs, runner: Runner<'_>) -> ExitCode {
     let mode = args.progress;
     if args.load {
         return crate::display::fail(mode, "--load needs a Docker daemon, and ossb has none: push with --push, or set output = [\"type=docker,dest=image.tar\"] and `podman load -i image.tar`", 2);
@@ -117,7 +136,7 @@ pub fn run(
             Err(e) => return crate::display::fail(mode, &format!("target {name:?}: {e}"), 2),
         }
     }
-    build_all(&jobs, mode, args.metadata_file.as_deref(), build)
+    build_all(&jobs, mode, args.metadata_file.as_deref(), runner)
 }
 
 /// One target to build: its request, and the contexts that are other targets' images.
@@ -173,7 +192,7 @@ fn build_all(
     jobs: &[Job],
     mode: ProgressMode,
     metadata_file: Option<&Path>,
-    build: impl for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b>,
+    runner: Runner<'_>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -193,8 +212,22 @@ fn build_all(
     let finals: Vec<std::cell::OnceCell<BuildRequest>> =
         jobs.iter().map(|_| std::cell::OnceCell::new()).collect();
     let outcome = runtime.block_on(async {
-        let build = &build;
         let next = &next;
+        let build = match &runner {
+            Runner::Each(build) => build,
+            Runner::Together(together) => {
+                let all = build_together(jobs, together, display, next);
+                return tokio::select! {
+                    results = all => {
+                        for (fin, job) in finals.iter().zip(jobs) {
+                            let _ = fin.set(job.request.clone());
+                        }
+                        Ok(results)
+                    }
+                    signal = crate::display::stop_signal() => Err(signal),
+                };
+            }
+        };
         let all = async {
             let mut outcomes: Vec<Option<_>> = jobs.iter().map(|_| None).collect();
             let mut started = vec![false; jobs.len()];
@@ -290,6 +323,51 @@ fn build_all(
         Some(code) => ExitCode::from(code),
         None => ExitCode::SUCCESS,
     }
+}
+
+/// Builds every job at once through `together`, each with its labeled progress. A target
+/// whose contexts name other targets (`target:NAME`) is refused: the cluster cannot hand one
+/// target's image to another yet.
+async fn build_together<'j>(
+    jobs: &'j [Job],
+    together: &BuildAll<'_>,
+    display: &dyn Progress,
+    next: &AtomicUsize,
+) -> Vec<(&'j String, Outcome)> {
+    if let Some(job) = jobs.iter().find(|j| !j.links.is_empty()) {
+        let (context, target) = &job.links[0];
+        let refused = format!(
+            "context {context} = \"target:{target}\": a build cluster cannot hand one target's image to another yet; push target {target} and name it with docker-image://, or bake with `ossb bake`"
+        );
+        return jobs
+            .iter()
+            .map(|j| (&j.name, Err(BuildError::Usage(refused.clone()))))
+            .collect();
+    }
+    let logs: Vec<crate::display::MissLog> = jobs
+        .iter()
+        .map(|_| crate::display::MissLog::default())
+        .collect();
+    let labeled: Vec<Labeled> = jobs
+        .iter()
+        .zip(&logs)
+        .map(|(job, log)| Labeled {
+            inner: display,
+            label: &job.name,
+            next,
+            ids: Mutex::new(HashMap::new()),
+            log,
+        })
+        .collect();
+    let progress: Vec<&dyn Progress> = labeled.iter().map(|l| l as &dyn Progress).collect();
+    let pairs: Vec<(&str, &BuildRequest)> =
+        jobs.iter().map(|j| (j.name.as_str(), &j.request)).collect();
+    let results = together(&pairs, &progress).await;
+    jobs.iter()
+        .zip(results)
+        .zip(&logs)
+        .map(|((job, result), log)| (&job.name, result.map(|r| (r, log.misses()))))
+        .collect()
 }
 
 /// One target's progress on the shared display: its vertex numbers made unique across the

@@ -39,9 +39,12 @@ fn main() -> ExitCode {
                     display::notice(mode, &notice);
                 }
                 let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-                bake::run(*bake, |request, progress| {
-                    Box::pin(ossb_engine::build(request, progress))
-                })
+                bake::run(
+                    *bake,
+                    bake::Runner::Each(Box::new(|request, progress| {
+                        Box::pin(ossb_engine::build(request, progress))
+                    })),
+                )
             }
             Err(code) => code,
         },

@@ -118,6 +118,181 @@ pub async fn submit(
     finish(req, config, result).await
 }
 
+/// Runs every target of a bake on the cluster at once: the coordinator plans and schedules
+/// them as one graph (a stage two targets plan alike is built once, the others spread over the
+/// workers together). Each target's events go to its own `progress`; the results come in the
+/// order of `targets`, each as `submit` gives it.
+pub async fn submit_bake(
+    targets: &[(&str, &BuildRequest)],
+    config: &SubmitConfig,
+    progress: &[&dyn Progress],
+) -> Vec<Result<BuildResult, BuildError>> {
+    let mut files = BTreeMap::new();
+    let mut specs = Vec::new();
+    for (name, req) in targets {
+        match bake_target_spec(req, &mut files) {
+            Ok(spec) => specs.push(ossb_protocol::cluster::BakeTarget {
+                name: name.to_string(),
+                spec,
+            }),
+            Err(e) => {
+                // Nothing is submitted: the others are refused with it.
+                let text = e.to_string();
+                return targets
+                    .iter()
+                    .map(|(other, _)| match other == name {
+                        true => Err(BuildError::Usage(text.clone())),
+                        false => Err(BuildError::Usage(format!(
+                            "not submitted: target {name}: {text}"
+                        ))),
+                    })
+                    .collect();
+            }
+        }
+    }
+    let ends = match run_bake(specs, &files, config, progress).await {
+        Ok(ends) => ends,
+        Err(e) => {
+            let text = e.to_string();
+            let code = e.exit_code();
+            return targets
+                .iter()
+                .map(|_| match code {
+                    2 => Err(BuildError::Usage(text.clone())),
+                    _ => Err(BuildError::Local(text.clone())),
+                })
+                .collect();
+        }
+    };
+    let mut out = Vec::with_capacity(targets.len());
+    for ((_, req), end) in targets.iter().zip(ends) {
+        out.push(finish(req, config, end).await);
+    }
+    out
+}
+
+/// A bake target's spec, its context files added to `files`.
+fn bake_target_spec(
+    req: &BuildRequest,
+    files: &mut BTreeMap<Digest, PathBuf>,
+) -> Result<ossb_protocol::cluster::BuildSpec, BuildError> {
+    if !req.context.is_dir() {
+        return Err(BuildError::Usage(format!(
+            "build context {} is not a directory",
+            req.context.display()
+        )));
+    }
+    let (entries, mut own) = scan(req).map_err(BuildError::Usage)?;
+    let named = scan_named(req, &mut own).map_err(BuildError::Usage)?;
+    files.extend(own);
+    spec_of(req, entries, named)
+}
+
+/// The conversation of a bake: submitted, its files uploaded, every target's events and end.
+/// The targets' outcomes in order (a refused bake is one error for all).
+async fn run_bake(
+    targets: Vec<ossb_protocol::cluster::BakeTarget>,
+    files: &BTreeMap<Digest, PathBuf>,
+    config: &SubmitConfig,
+    progress: &[&dyn Progress],
+) -> Result<Vec<Result<BuiltImage, Failure>>, BuildError> {
+    let count = targets.len();
+    let identity = Identity::load(&config.tls_dir, Role::Client).map_err(usage)?;
+    let endpoint = ossb_net::client(&identity).map_err(local)?;
+    let cluster = |e: ClusterError| {
+        BuildError::Local(format!("the build cluster at {}: {e}", config.coordinator))
+    };
+    let conn = ossb_net::connect(&endpoint, &config.coordinator, super::CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| cluster(e.into()))?;
+    let (mut tx, mut rx) = conn
+        .open_bi()
+        .await
+        .map_err(|e| cluster(ossb_net::NetError::from(e).into()))?;
+    let refused = |outcome: ossb_protocol::cluster::BuildOutcome| match outcome.result {
+        Err(f) if f.exit_code == 2 => BuildError::Usage(f.message),
+        Err(f) => BuildError::Local(f.message),
+        Ok(_) => BuildError::Local("the coordinator answered a bake with one image".into()),
+    };
+    send(
+        &mut tx,
+        ClusterMessage::SubmitBake(ossb_protocol::cluster::BakeSpec { targets }),
+    )
+    .await
+    .map_err(cluster)?;
+    let missing = match recv(&mut rx, "the coordinator").await.map_err(cluster)? {
+        ClusterMessage::NeedBlobs { digests } => digests,
+        ClusterMessage::Finished(outcome) => return Err(refused(outcome)),
+        other => return Err(unexpected(other)),
+    };
+    let (id, t) = (0usize, Instant::now());
+    if let Some(first) = progress.first() {
+        first.event(Event::Started {
+            id,
+            name: format!(
+                "[internal] sending {} of {} context files to {}",
+                missing.len(),
+                files.len(),
+                config.coordinator
+            ),
+        });
+    }
+    upload(&conn, files, &missing).await.map_err(cluster)?;
+    if let Some(first) = progress.first() {
+        first.event(Event::Done {
+            id,
+            elapsed: t.elapsed(),
+        });
+    }
+    send(&mut tx, ClusterMessage::UploadsDone)
+        .await
+        .map_err(cluster)?;
+    let builds = match recv(&mut rx, "the coordinator").await.map_err(cluster)? {
+        ClusterMessage::BakeAccepted { builds } if builds.len() == count => builds,
+        ClusterMessage::Finished(outcome) => return Err(refused(outcome)),
+        other => return Err(unexpected(other)),
+    };
+    for (build, p) in builds.iter().zip(progress) {
+        p.event(Event::Info(format!(
+            "build {build} accepted by {}",
+            config.coordinator
+        )));
+    }
+    let mut ends: Vec<Option<Result<BuiltImage, Failure>>> = vec![None; count];
+    while ends.iter().any(Option::is_none) {
+        match recv(&mut rx, "the coordinator").await {
+            Ok(ClusterMessage::TargetEvent { target, event }) => {
+                if let Some(p) = progress.get(target as usize) {
+                    p.event(event_from_wire(event));
+                }
+            }
+            Ok(ClusterMessage::TargetFinished { target, outcome }) => {
+                match ends.get_mut(target as usize) {
+                    Some(end) => *end = Some(outcome.result),
+                    None => {
+                        return Err(unexpected(ClusterMessage::TargetFinished {
+                            target,
+                            outcome,
+                        }))
+                    }
+                }
+            }
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) => {
+                for ((end, build), p) in ends.iter_mut().zip(&builds).zip(progress) {
+                    if end.is_none() {
+                        p.event(Event::Info(format!(
+                            "lost the coordinator ({e}); asking how build {build} ended"
+                        )));
+                        *end = Some(status_after_loss(&endpoint, config, build, *p).await?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ends.into_iter().flatten().collect())
+}
+
 fn usage(e: ossb_net::NetError) -> BuildError {
     BuildError::Usage(e.to_string())
 }

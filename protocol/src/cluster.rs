@@ -11,6 +11,7 @@
 //! | worker | [`ClusterMessage::FetchBlob`] | [`ClusterMessage::Blob`] + `size` raw bytes, or [`crate::wire::Message::Error`] | — |
 //! | worker | [`ClusterMessage::ClaimStep`] | [`ClusterMessage::StepRecord`] or [`ClusterMessage::BuildStep`] (waits while another task builds the step) | — |
 //! | worker | [`ClusterMessage::PublishStep`] | [`ClusterMessage::Stored`] | — |
+//! | client | [`ClusterMessage::SubmitBake`] | as `Submit` | [`ClusterMessage::BakeAccepted`], then [`ClusterMessage::TargetEvent`]s and a [`ClusterMessage::TargetFinished`] per target |
 //!
 //! Context files travel as blobs named by their sha256, so a resubmission sends only the files
 //! that changed, and a worker fetches only those it has not seen. A build is split into one
@@ -152,6 +153,47 @@ pub enum ClusterMessage {
         /// The mount's content.
         version: CacheMountVersion,
     },
+    /// A client submits a bake: every target at once, planned and scheduled as one graph (a
+    /// stage two targets share is one task). Answered as [`ClusterMessage::Submit`] is, with
+    /// [`ClusterMessage::BakeAccepted`] for `Accepted`, then [`ClusterMessage::TargetEvent`]s
+    /// and one [`ClusterMessage::TargetFinished`] per target, each as its target ends.
+    SubmitBake(BakeSpec),
+    /// The bake is accepted: each target is a build of its own (for
+    /// [`ClusterMessage::Status`]), in the order of [`BakeSpec::targets`].
+    BakeAccepted {
+        /// The targets' build ids.
+        builds: Vec<String>,
+    },
+    /// A progress event of one target of a bake (its position in [`BakeSpec::targets`]).
+    TargetEvent {
+        /// The target.
+        target: u32,
+        /// The event.
+        event: BuildEvent,
+    },
+    /// One target of a bake ended.
+    TargetFinished {
+        /// The target.
+        target: u32,
+        /// How it ended.
+        outcome: BuildOutcome,
+    },
+}
+
+/// A bake's targets, each the build `ossb-submit` would send for it alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeSpec {
+    /// The targets, in the bake's order.
+    pub targets: Vec<BakeTarget>,
+}
+
+/// One target of a [`BakeSpec`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeTarget {
+    /// Its name in the bake file.
+    pub name: String,
+    /// Its build.
+    pub spec: BuildSpec,
 }
 
 /// A cache mount's content as one blob (a zstd layer) in the peer cache.
@@ -196,6 +238,10 @@ impl ClusterMessage {
             ClusterMessage::CacheMounts { .. } => "CacheMounts",
             ClusterMessage::CacheMountVersions { .. } => "CacheMountVersions",
             ClusterMessage::PublishCacheMount { .. } => "PublishCacheMount",
+            ClusterMessage::SubmitBake(_) => "SubmitBake",
+            ClusterMessage::BakeAccepted { .. } => "BakeAccepted",
+            ClusterMessage::TargetEvent { .. } => "TargetEvent",
+            ClusterMessage::TargetFinished { .. } => "TargetFinished",
         }
     }
 }
@@ -703,7 +749,7 @@ mod tests {
                     config_json: "{}".into(),
                     layers_json: "[]".into(),
                 }],
-                spec,
+                spec: spec.clone(),
             })),
             ClusterMessage::ClaimStep {
                 task: 7,
@@ -726,6 +772,28 @@ mod tests {
                 finished: 1,
                 remaining_ms: None,
             }),
+            ClusterMessage::SubmitBake(BakeSpec {
+                targets: vec![BakeTarget {
+                    name: "app".into(),
+                    spec: spec.clone(),
+                }],
+            }),
+            ClusterMessage::BakeAccepted {
+                builds: vec!["b1".into(), "b2".into()],
+            },
+            ClusterMessage::TargetEvent {
+                target: 1,
+                event: BuildEvent::Info("x".into()),
+            },
+            ClusterMessage::TargetFinished {
+                target: 1,
+                outcome: BuildOutcome {
+                    result: Err(Failure {
+                        message: "no".into(),
+                        exit_code: 1,
+                    }),
+                },
+            },
         ] {
             let bytes =
                 frame::encode(&Envelope::new(Message::Cluster(Box::new(m.clone())))).unwrap();

@@ -41,8 +41,9 @@ use crate::Digest;
 /// 11: attestations carry `oci-artifact`, the context's git facts and extra SBOMs. 12: named
 /// contexts of other sources (`BuildSpec::context_sources`); a step's cache-miss reason
 /// (`BuildEvent::CacheMiss`). 13: the image exporter's options (`BuildSpec::export`:
-/// compression level, force-compression, push-by-digest, name-canonical).
-pub const VERSION: u16 = 13;
+/// compression level, force-compression, push-by-digest, name-canonical). 14: a bake as one
+/// submission (`SubmitBake`, `BakeAccepted`, `TargetEvent`, `TargetFinished`).
+pub const VERSION: u16 = 14;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -122,6 +122,47 @@ fn bake_builds_three_targets_sharing_a_stage_once() {
     }
 }
 
+/// A target of a cluster bake whose own stage fails fails the bake, and only itself: the
+/// targets that share its base are built and pushed all the same.
+#[test]
+fn a_failed_target_of_a_cluster_bake_leaves_the_others_built() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = crate::cluster::Cluster::start_with(&env, &[("amd64-a", &[])]);
+    let reg = cluster.registry.clone();
+    let bb = cluster.busybox(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("cluster-bake-fail");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM {bb} AS base\nRUN echo {marker} > /shared\n\
+             FROM base AS app\nARG NAME\nRUN test \"$NAME\" != bad && echo \"$NAME\" > /name\n\
+             CMD [\"sh\", \"-c\", \"cat /shared /name\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut hcl = String::from("group \"default\" { targets = [\"one\", \"bad\", \"two\"] }\n");
+    for name in ["one", "bad", "two"] {
+        hcl.push_str(&format!(
+            "target \"{name}\" {{\n  target = \"app\"\n  args = {{ NAME = \"{name}\" }}\n  tags = [\"{reg}/tests/{marker}:{name}\"]\n}}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("docker-bake.hcl"), hcl).unwrap();
+    let out = cluster
+        .submit_bake(&["--insecure-registry", &reg, "--push"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{}", cluster.logs());
+    assert!(stderr.contains("error: target bad:"), "{stderr}");
+    assert!(!stderr.contains("error: target one"), "{stderr}");
+    for name in ["one", "two"] {
+        let run = podman_run(&format!("{reg}/tests/{marker}:{name}"), &[]).success("podman run");
+        assert_eq!(run.stdout, format!("{marker}\n{name}\n"));
+    }
+}
+
 /// Bad bake files exit 2 and name the file and line; an unknown target is named.
 #[test]
 fn bad_bake_files_exit_2_with_file_and_line() {
@@ -193,22 +234,29 @@ fn bake_builds_the_services_of_a_compose_file() {
     }
 }
 
-/// The same bake through the cluster (`ossb-submit bake`): every target is submitted at once,
-/// the step they share runs once cluster-wide (the coordinator's metrics), the targets run on
-/// both workers, and every image runs.
+/// The same bake through the cluster (`ossb-submit bake`): the coordinator plans every
+/// target at once as one graph, so the stage they share is one task (scheduled once, its step
+/// run once cluster-wide by the coordinator's metrics) and the targets' own stages run on both
+/// one-slot workers at the same time (their RUNs' windows overlap); every image runs.
 #[test]
-fn the_cluster_bakes_targets_at_once_and_runs_the_shared_step_once() {
+fn the_cluster_bakes_targets_as_one_graph_and_builds_the_shared_stage_once() {
     let Some(env) = TestEnv::get() else { return };
-    let cluster = crate::cluster::Cluster::start_with(&env, &[("amd64-a", &[]), ("amd64-b", &[])]);
+    let one_slot: &[&str] = &["--slots", "1"];
+    let cluster =
+        crate::cluster::Cluster::start_with(&env, &[("amd64-a", one_slot), ("amd64-b", one_slot)]);
     let reg = cluster.registry.clone();
     let bb = cluster.busybox(&env);
     let dir = tempfile::tempdir().unwrap();
     let marker = unique("cluster-bake");
+    // Each target's RUN says when it began and ended (the machine's uptime, one clock for
+    // both workers).
     std::fs::write(
         dir.path().join("Dockerfile"),
         format!(
             "FROM {bb} AS base\nRUN echo {marker} > /shared\n\
-             FROM base AS app\nARG NAME\nRUN sleep 1 && echo \"$NAME\" > /name\nCMD [\"sh\", \"-c\", \"cat /shared /name\"]\n"
+             FROM base AS app\nARG NAME\n\
+             RUN echo \"began=$NAME@$(cut -d' ' -f1 /proc/uptime)\" && sleep 2 && echo \"$NAME\" > /name && echo \"ended=$NAME@$(cut -d' ' -f1 /proc/uptime)\"\n\
+             CMD [\"sh\", \"-c\", \"cat /shared /name\"]\n"
         ),
     )
     .unwrap();
@@ -237,6 +285,20 @@ fn the_cluster_bakes_targets_at_once_and_runs_the_shared_step_once() {
         "result=\"run\"",
     ) - before;
     assert_eq!(ran, 4, "the shared step and one per target\n{stderr}");
+    // One task for the shared stage, one per target for its own.
+    let scheduled = |stage: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains(&format!("stage {stage} scheduled on worker ")))
+            .count()
+    };
+    assert_eq!(scheduled("0"), 1, "the shared stage is one task\n{stderr}");
+    assert_eq!(scheduled("1"), 3, "{stderr}");
+    assert_eq!(
+        stderr.matches("builds it, once for both").count(),
+        2,
+        "two targets are told another's task builds their base\n{stderr}"
+    );
     let workers: std::collections::BTreeSet<&str> = stderr
         .lines()
         .filter_map(|l| l.split("scheduled on worker ").nth(1))
@@ -246,6 +308,24 @@ fn the_cluster_bakes_targets_at_once_and_runs_the_shared_step_once() {
         workers.len() >= 2,
         "the targets ran on {workers:?}\n{stderr}"
     );
+    // With one slot each, two targets' windows overlap only on two workers at once.
+    let at = |word: &str, name: &str| -> f64 {
+        let needle = format!("{word}={name}@");
+        let line = stderr
+            .lines()
+            .find_map(|l| l.split(&needle).nth(1))
+            .unwrap_or_else(|| panic!("no {needle} in\n{stderr}"));
+        line.trim().parse().unwrap()
+    };
+    let windows: Vec<(f64, f64)> = ["one", "two", "three"]
+        .iter()
+        .map(|n| (at("began", n), at("ended", n)))
+        .collect();
+    let overlap = windows
+        .iter()
+        .enumerate()
+        .any(|(i, a)| windows.iter().skip(i + 1).any(|b| a.0 < b.1 && b.0 < a.1));
+    assert!(overlap, "no two targets ran at once: {windows:?}\n{stderr}");
     for name in ["one", "two", "three"] {
         let run = podman_run(&format!("{reg}/tests/{marker}:{name}"), &[]).success("podman run");
         assert_eq!(run.stdout, format!("{marker}\n{name}\n"));

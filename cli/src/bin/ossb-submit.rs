@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ossb_cluster::submit::{submit, SubmitConfig};
+use ossb_cluster::submit::{submit, submit_bake, SubmitConfig};
 
 use crate::args::BuildArgs;
 
@@ -44,8 +44,8 @@ struct SubmitArgs {
     build: BuildArgs,
 }
 
-/// `ossb-submit bake ...`: `ossb bake` on the cluster; every target is submitted at once, and
-/// the coordinator runs a step the targets share once cluster-wide.
+/// `ossb-submit bake ...`: `ossb bake` on the cluster; every target is submitted at once and
+/// the coordinator plans them as one graph: a stage the targets share is one task.
 #[derive(Parser, Debug)]
 #[command(name = "ossb-submit bake")]
 struct SubmitBakeArgs {
@@ -71,10 +71,13 @@ fn main() -> ExitCode {
             coordinator: args.coordinator,
             tls_dir: args.tls_dir,
         });
-        return bake::run(args.bake, move |request, progress| {
-            let config = config.clone();
-            Box::pin(async move { submit(request, &config, progress).await })
-        });
+        return bake::run(
+            args.bake,
+            bake::Runner::Together(Box::new(move |targets, progress| {
+                let config = config.clone();
+                Box::pin(async move { submit_bake(targets, &config, progress).await })
+            })),
+        );
     }
     let args = SubmitArgs::parse();
     let mode = args.build.progress_mode();

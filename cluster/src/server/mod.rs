@@ -33,6 +33,10 @@
 //! keys) run once: while one runs, the others wait, then go to the worker that built it, whose
 //! step cache answers every step. Tasks that share only some steps share them through the
 //! cluster's step cache.
+//!
+//! A bake ([`ClusterMessage::SubmitBake`]) is one graph of every target's stage tasks
+//! ([`graph`]): a stage two targets plan alike is one task, handed to both as built; each
+//! target is merged and pushed when its own tasks are done.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -56,7 +60,9 @@ use crate::context::{all_file_digests, media_types, registry_config, registry_op
 use crate::records::{Record, Records, Status, StepRecord};
 use crate::{local_err, recv, recv_blob_bytes, send, send_blob_bytes, send_error, ClusterError};
 
+mod bake;
 mod cache_mounts;
+mod graph;
 mod merge;
 mod metrics;
 mod scheduler;
@@ -65,7 +71,9 @@ mod steps;
 mod tasks;
 mod workers;
 
+use bake::*;
 use cache_mounts::*;
+use graph::*;
 use merge::*;
 use metrics::*;
 use scheduler::*;
@@ -384,6 +392,7 @@ async fn serve_stream(
     }
     let result = match first {
         ClusterMessage::Submit(spec) => run_build(&state, spec, &mut tx, &mut rx).await,
+        ClusterMessage::SubmitBake(bake) => run_bake(&state, bake, &mut tx, &mut rx).await,
         ClusterMessage::Upload { digest, size } => {
             // Only what a submission asked for, at the size its list gave: a stranger with a
             // client certificate cannot fill the state dir.

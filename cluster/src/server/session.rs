@@ -84,14 +84,18 @@ pub(super) async fn resume_build(state: Arc<State>, record: Record, spec: BuildS
 
 /// Saves a build record; a failure to is logged (the build goes on; only a restart would
 /// not know it).
-fn save_record(state: &State, record: &Record, submission: Option<&BuildSpec>) {
+pub(super) fn save_record(state: &State, record: &Record, submission: Option<&BuildSpec>) {
     if let Err(e) = state.records.save(record, submission) {
         tracing::warn!(build = %record.id, error = %e, "build record not saved");
     }
 }
 
 /// Counts and records how a build ended.
-fn record_outcome(state: &State, mut record: Record, outcome: &Result<BuiltImage, Failure>) {
+pub(super) fn record_outcome(
+    state: &State,
+    mut record: Record,
+    outcome: &Result<BuiltImage, Failure>,
+) {
     {
         let mut inner = state.lock();
         match outcome {
@@ -161,7 +165,7 @@ pub(super) struct Gauge<'a> {
 }
 
 impl<'a> Gauge<'a> {
-    fn new(state: &'a State) -> Gauge<'a> {
+    pub(super) fn new(state: &'a State) -> Gauge<'a> {
         state.lock().counters.queued += 1;
         Gauge {
             state,
@@ -169,7 +173,7 @@ impl<'a> Gauge<'a> {
         }
     }
 
-    fn start_running(&mut self) {
+    pub(super) fn start_running(&mut self) {
         let mut inner = self.state.lock();
         inner.counters.queued = inner.counters.queued.saturating_sub(1);
         inner.counters.running += 1;
@@ -198,7 +202,7 @@ pub(super) fn failure(message: impl Into<String>, exit_code: i32) -> Failure {
 
 /// What a submission must be before anything is received: exit code 2 for what the user
 /// must fix. Returns the parsed Dockerfile.
-fn check(spec: &BuildSpec) -> Result<ossb_dockerfile::Dockerfile, Failure> {
+pub(super) fn check(spec: &BuildSpec) -> Result<ossb_dockerfile::Dockerfile, Failure> {
     let caches = spec
         .cache_from
         .iter()
@@ -259,7 +263,18 @@ async fn admit(
     rx: &mut RecvStream,
 ) -> Result<(ossb_dockerfile::Dockerfile, Vec<Digest>), Failure> {
     let df = check(spec)?;
-    let files = all_file_digests(spec);
+    let context = receive(state, &all_file_digests(spec), tx, rx).await?;
+    Ok((df, context))
+}
+
+/// Asks the client for the files of `files` the coordinator lacks and waits until it has
+/// uploaded them. Returns the digests of every file.
+pub(super) async fn receive(
+    state: &Arc<State>,
+    files: &[(Digest, u64)],
+    tx: &mut SendStream,
+    rx: &mut RecvStream,
+) -> Result<Vec<Digest>, Failure> {
     let context: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
     let missing: Vec<(Digest, u64)> = files
         .iter()
@@ -288,11 +303,12 @@ async fn admit(
     if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
         return Err(failure(format!("the context file {d} was not uploaded"), 1));
     }
-    Ok((df, context))
+    Ok(context)
 }
 
-/// Runs every platform's tasks of an accepted build, then merges and pushes. Events go to
-/// the client when there is one (a resumed build has none).
+/// Runs every platform's tasks of an accepted build, then merges and pushes: the graph of one
+/// target ([`run_graph`]). Events go to the client when there is one (a resumed build has
+/// none).
 async fn run_tasks(
     state: &Arc<State>,
     build: &str,
@@ -300,169 +316,25 @@ async fn run_tasks(
     df: &ossb_dockerfile::Dockerfile,
     context: Vec<Digest>,
     gauge: &mut Gauge<'_>,
-    mut client: Option<&mut SendStream>,
+    client: Option<&mut SendStream>,
 ) -> Result<BuiltImage, Failure> {
-    let started = ossb_engine::build::now();
-    for d in &context {
-        state.store.touch(d);
-    }
-    tracing::info!(build, platforms = ?spec.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), context_files = context.len(), "build accepted");
-    let build_platform = choose_build_platform(&state.lock().workers, &spec.platforms);
-    let stages = stage_tasks(df, spec, &build_platform)?;
-    let build_args = spec.build_args.iter().cloned().collect();
-    if let Some(warning) =
-        ossb_engine::build::unused_build_args_warning(df, &build_args, spec.target.as_deref())
-    {
-        if let Some(tx) = client.as_deref_mut() {
-            let _ = send(tx, ClusterMessage::Event(BuildEvent::Info(warning))).await;
-        }
-    }
-
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-    let mut pending = Vec::new();
-    gauge.start_running();
-    // The build's tasks get consecutive ids, in the order of `stages`.
-    let first = {
-        let mut inner = state.lock();
-        let first = inner.next_id + 1;
-        inner.next_id += stages.len() as u64;
-        for (n, stage) in stages.iter().enumerate() {
-            let task = first + n as u64;
-            let (done_tx, done_rx) = oneshot::channel();
-            let spec = TaskSpec {
-                task,
-                build: build.to_string(),
-                platform: stage.platform.clone(),
-                stage: Some(stage.stage as u32),
-                export: stage.export,
-                build_platform: build_platform.clone(),
-                needs: Vec::new(),
-                spec: spec.clone(),
-            };
-            let key = task_key(&spec);
-            inner.tasks.insert(
-                task,
-                Task {
-                    spec,
-                    runs_on: stage.runs_on.clone(),
-                    deps: stage.deps.iter().map(|d| first + *d as u64).collect(),
-                    prefer: None,
-                    worker: None,
-                    events: events_tx.clone(),
-                    done: Some(done_tx),
-                    context: context.clone(),
-                    key,
-                    queued_at: Instant::now(),
-                    ready_at: Instant::now(),
-                    told: false,
-                },
-            );
-            inner.queue.push_back(task);
-            pending.push((task, stage.platform.clone(), done_rx));
-        }
-        first
+    let target = Target {
+        name: "",
+        build,
+        spec,
+        df,
     };
-    state.wake.notify_one();
-    drop(events_tx);
-
-    // Forward events (renumbered: each task's engine counts from 1) until every task ends.
-    let platforms: HashMap<u64, Platform> =
-        pending.iter().map(|(t, p, _)| (*t, p.clone())).collect();
-    let multi = spec.platforms.len() > 1;
-    let mut ids: HashMap<(u64, u64), u64> = HashMap::new();
-    let mut next = 0u64;
-    let mut results: futures_util::stream::FuturesUnordered<_> = pending
-        .into_iter()
-        .map(|(task, _, rx)| async move { (task, rx.await) })
-        .collect();
-    let mut remaining: Vec<u64> = platforms.keys().copied().collect();
-    let mut outcomes = Vec::new();
-    let mut peers = Vec::new();
-    let mut failed = None;
-
-    loop {
-        tokio::select! {
-            r = futures_util::StreamExt::next(&mut results) => {
-                let Some((task, r)) = r else { break };
-                remaining.retain(|t| *t != task);
-                match r {
-                    Ok((Ok(o), p)) => {
-                        outcomes.push((task, o));
-                        peers.extend(p);
-                    }
-                    Ok((Err(f), _)) => {
-                        failed = Some((task, f));
-                        break;
-                    }
-                    Err(_) => {
-                        failed = Some((task, failure("a task was dropped by the coordinator", 1)));
-                        break;
-                    }
-                }
-            }
-            Some((task, event)) = events_rx.recv() => {
-                let event = renumber(event, task, &mut ids, &mut next, multi.then(|| &platforms[&task]));
-                // A client that went away stops getting events; the build goes on.
-                if let Some(tx) = client.as_deref_mut() {
-                    if send(tx, ClusterMessage::Event(event)).await.is_err() {
-                        client = None;
-                    }
-                }
-            }
-        }
-    }
-    // A task that failed for good fails the build: its siblings stop now rather than run on.
-    if let Some((task, _)) = &failed {
-        if !remaining.is_empty() {
-            cancel_tasks(state, &remaining, &format!("{} failed", platforms[task]));
-        }
-    }
-    while let Ok((task, event)) = events_rx.try_recv() {
-        let event = renumber(
-            event,
-            task,
-            &mut ids,
-            &mut next,
-            multi.then(|| &platforms[&task]),
-        );
-        if let Some(tx) = client.as_deref_mut() {
-            let _ = send(tx, ClusterMessage::Event(event)).await;
-        }
-    }
-    if let Some((_, f)) = failed {
-        return Err(f);
-    }
-    // The platforms' images, in the order asked for (task ids were given in that order).
-    // Steps: those each platform's tasks ran and took from a cache (each stage is one task's).
-    outcomes.sort_by_key(|(task, _)| *task);
-    let mut images = Vec::new();
-    for (n, stage) in stages.iter().enumerate().filter(|(_, st)| st.export) {
-        let Some((_, image)) = outcomes.iter().find(|(t, _)| *t == first + n as u64) else {
-            return Err(failure(
-                format!("no image was built for {}", stage.platform),
-                1,
-            ));
-        };
-        let mut image = image.clone();
-        let platform_tasks = || {
-            outcomes
-                .iter()
-                .filter(|(t, _)| stages[(*t - first) as usize].platform == stage.platform)
-        };
-        image.run = platform_tasks().map(|(_, o)| o.run).sum();
-        image.cached = platform_tasks().map(|(_, o)| o.cached).sum();
-        // What every task of the platform read and ran, for its provenance.
-        let mut facts = ossb_engine::attestations::PlatformFacts::default();
-        for (_, o) in platform_tasks() {
-            facts.merge(crate::attest::facts_from_wire(&o.facts));
-        }
-        image.facts = crate::attest::facts_to_wire(&facts, "");
-        images.push(image);
-    }
-    let outcomes = images;
-    peers.sort();
-    peers.dedup();
-    merge_and_push(spec, outcomes, peers, started).await
+    let mut ends = run_graph(
+        state,
+        &[target],
+        context,
+        std::slice::from_mut(gauge),
+        client,
+        false,
+    )
+    .await;
+    ends.pop()
+        .unwrap_or_else(|| Err(failure("the build has no outcome", 1)))
 }
 
 /// Gives a task's event a build-wide vertex id, and names the platform in vertex names of a

@@ -15,6 +15,10 @@ pub(super) struct StagePlan {
     pub(super) export: bool,
     /// The stages it needs, as positions in the build's list of stage plans.
     pub(super) deps: Vec<usize>,
+    /// BUILDPLATFORM.
+    pub(super) build_platform: Platform,
+    /// What makes it the same stage as another build's (see [`super::graph::stage_keys`]).
+    pub(super) key: Digest,
 }
 
 /// The stage tasks of a build: for each platform, every stage its target needs, with the
@@ -51,6 +55,7 @@ pub(super) fn stage_tasks(
             .collect();
         let plan = ossb_dockerfile::plan(df, &opts, &HashMap::new())
             .map_err(|e| failure(e.to_string(), 2))?;
+        let keys = super::graph::stage_keys(&plan, spec, platform, build_platform)?;
         let offset = out.len();
         for node in plan.graph() {
             let mut deps = node.deps.clone();
@@ -67,6 +72,8 @@ pub(super) fn stage_tasks(
                 runs_on: node.platform.unwrap_or_else(|| platform.clone()),
                 export: node.is_target,
                 deps: deps.iter().map(|d| offset + d).collect(),
+                build_platform: build_platform.clone(),
+                key: keys[node.position],
             });
         }
     }
