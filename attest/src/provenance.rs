@@ -140,8 +140,13 @@ pub struct Provenance {
     pub secret_ids: Vec<String>,
     /// Ids of the SSH agents offered to the build (`mode=max` only).
     pub ssh_ids: Vec<String>,
-    /// Names of the local directories the build read (`context`, `dockerfile`).
+    /// Names of the local directories the build read (`context`, `dockerfile`, and the named
+    /// contexts that are directories).
     pub locals: Vec<String>,
+    /// The named contexts as the frontend received them (buildx's `context:NAME` values:
+    /// `local:NAME`, `docker-image://REF`, a URL, `target:NAME`), by name; in both modes, with
+    /// credentials in URLs redacted, as BuildKit.
+    pub contexts: BTreeMap<String, String>,
     /// The platform of the machine that ran the build (BuildKit: its own platform).
     pub builder_platform: Platform,
     /// Every input with a digest.
@@ -308,6 +313,9 @@ fn parameters(p: &Provenance) -> (Value, bool) {
     }
     if let Some(target) = &p.target {
         args.insert("target".into(), target.clone());
+    }
+    for (name, value) in &p.contexts {
+        args.insert(format!("context:{name}"), redact_credentials(value));
     }
     let left_out = !max && (!p.build_args.is_empty() || !p.labels.is_empty());
     let mut out = Map::new();

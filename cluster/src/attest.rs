@@ -57,7 +57,12 @@ pub fn inputs_of(spec: &BuildSpec) -> AttestInputs {
         target: spec.target.clone(),
         secret_ids: spec.secrets.iter().map(|s| s.id.clone()).collect(),
         ssh_ids: Vec::new(),
-        build_contexts: spec.build_contexts.iter().map(|(n, _)| n.clone()).collect(),
+        build_contexts: spec
+            .build_contexts
+            .iter()
+            .map(|(n, _)| (n.clone(), format!("local:{}", ossb_engine::named_context::local_name(n)), true))
+            .chain(spec.context_sources.iter().map(|(n, v)| (n.clone(), v.clone(), false)))
+            .collect(),
         build_platform: None,
         source_date_epoch: spec.source_date_epoch,
         media_types: crate::context::media_types(spec),

@@ -40,6 +40,15 @@ pub enum ContextSource {
     },
 }
 
+/// The name a directory context's files travel under, as buildx names the local: `context`
+/// and `dockerfile` are the build's own.
+pub fn local_name(name: &str) -> String {
+    match name {
+        "context" | "dockerfile" => format!("_{name}"),
+        _ => name.to_string(),
+    }
+}
+
 /// Why a `--build-context` was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("--build-context {spec}: {detail}")]
@@ -89,14 +98,17 @@ impl ContextSource {
         Ok(ContextSource::Dir(dir))
     }
 
-    /// The value as BuildKit's provenance records it (`context:NAME` in the request's args):
-    /// a URL's password left out by the writer, a directory as `local:NAME`.
+    /// The value as buildx hands it to BuildKit's frontend and provenance records it
+    /// (`context:NAME` in the request's args; a URL's password left out by the writer): a
+    /// directory as `local:` and the name its files travel under ([`local_name`]), an OCI
+    /// layout with the context's name standing for buildx's random store id (never a path of
+    /// this machine); the others as written, which is also how a cluster's spec carries them.
     pub fn provenance_value(&self, name: &str) -> String {
         match self {
-            ContextSource::Dir(_) => format!("local:{name}"),
+            ContextSource::Dir(_) => format!("local:{}", local_name(name)),
             ContextSource::Image(r) => format!("docker-image://{r}"),
-            ContextSource::OciLayout { path, tag, digest } => {
-                let mut s = format!("oci-layout://{}", path.display());
+            ContextSource::OciLayout { tag, digest, .. } => {
+                let mut s = format!("oci-layout://{name}");
                 if let Some(t) = tag {
                     s.push(':');
                     s.push_str(t);

@@ -478,3 +478,60 @@ fn bake_target_context_feeds_one_target_into_another() {
         cycle.stderr
     );
 }
+
+/// The provenance names each context as buildx hands it to BuildKit (`context:NAME` in the
+/// request's args, in mode=min too): an image as `docker-image://REF`, a directory as
+/// `local:NAME` (and among the locals).
+#[test]
+fn provenance_names_the_contexts_as_buildx_passes_them() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = push_base(&env, dir.path());
+    let assets = dir.path().join("assets");
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::write(assets.join("a.txt"), "asset\n").unwrap();
+    let ctx = context(
+        &dir.path().join("app"),
+        "FROM img\nCOPY --from=assets a.txt /a.txt\n",
+        &[],
+    );
+    let out = dir.path().join("out");
+    let reg = env.registry();
+    let img = format!("img=docker-image://{base}");
+    let local = format!("assets={}", assets.display());
+    ossb(
+        &env,
+        &dir.path().join("cache"),
+        &[
+            "build",
+            "--insecure-registry",
+            &reg,
+            "--provenance=mode=min",
+            "--build-context",
+            &img,
+            "--build-context",
+            &local,
+            "--output",
+            &format!("type=local,dest={}", out.display()),
+            ctx.to_str().unwrap(),
+        ],
+    )
+    .success("build with named contexts and provenance");
+    let provenance: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("provenance.json")).unwrap()).unwrap();
+    let parameters = &provenance["predicate"]["invocation"]["parameters"];
+    let args = &parameters["args"];
+    assert_eq!(
+        args["context:img"],
+        format!("docker-image://{base}"),
+        "{parameters}"
+    );
+    assert_eq!(args["context:assets"], "local:assets", "{parameters}");
+    let locals: Vec<&str> = parameters["locals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert_eq!(locals, ["assets", "context", "dockerfile"], "{parameters}");
+}

@@ -24,6 +24,7 @@ fn facts(mode: Mode) -> Provenance {
         secret_ids: vec!["npm_token".into(), "aws".into(), "npm_token".into()],
         ssh_ids: vec!["default".into()],
         locals: vec!["context".into(), "dockerfile".into()],
+        contexts: BTreeMap::new(),
         builder_platform: linux.clone(),
         materials: vec![Material::sha256(
             "pkg:docker/debian@bookworm?platform=linux%2Famd64",
@@ -325,4 +326,28 @@ fn redacts_user_names_and_passwords() {
     assert_eq!(r("git@github.com:o/r.git"), "git@github.com:o/r.git");
     assert_eq!(r("https://h/a@b"), "https://h/a@b");
     assert_eq!(r("https://h/x"), "https://h/x");
+}
+
+#[test]
+fn named_contexts_are_args_in_both_modes_with_credentials_redacted() {
+    for mode in [Mode::Min, Mode::Max] {
+        let mut p = facts(mode);
+        p.contexts = BTreeMap::from([
+            ("base".into(), "docker-image://alpine:3.20".into()),
+            ("src".into(), "https://user:hunter2@git.example/src.git#v1".into()),
+            ("assets".into(), "local:assets".into()),
+        ]);
+        let (v02, bytes) = predicate(SlsaVersion::V02, &p);
+        let args = &v02["invocation"]["parameters"]["args"];
+        assert_eq!(args["context:base"], "docker-image://alpine:3.20");
+        assert_eq!(args["context:assets"], "local:assets");
+        assert_eq!(
+            args["context:src"],
+            "https://xxxxx:xxxxx@git.example/src.git#v1"
+        );
+        assert!(!String::from_utf8_lossy(&bytes).contains("hunter2"));
+        let (v1, _) = predicate(SlsaVersion::V1, &p);
+        let request = &v1["buildDefinition"]["externalParameters"]["request"];
+        assert_eq!(request["args"]["context:base"], "docker-image://alpine:3.20");
+    }
 }

@@ -31,6 +31,7 @@ pub fn provenance(mode: Mode) -> Provenance {
         secret_ids: vec!["npm_token".into()],
         ssh_ids: vec![],
         locals: vec!["context".into(), "dockerfile".into()],
+        contexts: BTreeMap::new(),
         builder_platform: linux.clone(),
         materials: vec![
             Material::sha256(

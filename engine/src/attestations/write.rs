@@ -40,8 +40,9 @@ pub struct AttestInputs {
     pub secret_ids: Vec<String>,
     /// The ids of `--ssh`.
     pub ssh_ids: Vec<String>,
-    /// The names of `--build-context`.
-    pub build_contexts: Vec<String>,
+    /// `--build-context`: each name and its value as buildx hands it to the frontend
+    /// ([`crate::ContextSource::provenance_value`]), and whether it is a directory.
+    pub build_contexts: Vec<(String, String, bool)>,
     /// BUILDPLATFORM, when chosen.
     pub build_platform: Option<Platform>,
     /// SOURCE_DATE_EPOCH.
@@ -63,7 +64,14 @@ impl AttestInputs {
             target: req.target.clone(),
             secret_ids: req.secrets.keys().cloned().collect(),
             ssh_ids: req.ssh.keys().cloned().collect(),
-            build_contexts: req.build_contexts.keys().cloned().collect(),
+            build_contexts: req
+                .build_contexts
+                .iter()
+                .map(|(name, source)| {
+                    let dir = matches!(source, crate::ContextSource::Dir(_));
+                    (name.clone(), source.provenance_value(name), dir)
+                })
+                .collect(),
             build_platform: req.build_platform.clone(),
             source_date_epoch: req.source_date_epoch,
             media_types: req.media_types,
@@ -327,7 +335,17 @@ fn provenance_of(
         }
     };
     let mut locals = vec!["context".to_string(), "dockerfile".to_string()];
-    locals.extend(req.build_contexts.iter().cloned());
+    locals.extend(
+        req.build_contexts
+            .iter()
+            .filter(|(_, _, dir)| *dir)
+            .map(|(name, _, _)| crate::named_context::local_name(name)),
+    );
+    let contexts = req
+        .build_contexts
+        .iter()
+        .map(|(name, value, _)| (name.clone(), value.clone()))
+        .collect();
     // Each step reads the one before it in its stage.
     let mut steps: Vec<BuildStep> = Vec::new();
     if max {
@@ -358,6 +376,7 @@ fn provenance_of(
         secret_ids: req.secret_ids.clone(),
         ssh_ids: req.ssh_ids.clone(),
         locals,
+        contexts,
         builder_platform: req.build_platform.clone().unwrap_or_else(Platform::host),
         materials: facts.materials.iter().cloned().collect(),
         vcs: req.options.vcs.clone(),
