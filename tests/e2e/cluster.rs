@@ -2091,3 +2091,97 @@ fn three_builds_copying_from_one_new_image_pull_it_from_the_registry_once() {
         cluster.logs()
     );
 }
+
+/// Named contexts of every kind a worker can reach resolve on the worker, with the same
+/// engine code as `ossb build`: an image (`docker-image://`, as the stage's base), an http
+/// tarball and a git repository (served by the test on loopback); an OCI layout, which only
+/// this machine holds, is refused before anything is sent (exit 2).
+#[test]
+fn image_tarball_and_git_contexts_resolve_on_the_workers() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = Cluster::start_on_loopback(&env, &[("amd64-a", &[])]);
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    let script = format!(
+        "import io, tarfile\n\
+         t = tarfile.open('{0}/ctx.tar.gz', 'w:gz')\n\
+         i = tarfile.TarInfo('app/main.txt'); i.size = 5; t.addfile(i, io.BytesIO(b'main\\n'))\n\
+         t.close()\n",
+        served.display()
+    );
+    std::fs::create_dir_all(&served).unwrap();
+    tool("python3", &["-c", &script]).success("making the tarball");
+    let git = "git init -q src && cd src && mkdir sub && echo s > sub/s.txt && git add . \
+        && git -c user.email=t@example.com -c user.name=t commit -qm init && git tag v1 \
+        && cd .. && git clone -q --bare src served/repo.git && cd served/repo.git && git update-server-info";
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(git)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (mut server, port) = crate::named_contexts::serve(&served);
+    let ctx = crate::support::context(
+        &work.path().join("app"),
+        "FROM base\nCOPY --from=src app/main.txt /main.txt\nCOPY --from=repo s.txt /s.txt\n",
+        &[],
+    );
+    let rootfs = work.path().join("rootfs");
+    let base = format!("base=docker-image://{}", cluster.busybox(&env));
+    let src = format!("src=http://127.0.0.1:{port}/ctx.tar.gz");
+    let repo = format!("repo=http://127.0.0.1:{port}/repo.git#v1:sub");
+    let dest = format!("type=local,dest={}", rootfs.display());
+    let args = [
+        "--platform",
+        "linux/amd64",
+        "--insecure-registry",
+        &cluster.registry,
+        "--build-context",
+        &base,
+        "--build-context",
+        &src,
+        "--build-context",
+        &repo,
+        "--output",
+        &dest,
+    ];
+    let out = cluster
+        .submit(&cluster.tls, &args)
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("main.txt")).unwrap(),
+        "main\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("s.txt")).unwrap(),
+        "s\n"
+    );
+    assert!(
+        rootfs.join("bin/busybox").exists(),
+        "the image context is the base"
+    );
+
+    let layout = format!("base=oci-layout://{}", work.path().display());
+    let refused = cluster
+        .submit(
+            &cluster.tls,
+            &["--platform", "linux/amd64", "--build-context", &layout],
+        )
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--build-context base"), "{stderr}");
+}

@@ -189,7 +189,7 @@ fn oci_layout_context_by_tag() {
 }
 
 /// Serves `dir` over HTTP on 127.0.0.1; returns the server and its port.
-fn serve(dir: &std::path::Path) -> (std::process::Child, u16) {
+pub(crate) fn serve(dir: &std::path::Path) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
