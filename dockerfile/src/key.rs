@@ -9,6 +9,11 @@
 //! without its position: positions change when a plan is pruned for a `--target`, so the same
 //! step would get another key in another plan. The engine puts the stage's own key among the
 //! step's inputs instead.
+//!
+//! A linked COPY or ADD (`--link`, see [`linked`]) has a second encoding,
+//! [`link_layer_key_bytes`], for the key of its layer alone: it leaves out what the layers
+//! below decide (the stage's USER, which a copy ignores anyway), so that the layer's key has
+//! no parent.
 
 use std::time::Duration;
 
@@ -99,6 +104,33 @@ pub fn instruction_key_bytes(instruction: &Instruction) -> Vec<u8> {
         }
     }
     w.0
+}
+
+/// The COPY or ADD of `instruction` when it makes a linked layer: `--link` without `--chmod`,
+/// as BuildKit's dockerfile2llb merges it (with `--chmod` it makes an ordinary copy onto the
+/// stage's files, `--link` or not).
+pub fn linked(instruction: &Instruction) -> Option<&Copy> {
+    match instruction {
+        Instruction::Copy(c) | Instruction::Add(c) if c.link && c.chmod.is_none() => Some(c),
+        _ => None,
+    }
+}
+
+/// The canonical bytes of a linked step's layer ([`linked`]), [`KEY_VERSION`] first; `None`
+/// for any other step. Every field of the instruction but the stage's USER (which decides
+/// nothing in a copy: files are root's without `--chown`), under tags of their own, so a
+/// linked layer's key never equals a step's. The destination is already absolute (a relative
+/// one was joined to the stage's WORKDIR), so a WORKDIR that moves it changes these bytes.
+pub fn link_layer_key_bytes(instruction: &Instruction) -> Option<Vec<u8>> {
+    let copy = linked(instruction)?;
+    let mut w = Writer(Vec::with_capacity(256));
+    w.u32(KEY_VERSION);
+    w.tag(match instruction {
+        Instruction::Add(_) => b'k',
+        _ => b'K',
+    });
+    w.copy_fields(copy);
+    Some(w.0)
 }
 
 struct Writer(Vec<u8>);
@@ -292,6 +324,12 @@ impl Writer {
     }
 
     fn copy(&mut self, c: &Copy) {
+        self.copy_fields(c);
+        self.str(&c.user);
+    }
+
+    /// A COPY's fields but `user`, in [`Writer::copy`]'s order.
+    fn copy_fields(&mut self, c: &Copy) {
         let Copy {
             sources,
             dest,
@@ -305,7 +343,8 @@ impl Writer {
             checksum,
             keep_git_dir,
             unpack,
-            user,
+            // Written by `copy` only (see `link_layer_key_bytes`).
+            user: _,
         } = c;
         self.strs(sources);
         self.str(dest);
@@ -319,7 +358,6 @@ impl Writer {
         self.opt_str(checksum.as_deref());
         self.opt_bool(*keep_git_dir);
         self.opt_bool(*unpack);
-        self.str(user);
     }
 
     fn healthcheck(&mut self, h: &Healthcheck) {
@@ -506,6 +544,69 @@ mod tests {
             at("FROM scratch AS s\nFROM scratch\nCOPY --from=s a b\n"),
             at("FROM scratch AS u\nFROM scratch AS s\nFROM scratch\nCOPY --from=s a b\n"),
         );
+    }
+
+    /// A linked COPY/ADD's layer bytes: only for `--link` without `--chmod`, apart from every
+    /// step's bytes, the same under another USER, and following every other field.
+    #[test]
+    fn linked_layer_bytes_leave_out_only_the_user() {
+        let link = |text: &str| link_layer_key_bytes(&run_of(text));
+        assert!(link("COPY a b").is_none());
+        assert!(
+            link("COPY --link --chmod=755 a b").is_none(),
+            "BuildKit copies onto the stage"
+        );
+        assert!(link("RUN make").is_none());
+        let bytes = link("COPY --link a /b").unwrap();
+        assert_ne!(bytes, instruction_key_bytes(&run_of("COPY --link a /b")));
+        assert_eq!(Some(&bytes), link("USER 1000\nCOPY --link a /b").as_ref());
+        let variants = [
+            "COPY --link a /b",
+            "COPY --link a /c",
+            "WORKDIR /v\nCOPY --link a c",
+            "WORKDIR /w\nCOPY --link a c",
+            "COPY --link x /b",
+            "COPY --link --chown=1 a /b",
+            "COPY --link --chown=1:2 a /b",
+            "COPY --link --from=s a /b",
+            "COPY --link --from=alpine a /b",
+            "COPY --link --parents a /b",
+            "COPY --link --exclude=x a /b",
+            "COPY --link <<EOF /b\nhi\nEOF",
+            "ADD --link a /b",
+            "ADD --link --unpack=false a /b",
+        ];
+        let mut seen = HashMap::new();
+        for v in variants {
+            let bytes = link(v).unwrap_or_else(|| panic!("{v} is linked"));
+            if let Some(other) = seen.insert(bytes, v) {
+                panic!("{v:?} and {other:?} have the same layer bytes");
+            }
+        }
+    }
+
+    /// The layer bytes of a linked step, computed once (see `golden_keys`).
+    #[test]
+    fn golden_link_layer_keys() {
+        let golden = [
+            (
+                "COPY --link app /app",
+                "ce1da4cc1b083a69a7b8fb3581cf0f538fe0cbe9504669d3ad80094ad6a02d95",
+            ),
+            (
+                "COPY --link --chown=1:2 --from=s a /b",
+                "5fba16ed654559621b8930153ae1d6a6472ed0494318bd930a717c2b9ff220a7",
+            ),
+        ];
+        let got: Vec<(&str, String)> = golden
+            .iter()
+            .map(|(t, _)| {
+                let bytes = link_layer_key_bytes(&run_of(t)).unwrap();
+                (*t, ossb_protocol::Digest::of(&bytes).hex())
+            })
+            .collect();
+        let want: Vec<(&str, String)> = golden.iter().map(|(t, k)| (*t, k.to_string())).collect();
+        assert_eq!(got, want);
     }
 
     /// The keys of a few steps, computed once: a change of the encoding (which would miss every

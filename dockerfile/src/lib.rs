@@ -30,7 +30,7 @@ mod syntax;
 
 pub use dump::{dump, dump_node, go_quote};
 pub use error::Error;
-pub use key::{instruction_key_bytes, KEY_VERSION};
+pub use key::{instruction_key_bytes, link_layer_key_bytes, linked, KEY_VERSION};
 pub use ossb_protocol::clip;
 pub use plan::{
     base_contexts_with_platforms, base_images, base_images_with_platforms, context_key,

@@ -372,6 +372,14 @@ impl Step {
                 )
             }
             Instruction::Run(run) => format!("RUN {}", run.argv.join(" ")),
+            // The history leaves `--link` out (as BuildKit's); its progress names it.
+            Instruction::Copy(c) | Instruction::Add(c) if c.link => {
+                let text = self.created_by.trim_end_matches(" # buildkit");
+                match text.split_once(' ') {
+                    Some((word, rest)) => format!("{word} --link {rest}"),
+                    None => text.to_string(),
+                }
+            }
             _ => self.created_by.trim_end_matches(" # buildkit").to_string(),
         };
         crate::clip(&text, MAX_TITLE).into_owned()
@@ -2145,6 +2153,22 @@ impl Dispatcher<'_> {
                     .with_hint("use an octal mode such as 0755 or a symbolic one such as u+x"));
             }
         }
+        // As BuildKit: a linked copy is made without the layers below, whose /etc/passwd and
+        // /etc/group would name an owner (its solver fails with "invalid user index: -1").
+        if let (true, None, Some(c)) = (f.bool("link"), &chmod, &chown) {
+            if let Some(name) = owner_name(c) {
+                return Err(self
+                    .err(
+                        node,
+                        format!(
+                            "--chown={c}: {name:?} is a name, and COPY --link does not read the \
+                             layers below, whose /etc/passwd and /etc/group would say who it is"
+                        ),
+                    )
+                    .pointing_at("--chown")
+                    .with_hint("give numeric ids (--chown=1000:1000), or drop --link"));
+            }
+        }
         let checksum = opt("checksum")?;
         let from = match f.get("from") {
             Some(w) => Some(self.source(node, stage, w)?),
@@ -2402,6 +2426,14 @@ pub(crate) fn clean_path(p: &str) -> String {
 }
 
 /// BuildKit's destination rule: relative to the working directory, trailing `/` kept.
+/// The first user or group of a `--chown` that is a name to look up (not an id, nor `root`,
+/// which BuildKit takes as 0 without a lookup).
+fn owner_name(chown: &str) -> Option<&str> {
+    chown
+        .splitn(2, ':')
+        .find(|part| *part != "root" && part.parse::<u32>().is_err())
+}
+
 fn resolve_dest(workdir: &str, dest: &str) -> String {
     let d = if dest.is_empty() || dest == "." {
         "./"
@@ -2576,6 +2608,39 @@ mod tests {
         assert_eq!(resolve_dest("/app", "."), "/app/");
         assert_eq!(resolve_dest("/app", "x/"), "/app/x/");
         assert_eq!(resolve_dest("/app", "/x"), "/x");
+    }
+
+    /// `COPY --link --chown=NAME` is refused with its line, as BuildKit (no layers below to
+    /// look the name up in); ids, `root`, and `--chmod` (an ordinary copy then) are not.
+    #[test]
+    fn a_linked_copy_owned_by_a_name_is_refused() {
+        let plan_of = |text: &str| {
+            let df = parse(&format!("FROM scratch\n{text}\n"), "Dockerfile").unwrap();
+            plan(&df, &PlanOptions::default(), &HashMap::new())
+        };
+        for text in [
+            "COPY --link --chown=app a /b",
+            "COPY --link --chown=1000:staff a /b",
+            "ADD --link --chown=app:1 a /b",
+        ] {
+            let e = plan_of(text).unwrap_err();
+            assert!(
+                e.message.contains("COPY --link does not read"),
+                "{text}: {e}"
+            );
+            assert_eq!(e.line, 2, "{text}");
+            assert!(e.hint.as_deref().unwrap().contains("numeric ids"), "{text}");
+        }
+        for text in [
+            "COPY --link --chown=1000 a /b",
+            "COPY --link --chown=1000:1000 a /b",
+            "COPY --link --chown=root:root a /b",
+            "COPY --link --chown=app --chmod=644 a /b",
+            "COPY --link=false --chown=app a /b",
+            "COPY --chown=app a /b",
+        ] {
+            assert!(plan_of(text).is_ok(), "{text}");
+        }
     }
 
     #[test]

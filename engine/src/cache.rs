@@ -56,6 +56,25 @@ impl CacheKey {
         CacheKey(*h.finalize().as_bytes())
     }
 
+    /// The root of every linked layer's key (`COPY --link`, [`ossb_dockerfile::linked`]) for a
+    /// platform and the layer settings: no base image, no parent step, as BuildKit copies a
+    /// linked layer onto scratch. Apart from the roots of stages by its domain string.
+    pub fn link_root(platform: &Platform, settings: &str) -> CacheKey {
+        let mut h = blake3::Hasher::new();
+        h.update(b"ossb-link-v1\0");
+        h.update(&ossb_dockerfile::KEY_VERSION.to_be_bytes());
+        h.update(platform.to_string().as_bytes());
+        h.update(b"\0");
+        h.update(settings.as_bytes());
+        CacheKey(*h.finalize().as_bytes())
+    }
+
+    /// The chain's key once the linked layer whose key is `layer` is put on `self`: what
+    /// runs later reads both, so it depends on both.
+    pub fn with_linked(&self, layer: &CacheKey) -> CacheKey {
+        self.child(b"ossb-link-merge", &[layer.as_bytes()])
+    }
+
     /// A key computed elsewhere (a cluster's task), from [`CacheKey::as_bytes`].
     pub fn from_bytes(bytes: [u8; 32]) -> CacheKey {
         CacheKey(bytes)
@@ -81,6 +100,51 @@ impl CacheKey {
             *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
         }
         Some(CacheKey(bytes))
+    }
+}
+
+/// A step's keys: the one its record is kept under, and the stage's key after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepKeys {
+    /// The key of the step's record (its layer).
+    pub record: CacheKey,
+    /// The key of the stage after the step, the parent of the next step.
+    pub chain: CacheKey,
+    /// Whether the step is a linked COPY/ADD: its record's key has no parent.
+    pub linked: bool,
+}
+
+impl StepKeys {
+    /// The keys of `instruction` after `parent`, with the checksums of what it reads. Most
+    /// steps' record and chain key are one: `parent`'s child. A linked COPY/ADD's record key
+    /// is a child of `link_root` ([`CacheKey::link_root`]) instead, so a new base image or an
+    /// earlier step that changed finds its layer again, and the chain goes on from `parent`
+    /// with that layer on it ([`CacheKey::with_linked`]).
+    pub fn of(
+        parent: &CacheKey,
+        link_root: &CacheKey,
+        instruction: &ossb_dockerfile::Instruction,
+        inputs: &[&[u8]],
+    ) -> StepKeys {
+        match ossb_dockerfile::link_layer_key_bytes(instruction) {
+            Some(bytes) => {
+                let record = link_root.child(&bytes, inputs);
+                StepKeys {
+                    record,
+                    chain: parent.with_linked(&record),
+                    linked: true,
+                }
+            }
+            None => {
+                let key =
+                    parent.child(&ossb_dockerfile::instruction_key_bytes(instruction), inputs);
+                StepKeys {
+                    record: key,
+                    chain: key,
+                    linked: false,
+                }
+            }
+        }
     }
 }
 
@@ -273,6 +337,110 @@ mod tests {
         assert_eq!(
             key.hex(),
             "36925e308fbb98192b40b30e6041892f5205ad22e6c6a9b027c6b90345e297f7"
+        );
+    }
+
+    /// The instruction of the last step of `FROM {base}` + `text`.
+    fn step_of(base: &str, text: &str) -> ossb_dockerfile::Instruction {
+        let df = ossb_dockerfile::parse(&format!("FROM {base}\n{text}\n"), "Dockerfile").unwrap();
+        let plan = ossb_dockerfile::plan(
+            &df,
+            &ossb_dockerfile::PlanOptions::default(),
+            &std::collections::HashMap::new(),
+        )
+        .unwrap();
+        let stage = plan.stages.last().unwrap();
+        stage.steps.last().unwrap().instruction.clone()
+    }
+
+    /// A linked COPY's layer key follows its instruction and what it reads, never the base
+    /// image or the steps before it; the chain after it follows both.
+    #[test]
+    fn a_linked_layer_key_has_no_parent() {
+        let p: Platform = "linux/amd64".parse().unwrap();
+        let link_root = CacheKey::link_root(&p, "gzip");
+        let base1 = CacheKey::root(Some(&Digest::of(b"base one")), &p, "gzip");
+        let base2 = CacheKey::root(Some(&Digest::of(b"base two")), &p, "gzip");
+        let after_run = base1.child(b"RUN make", &[]);
+        let files = Digest::of(b"files");
+        let keys = |parent: &CacheKey, text: &str, input: &Digest| {
+            StepKeys::of(
+                parent,
+                &link_root,
+                &step_of("scratch", text),
+                &[input.as_bytes()],
+            )
+        };
+        let link = "COPY --link app /app";
+        let a = keys(&base1, link, &files);
+        assert!(a.linked);
+        assert_eq!(a.record, keys(&base2, link, &files).record, "another base");
+        assert_eq!(
+            a.record,
+            keys(&after_run, link, &files).record,
+            "another step below"
+        );
+        assert_ne!(
+            a.chain,
+            keys(&base2, link, &files).chain,
+            "the chain reads the base"
+        );
+        assert_ne!(a.chain, a.record);
+        // The stage's USER decides nothing in a copy; a WORKDIR under a relative dest does.
+        let under = |pre: &str, text: &str| {
+            StepKeys::of(
+                &base1,
+                &link_root,
+                &step_of("scratch", &format!("{pre}\n{text}")),
+                &[files.as_bytes()],
+            )
+            .record
+        };
+        assert_eq!(a.record, under("USER 1000", link));
+        assert_ne!(
+            under("WORKDIR /a", "COPY --link app app"),
+            under("WORKDIR /b", "COPY --link app app")
+        );
+        // It changes with every input.
+        for other in [
+            keys(&base1, link, &Digest::of(b"other files")),
+            keys(&base1, "COPY --link app /srv", &files),
+            keys(&base1, "COPY --link --chown=1000:1000 app /app", &files),
+            keys(&base1, "COPY --link --from=alpine app /app", &files),
+            keys(&base1, "COPY --link --exclude=*.md app /app", &files),
+            keys(&base1, "ADD --link app /app", &files),
+        ] {
+            assert!(other.linked);
+            assert_ne!(a.record, other.record);
+        }
+        // Without --link, or with --chmod (BuildKit copies onto the stage then), a step.
+        for text in ["COPY app /app", "COPY --link --chmod=755 app /app"] {
+            let k1 = keys(&base1, text, &files);
+            assert!(!k1.linked, "{text}");
+            assert_eq!(k1.record, k1.chain);
+            assert_ne!(k1.record, keys(&base2, text, &files).record, "{text}");
+        }
+    }
+
+    /// A linked layer's key computed once (see `golden_key`).
+    #[test]
+    fn golden_link_key() {
+        let p: Platform = "linux/amd64".parse().unwrap();
+        let link_root = CacheKey::link_root(&p, "gzip;epoch=none");
+        let parent = CacheKey::root(Some(&Digest::of(b"manifest")), &p, "gzip;epoch=none");
+        let keys = StepKeys::of(
+            &parent,
+            &link_root,
+            &step_of("scratch", "COPY --link --chown=1:2 app /app"),
+            &[Digest::of(b"input").as_bytes()],
+        );
+        assert_eq!(
+            keys.record.hex(),
+            "90d02f8df676f544f556961bafe474634c27c5aa4eb588c57b2584d4c3793e6c"
+        );
+        assert_eq!(
+            keys.chain.hex(),
+            "e81126f389aef40e685fba2a546b4ea5effd01fd7d28dab62f038f96552dd1f0"
         );
     }
 

@@ -430,6 +430,7 @@ const KNOWN: &[Known] = &[
     Known { case: "kaniko/workdir", item: "/new*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
     Known { case: "own/workdir_user", item: "/created-as-root presence", kind: Kind::Justified, why: WORKDIR_ALWAYS },
     Known { case: "kaniko/workdir_with_user", item: "/workdir/w uid", kind: Kind::Justified, why: "justified: BuildKit makes /workdir/w at `WORKDIR /workdir/w/uid` under USER 9999 (its mkdir with parents chowns every directory it creates), as ossb does; buildah makes it only at the later COPY, as root" },
+    Known { case: "kaniko/workdir_with_user", item: "/workdir/w gid", kind: Kind::Justified, why: "justified: BuildKit makes /workdir/w under USER 9999 as 9999:9999 (a user given by id alone is that group id too: llb.WithUser, then readUser's ByID), as ossb does; buildah makes it only at the later COPY, as root" },
     Known { case: "kaniko/workdir_with_user", item: "/workdir/w/*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
     Known { case: "kaniko/workdir_with_user", item: "/workdir/wo*", kind: Kind::Justified, why: WORKDIR_ALWAYS },
 ];

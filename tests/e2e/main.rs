@@ -14,6 +14,7 @@ mod deploy;
 mod fault_proxy;
 mod hostile;
 mod image_outputs;
+mod link;
 mod named_contexts;
 mod netns;
 mod one_engine;

@@ -924,9 +924,15 @@ pub fn lookup_user(rootfs: &Path, spec: &str) -> Result<User, FsError> {
 
 /// The owner (uid, gid) of what WORKDIR or `COPY --chown` creates: as [`lookup_user`], but
 /// as in BuildKit's file operations the user and group `root` need no entry (an image without
-/// /etc/passwd, such as `FROM scratch`, may still say `USER root`).
+/// /etc/passwd, such as `FROM scratch`, may still say `USER root`), and a user given by id
+/// alone is that group id too, whatever /etc/passwd says (`--chown=1000` is 1000:1000, as
+/// BuildKit documents), so a `COPY --link`, which has no /etc/passwd, owns files alike.
 pub fn lookup_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), FsError> {
-    lookup(rootfs, spec, true).map(|u| (u.uid, u.gid))
+    let user = lookup(rootfs, spec, true)?;
+    match spec.parse::<u32>() {
+        Ok(id) => Ok((id, id)),
+        Err(_) => Ok((user.uid, user.gid)),
+    }
 }
 
 fn lookup(rootfs: &Path, spec: &str, root_is_zero: bool) -> Result<User, FsError> {
@@ -1431,6 +1437,7 @@ mod tests {
         assert_eq!(lookup_owner(root, "root").unwrap(), (0, 0));
         assert_eq!(lookup_owner(root, "root:root").unwrap(), (0, 0));
         assert_eq!(lookup_owner(root, "9999:root").unwrap(), (9999, 0));
+        assert_eq!(lookup_owner(root, "9999").unwrap(), (9999, 9999));
         assert!(matches!(
             lookup_owner(root, "foo"),
             Err(FsError::UnknownUser(_))
@@ -1446,6 +1453,17 @@ mod tests {
         fs::create_dir(root.join("etc")).unwrap();
         fs::write(root.join("etc/passwd"), "root:x:7:8::/root:/bin/sh\n").unwrap();
         assert_eq!(lookup_owner(root, "root").unwrap(), (7, 8), "an entry wins");
+        fs::write(
+            root.join("etc/passwd"),
+            "app:x:1000:100::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        assert_eq!(lookup_owner(root, "app").unwrap(), (1000, 100));
+        assert_eq!(
+            lookup_owner(root, "1000").unwrap(),
+            (1000, 1000),
+            "an id alone is the group too, as BuildKit's"
+        );
     }
 
     /// Sets the mtime of every path under `root` (deepest first) to `secs`.

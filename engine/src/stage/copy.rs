@@ -1,8 +1,76 @@
-//! COPY and ADD into a rootfs or a skeleton of the stage's layers.
+//! COPY and ADD into a rootfs, a skeleton of the stage's layers, or an empty directory (a
+//! linked COPY/ADD, `--link`).
 
 use super::*;
 
 impl PlatformBuild<'_> {
+    /// Runs a linked COPY/ADD (`--link`, [`ossb_dockerfile::linked`]) as BuildKit does: into an
+    /// empty directory, never reading the stage's files, and the whole directory is the layer
+    /// (the caller puts it on the stage). Missing parents of the destination are made as any
+    /// copy makes them (0755, the `--chown` owner), so in the image they replace what the
+    /// layers below have there, symlinks included; a destination without a trailing `/` is a
+    /// file even where the layers below have a directory.
+    pub(super) async fn execute_linked(
+        &self,
+        step: &Step,
+        copy: &ossb_dockerfile::Copy,
+        state: &StageState,
+        done: &Done,
+        id: usize,
+        started: Instant,
+    ) -> Result<CacheRecord, StepError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StepError::Io { path, source }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("link-")
+            .tempdir_in(&self.shared.work)
+            .map_err(io(&self.shared.work))?;
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).map_err(io(&root))?;
+        let is_add = matches!(step.instruction, Instruction::Add(_));
+        // What an archive holds is not listed in advance: its changes come from snapshots.
+        let before = match is_add && add_unpacks_archive(copy, &self.req().context) {
+            true => Some(snapshot(&root, false).await?),
+            false => None,
+        };
+        let cwd = state
+            .config
+            .config
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        let target = CopyTarget::Rootfs(root.clone());
+        let written = self
+            .copy_step(copy, is_add, &cwd, done, id, target)
+            .await
+            .map_err(|e| match e {
+                CopyFailure::Failed(e) => e,
+                // Only a skeleton needs the rootfs: not reached here.
+                CopyFailure::NeedsRootfs(why) => SkeletonError::NeedsRootfs(why).into(),
+            })?;
+        let changes = match before {
+            Some(before) => before.diff(&snapshot(&root, false).await?),
+            None => written,
+        };
+        let (layer, diff_id) = match changes.is_empty() {
+            true => (None, None),
+            false => {
+                let (layer, diff_id) = self.write_layer(&root, changes).await?;
+                (Some(layer), Some(diff_id))
+            }
+        };
+        let _ = tokio::task::spawn_blocking(move || drop(dir)).await;
+        Ok(CacheRecord {
+            layer,
+            diff_id,
+            duration_ms: started.elapsed().as_millis() as u64,
+            created: crate::build::now(),
+        })
+    }
+
     /// COPY or ADD onto `target`. On a skeleton the files the copy looks at are made from the
     /// base's listings first (see [`ossb_worker::base`]); `NeedsRootfs` says the step must run
     /// on the unpacked rootfs instead.

@@ -1,8 +1,10 @@
 //! One step: its cache key (the instruction's canonical bytes and what it reads), the cache
-//! chain, and the record it adds to the stage.
+//! chain, and the record it adds to the stage. A linked COPY/ADD (`--link`) is kept under a
+//! key without its parent ([`StepKeys`]) and runs into an empty directory, never on the stage.
 
 use super::miss::InputName;
 use super::*;
+use crate::cache::StepKeys;
 use crate::cache_miss::{StagePosition, Why};
 
 impl PlatformBuild<'_> {
@@ -36,22 +38,30 @@ impl PlatformBuild<'_> {
             .chain(absent.iter().map(Vec::as_slice))
             .collect();
         let parent = state.key;
-        let key = state.key.child(
-            &ossb_dockerfile::instruction_key_bytes(&step.instruction),
-            &input_refs,
-        );
-        state.key = key;
+        let link_root = CacheKey::link_root(&self.platform, &layer_settings(self.req()));
+        let keys = StepKeys::of(&parent, &link_root, &step.instruction, &input_refs);
+        // The key the step's record is kept under; a linked layer's has no parent.
+        let key = keys.record;
+        state.key = keys.chain;
+        let (explained_parent, chain) = match keys.linked {
+            true => (&link_root, None),
+            false => (&parent, state.why.as_ref()),
+        };
         let explained = self.explain(
             step,
             n,
-            &parent,
+            explained_parent,
             &key,
             &inputs,
             &secrets,
-            state.why.as_ref(),
+            chain,
             position,
         );
-        let mut chain_why = explained.chain.clone();
+        // After a linked layer the chain differs where its parent did, else where the layer did.
+        let mut chain_why = match keys.linked {
+            true => state.why.clone().or_else(|| explained.chain.clone()),
+            false => explained.chain.clone(),
+        };
         let mut cached = false;
         let mut empty_layer = true;
         if changes_fs {
@@ -77,14 +87,30 @@ impl PlatformBuild<'_> {
                     // What runs after it inherits no older reason: its parent ran.
                     chain_why = Some(Why::ParentRan);
                     let started = vertex.started;
-                    let record = match self
-                        .execute_on_skeleton(step, state, done, id, started)
-                        .await?
-                    {
-                        Some(record) => record,
-                        None => {
-                            self.materialize(state).await?;
-                            self.execute(step, state, done, id, started).await?
+                    let record = if let Some(copy) = ossb_dockerfile::linked(&step.instruction) {
+                        let record = self
+                            .execute_linked(step, copy, state, done, id, started)
+                            .await?;
+                        if let (true, Some(layer)) = (state.materialized, &record.layer) {
+                            // The layer goes on top of an unpacked rootfs, as a cache hit's.
+                            unpack(
+                                &self.shared.store,
+                                std::slice::from_ref(layer),
+                                &state.rootfs,
+                            )
+                            .await?;
+                        }
+                        record
+                    } else {
+                        match self
+                            .execute_on_skeleton(step, state, done, id, started)
+                            .await?
+                        {
+                            Some(record) => record,
+                            None => {
+                                self.materialize(state).await?;
+                                self.execute(step, state, done, id, started).await?
+                            }
                         }
                     };
                     step_cache::put(self.shared, &key, &record, claim).await;
