@@ -1,7 +1,6 @@
 //! Pushing: blobs the registry lacks (skipped after a HEAD, mounted from another repository
 //! when possible, else uploaded streamed from the store, chunked when large, several at once),
-//! then configs, then manifests, then an index last, so that a tag never names something
-//! incomplete.
+//! then manifests, then an index last, so that a tag never names something incomplete.
 
 use std::io::{Seek, SeekFrom};
 
@@ -35,9 +34,18 @@ enum BlobPush {
 
 impl Registry {
     /// Pushes the image `top` (a manifest or an index, already in `store`) and everything it
-    /// references to `reference`: layers, then configs, then the manifests (by digest when
+    /// references to `reference`: layers and configs, then the manifests (by digest when
     /// `top` is an index), then `top` under the reference's tag (or by digest when the
     /// reference has only a digest). Returns the digest of `top`.
+    ///
+    /// Siblings go at once, as containerd's push (BuildKit's) does: every blob (layers and
+    /// configs alike: nothing names them before a manifest does), then the index's manifests
+    /// (images and BuildKit-layout attestation manifests, which name their image only in an
+    /// annotation). Each wave costs a registry round trip or three (HEAD, upload) that the
+    /// next would otherwise wait for, and an index with attestations has a few new small blobs
+    /// and one more manifest per image in every build. A manifest whose `subject` is another
+    /// manifest of this push (`oci-artifact=true`) waits for it: the OCI spec says a registry
+    /// must accept it first, but some have refused it (GitLab's, until it was fixed).
     pub async fn push_image(
         &self,
         reference: &Reference,
@@ -78,28 +86,34 @@ impl Registry {
             layers.extend(m.layers);
             configs.push(m.config);
         }
-        dedup(&mut layers);
-        dedup(&mut configs);
-        self.push_blobs(&repo, reference, store, &layers, &options.mount_from)
+        // Layers first in the list: the big ones start while the small configs queue.
+        let mut blobs = layers;
+        blobs.extend(configs);
+        dedup(&mut blobs);
+        self.push_blobs(&repo, reference, store, &blobs, &options.mount_from)
             .await?;
-        self.push_blobs(&repo, reference, store, &configs, &options.mount_from)
-            .await?;
-        for (d, bytes) in &manifests {
-            self.put_manifest(
-                &repo,
-                reference,
-                &d.digest.to_string(),
-                bytes,
-                &d.media_type,
-            )
-            .await?;
+        let repo = &repo;
+        let (referrers, others): (Vec<_>, Vec<_>) = manifests
+            .iter()
+            .partition(|(_, bytes)| names_a_subject_among(bytes, &manifests));
+        for wave in [others, referrers] {
+            stream::iter(wave.into_iter().map(Ok))
+                .try_for_each_concurrent(self.config().parallel_blobs.max(1), |(d, bytes)| {
+                    let digest = d.digest.to_string();
+                    async move {
+                        self.put_manifest(repo, reference, &digest, bytes, &d.media_type)
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await?;
         }
         let tag = reference
             .tag()
             .map(str::to_string)
             .or(reference.digest().map(str::to_string))
             .unwrap_or_else(|| "latest".into());
-        self.put_manifest(&repo, reference, &tag, &top_bytes, &top.media_type)
+        self.put_manifest(repo, reference, &tag, &top_bytes, &top.media_type)
             .await
     }
 
@@ -440,6 +454,18 @@ impl Registry {
     }
 }
 
+/// Whether the manifest `bytes` has a `subject` that is one of `manifests`.
+fn names_a_subject_among(bytes: &[u8], manifests: &[(Descriptor, Vec<u8>)]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Referrer {
+        subject: Option<Descriptor>,
+    }
+    match serde_json::from_slice::<Referrer>(bytes) {
+        Ok(Referrer { subject: Some(s) }) => manifests.iter().any(|(d, _)| d.digest == s.digest),
+        _ => false,
+    }
+}
+
 fn dedup(v: &mut Vec<Descriptor>) {
     let mut seen = std::collections::HashSet::new();
     v.retain(|d| seen.insert(d.digest));
@@ -468,5 +494,47 @@ fn file_body(path: &std::path::Path, offset: u64, len: u64) -> Body {
             Body::wrap_stream(counted)
         }
         Err(e) => Body::wrap_stream(stream::once(async move { Err::<bytes::Bytes, _>(e) })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(digest: &Digest) -> (Descriptor, Vec<u8>) {
+        let bytes = format!(r#"{{"schemaVersion":2,"layers":[],"n":"{digest}"}}"#).into_bytes();
+        (
+            Descriptor {
+                media_type: media_type::OCI_MANIFEST.into(),
+                digest: Digest::of(&bytes),
+                size: bytes.len() as u64,
+                platform: None,
+                annotations: None,
+            },
+            bytes,
+        )
+    }
+
+    #[test]
+    fn a_manifest_waits_only_for_a_subject_of_the_same_push() {
+        let image = manifest(&Digest::of(b"image"));
+        let manifests = vec![image.clone()];
+        let referrer = |subject: &Digest| {
+            format!(
+                r#"{{"schemaVersion":2,"subject":{{"mediaType":"{}","digest":"{subject}","size":1}}}}"#,
+                media_type::OCI_MANIFEST
+            )
+        };
+        assert!(names_a_subject_among(
+            referrer(&image.0.digest).as_bytes(),
+            &manifests
+        ));
+        // A subject elsewhere (already in the registry, or never) is no reason to wait.
+        assert!(!names_a_subject_among(
+            referrer(&Digest::of(b"elsewhere")).as_bytes(),
+            &manifests
+        ));
+        // BuildKit's layout names the image in an annotation only.
+        assert!(!names_a_subject_among(&image.1, &manifests));
     }
 }
