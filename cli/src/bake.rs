@@ -74,17 +74,21 @@ pub enum Runner<'r> {
     /// a step two targets share run once).
     Each(Box<BuildOne<'r>>),
     /// Every target at once, as one graph (`ossb-submit bake`: the cluster's coordinator
-    /// plans them together): (name, request) pairs and each one's progress; the results in
-    /// their order.
+    /// plans them together, a target's image handed to those reading it): each target and its
+    /// progress; the results in their order.
     Together(Box<BuildAll<'r>>),
 }
 
 /// Builds one target ([`Runner::Each`]).
 pub type BuildOne<'r> = dyn for<'b> Fn(&'b BuildRequest, &'b dyn Progress) -> BuildFuture<'b> + 'r;
 
+/// One target for [`Runner::Together`]: its name, request, and `target:` contexts as
+/// (context, target).
+pub type TargetRequest<'b> = (&'b str, &'b BuildRequest, &'b [(String, String)]);
+
 /// Builds every target at once ([`Runner::Together`]).
-pub type BuildAll<'r> = dyn for<'b> Fn(&'b [(&'b str, &'b BuildRequest)], &'b [&'b dyn Progress]) -> TogetherFuture<'b>
-    + 'r;
+pub type BuildAll<'r> =
+    dyn for<'b> Fn(&'b [TargetRequest<'b>], &'b [&'b dyn Progress]) -> TogetherFuture<'b> + 'r;
 
 /// What [`Runner::Together`] returns.
 pub type TogetherFuture<'b> = std::pin::Pin<
@@ -325,25 +329,14 @@ fn build_all(
     }
 }
 
-/// Builds every job at once through `together`, each with its labeled progress. A target
-/// whose contexts name other targets (`target:NAME`) is refused: the cluster cannot hand one
-/// target's image to another yet.
+/// Builds every job at once through `together`, each with its labeled progress; the
+/// targets its `target:` contexts name are handed to it there.
 async fn build_together<'j>(
     jobs: &'j [Job],
     together: &BuildAll<'_>,
     display: &dyn Progress,
     next: &AtomicUsize,
 ) -> Vec<(&'j String, Outcome)> {
-    if let Some(job) = jobs.iter().find(|j| !j.links.is_empty()) {
-        let (context, target) = &job.links[0];
-        let refused = format!(
-            "context {context} = \"target:{target}\": a build cluster cannot hand one target's image to another yet; push target {target} and name it with docker-image://, or bake with `ossb bake`"
-        );
-        return jobs
-            .iter()
-            .map(|j| (&j.name, Err(BuildError::Usage(refused.clone()))))
-            .collect();
-    }
     let logs: Vec<crate::display::MissLog> = jobs
         .iter()
         .map(|_| crate::display::MissLog::default())
@@ -360,8 +353,10 @@ async fn build_together<'j>(
         })
         .collect();
     let progress: Vec<&dyn Progress> = labeled.iter().map(|l| l as &dyn Progress).collect();
-    let pairs: Vec<(&str, &BuildRequest)> =
-        jobs.iter().map(|j| (j.name.as_str(), &j.request)).collect();
+    let pairs: Vec<TargetRequest> = jobs
+        .iter()
+        .map(|j| (j.name.as_str(), &j.request, j.links.as_slice()))
+        .collect();
     let results = together(&pairs, &progress).await;
     jobs.iter()
         .zip(results)

@@ -477,6 +477,10 @@ impl TaskFiles {
                 .insert(name.clone(), ContextSource::Dir(dest));
         }
         for (name, value) in &spec.context_sources {
+            // Another bake target's image: the task carries it (`TaskSpec::contexts`).
+            if value.starts_with("target:") {
+                continue;
+            }
             match ContextSource::parse(value) {
                 Ok(
                     source @ (ContextSource::Image(_)
@@ -707,6 +711,7 @@ mod tests {
                     build_platform: Platform::host(),
                     needs: Vec::new(),
                     spec: BuildSpec::default(),
+                    contexts: Vec::new(),
                 },
                 TaskPlace {
                     context: ctx.clone(),

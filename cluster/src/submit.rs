@@ -118,19 +118,33 @@ pub async fn submit(
     finish(req, config, result).await
 }
 
+/// One target of a bake to submit: its name, its request, and its named contexts that are
+/// other targets' images, as (context, target).
+pub type BakeRequest<'a> = (&'a str, &'a BuildRequest, &'a [(String, String)]);
+
 /// Runs every target of a bake on the cluster at once: the coordinator plans and schedules
 /// them as one graph (a stage two targets plan alike is built once, the others spread over the
-/// workers together). Each target's events go to its own `progress`; the results come in the
-/// order of `targets`, each as `submit` gives it.
+/// workers together; a target's image another reads as a named context is handed to it
+/// through the peer cache). Each target's events go to its own `progress`; the results come
+/// in the order of `targets`, each as `submit` gives it.
 pub async fn submit_bake(
-    targets: &[(&str, &BuildRequest)],
+    targets: &[BakeRequest<'_>],
     config: &SubmitConfig,
     progress: &[&dyn Progress],
 ) -> Vec<Result<BuildResult, BuildError>> {
     let mut files = BTreeMap::new();
     let mut specs = Vec::new();
-    for (name, req) in targets {
-        match bake_target_spec(req, &mut files) {
+    for (name, req, links) in targets {
+        let spec = bake_target_spec(req, &mut files).map(|mut spec| {
+            for (context, target) in links.iter() {
+                spec.context_sources.push((
+                    ossb_dockerfile::context_name(context),
+                    format!("target:{target}"),
+                ));
+            }
+            spec
+        });
+        match spec {
             Ok(spec) => specs.push(ossb_protocol::cluster::BakeTarget {
                 name: name.to_string(),
                 spec,
@@ -140,7 +154,7 @@ pub async fn submit_bake(
                 let text = e.to_string();
                 return targets
                     .iter()
-                    .map(|(other, _)| match other == name {
+                    .map(|(other, _, _)| match other == name {
                         true => Err(BuildError::Usage(text.clone())),
                         false => Err(BuildError::Usage(format!(
                             "not submitted: target {name}: {text}"
@@ -165,7 +179,7 @@ pub async fn submit_bake(
         }
     };
     let mut out = Vec::with_capacity(targets.len());
-    for ((_, req), end) in targets.iter().zip(ends) {
+    for ((_, req, _), end) in targets.iter().zip(ends) {
         out.push(finish(req, config, end).await);
     }
     out

@@ -518,6 +518,25 @@ pub struct TaskSpec {
     pub needs: Vec<BuiltStage>,
     /// The build (its `platforms` lists every platform of the build).
     pub spec: BuildSpec,
+    /// The named contexts that are other bake targets' images (`target:NAME` in
+    /// `spec.context_sources`), as their tasks made them: the worker brings their blobs from
+    /// the peer cache.
+    pub contexts: Vec<BuiltContext>,
+}
+
+/// A bake target's image, for a task of another target whose named context it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltContext {
+    /// The context's name (as [`BuildSpec::context_sources`] gives it).
+    pub name: String,
+    /// The target that built it.
+    pub target: String,
+    /// The image manifest's descriptor, as OCI JSON.
+    pub descriptor_json: String,
+    /// The manifest's bytes.
+    pub manifest: Vec<u8>,
+    /// Its config and layers (in the peer cache).
+    pub blobs: Vec<Digest>,
 }
 
 /// A stage a task built: what a task of a stage reading it starts from. Its layer blobs are in
@@ -750,6 +769,13 @@ mod tests {
                     layers_json: "[]".into(),
                 }],
                 spec: spec.clone(),
+                contexts: vec![BuiltContext {
+                    name: "base".into(),
+                    target: "base".into(),
+                    descriptor_json: "{}".into(),
+                    manifest: b"{}".to_vec(),
+                    blobs: vec![digest],
+                }],
             })),
             ClusterMessage::ClaimStep {
                 task: 7,

@@ -42,8 +42,9 @@ use crate::Digest;
 /// contexts of other sources (`BuildSpec::context_sources`); a step's cache-miss reason
 /// (`BuildEvent::CacheMiss`). 13: the image exporter's options (`BuildSpec::export`:
 /// compression level, force-compression, push-by-digest, name-canonical). 14: a bake as one
-/// submission (`SubmitBake`, `BakeAccepted`, `TargetEvent`, `TargetFinished`).
-pub const VERSION: u16 = 14;
+/// submission (`SubmitBake`, `BakeAccepted`, `TargetEvent`, `TargetFinished`). 15: a bake
+/// target's image handed to a task of another target as a named context (`TaskSpec::contexts`).
+pub const VERSION: u16 = 15;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

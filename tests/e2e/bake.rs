@@ -163,6 +163,85 @@ fn a_failed_target_of_a_cluster_bake_leaves_the_others_built() {
     }
 }
 
+/// A cluster bake hands one target's image to another as its named context
+/// (`contexts = { base = "target:base" }`): the coordinator gives the reading task the image
+/// its task made (through the peer cache, no registry), the linked target is not pushed, and
+/// the image built on it runs. A cycle of such contexts is refused before anything is sent.
+#[test]
+fn a_cluster_bake_feeds_one_target_into_another() {
+    let Some(env) = TestEnv::get() else { return };
+    let cluster = crate::cluster::Cluster::start_with(&env, &[("amd64-a", &[]), ("amd64-b", &[])]);
+    let reg = cluster.registry.clone();
+    let bb = cluster.busybox(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("cluster-bake-link");
+    std::fs::write(
+        dir.path().join("base.Dockerfile"),
+        format!("FROM {bb}\nENV FROM_BASE={marker}\nRUN echo {marker} > /base-marker\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("app.Dockerfile"),
+        format!(
+            "FROM base AS app\nRUN test \"$FROM_BASE\" = \"$(cat /base-marker)\" && cp /base-marker /app-marker\n\
+             FROM {bb} AS other\nCOPY --from=base /base-marker /copied\n\
+             FROM app\nCOPY --from=other /copied /copied\nCMD [\"cat\", \"/app-marker\", \"/copied\"]\n"
+        ),
+    )
+    .unwrap();
+    let image = format!("{reg}/tests/{marker}:app");
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        format!(
+            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n  tags = [\"{reg}/tests/{marker}:base\"]\n}}\n\
+             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
+        ),
+    )
+    .unwrap();
+    let out = cluster
+        .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", cluster.logs());
+    assert!(
+        stderr.contains("context base (target base's image)"),
+        "the app's tasks were handed the base target's image\n{stderr}"
+    );
+    let run = podman_run(&image, &[]).success("podman run");
+    assert_eq!(run.stdout, format!("{marker}\n{marker}\n"));
+    // Only linked, the base target is cache-only: nothing went to its tag.
+    let tags = tool(
+        "skopeo",
+        &[
+            "list-tags",
+            "--tls-verify=false",
+            &format!("docker://{reg}/tests/{marker}"),
+        ],
+    )
+    .success("skopeo list-tags")
+    .stdout;
+    assert!(
+        tags.contains("\"app\"") && !tags.contains("\"base\""),
+        "{tags}"
+    );
+
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        "target \"a\" {\n  contexts = { x = \"target:b\" }\n}\ntarget \"b\" {\n  contexts = { y = \"target:a\" }\n}\n",
+    )
+    .unwrap();
+    let cycle = cluster
+        .submit_bake(&["a"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cycle.stderr);
+    assert_eq!(cycle.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("target: contexts"), "{stderr}");
+}
+
 /// Bad bake files exit 2 and name the file and line; an unknown target is named.
 #[test]
 fn bad_bake_files_exit_2_with_file_and_line() {
@@ -295,7 +374,7 @@ fn the_cluster_bakes_targets_as_one_graph_and_builds_the_shared_stage_once() {
     assert_eq!(scheduled("0"), 1, "the shared stage is one task\n{stderr}");
     assert_eq!(scheduled("1"), 3, "{stderr}");
     assert_eq!(
-        stderr.matches("builds it, once for both").count(),
+        stderr.matches("built once, by the task of target").count(),
         2,
         "two targets are told another's task builds their base\n{stderr}"
     );

@@ -9,7 +9,7 @@ use super::*;
 /// Serves one submitted bake on the client's stream until every target ended.
 pub(super) async fn run_bake(
     state: &Arc<State>,
-    bake: BakeSpec,
+    mut bake: BakeSpec,
     tx: &mut SendStream,
     rx: &mut RecvStream,
 ) -> Result<(), ClusterError> {
@@ -36,6 +36,19 @@ pub(super) async fn run_bake(
                 .await?;
                 return Ok(());
             }
+        }
+    }
+    // A target another reads as a named context hands its image over through the peer
+    // cache: its task must publish it, as for a download.
+    let linked: Vec<String> = bake
+        .targets
+        .iter()
+        .flat_map(|t| t.spec.context_sources.iter())
+        .filter_map(|(_, v)| v.strip_prefix("target:").map(str::to_string))
+        .collect();
+    for target in &mut bake.targets {
+        if linked.contains(&target.name) {
+            target.spec.download = true;
         }
     }
     let records: Vec<Record> = bake

@@ -131,6 +131,76 @@ fn key_of(
     Ok(key)
 }
 
+/// The bake targets whose images target `t`'s named contexts are (`target:NAME` in its
+/// `context_sources`), as (context name, target position). A name no target has, or a cycle
+/// of such contexts, is the user's error.
+fn links_of(targets: &[Target<'_>]) -> Result<Vec<Vec<(String, usize)>>, Failure> {
+    let mut links = Vec::with_capacity(targets.len());
+    for target in targets {
+        let mut own = Vec::new();
+        for (context, value) in &target.spec.context_sources {
+            let Some(name) = value.strip_prefix("target:") else {
+                continue;
+            };
+            let x = targets
+                .iter()
+                .position(|t| t.name == name && !name.is_empty())
+                .ok_or_else(|| {
+                    failure(
+                        format!(
+                            "context {context} = \"target:{}\": no such target in the bake",
+                            ossb_dockerfile::clip(name, 100)
+                        ),
+                        2,
+                    )
+                })?;
+            own.push((context.clone(), x));
+        }
+        links.push(own);
+    }
+    Ok(links)
+}
+
+/// The targets in an order where each comes after those whose images it reads.
+fn link_order(
+    targets: &[Target<'_>],
+    links: &[Vec<(String, usize)>],
+) -> Result<Vec<usize>, Failure> {
+    let mut order = Vec::with_capacity(links.len());
+    let mut state = vec![0u8; links.len()]; // 0 new, 1 on the path, 2 placed
+    fn visit(
+        t: usize,
+        links: &[Vec<(String, usize)>],
+        state: &mut [u8],
+        order: &mut Vec<usize>,
+    ) -> Result<(), usize> {
+        match state[t] {
+            2 => return Ok(()),
+            1 => return Err(t),
+            _ => {}
+        }
+        state[t] = 1;
+        for (_, x) in &links[t] {
+            visit(*x, links, state, order)?;
+        }
+        state[t] = 2;
+        order.push(t);
+        Ok(())
+    }
+    for t in 0..links.len() {
+        visit(t, links, &mut state, &mut order).map_err(|at| {
+            failure(
+                format!(
+                    "the target: contexts of target {} form a cycle",
+                    targets[at].name
+                ),
+                2,
+            )
+        })?;
+    }
+    Ok(order)
+}
+
 /// One target of a graph: a build of its own (its record, names, where its image goes)
 /// whose stage tasks may be other targets' too.
 pub(super) struct Target<'a> {
@@ -194,6 +264,34 @@ pub(super) async fn run_graph(
         }
     }
 
+    // A target reading another's image: its stages wait for that image's task (of the same
+    // platform), and their keys hold that image's, so that they are never taken for stages
+    // that read something else.
+    let links = match links_of(targets).and_then(|l| link_order(targets, &l).map(|o| (l, o))) {
+        Ok(found) => found,
+        Err(f) => return targets.iter().map(|_| Err(f.clone())).collect(),
+    };
+    let (links, order) = links;
+    for &t in &order {
+        if links[t].is_empty() || ends[t].is_some() {
+            continue;
+        }
+        let mut linked = Vec::new();
+        for (context, x) in &links[t] {
+            let images: Vec<Digest> = plans[*x]
+                .iter()
+                .filter(|s| s.export)
+                .map(|s| s.key)
+                .collect();
+            linked.push((context.clone(), images));
+        }
+        for stage in &mut plans[t] {
+            let bytes = postcard::to_allocvec(&("ossb-stage-linked-v1", stage.key, &linked))
+                .unwrap_or_default();
+            stage.key = Digest::of(&bytes);
+        }
+    }
+
     // Task ids: each target's image stages get a task of their own; every other stage goes
     // to the task of the first stage planned alike (an image stage first: its stage as built
     // is handed on before the target's labels go on the image).
@@ -227,7 +325,7 @@ pub(super) async fn run_graph(
         }
     }
     // What each target waits for: its tasks, and on which platform's image each is.
-    let tasks_of: Vec<BTreeMap<u64, Platform>> = plans
+    let mut tasks_of: Vec<BTreeMap<u64, Platform>> = plans
         .iter()
         .enumerate()
         .map(|(t, stages)| {
@@ -238,6 +336,36 @@ pub(super) async fn run_graph(
                 .collect()
         })
         .collect();
+    // The image tasks each task's named contexts are: (task, context, its target's name).
+    let mut context_deps: HashMap<u64, Vec<(u64, String, String)>> = HashMap::new();
+    for (t, stages) in plans.iter().enumerate() {
+        for (n, stage) in stages.iter().enumerate() {
+            // Every task of the target gets them, as every task of a build gets its named
+            // contexts: the worker's plan must know the name is a context, not an image.
+            for (context, x) in &links[t] {
+                let image = plans[*x]
+                    .iter()
+                    .position(|s| s.export && s.platform == stage.platform)
+                    .map(|m| ids[*x][m]);
+                let Some(image) = image else {
+                    let f = failure(
+                        format!(
+                            "context {context} is target {}'s image, and target {} builds none for {}",
+                            targets[*x].name, targets[*x].name, stage.platform
+                        ),
+                        2,
+                    );
+                    return targets.iter().map(|_| Err(f.clone())).collect();
+                };
+                let deps = context_deps.entry(ids[t][n]).or_default();
+                if !deps.iter().any(|(i, c, _)| *i == image && c == context) {
+                    deps.push((image, context.clone(), targets[*x].name.to_string()));
+                }
+                // It fails when that image fails.
+                tasks_of[t].insert(image, stage.platform.clone());
+            }
+        }
+    }
     if bake {
         // Said once per target: which of its stages another target's task builds.
         for (t, stages) in plans.iter().enumerate() {
@@ -245,7 +373,7 @@ pub(super) async fn run_graph(
                 let (o, _) = owner[&ids[t][n]];
                 if o != t {
                     let line = format!(
-                        "stage {} ({}): the task of target {} builds it, once for both",
+                        "stage {} ({}): built once, by the task of target {}",
                         stage.stage, stage.platform, targets[o].name
                     );
                     if let Some(tx) = client.as_deref_mut() {
@@ -277,14 +405,22 @@ pub(super) async fn run_graph(
                 build_platform: stage.build_platform.clone(),
                 needs: Vec::new(),
                 spec: targets[t].spec.clone(),
+                contexts: Vec::new(),
             };
             let key = task_key(&spec);
+            let contexts = context_deps.remove(&task).unwrap_or_default();
+            let mut deps: Vec<u64> = stage.deps.iter().map(|d| ids[t][*d]).collect();
+            deps.extend(contexts.iter().map(|(image, _, _)| *image));
+            deps.sort();
+            deps.dedup();
             inner.tasks.insert(
                 task,
                 Task {
                     spec,
                     runs_on: stage.runs_on.clone(),
-                    deps: stage.deps.iter().map(|d| ids[t][*d]).collect(),
+                    deps,
+                    stage_deps: stage.deps.iter().map(|d| ids[t][*d]).collect(),
+                    context_deps: contexts,
                     prefer: None,
                     worker: None,
                     events: events_tx.clone(),
@@ -516,6 +652,63 @@ mod tests {
             .iter()
             .map(|s| (s.stage.to_string(), s.key))
             .collect()
+    }
+
+    /// A `target:` context naming no target of the bake, or a cycle of them, is the user's
+    /// error; linked targets come after the targets they read.
+    #[test]
+    fn target_contexts_are_ordered_and_cycles_refused() {
+        let df = ossb_dockerfile::parse("FROM scratch\n", "Dockerfile").unwrap();
+        let spec = |links: &[(&str, &str)]| BuildSpec {
+            context_sources: links
+                .iter()
+                .map(|(c, t)| (c.to_string(), format!("target:{t}")))
+                .collect(),
+            ..Default::default()
+        };
+        let specs = [
+            spec(&[("base", "base")]),
+            spec(&[]),
+            spec(&[("x", "app"), ("y", "base")]),
+        ];
+        let names = ["app", "base", "top"];
+        let targets: Vec<Target> = specs
+            .iter()
+            .zip(names)
+            .map(|(spec, name)| Target {
+                name,
+                build: name,
+                spec,
+                df: &df,
+            })
+            .collect();
+        let links = links_of(&targets).unwrap();
+        assert_eq!(links[2], vec![("x".to_string(), 0), ("y".to_string(), 1)]);
+        assert_eq!(link_order(&targets, &links).unwrap(), vec![1, 0, 2]);
+        let cyclic = [spec(&[("b", "b")]), spec(&[("a", "a")])];
+        let targets: Vec<Target> = cyclic
+            .iter()
+            .zip(["a", "b"])
+            .map(|(spec, name)| Target {
+                name,
+                build: name,
+                spec,
+                df: &df,
+            })
+            .collect();
+        let err = link_order(&targets, &links_of(&targets).unwrap()).unwrap_err();
+        assert_eq!(err.exit_code, 2);
+        assert!(err.message.contains("cycle"), "{}", err.message);
+        let unknown = [spec(&[("b", "nope")])];
+        let targets = [Target {
+            name: "a",
+            build: "a",
+            spec: &unknown[0],
+            df: &df,
+        }];
+        let err = links_of(&targets).unwrap_err();
+        assert_eq!(err.exit_code, 2);
+        assert!(err.message.contains("nope"), "{}", err.message);
     }
 
     /// Two targets of a bake share a stage when its plan is the same: a build argument only a

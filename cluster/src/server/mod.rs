@@ -49,8 +49,8 @@ use ossb_image::registry::{parse_reference, Registry};
 use ossb_image::store::BlobStore;
 use ossb_net::{Identity, Role};
 use ossb_protocol::cluster::{
-    BuildEvent, BuildOutcome, BuildSpec, BuiltImage, CacheMountVersion, ClusterMessage, Failure,
-    InputStats, PlatformOutcome, TaskSpec, WorkerInfo,
+    BuildEvent, BuildOutcome, BuildSpec, BuiltContext, BuiltImage, CacheMountVersion,
+    ClusterMessage, Failure, InputStats, PlatformOutcome, TaskSpec, WorkerInfo,
 };
 use ossb_protocol::{Digest, Platform};
 use quinn::{RecvStream, SendStream};
@@ -103,6 +103,11 @@ struct Task {
     runs_on: Platform,
     /// Tasks of the same build whose stages this one needs, not finished yet.
     deps: Vec<u64>,
+    /// Of those, the tasks of the stages it reads (handed as built stages, `TaskSpec::needs`).
+    stage_deps: Vec<u64>,
+    /// The tasks whose images are its named contexts (another bake target's image), as (task,
+    /// context, that target's name): handed as `TaskSpec::contexts`.
+    context_deps: Vec<(u64, String, String)>,
     /// The worker that built one of those stages: it holds their layers.
     prefer: Option<u64>,
     worker: Option<u64>,
@@ -548,6 +553,7 @@ mod tests {
             build_platform: "linux/amd64".parse().unwrap(),
             needs: Vec::new(),
             spec: spec.clone(),
+            contexts: Vec::new(),
         }
     }
 

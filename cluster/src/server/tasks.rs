@@ -42,6 +42,7 @@ pub(super) fn stage_tasks(
             build_platform: build_platform.clone(),
             needs: Vec::new(),
             spec: spec.clone(),
+            contexts: Vec::new(),
         };
         let mut opts = crate::context::request_of(&whole, Default::default(), Vec::new())
             .plan_options(platform);

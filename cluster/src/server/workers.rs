@@ -106,7 +106,21 @@ pub(super) async fn worker_channel(
                                 other.ready_at = Instant::now();
                                 other.prefer.get_or_insert(id);
                                 // It starts from the stage as built, never building it again.
-                                other.spec.needs.extend(outcome.stage.clone());
+                                if other.stage_deps.contains(&task) {
+                                    other.spec.needs.extend(outcome.stage.clone());
+                                }
+                                // Another target's image, read as a named context.
+                                for (_, name, target) in
+                                    other.context_deps.iter().filter(|(t, _, _)| *t == task)
+                                {
+                                    other.spec.contexts.push(BuiltContext {
+                                        name: name.clone(),
+                                        target: target.clone(),
+                                        descriptor_json: outcome.descriptor_json.clone(),
+                                        manifest: outcome.manifest.clone(),
+                                        blobs: outcome.blobs.clone(),
+                                    });
+                                }
                             }
                         }
                     }

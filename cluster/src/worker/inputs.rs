@@ -398,3 +398,68 @@ async fn fetch(
         }),
     }
 }
+
+/// The named contexts of `task` that are other bake targets' images, brought into `store`
+/// (manifest from the task, config and layers from the peer cache, each verified) for the
+/// engine to read as built images.
+pub(super) async fn linked_contexts(
+    node: &Node,
+    task: &TaskSpec,
+    store: &BlobStore,
+    forward: &Forward,
+) -> Result<Vec<(String, ossb_engine::ContextSource)>, Failure> {
+    let fail = |message: String| Failure {
+        message,
+        exit_code: 1,
+    };
+    let mut out = Vec::new();
+    for context in &task.contexts {
+        let what = format!(
+            "context {} (target {}'s image)",
+            context.name, context.target
+        );
+        let image: ossb_image::oci::Descriptor = serde_json::from_str(&context.descriptor_json)
+            .map_err(|e| fail(format!("{what}: an invalid descriptor: {e}")))?;
+        if Digest::of(&context.manifest) != image.digest {
+            return Err(fail(format!(
+                "{what}: the manifest does not match its digest"
+            )));
+        }
+        store
+            .put(&context.manifest)
+            .map_err(|e| fail(format!("{what}: storing the manifest: {e}")))?;
+        let missing: Vec<&Digest> = context
+            .blobs
+            .iter()
+            .filter(|d| !store.contains(d))
+            .collect();
+        let mut bytes = 0;
+        if !missing.is_empty() {
+            let peers = node.peers.as_ref().ok_or_else(|| {
+                fail(format!(
+                    "{what}: its blobs are in the peer cache, and this worker has no --cache-peers"
+                ))
+            })?;
+            for digest in &missing {
+                bytes += peers
+                    .get_to_store(digest, store)
+                    .await
+                    .map_err(|e| fail(format!("{what}: bringing {digest}: {e}")))?;
+            }
+        }
+        forward.event(Event::Info(format!(
+            "{}: {what}: {} blobs in this worker's store, {} from the peer cache ({bytes} bytes)",
+            task.platform,
+            context.blobs.len() - missing.len(),
+            missing.len()
+        )));
+        out.push((
+            context.name.clone(),
+            ossb_engine::ContextSource::Built {
+                target: context.target.clone(),
+                image,
+            },
+        ));
+    }
+    Ok(out)
+}

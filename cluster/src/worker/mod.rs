@@ -49,7 +49,9 @@ mod cache_mounts;
 mod inputs;
 mod steps;
 
-use inputs::{context_read, fetch_bases, fetch_context_file, needs, publish, Fetched};
+use inputs::{
+    context_read, fetch_bases, fetch_context_file, linked_contexts, needs, publish, Fetched,
+};
 use steps::ClusterSteps;
 
 /// Context files fetched at once.
@@ -585,7 +587,10 @@ async fn execute(
     let context = dir.path().join("context");
     std::fs::create_dir(&context).map_err(|e| fail(e.to_string()))?;
     materialize(&entries, &store, &context).map_err(fail)?;
-    let files = TaskFiles::write(&task.spec, &store, dir.path()).map_err(fail)?;
+    let mut files = TaskFiles::write(&task.spec, &store, dir.path()).map_err(fail)?;
+    files
+        .build_contexts
+        .extend(linked_contexts(node, task, &store, &forward).await?);
     let req = request_of(
         task,
         TaskPlace {
