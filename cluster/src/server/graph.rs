@@ -227,6 +227,45 @@ pub(super) async fn run_graph(
     mut client: Option<&mut SendStream>,
     bake: bool,
 ) -> Vec<Result<BuiltImage, Failure>> {
+    let mut told = vec![false; targets.len()];
+    let ends = run_targets(
+        state,
+        targets,
+        context,
+        gauges,
+        &mut client,
+        bake,
+        &mut told,
+    )
+    .await;
+    // A bake's client waits for every target's end, those that never started too.
+    if let (true, Some(tx)) = (bake, client) {
+        for (t, end) in ends.iter().enumerate().filter(|(t, _)| !told[*t]) {
+            let outcome = BuildOutcome {
+                result: end.clone(),
+            };
+            let finished = ClusterMessage::TargetFinished {
+                target: t as u32,
+                outcome,
+            };
+            if send(tx, finished).await.is_err() {
+                break;
+            }
+        }
+    }
+    ends
+}
+
+/// [`run_graph`]'s work; `told`: the targets whose end the client was told.
+async fn run_targets(
+    state: &Arc<State>,
+    targets: &[Target<'_>],
+    context: Vec<Digest>,
+    gauges: &mut [Gauge<'_>],
+    client: &mut Option<&mut SendStream>,
+    bake: bool,
+    told: &mut [bool],
+) -> Vec<Result<BuiltImage, Failure>> {
     let started = ossb_engine::build::now();
     for d in &context {
         state.store.touch(d);
@@ -485,7 +524,7 @@ pub(super) async fn run_graph(
                         for (t, tasks) in tasks_of.iter().enumerate() {
                             if ends[t].is_none() && !merging[t] && tasks.contains_key(&task) {
                                 ends[t] = Some(Err(f.clone()));
-                                end_target(&mut client, bake, t, &f).await;
+                                told[t] = end_target(client, bake, t, &f).await;
                             }
                         }
                         // What only failed targets wait for stops now rather than run on.
@@ -511,7 +550,7 @@ pub(super) async fn run_graph(
                 if bake {
                     if let Some(tx) = client.as_deref_mut() {
                         let outcome = BuildOutcome { result: merged.clone() };
-                        let _ = send(tx, ClusterMessage::TargetFinished { target: t as u32, outcome }).await;
+                        told[t] = send(tx, ClusterMessage::TargetFinished { target: t as u32, outcome }).await.is_ok();
                     }
                 }
                 ends[t] = Some(merged);
@@ -521,13 +560,13 @@ pub(super) async fn run_graph(
                     events_open = false;
                     continue;
                 };
-                forward(&mut client, &owner, &tasks_of, targets, &mut numbering, task, event, &wrap).await;
+                forward(client, &owner, &tasks_of, targets, &mut numbering, task, event, &wrap).await;
             }
         }
     }
     while let Ok((task, event)) = events_rx.try_recv() {
         forward(
-            &mut client,
+            client,
             &owner,
             &tasks_of,
             targets,
@@ -547,21 +586,24 @@ pub(super) async fn run_graph(
 type Numbering = (HashMap<(u64, u64), u64>, u64);
 
 /// Tells a bake's client that target `t` failed (a build's client hears it with the build's
-/// end).
-async fn end_target(client: &mut Option<&mut SendStream>, bake: bool, t: usize, f: &Failure) {
-    if let (true, Some(tx)) = (bake, client.as_deref_mut()) {
-        let outcome = BuildOutcome {
-            result: Err(f.clone()),
-        };
-        let _ = send(
-            tx,
-            ClusterMessage::TargetFinished {
-                target: t as u32,
-                outcome,
-            },
-        )
-        .await;
-    }
+/// end); whether it was told.
+async fn end_target(
+    client: &mut Option<&mut SendStream>,
+    bake: bool,
+    t: usize,
+    f: &Failure,
+) -> bool {
+    let (true, Some(tx)) = (bake, client.as_deref_mut()) else {
+        return false;
+    };
+    let outcome = BuildOutcome {
+        result: Err(f.clone()),
+    };
+    let finished = ClusterMessage::TargetFinished {
+        target: t as u32,
+        outcome,
+    };
+    send(tx, finished).await.is_ok()
 }
 
 /// Sends a task's event to the client, numbered for the target whose stage made the task.
