@@ -39,6 +39,39 @@ pub struct SubmitConfig {
 /// Context files uploaded at once.
 const PARALLEL_UPLOADS: usize = 8;
 
+/// What a failure to talk with the coordinator reads as.
+fn cluster_error(config: &SubmitConfig, e: ClusterError) -> BuildError {
+    BuildError::Local(format!("the build cluster at {}: {e}", config.coordinator))
+}
+
+/// A connection to the coordinator as the client of `config`, with the stream of one
+/// conversation (a build or a bake) open on it.
+struct Conversation {
+    /// The client's endpoint (a lost conversation asks again through it).
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    tx: quinn::SendStream,
+    rx: quinn::RecvStream,
+}
+
+async fn open_conversation(config: &SubmitConfig) -> Result<Conversation, BuildError> {
+    let identity = Identity::load(&config.tls_dir, Role::Client).map_err(usage)?;
+    let endpoint = ossb_net::client(&identity).map_err(local)?;
+    let conn = ossb_net::connect(&endpoint, &config.coordinator, super::CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| cluster_error(config, e.into()))?;
+    let (tx, rx) = conn
+        .open_bi()
+        .await
+        .map_err(|e| cluster_error(config, ossb_net::NetError::from(e).into()))?;
+    Ok(Conversation {
+        endpoint,
+        conn,
+        tx,
+        rx,
+    })
+}
+
 /// Runs `req` on the cluster, reporting to `progress`.
 pub async fn submit(
     req: &BuildRequest,
@@ -54,18 +87,13 @@ pub async fn submit(
     let (entries, mut files) = scan(req).map_err(BuildError::Usage)?;
     let named = scan_named(req, &mut files).map_err(BuildError::Usage)?;
     let spec = spec_of(req, entries, named)?;
-    let identity = Identity::load(&config.tls_dir, Role::Client).map_err(usage)?;
-    let endpoint = ossb_net::client(&identity).map_err(local)?;
-    let cluster = |e: ClusterError| {
-        BuildError::Local(format!("the build cluster at {}: {e}", config.coordinator))
-    };
-    let conn = ossb_net::connect(&endpoint, &config.coordinator, super::CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| cluster(e.into()))?;
-    let (mut tx, mut rx) = conn
-        .open_bi()
-        .await
-        .map_err(|e| cluster(ossb_net::NetError::from(e).into()))?;
+    let cluster = |e: ClusterError| cluster_error(config, e);
+    let Conversation {
+        endpoint,
+        conn,
+        mut tx,
+        mut rx,
+    } = open_conversation(config).await?;
     send(&mut tx, ClusterMessage::Submit(spec))
         .await
         .map_err(cluster)?;
@@ -211,18 +239,13 @@ async fn run_bake(
     progress: &[&dyn Progress],
 ) -> Result<Vec<Result<BuiltImage, Failure>>, BuildError> {
     let count = targets.len();
-    let identity = Identity::load(&config.tls_dir, Role::Client).map_err(usage)?;
-    let endpoint = ossb_net::client(&identity).map_err(local)?;
-    let cluster = |e: ClusterError| {
-        BuildError::Local(format!("the build cluster at {}: {e}", config.coordinator))
-    };
-    let conn = ossb_net::connect(&endpoint, &config.coordinator, super::CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| cluster(e.into()))?;
-    let (mut tx, mut rx) = conn
-        .open_bi()
-        .await
-        .map_err(|e| cluster(ossb_net::NetError::from(e).into()))?;
+    let cluster = |e: ClusterError| cluster_error(config, e);
+    let Conversation {
+        endpoint,
+        conn,
+        mut tx,
+        mut rx,
+    } = open_conversation(config).await?;
     let refused = |outcome: ossb_protocol::cluster::BuildOutcome| match outcome.result {
         Err(f) if f.exit_code == 2 => BuildError::Usage(f.message),
         Err(f) => BuildError::Local(f.message),

@@ -499,7 +499,7 @@ fn cross_check_with_distro2sbom(env: &TestEnv, root: &Path, ossb_document: &Valu
     // a dpkg package; ossb names the distribution in the purls' `distro` qualifier instead.
     let theirs: BTreeSet<(String, String)> = document_packages(&theirs_document)
         .filter(|p| p["primaryPackagePurpose"] != "OPERATING-SYSTEM")
-        .map(|p| name_version(p))
+        .map(name_version)
         .collect();
     let mut ours_deb = BTreeSet::new();
     let mut ours_other = Vec::new();

@@ -1202,16 +1202,38 @@ fn submit_on_base(
     base: &str,
     marker: &str,
 ) -> Vec<(PathBuf, Child)> {
+    let shared = "s".repeat(SHARED_CONTEXT_FILE);
+    submit_three(cluster, work, registry, &[("shared.bin", &shared)], |i| {
+        format!(
+            "FROM {registry}/{base}\nCOPY shared.bin /shared.bin\n\
+             RUN echo \"{marker} {i}\" > /built\n"
+        )
+    })
+}
+
+/// The image's largest layer (its digest), as the registry serves its manifest.
+fn largest_layer(image: &str) -> String {
+    let manifest: serde_json::Value = serde_json::from_str(&inspect_raw(image).stdout).unwrap();
+    manifest["layers"]
+        .as_array()
+        .and_then(|l| l.iter().max_by_key(|d| d["size"].as_u64()))
+        .and_then(|d| d["digest"].as_str())
+        .unwrap_or_else(|| panic!("{image} is not one manifest with layers"))
+        .to_string()
+}
+
+/// Submits three builds at once, the Dockerfile of build `i` from `dockerfile(i)`, each
+/// context holding `files`; returns each client's log and process.
+fn submit_three(
+    cluster: &Cluster,
+    work: &Path,
+    registry: &str,
+    files: &[(&str, &str)],
+    dockerfile: impl Fn(usize) -> String,
+) -> Vec<(PathBuf, Child)> {
     (0..3)
         .map(|i| {
-            let ctx = crate::support::context(
-                &work.join(format!("b{i}")),
-                &format!(
-                    "FROM {registry}/{base}\nCOPY shared.bin /shared.bin\n\
-                     RUN echo \"{marker} {i}\" > /built\n"
-                ),
-                &[("shared.bin", &"s".repeat(SHARED_CONTEXT_FILE))],
-            );
+            let ctx = crate::support::context(&work.join(format!("b{i}")), &dockerfile(i), files);
             let log = work.join(format!("client{i}.log"));
             let child = cluster
                 .submit(
@@ -1308,14 +1330,7 @@ fn a_fetcher_killed_halfway_hands_the_base_to_another_worker() {
     let registry = cluster.reach(&proxy.addr);
     let base = env.var("OSSB_TEST_DEBIAN");
     let base_bytes = image_bytes(&format!("{}/{base}", env.registry()));
-    let manifest: serde_json::Value =
-        serde_json::from_str(&inspect_raw(&format!("{}/{base}", env.registry())).stdout).unwrap();
-    let layer = manifest["layers"]
-        .as_array()
-        .and_then(|l| l.iter().max_by_key(|d| d["size"].as_u64()))
-        .and_then(|d| d["digest"].as_str())
-        .expect("the base is one manifest with layers")
-        .to_string();
+    let layer = largest_layer(&format!("{}/{base}", env.registry()));
     proxy.inject(Rule::new("GET", &layer, Fault::Stall(120), 1));
     let work = tempfile::tempdir().unwrap();
     let marker = unique("killed-fetcher");
@@ -2025,46 +2040,17 @@ fn three_builds_copying_from_one_new_image_pull_it_from_the_registry_once() {
     );
     let registry = cluster.reach(&proxy.addr);
     let debian = env.var("OSSB_TEST_DEBIAN");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&inspect_raw(&format!("{}/{debian}", env.registry())).stdout).unwrap();
-    let layer = manifest["layers"]
-        .as_array()
-        .and_then(|l| l.iter().max_by_key(|d| d["size"].as_u64()))
-        .and_then(|d| d["digest"].as_str())
-        .expect("the Debian image is one manifest with layers")
-        .to_string();
+    let layer = largest_layer(&format!("{}/{debian}", env.registry()));
     let work = tempfile::tempdir().unwrap();
     let marker = unique("late-pull");
     let busybox = env.var("OSSB_TEST_BUSYBOX");
-    let clients: Vec<(PathBuf, Child)> = (0..3)
-        .map(|i| {
-            let ctx = crate::support::context(
-                &work.path().join(format!("b{i}")),
-                &format!(
-                    "FROM {registry}/{busybox}\n\
-                     COPY --from={registry}/{debian} /etc/debian_version /debian_version\n\
-                     RUN echo \"{marker} {i}\" > /built\n"
-                ),
-                &[],
-            );
-            let log = work.path().join(format!("client{i}.log"));
-            let child = cluster
-                .submit(
-                    &cluster.tls,
-                    &[
-                        "--platform",
-                        "linux/amd64",
-                        "--insecure-registry",
-                        &registry,
-                    ],
-                )
-                .arg(&ctx)
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            (log, child)
-        })
-        .collect();
+    let clients = submit_three(&cluster, work.path(), &registry, &[], |i| {
+        format!(
+            "FROM {registry}/{busybox}\n\
+             COPY --from={registry}/{debian} /etc/debian_version /debian_version\n\
+             RUN echo \"{marker} {i}\" > /built\n"
+        )
+    });
     let mut workers = std::collections::BTreeSet::new();
     for (log, mut child) in clients {
         let status = child.wait().unwrap();
