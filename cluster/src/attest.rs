@@ -60,8 +60,18 @@ pub fn inputs_of(spec: &BuildSpec) -> AttestInputs {
         build_contexts: spec
             .build_contexts
             .iter()
-            .map(|(n, _)| (n.clone(), format!("local:{}", ossb_engine::named_context::local_name(n)), true))
-            .chain(spec.context_sources.iter().map(|(n, v)| (n.clone(), v.clone(), false)))
+            .map(|(n, _)| {
+                (
+                    n.clone(),
+                    format!("local:{}", ossb_engine::named_context::local_name(n)),
+                    true,
+                )
+            })
+            .chain(
+                spec.context_sources
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.clone(), false)),
+            )
             .collect(),
         build_platform: None,
         source_date_epoch: spec.source_date_epoch,

@@ -334,7 +334,10 @@ fn named_contexts_are_args_in_both_modes_with_credentials_redacted() {
         let mut p = facts(mode);
         p.contexts = BTreeMap::from([
             ("base".into(), "docker-image://alpine:3.20".into()),
-            ("src".into(), "https://user:hunter2@git.example/src.git#v1".into()),
+            (
+                "src".into(),
+                "https://user:hunter2@git.example/src.git#v1".into(),
+            ),
             ("assets".into(), "local:assets".into()),
         ]);
         let (v02, bytes) = predicate(SlsaVersion::V02, &p);
@@ -348,6 +351,9 @@ fn named_contexts_are_args_in_both_modes_with_credentials_redacted() {
         assert!(!String::from_utf8_lossy(&bytes).contains("hunter2"));
         let (v1, _) = predicate(SlsaVersion::V1, &p);
         let request = &v1["buildDefinition"]["externalParameters"]["request"];
-        assert_eq!(request["args"]["context:base"], "docker-image://alpine:3.20");
+        assert_eq!(
+            request["args"]["context:base"],
+            "docker-image://alpine:3.20"
+        );
     }
 }
