@@ -113,7 +113,12 @@ impl PlatformBuild<'_> {
         chain: Vec<(CacheKey, CacheRecord)>,
     ) -> Result<PlatformImage, BuildError> {
         let store = &self.shared.store;
-        config.created = Some(self.shared.created.clone());
+        config.created = match self.req().source_date_epoch {
+            Some(_) => Some(self.shared.created.clone()),
+            None => {
+                history_times(&mut config.history).or_else(|| Some(self.shared.created.clone()))
+            }
+        };
         // A base image's inline cache names its build's steps, not this one's.
         config.extra.remove(crate::remote_cache::INLINE_FIELD);
         if self
@@ -171,5 +176,73 @@ impl PlatformBuild<'_> {
             chain,
             sbom_extras: Default::default(),
         })
+    }
+}
+
+/// Fills the times of history entries that have none (steps without a layer), as BuildKit's
+/// image writer does: an entry after a layer made by this build takes that layer's time, those
+/// before the first one take the first one's; returns the last time, the image's `created`
+/// (so a fully cached build, whose layers keep their first build's times, gives the same image).
+pub(crate) fn history_times(history: &mut [History]) -> Option<String> {
+    // The first layer time after an entry without one, else the last time of all.
+    let mut created: Option<String> = None;
+    let mut untimed = false;
+    for h in history.iter() {
+        match &h.created {
+            Some(t) => {
+                created = Some(t.clone());
+                if untimed {
+                    break;
+                }
+            }
+            None => untimed = true,
+        }
+    }
+    let mut untimed = false;
+    for h in history.iter_mut() {
+        match &h.created {
+            Some(t) if untimed => created = Some(t.clone()),
+            Some(_) => {}
+            None => {
+                untimed = true;
+                h.created = created.clone();
+            }
+        }
+    }
+    history.iter().rev().find_map(|h| h.created.clone())
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    fn entry(t: Option<&str>) -> History {
+        History {
+            created: t.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn untimed_entries_take_the_first_new_layer_time_then_the_latest() {
+        // base, ENV, RUN (layer at t2), LABEL, COPY (layer at t3), CMD
+        let mut history = vec![
+            entry(Some("t0")),
+            entry(None),
+            entry(Some("t2")),
+            entry(None),
+            entry(Some("t3")),
+            entry(None),
+        ];
+        assert_eq!(history_times(&mut history).as_deref(), Some("t3"));
+        let times: Vec<&str> = history
+            .iter()
+            .map(|h| h.created.as_deref().unwrap())
+            .collect();
+        assert_eq!(times, ["t0", "t2", "t2", "t2", "t3", "t3"]);
+        // Only metadata after the base: the base's last time.
+        let mut history = vec![entry(Some("t0")), entry(None)];
+        assert_eq!(history_times(&mut history).as_deref(), Some("t0"));
+        assert!(history_times(&mut []).is_none());
     }
 }

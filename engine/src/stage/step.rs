@@ -64,6 +64,8 @@ impl PlatformBuild<'_> {
         };
         let mut cached = false;
         let mut empty_layer = true;
+        // When the step's layer was made (a cache hit keeps its first build's time).
+        let mut layer_created = None;
         if changes_fs {
             let record = match step_cache::get_or_claim(self.shared, &self.platform, &key).await {
                 step_cache::Lookup::Hit(record) => {
@@ -123,6 +125,7 @@ impl PlatformBuild<'_> {
                 state.config.rootfs.diff_ids.push(diff_id);
                 state.layers.push(layer);
                 empty_layer = false;
+                layer_created = Some(record.created);
             }
             {
                 let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,8 +141,16 @@ impl PlatformBuild<'_> {
         state.why = chain_why;
         position.keep(n, explained.record);
         if !step.created_by.is_empty() {
+            // As BuildKit: a layer's entry has its layer's time, so a fully cached build gives
+            // the same image; one without a layer gets its time when the image is written
+            // (`image::history_times`). SOURCE_DATE_EPOCH makes them all the epoch.
+            let created = match (self.req().source_date_epoch, layer_created) {
+                (Some(_), _) => Some(self.shared.created.clone()),
+                (None, Some(t)) => ossb_protocol::rfc3339(t),
+                (None, None) => None,
+            };
             state.config.history.push(History {
-                created: Some(self.shared.created.clone()),
+                created,
                 created_by: Some(step.created_by.clone()),
                 comment: Some("buildkit.dockerfile.v0".into()),
                 empty_layer: empty_layer.then_some(true),
