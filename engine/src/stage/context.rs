@@ -240,19 +240,8 @@ impl PlatformBuild<'_> {
             return Ok(());
         };
         let root = self
-            .shared
-            .work
-            .join(format!("image-{}", pulled.manifest_digest.hex()));
-        if !root.exists() {
-            std::fs::create_dir_all(&root).map_err(local("creating an image's filesystem"))?;
-            let (id, t) = self
-                .shared
-                .start(format!("[context {name}] unpacking to read from"));
-            let result = unpack(&self.shared.store, &pulled.manifest.layers, &root).await;
-            self.shared
-                .finish(id, t, result)
-                .map_err(|e| BuildError::Local(e.to_string()))?;
-        }
+            .unpack_to_read(pulled, format!("[context {name}] unpacking to read from"))
+            .await?;
         let unpacked = ResolvedContext::Image {
             pulled: pulled.clone(),
             root: Some(root),

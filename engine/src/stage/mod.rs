@@ -565,19 +565,8 @@ impl<'a> PlatformBuild<'a> {
         for reference in refs {
             let pulled = self.pull_read(&reference, &self.platform.clone()).await?;
             let root = self
-                .shared
-                .work
-                .join(format!("image-{}", pulled.manifest_digest.hex()));
-            if !root.exists() {
-                std::fs::create_dir_all(&root).map_err(local("creating an image's filesystem"))?;
-                let (id, t) = self
-                    .shared
-                    .start(format!("unpacking {reference} to read from"));
-                let result = unpack(&self.shared.store, &pulled.manifest.layers, &root).await;
-                self.shared
-                    .finish(id, t, result)
-                    .map_err(|e| BuildError::Local(e.to_string()))?;
-            }
+                .unpack_to_read(&pulled, format!("unpacking {reference} to read from"))
+                .await?;
             self.copy_images
                 .insert(reference, (root, pulled.manifest_digest));
         }
@@ -603,6 +592,28 @@ impl<'a> PlatformBuild<'a> {
             }
         }
         self.pull(reference, platform).await
+    }
+
+    /// The filesystem of an image the build reads (`COPY --from=IMAGE`, an image context),
+    /// unpacked once per build into the work directory under its manifest digest.
+    async fn unpack_to_read(
+        &self,
+        pulled: &PulledImage,
+        label: String,
+    ) -> Result<PathBuf, BuildError> {
+        let root = self
+            .shared
+            .work
+            .join(format!("image-{}", pulled.manifest_digest.hex()));
+        if !root.exists() {
+            std::fs::create_dir_all(&root).map_err(local("creating an image's filesystem"))?;
+            let (id, t) = self.shared.start(label);
+            let result = unpack(&self.shared.store, &pulled.manifest.layers, &root).await;
+            self.shared
+                .finish(id, t, result)
+                .map_err(|e| BuildError::Local(e.to_string()))?;
+        }
+        Ok(root)
     }
 
     async fn pull(&self, reference: &str, platform: &Platform) -> Result<PulledImage, BuildError> {
