@@ -2097,20 +2097,7 @@ fn image_tarball_and_git_contexts_resolve_on_the_workers() {
     );
     std::fs::create_dir_all(&served).unwrap();
     tool("python3", &["-c", &script]).success("making the tarball");
-    let git = "git init -q src && cd src && mkdir sub && echo s > sub/s.txt && git add . \
-        && git -c user.email=t@example.com -c user.name=t commit -qm init && git tag v1 \
-        && cd .. && git clone -q --bare src served/repo.git && cd served/repo.git && git update-server-info";
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(git)
-        .current_dir(work.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::named_contexts::git_repo(work.path());
     let (mut server, port) = crate::named_contexts::serve(&served);
     let ctx = crate::support::context(
         &work.path().join("app"),

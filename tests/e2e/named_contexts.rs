@@ -282,19 +282,16 @@ fn tarball_url_context_is_its_unpacked_content() {
     assert!(!cache.join("work/escaped.txt").exists());
 }
 
-/// A git repository (`URL#TAG:SUBDIR`, served over dumb HTTP by the test) as a context, as ADD
-/// clones them: its subdirectory's files, without `.git`.
-#[test]
-fn git_context_is_its_checkout() {
-    let Some(env) = TestEnv::get() else { return };
-    let dir = tempfile::tempdir().unwrap();
+/// Makes `DIR/served/repo.git`, a bare repository for dumb HTTP, whose tag `v1` holds
+/// `top.txt` and `sub/s.txt` (`s`).
+pub(crate) fn git_repo(dir: &std::path::Path) {
     let script = "git init -q src && cd src && echo top > top.txt && mkdir sub && echo s > sub/s.txt && git add . \
         && git -c user.email=t@example.com -c user.name=t commit -qm init && git tag v1 \
-        && cd .. && mkdir served && git clone -q --bare src served/repo.git && cd served/repo.git && git update-server-info";
+        && cd .. && mkdir -p served && git clone -q --bare src served/repo.git && cd served/repo.git && git update-server-info";
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(script)
-        .current_dir(dir.path())
+        .current_dir(dir)
         .output()
         .unwrap();
     assert!(
@@ -302,6 +299,15 @@ fn git_context_is_its_checkout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A git repository (`URL#TAG:SUBDIR`, served over dumb HTTP by the test) as a context, as ADD
+/// clones them: its subdirectory's files, without `.git`.
+#[test]
+fn git_context_is_its_checkout() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    git_repo(dir.path());
     let (mut server, port) = serve(&dir.path().join("served"));
     let ctx = context(
         &dir.path().join("app"),

@@ -3,21 +3,19 @@
 //! content from the peer cache; after it succeeded, those it changed are published there, so
 //! the next task on any worker of the platform starts warm.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ossb_dockerfile::{Dockerfile, Instruction, MountType};
-use ossb_engine::build::BuildRequest;
+use ossb_dockerfile::{BuildPlan, Instruction, MountType};
 use ossb_protocol::cluster::CacheMountVersion;
 use ossb_worker::shared_cache;
 
 use super::inputs::put;
 use super::*;
 
-/// The cache ids the task's steps mount, planned as the coordinator plans (without the base
-/// images, which only an `ENV` of a base could change).
-pub(super) fn ids_of(req: &BuildRequest, df: &Dockerfile, platform: &Platform) -> Vec<String> {
-    let Ok(plan) = ossb_dockerfile::plan(df, &req.plan_options(platform), &HashMap::new()) else {
+/// The cache ids the task's steps mount, from its plan (made without the base images, which
+/// only an `ENV` of a base could change); none without one.
+pub(super) fn ids_of(plan: Option<&BuildPlan>) -> Vec<String> {
+    let Some(plan) = plan else {
         return Vec::new();
     };
     let mut ids: Vec<String> = plan

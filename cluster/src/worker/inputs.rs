@@ -182,8 +182,7 @@ pub(super) async fn fetch_bases(
 /// from a named context, a symlink in the context (a source may resolve through it), a source
 /// climbing with `..`, or the context's SBOM scan.
 pub(super) fn context_read(
-    req: &BuildRequest,
-    df: &ossb_dockerfile::Dockerfile,
+    plan: Option<&ossb_dockerfile::BuildPlan>,
     task: &TaskSpec,
     built: &[BuiltStage],
     onbuild_free: bool,
@@ -197,8 +196,7 @@ pub(super) fn context_read(
     if !onbuild_free || symlinks {
         return all();
     }
-    let opts = req.plan_options(&task.platform);
-    let Ok(plan) = ossb_dockerfile::plan(df, &opts, &HashMap::new()) else {
+    let Some(plan) = plan else {
         return all();
     };
     let run = plan.stages_to_run(|p| built.iter().any(|b| b.index == plan.stages[p].index));

@@ -547,7 +547,11 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
-    let entries = context_read(&probe, &df, task, &built, onbuild_free);
+    // Planned once here, as the coordinator plans (without the base images): for the context
+    // files the task's stages read and the cache mounts they use.
+    let plan =
+        ossb_dockerfile::plan(&df, &probe.plan_options(&task.platform), &HashMap::new()).ok();
+    let entries = context_read(plan.as_ref(), task, &built, onbuild_free);
     // Several at once: a context of many small files costs round trips, not bandwidth.
     let mut missing: Vec<(Digest, u64)> = file_digests(&entries);
     for (_, named) in &task.spec.build_contexts {
@@ -613,7 +617,7 @@ async fn execute(
             task.platform, from_peers.0, from_peers.1, from_coordinator.0, from_coordinator.1
         )));
     }
-    let mounts = cache_mounts::ids_of(&req, &df, &task.platform);
+    let mounts = cache_mounts::ids_of(plan.as_ref());
     cache_mounts::bring(
         node,
         conn,
