@@ -196,6 +196,13 @@ fn cache_command(command: CacheCommand) -> ExitCode {
                             info.leftover_bytes as f64 / 1048576.0
                         );
                     }
+                    if info.trees.0 > 0 {
+                        println!(
+                            "unpacked:        {} filesystems kept for the next builds ({:.1} MiB)",
+                            info.trees.0,
+                            info.trees.1 as f64 / 1048576.0
+                        );
+                    }
                     let (run, cached) = info
                         .recent
                         .iter()
@@ -248,9 +255,10 @@ fn cache_command(command: CacheCommand) -> ExitCode {
             match cache::prune(&dir, &opts) {
                 Ok(r) => {
                     println!(
-                        "removed {} cached steps, {} blobs and {} leftovers of interrupted builds, {:.1} MiB freed",
+                        "removed {} cached steps, {} blobs, {} unpacked filesystems and {} leftovers of interrupted builds, {:.1} MiB freed",
                         r.records,
                         r.blobs,
+                        r.trees,
                         r.leftovers,
                         r.bytes as f64 / 1048576.0
                     );

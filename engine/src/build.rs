@@ -488,6 +488,7 @@ async fn run(
         cache,
         registry: Registry::with_config(&req.registry, &req.registry_config)?,
         work: work.path().to_path_buf(),
+        rootfs_pool: crate::rootfs_pool::RootfsPool::open(&req.cache_dir),
         // SOURCE_DATE_EPOCH is checked to be within RFC 3339's years (`BuildRequest::check`).
         created: ossb_protocol::rfc3339(req.source_date_epoch.unwrap_or_else(now))
             .unwrap_or_default(),

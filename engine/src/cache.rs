@@ -474,6 +474,8 @@ pub struct CacheInfo {
     /// Bytes in what interrupted builds left behind (work directories, temporary files),
     /// which `prune` removes.
     pub leftover_bytes: u64,
+    /// Unpacked filesystems kept between builds (`<cache>/rootfs`): how many, bytes on disk.
+    pub trees: (usize, u64),
     /// Recent builds: `(steps run, steps cached)`.
     pub recent: Vec<BuildStats>,
 }
@@ -515,6 +517,8 @@ pub fn info(cache_dir: &Path) -> io::Result<CacheInfo> {
     out.bytes = usage.bytes;
     out.records = LocalCache::open(cache_dir)?.entries()?.len();
     out.leftover_bytes = leftovers(cache_dir)?.iter().map(|(_, _, size)| size).sum();
+    let trees = kept_trees(cache_dir)?;
+    out.trees = (trees.len(), trees.iter().map(|(_, _, size)| size).sum());
     out.recent = fs::read_to_string(cache_dir.join("cache/builds.jsonl"))
         .unwrap_or_default()
         .lines()
@@ -547,6 +551,8 @@ pub struct PruneReport {
     pub bytes: u64,
     /// Work directories and temporary files of interrupted builds removed.
     pub leftovers: usize,
+    /// Unpacked filesystems kept between builds removed.
+    pub trees: usize,
 }
 
 /// Removes cache records and blobs: all of them, those unused for `older_than`, or beyond
@@ -625,6 +631,19 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
         }
     }
     report.leftovers += ossb_worker::sandbox::remove_stale_step_files();
+    // Kept trees go when unused as long as a step record would, and all with --all.
+    for (path, kept, size) in kept_trees(cache_dir)? {
+        if stale(kept) {
+            match fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    report.trees += 1;
+                    report.bytes += size;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+            }
+        }
+    }
     // The inputs cache-miss reasons compare with go as step records do.
     let positions = crate::cache_miss::Positions::open(cache_dir);
     if let Some(before) = older_than.and_then(|d| now.checked_sub(d)) {
@@ -666,6 +685,26 @@ fn leftovers(cache_dir: &Path) -> io::Result<Vec<(PathBuf, std::time::SystemTime
             let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
             out.push((path.clone(), modified, disk_usage(&path)));
         }
+    }
+    Ok(out)
+}
+
+/// The unpacked filesystems kept between builds (`crate::rootfs_pool`), with when each was
+/// kept and its size on disk.
+fn kept_trees(cache_dir: &Path) -> io::Result<Vec<(PathBuf, std::time::SystemTime, u64)>> {
+    let entries = match fs::read_dir(cache_dir.join("rootfs")) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let kept = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        out.push((path.clone(), kept, disk_usage(&path)));
     }
     Ok(out)
 }
@@ -887,6 +926,24 @@ mod prune_tests {
         )
         .unwrap();
         assert!(report.leftovers >= 1 && !partial.exists());
+    }
+
+    #[test]
+    fn prune_removes_kept_trees_when_stale_or_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("rootfs/0123/tree/etc");
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join("hostname"), vec![1u8; 8 << 10]).unwrap();
+        assert_eq!(info(dir.path()).unwrap().trees.0, 1);
+        assert!(info(dir.path()).unwrap().trees.1 >= 8 << 10);
+        let report = prune(dir.path(), &PruneOptions::default()).unwrap();
+        assert_eq!(report.trees, 0, "a tree kept just now is fresh");
+        let all = PruneOptions {
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(prune(dir.path(), &all).unwrap().trees, 1);
+        assert!(!dir.path().join("rootfs/0123").exists());
     }
 }
 

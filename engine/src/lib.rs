@@ -14,6 +14,7 @@ pub mod error;
 pub mod named_context;
 pub mod progress;
 pub mod remote_cache;
+mod rootfs_pool;
 mod run;
 mod stage;
 mod step_cache;

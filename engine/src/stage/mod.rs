@@ -514,6 +514,11 @@ impl<'a> PlatformBuild<'a> {
                 }
             }
         }
+        if state.materialized {
+            // What the steps left is what the layers hold: a later build may start from it.
+            let layers: Vec<Digest> = state.layers.iter().map(|l| l.digest).collect();
+            self.shared.rootfs_pool.keep_at_end(&state.rootfs, &layers);
+        }
         Ok(state)
     }
 
@@ -532,19 +537,33 @@ impl<'a> PlatformBuild<'a> {
         if !state.materialized {
             state
                 .unpacked_for_readers
-                .get_or_try_init(|| self.unpack_rootfs(&state.layers, &state.rootfs))
+                .get_or_try_init(|| async {
+                    self.unpack_rootfs(&state.layers, &state.rootfs).await?;
+                    let layers: Vec<Digest> = state.layers.iter().map(|l| l.digest).collect();
+                    self.shared.rootfs_pool.keep_at_end(&state.rootfs, &layers);
+                    Ok::<_, StepError>(())
+                })
                 .await?;
         }
         Ok(state.rootfs.clone())
     }
 
-    /// Makes `rootfs` hold exactly `layers`.
+    /// Makes `rootfs` hold exactly `layers`: from a tree an earlier build kept, when one holds
+    /// the first of them, applying the rest.
     async fn unpack_rootfs(&self, layers: &[Descriptor], rootfs: &Path) -> Result<(), StepError> {
         let failed = |doing| move |source| StepError::Rootfs { doing, source };
         if rootfs.exists() {
             std::fs::remove_dir_all(rootfs).map_err(failed("clearing a rootfs"))?;
         }
-        std::fs::create_dir_all(rootfs).map_err(failed("creating the rootfs"))?;
+        let digests: Vec<Digest> = layers.iter().map(|l| l.digest).collect();
+        let kept = self.shared.rootfs_pool.take(&digests, rootfs);
+        let layers = &layers[kept..];
+        if kept == 0 {
+            std::fs::create_dir_all(rootfs).map_err(failed("creating the rootfs"))?;
+        }
+        if layers.is_empty() {
+            return Ok(());
+        }
         self.shared.bring(layers).await?;
         let (id, t) = self
             .shared

@@ -11,6 +11,8 @@ pub(crate) struct Shared<'a> {
     pub cache: LocalCache,
     pub registry: Registry,
     pub work: PathBuf,
+    /// Unpacked trees kept between builds; this build's finished stages go back to it.
+    pub rootfs_pool: crate::rootfs_pool::RootfsPool,
     pub created: String,
     pub ignore: Option<Dockerignore>,
     pub next_id: std::sync::atomic::AtomicUsize,
