@@ -529,16 +529,35 @@ async fn execute(
         })?;
     let built = needs(node, task, &store, &forward);
     let mut inputs = InputStats::default();
-    let (to_pull, bases, onbuild_free) = fetch_bases(
-        node,
-        &probe,
-        &df,
-        &task.platform,
-        &store,
-        &mut inputs,
-        &steps,
-    )
-    .await;
+    // Planned once here, as the coordinator plans (without the base images): for the context
+    // files the task's stages read and the cache mounts they use.
+    let plan =
+        ossb_dockerfile::plan(&df, &probe.plan_options(&task.platform), &HashMap::new()).ok();
+    // The context files the stages read come while the bases do. Whether a base has ONBUILD
+    // triggers (which may read any file) is known only once its config is here: then the rest
+    // of the context follows.
+    let mut entries = context_read(plan.as_ref(), task, &built, true);
+    let mut first = file_digests(&entries);
+    for (_, named) in &task.spec.build_contexts {
+        first.extend(file_digests(named));
+    }
+    let ((to_pull, bases, onbuild_free), mut fetched) = tokio::join!(
+        fetch_bases(
+            node,
+            &probe,
+            &df,
+            &task.platform,
+            &store,
+            &mut inputs,
+            &steps,
+        ),
+        fetch_context_files(node, conn, &store, &steps, first)
+    );
+    if !onbuild_free {
+        entries = context_read(plan.as_ref(), task, &built, false);
+        fetched
+            .extend(fetch_context_files(node, conn, &store, &steps, file_digests(&entries)).await);
+    }
     forward.event(Event::Info(format!(
         "{}: base image blobs: {} in this worker's store, {} from the peer cache ({} bytes), {} to pull from registries",
         task.platform,
@@ -547,34 +566,6 @@ async fn execute(
         inputs.peer_bytes,
         to_pull.len()
     )));
-    // Planned once here, as the coordinator plans (without the base images): for the context
-    // files the task's stages read and the cache mounts they use.
-    let plan =
-        ossb_dockerfile::plan(&df, &probe.plan_options(&task.platform), &HashMap::new()).ok();
-    let entries = context_read(plan.as_ref(), task, &built, onbuild_free);
-    // Several at once: a context of many small files costs round trips, not bandwidth.
-    let mut missing: Vec<(Digest, u64)> = file_digests(&entries);
-    for (_, named) in &task.spec.build_contexts {
-        missing.extend(file_digests(named));
-    }
-    missing.sort();
-    missing.dedup_by_key(|(d, _)| *d);
-    missing.retain(|(d, _)| !store.contains(d));
-    let fetched: Vec<Result<Fetched, Failure>> = {
-        use futures_util::stream::{self, StreamExt};
-        stream::iter(missing)
-            .map(|(digest, size)| {
-                let (store, steps) = (&store, &steps);
-                async move {
-                    fetch_context_file(node, conn, store, &digest, size, steps)
-                        .await
-                        .map_err(|e| fail(format!("fetching context file {digest}: {e}")))
-                }
-            })
-            .buffer_unordered(PARALLEL_FETCHES)
-            .collect()
-            .await
-    };
     let (mut from_peers, mut from_coordinator) = ((0u64, 0u64), (0u64, 0u64));
     for f in fetched {
         let (count, bytes) = match f? {
@@ -738,4 +729,31 @@ async fn execute(
             .map(|(_, name, doc)| (name, doc))
             .collect(),
     })
+}
+
+/// Brings the context files in `wanted` that the store lacks, several at once (a context of
+/// many small files costs round trips, not bandwidth).
+async fn fetch_context_files(
+    node: &Node,
+    conn: &quinn::Connection,
+    store: &BlobStore,
+    steps: &ClusterSteps,
+    mut wanted: Vec<(Digest, u64)>,
+) -> Vec<Result<Fetched, Failure>> {
+    use futures_util::stream::{self, StreamExt};
+    wanted.sort();
+    wanted.dedup_by_key(|(d, _)| *d);
+    wanted.retain(|(d, _)| !store.contains(d));
+    stream::iter(wanted)
+        .map(|(digest, size)| async move {
+            fetch_context_file(node, conn, store, &digest, size, steps)
+                .await
+                .map_err(|e| Failure {
+                    message: format!("fetching context file {digest}: {e}"),
+                    exit_code: 1,
+                })
+        })
+        .buffer_unordered(PARALLEL_FETCHES)
+        .collect()
+        .await
 }
