@@ -153,6 +153,20 @@ impl BlobStore {
         })
     }
 
+    /// A writer for a new blob whose bytes the caller hashes itself as it writes them (the
+    /// layer writer does, for the layer's descriptor): hashing them here again would cost as
+    /// much as the rest of writing an incompressible layer. [`HashedBlobWriter::commit`]
+    /// takes the caller's digest and size; the size is checked against what was written.
+    pub fn writer_hashed_by_caller(&self) -> Result<HashedBlobWriter, StoreError> {
+        let tmp_dir = self.root.join("tmp");
+        let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        Ok(HashedBlobWriter {
+            store: self.clone(),
+            out: BufWriter::new(file),
+            len: 0,
+        })
+    }
+
     /// Marks the blob used now (its mtime), so pruning by age keeps it. Best effort.
     pub fn touch(&self, digest: &Digest) {
         let _ = File::options()
@@ -294,6 +308,48 @@ impl Write for BlobWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A blob being written by a caller that hashes what it writes (see
+/// [`BlobStore::writer_hashed_by_caller`]).
+pub struct HashedBlobWriter {
+    store: BlobStore,
+    out: BufWriter<NamedTempFile>,
+    len: u64,
+}
+
+impl HashedBlobWriter {
+    /// Moves the blob into the store as `digest`, the caller's hash of every byte it wrote,
+    /// after checking that `size` bytes were written. On a mismatch the bytes are discarded.
+    pub fn commit(self, digest: &Digest, size: u64) -> Result<(), StoreError> {
+        let tmp = self.store.tmp_dir();
+        let file = self.out.into_inner().map_err(|e| StoreError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        if self.len != size {
+            return Err(StoreError::Io {
+                path: tmp,
+                source: io::Error::other(format!(
+                    "blob {digest}: {} bytes written, {size} hashed",
+                    self.len
+                )),
+            });
+        }
+        self.store.persist(file, digest)
+    }
+}
+
+impl Write for HashedBlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 }
 

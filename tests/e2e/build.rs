@@ -1074,6 +1074,49 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     tool("cp", &["-a", from.to_str().unwrap(), to.to_str().unwrap()]).success("cp -a");
 }
 
+/// A COPY rerun because one of its files changed (the others large and unchanged) writes its
+/// layer from the context's files, not from a copy of them (the debug line says so), and the
+/// layer is byte for byte the one a cold build of the same content writes, on a skeleton in a
+/// fresh cache and on an unpacked rootfs with a real copy (`OSSB_COPY_ON_ROOTFS=1`).
+#[test]
+fn a_rebuild_after_one_file_changed_writes_the_cold_builds_layer_from_the_context() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dockerfile = format!("FROM {}\nCOPY data/ /data/\n", busybox(&env));
+    let ctx = context(dir.path(), &dockerfile, &[("data/version.txt", "1\n")]);
+    // Incompressible and compressible pieces, a file spanning a piece boundary, a hard link.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..(3 << 20) + 12345)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(ctx.join("data/noise.bin"), &noise).unwrap();
+    std::fs::write(ctx.join("data/text.txt"), "layer bytes\n".repeat(200_000)).unwrap();
+    std::fs::hard_link(ctx.join("data/noise.bin"), ctx.join("data/same.bin")).unwrap();
+    let cache = dir.path().join("cache");
+    build_epoch(&env, &cache, &ctx, &[]);
+    std::fs::write(ctx.join("data/version.txt"), "2\n").unwrap();
+    let (rebuilt, log) = build_epoch(&env, &cache, &ctx, &[]);
+    assert!(
+        log.contains("CACHE MISS") && log.contains("layer bytes read from the context"),
+        "the rebuilt COPY should write its layer from the context:\n{log}"
+    );
+    let (cold, _) = build_epoch(&env, &dir.path().join("cold"), &ctx, &[]);
+    assert_eq!(rebuilt, cold, "a cold build of the same content gives another image");
+    let (copied, log) = build_epoch(
+        &env,
+        &dir.path().join("copied"),
+        &ctx,
+        &[("OSSB_COPY_ON_ROOTFS", "1")],
+    );
+    assert!(!log.contains("layer bytes read from the context"), "{log}");
+    assert_eq!(rebuilt, copied, "a real copy gives another image");
+}
+
 /// A COPY whose earlier steps all come from the cache runs on a skeleton of the base's layers
 /// instead of an unpacked rootfs. It must give the very layer the unpacked rootfs gives
 /// (`OSSB_COPY_ON_ROOTFS=1`): destinations under absolute and relative symlinked directories

@@ -18,7 +18,7 @@ use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use ossb_dockerfile::dockerignore::Dockerignore;
-use ossb_image::layer::{Change, ChangeKind};
+use ossb_image::layer::{Change, ChangeKind, ContentSources};
 
 /// Errors of file steps.
 #[derive(Debug, thiserror::Error)]
@@ -295,9 +295,40 @@ pub fn copy_into(
     opts: CopyOptions,
     filter: CopyFilter<'_>,
 ) -> Result<Vec<Change>, FsError> {
-    let own = &opts;
     let mut w = Written::new(rootfs);
-    let w = &mut w;
+    copy_with(source_root, sources, dest, opts, filter, &mut w)?;
+    Ok(w.changes())
+}
+
+/// [`copy_into`] for a rootfs that only a layer reads afterwards: each regular file is made a
+/// placeholder (its size, owner, mode, mtime and xattrs, no data) and its source is returned,
+/// so that the layer reads the bytes from there
+/// ([`ossb_image::layer::write_layer_from`]) instead of from a copy. The sources must stay
+/// as they are until the layer is written (a size that changed is the layer's error).
+pub fn copy_into_referencing(
+    source_root: &Path,
+    sources: &[String],
+    rootfs: &Path,
+    dest: &str,
+    opts: CopyOptions,
+    filter: CopyFilter<'_>,
+) -> Result<(Vec<Change>, ContentSources), FsError> {
+    let mut w = Written::new(rootfs);
+    w.contents = Some(ContentSources::new());
+    copy_with(source_root, sources, dest, opts, filter, &mut w)?;
+    Ok((w.changes(), w.contents.take().unwrap_or_default()))
+}
+
+fn copy_with(
+    source_root: &Path,
+    sources: &[String],
+    dest: &str,
+    opts: CopyOptions,
+    filter: CopyFilter<'_>,
+    w: &mut Written<'_>,
+) -> Result<(), FsError> {
+    let own = &opts;
+    let rootfs = w.rootfs;
     let mut matched = Vec::new();
     for source in sources {
         matched.extend(expand_source(source_root, source, filter)?);
@@ -355,7 +386,7 @@ pub fn copy_into(
             copy_entry(&from, &rel, &to, &meta, own, w)?;
         }
     }
-    Ok(w.changes())
+    Ok(())
 }
 
 /// The changes of one file step, by path relative to the rootfs. Paths are recorded where
@@ -366,6 +397,8 @@ struct Written<'a> {
     /// Source files with several links, by (device, inode), and where this copy put them
     /// first: later names become hard links to it, as BuildKit keeps them.
     links: std::collections::HashMap<(u64, u64), PathBuf>,
+    /// When set, regular files are placeholders and this says where their bytes are.
+    contents: Option<ContentSources>,
 }
 
 impl<'a> Written<'a> {
@@ -374,6 +407,7 @@ impl<'a> Written<'a> {
             rootfs,
             changes: BTreeMap::new(),
             links: std::collections::HashMap::new(),
+            contents: None,
         }
     }
 
@@ -409,6 +443,24 @@ impl<'a> Written<'a> {
             self.record(path, ChangeKind::Modified);
         }
         Ok(())
+    }
+
+    /// Records that the bytes of `path` (a host path in the rootfs) are `source`'s when the
+    /// copy makes placeholders; returns whether it does.
+    fn reference(&mut self, path: &Path, source: &Path) -> bool {
+        let Some(contents) = &mut self.contents else {
+            return false;
+        };
+        if let Ok(rel) = path.strip_prefix(self.rootfs) {
+            contents.insert(rel.to_path_buf(), source.to_path_buf());
+        }
+        true
+    }
+
+    fn unreference(&mut self, path: &Path) {
+        if let (Some(contents), Ok(rel)) = (&mut self.contents, path.strip_prefix(self.rootfs)) {
+            contents.remove(rel);
+        }
     }
 
     fn changes(&self) -> Vec<Change> {
@@ -733,6 +785,8 @@ fn copy_entry(
     };
     w.record(to, kind);
     remove_existing(to)?;
+    // What an earlier source put here is gone: only the bytes recorded below are this path's.
+    w.unreference(to);
     if meta.file_type().is_symlink() {
         let target = fs::read_link(from).map_err(io_err(from))?;
         std::os::unix::fs::symlink(&target, to).map_err(io_err(to))?;
@@ -741,7 +795,9 @@ fn copy_entry(
         return Ok(());
     }
     if meta.nlink() > 1 {
-        if let Some(first) = w.links.get(&(meta.dev(), meta.ino())) {
+        if let Some(first) = w.links.get(&(meta.dev(), meta.ino())).cloned() {
+            // Whichever name the layer writes first carries the bytes.
+            w.reference(to, from);
             return fs::hard_link(first, to).map_err(io_err(to));
         }
         w.links.insert((meta.dev(), meta.ino()), to.to_path_buf());
@@ -751,7 +807,13 @@ fn copy_entry(
         apply_metadata(to, meta, own)?;
         return Ok(());
     }
-    fs::copy(from, to).map_err(io_err(to))?;
+    if w.reference(to, from) {
+        fs::File::create(to)
+            .and_then(|f| f.set_len(meta.len()))
+            .map_err(io_err(to))?;
+    } else {
+        fs::copy(from, to).map_err(io_err(to))?;
+    }
     apply_metadata(to, meta, own)?;
     // After chown, which clears file capabilities.
     copy_xattrs(from, to);
@@ -1599,5 +1661,68 @@ mod tests {
             !listed.iter().any(|p| p.starts_with("app/sub")),
             "{listed:#?}"
         );
+    }
+
+    /// A COPY by reference (placeholders in the rootfs, the bytes read from the context) gives
+    /// the layer a real copy gives, hard links, --chown and --chmod included, and writes no
+    /// file's bytes into the rootfs.
+    #[test]
+    fn a_copy_by_reference_gives_the_layer_of_a_real_copy() {
+        use ossb_image::layer::{write_layer, write_layer_from, Compression, LayerOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        fs::create_dir_all(ctx.join("data/sub")).unwrap();
+        fs::write(ctx.join("data/big.bin"), vec![7u8; 3 << 20]).unwrap();
+        fs::write(ctx.join("data/sub/small.txt"), "hello\n").unwrap();
+        fs::hard_link(ctx.join("data/big.bin"), ctx.join("data/sub/again.bin")).unwrap();
+        std::os::unix::fs::symlink("big.bin", ctx.join("data/link")).unwrap();
+        fs::write(ctx.join("data/empty"), "").unwrap();
+        let opts = LayerOptions {
+            compression: Compression::Gzip,
+            source_date_epoch: None,
+            level: None,
+        };
+        for chmod in [None, Mode::parse("640")] {
+            let own = CopyOptions {
+                owner: Some((0, 0)),
+                mode: chmod.clone(),
+                parents: false,
+            };
+            let (copied, referenced) = (dir.path().join("copied"), dir.path().join("ref"));
+            for root in [&copied, &referenced] {
+                let _ = fs::remove_dir_all(root);
+                fs::create_dir_all(root).unwrap();
+            }
+            let sources = ["data/".to_string()];
+            let changes = copy_into(
+                &ctx,
+                &sources,
+                &copied,
+                "/d/",
+                own.clone(),
+                CopyFilter::none(),
+            )
+            .unwrap();
+            let (ref_changes, contents) =
+                copy_into_referencing(&ctx, &sources, &referenced, "/d/", own, CopyFilter::none())
+                    .unwrap();
+            assert_eq!(changes, ref_changes);
+            assert!(contents.contains_key(Path::new("d/big.bin")));
+            assert_eq!(
+                contents[Path::new("d/sub/small.txt")],
+                ctx.join("data/sub/small.txt")
+            );
+            // Placeholders: the size without the bytes.
+            let big = referenced.join("d/big.bin");
+            assert_eq!(fs::metadata(&big).unwrap().len(), 3 << 20);
+            assert!(fs::read(&big).unwrap().iter().all(|b| *b == 0));
+            let mut real = Vec::new();
+            let a = write_layer(&copied, &changes, &mut real, &opts).unwrap();
+            let mut by_ref = Vec::new();
+            let b =
+                write_layer_from(&referenced, &ref_changes, &contents, &mut by_ref, &opts).unwrap();
+            assert_eq!(a, b, "chmod {chmod:?}");
+            assert!(real == by_ref);
+        }
     }
 }

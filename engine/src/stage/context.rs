@@ -396,7 +396,9 @@ impl PlatformBuild<'_> {
         let (layer, diff_id) = match changes.is_empty() {
             true => (None, None),
             false => {
-                let (l, d) = self.write_layer(dir.path(), changes).await?;
+                let (l, d) = self
+                    .write_layer(dir.path(), changes, Default::default())
+                    .await?;
                 (Some(l), Some(d))
             }
         };

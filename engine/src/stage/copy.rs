@@ -2,6 +2,7 @@
 //! linked COPY/ADD, `--link`).
 
 use super::*;
+use ossb_image::layer::ContentSources;
 
 impl PlatformBuild<'_> {
     /// Runs a linked COPY/ADD (`--link`, [`ossb_dockerfile::linked`]) as BuildKit does: into an
@@ -43,8 +44,9 @@ impl PlatformBuild<'_> {
             .filter(|w| !w.is_empty())
             .unwrap_or_else(|| "/".into());
         let target = CopyTarget::Rootfs(root.clone());
-        let written = self
-            .copy_step(copy, is_add, &cwd, done, id, target)
+        // The directory is the layer and goes with it: its files can be placeholders.
+        let (written, contents) = self
+            .copy_step(copy, is_add, &cwd, done, id, target, true)
             .await
             .map_err(|e| match e {
                 CopyFailure::Failed(e) => e,
@@ -58,7 +60,7 @@ impl PlatformBuild<'_> {
         let (layer, diff_id) = match changes.is_empty() {
             true => (None, None),
             false => {
-                let (layer, diff_id) = self.write_layer(&root, changes).await?;
+                let (layer, diff_id) = self.write_layer(&root, changes, contents).await?;
                 (Some(layer), Some(diff_id))
             }
         };
@@ -74,6 +76,13 @@ impl PlatformBuild<'_> {
     /// COPY or ADD onto `target`. On a skeleton the files the copy looks at are made from the
     /// base's listings first (see [`ossb_worker::base`]); `NeedsRootfs` says the step must run
     /// on the unpacked rootfs instead.
+    ///
+    /// With `only_layer_reads` (nothing but the step's layer reads `target` afterwards), the
+    /// files copied from the build context are placeholders whose bytes the layer reads from
+    /// the context (the returned sources, see [`ossb_worker::fs::copy_into_referencing`]): a
+    /// large COPY is read once instead of copied and read back. Other sources (stages,
+    /// images, downloads, heredocs) are copied: they may be gone or changed by then.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn copy_step(
         &self,
         copy: &ossb_dockerfile::Copy,
@@ -82,7 +91,8 @@ impl PlatformBuild<'_> {
         done: &Done,
         id: usize,
         target: CopyTarget,
-    ) -> Result<Vec<Change>, CopyFailure> {
+        only_layer_reads: bool,
+    ) -> Result<(Vec<Change>, ContentSources), CopyFailure> {
         let req = self.req();
         let from_context = copy.from.is_none();
         let source_root = match &copy.from {
@@ -164,8 +174,10 @@ impl PlatformBuild<'_> {
         };
         let parents = copy.parents;
         let unpack = is_add && from_context && copy.unpack != Some(false);
-        tokio::task::spawn_blocking(move || -> Result<Vec<Change>, CopyFailure> {
+        let by_reference = only_layer_reads && from_context;
+        tokio::task::spawn_blocking(move || -> Result<_, CopyFailure> {
             let mut changes = Vec::new();
+            let mut contents = ContentSources::new();
             let mut filter = match &ignore {
                 Some(rules) => CopyFilter::dockerignore(rules),
                 None => CopyFilter::none(),
@@ -241,7 +253,18 @@ impl PlatformBuild<'_> {
             for path in archives {
                 add::extract(&path, &rootfs, &dest)?;
             }
-            if !plain.is_empty() {
+            if !plain.is_empty() && by_reference {
+                let (copied, sources) = wfs::copy_into_referencing(
+                    &source_root,
+                    &plain,
+                    &rootfs,
+                    &dest,
+                    opts.clone(),
+                    filter,
+                )?;
+                changes.extend(copied);
+                contents.extend(sources);
+            } else if !plain.is_empty() {
                 changes.extend(wfs::copy_into(
                     &source_root,
                     &plain,
@@ -252,16 +275,21 @@ impl PlatformBuild<'_> {
                 )?);
             }
             for (dir, name) in extra {
-                changes.extend(wfs::copy_into(
+                // A later source written over a placeholder replaces its bytes too.
+                let copied = wfs::copy_into(
                     &dir,
                     &[name],
                     &rootfs,
                     &dest,
                     opts.clone(),
                     CopyFilter::none(),
-                )?);
+                )?;
+                for change in &copied {
+                    contents.remove(&change.path);
+                }
+                changes.extend(copied);
             }
-            Ok(changes)
+            Ok((changes, contents))
         })
         .await?
     }

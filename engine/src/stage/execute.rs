@@ -2,6 +2,7 @@
 //! snapshot diff, or what COPY wrote), the layer.
 
 use super::*;
+use ossb_image::layer::ContentSources;
 
 impl PlatformBuild<'_> {
     /// Executes a step that changes files and records its layer. The change list comes from
@@ -62,7 +63,9 @@ impl PlatformBuild<'_> {
         let (layer, diff_id) = if changes.is_empty() {
             (None, None)
         } else {
-            let (layer, diff_id) = self.write_layer(&state.rootfs, changes).await?;
+            let (layer, diff_id) = self
+                .write_layer(&state.rootfs, changes, ContentSources::new())
+                .await?;
             (Some(layer), Some(diff_id))
         };
         Ok(CacheRecord {
@@ -126,11 +129,14 @@ impl PlatformBuild<'_> {
             .unwrap_or_else(|| "/".into());
         let is_add = matches!(step.instruction, Instruction::Add(_));
         let target = CopyTarget::Skeleton(tree.clone(), dir.clone());
-        let result = self.copy_step(copy, is_add, &cwd, done, id, target).await;
+        // The skeleton is removed once the layer is written: only the layer reads it.
+        let result = self
+            .copy_step(copy, is_add, &cwd, done, id, target, true)
+            .await;
         let outcome = match result {
-            Ok(changes) if changes.is_empty() => Ok(Some((None, None))),
-            Ok(changes) => self
-                .write_layer(&dir, changes)
+            Ok((changes, _)) if changes.is_empty() => Ok(Some((None, None))),
+            Ok((changes, contents)) => self
+                .write_layer(&dir, changes, contents)
                 .await
                 .map(|(layer, diff_id)| Some((Some(layer), Some(diff_id)))),
             Err(CopyFailure::Failed(m)) => Err(m),
@@ -266,8 +272,10 @@ impl PlatformBuild<'_> {
             Instruction::Copy(copy) | Instruction::Add(copy) => {
                 let is_add = matches!(step.instruction, Instruction::Add(_));
                 let target = CopyTarget::Rootfs(state.rootfs.clone());
-                self.copy_step(copy, is_add, &cwd, done, id, target)
+                // Later steps read the rootfs: the files are copied.
+                self.copy_step(copy, is_add, &cwd, done, id, target, false)
                     .await
+                    .map(|(changes, _)| changes)
                     .map_err(|e| match e {
                         CopyFailure::Failed(e) => e,
                         // Only a skeleton needs the rootfs: not reached here.

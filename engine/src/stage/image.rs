@@ -1,12 +1,16 @@
 //! A platform's image: the layer of a change and the manifest and config of the stage.
 
 use super::*;
+use ossb_image::layer::ContentSources;
 
 impl PlatformBuild<'_> {
+    /// Writes the layer of `changes` of `rootfs` into the store; the files `contents` names
+    /// are placeholders whose bytes are read from there (see [`ContentSources`]).
     pub(super) async fn write_layer(
         &self,
         rootfs: &Path,
         changes: Vec<Change>,
+        contents: ContentSources,
     ) -> Result<(Descriptor, Digest), StepError> {
         let store = self.shared.store.clone();
         let rootfs = rootfs.to_path_buf();
@@ -16,9 +20,17 @@ impl PlatformBuild<'_> {
             level: self.req().export.compression_level,
         };
         tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), StepError> {
-            let mut writer = store.writer()?;
-            let written = layer::write_layer(&rootfs, &changes, &mut writer, &opts)?;
-            writer.commit(Some(&written.digest))?;
+            if !contents.is_empty() {
+                tracing::debug!(
+                    files = contents.len(),
+                    "layer bytes read from the context, not from a copy"
+                );
+            }
+            // write_layer hashes every byte it writes: the store need not hash them again.
+            let mut writer = store.writer_hashed_by_caller()?;
+            let written =
+                layer::write_layer_from(&rootfs, &changes, &contents, &mut writer, &opts)?;
+            writer.commit(&written.digest, written.size)?;
             let desc = Descriptor {
                 media_type: written.media_type.to_string(),
                 digest: written.digest,

@@ -63,7 +63,7 @@ use ossb_protocol::Digest;
 pub use apply::apply_layer;
 pub(crate) use apply::decompressed;
 pub use locate::{locate, Found};
-pub use write::{recompress, write_layer};
+pub use write::{recompress, write_layer, write_layer_from, ContentSources};
 
 /// Media type of a gzip-compressed layer.
 pub const MEDIA_TYPE_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";

@@ -66,7 +66,39 @@ pub fn write_layer(
     out: impl Write,
     opts: &LayerOptions,
 ) -> Result<WrittenLayer, LayerError> {
-    write_layer_on(rootfs, changes, out, opts, default_workers())
+    write_layer_on(
+        rootfs,
+        changes,
+        &ContentSources::new(),
+        out,
+        opts,
+        default_workers(),
+    )
+}
+
+/// Regular files of a rootfs whose bytes are in another file: the rootfs-relative path (as in
+/// a [`Change`]) to that file's host path.
+///
+/// A COPY whose rootfs nobody reads afterwards (a skeleton, `--link`'s directory) makes each
+/// copied file a placeholder of the right size, owner, mode, mtime and xattrs, and the layer
+/// takes the bytes from the source: a large COPY is then read once instead of copied into
+/// the rootfs and read back (see `ossb_worker::fs::copy_into_referencing`).
+pub type ContentSources = HashMap<PathBuf, PathBuf>;
+
+/// [`write_layer`], with the content of the files `sources` names read from their sources.
+///
+/// Everything but a file's bytes comes from the rootfs, so the layer is byte for byte the one
+/// the rootfs would give with the sources' bytes copied into it. A source is opened without
+/// following a symlink, must be a regular file and must have the placeholder's size (else
+/// [`LayerError::Io`]: it changed since it was copied).
+pub fn write_layer_from(
+    rootfs: &Path,
+    changes: &[Change],
+    sources: &ContentSources,
+    out: impl Write,
+    opts: &LayerOptions,
+) -> Result<WrittenLayer, LayerError> {
+    write_layer_on(rootfs, changes, sources, out, opts, default_workers())
 }
 
 /// The number of compression threads: the available parallelism, at most [`MAX_WORKERS`].
@@ -86,6 +118,7 @@ fn default_workers() -> usize {
 pub(super) fn write_layer_on(
     rootfs: &Path,
     changes: &[Change],
+    sources: &ContentSources,
     out: impl Write,
     opts: &LayerOptions,
     workers: usize,
@@ -112,6 +145,7 @@ pub(super) fn write_layer_on(
             write_tar(
                 root,
                 plan,
+                sources,
                 epoch,
                 ChunkWriter::new(tar_tx, tar_free_rx, CHUNKS),
             )
@@ -278,11 +312,13 @@ fn compress(
 fn write_tar(
     root: &Root,
     plan: &BTreeMap<PathBuf, bool>,
+    sources: &ContentSources,
     epoch: Option<i64>,
     out: ChunkWriter,
 ) -> Result<(), LayerError> {
     let mut w = TarWriter {
         root,
+        sources,
         out,
         epoch,
         dirs_written: HashSet::new(),
@@ -341,6 +377,7 @@ fn plan(changes: &[Change]) -> Result<BTreeMap<PathBuf, bool>, LayerError> {
 
 struct TarWriter<'r> {
     root: &'r Root,
+    sources: &'r ContentSources,
     out: ChunkWriter,
     epoch: Option<i64>,
     dirs_written: HashSet<PathBuf>,
@@ -516,6 +553,10 @@ impl TarWriter<'_> {
             None => kept_xattrs(dir.as_fd(), &name),
         }
         .map_err(io_err("reading extended attributes of"))?;
+        let file = match (file, self.sources.get(path)) {
+            (Some(_), Some(source)) => Some(open_source(source, meta.size, &entry)?),
+            (file, _) => file,
+        };
         self.write_header(&name_bytes, &meta, &xattrs, &entry)?;
         if let Some(file) = file {
             self.copy_content(file, meta.size, &entry)?;
@@ -656,6 +697,36 @@ impl TarWriter<'_> {
                 source,
             })
     }
+}
+
+/// The file holding the bytes of the placeholder `entry` (see [`ContentSources`]): a regular
+/// file, not followed if a symlink, of the placeholder's `size`.
+fn open_source(source: &Path, size: u64, entry: &str) -> Result<File, LayerError> {
+    let io_err = |op: &'static str| {
+        move |source: io::Error| LayerError::Io {
+            entry: entry.to_string(),
+            op,
+            source,
+        }
+    };
+    let fd = nix::fcntl::open(
+        source,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("opening the copied file's source")(e.into()))?;
+    let st =
+        fstat(&fd).map_err(|e| io_err("reading metadata of the copied file's source")(e.into()))?;
+    if !is_kind(&st, SFlag::S_IFREG) || st.st_size as u64 != size {
+        return Err(io_err("reading the copied file's source")(
+            io::Error::other(format!(
+                "{} changed while the step ran (now {} bytes, copied {size})",
+                source.display(),
+                st.st_size
+            )),
+        ));
+    }
+    Ok(File::from(fd))
 }
 
 fn invalid_header(entry: &str, e: io::Error) -> LayerError {

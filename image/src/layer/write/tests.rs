@@ -334,7 +334,15 @@ fn write_on(root: &Path, changes: &[Change], compression: Compression, workers: 
         level: None,
     };
     let mut out = Vec::new();
-    let written = write_layer_on(root, changes, &mut out, &opts, workers).unwrap();
+    let written = write_layer_on(
+        root,
+        changes,
+        &ContentSources::new(),
+        &mut out,
+        &opts,
+        workers,
+    )
+    .unwrap();
     assert_eq!(written.digest, Digest::of(&out));
     assert_eq!(written.size, out.len() as u64);
     out
@@ -461,8 +469,15 @@ fn a_failing_destination_or_a_vanished_file_is_reported_not_hung() {
     };
     for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
         for left in [0, 5000, 1 << 20] {
-            let err = write_layer_on(&src, &changes, Failing { left }, &opts(compression), 2)
-                .unwrap_err();
+            let err = write_layer_on(
+                &src,
+                &changes,
+                &ContentSources::new(),
+                Failing { left },
+                &opts(compression),
+                2,
+            )
+            .unwrap_err();
             match &err {
                 LayerError::Write { source, .. } => {
                     assert_eq!(source.to_string(), "disk full", "{compression:?}: {err}")
@@ -478,7 +493,15 @@ fn a_failing_destination_or_a_vanished_file_is_reported_not_hung() {
         kind: ChangeKind::Added,
     });
     for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
-        let err = write_layer_on(&src, &missing, Vec::new(), &opts(compression), 2).unwrap_err();
+        let err = write_layer_on(
+            &src,
+            &missing,
+            &ContentSources::new(),
+            Vec::new(),
+            &opts(compression),
+            2,
+        )
+        .unwrap_err();
         assert!(
             matches!(&err, LayerError::InvalidChange { path, .. } if path.ends_with("zz-missing")),
             "{compression:?}: {err}"
@@ -503,7 +526,8 @@ fn compression_levels_change_the_bytes_not_the_tar() {
             level,
         };
         let mut out = Vec::new();
-        let written = write_layer_on(&src, &changes, &mut out, &opts, 2).unwrap();
+        let written =
+            write_layer_on(&src, &changes, &ContentSources::new(), &mut out, &opts, 2).unwrap();
         assert_eq!(written.diff_id, Digest::of(&plain));
         out
     };
@@ -565,7 +589,15 @@ fn recompressing_keeps_the_tar() {
         assert_eq!(written.digest, Digest::of(&out));
         assert_eq!(written.media_type, to.media_type());
         let mut direct = Vec::new();
-        write_layer_on(&src, &changes, &mut direct, &opts, 2).unwrap();
+        write_layer_on(
+            &src,
+            &changes,
+            &ContentSources::new(),
+            &mut direct,
+            &opts,
+            2,
+        )
+        .unwrap();
         assert!(
             out == direct,
             "{to:?} {level:?}: not what writing it so gives"
@@ -578,4 +610,115 @@ fn recompressing_keeps_the_tar() {
         ..Default::default()
     };
     assert!(recompress(cut, Vec::new(), &opts).is_err());
+}
+
+/// A placeholder of `real`'s size, mode and mtime at `placeholder` (as a COPY by reference
+/// makes it), holding no data.
+fn placeholder_of(real: &Path, placeholder: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(real).unwrap();
+    let f = fs::File::create(placeholder).unwrap();
+    f.set_len(meta.len()).unwrap();
+    f.set_permissions(meta.permissions()).unwrap();
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.mtime() as u64);
+    f.set_modified(mtime).unwrap();
+}
+
+/// A layer whose files' bytes come from their sources (placeholders in the rootfs) is byte
+/// for byte the layer of the rootfs with the bytes copied in, in every compression.
+#[test]
+fn contents_from_sources_give_the_layer_of_the_copied_files() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let changes = tree(&src);
+    let rootfs = t.path().join("placeholders");
+    let mut sources = ContentSources::new();
+    for change in &changes {
+        let (real, copy) = (src.join(&change.path), rootfs.join(&change.path));
+        let meta = fs::symlink_metadata(&real).unwrap();
+        if meta.is_dir() {
+            fs::create_dir_all(&copy).unwrap();
+        } else if meta.file_type().is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&real).unwrap(), &copy).unwrap();
+        } else {
+            placeholder_of(&real, &copy);
+            sources.insert(change.path.clone(), real);
+        }
+    }
+    for change in changes.iter().rev() {
+        let meta = fs::symlink_metadata(src.join(&change.path)).unwrap();
+        if meta.is_dir() {
+            fs::set_permissions(rootfs.join(&change.path), meta.permissions()).unwrap();
+            let at = filetime_secs(&meta);
+            fs::File::open(rootfs.join(&change.path))
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        }
+    }
+    assert!(sources.len() > 100);
+    for compression in [Compression::Gzip, Compression::Zstd, Compression::None] {
+        let opts = LayerOptions {
+            compression,
+            source_date_epoch: Some(0),
+            level: None,
+        };
+        let copied = write_on(&src, &changes, compression, 2);
+        let mut referenced = Vec::new();
+        let written =
+            write_layer_on(&rootfs, &changes, &sources, &mut referenced, &opts, 2).unwrap();
+        assert_eq!(written.digest, Digest::of(&referenced));
+        assert!(
+            referenced == copied,
+            "{compression:?}: the layer from the sources differs"
+        );
+        // Without the sources, the placeholders' zeros are what the layer holds.
+        let mut zeros = Vec::new();
+        write_layer_on(
+            &rootfs,
+            &changes,
+            &ContentSources::new(),
+            &mut zeros,
+            &opts,
+            2,
+        )
+        .unwrap();
+        assert!(zeros != copied);
+    }
+}
+
+fn filetime_secs(meta: &fs::Metadata) -> std::time::SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.mtime() as u64)
+}
+
+/// A source that is no longer the size copied (changed since), or is now a symlink, is an
+/// error naming the entry, never a layer with other bytes.
+#[test]
+fn a_source_changed_since_the_copy_is_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, rootfs) = (t.path().join("src"), t.path().join("rootfs"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&rootfs).unwrap();
+    fs::write(src.join("f"), b"hello").unwrap();
+    placeholder_of(&src.join("f"), &rootfs.join("f"));
+    let changes = vec![Change {
+        path: "f".into(),
+        kind: ChangeKind::Added,
+    }];
+    let sources = ContentSources::from([(PathBuf::from("f"), src.join("f"))]);
+    let opts = LayerOptions::default();
+    write_layer_on(&rootfs, &changes, &sources, Vec::new(), &opts, 1).unwrap();
+    fs::write(src.join("f"), b"hello, longer").unwrap();
+    let err = write_layer_on(&rootfs, &changes, &sources, Vec::new(), &opts, 1).unwrap_err();
+    assert!(
+        err.to_string().contains("changed while the step ran"),
+        "{err}"
+    );
+    fs::remove_file(src.join("f")).unwrap();
+    fs::write(src.join("g"), b"hello").unwrap();
+    std::os::unix::fs::symlink("g", src.join("f")).unwrap();
+    let err = write_layer_on(&rootfs, &changes, &sources, Vec::new(), &opts, 1).unwrap_err();
+    assert!(err.to_string().contains('f'), "{err}");
 }
