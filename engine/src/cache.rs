@@ -610,7 +610,11 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
     // Under the exclusive lease no build runs: every work directory is a killed build's, and
     // temporary files are interrupted writes (kept a while: a partial download resumes).
     // SBOM scans kept by layer digests go as step records do, when stale.
-    let kept_while_fresh = [cache_dir.join("tmp"), cache_dir.join("sbom")];
+    let kept_while_fresh = [
+        cache_dir.join("tmp"),
+        cache_dir.join("sbom"),
+        cache_dir.join(crate::attestations::STAMPS),
+    ];
     for (path, modified, size) in leftovers(cache_dir)? {
         let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if kept_while_fresh.contains(&parent) && !stale(modified) {
@@ -671,6 +675,7 @@ fn leftovers(cache_dir: &Path) -> io::Result<Vec<(PathBuf, std::time::SystemTime
         cache_dir.join("work"),
         cache_dir.join("tmp"),
         cache_dir.join("sbom"),
+        cache_dir.join(crate::attestations::STAMPS),
     ] {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,

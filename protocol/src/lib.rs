@@ -15,7 +15,7 @@ pub mod wire;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use platform::{Platform, PlatformError};
-pub use time::rfc3339;
+pub use time::{parse_rfc3339, rfc3339};
 
 /// `text` cut to its first `max_chars` characters, saying how much was left out, for messages
 /// and logs that may quote user input of any length.

@@ -17,6 +17,49 @@ pub fn rfc3339(secs: i64) -> Option<String> {
     ))
 }
 
+/// The seconds since the Unix epoch of a UTC RFC 3339 time as images' configs spell it
+/// (`YYYY-MM-DDTHH:MM:SS`, an optional fraction, dropped, then `Z`); `None` for anything else.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| std::str::from_utf8(part).ok()?.parse().ok())?
+    };
+    let seps = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if seps.iter().any(|(i, c)| b.get(*i) != Some(c)) {
+        return None;
+    }
+    let rest = b.get(19..)?;
+    let frac = match rest.first() {
+        Some(b'.') => rest[1..].iter().take_while(|c| c.is_ascii_digit()).count() + 1,
+        _ => 0,
+    };
+    if frac == 1 || &rest[frac..] != b"Z" {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
 /// The proleptic Gregorian date of a day number (days since 1970-01-01), by Howard Hinnant's
 /// `civil_from_days`; i128 so no i64 input overflows.
 fn civil_from_days(days: i64) -> (i128, u32, u32) {
@@ -43,6 +86,36 @@ mod tests {
         assert_eq!(rfc3339(1_700_000_000).unwrap(), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(-1).unwrap(), "1969-12-31T23:59:59Z");
         assert_eq!(rfc3339(253_402_300_799).unwrap(), "9999-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn parses_what_it_formats_and_configs_spell() {
+        for secs in [
+            0,
+            951_782_400,
+            1_700_000_000,
+            -1,
+            253_402_300_799,
+            1_234_567_890,
+        ] {
+            assert_eq!(parse_rfc3339(&rfc3339(secs).unwrap()), Some(secs));
+        }
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.123456789Z"),
+            Some(1_700_000_000)
+        );
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-11-14T22:13:20",
+            "2023-11-14T22:13:20+01:00",
+            "2023-13-14T22:13:20Z",
+            "2023-11-14T22:13:20.Z",
+            "2023-11-14 22:13:20Z",
+            "2023-1a-14T22:13:20Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -378,6 +378,63 @@ fn attestations_are_off_on_request_and_reproducible() {
     );
 }
 
+/// A rebuild that runs nothing keeps the provenance of the build that made its image (times
+/// and invocation id; BuildKit stamps each build anew), so the attestation, the index and the
+/// tag's digest stay and the push sends nothing new. Anything else the provenance records
+/// makes a new one: an added build arg does (`mode=max` records args), though the image stays
+/// the same.
+#[test]
+fn a_rebuild_that_runs_nothing_keeps_its_provenance() {
+    let Some(env) = TestEnv::get() else { return };
+    let reg = env.registry();
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = format!("{reg}/{}", env.var("OSSB_TEST_BUSYBOX"));
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {busybox}\nRUN echo kept > /k\n"),
+        &[],
+    );
+    let image = format!("{reg}/tests/{}:latest", unique("stamp"));
+    let cache = dir.path().join("cache");
+    let push = |extra: &[&str]| -> (Value, String) {
+        let mut args = vec![
+            "build",
+            "--progress",
+            "plain",
+            "--insecure-registry",
+            &reg,
+            "-t",
+            &image,
+            "--push",
+            "--provenance=mode=max",
+        ];
+        args.extend_from_slice(extra);
+        args.push(ctx.to_str().unwrap());
+        let run = ossb(&env, &cache, &args).success("ossb build --push");
+        // Whole seconds apart: a new stamp would differ.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        (json(inspect_raw(&image).stdout.as_bytes()), run.stderr)
+    };
+    let (first, _) = push(&[]);
+    assert_eq!(first["manifests"].as_array().unwrap().len(), 2, "{first:#}");
+    let (again, log) = push(&[]);
+    assert!(log.contains("0 steps run"), "{log}");
+    assert_eq!(again, first, "a fully cached rebuild pushed another index");
+
+    let (with_arg, _) = push(&["--build-arg", "UNUSED=1"]);
+    assert_eq!(
+        with_arg["manifests"][0], first["manifests"][0],
+        "the image stays"
+    );
+    assert_ne!(
+        with_arg["manifests"][1]["digest"], first["manifests"][1]["digest"],
+        "a new build arg must be in a new provenance"
+    );
+    // Back as the first build asked: its provenance again, stamp and all.
+    let (back, _) = push(&[]);
+    assert_eq!(back, first);
+}
+
 /// The SBOM of the Debian image with `apt-get install jq`: every package of the image's dpkg
 /// status is in it, with its version, jq among them. A local export writes the statements
 /// beside the files, as BuildKit does, about those files.
@@ -650,6 +707,12 @@ fn the_cluster_attests_what_its_workers_built() {
             .iter()
             .any(|s| s["predicateType"] == "https://spdx.dev/Document"));
     }
+    // Submitted again: every step cached cluster-wide, the provenance of the first build is
+    // kept (as `ossb build` keeps it), so the index is the same.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = submit.output().unwrap();
+    assert!(again.status.success(), "{}", cluster.logs());
+    assert_eq!(json(inspect_raw(&image).stdout.as_bytes()), index);
 }
 
 const GIT_TOKEN: &str = "ghp-GIT-TOKEN-never-in-an-attestation";

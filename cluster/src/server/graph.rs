@@ -516,7 +516,7 @@ async fn run_targets(
                                     .collect();
                                 peers.sort();
                                 peers.dedup();
-                                merges.push(merge_target(t, targets[t].spec, images, peers, started));
+                                merges.push(merge_target(t, targets[t].spec, images, peers, started, &state.state_dir));
                             }
                         }
                     }
@@ -673,9 +673,10 @@ async fn merge_target(
     images: Vec<PlatformOutcome>,
     peers: Vec<String>,
     started: i64,
+    state_dir: &Path,
 ) -> (usize, Result<BuiltImage, Failure>) {
     let result = match images.len() == spec.platforms.len() {
-        true => merge_and_push(spec, images, peers, started).await,
+        true => merge_and_push(spec, images, peers, started, state_dir).await,
         false => Err(failure("no image was built for a platform of the build", 1)),
     };
     (t, result)

@@ -7,12 +7,14 @@ use super::*;
 /// last: the workers pushed the manifests and their blobs by digest already. A push asked to
 /// be attested gets each platform's attestation manifest, written here from every task's
 /// facts and the exporting task's SBOM (the engine's writer, as `ossb build`'s), pushed by
-/// digest before the index that lists it after the images. `started`: when the build began.
+/// digest before the index that lists it after the images. `started`: when the build began;
+/// `state_dir`: the coordinator's (the provenance stamps a rebuild that runs nothing keeps).
 pub(super) async fn merge_and_push(
     spec: &BuildSpec,
     outcomes: Vec<PlatformOutcome>,
     cache_peers: Vec<String>,
     started: i64,
+    state_dir: &Path,
 ) -> Result<BuiltImage, Failure> {
     let bad =
         |e: serde_json::Error| failure(format!("a worker sent an invalid descriptor: {e}"), 1);
@@ -29,7 +31,7 @@ pub(super) async fn merge_and_push(
         BlobStore::open(scratch.path().join("store")).map_err(|e| failure(e.to_string(), 1))?;
     let (attested, statement_files) =
         match spec.attest != ossb_protocol::cluster::AttestSpec::default() {
-            true => attest(spec, &outcomes, &descriptors, &store, started)?,
+            true => attest(spec, &outcomes, &descriptors, &store, started, state_dir)?,
             false => (Vec::new(), Vec::new()),
         };
     let index = |manifests: &[Descriptor]| {
@@ -123,9 +125,11 @@ fn attest(
     descriptors: &[Descriptor],
     store: &BlobStore,
     started: i64,
+    state_dir: &Path,
 ) -> Result<Attested, Failure> {
     let inputs = crate::attest::inputs_of(spec);
     let finished = ossb_engine::build::now();
+    let ran_nothing = outcomes.iter().all(|o| o.run == 0);
     let attestations: Vec<ossb_engine::attestations::Attestation> = outcomes
         .iter()
         .zip(descriptors)
@@ -145,6 +149,7 @@ fn attest(
                 finished,
             )
             .with_extra_sboms(o.extra_sboms.clone())
+            .keep_stamp_when_unchanged(state_dir, &d.digest, ran_nothing)
         })
         .collect();
     let pairs: Vec<_> = descriptors.iter().zip(&attestations).collect();

@@ -40,7 +40,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -211,6 +211,8 @@ struct State {
     step_writes: mpsc::UnboundedSender<([u8; 32], StepRecord)>,
     /// Workers need a moment to register after a coordinator starts.
     started: Instant,
+    /// The state directory: the provenance stamps a rebuild that runs nothing keeps.
+    state_dir: PathBuf,
 }
 
 impl State {
@@ -278,6 +280,7 @@ impl Coordinator {
             records,
             step_writes,
             started: Instant::now(),
+            state_dir: config.state_dir.clone(),
         });
         let metrics = match config.metrics {
             Some(addr) => Some(serve_metrics(addr, state.clone()).await?),

@@ -2,6 +2,7 @@
 //! `--attest`, as options of the request.
 
 mod facts;
+mod unchanged;
 mod vcs;
 mod write;
 
@@ -9,6 +10,7 @@ pub use ossb_attest::{Mode as ProvenanceMode, SlsaVersion};
 
 pub(crate) use facts::{image_material, Facts};
 pub use facts::{PlatformFacts, StepFact};
+pub(crate) use unchanged::DIR as STAMPS;
 pub use vcs::vcs_of;
 pub(crate) use write::{attach, write_local_files};
 pub use write::{

@@ -112,6 +112,21 @@ impl Attestation {
         }
     }
 
+    /// Keeps the provenance's times and invocation id of the last build that made `image`
+    /// with the same provenance otherwise, when this build `ran_nothing` (see
+    /// [`super::unchanged`]); records them otherwise. `dir`: the cache or state directory.
+    pub fn keep_stamp_when_unchanged(
+        mut self,
+        dir: &Path,
+        image: &Digest,
+        ran_nothing: bool,
+    ) -> Self {
+        if let Some((options, provenance)) = &mut self.provenance {
+            super::unchanged::keep_stamp(dir, image, options, provenance, ran_nothing);
+        }
+        self
+    }
+
     /// With the SBOMs of the stages and context `BUILDKIT_SBOM_SCAN_*` add, by name; they
     /// follow the image's own, sorted by name, as BuildKit's unbundling orders them.
     pub fn with_extra_sboms(mut self, mut extras: Vec<(String, Vec<u8>)>) -> Attestation {
@@ -183,9 +198,11 @@ pub(crate) async fn attach(
             false => (None, Vec::new()),
         };
         let facts = shared.facts.of(&platform);
+        let ran_nothing = shared.stats.lock().unwrap_or_else(|e| e.into_inner()).run == 0;
         out.push(
             Attestation::new(&inputs, platform, &facts, sbom, started, finished)
-                .with_extra_sboms(extras),
+                .with_extra_sboms(extras)
+                .keep_stamp_when_unchanged(&req.cache_dir, &image.manifest.digest, ran_nothing),
         );
     }
     Ok(out)
@@ -408,7 +425,7 @@ async fn sbom_of(
     let packages = scan_layers(shared, &image.stage.layers, image.rootfs.clone(), label).await?;
     let name = req.tags.first().cloned().unwrap_or_else(|| "image".into());
     let supplier = supplier_of(req, &image.stage.config);
-    Ok(spdx(req, name, supplier, image, &packages))
+    Ok(spdx(&shared.store, req, name, supplier, image, &packages))
 }
 
 /// The SBOMs `BUILDKIT_SBOM_SCAN_STAGE` (each stage asked for, by its name) and
@@ -429,7 +446,14 @@ async fn extra_sboms_of(
         let doc_name = format!("{image_name} (stage {name})");
         out.push((
             name.clone(),
-            spdx(req, doc_name, supplier.clone(), image, &packages),
+            spdx(
+                &shared.store,
+                req,
+                doc_name,
+                supplier.clone(),
+                image,
+                &packages,
+            ),
         ));
     }
     if image.sbom_extras.context {
@@ -456,7 +480,7 @@ async fn extra_sboms_of(
         let doc_name = format!("{image_name} (build context)");
         out.push((
             "context".into(),
-            spdx(req, doc_name, supplier, image, &packages),
+            spdx(&shared.store, req, doc_name, supplier, image, &packages),
         ));
     }
     Ok(out)
@@ -497,17 +521,29 @@ fn copy_scanned_files(
     Ok(())
 }
 
+/// When the image whose config is `config` was made (the config's `created`).
+fn made_at(store: &BlobStore, config: &Digest) -> Option<i64> {
+    let bytes = store.read(config).ok()?;
+    let config: ossb_image::oci::ImageConfig = serde_json::from_slice(&bytes).ok()?;
+    ossb_protocol::parse_rfc3339(config.created.as_deref()?)
+}
+
 /// An SPDX document of `packages`, named `name`, for an attestation of `image`.
 fn spdx(
+    store: &BlobStore,
     req: &BuildRequest,
     name: String,
     supplier: Option<ossb_sbom::Supplier>,
     image: &PlatformImage,
     packages: &[ossb_sbom::Package],
 ) -> Vec<u8> {
+    // Dated when the image was made (its config's time, SOURCE_DATE_EPOCH's when set), so
+    // a rebuild that runs nothing gives the same document.
+    let made = made_at(store, &image.config);
     let created = UNIX_EPOCH
         + Duration::from_secs(
             req.source_date_epoch
+                .or(made)
                 .unwrap_or_else(crate::build::now)
                 .max(0) as u64,
         );
