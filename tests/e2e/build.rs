@@ -1106,7 +1106,10 @@ fn a_rebuild_after_one_file_changed_writes_the_cold_builds_layer_from_the_contex
         "the rebuilt COPY should write its layer from the context:\n{log}"
     );
     let (cold, _) = build_epoch(&env, &dir.path().join("cold"), &ctx, &[]);
-    assert_eq!(rebuilt, cold, "a cold build of the same content gives another image");
+    assert_eq!(
+        rebuilt, cold,
+        "a cold build of the same content gives another image"
+    );
     let (copied, log) = build_epoch(
         &env,
         &dir.path().join("copied"),
