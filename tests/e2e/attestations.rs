@@ -410,7 +410,8 @@ fn a_rebuild_that_runs_nothing_keeps_its_provenance() {
         ];
         args.extend_from_slice(extra);
         args.push(ctx.to_str().unwrap());
-        let run = ossb(&env, &cache, &args).success("ossb build --push");
+        let debug = [("OSSB_LOG", "ossb_image::registry=debug")];
+        let run = ossb_with(&env, &cache, &args, &debug).success("ossb build --push");
         // Whole seconds apart: a new stamp would differ.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         (json(inspect_raw(&image).stdout.as_bytes()), run.stderr)
@@ -420,8 +421,11 @@ fn a_rebuild_that_runs_nothing_keeps_its_provenance() {
     let (again, log) = push(&[]);
     assert!(log.contains("0 steps run"), "{log}");
     assert_eq!(again, first, "a fully cached rebuild pushed another index");
+    // The registry has that index under the tag: one HEAD, nothing uploaded or put.
+    assert!(log.contains("already in the registry under the tag"), "{log}");
 
-    let (with_arg, _) = push(&["--build-arg", "UNUSED=1"]);
+    let (with_arg, log) = push(&["--build-arg", "UNUSED=1"]);
+    assert!(!log.contains("already in the registry"), "{log}");
     assert_eq!(
         with_arg["manifests"][0], first["manifests"][0],
         "the image stays"

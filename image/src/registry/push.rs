@@ -60,6 +60,19 @@ impl Registry {
             what: what.into(),
             detail: e.to_string(),
         };
+        let tag = reference
+            .tag()
+            .map(str::to_string)
+            .or(reference.digest().map(str::to_string))
+            .unwrap_or_else(|| "latest".into());
+        // A rebuild that changed nothing: the registry holds this very manifest under the
+        // tag, and so everything it names (a registry takes a manifest only once what it
+        // names is there, and this one pushes them first). One round trip instead of a HEAD
+        // per blob and a PUT per manifest.
+        if self.tagged_already(&repo, &tag, top).await {
+            tracing::debug!(%top.digest, tag, "already in the registry under the tag");
+            return Ok(top.digest);
+        }
         let top_bytes = store.read(&top.digest)?;
         let manifests: Vec<(Descriptor, Vec<u8>)> = if media_type::is_index(&top.media_type) {
             let index: Index =
@@ -108,13 +121,33 @@ impl Registry {
                 })
                 .await?;
         }
-        let tag = reference
-            .tag()
-            .map(str::to_string)
-            .or(reference.digest().map(str::to_string))
-            .unwrap_or_else(|| "latest".into());
         self.put_manifest(repo, reference, &tag, &top_bytes, &top.media_type)
             .await
+    }
+
+    /// Whether `tag` of `repo` names `top` already (`Docker-Content-Digest` of a HEAD);
+    /// false on any error, so the push goes on as usual.
+    async fn tagged_already(&self, repo: &Repo, tag: &str, top: &Descriptor) -> bool {
+        let url = format!(
+            "{}{}/manifests/{tag}",
+            self.transport.base_url(&repo.host),
+            repo.repository
+        );
+        let scopes = [Scope::push(&repo.repository)];
+        let resp = self
+            .transport
+            .send(&repo.host, &scopes, &|c| {
+                c.head(&url)
+                    .header(reqwest::header::ACCEPT, &top.media_type)
+            })
+            .await;
+        let Ok(resp) = resp else { return false };
+        resp.status() == StatusCode::OK
+            && resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                == Some(top.digest.to_string().as_str())
     }
 
     /// Pushes `blobs` (those the registry lacks), then `manifest` under `reference`'s tag (or
