@@ -272,11 +272,17 @@ pub fn time_builders(
     let order = |round: usize| (0..k).map(move |j| (j + round) % k);
     let mut cold: Vec<Vec<Sample>> = vec![Vec::new(); k];
     let mut stores: Vec<Option<Store>> = (0..k).map(|_| None).collect();
+    // Earlier cold runs' stores are removed after the last timing, not right before the
+    // builder's next cold run: on ext4 without a journal (this machine's disk) removing 20,000
+    // files makes the next 20,000 creates several times slower for minutes, so that order
+    // timed the bench's own `rm -rf`, not a builder's cold start (BENCHMARKS.md, 2026-12-07).
+    // BuildKit's cache lives in its dockerd and is still pruned before each cold run.
+    let mut retired: Vec<(Store, Builder)> = Vec::new();
     for i in 0..n {
         for b in order(i) {
             let builder = builders[b];
             if let Some(s) = stores[b].take() {
-                s.remove(builder, dockerd);
+                retired.push((s, builder));
             }
             let s = Store::fresh(scratch, builder, i, dockerd);
             let cmd = build_command(env, builder, w, &s, dockerd);
@@ -311,6 +317,9 @@ pub fn time_builders(
     }
     std::fs::write(&w.changed_file, original).unwrap();
     for (store, &builder) in stores.into_iter().zip(builders) {
+        store.remove(builder, dockerd);
+    }
+    for (store, builder) in retired {
         store.remove(builder, dockerd);
     }
     (0..k)
