@@ -29,6 +29,14 @@ pub fn vcs_of(
         return Ok(out);
     };
     let has_git_dir = wd.join(".git").is_dir();
+    // git finds a work tree by a `.git` in the directory or one above it (or by GIT_DIR):
+    // without one there is nothing to ask git, and no process to start on every build.
+    let in_a_repo = wd.ancestors().any(|d| d.join(".git").exists())
+        || env.contains_key("GIT_DIR")
+        || std::env::var_os("GIT_DIR").is_some();
+    if !in_a_repo {
+        return Ok(out);
+    }
     let git = Git { dir: wd.clone() };
     match git.run(&["rev-parse", "--is-inside-work-tree"]) {
         Err(GitError::Missing) if has_git_dir => {
