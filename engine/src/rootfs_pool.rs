@@ -21,8 +21,9 @@ use ossb_protocol::Digest;
 
 /// The most trees kept; when a build adds one more, the least recently kept go down to half.
 const MAX_KEPT: usize = 8;
-/// The share of the filesystem kept free: below it, trees go, oldest first.
-const MIN_FREE_PERCENT: u64 = 10;
+/// The free space kept on the pool's filesystem: below it, trees go, oldest first. Bytes, not
+/// a share of the filesystem: a thin-provisioned disk reports a size it may never have.
+const MIN_FREE: u64 = 4 << 30;
 /// Trees kept are under `<cache>/rootfs/<key>/tree`; the entry's own mtime says when.
 const TREE: &str = "tree";
 
@@ -33,6 +34,8 @@ pub(crate) struct RootfsPool {
     owner: String,
     /// Trees of finished stages, with the layers each holds, kept when the build ends.
     to_keep: Mutex<Vec<(PathBuf, Vec<Digest>)>>,
+    /// [`MIN_FREE`], but for tests.
+    min_free: u64,
 }
 
 impl RootfsPool {
@@ -41,6 +44,7 @@ impl RootfsPool {
             dir: cache_dir.join("rootfs"),
             owner: std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default(),
             to_keep: Mutex::new(Vec::new()),
+            min_free: MIN_FREE,
         }
     }
 
@@ -113,7 +117,7 @@ impl RootfsPool {
     }
 
     /// Removes the least recently kept trees: down to half when over [`MAX_KEPT`], and while
-    /// the filesystem has less than [`MIN_FREE_PERCENT`] free (the newest tree stays).
+    /// the filesystem has less than [`MIN_FREE`] free (the newest tree stays).
     fn evict(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
@@ -148,10 +152,10 @@ impl RootfsPool {
         }
     }
 
-    /// Whether the pool's filesystem has less than [`MIN_FREE_PERCENT`] of its space free.
+    /// Whether the pool's filesystem has less than `min_free` bytes free.
     fn disk_low(&self) -> bool {
         match nix::sys::statvfs::statvfs(&self.dir) {
-            Ok(s) => s.blocks_available() * 100 < s.blocks() * MIN_FREE_PERCENT,
+            Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()) < self.min_free,
             Err(_) => false,
         }
     }
@@ -181,6 +185,35 @@ fn remove(entry: &Path) {
 mod tests {
     use super::*;
 
+    /// A pool that never finds the disk low (the test machine's disk is not the subject).
+    fn test_pool(cache: &Path) -> RootfsPool {
+        let mut pool = RootfsPool::open(cache);
+        pool.min_free = 0;
+        pool
+    }
+
+    #[test]
+    fn a_low_disk_leaves_only_the_newest_tree() {
+        let cache = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let mut pool = test_pool(cache.path());
+        for n in 0..3 {
+            pool.keep_at_end(&tree(work.path(), &format!("t{n}"), "f"), &[digest(n)]);
+            pool.finish();
+            std::thread::sleep(std::time::Duration::from_millis(15));
+        }
+        assert_eq!(std::fs::read_dir(&pool.dir).unwrap().count(), 3);
+        pool.min_free = u64::MAX;
+        pool.keep_at_end(&tree(work.path(), "t3", "f"), &[digest(3)]);
+        pool.finish();
+        let left: Vec<_> = std::fs::read_dir(&pool.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(left, vec![pool.dir.join(pool.key(&[digest(3)]))]);
+    }
+
     fn digest(n: u8) -> Digest {
         Digest::of(&[n])
     }
@@ -196,7 +229,7 @@ mod tests {
     fn a_kept_tree_is_taken_by_the_longest_prefix_of_layers_it_holds() {
         let cache = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
-        let pool = RootfsPool::open(cache.path());
+        let pool = test_pool(cache.path());
         let (a, b, c) = (digest(1), digest(2), digest(3));
         pool.keep_at_end(&tree(work.path(), "one", "a"), &[a]);
         pool.keep_at_end(&tree(work.path(), "two", "ab"), &[a, b]);
@@ -224,7 +257,7 @@ mod tests {
     fn a_second_tree_of_the_same_layers_stays_where_it_was() {
         let cache = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
-        let pool = RootfsPool::open(cache.path());
+        let pool = test_pool(cache.path());
         pool.keep_at_end(&tree(work.path(), "first", "x"), &[digest(1)]);
         pool.keep_at_end(&tree(work.path(), "second", "y"), &[digest(1)]);
         pool.finish();
@@ -238,7 +271,7 @@ mod tests {
     fn a_full_pool_evicts_the_oldest_down_to_half() {
         let cache = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
-        let pool = RootfsPool::open(cache.path());
+        let pool = test_pool(cache.path());
         for n in 0..=MAX_KEPT as u8 {
             pool.keep_at_end(&tree(work.path(), &format!("t{n}"), "f"), &[digest(n)]);
             pool.finish();
@@ -258,10 +291,10 @@ mod tests {
     fn a_tree_of_another_id_map_is_not_taken() {
         let cache = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
-        let pool = RootfsPool::open(cache.path());
+        let pool = test_pool(cache.path());
         pool.keep_at_end(&tree(work.path(), "t", "f"), &[digest(1)]);
         pool.finish();
-        let mut other = RootfsPool::open(cache.path());
+        let mut other = test_pool(cache.path());
         other.owner = "0 100000 65536\n".into();
         assert_eq!(other.take(&[digest(1)], &work.path().join("x")), 0);
         assert_eq!(pool.take(&[digest(1)], &work.path().join("y")), 1);
