@@ -422,7 +422,10 @@ fn a_rebuild_that_runs_nothing_keeps_its_provenance() {
     assert!(log.contains("0 steps run"), "{log}");
     assert_eq!(again, first, "a fully cached rebuild pushed another index");
     // The registry has that index under the tag: one HEAD, nothing uploaded or put.
-    assert!(log.contains("already in the registry under the tag"), "{log}");
+    assert!(
+        log.contains("already in the registry under the tag"),
+        "{log}"
+    );
 
     let (with_arg, log) = push(&["--build-arg", "UNUSED=1"]);
     assert!(!log.contains("already in the registry"), "{log}");
