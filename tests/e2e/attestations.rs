@@ -276,6 +276,34 @@ fn a_two_platform_push_carries_provenance_and_sbom_per_image() {
 /// build that writes none (one platform: a plain manifest, the same digest as the OCI
 /// export's); the default push carries a `mode=min` provenance about that same manifest.
 /// With SOURCE_DATE_EPOCH the attested index is the same bytes build after build.
+/// `ossb build -t image --push` of `ctx` with `flags` and the environment `vars`, caching in
+/// `cache`; its progress output.
+fn push_build(
+    env: &TestEnv,
+    cache: &Path,
+    ctx: &Path,
+    image: &str,
+    flags: &[&str],
+    vars: &[(&str, &str)],
+) -> String {
+    let reg = env.registry();
+    let mut args = vec![
+        "build",
+        "--progress",
+        "plain",
+        "--insecure-registry",
+        &reg,
+        "-t",
+        image,
+        "--push",
+    ];
+    args.extend_from_slice(flags);
+    args.push(ctx.to_str().unwrap());
+    ossb_with(env, cache, &args, vars)
+        .success(&format!("ossb build --push {image}"))
+        .stderr
+}
+
 #[test]
 fn attestations_are_off_on_request_and_reproducible() {
     let Some(env) = TestEnv::get() else { return };
@@ -294,20 +322,8 @@ fn attestations_are_off_on_request_and_reproducible() {
     let push_as = |tag: &str, run: &str, flags: &[&str], extra: &[(&str, &str)]| -> String {
         let image = format!("{repo}:{tag}");
         let cache = dir.path().join(format!("cache-{run}"));
-        let mut args = vec![
-            "build",
-            "--progress",
-            "plain",
-            "--insecure-registry",
-            &reg,
-            "-t",
-            &image,
-            "--push",
-        ];
-        args.extend_from_slice(flags);
-        args.push(ctx.to_str().unwrap());
         let env_vars: Vec<(&str, &str)> = epoch.iter().chain(extra).copied().collect();
-        ossb_with(&env, &cache, &args, &env_vars).success(&format!("ossb build ({tag})"));
+        push_build(&env, &cache, &ctx, &image, flags, &env_vars);
         let raw = inspect_raw(&image).stdout;
         format!("sha256:{}", ossb_protocol::Digest::of(raw.as_bytes()).hex())
     };
@@ -397,24 +413,12 @@ fn a_rebuild_that_runs_nothing_keeps_its_provenance() {
     let image = format!("{reg}/tests/{}:latest", unique("stamp"));
     let cache = dir.path().join("cache");
     let push = |extra: &[&str]| -> (Value, String) {
-        let mut args = vec![
-            "build",
-            "--progress",
-            "plain",
-            "--insecure-registry",
-            &reg,
-            "-t",
-            &image,
-            "--push",
-            "--provenance=mode=max",
-        ];
-        args.extend_from_slice(extra);
-        args.push(ctx.to_str().unwrap());
+        let flags = [&["--provenance=mode=max"], extra].concat();
         let debug = [("OSSB_LOG", "ossb_image::registry=debug")];
-        let run = ossb_with(&env, &cache, &args, &debug).success("ossb build --push");
+        let log = push_build(&env, &cache, &ctx, &image, &flags, &debug);
         // Whole seconds apart: a new stamp would differ.
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        (json(inspect_raw(&image).stdout.as_bytes()), run.stderr)
+        (json(inspect_raw(&image).stdout.as_bytes()), log)
     };
     let (first, _) = push(&[]);
     assert_eq!(first["manifests"].as_array().unwrap().len(), 2, "{first:#}");
