@@ -516,8 +516,9 @@ impl<'a> PlatformBuild<'a> {
         }
         if state.materialized {
             // What the steps left is what the layers hold: a later build may start from it.
-            let layers: Vec<Digest> = state.layers.iter().map(|l| l.digest).collect();
-            self.shared.rootfs_pool.keep_at_end(&state.rootfs, &layers);
+            self.shared
+                .rootfs_pool
+                .keep_at_end(&state.rootfs, &digests(&state.layers));
         }
         Ok(state)
     }
@@ -539,8 +540,9 @@ impl<'a> PlatformBuild<'a> {
                 .unpacked_for_readers
                 .get_or_try_init(|| async {
                     self.unpack_rootfs(&state.layers, &state.rootfs).await?;
-                    let layers: Vec<Digest> = state.layers.iter().map(|l| l.digest).collect();
-                    self.shared.rootfs_pool.keep_at_end(&state.rootfs, &layers);
+                    self.shared
+                        .rootfs_pool
+                        .keep_at_end(&state.rootfs, &digests(&state.layers));
                     Ok::<_, StepError>(())
                 })
                 .await?;
@@ -555,8 +557,7 @@ impl<'a> PlatformBuild<'a> {
         if rootfs.exists() {
             std::fs::remove_dir_all(rootfs).map_err(failed("clearing a rootfs"))?;
         }
-        let digests: Vec<Digest> = layers.iter().map(|l| l.digest).collect();
-        let kept = self.shared.rootfs_pool.take(&digests, rootfs);
+        let kept = self.shared.rootfs_pool.take(&digests(layers), rootfs);
         let layers = &layers[kept..];
         if kept == 0 {
             std::fs::create_dir_all(rootfs).map_err(failed("creating the rootfs"))?;
@@ -722,6 +723,11 @@ fn base_info(config: &ImageConfig) -> BaseImageInfo {
         user: rc.user.clone().unwrap_or_default(),
         shell: rc.shell.clone().unwrap_or_default(),
     }
+}
+
+/// The digests of `layers`, in order (what a kept rootfs is known by).
+fn digests(layers: &[Descriptor]) -> Vec<Digest> {
+    layers.iter().map(|l| l.digest).collect()
 }
 
 /// Applies `layers` onto `rootfs`; returns the warnings (entries skipped).
