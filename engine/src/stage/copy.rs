@@ -36,13 +36,7 @@ impl PlatformBuild<'_> {
             true => Some(snapshot(&root, false).await?),
             false => None,
         };
-        let cwd = state
-            .config
-            .config
-            .working_dir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into());
+        let cwd = state.cwd();
         let target = CopyTarget::Rootfs(root.clone());
         // The directory is the layer and goes with it: its files can be placeholders.
         let (written, contents) = self

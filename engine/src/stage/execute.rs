@@ -120,13 +120,7 @@ impl PlatformBuild<'_> {
             path: dir.clone(),
             source,
         })?;
-        let cwd = state
-            .config
-            .config
-            .working_dir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into());
+        let cwd = state.cwd();
         let is_add = matches!(step.instruction, Instruction::Add(_));
         let target = CopyTarget::Skeleton(tree.clone(), dir.clone());
         // The skeleton is removed once the layer is written: only the layer reads it.
@@ -200,12 +194,8 @@ impl PlatformBuild<'_> {
         overlay: Option<&ossb_worker::overlay::OverlayDirs>,
     ) -> Result<Vec<Change>, StepError> {
         let req = self.req();
+        let cwd = state.cwd();
         let cfg = &mut state.config.config;
-        let cwd = cfg
-            .working_dir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into());
         let user = cfg
             .user
             .clone()

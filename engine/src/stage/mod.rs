@@ -134,6 +134,18 @@ struct StageState {
     name: String,
 }
 
+impl StageState {
+    /// The directory relative paths of its steps start from: WORKDIR, `/` when unset.
+    fn cwd(&self) -> String {
+        self.config
+            .config
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    }
+}
+
 /// One platform's build.
 pub(crate) struct PlatformBuild<'a> {
     shared: &'a Shared<'a>,

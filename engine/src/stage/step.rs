@@ -71,15 +71,7 @@ impl PlatformBuild<'_> {
                 step_cache::Lookup::Hit(record) => {
                     let record = *record;
                     cached = true;
-                    if let (true, Some(layer)) = (state.materialized, &record.layer) {
-                        // Keep an unpacked rootfs in step with the layers.
-                        unpack(
-                            &self.shared.store,
-                            std::slice::from_ref(layer),
-                            &state.rootfs,
-                        )
-                        .await?;
-                    }
+                    self.keep_in_step(state, &record).await?;
                     record
                 }
                 step_cache::Lookup::Miss(claim) => {
@@ -93,15 +85,8 @@ impl PlatformBuild<'_> {
                         let record = self
                             .execute_linked(step, copy, state, done, id, started)
                             .await?;
-                        if let (true, Some(layer)) = (state.materialized, &record.layer) {
-                            // The layer goes on top of an unpacked rootfs, as a cache hit's.
-                            unpack(
-                                &self.shared.store,
-                                std::slice::from_ref(layer),
-                                &state.rootfs,
-                            )
-                            .await?;
-                        }
+                        // Made beside the rootfs: it goes on top, as a cache hit's.
+                        self.keep_in_step(state, &record).await?;
                         record
                     } else {
                         match self
@@ -158,6 +143,24 @@ impl PlatformBuild<'_> {
             });
         }
         Ok(cached)
+    }
+
+    /// Puts a step's layer that did not come from running on the unpacked rootfs (a cache
+    /// hit, a linked layer), keeping the rootfs in step with the layers.
+    async fn keep_in_step(
+        &self,
+        state: &StageState,
+        record: &CacheRecord,
+    ) -> Result<(), StepError> {
+        if let (true, Some(layer)) = (state.materialized, &record.layer) {
+            unpack(
+                &self.shared.store,
+                std::slice::from_ref(layer),
+                &state.rootfs,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// What a step reads besides its instruction, for its cache key: the checksums of COPY's
