@@ -10,5 +10,6 @@ pub mod layout;
 pub mod oci;
 pub mod registry;
 pub mod store;
+mod writeback;
 
 pub use oci_client::Reference;

@@ -25,6 +25,11 @@ use std::path::{Path, PathBuf};
 use ossb_protocol::{Digest, Sha256Writer};
 use tempfile::NamedTempFile;
 
+use crate::writeback::WritebackFile;
+
+/// A blob's temporary file: written through a buffer, its writeback started as it grows.
+type Spool = BufWriter<WritebackFile<NamedTempFile>>;
+
 /// Errors of the blob store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -156,7 +161,7 @@ impl BlobStore {
         let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         Ok(BlobWriter {
             store: self.clone(),
-            inner: Sha256Writer::new(BufWriter::new(file)),
+            inner: Sha256Writer::new(BufWriter::new(WritebackFile::new(file))),
         })
     }
 
@@ -169,7 +174,7 @@ impl BlobStore {
         let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         Ok(HashedBlobWriter {
             store: self.clone(),
-            out: BufWriter::new(file),
+            out: BufWriter::new(WritebackFile::new(file)),
             len: 0,
         })
     }
@@ -237,7 +242,7 @@ impl BlobStore {
         let file = NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         Ok(PartialBlob {
             store: self.clone(),
-            out: BufWriter::with_capacity(256 * 1024, file),
+            out: BufWriter::with_capacity(256 * 1024, WritebackFile::new(file)),
             hasher: sha2::Sha256::default(),
             len: 0,
         })
@@ -281,7 +286,7 @@ impl BlobStore {
 /// A blob being written; hashed as it goes.
 pub struct BlobWriter {
     store: BlobStore,
-    inner: Sha256Writer<BufWriter<NamedTempFile>>,
+    inner: Sha256Writer<Spool>,
 }
 
 impl BlobWriter {
@@ -290,10 +295,13 @@ impl BlobWriter {
     pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let (actual, size, buffered) = self.inner.finish();
         let tmp = self.store.tmp_dir();
-        let file = buffered.into_inner().map_err(|e| StoreError::Io {
-            path: tmp,
-            source: e.into_error(),
-        })?;
+        let file = buffered
+            .into_inner()
+            .map_err(|e| StoreError::Io {
+                path: tmp,
+                source: e.into_error(),
+            })?
+            .into_inner();
         if let Some(expected) = expected {
             if *expected != actual {
                 return Err(StoreError::DigestMismatch {
@@ -322,7 +330,7 @@ impl Write for BlobWriter {
 /// [`BlobStore::writer_hashed_by_caller`]).
 pub struct HashedBlobWriter {
     store: BlobStore,
-    out: BufWriter<NamedTempFile>,
+    out: Spool,
     len: u64,
 }
 
@@ -331,10 +339,14 @@ impl HashedBlobWriter {
     /// after checking that `size` bytes were written. On a mismatch the bytes are discarded.
     pub fn commit(self, digest: &Digest, size: u64) -> Result<(), StoreError> {
         let tmp = self.store.tmp_dir();
-        let file = self.out.into_inner().map_err(|e| StoreError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| StoreError::Io {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?
+            .into_inner();
         if self.len != size {
             return Err(StoreError::Io {
                 path: tmp,
@@ -424,7 +436,7 @@ impl Lease {
 /// A blob arriving in pieces (see [`BlobStore::partial`]).
 pub struct PartialBlob {
     store: BlobStore,
-    out: BufWriter<NamedTempFile>,
+    out: Spool,
     hasher: sha2::Sha256,
     len: u64,
 }
@@ -488,6 +500,7 @@ impl PartialBlob {
     pub fn reader(&self) -> Result<File, StoreError> {
         self.out
             .get_ref()
+            .get_ref()
             .reopen()
             .map_err(io_err(&self.store.tmp_dir()))
     }
@@ -497,9 +510,11 @@ impl PartialBlob {
         use io::Seek;
         let tmp = self.store.tmp_dir();
         self.out.flush().map_err(io_err(&tmp))?;
-        let f = self.out.get_mut().as_file_mut();
+        let spool = self.out.get_mut();
+        let f = spool.get_mut().as_file_mut();
         f.set_len(0).map_err(io_err(&tmp))?;
         f.seek(io::SeekFrom::Start(0)).map_err(io_err(&tmp))?;
+        spool.rewound();
         self.hasher = sha2::Sha256::default();
         self.len = 0;
         Ok(())
@@ -524,10 +539,14 @@ impl PartialBlob {
             });
         }
         let tmp = self.store.tmp_dir();
-        let file = self.out.into_inner().map_err(|e| StoreError::Io {
-            path: tmp,
-            source: e.into_error(),
-        })?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| StoreError::Io {
+                path: tmp,
+                source: e.into_error(),
+            })?
+            .into_inner();
         self.store.persist(file, expected)?;
         Ok(self.len)
     }

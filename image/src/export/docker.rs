@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{self, BufWriter, Write};
+
+use crate::writeback::WritebackFile;
 use std::path::Path;
 
 use ossb_protocol::{Digest, Platform, Sha256Writer};
@@ -42,7 +44,7 @@ pub fn write_docker_archive(
         .tempfile_in(&parent)
         .map_err(io_err(&parent))?;
     {
-        let mut tar = tar::Builder::new(BufWriter::new(tmp.as_file()));
+        let mut tar = tar::Builder::new(BufWriter::new(WritebackFile::new(tmp.as_file())));
         let mut entries = Vec::new();
         let mut repositories: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut written = HashSet::new();

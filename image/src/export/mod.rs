@@ -8,6 +8,8 @@
 
 use std::fs;
 use std::io::{self, BufWriter, Write};
+
+use crate::writeback::WritebackFile;
 use std::path::{Path, PathBuf};
 
 use crate::oci::{media_type, to_canonical_json, Descriptor, Index, Manifest};
@@ -236,7 +238,7 @@ pub fn write_oci_tar(
         .tempfile_in(&parent)
         .map_err(io_err(&parent))?;
     {
-        let mut tar = tar::Builder::new(BufWriter::new(tmp.as_file()));
+        let mut tar = tar::Builder::new(BufWriter::new(WritebackFile::new(tmp.as_file())));
         let mut add = |name: &str, size: u64, data: &mut dyn io::Read| -> io::Result<()> {
             let mut h = tar::Header::new_gnu();
             h.set_size(size);
