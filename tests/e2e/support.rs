@@ -116,12 +116,26 @@ pub fn ossb(env: &TestEnv, cache: &Path, args: &[&str]) -> Run {
 
 /// As [`ossb`], with extra environment variables.
 pub fn ossb_with(env: &TestEnv, cache: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Run {
+    ossb_in(env, cache, None, args, extra_env)
+}
+
+/// As [`ossb_with`], started in `cwd` (so that paths in `args` may be relative to it).
+pub fn ossb_in(
+    env: &TestEnv,
+    cache: &Path,
+    cwd: Option<&Path>,
+    args: &[&str],
+    extra_env: &[(&str, &str)],
+) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ossb"));
     cmd.args(args)
         .env("OSSB_CACHE_DIR", cache)
         .env("DOCKER_CONFIG", env.var("DOCKER_CONFIG"));
     for (k, v) in extra_env {
         cmd.env(k, v);
+    }
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
     }
     Run::from(cmd.output().expect("running ossb"))
 }

@@ -79,8 +79,11 @@ impl PlatformBuild<'_> {
         if req.stage.is_some() {
             return format!("cluster\0{}\0{}", req.tags.join(","), req.dockerfile_name);
         }
+        // Both as absolute paths: `ossb build app` and `ossb build /src/app` are the same build.
         let context = std::fs::canonicalize(&req.context).unwrap_or_else(|_| req.context.clone());
-        format!("{}\0{}", context.display(), req.dockerfile_name)
+        let dockerfile = std::fs::canonicalize(&req.dockerfile_name)
+            .map_or_else(|_| req.dockerfile_name.clone(), |p| p.display().to_string());
+        format!("{}\0{}", context.display(), dockerfile)
     }
 
     /// The position of `stage` (named `name`) and why its root key differs from the last
