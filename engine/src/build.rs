@@ -429,7 +429,9 @@ pub async fn build_with(
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
-    run(req, &df, progress, cluster).await
+    let result = run(req, &df, progress, cluster).await;
+    collect_garbage(req, progress).await;
+    result
 }
 
 /// [`build_with`] of a Dockerfile the caller parsed already (`req.dockerfile` parsed): a
@@ -441,7 +443,24 @@ pub async fn build_parsed(
     cluster: Option<&dyn crate::cache::CacheLevel>,
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
-    run(req, df, progress, cluster).await
+    let result = run(req, df, progress, cluster).await;
+    collect_garbage(req, progress).await;
+    result
+}
+
+/// Once the build let go of its cache: collects it if its disk is short (`cache_gc`).
+async fn collect_garbage(req: &BuildRequest, progress: &dyn Progress) {
+    let dir = req.cache_dir.clone();
+    if let Ok(Some(report)) =
+        tokio::task::spawn_blocking(move || crate::cache_gc::after_build(&dir)).await
+    {
+        progress.event(crate::progress::Event::Info(format!(
+            "less than a fifth of the disk holding the cache {} was free: removed the {} least recently used blobs ({} MB)",
+            req.cache_dir.display(),
+            report.blobs,
+            report.bytes / 1_000_000
+        )));
+    }
 }
 
 async fn run(

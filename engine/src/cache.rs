@@ -491,6 +491,16 @@ pub struct BuildStats {
     pub cached: usize,
 }
 
+/// Writes `bytes` to `path` through a temporary file beside it and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Appends a build's statistics (kept to the last 100).
 pub fn record_build(cache_dir: &Path, stats: BuildStats) -> io::Result<()> {
     let path = cache_dir.join("cache/builds.jsonl");
@@ -501,10 +511,7 @@ pub fn record_build(cache_dir: &Path, stats: BuildStats) -> io::Result<()> {
         .collect();
     lines.push(serde_json::to_string(&stats)?);
     let keep = lines.len().saturating_sub(100);
-    let mut tmp = tempfile::NamedTempFile::new_in(cache_dir.join("cache"))?;
-    io::Write::write_all(&mut tmp, (lines[keep..].join("\n") + "\n").as_bytes())?;
-    tmp.persist(&path).map_err(|e| e.error)?;
-    Ok(())
+    write_atomic(&path, (lines[keep..].join("\n") + "\n").as_bytes())
 }
 
 /// The size and use of the cache in `cache_dir`.
@@ -561,7 +568,17 @@ pub struct PruneReport {
 /// running builds to finish first.
 pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
     let store = BlobStore::open(cache_dir).map_err(io::Error::other)?;
-    let _lease = Lease::exclusive(&store).map_err(io::Error::other)?;
+    let lease = Lease::exclusive(&store).map_err(io::Error::other)?;
+    prune_locked(cache_dir, opts, &lease)
+}
+
+/// [`prune`] by the holder of the cache's exclusive `_lease`.
+pub fn prune_locked(
+    cache_dir: &Path,
+    opts: &PruneOptions,
+    _lease: &Lease,
+) -> io::Result<PruneReport> {
+    let store = BlobStore::open(cache_dir).map_err(io::Error::other)?;
     let now = std::time::SystemTime::now();
     let older_than = match (opts.all, opts.older_than, opts.keep_bytes) {
         (true, _, _) => Some(std::time::Duration::ZERO),
@@ -636,7 +653,12 @@ pub fn prune(cache_dir: &Path, opts: &PruneOptions) -> io::Result<PruneReport> {
     }
     report.leftovers += ossb_worker::sandbox::remove_stale_step_files();
     // Kept trees go when unused as long as a step record would, and all with --all.
-    for (path, kept, size) in kept_trees(cache_dir)? {
+    // (Not listed when nothing can be stale: a tree's size is a walk of its files.)
+    let trees = match older_than {
+        Some(_) => kept_trees(cache_dir)?,
+        None => Vec::new(),
+    };
+    for (path, kept, size) in trees {
         if stale(kept) {
             match fs::remove_dir_all(&path) {
                 Ok(()) => {

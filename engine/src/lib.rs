@@ -9,6 +9,7 @@ mod add;
 pub mod attestations;
 pub mod build;
 pub mod cache;
+pub mod cache_gc;
 pub mod cache_miss;
 pub mod error;
 pub mod named_context;

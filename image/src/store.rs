@@ -404,6 +404,35 @@ impl Lease {
         Lease::take(&store.root, true)
     }
 
+    /// The exclusive lease if no build holds the cache now; `None` without waiting otherwise
+    /// (the garbage collection a finished build runs).
+    pub fn try_exclusive(store: &BlobStore) -> Result<Option<Lease>, StoreError> {
+        let path = store.root.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        loop {
+            #[allow(deprecated)]
+            match nix::fcntl::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            ) {
+                Ok(()) => return Ok(Some(Lease { _file: file })),
+                Err(nix::errno::Errno::EWOULDBLOCK) => return Ok(None),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path,
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+
     fn take(root: &Path, exclusive: bool) -> Result<Lease, StoreError> {
         let path = root.join("lock");
         let file = File::options()

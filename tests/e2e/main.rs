@@ -5,6 +5,7 @@ mod attestations;
 mod bake;
 mod build;
 mod cache_export;
+mod cache_gc;
 mod cache_miss;
 mod checks;
 mod cluster;

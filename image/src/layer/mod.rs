@@ -344,13 +344,32 @@ pub enum LayerError {
         reserve_mib: u64,
     },
     /// Writing the layer blob to its destination failed.
-    #[error("writing the layer blob failed at entry {entry:?}: {source}")]
+    #[error("writing the layer blob failed {}: {source}{}", at_entry(entry), space_hint(source))]
     Write {
         /// The entry being written (or "end of archive").
         entry: String,
         /// What the destination said.
         source: io::Error,
     },
+}
+
+/// Where a layer write failed: at an entry, or in what follows the last one (the
+/// compressor's end, the final flush).
+fn at_entry(entry: &str) -> String {
+    match entry {
+        "" => "while finishing it".to_string(),
+        e => format!("at entry {e:?}"),
+    }
+}
+
+/// What to do when the disk is full.
+fn space_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::StorageFull => {
+            " (the disk holding the cache is full: free space, run `ossb cache prune`, or put --cache-dir on a larger disk)"
+        }
+        _ => "",
+    }
 }
 
 fn after_entry(after: &Option<String>) -> String {

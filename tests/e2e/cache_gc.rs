@@ -1,0 +1,103 @@
+//! A cache never fills its disk: builds collect it, as BuildKit's daemon does, when less than a
+//! fifth of its filesystem is free.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::build::busybox;
+use crate::support::*;
+
+/// A tmpfs of `size` mounted at a new directory, unmounted on drop.
+struct SmallDisk {
+    dir: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (the test skips) when this process may not mount, outside CI only.
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("disk");
+        std::fs::create_dir(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("running mount");
+        if !out.status.success() {
+            let msg = format!(
+                "mounting a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+        Some(SmallDisk {
+            dir,
+            _parent: parent,
+        })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// 8 MiB that do not compress, different for each `seed`.
+fn noise(path: &Path, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut bytes = Vec::with_capacity(8 << 20);
+    while bytes.len() < 8 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Twelve builds of a new 8 MiB layer each with the cache on a 64 MiB filesystem: without
+/// collection the seventh would find the disk full. Every build succeeds, the ones that find
+/// less than a fifth free say what they removed, and the newest image stays whole (built
+/// again, it is fully cached).
+#[test]
+fn builds_on_a_small_disk_collect_the_cache_instead_of_filling_it() {
+    let Some(env) = TestEnv::get() else { return };
+    let Some(disk) = SmallDisk::mount("64m") else {
+        return;
+    };
+    let cache = disk.dir.join("cache");
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {}\nCOPY blob /blob\n", busybox(&env)),
+        &[],
+    );
+    let reg = env.registry();
+    let ctx_arg = ctx.to_str().unwrap();
+    let args = [
+        "build",
+        "--progress",
+        "plain",
+        "--insecure-registry",
+        &reg,
+        ctx_arg,
+    ];
+    let mut collected = 0;
+    for seed in 0..12 {
+        noise(&ctx.join("blob"), seed);
+        let run = ossb(&env, &cache, &args).success(&format!("build {seed} on a 64 MiB disk"));
+        assert!(run.stderr.contains("1 steps run"), "{}", run.stderr);
+        if run.stderr.contains("least recently used blobs") {
+            collected += 1;
+        }
+    }
+    assert!(collected >= 3, "no build collected the cache");
+    let again = ossb(&env, &cache, &args).success("the last build again");
+    assert!(again.stderr.contains("0 steps run"), "{}", again.stderr);
+}
