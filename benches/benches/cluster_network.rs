@@ -19,6 +19,9 @@
 //! of six workers keep the CPU busy enough that a gigabit link is not the bottleneck (the
 //! machine's busy time is printed with each run).
 //!
+//! `OSSB_BENCH_ONLY` picks parts: `get` (both MTUs), `get mtu 1500`, `builds` (both links),
+//! `builds 1gbit`, `builds 200mbit`.
+//!
 //! Needs root (namespaces, tc). `cargo bench -p ossb-benches --bench cluster_network` (after
 //! `cargo build --release -p ossb-cli` and `scripts/testenv.sh start`; scripts/bench.sh does
 //! both).
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 use ossb_benches::blob::{client_of, push_one_layer, random_blob, TestRegistry};
 use ossb_benches::cluster::{machine_busy, median, Cluster, Layout, WorkerSpec};
 use ossb_benches::netns::{enter, relay_delayed, Net};
-use ossb_benches::workload::{runs, Env};
+use ossb_benches::workload::{runs, selected, Env};
 use ossb_cache_node::PeerCache;
 use ossb_image::store::BlobStore;
 
@@ -296,6 +299,9 @@ fn main() {
     println!("registry behind 1 Gbit/s + 20 ms round trip, cluster links unshaped");
     // Packets of 1500 bytes (most Kubernetes networks), then jumbo frames (as AWS VPCs have).
     for mtu in [1500, 9000] {
+        if !selected(&format!("get mtu {mtu}")) {
+            continue;
+        }
         let (get, pull) = shaped_get(&env, &mut net, &relay, scratch.path(), mtu);
         let ratio = pull.as_secs_f64() / get.as_secs_f64();
         println!(
@@ -314,6 +320,9 @@ fn main() {
     }
 
     for (link, label) in [("1gbit", "1 Gbit/s"), ("200mbit", "200 Mbit/s")] {
+        if !selected(&format!("builds {link}")) {
+            continue;
+        }
         net.shape_uplink(link);
         let (mut on, mut off) = (Vec::new(), Vec::new());
         let mut bytes_on = Vec::new();
