@@ -344,7 +344,11 @@ pub enum LayerError {
         reserve_mib: u64,
     },
     /// Writing the layer blob to its destination failed.
-    #[error("writing the layer blob failed {}: {source}{}", at_entry(entry), space_hint(source))]
+    #[error(
+        "writing the layer blob failed {}: {source}{}",
+        at_entry(entry),
+        space_hint(source)
+    )]
     Write {
         /// The entry being written (or "end of archive").
         entry: String,
