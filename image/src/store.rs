@@ -30,6 +30,18 @@ use crate::writeback::WritebackFile;
 /// A blob's temporary file: written through a buffer, its writeback started as it grows.
 type Spool = BufWriter<WritebackFile<NamedTempFile>>;
 
+/// The temporary file of `spool` once its buffer is flushed; a failed flush names the store's
+/// temporary directory.
+fn spooled(spool: Spool, tmp: &Path) -> Result<NamedTempFile, StoreError> {
+    Ok(spool
+        .into_inner()
+        .map_err(|e| StoreError::Io {
+            path: tmp.to_path_buf(),
+            source: e.into_error(),
+        })?
+        .into_inner())
+}
+
 /// Errors of the blob store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -294,14 +306,7 @@ impl BlobWriter {
     /// store. Returns its digest and size. On a mismatch the bytes are discarded.
     pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let (actual, size, buffered) = self.inner.finish();
-        let tmp = self.store.tmp_dir();
-        let file = buffered
-            .into_inner()
-            .map_err(|e| StoreError::Io {
-                path: tmp,
-                source: e.into_error(),
-            })?
-            .into_inner();
+        let file = spooled(buffered, &self.store.tmp_dir())?;
         if let Some(expected) = expected {
             if *expected != actual {
                 return Err(StoreError::DigestMismatch {
@@ -339,14 +344,7 @@ impl HashedBlobWriter {
     /// after checking that `size` bytes were written. On a mismatch the bytes are discarded.
     pub fn commit(self, digest: &Digest, size: u64) -> Result<(), StoreError> {
         let tmp = self.store.tmp_dir();
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| StoreError::Io {
-                path: tmp.clone(),
-                source: e.into_error(),
-            })?
-            .into_inner();
+        let file = spooled(self.out, &tmp)?;
         if self.len != size {
             return Err(StoreError::Io {
                 path: tmp,
@@ -567,15 +565,7 @@ impl PartialBlob {
                 size: self.len,
             });
         }
-        let tmp = self.store.tmp_dir();
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| StoreError::Io {
-                path: tmp,
-                source: e.into_error(),
-            })?
-            .into_inner();
+        let file = spooled(self.out, &self.store.tmp_dir())?;
         self.store.persist(file, expected)?;
         Ok(self.len)
     }
