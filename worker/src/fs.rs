@@ -792,7 +792,9 @@ fn copy_entry(
         std::os::unix::fs::symlink(&target, to).map_err(io_err(to))?;
         let (uid, gid) = own.owner.unwrap_or((meta.uid(), meta.gid()));
         lchown(to, Some(uid), Some(gid)).map_err(io_err(to))?;
-        return Ok(());
+        // The link's own time, as BuildKit's and buildah's copies keep it: left at "now",
+        // the layer would change with every cold build.
+        return set_mtime(to, filetime_of(meta)).map_err(io_err(to));
     }
     if meta.nlink() > 1 {
         if let Some(first) = w.links.get(&(meta.dev(), meta.ino())).cloned() {
@@ -1528,9 +1530,9 @@ mod tests {
         );
     }
 
-    /// Sets the mtime of every path under `root` (deepest first) to `secs`.
-    fn age(root: &Path, secs: i64) {
-        let mut all = vec![root.to_path_buf()];
+    /// Every path under `root`, not `root` itself (symlinks not followed).
+    fn walkdir_entries(root: &Path) -> Vec<PathBuf> {
+        let mut all = Vec::new();
         let mut dirs = vec![root.to_path_buf()];
         while let Some(d) = dirs.pop() {
             for e in fs::read_dir(&d).unwrap() {
@@ -1541,6 +1543,13 @@ mod tests {
                 all.push(p);
             }
         }
+        all
+    }
+
+    /// Sets the mtime of every path under `root` (deepest first) to `secs`.
+    fn age(root: &Path, secs: i64) {
+        let mut all = walkdir_entries(root);
+        all.push(root.to_path_buf());
         all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for p in all {
             let t = nix::sys::time::TimeSpec::new(secs, 0);
@@ -1677,6 +1686,7 @@ mod tests {
         fs::hard_link(ctx.join("data/big.bin"), ctx.join("data/sub/again.bin")).unwrap();
         std::os::unix::fs::symlink("big.bin", ctx.join("data/link")).unwrap();
         fs::write(ctx.join("data/empty"), "").unwrap();
+        age(&ctx, 1_500_000);
         let opts = LayerOptions {
             compression: Compression::Gzip,
             source_date_epoch: None,
@@ -1712,6 +1722,21 @@ mod tests {
                 contents[Path::new("d/sub/small.txt")],
                 ctx.join("data/sub/small.txt")
             );
+            // Every copied entry keeps its source's mtime, symlinks included (BuildKit's copy
+            // sets them with AT_SYMLINK_NOFOLLOW), so neither copy depends on when it ran.
+            for root in [&copied, &referenced] {
+                for e in walkdir_entries(&root.join("d")) {
+                    let m = fs::symlink_metadata(&e).unwrap();
+                    assert_eq!(m.mtime(), 1_500_000, "{}", e.display());
+                }
+            }
+            // The directory the COPY makes takes the time it was made (as in BuildKit), which
+            // differs between the two copies when they straddle a second: give both one time.
+            let made = std::time::SystemTime::now();
+            for root in [&copied, &referenced] {
+                let d = fs::File::open(root.join("d")).unwrap();
+                d.set_modified(made).unwrap();
+            }
             // Placeholders: the size without the bytes.
             let big = referenced.join("d/big.bin");
             assert_eq!(fs::metadata(&big).unwrap().len(), 3 << 20);
