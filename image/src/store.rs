@@ -405,57 +405,51 @@ impl Lease {
     /// The exclusive lease if no build holds the cache now; `None` without waiting otherwise
     /// (the garbage collection a finished build runs).
     pub fn try_exclusive(store: &BlobStore) -> Result<Option<Lease>, StoreError> {
-        let path = store.root.join("lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        loop {
-            #[allow(deprecated)]
-            match nix::fcntl::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                nix::fcntl::FlockArg::LockExclusiveNonblock,
-            ) {
-                Ok(()) => return Ok(Some(Lease { _file: file })),
-                Err(nix::errno::Errno::EWOULDBLOCK) => return Ok(None),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        path,
-                        source: e.into(),
-                    })
-                }
-            }
+        let (file, path) = lock_file(&store.root)?;
+        match flock(&file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(()) => Ok(Some(Lease { _file: file })),
+            Err(nix::errno::Errno::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(StoreError::Io {
+                path,
+                source: e.into(),
+            }),
         }
     }
 
     fn take(root: &Path, exclusive: bool) -> Result<Lease, StoreError> {
-        let path = root.join("lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let (file, path) = lock_file(root)?;
         let arg = if exclusive {
             nix::fcntl::FlockArg::LockExclusive
         } else {
             nix::fcntl::FlockArg::LockShared
         };
-        loop {
-            #[allow(deprecated)]
-            match nix::fcntl::flock(std::os::fd::AsRawFd::as_raw_fd(&file), arg) {
-                Ok(()) => return Ok(Lease { _file: file }),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        path,
-                        source: e.into(),
-                    })
-                }
-            }
+        flock(&file, arg).map_err(|e| StoreError::Io {
+            path,
+            source: e.into(),
+        })?;
+        Ok(Lease { _file: file })
+    }
+}
+
+/// The store's lock file, opened (and made if missing), and its path.
+fn lock_file(root: &Path) -> Result<(File, PathBuf), StoreError> {
+    let path = root.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    Ok((file, path))
+}
+
+/// `flock(2)` on `file`, taken again when a signal interrupts it.
+fn flock(file: &File, arg: nix::fcntl::FlockArg) -> nix::Result<()> {
+    loop {
+        #[allow(deprecated)]
+        match nix::fcntl::flock(std::os::fd::AsRawFd::as_raw_fd(file), arg) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            done => return done,
         }
     }
 }
@@ -901,6 +895,21 @@ fn decode_listing(data: &[u8]) -> Option<Vec<LayerEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exclusive_lease_is_tried_without_waiting_for_a_running_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        // flock locks belong to the open file: a second open, as another process's, conflicts.
+        let build = store.lease().unwrap();
+        assert!(Lease::try_exclusive(&store).unwrap().is_none());
+        drop(build);
+        let collecting = Lease::try_exclusive(&store).unwrap();
+        assert!(collecting.is_some());
+        assert!(Lease::try_exclusive(&store).unwrap().is_none());
+        drop(collecting);
+        let _build = store.lease().unwrap();
+    }
 
     #[test]
     fn a_blob_put_again_is_not_rewritten_but_marked_used() {
