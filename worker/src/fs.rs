@@ -792,7 +792,7 @@ fn copy_entry(
         std::os::unix::fs::symlink(&target, to).map_err(io_err(to))?;
         let (uid, gid) = own.owner.unwrap_or((meta.uid(), meta.gid()));
         lchown(to, Some(uid), Some(gid)).map_err(io_err(to))?;
-        // The link's own time, as BuildKit's and buildah's copies keep it: left at "now",
+        // The link's own time, as BuildKit's copy keeps it (fsutil): left at "now",
         // the layer would change with every cold build.
         return set_mtime(to, filetime_of(meta)).map_err(io_err(to));
     }
