@@ -428,14 +428,19 @@ pub async fn build_with(
     cluster: Option<&dyn crate::cache::CacheLevel>,
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
+    let started = std::time::SystemTime::now();
     let df = dockerfile::parse(&req.dockerfile, &req.dockerfile_name)?;
     let result = run(req, &df, progress, cluster).await;
-    collect_garbage(req, progress).await;
+    if let Some(message) = collect_garbage(&req.cache_dir, started).await {
+        progress.event(crate::progress::Event::Info(message));
+    }
     result
 }
 
 /// [`build_with`] of a Dockerfile the caller parsed already (`req.dockerfile` parsed): a
-/// cluster worker parses once per task, for its base images and for the build.
+/// cluster worker parses once per task, for its base images and for the build. The cache is
+/// not collected: the worker still reads the store afterwards, and collects once the task is
+/// done ([`collect_garbage`]).
 pub async fn build_parsed(
     req: &BuildRequest,
     df: &dockerfile::Dockerfile,
@@ -443,24 +448,23 @@ pub async fn build_parsed(
     cluster: Option<&dyn crate::cache::CacheLevel>,
 ) -> Result<BuildResult, BuildError> {
     req.check()?;
-    let result = run(req, df, progress, cluster).await;
-    collect_garbage(req, progress).await;
-    result
+    run(req, df, progress, cluster).await
 }
 
-/// Once the build let go of its cache: collects it if its disk is short (`cache_gc`).
-async fn collect_garbage(req: &BuildRequest, progress: &dyn Progress) {
-    let dir = req.cache_dir.clone();
-    if let Ok(Some(report)) =
-        tokio::task::spawn_blocking(move || crate::cache_gc::after_build(&dir)).await
-    {
-        progress.event(crate::progress::Event::Info(format!(
-            "less than a fifth of the disk holding the cache {} was free: removed the {} least recently used blobs ({} MB)",
-            req.cache_dir.display(),
-            report.blobs,
-            report.bytes / 1_000_000
-        )));
-    }
+/// Once a build (or a cluster task) that began at `started` let go of the cache in
+/// `cache_dir`: collects it if its disk is short (`cache_gc`), sparing what it used. Says
+/// what was removed, when anything was.
+pub async fn collect_garbage(cache_dir: &Path, started: std::time::SystemTime) -> Option<String> {
+    let dir = cache_dir.to_path_buf();
+    let report = tokio::task::spawn_blocking(move || crate::cache_gc::after_build(&dir, started))
+        .await
+        .ok()??;
+    Some(format!(
+        "less than a fifth of the disk holding the cache {} was free: removed the {} least recently used blobs ({} MB)",
+        cache_dir.display(),
+        report.blobs,
+        report.bytes / 1_000_000
+    ))
 }
 
 async fn run(

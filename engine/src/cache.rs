@@ -545,6 +545,9 @@ pub struct PruneOptions {
     pub older_than: Option<std::time::Duration>,
     /// Delete the least recently used until the store is at most this size.
     pub keep_bytes: Option<u64>,
+    /// Blobs used since then stay, whatever the other options say: what the build that
+    /// collects made or read (its image, which its caller may still read or push).
+    pub spare_used_since: Option<std::time::SystemTime>,
 }
 
 /// What `prune` removed.
@@ -605,6 +608,9 @@ pub fn prune_locked(
     let mut total: u64 = blobs.iter().map(|b| b.size).sum();
     let mut removed = std::collections::HashSet::new();
     for blob in &blobs {
+        if opts.spare_used_since.is_some_and(|t| blob.last_used >= t) {
+            continue;
+        }
         let over = opts.keep_bytes.is_some_and(|k| total > k);
         if stale(blob.last_used) || over {
             store.remove(&blob.digest).map_err(io::Error::other)?;
@@ -838,6 +844,36 @@ mod prune_tests {
         prune(dir.path(), &PruneOptions::default()).unwrap();
         assert!(scans.join("v1-fresh.json").exists());
         assert!(!scans.join("v1-old.json").exists());
+    }
+
+    #[test]
+    fn keep_storage_spares_what_was_used_since_the_collecting_build_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ossb_image::store::BlobStore::open(dir.path()).unwrap();
+        let old = store.put(&vec![1u8; 1000]).unwrap();
+        let older = store.put(&vec![3u8; 1000]).unwrap();
+        let used = store.put(&vec![2u8; 1000]).unwrap();
+        let now = std::time::SystemTime::now();
+        for (blob, age) in [(old, 3600), (older, 7200)] {
+            fs::File::options()
+                .write(true)
+                .open(store.path(&blob))
+                .unwrap()
+                .set_modified(now - std::time::Duration::from_secs(age))
+                .unwrap();
+        }
+        // Asked to keep less than the used blob alone: the older ones go, the used one stays.
+        let report = prune(
+            dir.path(),
+            &PruneOptions {
+                keep_bytes: Some(500),
+                spare_used_since: Some(now - std::time::Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(report.blobs, 2);
+        assert!(store.contains(&used) && !store.contains(&old) && !store.contains(&older));
     }
 
     #[test]

@@ -6,15 +6,17 @@
 //! - When there is room it costs one `statvfs`.
 //! - When the disk is short, the least recently used blobs go (blobs no step record refers to
 //!   first, as `ossb cache prune --keep-storage` removes them) until a fifth of the disk is
-//!   free or the cache is down to its reserve.
+//!   free or the cache is down to its reserve. Blobs the collecting build used are spared:
+//!   its caller may still read them (a cluster worker pushes the image after the build).
 //! - It needs the cache to itself: it tries the exclusive lease without waiting, so a build
 //!   that finishes while another runs on the same cache leaves the work to the next one. A
-//!   cluster worker runs it after every task like any build (one engine).
+//!   cluster worker runs it after every task, once the task has pushed and reported.
 //! - When the cache is at its reserve and the disk is still short, what fills the disk is not
 //!   the cache: the next builds skip the listing until the disk has lost another [`SLACK`]
 //!   bytes (`cache/gc.json` keeps what such a pass left free).
 
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use ossb_image::store::{BlobStore, Lease};
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,9 @@ const RESERVE_MAX: u64 = 10_000_000_000;
 /// most a twentieth of the disk).
 const SLACK: u64 = 1 << 30;
 const STATE_FILE: &str = "cache/gc.json";
+/// How far before a build's start a blob it wrote may be stamped: file times come from the
+/// kernel's coarse clock, a tick (1-10 ms) behind the one the build read.
+const TIME_SLACK: Duration = Duration::from_millis(50);
 
 /// What the last pass left free.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -74,9 +79,11 @@ pub fn keep_bytes(disk: Disk, usage: u64) -> Option<u64> {
     (keep < usage).then_some(keep)
 }
 
-/// Collects the cache in `cache_dir` if its disk is short (see the module documentation).
-/// Returns what was removed, when anything was. Never fails a build: problems are logged.
-pub fn after_build(cache_dir: &Path) -> Option<PruneReport> {
+/// Collects the cache in `cache_dir` if its disk is short (see the module documentation),
+/// sparing the blobs used since `started`, when the build (or cluster task) that collects
+/// began: its image and inputs, which its caller may still read, push or export. Returns
+/// what was removed, when anything was. Never fails a build: problems are logged.
+pub fn after_build(cache_dir: &Path, started: SystemTime) -> Option<PruneReport> {
     let disk = Disk::of(cache_dir)?;
     if !disk.short() {
         return None;
@@ -96,6 +103,8 @@ pub fn after_build(cache_dir: &Path) -> Option<PruneReport> {
             Some(keep) => {
                 let opts = PruneOptions {
                     keep_bytes: Some(keep),
+                    // A file's time can trail the clock read before it was written by a tick.
+                    spare_used_since: Some(started - TIME_SLACK),
                     ..PruneOptions::default()
                 };
                 prune_locked(cache_dir, &opts, &lease)

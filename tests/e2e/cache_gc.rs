@@ -101,3 +101,55 @@ fn builds_on_a_small_disk_collect_the_cache_instead_of_filling_it() {
     let again = ossb(&env, &cache, &args).success("the last build again");
     assert!(again.stderr.contains("0 steps run"), "{}", again.stderr);
 }
+
+/// The same through the cluster: a worker whose work directory is on a 256 MiB filesystem
+/// takes twenty builds of a new 8 MiB layer each (the context file and the layer stay in its
+/// store: 16 MiB a build, and a task lays out its context besides; the disk is full by the
+/// fifteenth without collection). It collects its cache after tasks with the engine's collection, sparing
+/// what the task used: every build succeeds (a collection that took the task's own manifest
+/// failed the task as it read it to push), and the worker's log says it collected.
+#[test]
+fn a_worker_on_a_small_disk_collects_its_cache_after_tasks() {
+    let Some(env) = TestEnv::get() else { return };
+    let Some(disk) = SmallDisk::mount("256m") else {
+        return;
+    };
+    let work = disk.dir.join("worker");
+    let cluster = crate::cluster::Cluster::start_with(
+        &env,
+        &[(
+            "small-disk",
+            &["--slots", "1", "--work-dir", work.to_str().unwrap()],
+        )],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {}\nCOPY blob /blob\n", cluster.busybox(&env)),
+        &[],
+    );
+    let reg = cluster.registry.clone();
+    for seed in 0..20 {
+        noise(&ctx.join("blob"), 100 + seed);
+        let out = cluster
+            .submit(
+                &cluster.tls,
+                &["--insecure-registry", &reg, ctx.to_str().unwrap()],
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "build {seed} on a worker with a 256 MiB disk: {stderr}\n{}",
+            cluster.logs()
+        );
+    }
+    let log = std::fs::read_to_string(cluster.dir.join("small-disk.log")).unwrap();
+    let collected = log.matches("least recently used blobs").count();
+    assert!(
+        collected >= 2,
+        "the worker never collected its cache\n{}",
+        cluster.logs()
+    );
+}

@@ -225,7 +225,8 @@ impl Cluster {
         format!("{}/{}", self.registry, env.var("OSSB_TEST_BUSYBOX"))
     }
 
-    /// Starts a native amd64 worker with 2 slots (unless `extra` says) and `extra` arguments, on the next node (or
+    /// Starts a native amd64 worker with 2 slots and its work directory in the cluster's
+    /// (unless `extra` says) and `extra` arguments, on the next node (or
     /// on its own node again, when a worker of that name ran before).
     pub(crate) fn spawn_worker(&mut self, name: &str, extra: &[&str]) {
         let node = match self.nodes.iter().find(|(n, _)| n == name) {
@@ -246,8 +247,6 @@ impl Cluster {
             &coordinator,
             "--platform",
             "linux/amd64",
-            "--work-dir",
-            work.to_str().unwrap(),
             "--tls-dir",
             tls.to_str().unwrap(),
             "--cache-peers",
@@ -257,6 +256,9 @@ impl Cluster {
         ];
         if !extra.contains(&"--slots") {
             args.extend_from_slice(&["--slots", "2"]);
+        }
+        if !extra.contains(&"--work-dir") {
+            args.extend_from_slice(&["--work-dir", work.to_str().unwrap()]);
         }
         args.extend_from_slice(extra);
         self.spawn(name, node, &args);

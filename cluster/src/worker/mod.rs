@@ -426,6 +426,7 @@ async fn run_task(
     out: mpsc::UnboundedSender<ClusterMessage>,
 ) {
     let _running = Running::new(&node, task.task);
+    let started = std::time::SystemTime::now();
     tracing::info!(task = task.task, build = %task.build, platform = %task.platform, "task started");
     let result = match node.config.simulate {
         Some(takes) => simulated(&task, takes).await,
@@ -451,6 +452,14 @@ async fn run_task(
         task: task.task,
         result,
     });
+    // After the task has pushed and reported, as a local build collects after its export; what
+    // this task used is spared.
+    if node.config.simulate.is_none() {
+        let cache_dir = node.config.work_dir.join("cache");
+        if let Some(message) = ossb_engine::build::collect_garbage(&cache_dir, started).await {
+            tracing::info!(task = task.task, "{message}");
+        }
+    }
 }
 
 /// A task of a load test: it takes `takes` and makes a made-up one-layer image (nothing is
