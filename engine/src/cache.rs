@@ -807,6 +807,17 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
 mod prune_tests {
     use super::*;
 
+    /// Makes `path` look last used `secs` seconds ago.
+    fn age(path: &Path, secs: u64) {
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+
     #[test]
     fn parses_sizes_and_durations() {
         assert_eq!(parse_size("10GB"), Some(10 * 1024 * 1024 * 1024));
@@ -834,13 +845,7 @@ mod prune_tests {
         fs::create_dir_all(&scans).unwrap();
         fs::write(scans.join("v1-fresh.json"), "[]").unwrap();
         fs::write(scans.join("v1-old.json"), "[]").unwrap();
-        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(72 * 3600);
-        fs::File::options()
-            .write(true)
-            .open(scans.join("v1-old.json"))
-            .unwrap()
-            .set_modified(past)
-            .unwrap();
+        age(&scans.join("v1-old.json"), 72 * 3600);
         prune(dir.path(), &PruneOptions::default()).unwrap();
         assert!(scans.join("v1-fresh.json").exists());
         assert!(!scans.join("v1-old.json").exists());
@@ -853,15 +858,9 @@ mod prune_tests {
         let old = store.put(&vec![1u8; 1000]).unwrap();
         let older = store.put(&vec![3u8; 1000]).unwrap();
         let used = store.put(&vec![2u8; 1000]).unwrap();
+        age(&store.path(&old), 3600);
+        age(&store.path(&older), 7200);
         let now = std::time::SystemTime::now();
-        for (blob, age) in [(old, 3600), (older, 7200)] {
-            fs::File::options()
-                .write(true)
-                .open(store.path(&blob))
-                .unwrap()
-                .set_modified(now - std::time::Duration::from_secs(age))
-                .unwrap();
-        }
         // Asked to keep less than the used blob alone: the older ones go, the used one stays.
         let report = prune(
             dir.path(),
@@ -885,13 +884,7 @@ mod prune_tests {
         crate::cache_miss::Positions::open(dir.path())
             .save("stage", &Default::default())
             .unwrap();
-        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        fs::File::options()
-            .write(true)
-            .open(store.path(&old))
-            .unwrap()
-            .set_modified(past)
-            .unwrap();
+        age(&store.path(&old), 3600);
         let report = prune(
             dir.path(),
             &PruneOptions {
@@ -927,13 +920,7 @@ mod prune_tests {
         let store = ossb_image::store::BlobStore::open(dir.path()).unwrap();
         let layer = store.put(&vec![1u8; 1000]).unwrap();
         let base = store.put(&vec![2u8; 1000]).unwrap();
-        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        fs::File::options()
-            .write(true)
-            .open(store.path(&layer))
-            .unwrap()
-            .set_modified(past)
-            .unwrap();
+        age(&store.path(&layer), 3600);
         let cache = LocalCache::open(dir.path()).unwrap();
         let key = CacheKey::root(None, &"linux/amd64".parse().unwrap(), "");
         let record = CacheRecord {
