@@ -10,7 +10,9 @@
 //!   its caller may still read them (a cluster worker pushes the image after the build).
 //! - It needs the cache to itself: it tries the exclusive lease without waiting, so a build
 //!   that finishes while another runs on the same cache leaves the work to the next one. A
-//!   cluster worker runs it after every task, once the task has pushed and reported.
+//!   cluster worker runs it after every task, once the task has pushed and reported; since its
+//!   slots may never all be free at once, a worker that finds a pass [`due`] starts no new
+//!   task until its running ones end, and then collects.
 //! - When the cache is at its reserve and the disk is still short, what fills the disk is not
 //!   the cache: the next builds skip the listing until the disk has lost another [`SLACK`]
 //!   bytes (`cache/gc.json` keeps what such a pass left free).
@@ -26,6 +28,9 @@ use crate::cache::{prune_locked, PruneOptions, PruneReport};
 /// BuildKit's defaults: the share of the disk kept free, and of the disk the cache may keep
 /// whatever the free space (at most [`RESERVE_MAX`]).
 const FREE_PERCENT: u64 = 20;
+/// A pass frees this share of the disk more than is missing, so that the next builds do not
+/// find the disk short again at once (a cluster worker stops starting tasks for each pass).
+const HEADROOM_PERCENT: u64 = 5;
 const RESERVE_PERCENT: u64 = 10;
 const RESERVE_MAX: u64 = 10_000_000_000;
 /// How much more of the disk must fill before a pass that could not help is tried again (at
@@ -68,12 +73,12 @@ impl Disk {
 }
 
 /// The size the blobs of a cache of `usage` bytes are pruned to on `disk`, if they are to be:
-/// down by the free space missing, but never below the reserve.
+/// down by the free space missing and the headroom, but never below the reserve.
 pub fn keep_bytes(disk: Disk, usage: u64) -> Option<u64> {
     if !disk.short() {
         return None;
     }
-    let missing = disk.total / 100 * FREE_PERCENT - disk.free;
+    let missing = disk.total / 100 * (FREE_PERCENT + HEADROOM_PERCENT) - disk.free;
     let reserve = (disk.total / 100 * RESERVE_PERCENT).min(RESERVE_MAX);
     let keep = usage.saturating_sub(missing).max(reserve);
     (keep < usage).then_some(keep)
@@ -84,18 +89,8 @@ pub fn keep_bytes(disk: Disk, usage: u64) -> Option<u64> {
 /// began: its image and inputs, which its caller may still read, push or export. Returns
 /// what was removed, when anything was. Never fails a build: problems are logged.
 pub fn after_build(cache_dir: &Path, started: SystemTime) -> Option<PruneReport> {
-    let disk = Disk::of(cache_dir)?;
-    if !disk.short() {
-        return None;
-    }
+    let disk = due(cache_dir)?;
     let state_path = cache_dir.join(STATE_FILE);
-    let state: State = std::fs::read(&state_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    if !worth_a_pass(disk, &state) {
-        return None;
-    }
     let store = BlobStore::open(cache_dir).ok()?;
     let lease = Lease::try_exclusive(&store).ok()??;
     let report = match store.usage() {
@@ -136,6 +131,21 @@ pub fn after_build(cache_dir: &Path, started: SystemTime) -> Option<PruneReport>
     }
     drop(lease);
     report
+}
+
+/// The disk of the cache in `cache_dir` when a pass is due: the disk is short and a pass may
+/// free something. Cheap (a `statvfs`, and a small file read when the disk is short), so a
+/// cluster worker asks before it stops starting tasks to collect.
+pub fn due(cache_dir: &Path) -> Option<Disk> {
+    let disk = Disk::of(cache_dir)?;
+    if !disk.short() {
+        return None;
+    }
+    let state: State = std::fs::read(cache_dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    worth_a_pass(disk, &state).then_some(disk)
 }
 
 /// Whether a pass may free anything: not when the last one left the disk short (the cache was
@@ -183,8 +193,8 @@ mod tests {
             total: 100 * GB,
             free: 15 * GB,
         };
-        // 5 GB missing from a 50 GB cache.
-        assert_eq!(keep_bytes(disk, 50 * GB), Some(45 * GB));
+        // 5 GB missing from a 50 GB cache, and 5 GB of headroom.
+        assert_eq!(keep_bytes(disk, 50 * GB), Some(40 * GB));
         // A 12 GB cache stops at its 10 GB reserve.
         assert_eq!(keep_bytes(disk, 12 * GB), Some(10 * GB));
         // Below its reserve it keeps everything: something else fills the disk.
@@ -194,7 +204,7 @@ mod tests {
             total: 64_000_000,
             free: 6_000_000,
         };
-        assert_eq!(keep_bytes(small, 40_000_000), Some(33_200_000));
+        assert_eq!(keep_bytes(small, 40_000_000), Some(30_000_000));
         assert_eq!(keep_bytes(small, 7_000_000), Some(6_400_000));
     }
 }

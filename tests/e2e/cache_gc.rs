@@ -153,3 +153,67 @@ fn a_worker_on_a_small_disk_collects_its_cache_after_tasks() {
         cluster.logs()
     );
 }
+
+/// A busy worker collects too: while one slot of a two-slot worker runs a long step, the
+/// cache's exclusive lease is never free when the other slot's tasks end. A worker short of
+/// disk starts no new task until its running ones end, and then collects: eighteen builds of a
+/// new 8 MiB layer each on a 256 MiB disk, all while a 12 s step runs, all succeed (without
+/// waiting, the fifteenth finds the disk full), and the worker's log says it waited and
+/// collected.
+#[test]
+fn a_worker_that_is_never_idle_still_collects_its_cache() {
+    let Some(env) = TestEnv::get() else { return };
+    let Some(disk) = SmallDisk::mount("256m") else {
+        return;
+    };
+    let work = disk.dir.join("worker");
+    let cluster = crate::cluster::Cluster::start_with(
+        &env,
+        &[(
+            "busy",
+            &["--slots", "2", "--work-dir", work.to_str().unwrap()],
+        )],
+    );
+    let reg = cluster.registry.clone();
+    let submit = |ctx: &Path, what: &str| {
+        let out = cluster
+            .submit(
+                &cluster.tls,
+                &["--insecure-registry", &reg, ctx.to_str().unwrap()],
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what} on a busy worker with a 256 MiB disk: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+    };
+    let (long_dir, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let long = context(
+        long_dir.path(),
+        &format!("FROM {}\nRUN sleep 12\n", cluster.busybox(&env)),
+        &[],
+    );
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {}\nCOPY blob /blob\n", cluster.busybox(&env)),
+        &[],
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| submit(&long, "the long build"));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        for build in 0..18 {
+            noise(&ctx.join("blob"), 1000 + build);
+            submit(&ctx, &format!("build {build}"));
+        }
+    });
+    let log = std::fs::read_to_string(cluster.dir.join("busy.log")).unwrap();
+    assert!(
+        log.contains("starting no task until the running ones end")
+            && log.contains("least recently used blobs"),
+        "the busy worker never collected its cache\n{}",
+        cluster.logs()
+    );
+}

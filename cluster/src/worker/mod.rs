@@ -124,6 +124,9 @@ struct Node {
     peers: Option<PeerCache>,
     /// Running tasks, to abort one the coordinator cancels.
     tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Tasks read it while they use the cache; the cache's collection writes it, so that it
+    /// has the cache to itself. Writers go first: once one waits, new tasks wait behind it.
+    cache_use: tokio::sync::RwLock<()>,
 }
 
 impl Node {
@@ -186,6 +189,7 @@ pub async fn serve(config: WorkerConfig) -> Result<(), ClusterError> {
         counters: Counters::default(),
         peers,
         tasks: Mutex::new(HashMap::new()),
+        cache_use: tokio::sync::RwLock::new(()),
     });
     if let Some(addr) = node.config.metrics {
         serve_metrics(addr, node.clone()).await?;
@@ -430,7 +434,10 @@ async fn run_task(
     tracing::info!(task = task.task, build = %task.build, platform = %task.platform, "task started");
     let result = match node.config.simulate {
         Some(takes) => simulated(&task, takes).await,
-        None => execute(&node, &conn, &task, &out).await,
+        None => {
+            let _using = node.cache_use.read().await;
+            execute(&node, &conn, &task, &out).await
+        }
     };
     match &result {
         Ok(o) => {
@@ -454,8 +461,22 @@ async fn run_task(
     });
     // After the task has pushed and reported, as a local build collects after its export; what
     // this task used is spared.
-    if node.config.simulate.is_none() {
-        let cache_dir = node.config.work_dir.join("cache");
+    let cache_dir = node.config.work_dir.join("cache");
+    if node.config.simulate.is_none() && ossb_engine::cache_gc::due(&cache_dir).is_some() {
+        // The other slots may never be free at once: no task starts until the running ones end.
+        let others = node
+            .counters
+            .running
+            .load(Ordering::Relaxed)
+            .saturating_sub(1);
+        if others > 0 {
+            tracing::info!(
+                task = task.task,
+                others,
+                "the cache's disk is short: starting no task until the running ones end, to collect"
+            );
+        }
+        let _alone = node.cache_use.write().await;
         if let Some(message) = ossb_engine::build::collect_garbage(&cache_dir, started).await {
             tracing::info!(task = task.task, "{message}");
         }
