@@ -62,6 +62,19 @@ pub struct Record {
     pub error: Option<String>,
     /// The exit code the client should give.
     pub exit_code: Option<i32>,
+    /// The bake it is a target of: a restarted coordinator runs a bake's unfinished targets
+    /// again as one graph, so that they still share stages and read each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeTarget>,
+}
+
+/// A build's place in a bake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeTarget {
+    /// The bake, named by its first target's build id.
+    pub bake: String,
+    /// The target's name in the bake.
+    pub target: String,
 }
 
 /// A step some task built: its cache record (JSON, as the workers' engines write it) and the
@@ -340,11 +353,13 @@ mod tests {
             image: None,
             error: None,
             exit_code: None,
+            bake: None,
         }
     }
 
-    /// After a restart, an accepted build comes back with its submission; one that was still
-    /// receiving its context is failed; finished ones stay as they were.
+    /// After a restart, an accepted build comes back with its submission (and a bake's target
+    /// with its bake); one that was still receiving its context is failed; finished ones stay
+    /// as they were.
     #[test]
     fn accepted_builds_come_back_after_a_restart_and_the_others_are_failed() {
         let dir = tempfile::tempdir().unwrap();
@@ -354,9 +369,15 @@ mod tests {
         };
         {
             let records = Records::open(dir.path()).unwrap();
-            records
-                .save(&record("b-1", Status::Running), Some(&spec))
-                .unwrap();
+            let target = BakeTarget {
+                bake: "b-1".into(),
+                target: "app".into(),
+            };
+            let b1 = Record {
+                bake: Some(target),
+                ..record("b-1", Status::Running)
+            };
+            records.save(&b1, Some(&spec)).unwrap();
             records.save(&record("b-2", Status::Queued), None).unwrap();
             records
                 .save(&record("b-3", Status::Running), Some(&spec))
@@ -370,6 +391,9 @@ mod tests {
         assert_eq!(resumed.len(), 1);
         assert_eq!(resumed[0].0.id, "b-1");
         assert_eq!(resumed[0].1, spec);
+        // A bake's target comes back with its place in the bake, to run with the others.
+        let bake = resumed[0].0.bake.as_ref().unwrap();
+        assert_eq!((bake.bake.as_str(), bake.target.as_str()), ("b-1", "app"));
         assert_eq!(lost, ["b-2"]);
         let b2 = again.load("b-2").unwrap();
         assert_eq!(b2.status, Status::Failed);

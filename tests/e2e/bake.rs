@@ -256,6 +256,56 @@ fn a_cluster_bake_feeds_one_target_into_another() {
     assert!(stderr.contains("target: contexts"), "{stderr}");
 }
 
+/// The coordinator killed with SIGKILL while a cluster bake runs, then restarted on the same
+/// state dir: the bake's targets run again as one graph, so the target that reads another
+/// through `target:` still finds it (resumed as builds of their own, it failed with exit 2),
+/// and the client, which lost the connection, is told how each ended and exits 0.
+#[test]
+fn a_cluster_bake_survives_a_killed_coordinator() {
+    let Some(env) = TestEnv::get() else { return };
+    let mut cluster = crate::cluster::Cluster::start_with(&env, &[("worker-a", &["--slots", "1"])]);
+    let reg = cluster.registry.clone();
+    let bb = cluster.busybox(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique("cluster-bake-restart");
+    std::fs::write(
+        dir.path().join("base.Dockerfile"),
+        format!("FROM {bb}\nRUN echo start-{marker} && sleep 5 && echo {marker} > /base-marker\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("app.Dockerfile"),
+        "FROM base\nRUN cp /base-marker /app-marker\nCMD [\"cat\", \"/app-marker\"]\n",
+    )
+    .unwrap();
+    let image = format!("{reg}/tests/{marker}:app");
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        format!(
+            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n}}\n\
+             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
+        ),
+    )
+    .unwrap();
+    // Outside the context, which the client reads while the log grows.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("submit.log");
+    let mut child = cluster
+        .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
+        .current_dir(dir.path())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    crate::cluster::wait_for_text(&cluster, &log, &format!("start-{marker}"), 120);
+    cluster.restart_coordinator();
+    let status = crate::cluster::wait_child(&cluster, &mut child, &log, 240);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{text}\n{}", cluster.logs());
+    assert!(text.contains("lost the coordinator"), "{text}");
+    let run = podman_run(&image, &[]).success("podman run of a bake that outlived its coordinator");
+    assert_eq!(run.stdout, format!("{marker}\n"));
+}
+
 /// Bad bake files exit 2 and name the file and line; an unknown target is named.
 #[test]
 fn bad_bake_files_exit_2_with_file_and_line() {

@@ -285,7 +285,7 @@ impl Cluster {
     }
 
     /// `kill -9` of the coordinator, then a new one with the same address and state dir.
-    fn restart_coordinator(&mut self) {
+    pub(crate) fn restart_coordinator(&mut self) {
         let i = self
             .children
             .iter()
@@ -776,7 +776,7 @@ fn killed_worker_task_is_rescheduled_and_the_build_succeeds() {
 }
 
 /// Reads `path` until it contains `what`, failing after `secs` with the cluster's logs.
-fn wait_for_text(cluster: &Cluster, path: &Path, what: &str, secs: u64) {
+pub(crate) fn wait_for_text(cluster: &Cluster, path: &Path, what: &str, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -793,7 +793,7 @@ fn wait_for_text(cluster: &Cluster, path: &Path, what: &str, secs: u64) {
 }
 
 /// Waits for a child with a deadline, killing it (and failing) when it hangs.
-fn wait_child(
+pub(crate) fn wait_child(
     cluster: &Cluster,
     child: &mut Child,
     log: &Path,

@@ -21,6 +21,7 @@ pub(super) async fn run_build(
         image: None,
         error: None,
         exit_code: None,
+        bake: None,
     };
     save_record(state, &record, None);
     let mut gauge = Gauge::new(state);
@@ -60,11 +61,7 @@ pub(super) async fn run_build(
 /// Runs again a build that a previous run of the coordinator had accepted and not finished;
 /// its client, if still there, asks how it ended ([`ClusterMessage::Status`]).
 pub(super) async fn resume_build(state: Arc<State>, record: Record, spec: BuildSpec) {
-    // The workers reconnect within a heartbeat or two; the build platform is chosen among them.
-    let deadline = Instant::now() + crate::NO_WORKER_GRACE;
-    while state.lock().workers.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_workers(&state).await;
     let mut gauge = Gauge::new(&state);
     let outcome = async {
         let df = check(&spec)?;
@@ -80,6 +77,15 @@ pub(super) async fn resume_build(state: Arc<State>, record: Record, spec: BuildS
     .await;
     drop(gauge);
     record_outcome(&state, record, &outcome);
+}
+
+/// Waits, after a restart, until a worker is back (they reconnect within a heartbeat or two;
+/// the build platforms are chosen among them), at most [`crate::NO_WORKER_GRACE`].
+pub(super) async fn await_workers(state: &State) {
+    let deadline = Instant::now() + crate::NO_WORKER_GRACE;
+    while state.lock().workers.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Saves a build record; a failure to is logged (the build goes on; only a restart would
