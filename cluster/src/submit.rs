@@ -361,16 +361,19 @@ async fn upload(
                 .map_err(|e| ClusterError::Local(format!("{}: {e}", path.display())))?
                 .len();
             let (mut tx, mut rx) = conn.open_bi().await.map_err(ossb_net::NetError::from)?;
-            send(
-                &mut tx,
-                ClusterMessage::Upload {
-                    digest: *digest,
-                    size,
-                },
-            )
-            .await?;
-            send_file(&mut tx, path).await?;
+            let upload = ClusterMessage::Upload {
+                digest: *digest,
+                size,
+            };
+            let sent = match send(&mut tx, upload).await {
+                Ok(()) => send_file(&mut tx, path).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e @ ClusterError::Local(_)) = sent {
+                return Err(e);
+            }
             let _ = tx.finish();
+            // A refused upload stops the stream: the coordinator's reply says why.
             match recv(&mut rx, "the coordinator").await? {
                 ClusterMessage::Stored => Ok(()),
                 other => Err(ClusterError::Protocol {

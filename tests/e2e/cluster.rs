@@ -1057,6 +1057,26 @@ fn a_platform_no_worker_builds_fails_fast_and_cancels_the_sibling_task() {
         "{}",
         cluster.logs()
     );
+
+    // A context file that changes between being listed and being sent (here the client's own
+    // log, written into its context as it starts sending) fails the build with what happened
+    // and what to do, not with a broken stream.
+    let log = ctx.join("submit.log");
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &["--insecure-registry", &reg, ctx.to_str().unwrap()],
+        )
+        .stderr(std::fs::File::create(&log).unwrap())
+        .output()
+        .unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{}", cluster.logs());
+    assert!(
+        stderr.contains("a context file changed while it was sent")
+            && stderr.contains(".dockerignore"),
+        "{stderr}"
+    );
 }
 
 /// A context file large enough to travel through the peer cache (2 MiB), the same in every

@@ -423,19 +423,37 @@ async fn serve_stream(
             // Only what a submission asked for, at the size its list gave: a stranger with a
             // client certificate cannot fill the state dir.
             let wanted = state.lock().wanted.get(&digest).copied();
-            if wanted != Some(size) {
-                return send_error(
-                    &mut tx,
-                    format!("no build waits for blob {digest} of {size} bytes"),
-                )
-                .await;
+            match wanted {
+                Some(listed) if listed == size => {}
+                Some(listed) => {
+                    return send_error(
+                        &mut tx,
+                        changed_while_sent(
+                            &digest,
+                            &format!("was listed with {listed} bytes and is sent with {size}"),
+                        ),
+                    )
+                    .await;
+                }
+                None => {
+                    return send_error(
+                        &mut tx,
+                        format!("no build waits for blob {digest} of {size} bytes"),
+                    )
+                    .await;
+                }
             }
-            let r = recv_blob_bytes(&mut rx, &state.store, &digest, size, None).await;
-            if r.is_ok() {
-                state.lock().counters.context_bytes_received += size;
-                let _ = send(&mut tx, ClusterMessage::Stored).await;
+            match recv_blob_bytes(&mut rx, &state.store, &digest, size, None).await {
+                Ok(()) => {
+                    state.lock().counters.context_bytes_received += size;
+                    let _ = send(&mut tx, ClusterMessage::Stored).await;
+                    Ok(())
+                }
+                Err(e) => {
+                    send_error(&mut tx, changed_while_sent(&digest, &e.to_string())).await;
+                    Err(e)
+                }
             }
-            r
         }
         ClusterMessage::Status { build } => status(&state, &build, &mut tx).await,
         ClusterMessage::Register(info) => worker_channel(&state, info, tx, rx).await,
@@ -512,6 +530,14 @@ async fn fetch_blob(
     let _ = tx.finish();
     state.lock().counters.context_bytes_served += size;
     Ok(())
+}
+
+/// Why an uploaded context file was refused when its bytes are not those the client listed:
+/// a file that changed between the client hashing it and sending it.
+fn changed_while_sent(digest: &Digest, what: &str) -> String {
+    format!(
+        "a context file changed while it was sent (blob {digest} {what}): a file written during the build inside its own context, such as a log, must be left out with .dockerignore"
+    )
 }
 
 #[cfg(test)]
