@@ -345,10 +345,16 @@ pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), A
         }
         _ => layer::apply_layer(std::io::BufReader::new(open()?), &target, &opts),
     };
-    unpacked.map(|_| ()).map_err(|source| AddError::Unpack {
-        archive: archive.to_path_buf(),
-        source,
-    })
+    unpacked
+        .map(|report| {
+            for line in report.skipped {
+                tracing::warn!("ADD {}: {line}", archive.display());
+            }
+        })
+        .map_err(|source| AddError::Unpack {
+            archive: archive.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

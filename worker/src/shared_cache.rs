@@ -137,9 +137,16 @@ pub fn import(cache_dir: &Path, id: &str, digest: &Digest, blob: impl Read) -> i
         let _ = fs::remove_dir_all(leftover);
     }
     fs::create_dir(&fresh)?;
-    if let Err(e) = apply_layer(blob, &fresh, &ApplyOptions::default()) {
-        let _ = fs::remove_dir_all(&fresh);
-        return Err(io::Error::other(e));
+    match apply_layer(blob, &fresh, &ApplyOptions::default()) {
+        Ok(report) => {
+            for line in report.skipped {
+                tracing::warn!("cache mount {}: {line}", dir.display());
+            }
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&fresh);
+            return Err(io::Error::other(e));
+        }
     }
     if dir.exists() {
         fs::rename(&dir, &old)?;

@@ -209,8 +209,10 @@ impl<'r> Applier<'r> {
         }
     }
 
+    /// Records a skipped entry for the caller ([`ApplyReport::skipped`]), which reports it (a
+    /// warning logged here too would be shown twice).
     fn warn(&mut self, line: String) {
-        tracing::warn!("{line}");
+        tracing::debug!("{line}");
         if let Some(hook) = &self.opts.on_warning {
             hook(&line);
         }
