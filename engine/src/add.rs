@@ -347,7 +347,7 @@ pub(crate) fn extract(archive: &Path, rootfs: &Path, dest: &str) -> Result<(), A
     };
     unpacked
         .map(|report| {
-            for line in report.skipped {
+            for line in report.warnings() {
                 tracing::warn!("ADD {}: {line}", archive.display());
             }
         })

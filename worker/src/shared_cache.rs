@@ -139,7 +139,7 @@ pub fn import(cache_dir: &Path, id: &str, digest: &Digest, blob: impl Read) -> i
     fs::create_dir(&fresh)?;
     match apply_layer(blob, &fresh, &ApplyOptions::default()) {
         Ok(report) => {
-            for line in report.skipped {
+            for line in report.warnings() {
                 tracing::warn!("cache mount {}: {line}", dir.display());
             }
         }

@@ -764,7 +764,7 @@ async fn unpack(
                 digest: layer.digest,
                 source,
             })?;
-            notes.extend(report.skipped);
+            notes.extend(report.warnings());
         }
         Ok(notes)
     })

@@ -95,12 +95,12 @@ fn unpack(
     let mut skipped = Vec::new();
     for layer in &manifest.layers {
         let blob = io::BufReader::new(store.open_blob(&layer.digest)?);
-        let ApplyReport { skipped: s, .. } =
+        let report: ApplyReport =
             apply_layer(blob, rootfs, options).map_err(|source| ExportError::Layer {
                 digest: layer.digest.to_string(),
                 source,
             })?;
-        skipped.extend(s);
+        skipped.extend(report.warnings());
     }
     Ok(skipped)
 }

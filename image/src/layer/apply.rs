@@ -570,9 +570,8 @@ impl<'r> Applier<'r> {
             Ok(()) => {}
             Err(e @ (Errno::EPERM | Errno::EACCES)) => {
                 self.skipped_paths.insert(rel.to_path_buf());
-                self.warn(format!(
-                    "device node {shown:?} skipped: {e} (creating devices needs privilege)"
-                ));
+                tracing::debug!("device node {shown:?} skipped: {e}");
+                self.report.devices_skipped.push(shown.to_string());
                 return Ok(false);
             }
             Err(e) => return Err(io_error(shown, "creating device node", e.into())),

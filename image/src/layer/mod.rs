@@ -272,9 +272,32 @@ impl fmt::Debug for ApplyOptions {
 pub struct ApplyReport {
     /// How many tar entries were read (whiteouts and skipped entries included).
     pub entries: u64,
-    /// What was not applied and why, one line each (device nodes without permission, ownership
-    /// without permission, unsupported extended attributes, unknown entry types).
+    /// What was not applied and why, one line each (ownership without permission, unsupported
+    /// extended attributes, unknown entry types).
     pub skipped: Vec<String>,
+    /// Device nodes not made for want of privilege (a base image's `/dev` entries, every time
+    /// a build runs rootless).
+    pub devices_skipped: Vec<String>,
+}
+
+impl ApplyReport {
+    /// What to tell the user: each skipped entry, and the device nodes in one line.
+    pub fn warnings(self) -> Vec<String> {
+        let mut lines = self.skipped;
+        let devices = self.devices_skipped;
+        if !devices.is_empty() {
+            const SHOWN: usize = 8;
+            let mut names = devices[..devices.len().min(SHOWN)].join(", ");
+            if devices.len() > SHOWN {
+                names.push_str(&format!(" and {} more", devices.len() - SHOWN));
+            }
+            lines.push(format!(
+                "{} device node(s) skipped, creating devices needs privilege: {names}",
+                devices.len()
+            ));
+        }
+        lines
+    }
 }
 
 /// Why a layer could not be written or applied.

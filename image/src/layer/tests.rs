@@ -1052,3 +1052,22 @@ fn only_writes_the_files_a_reader_wants() {
     apply_layer(Cursor::new(upper.finish()), root, &opts).unwrap();
     assert!(!root.join("other/tool").exists());
 }
+
+/// Device nodes skipped for want of privilege are told in one line (eight names, then a
+/// count), after the other skipped entries.
+#[test]
+fn skipped_device_nodes_are_one_warning() {
+    let report = ApplyReport {
+        entries: 12,
+        skipped: vec!["ownership not applied from entry \"a\"".into()],
+        devices_skipped: (0..10).map(|i| format!("dev/d{i}")).collect(),
+    };
+    assert_eq!(
+        report.warnings(),
+        [
+            "ownership not applied from entry \"a\"",
+            "10 device node(s) skipped, creating devices needs privilege: dev/d0, dev/d1, dev/d2, dev/d3, dev/d4, dev/d5, dev/d6, dev/d7 and 2 more",
+        ]
+    );
+    assert!(ApplyReport::default().warnings().is_empty());
+}
