@@ -822,6 +822,13 @@ impl BuildArgs {
             ));
         }
         let platforms = parse_platforms(self.platform.as_deref())?;
+        // Before the Dockerfile, which would otherwise be reported missing inside it.
+        if !self.context.is_dir() {
+            return Err(format!(
+                "the build context {} is not a directory: give the directory whose files the Dockerfile's COPY and ADD read (`ossb build [OPTIONS] DIR`)",
+                self.context.display()
+            ));
+        }
         let (dockerfile, dockerfile_name) = match self.file.as_deref() {
             Some("-") => {
                 let mut s = String::new();

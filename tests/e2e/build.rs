@@ -1488,6 +1488,29 @@ fn annotations_reach_the_manifests_descriptors_and_index() {
     }
 }
 
+/// A context that is not there is named as the context (exit 2), not as a Dockerfile missing
+/// from it.
+#[test]
+fn a_missing_context_is_named() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let run = ossb(
+        &env,
+        &dir.path().join("cache"),
+        &["build", missing.to_str().unwrap()],
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "the build context {} is not a directory",
+            missing.display()
+        )),
+        "{}",
+        run.stderr
+    );
+}
+
 /// SIGTERM (a pod being deleted) stops a build in the middle of a RUN: exit 143 with a line
 /// that says so, the step's processes gone, and nothing left behind: no work directory, no
 /// file of a secret taken from the environment.
