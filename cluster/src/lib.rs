@@ -76,6 +76,9 @@ pub enum ClusterError {
     /// A local failure (disk, store).
     #[error("{0}")]
     Local(String),
+    /// Bytes received were not those of the digest they were sent as.
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 pub(crate) fn local_err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ClusterError + '_ {
@@ -186,9 +189,12 @@ pub(crate) async fn recv_blob_bytes(
             None => return Err(ossb_net::NetError::Truncated.into()),
         }
     }
-    writer
-        .commit(Some(digest))
-        .map_err(local_err("verifying a blob"))?;
+    writer.commit(Some(digest)).map_err(|e| match e {
+        ossb_image::store::StoreError::DigestMismatch { .. } => {
+            ClusterError::Mismatch(format!("verifying a blob: {e}"))
+        }
+        e => ClusterError::Local(format!("verifying a blob: {e}")),
+    })?;
     Ok(())
 }
 

@@ -140,30 +140,38 @@ impl Records {
         record: &Record,
         submission: Option<&BuildSpec>,
     ) -> Result<(), RecordsError> {
-        let json = serde_json::to_vec(record).map_err(failed("encoding a build record"))?;
-        let spec = submission
-            .filter(|s| s.secrets.is_empty())
-            .map(postcard::to_allocvec)
-            .transpose()
-            .map_err(failed("encoding a submission"))?;
+        self.save_all(&[(record, submission)])
+    }
+
+    /// [`Records::save`] of several builds in one transaction: a bake's targets are all
+    /// accepted or none, so a restart never finds part of a bake.
+    pub fn save_all(&self, builds: &[(&Record, Option<&BuildSpec>)]) -> Result<(), RecordsError> {
         let txn = self.db.begin_write().map_err(failed("saving a build"))?;
         {
-            let mut builds = txn.open_table(BUILDS).map_err(failed("saving a build"))?;
-            builds
-                .insert(record.id.as_str(), json.as_slice())
-                .map_err(failed("saving a build"))?;
+            let mut records = txn.open_table(BUILDS).map_err(failed("saving a build"))?;
             let mut submissions = txn
                 .open_table(SUBMISSIONS)
                 .map_err(failed("saving a build"))?;
-            if let Some(spec) = &spec {
-                submissions
-                    .insert(record.id.as_str(), spec.as_slice())
+            for (record, submission) in builds {
+                let json = serde_json::to_vec(record).map_err(failed("encoding a build record"))?;
+                let spec = submission
+                    .filter(|s| s.secrets.is_empty())
+                    .map(postcard::to_allocvec)
+                    .transpose()
+                    .map_err(failed("encoding a submission"))?;
+                records
+                    .insert(record.id.as_str(), json.as_slice())
                     .map_err(failed("saving a build"))?;
-            }
-            if matches!(record.status, Status::Succeeded | Status::Failed) {
-                submissions
-                    .remove(record.id.as_str())
-                    .map_err(failed("saving a build"))?;
+                if let Some(spec) = &spec {
+                    submissions
+                        .insert(record.id.as_str(), spec.as_slice())
+                        .map_err(failed("saving a build"))?;
+                }
+                if matches!(record.status, Status::Succeeded | Status::Failed) {
+                    submissions
+                        .remove(record.id.as_str())
+                        .map_err(failed("saving a build"))?;
+                }
             }
         }
         txn.commit().map_err(failed("saving a build"))

@@ -66,10 +66,13 @@ pub enum ClusterMessage {
         /// The name it goes by in logs and metrics.
         worker: String,
     },
-    /// A worker is alive; sent every second.
+    /// A worker is alive; sent every second, and at once when `draining` changes.
     Heartbeat {
         /// Tasks it could start now.
         free_slots: u32,
+        /// It is waiting for its running tasks to end to collect its cache: tasks sent now
+        /// would wait for them, so the coordinator sends none until it says otherwise.
+        draining: bool,
     },
     /// Work for a worker: one platform of one build.
     Task(Box<TaskSpec>),

@@ -44,7 +44,8 @@ use crate::Digest;
 /// compression level, force-compression, push-by-digest, name-canonical). 14: a bake as one
 /// submission (`SubmitBake`, `BakeAccepted`, `TargetEvent`, `TargetFinished`). 15: a bake
 /// target's image handed to a task of another target as a named context (`TaskSpec::contexts`).
-pub const VERSION: u16 = 15;
+/// 16: a worker says it is draining to collect its cache (`Heartbeat::draining`).
+pub const VERSION: u16 = 16;
 
 /// One control message as it travels: the sender's protocol version, then the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

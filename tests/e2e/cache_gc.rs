@@ -216,4 +216,12 @@ fn a_worker_that_is_never_idle_still_collects_its_cache() {
         "the busy worker never collected its cache\n{}",
         cluster.logs()
     );
+    // The coordinator was told, so that it sent the worker nothing meanwhile.
+    let coordinator = std::fs::read_to_string(cluster.dir.join("coordinator.log")).unwrap();
+    assert!(
+        coordinator.contains("worker draining to collect its cache")
+            && coordinator.contains("worker done collecting its cache"),
+        "{}",
+        cluster.logs()
+    );
 }

@@ -92,13 +92,21 @@ pub(super) async fn run_bake(
     let ends = match receive(state, &files, tx, rx).await {
         Ok(context) => {
             // Kept until each ends, so that a restarted coordinator runs them again, as one
-            // graph ([`resume_bake`]).
-            for (record, target) in records.iter().zip(&bake.targets) {
-                let running = Record {
+            // graph ([`resume_bake`]); in one transaction, so that it finds all or none.
+            let running: Vec<Record> = records
+                .iter()
+                .map(|r| Record {
                     status: Status::Running,
-                    ..record.clone()
-                };
-                save_record(state, &running, Some(&target.spec));
+                    ..r.clone()
+                })
+                .collect();
+            let builds: Vec<_> = running
+                .iter()
+                .zip(&bake.targets)
+                .map(|(r, t)| (r, Some(&t.spec)))
+                .collect();
+            if let Err(e) = state.records.save_all(&builds) {
+                tracing::warn!(error = %e, "bake records not saved");
             }
             let builds = records.iter().map(|r| r.id.clone()).collect();
             match send(tx, ClusterMessage::BakeAccepted { builds }).await {

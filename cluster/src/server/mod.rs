@@ -133,6 +133,8 @@ struct Worker {
     running: HashSet<u64>,
     /// Context files it fetched from here: it holds them.
     holds: HashSet<Digest>,
+    /// It waits for its running tasks to end to collect its cache: no task is sent to it.
+    draining: bool,
 }
 
 #[derive(Default)]
@@ -450,7 +452,16 @@ async fn serve_stream(
                     Ok(())
                 }
                 Err(e) => {
-                    send_error(&mut tx, changed_while_sent(&digest, &e.to_string())).await;
+                    // Bytes that are not the listed file's, or fewer of them: the file changed.
+                    // Anything else is this coordinator's own failure, told as it is.
+                    let message = match &e {
+                        ClusterError::Mismatch(_)
+                        | ClusterError::Net(ossb_net::NetError::Truncated) => {
+                            changed_while_sent(&digest, &e.to_string())
+                        }
+                        other => format!("storing context blob {digest}: {other}"),
+                    };
+                    send_error(&mut tx, message).await;
                     Err(e)
                 }
             }
@@ -558,6 +569,7 @@ mod tests {
             last_seen: Instant::now(),
             running: HashSet::new(),
             holds: HashSet::new(),
+            draining: false,
         }
     }
 
@@ -588,6 +600,22 @@ mod tests {
         workers.insert(2, worker("linux/amd64", &[], 2));
         workers.get_mut(&2).unwrap().holds.insert(d);
         assert_eq!(pick_worker(&workers, &amd, &[d], None), Some(2));
+    }
+
+    /// A worker draining to collect its cache gets no task, even the one it is preferred for;
+    /// with no other, the task waits.
+    #[test]
+    fn a_draining_worker_gets_no_task() {
+        let amd: Platform = "linux/amd64".parse().unwrap();
+        let mut workers = HashMap::new();
+        workers.insert(1, worker("linux/amd64", &[], 2));
+        workers.insert(2, worker("linux/amd64", &[], 2));
+        workers.get_mut(&2).unwrap().draining = true;
+        assert_eq!(pick_worker(&workers, &amd, &[], Some(2)), Some(1));
+        workers.get_mut(&1).unwrap().draining = true;
+        assert_eq!(pick_worker(&workers, &amd, &[], Some(2)), None);
+        workers.get_mut(&2).unwrap().draining = false;
+        assert_eq!(pick_worker(&workers, &amd, &[], Some(2)), Some(2));
     }
 
     fn task(spec: &BuildSpec, platform: &Platform) -> TaskSpec {

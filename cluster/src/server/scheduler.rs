@@ -240,7 +240,7 @@ pub(super) fn pick_worker(
         native
     };
     pool.into_iter()
-        .filter(|(_, w)| (w.running.len() as u32) < w.info.slots.max(1))
+        .filter(|(_, w)| !w.draining && (w.running.len() as u32) < w.info.slots.max(1))
         .max_by_key(|(id, w)| {
             let held = context.iter().filter(|d| w.holds.contains(d)).count();
             (

@@ -29,6 +29,7 @@ pub(super) async fn worker_channel(
             last_seen: Instant::now(),
             running: HashSet::new(),
             holds: HashSet::new(),
+            draining: false,
         },
     );
     state.wake.notify_one();
@@ -51,7 +52,16 @@ pub(super) async fn worker_channel(
         };
         worker.last_seen = Instant::now();
         match message {
-            ClusterMessage::Heartbeat { .. } => {}
+            ClusterMessage::Heartbeat { draining, .. } => {
+                if std::mem::replace(&mut worker.draining, draining) != draining {
+                    if draining {
+                        tracing::info!(worker = %name, "worker draining to collect its cache: no task is sent to it until it is done");
+                    } else {
+                        tracing::info!(worker = %name, "worker done collecting its cache");
+                        state.wake.notify_one();
+                    }
+                }
+            }
             ClusterMessage::TaskEvent { task, event } => {
                 if let Some(t) = inner.tasks.get(&task).filter(|t| t.worker == Some(id)) {
                     let _ = t.events.send((task, event));

@@ -127,6 +127,9 @@ struct Node {
     /// Tasks read it while they use the cache; the cache's collection writes it, so that it
     /// has the cache to itself. Writers go first: once one waits, new tasks wait behind it.
     cache_use: tokio::sync::RwLock<()>,
+    /// A collection waits for the running tasks: the coordinator is told (`draining`), and a
+    /// task that ends meanwhile queues no second one.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -190,6 +193,7 @@ pub async fn serve(config: WorkerConfig) -> Result<(), ClusterError> {
         peers,
         tasks: Mutex::new(HashMap::new()),
         cache_use: tokio::sync::RwLock::new(()),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     if let Some(addr) = node.config.metrics {
         serve_metrics(addr, node.clone()).await?;
@@ -338,7 +342,12 @@ async fn session(node: &Arc<Node>) -> Result<(), ClusterError> {
         loop {
             let running = heart_node.counters.running.load(Ordering::Relaxed) as u32;
             let free_slots = slots.saturating_sub(running);
-            if beat.send(ClusterMessage::Heartbeat { free_slots }).is_err() {
+            let draining = heart_node.draining.load(Ordering::Relaxed);
+            let beat_now = ClusterMessage::Heartbeat {
+                free_slots,
+                draining,
+            };
+            if beat.send(beat_now).is_err() {
                 break;
             }
             tokio::time::sleep(super::HEARTBEAT).await;
@@ -455,15 +464,27 @@ async fn run_task(
             tracing::info!(task = task.task, build = %task.build, error = %f.message, "task failed");
         }
     }
+    // After the task has pushed and reported, as a local build collects after its export; what
+    // this task used is spared. The other slots may never be free at once: no task starts until
+    // the running ones end, and the coordinator, told before this task's end, sends none
+    // meanwhile. One collection waits at a time.
+    let cache_dir = node.config.work_dir.join("cache");
+    let collect = (node.config.simulate.is_none()
+        && ossb_engine::cache_gc::due(&cache_dir).is_some())
+    .then(|| Draining::start(&node.draining))
+    .flatten();
+    let heartbeat = |draining| ClusterMessage::Heartbeat {
+        free_slots: 0,
+        draining,
+    };
+    if collect.is_some() {
+        let _ = out.send(heartbeat(true));
+    }
     let _ = out.send(ClusterMessage::TaskDone {
         task: task.task,
         result,
     });
-    // After the task has pushed and reported, as a local build collects after its export; what
-    // this task used is spared.
-    let cache_dir = node.config.work_dir.join("cache");
-    if node.config.simulate.is_none() && ossb_engine::cache_gc::due(&cache_dir).is_some() {
-        // The other slots may never be free at once: no task starts until the running ones end.
+    if let Some(draining) = collect {
         let others = node
             .counters
             .running
@@ -476,10 +497,33 @@ async fn run_task(
                 "the cache's disk is short: starting no task until the running ones end, to collect"
             );
         }
-        let _alone = node.cache_use.write().await;
-        if let Some(message) = ossb_engine::build::collect_garbage(&cache_dir, started).await {
-            tracing::info!(task = task.task, "{message}");
+        let alone = node.cache_use.write().await;
+        // Another task's collection may have freed enough while this one waited.
+        if ossb_engine::cache_gc::due(&cache_dir).is_some() {
+            if let Some(message) = ossb_engine::build::collect_garbage(&cache_dir, started).await {
+                tracing::info!(task = task.task, "{message}");
+            }
         }
+        drop(alone);
+        drop(draining);
+        let _ = out.send(heartbeat(false));
+    }
+}
+
+/// The worker's draining flag, set while it lives: cleared however the collection ends (a
+/// task aborted with its session too), so a worker never stays drained.
+struct Draining<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Draining<'a> {
+    /// `None` when a collection already waits.
+    fn start(flag: &'a std::sync::atomic::AtomicBool) -> Option<Draining<'a>> {
+        (!flag.swap(true, Ordering::SeqCst)).then_some(Draining(flag))
+    }
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

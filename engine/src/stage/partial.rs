@@ -141,10 +141,14 @@ fn write_files(
             ..Default::default()
         };
         let blob = std::io::BufReader::new(store.open_blob(&layer.digest)?);
-        layer::apply_layer(blob, dir, &options).map_err(|source| StepError::UnpackLayer {
-            digest: layer.digest,
-            source,
-        })?;
+        let report =
+            layer::apply_layer(blob, dir, &options).map_err(|source| StepError::UnpackLayer {
+                digest: layer.digest,
+                source,
+            })?;
+        for line in report.warnings() {
+            tracing::warn!("layer {}: {line}", layer.digest);
+        }
     }
     Ok(())
 }
