@@ -102,6 +102,25 @@ fn builds_on_a_small_disk_collect_the_cache_instead_of_filling_it() {
     assert!(again.stderr.contains("0 steps run"), "{}", again.stderr);
 }
 
+/// A cluster of one worker, `name` with `slots`, whose work directory is on a 256 MiB
+/// filesystem (kept mounted while the first value lives).
+fn worker_on_a_small_disk(
+    env: &TestEnv,
+    name: &str,
+    slots: &str,
+) -> Option<(SmallDisk, crate::cluster::Cluster)> {
+    let disk = SmallDisk::mount("256m")?;
+    let work = disk.dir.join("worker");
+    let cluster = crate::cluster::Cluster::start_with(
+        env,
+        &[(
+            name,
+            &["--slots", slots, "--work-dir", work.to_str().unwrap()],
+        )],
+    );
+    Some((disk, cluster))
+}
+
 /// The same through the cluster: a worker whose work directory is on a 256 MiB filesystem
 /// takes twenty builds of a new 8 MiB layer each (the context file and the layer stay in its
 /// store: 16 MiB a build, and a task lays out its context besides; the disk is full by the
@@ -111,17 +130,9 @@ fn builds_on_a_small_disk_collect_the_cache_instead_of_filling_it() {
 #[test]
 fn a_worker_on_a_small_disk_collects_its_cache_after_tasks() {
     let Some(env) = TestEnv::get() else { return };
-    let Some(disk) = SmallDisk::mount("256m") else {
+    let Some((_disk, cluster)) = worker_on_a_small_disk(&env, "small-disk", "1") else {
         return;
     };
-    let work = disk.dir.join("worker");
-    let cluster = crate::cluster::Cluster::start_with(
-        &env,
-        &[(
-            "small-disk",
-            &["--slots", "1", "--work-dir", work.to_str().unwrap()],
-        )],
-    );
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(
         dir.path(),
@@ -163,17 +174,9 @@ fn a_worker_on_a_small_disk_collects_its_cache_after_tasks() {
 #[test]
 fn a_worker_that_is_never_idle_still_collects_its_cache() {
     let Some(env) = TestEnv::get() else { return };
-    let Some(disk) = SmallDisk::mount("256m") else {
+    let Some((_disk, cluster)) = worker_on_a_small_disk(&env, "busy", "2") else {
         return;
     };
-    let work = disk.dir.join("worker");
-    let cluster = crate::cluster::Cluster::start_with(
-        &env,
-        &[(
-            "busy",
-            &["--slots", "2", "--work-dir", work.to_str().unwrap()],
-        )],
-    );
     let reg = cluster.registry.clone();
     let submit = |ctx: &Path, what: &str| {
         let out = cluster
