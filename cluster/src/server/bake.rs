@@ -92,7 +92,7 @@ pub(super) async fn run_bake(
     let ends = match receive(state, &files, tx, rx).await {
         Ok(context) => {
             // Kept until each ends, so that a restarted coordinator runs them again, as one
-            // graph ([`resume_bake`]); in one transaction, so that it finds all or none.
+            // graph ([`resume`]); in one transaction, so that it finds all or none.
             let running: Vec<Record> = records
                 .iter()
                 .map(|r| Record {
@@ -150,52 +150,4 @@ pub(super) async fn run_bake(
     }
     let _ = tx.finish();
     Ok(())
-}
-
-/// Runs again the targets of a bake that a previous run of the coordinator had accepted and not
-/// finished, as one graph: stages they share are still built once, and a `target:` context
-/// still finds its target. Their client, if still there, asks how each ended.
-pub(super) async fn resume_bake(state: Arc<State>, targets: Vec<(Record, BuildSpec)>) {
-    await_workers(&state).await;
-    let mut gauges: Vec<Gauge> = targets.iter().map(|_| Gauge::new(&state)).collect();
-    let checked: Result<Vec<_>, Failure> = targets
-        .iter()
-        .map(|(_, spec)| {
-            let df = check(spec)?;
-            let context: Vec<Digest> = all_file_digests(spec).iter().map(|(d, _)| *d).collect();
-            if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
-                return Err(failure(
-                    format!("the context file {d} is no longer in the coordinator's state dir; submit the bake again"),
-                    1,
-                ));
-            }
-            Ok((df, context))
-        })
-        .collect();
-    let ends = match checked {
-        Ok(checked) => {
-            let mut context: Vec<Digest> = checked
-                .iter()
-                .flat_map(|(_, c)| c.iter().copied())
-                .collect();
-            context.sort();
-            context.dedup();
-            let graph: Vec<Target> = targets
-                .iter()
-                .zip(&checked)
-                .map(|((record, spec), (df, _))| Target {
-                    name: record.bake.as_ref().map_or("", |b| b.target.as_str()),
-                    build: &record.id,
-                    spec,
-                    df,
-                })
-                .collect();
-            run_graph(&state, &graph, context, &mut gauges, None, true).await
-        }
-        Err(f) => targets.iter().map(|_| Err(f.clone())).collect(),
-    };
-    drop(gauges);
-    for ((record, _), end) in targets.into_iter().zip(&ends) {
-        record_outcome(&state, record, end);
-    }
 }

@@ -291,27 +291,20 @@ impl Coordinator {
         tokio::spawn(accept(endpoint.clone(), state.clone()));
         tokio::spawn(schedule_loop(state.clone()));
         tokio::spawn(watch_workers(state.clone()));
-        let mut bakes: BTreeMap<String, Vec<(Record, BuildSpec)>> = BTreeMap::new();
+        // A bake's targets together (by their bake), every other build alone.
+        let mut groups: BTreeMap<String, Vec<(Record, BuildSpec)>> = BTreeMap::new();
         for (record, spec) in resumed {
-            match &record.bake {
-                Some(b) => bakes
-                    .entry(b.bake.clone())
-                    .or_default()
-                    .push((record, spec)),
-                None => {
-                    tracing::info!(build = %record.id, "resuming a build the previous run accepted");
-                    tokio::spawn(resume_build(state.clone(), record, spec));
-                }
-            }
+            let group = record.bake.as_ref().map_or(&record.id, |b| &b.bake).clone();
+            groups.entry(group).or_default().push((record, spec));
         }
-        for (bake, mut targets) in bakes {
+        for (group, mut targets) in groups {
             targets.sort_by(|a, b| a.0.id.cmp(&b.0.id));
             tracing::info!(
-                bake,
-                targets = targets.len(),
-                "resuming a bake the previous run accepted"
+                group,
+                builds = targets.len(),
+                "resuming what the previous run accepted"
             );
-            tokio::spawn(resume_bake(state.clone(), targets));
+            tokio::spawn(resume(state.clone(), targets));
         }
         tracing::info!(listen = %listen, metrics = ?metrics, "coordinator serving");
         Ok(Coordinator {

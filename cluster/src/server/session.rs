@@ -58,30 +58,60 @@ pub(super) async fn run_build(
     Ok(())
 }
 
-/// Runs again a build that a previous run of the coordinator had accepted and not finished;
-/// its client, if still there, asks how it ended ([`ClusterMessage::Status`]).
-pub(super) async fn resume_build(state: Arc<State>, record: Record, spec: BuildSpec) {
+/// Runs again what a previous run of the coordinator had accepted and not finished: a build,
+/// or the targets of a bake as one graph, so that they still share stages and read each other
+/// through `target:`. Their client, if still there, asks how each ended
+/// ([`ClusterMessage::Status`]).
+pub(super) async fn resume(state: Arc<State>, targets: Vec<(Record, BuildSpec)>) {
     await_workers(&state).await;
-    let mut gauge = Gauge::new(&state);
-    let outcome = async {
-        let df = check(&spec)?;
-        let context: Vec<Digest> = all_file_digests(&spec).iter().map(|(d, _)| *d).collect();
-        if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
-            return Err(failure(
-                format!("the context file {d} is no longer in the coordinator's state dir; submit the build again"),
-                1,
-            ));
+    let bake = targets.iter().any(|(r, _)| r.bake.is_some());
+    let mut gauges: Vec<Gauge> = targets.iter().map(|_| Gauge::new(&state)).collect();
+    let checked: Result<Vec<_>, Failure> = targets
+        .iter()
+        .map(|(_, spec)| {
+            let df = check(spec)?;
+            let context: Vec<Digest> = all_file_digests(spec).iter().map(|(d, _)| *d).collect();
+            if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
+                let what = if bake { "bake" } else { "build" };
+                return Err(failure(
+                    format!("the context file {d} is no longer in the coordinator's state dir; submit the {what} again"),
+                    1,
+                ));
+            }
+            Ok((df, context))
+        })
+        .collect();
+    let ends = match checked {
+        Ok(checked) => {
+            let mut context: Vec<Digest> = checked
+                .iter()
+                .flat_map(|(_, c)| c.iter().copied())
+                .collect();
+            context.sort();
+            context.dedup();
+            let graph: Vec<Target> = targets
+                .iter()
+                .zip(&checked)
+                .map(|((record, spec), (df, _))| Target {
+                    name: record.bake.as_ref().map_or("", |b| b.target.as_str()),
+                    build: &record.id,
+                    spec,
+                    df,
+                })
+                .collect();
+            run_graph(&state, &graph, context, &mut gauges, None, bake).await
         }
-        run_tasks(&state, &record.id, &spec, &df, context, &mut gauge, None).await
+        Err(f) => targets.iter().map(|_| Err(f.clone())).collect(),
+    };
+    drop(gauges);
+    for ((record, _), end) in targets.into_iter().zip(&ends) {
+        record_outcome(&state, record, end);
     }
-    .await;
-    drop(gauge);
-    record_outcome(&state, record, &outcome);
 }
 
 /// Waits, after a restart, until a worker is back (they reconnect within a heartbeat or two;
 /// the build platforms are chosen among them), at most [`crate::NO_WORKER_GRACE`].
-pub(super) async fn await_workers(state: &State) {
+async fn await_workers(state: &State) {
     let deadline = Instant::now() + crate::NO_WORKER_GRACE;
     while state.lock().workers.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -498,11 +498,9 @@ async fn run_task(
             );
         }
         let alone = node.cache_use.write().await;
-        // Another task's collection may have freed enough while this one waited.
-        if ossb_engine::cache_gc::due(&cache_dir).is_some() {
-            if let Some(message) = ossb_engine::build::collect_garbage(&cache_dir, started).await {
-                tracing::info!(task = task.task, "{message}");
-            }
+        // A no-op if the disk is no longer short by now.
+        if let Some(message) = ossb_engine::build::collect_garbage(&cache_dir, started).await {
+            tracing::info!(task = task.task, "{message}");
         }
         drop(alone);
         drop(draining);
