@@ -259,7 +259,8 @@ fn a_cluster_bake_feeds_one_target_into_another() {
 /// The coordinator killed with SIGKILL while a cluster bake runs, then restarted on the same
 /// state dir: the bake's targets run again as one graph, so the target that reads another
 /// through `target:` still finds it (resumed as builds of their own, it failed with exit 2),
-/// and the client, which lost the connection, is told how each ended and exits 0.
+/// and the client, which lost the connection, is told how each ended and exits 0. A target
+/// with a secret is not kept, and the one reading it says so.
 #[test]
 fn a_cluster_bake_survives_a_killed_coordinator() {
     let Some(env) = TestEnv::get() else { return };
@@ -304,6 +305,42 @@ fn a_cluster_bake_survives_a_killed_coordinator() {
     assert!(text.contains("lost the coordinator"), "{text}");
     let run = podman_run(&image, &[]).success("podman run of a bake that outlived its coordinator");
     assert_eq!(run.stdout, format!("{marker}\n"));
+
+    // A target with a secret is never written to disk, so it cannot resume: the target reading
+    // it fails saying why, not that the bake has no such target.
+    let marker = unique("cluster-bake-restart-secret");
+    std::fs::write(
+        dir.path().join("base.Dockerfile"),
+        format!("FROM {bb}\nRUN --mount=type=secret,id=tok echo start-{marker} && sleep 5 && echo {marker} > /base-marker\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("docker-bake.hcl"),
+        format!(
+            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n  secret = [\"id=tok,env=BAKE_TOK\"]\n}}\n\
+             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
+        ),
+    )
+    .unwrap();
+    let log = logs.path().join("submit-secret.log");
+    let mut child = cluster
+        .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
+        .env("BAKE_TOK", "not-on-disk")
+        .current_dir(dir.path())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    crate::cluster::wait_for_text(&cluster, &log, &format!("start-{marker}"), 120);
+    cluster.restart_coordinator();
+    let status = crate::cluster::wait_child(&cluster, &mut child, &log, 240);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{text}\n{}", cluster.logs());
+    assert!(
+        text.contains(
+            "target base of the bake could not be resumed after the coordinator restarted"
+        ),
+        "{text}"
+    );
 }
 
 /// Bad bake files exit 2 and name the file and line; an unknown target is named.

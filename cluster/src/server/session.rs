@@ -65,10 +65,22 @@ pub(super) async fn run_build(
 pub(super) async fn resume(state: Arc<State>, targets: Vec<(Record, BuildSpec)>) {
     await_workers(&state).await;
     let bake = targets.iter().any(|(r, _)| r.bake.is_some());
+    let names: HashSet<&str> = targets
+        .iter()
+        .filter_map(|(r, _)| r.bake.as_ref().map(|b| b.target.as_str()))
+        .collect();
     let mut gauges: Vec<Gauge> = targets.iter().map(|_| Gauge::new(&state)).collect();
     let checked: Result<Vec<_>, Failure> = targets
         .iter()
         .map(|(_, spec)| {
+            // A target the previous run never wrote down (one with secrets) cannot be read.
+            let linked = spec.context_sources.iter().filter_map(|(_, v)| v.strip_prefix("target:"));
+            if let Some(gone) = linked.into_iter().find(|t| !names.contains(t)) {
+                return Err(failure(
+                    format!("target {gone} of the bake could not be resumed after the coordinator restarted (a target with secrets is never written to disk); submit the bake again"),
+                    1,
+                ));
+            }
             let df = check(spec)?;
             let context: Vec<Digest> = all_file_digests(spec).iter().map(|(d, _)| *d).collect();
             if let Some(d) = context.iter().find(|d| !state.store.contains(d)) {
