@@ -1,6 +1,7 @@
 //! `ossb bake` (issue 18): buildx's bake files resolved by `ossb-bake`, each target built
 //! through `ossb build`'s own path.
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::support::*;
@@ -189,29 +190,18 @@ fn a_cluster_bake_feeds_one_target_into_another() {
     let bb = cluster.busybox(&env);
     let dir = tempfile::tempdir().unwrap();
     let marker = unique("cluster-bake-link");
-    std::fs::write(
-        dir.path().join("base.Dockerfile"),
-        format!("FROM {bb}\nENV FROM_BASE={marker}\nRUN echo {marker} > /base-marker\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("app.Dockerfile"),
-        format!(
+    let image = format!("{reg}/tests/{marker}:app");
+    write_linked_bake(
+        dir.path(),
+        &format!("FROM {bb}\nENV FROM_BASE={marker}\nRUN echo {marker} > /base-marker\n"),
+        &format!("  tags = [\"{reg}/tests/{marker}:base\"]\n"),
+        &format!(
             "FROM base AS app\nRUN test \"$FROM_BASE\" = \"$(cat /base-marker)\" && cp /base-marker /app-marker\n\
              FROM {bb} AS other\nCOPY --from=base /base-marker /copied\n\
              FROM app\nCOPY --from=other /copied /copied\nCMD [\"cat\", \"/app-marker\", \"/copied\"]\n"
         ),
-    )
-    .unwrap();
-    let image = format!("{reg}/tests/{marker}:app");
-    std::fs::write(
-        dir.path().join("docker-bake.hcl"),
-        format!(
-            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n  tags = [\"{reg}/tests/{marker}:base\"]\n}}\n\
-             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
-        ),
-    )
-    .unwrap();
+        &image,
+    );
     let out = cluster
         .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
         .current_dir(dir.path())
@@ -256,6 +246,46 @@ fn a_cluster_bake_feeds_one_target_into_another() {
     assert!(stderr.contains("target: contexts"), "{stderr}");
 }
 
+/// Writes a bake of two targets in `dir`: `base` (its Dockerfile, and `base_attrs` lines in its
+/// block) and `app`, which reads it as its `base` context and is tagged `image`.
+fn write_linked_bake(dir: &Path, base: &str, base_attrs: &str, app: &str, image: &str) {
+    std::fs::write(dir.join("base.Dockerfile"), base).unwrap();
+    std::fs::write(dir.join("app.Dockerfile"), app).unwrap();
+    std::fs::write(
+        dir.join("docker-bake.hcl"),
+        format!(
+            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n{base_attrs}}}\n\
+             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// `ossb-submit bake --push app` in `dir` with `env`, the coordinator killed with SIGKILL and
+/// restarted once the client's log shows `started`: how the client ended, and its log.
+fn bake_through_a_restart(
+    cluster: &mut crate::cluster::Cluster,
+    dir: &Path,
+    env: &[(&str, &str)],
+    started: &str,
+) -> (std::process::ExitStatus, String) {
+    // Outside the context, which the client reads while the log grows.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("submit.log");
+    let reg = cluster.registry.clone();
+    let mut child = cluster
+        .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    crate::cluster::wait_for_text(cluster, &log, started, 120);
+    cluster.restart_coordinator();
+    let status = crate::cluster::wait_child(cluster, &mut child, &log, 240);
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
 /// The coordinator killed with SIGKILL while a cluster bake runs, then restarted on the same
 /// state dir: the bake's targets run again as one graph, so the target that reads another
 /// through `target:` still finds it (resumed as builds of their own, it failed with exit 2),
@@ -268,39 +298,18 @@ fn a_cluster_bake_survives_a_killed_coordinator() {
     let reg = cluster.registry.clone();
     let bb = cluster.busybox(&env);
     let dir = tempfile::tempdir().unwrap();
+    let app = "FROM base\nRUN cp /base-marker /app-marker\nCMD [\"cat\", \"/app-marker\"]\n";
     let marker = unique("cluster-bake-restart");
-    std::fs::write(
-        dir.path().join("base.Dockerfile"),
-        format!("FROM {bb}\nRUN echo start-{marker} && sleep 5 && echo {marker} > /base-marker\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("app.Dockerfile"),
-        "FROM base\nRUN cp /base-marker /app-marker\nCMD [\"cat\", \"/app-marker\"]\n",
-    )
-    .unwrap();
     let image = format!("{reg}/tests/{marker}:app");
-    std::fs::write(
-        dir.path().join("docker-bake.hcl"),
-        format!(
-            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n}}\n\
-             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
-        ),
-    )
-    .unwrap();
-    // Outside the context, which the client reads while the log grows.
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("submit.log");
-    let mut child = cluster
-        .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
-        .current_dir(dir.path())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    crate::cluster::wait_for_text(&cluster, &log, &format!("start-{marker}"), 120);
-    cluster.restart_coordinator();
-    let status = crate::cluster::wait_child(&cluster, &mut child, &log, 240);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    write_linked_bake(
+        dir.path(),
+        &format!("FROM {bb}\nRUN echo start-{marker} && sleep 5 && echo {marker} > /base-marker\n"),
+        "",
+        app,
+        &image,
+    );
+    let (status, text) =
+        bake_through_a_restart(&mut cluster, dir.path(), &[], &format!("start-{marker}"));
     assert!(status.success(), "{text}\n{}", cluster.logs());
     assert!(text.contains("lost the coordinator"), "{text}");
     let run = podman_run(&image, &[]).success("podman run of a bake that outlived its coordinator");
@@ -309,31 +318,19 @@ fn a_cluster_bake_survives_a_killed_coordinator() {
     // A target with a secret is never written to disk, so it cannot resume: the target reading
     // it fails saying why, not that the bake has no such target.
     let marker = unique("cluster-bake-restart-secret");
-    std::fs::write(
-        dir.path().join("base.Dockerfile"),
-        format!("FROM {bb}\nRUN --mount=type=secret,id=tok echo start-{marker} && sleep 5 && echo {marker} > /base-marker\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("docker-bake.hcl"),
-        format!(
-            "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n  secret = [\"id=tok,env=BAKE_TOK\"]\n}}\n\
-             target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  tags = [\"{image}\"]\n}}\n"
-        ),
-    )
-    .unwrap();
-    let log = logs.path().join("submit-secret.log");
-    let mut child = cluster
-        .submit_bake(&["--insecure-registry", &reg, "--push", "app"])
-        .env("BAKE_TOK", "not-on-disk")
-        .current_dir(dir.path())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    crate::cluster::wait_for_text(&cluster, &log, &format!("start-{marker}"), 120);
-    cluster.restart_coordinator();
-    let status = crate::cluster::wait_child(&cluster, &mut child, &log, 240);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    write_linked_bake(
+        dir.path(),
+        &format!("FROM {bb}\nRUN --mount=type=secret,id=tok echo start-{marker} && sleep 5 && echo {marker} > /base-marker\n"),
+        "  secret = [\"id=tok,env=BAKE_TOK\"]\n",
+        app,
+        &image,
+    );
+    let (status, text) = bake_through_a_restart(
+        &mut cluster,
+        dir.path(),
+        &[("BAKE_TOK", "not-on-disk")],
+        &format!("start-{marker}"),
+    );
     assert_eq!(status.code(), Some(1), "{text}\n{}", cluster.logs());
     assert!(
         text.contains(
