@@ -942,6 +942,7 @@ impl BuildArgs {
             platforms.len(),
             settings.media_types.unwrap_or_default(),
         )?;
+        let defer_compression = !BuildRequest::outputs_read_blobs(&outputs, cache_to.as_ref());
         let request = BuildRequest {
             context,
             dockerfile,
@@ -975,6 +976,7 @@ impl BuildArgs {
                     .collect::<Result<_, _>>()?,
                 ..Default::default()
             },
+            defer_compression,
             compression,
             media_types: settings.media_types.unwrap_or_default(),
             export: ossb_engine::ExportOptions {

@@ -573,6 +573,8 @@ pub fn request_of(task: &TaskSpec, place: TaskPlace, built: Vec<BuiltStage>) -> 
         registry_config: registry_config(spec),
         // Checked by the coordinator before any task was made (build_outcome).
         compression: spec.compression.parse().unwrap_or_default(),
+        // A task's layers go to other workers and the merged push through the peer cache.
+        defer_compression: false,
         media_types: media_types(spec),
         // Checked by the coordinator before any task was made (session::check).
         export: export_of(spec),

@@ -93,6 +93,12 @@ pub struct BuildRequest {
     pub registry_config: RegistryConfig,
     /// Compression of the layers the build writes.
     pub compression: Compression,
+    /// Steps store their layers as plain tars, compressed only once an export needs them,
+    /// because no output of this build reads blobs (see [`BuildRequest::outputs_read_blobs`]):
+    /// as BuildKit, whose layers get a compressed blob only when exported. A later build
+    /// that exports such a layer compresses it then, once, to the bytes a compressing build
+    /// gives (`Shared::export_layer`).
+    pub defer_compression: bool,
     /// OCI (default) or Docker schema 2 media types for the manifests written.
     pub media_types: MediaTypes,
     /// The image exporter's other options (`compression-level=`, `force-compression=`,
@@ -190,6 +196,19 @@ impl Annotations {
 }
 
 impl BuildRequest {
+    /// Whether a build with these outputs reads its layers' blobs as they are exported: a
+    /// push, an OCI or docker archive, `--cache-to`. A filesystem (`type=local`, `type=tar`)
+    /// or the cache alone does not, so such a build may defer its layers' compression.
+    pub fn outputs_read_blobs(outputs: &[Output], cache_to: Option<&CacheExport>) -> bool {
+        cache_to.is_some()
+            || outputs.iter().any(|o| {
+                matches!(
+                    o,
+                    Output::Registry | Output::Oci { .. } | Output::Docker { .. }
+                )
+            })
+    }
+
     /// Checks what can be checked before any step runs, so that a bad tag or output fails in
     /// a second with exit 2, not after the whole build: every tag, every registry cache
     /// reference, and outputs that cannot hold the platforms asked for.
@@ -603,6 +622,14 @@ async fn run(
                 })
                 .collect(),
         };
+        // A layer an earlier build left uncompressed is stored compressed, as in the image.
+        let mut records = records;
+        for (_, record, _) in &mut records {
+            if let Some(layer) = &record.layer {
+                let layer = shared.export_layer(layer, record.diff_id.as_ref()).await?;
+                record.layer = Some(layer);
+            }
+        }
         let (id, t) = shared.start(format!(
             "exporting {} cached steps to {location}",
             records.len()

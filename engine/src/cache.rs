@@ -630,6 +630,9 @@ pub fn prune_locked(
             report.records += 1;
         }
     }
+    // Compressed copies go with their blob, or when stale as step records do.
+    report.records += crate::compressed_copies::CompressedCopies::open(cache_dir)
+        .prune(|copy, used| stale(used) || removed.contains(&copy.digest))?;
     // Under the exclusive lease no build runs: every work directory is a killed build's, and
     // temporary files are interrupted writes (kept a while: a partial download resumes).
     // SBOM scans kept by layer digests go as step records do, when stale.

@@ -11,6 +11,7 @@ pub mod build;
 pub mod cache;
 pub mod cache_gc;
 pub mod cache_miss;
+mod compressed_copies;
 pub mod error;
 pub mod named_context;
 pub mod progress;

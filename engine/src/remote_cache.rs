@@ -444,11 +444,12 @@ pub(crate) struct InlineStep {
     pub layer: Option<usize>,
 }
 
-/// The inline cache of an image whose layers are `layers`: the steps of `chain` with the
-/// position of their layer.
+/// The inline cache of an image whose layers' diff IDs are `diff_ids`: the steps of `chain`
+/// with the position of their layer. Found by diff ID: the image's blob may be a compressed
+/// copy of the record's (a layer whose compression was deferred).
 pub(crate) fn inline_steps(
     chain: &[(CacheKey, CacheRecord)],
-    layers: &[Descriptor],
+    diff_ids: &[ossb_protocol::Digest],
 ) -> serde_json::Value {
     let steps: Vec<InlineStep> = chain
         .iter()
@@ -457,7 +458,8 @@ pub(crate) fn inline_steps(
             layer: record
                 .layer
                 .as_ref()
-                .and_then(|l| layers.iter().position(|d| d.digest == l.digest)),
+                .and(record.diff_id)
+                .and_then(|d| diff_ids.iter().position(|id| *id == d)),
         })
         .collect();
     serde_json::to_value(steps).unwrap_or_default()
@@ -666,7 +668,7 @@ mod tests {
     }
 
     #[test]
-    fn inline_steps_name_layers_by_position() {
+    fn inline_steps_name_layers_by_the_position_of_their_diff_id() {
         let layer = |n: u8| Descriptor {
             media_type: media_type::OCI_LAYER_GZIP.into(),
             digest: ossb_protocol::Digest::of(&[n]),
@@ -683,7 +685,7 @@ mod tests {
         let k1 = CacheKey::from_bytes([1; 32]);
         let k2 = CacheKey::from_bytes([2; 32]);
         let chain = vec![(k1, record(Some(layer(9)))), (k2, record(None))];
-        let value = inline_steps(&chain, &[layer(0), layer(9)]);
+        let value = inline_steps(&chain, &[layer(0).digest, layer(9).digest]);
         let steps: Vec<InlineStep> = serde_json::from_value(value).unwrap();
         assert_eq!(
             steps,

@@ -231,6 +231,80 @@ fn compression_level_and_force_compression() {
     }
 }
 
+/// The media types of the step layers recorded in `cache`'s step records.
+fn recorded_layer_types(cache: &Path) -> Vec<String> {
+    let mut types = Vec::new();
+    for entry in std::fs::read_dir(cache.join("cache/keys")).unwrap() {
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        if let Some(t) = record["layer"]["mediaType"].as_str() {
+            types.push(t.to_string());
+        }
+    }
+    types
+}
+
+/// A build whose outputs read no blobs (here the cache alone) stores its step's layer as a
+/// plain tar, as BuildKit leaves a layer uncompressed until an export asks for it. The first
+/// push from that cache compresses it, to the bytes a build that compressed at once gives
+/// (an empty cache's), and a second push takes the copy the first one made.
+#[test]
+fn a_layer_is_compressed_by_the_first_build_that_exports_it() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let ctx = context(
+        dir.path(),
+        &format!(
+            "FROM {}\nRUN seq 1 20000 > /numbers\nCMD [\"wc\", \"-l\", \"/numbers\"]\n",
+            busybox(&env)
+        ),
+        &[],
+    );
+    let cache = dir.path().join("cache");
+    build_to(&env, &cache, &ctx, "type=cacheonly", &[]).success("cache-only build");
+    assert_eq!(
+        recorded_layer_types(&cache),
+        ["application/vnd.oci.image.layer.v1.tar"],
+        "the cache-only build did not store its step's layer as a plain tar"
+    );
+    let push = |cache: &Path| {
+        let image = format!("{reg}/tests/{}:1", unique("deferred"));
+        let run = build_to(
+            &env,
+            cache,
+            &ctx,
+            &format!("type=registry,name={image}"),
+            &[],
+        )
+        .success("push");
+        (image, run)
+    };
+    let (first, run) = push(&cache);
+    assert!(
+        run.stderr.contains("compressing layer"),
+        "the first push did not say it compressed the layer: {}",
+        run.stderr
+    );
+    let (second, run) = push(&cache);
+    assert!(
+        !run.stderr.contains("compressing layer"),
+        "the second push compressed the layer again: {}",
+        run.stderr
+    );
+    let (compressed_at_once, _) = push(&dir.path().join("empty-cache"));
+    let l = layers(&first);
+    assert_eq!(l[1].0, GZIP);
+    assert_eq!(l, layers(&second));
+    assert_eq!(
+        l,
+        layers(&compressed_at_once),
+        "the layer compressed late differs from the one compressed when built"
+    );
+    let run = podman_run(&first, &[]).success("podman run of the image compressed late");
+    assert_eq!(run.stdout.split_whitespace().next(), Some("20000"));
+}
+
 /// The (mtime, path) of every entry of a gzip layer blob, read by Python's tarfile.
 fn mtimes(blob: &Path) -> Vec<(i64, String)> {
     let out = tool(

@@ -1,11 +1,13 @@
 //! A platform's image: the layer of a change and the manifest and config of the stage.
 
 use super::*;
+use crate::compressed_copies::CompressedCopies;
 use ossb_image::layer::ContentSources;
 
 impl PlatformBuild<'_> {
     /// Writes the layer of `changes` of `rootfs` into the store; the files `contents` names
-    /// are placeholders whose bytes are read from there (see [`ContentSources`]).
+    /// are placeholders whose bytes are read from there (see [`ContentSources`]). A plain tar
+    /// marked [`DEFERRED`] when the build defers compression.
     pub(super) async fn write_layer(
         &self,
         rootfs: &Path,
@@ -14,10 +16,15 @@ impl PlatformBuild<'_> {
     ) -> Result<(Descriptor, Digest), StepError> {
         let store = self.shared.store.clone();
         let rootfs = rootfs.to_path_buf();
+        let req = self.req();
+        let deferred = req.defer_compression && req.compression != layer::Compression::None;
         let opts = LayerOptions {
-            compression: self.req().compression,
-            source_date_epoch: self.req().source_date_epoch,
-            level: self.req().export.compression_level,
+            compression: match deferred {
+                true => layer::Compression::None,
+                false => req.compression,
+            },
+            source_date_epoch: req.source_date_epoch,
+            level: req.export.compression_level,
         };
         tokio::task::spawn_blocking(move || -> Result<(Descriptor, Digest), StepError> {
             if !contents.is_empty() {
@@ -36,82 +43,25 @@ impl PlatformBuild<'_> {
                 digest: written.digest,
                 size: written.size,
                 platform: None,
-                annotations: None,
+                annotations: deferred
+                    .then(|| BTreeMap::from([(DEFERRED.to_string(), "true".to_string())])),
             };
             Ok((desc, written.diff_id))
         })
         .await?
     }
 
-    /// `force-compression=true`: `layers` with each one compressed otherwise than the build
-    /// asks (a base image's, a named context's image's) recompressed, as BuildKit's
-    /// `NeedsConversion`: a layer of the same compression at another level is kept. The tar
-    /// is kept byte for byte: its diff ID must stay the config's.
-    pub(super) async fn force_compression(
+    /// The image's `layers` as its outputs take them ([`Shared::export_layer`]); `config`
+    /// holds their diff IDs.
+    pub(super) async fn export_layers(
         &self,
         layers: &[Descriptor],
         config: &ImageConfig,
     ) -> Result<Vec<Descriptor>, BuildError> {
-        let wanted = self.req().compression;
-        let opts = LayerOptions {
-            compression: wanted,
-            source_date_epoch: None,
-            level: self.req().export.compression_level,
-        };
         let mut out = Vec::with_capacity(layers.len());
         for (i, layer) in layers.iter().enumerate() {
-            let Some(from) = layer::Compression::of_media_type(&layer.media_type) else {
-                return Err(BuildError::Export(format!(
-                    "force-compression: layer {} has the media type {:?}, which ossb cannot recompress",
-                    layer.digest, layer.media_type
-                )));
-            };
-            if from == wanted {
-                out.push(layer.clone());
-                continue;
-            }
-            let (id, t) = self.shared.start(format!(
-                "recompressing layer {} ({} to {})",
-                layer.digest,
-                from.name(),
-                wanted.name()
-            ));
-            let (store, source, opts) = (self.shared.store.clone(), layer.clone(), opts.clone());
-            let result = tokio::task::spawn_blocking(move || -> Result<_, String> {
-                let blob = store.open_blob(&source.digest).map_err(|e| e.to_string())?;
-                let mut writer = store.writer().map_err(|e| e.to_string())?;
-                let written = layer::recompress(std::io::BufReader::new(blob), &mut writer, &opts)
-                    .map_err(|e| e.to_string())?;
-                writer
-                    .commit(Some(&written.digest))
-                    .map_err(|e| e.to_string())?;
-                Ok(written)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-            let written = self.shared.finish(id, t, result).map_err(|e| {
-                BuildError::Export(format!("force-compression: layer {}: {e}", layer.digest))
-            })?;
-            if config.rootfs.diff_ids.get(i) != Some(&written.diff_id) {
-                return Err(BuildError::Export(format!(
-                    "force-compression: layer {} decompresses to {}, but the image config says its diff_id is {}",
-                    layer.digest,
-                    written.diff_id,
-                    config
-                        .rootfs
-                        .diff_ids
-                        .get(i)
-                        .map_or_else(|| "missing".to_string(), |d| d.to_string())
-                )));
-            }
-            out.push(Descriptor {
-                media_type: written.media_type.to_string(),
-                digest: written.digest,
-                size: written.size,
-                platform: None,
-                annotations: None,
-            });
+            let diff_id = config.rootfs.diff_ids.get(i);
+            out.push(self.shared.export_layer(layer, diff_id).await?);
         }
         Ok(out)
     }
@@ -141,7 +91,7 @@ impl PlatformBuild<'_> {
         {
             config.extra.insert(
                 crate::remote_cache::INLINE_FIELD.into(),
-                crate::remote_cache::inline_steps(&chain, layers),
+                crate::remote_cache::inline_steps(&chain, &config.rootfs.diff_ids),
             );
         }
         let config_bytes = oci::to_canonical_json(&config);
@@ -188,6 +138,118 @@ impl PlatformBuild<'_> {
             chain,
             sbom_extras: Default::default(),
         })
+    }
+}
+
+/// The annotation of a layer descriptor a step stored as a plain tar because its build
+/// deferred compression: an export compresses it as asked, where a base image's plain tar
+/// is kept unless `force-compression=true`, as BuildKit keeps a pulled blob. Kept in step
+/// records, never written into a manifest.
+pub(crate) const DEFERRED: &str = "ossb.compression.deferred";
+
+impl Shared<'_> {
+    /// `layer` as this build's exports write it, without ossb's own annotations: a layer whose
+    /// compression was deferred compressed as the build asks, and with
+    /// `force-compression=true` a layer compressed otherwise (a base image's, a named
+    /// context's) recompressed, as BuildKit's `NeedsConversion` (one of the same compression
+    /// at another level is kept). Nothing is compressed for a build whose outputs read no
+    /// blobs. The tar is kept byte for byte: the result must decompress to `diff_id`. A copy
+    /// made once is taken from the cache's [`CompressedCopies`] afterwards.
+    pub(crate) async fn export_layer(
+        &self,
+        layer: &Descriptor,
+        diff_id: Option<&Digest>,
+    ) -> Result<Descriptor, BuildError> {
+        let req = self.req;
+        let wanted = req.compression;
+        let deferred = layer
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(DEFERRED));
+        let plain = Descriptor {
+            annotations: None,
+            ..layer.clone()
+        };
+        if req.defer_compression {
+            return Ok(plain);
+        }
+        let force = req.export.force_compression;
+        let from = match layer::Compression::of_media_type(&layer.media_type) {
+            Some(from) => from,
+            None if force => return Err(BuildError::Export(format!(
+                "force-compression: layer {} has the media type {:?}, which ossb cannot recompress",
+                layer.digest, layer.media_type
+            ))),
+            None => return Ok(plain),
+        };
+        if from == wanted || !(force || deferred) {
+            return Ok(plain);
+        }
+        let settings = format!(
+            "{};level={:?}",
+            wanted.media_type(),
+            req.export.compression_level
+        );
+        let copies = CompressedCopies::open(&req.cache_dir);
+        if let Some(copy) = copies.get(&layer.digest, &settings) {
+            if self.store.contains(&copy.digest) {
+                self.store.touch(&copy.digest);
+                return Ok(copy);
+            }
+        }
+        let (id, t) = self.start(match deferred {
+            true => format!("compressing layer {} ({})", layer.digest, wanted.name()),
+            false => format!(
+                "recompressing layer {} ({} to {})",
+                layer.digest,
+                from.name(),
+                wanted.name()
+            ),
+        });
+        let opts = LayerOptions {
+            compression: wanted,
+            source_date_epoch: None,
+            level: req.export.compression_level,
+        };
+        let (store, source) = (self.store.clone(), layer.digest);
+        let result = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let blob = store.open_blob(&source).map_err(|e| e.to_string())?;
+            let mut writer = store.writer().map_err(|e| e.to_string())?;
+            let written = layer::recompress(std::io::BufReader::new(blob), &mut writer, &opts)
+                .map_err(|e| e.to_string())?;
+            writer
+                .commit(Some(&written.digest))
+                .map_err(|e| e.to_string())?;
+            Ok(written)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let what = match deferred {
+            true => "compressing",
+            false => "force-compression",
+        };
+        let written = self
+            .finish(id, t, result)
+            .map_err(|e| BuildError::Export(format!("{what}: layer {}: {e}", layer.digest)))?;
+        if diff_id != Some(&written.diff_id) {
+            return Err(BuildError::Export(format!(
+                "{what}: layer {} decompresses to {}, but the image config says its diff_id is {}",
+                layer.digest,
+                written.diff_id,
+                diff_id.map_or_else(|| "missing".to_string(), |d| d.to_string())
+            )));
+        }
+        let copy = Descriptor {
+            media_type: written.media_type.to_string(),
+            digest: written.digest,
+            size: written.size,
+            platform: None,
+            annotations: None,
+        };
+        // Best effort: without the record the next export compresses the layer again.
+        let _ = copies.put(&layer.digest, &settings, &copy);
+        Ok(copy)
     }
 }
 

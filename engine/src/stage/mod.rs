@@ -308,10 +308,7 @@ impl<'a> PlatformBuild<'a> {
         }
         let rootfs = final_state.materialized.then(|| final_state.rootfs.clone());
         let chain = final_state.chain.clone();
-        let layers = match req.export.force_compression {
-            true => self.force_compression(&final_state.layers, &config).await?,
-            false => final_state.layers.clone(),
-        };
+        let layers = self.export_layers(&final_state.layers, &config).await?;
         let mut image = self.write_image(config, &layers, stage, rootfs, chain)?;
         if req.attestations.sbom {
             image.sbom_extras = self.sbom_extras(&plan, &done)?;

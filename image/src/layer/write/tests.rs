@@ -562,7 +562,8 @@ fn compression_levels_change_the_bytes_not_the_tar() {
 
 /// `force-compression=`: a gzip layer recompressed as zstd (and back, and to a plain tar)
 /// keeps its tar byte for byte, so its diff ID; the result is what writing the layer in that
-/// compression gives.
+/// compression gives. So does a plain tar compressed (a layer whose compression a build
+/// deferred, compressed when a later build exports it).
 #[test]
 fn recompressing_keeps_the_tar() {
     let t = tempfile::tempdir().unwrap();
@@ -571,11 +572,14 @@ fn recompressing_keeps_the_tar() {
     let changes = tree(&src);
     let plain = write_on(&src, &changes, Compression::None, 1);
     let gzip = write_on(&src, &changes, Compression::Gzip, 2);
-    for (to, level) in [
-        (Compression::Zstd, None),
-        (Compression::Zstd, Some(19)),
-        (Compression::None, None),
-        (Compression::Gzip, Some(1)),
+    for (source, to, level) in [
+        (&gzip, Compression::Zstd, None),
+        (&gzip, Compression::Zstd, Some(19)),
+        (&gzip, Compression::None, None),
+        (&gzip, Compression::Gzip, Some(1)),
+        (&plain, Compression::Gzip, None),
+        (&plain, Compression::Gzip, Some(9)),
+        (&plain, Compression::Zstd, None),
     ] {
         // The epoch is the one `gzip` was written with (recompress itself reads none).
         let opts = LayerOptions {
@@ -584,7 +588,7 @@ fn recompressing_keeps_the_tar() {
             level,
         };
         let mut out = Vec::new();
-        let written = recompress(&gzip[..], &mut out, &opts).unwrap();
+        let written = recompress(&source[..], &mut out, &opts).unwrap();
         assert_eq!(written.diff_id, Digest::of(&plain), "{to:?}");
         assert_eq!(written.digest, Digest::of(&out));
         assert_eq!(written.media_type, to.media_type());
