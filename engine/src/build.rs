@@ -19,7 +19,7 @@ use ossb_protocol::{Digest, Platform};
 use ossb_worker::checksum::ChecksumCache;
 use ossb_worker::sandbox::Isolation;
 
-use crate::cache::{record_build, BuildStats, CacheKey, LocalCache, CHECKSUMS_FILE};
+use crate::cache::{record_build, BuildStats, CacheKey, CacheRecord, LocalCache, CHECKSUMS_FILE};
 use crate::error::StepError;
 use crate::progress::Progress;
 use crate::remote_cache::{self, CacheExport, CacheLocation, CacheMode};
@@ -622,28 +622,29 @@ async fn run(
                 })
                 .collect(),
         };
-        // A layer an earlier build left uncompressed is stored compressed, as in the image.
-        let mut records = records;
-        for (_, record, _) in &mut records {
-            if let Some(layer) = &record.layer {
-                let layer = shared.export_layer(layer, record.diff_id.as_ref()).await?;
-                record.layer = Some(layer);
+        // As buildx's ignore-error: the image is built (and pushed); only the cache is not.
+        let ignored = |e: &dyn std::fmt::Display| {
+            shared.progress.event(crate::progress::Event::Info(format!(
+                "warning: --cache-to {location}: {e} (ignore-error=true)"
+            )))
+        };
+        match compressed_records(&shared, records).await {
+            Ok(records) => {
+                let (id, t) = shared.start(format!(
+                    "exporting {} cached steps to {location}",
+                    records.len()
+                ));
+                let result = shared
+                    .with_transfer(id, remote_cache::export(&shared, to, &records))
+                    .await;
+                match shared.finish(id, t, result) {
+                    Ok(()) => {}
+                    Err(e) if to.ignore_error => ignored(&e),
+                    Err(e) => return Err(e.into()),
+                }
             }
-        }
-        let (id, t) = shared.start(format!(
-            "exporting {} cached steps to {location}",
-            records.len()
-        ));
-        let result = shared
-            .with_transfer(id, remote_cache::export(&shared, to, &records))
-            .await;
-        match shared.finish(id, t, result) {
-            Ok(()) => {}
-            // As buildx's ignore-error: the image is built (and pushed); only the cache is not.
-            Err(e) if to.ignore_error => shared.progress.event(crate::progress::Event::Info(
-                format!("warning: --cache-to {location}: {e} (ignore-error=true)"),
-            )),
-            Err(e) => return Err(e.into()),
+            Err(e) if to.ignore_error => ignored(&e),
+            Err(e) => return Err(e),
         }
     }
     shared
@@ -724,6 +725,21 @@ fn write_index(
 /// Sends the image to every requested output. Returns the references pushed. `image` holds
 /// the attestations (a push and an OCI layout carry them); `plain` does not (a docker
 /// archive cannot, and a local export writes them beside the files, as BuildKit does).
+/// `records` with each layer as the build's exports write it: one an earlier build left
+/// uncompressed is stored compressed, as in the image.
+async fn compressed_records(
+    shared: &Shared<'_>,
+    mut records: Vec<(CacheKey, CacheRecord, Platform)>,
+) -> Result<Vec<(CacheKey, CacheRecord, Platform)>, BuildError> {
+    for (_, record, _) in &mut records {
+        if let Some(layer) = &record.layer {
+            let layer = shared.export_layer(layer, record.diff_id.as_ref()).await?;
+            record.layer = Some(layer);
+        }
+    }
+    Ok(records)
+}
+
 async fn export(
     shared: &Shared<'_>,
     images: &[PlatformImage],

@@ -595,11 +595,14 @@ pub fn prune_locked(
     let mut report = PruneReport::default();
     let cache = LocalCache::open(cache_dir)?;
     let entries = cache.entries()?;
-    // The layers step records refer to: what makes the next build fast, kept longest.
+    // The layers step records refer to, and their compressed copies: what makes the next
+    // build fast, kept longest.
+    let copies = crate::compressed_copies::CompressedCopies::open(cache_dir);
     let referenced: std::collections::HashSet<Digest> = entries
         .iter()
         .filter(|(_, used, _)| !stale(*used))
         .filter_map(|(_, _, record)| record.layer.as_ref().map(|l| l.digest))
+        .chain(copies.digests(|used| !stale(used))?)
         .collect();
     let mut blobs = store.blobs().map_err(io::Error::other)?;
     // For keep-storage: blobs no step record refers to (base image layers, configs and
@@ -631,8 +634,7 @@ pub fn prune_locked(
         }
     }
     // Compressed copies go with their blob, or when stale as step records do.
-    report.records += crate::compressed_copies::CompressedCopies::open(cache_dir)
-        .prune(|copy, used| stale(used) || removed.contains(&copy.digest))?;
+    report.records += copies.prune(|copy, used| stale(used) || removed.contains(&copy.digest))?;
     // Under the exclusive lease no build runs: every work directory is a killed build's, and
     // temporary files are interrupted writes (kept a while: a partial download resumes).
     // SBOM scans kept by layer digests go as step records do, when stale.

@@ -50,27 +50,26 @@ impl CompressedCopies {
         crate::cache::write_atomic(&self.path(source, settings), &serde_json::to_vec(copy)?)
     }
 
-    /// Removes the records `gone` says to (given the copy and when it was last used); how many.
+    /// The digests of the copies last used when `fresh` says (`prune` keeps their blobs).
+    pub(crate) fn digests(&self, fresh: impl Fn(SystemTime) -> bool) -> io::Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for (_, copy, used) in self.records()? {
+            if let Some(copy) = copy.filter(|_| fresh(used)) {
+                out.push(copy.digest);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the records `gone` says to (given the copy and when it was last used), and
+    /// unreadable ones (interrupted writes); how many.
     pub(crate) fn prune(
         &self,
         gone: impl Fn(&Descriptor, SystemTime) -> bool,
     ) -> io::Result<usize> {
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
         let mut removed = 0;
-        for entry in entries {
-            let path = entry?.path();
-            let Ok(meta) = fs::metadata(&path) else {
-                continue;
-            };
-            let copy = fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Descriptor>(&b).ok());
-            // An unreadable record is an interrupted write's: it goes too.
-            if copy.is_none_or(|c| gone(&c, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH))) {
+        for (path, copy, used) in self.records()? {
+            if copy.is_none_or(|c| gone(&c, used)) {
                 match fs::remove_file(&path) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -79,6 +78,28 @@ impl CompressedCopies {
             }
         }
         Ok(removed)
+    }
+
+    /// Every record: its path, its copy (`None` if unreadable) and when it was last used.
+    fn records(&self) -> io::Result<Vec<(PathBuf, Option<Descriptor>, SystemTime)>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry?.path();
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let copy = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Descriptor>(&b).ok());
+            out.push((path, copy, used));
+        }
+        Ok(out)
     }
 }
 

@@ -445,23 +445,31 @@ pub(crate) struct InlineStep {
 }
 
 /// The inline cache of an image whose layers' diff IDs are `diff_ids`: the steps of `chain`
-/// with the position of their layer. Found by diff ID: the image's blob may be a compressed
-/// copy of the record's (a layer whose compression was deferred).
+/// with the position of their layer. Found by diff ID (the image's blob may be a compressed
+/// copy of the record's, a layer whose compression was deferred), from the last layer back:
+/// the chain's layers are the image's last, in order, and a base layer of the same tar must
+/// not be taken for a step's.
 pub(crate) fn inline_steps(
     chain: &[(CacheKey, CacheRecord)],
     diff_ids: &[ossb_protocol::Digest],
 ) -> serde_json::Value {
-    let steps: Vec<InlineStep> = chain
+    let mut before = diff_ids.len();
+    let mut steps: Vec<InlineStep> = chain
         .iter()
-        .map(|(key, record)| InlineStep {
-            key: key.hex(),
-            layer: record
-                .layer
-                .as_ref()
-                .and(record.diff_id)
-                .and_then(|d| diff_ids.iter().position(|id| *id == d)),
+        .rev()
+        .map(|(key, record)| {
+            let diff_id = record.layer.as_ref().and(record.diff_id);
+            let layer = diff_id.and_then(|d| diff_ids[..before].iter().rposition(|id| *id == d));
+            if let Some(at) = layer {
+                before = at;
+            }
+            InlineStep {
+                key: key.hex(),
+                layer,
+            }
         })
         .collect();
+    steps.reverse();
     serde_json::to_value(steps).unwrap_or_default()
 }
 
@@ -685,7 +693,8 @@ mod tests {
         let k1 = CacheKey::from_bytes([1; 32]);
         let k2 = CacheKey::from_bytes([2; 32]);
         let chain = vec![(k1, record(Some(layer(9)))), (k2, record(None))];
-        let value = inline_steps(&chain, &[layer(0).digest, layer(9).digest]);
+        // A base layer of the same tar as the step's comes first: the step's is the last.
+        let value = inline_steps(&chain, &[layer(9).digest, layer(9).digest]);
         let steps: Vec<InlineStep> = serde_json::from_value(value).unwrap();
         assert_eq!(
             steps,

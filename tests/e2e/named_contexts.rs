@@ -424,6 +424,30 @@ fn bake(env: &TestEnv, dir: &std::path::Path, args: &[&str]) -> Run {
     }
 }
 
+/// The media types of the layers of `image`'s manifest (of its image manifest when it is an
+/// index with attestations).
+fn layer_types(image: &str) -> Vec<String> {
+    let raw: serde_json::Value = serde_json::from_str(&inspect_raw(image).stdout).unwrap();
+    let manifest = match raw["manifests"].as_array() {
+        None => raw,
+        Some(manifests) => {
+            let entry = manifests
+                .iter()
+                .find(|m| m["annotations"]["vnd.docker.reference.type"].is_null())
+                .unwrap_or_else(|| panic!("no image manifest in {image}'s index"));
+            let repo = image.rsplit_once(':').map_or(image, |(r, _)| r);
+            let at = format!("{repo}@{}", entry["digest"].as_str().unwrap());
+            serde_json::from_str(&inspect_raw(&at).stdout).unwrap()
+        }
+    };
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// `contexts = { base = "target:base" }`: target `base` is built first (it is not asked
 /// for, so cache-only, never pushed), and `app` starts from its image, read from the cache's
 /// store without a registry round trip; a cycle of `target:` contexts exits 2 with file:line.
@@ -470,6 +494,13 @@ fn bake_target_context_feeds_one_target_into_another() {
     .success("ossb bake app");
     let run = podman_run(&image, &[]).success("podman run");
     assert_eq!(run.stdout, format!("{marker}\n"));
+    // The base target exports nothing, so its build left its layer uncompressed; the app's
+    // push compresses it, as its own.
+    let types = layer_types(&image);
+    assert!(
+        types.len() == 3 && types.iter().all(|t| t.ends_with("+gzip")),
+        "the pushed app has a layer that is not gzip: {types:?}"
+    );
 
     std::fs::write(
         dir.path().join("docker-bake.hcl"),

@@ -76,6 +76,22 @@ impl Facts {
         self.with(platform, |p| p.add_step(step));
     }
 
+    /// `platform`'s steps name each layer of `exported` by its exported blob: a layer whose
+    /// compression an earlier build deferred is pushed as a compressed copy.
+    pub(crate) fn rename_layers(
+        &self,
+        platform: &ossb_protocol::Platform,
+        exported: &std::collections::HashMap<ossb_protocol::Digest, ossb_protocol::Digest>,
+    ) {
+        self.with(platform, |p| {
+            for layer in p.steps.iter_mut().filter_map(|s| s.layer.as_mut()) {
+                if let Some(copy) = exported.get(layer) {
+                    *layer = *copy;
+                }
+            }
+        });
+    }
+
     /// Every platform's facts.
     pub(crate) fn all(&self) -> Vec<(ossb_protocol::Platform, PlatformFacts)> {
         let all = self.by_platform.lock().unwrap_or_else(|e| e.into_inner());
@@ -98,4 +114,33 @@ pub(crate) fn image_material(
     manifest: &ossb_protocol::Digest,
 ) -> Material {
     Material::sha256(ossb_attest::image_purl(reference, Some(platform)), manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ossb_protocol::{Digest, Platform};
+
+    #[test]
+    fn steps_name_a_layer_by_its_exported_copy() {
+        let facts = Facts::default();
+        let platform = Platform::host();
+        let (tar, gzip, other) = (Digest::of(b"tar"), Digest::of(b"gzip"), Digest::of(b"x"));
+        for (line, layer) in [(1, Some(tar)), (2, Some(other)), (3, None)] {
+            facts.step(
+                &platform,
+                StepFact {
+                    stage: 0,
+                    line,
+                    instruction: format!("step {line}"),
+                    key: String::new(),
+                    layer,
+                    worker: None,
+                },
+            );
+        }
+        facts.rename_layers(&platform, &std::collections::HashMap::from([(tar, gzip)]));
+        let layers: Vec<_> = facts.of(&platform).steps.iter().map(|s| s.layer).collect();
+        assert_eq!(layers, [Some(gzip), Some(other), None]);
+    }
 }

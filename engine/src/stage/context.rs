@@ -104,6 +104,20 @@ impl PlatformBuild<'_> {
                 .await
                 .map_err(local("loading a target's image"))?
                 .map_err(|e| refused(name, source, format!("the image of target {target}: {e}")))?;
+                // The target's own plain tars are layers whose compression its build deferred
+                // (it exports nothing): the image reading them compresses them as it asks, as
+                // BuildKit's exporter does a linked target's layers.
+                let mut pulled = pulled;
+                for layer in &mut pulled.manifest.layers {
+                    if layer::Compression::of_media_type(&layer.media_type)
+                        == Some(layer::Compression::None)
+                    {
+                        layer
+                            .annotations
+                            .get_or_insert_with(Default::default)
+                            .insert(super::image::DEFERRED.into(), "true".into());
+                    }
+                }
                 ResolvedContext::Image {
                     pulled: Box::new(pulled),
                     root: None,

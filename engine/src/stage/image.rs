@@ -176,10 +176,12 @@ impl Shared<'_> {
         let force = req.export.force_compression;
         let from = match layer::Compression::of_media_type(&layer.media_type) {
             Some(from) => from,
-            None if force => return Err(BuildError::Export(format!(
+            None if force => {
+                return Err(BuildError::Export(format!(
                 "force-compression: layer {} has the media type {:?}, which ossb cannot recompress",
                 layer.digest, layer.media_type
-            ))),
+            )))
+            }
             None => return Ok(plain),
         };
         if from == wanted || !(force || deferred) {

@@ -309,6 +309,14 @@ impl<'a> PlatformBuild<'a> {
         let rootfs = final_state.materialized.then(|| final_state.rootfs.clone());
         let chain = final_state.chain.clone();
         let layers = self.export_layers(&final_state.layers, &config).await?;
+        let renamed = final_state
+            .layers
+            .iter()
+            .zip(&layers)
+            .filter(|(built, exported)| built.digest != exported.digest)
+            .map(|(built, exported)| (built.digest, exported.digest))
+            .collect();
+        self.shared.facts.rename_layers(&self.platform, &renamed);
         let mut image = self.write_image(config, &layers, stage, rootfs, chain)?;
         if req.attestations.sbom {
             image.sbom_extras = self.sbom_extras(&plan, &done)?;
