@@ -12,6 +12,14 @@ scripts/testenv.sh start --debian
 # shellcheck disable=SC1091
 . .testenv/env
 
+# The tests' podman store (CONTAINERS_STORAGE_CONF, .testenv/podman) starts empty: each run
+# pulls its own images into it, under the registries' ever-new names.
+# (Guarded: without that variable podman would empty the host's own store.)
+if [[ ${CONTAINERS_STORAGE_CONF:-} == "$PWD/.testenv/containers/storage.conf" ]]; then
+  podman rm -a -f >/dev/null 2>&1 || true
+  podman rmi -a -f >/dev/null 2>&1 || true
+fi
+
 # A clean checkout gains nothing from incremental state, and it doubles what the build writes.
 if [[ ${CI:-} == true ]]; then export CARGO_INCREMENTAL=0; fi
 

@@ -452,10 +452,23 @@ ensure_registry() {
   die "registry-$name does not start (log: $log)"
 }
 
+# Every test run pushes images of its own, and a registry's storage is never collected: past
+# this size it is emptied when the environment starts (the base images are pushed again, in
+# seconds). A full disk slows every test and benchmark on it.
+REGISTRY_MAX_KIB=$((8 * 1024 * 1024))
 ensure_registries() {
   NOTE=
-  local name
-  for name in "${REGISTRIES[@]}"; do ensure_registry "$name"; done
+  local name dir kib
+  for name in "${REGISTRIES[@]}"; do
+    dir=$(reg_dir "$name")
+    kib=$(du -sk "$dir/storage" 2>/dev/null | cut -f1) || kib=0
+    if ((${kib:-0} > REGISTRY_MAX_KIB)); then
+      stop_registry "$name" quiet
+      rm -rf "$dir/storage"
+      NOTE+="registry-$name emptied (it held $((kib / 1024 / 1024)) GiB of earlier runs' images); "
+    fi
+    ensure_registry "$name"
+  done
   NOTE=${NOTE%; }
 }
 
@@ -633,6 +646,15 @@ write_client_config() {
     mkdir -p "$STATE/certs.d/$d"
     put "$STATE/certs.d/$d/ca.crt" 644 <"$TLS/ca.crt"
   done
+  # The tests' podman keeps what it pulls and loads in a store of its own, which
+  # scripts/test.sh empties before a run: never in the host's own images.
+  put "$STATE/containers/storage.conf" 644 <<EOF
+# containers-storage.conf(5) of the ossb tests' podman; made by scripts/testenv.sh.
+[storage]
+driver = "overlay"
+graphroot = "$STATE/podman/storage"
+runroot = "$STATE/podman/run"
+EOF
   put "$STATE/containers/registries.conf" 644 <<EOF
 # containers-registries.conf(5) for the ossb test registries; made by scripts/testenv.sh.
 # Use: CONTAINERS_REGISTRIES_CONF=$STATE/containers/registries.conf podman ...
@@ -673,6 +695,7 @@ write_env() {
     q OSSB_TEST_EVIL_SYMLINK_UP test/evil-symlink-up:latest
     q OSSB_TEST_CERT_DIR "$STATE/certs.d/127.0.0.1:$(reg_port tls)"
     q OSSB_TEST_REGISTRIES_CONF "$STATE/containers/registries.conf"
+    q CONTAINERS_STORAGE_CONF "$STATE/containers/storage.conf"
     q OSSB_TEST_BUSYBOX_LAYOUT "$IMAGES/busybox"
     q OSSB_TEST_ARM64 "$ARM64"
     q OSSB_TEST_ROOTLESS_USER "$ROOTLESS_USER"
