@@ -25,7 +25,7 @@ fn main() {
         ));
     }
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
-    let ossb_bin = ossb_binary();
+    let ossb_bin = ossb_benches::workload::ossb_binary();
     let runs = 3;
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
@@ -57,24 +57,6 @@ fn main() {
         "buildah --isolation chroot",
         median(&mut theirs),
     );
-}
-
-/// The ossb binary built by this workspace (`cargo build -p ossb-cli` first; bench builds it
-/// when run through scripts/bench.sh), or `$OSSB_BIN`.
-fn ossb_binary() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("OSSB_BIN") {
-        return p.into();
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("ossb");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("no ossb binary: run `cargo build --release -p ossb-cli` or set OSSB_BIN");
 }
 
 fn buildah(storage: &Path, ctx: &Path) -> Command {

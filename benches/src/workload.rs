@@ -59,19 +59,7 @@ impl Env {
                 )
             })
             .collect();
-        let ossb = std::env::var_os("OSSB_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let target = std::env::var_os("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| root.join("target"));
-                target.join("release/ossb")
-            });
-        assert!(
-            ossb.is_file(),
-            "{} is missing: cargo build --release -p ossb-cli (scripts/bench.sh does)",
-            ossb.display()
-        );
+        let ossb = ossb_binary();
         Env { vars, ossb }
     }
 
@@ -246,6 +234,25 @@ fn build_command(
             }
         }
     }
+}
+
+/// The ossb binary the benches time: `$OSSB_BIN` (a relative path is the workspace's, where
+/// the command was typed: cargo runs a bench in its package's directory), else the
+/// workspace's release build.
+pub fn ossb_binary() -> PathBuf {
+    let root = workspace();
+    let ossb = match std::env::var_os("OSSB_BIN") {
+        Some(bin) => root.join(bin),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), PathBuf::from)
+            .join("release/ossb"),
+    };
+    assert!(
+        ossb.is_file(),
+        "{} is missing: cargo build --release -p ossb-cli (scripts/bench.sh does)",
+        ossb.display()
+    );
+    ossb
 }
 
 /// The medians of one workload's three scenarios for one builder, and the peak memory seen.
