@@ -722,9 +722,6 @@ fn write_index(
     Ok(descriptor)
 }
 
-/// Sends the image to every requested output. Returns the references pushed. `image` holds
-/// the attestations (a push and an OCI layout carry them); `plain` does not (a docker
-/// archive cannot, and a local export writes them beside the files, as BuildKit does).
 /// `records` with each layer as the build's exports write it: one an earlier build left
 /// uncompressed is stored compressed, as in the image.
 async fn compressed_records(
@@ -740,6 +737,9 @@ async fn compressed_records(
     Ok(records)
 }
 
+/// Sends the image to every requested output. Returns the references pushed. `image` holds
+/// the attestations (a push and an OCI layout carry them); `plain` does not (a docker
+/// archive cannot, and a local export writes them beside the files, as BuildKit does).
 async fn export(
     shared: &Shared<'_>,
     images: &[PlatformImage],

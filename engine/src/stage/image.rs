@@ -38,14 +38,10 @@ impl PlatformBuild<'_> {
             let written =
                 layer::write_layer_from(&rootfs, &changes, &contents, &mut writer, &opts)?;
             writer.commit(&written.digest, written.size)?;
-            let desc = Descriptor {
-                media_type: written.media_type.to_string(),
-                digest: written.digest,
-                size: written.size,
-                platform: None,
-                annotations: deferred
-                    .then(|| BTreeMap::from([(DEFERRED.to_string(), "true".to_string())])),
-            };
+            let mut desc = descriptor_of(&written);
+            if deferred {
+                desc.annotations = Some(BTreeMap::from([(DEFERRED.into(), "true".into())]));
+            }
             Ok((desc, written.diff_id))
         })
         .await?
@@ -141,6 +137,17 @@ impl PlatformBuild<'_> {
     }
 }
 
+/// The descriptor of a layer blob just written.
+fn descriptor_of(written: &layer::WrittenLayer) -> Descriptor {
+    Descriptor {
+        media_type: written.media_type.to_string(),
+        digest: written.digest,
+        size: written.size,
+        platform: None,
+        annotations: None,
+    }
+}
+
 /// The annotation of a layer descriptor a step stored as a plain tar because its build
 /// deferred compression: an export compresses it as asked, where a base image's plain tar
 /// is kept unless `force-compression=true`, as BuildKit keeps a pulled blob. Kept in step
@@ -177,10 +184,13 @@ impl Shared<'_> {
         let from = match layer::Compression::of_media_type(&layer.media_type) {
             Some(from) => from,
             None if force => {
+                let what = format!(
+                    "layer {} has the media type {:?}",
+                    layer.digest, layer.media_type
+                );
                 return Err(BuildError::Export(format!(
-                "force-compression: layer {} has the media type {:?}, which ossb cannot recompress",
-                layer.digest, layer.media_type
-            )))
+                    "force-compression: {what}, which ossb cannot recompress"
+                )));
             }
             None => return Ok(plain),
         };
@@ -242,13 +252,7 @@ impl Shared<'_> {
                 diff_id.map_or_else(|| "missing".to_string(), |d| d.to_string())
             )));
         }
-        let copy = Descriptor {
-            media_type: written.media_type.to_string(),
-            digest: written.digest,
-            size: written.size,
-            platform: None,
-            annotations: None,
-        };
+        let copy = descriptor_of(&written);
         // Best effort: without the record the next export compresses the layer again.
         let _ = copies.put(&layer.digest, &settings, &copy);
         Ok(copy)
