@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ossb_dockerfile::dockerignore::{self, Dockerignore};
 use ossb_dockerfile::{self as dockerfile, Network, PlanOptions};
-use ossb_image::export::{self, NamedImage};
+use ossb_image::export::{self, check_destination, NamedImage, Replaceable};
 use ossb_image::layer::{ApplyOptions, Compression};
 use ossb_image::oci::MediaTypes;
 use ossb_image::oci::{self, Descriptor, ImageConfig, Index};
@@ -236,6 +236,18 @@ impl BuildRequest {
         }
         if let Some(level) = self.export.compression_level {
             check_level(self.compression, level)?;
+        }
+        for output in &self.outputs {
+            let (dest, replaceable) = match output {
+                Output::Local { dest } => (dest, Replaceable::EmptyDirectory),
+                Output::Oci { dest, tar: false } => (dest, Replaceable::EmptyDirectoryOrLayout),
+                Output::Oci { dest, tar: true }
+                | Output::Docker { dest }
+                | Output::Tar { dest } => (dest, Replaceable::File),
+                Output::Registry | Output::CacheOnly => continue,
+            };
+            check_destination(dest, replaceable)
+                .map_err(|e| BuildError::Usage(format!("--output: {e}")))?;
         }
         if self.export.push_by_digest {
             if let Some(tagged) = self.tags.iter().find(|t| !is_name_only(t)) {

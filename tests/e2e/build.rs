@@ -1659,6 +1659,83 @@ fn tar_and_cacheonly_outputs() {
     assert_eq!(greeting.stdout, "hi\n");
 }
 
+/// An output whose destination an export could never write (a local export onto a file or
+/// a directory with files, an OCI layout onto a directory that is not one, an archive onto
+/// a directory) fails before any step runs, with exit 2, naming the destination; what is
+/// there is left as it was.
+#[test]
+fn an_output_that_could_never_be_written_fails_before_any_step() {
+    let Some(env) = TestEnv::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = env.registry();
+    let ctx = context(
+        dir.path(),
+        &format!("FROM {}\nRUN echo ran > /ran\n", busybox(&env)),
+        &[],
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "mine\n").unwrap();
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep"), "mine\n").unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for (output, refusal) in [
+        (
+            format!("type=local,dest={}", file.display()),
+            "is not an empty directory;",
+        ),
+        (
+            format!("type=local,dest={}", full.display()),
+            "is not an empty directory;",
+        ),
+        (
+            format!("type=oci,tar=false,dest={}", full.display()),
+            "is not an empty directory or an OCI layout;",
+        ),
+        (
+            format!("type=tar,dest={}", empty.display()),
+            "is not a file;",
+        ),
+        (
+            format!("type=oci,dest={}", empty.display()),
+            "is not a file;",
+        ),
+    ] {
+        let run = ossb(
+            &env,
+            &dir.path().join("cache"),
+            &[
+                "build",
+                "--insecure-registry",
+                &reg,
+                "--progress",
+                "plain",
+                "--output",
+                &output,
+                ctx.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(run.code, 2, "{output}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(refusal) && run.stderr.contains("refusing to overwrite it"),
+            "{output}: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("RUN echo ran"),
+            "{output}: a step ran before the refusal: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine\n");
+    assert_eq!(
+        std::fs::read_to_string(full.join("keep")).unwrap(),
+        "mine\n"
+    );
+    assert!(empty.is_dir());
+}
+
 /// A COPY --from of a few files of a stage that is not unpacked (cached here, or built by
 /// another task of a cluster) reads only the layers that hold them: the newest version of a
 /// file rewritten in a later layer, a file of a lower layer; a directory, a deleted file or a

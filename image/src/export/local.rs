@@ -118,7 +118,7 @@ mod tests {
         write_local(&store, &top, &dest, &ApplyOptions::default()).unwrap();
         assert_eq!(fs::read_to_string(dest.join("hello.txt")).unwrap(), "hi\n");
         let err = write_local(&store, &top, &dest, &ApplyOptions::default()).unwrap_err();
-        assert!(matches!(err, ExportError::Occupied(_)), "{err}");
+        assert!(matches!(err, ExportError::Occupied { .. }), "{err}");
         assert_eq!(fs::read_to_string(dest.join("hello.txt")).unwrap(), "hi\n");
     }
 }

@@ -40,8 +40,13 @@ pub enum ExportError {
         source: io::Error,
     },
     /// The destination holds something that is not ours to replace.
-    #[error("{0} exists and is not an empty directory or an OCI layout; refusing to overwrite it (remove it or choose another dest)")]
-    Occupied(PathBuf),
+    #[error("{} exists and is not {}; refusing to overwrite it (remove it or choose another dest)", .path.display(), .replaceable.what())]
+    Occupied {
+        /// The destination.
+        path: PathBuf,
+        /// What an export may replace there.
+        replaceable: Replaceable,
+    },
     /// The blob store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -280,39 +285,71 @@ pub(crate) fn parent_of(dest: &Path) -> PathBuf {
     }
 }
 
+/// What an export may replace at its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replaceable {
+    /// An empty directory (`type=local`).
+    EmptyDirectory,
+    /// An empty directory or an earlier OCI layout (`type=oci,tar=false`).
+    EmptyDirectoryOrLayout,
+    /// A file (an archive's destination): never a directory.
+    File,
+}
+
+impl Replaceable {
+    fn what(self) -> &'static str {
+        match self {
+            Replaceable::EmptyDirectory => "an empty directory",
+            Replaceable::EmptyDirectoryOrLayout => "an empty directory or an OCI layout",
+            Replaceable::File => "a file",
+        }
+    }
+}
+
+/// Whether an export may write `dest`, which must be missing or what `replaceable` says:
+/// checked before a build runs, so that a destination it could never write fails at once,
+/// and again by the export, which then replaces it. `Ok(true)` when `dest` exists.
+pub fn check_destination(dest: &Path, replaceable: Replaceable) -> Result<bool, ExportError> {
+    let meta = match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(dest)(e)),
+        Ok(meta) => meta,
+    };
+    let ok = match replaceable {
+        Replaceable::File => !meta.is_dir(),
+        _ if !meta.is_dir() => false,
+        Replaceable::EmptyDirectory => is_empty_dir(dest)?,
+        Replaceable::EmptyDirectoryOrLayout => {
+            is_empty_dir(dest)? || dest.join("oci-layout").is_file()
+        }
+    };
+    match ok {
+        true => Ok(true),
+        false => Err(ExportError::Occupied {
+            path: dest.to_path_buf(),
+            replaceable,
+        }),
+    }
+}
+
+fn is_empty_dir(dir: &Path) -> Result<bool, ExportError> {
+    Ok(fs::read_dir(dir).map_err(io_err(dir))?.next().is_none())
+}
+
 /// Removes `dest` if it is an empty directory or an earlier OCI layout; refuses anything else.
 fn clear_destination(dest: &Path) -> Result<(), ExportError> {
-    match fs::symlink_metadata(dest) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ExportError::Io {
-            path: dest.to_path_buf(),
-            source: e,
-        }),
-        Ok(m) if m.is_dir() => {
-            let empty = fs::read_dir(dest).map_err(io_err(dest))?.next().is_none();
-            if empty || dest.join("oci-layout").is_file() {
-                fs::remove_dir_all(dest).map_err(io_err(dest))
-            } else {
-                Err(ExportError::Occupied(dest.to_path_buf()))
-            }
-        }
-        Ok(_) => Err(ExportError::Occupied(dest.to_path_buf())),
+    if check_destination(dest, Replaceable::EmptyDirectoryOrLayout)? {
+        fs::remove_dir_all(dest).map_err(io_err(dest))?;
     }
+    Ok(())
 }
 
 /// Removes `dest` if it is an empty directory; refuses anything else that exists.
 pub(crate) fn clear_empty_destination(dest: &Path) -> Result<(), ExportError> {
-    match fs::symlink_metadata(dest) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ExportError::Io {
-            path: dest.to_path_buf(),
-            source: e,
-        }),
-        Ok(m) if m.is_dir() && fs::read_dir(dest).map_err(io_err(dest))?.next().is_none() => {
-            fs::remove_dir(dest).map_err(io_err(dest))
-        }
-        Ok(_) => Err(ExportError::Occupied(dest.to_path_buf())),
+    if check_destination(dest, Replaceable::EmptyDirectory)? {
+        fs::remove_dir(dest).map_err(io_err(dest))?;
     }
+    Ok(())
 }
 
 /// Opens `path` for writing a small metadata file (iidfile, metadata file) atomically.
@@ -410,7 +447,7 @@ mod tests {
             &dest,
         )
         .unwrap_err();
-        assert!(matches!(err, ExportError::Occupied(_)));
+        assert!(matches!(err, ExportError::Occupied { .. }));
         assert!(dest.join("thesis.txt").exists());
     }
 
