@@ -260,10 +260,7 @@ impl LocalCache {
     pub fn get(&self, key: &CacheKey) -> Option<CacheRecord> {
         let path = self.path(key);
         let record = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
-        let _ = fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        mark_used(&path);
         Some(record)
     }
 
@@ -489,6 +486,14 @@ pub struct BuildStats {
     pub run: usize,
     /// Steps taken from the cache.
     pub cached: usize,
+}
+
+/// Marks the record file `path` used now (its mtime), for pruning; best effort.
+pub(crate) fn mark_used(path: &Path) {
+    let _ = fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
 }
 
 /// Writes `bytes` to `path` through a temporary file beside it and a rename.

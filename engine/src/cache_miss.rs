@@ -249,10 +249,7 @@ impl Positions {
             return StageRecord::default();
         };
         // Used now: the bound removes the least recently used first.
-        let _ = fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        crate::cache::mark_used(&path);
         serde_json::from_slice(&bytes).unwrap_or_default()
     }
 

@@ -38,10 +38,7 @@ impl CompressedCopies {
     pub(crate) fn get(&self, source: &Digest, settings: &str) -> Option<Descriptor> {
         let path = self.path(source, settings);
         let copy = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
-        let _ = fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(SystemTime::now()));
+        crate::cache::mark_used(&path);
         Some(copy)
     }
 

@@ -121,6 +121,25 @@ fn worker_on_a_small_disk(
     Some((disk, cluster))
 }
 
+/// Submits the build of `ctx` to the cluster of [`worker_on_a_small_disk`]; fails the test,
+/// with the cluster's logs, when it does not succeed.
+fn submit_to_the_small_disk(cluster: &crate::cluster::Cluster, ctx: &Path, what: &str) {
+    let reg = cluster.registry.clone();
+    let out = cluster
+        .submit(
+            &cluster.tls,
+            &["--insecure-registry", &reg, ctx.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} on a worker with a 256 MiB disk: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+}
+
 /// The same through the cluster: a worker whose work directory is on a 256 MiB filesystem
 /// takes twenty builds of a new 8 MiB layer each (the context file and the layer stay in its
 /// store: 16 MiB a build, and a task lays out its context besides; the disk is full by the
@@ -139,22 +158,9 @@ fn a_worker_on_a_small_disk_collects_its_cache_after_tasks() {
         &format!("FROM {}\nCOPY blob /blob\n", cluster.busybox(&env)),
         &[],
     );
-    let reg = cluster.registry.clone();
     for seed in 0..20 {
         noise(&ctx.join("blob"), 100 + seed);
-        let out = cluster
-            .submit(
-                &cluster.tls,
-                &["--insecure-registry", &reg, ctx.to_str().unwrap()],
-            )
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "build {seed} on a worker with a 256 MiB disk: {stderr}\n{}",
-            cluster.logs()
-        );
+        submit_to_the_small_disk(&cluster, &ctx, &format!("build {seed}"));
     }
     let log = std::fs::read_to_string(cluster.dir.join("small-disk.log")).unwrap();
     let collected = log.matches("least recently used blobs").count();
@@ -177,22 +183,7 @@ fn a_worker_that_is_never_idle_still_collects_its_cache() {
     let Some((_disk, cluster)) = worker_on_a_small_disk(&env, "busy", "2") else {
         return;
     };
-    let reg = cluster.registry.clone();
-    let submit = |ctx: &Path, what: &str| {
-        let out = cluster
-            .submit(
-                &cluster.tls,
-                &["--insecure-registry", &reg, ctx.to_str().unwrap()],
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{what} on a busy worker with a 256 MiB disk: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            cluster.logs()
-        );
-    };
+    let submit = |ctx: &Path, what: &str| submit_to_the_small_disk(&cluster, ctx, what);
     let (long_dir, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let long = context(
         long_dir.path(),

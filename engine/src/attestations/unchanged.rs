@@ -59,8 +59,7 @@ pub(crate) fn keep_stamp(
             provenance.started = stamp.started;
             provenance.finished = stamp.finished;
             // Its last use, for prune.
-            let _ = std::fs::File::open(&path)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            crate::cache::mark_used(&path);
             return;
         }
     }
